@@ -1,0 +1,183 @@
+// Autograd kernels, registered in C++ so that a call which needs no gradient
+// pays no Python cost, and one that does saves x and the (..., r)
+// intermediate, never a dense W.
+//
+// The backward is written with ATen ops, so it runs on every device, is
+// traced by torch.compile, and is itself differentiable.
+#include "ops.h"
+
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace lowrank_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) {
+    return false;
+  }
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && t->requires_grad()) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// Gradients of y = t·Bᵀ + bias with t = x·Aᵀ, given gy = dL/dy.
+// Returns {gx, gA, gB, gbias}; undefined where not needed.
+variable_list lowrank_backward(
+    AutogradContext* ctx,
+    const at::Tensor& gy,
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const at::Tensor& t,
+    int first_input) {
+  const int64_t k = A.size(1);
+  const int64_t r = A.size(0);
+  const int64_t d = B.size(0);
+  const at::Tensor gy2 = gy.reshape({-1, d});
+  at::Tensor gx, gA, gB, gbias;
+  const bool need_x = ctx->needs_input_grad(first_input);
+  const bool need_A = ctx->needs_input_grad(first_input + 1);
+  const bool need_B = ctx->needs_input_grad(first_input + 2);
+  const bool need_bias = ctx->needs_input_grad(first_input + 3);
+  if (need_x || need_A) {
+    const at::Tensor gt = gy2.mm(B); // (M, r)
+    if (need_x) {
+      gx = gt.mm(A).reshape(x.sizes());
+    }
+    if (need_A) {
+      gA = gt.t().mm(x.reshape({-1, k}));
+    }
+  }
+  if (need_B) {
+    gB = gy2.t().mm(t.reshape({-1, r}));
+  }
+  if (need_bias) {
+    gbias = gy2.sum(0);
+  }
+  return {gx, gA, gB, gbias};
+}
+
+class LowRankLinearFunction
+    : public torch::autograd::Function<LowRankLinearFunction> {
+ public:
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& A,
+      const at::Tensor& B,
+      const at::Tensor& bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, t] = lowrank_linear_with_intermediate_op(
+        x, A, B, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    ctx->save_for_backward({x, A, B, t});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    return lowrank_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], 0);
+  }
+};
+
+at::Tensor lowrank_linear_autograd(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias) {
+  const at::Tensor bias_t = bias.value_or(at::Tensor());
+  if (!any_requires_grad({&x, &A, &B, &bias_t})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return lowrank_linear_op(x, A, B, bias);
+  }
+  return LowRankLinearFunction::apply(x, A, B, bias_t);
+}
+
+// lora_linear: y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ. The low-rank part's
+// gradients are those of lowrank_linear with B scaled; W and bias get the
+// dense gradients.
+class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
+ public:
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& W,
+      const at::Tensor& A,
+      const at::Tensor& B,
+      const at::Tensor& bias,
+      double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, t] = lora_linear_with_intermediate_op(
+        x, W, A, B, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+        scale);
+    ctx->save_for_backward({x, W, A, B, t});
+    ctx->saved_data["scale"] = scale;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& W = saved[1];
+    const at::Tensor& A = saved[2];
+    const at::Tensor& B = saved[3];
+    const at::Tensor& t = saved[4];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t k = W.size(1);
+    const int64_t r = A.size(0);
+    const int64_t d = W.size(0);
+    const at::Tensor gy2 = grads[0].reshape({-1, d});
+    at::Tensor gx, gW, gA, gB, gbias;
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_A = ctx->needs_input_grad(2);
+    if (need_x || need_A) {
+      const at::Tensor gt = gy2.mm(B).mul_(scale); // (M, r)
+      if (need_x) {
+        gx = gy2.mm(W).addmm_(gt, A).reshape(x.sizes());
+      }
+      if (need_A) {
+        gA = gt.t().mm(x.reshape({-1, k}));
+      }
+    }
+    if (ctx->needs_input_grad(1)) {
+      gW = gy2.t().mm(x.reshape({-1, k}));
+    }
+    if (ctx->needs_input_grad(3)) {
+      gB = gy2.t().mm(t.reshape({-1, r})).mul_(scale);
+    }
+    if (ctx->needs_input_grad(4)) {
+      gbias = gy2.sum(0);
+    }
+    return {gx, gW, gA, gB, gbias, at::Tensor()};
+  }
+};
+
+at::Tensor lora_linear_autograd(
+    const at::Tensor& x,
+    const at::Tensor& W,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    double scale) {
+  const at::Tensor bias_t = bias.value_or(at::Tensor());
+  if (!any_requires_grad({&x, &W, &A, &B, &bias_t})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return lora_linear_op(x, W, A, B, bias, scale);
+  }
+  return LoRALinearFunction::apply(x, W, A, B, bias_t, scale);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_ext, Autograd, m) {
+  m.impl("lowrank_linear", &lowrank_linear_autograd);
+  m.impl("lora_linear", &lora_linear_autograd);
+}
+
+} // namespace lowrank_ext

@@ -1,0 +1,131 @@
+#include "checks.h"
+
+#include <cmath>
+
+namespace lowrank_ext {
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    case at::kComplexHalf: return "complex32";
+    case at::kBool: return "bool";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(t);
+  }
+}
+
+void check_dtype_device(
+    const char* op,
+    const char* name,
+    const at::Tensor& t,
+    const at::Tensor& ref,
+    const char* ref_name) {
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == ref.scalar_type(),
+      op, ": ", name, " has dtype ", dtype_name(t.scalar_type()), " but ",
+      ref_name, " has dtype ", dtype_name(ref.scalar_type()),
+      "; all tensors must share one dtype");
+  TORCH_CHECK(
+      t.device() == ref.device(),
+      op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+      ref.device(), "; all tensors must be on one device");
+}
+
+static void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(
+      x.dim() >= 1, op,
+      ": x must have at least 1 dimension (..., k), got a 0-D tensor");
+  TORCH_CHECK_TYPE(
+      is_supported_float(x.scalar_type()), op,
+      ": x must be float32, float64, float16 or bfloat16, got ",
+      dtype_name(x.scalar_type()));
+}
+
+static void check_factors(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B) {
+  TORCH_CHECK_VALUE(
+      A.dim() == 2, op, ": A must be 2-D (r, k), got shape ", A.sizes());
+  TORCH_CHECK_VALUE(
+      B.dim() == 2, op, ": B must be 2-D (d, r), got shape ", B.sizes());
+  TORCH_CHECK_VALUE(
+      A.size(1) == x.size(-1), op, ": A has shape ", A.sizes(),
+      " but x has k=", x.size(-1), " features in its last dimension (x shape ",
+      x.sizes(), ")");
+  TORCH_CHECK_VALUE(
+      B.size(1) == A.size(0), op, ": B has shape ", B.sizes(),
+      " but A has rank r=", A.size(0), " (A shape ", A.sizes(),
+      "); B must be (d, r)");
+}
+
+static void check_bias(
+    const char* op,
+    const std::optional<at::Tensor>& bias,
+    int64_t d) {
+  if (!bias.has_value()) {
+    return;
+  }
+  TORCH_CHECK_VALUE(
+      bias->dim() == 1 && bias->size(0) == d, op,
+      ": bias must have shape [d] = [", d, "], got shape ", bias->sizes());
+}
+
+void check_lowrank_linear_inputs(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias) {
+  check_x(op, x);
+  check_dtype_device(op, "A", A, x, "x");
+  check_dtype_device(op, "B", B, x, "x");
+  if (bias.has_value()) {
+    check_dtype_device(op, "bias", *bias, x, "x");
+  }
+  check_factors(op, x, A, B);
+  check_bias(op, bias, B.size(0));
+}
+
+void check_lora_linear_inputs(
+    const at::Tensor& x,
+    const at::Tensor& W,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    double scale) {
+  const char* op = "lora_linear";
+  check_x(op, x);
+  check_dtype_device(op, "W", W, x, "x");
+  check_dtype_device(op, "A", A, x, "x");
+  check_dtype_device(op, "B", B, x, "x");
+  if (bias.has_value()) {
+    check_dtype_device(op, "bias", *bias, x, "x");
+  }
+  TORCH_CHECK_VALUE(
+      W.dim() == 2, op, ": W must be 2-D (d, k), got shape ", W.sizes());
+  TORCH_CHECK_VALUE(
+      W.size(1) == x.size(-1), op, ": W has shape ", W.sizes(),
+      " but x has k=", x.size(-1), " features in its last dimension (x shape ",
+      x.sizes(), ")");
+  check_factors(op, x, A, B);
+  TORCH_CHECK_VALUE(
+      B.size(0) == W.size(0), op, ": B has shape ", B.sizes(),
+      " but W has d=", W.size(0), " output features (W shape ", W.sizes(),
+      ")");
+  check_bias(op, bias, W.size(0));
+  TORCH_CHECK_VALUE(
+      std::isfinite(scale), op, ": scale must be finite, got ", scale);
+}
+
+} // namespace lowrank_ext

@@ -1,0 +1,249 @@
+// CPU kernel of lowrank_linear: y = (x·Aᵀ)·Bᵀ + bias, fused per block of rows.
+//
+// x is walked in blocks of rows. For each block the (rows × r) intermediate
+// lives in a small per-task buffer and is expanded into the block's output,
+// bias included, before the next block starts, so the full (M × r)
+// intermediate never exists (unless the caller asks for it for backward).
+// Half types are accumulated in float32.
+#include "../checks.h"
+#include "lowrank_linear_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace lowrank_ext {
+namespace {
+
+// Rows per BLAS block: 64 rows of x (k ≤ 8192 floats) plus their output stay
+// in L2, and the block GEMMs are still large enough to run at BLAS speed.
+constexpr int64_t kBlasRowBlock = 64;
+// Multiply-adds below which a parallel region costs more than it saves.
+constexpr int64_t kParallelGrainFlops = 1 << 15;
+
+template <typename T, typename acc_t>
+inline acc_t dot(const T* a, const T* b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    sum += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  }
+  return sum;
+}
+
+template <typename T, typename acc_t>
+inline acc_t dot_acc(const acc_t* a, const T* b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    sum += a[i] * static_cast<acc_t>(b[i]);
+  }
+  return sum;
+}
+
+struct Problem {
+  int64_t M, k, r, d;
+  int64_t ldx; // row stride of x (elements); may be 0 for broadcast rows
+};
+
+// y[o] = bias[o] + Σ_j t[j]·B[o, j] for o in [o0, o1).
+template <typename T, typename acc_t>
+inline void expand_row(
+    const acc_t* t, const T* B, const T* bias, T* y, int64_t r,
+    int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    acc_t s = dot_acc<T, acc_t>(t, B + o * r, r);
+    if (bias != nullptr) {
+      s += static_cast<acc_t>(bias[o]);
+    }
+    y[o] = static_cast<T>(s);
+  }
+}
+
+// Direct loops, one row at a time: the fast path for few rows, where BLAS
+// call overhead dominates, and the generic path for every dtype.
+template <typename T>
+void rowwise(
+    const Problem& p, const T* x, const T* A, const T* B, const T* bias, T* y,
+    T* t_out) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t flops_per_row = p.r * (p.k + p.d);
+  if (p.M == 1 && flops_per_row >= 2 * kParallelGrainFlops) {
+    // A single wide row (decode): split the rank and the outputs instead.
+    std::vector<acc_t> t(p.r);
+    at::parallel_for(0, p.r, std::max<int64_t>(1, kParallelGrainFlops / std::max<int64_t>(p.k, 1)),
+        [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {
+            t[j] = dot<T, acc_t>(x, A + j * p.k, p.k);
+          }
+        });
+    if (t_out != nullptr) {
+      for (int64_t j = 0; j < p.r; ++j) t_out[j] = static_cast<T>(t[j]);
+    }
+    at::parallel_for(0, p.d, std::max<int64_t>(1, kParallelGrainFlops / std::max<int64_t>(p.r, 1)),
+        [&](int64_t o0, int64_t o1) {
+          expand_row<T, acc_t>(t.data(), B, bias, y, p.r, o0, o1);
+        });
+    return;
+  }
+  const int64_t grain =
+      std::max<int64_t>(1, kParallelGrainFlops / std::max<int64_t>(flops_per_row, 1));
+  at::parallel_for(0, p.M, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<acc_t> t(p.r);
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* xi = x + i * p.ldx;
+      for (int64_t j = 0; j < p.r; ++j) {
+        t[j] = dot<T, acc_t>(xi, A + j * p.k, p.k);
+      }
+      if (t_out != nullptr) {
+        for (int64_t j = 0; j < p.r; ++j) {
+          t_out[i * p.r + j] = static_cast<T>(t[j]);
+        }
+      }
+      expand_row<T, acc_t>(t.data(), B, bias, y + i * p.d, p.r, 0, p.d);
+    }
+  });
+}
+
+// Blocks of rows through BLAS (float32/float64 only). Tensors are built with
+// from_blob over raw pointers, so no autograd metadata reaches worker threads.
+template <typename T>
+void blocked_blas(
+    const Problem& p, const T* x, const T* A, const T* B, const T* bias, T* y,
+    T* t_out) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor At = at::from_blob(const_cast<T*>(A), {p.r, p.k}, opts).t();
+  const at::Tensor Bt = at::from_blob(const_cast<T*>(B), {p.d, p.r}, opts).t();
+  std::optional<at::Tensor> bias_t;
+  if (bias != nullptr) {
+    bias_t = at::from_blob(const_cast<T*>(bias), {p.d}, opts);
+  }
+  const int64_t blocks = (p.M + kBlasRowBlock - 1) / kBlasRowBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor tbuf = at::empty({kBlasRowBlock, p.r}, opts);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row0 = b * kBlasRowBlock;
+      const int64_t rows = std::min(kBlasRowBlock, p.M - row0);
+      const at::Tensor xb = at::from_blob(
+          const_cast<T*>(x) + row0 * p.ldx, {rows, p.k}, {p.ldx, 1}, opts);
+      at::Tensor yb = at::from_blob(y + row0 * p.d, {rows, p.d}, opts);
+      at::Tensor tb = t_out != nullptr
+          ? at::from_blob(t_out + row0 * p.r, {rows, p.r}, opts)
+          : tbuf.narrow(0, 0, rows);
+      at::mm_out(tb, xb, At);
+      if (bias_t.has_value()) {
+        at::addmm_out(yb, *bias_t, tb, Bt);
+      } else {
+        at::mm_out(yb, tb, Bt);
+      }
+    }
+  });
+}
+
+template <typename T>
+void run_kernel(
+    const Problem& p, const T* x, const T* A, const T* B, const T* bias, T* y,
+    T* t_out) {
+  constexpr bool kBlasType = std::is_same_v<T, float> || std::is_same_v<T, double>;
+  // BLAS wins once a block has enough rows and columns to amortise its call.
+  const bool use_blas = kBlasType && p.M >= 16 && p.r >= 4 && p.ldx == p.k &&
+      p.r * (p.k + p.d) >= 4096;
+  if constexpr (kBlasType) {
+    if (use_blas) {
+      blocked_blas<T>(p, x, A, B, bias, y, t_out);
+      return;
+    }
+  }
+  rowwise<T>(p, x, A, B, bias, y, t_out);
+}
+
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_cpu_impl(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    bool keep_intermediate) {
+  // Errors name the public op, also when autograd reached it through
+  // lowrank_linear_with_intermediate.
+  const char* op = "lowrank_linear";
+  check_lowrank_linear_inputs(op, x, A, B, bias);
+  TORCH_CHECK(x.device().is_cpu(), op, ": CPU kernel got x on ", x.device());
+
+  const int64_t k = x.size(-1);
+  const int64_t r = A.size(0);
+  const int64_t d = B.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  std::vector<int64_t> t_shape = out_shape;
+  out_shape.push_back(d);
+  t_shape.push_back(r);
+  const int64_t M = k == 0 ? c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1)
+                           : x.numel() / k;
+
+  at::Tensor y = at::empty(out_shape, x.options());
+  at::Tensor t = keep_intermediate ? at::empty(t_shape, x.options()) : at::Tensor();
+  if (M == 0) {
+    return {y, t};
+  }
+  if (r == 0 || k == 0) {
+    // The product is zero; only the bias remains.
+    if (bias.has_value()) {
+      y.copy_(bias->expand_as(y));
+    } else {
+      y.zero_();
+    }
+    if (keep_intermediate) {
+      t.zero_();
+    }
+    return {y, t};
+  }
+
+  // Rows of x must have unit column stride; any row stride (0 included, for
+  // broadcast rows) is read in place. Other layouts are copied once.
+  at::Tensor x2 = x.reshape({M, k});
+  if (x2.stride(1) != 1) {
+    x2 = x2.contiguous();
+  }
+  const at::Tensor A2 = A.contiguous();
+  const at::Tensor B2 = B.contiguous();
+  const at::Tensor bias2 = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const Problem p{M, k, r, d, x2.stride(0)};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_linear_cpu", [&] {
+        run_kernel<scalar_t>(
+            p, x2.const_data_ptr<scalar_t>(), A2.const_data_ptr<scalar_t>(),
+            B2.const_data_ptr<scalar_t>(),
+            bias2.defined() ? bias2.const_data_ptr<scalar_t>() : nullptr,
+            y.mutable_data_ptr<scalar_t>(),
+            keep_intermediate ? t.mutable_data_ptr<scalar_t>() : nullptr);
+      });
+  return {y, t};
+}
+
+at::Tensor lowrank_linear_cpu(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias) {
+  return std::get<0>(lowrank_linear_cpu_impl(x, A, B, bias, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_cpu(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias) {
+  return lowrank_linear_cpu_impl(x, A, B, bias, true);
+}
+
+TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
+  m.impl("lowrank_linear", &lowrank_linear_cpu);
+  m.impl("lowrank_linear_with_intermediate", &lowrank_linear_with_intermediate_cpu);
+}
+
+} // namespace lowrank_ext

@@ -1,0 +1,164 @@
+// The Python module lowrank_ext._C. Loading it registers the compiled kernels
+// (the TORCH_LIBRARY_IMPL blocks in the other files); it also offers
+//
+//  * build_info(): what this build contains;
+//  * lowrank_linear / lora_linear: direct entry points to the dispatcher.
+//    torch.ops costs microseconds per call in argument parsing, which is all
+//    of the run time at small shapes; these take the arguments positionally,
+//    check them, and call the same dispatcher op (so autograd, CPU and CUDA
+//    kernels and profiling all still apply). They return NotImplemented when
+//    an argument overrides __torch_function__ (or a mode is active), and the
+//    Python wrapper then takes the torch.ops path.
+#include "ops.h"
+
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <torch/extension.h>
+
+#include <cstring>
+
+namespace lowrank_ext {
+namespace {
+
+// Work (multiply-adds) above which the GIL is released during the call, so
+// other Python threads can run; below it the release costs more than it buys.
+constexpr int64_t kReleaseGilFlops = 1 << 16;
+
+// Unpacks a required tensor argument; sets a TypeError and returns false when
+// it is not a tensor. `*overridden` is set when it overrides torch functions.
+bool unpack_tensor(
+    const char* op, const char* name, PyObject* obj, at::Tensor* out,
+    bool* overridden) {
+  if (!THPVariable_Check(obj)) {
+    // type(obj).__name__, as the Python checks print it: tp_name carries a
+    // module prefix for types defined in C ("numpy.ndarray").
+    const char* full = Py_TYPE(obj)->tp_name;
+    const char* dot = std::strrchr(full, '.');
+    PyErr_Format(
+        PyExc_TypeError, "%s: %s must be a Tensor, got %s", op, name,
+        dot != nullptr ? dot + 1 : full);
+    return false;
+  }
+  // Tensor and Parameter are handled here; a subclass may override
+  // __torch_function__ and must go through torch.ops.
+  *overridden = *overridden || !THPVariable_CheckExact(obj);
+  *out = THPVariable_Unpack(obj);
+  return true;
+}
+
+bool unpack_optional_tensor(
+    const char* op, const char* name, PyObject* obj,
+    std::optional<at::Tensor>* out, bool* overridden) {
+  if (obj == Py_None) {
+    *out = std::nullopt;
+    return true;
+  }
+  at::Tensor t;
+  if (!unpack_tensor(op, name, obj, &t, overridden)) {
+    return false;
+  }
+  *out = std::move(t);
+  return true;
+}
+
+PyObject* wrap_result(at::Tensor y) {
+  return THPVariable_Wrap(std::move(y));
+}
+
+// lowrank_linear(x, A, B, bias)
+PyObject* py_lowrank_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* op = "lowrank_linear";
+  if (nargs != 4) {
+    PyErr_Format(PyExc_TypeError, "%s: expected 4 arguments, got %zd", op, nargs);
+    return nullptr;
+  }
+  at::Tensor x, A, B;
+  std::optional<at::Tensor> bias;
+  bool overridden = false;
+  if (!unpack_tensor(op, "x", args[0], &x, &overridden) ||
+      !unpack_tensor(op, "A", args[1], &A, &overridden) ||
+      !unpack_tensor(op, "B", args[2], &B, &overridden) ||
+      !unpack_optional_tensor(op, "bias", args[3], &bias, &overridden)) {
+    return nullptr;
+  }
+  if (overridden || at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  at::Tensor y;
+  if (x.numel() * A.size(0) < kReleaseGilFlops || A.dim() != 2) {
+    y = lowrank_linear_op(x, A, B, bias);
+  } else {
+    pybind11::gil_scoped_release no_gil;
+    y = lowrank_linear_op(x, A, B, bias);
+  }
+  return wrap_result(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// lora_linear(x, W, A, B, bias, scale)
+PyObject* py_lora_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* op = "lora_linear";
+  if (nargs != 6) {
+    PyErr_Format(PyExc_TypeError, "%s: expected 6 arguments, got %zd", op, nargs);
+    return nullptr;
+  }
+  at::Tensor x, W, A, B;
+  std::optional<at::Tensor> bias;
+  bool overridden = false;
+  if (!unpack_tensor(op, "x", args[0], &x, &overridden) ||
+      !unpack_tensor(op, "W", args[1], &W, &overridden) ||
+      !unpack_tensor(op, "A", args[2], &A, &overridden) ||
+      !unpack_tensor(op, "B", args[3], &B, &overridden) ||
+      !unpack_optional_tensor(op, "bias", args[4], &bias, &overridden)) {
+    return nullptr;
+  }
+  if (overridden || at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  // The Python wrapper has already turned scale into a float.
+  const double scale = PyFloat_AsDouble(args[5]);
+  if (scale == -1.0 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = lora_linear_op(x, W, A, B, bias, scale);
+  }
+  return wrap_result(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef kFastMethods[] = {
+    {"lowrank_linear", reinterpret_cast<PyCFunction>(py_lowrank_linear),
+     METH_FASTCALL, "lowrank_linear(x, A, B, bias) through the dispatcher."},
+    {"lora_linear", reinterpret_cast<PyCFunction>(py_lora_linear),
+     METH_FASTCALL, "lora_linear(x, W, A, B, bias, scale) through the dispatcher."},
+    {nullptr, nullptr, 0, nullptr}};
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef LOWRANK_EXT_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["torch_version"] = LOWRANK_EXT_TORCH_VERSION;
+  info["compiler"] = __VERSION__;
+  return info;
+}
+
+} // namespace
+} // namespace lowrank_ext
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Compiled kernels of lowrank_ext.";
+  m.def("build_info", &lowrank_ext::build_info,
+        "What this build of lowrank_ext._C contains.");
+  if (PyModule_AddFunctions(m.ptr(), lowrank_ext::kFastMethods) != 0) {
+    throw pybind11::error_already_set();
+  }
+}

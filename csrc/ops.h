@@ -1,0 +1,42 @@
+// Calls into the lowrank_ext ops through the dispatcher, for C++ code that must
+// reach whichever kernel is registered for the inputs' device (CPU, CUDA, or
+// the pure-torch default). The schemas are defined in Python
+// (lowrank_ext/_library.py); handles are looked up on first use.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace lowrank_ext {
+
+at::Tensor lowrank_linear_op(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias);
+
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_op(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias);
+
+at::Tensor lora_linear_op(
+    const at::Tensor& x,
+    const at::Tensor& W,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    double scale);
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_op(
+    const at::Tensor& x,
+    const at::Tensor& W,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    double scale);
+
+} // namespace lowrank_ext

@@ -1,0 +1,26 @@
+"""lowrank_ext: fused low-rank linear layers for PyTorch.
+
+    >>> import lowrank_ext as lx
+    >>> B, A = lx.svd_truncate(W, rank=16)       # W ≈ B·A
+    >>> y = lx.lowrank_linear(x, A, B, bias)     # (x·Aᵀ)·Bᵀ + bias, fused
+
+The ops are registered with the PyTorch dispatcher as ``torch.ops.lowrank_ext.*``
+(compiled C++/CUDA kernels when ``lowrank_ext._C`` is built, a pure-torch
+fallback otherwise); see :func:`backend_info`.
+"""
+
+from ._version import __version__
+from . import _backend  # loads the compiled kernels first
+from . import _library  # noqa: F401  (defines the ops)
+from .info import backend_info
+from .ops import lora_linear, lowrank_linear
+from .svd import choose_rank, svd_truncate
+
+__all__ = [
+    "__version__",
+    "backend_info",
+    "choose_rank",
+    "lora_linear",
+    "lowrank_linear",
+    "svd_truncate",
+]

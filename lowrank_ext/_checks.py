@@ -1,0 +1,126 @@
+"""Input validation for the pure-torch kernels and the fake (meta) kernels.
+
+Each message matches csrc/checks.cpp word for word, so both backends raise the
+same exception type with the same text; tests compare them.
+"""
+
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def shape_str(t):
+    return str(list(t.shape))
+
+
+def check_is_tensor(op, **tensors):
+    """TypeError for an argument that is not a tensor (None allowed for bias)."""
+    for name, value in tensors.items():
+        if value is None and name == "bias":
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
+
+
+def _check_dtype_device(op, name, t, ref, ref_name):
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{op}: {name} has dtype {dtype_name(t.dtype)} but {ref_name} has dtype "
+            f"{dtype_name(ref.dtype)}; all tensors must share one dtype")
+    if t.device != ref.device:
+        raise RuntimeError(
+            f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+            "all tensors must be on one device")
+
+
+def _check_x(op, x):
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension (..., k), got a 0-D tensor")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{op}: x must be float32, float64, float16 or bfloat16, got {dtype_name(x.dtype)}")
+
+
+def _check_factors(op, x, A, B):
+    if A.dim() != 2:
+        raise ValueError(f"{op}: A must be 2-D (r, k), got shape {shape_str(A)}")
+    if B.dim() != 2:
+        raise ValueError(f"{op}: B must be 2-D (d, r), got shape {shape_str(B)}")
+    if A.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"{op}: A has shape {shape_str(A)} but x has k={x.shape[-1]} features in its "
+            f"last dimension (x shape {shape_str(x)})")
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(
+            f"{op}: B has shape {shape_str(B)} but A has rank r={A.shape[0]} "
+            f"(A shape {shape_str(A)}); B must be (d, r)")
+
+
+def _check_bias(op, bias, d):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != d):
+        raise ValueError(f"{op}: bias must have shape [d] = [{d}], got shape {shape_str(bias)}")
+
+
+def check_lowrank_linear_inputs(op, x, A, B, bias):
+    _check_x(op, x)
+    _check_dtype_device(op, "A", A, x, "x")
+    _check_dtype_device(op, "B", B, x, "x")
+    if bias is not None:
+        _check_dtype_device(op, "bias", bias, x, "x")
+    _check_factors(op, x, A, B)
+    _check_bias(op, bias, B.shape[0])
+
+
+def check_lora_linear_inputs(x, W, A, B, bias, scale):
+    op = "lora_linear"
+    _check_x(op, x)
+    _check_dtype_device(op, "W", W, x, "x")
+    _check_dtype_device(op, "A", A, x, "x")
+    _check_dtype_device(op, "B", B, x, "x")
+    if bias is not None:
+        _check_dtype_device(op, "bias", bias, x, "x")
+    if W.dim() != 2:
+        raise ValueError(f"{op}: W must be 2-D (d, k), got shape {shape_str(W)}")
+    if W.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"{op}: W has shape {shape_str(W)} but x has k={x.shape[-1]} features in its "
+            f"last dimension (x shape {shape_str(x)})")
+    _check_factors(op, x, A, B)
+    if B.shape[0] != W.shape[0]:
+        raise ValueError(
+            f"{op}: B has shape {shape_str(B)} but W has d={W.shape[0]} output features "
+            f"(W shape {shape_str(W)})")
+    _check_bias(op, bias, W.shape[0])
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+
+
+def check_svd_matrix(W):
+    """The checks on W that need no rank (shape, dtype, finiteness)."""
+    if W.dim() != 2:
+        raise ValueError(f"svd_truncate: W must be 2-D (d, k), got shape {shape_str(W)}")
+    if W.numel() == 0:
+        raise ValueError(f"svd_truncate: W must not be empty, got shape {shape_str(W)}")
+    if W.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            "svd_truncate: W must be float32, float64, float16 or bfloat16, got "
+            f"{dtype_name(W.dtype)}")
+
+
+def check_svd_rank(W, rank):
+    max_rank = min(W.shape)
+    if not 1 <= rank <= max_rank:
+        raise ValueError(
+            f"svd_truncate: rank must be in [1, {max_rank}] for W of shape {shape_str(W)}, "
+            f"got {rank}")
+
+
+def check_svd_finite(W):
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("svd_truncate: W contains NaN or Inf")

@@ -1,0 +1,75 @@
+"""Pure-torch kernels of every op.
+
+They are registered as the ``CompositeExplicitAutograd`` kernels, so they run on
+any device that has no compiled kernel, and everywhere when ``lowrank_ext._C``
+is absent. Semantics match the compiled kernels: the same checks (see
+``_checks``), half types accumulated in float32, the intermediate returned in
+the input dtype.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast(dtype, *tensors):
+    """Half types compute in float32; the others as they are."""
+    if dtype not in _HALF:
+        return tensors
+    return tuple(None if t is None else t.float() for t in tensors)
+
+
+def _lowrank_forward(x, A, B, bias):
+    xc, Ac, Bc, bc = _upcast(x.dtype, x, A, B, bias)
+    t = F.linear(xc, Ac)
+    y = F.linear(t, Bc, bc)
+    return y.to(x.dtype), t.to(x.dtype)
+
+
+def lowrank_linear(x, A, B, bias):
+    _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
+    return _lowrank_forward(x, A, B, bias)[0]
+
+
+def lowrank_linear_with_intermediate(x, A, B, bias):
+    _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
+    return _lowrank_forward(x, A, B, bias)
+
+
+def _lora_forward(x, W, A, B, bias, scale):
+    xc, Wc, Ac, Bc, bc = _upcast(x.dtype, x, W, A, B, bias)
+    t = F.linear(xc, Ac)
+    y = F.linear(xc, Wc, bc) + scale * F.linear(t, Bc)
+    return y.to(x.dtype), t.to(x.dtype)
+
+
+def lora_linear(x, W, A, B, bias, scale):
+    _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
+    return _lora_forward(x, W, A, B, bias, scale)[0]
+
+
+def lora_linear_with_intermediate(x, W, A, B, bias, scale):
+    _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
+    return _lora_forward(x, W, A, B, bias, scale)
+
+
+def svd_truncate(W, rank, balanced):
+    _checks.check_svd_matrix(W)
+    _checks.check_svd_rank(W, rank)
+    _checks.check_svd_finite(W)
+    Wc = W.float() if W.dtype in _HALF else W
+    U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
+    return factors_from_svd(U[:, :rank], S[:rank], Vh[:rank], balanced, W.dtype)
+
+
+def factors_from_svd(U_r, S_r, Vh_r, balanced, dtype):
+    """(B, A) from the leading singular triplets, in the form svd_truncate documents."""
+    if balanced:
+        root = S_r.sqrt()
+        B, A = U_r * root, Vh_r * root.unsqueeze(1)
+    else:
+        B, A = U_r * S_r, Vh_r
+    return B.to(dtype).contiguous(), A.to(dtype).contiguous()

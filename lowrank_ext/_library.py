@@ -1,0 +1,147 @@
+"""Defines the ``lowrank_ext`` ops and registers everything but the compiled kernels.
+
+The schemas live here, once, for both backends. The compiled extension
+(``_backend``, imported first) registers C++ kernels for the CPU and CUDA keys
+and a C++ autograd kernel; this module adds
+
+* the pure-torch kernels as ``CompositeExplicitAutograd`` defaults, so any
+  device without a compiled kernel still works;
+* fake (meta) kernels for torch.compile;
+* when ``_C`` is absent, the Python autograd kernels.
+"""
+
+import torch
+
+from . import _backend, _checks, _fallback
+
+NAMESPACE = "lowrank_ext"
+
+SCHEMAS = {
+    "lowrank_linear": "lowrank_linear(Tensor x, Tensor A, Tensor B, Tensor? bias) -> Tensor",
+    "lowrank_linear_with_intermediate": (
+        "lowrank_linear_with_intermediate(Tensor x, Tensor A, Tensor B, Tensor? bias)"
+        " -> (Tensor, Tensor)"),
+    "lora_linear": (
+        "lora_linear(Tensor x, Tensor W, Tensor A, Tensor B, Tensor? bias, float scale)"
+        " -> Tensor"),
+    "lora_linear_with_intermediate": (
+        "lora_linear_with_intermediate(Tensor x, Tensor W, Tensor A, Tensor B, Tensor? bias,"
+        " float scale) -> (Tensor, Tensor)"),
+    "svd_truncate": "svd_truncate(Tensor W, int rank, bool balanced) -> (Tensor B, Tensor A)",
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+ops = torch.ops.lowrank_ext
+
+# --- pure-torch defaults -----------------------------------------------------
+for _name in SCHEMAS:
+    _lib.impl(_name, getattr(_fallback, _name), "CompositeExplicitAutograd")
+
+
+# --- fake kernels -------------------------------------------------------------
+def _out_shape(x, last):
+    return (*x.shape[:-1], last)
+
+
+@torch.library.register_fake("lowrank_ext::lowrank_linear")
+def _lowrank_linear_fake(x, A, B, bias):
+    _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
+    return x.new_empty(_out_shape(x, B.shape[0]))
+
+
+@torch.library.register_fake("lowrank_ext::lowrank_linear_with_intermediate")
+def _lowrank_linear_with_intermediate_fake(x, A, B, bias):
+    _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
+    return x.new_empty(_out_shape(x, B.shape[0])), x.new_empty(_out_shape(x, A.shape[0]))
+
+
+@torch.library.register_fake("lowrank_ext::lora_linear")
+def _lora_linear_fake(x, W, A, B, bias, scale):
+    _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
+    return x.new_empty(_out_shape(x, W.shape[0]))
+
+
+@torch.library.register_fake("lowrank_ext::lora_linear_with_intermediate")
+def _lora_linear_with_intermediate_fake(x, W, A, B, bias, scale):
+    _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
+    return x.new_empty(_out_shape(x, W.shape[0])), x.new_empty(_out_shape(x, A.shape[0]))
+
+
+@torch.library.register_fake("lowrank_ext::svd_truncate")
+def _svd_truncate_fake(W, rank, balanced):
+    _checks.check_svd_matrix(W)
+    _checks.check_svd_rank(W, rank)
+    return W.new_empty((W.shape[0], rank)), W.new_empty((rank, W.shape[1]))
+
+
+# --- autograd (Python; the compiled build registers the same in C++) ----------
+def _lowrank_grads(needs, gy, x, A, B, t):
+    """Gradients of y = t·Bᵀ + bias, t = x·Aᵀ: (gx, gA, gB, gbias)."""
+    need_x, need_A, need_B, need_bias = needs
+    k, r, d = A.shape[1], A.shape[0], B.shape[0]
+    gy2 = gy.reshape(-1, d)
+    gx = gA = gB = gbias = None
+    if need_x or need_A:
+        gt = gy2.mm(B)
+        if need_x:
+            gx = gt.mm(A).reshape(x.shape)
+        if need_A:
+            gA = gt.t().mm(x.reshape(-1, k))
+    if need_B:
+        gB = gy2.t().mm(t.reshape(-1, r))
+    if need_bias:
+        gbias = gy2.sum(0)
+    return gx, gA, gB, gbias
+
+
+class _LowRankLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, bias):
+        with torch._C._AutoDispatchBelowAutograd():
+            y, t = ops.lowrank_linear_with_intermediate.default(x, A, B, bias)
+        ctx.save_for_backward(x, A, B, t)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, A, B, t = ctx.saved_tensors
+        return _lowrank_grads(ctx.needs_input_grad, gy, x, A, B, t)
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, A, B, bias, scale):
+        with torch._C._AutoDispatchBelowAutograd():
+            y, t = ops.lora_linear_with_intermediate.default(x, W, A, B, bias, scale)
+        ctx.save_for_backward(x, W, A, B, t)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, W, A, B, t = ctx.saved_tensors
+        need_x, need_W, need_A, need_B, need_bias, _ = ctx.needs_input_grad
+        k, r, d = W.shape[1], A.shape[0], W.shape[0]
+        gy2 = gy.reshape(-1, d)
+        gx = gW = gA = gB = gbias = None
+        if need_x or need_A:
+            gt = gy2.mm(B) * ctx.scale
+            if need_x:
+                gx = gy2.mm(W).addmm_(gt, A).reshape(x.shape)
+            if need_A:
+                gA = gt.t().mm(x.reshape(-1, k))
+        if need_W:
+            gW = gy2.t().mm(x.reshape(-1, k))
+        if need_B:
+            gB = gy2.t().mm(t.reshape(-1, r)) * ctx.scale
+        if need_bias:
+            gbias = gy2.sum(0)
+        return gx, gW, gA, gB, gbias, None
+
+
+if not _backend.compiled:
+    _lib.impl("lowrank_linear", _LowRankLinearFunction.apply, "Autograd")
+    _lib.impl("lora_linear", _LoRALinearFunction.apply, "Autograd")

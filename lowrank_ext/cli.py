@@ -1,0 +1,51 @@
+"""``python -m lowrank_ext <command>``: the command-line interface.
+
+Each command lives in its own module with ``HELP``, ``add_arguments(parser)``
+and ``run(args) -> int``; those modules import heavy dependencies inside
+``run`` so that ``--help`` and ``info`` stay fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+# command name -> module implementing it
+COMMANDS = {
+    "demo": "lowrank_ext.demo",
+    "info": "lowrank_ext.info_cli",
+}
+
+# Errors a user can cause (bad arguments, bad files); anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, KeyError)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m lowrank_ext",
+        description="Fused low-rank linear layers for PyTorch.")
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the full traceback when a command fails")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"lowrank_ext {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if args.traceback:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"lowrank_ext {args.command}: error: {message}", file=sys.stderr)
+        return 1

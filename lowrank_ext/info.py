@@ -1,0 +1,42 @@
+"""backend_info(): which kernels are in use, and why."""
+
+import torch
+
+from . import _backend
+from ._version import __version__
+
+_OPS = ("lowrank_linear", "lora_linear", "svd_truncate")
+
+
+def _has_kernel(op, key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank_ext::{op}", key)
+
+
+def backend_info():
+    """A dict describing the active backend.
+
+    Keys: ``compiled`` (the C++ extension is loaded), ``cpu`` / ``cuda`` (compiled
+    kernels for that device are registered and active), ``fallback_reason``
+    (None, or why the pure-torch kernels are in use), ``version``, ``torch``,
+    ``cuda_available``, ``built_with_torch``, ``cpu_capability``, ``num_threads``
+    and ``kernels`` (op -> devices with a compiled kernel).
+    """
+    compiled = _backend.compiled
+    kernels = {
+        op: [dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if compiled and _has_kernel(op, key)]
+        for op in _OPS
+    }
+    cuda_built = bool(_backend.build_info.get("cuda", False))
+    return {
+        "compiled": compiled,
+        "cpu": compiled and "cpu" in kernels["lowrank_linear"],
+        "cuda": compiled and cuda_built and "cuda" in kernels["lowrank_linear"],
+        "fallback_reason": _backend.fallback_reason,
+        "version": __version__,
+        "torch": torch.__version__,
+        "built_with_torch": _backend.build_info.get("torch_version"),
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "num_threads": torch.get_num_threads(),
+        "kernels": kernels,
+    }

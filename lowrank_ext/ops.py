@@ -1,0 +1,69 @@
+"""The public fused ops: ``lowrank_linear`` and ``lora_linear``.
+
+Both reach the dispatcher op ``torch.ops.lowrank_ext.<name>``. With the compiled
+extension, eager calls go through a direct C entry point (``_C.<name>``), which
+costs about as much as one ``F.linear`` call instead of the microseconds of
+``torch.ops`` argument parsing; under torch.compile, or when an argument
+overrides ``__torch_function__``, the call goes through ``torch.ops`` so that
+tracing and tensor subclasses work.
+"""
+
+import math
+
+import torch
+
+from . import _backend, _checks
+from ._library import ops
+
+_fast_lowrank_linear = getattr(_backend._C, "lowrank_linear", None)
+_fast_lora_linear = getattr(_backend._C, "lora_linear", None)
+_is_compiling = torch.compiler.is_compiling
+
+
+def lowrank_linear(x, A, B, bias=None):
+    """``y = (x·Aᵀ)·Bᵀ + bias``, the low-rank linear map ``W ≈ B·A`` applied to ``x``.
+
+    Args:
+        x: input of shape ``(..., k)``; any number of leading dims, including
+            none and zero-sized ones.
+        A: the down projection, shape ``(r, k)``.
+        B: the up projection, shape ``(d, r)``.
+        bias: shape ``(d,)`` or ``None``.
+
+    All tensors share one dtype (float32, float64, float16 or bfloat16; half
+    types accumulate in float32) and one device. Returns ``(..., d)``.
+    Differentiable in every argument; backward keeps ``x`` and the ``(..., r)``
+    intermediate, never a dense ``W``.
+
+    Example:
+        >>> B, A = svd_truncate(W, rank=2)
+        >>> y = lowrank_linear(x, A, B, bias)   # == x @ (B @ A).T + bias
+    """
+    if _fast_lowrank_linear is not None and not _is_compiling():
+        y = _fast_lowrank_linear(x, A, B, bias)
+        if y is not NotImplemented:
+            return y
+    _checks.check_is_tensor("lowrank_linear", x=x, A=A, B=B, bias=bias)
+    return ops.lowrank_linear.default(x, A, B, bias)
+
+
+def lora_linear(x, W, A, B, bias=None, scale=1.0):
+    """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ``: a frozen linear layer plus a LoRA adapter.
+
+    Args:
+        x: ``(..., k)``; W: ``(d, k)``; A: ``(r, k)``; B: ``(d, r)``;
+        bias: ``(d,)`` or ``None``; scale: a finite number (LoRA's alpha/r).
+
+    Same dtype, device and gradient rules as :func:`lowrank_linear`.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"lora_linear: scale must be a real number, got {type(scale).__name__}")
+    scale = float(scale)
+    if _fast_lora_linear is not None and not _is_compiling():
+        y = _fast_lora_linear(x, W, A, B, bias, scale)
+        if y is not NotImplemented:
+            return y
+    _checks.check_is_tensor("lora_linear", x=x, W=W, A=A, B=B, bias=bias)
+    if not math.isfinite(scale):
+        raise ValueError(f"lora_linear: scale must be finite, got {scale}")
+    return ops.lora_linear.default(x, W, A, B, bias, scale)

@@ -1,0 +1,140 @@
+"""Truncated SVD: the rank-r factors ``W ≈ B·A`` and the choice of r.
+
+The factorization itself is the op ``torch.ops.lowrank_ext.svd_truncate``
+(C++ over ATen's SVD: LAPACK on the CPU, cuSOLVER on CUDA). This module picks
+the rank from an energy or error target and offers a randomized method.
+"""
+
+import math
+import numbers
+
+import torch
+
+from . import _checks
+from ._fallback import factors_from_svd
+from ._library import ops
+
+_METHODS = ("exact", "randomized")
+# Relative slack on the energy and error targets, so that a target met exactly
+# in real arithmetic is not missed by float64 rounding.
+_RANK_SLACK = 1e-12
+# Extra columns of the randomized range finder beyond the rank (Halko et al.).
+_OVERSAMPLE = 10
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_criteria(fn, rank, energy, tol):
+    given = [name for name, value in (("rank", rank), ("energy", energy), ("tol", tol))
+             if value is not None]
+    if len(given) != 1:
+        seen = " and ".join(given) if given else "none"
+        raise ValueError(f"{fn}: give exactly one of rank, energy or tol, got {seen}")
+    if rank is not None and not _is_int(rank):
+        raise TypeError(f"{fn}: rank must be an int, got {type(rank).__name__}")
+    for name, value in (("energy", energy), ("tol", tol)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__}")
+    if energy is not None and not 0.0 < energy <= 1.0:  # NaN fails too
+        raise ValueError(f"{fn}: energy must be in (0, 1], got {energy}")
+    if tol is not None and not tol >= 0.0:
+        raise ValueError(f"{fn}: tol must be >= 0, got {tol}")
+
+
+def choose_rank(S, *, energy=None, tol=None):
+    """The smallest rank meeting a target, from singular values ``S`` (descending).
+
+    ``energy`` in (0, 1]: the smallest r whose leading singular values hold that
+    fraction of Σσ². ``tol`` ≥ 0: the smallest r with ‖W − W_r‖_F ≤ tol·‖W‖_F,
+    where ‖W − W_r‖_F = √Σ_{i>r} σ_i² (Eckart–Young). Give exactly one. A zero
+    matrix gets rank 1.
+    """
+    if energy is None and tol is None:
+        raise ValueError("choose_rank: give exactly one of energy or tol, got none")
+    _check_criteria("choose_rank", None, energy, tol)
+    if not isinstance(S, torch.Tensor):
+        raise TypeError(f"choose_rank: S must be a Tensor, got {type(S).__name__}")
+    if S.dim() != 1 or S.numel() == 0:
+        raise ValueError(f"choose_rank: S must be a non-empty 1-D tensor, got shape {list(S.shape)}")
+    if not S.is_floating_point():
+        raise TypeError(f"choose_rank: S must be floating point, got {_checks.dtype_name(S.dtype)}")
+    s2 = S.detach().to(device="cpu", dtype=torch.float64) ** 2
+    if not bool(torch.isfinite(s2).all()) or bool((S < 0).any()):
+        raise ValueError("choose_rank: S must be finite and non-negative")
+    total = float(s2.sum())
+    if total == 0.0:
+        return 1
+    if energy is not None:
+        kept = torch.cumsum(s2, 0)  # kept[r-1] = energy of the leading r values
+        ok = kept >= energy * total * (1.0 - _RANK_SLACK)
+    else:
+        # tail[r-1] = Σ_{i>r} σ_i², summed from the small end for accuracy.
+        tail = torch.cat([torch.flip(torch.cumsum(torch.flip(s2[1:], [0]), 0), [0]),
+                          s2.new_zeros(1)])
+        ok = tail <= (tol * tol) * total * (1.0 + _RANK_SLACK)
+    return int(torch.nonzero(ok)[0, 0]) + 1
+
+
+def svd_truncate(W, rank=None, *, energy=None, tol=None, balanced=False, method="exact",
+                 niter=2, generator=None):
+    """Factor ``W`` (d, k) as ``B·A`` with B (d, r) and A (r, k), by truncated SVD.
+
+    Exactly one of:
+        rank: r itself, in [1, min(d, k)];
+        energy: keep the smallest r holding this fraction of Σσ², in (0, 1];
+        tol: the smallest r with ‖W − B·A‖_F ≤ tol·‖W‖_F, tol ≥ 0.
+
+    ``balanced=False`` gives the seed notebook's ``B = U_r·diag(S_r)``, ``A = V_rᵀ``;
+    ``balanced=True`` splits the singular values evenly:
+    ``B = U_r·diag(√S_r)``, ``A = diag(√S_r)·V_rᵀ``.
+
+    ``method="randomized"`` (rank only) uses ``torch.svd_lowrank`` with ``niter``
+    power iterations; its random draws come from ``generator`` when given, so
+    the result is reproducible without touching the global RNG.
+
+    float16/bfloat16 ``W`` is factorized in float32 and returned in W's dtype.
+    """
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"svd_truncate: W must be a Tensor, got {type(W).__name__}")
+    _check_criteria("svd_truncate", rank, energy, tol)
+    if method not in _METHODS:
+        raise ValueError(f"svd_truncate: method must be 'exact' or 'randomized', got {method!r}")
+    if not isinstance(balanced, bool):
+        raise TypeError(f"svd_truncate: balanced must be a bool, got {type(balanced).__name__}")
+    if method == "randomized":
+        if rank is None:
+            raise ValueError("svd_truncate: method='randomized' needs rank, not energy or tol")
+        if not _is_int(niter) or niter < 0:
+            raise ValueError(f"svd_truncate: niter must be an int >= 0, got {niter!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"svd_truncate: generator must be a torch.Generator, got {type(generator).__name__}")
+        return _randomized(W, int(rank), balanced, int(niter), generator)
+    if rank is None:
+        _checks.check_svd_matrix(W)
+        _checks.check_svd_finite(W)
+        S = torch.linalg.svdvals(W.float() if W.dtype in (torch.float16, torch.bfloat16) else W)
+        rank = choose_rank(S, energy=energy, tol=tol)
+    return ops.svd_truncate.default(W, int(rank), balanced)
+
+
+def _randomized(W, rank, balanced, niter, generator):
+    _checks.check_svd_matrix(W)
+    _checks.check_svd_rank(W, rank)
+    _checks.check_svd_finite(W)
+    Wc = W.float() if W.dtype in (torch.float16, torch.bfloat16) else W
+    q = min(rank + _OVERSAMPLE, *W.shape)
+    if generator is None:
+        U, S, V = torch.svd_lowrank(Wc, q=q, niter=niter)
+    else:
+        # svd_lowrank draws from the global RNG: seed a forked copy of it from
+        # the caller's generator, so results are reproducible and the global
+        # state is left alone.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        devices = [W.device] if W.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(Wc, q=q, niter=niter)
+    return factors_from_svd(U[:, :rank], S[:rank], V[:, :rank].T, balanced, W.dtype)

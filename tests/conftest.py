@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+import lowrank_ext
+from lowrank_ext import _backend
+
+COMPILED = _backend.compiled
+FORCED_FALLBACK = os.environ.get("LOWRANK_EXT_FORCE_FALLBACK", "") not in ("", "0")
+HAS_CUDA = torch.cuda.is_available()
+
+# Tolerances against a float64 reference, per dtype (relative to the output's scale).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
+}
+DTYPES = list(TOLERANCES)
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+requires_compiled = pytest.mark.skipif(not COMPILED, reason="needs the compiled extension")
+
+
+def pytest_report_header(config):
+    info = lowrank_ext.backend_info()
+    return (f"lowrank_ext {info['version']}: compiled={info['compiled']} cpu={info['cpu']} "
+            f"cuda={info['cuda']} fallback_reason={info['fallback_reason']}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
