@@ -36,6 +36,12 @@ at::Tensor intermediate_for_backward(
   return at::GradMode::is_enabled() ? at::matmul(x, A.t()) : t;
 }
 
+// Rows of x viewed as a matrix: the product of its leading dims (reshape's -1
+// is ambiguous once k, r or d is zero).
+int64_t rows_of(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
 bool bias_given(AutogradContext* ctx) {
   return ctx->saved_data["has_bias"].toBool();
 }
@@ -52,7 +58,8 @@ variable_list lowrank_backward(
   const int64_t k = A.size(1);
   const int64_t r = A.size(0);
   const int64_t d = B.size(0);
-  const at::Tensor gy2 = gy.reshape({-1, d});
+  const int64_t M = rows_of(x);
+  const at::Tensor gy2 = gy.reshape({M, d});
   at::Tensor gx, gA, gB, gbias;
   const bool need_x = ctx->needs_input_grad(0);
   const bool need_A = ctx->needs_input_grad(1);
@@ -65,11 +72,11 @@ variable_list lowrank_backward(
       gx = gt.mm(A).reshape(x.sizes());
     }
     if (need_A) {
-      gA = gt.t().mm(x.reshape({-1, k}));
+      gA = gt.t().mm(x.reshape({M, k}));
     }
   }
   if (need_B) {
-    gB = gy2.t().mm(intermediate_for_backward(x, A, t).reshape({-1, r}));
+    gB = gy2.t().mm(intermediate_for_backward(x, A, t).reshape({M, r}));
   }
   if (need_bias) {
     gbias = gy2.sum(0);
@@ -144,7 +151,8 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
     const int64_t k = W.size(1);
     const int64_t r = A.size(0);
     const int64_t d = W.size(0);
-    const at::Tensor gy2 = grads[0].reshape({-1, d});
+    const int64_t M = rows_of(x);
+    const at::Tensor gy2 = grads[0].reshape({M, d});
     at::Tensor gx, gW, gA, gB, gbias;
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_A = ctx->needs_input_grad(2);
@@ -154,14 +162,14 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
         gx = gy2.mm(W).addmm_(gt, A).reshape(x.sizes());
       }
       if (need_A) {
-        gA = gt.t().mm(x.reshape({-1, k}));
+        gA = gt.t().mm(x.reshape({M, k}));
       }
     }
     if (ctx->needs_input_grad(1)) {
-      gW = gy2.t().mm(x.reshape({-1, k}));
+      gW = gy2.t().mm(x.reshape({M, k}));
     }
     if (ctx->needs_input_grad(3)) {
-      gB = gy2.t().mm(intermediate_for_backward(x, A, t).reshape({-1, r})).mul_(scale);
+      gB = gy2.t().mm(intermediate_for_backward(x, A, t).reshape({M, r})).mul_(scale);
     }
     if (bias_given(ctx) && ctx->needs_input_grad(4)) {
       gbias = gy2.sum(0);

@@ -7,7 +7,7 @@ pure-torch kernels.
 """
 
 import importlib
-import importlib.util
+import importlib.machinery
 import logging
 import os
 
@@ -23,7 +23,10 @@ fallback_reason = None
 if os.environ.get(FORCE_FALLBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
     fallback_reason = f"{FORCE_FALLBACK_ENV}={os.environ[FORCE_FALLBACK_ENV]} is set"
 else:
-    if importlib.util.find_spec("lowrank_ext._C") is None:
+    # Only a _C next to these files counts: an editable install of another
+    # checkout must not lend its build to this one.
+    _here = [os.path.dirname(os.path.abspath(__file__))]
+    if importlib.machinery.PathFinder.find_spec("lowrank_ext._C", _here) is None:
         fallback_reason = (
             "the compiled extension lowrank_ext._C is not built; install with "
             "`pip install --no-build-isolation -e .` to build it")

@@ -10,6 +10,8 @@ and a C++ autograd kernel; this module adds
 * when ``_C`` is absent, the Python autograd kernels.
 """
 
+import math
+
 import torch
 
 from . import _backend, _checks, _fallback
@@ -88,16 +90,17 @@ def _lowrank_grads(needs, gy, x, A, B, t):
     """Gradients of y = t·Bᵀ + bias, t = x·Aᵀ: (gx, gA, gB, gbias)."""
     need_x, need_A, need_B, need_bias = needs
     k, r, d = A.shape[1], A.shape[0], B.shape[0]
-    gy2 = gy.reshape(-1, d)
+    M = math.prod(x.shape[:-1])  # reshape's -1 is ambiguous once k, r or d is 0
+    gy2 = gy.reshape(M, d)
     gx = gA = gB = gbias = None
     if need_x or need_A:
         gt = gy2.mm(B)
         if need_x:
             gx = gt.mm(A).reshape(x.shape)
         if need_A:
-            gA = gt.t().mm(x.reshape(-1, k))
+            gA = gt.t().mm(x.reshape(M, k))
     if need_B:
-        gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(-1, r))
+        gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(M, r))
     if need_bias:
         gbias = gy2.sum(0)
     return gx, gA, gB, gbias
@@ -131,18 +134,19 @@ class _LoRALinearFunction(torch.autograd.Function):
         x, W, A, B, t = ctx.saved_tensors
         need_x, need_W, need_A, need_B, need_bias, _ = ctx.needs_input_grad
         k, r, d = W.shape[1], A.shape[0], W.shape[0]
-        gy2 = gy.reshape(-1, d)
+        M = math.prod(x.shape[:-1])
+        gy2 = gy.reshape(M, d)
         gx = gW = gA = gB = gbias = None
         if need_x or need_A:
             gt = gy2.mm(B) * ctx.scale
             if need_x:
                 gx = gy2.mm(W).addmm_(gt, A).reshape(x.shape)
             if need_A:
-                gA = gt.t().mm(x.reshape(-1, k))
+                gA = gt.t().mm(x.reshape(M, k))
         if need_W:
-            gW = gy2.t().mm(x.reshape(-1, k))
+            gW = gy2.t().mm(x.reshape(M, k))
         if need_B:
-            gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(-1, r)) * ctx.scale
+            gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(M, r)) * ctx.scale
         if need_bias:
             gbias = gy2.sum(0)
         return gx, gW, gA, gB, gbias, None

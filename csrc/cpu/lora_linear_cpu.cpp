@@ -1,9 +1,10 @@
 // CPU kernel of lora_linear: y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ.
 //
 // The dense product dominates, so it goes to BLAS once; the adapter's
-// (M × r) intermediate is tiny beside it and is accumulated into the same
-// output buffer, so the (M × d) adapter term never exists on its own.
+// (M × r) intermediate is tiny beside it and, for float32/float64, is
+// accumulated straight into the same output buffer.
 #include "../checks.h"
+#include "lowrank_linear_cpu.h"
 
 #include <torch/library.h>
 
@@ -29,13 +30,20 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_impl(
   const at::Tensor x2 = x.reshape({M, k});
   at::Tensor y2 = bias.has_value() ? at::addmm(*bias, x2, W.t())
                                    : at::mm(x2, W.t());
+  std::vector<int64_t> y_shape = lead, t_shape = lead;
+  y_shape.push_back(d);
+  t_shape.push_back(r);
+  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
+    // A half-precision (M × r) intermediate could overflow where the result
+    // does not: the fused low-rank kernel keeps it in float32.
+    auto [adapter, t] = lowrank_linear_cpu_impl(x2, A, B * scale, std::nullopt, true);
+    y2.add_(adapter);
+    return {y2.view(y_shape), t.view(t_shape)};
+  }
   at::Tensor t2 = at::mm(x2, A.t());
   if (r > 0) {
     y2.addmm_(t2, B.t(), /*beta=*/1, /*alpha=*/scale);
   }
-  std::vector<int64_t> y_shape = lead, t_shape = lead;
-  y_shape.push_back(d);
-  t_shape.push_back(r);
   return {y2.view(y_shape), t2.view(t_shape)};
 }
 

@@ -1,0 +1,33 @@
+"""Precision rules: half-precision inputs accumulate in float32, including the
+(..., r) intermediate, so an intermediate beyond float16's range (65504) does
+not overflow when the final answer is representable."""
+
+import pytest
+import torch
+
+import lowrank_ext as lx
+from lowrank_ext import _fallback
+
+
+@pytest.mark.parametrize("fn", [lx.lowrank_linear, _fallback.lowrank_linear], ids=["api", "fallback"])
+def test_float16_intermediate_beyond_range_gives_the_float32_answer(fn):
+    k = 64
+    x = torch.full((3, k), 40.0, dtype=torch.float16)
+    A = torch.full((2, k), 40.0, dtype=torch.float16)          # t = 64·1600 = 102400 > 65504
+    B = torch.full((5, 2), 2.0 ** -10, dtype=torch.float16)
+    y = fn(x, A, B, None)
+    expected = (x.float() @ A.float().T) @ B.float().T          # 200.0, representable
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), expected, rtol=1e-3, atol=0)
+
+
+def test_float16_lora_adapter_beyond_range_gives_the_float32_answer():
+    k = 64
+    x = torch.full((2, k), 40.0, dtype=torch.float16)
+    W = torch.zeros(4, k, dtype=torch.float16)
+    A = torch.full((2, k), 40.0, dtype=torch.float16)
+    B = torch.full((4, 2), 2.0 ** -10, dtype=torch.float16)
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        y = fn(x, W, A, B, None, 0.5)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.float(), torch.full((2, 4), 100.0), rtol=1e-3, atol=0)
