@@ -1,8 +1,8 @@
 // CUDA kernels of lowrank_linear: y = (x·Aᵀ)·Bᵀ + bias.
 //
 // make_plan (lowrank_plan.cpp) picks one of
-//   * the fused tensor-core kernel (float16/bfloat16, r <= 256): one launch,
-//     the intermediate never leaves the chip;
+//   * the fused tensor-core kernel (float16/bfloat16, r <= 256, sm_80+):
+//     one launch, the intermediate never leaves the chip;
 //   * split-K (M <= 16, every dtype): two launches, deterministic;
 //   * two cuBLAS GEMMs (float32, where cuBLAS applies allow_tf32 itself;
 //     float64; r > 256; GPUs older than sm_80).
@@ -32,11 +32,13 @@ bool aligned16(const void* p) {
 // Device attributes the plan depends on. (Queried directly: the ATen device
 // property cache would pull in the cuBLAS/cuSPARSE headers.)
 void query_device(int device, ProblemDesc* desc) {
-  int major = 0, sms = 0;
+  int major = 0, sms = 0, smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   desc->sm_major = major;
   desc->num_sms = sms;
+  desc->max_smem = smem;
 }
 
 // Dynamic shared memory above 48 KB must be opted into per kernel.
@@ -85,6 +87,8 @@ void run_tensor_core(
   args.d = B.size(0);
   args.ldx = x2.stride(0);
   args.rank_padded = tiling.rank_padded;
+  args.stages = tiling.stages;
+  args.ring_stage_elems = tiling.ring_stage_elems;
   args.stage_offset = tiling.stage_offset;
   args.t_offset = tiling.t_offset;
   args.buf_offset = tiling.buf_offset;

@@ -22,7 +22,8 @@ int64_t round_up(int64_t a, int64_t b) {
 // fragment pointer (a multiple of 32 bytes inside a region) stays aligned.
 constexpr int64_t kSmemAlign = 128;
 
-TensorCoreTiling tile_tensor_core(const ProblemDesc& p) {
+// Tiling with `stages` ring slots; smem_bytes tells whether it fits.
+TensorCoreTiling tile_tensor_core(const ProblemDesc& p, int stages) {
   TensorCoreTiling t;
   // Few fragments per warp for small r (no idle warps), at most 8 for r = 256
   // (64 accumulator registers per thread).
@@ -45,11 +46,26 @@ TensorCoreTiling tile_tensor_core(const ProblemDesc& p) {
   const int64_t t_tile = kTcRows * (t.rank_padded + kTcPad) * elem;
   const int64_t phase1 = (kTcRows + t.rank_padded) * (kTcK + kTcPad) * elem;
   const int64_t phase2 = kTcCols * (t.rank_padded + kTcPad) * elem;
+  const int64_t slot = round_up(std::max(phase1, phase2), kSmemAlign);
+  t.stages = stages;
+  t.ring_stage_elems = slot / elem;
   t.stage_offset = 0;
   t.t_offset = round_up(stage, kSmemAlign);
   t.buf_offset = t.t_offset + round_up(t_tile, kSmemAlign);
-  t.smem_bytes = t.buf_offset + round_up(std::max(phase1, phase2), kSmemAlign);
+  t.smem_bytes = t.buf_offset + stages * slot;
   return t;
+}
+
+// Three slots when they fit (two slices in flight while one is used), else
+// two; nullopt when not even two fit.
+std::optional<TensorCoreTiling> fit_tensor_core(const ProblemDesc& p) {
+  for (int stages : {3, 2}) {
+    const TensorCoreTiling t = tile_tensor_core(p, stages);
+    if (t.smem_bytes <= p.max_smem) {
+      return t;
+    }
+  }
+  return std::nullopt;
 }
 
 SplitKTiling tile_split_k(const ProblemDesc& p) {
@@ -115,7 +131,10 @@ Plan make_plan(const ProblemDesc& p, std::optional<Path> forced) {
     plan.path = Path::kBiasOnly;
     return plan;
   }
-  const bool tc_ok = p.half_type && p.r <= kTcMaxRank && p.sm_major >= 8;
+  const std::optional<TensorCoreTiling> tc = p.half_type && p.r <= kTcMaxRank && p.sm_major >= 8
+      ? fit_tensor_core(p)
+      : std::nullopt;
+  const bool tc_ok = tc.has_value();
   const bool sk_ok =
       p.r <= kSkMaxRank && ceil_div(p.M, kSkRows) <= kMaxGridYZ;
   if (forced.has_value()) {
@@ -125,7 +144,8 @@ Plan make_plan(const ProblemDesc& p, std::optional<Path> forced) {
     TORCH_CHECK_VALUE(
         ok, "lowrank_linear: the CUDA ", path_name(*forced),
         " path cannot run M=", p.M, ", k=", p.k, ", r=", p.r, ", d=", p.d,
-        " for this dtype on compute capability ", p.sm_major, ".x");
+        " for this dtype on compute capability ", p.sm_major, ".x with ",
+        p.max_smem, " bytes of shared memory per block");
     plan.path = *forced;
   } else if (p.M <= kSmallM && sk_ok) {
     // Row tiles cannot fill the GPU: split the k-reduction instead.
@@ -137,7 +157,7 @@ Plan make_plan(const ProblemDesc& p, std::optional<Path> forced) {
     plan.path = Path::kCublas;
   }
   if (plan.path == Path::kTensorCore) {
-    plan.tc = tile_tensor_core(p);
+    plan.tc = *tc;
   } else if (plan.path == Path::kSplitK) {
     plan.sk = tile_split_k(p);
   }
@@ -148,7 +168,7 @@ std::vector<int64_t> plan_fields(const Plan& plan) {
   const TensorCoreTiling& t = plan.tc;
   const SplitKTiling& s = plan.sk;
   return {t.frags_per_warp, t.warps_n, t.rank_padded, t.threads, t.blocks,
-          t.stage_offset, t.t_offset, t.buf_offset, t.smem_bytes,
+          t.stages, t.ring_stage_elems, t.stage_offset, t.t_offset, t.buf_offset, t.smem_bytes,
           s.splits, s.k_chunk, s.rank_groups, s.row_groups, s.shrink_smem,
           s.expand_cols, s.expand_blocks, s.lanes_per_col, s.expand_smem};
 }
@@ -157,13 +177,14 @@ namespace {
 
 std::tuple<std::string, std::vector<int64_t>> cuda_plan_op(
     int64_t M, int64_t k, int64_t r, int64_t d, at::ScalarType dtype,
-    int64_t sm_major, int64_t num_sms, c10::string_view path) {
+    int64_t sm_major, int64_t num_sms, int64_t max_smem, c10::string_view path) {
   ProblemDesc p;
   p.M = M, p.k = k, p.r = r, p.d = d;
   p.half_type = dtype == at::kHalf || dtype == at::kBFloat16;
   p.acc_bytes = dtype == at::kDouble ? 8 : 4;
   p.sm_major = static_cast<int>(sm_major);
   p.num_sms = static_cast<int>(num_sms);
+  p.max_smem = max_smem;
   const Plan plan = make_plan(p, path_from_name(std::string(path)));
   return {path_name(plan.path), plan_fields(plan)};
 }
@@ -175,7 +196,7 @@ std::tuple<std::string, std::vector<int64_t>> cuda_plan_op(
 TORCH_LIBRARY(lowrank_ext_internal, m) {
   m.def(
       "cuda_plan(int M, int k, int r, int d, ScalarType dtype, int sm_major, "
-      "int num_sms, str path) -> (str, int[])",
+      "int num_sms, int max_smem, str path) -> (str, int[])",
       &cuda_plan_op);
   m.def(
       "lowrank_linear_cuda_path(Tensor x, Tensor A, Tensor B, Tensor? bias, "

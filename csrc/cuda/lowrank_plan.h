@@ -44,6 +44,7 @@ struct ProblemDesc {
   int acc_bytes = 4;       // size of the accumulation type (8 for float64)
   int sm_major = 0;        // compute capability of the device
   int num_sms = 1;
+  int64_t max_smem = 0;    // opt-in shared memory per block (bytes)
 };
 
 struct TensorCoreTiling {
@@ -53,7 +54,10 @@ struct TensorCoreTiling {
   int threads = 0;
   int64_t blocks = 0;
   // Shared-memory layout (bytes): per-warp staging, the (rows x r) tile of
-  // the intermediate, then phase-1 tiles of x and A, reused for tiles of B.
+  // the intermediate, then a ring of `stages` slots, each holding an x slice
+  // and an A slice in phase 1 and a B slice in phase 2.
+  int stages = 0;
+  int64_t ring_stage_elems = 0; // 16-bit elements per slot
   int64_t stage_offset = 0, t_offset = 0, buf_offset = 0, smem_bytes = 0;
 };
 

@@ -1,8 +1,9 @@
 // Fused lowrank_linear forward on tensor cores (float16 / bfloat16, sm_80+):
 // one launch, one block per kTcRows rows of x.
 //
-//   phase 1: t = x_tile · Aᵀ, streaming k in kTcK slices; the (rows × r) fp32
-//            accumulators stay in the warps' registers.
+//   phase 1: t = x_tile · Aᵀ, streaming k in kTcK slices through a ring of
+//            cp.async buffers; the (rows × r) fp32 accumulators stay in the
+//            warps' registers.
 //   handoff: t is rounded to the input dtype into shared memory (and written
 //            to global memory only when the caller keeps it for backward).
 //   phase 2: for each kTcCols slice of d: y_tile = t · B_sliceᵀ + bias, each
@@ -46,6 +47,8 @@ struct TensorCoreArgs {
   void* t_out;      // (M, r) contiguous, or null
   int64_t M, k, r, d, ldx;
   int rank_padded;
+  int stages;               // slices in the shared-memory ring (2 or 3)
+  int64_t ring_stage_elems; // 16-bit elements per ring slot
   int64_t stage_offset, t_offset, buf_offset;
   // 16-byte global accesses are allowed (alignment checked on the host).
   bool x_vec, a_vec, b_vec, y_vec;
@@ -55,10 +58,47 @@ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) {
   return a < b ? a : b;
 }
 
-// Copies rows × cols of a row-major global matrix (leading dimension ld) into
-// a tile_rows × tile_cols shared tile (leading dimension lds), zero-filling
-// everything outside. Elements are moved as raw 16-bit words. With vec, every
-// row start is 16-byte aligned and cols is a multiple of 8 (or >= tile_cols).
+// cp.async (sm_80+): 16 bytes global -> shared without passing through
+// registers, so several slices can be in flight while the warps compute.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool fill) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const int src_bytes = fill ? 16 : 0; // 0: nothing is read, 16 zero bytes land
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(gmem_src), "r"(src_bytes) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most kPending of this thread's committed groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// The newest slice may stay in flight with three buffers; with two, none.
+__device__ __forceinline__ void wait_for_oldest_slice(int stages) {
+  if (stages >= 3) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
+
+// Starts copying rows × cols of a row-major global matrix (leading dimension
+// ld) into a tile_rows × tile_cols shared tile (leading dimension lds),
+// zero-filling everything outside. Elements move as raw 16-bit words. With
+// vec, every row start is 16-byte aligned and cols is a multiple of 8, and
+// the copy is asynchronous (cp.async); otherwise it is done synchronously.
+// Either way it is visible to the block after the next __syncthreads that
+// follows a cp_async_wait covering it.
 __device__ __forceinline__ void load_tile_16bit(
     uint16_t* s, int lds, const uint16_t* g, int64_t ld, int rows, int cols,
     int tile_rows, int tile_cols, bool vec) {
@@ -67,11 +107,9 @@ __device__ __forceinline__ void load_tile_16bit(
     for (int idx = threadIdx.x; idx < tile_rows * vecs_per_row; idx += blockDim.x) {
       const int rr = idx / vecs_per_row;
       const int cc = (idx % vecs_per_row) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (rr < rows && cc < cols) {
-        v = *reinterpret_cast<const uint4*>(g + rr * ld + cc);
-      }
-      *reinterpret_cast<uint4*>(s + rr * lds + cc) = v;
+      const bool inside = rr < rows && cc < cols;
+      // Outside the matrix the source is never read; g stays a valid address.
+      cp_async_16(s + rr * lds + cc, inside ? g + rr * ld + cc : g, inside);
     }
   } else {
     for (int idx = threadIdx.x; idx < tile_rows * tile_cols; idx += blockDim.x) {
@@ -101,9 +139,6 @@ tensor_core_fused_kernel(const TensorCoreArgs p) {
 
   float* stage = reinterpret_cast<float*>(smem + p.stage_offset) + warp * kTcStageFloats;
   T* t_tile = reinterpret_cast<T*>(smem + p.t_offset);
-  uint16_t* x_slice = reinterpret_cast<uint16_t*>(smem + p.buf_offset);
-  uint16_t* a_slice = x_slice + kTcRows * ldk;
-  uint16_t* b_slice = reinterpret_cast<uint16_t*>(smem + p.buf_offset);
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTcRows;
   const int rows = static_cast<int>(min64(kTcRows, p.M - row0));
@@ -114,34 +149,76 @@ tensor_core_fused_kernel(const TensorCoreArgs p) {
   T* y = static_cast<T*>(p.y);
   T* t_out = static_cast<T*>(p.t_out);
 
+  // Shared memory ring of `stages` slices: phase 1 holds an x slice and an A
+  // slice per stage, phase 2 a B slice per stage. A slice is loaded
+  // stages - 1 steps ahead of its use.
+  const int stages = p.stages;
+  uint16_t* ring = reinterpret_cast<uint16_t*>(smem + p.buf_offset);
+  const int64_t stage_elems = p.ring_stage_elems;
+
   // ---- phase 1: t = x_tile · Aᵀ -------------------------------------------
+  auto load_k_slice = [&](int64_t step) {
+    uint16_t* xs = ring + (step % stages) * stage_elems;
+    uint16_t* as = xs + kTcRows * ldk;
+    const int64_t k0 = step * kTcK;
+    const int cols = static_cast<int>(min64(kTcK, p.k - k0));
+    load_tile_16bit(xs, ldk, x + k0, p.ldx, rows, cols, kTcRows, kTcK, p.x_vec);
+    load_tile_16bit(as, ldk, A + k0, p.k, static_cast<int>(p.r), cols, rank_padded,
+                    kTcK, p.a_vec);
+  };
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragsPerWarp];
 #pragma unroll
   for (int f = 0; f < kFragsPerWarp; ++f) {
     wmma::fill_fragment(acc[f], 0.0f);
   }
-  for (int64_t k0 = 0; k0 < p.k; k0 += kTcK) {
-    const int cols = static_cast<int>(min64(kTcK, p.k - k0));
-    __syncthreads(); // the previous slices are no longer read
-    load_tile_16bit(x_slice, ldk, x + k0, p.ldx, rows, cols, kTcRows, kTcK, p.x_vec);
-    load_tile_16bit(a_slice, ldk, A + k0, p.k, static_cast<int>(p.r), cols,
-                    rank_padded, kTcK, p.a_vec);
+  const int64_t k_steps = (p.k + kTcK - 1) / kTcK;
+  for (int s = 0; s < stages - 1; ++s) {
+    if (s < k_steps) {
+      load_k_slice(s);
+    }
+    cp_async_commit(); // empty groups keep the counting uniform
+  }
+  for (int64_t step = 0; step < k_steps; ++step) {
+    wait_for_oldest_slice(stages);
+    // The slice of `step` is visible to all, and every warp is done with the
+    // buffer that the next load overwrites (it held step - 1).
     __syncthreads();
+    if (step + stages - 1 < k_steps) {
+      load_k_slice(step + stages - 1);
+    }
+    cp_async_commit();
+    const T* xs = reinterpret_cast<const T*>(ring + (step % stages) * stage_elems);
+    const T* as = xs + kTcRows * ldk;
 #pragma unroll
     for (int kk = 0; kk < kTcK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(
-          a, reinterpret_cast<const T*>(x_slice) + warp_m * 16 * ldk + kk, ldk);
+      wmma::load_matrix_sync(a, xs + warp_m * 16 * ldk + kk, ldk);
 #pragma unroll
       for (int f = 0; f < kFragsPerWarp; ++f) {
         // Aᵀ as a k × r operand is A's row-major slice read column-major.
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
         const int col = (warp_n * kFragsPerWarp + f) * 16;
-        wmma::load_matrix_sync(
-            b, reinterpret_cast<const T*>(a_slice) + col * ldk + kk, ldk);
+        wmma::load_matrix_sync(b, as + col * ldk + kk, ldk);
         wmma::mma_sync(acc[f], a, b, acc[f]);
       }
     }
+  }
+  cp_async_wait<0>();
+  __syncthreads(); // every warp is done with the ring: it now takes B slices
+
+  // ---- phase 2 prologue: start loading B while t is handed off -------------
+  auto load_b_slice = [&](int64_t step) {
+    uint16_t* bs = ring + (step % stages) * stage_elems;
+    const int64_t n0 = step * kTcCols;
+    load_tile_16bit(bs, ldr, B + n0 * p.r, p.r, static_cast<int>(min64(kTcCols, p.d - n0)),
+                    static_cast<int>(p.r), kTcCols, rank_padded, p.b_vec);
+  };
+  const int64_t n_steps = (p.d + kTcCols - 1) / kTcCols;
+  for (int s = 0; s < stages - 1; ++s) {
+    if (s < n_steps) {
+      load_b_slice(s);
+    }
+    cp_async_commit();
   }
 
   // ---- handoff: fp32 accumulators -> t tile in the input dtype -------------
@@ -167,14 +244,17 @@ tensor_core_fused_kernel(const TensorCoreArgs p) {
   // ---- phase 2: y_tile = t · Bᵀ + bias, kTcCols outputs at a time ----------
   constexpr int kColFrags = kTcCols / 16;
   constexpr int kOutFrags = (kTcRows / 16) * kColFrags;
-  for (int64_t n0 = 0; n0 < p.d; n0 += kTcCols) {
-    const int b_rows = static_cast<int>(min64(kTcCols, p.d - n0));
-    // Orders the t tile writes (first pass) and the previous slice's reads
-    // (later passes) before the B slice overwrites the shared buffer.
+  for (int64_t step = 0; step < n_steps; ++step) {
+    wait_for_oldest_slice(stages);
+    // B slice of `step` and (first step) the whole t tile are visible; the
+    // buffer the next load overwrites is no longer read.
     __syncthreads();
-    load_tile_16bit(b_slice, ldr, B + n0 * p.r, p.r, b_rows, static_cast<int>(p.r),
-                    kTcCols, rank_padded, p.b_vec);
-    __syncthreads();
+    if (step + stages - 1 < n_steps) {
+      load_b_slice(step + stages - 1);
+    }
+    cp_async_commit();
+    const T* bs = reinterpret_cast<const T*>(ring + (step % stages) * stage_elems);
+    const int64_t n0 = step * kTcCols;
     for (int f = warp; f < kOutFrags; f += nwarps) {
       const int fm = f / kColFrags;
       const int fn = f % kColFrags;
@@ -184,8 +264,7 @@ tensor_core_fused_kernel(const TensorCoreArgs p) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
         wmma::load_matrix_sync(a, t_tile + fm * 16 * ldr + j, ldr);
-        wmma::load_matrix_sync(
-            b, reinterpret_cast<const T*>(b_slice) + fn * 16 * ldr + j, ldr);
+        wmma::load_matrix_sync(b, bs + fn * 16 * ldr + j, ldr);
         wmma::mma_sync(out, a, b, out);
       }
       wmma::store_matrix_sync(stage, out, 16, wmma::mem_row_major);
@@ -221,6 +300,7 @@ tensor_core_fused_kernel(const TensorCoreArgs p) {
       __syncwarp(); // staging is rewritten by the next fragment
     }
   }
+  cp_async_wait<0>(); // nothing may be in flight when the block exits
 #endif
 }
 
