@@ -49,7 +49,8 @@ step() {
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 } >"$OUT/environment.txt" 2>&1
 
-step build 1800 pip install --no-build-isolation -v -e .
+# --no-deps: the machine may have no network; torch and friends are already there.
+step build 1800 pip install --no-build-isolation --no-deps -v -e .
 step backend_info 120 python -c "import lowrank_ext, json; print(json.dumps(lowrank_ext.backend_info(), default=str, indent=1))"
 step test_cuda 1800 python -m pytest -q -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
 

@@ -150,10 +150,13 @@ Plan make_plan(const ProblemDesc& p, std::optional<Path> forced) {
   } else if (p.M <= kSmallM && sk_ok) {
     // Row tiles cannot fill the GPU: split the k-reduction instead.
     plan.path = Path::kSplitK;
-  } else if (tc_ok) {
+  } else if (
+      tc_ok &&
+      ceil_div(p.M, kTcRows) >= std::max(1, p.num_sms / kTcMinBlocksDivisor)) {
     plan.path = Path::kTensorCore;
   } else {
-    // float32 (cuBLAS honours allow_tf32), float64, r > 256, pre-Ampere.
+    // float32 (cuBLAS honours allow_tf32), float64, r > 256, pre-Ampere, and
+    // half types with too few row tiles to fill the GPU.
     plan.path = Path::kCublas;
   }
   if (plan.path == Path::kTensorCore) {

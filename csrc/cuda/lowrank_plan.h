@@ -36,6 +36,12 @@ constexpr int kSkThreads = 256;         // threads per block (both kernels)
 constexpr int kSkRankRowsPerBlock = 8;  // rows of A per shrink block (one per warp)
 constexpr int kSkMaxRank = 256;         // r held in shared memory by the expand
 constexpr int kSmallM = 16;             // M up to which split-K is chosen
+// The fused kernel streams a whole row tile's x, A, B and y through one SM,
+// so it needs about one block per SM to reach full memory bandwidth. Below
+// num_sms / kTcMinBlocksDivisor row tiles the two cuBLAS GEMMs, which spread
+// every GEMM over the whole GPU, are expected to be faster. (A bound to tune
+// on hardware; forcing the path bypasses it.)
+constexpr int kTcMinBlocksDivisor = 2;
 constexpr int64_t kMaxGridYZ = 65535;
 
 struct ProblemDesc {
