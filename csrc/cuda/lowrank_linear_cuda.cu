@@ -20,6 +20,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
 #include <vector>
 
 namespace lowrank_ext::cuda {
@@ -29,16 +31,33 @@ bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-// Device attributes the plan depends on. (Queried directly: the ATen device
-// property cache would pull in the cuBLAS/cuSPARSE headers.)
-void query_device(int device, ProblemDesc* desc) {
-  int major = 0, sms = 0, smem = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  desc->sm_major = major;
-  desc->num_sms = sms;
-  desc->max_smem = smem;
+// Device attributes the plan depends on, read once per device. (Queried
+// directly: the ATen device property cache pulls in the cuBLAS/cuSPARSE
+// headers.)
+struct DeviceInfo {
+  int sm_major = 0, num_sms = 0, max_smem = 0;
+};
+
+DeviceInfo query_device(int device) {
+  DeviceInfo info;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &info.sm_major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &info.num_sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &info.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return info;
+}
+
+const DeviceInfo& device_info(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceInfo> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    it = cache.emplace(device, query_device(device)).first;
+  }
+  return it->second; // map nodes never move
 }
 
 // Dynamic shared memory above 48 KB must be opted into per kernel.
@@ -181,7 +200,10 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda_impl(
   desc.M = M, desc.k = k, desc.r = r, desc.d = d;
   desc.half_type = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   desc.acc_bytes = x.scalar_type() == at::kDouble ? 8 : 4;
-  query_device(c10::cuda::current_device(), &desc);
+  const DeviceInfo& info = device_info(c10::cuda::current_device());
+  desc.sm_major = info.sm_major;
+  desc.num_sms = info.num_sms;
+  desc.max_smem = info.max_smem;
   const Plan plan = make_plan(desc, forced);
 
   if (plan.path == Path::kEmpty) {
