@@ -63,6 +63,8 @@ for tool in memcheck racecheck synccheck initcheck; do
 done
 
 step bench_cuda 1800 python -m lowrank_ext bench --device cuda --json "$OUT/bench_cuda.json"
+# Every CUDA path at each shape, to tune the automatic choice.
+step bench_cuda_paths 1800 python benchmarks/cuda_paths_bench.py --json "$OUT/cuda_paths.json"
 step test_all 1800 python -m pytest -q -rs tests --junitxml="$OUT/test_all.xml"
 
 echo "== summary"

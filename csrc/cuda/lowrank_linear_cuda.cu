@@ -265,15 +265,17 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_cuda(
   return lowrank_linear_cuda_impl(x, A, B, bias, true, std::nullopt);
 }
 
-// For tests: one named path regardless of the heuristics ("auto" keeps them).
+// For tests and tuning: one named path regardless of the heuristics ("auto"
+// keeps them); without keep_intermediate the second output is undefined.
 std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda_path(
     const at::Tensor& x,
     const at::Tensor& A,
     const at::Tensor& B,
     const std::optional<at::Tensor>& bias,
-    c10::string_view path) {
+    c10::string_view path,
+    bool keep_intermediate) {
   return lowrank_linear_cuda_impl(
-      x, A, B, bias, true, path_from_name(std::string(path)));
+      x, A, B, bias, keep_intermediate, path_from_name(std::string(path)));
 }
 
 } // namespace

@@ -203,7 +203,7 @@ TORCH_LIBRARY(lowrank_ext_internal, m) {
       &cuda_plan_op);
   m.def(
       "lowrank_linear_cuda_path(Tensor x, Tensor A, Tensor B, Tensor? bias, "
-      "str path) -> (Tensor, Tensor)");
+      "str path, bool keep_intermediate=True) -> (Tensor, Tensor)");
 }
 
 } // namespace lowrank_ext::cuda
