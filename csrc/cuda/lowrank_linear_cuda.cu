@@ -5,7 +5,8 @@
 //     one launch, the intermediate never leaves the chip;
 //   * split-K (M <= 16, every dtype): two launches, deterministic;
 //   * two cuBLAS GEMMs (float32, where cuBLAS applies allow_tf32 itself;
-//     float64; r > 256; GPUs older than sm_80).
+//     float64; r > 256; GPUs older than sm_80; too few row tiles to fill
+//     the GPU with the fused kernel).
 // Everything runs on the current stream of x's device.
 #include "../checks.h"
 #include "lowrank_plan.h"
