@@ -4,10 +4,12 @@
 # whole test suite. Logs and results go under $OUT (default
 # ./gpu_session_out); summary.txt has one line per step with its exit status.
 #
-#   OUT=/somewhere bash benchmarks/gpu_session.sh
+#   OUT=/somewhere bash benchmarks/gpu_session.sh [GROUP...]
 #
-# Every step runs even when an earlier one fails; the script exits non-zero
-# if any step failed.
+# GROUPs (default: all, in this order): build test sanitize bench paths
+# all_tests. Naming groups lets a session split the work across several
+# shorter commands (the build stays in place between them). Every step runs
+# even when an earlier one fails; the script exits non-zero if any failed.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,7 +42,10 @@ step() {
   return 0
 }
 
-: >"$OUT/summary.txt"
+GROUPS_TO_RUN=${*:-build test sanitize bench paths all_tests}
+wanted() { [[ " $GROUPS_TO_RUN " == *" $1 "* ]]; }
+
+touch "$OUT/summary.txt"
 {
   date
   nvidia-smi
@@ -49,23 +54,34 @@ step() {
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 } >"$OUT/environment.txt" 2>&1
 
-# --no-deps: the machine may have no network; torch and friends are already there.
-step build 1800 pip install --no-build-isolation --no-deps -v -e .
+if wanted build; then
+  # --no-deps: the machine may have no network; torch and friends are already there.
+  step build 1800 pip install --no-build-isolation --no-deps -v -e .
+fi
 step backend_info 120 python -c "import lowrank_ext, json; print(json.dumps(lowrank_ext.backend_info(), default=str, indent=1))"
-step test_cuda 1800 python -m pytest -q -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+if wanted test; then
+  step test_cuda 1800 python -m pytest -q -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+fi
 
 # Without the caching allocator every tensor is its own allocation, so an
 # out-of-bounds access cannot land silently in a neighbouring cached block.
-for tool in memcheck racecheck synccheck initcheck; do
-  step "sanitizer_$tool" 1200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool "$tool" --error-exitcode 1 \
-    python benchmarks/cuda_sanitizer_case.py
-done
-
-step bench_cuda 1800 python -m lowrank_ext bench --device cuda --json "$OUT/bench_cuda.json"
-# Every CUDA path at each shape, to tune the automatic choice.
-step bench_cuda_paths 1800 python benchmarks/cuda_paths_bench.py --json "$OUT/cuda_paths.json"
-step test_all 1800 python -m pytest -q -rs tests --junitxml="$OUT/test_all.xml"
+if wanted sanitize; then
+  for tool in memcheck racecheck synccheck initcheck; do
+    step "sanitizer_$tool" 1200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      python benchmarks/cuda_sanitizer_case.py
+  done
+fi
+if wanted bench; then
+  step bench_cuda 1800 python -m lowrank_ext bench --device cuda --json "$OUT/bench_cuda.json"
+fi
+if wanted paths; then
+  # Every CUDA path at each shape, to tune the automatic choice.
+  step bench_cuda_paths 1800 python benchmarks/cuda_paths_bench.py --json "$OUT/cuda_paths.json"
+fi
+if wanted all_tests; then
+  step test_all 1800 python -m pytest -q -rs tests --junitxml="$OUT/test_all.xml"
+fi
 
 echo "== summary"
 cat "$OUT/summary.txt"
