@@ -1,0 +1,293 @@
+// CUDA kernels of lowrank_linear: y = (x·Aᵀ)·Bᵀ + bias.
+//
+// make_plan (lowrank_plan.cpp) picks one of
+//   * the fused tensor-core kernel (float16/bfloat16, r <= 256, sm_80+):
+//     one launch, the intermediate never leaves the chip;
+//   * split-K (M <= 16, every dtype): two launches, deterministic;
+//   * two cuBLAS GEMMs (float32, where cuBLAS applies allow_tf32 itself;
+//     float64; r > 256; GPUs older than sm_80; too few row tiles to fill
+//     the GPU with the fused kernel).
+// Everything runs on the current stream of x's device.
+#include "../checks.h"
+#include "lowrank_plan.h"
+#include "split_k.cuh"
+#include "tensor_core_fused.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <map>
+#include <mutex>
+#include <vector>
+
+namespace lowrank_ext::cuda {
+namespace {
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Device attributes the plan depends on, read once per device. (Queried
+// directly: the ATen device property cache pulls in the cuBLAS/cuSPARSE
+// headers.)
+struct DeviceInfo {
+  int sm_major = 0, num_sms = 0, max_smem = 0;
+};
+
+DeviceInfo query_device(int device) {
+  DeviceInfo info;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &info.sm_major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &info.num_sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(
+      &info.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return info;
+}
+
+const DeviceInfo& device_info(int device) {
+  static std::mutex mutex;
+  static std::map<int, DeviceInfo> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    it = cache.emplace(device, query_device(device)).first;
+  }
+  return it->second; // map nodes never move
+}
+
+// Dynamic shared memory above 48 KB must be opted into per kernel.
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+template <typename T, int kFrags>
+void launch_tensor_core(const TensorCoreTiling& tiling, const TensorCoreArgs& args) {
+  auto kernel = &tensor_core_fused_kernel<T, kFrags>;
+  allow_smem(kernel, tiling.smem_bytes);
+  kernel<<<static_cast<unsigned>(tiling.blocks), tiling.threads, tiling.smem_bytes,
+           c10::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void run_tensor_core_typed(const TensorCoreTiling& tiling, const TensorCoreArgs& args) {
+  switch (tiling.frags_per_warp) {
+    case 1: return launch_tensor_core<T, 1>(tiling, args);
+    case 2: return launch_tensor_core<T, 2>(tiling, args);
+    case 4: return launch_tensor_core<T, 4>(tiling, args);
+    case 8: return launch_tensor_core<T, 8>(tiling, args);
+  }
+  TORCH_CHECK(false, "lowrank_linear: no tensor-core kernel for ",
+              tiling.frags_per_warp, " fragments per warp");
+}
+
+void run_tensor_core(
+    const TensorCoreTiling& tiling, const at::Tensor& x2, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& bias, at::Tensor& y, at::Tensor& t) {
+  TensorCoreArgs args;
+  args.x = x2.const_data_ptr();
+  args.A = A.const_data_ptr();
+  args.B = B.const_data_ptr();
+  args.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  args.y = y.mutable_data_ptr();
+  args.t_out = t.defined() ? t.mutable_data_ptr() : nullptr;
+  args.M = x2.size(0);
+  args.k = x2.size(1);
+  args.r = A.size(0);
+  args.d = B.size(0);
+  args.ldx = x2.stride(0);
+  args.rank_padded = tiling.rank_padded;
+  args.stages = tiling.stages;
+  args.ring_stage_elems = tiling.ring_stage_elems;
+  args.stage_offset = tiling.stage_offset;
+  args.t_offset = tiling.t_offset;
+  args.buf_offset = tiling.buf_offset;
+  // 16-byte accesses need every row start aligned: the base pointer and the
+  // row length (or stride) in multiples of 8 elements.
+  args.x_vec = aligned16(args.x) && args.k % 8 == 0 && args.ldx % 8 == 0;
+  args.a_vec = aligned16(args.A) && args.k % 8 == 0;
+  args.b_vec = aligned16(args.B) && args.r % 8 == 0;
+  args.y_vec = aligned16(args.y) && args.d % 8 == 0;
+  if (x2.scalar_type() == at::kHalf) {
+    run_tensor_core_typed<__half>(tiling, args);
+  } else {
+    run_tensor_core_typed<__nv_bfloat16>(tiling, args);
+  }
+}
+
+void run_split_k(
+    const SplitKTiling& tiling, const at::Tensor& x2, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& bias, at::Tensor& y, at::Tensor& t) {
+  const int64_t M = x2.size(0), k = x2.size(1), r = A.size(0), d = B.size(0);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x2.scalar_type(), "lowrank_linear_split_k", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        at::Tensor partial = at::empty(
+            {tiling.splits, M, r}, x2.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+        const dim3 shrink_grid(
+            static_cast<unsigned>(tiling.splits), static_cast<unsigned>(tiling.rank_groups),
+            static_cast<unsigned>(tiling.row_groups));
+        split_k_shrink_kernel<scalar_t, acc_t>
+            <<<shrink_grid, kSkThreads, tiling.shrink_smem, stream>>>(
+                x2.const_data_ptr<scalar_t>(), x2.stride(0), A.const_data_ptr<scalar_t>(),
+                partial.mutable_data_ptr<acc_t>(), M, k, r,
+                tiling.k_chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const dim3 expand_grid(
+            static_cast<unsigned>(tiling.expand_blocks),
+            static_cast<unsigned>(tiling.row_groups));
+        split_k_expand_kernel<scalar_t, acc_t>
+            <<<expand_grid, kSkThreads, tiling.expand_smem, stream>>>(
+                partial.const_data_ptr<acc_t>(), tiling.splits, B.const_data_ptr<scalar_t>(),
+                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                y.mutable_data_ptr<scalar_t>(),
+                t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr, M, r, d,
+                tiling.expand_cols, tiling.lanes_per_col);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+// Two GEMMs; cuBLAS accumulates half types in fp32 and honours allow_tf32.
+void run_cublas(
+    const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& bias, at::Tensor& y2, at::Tensor& t2) {
+  const at::Tensor t = t2.defined() ? at::mm_out(t2, x2, A.t()) : at::mm(x2, A.t());
+  if (bias.defined()) {
+    at::addmm_out(y2, bias, t, B.t());
+  } else {
+    at::mm_out(y2, t, B.t());
+  }
+}
+
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda_impl(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    bool keep_intermediate,
+    std::optional<Path> forced) {
+  // Errors name the public op, also when reached through the other entry points.
+  const char* op = "lowrank_linear";
+  check_lowrank_linear_inputs(op, x, A, B, bias);
+  TORCH_CHECK(x.is_cuda(), op, ": CUDA kernel got x on ", x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+
+  const int64_t k = x.size(-1);
+  const int64_t r = A.size(0);
+  const int64_t d = B.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  const int64_t M = c10::multiply_integers(out_shape.begin(), out_shape.end());
+  std::vector<int64_t> t_shape = out_shape;
+  out_shape.push_back(d);
+  t_shape.push_back(r);
+
+  at::Tensor y = at::empty(out_shape, x.options());
+  at::Tensor t = keep_intermediate ? at::empty(t_shape, x.options()) : at::Tensor();
+
+  ProblemDesc desc;
+  desc.M = M, desc.k = k, desc.r = r, desc.d = d;
+  desc.half_type = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  desc.acc_bytes = x.scalar_type() == at::kDouble ? 8 : 4;
+  const DeviceInfo& info = device_info(c10::cuda::current_device());
+  desc.sm_major = info.sm_major;
+  desc.num_sms = info.num_sms;
+  desc.max_smem = info.max_smem;
+  const Plan plan = make_plan(desc, forced);
+
+  if (plan.path == Path::kEmpty) {
+    return {y, t};
+  }
+  if (plan.path == Path::kBiasOnly) {
+    if (bias.has_value()) {
+      y.copy_(bias->expand_as(y));
+    } else {
+      y.zero_();
+    }
+    if (keep_intermediate) {
+      t.zero_();
+    }
+    return {y, t};
+  }
+
+  // Rows of x need a unit column stride; any row stride (0 for broadcast rows
+  // included) is read in place. The factors are small: made contiguous.
+  at::Tensor x2 = x.reshape({M, k});
+  if (x2.stride(1) != 1) {
+    x2 = x2.contiguous();
+  }
+  const at::Tensor A2 = A.contiguous();
+  const at::Tensor B2 = B.contiguous();
+  const at::Tensor bias2 = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y2 = y.view({M, d});
+  at::Tensor t2 = keep_intermediate ? t.view({M, r}) : at::Tensor();
+
+  switch (plan.path) {
+    case Path::kTensorCore:
+      run_tensor_core(plan.tc, x2, A2, B2, bias2, y2, t2);
+      break;
+    case Path::kSplitK:
+      run_split_k(plan.sk, x2, A2, B2, bias2, y2, t2);
+      break;
+    default:
+      run_cublas(x2, A2, B2, bias2, y2, t2);
+      break;
+  }
+  return {y, t};
+}
+
+namespace {
+
+at::Tensor lowrank_linear_cuda(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias) {
+  return std::get<0>(lowrank_linear_cuda_impl(x, A, B, bias, false, std::nullopt));
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_cuda(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias) {
+  return lowrank_linear_cuda_impl(x, A, B, bias, true, std::nullopt);
+}
+
+// For tests and tuning: one named path regardless of the heuristics ("auto"
+// keeps them); without keep_intermediate the second output is undefined.
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda_path(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    c10::string_view path,
+    bool keep_intermediate) {
+  return lowrank_linear_cuda_impl(
+      x, A, B, bias, keep_intermediate, path_from_name(std::string(path)));
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
+  m.impl("lowrank_linear", &lowrank_linear_cuda);
+  m.impl("lowrank_linear_with_intermediate", &lowrank_linear_with_intermediate_cuda);
+}
+
+TORCH_LIBRARY_IMPL(lowrank_ext_internal, CUDA, m) {
+  m.impl("lowrank_linear_cuda_path", &lowrank_linear_cuda_path);
+}
+
+} // namespace lowrank_ext::cuda
