@@ -16,7 +16,8 @@ def backend_info():
     """A dict describing the active backend.
 
     Keys: ``compiled`` (the C++ extension is loaded), ``cpu`` / ``cuda`` (compiled
-    kernels for that device are registered and active), ``fallback_reason``
+    kernels for that device are registered and active; ``cuda`` also needs a GPU),
+    ``cuda_built`` (the build contains CUDA kernels), ``fallback_reason``
     (None, or why the pure-torch kernels are in use), ``version``, ``torch``,
     ``cuda_available``, ``built_with_torch``, ``cpu_capability``, ``num_threads``
     and ``kernels`` (op -> devices with a compiled kernel).
@@ -30,7 +31,10 @@ def backend_info():
     return {
         "compiled": compiled,
         "cpu": compiled and "cpu" in kernels["lowrank_linear"],
-        "cuda": compiled and cuda_built and "cuda" in kernels["lowrank_linear"],
+        # Active means usable now: built, registered, and a GPU to run on.
+        "cuda": compiled and cuda_built and "cuda" in kernels["lowrank_linear"]
+        and torch.cuda.is_available(),
+        "cuda_built": cuda_built,
         "fallback_reason": _backend.fallback_reason,
         "version": __version__,
         "torch": torch.__version__,
