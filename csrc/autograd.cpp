@@ -27,6 +27,19 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
+// The saved intermediate t = x·Aᵀ was computed below autograd, so it carries
+// no graph. A backward that is itself differentiated (create_graph=True, grad
+// mode on inside backward) recomputes it with ATen ops so that gradients flow
+// through t to x and A; a plain backward uses the saved one.
+at::Tensor intermediate_for_backward(
+    const at::Tensor& x, const at::Tensor& A, const at::Tensor& t) {
+  return at::GradMode::is_enabled() ? at::matmul(x, A.t()) : t;
+}
+
+bool bias_given(AutogradContext* ctx) {
+  return ctx->saved_data["has_bias"].toBool();
+}
+
 // Gradients of y = t·Bᵀ + bias with t = x·Aᵀ, given gy = dL/dy.
 // Returns {gx, gA, gB, gbias}; undefined where not needed.
 variable_list lowrank_backward(
@@ -35,17 +48,17 @@ variable_list lowrank_backward(
     const at::Tensor& x,
     const at::Tensor& A,
     const at::Tensor& B,
-    const at::Tensor& t,
-    int first_input) {
+    const at::Tensor& t) {
   const int64_t k = A.size(1);
   const int64_t r = A.size(0);
   const int64_t d = B.size(0);
   const at::Tensor gy2 = gy.reshape({-1, d});
   at::Tensor gx, gA, gB, gbias;
-  const bool need_x = ctx->needs_input_grad(first_input);
-  const bool need_A = ctx->needs_input_grad(first_input + 1);
-  const bool need_B = ctx->needs_input_grad(first_input + 2);
-  const bool need_bias = ctx->needs_input_grad(first_input + 3);
+  const bool need_x = ctx->needs_input_grad(0);
+  const bool need_A = ctx->needs_input_grad(1);
+  const bool need_B = ctx->needs_input_grad(2);
+  // needs_input_grad only counts tensor inputs: a missing bias has no slot.
+  const bool need_bias = bias_given(ctx) && ctx->needs_input_grad(3);
   if (need_x || need_A) {
     const at::Tensor gt = gy2.mm(B); // (M, r)
     if (need_x) {
@@ -56,7 +69,7 @@ variable_list lowrank_backward(
     }
   }
   if (need_B) {
-    gB = gy2.t().mm(t.reshape({-1, r}));
+    gB = gy2.t().mm(intermediate_for_backward(x, A, t).reshape({-1, r}));
   }
   if (need_bias) {
     gbias = gy2.sum(0);
@@ -72,17 +85,17 @@ class LowRankLinearFunction
       const at::Tensor& x,
       const at::Tensor& A,
       const at::Tensor& B,
-      const at::Tensor& bias) {
+      const std::optional<at::Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, t] = lowrank_linear_with_intermediate_op(
-        x, A, B, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    auto [y, t] = lowrank_linear_with_intermediate_op(x, A, B, bias);
     ctx->save_for_backward({x, A, B, t});
+    ctx->saved_data["has_bias"] = bias.has_value();
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    return lowrank_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], 0);
+    return lowrank_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3]);
   }
 };
 
@@ -96,7 +109,7 @@ at::Tensor lowrank_linear_autograd(
     at::AutoDispatchBelowADInplaceOrView guard;
     return lowrank_linear_op(x, A, B, bias);
   }
-  return LowRankLinearFunction::apply(x, A, B, bias_t);
+  return LowRankLinearFunction::apply(x, A, B, bias);
 }
 
 // lora_linear: y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ. The low-rank part's
@@ -110,14 +123,13 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
       const at::Tensor& W,
       const at::Tensor& A,
       const at::Tensor& B,
-      const at::Tensor& bias,
+      const std::optional<at::Tensor>& bias,
       double scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, t] = lora_linear_with_intermediate_op(
-        x, W, A, B, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
-        scale);
+    auto [y, t] = lora_linear_with_intermediate_op(x, W, A, B, bias, scale);
     ctx->save_for_backward({x, W, A, B, t});
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["has_bias"] = bias.has_value();
     return y;
   }
 
@@ -149,9 +161,9 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
       gW = gy2.t().mm(x.reshape({-1, k}));
     }
     if (ctx->needs_input_grad(3)) {
-      gB = gy2.t().mm(t.reshape({-1, r})).mul_(scale);
+      gB = gy2.t().mm(intermediate_for_backward(x, A, t).reshape({-1, r})).mul_(scale);
     }
-    if (ctx->needs_input_grad(4)) {
+    if (bias_given(ctx) && ctx->needs_input_grad(4)) {
       gbias = gy2.sum(0);
     }
     return {gx, gW, gA, gB, gbias, at::Tensor()};
@@ -170,7 +182,7 @@ at::Tensor lora_linear_autograd(
     at::AutoDispatchBelowADInplaceOrView guard;
     return lora_linear_op(x, W, A, B, bias, scale);
   }
-  return LoRALinearFunction::apply(x, W, A, B, bias_t, scale);
+  return LoRALinearFunction::apply(x, W, A, B, bias, scale);
 }
 
 } // namespace

@@ -6,6 +6,8 @@ the dispatcher. Nothing here raises: a missing or broken build leaves
 pure-torch kernels.
 """
 
+import importlib
+import importlib.util
 import logging
 import os
 
@@ -21,15 +23,16 @@ fallback_reason = None
 if os.environ.get(FORCE_FALLBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
     fallback_reason = f"{FORCE_FALLBACK_ENV}={os.environ[FORCE_FALLBACK_ENV]} is set"
 else:
-    try:
-        from . import _C  # noqa: F811  (registers the compiled kernels)
-    except ModuleNotFoundError as exc:
+    if importlib.util.find_spec("lowrank_ext._C") is None:
         fallback_reason = (
-            "the compiled extension lowrank_ext._C is not built "
-            f"({exc}); install with `pip install --no-build-isolation -e .` to build it"
-        )
-    except Exception as exc:  # ImportError from a bad build, OSError, ...
-        fallback_reason = f"lowrank_ext._C failed to load: {type(exc).__name__}: {exc}"
+            "the compiled extension lowrank_ext._C is not built; install with "
+            "`pip install --no-build-isolation -e .` to build it")
+    else:
+        try:
+            # Importing it registers the compiled kernels with the dispatcher.
+            _C = importlib.import_module("lowrank_ext._C")
+        except Exception as exc:  # ImportError from a mismatched build, OSError, ...
+            fallback_reason = f"lowrank_ext._C failed to load: {type(exc).__name__}: {exc}"
 
 if fallback_reason is not None:
     log.info("lowrank_ext: using the pure-torch fallback: %s", fallback_reason)

@@ -78,6 +78,12 @@ def _svd_truncate_fake(W, rank, balanced):
 
 
 # --- autograd (Python; the compiled build registers the same in C++) ----------
+def _intermediate_for_backward(x, A, t):
+    """The saved t = x·Aᵀ carries no graph (it was computed below autograd); a
+    backward that is itself differentiated recomputes it so gradients reach x and A."""
+    return torch.matmul(x, A.t()) if torch.is_grad_enabled() else t
+
+
 def _lowrank_grads(needs, gy, x, A, B, t):
     """Gradients of y = t·Bᵀ + bias, t = x·Aᵀ: (gx, gA, gB, gbias)."""
     need_x, need_A, need_B, need_bias = needs
@@ -91,7 +97,7 @@ def _lowrank_grads(needs, gy, x, A, B, t):
         if need_A:
             gA = gt.t().mm(x.reshape(-1, k))
     if need_B:
-        gB = gy2.t().mm(t.reshape(-1, r))
+        gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(-1, r))
     if need_bias:
         gbias = gy2.sum(0)
     return gx, gA, gB, gbias
@@ -136,7 +142,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         if need_W:
             gW = gy2.t().mm(x.reshape(-1, k))
         if need_B:
-            gB = gy2.t().mm(t.reshape(-1, r)) * ctx.scale
+            gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(-1, r)) * ctx.scale
         if need_bias:
             gbias = gy2.sum(0)
         return gx, gW, gA, gB, gbias, None

@@ -1,0 +1,81 @@
+"""Gradients: gradcheck in float64, agreement with autograd through the dense
+reference, and what backward keeps alive."""
+
+import pytest
+import torch
+
+import lowrank_ext as lx
+from conftest import TOLERANCES
+
+
+def _leaf(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3), (0,)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck_lowrank_linear(lead, bias):
+    x, A, B = _leaf(*lead, 7), _leaf(3, 7), _leaf(5, 3)
+    b = _leaf(5) if bias else None
+    assert torch.autograd.gradcheck(lx.lowrank_linear, (x, A, B, b))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck_lora_linear(bias):
+    x, W, A, B = _leaf(4, 6), _leaf(5, 6), _leaf(2, 6), _leaf(5, 2)
+    b = _leaf(5) if bias else None
+    assert torch.autograd.gradcheck(lambda *a: lx.lora_linear(*a, scale=0.7), (x, W, A, B, b))
+
+
+def test_gradgradcheck_lowrank_linear():
+    x, A, B, b = _leaf(3, 5), _leaf(2, 5), _leaf(4, 2), _leaf(4)
+    assert torch.autograd.gradgradcheck(lx.lowrank_linear, (x, A, B, b))
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_gradients_match_dense_reference(dtype):
+    k, r, d = 64, 8, 48
+    x, A, B, b = (torch.randn(5, 3, k), torch.randn(r, k) / 8, torch.randn(d, r) / 3, torch.randn(d))
+    ours = [t.to(dtype).clone().requires_grad_() for t in (x, A, B, b)]
+    ref = [t.double().clone().requires_grad_() for t in (x, A, B, b)]
+    gy = torch.randn(5, 3, d)
+    lx.lowrank_linear(*ours).backward(gy.to(dtype))
+    (ref[0] @ (ref[2] @ ref[1]).T + ref[3]).backward(gy.double())
+    tol = TOLERANCES[dtype]
+    for mine, theirs in zip(ours, ref):
+        scale = max(1.0, float(theirs.grad.abs().max()))
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=tol["rtol"],
+                                   atol=tol["atol"] * scale * 4)
+
+
+def test_only_requested_gradients_are_computed():
+    x = torch.randn(4, 6)
+    A = torch.randn(2, 6, requires_grad=True)
+    B = torch.randn(3, 2)
+    lx.lowrank_linear(x, A, B).sum().backward()
+    assert A.grad is not None and x.grad is None and B.grad is None
+
+
+def test_no_grad_mode_records_no_graph():
+    A = torch.randn(2, 6, requires_grad=True)
+    with torch.no_grad():
+        y = lx.lowrank_linear(torch.randn(4, 6), A, torch.randn(3, 2))
+    assert not y.requires_grad and y.grad_fn is None
+
+
+def test_backward_saves_the_intermediate_not_a_dense_weight():
+    """Saved tensors are x, A, B and the (..., r) intermediate: nothing of shape (d, k)."""
+    M, k, r, d = 16, 40, 3, 50
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    x, A, B, b = _leaf(M, k, dtype=torch.float32), _leaf(r, k, dtype=torch.float32), \
+        _leaf(d, r, dtype=torch.float32), _leaf(d, dtype=torch.float32)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lx.lowrank_linear(x, A, B, b)
+    assert (d, k) not in saved and (k, d) not in saved
+    assert sorted(saved) == sorted([(M, k), (r, k), (d, r), (M, r)])
+    y.sum().backward()

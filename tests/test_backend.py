@@ -1,0 +1,82 @@
+"""Backend selection, the forced fallback, a pure-Python install, and the CLI."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lowrank_ext as lx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env_extra=None, cwd=None, timeout=300):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
+
+
+def test_backend_info_keys_and_types():
+    info = lx.backend_info()
+    for key in ("compiled", "cpu", "cuda"):
+        assert isinstance(info[key], bool)
+    assert info["version"] == lx.__version__
+    assert isinstance(info["torch"], str)
+    assert (info["fallback_reason"] is None) == info["compiled"]
+
+
+def test_forced_fallback_is_reported_and_works():
+    code = ("import torch, lowrank_ext as lx; i = lx.backend_info(); "
+            "assert not i['compiled'] and not i['cpu'], i; print(i['fallback_reason']); "
+            "x, A, B = torch.randn(3, 4), torch.randn(2, 4), torch.randn(5, 2); "
+            "torch.testing.assert_close(lx.lowrank_linear(x, A, B), x @ (B @ A).T)")
+    out = _run(["-c", code], {"LOWRANK_EXT_FORCE_FALLBACK": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "LOWRANK_EXT_FORCE_FALLBACK=1" in out.stdout
+
+
+def test_cli_info_and_demo():
+    info = _run(["-m", "lowrank_ext", "info"])
+    assert info.returncode == 0, info.stderr
+    assert "compiled" in info.stdout and "fallback_reason" in info.stdout
+    demo = _run(["-m", "lowrank_ext", "demo"])
+    assert demo.returncode == 0, demo.stderr
+    for text in ("rank of W: 2", "B (10, 2), A (2, 10)", "W: 100   B and A: 40", "equal"):
+        assert text in demo.stdout
+    backend = "compiled C++ kernels" if lx.backend_info()["cpu"] else "pure-torch fallback"
+    assert backend in demo.stdout
+
+
+def test_cli_reports_a_bad_argument_in_one_line():
+    out = _run(["-m", "lowrank_ext", "demo", "--rank", "0"])
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_pure_python_install_without_the_build(tmp_path):
+    """LOWRANK_EXT_BUILD=0 installs a package that runs on the pure-torch kernels."""
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if files.returncode != 0:
+        pytest.skip("not a git checkout")
+    for name in files.stdout.split():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    target = tmp_path / "site"
+    out = _run(["-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
+                "--target", str(target), str(src)], {"LOWRANK_EXT_BUILD": "0"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not list(target.glob("lowrank_ext/_C*.so"))
+    code = ("import lowrank_ext as lx; i = lx.backend_info(); assert not i['compiled'], i; "
+            "print(i['fallback_reason'])")
+    plain = {"PYTHONPATH": str(target), "LOWRANK_EXT_FORCE_FALLBACK": ""}
+    out = _run(["-c", code], plain, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "not built" in out.stdout
+    demo = _run(["-m", "lowrank_ext", "demo"], plain, cwd=tmp_path)
+    assert demo.returncode == 0 and "pure-torch fallback" in demo.stdout, demo.stderr

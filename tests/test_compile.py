@@ -1,0 +1,81 @@
+"""torch.compile support: opcheck (schema, fake kernels, autograd registration,
+AOT dispatch) and compiled results equal to eager."""
+
+import pytest
+import torch
+
+import lowrank_ext as lx
+
+ops = torch.ops.lowrank_ext
+
+
+def _lowrank_samples():
+    f64 = dict(dtype=torch.float64)
+    yield (torch.randn(3, 5, **f64), torch.randn(2, 5, **f64), torch.randn(4, 2, **f64),
+           torch.randn(4, **f64))
+    yield (torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 5, requires_grad=True),
+           torch.randn(4, 2, requires_grad=True), None)
+    yield (torch.randn(5, dtype=torch.bfloat16), torch.randn(2, 5, dtype=torch.bfloat16),
+           torch.randn(4, 2, dtype=torch.bfloat16), torch.randn(4, dtype=torch.bfloat16))
+    yield (torch.randn(0, 5), torch.randn(2, 5), torch.randn(4, 2), torch.randn(4))
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_opcheck_lowrank_linear(i):
+    args = list(_lowrank_samples())[i]
+    torch.library.opcheck(ops.lowrank_linear.default, args)
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_opcheck_lowrank_linear_with_intermediate(i):
+    args = [a.detach() if a is not None else None for a in list(_lowrank_samples())[i]]
+    torch.library.opcheck(ops.lowrank_linear_with_intermediate.default, args)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_lora_linear(requires_grad):
+    args = [torch.randn(3, 6), torch.randn(4, 6), torch.randn(2, 6), torch.randn(4, 2),
+            torch.randn(4)]
+    args = [a.requires_grad_(requires_grad) for a in args]
+    torch.library.opcheck(ops.lora_linear.default, (*args, 0.5))
+    torch.library.opcheck(ops.lora_linear_with_intermediate.default,
+                          (*[a.detach() for a in args], 0.5))
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_opcheck_svd_truncate(balanced):
+    torch.library.opcheck(ops.svd_truncate.default, (torch.randn(6, 4, dtype=torch.float64), 2,
+                                                     balanced))
+
+
+def _model_step(x, A, B, b):
+    return torch.relu(lx.lowrank_linear(x, A, B, b)) * 2.0
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_matches_eager(dynamic):
+    torch._dynamo.reset()
+    compiled = torch.compile(_model_step, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for M in (4, 7):
+        x, A, B, b = torch.randn(M, 12), torch.randn(3, 12), torch.randn(8, 3), torch.randn(8)
+        torch.testing.assert_close(compiled(x, A, B, b), _model_step(x, A, B, b))
+
+
+def test_compile_inductor_forward_and_backward():
+    torch._dynamo.reset()
+
+    def loss_fn(x, W, A, B, b):
+        return (lx.lora_linear(x, W, A, B, b, scale=2.0).square().mean()
+                + lx.lowrank_linear(x, A, W[:, :2]).sum())
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    leaves = [torch.randn(5, 6), torch.randn(6, 6), torch.randn(2, 6), torch.randn(6, 2),
+              torch.randn(6)]
+    eager_args = [t.clone().requires_grad_() for t in leaves]
+    comp_args = [t.clone().requires_grad_() for t in leaves]
+    loss_e, loss_c = loss_fn(*eager_args), compiled(*comp_args)
+    torch.testing.assert_close(loss_c, loss_e)
+    loss_e.backward()
+    loss_c.backward()
+    for e, c in zip(eager_args, comp_args):
+        torch.testing.assert_close(c.grad, e.grad)

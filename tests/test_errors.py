@@ -1,0 +1,205 @@
+"""Bad input raises ValueError, TypeError or RuntimeError naming the argument,
+with the same text on both backends (this file runs under each of them, and
+the compiled kernels are also compared with the pure-torch ones directly)."""
+
+import math
+import re
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import lowrank_ext as lx
+from lowrank_ext import _backend, _fallback
+
+ops = torch.ops.lowrank_ext
+
+
+def good():
+    return torch.randn(4, 6), torch.randn(2, 6), torch.randn(3, 2), torch.randn(3)
+
+
+def _with(**changes):
+    x, A, B, b = good()
+    args = dict(x=x, A=A, B=B, bias=b)
+    args.update(changes)
+    return args
+
+
+DT = "; all tensors must share one dtype"
+LOWRANK_CASES = [
+    (_with(x=torch.tensor(1.0)), ValueError,
+     "lowrank_linear: x must have at least 1 dimension (..., k), got a 0-D tensor"),
+    (_with(x=torch.ones(4, 6, dtype=torch.int64)), TypeError,
+     "lowrank_linear: x must be float32, float64, float16 or bfloat16, got int64"),
+    (_with(x=torch.ones(4, 6, dtype=torch.bool)), TypeError,
+     "lowrank_linear: x must be float32, float64, float16 or bfloat16, got bool"),
+    (_with(x=torch.ones(4, 6, dtype=torch.complex64)), TypeError,
+     "lowrank_linear: x must be float32, float64, float16 or bfloat16, got complex64"),
+    (_with(A=torch.randn(2, 6, dtype=torch.float64)), TypeError,
+     "lowrank_linear: A has dtype float64 but x has dtype float32" + DT),
+    (_with(B=torch.ones(3, 2, dtype=torch.int32)), TypeError,
+     "lowrank_linear: B has dtype int32 but x has dtype float32" + DT),
+    (_with(bias=torch.randn(3, dtype=torch.float16)), TypeError,
+     "lowrank_linear: bias has dtype float16 but x has dtype float32" + DT),
+    (_with(A=torch.randn(2, 6, device="meta")), RuntimeError,
+     "lowrank_linear: A is on meta but x is on cpu; all tensors must be on one device"),
+    (_with(A=torch.randn(6)), ValueError, "lowrank_linear: A must be 2-D (r, k), got shape [6]"),
+    (_with(B=torch.randn(1, 3, 2)), ValueError,
+     "lowrank_linear: B must be 2-D (d, r), got shape [1, 3, 2]"),
+    (_with(A=torch.randn(2, 5)), ValueError,
+     "lowrank_linear: A has shape [2, 5] but x has k=6 features in its last dimension "
+     "(x shape [4, 6])"),
+    (_with(B=torch.randn(3, 4)), ValueError,
+     "lowrank_linear: B has shape [3, 4] but A has rank r=2 (A shape [2, 6]); B must be (d, r)"),
+    (_with(bias=torch.randn(4)), ValueError,
+     "lowrank_linear: bias must have shape [d] = [3], got shape [4]"),
+    (_with(bias=torch.randn(1, 3)), ValueError,
+     "lowrank_linear: bias must have shape [d] = [3], got shape [1, 3]"),
+]
+NON_TENSOR_CASES = [
+    (_with(x=[[1.0] * 6] * 4), "lowrank_linear: x must be a Tensor, got list"),
+    (_with(A=None), "lowrank_linear: A must be a Tensor, got NoneType"),
+    (_with(bias="b"), "lowrank_linear: bias must be a Tensor, got str"),
+]
+
+
+def _ids(cases):
+    return [re.sub(r"lowrank_linear: |lora_linear: |svd_truncate: ", "", c[-1])[:40] for c in cases]
+
+
+@pytest.mark.parametrize("args,exc,message", LOWRANK_CASES, ids=_ids(LOWRANK_CASES))
+def test_lowrank_linear_bad_input(args, exc, message):
+    snapshot = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)
+                and v.device.type != "meta"}
+    with pytest.raises(exc, match=re.escape(message) + "$"):
+        lx.lowrank_linear(**args)
+    with pytest.raises(exc, match=re.escape(message) + "$"):
+        ops.lowrank_linear(*args.values())
+    with pytest.raises(exc, match=re.escape(message) + "$"):
+        _fallback.lowrank_linear(*args.values())
+    for k, v in snapshot.items():
+        assert torch.equal(args[k], v), f"{k} was modified"
+
+
+@pytest.mark.parametrize("args,exc,message", LOWRANK_CASES, ids=_ids(LOWRANK_CASES))
+def test_lowrank_linear_bad_input_with_autograd(args, exc, message):
+    args = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                and v.device.type != "meta" else v) for k, v in args.items()}
+    with pytest.raises(exc, match=re.escape(message) + "$"):
+        lx.lowrank_linear(**args)
+
+
+@pytest.mark.parametrize("args,exc,message", LOWRANK_CASES[4:], ids=_ids(LOWRANK_CASES[4:]))
+def test_fake_kernel_raises_the_same_error(args, exc, message):
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in args.values()]
+        with pytest.raises(exc, match=re.escape(message) + "$"):
+            ops.lowrank_linear(*fake)
+
+
+@pytest.mark.parametrize("args,message", NON_TENSOR_CASES, ids=_ids(NON_TENSOR_CASES))
+def test_lowrank_linear_rejects_non_tensors(args, message):
+    with pytest.raises(TypeError, match=re.escape(message) + "$"):
+        lx.lowrank_linear(**args)
+
+
+def lora_args(**changes):
+    args = dict(x=torch.randn(4, 6), W=torch.randn(3, 6), A=torch.randn(2, 6), B=torch.randn(3, 2),
+                bias=torch.randn(3), scale=0.5)
+    args.update(changes)
+    return args
+
+
+LORA_CASES = [
+    (lora_args(W=torch.randn(3, 5)), ValueError,
+     "lora_linear: W has shape [3, 5] but x has k=6 features in its last dimension (x shape [4, 6])"),
+    (lora_args(W=torch.randn(18)), ValueError, "lora_linear: W must be 2-D (d, k), got shape [18]"),
+    (lora_args(B=torch.randn(5, 2)), ValueError,
+     "lora_linear: B has shape [5, 2] but W has d=3 output features (W shape [3, 6])"),
+    (lora_args(W=torch.randn(3, 6, dtype=torch.float64)), TypeError,
+     "lora_linear: W has dtype float64 but x has dtype float32" + DT),
+    (lora_args(scale=math.nan), ValueError, "lora_linear: scale must be finite, got nan"),
+    (lora_args(scale=math.inf), ValueError, "lora_linear: scale must be finite, got inf"),
+    (lora_args(scale="2"), TypeError, "lora_linear: scale must be a real number, got str"),
+    (lora_args(W=None), TypeError, "lora_linear: W must be a Tensor, got NoneType"),
+]
+
+
+@pytest.mark.parametrize("args,exc,message", LORA_CASES, ids=_ids(LORA_CASES))
+def test_lora_linear_bad_input(args, exc, message):
+    with pytest.raises(exc, match=re.escape(message) + "$"):
+        lx.lora_linear(**args)
+    if exc is not TypeError or "dtype" in message:
+        with pytest.raises(exc, match=re.escape(message) + "$"):
+            _fallback.lora_linear(*args.values())
+
+
+W6x4 = torch.randn(6, 4)
+SVD_CASES = [
+    (dict(W=W6x4, rank=0), ValueError, "svd_truncate: rank must be in [1, 4] for W of shape [6, 4], got 0"),
+    (dict(W=W6x4, rank=5), ValueError, "svd_truncate: rank must be in [1, 4] for W of shape [6, 4], got 5"),
+    (dict(W=W6x4, rank=2.5), TypeError, "svd_truncate: rank must be an int, got float"),
+    (dict(W=W6x4, rank=True), TypeError, "svd_truncate: rank must be an int, got bool"),
+    (dict(W=W6x4, rank=2, energy=0.9), ValueError,
+     "svd_truncate: give exactly one of rank, energy or tol, got rank and energy"),
+    (dict(W=W6x4), ValueError, "svd_truncate: give exactly one of rank, energy or tol, got none"),
+    (dict(W=W6x4, energy=0.0), ValueError, "svd_truncate: energy must be in (0, 1], got 0.0"),
+    (dict(W=W6x4, energy=1.5), ValueError, "svd_truncate: energy must be in (0, 1], got 1.5"),
+    (dict(W=W6x4, energy=math.nan), ValueError, "svd_truncate: energy must be in (0, 1], got nan"),
+    (dict(W=W6x4, tol=-0.1), ValueError, "svd_truncate: tol must be >= 0, got -0.1"),
+    (dict(W=W6x4, tol=math.nan), ValueError, "svd_truncate: tol must be >= 0, got nan"),
+    (dict(W=torch.randn(6), rank=1), ValueError, "svd_truncate: W must be 2-D (d, k), got shape [6]"),
+    (dict(W=torch.randn(0, 4), rank=1), ValueError,
+     "svd_truncate: W must not be empty, got shape [0, 4]"),
+    (dict(W=torch.ones(3, 3, dtype=torch.int64), rank=1), TypeError,
+     "svd_truncate: W must be float32, float64, float16 or bfloat16, got int64"),
+    (dict(W=torch.tensor([[1.0, math.nan], [0.0, 1.0]]), rank=1), ValueError,
+     "svd_truncate: W contains NaN or Inf"),
+    (dict(W=torch.tensor([[1.0, math.inf], [0.0, 1.0]]), energy=0.5), ValueError,
+     "svd_truncate: W contains NaN or Inf"),
+    (dict(W=[[1.0]], rank=1), TypeError, "svd_truncate: W must be a Tensor, got list"),
+    (dict(W=W6x4, rank=2, method="qr"), ValueError,
+     "svd_truncate: method must be 'exact' or 'randomized', got 'qr'"),
+    (dict(W=W6x4, energy=0.5, method="randomized"), ValueError,
+     "svd_truncate: method='randomized' needs rank, not energy or tol"),
+    (dict(W=W6x4, rank=7, method="randomized"), ValueError,
+     "svd_truncate: rank must be in [1, 4] for W of shape [6, 4], got 7"),
+]
+
+
+@pytest.mark.parametrize("args,exc,message", SVD_CASES, ids=_ids(SVD_CASES))
+def test_svd_truncate_bad_input(args, exc, message):
+    W = args["W"]
+    before = W.clone() if isinstance(W, torch.Tensor) else None
+    with pytest.raises(exc, match=re.escape(message) + "$"):
+        lx.svd_truncate(**args)
+    if before is not None:
+        assert torch.equal(W, before, ) or torch.isnan(before).any()
+
+
+@pytest.mark.parametrize("args,exc,message",
+                         [c for c in SVD_CASES if set(c[0]) == {"W", "rank"}
+                          and isinstance(c[0]["W"], torch.Tensor) and type(c[0]["rank"]) is int],
+                         ids=str)
+def test_svd_truncate_op_and_fallback_agree_on_errors(args, exc, message):
+    with pytest.raises(exc, match=re.escape(message) + "$"):
+        ops.svd_truncate(args["W"], args["rank"], False)
+    with pytest.raises(exc, match=re.escape(message) + "$"):
+        _fallback.svd_truncate(args["W"], args["rank"], False)
+
+
+def test_choose_rank_bad_input():
+    with pytest.raises(ValueError, match="choose_rank: give exactly one of energy or tol, got none"):
+        lx.choose_rank(torch.ones(3))
+    with pytest.raises(ValueError, match=r"choose_rank: S must be a non-empty 1-D tensor"):
+        lx.choose_rank(torch.ones(2, 2), energy=0.5)
+    with pytest.raises(ValueError, match="choose_rank: S must be finite and non-negative"):
+        lx.choose_rank(torch.tensor([1.0, -1.0]), energy=0.5)
+    with pytest.raises(TypeError, match="choose_rank: S must be a Tensor, got list"):
+        lx.choose_rank([1.0], energy=0.5)
+
+
+def test_backend_in_use_is_reported():
+    info = lx.backend_info()
+    assert info["compiled"] == _backend.compiled

@@ -1,0 +1,141 @@
+"""svd_truncate and choose_rank: optimality, rank choice, forms, reproducibility."""
+
+import math
+
+import pytest
+import torch
+
+import lowrank_ext as lx
+
+
+def _low_rank(d, k, r, dtype=torch.float64, noise=0.0):
+    W = torch.randn(d, r, dtype=dtype) @ torch.randn(r, k, dtype=dtype)
+    return W + noise * torch.randn(d, k, dtype=dtype)
+
+
+def test_seed_example_recovers_rank_two_exactly():
+    W = _low_rank(10, 10, 2, dtype=torch.float32)
+    B, A = lx.svd_truncate(W, rank=2)
+    assert B.shape == (10, 2) and A.shape == (2, 10)
+    assert B.numel() + A.numel() == 40
+    torch.testing.assert_close(B @ A, W, rtol=1e-5, atol=1e-5)
+    x, b = torch.randn(10), torch.randn(10)
+    torch.testing.assert_close(lx.lowrank_linear(x, A, B, b), W @ x + b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12), (30, 30)])
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_eckart_young_error(shape, rank):
+    """‖W − B·A‖_F equals √Σ_{i>r} σ_i², the best any rank-r matrix can do."""
+    W = torch.randn(*shape, dtype=torch.float64)
+    S = torch.linalg.svdvals(W)
+    B, A = lx.svd_truncate(W, rank=rank)
+    err = torch.linalg.matrix_norm(W - B @ A)
+    torch.testing.assert_close(err, S[rank:].square().sum().sqrt(), rtol=1e-10, atol=1e-10)
+
+
+def test_forms_seed_and_balanced():
+    W = torch.randn(9, 7, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    B, A = lx.svd_truncate(W, rank=3)
+    # A has orthonormal rows (V_rᵀ); B carries the singular values.
+    torch.testing.assert_close(A @ A.T, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(torch.linalg.vector_norm(B, dim=0), S[:3])
+    Bb, Ab = lx.svd_truncate(W, rank=3, balanced=True)
+    torch.testing.assert_close(Bb @ Ab, B @ A)
+    torch.testing.assert_close(torch.linalg.vector_norm(Bb, dim=0), S[:3].sqrt())
+    torch.testing.assert_close(torch.linalg.vector_norm(Ab, dim=1), S[:3].sqrt())
+
+
+def test_full_rank_reconstructs_and_zero_matrix_works():
+    W = torch.randn(5, 8, dtype=torch.float64)
+    B, A = lx.svd_truncate(W, rank=5)
+    torch.testing.assert_close(B @ A, W)
+    Z = torch.zeros(4, 6)
+    B, A = lx.svd_truncate(Z, rank=2)
+    assert torch.count_nonzero(B @ A) == 0
+    assert lx.svd_truncate(Z, energy=0.9)[0].shape == (4, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_factorized_in_float32(dtype):
+    W = _low_rank(16, 12, 3, dtype=torch.float32).to(dtype)
+    B, A = lx.svd_truncate(W, rank=3)
+    assert B.dtype == dtype and A.dtype == dtype
+    ref_B, ref_A = lx.svd_truncate(W.float(), rank=3)
+    torch.testing.assert_close(B.float() @ A.float(), ref_B @ ref_A, rtol=2e-2, atol=2e-2)
+
+
+def _energy_rank(S, energy):
+    s2 = [float(s) ** 2 for s in S]
+    total, acc = sum(s2), 0.0
+    for r, v in enumerate(s2, start=1):
+        acc += v
+        if acc >= energy * total * (1 - 1e-12):
+            return r
+    return len(s2)
+
+
+@pytest.mark.parametrize("energy", [0.1, 0.5, 0.9, 0.99, 1.0])
+def test_energy_picks_the_smallest_rank_holding_the_fraction(energy):
+    W = torch.randn(20, 15, dtype=torch.float64) * torch.logspace(0, -2, 15, dtype=torch.float64)
+    S = torch.linalg.svdvals(W)
+    r = lx.choose_rank(S, energy=energy)
+    assert r == _energy_rank(S, energy)
+    kept = S[:r].square().sum() / S.square().sum()
+    assert kept >= energy * (1 - 1e-12)
+    if r > 1:
+        assert S[:r - 1].square().sum() / S.square().sum() < energy
+    B, A = lx.svd_truncate(W, energy=energy)
+    assert B.shape[1] == r
+
+
+@pytest.mark.parametrize("tol", [0.0, 0.01, 0.1, 0.5, 2.0])
+def test_tol_picks_the_smallest_rank_within_the_error(tol):
+    W = torch.randn(18, 14, dtype=torch.float64) * torch.logspace(0, -3, 14, dtype=torch.float64)
+    B, A = lx.svd_truncate(W, tol=tol)
+    r = B.shape[1]
+    norm = torch.linalg.matrix_norm(W)
+    assert torch.linalg.matrix_norm(W - B @ A) <= tol * norm * (1 + 1e-9) or r == min(W.shape)
+    if r > 1:
+        B1, A1 = lx.svd_truncate(W, rank=r - 1)
+        assert torch.linalg.matrix_norm(W - B1 @ A1) > tol * norm
+
+
+def test_energy_one_finds_the_numerical_rank():
+    W = _low_rank(10, 10, 2, dtype=torch.float32)
+    assert lx.svd_truncate(W, energy=1.0)[0].shape[1] == 2
+
+
+def test_randomized_is_reproducible_and_close_to_exact():
+    W = _low_rank(60, 40, 5, noise=1e-3)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    state = torch.get_rng_state()
+    B1, A1 = lx.svd_truncate(W, rank=5, method="randomized", generator=g1)
+    B2, A2 = lx.svd_truncate(W, rank=5, method="randomized", generator=g2)
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was touched"
+    assert torch.equal(B1, B2) and torch.equal(A1, A2)
+    Be, Ae = lx.svd_truncate(W, rank=5)
+    err_rand = torch.linalg.matrix_norm(W - B1 @ A1)
+    err_exact = torch.linalg.matrix_norm(W - Be @ Ae)
+    assert err_rand <= err_exact * 1.05 + 1e-12
+    Bb, Ab = lx.svd_truncate(W, rank=5, method="randomized", balanced=True, niter=4,
+                             generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(Bb @ Ab, Be @ Ae, rtol=1e-4, atol=1e-4)
+
+
+def test_choose_rank_on_a_zero_spectrum_is_one():
+    assert lx.choose_rank(torch.zeros(5), energy=0.5) == 1
+    assert lx.choose_rank(torch.zeros(5), tol=0.0) == 1
+
+
+def test_svd_truncate_on_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    W = torch.randn(30, 20, dtype=torch.float64)
+    B, A = lx.svd_truncate(W.cuda(), rank=4)
+    assert B.is_cuda and A.is_cuda
+    Bc, Ac = lx.svd_truncate(W, rank=4)
+    torch.testing.assert_close((B @ A).cpu(), Bc @ Ac)
+    assert math.isclose(float(torch.linalg.matrix_norm(W - (B @ A).cpu())),
+                        float(torch.linalg.svdvals(W)[4:].square().sum().sqrt()), rel_tol=1e-9)
