@@ -119,13 +119,19 @@ def collect_input_grams(model, layers, calibration):
     re-raised as RuntimeError naming it.
     """
     grams = {name: None for name in layers}
+    # Layers fed the same tensor one after another (attention's q, k, v) share
+    # one product: remember the last input and its XᵀX.
+    last = {"key": None, "gram": None}
 
     def make_hook(name, k):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("input")
-            x = x.detach().reshape(-1, k).to(torch.float64)
-            g = x.T @ x
-            grams[name] = g if grams[name] is None else grams[name].add_(g)
+            # Holding the tensor itself (not its address) keeps the test exact.
+            if last["key"] is None or last["key"][0] is not x or last["key"][1] != x._version:
+                x64 = x.detach().reshape(-1, k).to(torch.float64)
+                last["key"], last["gram"] = (x, x._version), x64.T @ x64
+            g = last["gram"]
+            grams[name] = g.clone() if grams[name] is None else grams[name].add_(g)
         return hook
 
     modes = {m: m.training for m in model.modules()}
@@ -144,6 +150,7 @@ def collect_input_grams(model, layers, calibration):
         raise RuntimeError(
             f"compress_model: the calibration raised {type(exc).__name__}: {exc}") from exc
     finally:
+        last.clear()
         for handle in handles:
             handle.remove()
         for module, mode in modes.items():
@@ -158,20 +165,40 @@ def collect_input_grams(model, layers, calibration):
 
 # --- per-layer spectra -------------------------------------------------------------
 class _Spectrum:
-    """Leading left singular vectors of W (or of W·R) and the energy each one carries."""
+    """Leading left singular vectors of W (or of W·R) and the energy each one carries.
+
+    Computed from a min(d, k)-sized symmetric eigenproblem in float64 rather
+    than an SVD of the d×k matrix: several times faster on the CPU, and the
+    leading vectors, the only ones kept, are accurate.
+    """
 
     def __init__(self, weight, gram):
         W = weight.detach().to(torch.float64)
         self.weight = W
         self.gram = gram
-        if gram is None:
-            U, S, _ = torch.linalg.svd(W, full_matrices=False)
+        d, k = W.shape
+        G = None if gram is None else gram.to(W.device)
+        if d <= k:
+            # Left singular vectors of W·R are the eigenvectors of W·G·Wᵀ (d×d).
+            M = W @ W.T if G is None else W @ G @ W.T
+            lam, U = torch.linalg.eigh((M + M.T) / 2)
+            lam, U = lam.flip(0), U.flip(1)
         else:
-            lam, Q = torch.linalg.eigh(gram.to(W.device))
-            root = Q * lam.clamp_min(0).sqrt()  # R with R·Rᵀ = G
-            U, S, _ = torch.linalg.svd(W @ root, full_matrices=False)
+            # Through the k×k side: C = W·R, CᵀC = V·Σ²·Vᵀ, U = C·V·Σ⁻¹.
+            if G is None:
+                C = W
+            else:
+                lam_g, Q = torch.linalg.eigh(G)
+                C = W @ (Q * lam_g.clamp_min(0).sqrt())  # R·Rᵀ = G
+            lam, V = torch.linalg.eigh(C.T @ C)
+            lam, V = lam.flip(0), V.flip(1)
+            sigma = lam.clamp_min(0).sqrt()
+            # Directions carrying no energy get zero columns: they add nothing to B·A.
+            live = sigma > sigma[0] * 1e-12 if sigma.numel() and sigma[0] > 0 else sigma > 0
+            U = (C @ V) / torch.where(live, sigma, torch.ones_like(sigma))
+            U = U * live
         self.U = U
-        self.energy = S * S  # σ_i², descending
+        self.energy = lam.clamp_min(0)  # σ_i², descending
         self.total = float(self.energy.sum())
 
     def factors(self, rank):
