@@ -126,10 +126,12 @@ def collect_input_grams(model, layers, calibration):
     def make_hook(name, k):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("input")
-            # Holding the tensor itself (not its address) keeps the test exact.
-            if last["key"] is None or last["key"][0] is not x or last["key"][1] != x._version:
+            # Holding the tensor itself (not its address) keeps the test exact;
+            # inference-mode tensors have no version counter, identity must do.
+            version = None if x.is_inference() else x._version
+            if last["key"] is None or last["key"][0] is not x or last["key"][1] != version:
                 x64 = x.detach().reshape(-1, k).to(torch.float64)
-                last["key"], last["gram"] = (x, x._version), x64.T @ x64
+                last["key"], last["gram"] = (x, version), x64.T @ x64
             g = last["gram"]
             grams[name] = g.clone() if grams[name] is None else grams[name].add_(g)
         return hook
