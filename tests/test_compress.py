@@ -300,3 +300,37 @@ def test_float32_model_keeps_dtype_and_trains():
     out = model(torch.randn(3, 16))
     out.sum().backward()
     assert model.encoder["fc1"].A.grad is not None
+
+
+def test_calibration_under_inference_mode_and_shared_inputs():
+    # q, k, v style: three layers fed the same tensor, run under inference_mode
+    # (as sentence-transformers' encode does); each batch must count once per layer.
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (nn.Linear(12, 12, dtype=torch.float64) for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) * self.v(x)
+
+    model = Attention()
+    original = copy.deepcopy(model)
+    xs = [torch.randn(20, 12, dtype=torch.float64) for _ in range(3)]
+
+    def calibration(m):
+        with torch.inference_mode():
+            for x in xs:
+                m(x)
+
+    report = lx.compress_model(model, rank=3, calibration=calibration)
+    X = torch.cat(xs)
+    for row in report.layers:
+        W = original.get_submodule(row.name).weight.detach()
+        layer = model.get_submodule(row.name)
+        M = (layer.B @ layer.A).detach()
+        expected = torch.linalg.matrix_norm(X @ (W - M).T) / torch.linalg.matrix_norm(X @ W.T)
+        assert row.output_error == pytest.approx(float(expected), rel=1e-6)
+        # and it is the optimum for XᵀX over the three batches
+        U, S, _ = torch.linalg.svd(W @ torch.linalg.cholesky(X.T @ X), full_matrices=False)
+        assert row.output_error == pytest.approx(
+            float(S[3:].square().sum().sqrt() / S.square().sum().sqrt()), rel=1e-6)
