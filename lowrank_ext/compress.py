@@ -111,8 +111,11 @@ def _run_calibration(model, calibration):
                 f"{type(batch).__name__}")
 
 
-def collect_input_grams(model, layers, calibration):
+def collect_input_grams(model, layers, calibration, stages=None):
     """{name: XᵀX in float64} over the inputs each layer sees during ``calibration``.
+
+    When ``stages`` is a list, it receives the layer names in the order of
+    their first call, grouped into lists of layers fed the same tensor.
 
     The model runs in eval mode under no_grad; its modes are restored and the
     hooks removed whatever happens. An exception from the calibration is
@@ -129,7 +132,13 @@ def collect_input_grams(model, layers, calibration):
             # Holding the tensor itself (not its address) keeps the test exact;
             # inference-mode tensors have no version counter, identity must do.
             version = None if x.is_inference() else x._version
-            if last["key"] is None or last["key"][0] is not x or last["key"][1] != version:
+            same = last["key"] is not None and last["key"][0] is x and last["key"][1] == version
+            if stages is not None and grams[name] is None:
+                if same and stages:
+                    stages[-1].append(name)
+                else:
+                    stages.append([name])
+            if not same:
                 x64 = x.detach().reshape(-1, k).to(torch.float64)
                 last["key"], last["gram"] = (x, version), x64.T @ x64
             g = last["gram"]
@@ -304,7 +313,8 @@ def allocate_ranks(spectra, shapes, ratio):
 
 # --- the entry point ---------------------------------------------------------------
 def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calibration=None,
-                   include=None, exclude=None, allocation="global", progress=None):
+                   include=None, exclude=None, allocation="global", sequential=False,
+                   progress=None):
     """Replace the model's ``nn.Linear`` layers by ``LowRankLinear``, in place.
 
     Args:
@@ -323,6 +333,10 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
         allocation: with ``ratio``, ``"global"`` (default) shares one budget
             across layers by measured energy per parameter; ``"uniform"`` keeps
             ``ratio`` in every layer.
+        sequential: with calibration, whiten each layer with the inputs it sees
+            once the layers before it are compressed (one more calibration
+            run per group of layers fed the same tensor), so that later layers
+            adapt to the error of earlier ones. Slower; off by default.
         progress: show a tqdm bar over layers; ``None`` shows it on a terminal only.
 
     Exactly one of ratio, rank, energy, tol. Layers where factorizing saves
@@ -342,16 +356,25 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     names = select_names(list(linears), include, exclude)
     layers = {name: linears[name] for name in names}
 
-    grams = collect_input_grams(model, layers, calibration) if calibration is not None else {}
+    if not isinstance(sequential, bool):
+        raise TypeError(f"compress_model: sequential must be a bool, got "
+                        f"{type(sequential).__name__}")
+    if sequential and calibration is None:
+        raise ValueError("compress_model: sequential=True needs calibration")
+    stages = []
+    grams = (collect_input_grams(model, layers, calibration, stages)
+             if calibration is not None else {})
 
-    bar = tqdm(layers.items(), desc="compress", unit="layer", disable=None if progress is None
-               else not progress, leave=False)
+    bar = tqdm(total=len(layers), desc="compress", unit="layer", leave=False,
+               disable=None if progress is None else not progress)
     spectra = {}
-    for name, layer in bar:
-        bar.set_postfix_str(name, refresh=False)
+    for name, layer in layers.items():
         if not bool(torch.isfinite(layer.weight).all()):
             raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")
         spectra[name] = _Spectrum(layer.weight, grams.get(name))
+        if not sequential:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update()
     shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
 
     if ratio is not None and allocation == "global":
@@ -363,29 +386,59 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     else:
         ranks = {n: _rank_from_target(spectra[n], energy, tol) for n in layers}
 
-    records, replacements = [], {}
-    for name, layer in layers.items():
+    def swap(name, new):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+
+    records, replacements = {}, {}
+
+    def factorize(name, spectrum):
+        layer = layers[name]
         d, k = shapes[name]
         r = ranks[name]
         if r >= break_even_rank(d, k):
-            records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
-                                       0.0 if name in grams else None,
-                                       note=f"dense: rank {r} >= d·k/(d+k) = "
-                                            f"{break_even_rank(d, k):.1f} saves nothing"))
-            continue
-        B, A = spectra[name].factors(r)
-        weight_error, output_error = _errors(spectra[name], B, A)
+            records[name] = LayerReport(name, (d, k), None, d * k, d * k, 0.0,
+                                        0.0 if name in grams else None,
+                                        note=f"dense: rank {r} >= d·k/(d+k) = "
+                                             f"{break_even_rank(d, k):.1f} saves nothing")
+            return
+        B, A = spectrum.factors(r)
+        weight_error, output_error = _errors(spectrum, B, A)
         dtype, device = layer.weight.dtype, layer.weight.device
         bias = None if layer.bias is None else layer.bias.detach()
-        replacements[name] = LowRankLinear.from_factors(
-            A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype), bias)
-        records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), weight_error,
-                                   output_error))
+        new = LowRankLinear.from_factors(A.to(device=device, dtype=dtype),
+                                         B.to(device=device, dtype=dtype), bias)
+        new.train(layer.training)
+        replacements[name] = new
+        records[name] = LayerReport(name, (d, k), r, d * k, r * (d + k), weight_error,
+                                    output_error)
+
+    if not sequential:
+        for name in layers:
+            factorize(name, spectra[name])
+    else:
+        # Earlier stages go into the model as they are done, so that the next
+        # calibration run sees their error; any failure puts the originals back.
+        done = False
+        try:
+            for index, stage in enumerate(stages):
+                stage_grams = grams if index == 0 else collect_input_grams(
+                    model, {n: layers[n] for n in stage}, calibration)
+                for name in stage:
+                    bar.set_postfix_str(name, refresh=False)
+                    factorize(name, _Spectrum(layers[name].weight, stage_grams[name]))
+                    if name in replacements:
+                        swap(name, replacements[name])
+                    bar.update()
+            done = True
+        finally:
+            if not done:
+                for name in replacements:
+                    swap(name, layers[name])
+    bar.close()
 
     # Every factor exists: only now touch the model.
     for name, new in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        new.train(layers[name].training)
-        setattr(parent, child, new)
-    return CompressionReport(records, calibrated=calibration is not None)
+        swap(name, new)
+    return CompressionReport([records[n] for n in layers], calibrated=calibration is not None)

@@ -334,3 +334,40 @@ def test_calibration_under_inference_mode_and_shared_inputs():
         U, S, _ = torch.linalg.svd(W @ torch.linalg.cholesky(X.T @ X), full_matrices=False)
         assert row.output_error == pytest.approx(
             float(S[3:].square().sum().sqrt() / S.square().sum().sqrt()), rel=1e-6)
+
+
+def test_sequential_whitens_with_the_compressed_inputs():
+    model = nn.Sequential(nn.Linear(10, 10, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(10, 10, dtype=torch.float64))
+    original = copy.deepcopy(model)
+    x = torch.randn(60, 10, dtype=torch.float64)
+    report = lx.compress_model(model, rank=3, calibration=[x], sequential=True)
+    assert [r.name for r in report.layers] == ["0", "2"]
+    # Independent reference: layer 2 whitened by the inputs the compressed
+    # layer 0 produces, through the SVD of W·L (Cholesky).
+    with torch.no_grad():
+        h = torch.tanh(model[0](x))
+        W = original[2].weight
+        L = torch.linalg.cholesky(h.T @ h)
+        U, S, Vh = torch.linalg.svd(W @ L)
+        best = U[:, :3] @ torch.diag(S[:3]) @ torch.linalg.solve_triangular(
+            L, Vh[:3], upper=False, left=False)
+        torch.testing.assert_close(model[2].B @ model[2].A, best, rtol=1e-6, atol=1e-8)
+
+
+def test_sequential_failure_restores_the_model():
+    model = Net()
+    snapshot = _snapshot(model)
+    calls = []
+
+    def flaky(m):
+        calls.append(1)
+        if len(calls) == 2:  # the first sequential re-run
+            raise Boom("second pass")
+        m(torch.randn(30, 16, dtype=torch.float64))
+
+    with pytest.raises(RuntimeError, match="second pass"):
+        lx.compress_model(model, rank=3, calibration=flaky, sequential=True)
+    _assert_unchanged(model, snapshot)
+    with pytest.raises(ValueError, match="sequential=True needs calibration"):
+        lx.compress_model(model, rank=3, sequential=True)
