@@ -39,6 +39,15 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain
+        # open() would, or the mode of the file it replaces.
+        if os.path.exists(path):
+            mode = os.stat(path).st_mode & 0o777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

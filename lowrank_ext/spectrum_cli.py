@@ -43,7 +43,7 @@ def _plot(path, name, S, energy):
     for target in (0.9, 0.99):
         ax_e.axhline(target, color="gray", linestyle=":", linewidth=0.8)
     ax_e.set(title="energy kept by the leading r values", xlabel="rank r",
-             ylabel="Σ_{i≤r} σ_i² / Σ σ_i²", ylim=(0, 1.02))
+             ylabel="fraction of Σσ² kept", ylim=(0, 1.02))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -151,3 +151,15 @@ def test_rank_that_does_not_fit_the_layer(tmp_path):
               metadata=serialization.ranks_metadata({"0": 40}))
     with pytest.raises(ValueError, match="rank 40 stored for layer '0' does not fit"):
         lx.load_compressed(build(), path)
+
+
+def test_written_file_gets_the_usual_permissions(tmp_path):
+    model = build()
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(model, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    os.chmod(path, 0o640)
+    lx.save_compressed(model, path)  # overwriting keeps the existing mode
+    assert os.stat(path).st_mode & 0o777 == 0o640
