@@ -7,6 +7,10 @@
 The ops are registered with the PyTorch dispatcher as ``torch.ops.lowrank_ext.*``
 (compiled C++/CUDA kernels when ``lowrank_ext._C`` is built, a pure-torch
 fallback otherwise); see :func:`backend_info`.
+
+On top of the ops: ``LowRankLinear`` and ``LoRALinear`` modules,
+``compress_model`` (whole-model compression, optionally activation-aware) and
+``save_compressed`` / ``load_compressed``.
 """
 
 from ._version import __version__
@@ -15,12 +19,23 @@ from . import _library  # noqa: F401  (defines the ops)
 from .info import backend_info
 from .ops import lora_linear, lowrank_linear
 from .svd import choose_rank, svd_truncate
+from .nn import LoRALinear, LowRankLinear
+from .compress import compress_model
+from .report import CompressionReport, LayerReport
+from .serialization import load_compressed, save_compressed
 
 __all__ = [
+    "CompressionReport",
+    "LayerReport",
+    "LoRALinear",
+    "LowRankLinear",
     "__version__",
     "backend_info",
     "choose_rank",
+    "compress_model",
+    "load_compressed",
     "lora_linear",
     "lowrank_linear",
+    "save_compressed",
     "svd_truncate",
 ]

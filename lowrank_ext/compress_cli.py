@@ -1,0 +1,113 @@
+"""``python -m lowrank_ext compress``: factorize the 2-D weights of a safetensors file.
+
+Plain truncated SVD, no model code needed. A weight ``<name>.weight`` of rank
+r is stored as ``<name>.A`` (r, k) and ``<name>.B`` (d, r), the parameter names
+of ``LowRankLinear``, and the ranks go into the metadata, so
+``lowrank_ext.load_compressed`` loads the output into the original model.
+Other tensors, and weights where factorizing saves nothing, are copied as they are.
+"""
+
+import os
+
+HELP = "factorize the 2-D weights of a safetensors file by truncated SVD"
+
+
+def add_arguments(parser):
+    parser.add_argument("input", metavar="IN.safetensors", help="the file to compress")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
+                        help="where to write the factorized weights")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ratio", type=float,
+                        help="fraction of each weight's parameters kept, in (0, 1]")
+    target.add_argument("--rank", type=int, help="the same rank for every weight")
+    target.add_argument("--energy", type=float,
+                        help="per weight, the smallest rank keeping this fraction of Σσ²")
+    parser.add_argument("--include", action="append", metavar="PATTERN",
+                        help="only module names matching this glob (full name or dotted "
+                             "suffix; repeatable). Default: every 2-D floating weight")
+    parser.add_argument("--exclude", action="append", metavar="PATTERN",
+                        help="skip module names matching this glob (repeatable)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def module_name(key):
+    """The module name of a weight key: ``"enc.fc.weight"`` -> ``"enc.fc"``."""
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def run(args):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .compress import select_names
+    from .nn import break_even_rank, rank_for_ratio
+    from .report import CompressionReport, LayerReport
+    from .serialization import atomic_write, ranks_metadata
+    from .svd import choose_rank, svd_truncate
+
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"no such file: {args.input}")
+    if os.path.exists(args.output) and not args.force:
+        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
+    if args.ratio is not None:
+        rank_for_ratio(2, 2, args.ratio)  # validates the ratio
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {args.rank}")
+    if args.energy is not None and not 0.0 < args.energy <= 1.0:
+        raise ValueError(f"--energy must be in (0, 1], got {args.energy}")
+
+    try:
+        with safe_open(args.input, framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error type for a bad file
+        raise ValueError(f"cannot read {args.input} as safetensors: {exc}") from exc
+
+    candidates = {module_name(k): k for k, t in tensors.items()
+                  if t.dim() == 2 and t.is_floating_point() and t.numel() > 0}
+    if not candidates:
+        raise ValueError(f"{args.input} has no 2-D floating-point tensor to factorize")
+    names = select_names(list(candidates), args.include, args.exclude,
+                         owner="compress", what="2-D weight")
+
+    out, records, ranks = dict(tensors), [], {}
+    for name in tqdm(names, desc="compress", unit="weight", disable=None, leave=False):
+        key = candidates[name]
+        W = tensors[key]
+        d, k = W.shape
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError(f"weight {key!r} has NaN or Inf")
+        if args.ratio is not None:
+            r = rank_for_ratio(d, k, args.ratio)
+        elif args.rank is not None:
+            r = args.rank
+        else:
+            r = choose_rank(torch.linalg.svdvals(W.double()), energy=args.energy)
+        if r >= break_even_rank(d, k):
+            records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
+                                       note=f"dense: rank {r} >= d·k/(d+k) = "
+                                            f"{break_even_rank(d, k):.1f} saves nothing"))
+            continue
+        B, A = svd_truncate(W.double(), r)
+        error = float(torch.linalg.matrix_norm(W.double() - B @ A) /
+                      torch.linalg.matrix_norm(W.double()).clamp_min(1e-300))
+        prefix = name if key.endswith(".weight") else key
+        for suffix, factor in (("A", A), ("B", B)):
+            if f"{prefix}.{suffix}" in tensors:
+                raise ValueError(f"cannot store {key!r} as {prefix}.{suffix}: the file already "
+                                 "has a tensor of that name")
+            out[f"{prefix}.{suffix}"] = factor.to(W.dtype).contiguous()
+        del out[key]
+        ranks[name] = r
+        records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), error))
+
+    metadata.update(ranks_metadata(ranks))
+    atomic_write(args.output, lambda tmp: save_file(out, tmp, metadata=metadata))
+    report = CompressionReport(records)
+    print(report.to_json(indent=2) if args.json else report)
+    if not args.json:
+        print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,285 @@
+"""nn modules over the fused ops: ``LowRankLinear`` and ``LoRALinear``.
+
+``LowRankLinear`` stores a linear map as two factors ``W ≈ B·A`` and never forms
+``W``; ``LoRALinear`` adds a trainable low-rank adapter to a frozen
+``nn.Linear`` with peft's conventions (scale α/r, Kaiming-uniform A, zero B,
+optional PiSSA initialisation, merge/unmerge).
+"""
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+
+from .ops import lora_linear, lowrank_linear
+from .svd import svd_truncate
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_positive_int(owner, name, value):
+    if not _is_int(value):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+
+
+def _check_rank(owner, rank, d, k):
+    _check_positive_int(owner, "rank", rank)
+    if rank > min(d, k):
+        raise ValueError(
+            f"{owner}: rank must be in [1, {min(d, k)}] for a layer with out_features={d} and "
+            f"in_features={k}, got {rank}")
+
+
+def break_even_rank(d, k):
+    """The rank at which ``B·A`` costs as many parameters as ``W``: d·k/(d+k)."""
+    return d * k / (d + k)
+
+
+def rank_for_ratio(d, k, ratio):
+    """⌊ratio·d·k/(d+k)⌋, at least 1: the rank keeping ``ratio`` of a d×k weight's parameters."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"ratio must be a real number, got {type(ratio).__name__}")
+    if not 0.0 < ratio <= 1.0:  # NaN fails too
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    return max(1, min(min(d, k), math.floor(ratio * d * k / (d + k))))
+
+
+def _dense_product(B, A, scale=1.0):
+    """scale·B·A in B's dtype, computed in float32 for half types."""
+    if B.dtype in _HALF:
+        return (scale * (B.float() @ A.float())).to(B.dtype)
+    return scale * (B @ A)
+
+
+class LowRankLinear(nn.Module):
+    """``y = (x·Aᵀ)·Bᵀ + bias``: a linear layer stored as rank-``rank`` factors.
+
+    Parameters ``A`` (rank, in_features), ``B`` (out_features, rank) and
+    ``bias`` (out_features,). A fresh layer is initialised so that ``B·A`` has
+    the entry variance of ``nn.Linear``'s weight (1/(3·in_features)), hence
+    outputs of the same scale. Build one from a trained layer with
+    :meth:`from_linear`.
+
+    Example:
+        >>> layer = LowRankLinear.from_linear(nn.Linear(512, 256), ratio=0.5)
+        >>> layer.rank
+        85
+    """
+
+    def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
+        super().__init__()
+        _check_positive_int("LowRankLinear", "in_features", in_features)
+        _check_positive_int("LowRankLinear", "out_features", out_features)
+        _check_rank("LowRankLinear", rank, out_features, in_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"LowRankLinear: bias must be a bool, got {type(bias).__name__}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @property
+    def rank(self):
+        return self.A.shape[0]
+
+    def reset_parameters(self):
+        # nn.Linear draws W ~ U(±1/√k): Var(W_ij) = 1/(3k). For W = B·A with
+        # independent zero-mean entries Var((B·A)_ij) = r·Var(A)·Var(B), so A
+        # takes nn.Linear's law and B gets Var 1/r, i.e. U(±√(3/r)).
+        bound_a = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.A, -bound_a, bound_a)
+        bound_b = math.sqrt(3.0 / self.rank)
+        nn.init.uniform_(self.B, -bound_b, bound_b)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound_a, bound_a)
+
+    def forward(self, x):
+        return lowrank_linear(x, self.A, self.B, self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+    @classmethod
+    def from_linear(cls, linear, rank=None, *, energy=None, tol=None, ratio=None,
+                    balanced=False, method="exact"):
+        """A ``LowRankLinear`` approximating ``linear`` by truncated SVD of its weight.
+
+        Give exactly one of ``rank``, ``energy``, ``tol`` (as in
+        :func:`svd_truncate`) or ``ratio``, the fraction of the weight's
+        parameters kept: r = ⌊ratio·d·k/(d+k)⌋ (at least 1). The new layer has
+        ``linear``'s device and dtype and a copy of its bias; ``linear`` itself
+        is not changed.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"LowRankLinear.from_linear: linear must be an nn.Linear, got "
+                f"{type(linear).__name__}")
+        given = [n for n, v in (("rank", rank), ("energy", energy), ("tol", tol),
+                                ("ratio", ratio)) if v is not None]
+        if len(given) != 1:
+            seen = " and ".join(given) if given else "none"
+            raise ValueError(
+                "LowRankLinear.from_linear: give exactly one of rank, energy, tol or ratio, "
+                f"got {seen}")
+        weight = linear.weight.detach()
+        d, k = weight.shape
+        if ratio is not None:
+            try:
+                rank = rank_for_ratio(d, k, ratio)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"LowRankLinear.from_linear: {exc}") from None
+        elif rank is not None:
+            _check_rank("LowRankLinear.from_linear", rank, d, k)
+        B, A = svd_truncate(weight, rank, energy=energy, tol=tol, balanced=balanced,
+                            method=method)
+        return cls.from_factors(A, B, None if linear.bias is None else linear.bias.detach())
+
+    @classmethod
+    def from_factors(cls, A, B, bias=None):
+        """A layer holding copies of the given factors ``A`` (r, k), ``B`` (d, r) and ``bias``."""
+        for name, t in (("A", A), ("B", B)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"LowRankLinear.from_factors: {name} must be a 2-D tensor")
+        if B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"LowRankLinear.from_factors: B has shape {list(B.shape)} but A has shape "
+                f"{list(A.shape)}; need A (r, k) and B (d, r)")
+        rank, k = A.shape
+        d = B.shape[0]
+        with torch.device("meta"):  # skip a random init that is overwritten at once
+            layer = cls(k, d, rank, bias=bias is not None, dtype=A.dtype)
+        layer.A = nn.Parameter(A.detach().clone().contiguous())
+        layer.B = nn.Parameter(B.detach().clone().to(A.dtype).contiguous())
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone().to(A.dtype))
+        return layer
+
+    def to_linear(self):
+        """The dense ``nn.Linear`` with weight ``B·A`` and this layer's bias."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=self.A.dtype)
+        with torch.no_grad():
+            linear.weight = nn.Parameter(_dense_product(self.B.detach(), self.A.detach()))
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank adapter (LoRA).
+
+    ``y = base(x) + scale·(dropout(x)·Aᵀ)·Bᵀ`` with ``A`` (rank, in_features),
+    ``B`` (out_features, rank) and ``scale = alpha / rank`` (alpha defaults to
+    rank). Without dropout the whole layer is one fused ``lora_linear`` call.
+
+    ``init="default"`` (peft's): A Kaiming-uniform, B zero, so the layer starts
+    equal to ``base``. ``init="pissa"``: the leading ``rank`` singular triplets
+    of ``base.weight`` go into A and B (split evenly, and divided by ``scale``)
+    and ``base.weight`` keeps the residual, so the output is again unchanged at
+    the start; ``base.weight`` is modified in place, as in peft.
+
+    ``base``'s parameters are frozen (``requires_grad=False``). :meth:`merge`
+    folds ``scale·B·A`` into ``base.weight``; :meth:`unmerge` takes it out.
+    """
+
+    def __init__(self, base, rank, alpha=None, *, init="default", dropout=0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
+        d, k = base.weight.shape
+        _check_rank("LoRALinear", rank, d, k)
+        if alpha is None:
+            alpha = rank
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+            raise TypeError(f"LoRALinear: alpha must be a real number, got {type(alpha).__name__}")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"LoRALinear: alpha must be finite and > 0, got {alpha}")
+        if init not in ("default", "pissa"):
+            raise ValueError(f"LoRALinear: init must be 'default' or 'pissa', got {init!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"LoRALinear: dropout must be a real number, got {type(dropout).__name__}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
+
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.scale = self.alpha / self.rank
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        A = torch.empty(rank, k, **factory)
+        B = torch.zeros(d, rank, **factory)
+        residual = None
+        if init == "default":
+            # peft's default: Kaiming-uniform A (a=√5, as nn.Linear), zero B.
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        else:
+            with torch.no_grad():
+                B_full, A_full = svd_truncate(base.weight.detach(), rank, balanced=True)
+                root = math.sqrt(self.scale)
+                B, A = B_full / root, A_full / root
+                residual = base.weight.detach() - _dense_product(B, A, self.scale)
+        # Everything is computed: only now change what the caller gave.
+        self.base = base
+        self.base.requires_grad_(False)
+        if residual is not None:
+            with torch.no_grad():
+                self.base.weight.copy_(residual)
+        self.A = nn.Parameter(A.contiguous())
+        self.B = nn.Parameter(B.contiguous())
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # The adapter sees dropout(x), the base layer x itself (as in peft).
+            return self.base(x) + self.scale * lowrank_linear(self.dropout(x), self.A, self.B)
+        return lora_linear(x, self.base.weight, self.A, self.B, self.base.bias, self.scale)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the adapter into ``base.weight``; forward is then ``base(x)`` alone."""
+        if self.merged:
+            warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
+            return self
+        self.base.weight += _dense_product(self.B, self.A, self.scale)
+        self.merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Take the adapter back out of ``base.weight`` (undoes :meth:`merge`)."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
+            return self
+        self.base.weight -= _dense_product(self.B, self.A, self.scale)
+        self.merged = False
+        return self
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, "
+                f"merged={self.merged}")

@@ -1,0 +1,171 @@
+"""Save and load compressed models as safetensors, with the ranks as metadata.
+
+The file holds the model's state_dict (``<layer>.A`` and ``<layer>.B`` for each
+``LowRankLinear``) and, under the metadata key ``lowrank_ext``, a JSON object
+``{"format": 1, "ranks": {layer name: rank}}``. Loading needs only the original
+model's code: :func:`load_compressed` swaps the named ``nn.Linear`` layers of
+a freshly built model for ``LowRankLinear`` of the stored ranks, then loads.
+"""
+
+import json
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from .nn import LowRankLinear
+
+METADATA_KEY = "lowrank_ext"
+FORMAT_VERSION = 1
+
+
+def ranks_metadata(ranks):
+    """The safetensors metadata entry recording ``{layer name: rank}``."""
+    return {METADATA_KEY: json.dumps({"format": FORMAT_VERSION, "ranks": ranks},
+                                     sort_keys=True)}
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp_path)``, then rename tmp_path to ``path``.
+
+    The temporary file sits beside ``path`` (same file system, so the rename is
+    atomic) and is removed if ``write`` fails: a failure never leaves a
+    half-written ``path``.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain
+        # open() would, or the mode of the file it replaces.
+        if os.path.exists(path):
+            mode = os.stat(path).st_mode & 0o777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_compressed(model, path):
+    """Write ``model``'s weights and its ``LowRankLinear`` ranks to ``path`` (safetensors).
+
+    Returns ``{layer name: rank}``. Tensors shared between modules are stored
+    once (safetensors' ``save_model``).
+    """
+    from safetensors.torch import save_model
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_compressed: model must be an nn.Module, got {type(model).__name__}")
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    atomic_write(path, lambda tmp: save_model(model, tmp, metadata=ranks_metadata(ranks)))
+    return ranks
+
+
+def read_ranks(path):
+    """``{layer name: rank}`` stored in a file written by :func:`save_compressed`."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_compressed: no such file: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"load_compressed: {path} is not a safetensors file ({exc})") from exc
+    if METADATA_KEY not in metadata:
+        raise ValueError(
+            f"load_compressed: {path} has no {METADATA_KEY!r} metadata; it was not written "
+            "by save_compressed or the compress command")
+    try:
+        info = json.loads(metadata[METADATA_KEY])
+        ranks = info["ranks"]
+        if info.get("format") != FORMAT_VERSION or not isinstance(ranks, dict):
+            raise ValueError
+        return {str(name): int(rank) for name, rank in ranks.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"load_compressed: {path} has malformed {METADATA_KEY!r} metadata") from None
+
+
+def load_compressed(model, path, *, strict=True):
+    """Load a file from :func:`save_compressed` into a freshly built original ``model``.
+
+    Each ``nn.Linear`` named in the file's metadata is replaced (in place) by a
+    ``LowRankLinear`` of the stored rank on the layer's device and dtype, then
+    all weights are loaded. If anything fails the original layers are put
+    back. Returns ``model``.
+    """
+    from safetensors.torch import load_model
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_compressed: model must be an nn.Module, got {type(model).__name__}")
+    ranks = read_ranks(path)
+    modules = dict(model.named_modules())
+    swaps = {}
+    for name, rank in ranks.items():
+        layer = modules.get(name)
+        if isinstance(layer, LowRankLinear) and layer.rank == rank:
+            continue  # already in compressed form
+        if type(layer) is not nn.Linear:
+            found = "nothing" if layer is None else type(layer).__name__
+            raise ValueError(
+                f"load_compressed: the file stores layer {name!r} at rank {rank}, but the model "
+                f"has {found} there; build the original (uncompressed) model first")
+        if not 1 <= rank <= min(layer.in_features, layer.out_features):
+            raise ValueError(
+                f"load_compressed: rank {rank} stored for layer {name!r} does not fit its shape "
+                f"{[layer.out_features, layer.in_features]}")
+        weight = layer.weight
+        swaps[name] = LowRankLinear(layer.in_features, layer.out_features, rank,
+                                    bias=layer.bias is not None, device=weight.device,
+                                    dtype=weight.dtype)
+    originals = {}
+    try:
+        for name, new in swaps.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            originals[name] = (parent, child, getattr(parent, child))
+            new.train(originals[name][2].training)
+            setattr(parent, child, new)
+        # Check names and shapes before any tensor is copied, so that a file
+        # that does not fit leaves the model as it was.
+        _check_fits(model, path, strict)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        load_model(model, os.fspath(path), strict=strict, device=str(device))
+    except BaseException:
+        for parent, child, old in originals.values():
+            setattr(parent, child, old)
+        raise
+    return model
+
+
+def _check_fits(model, path, strict):
+    from safetensors import safe_open
+
+    expected = model.state_dict()
+    with safe_open(os.fspath(path), framework="pt") as f:
+        stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        # save_model stores a shared tensor once and maps the other names to it.
+        aliases = {k: v for k, v in (f.metadata() or {}).items() if v in stored}
+    problems = [f"{key} has shape {list(stored[key])} in the file but "
+                f"{list(expected[key].shape)} in the model"
+                for key in stored if key in expected and tuple(expected[key].shape) != stored[key]]
+    if strict:
+        missing = [k for k in expected if k not in stored and k not in aliases]
+        unexpected = [k for k in stored if k not in expected]
+        if missing:
+            problems.append(f"missing from the file: {', '.join(missing[:5])}")
+        if unexpected:
+            problems.append(f"not in the model: {', '.join(unexpected[:5])}")
+    if problems:
+        raise RuntimeError(f"load_compressed: the file does not fit the model: "
+                           f"{'; '.join(problems)}")

@@ -1,0 +1,99 @@
+"""``python -m lowrank_ext spectrum``: the singular values of a weight in a safetensors file.
+
+Prints the ranks that keep common energy fractions; with ``--plot`` draws the
+singular values and the cumulative energy curve (needs matplotlib:
+``pip install lowrank_ext[plot]``). Without ``--layer`` it lists the 2-D
+weights and their ranks at 90/99 % energy.
+"""
+
+import os
+
+HELP = "show or plot the singular values and energy curve of weights in a safetensors file"
+
+_ENERGIES = (0.5, 0.9, 0.95, 0.99, 0.999)
+
+
+def add_arguments(parser):
+    parser.add_argument("input", metavar="IN.safetensors", help="the file to read")
+    parser.add_argument("--layer", metavar="NAME",
+                        help="tensor name, or module name whose '.weight' to use")
+    parser.add_argument("--plot", metavar="OUT.png", help="write a plot (needs --layer)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing plot")
+
+
+def _load_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib; install it with "
+                           "`pip install lowrank_ext[plot]` (or `pip install matplotlib`)") from None
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot(path, name, S, energy):
+    plt = _load_matplotlib()
+    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
+    ranks = range(1, len(S) + 1)
+    ax_s.semilogy(ranks, S.clamp_min(1e-300).tolist())
+    ax_s.set(title=f"singular values of {name}", xlabel="index i", ylabel="σ_i")
+    ax_e.plot(ranks, energy.tolist())
+    for target in (0.9, 0.99):
+        ax_e.axhline(target, color="gray", linestyle=":", linewidth=0.8)
+    ax_e.set(title="energy kept by the leading r values", xlabel="rank r",
+             ylabel="fraction of Σσ² kept", ylim=(0, 1.02))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args):
+    import torch
+    from safetensors import safe_open
+
+    from .svd import choose_rank
+
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"no such file: {args.input}")
+    if args.plot and not args.layer:
+        raise ValueError("--plot needs --layer NAME")
+    if args.plot and os.path.exists(args.plot) and not args.force:
+        raise FileExistsError(f"{args.plot} exists; pass --force to overwrite it")
+    if args.plot:
+        _load_matplotlib()  # fail before the SVD when it is missing
+    try:
+        f = safe_open(args.input, framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a bad file
+        raise ValueError(f"cannot read {args.input} as safetensors: {exc}") from exc
+    with f:
+        keys = list(f.keys())
+        if not args.layer:
+            print(f"{'tensor':<50} {'shape':>12} {'r@90%':>6} {'r@99%':>6}")
+            for key in keys:
+                t = f.get_tensor(key)
+                if t.dim() == 2 and t.is_floating_point() and t.numel():
+                    S = torch.linalg.svdvals(t.double())
+                    print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} "
+                          f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}")
+            return 0
+        key = args.layer if args.layer in keys else f"{args.layer}.weight"
+        if key not in keys:
+            raise KeyError(f"no tensor {args.layer!r} (nor {args.layer + '.weight'!r}) in "
+                           f"{args.input}")
+        W = f.get_tensor(key)
+    if W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"{key} must be a 2-D floating-point tensor, got shape {list(W.shape)} "
+                         f"and dtype {W.dtype}")
+    S = torch.linalg.svdvals(W.double())
+    energy = torch.cumsum(S * S, 0) / (S * S).sum().clamp_min(1e-300)
+    d, k = W.shape
+    print(f"{key}: shape {d}x{k}, break-even rank d·k/(d+k) = {d * k / (d + k):.1f}")
+    print(f"σ_1 = {float(S[0]):.4g}, σ_min = {float(S[-1]):.4g}")
+    for target in _ENERGIES:
+        print(f"  rank for {target:.1%} energy: {choose_rank(S, energy=target)}")
+    if args.plot:
+        _plot(args.plot, key, S, energy)
+        print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,372 @@
+"""compress_model on tiny random models, against float64 references computed here."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+
+
+class Net(nn.Module):
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.encoder = nn.ModuleDict({
+            "fc1": nn.Linear(16, 32, dtype=dtype),
+            "fc2": nn.Linear(32, 24, dtype=dtype),
+        })
+        self.head = nn.Linear(24, 6, bias=False, dtype=dtype)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x, scale=1.0):
+        h = torch.relu(self.encoder["fc1"](x * scale))
+        h = torch.relu(self.encoder["fc2"](self.drop(h)))
+        return self.head(h)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: type(m) for n, m in model.named_modules()},
+            {n: m.training for n, m in model.named_modules()})
+
+
+def _assert_unchanged(model, snapshot):
+    state, types, modes = snapshot
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert set(model.state_dict()) == set(state)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, equal_nan=True)
+    for module in model.modules():
+        assert not module._forward_pre_hooks
+
+
+def _layer_inputs(model, x):
+    """{name: the inputs each Linear sees}, captured independently of compress_model."""
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(
+        a[0].detach().reshape(-1, a[0].shape[-1])))
+        for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+def test_plain_svd_factors_are_the_truncated_svd():
+    model = Net()
+    original = copy.deepcopy(model)
+    report = lx.compress_model(model, rank=3)
+    for name in ("encoder.fc1", "encoder.fc2", "head"):
+        layer, dense = model.get_submodule(name), original.get_submodule(name)
+        assert isinstance(layer, lx.LowRankLinear) and layer.rank == 3
+        U, S, Vh = torch.linalg.svd(dense.weight.detach())
+        torch.testing.assert_close(layer.B @ layer.A, U[:, :3] @ torch.diag(S[:3]) @ Vh[:3])
+        expected = float(S[3:].square().sum().sqrt() / S.square().sum().sqrt())
+        row = next(r for r in report.layers if r.name == name)
+        assert row.weight_error == pytest.approx(expected, rel=1e-9)
+        assert row.output_error is None
+        assert row.params_after == 3 * sum(dense.weight.shape)
+    assert model.head.bias is None
+    torch.testing.assert_close(model.encoder["fc1"].bias, original.encoder["fc1"].bias)
+
+
+def test_calibrated_truncation_minimises_output_error():
+    model = Net()
+    original = copy.deepcopy(model)
+    x = torch.randn(200, 16, dtype=torch.float64)
+    inputs = _layer_inputs(original, x)
+    report = lx.compress_model(model, rank=4, calibration=[x])
+    for name in ("encoder.fc1", "encoder.fc2", "head"):
+        W = original.get_submodule(name).weight.detach()
+        X = inputs[name]
+        # Independent reference (SVD-LLM): Cholesky factor L of XᵀX, truncated
+        # SVD of W·L, mapped back with L⁻¹.
+        gram = X.T @ X
+        L = torch.linalg.cholesky(gram + 1e-10 * gram.diagonal().mean() * torch.eye(len(gram),
+                                                                                    dtype=W.dtype))
+        U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+        best = U[:, :4] @ torch.diag(S[:4]) @ torch.linalg.solve_triangular(
+            L, Vh[:4], upper=False, left=False)
+        layer = model.get_submodule(name)
+        got = (layer.B @ layer.A).detach()
+        err_got = torch.linalg.matrix_norm(X @ (W - got).T)
+        err_best = torch.linalg.matrix_norm(X @ (W - best).T)
+        assert float(err_got) <= float(err_best) * (1 + 1e-6)
+        torch.testing.assert_close(got @ gram @ got.T, best @ gram @ best.T, rtol=1e-6, atol=1e-6)
+        # The report's output error is the measured one on the calibration inputs.
+        row = next(r for r in report.layers if r.name == name)
+        measured = float(err_got / torch.linalg.matrix_norm(X @ W.T))
+        assert row.output_error == pytest.approx(measured, rel=1e-6)
+        plain_layer = lx.LowRankLinear.from_linear(original.get_submodule(name), rank=4)
+        plain = float(torch.linalg.matrix_norm(X @ (W - plain_layer.B @ plain_layer.A).T.detach()))
+        assert float(err_got) <= plain * (1 + 1e-9)
+
+
+def test_calibration_with_singular_gram_has_no_nan():
+    # 5 samples for 16 features: XᵀX is singular, no Cholesky factor exists.
+    model = Net()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    ref = Net.forward(copy.deepcopy(model).eval(), x)
+    report = lx.compress_model(model, rank=5, include="fc1", calibration=[x])
+    assert all(math.isfinite(r.weight_error) for r in report.layers)
+    model.eval()
+    # Rank 5 covers the span of 5 samples: the layer is exact on them.
+    torch.testing.assert_close(model(x), ref)
+
+
+def test_ratio_uniform_and_global_budgets():
+    model = Net()
+    shapes = {"encoder.fc1": (32, 16), "encoder.fc2": (24, 32), "head": (6, 24)}
+    uniform = lx.compress_model(copy.deepcopy(model), ratio=0.5, allocation="uniform")
+    for row in uniform.layers:
+        d, k = shapes[row.name]
+        assert row.rank == math.floor(0.5 * d * k / (d + k))
+    assert uniform.ratio <= 0.5
+    x = torch.randn(100, 16, dtype=torch.float64)
+    for calibration in (None, [x]):
+        report = lx.compress_model(copy.deepcopy(model), ratio=0.5, calibration=calibration)
+        assert report.params_after <= 0.5 * report.params_before
+        assert report.params_after > 0.4 * report.params_before  # the budget is used
+
+
+def test_global_allocation_favours_the_layer_that_needs_rank():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 40, dtype=torch.float64),
+                          nn.Linear(40, 40, dtype=torch.float64))
+    with torch.no_grad():  # layer 0 has rank 2, layer 1 is full rank
+        model[0].weight.copy_(torch.randn(40, 2, dtype=torch.float64)
+                              @ torch.randn(2, 40, dtype=torch.float64))
+    uniform = lx.compress_model(copy.deepcopy(model), ratio=0.3, allocation="uniform")
+    report = lx.compress_model(model, ratio=0.3)
+    ranks = report.ranks
+    assert ranks["0"] <= 3 < ranks["1"]
+    assert report.params_after <= 0.3 * report.params_before
+    total = lambda r: sum(row.weight_error ** 2 for row in r.layers)  # noqa: E731
+    assert total(report) < total(uniform)
+
+
+def test_layers_that_save_nothing_stay_dense():
+    model = Net()
+    report = lx.compress_model(model, rank=5)
+    # head is 6x24: break-even 4.8, so rank 5 saves nothing.
+    assert type(model.head) is nn.Linear
+    row = next(r for r in report.layers if r.name == "head")
+    assert row.rank is None and row.params_after == row.params_before == 144
+    assert "saves nothing" in row.note and "saves nothing" in str(report)
+    assert isinstance(model.encoder["fc1"], lx.LowRankLinear)
+    # ratio 1.0 on a square layer of even size: the break-even rank itself.
+    square = nn.Sequential(nn.Linear(8, 8))
+    report = lx.compress_model(square, ratio=1.0)
+    assert type(square[0]) is nn.Linear and report.ratio == 1.0
+
+
+def test_energy_and_tol_targets():
+    model = Net()
+    original = copy.deepcopy(model)
+    report = lx.compress_model(model, tol=0.5)
+    for row in report.layers:
+        if row.rank is not None:
+            assert row.weight_error <= 0.5
+            S = torch.linalg.svdvals(original.get_submodule(row.name).weight.detach())
+            assert row.rank == lx.choose_rank(S, tol=0.5)
+    report = lx.compress_model(copy.deepcopy(original), energy=0.6, include="fc2")
+    S = torch.linalg.svdvals(original.encoder["fc2"].weight.detach())
+    assert report.layers[0].rank == lx.choose_rank(S, energy=0.6)
+
+
+def test_include_exclude_patterns():
+    model = Net()
+    report = lx.compress_model(model, rank=2, include="encoder.*", exclude=["fc2"])
+    assert [r.name for r in report.layers] == ["encoder.fc1"]
+    assert type(model.encoder["fc2"]) is nn.Linear and type(model.head) is nn.Linear
+    report = lx.compress_model(Net(), rank=2, include=["fc1", "head"])
+    assert [r.name for r in report.layers] == ["encoder.fc1", "head"]
+
+
+@pytest.mark.parametrize("batches", [
+    lambda x: [x, x[:10]],
+    lambda x: [(x,), (x, 2.0)],
+    lambda x: [{"x": x, "scale": 0.5}],
+    lambda x: (lambda model: model(x)),
+])
+def test_calibration_forms(batches):
+    model = Net()
+    x = torch.randn(30, 16, dtype=torch.float64)
+    report = lx.compress_model(model, rank=3, calibration=batches(x))
+    assert report.calibrated and all(r.output_error is not None for r in report.layers)
+
+
+def test_calibration_runs_in_eval_mode_and_restores_modes():
+    model = Net().train()
+    model.head.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    seen = []
+    lx.compress_model(model, rank=3, calibration=lambda m: seen.append(m.training) or m(
+        torch.randn(8, 16, dtype=torch.float64)))
+    assert seen == [False]
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+class Boom(Exception):
+    pass
+
+
+def _raises(model):
+    model(torch.randn(4, 16, dtype=torch.float64))
+    raise Boom("the data loader broke")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(ratio=0.0), ValueError, "ratio must be in \\(0, 1\\]"),
+    (dict(ratio=1.5), ValueError, "ratio"),
+    (dict(ratio=-1), ValueError, "ratio"),
+    (dict(rank=0), ValueError, "rank must be >= 1"),
+    (dict(rank=2.5), TypeError, "rank must be an int"),
+    (dict(rank=2, ratio=0.5), ValueError, "exactly one"),
+    (dict(), ValueError, "exactly one"),
+    (dict(energy=0.0), ValueError, "energy"),
+    (dict(tol=-0.1), ValueError, "tol"),
+    (dict(rank=2, include="nope"), ValueError, "include pattern 'nope' matches no layer"),
+    (dict(rank=2, exclude=["fc1", "nope*"]), ValueError, "exclude pattern 'nope\\*'"),
+    (dict(rank=2, include="fc1", exclude="fc1"), ValueError, "leave no layer"),
+    (dict(rank=2, allocation="best"), ValueError, "allocation"),
+    (dict(rank=2, calibration=_raises), RuntimeError,
+     "calibration raised Boom: the data loader broke"),
+    (dict(rank=2, calibration=[torch.randn(4, 5, dtype=torch.float64)]), RuntimeError,
+     "calibration raised"),
+    (dict(rank=2, calibration=torch.randn(4, 16)), TypeError, "wrap it in a list"),
+    (dict(rank=2, calibration=["text"]), TypeError, "batch must be a tensor"),
+    (dict(rank=2, calibration=42), TypeError, "calibration must be a callable"),
+    (dict(rank=2, calibration=lambda m: None), ValueError, "never ran layer"),
+])
+def test_bad_input_leaves_the_model_as_it_was(kwargs, error, match):
+    model = Net().train()
+    snapshot = _snapshot(model)
+    with pytest.raises(error, match=match):
+        lx.compress_model(model, **kwargs)
+    _assert_unchanged(model, snapshot)
+
+
+def test_calibration_error_keeps_its_cause():
+    with pytest.raises(RuntimeError) as info:
+        lx.compress_model(Net(), rank=2, calibration=_raises)
+    assert isinstance(info.value.__cause__, Boom)
+
+
+def test_nan_weight_is_refused_before_any_swap():
+    model = Net()
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="'head' has NaN"):
+        lx.compress_model(model, rank=2)
+    _assert_unchanged(model, snapshot)
+
+
+def test_not_a_module_and_no_linear():
+    with pytest.raises(TypeError, match="nn.Module"):
+        lx.compress_model(object(), rank=2)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        lx.compress_model(nn.Sequential(nn.ReLU()), rank=2)
+
+
+def test_report_table_and_dict():
+    model = Net()
+    x = torch.randn(50, 16, dtype=torch.float64)
+    report = lx.compress_model(model, ratio=0.5, calibration=[x])
+    data = json.loads(report.to_json())
+    assert data["totals"]["params_before"] == 32 * 16 + 24 * 32 + 6 * 24
+    assert data["totals"]["params_after"] == sum(l["params_after"] for l in data["layers"])
+    assert data["totals"]["ratio"] == pytest.approx(report.ratio)
+    assert [l["name"] for l in data["layers"]] == ["encoder.fc1", "encoder.fc2", "head"]
+    assert data["layers"][0]["shape"] == [32, 16]
+    text = str(report)
+    for word in ("encoder.fc1", "head", "total", "output err", "weight err"):
+        assert word in text
+    assert report.ranks == {l["name"]: l["rank"] for l in data["layers"] if l["rank"]}
+
+
+def test_float32_model_keeps_dtype_and_trains():
+    model = Net(dtype=torch.float32)
+    lx.compress_model(model, ratio=0.5, calibration=[torch.randn(40, 16)])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    out = model(torch.randn(3, 16))
+    out.sum().backward()
+    assert model.encoder["fc1"].A.grad is not None
+
+
+def test_calibration_under_inference_mode_and_shared_inputs():
+    # q, k, v style: three layers fed the same tensor, run under inference_mode
+    # (as sentence-transformers' encode does); each batch must count once per layer.
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (nn.Linear(12, 12, dtype=torch.float64) for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) * self.v(x)
+
+    model = Attention()
+    original = copy.deepcopy(model)
+    xs = [torch.randn(20, 12, dtype=torch.float64) for _ in range(3)]
+
+    def calibration(m):
+        with torch.inference_mode():
+            for x in xs:
+                m(x)
+
+    report = lx.compress_model(model, rank=3, calibration=calibration)
+    X = torch.cat(xs)
+    for row in report.layers:
+        W = original.get_submodule(row.name).weight.detach()
+        layer = model.get_submodule(row.name)
+        M = (layer.B @ layer.A).detach()
+        expected = torch.linalg.matrix_norm(X @ (W - M).T) / torch.linalg.matrix_norm(X @ W.T)
+        assert row.output_error == pytest.approx(float(expected), rel=1e-6)
+        # and it is the optimum for XᵀX over the three batches
+        U, S, _ = torch.linalg.svd(W @ torch.linalg.cholesky(X.T @ X), full_matrices=False)
+        assert row.output_error == pytest.approx(
+            float(S[3:].square().sum().sqrt() / S.square().sum().sqrt()), rel=1e-6)
+
+
+def test_sequential_whitens_with_the_compressed_inputs():
+    model = nn.Sequential(nn.Linear(10, 10, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(10, 10, dtype=torch.float64))
+    original = copy.deepcopy(model)
+    x = torch.randn(60, 10, dtype=torch.float64)
+    report = lx.compress_model(model, rank=3, calibration=[x], sequential=True)
+    assert [r.name for r in report.layers] == ["0", "2"]
+    # Independent reference: layer 2 whitened by the inputs the compressed
+    # layer 0 produces, through the SVD of W·L (Cholesky).
+    with torch.no_grad():
+        h = torch.tanh(model[0](x))
+        W = original[2].weight
+        L = torch.linalg.cholesky(h.T @ h)
+        U, S, Vh = torch.linalg.svd(W @ L)
+        best = U[:, :3] @ torch.diag(S[:3]) @ torch.linalg.solve_triangular(
+            L, Vh[:3], upper=False, left=False)
+        torch.testing.assert_close(model[2].B @ model[2].A, best, rtol=1e-6, atol=1e-8)
+
+
+def test_sequential_failure_restores_the_model():
+    model = Net()
+    snapshot = _snapshot(model)
+    calls = []
+
+    def flaky(m):
+        calls.append(1)
+        if len(calls) == 2:  # the first sequential re-run
+            raise Boom("second pass")
+        m(torch.randn(30, 16, dtype=torch.float64))
+
+    with pytest.raises(RuntimeError, match="second pass"):
+        lx.compress_model(model, rank=3, calibration=flaky, sequential=True)
+    _assert_unchanged(model, snapshot)
+    with pytest.raises(ValueError, match="sequential=True needs calibration"):
+        lx.compress_model(model, rank=3, sequential=True)

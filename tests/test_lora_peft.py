@@ -1,0 +1,101 @@
+"""LoRALinear against peft's own LoRA layer: same weights, same outputs, merged and unmerged."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+
+peft = pytest.importorskip("peft")
+
+
+def _models(rank, alpha, dropout=0.0, init_lora_weights=False, dtype=torch.float64):
+    """(peft model, its LoRA layer, our LoRALinear) over copies of one nn.Linear."""
+    base = nn.Linear(24, 16, dtype=dtype)
+    ours_base = copy.deepcopy(base)
+    model = nn.Sequential(OrderedDict(fc=base))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["fc"],
+                             lora_dropout=dropout, init_lora_weights=init_lora_weights)
+    peft_model = peft.get_peft_model(model, config)
+    peft_layer = peft_model.base_model.model.fc
+    return peft_model, peft_layer, ours_base
+
+
+def _copy_adapter(peft_layer, ours):
+    with torch.no_grad():
+        ours.A.copy_(peft_layer.lora_A["default"].weight)
+        ours.B.copy_(peft_layer.lora_B["default"].weight)
+
+
+@pytest.mark.parametrize("rank, alpha", [(4, 8), (3, 3), (8, 2)])
+def test_outputs_equal_peft_unmerged_and_merged(rank, alpha):
+    peft_model, peft_layer, ours_base = _models(rank, alpha)
+    ours = lx.LoRALinear(ours_base, rank, alpha)
+    _copy_adapter(peft_layer, ours)
+    assert ours.scale == peft_layer.scaling["default"]
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    expected = peft_model(x)
+    assert not torch.allclose(expected, ours_base(x))  # peft's random B: the adapter matters
+    torch.testing.assert_close(ours(x), expected)
+
+    peft_model.merge_adapter()
+    ours.merge()
+    torch.testing.assert_close(ours.base.weight, peft_layer.base_layer.weight)
+    torch.testing.assert_close(ours(x), peft_model(x))
+
+    peft_model.unmerge_adapter()
+    ours.unmerge()
+    torch.testing.assert_close(ours.base.weight, peft_layer.base_layer.weight)
+    torch.testing.assert_close(ours(x), peft_model(x))
+
+
+def test_float32_outputs_equal_peft():
+    peft_model, peft_layer, ours_base = _models(4, 8, dtype=torch.float32)
+    ours = lx.LoRALinear(ours_base, 4, 8)
+    _copy_adapter(peft_layer, ours)
+    x = torch.randn(7, 24)
+    torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_default_init_follows_peft():
+    # Same law as peft's default: B zero, A Kaiming-uniform(a=√5) over in_features.
+    peft_model, peft_layer, ours_base = _models(4, 8, init_lora_weights=True)
+    ours = lx.LoRALinear(ours_base, 4, 8)
+    assert torch.count_nonzero(peft_layer.lora_B["default"].weight) == 0
+    assert torch.count_nonzero(ours.B) == 0
+    bound = 1 / 24 ** 0.5
+    assert float(ours.A.detach().abs().max()) <= bound
+    assert float(peft_layer.lora_A["default"].weight.detach().abs().max()) <= bound
+
+
+def test_pissa_equals_peft():
+    peft_model, peft_layer, ours_base = _models(4, 8, init_lora_weights="pissa",
+                                                dtype=torch.float32)
+    ours = lx.LoRALinear(ours_base, 4, 8, init="pissa")
+    # Singular vectors have a sign freedom: compare the products and the residual.
+    scale = ours.scale
+    peft_delta = scale * peft_layer.lora_B["default"].weight @ peft_layer.lora_A["default"].weight
+    torch.testing.assert_close(scale * ours.B @ ours.A, peft_delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.base.weight, peft_layer.base_layer.weight,
+                               rtol=1e-4, atol=1e-5)
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_in_training_equals_peft():
+    peft_model, peft_layer, ours_base = _models(4, 8, dropout=0.3)
+    ours = lx.LoRALinear(ours_base, 4, 8, dropout=0.3)
+    _copy_adapter(peft_layer, ours)
+    peft_model.train()
+    ours.train()
+    x = torch.randn(32, 24, dtype=torch.float64)
+    torch.manual_seed(5)
+    expected = peft_model(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours(x), expected)
+    peft_model.eval()
+    ours.eval()
+    torch.testing.assert_close(ours(x), peft_model(x))

@@ -1,0 +1,266 @@
+"""LowRankLinear and LoRALinear: outputs against float64 references, module plumbing, bad input."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+from conftest import TOLERANCES
+
+
+def _linear64(d, k, bias=True):
+    return nn.Linear(k, d, bias=bias, dtype=torch.float64)
+
+
+# --- LowRankLinear -------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_matches_dense_product(bias, dtype):
+    layer = lx.LowRankLinear(24, 10, 4, bias=bias, dtype=dtype)
+    x = torch.randn(3, 5, 24, dtype=dtype)
+    A, B = layer.A.double(), layer.B.double()
+    ref = x.double() @ (B @ A).T + (layer.bias.double() if bias else 0)
+    torch.testing.assert_close(layer(x).double(), ref, **TOLERANCES[dtype])
+
+
+def test_parameters_and_repr():
+    layer = lx.LowRankLinear(24, 10, 4)
+    assert dict((n, tuple(p.shape)) for n, p in layer.named_parameters()) == {
+        "A": (4, 24), "B": (10, 4), "bias": (10,)}
+    assert layer.rank == 4
+    assert "in_features=24, out_features=10, rank=4, bias=True" in repr(layer)
+
+
+def test_init_matches_nn_linear_output_scale():
+    # Var of the entries of B·A should be nn.Linear's 1/(3k); check the output
+    # std of both on the same inputs, averaged over many draws.
+    k, d, r = 256, 128, 16
+    x = torch.randn(512, k)
+    with torch.no_grad():
+        ours = torch.stack([lx.LowRankLinear(k, d, r, bias=False)(x).std() for _ in range(8)]).mean()
+        dense = torch.stack([nn.Linear(k, d, bias=False)(x).std() for _ in range(8)]).mean()
+    assert 0.85 < float(ours / dense) < 1.15
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_from_linear_is_the_truncated_svd(balanced):
+    linear = _linear64(12, 20)
+    layer = lx.LowRankLinear.from_linear(linear, rank=5, balanced=balanced)
+    U, S, Vh = torch.linalg.svd(linear.weight.detach())
+    W5 = U[:, :5] @ torch.diag(S[:5]) @ Vh[:5]
+    torch.testing.assert_close(layer.B.detach() @ layer.A.detach(), W5)
+    torch.testing.assert_close(layer.bias.detach(), linear.bias.detach())
+    assert layer.bias.data_ptr() != linear.bias.data_ptr()  # a copy, not shared
+    assert layer.A.dtype == torch.float64
+
+
+def test_from_linear_ratio_energy_tol():
+    linear = _linear64(30, 50)
+    assert lx.LowRankLinear.from_linear(linear, ratio=0.5).rank == math.floor(0.5 * 1500 / 80)
+    assert lx.LowRankLinear.from_linear(linear, ratio=1e-6).rank == 1
+    S = torch.linalg.svdvals(linear.weight.detach())
+    energy_rank = lx.choose_rank(S, energy=0.9)
+    assert lx.LowRankLinear.from_linear(linear, energy=0.9).rank == energy_rank
+    layer = lx.LowRankLinear.from_linear(linear, tol=0.3)
+    with torch.no_grad():
+        err = (torch.linalg.matrix_norm(linear.weight - layer.B @ layer.A)
+               / torch.linalg.matrix_norm(linear.weight))
+    assert float(err) <= 0.3
+
+
+def test_from_linear_leaves_the_linear_alone():
+    linear = _linear64(8, 8)
+    before = copy.deepcopy(linear.state_dict())
+    lx.LowRankLinear.from_linear(linear, rank=2)
+    for key, value in linear.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_to_linear_round_trip():
+    layer = lx.LowRankLinear(16, 8, 3, dtype=torch.float64)
+    linear = layer.to_linear()
+    assert isinstance(linear, nn.Linear)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    torch.testing.assert_close(linear(x), layer(x))
+    assert lx.LowRankLinear(16, 8, 3, bias=False).to_linear().bias is None
+
+
+def test_state_dict_deepcopy_to_and_gradients():
+    layer = lx.LowRankLinear(16, 8, 3)
+    clone = lx.LowRankLinear(16, 8, 3)
+    clone.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(clone(x), layer(x))
+    copied = copy.deepcopy(layer)
+    torch.testing.assert_close(copied(x), layer(x))
+    as64 = copy.deepcopy(layer).to(torch.float64)
+    assert as64.A.dtype == as64.B.dtype == torch.float64
+    torch.testing.assert_close(as64(x.double()).float(), layer(x))
+    layer(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in layer.parameters())
+
+
+def test_torch_compile():
+    layer = lx.LowRankLinear(16, 8, 3)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_ddp_single_process(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        layer = lx.LowRankLinear(16, 8, 3)
+        ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(layer))
+        x = torch.randn(5, 16)
+        torch.testing.assert_close(ddp(x), layer(x))
+        ddp(x).sum().backward()
+        assert ddp.module.A.grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("args, error", [
+    ((16, 8, 0), ValueError), ((16, 8, 9), ValueError), ((16, 8, 2.0), TypeError),
+    ((0, 8, 1), ValueError), ((16, 8, True), TypeError),
+])
+def test_constructor_bad_input(args, error):
+    with pytest.raises(error, match="LowRankLinear"):
+        lx.LowRankLinear(*args)
+
+
+def test_from_linear_bad_input():
+    linear = _linear64(8, 6)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        lx.LowRankLinear.from_linear(nn.Conv1d(3, 3, 1), rank=1)
+    with pytest.raises(ValueError, match="rank must be in \\[1, 6\\]"):
+        lx.LowRankLinear.from_linear(linear, rank=7)
+    for ratio in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="ratio"):
+            lx.LowRankLinear.from_linear(linear, ratio=ratio)
+    with pytest.raises(ValueError, match="exactly one"):
+        lx.LowRankLinear.from_linear(linear, rank=2, ratio=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        lx.LowRankLinear.from_linear(linear)
+
+
+# --- LoRALinear ----------------------------------------------------------------------
+def _lora_reference(x, W, bias, A, B, scale):
+    x, W, A, B = (t.detach().double() for t in (x, W, A, B))
+    y = x @ W.T + scale * (x @ A.T) @ B.T
+    return y if bias is None else y + bias.detach().double()
+
+
+def test_lora_default_init_equals_base_and_freezes_it():
+    base = nn.Linear(20, 12)
+    reference = copy.deepcopy(base)
+    lora = lx.LoRALinear(base, 4, alpha=8)
+    assert lora.scale == 2.0
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert lora.A.requires_grad and lora.B.requires_grad
+    assert torch.count_nonzero(lora.B) == 0 and torch.count_nonzero(lora.A) > 0
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(lora(x), reference(x))
+    assert [n for n, p in lora.named_parameters() if p.requires_grad] == ["A", "B"]
+
+
+def test_lora_forward_matches_reference_and_trains_only_adapter():
+    lora = lx.LoRALinear(nn.Linear(20, 12), 4, alpha=6)
+    with torch.no_grad():
+        lora.B.normal_()
+    x = torch.randn(2, 3, 20)
+    ref = _lora_reference(x, lora.base.weight, lora.base.bias, lora.A, lora.B, 1.5)
+    torch.testing.assert_close(lora(x).double(), ref, **TOLERANCES[torch.float32])
+    lora(x).sum().backward()
+    assert lora.A.grad is not None and lora.B.grad is not None
+    assert lora.base.weight.grad is None
+
+
+def test_lora_pissa_keeps_output_and_holds_principal_part():
+    base = nn.Linear(20, 12, dtype=torch.float64)
+    W = base.weight.detach().clone()
+    x = torch.randn(5, 20, dtype=torch.float64)
+    before = base(x)
+    lora = lx.LoRALinear(base, 3, alpha=6, init="pissa")
+    torch.testing.assert_close(lora(x), before)
+    U, S, Vh = torch.linalg.svd(W)
+    torch.testing.assert_close(lora.scale * lora.B.detach() @ lora.A.detach(),
+                               U[:, :3] @ torch.diag(S[:3]) @ Vh[:3])
+    # Balanced: the factors share the singular values evenly.
+    torch.testing.assert_close(lora.A.norm(dim=1), lora.B.norm(dim=0))
+
+
+def test_lora_merge_unmerge():
+    lora = lx.LoRALinear(nn.Linear(20, 12, dtype=torch.float64), 4, alpha=2)
+    with torch.no_grad():
+        lora.B.normal_()
+    W0 = lora.base.weight.detach().clone()
+    x = torch.randn(3, 20, dtype=torch.float64)
+    unmerged = lora(x)
+    lora.merge()
+    assert lora.merged
+    torch.testing.assert_close(lora(x), unmerged)
+    torch.testing.assert_close(lora.base.weight.detach(), W0 + 0.5 * lora.B @ lora.A)
+    with pytest.warns(UserWarning, match="already merged"):
+        lora.merge()
+    lora.unmerge()
+    assert not lora.merged
+    torch.testing.assert_close(lora.base.weight.detach(), W0)
+    torch.testing.assert_close(lora(x), unmerged)
+
+
+def test_lora_dropout_reaches_only_the_adapter():
+    lora = lx.LoRALinear(nn.Linear(20, 12), 4, dropout=0.5)
+    with torch.no_grad():
+        lora.B.normal_()
+    x = torch.randn(64, 20)
+    lora.train()
+    torch.manual_seed(1)
+    y = lora(x)
+    torch.manual_seed(1)
+    mask_x = nn.functional.dropout(x, 0.5, training=True)
+    ref = lora.base(x) + lora.scale * (mask_x @ lora.A.T) @ lora.B.T
+    torch.testing.assert_close(y, ref)
+    lora.eval()
+    torch.testing.assert_close(
+        lora(x).double(),
+        _lora_reference(x, lora.base.weight, lora.base.bias, lora.A, lora.B, lora.scale),
+        **TOLERANCES[torch.float32])
+
+
+def test_lora_state_dict_and_compile():
+    lora = lx.LoRALinear(nn.Linear(20, 12), 4)
+    assert set(lora.state_dict()) == {"A", "B", "base.weight", "base.bias"}
+    x = torch.randn(3, 20)
+    compiled = torch.compile(lora, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), lora(x))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(rank=0), ValueError, "rank"),
+    (dict(rank=13), ValueError, "rank must be in \\[1, 12\\]"),
+    (dict(rank=2, alpha=0), ValueError, "alpha"),
+    (dict(rank=2, alpha=float("inf")), ValueError, "alpha"),
+    (dict(rank=2, init="gaussian"), ValueError, "init"),
+    (dict(rank=2, dropout=1.0), ValueError, "dropout"),
+    (dict(rank=2, alpha="8"), TypeError, "alpha"),
+])
+def test_lora_bad_input_leaves_base_alone(kwargs, error, match):
+    base = nn.Linear(20, 12)
+    before = copy.deepcopy(base.state_dict())
+    with pytest.raises(error, match=match):
+        lx.LoRALinear(base, **kwargs)
+    assert base.weight.requires_grad
+    for key, value in base.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_lora_rejects_non_linear():
+    with pytest.raises(TypeError, match="base must be an nn.Linear"):
+        lx.LoRALinear(nn.Conv1d(3, 3, 1), 1)

@@ -1,0 +1,165 @@
+"""save_compressed / load_compressed: round trips, atomic writes, files that do not fit."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import lowrank_ext as lx
+from lowrank_ext import serialization
+
+
+def build():
+    """The 'original model code': a fresh, uncompressed model."""
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(),
+                         nn.Linear(24, 6, bias=False))
+
+
+@pytest.fixture
+def compressed(tmp_path):
+    model = build()
+    x = torch.randn(50, 16)
+    lx.compress_model(model, ratio=0.5, calibration=[x], exclude="4")
+    path = tmp_path / "model.safetensors"
+    ranks = lx.save_compressed(model, path)
+    return model, path, ranks
+
+
+def test_round_trip(compressed):
+    model, path, ranks = compressed
+    assert ranks == {n: m.rank for n, m in model.named_modules()
+                     if isinstance(m, lx.LowRankLinear)}
+    assert set(ranks) == {"0", "2"}
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["lowrank_ext"])
+        assert meta == {"format": 1, "ranks": ranks}
+        assert {"0.A", "0.B", "0.bias", "2.A", "4.weight"} <= set(f.keys())
+    fresh = lx.load_compressed(build(), path)
+    for name, rank in ranks.items():
+        assert isinstance(fresh.get_submodule(name), lx.LowRankLinear)
+        assert fresh.get_submodule(name).rank == rank
+    assert type(fresh[4]) is nn.Linear
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_load_keeps_dtype_and_training_mode(tmp_path):
+    model = build().double()
+    lx.compress_model(model, rank=3)
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(model, path)
+    fresh = build().double().eval()
+    lx.load_compressed(fresh, path)
+    assert fresh[0].A.dtype == torch.float64 and not fresh[0].training
+
+
+def test_shared_weights_are_stored_once(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model[1].weight = model[0].weight  # tied
+    path = tmp_path / "tied.safetensors"
+    lx.save_compressed(model, path)
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    fresh[1].weight = fresh[0].weight
+    lx.load_compressed(fresh, path)
+    assert torch.equal(fresh[0].weight, model[0].weight)
+
+
+def test_overwrite_is_atomic(tmp_path, monkeypatch):
+    model = build()
+    lx.compress_model(model, rank=2, include="0")
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(model, path)
+    before = path.read_bytes()
+
+    def broken_save(module, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_model", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        lx.save_compressed(model, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary file left behind
+
+
+def _assert_same(model, reference):
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_wrong_model_is_refused_and_left_alone(compressed):
+    _, path, _ = compressed
+    other = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 20), nn.ReLU(),
+                          nn.Linear(20, 6, bias=False))
+    reference = copy.deepcopy(other)
+    with pytest.raises(RuntimeError, match="does not fit the model"):
+        lx.load_compressed(other, path)
+    _assert_same(other, reference)
+
+    not_linear = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Identity())
+    with pytest.raises(ValueError, match="layer '2' at rank .* has Identity there"):
+        lx.load_compressed(not_linear, path)
+
+    missing = nn.Sequential(nn.Linear(16, 32))
+    with pytest.raises(ValueError, match="has nothing there"):
+        lx.load_compressed(missing, path)
+
+
+def test_extra_module_in_model_is_refused_when_strict(compressed):
+    _, path, _ = compressed
+    bigger = nn.Sequential(*build(), nn.Linear(6, 2))
+    reference = copy.deepcopy(bigger)
+    with pytest.raises(RuntimeError, match="missing from the file: 5.weight"):
+        lx.load_compressed(bigger, path)
+    _assert_same(bigger, reference)
+    lx.load_compressed(bigger, path, strict=False)
+    assert isinstance(bigger[0], lx.LowRankLinear)
+
+
+def test_files_that_are_not_ours(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"0.weight": torch.zeros(2, 2)}, str(plain))
+    with pytest.raises(ValueError, match="no 'lowrank_ext' metadata"):
+        lx.load_compressed(build(), plain)
+    bad_meta = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad_meta), metadata={"lowrank_ext": "{not json"})
+    with pytest.raises(ValueError, match="malformed"):
+        lx.load_compressed(build(), bad_meta)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 3)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        lx.load_compressed(build(), garbage)
+    with pytest.raises(FileNotFoundError):
+        lx.load_compressed(build(), tmp_path / "absent.safetensors")
+    with pytest.raises(TypeError, match="nn.Module"):
+        lx.save_compressed("model", tmp_path / "x.safetensors")
+
+
+def test_rank_that_does_not_fit_the_layer(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"0.A": torch.zeros(40, 16)}, str(path),
+              metadata=serialization.ranks_metadata({"0": 40}))
+    with pytest.raises(ValueError, match="rank 40 stored for layer '0' does not fit"):
+        lx.load_compressed(build(), path)
+
+
+def test_written_file_gets_the_usual_permissions(tmp_path):
+    model = build()
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(model, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    os.chmod(path, 0o640)
+    lx.save_compressed(model, path)  # overwriting keeps the existing mode
+    assert os.stat(path).st_mode & 0o777 == 0o640
