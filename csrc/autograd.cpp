@@ -46,7 +46,18 @@ variable_list lowrank_backward(
   const bool need_A = ctx->needs_input_grad(first_input + 1);
   const bool need_B = ctx->needs_input_grad(first_input + 2);
   const bool need_bias = ctx->needs_input_grad(first_input + 3);
-  if (need_x || need_A) {
+  if (need_x && gy.device().is_cpu() && !at::GradMode::is_enabled()) {
+    // gx = (gy·B)·A is this op again with the factors' roles swapped
+    // (A' = Bᵀ, B' = Aᵀ): one fused pass whose intermediate is gt = gy·B.
+    // Not used when building a graph for double backward, which needs the
+    // differentiable mm path below.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx2, gt] = lowrank_linear_with_intermediate_op(gy2, B.t(), A.t(), std::nullopt);
+    gx = gx2.reshape(x.sizes());
+    if (need_A) {
+      gA = gt.t().mm(x.reshape({-1, k}));
+    }
+  } else if (need_x || need_A) {
     const at::Tensor gt = gy2.mm(B); // (M, r)
     if (need_x) {
       gx = gt.mm(A).reshape(x.sizes());

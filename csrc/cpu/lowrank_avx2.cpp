@@ -50,6 +50,8 @@ constexpr int64_t kKChunk = 1024;
 // Outputs per expand chunk: 64 rows of B (r ≤ 128: ≤ 32 KB) stay in L1 while
 // every row of the block is expanded against them.
 constexpr int64_t kOChunk = 64;
+// Rows from which the expand packs B into panels (see expand_panels).
+constexpr int64_t kPanelMinRows = 8;
 
 inline __m256 load8(const float* p) {
   return _mm256_loadu_ps(p);
@@ -151,6 +153,8 @@ inline void dot_tile(
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i) {
     _mm_storeu_ps(sums[i], fold4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+  }
+  for (int i = 0; i < MR; ++i) {
     for (int64_t p = K8; p < K; ++p) {
       const float xi = to_float(X[i * ldx + p]);
       for (int j = 0; j < NR; ++j) {
@@ -248,6 +252,136 @@ void expand_typed(
   }
 }
 
+
+// ---------------------------------------------------------------- panel expand
+//
+// With enough rows, the expand runs as a broadcast kernel instead: B is packed
+// 16 outputs at a time into a float32 panel P[j][0..16) = B[o..o+16, j], and a
+// tile of 6 rows × 16 outputs keeps 12 accumulators that need no horizontal
+// sums; each output row is stored as two full vectors. Packing a panel costs
+// 16·r element moves, repaid over every row of the block.
+
+constexpr int kPanelRows = 6;
+constexpr int kPanelCols = 16;
+
+inline void store8(float* p, __m256 v) {
+  _mm256_storeu_ps(p, v);
+}
+template <typename T>
+inline void store8(T* p, __m256 v) {
+  store4(p, _mm256_castps256_ps128(v));
+  store4(p + 4, _mm256_extractf128_ps(v, 1));
+}
+
+// 8×8 transpose in registers.
+inline void transpose8(__m256 v[8]) {
+  __m256 t[8], s[8];
+  for (int q = 0; q < 4; ++q) {
+    t[2 * q] = _mm256_unpacklo_ps(v[2 * q], v[2 * q + 1]);
+    t[2 * q + 1] = _mm256_unpackhi_ps(v[2 * q], v[2 * q + 1]);
+  }
+  for (int q = 0; q < 2; ++q) {
+    s[4 * q + 0] = _mm256_shuffle_ps(t[4 * q + 0], t[4 * q + 2], 0x44);
+    s[4 * q + 1] = _mm256_shuffle_ps(t[4 * q + 0], t[4 * q + 2], 0xEE);
+    s[4 * q + 2] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
+    s[4 * q + 3] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    v[q] = _mm256_permute2f128_ps(s[q], s[q + 4], 0x20);
+    v[q + 4] = _mm256_permute2f128_ps(s[q], s[q + 4], 0x31);
+  }
+}
+
+// P[j][c] = B[o + c, j] for c < nc (zero beyond), j < r.
+template <typename T>
+void pack_panel(const T* B, int64_t r, int64_t o, int64_t nc, float* P) {
+  const int64_t r8 = nc == kPanelCols ? (r & ~int64_t{7}) : 0;
+  for (int64_t j0 = 0; j0 < r8; j0 += 8) {
+    for (int half = 0; half < 2; ++half) {
+      __m256 v[8];
+      for (int c = 0; c < 8; ++c) {
+        v[c] = load8(B + (o + half * 8 + c) * r + j0);
+      }
+      transpose8(v);
+      for (int jj = 0; jj < 8; ++jj) {
+        _mm256_storeu_ps(P + (j0 + jj) * kPanelCols + half * 8, v[jj]);
+      }
+    }
+  }
+  for (int64_t j = r8; j < r; ++j) {
+    for (int64_t c = 0; c < kPanelCols; ++c) {
+      P[j * kPanelCols + c] = c < nc ? to_float(B[(o + c) * r + j]) : 0.0f;
+    }
+  }
+}
+
+template <int MR, typename T>
+void panel_tile(
+    const float* t, int64_t ldt, const float* P, int64_t r, const float* bias16, T* y,
+    int64_t ldy, int64_t nc) {
+  __m256 c0[MR], c1[MR];
+  const __m256 b0 = _mm256_loadu_ps(bias16);
+  const __m256 b1 = _mm256_loadu_ps(bias16 + 8);
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = b0;
+    c1[i] = b1;
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    const __m256 p0 = _mm256_loadu_ps(P + j * kPanelCols);
+    const __m256 p1 = _mm256_loadu_ps(P + j * kPanelCols + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(t + i * ldt + j);
+      c0[i] = _mm256_fmadd_ps(a, p0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(a, p1, c1[i]);
+    }
+  }
+  // Every loop over the accumulators is unrolled so that they stay in registers.
+  if (nc == kPanelCols) {
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      store8(y + i * ldy, c0[i]);
+      store8(y + i * ldy + 8, c1[i]);
+    }
+    return;
+  }
+  float out[MR][kPanelCols];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(out[i], c0[i]);
+    _mm256_storeu_ps(out[i] + 8, c1[i]);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int64_t c = 0; c < nc; ++c) {
+      y[i * ldy + c] = from_float<T>(out[i][c]);
+    }
+  }
+}
+
+template <typename T>
+void expand_panels(
+    const float* t, int64_t ldt, int64_t rows, const T* B, int64_t r, const T* bias,
+    int64_t o0, int64_t o1, T* y, int64_t ldy, float* P) {
+  using Tile = void (*)(const float*, int64_t, const float*, int64_t, const float*, T*,
+                        int64_t, int64_t);
+  static constexpr Tile tiles[kPanelRows] = {panel_tile<1, T>, panel_tile<2, T>,
+                                             panel_tile<3, T>, panel_tile<4, T>,
+                                             panel_tile<5, T>, panel_tile<6, T>};
+  float bias16[kPanelCols];
+  for (int64_t o = o0; o < o1; o += kPanelCols) {
+    const int64_t nc = min64(kPanelCols, o1 - o);
+    pack_panel(B, r, o, nc, P);
+    for (int64_t c = 0; c < kPanelCols; ++c) {
+      bias16[c] = bias != nullptr && c < nc ? to_float(bias[o + c]) : 0.0f;
+    }
+    for (int64_t i = 0; i < rows; i += kPanelRows) {
+      const int64_t mr = min64(kPanelRows, rows - i);
+      tiles[mr - 1](t + i * ldt, ldt, P, r, bias16, y + i * ldy + o, ldy, nc);
+    }
+  }
+}
+
 } // namespace
 
 bool cpu_has_avx2_fma() {
@@ -277,17 +411,32 @@ void shrink(
 
 void expand(
     ElemType type, const float* t, int64_t ldt, int64_t rows, const void* B,
-    int64_t r, const void* bias, int64_t o0, int64_t o1, void* y, int64_t ldy) {
+    int64_t r, const void* bias, int64_t o0, int64_t o1, void* y, int64_t ldy,
+    float* panel) {
+  // Few rows cannot repay packing B: dot tiles read B in place.
+  const bool panels = panel != nullptr && rows >= kPanelMinRows;
   switch (type) {
-    case ElemType::kFloat32:
-      return expand_typed(t, ldt, rows, static_cast<const float*>(B), r,
-                          static_cast<const float*>(bias), o0, o1, static_cast<float*>(y), ldy);
-    case ElemType::kBFloat16:
-      return expand_typed(t, ldt, rows, static_cast<const bf16*>(B), r,
-                          static_cast<const bf16*>(bias), o0, o1, static_cast<bf16*>(y), ldy);
-    case ElemType::kFloat16:
-      return expand_typed(t, ldt, rows, static_cast<const f16*>(B), r,
-                          static_cast<const f16*>(bias), o0, o1, static_cast<f16*>(y), ldy);
+    case ElemType::kFloat32: {
+      auto* Bt = static_cast<const float*>(B);
+      auto* bt = static_cast<const float*>(bias);
+      auto* yt = static_cast<float*>(y);
+      return panels ? expand_panels(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy, panel)
+                    : expand_typed(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy);
+    }
+    case ElemType::kBFloat16: {
+      auto* Bt = static_cast<const bf16*>(B);
+      auto* bt = static_cast<const bf16*>(bias);
+      auto* yt = static_cast<bf16*>(y);
+      return panels ? expand_panels(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy, panel)
+                    : expand_typed(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy);
+    }
+    case ElemType::kFloat16: {
+      auto* Bt = static_cast<const f16*>(B);
+      auto* bt = static_cast<const f16*>(bias);
+      auto* yt = static_cast<f16*>(y);
+      return panels ? expand_panels(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy, panel)
+                    : expand_typed(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy);
+    }
   }
 }
 

@@ -27,10 +27,17 @@ void shrink(
 
 // Expand: y[i, o] = bias[o] + Σ_j t[i, j] · B[o, j] for rows i in [0, rows)
 // and outputs o in [o0, o1). B is (d × r) contiguous, bias may be null, y has
-// rows ldy elements apart.
+// rows ldy elements apart. `panel` is scratch for expand_panel_floats(r)
+// floats (or null: never pack B).
 void expand(
     ElemType type, const float* t, int64_t ldt, int64_t rows, const void* B,
-    int64_t r, const void* bias, int64_t o0, int64_t o1, void* y, int64_t ldy);
+    int64_t r, const void* bias, int64_t o0, int64_t o1, void* y, int64_t ldy,
+    float* panel);
+
+// Scratch floats expand() needs for one packed panel of B.
+inline int64_t expand_panel_floats(int64_t r) {
+  return 16 * r;
+}
 
 } // namespace avx2
 } // namespace lowrank_ext

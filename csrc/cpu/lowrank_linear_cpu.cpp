@@ -162,9 +162,10 @@ constexpr int64_t kMaxRowBlock = 192;
 // Fewer rows than this per thread: threads split the rank and the outputs
 // instead of the rows.
 constexpr int64_t kMinRowsPerThread = 32;
-// Rank / output columns handed to a thread at a time (the micro-kernel's
-// tile width).
-constexpr int64_t kColumnUnit = 4;
+// Rank columns / outputs handed to a thread at a time: the tile widths of
+// the shrink and of the expand's panels.
+constexpr int64_t kRankUnit = 4;
+constexpr int64_t kOutputUnit = 16;
 
 bool initially_portable() {
   const char* env = std::getenv("LOWRANK_EXT_CPU_KERNEL");
@@ -216,6 +217,7 @@ void avx2_kernel(
     const int64_t rows_per_block = (p.M + blocks - 1) / blocks;
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> t(rows_per_block * p.r);
+      std::vector<float> panel(avx2::expand_panel_floats(p.r));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t row0 = b * rows_per_block;
         const int64_t rows = std::min(rows_per_block, p.M - row0);
@@ -226,7 +228,8 @@ void avx2_kernel(
         if (t_out != nullptr) {
           store_intermediate(t.data(), rows, p.r, t_out + row0 * p.r);
         }
-        avx2::expand(type, t.data(), p.r, rows, B, p.r, bias, 0, p.d, y + row0 * p.d, p.d);
+        avx2::expand(type, t.data(), p.r, rows, B, p.r, bias, 0, p.d, y + row0 * p.d, p.d,
+                     panel.data());
       }
     });
     return;
@@ -235,21 +238,22 @@ void avx2_kernel(
   // outputs for the expand, one chunk of rows at a time.
   const int64_t chunk = std::min(p.M, kMaxRowBlock);
   std::vector<float> t(chunk * p.r);
-  const int64_t r_units = (p.r + kColumnUnit - 1) / kColumnUnit;
-  const int64_t d_units = (p.d + kColumnUnit - 1) / kColumnUnit;
+  const int64_t r_units = (p.r + kRankUnit - 1) / kRankUnit;
+  const int64_t d_units = (p.d + kOutputUnit - 1) / kOutputUnit;
   for (int64_t row0 = 0; row0 < p.M; row0 += chunk) {
     const int64_t rows = std::min(chunk, p.M - row0);
     const T* xb = x + row0 * p.ldx;
-    at::parallel_for(0, r_units, grain_for(rows * p.k * kColumnUnit), [&](int64_t u0, int64_t u1) {
-      avx2::shrink(type, xb, p.ldx, A, p.k, rows, u0 * kColumnUnit,
-                   std::min(p.r, u1 * kColumnUnit), t.data(), p.r);
+    at::parallel_for(0, r_units, grain_for(rows * p.k * kRankUnit), [&](int64_t u0, int64_t u1) {
+      avx2::shrink(type, xb, p.ldx, A, p.k, rows, u0 * kRankUnit,
+                   std::min(p.r, u1 * kRankUnit), t.data(), p.r);
     });
     if (t_out != nullptr) {
       store_intermediate(t.data(), rows, p.r, t_out + row0 * p.r);
     }
-    at::parallel_for(0, d_units, grain_for(rows * p.r * kColumnUnit), [&](int64_t u0, int64_t u1) {
-      avx2::expand(type, t.data(), p.r, rows, B, p.r, bias, u0 * kColumnUnit,
-                   std::min(p.d, u1 * kColumnUnit), y + row0 * p.d, p.d);
+    at::parallel_for(0, d_units, grain_for(rows * p.r * kOutputUnit), [&](int64_t u0, int64_t u1) {
+      std::vector<float> panel(avx2::expand_panel_floats(p.r));
+      avx2::expand(type, t.data(), p.r, rows, B, p.r, bias, u0 * kOutputUnit,
+                   std::min(p.d, u1 * kOutputUnit), y + row0 * p.d, p.d, panel.data());
     });
   }
 }
