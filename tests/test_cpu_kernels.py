@@ -152,3 +152,28 @@ def test_half_rounding_matches_torch(kernel, dtype):
     exact = reference(x, A, B, bias).float().to(dtype)
     mismatch = (y != exact).float().mean().item()
     assert mismatch < 0.05, f"{mismatch:.1%} of outputs differ from the rounded reference"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,k,r,d", [(1, 10, 2, 10), (70, 300, 16, 90), (5, 1030, 9, 33)])
+@pytest.mark.parametrize("grad_out", ["dense", "broadcast"])
+def test_backward_matches_float64_reference(kernel, dtype, M, k, r, d, grad_out):
+    # The CPU backward runs gx = (gy·B)·A through the forward kernel itself.
+    x, A, B, bias = make(M, k, r, d, dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (x, A, B, bias)]
+    gy = torch.randn(M, d).to(dtype)
+    if grad_out == "broadcast":  # the stride-0 gradient that .sum() produces
+        gy = torch.ones(1, 1, dtype=dtype).expand(M, d)
+    got = torch.autograd.grad(lowrank_ext.lowrank_linear(*leaves), leaves, gy)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, A, B, bias)]
+    xr, Ar, Br, br = ref_leaves
+    want = torch.autograd.grad(xr @ (Br @ Ar).T + br, ref_leaves, gy.double())
+    for g, w in zip(got, want):
+        assert_matches(g, w, dtype)
+
+
+def test_double_backward_keeps_the_differentiable_path():
+    # With create_graph the backward must stay on differentiable ATen ops.
+    x, A, B, bias = make(4, 6, 3, 5, torch.float64)
+    x.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda x: lowrank_ext.lowrank_linear(x, A, B, bias), (x,))
