@@ -159,6 +159,10 @@ void blocked_blas(
 // walk over A and B per block, few enough that the float32 block
 // intermediate (rows × r) stays in L2.
 constexpr int64_t kMaxRowBlock = 192;
+// Multiply-adds below which the AVX2 path stays on the calling thread
+// (about 50 µs of work): waking the other threads costs microseconds on a
+// quiet machine and up to a scheduler time slice (milliseconds) on a busy one.
+constexpr int64_t kMinParallelMacs = 1 << 20;
 // Fewer rows than this per thread: threads split the rank and the outputs
 // instead of the rows.
 constexpr int64_t kMinRowsPerThread = 32;
@@ -207,7 +211,8 @@ void avx2_kernel(
     const Problem& p, const T* x, const T* A, const T* B, const T* bias, T* y,
     T* t_out) {
   constexpr avx2::ElemType type = avx2_type<T>();
-  const int64_t threads = at::get_num_threads();
+  const int64_t macs = p.M * p.r * (p.k + p.d);
+  const int64_t threads = macs >= kMinParallelMacs ? at::get_num_threads() : 1;
   if (threads == 1 || p.M >= kMinRowsPerThread * threads) {
     // Many rows: each thread takes whole row blocks, shrinking a block into a
     // float32 buffer and expanding it at once. The block count is a multiple
@@ -215,7 +220,7 @@ void avx2_kernel(
     int64_t blocks = (p.M + kMaxRowBlock - 1) / kMaxRowBlock;
     blocks = (blocks + threads - 1) / threads * threads;
     const int64_t rows_per_block = (p.M + blocks - 1) / blocks;
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, blocks, threads == 1 ? blocks : 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> t(rows_per_block * p.r);
       std::vector<float> panel(avx2::expand_panel_floats(p.r));
       for (int64_t b = b0; b < b1; ++b) {
