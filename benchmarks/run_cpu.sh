@@ -14,6 +14,6 @@ if python -c "import matplotlib" 2>/dev/null; then
     plot=(--plot "$out/cpu.png")
 fi
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-python -m lowrank_ext bench --device cpu --rounds 21 \
+python -m lowrank_ext bench --device cpu --rounds 11 \
     --json "$out/cpu.json" --markdown "$out/cpu.md" "${plot[@]}" "$@"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
