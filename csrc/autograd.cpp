@@ -27,6 +27,9 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
+// Rows of gy from which the CPU backward fuses gx = (gy·B)·A.
+constexpr int64_t kFusedBackwardMinRows = 64;
+
 // Gradients of y = t·Bᵀ + bias with t = x·Aᵀ, given gy = dL/dy.
 // Returns {gx, gA, gB, gbias}; undefined where not needed.
 variable_list lowrank_backward(
@@ -46,11 +49,13 @@ variable_list lowrank_backward(
   const bool need_A = ctx->needs_input_grad(first_input + 1);
   const bool need_B = ctx->needs_input_grad(first_input + 2);
   const bool need_bias = ctx->needs_input_grad(first_input + 3);
-  if (need_x && gy.device().is_cpu() && !at::GradMode::is_enabled()) {
+  if (need_x && gy.device().is_cpu() && gy2.size(0) >= kFusedBackwardMinRows &&
+      !at::GradMode::is_enabled()) {
     // gx = (gy·B)·A is this op again with the factors' roles swapped
     // (A' = Bᵀ, B' = Aᵀ): one fused pass whose intermediate is gt = gy·B.
-    // Not used when building a graph for double backward, which needs the
-    // differentiable mm path below.
+    // Below kFusedBackwardMinRows rows the transposed copies of A and B it
+    // needs cost more than it saves. Not used when building a graph for
+    // double backward, which needs the differentiable mm path below.
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [gx2, gt] = lowrank_linear_with_intermediate_op(gy2, B.t(), A.t(), std::nullopt);
     gx = gx2.reshape(x.sizes());
