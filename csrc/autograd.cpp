@@ -46,6 +46,9 @@ bool bias_given(AutogradContext* ctx) {
   return ctx->saved_data["has_bias"].toBool();
 }
 
+// Rows of gy from which the CPU backward fuses gx = (gy·B)·A.
+constexpr int64_t kFusedBackwardMinRows = 64;
+
 // Gradients of y = t·Bᵀ + bias with t = x·Aᵀ, given gy = dL/dy.
 // Returns {gx, gA, gB, gbias}; undefined where not needed.
 variable_list lowrank_backward(
@@ -66,7 +69,20 @@ variable_list lowrank_backward(
   const bool need_B = ctx->needs_input_grad(2);
   // needs_input_grad only counts tensor inputs: a missing bias has no slot.
   const bool need_bias = bias_given(ctx) && ctx->needs_input_grad(3);
-  if (need_x || need_A) {
+  if (need_x && gy.device().is_cpu() && gy2.size(0) >= kFusedBackwardMinRows &&
+      !at::GradMode::is_enabled()) {
+    // gx = (gy·B)·A is this op again with the factors' roles swapped
+    // (A' = Bᵀ, B' = Aᵀ): one fused pass whose intermediate is gt = gy·B.
+    // Below kFusedBackwardMinRows rows the transposed copies of A and B it
+    // needs cost more than it saves. Not used when building a graph for
+    // double backward, which needs the differentiable mm path below.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx2, gt] = lowrank_linear_with_intermediate_op(gy2, B.t(), A.t(), std::nullopt);
+    gx = gx2.reshape(x.sizes());
+    if (need_A) {
+      gA = gt.t().mm(x.reshape({M, k}));
+    }
+  } else if (need_x || need_A) {
     const at::Tensor gt = gy2.mm(B); // (M, r)
     if (need_x) {
       gx = gt.mm(A).reshape(x.sizes());

@@ -11,6 +11,7 @@ import sys
 
 # command name -> module implementing it
 COMMANDS = {
+    "bench": "lowrank_ext.bench_cli",
     "compress": "lowrank_ext.compress_cli",
     "demo": "lowrank_ext.demo",
     "info": "lowrank_ext.info_cli",

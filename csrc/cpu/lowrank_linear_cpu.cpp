@@ -5,7 +5,13 @@
 // bias included, before the next block starts, so the full (M × r)
 // intermediate never exists (unless the caller asks for it for backward).
 // Half types are accumulated in float32.
+//
+// Two implementations: AVX2/FMA micro-kernels (lowrank_avx2.cpp) for
+// float32/bfloat16/float16 on CPUs that have them, and portable loops plus
+// BLAS blocks everywhere else and for float64. `_cpu_kernel("portable")` or
+// LOWRANK_EXT_CPU_KERNEL=portable forces the portable one, so tests cover both.
 #include "../checks.h"
+#include "lowrank_avx2.h"
 #include "lowrank_linear_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -13,6 +19,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 namespace lowrank_ext {
@@ -143,6 +153,116 @@ void blocked_blas(
   });
 }
 
+// ---------------------------------------------------------------- AVX2 path
+
+// Rows per block when threads split the rows: enough rows to amortise the
+// walk over A and B per block, few enough that the float32 block
+// intermediate (rows × r) stays in L2.
+constexpr int64_t kMaxRowBlock = 192;
+// Multiply-adds below which the AVX2 path stays on the calling thread
+// (about 50 µs of work): waking the other threads costs microseconds on a
+// quiet machine and up to a scheduler time slice (milliseconds) on a busy one.
+constexpr int64_t kMinParallelMacs = 1 << 20;
+// Fewer rows than this per thread: threads split the rank and the outputs
+// instead of the rows.
+constexpr int64_t kMinRowsPerThread = 32;
+// Rank columns / outputs handed to a thread at a time: the tile widths of
+// the shrink and of the expand's panels.
+constexpr int64_t kRankUnit = 4;
+constexpr int64_t kOutputUnit = 16;
+
+bool initially_portable() {
+  const char* env = std::getenv("LOWRANK_EXT_CPU_KERNEL");
+  return env != nullptr && std::strcmp(env, "portable") == 0;
+}
+
+std::atomic<bool> g_force_portable{initially_portable()};
+
+bool use_avx2() {
+  return !g_force_portable.load(std::memory_order_relaxed) && avx2::cpu_has_avx2_fma();
+}
+
+template <typename T>
+constexpr avx2::ElemType avx2_type() {
+  if constexpr (std::is_same_v<T, float>) {
+    return avx2::ElemType::kFloat32;
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return avx2::ElemType::kBFloat16;
+  } else {
+    return avx2::ElemType::kFloat16;
+  }
+}
+
+template <typename T>
+void store_intermediate(const float* t, int64_t rows, int64_t r, T* t_out) {
+  for (int64_t i = 0; i < rows * r; ++i) {
+    t_out[i] = static_cast<T>(t[i]);
+  }
+}
+
+// Grain, in units of `unit_flops` multiply-adds, below which a loop runs on
+// the calling thread.
+int64_t grain_for(int64_t unit_flops) {
+  return std::max<int64_t>(1, kParallelGrainFlops / std::max<int64_t>(unit_flops, 1));
+}
+
+template <typename T>
+void avx2_kernel(
+    const Problem& p, const T* x, const T* A, const T* B, const T* bias, T* y,
+    T* t_out) {
+  constexpr avx2::ElemType type = avx2_type<T>();
+  const int64_t macs = p.M * p.r * (p.k + p.d);
+  const int64_t threads = macs >= kMinParallelMacs ? at::get_num_threads() : 1;
+  if (threads == 1 || p.M >= kMinRowsPerThread * threads) {
+    // Many rows: each thread takes whole row blocks, shrinking a block into a
+    // float32 buffer and expanding it at once. The block count is a multiple
+    // of the thread count so that no thread waits on a last odd block.
+    int64_t blocks = (p.M + kMaxRowBlock - 1) / kMaxRowBlock;
+    blocks = (blocks + threads - 1) / threads * threads;
+    const int64_t rows_per_block = (p.M + blocks - 1) / blocks;
+    at::parallel_for(0, blocks, threads == 1 ? blocks : 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> t(rows_per_block * p.r);
+      std::vector<float> panel(avx2::expand_panel_floats(p.r));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t row0 = b * rows_per_block;
+        const int64_t rows = std::min(rows_per_block, p.M - row0);
+        if (rows <= 0) {
+          break;
+        }
+        avx2::shrink(type, x + row0 * p.ldx, p.ldx, A, p.k, rows, 0, p.r, t.data(), p.r);
+        if (t_out != nullptr) {
+          store_intermediate(t.data(), rows, p.r, t_out + row0 * p.r);
+        }
+        avx2::expand(type, t.data(), p.r, rows, B, p.r, bias, 0, p.d, y + row0 * p.d, p.d,
+                     panel.data());
+      }
+    });
+    return;
+  }
+  // Few rows (decode): threads split the rank for the shrink, then the
+  // outputs for the expand, one chunk of rows at a time.
+  const int64_t chunk = std::min(p.M, kMaxRowBlock);
+  std::vector<float> t(chunk * p.r);
+  const int64_t r_units = (p.r + kRankUnit - 1) / kRankUnit;
+  const int64_t d_units = (p.d + kOutputUnit - 1) / kOutputUnit;
+  for (int64_t row0 = 0; row0 < p.M; row0 += chunk) {
+    const int64_t rows = std::min(chunk, p.M - row0);
+    const T* xb = x + row0 * p.ldx;
+    at::parallel_for(0, r_units, grain_for(rows * p.k * kRankUnit), [&](int64_t u0, int64_t u1) {
+      avx2::shrink(type, xb, p.ldx, A, p.k, rows, u0 * kRankUnit,
+                   std::min(p.r, u1 * kRankUnit), t.data(), p.r);
+    });
+    if (t_out != nullptr) {
+      store_intermediate(t.data(), rows, p.r, t_out + row0 * p.r);
+    }
+    at::parallel_for(0, d_units, grain_for(rows * p.r * kOutputUnit), [&](int64_t u0, int64_t u1) {
+      std::vector<float> panel(avx2::expand_panel_floats(p.r));
+      avx2::expand(type, t.data(), p.r, rows, B, p.r, bias, u0 * kOutputUnit,
+                   std::min(p.d, u1 * kOutputUnit), y + row0 * p.d, p.d, panel.data());
+    });
+  }
+}
+
 template <typename T>
 void run_kernel(
     const Problem& p, const T* x, const T* A, const T* B, const T* bias, T* y,
@@ -151,6 +271,13 @@ void run_kernel(
   // BLAS wins once a block has enough rows and columns to amortise its call.
   const bool use_blas = kBlasType && p.M >= 16 && p.r >= 4 && p.ldx == p.k &&
       p.r * (p.k + p.d) >= 4096;
+  constexpr bool kAvx2Type = !std::is_same_v<T, double>;
+  if constexpr (kAvx2Type) {
+    if (use_avx2()) {
+      avx2_kernel<T>(p, x, A, B, bias, y, t_out);
+      return;
+    }
+  }
   if constexpr (kBlasType) {
     if (use_blas) {
       blocked_blas<T>(p, x, A, B, bias, y, t_out);
@@ -239,6 +366,22 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_cpu(
     const at::Tensor& B,
     const std::optional<at::Tensor>& bias) {
   return lowrank_linear_cpu_impl(x, A, B, bias, true);
+}
+
+// Selects the CPU kernels: "auto" (AVX2 when the CPU has it) or "portable";
+// "" only asks. Returns the kernels now in use: "avx2" or "portable".
+std::string select_cpu_kernel(const std::string& choice) {
+  TORCH_CHECK(
+      choice.empty() || choice == "auto" || choice == "portable",
+      "_cpu_kernel: expected \"auto\", \"portable\" or \"\", got \"", choice, "\"");
+  if (!choice.empty()) {
+    g_force_portable.store(choice == "portable");
+  }
+  return use_avx2() ? "avx2" : "portable";
+}
+
+TORCH_LIBRARY_FRAGMENT(lowrank_ext, m) {
+  m.def("_cpu_kernel(str choice) -> str", &select_cpu_kernel);
 }
 
 TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {

@@ -1,0 +1,444 @@
+// AVX2/FMA micro-kernels of lowrank_linear (see lowrank_avx2.h).
+//
+// Both products contract over a dimension that is contiguous in both
+// operands (t = x·Aᵀ over k, y = t·Bᵀ over r), so one register-blocked
+// "dot tile" serves both without packing: a tile of 3 rows of the left
+// operand by 4 rows of the right one keeps 12 float32 accumulators (8 lanes
+// each), loads 7 vectors per 12 FMAs, and folds the 4 accumulators of a row
+// into 4 adjacent outputs with a short hadd tree. Packing B for a broadcast
+// kernel would cost a pass over B per row block, as much as the product
+// itself at small M.
+//
+// Half types are widened in registers (bf16: a 16-bit shift; fp16: F16C) and
+// accumulated in float32.
+//
+// Only <immintrin.h> and standard headers are included: the whole file is
+// compiled for AVX2, and no function here may be reached without the runtime
+// check in cpu_has_avx2_fma().
+#pragma GCC target("avx2,fma,f16c")
+
+#include "lowrank_avx2.h"
+
+#include <immintrin.h>
+
+#include <cstring>
+
+namespace lowrank_ext {
+namespace avx2 {
+namespace {
+
+// 16-bit storage types, layout-compatible with c10::BFloat16 / c10::Half.
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+// Local helper: std::min compiled here would be an AVX2 copy of a symbol that
+// portable code shares.
+inline int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+// Rows of the left operand and of the right operand per tile.
+constexpr int kMR = 3;
+constexpr int kNR = 4;
+// Contraction chunk of the shrink: 3 rows of x (12 KB in float32) stay in L1
+// and a chunk of A rows (r × 1024) in L2 while a row block is processed.
+constexpr int64_t kKChunk = 1024;
+// Outputs per expand chunk: 64 rows of B (r ≤ 128: ≤ 32 KB) stay in L1 while
+// every row of the block is expanded against them.
+constexpr int64_t kOChunk = 64;
+// Rows from which the expand packs B into panels (see expand_panels).
+constexpr int64_t kPanelMinRows = 8;
+
+inline __m256 load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const f16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline float to_float(float v) {
+  return v;
+}
+inline float to_float(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline float to_float(f16 v) {
+  return _cvtsh_ss(v.bits);
+}
+
+template <typename T>
+inline T from_float(float v);
+template <>
+inline float from_float<float>(float v) {
+  return v;
+}
+// Round to nearest even with NaN kept quiet, exactly as c10::BFloat16 does.
+template <>
+inline bf16 from_float<bf16>(float v) {
+  if (v != v) {
+    return bf16{0x7FC0};
+  }
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u += 0x7FFF + ((u >> 16) & 1);
+  return bf16{static_cast<uint16_t>(u >> 16)};
+}
+template <>
+inline f16 from_float<f16>(float v) {
+  return f16{_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)};
+}
+
+// Stores 4 floats as T (the full-width tile of the expand).
+inline void store4(float* p, __m128 v) {
+  _mm_storeu_ps(p, v);
+}
+inline void store4(bf16* p, __m128 v) {
+  __m128i u = _mm_castps_si128(v);
+  const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+  u = _mm_add_epi32(u, _mm_add_epi32(lsb, _mm_set1_epi32(0x7FFF)));
+  u = _mm_srli_epi32(u, 16);
+  const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(v, v));
+  u = _mm_blendv_epi8(u, _mm_set1_epi32(0x7FC0), nan);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(u, u));
+}
+inline void store4(f16* p, __m128 v) {
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// Lane j of the result is the horizontal sum of accumulator j.
+inline __m128 fold4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// sums[i][j] = Σ_p X[i, p] · W[j, p] over p in [0, K), for an MR × NR tile.
+template <int MR, int NR, typename TX, typename TW>
+inline void dot_tile(
+    const TX* X, int64_t ldx, const TW* W, int64_t ldw, int64_t K, float sums[MR][4]) {
+  __m256 acc[MR][4];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      acc[i][j] = _mm256_setzero_ps();
+    }
+  }
+  const int64_t K8 = K & ~int64_t{7};
+  for (int64_t p = 0; p < K8; p += 8) {
+    __m256 xv[MR];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      xv[i] = load8(X + i * ldx + p);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      const __m256 w = load8(W + j * ldw + p);
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) {
+        acc[i][j] = _mm256_fmadd_ps(xv[i], w, acc[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+    _mm_storeu_ps(sums[i], fold4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int64_t p = K8; p < K; ++p) {
+      const float xi = to_float(X[i * ldx + p]);
+      for (int j = 0; j < NR; ++j) {
+        sums[i][j] += xi * to_float(W[j * ldw + p]);
+      }
+    }
+  }
+}
+
+// t[i, j] (+)= Σ_p x[i, p] · A[j, p] over one chunk of p.
+template <int MR, int NR, typename T>
+void shrink_tile(
+    const T* x, int64_t ldx, const T* A, int64_t lda, int64_t kc, float* t,
+    int64_t ldt, bool accumulate) {
+  float sums[MR][4];
+  dot_tile<MR, NR>(x, ldx, A, lda, kc, sums);
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      t[i * ldt + j] = accumulate ? t[i * ldt + j] + sums[i][j] : sums[i][j];
+    }
+  }
+}
+
+// y[i, o] = bias[o] + Σ_j t[i, j] · B[o, j].
+template <int MR, int NR, typename T>
+void expand_tile(
+    const float* t, int64_t ldt, const T* B, int64_t r, const T* bias, T* y,
+    int64_t ldy) {
+  float sums[MR][4];
+  dot_tile<MR, NR>(t, ldt, B, r, r, sums);
+  if (NR == 4) {
+    const __m128 b = bias != nullptr
+        ? _mm_setr_ps(to_float(bias[0]), to_float(bias[1]), to_float(bias[2]), to_float(bias[3]))
+        : _mm_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      store4(y + i * ldy, _mm_add_ps(_mm_loadu_ps(sums[i]), b));
+    }
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      const float b = bias != nullptr ? to_float(bias[j]) : 0.0f;
+      y[i * ldy + j] = from_float<T>(sums[i][j] + b);
+    }
+  }
+}
+
+// Tile functions indexed by [rows - 1][cols - 1], for the edges of a block.
+template <typename T>
+struct Tiles {
+  using Shrink = void (*)(const T*, int64_t, const T*, int64_t, int64_t, float*, int64_t, bool);
+  using Expand = void (*)(const float*, int64_t, const T*, int64_t, const T*, T*, int64_t);
+  static constexpr Shrink shrink[kMR][kNR] = {
+      {shrink_tile<1, 1, T>, shrink_tile<1, 2, T>, shrink_tile<1, 3, T>, shrink_tile<1, 4, T>},
+      {shrink_tile<2, 1, T>, shrink_tile<2, 2, T>, shrink_tile<2, 3, T>, shrink_tile<2, 4, T>},
+      {shrink_tile<3, 1, T>, shrink_tile<3, 2, T>, shrink_tile<3, 3, T>, shrink_tile<3, 4, T>}};
+  static constexpr Expand expand[kMR][kNR] = {
+      {expand_tile<1, 1, T>, expand_tile<1, 2, T>, expand_tile<1, 3, T>, expand_tile<1, 4, T>},
+      {expand_tile<2, 1, T>, expand_tile<2, 2, T>, expand_tile<2, 3, T>, expand_tile<2, 4, T>},
+      {expand_tile<3, 1, T>, expand_tile<3, 2, T>, expand_tile<3, 3, T>, expand_tile<3, 4, T>}};
+};
+
+template <typename T>
+void shrink_typed(
+    const T* x, int64_t ldx, const T* A, int64_t k, int64_t rows, int64_t j0,
+    int64_t j1, float* t, int64_t ldt) {
+  for (int64_t p0 = 0; p0 < k; p0 += kKChunk) {
+    const int64_t kc = min64(kKChunk, k - p0);
+    for (int64_t i = 0; i < rows; i += kMR) {
+      const int64_t mr = min64(kMR, rows - i);
+      for (int64_t j = j0; j < j1; j += kNR) {
+        const int64_t nr = min64(kNR, j1 - j);
+        Tiles<T>::shrink[mr - 1][nr - 1](
+            x + i * ldx + p0, ldx, A + j * k + p0, k, kc, t + i * ldt + j, ldt, p0 > 0);
+      }
+    }
+  }
+}
+
+template <typename T>
+void expand_typed(
+    const float* t, int64_t ldt, int64_t rows, const T* B, int64_t r, const T* bias,
+    int64_t o0, int64_t o1, T* y, int64_t ldy) {
+  for (int64_t c0 = o0; c0 < o1; c0 += kOChunk) {
+    const int64_t c1 = min64(o1, c0 + kOChunk);
+    for (int64_t i = 0; i < rows; i += kMR) {
+      const int64_t mr = min64(kMR, rows - i);
+      for (int64_t o = c0; o < c1; o += kNR) {
+        const int64_t nr = min64(kNR, c1 - o);
+        Tiles<T>::expand[mr - 1][nr - 1](
+            t + i * ldt, ldt, B + o * r, r, bias != nullptr ? bias + o : nullptr,
+            y + i * ldy + o, ldy);
+      }
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------- panel expand
+//
+// With enough rows, the expand runs as a broadcast kernel instead: B is packed
+// 16 outputs at a time into a float32 panel P[j][0..16) = B[o..o+16, j], and a
+// tile of 6 rows × 16 outputs keeps 12 accumulators that need no horizontal
+// sums; each output row is stored as two full vectors. Packing a panel costs
+// 16·r element moves, repaid over every row of the block.
+
+constexpr int kPanelRows = 6;
+constexpr int kPanelCols = 16;
+
+inline void store8(float* p, __m256 v) {
+  _mm256_storeu_ps(p, v);
+}
+template <typename T>
+inline void store8(T* p, __m256 v) {
+  store4(p, _mm256_castps256_ps128(v));
+  store4(p + 4, _mm256_extractf128_ps(v, 1));
+}
+
+// 8×8 transpose in registers.
+inline void transpose8(__m256 v[8]) {
+  __m256 t[8], s[8];
+  for (int q = 0; q < 4; ++q) {
+    t[2 * q] = _mm256_unpacklo_ps(v[2 * q], v[2 * q + 1]);
+    t[2 * q + 1] = _mm256_unpackhi_ps(v[2 * q], v[2 * q + 1]);
+  }
+  for (int q = 0; q < 2; ++q) {
+    s[4 * q + 0] = _mm256_shuffle_ps(t[4 * q + 0], t[4 * q + 2], 0x44);
+    s[4 * q + 1] = _mm256_shuffle_ps(t[4 * q + 0], t[4 * q + 2], 0xEE);
+    s[4 * q + 2] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
+    s[4 * q + 3] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    v[q] = _mm256_permute2f128_ps(s[q], s[q + 4], 0x20);
+    v[q + 4] = _mm256_permute2f128_ps(s[q], s[q + 4], 0x31);
+  }
+}
+
+// P[j][c] = B[o + c, j] for c < nc (zero beyond), j < r.
+template <typename T>
+void pack_panel(const T* B, int64_t r, int64_t o, int64_t nc, float* P) {
+  const int64_t r8 = nc == kPanelCols ? (r & ~int64_t{7}) : 0;
+  for (int64_t j0 = 0; j0 < r8; j0 += 8) {
+    for (int half = 0; half < 2; ++half) {
+      __m256 v[8];
+      for (int c = 0; c < 8; ++c) {
+        v[c] = load8(B + (o + half * 8 + c) * r + j0);
+      }
+      transpose8(v);
+      for (int jj = 0; jj < 8; ++jj) {
+        _mm256_storeu_ps(P + (j0 + jj) * kPanelCols + half * 8, v[jj]);
+      }
+    }
+  }
+  for (int64_t j = r8; j < r; ++j) {
+    for (int64_t c = 0; c < kPanelCols; ++c) {
+      P[j * kPanelCols + c] = c < nc ? to_float(B[(o + c) * r + j]) : 0.0f;
+    }
+  }
+}
+
+template <int MR, typename T>
+void panel_tile(
+    const float* t, int64_t ldt, const float* P, int64_t r, const float* bias16, T* y,
+    int64_t ldy, int64_t nc) {
+  __m256 c0[MR], c1[MR];
+  const __m256 b0 = _mm256_loadu_ps(bias16);
+  const __m256 b1 = _mm256_loadu_ps(bias16 + 8);
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = b0;
+    c1[i] = b1;
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    const __m256 p0 = _mm256_loadu_ps(P + j * kPanelCols);
+    const __m256 p1 = _mm256_loadu_ps(P + j * kPanelCols + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(t + i * ldt + j);
+      c0[i] = _mm256_fmadd_ps(a, p0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(a, p1, c1[i]);
+    }
+  }
+  // Every loop over the accumulators is unrolled so that they stay in registers.
+  if (nc == kPanelCols) {
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      store8(y + i * ldy, c0[i]);
+      store8(y + i * ldy + 8, c1[i]);
+    }
+    return;
+  }
+  float out[MR][kPanelCols];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(out[i], c0[i]);
+    _mm256_storeu_ps(out[i] + 8, c1[i]);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int64_t c = 0; c < nc; ++c) {
+      y[i * ldy + c] = from_float<T>(out[i][c]);
+    }
+  }
+}
+
+template <typename T>
+void expand_panels(
+    const float* t, int64_t ldt, int64_t rows, const T* B, int64_t r, const T* bias,
+    int64_t o0, int64_t o1, T* y, int64_t ldy, float* P) {
+  using Tile = void (*)(const float*, int64_t, const float*, int64_t, const float*, T*,
+                        int64_t, int64_t);
+  static constexpr Tile tiles[kPanelRows] = {panel_tile<1, T>, panel_tile<2, T>,
+                                             panel_tile<3, T>, panel_tile<4, T>,
+                                             panel_tile<5, T>, panel_tile<6, T>};
+  float bias16[kPanelCols];
+  for (int64_t o = o0; o < o1; o += kPanelCols) {
+    const int64_t nc = min64(kPanelCols, o1 - o);
+    pack_panel(B, r, o, nc, P);
+    for (int64_t c = 0; c < kPanelCols; ++c) {
+      bias16[c] = bias != nullptr && c < nc ? to_float(bias[o + c]) : 0.0f;
+    }
+    for (int64_t i = 0; i < rows; i += kPanelRows) {
+      const int64_t mr = min64(kPanelRows, rows - i);
+      tiles[mr - 1](t + i * ldt, ldt, P, r, bias16, y + i * ldy + o, ldy, nc);
+    }
+  }
+}
+
+} // namespace
+
+bool cpu_has_avx2_fma() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c");
+  }();
+  return has;
+}
+
+void shrink(
+    ElemType type, const void* x, int64_t ldx, const void* A, int64_t k,
+    int64_t rows, int64_t j0, int64_t j1, float* t, int64_t ldt) {
+  switch (type) {
+    case ElemType::kFloat32:
+      return shrink_typed(static_cast<const float*>(x), ldx, static_cast<const float*>(A), k,
+                          rows, j0, j1, t, ldt);
+    case ElemType::kBFloat16:
+      return shrink_typed(static_cast<const bf16*>(x), ldx, static_cast<const bf16*>(A), k,
+                          rows, j0, j1, t, ldt);
+    case ElemType::kFloat16:
+      return shrink_typed(static_cast<const f16*>(x), ldx, static_cast<const f16*>(A), k,
+                          rows, j0, j1, t, ldt);
+  }
+}
+
+void expand(
+    ElemType type, const float* t, int64_t ldt, int64_t rows, const void* B,
+    int64_t r, const void* bias, int64_t o0, int64_t o1, void* y, int64_t ldy,
+    float* panel) {
+  // Few rows cannot repay packing B: dot tiles read B in place.
+  const bool panels = panel != nullptr && rows >= kPanelMinRows;
+  switch (type) {
+    case ElemType::kFloat32: {
+      auto* Bt = static_cast<const float*>(B);
+      auto* bt = static_cast<const float*>(bias);
+      auto* yt = static_cast<float*>(y);
+      return panels ? expand_panels(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy, panel)
+                    : expand_typed(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy);
+    }
+    case ElemType::kBFloat16: {
+      auto* Bt = static_cast<const bf16*>(B);
+      auto* bt = static_cast<const bf16*>(bias);
+      auto* yt = static_cast<bf16*>(y);
+      return panels ? expand_panels(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy, panel)
+                    : expand_typed(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy);
+    }
+    case ElemType::kFloat16: {
+      auto* Bt = static_cast<const f16*>(B);
+      auto* bt = static_cast<const f16*>(bias);
+      auto* yt = static_cast<f16*>(y);
+      return panels ? expand_panels(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy, panel)
+                    : expand_typed(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy);
+    }
+  }
+}
+
+} // namespace avx2
+} // namespace lowrank_ext

@@ -1,0 +1,43 @@
+// AVX2/FMA micro-kernels for the two products of lowrank_linear on the CPU.
+//
+// This header carries no torch types so that the implementation file can be
+// compiled for AVX2 without also compiling torch's inline functions for AVX2
+// (the linker could otherwise pick those copies for the portable code).
+// Callers must check cpu_has_avx2_fma() first.
+#pragma once
+
+#include <cstdint>
+
+namespace lowrank_ext {
+namespace avx2 {
+
+// Element type of x, A, B, bias and y. Half types are 16-bit patterns that are
+// widened to float32 in registers; every product accumulates in float32.
+enum class ElemType { kFloat32, kBFloat16, kFloat16 };
+
+// True when this CPU runs AVX2, FMA and F16C (checked once).
+bool cpu_has_avx2_fma();
+
+// Shrink: t[i, j] = Σ_p x[i, p] · A[j, p] for rows i in [0, rows) and ranks j
+// in [j0, j1). x rows are ldx elements apart (0 for a broadcast row), A is
+// (r × k) contiguous, t is float32 with rows ldt apart.
+void shrink(
+    ElemType type, const void* x, int64_t ldx, const void* A, int64_t k,
+    int64_t rows, int64_t j0, int64_t j1, float* t, int64_t ldt);
+
+// Expand: y[i, o] = bias[o] + Σ_j t[i, j] · B[o, j] for rows i in [0, rows)
+// and outputs o in [o0, o1). B is (d × r) contiguous, bias may be null, y has
+// rows ldy elements apart. `panel` is scratch for expand_panel_floats(r)
+// floats (or null: never pack B).
+void expand(
+    ElemType type, const float* t, int64_t ldt, int64_t rows, const void* B,
+    int64_t r, const void* bias, int64_t o0, int64_t o1, void* y, int64_t ldy,
+    float* panel);
+
+// Scratch floats expand() needs for one packed panel of B.
+inline int64_t expand_panel_floats(int64_t r) {
+  return 16 * r;
+}
+
+} // namespace avx2
+} // namespace lowrank_ext

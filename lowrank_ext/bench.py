@@ -1,0 +1,481 @@
+"""Measurement library behind ``python -m lowrank_ext bench``.
+
+Every side of a comparison runs in the same process, with the same thread
+count, the same allocator (each call allocates its own output) and the same
+warmup; sides are interleaved round by round (A B C D, A B C D, ...) so that
+load from other processes spreads over all of them, and medians are reported.
+
+Sides, per shape (M, k, r, d):
+  ours      lowrank_ext.lowrank_linear(x, A, B, bias)
+  compose   F.linear(F.linear(x, A), B, bias)
+  compiled  the same composition under torch.compile (the stronger baseline)
+  dense     F.linear(x, W, bias) with W = B·A formed once, outside the timing
+
+Modes: "fwd" (inference, no autograd) and "train" (forward + backward with
+respect to x, A, B and bias; the dense side trains W itself).
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SIDES = ("ours", "compose", "compiled", "dense")
+MODES = ("fwd", "train")
+BASELINES = ("compose", "compiled", "dense")
+
+# (M, k, r, d). The first is the shape of the demo's seed layer.
+DEFAULT_CPU_SHAPES = ((1, 10, 2, 10), (1, 4096, 16, 4096), (16, 4096, 64, 4096),
+                      (2048, 4096, 64, 4096))
+DEFAULT_CPU_DTYPES = ("float32", "bfloat16")
+DEFAULT_CUDA_SHAPES = ((1, 4096, 16, 4096), (16, 4096, 64, 4096), (8192, 4096, 64, 4096),
+                       (8192, 8192, 256, 8192))
+DEFAULT_CUDA_DTYPES = ("bfloat16",)
+# The one fp32 shape of the default GPU run.
+DEFAULT_CUDA_FP32_SHAPES = ((8192, 4096, 64, 4096),)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64,
+          "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16,
+          "bf16": torch.bfloat16}
+
+# Inputs are rotated over copies until one round of them exceeds this many
+# bytes, so that small shapes are not timed on data left hot in cache by the
+# previous call. CPU: beyond the 32 MB last-level cache; GPU: beyond a 50 MB L2.
+CPU_ROTATE_BYTES = 64 << 20
+CUDA_ROTATE_BYTES = 128 << 20
+MAX_COPIES = 256
+# Calls below this many microseconds are captured in CUDA graphs (every side).
+CUDA_GRAPH_BELOW_US = 200.0
+
+
+def parse_shapes(text):
+    """"M,k,r,d;M,k,r,d" (or "MxkxRxd" items) -> list of 4-tuples of ints."""
+    shapes = []
+    for item in text.replace(" ", "").split(";"):
+        if not item:
+            continue
+        parts = item.replace("x", ",").split(",")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"bad shape {item!r}: expected M,k,r,d (four integers)")
+        shapes.append(tuple(int(p) for p in parts))
+    if not shapes:
+        raise ValueError("no shapes given")
+    return shapes
+
+
+def parse_dtypes(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    return [str(DTYPES[n]).replace("torch.", "") for n in names]
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _blas_info():
+    import re
+
+    config = torch.__config__.show()
+    keys = ("BLAS_INFO", "LAPACK_INFO", "USE_MKL", "USE_MKLDNN", "USE_OPENMP")
+    found = dict(re.findall(r"\b(" + "|".join(keys) + r")=([^,\s]+)", config))
+    onednn = re.search(r"MKL-DNN v([\d.]+)", config)
+    if onednn:
+        found["oneDNN"] = onednn.group(1)
+    return found
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def machine_info(device):
+    """What the numbers depend on: hardware, threads, torch and its libraries."""
+    from . import backend_info
+
+    info = {
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_blas": _blas_info(),
+        "mkl_available": torch.backends.mkl.is_available(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "lowrank_ext": backend_info(),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu_name=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    cuda_version=torch.version.cuda,
+                    gpu_capability=f"{props.major}.{props.minor}")
+    return info
+
+
+# ----------------------------------------------------------------------------- sides
+
+def _composition(x, A, B, bias):
+    return F.linear(F.linear(x, A), B, bias)
+
+
+def _make_inputs(shape, dtype, device, copies, train, gen):
+    M, k, r, d = shape
+    sets = []
+    for _ in range(copies):
+        sets.append(dict(
+            x=torch.randn(M, k, generator=gen).to(device, dtype),
+            A=(torch.randn(r, k, generator=gen) * k ** -0.5).to(device, dtype),
+            B=(torch.randn(d, r, generator=gen) * max(r, 1) ** -0.5).to(device, dtype),
+            bias=torch.randn(d, generator=gen).to(device, dtype),
+            gy=torch.randn(M, d, generator=gen).to(device, dtype) if train else None))
+    return sets
+
+
+def _element_size(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _set_bytes(shape, dtype):
+    M, k, r, d = shape
+    return (M * k + r * k + d * r + d + M * d) * _element_size(dtype)
+
+
+def copies_for(nbytes, device):
+    """How many input sets to rotate over so that one round exceeds the cache."""
+    target = CUDA_ROTATE_BYTES if device == "cuda" else CPU_ROTATE_BYTES
+    return int(max(1, min(MAX_COPIES, -(-target // max(nbytes, 1)))))
+
+
+def build_calls(shape, dtype, device, mode, sides, copies, seed=0):
+    """side name -> zero-argument callable that runs one call on the next input set."""
+    import lowrank_ext
+
+    gen = torch.Generator().manual_seed(seed)
+    train = mode == "train"
+    sets = _make_inputs(shape, dtype, device, copies, train, gen)
+    if "dense" in sides:
+        # The dense side's own weight W = B·A (d × k), formed outside the timing.
+        # W alone is large, so it rotates over fewer copies.
+        M, k, r, d = shape
+        n_w = min(copies, copies_for(d * k * _element_size(dtype), device))
+        for i, s in enumerate(sets):
+            s["W"] = sets[i % n_w].get("W")
+            if s["W"] is None:
+                s["W"] = (s["B"].double() @ s["A"].double()).to(dtype)
+    if train:
+        for s in sets:
+            for name in ("x", "A", "B", "bias", "W"):
+                if s.get(name) is not None and not s[name].requires_grad:
+                    s[name].requires_grad_(True)
+
+    impls = {"ours": lowrank_ext.lowrank_linear, "compose": _composition}
+    if "compiled" in sides:
+        impls["compiled"] = torch.compile(_composition, dynamic=False, fullgraph=True)
+    impls["dense"] = lambda x, W, bias: F.linear(x, W, bias)
+
+    def rotating(run):
+        state = {"i": 0}
+
+        def call():
+            s = sets[state["i"]]
+            state["i"] = (state["i"] + 1) % len(sets)
+            return run(s)
+        return call
+
+    def make(side):
+        impl = impls[side]
+        args = ("x", "W", "bias") if side == "dense" else ("x", "A", "B", "bias")
+        if train:
+            def run(s):
+                y = impl(*(s[n] for n in args))
+                return torch.autograd.grad(y, [s[n] for n in args], s["gy"])
+        else:
+            def run(s):
+                with torch.no_grad():
+                    return impl(*(s[n] for n in args))
+        return rotating(run)
+
+    return {side: make(side) for side in sides}
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _time_batch_cpu(fn, n):
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter_ns() - t0) / n / 1e3
+
+
+def _calibrate(time_batch, fn, target_us):
+    """Calls per timed batch so that one batch lasts about target_us."""
+    per_call = time_batch(fn, 1)
+    per_call = min(per_call, time_batch(fn, 1))
+    n = 1
+    while n * per_call < target_us and n < 100000:
+        n *= 2
+    return n
+
+
+def time_sides(calls, time_batch, rounds, warmup_s, batch_us, progress=None):
+    """Median microseconds per call of every side, measured interleaved."""
+    names = list(calls)
+    for name in names:  # warm up each side (compilation, allocator, caches)
+        t_end = time.perf_counter() + warmup_s
+        calls[name]()
+        while time.perf_counter() < t_end:
+            calls[name]()
+    batch = {name: _calibrate(time_batch, calls[name], batch_us) for name in names}
+    samples = {name: [] for name in names}
+    for i in range(rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            samples[name].append(time_batch(calls[name], batch[name]))
+        if progress is not None:
+            progress(i + 1, rounds)
+    return {name: dict(median_us=statistics.median(v), min_us=min(v), max_us=max(v),
+                       calls_per_sample=batch[name], samples_us=v)
+            for name, v in samples.items()}
+
+
+def flops(shape, mode, side):
+    M, k, r, d = shape
+    if side == "dense":
+        fwd = 2 * M * k * d
+        return fwd * 3 if mode == "train" else fwd
+    fwd = 2 * M * r * (k + d)
+    # backward: gt = gy·B, gx = gt·A, gA = gtᵀ·x, gB = gyᵀ·t
+    return fwd * 3 if mode == "train" else fwd
+
+
+def traffic_bytes(shape, dtype):
+    """Minimum bytes a forward moves: read x, A, B, bias, write y."""
+    return _set_bytes(shape, dtype)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def require_cuda():
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA GPU is available "
+                           "(torch.cuda.is_available() is False)")
+
+
+def _graphed(fn, copies):
+    """Capture `copies` consecutive calls (one round over the input sets) in a graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(copies):
+            fn()
+    return graph
+
+
+def _time_batch_cuda(fn, n):
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / n
+
+
+def copy_bandwidth_gbs(device="cuda", nbytes=1 << 30):
+    """Device-to-device copy bandwidth (read + write bytes per second), in GB/s."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    us = statistics.median(_time_batch_cuda(lambda: dst.copy_(src), 10) for _ in range(5))
+    return 2 * src.numel() / (us * 1e-6) / 1e9
+
+
+def cuda_graph_calls(calls, copies):
+    """Replace every side by a CUDA graph of one round when all sides are short.
+
+    Either every side is graphed or none is, so no graphed side is ever
+    compared with an eager one. Each replay runs `copies` calls.
+    """
+    eager = {name: _time_batch_cuda(fn, max(copies, 8)) for name, fn in calls.items()}
+    if max(eager.values()) >= CUDA_GRAPH_BELOW_US:
+        return calls, 1, False
+    graphs = {name: _graphed(fn, copies) for name, fn in calls.items()}
+    return {name: g.replay for name, g in graphs.items()}, copies, True
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_benchmark(shapes, dtypes, device="cpu", modes=MODES, sides=SIDES, rounds=15,
+                  warmup_s=0.2, batch_ms=20.0, threads=None, rotate=True, log=None):
+    """Measure every (shape, dtype, mode); returns the JSON-ready result dict."""
+    if device == "cuda":
+        require_cuda()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log = log or (lambda msg: None)
+    results = []
+    extra = {}
+    if device == "cuda":
+        extra["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
+        log(f"copy bandwidth {extra['copy_bandwidth_gbs']:.0f} GB/s")
+    jobs = [(s, dt, m) for dt in dtypes for s in shapes for m in modes]
+    started = time.perf_counter()
+    for n, (shape, dtype_name, mode) in enumerate(jobs, 1):
+        dtype = DTYPES[dtype_name]
+        copies = copies_for(_set_bytes(shape, dtype), device) if rotate else 1
+        label = (f"[{n}/{len(jobs)}] M,k,r,d={','.join(map(str, shape))} {dtype_name} {mode} "
+                 f"({copies} input sets)")
+        log(label + " ...")
+        torch._dynamo.reset()
+        calls = build_calls(shape, dtype, device, mode, sides, copies)
+        graphed = False
+        per_batch = 1
+        if device == "cuda":
+            for fn in calls.values():  # compile / autotune outside the graphs
+                fn()
+            torch.cuda.synchronize()
+            calls, per_batch, graphed = cuda_graph_calls(calls, copies)
+            timing = time_sides(calls, _time_batch_cuda, rounds, warmup_s, batch_ms * 1e3)
+            for t in timing.values():  # a replay runs `per_batch` calls
+                for key in ("median_us", "min_us", "max_us"):
+                    t[key] /= per_batch
+                t["samples_us"] = [v / per_batch for v in t["samples_us"]]
+        else:
+            timing = time_sides(calls, _time_batch_cpu, rounds, warmup_s, batch_ms * 1e3)
+        entry = dict(shape=dict(zip("Mkrd", shape)), dtype=dtype_name, mode=mode,
+                     input_sets=copies, cuda_graphs=graphed, sides=timing)
+        ours = timing.get("ours", {}).get("median_us")
+        if ours:
+            entry["ratios"] = {b: timing[b]["median_us"] / ours for b in BASELINES
+                               if b in timing}
+            entry["ours_gflops"] = flops(shape, mode, "ours") / (ours * 1e3)
+            if mode == "fwd":
+                entry["ours_gbs"] = traffic_bytes(shape, dtype) / (ours * 1e3)
+        results.append(entry)
+        log(f"    {format_entry(entry)}  ({time.perf_counter() - started:.0f} s)")
+    return dict(device=device, machine=machine_info(device), command=command_line(),
+                settings=dict(rounds=rounds, warmup_s=warmup_s, batch_ms=batch_ms,
+                              rotate_inputs=rotate, sides=list(sides), modes=list(modes)),
+                **extra, results=results)
+
+
+def command_line():
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("__main__.py", "lowrank_ext")):
+        argv = ["python", "-m", "lowrank_ext"] + argv[1:]
+    return " ".join(argv)
+
+
+def format_entry(entry):
+    ours = entry["sides"].get("ours", {}).get("median_us")
+    parts = [f"ours {ours:.1f} us" if ours else ""]
+    for name, ratio in entry.get("ratios", {}).items():
+        parts.append(f"{name} {ratio:.2f}x")
+    return "  ".join(p for p in parts if p)
+
+
+def _fmt_us(us):
+    if us is None:
+        return "-"
+    return f"{us:.1f}" if us < 1e4 else f"{us:.0f}"
+
+
+def markdown_table(result):
+    """The ratios table: baseline time / ours (> 1 means ours is faster)."""
+    sides = result["settings"]["sides"]
+    head = ["M, k, r, d", "dtype", "mode"] + [f"{s} µs" for s in sides]
+    head += [f"{b} / ours" for b in BASELINES if b in sides]
+    extra_col = result["device"] == "cuda"
+    if extra_col:
+        head.append("ours GB/s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in result["results"]:
+        shape = ", ".join(str(v) for v in e["shape"].values())
+        row = [shape, e["dtype"], e["mode"]]
+        row += [_fmt_us(e["sides"].get(s, {}).get("median_us")) for s in sides]
+        row += [f"{e['ratios'][b]:.2f}×" for b in BASELINES if b in e.get("ratios", {})]
+        if extra_col:
+            row.append(f"{e['ours_gbs']:.0f}" if "ours_gbs" in e else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def machine_summary(result):
+    m = result["machine"]
+    text = (f"{m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch_version']} "
+            f"(cpu capability {m['torch_cpu_capability']}, "
+            f"BLAS {m['torch_blas'].get('BLAS_INFO', '?')})")
+    if result["device"] == "cuda":
+        text = (f"{m['gpu_name']}, CUDA {m['cuda_version']}, torch {m['torch_version']}, "
+                f"copy bandwidth {result.get('copy_bandwidth_gbs', 0):.0f} GB/s")
+    if m.get("load_average"):
+        text += f"; load average at the end {m['load_average'][0]:.2f}"
+    return text
+
+
+def write_json(result, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+
+
+def plot(result, path):
+    """Bar chart of baseline / ours per shape, dtype and mode (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'lowrank_ext[plot]'") from exc
+    entries = result["results"]
+    labels = [f"{','.join(str(v) for v in e['shape'].values())}\n{e['dtype']} {e['mode']}"
+              for e in entries]
+    baselines = [b for b in BASELINES if any(b in e.get("ratios", {}) for e in entries)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(entries) + 2), 4.5))
+    width = 0.8 / max(len(baselines), 1)
+    for i, b in enumerate(baselines):
+        values = [e.get("ratios", {}).get(b, 0) for e in entries]
+        ax.bar([j + i * width for j in range(len(entries))], values, width, label=f"{b} / ours")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([j + width * (len(baselines) - 1) / 2 for j in range(len(entries))])
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("time ratio (> 1: lowrank_linear is faster)")
+    ax.set_title(machine_summary(result), fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,90 @@
+"""``python -m lowrank_ext bench``: time lowrank_linear against its baselines."""
+
+import sys
+
+HELP = "time lowrank_linear against the two-F.linear composition, torch.compile and dense"
+
+
+def add_arguments(parser):
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated dtypes (default: float32,bfloat16 on cpu; "
+                             "bfloat16 plus one float32 shape on cuda)")
+    parser.add_argument("--shapes", default=None,
+                        help='"M,k,r,d;M,k,r,d" (default: the issue\'s shapes for the device)')
+    parser.add_argument("--modes", default="fwd,train",
+                        help="comma-separated: fwd (inference), train (forward + backward)")
+    parser.add_argument("--sides", default="ours,compose,compiled,dense",
+                        help="comma-separated sides to time (ours is always kept)")
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="interleaved timed rounds per side (the median is reported)")
+    parser.add_argument("--batch-ms", type=float, default=20.0,
+                        help="target length of one timed sample, in milliseconds")
+    parser.add_argument("--warmup-s", type=float, default=0.2, help="warmup per side")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch thread count for every side (default: torch's)")
+    parser.add_argument("--no-rotate", action="store_true",
+                        help="reuse one input set (hot caches) instead of rotating copies")
+    parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
+    parser.add_argument("--plot", metavar="PATH", help="draw the ratios (needs matplotlib)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _split(text, allowed, what):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise ValueError(f"bad {what} {','.join(bad) or text!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def run(args):
+    from . import bench
+
+    if args.device == "cuda":
+        bench.require_cuda()
+    if args.rounds < 1 or args.batch_ms <= 0 or args.warmup_s < 0:
+        raise ValueError("--rounds must be >= 1, --batch-ms > 0 and --warmup-s >= 0")
+    modes = _split(args.modes, bench.MODES, "mode")
+    sides = _split(args.sides, bench.SIDES, "side")
+    sides = ["ours"] + [s for s in sides if s != "ours"]
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    plan = []  # (shapes, dtypes) groups
+    if args.shapes is None and args.dtype is None and args.device == "cuda":
+        plan = [(bench.DEFAULT_CUDA_SHAPES, list(bench.DEFAULT_CUDA_DTYPES)),
+                (bench.DEFAULT_CUDA_FP32_SHAPES, ["float32"])]
+    else:
+        shapes = (bench.parse_shapes(args.shapes) if args.shapes else
+                  bench.DEFAULT_CUDA_SHAPES if args.device == "cuda" else
+                  bench.DEFAULT_CPU_SHAPES)
+        dtypes = (bench.parse_dtypes(args.dtype) if args.dtype else
+                  list(bench.DEFAULT_CUDA_DTYPES if args.device == "cuda"
+                       else bench.DEFAULT_CPU_DTYPES))
+        plan = [(shapes, dtypes)]
+
+    result = None
+    for shapes, dtypes in plan:
+        part = bench.run_benchmark(
+            shapes, dtypes, device=args.device, modes=modes, sides=sides,
+            rounds=args.rounds, warmup_s=args.warmup_s, batch_ms=args.batch_ms,
+            threads=args.threads, rotate=not args.no_rotate, log=log)
+        if result is None:
+            result = part
+        else:
+            result["results"].extend(part["results"])
+
+    table = bench.markdown_table(result)
+    print(f"Machine: {bench.machine_summary(result)}")
+    print(f"Command: {result['command']}")
+    print(table)
+    if args.json:
+        bench.write_json(result, args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"Command: `{result['command']}`\n\n"
+                    f"Machine: {bench.machine_summary(result)}\n\n{table}\n")
+    if args.plot:
+        bench.plot(result, args.plot)
+    return 0

@@ -1,0 +1,67 @@
+"""The bench command on a tiny shape: runs, prints a table, writes valid JSON."""
+
+import json
+
+import pytest
+import torch
+
+from lowrank_ext import bench, cli
+
+
+def run_cli(argv):
+    return cli.main(["bench"] + argv)
+
+
+def test_cpu_bench_writes_json(tmp_path, capsys):
+    path = tmp_path / "out" / "bench.json"
+    md = tmp_path / "bench.md"
+    rc = run_cli(["--shapes", "3,10,2,7;1,5,1,4", "--dtype", "float32,bfloat16",
+                  "--sides", "ours,compose,dense", "--rounds", "2", "--batch-ms", "0.5",
+                  "--warmup-s", "0", "--json", str(path), "--markdown", str(md)])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    assert "compose / ours" in out and "| 3, 10, 2, 7 | float32 | fwd |" in out
+    assert "[8/8]" in err  # progress lines
+    result = json.loads(path.read_text())
+    assert result["device"] == "cpu"
+    assert result["command"].startswith("python -m lowrank_ext") or "bench" in result["command"]
+    machine = result["machine"]
+    for key in ("cpu_model", "torch_threads", "torch_version", "torch_blas"):
+        assert key in machine
+    assert len(result["results"]) == 2 * 2 * 2  # shapes x dtypes x modes
+    for entry in result["results"]:
+        assert set(entry["sides"]) == {"ours", "compose", "dense"}
+        for side in entry["sides"].values():
+            assert side["median_us"] > 0 and len(side["samples_us"]) == 2
+        assert all(v > 0 for v in entry["ratios"].values())
+    assert "compose / ours" in md.read_text()
+
+
+def test_compiled_side_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.json"
+    png = tmp_path / "bench.png"
+    rc = run_cli(["--shapes", "2,8,2,8", "--dtype", "float32", "--modes", "fwd",
+                  "--sides", "ours,compiled", "--rounds", "1", "--batch-ms", "0.2",
+                  "--warmup-s", "0", "--quiet", "--json", str(path), "--plot", str(png)])
+    assert rc == 0
+    assert png.stat().st_size > 1000
+    assert "compiled" in json.loads(path.read_text())["results"][0]["ratios"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu_is_a_one_line_error(capsys):
+    assert run_cli(["--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no CUDA GPU" in err
+
+
+@pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", ""])
+def test_bad_shapes_are_rejected(text):
+    with pytest.raises(ValueError):
+        bench.parse_shapes(text)
+
+
+def test_shapes_and_dtypes_parse():
+    assert bench.parse_shapes("1,2,3,4; 5x6x7x8") == [(1, 2, 3, 4), (5, 6, 7, 8)]
+    assert bench.parse_dtypes("bf16,float32") == ["bfloat16", "float32"]

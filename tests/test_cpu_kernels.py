@@ -1,0 +1,179 @@
+"""Every CPU kernel path of lowrank_linear against a float64 reference.
+
+The reference forms W = B·A in float64 here, from the very (rounded) inputs
+the kernel sees, so only the kernel's own accumulation and output rounding
+are measured. Both kernel families run: the AVX2 micro-kernels ("auto" on a
+CPU that has AVX2) and the portable loops / BLAS blocks ("portable").
+
+Shapes are chosen to reach each branch and each tail:
+  * AVX2, few rows (threads split rank and outputs) and many rows (threads
+    split row blocks), row chunks beyond one block, 3-row tile tails, 4-column
+    tile tails of r and d, 64-output chunks, 8-lane tails of k and r, the
+    1024-wide k chunks;
+  * portable: the per-row loops, the single-row split across threads, the
+    BLAS row blocks with a partial last block.
+"""
+
+import pytest
+import torch
+
+import lowrank_ext
+from conftest import DTYPES, TOLERANCES, requires_compiled
+
+pytestmark = requires_compiled
+
+KERNELS = ("auto", "portable")
+
+# (M, k, r, d, threads): comment says which path / tail it reaches.
+SHAPES = [
+    (1, 10, 2, 10, 2),          # the seed layer: k and r below one 8-lane vector
+    (1, 4096, 16, 4096, 2),     # decode: rank and outputs split across threads
+    (1, 2048, 17, 2051, 2),     # decode with rank / output tile tails
+    (1, 1, 1, 1, 1),            # smallest
+    (2, 9, 3, 5, 1),            # one thread, 2-row tile tail, 3-column tiles
+    (5, 1025, 7, 66, 2),        # k just past a 1024 chunk, 8-lane tail of k
+    (16, 4096, 64, 4096, 2),    # few rows with several threads; BLAS block (portable)
+    (31, 300, 5, 130, 2),       # 64-output chunks with a 2-column tail
+    (64, 257, 13, 67, 2),       # first row-block shape with two threads
+    (200, 513, 8, 129, 2),      # row blocks with 3-row tails, partial BLAS block
+    (200, 40, 6, 19, 8),        # few rows per thread with 8 threads: two row chunks
+    (97, 2100, 33, 45, 1),      # one thread, several k chunks, r tail past 32
+]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    previous = torch.ops.lowrank_ext._cpu_kernel("")
+    active = torch.ops.lowrank_ext._cpu_kernel(request.param)
+    yield active
+    torch.ops.lowrank_ext._cpu_kernel("portable" if previous == "portable" else "auto")
+
+
+@pytest.fixture
+def threads():
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+def make(M, k, r, d, dtype, bias=True, lead=None):
+    shape = (M, k) if lead is None else (*lead, k)
+    x = torch.randn(shape).to(dtype)
+    A = (torch.randn(r, k) * max(k, 1) ** -0.5).to(dtype)
+    B = (torch.randn(d, r) * max(r, 1) ** -0.5).to(dtype)
+    b = torch.randn(d).to(dtype) if bias else None
+    return x, A, B, b
+
+
+def reference(x, A, B, bias):
+    W = B.double() @ A.double()  # dense W, formed only in the test
+    y = x.double() @ W.T
+    return y if bias is None else y + bias.double()
+
+
+def assert_matches(y, ref, dtype):
+    tol = TOLERANCES[dtype]
+    scale = max(ref.abs().max().item(), 1.0) if ref.numel() else 1.0
+    assert y.dtype == dtype and y.shape == ref.shape
+    torch.testing.assert_close(y.double(), ref, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,k,r,d,nthreads", SHAPES)
+def test_paths_match_float64_reference(kernel, threads, dtype, M, k, r, d, nthreads):
+    threads(nthreads)
+    x, A, B, bias = make(M, k, r, d, dtype)
+    copies = [t.clone() for t in (x, A, B, bias)]
+    y = lowrank_ext.lowrank_linear(x, A, B, bias)
+    assert_matches(y, reference(x, A, B, bias), dtype)
+    for before, after in zip(copies, (x, A, B, bias)):
+        assert torch.equal(before, after), "an input was modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,k,r,d,nthreads", [(1, 4096, 16, 4096, 2), (7, 33, 5, 9, 1),
+                                              (130, 600, 12, 70, 2)])
+def test_intermediate_and_no_bias(kernel, threads, dtype, M, k, r, d, nthreads):
+    threads(nthreads)
+    x, A, B, _ = make(M, k, r, d, dtype, bias=False)
+    y, t = torch.ops.lowrank_ext.lowrank_linear_with_intermediate(x, A, B, None)
+    assert_matches(y, reference(x, A, B, None), dtype)
+    assert_matches(t, x.double() @ A.double().T, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["row_stride", "transposed", "broadcast_rows",
+                                    "leading_dims", "weights_transposed", "scalar_row"])
+@pytest.mark.parametrize("M", [1, 70])
+def test_layouts(kernel, dtype, layout, M):
+    k, r, d = 37, 6, 23
+    x, A, B, bias = make(M, k, r, d, dtype)
+    if layout == "row_stride":  # rows read in place with a stride > k
+        x = torch.randn(M, k + 11).to(dtype)[:, 3:3 + k]
+    elif layout == "transposed":  # unit column stride missing: copied once
+        x = torch.randn(k, M).to(dtype).T
+    elif layout == "broadcast_rows":  # stride-0 rows
+        x = torch.randn(1, k).to(dtype).expand(M, k)
+    elif layout == "leading_dims":
+        x = torch.randn(2, M, 1, k).to(dtype)
+    elif layout == "weights_transposed":
+        A = torch.randn(k, r).to(dtype).T
+        B = torch.randn(r, d).to(dtype).T
+        bias = torch.randn(2 * d).to(dtype)[::2]
+    elif layout == "scalar_row":  # x of shape (k,): no leading dims
+        x = torch.randn(k).to(dtype)
+    y = lowrank_ext.lowrank_linear(x, A, B, bias)
+    assert_matches(y, reference(x, A, B, bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,k,r,d", [(0, 5, 3, 4), (3, 0, 2, 4), (3, 5, 0, 4), (3, 5, 2, 0),
+                                     (0, 0, 0, 0)])
+def test_zero_sizes(kernel, dtype, M, k, r, d):
+    x, A, B, bias = make(M, k, r, d, dtype)
+    y, t = torch.ops.lowrank_ext.lowrank_linear_with_intermediate(x, A, B, bias)
+    assert y.shape == (M, d) and t.shape == (M, r)
+    assert_matches(y, reference(x, A, B, bias), dtype)
+
+
+def test_kernel_switch_reports_and_rejects():
+    current = torch.ops.lowrank_ext._cpu_kernel("")
+    assert current in ("avx2", "portable")
+    with pytest.raises(RuntimeError, match="_cpu_kernel: expected"):
+        torch.ops.lowrank_ext._cpu_kernel("sse9")
+    assert torch.ops.lowrank_ext._cpu_kernel("") == current
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_rounding_matches_torch(kernel, dtype):
+    # Outputs round to nearest even like torch's own conversion of the float32 sum.
+    x, A, B, bias = make(40, 64, 8, 37, dtype)
+    y = lowrank_ext.lowrank_linear(x, A, B, bias)
+    exact = reference(x, A, B, bias).float().to(dtype)
+    mismatch = (y != exact).float().mean().item()
+    assert mismatch < 0.05, f"{mismatch:.1%} of outputs differ from the rounded reference"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,k,r,d", [(1, 10, 2, 10), (70, 300, 16, 90), (5, 1030, 9, 33)])
+@pytest.mark.parametrize("grad_out", ["dense", "broadcast"])
+def test_backward_matches_float64_reference(kernel, dtype, M, k, r, d, grad_out):
+    # The CPU backward runs gx = (gy·B)·A through the forward kernel itself.
+    x, A, B, bias = make(M, k, r, d, dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (x, A, B, bias)]
+    gy = torch.randn(M, d).to(dtype)
+    if grad_out == "broadcast":  # the stride-0 gradient that .sum() produces
+        gy = torch.ones(1, 1, dtype=dtype).expand(M, d)
+    got = torch.autograd.grad(lowrank_ext.lowrank_linear(*leaves), leaves, gy)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, A, B, bias)]
+    xr, Ar, Br, br = ref_leaves
+    want = torch.autograd.grad(xr @ (Br @ Ar).T + br, ref_leaves, gy.double())
+    for g, w in zip(got, want):
+        assert_matches(g, w, dtype)
+
+
+def test_double_backward_keeps_the_differentiable_path():
+    # With create_graph the backward must stay on differentiable ATen ops.
+    x, A, B, bias = make(4, 6, 3, 5, torch.float64)
+    x.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda x: lowrank_ext.lowrank_linear(x, A, B, bias), (x,))
