@@ -1,0 +1,76 @@
+// lora_linear: y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ, one kernel for every device.
+//
+// The dense product dominates, so it goes to the device's BLAS (MKL, cuBLAS)
+// once. For float32/float64 the adapter's (M × r) intermediate is tiny beside
+// it and its expand is accumulated straight into the same output buffer. For
+// half types a half-precision intermediate could overflow where the result
+// does not, so the adapter runs through the fused lowrank_linear kernel of
+// the device, which keeps the intermediate in float32.
+#include "checks.h"
+#include "ops.h"
+
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace lowrank_ext {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
+    const at::Tensor& x,
+    const at::Tensor& W,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    double scale) {
+  check_lora_linear_inputs(x, W, A, B, bias, scale);
+  const c10::OptionalDeviceGuard device_guard(x.device());
+  const int64_t k = x.size(-1);
+  const int64_t r = A.size(0);
+  const int64_t d = W.size(0);
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  const int64_t M = c10::multiply_integers(lead.begin(), lead.end());
+  std::vector<int64_t> y_shape = lead, t_shape = lead;
+  y_shape.push_back(d);
+  t_shape.push_back(r);
+
+  const at::Tensor x2 = x.reshape({M, k});
+  at::Tensor y2 = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
+  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
+    auto [adapter, t] = lowrank_linear_with_intermediate_op(x2, A, B * scale, std::nullopt);
+    y2.add_(adapter);
+    return {y2.view(y_shape), t.view(t_shape)};
+  }
+  const at::Tensor t2 = at::mm(x2, A.t());
+  if (r > 0 && M > 0) {
+    y2.addmm_(t2, B.t(), /*beta=*/1, /*alpha=*/scale);
+  }
+  return {y2.view(y_shape), t2.view(t_shape)};
+}
+
+at::Tensor lora_linear_kernel(
+    const at::Tensor& x,
+    const at::Tensor& W,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    double scale) {
+  return std::get<0>(lora_linear_with_intermediate_kernel(x, W, A, B, bias, scale));
+}
+
+} // namespace
+
+// Registered per device so that backend_info() and the dispatcher agree on
+// which devices run compiled code.
+TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
+  m.impl("lora_linear", &lora_linear_kernel);
+  m.impl("lora_linear_with_intermediate", &lora_linear_with_intermediate_kernel);
+}
+
+TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
+  m.impl("lora_linear", &lora_linear_kernel);
+  m.impl("lora_linear_with_intermediate", &lora_linear_with_intermediate_kernel);
+}
+
+} // namespace lowrank_ext
