@@ -162,7 +162,7 @@ constexpr int64_t kMaxRowBlock = 192;
 // Multiply-adds below which the AVX2 path stays on the calling thread
 // (about 50 µs of work): waking the other threads costs microseconds on a
 // quiet machine and up to a scheduler time slice (milliseconds) on a busy one.
-constexpr int64_t kMinParallelMacs = 1 << 20;
+constexpr int64_t kMinParallelMacs = 1 << 17;
 // Fewer rows than this per thread: threads split the rank and the outputs
 // instead of the rows.
 constexpr int64_t kMinRowsPerThread = 32;
