@@ -160,8 +160,9 @@ void blocked_blas(
 // intermediate (rows × r) stays in L2.
 constexpr int64_t kMaxRowBlock = 192;
 // Multiply-adds below which the AVX2 path stays on the calling thread
-// (about 50 µs of work): waking the other threads costs microseconds on a
-// quiet machine and up to a scheduler time slice (milliseconds) on a busy one.
+// (about 10 µs of work): waking the other threads costs a few microseconds on
+// a quiet machine, so a decode-sized call (1 × 4096 × 16 × 4096) already
+// gains from the second core.
 constexpr int64_t kMinParallelMacs = 1 << 17;
 // Fewer rows than this per thread: threads split the rank and the outputs
 // instead of the rows.
