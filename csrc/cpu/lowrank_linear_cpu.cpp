@@ -12,7 +12,6 @@
 // LOWRANK_EXT_CPU_KERNEL=portable forces the portable one, so tests cover both.
 #include "../checks.h"
 #include "lowrank_avx2.h"
-#include "lowrank_linear_cpu.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -288,8 +287,6 @@ void run_kernel(
   rowwise<T>(p, x, A, B, bias, y, t_out);
 }
 
-} // namespace
-
 std::tuple<at::Tensor, at::Tensor> lowrank_linear_cpu_impl(
     const at::Tensor& x,
     const at::Tensor& A,
@@ -380,6 +377,8 @@ std::string select_cpu_kernel(const std::string& choice) {
   }
   return use_avx2() ? "avx2" : "portable";
 }
+
+} // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowrank_ext, m) {
   m.def("_cpu_kernel(str choice) -> str", &select_cpu_kernel);
