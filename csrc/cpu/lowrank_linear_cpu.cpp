@@ -11,6 +11,7 @@
 // BLAS blocks everywhere else and for float64. `_cpu_kernel("portable")` or
 // LOWRANK_EXT_CPU_KERNEL=portable forces the portable one, so tests cover both.
 #include "../checks.h"
+#include "../lowrank_operands.h"
 #include "lowrank_avx2.h"
 
 #include <ATen/Dispatch.h>
@@ -298,56 +299,22 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cpu_impl(
   const char* op = "lowrank_linear";
   check_lowrank_linear_inputs(op, x, A, B, bias);
   TORCH_CHECK(x.device().is_cpu(), op, ": CPU kernel got x on ", x.device());
-
-  const int64_t k = x.size(-1);
-  const int64_t r = A.size(0);
-  const int64_t d = B.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  std::vector<int64_t> t_shape = out_shape;
-  out_shape.push_back(d);
-  t_shape.push_back(r);
-  const int64_t M = k == 0 ? c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1)
-                           : x.numel() / k;
-
-  at::Tensor y = at::empty(out_shape, x.options());
-  at::Tensor t = keep_intermediate ? at::empty(t_shape, x.options()) : at::Tensor();
-  if (M == 0) {
-    return {y, t};
+  const LowRankOperands ops = prepare_lowrank_operands(x, A, B, bias, keep_intermediate);
+  if (ops.done) {
+    return {ops.y, ops.t};
   }
-  if (r == 0 || k == 0) {
-    // The product is zero; only the bias remains.
-    if (bias.has_value()) {
-      y.copy_(bias->expand_as(y));
-    } else {
-      y.zero_();
-    }
-    if (keep_intermediate) {
-      t.zero_();
-    }
-    return {y, t};
-  }
-
-  // Rows of x must have unit column stride; any row stride (0 included, for
-  // broadcast rows) is read in place. Other layouts are copied once.
-  at::Tensor x2 = x.reshape({M, k});
-  if (x2.stride(1) != 1) {
-    x2 = x2.contiguous();
-  }
-  const at::Tensor A2 = A.contiguous();
-  const at::Tensor B2 = B.contiguous();
-  const at::Tensor bias2 = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const Problem p{M, k, r, d, x2.stride(0)};
+  const Problem p{ops.M, ops.k, ops.r, ops.d, ops.x2.stride(0)};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "lowrank_linear_cpu", [&] {
         run_kernel<scalar_t>(
-            p, x2.const_data_ptr<scalar_t>(), A2.const_data_ptr<scalar_t>(),
-            B2.const_data_ptr<scalar_t>(),
-            bias2.defined() ? bias2.const_data_ptr<scalar_t>() : nullptr,
-            y.mutable_data_ptr<scalar_t>(),
-            keep_intermediate ? t.mutable_data_ptr<scalar_t>() : nullptr);
+            p, ops.x2.const_data_ptr<scalar_t>(), ops.A2.const_data_ptr<scalar_t>(),
+            ops.B2.const_data_ptr<scalar_t>(),
+            ops.bias2.defined() ? ops.bias2.const_data_ptr<scalar_t>() : nullptr,
+            ops.y.mutable_data_ptr<scalar_t>(),
+            keep_intermediate ? ops.t.mutable_data_ptr<scalar_t>() : nullptr);
       });
-  return {y, t};
+  return {ops.y, ops.t};
 }
 
 at::Tensor lowrank_linear_cpu(

@@ -9,6 +9,7 @@
 //     the GPU with the fused kernel).
 // Everything runs on the current stream of x's device.
 #include "../checks.h"
+#include "../lowrank_operands.h"
 #include "lowrank_plan.h"
 #include "split_k.cuh"
 #include "tensor_core_fused.cuh"
@@ -185,17 +186,11 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda_impl(
   TORCH_CHECK(x.is_cuda(), op, ": CUDA kernel got x on ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
 
-  const int64_t k = x.size(-1);
-  const int64_t r = A.size(0);
-  const int64_t d = B.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  const int64_t M = c10::multiply_integers(out_shape.begin(), out_shape.end());
-  std::vector<int64_t> t_shape = out_shape;
-  out_shape.push_back(d);
-  t_shape.push_back(r);
-
-  at::Tensor y = at::empty(out_shape, x.options());
-  at::Tensor t = keep_intermediate ? at::empty(t_shape, x.options()) : at::Tensor();
+  const LowRankOperands ops = prepare_lowrank_operands(x, A, B, bias, keep_intermediate);
+  if (ops.done) {
+    return {ops.y, ops.t};
+  }
+  const int64_t M = ops.M, k = ops.k, r = ops.r, d = ops.d;
 
   ProblemDesc desc;
   desc.M = M, desc.k = k, desc.r = r, desc.d = d;
@@ -207,45 +202,21 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda_impl(
   desc.max_smem = info.max_smem;
   const Plan plan = make_plan(desc, forced);
 
-  if (plan.path == Path::kEmpty) {
-    return {y, t};
-  }
-  if (plan.path == Path::kBiasOnly) {
-    if (bias.has_value()) {
-      y.copy_(bias->expand_as(y));
-    } else {
-      y.zero_();
-    }
-    if (keep_intermediate) {
-      t.zero_();
-    }
-    return {y, t};
-  }
-
-  // Rows of x need a unit column stride; any row stride (0 for broadcast rows
-  // included) is read in place. The factors are small: made contiguous.
-  at::Tensor x2 = x.reshape({M, k});
-  if (x2.stride(1) != 1) {
-    x2 = x2.contiguous();
-  }
-  const at::Tensor A2 = A.contiguous();
-  const at::Tensor B2 = B.contiguous();
-  const at::Tensor bias2 = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor y2 = y.view({M, d});
-  at::Tensor t2 = keep_intermediate ? t.view({M, r}) : at::Tensor();
+  at::Tensor y2 = ops.y.view({M, d});
+  at::Tensor t2 = keep_intermediate ? ops.t.view({M, r}) : at::Tensor();
 
   switch (plan.path) {
     case Path::kTensorCore:
-      run_tensor_core(plan.tc, x2, A2, B2, bias2, y2, t2);
+      run_tensor_core(plan.tc, ops.x2, ops.A2, ops.B2, ops.bias2, y2, t2);
       break;
     case Path::kSplitK:
-      run_split_k(plan.sk, x2, A2, B2, bias2, y2, t2);
+      run_split_k(plan.sk, ops.x2, ops.A2, ops.B2, ops.bias2, y2, t2);
       break;
     default:
-      run_cublas(x2, A2, B2, bias2, y2, t2);
+      run_cublas(ops.x2, ops.A2, ops.B2, ops.bias2, y2, t2);
       break;
   }
-  return {y, t};
+  return {ops.y, ops.t};
 }
 
 namespace {

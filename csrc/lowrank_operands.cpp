@@ -1,0 +1,50 @@
+#include "lowrank_operands.h"
+
+#include <vector>
+
+namespace lowrank_ext {
+
+LowRankOperands prepare_lowrank_operands(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    bool keep_intermediate) {
+  LowRankOperands ops;
+  ops.k = x.size(-1);
+  ops.r = A.size(0);
+  ops.d = B.size(0);
+  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end() - 1);
+  ops.M = c10::multiply_integers(y_shape.begin(), y_shape.end());
+  std::vector<int64_t> t_shape = y_shape;
+  y_shape.push_back(ops.d);
+  t_shape.push_back(ops.r);
+  ops.y = at::empty(y_shape, x.options());
+  ops.t = keep_intermediate ? at::empty(t_shape, x.options()) : at::Tensor();
+
+  ops.done = ops.M == 0 || ops.r == 0 || ops.k == 0;
+  if (ops.done) {
+    if (ops.M > 0) {
+      // The product is zero; only the bias remains.
+      if (bias.has_value()) {
+        ops.y.copy_(bias->expand_as(ops.y));
+      } else {
+        ops.y.zero_();
+      }
+      if (keep_intermediate) {
+        ops.t.zero_();
+      }
+    }
+    return ops;
+  }
+  ops.x2 = x.reshape({ops.M, ops.k});
+  if (ops.x2.stride(1) != 1) {
+    ops.x2 = ops.x2.contiguous();
+  }
+  ops.A2 = A.contiguous();
+  ops.B2 = B.contiguous();
+  ops.bias2 = bias.has_value() ? bias->contiguous() : at::Tensor();
+  return ops;
+}
+
+} // namespace lowrank_ext
