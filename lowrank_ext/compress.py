@@ -28,6 +28,7 @@ import numbers
 import torch
 from torch import nn
 
+from ._workers import Workers
 from .nn import LowRankLinear, break_even_rank, rank_for_ratio
 from .report import CompressionReport, LayerReport
 
@@ -181,14 +182,18 @@ class _Spectrum:
     Computed from a min(d, k)-sized symmetric eigenproblem in float64 rather
     than an SVD of the d×k matrix: several times faster on the CPU, and the
     leading vectors, the only ones kept, are accurate.
+
+    The work runs on ``device`` (default: the weight's); the results are kept
+    on the weight's device, so that only one layer at a time occupies
+    ``device``.
     """
 
-    def __init__(self, weight, gram):
-        W = weight.detach().to(torch.float64)
-        self.weight = W
-        self.gram = gram
+    def __init__(self, weight, gram, device=None):
+        home = weight.device
+        device = home if device is None else device
+        W = weight.detach().to(device=device, dtype=torch.float64)
         d, k = W.shape
-        G = None if gram is None else gram.to(W.device)
+        G = None if gram is None else gram.to(device)
         if d <= k:
             # Left singular vectors of W·R are the eigenvectors of W·G·Wᵀ (d×d).
             M = W @ W.T if G is None else W @ G @ W.T
@@ -208,24 +213,44 @@ class _Spectrum:
             live = sigma > sigma[0] * 1e-12 if sigma.numel() and sigma[0] > 0 else sigma > 0
             U = (C @ V) / torch.where(live, sigma, torch.ones_like(sigma))
             U = U * live
-        self.U = U
-        self.energy = lam.clamp_min(0)  # σ_i², descending
+        self.device = device
+        self.weight = weight.detach().to(torch.float64)
+        self.gram = gram
+        self.U = U.to(home)
+        self.energy = lam.clamp_min(0).cpu()  # σ_i², descending
         self.total = float(self.energy.sum())
 
     def factors(self, rank):
         """(B, A) in float64 with B·A the best rank-``rank`` map in this metric."""
-        U_r = self.U[:, :rank]
-        return U_r.contiguous(), (U_r.T @ self.weight).contiguous()
+        U_r = self.U[:, :rank].to(self.device)
+        A = U_r.T @ self.weight.to(self.device)
+        return U_r.contiguous(), A.contiguous()
 
     def relative_tail(self, rank):
         """√(Σ_{i>r} σ_i² / Σ σ_i²): the relative error left at this rank."""
-        if self.total == 0.0:
-            return 0.0
-        return math.sqrt(max(0.0, float(self.energy[rank:].sum())) / self.total)
+        return _relative_tail(self.energy, self.total, rank)
+
+
+class _SharedSpectrum:
+    """The energies of a layer factorized by another rank: enough to choose its rank."""
+
+    def __init__(self, energy):
+        self.energy = energy
+        self.total = float(energy.sum())
+
+    def relative_tail(self, rank):
+        return _relative_tail(self.energy, self.total, rank)
+
+
+def _relative_tail(energy, total, rank):
+    if total == 0.0:
+        return 0.0
+    return math.sqrt(max(0.0, float(energy[rank:].sum())) / total)
 
 
 def _errors(spectrum, B, A):
-    W = spectrum.weight
+    """(relative error in weight space, relative error in output space or None)."""
+    W = spectrum.weight.to(spectrum.device)
     diff = W - B @ A
     norm_w = float(torch.linalg.matrix_norm(W))
     weight_error = float(torch.linalg.matrix_norm(diff)) / norm_w if norm_w else 0.0
@@ -236,6 +261,54 @@ def _errors(spectrum, B, A):
         err = float(torch.einsum("ij,jk,ik->", diff, G, diff))
         output_error = math.sqrt(max(err, 0.0) / ref) if ref > 0 else 0.0
     return weight_error, output_error
+
+
+def _spectra(names, layers, grams, owners, workers, device):
+    """{name: spectrum} on every rank; each rank decomposes only the layers it owns."""
+    spectra, error = {}, None
+    try:
+        for name in names:
+            if owners[name] == workers.rank:
+                spectra[name] = _Spectrum(layers[name].weight, grams.get(name), device)
+    except Exception as exc:  # every rank must learn of it, or the others would wait
+        error = exc
+    workers.all_succeeded(error)
+    if workers.shared:
+        for name in names:
+            size = min(layers[name].weight.shape)
+            energy = workers.share(owners[name], getattr(spectra.get(name), "energy", None),
+                                   (size,))
+            if name not in spectra:
+                spectra[name] = _SharedSpectrum(energy)
+    return spectra
+
+
+def _factors(names, spectra, ranks, owners, workers, shapes):
+    """{name: (B, A, weight error, output error)} on every rank, for the layers given."""
+    local, error = {}, None
+    try:
+        for name in names:
+            if owners[name] == workers.rank:
+                B, A = spectra[name].factors(ranks[name])
+                weight_error, output_error = _errors(spectra[name], B, A)
+                local[name] = (B, A, weight_error, output_error)
+    except Exception as exc:
+        error = exc
+    workers.all_succeeded(error)
+    if not workers.shared:
+        return local
+    shared = {}
+    for name in names:
+        (d, k), r, owner = shapes[name], ranks[name], owners[name]
+        mine = local.get(name)
+        B = workers.share(owner, mine and mine[0], (d, r))
+        A = workers.share(owner, mine and mine[1], (r, k))
+        errors = workers.share(owner, mine and torch.tensor(
+            [mine[2], math.nan if mine[3] is None else mine[3]], dtype=torch.float64), (2,))
+        output_error = float(errors[1])
+        shared[name] = (B, A, float(errors[0]), None if math.isnan(output_error)
+                        else output_error)
+    return shared
 
 
 # --- rank choice -------------------------------------------------------------------
@@ -314,7 +387,7 @@ def allocate_ranks(spectra, shapes, ratio):
 # --- the entry point ---------------------------------------------------------------
 def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calibration=None,
                    include=None, exclude=None, allocation="global", sequential=False,
-                   progress=None):
+                   device=None, process_group=None, progress=None):
     """Replace the model's ``nn.Linear`` layers by ``LowRankLinear``, in place.
 
     Args:
@@ -327,7 +400,9 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
             space, or in output space with calibration).
         calibration: ``fn(model)`` running forward passes, or an iterable of
             batches (tensor → ``model(x)``, tuple → ``model(*b)``, dict →
-            ``model(**b)``). Makes the truncation activation-aware.
+            ``model(**b)``). Makes the truncation activation-aware. A dict
+            batch with an ``attention_mask`` of shape (batch, tokens) leaves
+            the padding tokens out of the statistics.
         include, exclude: glob patterns (or lists) on module names, matched in
             full or as a dotted suffix; each must match some Linear layer.
         allocation: with ``ratio``, ``"global"`` (default) shares one budget
@@ -337,6 +412,16 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
             once the layers before it are compressed (one more calibration
             run per group of layers fed the same tensor), so that later layers
             adapt to the error of earlier ones. Slower; off by default.
+        device: where the factorizations run, e.g. ``"cuda"`` for a model kept
+            on the CPU. One layer at a time is moved there and its results
+            come back, so the model never has to fit on ``device``. Default:
+            each layer's own device.
+        process_group: with ``torch.distributed`` initialized, the layers are
+            shared out across the ranks of this group (default: the default
+            group), factorized in parallel and the factors exchanged, so every
+            rank ends with the same compressed model. Every rank must make the
+            same call on the same model; calibration statistics are summed
+            over the ranks, so each rank may calibrate on its own shard.
         progress: show a tqdm bar over layers; ``None`` shows it on a terminal only.
 
     Exactly one of ratio, rank, energy, tol. Layers where factorizing saves
@@ -350,32 +435,40 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress_model: model must be an nn.Module, got {type(model).__name__}")
     _check_targets(rank, ratio, energy, tol, allocation)
+    device = _check_device(device)
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
     if not linears:
         raise ValueError("compress_model: the model has no nn.Linear layer")
     names = select_names(list(linears), include, exclude)
     layers = {name: linears[name] for name in names}
+    shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
 
     if not isinstance(sequential, bool):
         raise TypeError(f"compress_model: sequential must be a bool, got "
                         f"{type(sequential).__name__}")
     if sequential and calibration is None:
         raise ValueError("compress_model: sequential=True needs calibration")
-    stages = []
-    grams = (collect_input_grams(model, layers, calibration, stages)
-             if calibration is not None else {})
-
-    bar = tqdm(total=len(layers), desc="compress", unit="layer", leave=False,
-               disable=None if progress is None else not progress)
-    spectra = {}
     for name, layer in layers.items():
         if not bool(torch.isfinite(layer.weight).all()):
             raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")
-        spectra[name] = _Spectrum(layer.weight, grams.get(name))
-        if not sequential:
-            bar.set_postfix_str(name, refresh=False)
-            bar.update()
-    shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+
+    workers = Workers(process_group)
+    workers.check_same_call((list(shapes.items()), ratio, rank, energy, tol, allocation,
+                             sequential, calibration is not None))
+    owners = workers.assign(shapes)
+    stages = []
+    grams = (collect_input_grams(model, layers, calibration, stages)
+             if calibration is not None else {})
+    for gram in grams.values():
+        workers.sum_(gram)
+    if sequential:
+        workers.check_same_call(stages)
+
+    bar = tqdm(total=len(layers), desc="compress", unit="layer", leave=False,
+               disable=None if progress is None else not progress)
+    spectra = _spectra(names, layers, grams, owners, workers, device)
+    if not sequential:
+        bar.update(len(layers))
 
     if ratio is not None and allocation == "global":
         ranks = allocate_ranks(spectra, shapes, ratio)
@@ -385,6 +478,7 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
         ranks = {n: int(rank) for n in layers}
     else:
         ranks = {n: _rank_from_target(spectra[n], energy, tol) for n in layers}
+    factorized = [n for n in names if ranks[n] < break_even_rank(*shapes[n])]
 
     def swap(name, new):
         parent_name, _, child = name.rpartition(".")
@@ -392,45 +486,52 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
         setattr(parent, child, new)
 
     records, replacements = {}, {}
-
-    def factorize(name, spectrum):
-        layer = layers[name]
-        d, k = shapes[name]
-        r = ranks[name]
-        if r >= break_even_rank(d, k):
+    for name in names:
+        if name not in factorized:
+            d, k = shapes[name]
             records[name] = LayerReport(name, (d, k), None, d * k, d * k, 0.0,
                                         0.0 if name in grams else None,
-                                        note=f"dense: rank {r} >= d·k/(d+k) = "
+                                        note=f"dense: rank {ranks[name]} >= d·k/(d+k) = "
                                              f"{break_even_rank(d, k):.1f} saves nothing")
-            return
-        B, A = spectrum.factors(r)
-        weight_error, output_error = _errors(spectrum, B, A)
-        dtype, device = layer.weight.dtype, layer.weight.device
-        bias = None if layer.bias is None else layer.bias.detach()
-        new = LowRankLinear.from_factors(A.to(device=device, dtype=dtype),
-                                         B.to(device=device, dtype=dtype), bias)
-        new.train(layer.training)
-        replacements[name] = new
-        records[name] = LayerReport(name, (d, k), r, d * k, r * (d + k), weight_error,
-                                    output_error)
+
+    def replace(found):
+        for name, (B, A, weight_error, output_error) in found.items():
+            layer = layers[name]
+            (d, k), r = shapes[name], ranks[name]
+            dtype, home = layer.weight.dtype, layer.weight.device
+            bias = None if layer.bias is None else layer.bias.detach()
+            new = LowRankLinear.from_factors(A.to(device=home, dtype=dtype),
+                                             B.to(device=home, dtype=dtype), bias)
+            new.train(layer.training)
+            replacements[name] = new
+            records[name] = LayerReport(name, (d, k), r, d * k, r * (d + k), weight_error,
+                                        output_error)
 
     if not sequential:
-        for name in layers:
-            factorize(name, spectra[name])
+        replace(_factors(factorized, spectra, ranks, owners, workers, shapes))
     else:
         # Earlier stages go into the model as they are done, so that the next
         # calibration run sees their error; any failure puts the originals back.
         done = False
         try:
-            for index, stage in enumerate(stages):
-                stage_grams = grams if index == 0 else collect_input_grams(
-                    model, {n: layers[n] for n in stage}, calibration)
+            for index, group in enumerate(stages):
+                stage = [n for n in group if n in factorized]
+                if not stage:
+                    bar.update(len(group))
+                    continue
+                if index == 0:
+                    stage_grams = grams
+                else:
+                    stage_grams = collect_input_grams(
+                        model, {n: layers[n] for n in stage}, calibration)
+                    for gram in stage_grams.values():
+                        workers.sum_(gram)
+                bar.set_postfix_str(stage[0], refresh=False)
+                stage_spectra = _spectra(stage, layers, stage_grams, owners, workers, device)
+                replace(_factors(stage, stage_spectra, ranks, owners, workers, shapes))
                 for name in stage:
-                    bar.set_postfix_str(name, refresh=False)
-                    factorize(name, _Spectrum(layers[name].weight, stage_grams[name]))
-                    if name in replacements:
-                        swap(name, replacements[name])
-                    bar.update()
+                    swap(name, replacements[name])
+                bar.update(len(group))
             done = True
         finally:
             if not done:
@@ -442,3 +543,21 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     for name, new in replacements.items():
         swap(name, new)
     return CompressionReport([records[n] for n in layers], calibrated=calibration is not None)
+
+
+def _check_device(device):
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise TypeError(f"compress_model: device must be a torch.device, str or int, got "
+                        f"{type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"compress_model: device {device!r} is not a device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"compress_model: device {str(device)!r} is not available "
+                         "(torch.cuda.is_available() is False)")
+    if device.type == "meta":
+        raise ValueError("compress_model: device 'meta' holds no data to factorize on")
+    return device

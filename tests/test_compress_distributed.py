@@ -1,0 +1,242 @@
+"""compress_model across the ranks of a gloo process group (2 processes) and with device=."""
+
+import os
+import pickle
+import traceback
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+from lowrank_ext import compress as compress_module
+
+dist = pytest.importorskip("torch.distributed")
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+WORLD = 2
+TIMEOUT_S = 120
+
+
+def build_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 32, bias=False),
+                          nn.Tanh(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 48))
+    # Trained weights are not low-rank; random ones are not either. The test only
+    # needs every rank and the single process to agree.
+    return model.double()
+
+
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(10, 24, dtype=torch.float64, generator=generator) for _ in range(4)]
+
+
+def run_compress(model, calibration, **kwargs):
+    return lx.compress_model(model, progress=False, calibration=calibration, **kwargs)
+
+
+def _worker(rank, init_file, out_dir, case):
+    """One rank: compress, then write the model state (or the error) for the parent."""
+    result = {}
+    try:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+        import datetime
+
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+        model = build_model()
+        counted = []
+
+        class CountingSpectrum(compress_module._Spectrum):
+            def __init__(self, weight, gram, device=None):
+                counted.append(tuple(weight.shape))
+                super().__init__(weight, gram, device)
+
+        compress_module._Spectrum = CountingSpectrum
+        if case["fail_on_rank"] == rank:
+            def broken(*args, **kwargs):
+                raise FloatingPointError("eigensolver did not converge")
+            compress_module._Spectrum = broken
+        kwargs = dict(case["kwargs"])
+        if case["different_on_rank"] == rank:
+            kwargs["exclude"] = "0"
+        # Each rank calibrates on its own half of the batches.
+        mine = batches()[rank::WORLD] if case["calibrate"] else None
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            report = run_compress(model, mine, **kwargs)
+            result["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+            result["report"] = report.to_dict()
+        except Exception as exc:  # the parent checks the type and message
+            result["error"] = (type(exc).__name__, str(exc))
+            result["unchanged"] = all(torch.equal(before[k], v)
+                                      for k, v in model.state_dict().items())
+            result["linears"] = sum(type(m) is nn.Linear for m in model.modules())
+        result["spectra_computed"] = len(counted)
+        dist.destroy_process_group()
+    except Exception:
+        result["crash"] = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_ranks(tmp_path, **case):
+    import torch.multiprocessing as mp
+
+    case = dict(dict(kwargs={}, calibrate=True, fail_on_rank=None, different_on_rank=None),
+                **case)
+    context = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), case),
+                                 nprocs=WORLD, join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish in time (a collective hung)")
+    results = []
+    for rank in range(WORLD):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            result = pickle.load(f)
+        assert "crash" not in result, result.get("crash")
+        results.append(result)
+    return results
+
+
+def single_process(calibrate=True, **kwargs):
+    model = build_model()
+    report = run_compress(model, batches() if calibrate else None, **kwargs)
+    return model, report
+
+
+def assert_same_model(state, model):
+    reference = model.state_dict()
+    assert set(state) == set(reference)
+    for key, value in state.items():
+        assert value.shape == reference[key].shape, key
+    # The factors' signs may differ where float64 sums were taken in another
+    # order; the products B·A, the layers' maps, may not.
+    for prefix in {k.rsplit(".", 1)[0] for k in state if k.endswith(".A")}:
+        mine = state[prefix + ".B"] @ state[prefix + ".A"]
+        theirs = reference[prefix + ".B"] @ reference[prefix + ".A"]
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
+    for key, value in state.items():
+        if not key.endswith((".A", ".B")):
+            torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=0.5), dict(ratio=0.6, allocation="uniform"),
+                                    dict(energy=0.9), dict(ratio=0.5, sequential=True)],
+                         ids=["global", "uniform", "energy", "sequential"])
+def test_two_ranks_share_the_work_and_end_with_the_one_process_model(tmp_path, kwargs):
+    results = run_ranks(tmp_path, kwargs=kwargs)
+    model, report = single_process(**kwargs)
+    for result in results:
+        assert "error" not in result, result["error"]
+        assert_same_model(result["state"], model)
+        for mine, theirs in zip(result["report"]["layers"], report.to_dict()["layers"],
+                                strict=True):
+            for key in ("name", "shape", "rank", "params_before", "params_after", "note"):
+                assert mine[key] == theirs[key], key
+            for key in ("weight_error", "output_error"):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-9, abs=1e-12), key
+    # Both ranks hold bitwise the same factors: they were exchanged, not recomputed.
+    for key in results[0]["state"]:
+        assert torch.equal(results[0]["state"][key], results[1]["state"][key]), key
+    computed = [r["spectra_computed"] for r in results]
+    assert all(c > 0 for c in computed), computed
+    if not kwargs.get("sequential"):
+        assert sum(computed) == len(report.layers), computed  # each layer decomposed once
+
+
+def test_two_ranks_without_calibration(tmp_path):
+    results = run_ranks(tmp_path, kwargs=dict(rank=3), calibrate=False)
+    model, _ = single_process(calibrate=False, rank=3)
+    for result in results:
+        assert_same_model(result["state"], model)
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank_and_changes_nothing(tmp_path):
+    results = run_ranks(tmp_path, kwargs=dict(ratio=0.5), fail_on_rank=1)
+    assert results[1]["error"] == ("FloatingPointError", "eigensolver did not converge")
+    kind, message = results[0]["error"]
+    assert kind == "RuntimeError" and "failed on rank(s) [1]" in message
+    for result in results:
+        assert result["unchanged"] and result["linears"] == 4
+
+
+def test_ranks_given_different_layers_are_refused_instead_of_hanging(tmp_path):
+    results = run_ranks(tmp_path, kwargs=dict(ratio=0.5), different_on_rank=1)
+    for result in results:
+        kind, message = result["error"]
+        assert kind == "RuntimeError" and "ranks [1] were called with other layers" in message
+        assert result["unchanged"]
+
+
+def test_process_group_without_distributed_is_refused():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="process_group was given but torch.distributed"):
+        lx.compress_model(build_model(), rank=2, process_group=object())
+
+
+# --- device= ---------------------------------------------------------------------------
+def test_device_cpu_gives_the_same_model():
+    kwargs = dict(ratio=0.5)
+    model, _ = single_process(**kwargs)
+    other = build_model()
+    run_compress(other, batches(), device="cpu", **kwargs)
+    assert_same_model(other.state_dict(), model)
+
+
+def test_the_factorization_runs_on_the_given_device_one_layer_at_a_time(monkeypatch):
+    """With device=, eigh sees tensors on that device and the results come home.
+
+    Without a GPU the 'device' is simulated: a tensor subclass-free check is
+    not possible, so this records the device of every eigh input on the CPU
+    and relies on test_cuda for the CUDA device itself.
+    """
+    seen = []
+    real_eigh = torch.linalg.eigh
+
+    def spy(matrix, *args, **kwargs):
+        seen.append(matrix.device)
+        return real_eigh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    model = build_model()
+    run_compress(model, batches(), ratio=0.5, device=torch.device("cpu"))
+    assert seen and all(d == torch.device("cpu") for d in seen)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_cuda_for_a_model_on_the_cpu():
+    kwargs = dict(ratio=0.5)
+    model, _ = single_process(**kwargs)
+    other = build_model()
+    run_compress(other, batches(), device="cuda", **kwargs)
+    assert all(p.device.type == "cpu" for p in other.parameters())
+    assert_same_model(other.state_dict(), model)
+
+
+@pytest.mark.parametrize("device, error, message", [
+    ("tpu-ish", ValueError, "device 'tpu-ish' is not a device"),
+    (1.5, TypeError, "device must be a torch.device, str or int, got float"),
+    ("meta", ValueError, "device 'meta' holds no data"),
+])
+def test_bad_device(device, error, message):
+    model = build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        lx.compress_model(model, rank=2, device=device)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_device_without_a_gpu():
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available"):
+        lx.compress_model(build_model(), rank=2, device="cuda")
