@@ -85,7 +85,8 @@ def _preview(names, limit=6):
 
 
 # --- calibration -------------------------------------------------------------------
-def _run_calibration(model, calibration):
+def _run_calibration(model, calibration, token_mask=None):
+    """Run the calibration; for dict batches, ``token_mask[0]`` holds the batch's attention_mask."""
     if callable(calibration):
         calibration(model)
         return
@@ -105,7 +106,14 @@ def _run_calibration(model, calibration):
         elif isinstance(batch, (tuple, list)):
             model(*batch)
         elif isinstance(batch, dict):
-            model(**batch)
+            mask = batch.get("attention_mask")
+            if token_mask is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                token_mask[0] = mask
+            try:
+                model(**batch)
+            finally:
+                if token_mask is not None:
+                    token_mask[0] = None
         else:
             raise TypeError(
                 "compress_model: a calibration batch must be a tensor, tuple or dict, got "
@@ -126,6 +134,10 @@ def collect_input_grams(model, layers, calibration, stages=None):
     # Layers fed the same tensor one after another (attention's q, k, v) share
     # one product: remember the last input and its XᵀX.
     last = {"key": None, "gram": None}
+    # Padding tokens carry no meaning but would pull the whitening towards
+    # their activations: rows of inputs shaped like the batch's attention_mask
+    # where the mask is 0 are left out.
+    token_mask = [None]
 
     def make_hook(name, k):
         def hook(module, args, kwargs):
@@ -140,7 +152,11 @@ def collect_input_grams(model, layers, calibration, stages=None):
                 else:
                     stages.append([name])
             if not same:
-                x64 = x.detach().reshape(-1, k).to(torch.float64)
+                x64 = x.detach().reshape(-1, k)
+                mask = token_mask[0]
+                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                    x64 = x64[mask.reshape(-1).to(x64.device) != 0]
+                x64 = x64.to(torch.float64)
                 last["key"], last["gram"] = (x, version), x64.T @ x64
             g = last["gram"]
             grams[name] = g.clone() if grams[name] is None else grams[name].add_(g)
@@ -153,7 +169,7 @@ def collect_input_grams(model, layers, calibration, stages=None):
     try:
         model.eval()
         with torch.no_grad():
-            _run_calibration(model, calibration)
+            _run_calibration(model, calibration, token_mask)
     except TypeError as exc:
         if str(exc).startswith("compress_model:"):
             raise

@@ -370,3 +370,39 @@ def test_sequential_failure_restores_the_model():
     _assert_unchanged(model, snapshot)
     with pytest.raises(ValueError, match="sequential=True needs calibration"):
         lx.compress_model(model, rank=3, sequential=True)
+
+
+class TokenNet(nn.Module):
+    """A (batch, tokens, features) model that takes an attention_mask like a transformer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32, dtype=torch.float64)
+        self.fc2 = nn.Linear(32, 8, dtype=torch.float64)
+
+    def forward(self, x, attention_mask):
+        return self.fc2(torch.relu(self.fc1(x))) * attention_mask[..., None]
+
+
+def test_padding_tokens_are_left_out_of_dict_batch_calibration():
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    mask = torch.ones(3, 7, dtype=torch.int64)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    padded = x.clone()
+    padded[mask == 0] = 1e3  # padding activations that would dominate XᵀX
+    original = TokenNet()
+    masked, unpadded, polluted = (copy.deepcopy(original) for _ in range(3))
+    lx.compress_model(masked, rank=3,
+                      calibration=[{"x": padded, "attention_mask": mask}])
+    # The same statistics from the real tokens alone, as one flat batch.
+    real = x[mask.bool()]
+    lx.compress_model(unpadded, rank=3, calibration=lambda m: (m.fc2(torch.relu(m.fc1(real)))))
+    for name in ("fc1", "fc2"):
+        a, b = getattr(masked, name), getattr(unpadded, name)
+        torch.testing.assert_close(a.B @ a.A, b.B @ b.A, rtol=1e-9, atol=1e-9)
+    # Without the mask the padding takes over fc1's whitening.
+    lx.compress_model(polluted, rank=3,
+                      calibration=[{"x": padded, "attention_mask": torch.ones_like(mask)}])
+    assert not torch.allclose(polluted.fc1.B @ polluted.fc1.A, masked.fc1.B @ masked.fc1.A,
+                              atol=1e-3)
