@@ -1,10 +1,10 @@
-"""Training under DistributedDataParallel (gloo, 2 processes) equals one process on the full batch.
+"""Training under DDP and FSDP2 (gloo, 2 processes) equals one process on the full batch.
 
 Two processes each train a LoRALinear -> GELU -> LowRankLinear model on half of
 every batch; their parameters after a few optimizer steps must equal those of
-one process that trains the same initial model on the whole batches. DDP
-averages the gradients, so with a loss that is a mean over the local half the
-two agree up to the order of the summations. The LoRA base layer must stay
+one process that trains the same initial model on the whole batches. DDP and
+FSDP average the gradients, so with a loss that is a mean over the local half
+the two agree up to the order of the summations. The LoRA base layer must stay
 frozen and bit-identical.
 
 Robustness: the process group and the wait for the workers have timeouts, a
@@ -30,13 +30,22 @@ IN, HIDDEN, OUT = 6, 10, 4
 PG_TIMEOUT_S = 60
 JOIN_TIMEOUT_S = 180  # process start-up (import torch) included
 
-# name -> (dtype, bias, optimizer, DDP options, tolerance against one process)
+F64 = dict(rtol=1e-12, atol=1e-12)
+F32 = dict(rtol=1e-5, atol=1e-6)
+# name -> (wrapper, its options, dtype, bias, optimizer, tolerance against one process)
 CONFIGS = {
-    "f64-bias-sgd": (torch.float64, True, "sgd", {}, dict(rtol=1e-12, atol=1e-12)),
-    "f64-nobias-adam-static": (torch.float64, False, "adam", {"static_graph": True},
-                               dict(rtol=1e-12, atol=1e-12)),
-    "f32-bias-adam": (torch.float32, True, "adam", {}, dict(rtol=1e-5, atol=1e-6)),
+    "ddp-f64-bias-sgd": ("ddp", {}, torch.float64, True, "sgd", F64),
+    "ddp-f64-nobias-adam-static": ("ddp", {"static_graph": True}, torch.float64, False, "adam",
+                                   F64),
+    "ddp-f32-bias-adam": ("ddp", {}, torch.float32, True, "adam", F32),
+    "fsdp2-f64-bias-adam": ("fsdp2", {}, torch.float64, True, "adam", F64),
+    "fsdp2-f32-nobias-sgd": ("fsdp2", {}, torch.float32, False, "sgd", F32),
 }
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch without FSDP2
+    fully_shard = None
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -58,10 +67,26 @@ def make_optimizer(kind, model):
     return torch.optim.Adam(params, lr=0.05)
 
 
+def wrap(kind, model, options):
+    if kind == "ddp":
+        return nn.parallel.DistributedDataParallel(model, **options)
+    # FSDP2, one unit per layer holding parameters, then the root. (Not
+    # lora.base alone: LoRALinear reads base.weight without calling base.)
+    fully_shard(model[0], **options)
+    fully_shard(model[2], **options)
+    return fully_shard(model, **options)
+
+
+def full_state(model):
+    """The state_dict as plain tensors (FSDP2 holds sharded DTensors; this gathers them)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
 def train(model, optimizer, xs, ys):
     for x, y in zip(xs, ys):
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x), y)  # a mean: DDP averages across ranks
+        loss = nn.functional.mse_loss(model(x), y)  # a mean: DDP and FSDP average across ranks
         loss.backward()
         optimizer.step()
 
@@ -77,14 +102,16 @@ def _worker(rank, directory):
             results = {"compiled": lx.backend_info()["compiled"]}
             half = BATCH // WORLD_SIZE
             rows = slice(rank * half, (rank + 1) * half)
-            for name, (dtype, bias, opt, ddp_options, _) in CONFIGS.items():
+            for name, (kind, options, dtype, bias, opt, _) in CONFIGS.items():
+                if kind == "fsdp2" and fully_shard is None:
+                    continue
                 model = build(dtype, bias)
                 model.load_state_dict(inputs[name]["init"])
-                ddp = nn.parallel.DistributedDataParallel(model, **ddp_options)
-                optimizer = make_optimizer(opt, ddp)
-                train(ddp, optimizer, inputs[name]["x"][:, rows], inputs[name]["y"][:, rows])
+                wrapped = wrap(kind, model, options)
+                optimizer = make_optimizer(opt, wrapped)
+                train(wrapped, optimizer, inputs[name]["x"][:, rows], inputs[name]["y"][:, rows])
                 results[name] = {
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    "state": full_state(model),
                     "base_grads": [p.grad for p in model[0].base.parameters()],
                     "base_requires_grad": [p.requires_grad for p in model[0].base.parameters()],
                 }
@@ -131,7 +158,7 @@ def trained(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ddp")
     torch.manual_seed(0)
     inputs = {}
-    for name, (dtype, bias, *_rest) in CONFIGS.items():
+    for name, (_, _, dtype, bias, *_rest) in CONFIGS.items():
         inputs[name] = {
             "init": {k: v.clone() for k, v in build(dtype, bias).state_dict().items()},
             "x": torch.randn(STEPS, BATCH, IN, dtype=dtype),
@@ -146,10 +173,16 @@ def test_workers_ran_on_this_processes_backend(trained):
     assert [r["compiled"] for r in results] == [lx.backend_info()["compiled"]] * WORLD_SIZE
 
 
+def _needs(name):
+    if CONFIGS[name][0] == "fsdp2" and fully_shard is None:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_ddp_matches_one_process_on_the_full_batch(trained, name):
+def test_matches_one_process_on_the_full_batch(trained, name):
+    _needs(name)
     inputs, results = trained
-    dtype, bias, opt, _, tolerance = CONFIGS[name]
+    _, _, dtype, bias, opt, tolerance = CONFIGS[name]
     model = build(dtype, bias)
     model.load_state_dict(inputs[name]["init"])
     train(model, make_optimizer(opt, model), inputs[name]["x"], inputs[name]["y"])
@@ -157,7 +190,8 @@ def test_ddp_matches_one_process_on_the_full_batch(trained, name):
     rank0, rank1 = (r[name]["state"] for r in results)
     assert set(rank0) == set(expected)
     for key, value in expected.items():
-        # The ranks apply the same averaged gradient: bit-identical replicas.
+        # The ranks apply the same averaged gradient: bit-identical replicas
+        # (FSDP: each rank's shard, gathered).
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], value, **tolerance, msg=lambda m: f"{key}: {m}")
     # Training moved every trainable parameter (the comparison is not vacuous).
@@ -169,9 +203,10 @@ def test_ddp_matches_one_process_on_the_full_batch(trained, name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_lora_base_stays_frozen_and_identical(trained, name):
+    _needs(name)
     inputs, results = trained
     base_keys = [k for k in inputs[name]["init"] if k.startswith("0.base.")]
-    assert base_keys == (["0.base.weight", "0.base.bias"] if CONFIGS[name][1]
+    assert base_keys == (["0.base.weight", "0.base.bias"] if CONFIGS[name][3]
                          else ["0.base.weight"])
     for result in results:
         assert result[name]["base_grads"] == [None] * len(base_keys)
