@@ -23,19 +23,32 @@ COMMANDS = {
 USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, KeyError)
 
 
+TRACEBACK_HELP = "show the full traceback when a command fails"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m lowrank_ext",
         description="Fused low-rank linear layers for PyTorch.")
-    parser.add_argument("--traceback", action="store_true",
-                        help="show the full traceback when a command fails")
+    parser.add_argument("--traceback", action="store_true", help=TRACEBACK_HELP)
+    # Also accepted after the command; SUPPRESS keeps the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                        help=TRACEBACK_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP, parents=[common])
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
+
+
+def _one_line(exc):
+    """The first line of an error's message (KeyError's without the quotes str() adds)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    text = str(text).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv=None):
@@ -49,6 +62,6 @@ def main(argv=None):
     except USER_ERRORS as exc:
         if args.traceback:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = _one_line(exc)
         print(f"lowrank_ext {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -7,8 +7,6 @@ of ``LowRankLinear``, and the ranks go into the metadata, so
 Other tensors, and weights where factorizing saves nothing, are copied as they are.
 """
 
-import os
-
 HELP = "factorize the 2-D weights of a safetensors file by truncated SVD"
 
 
@@ -45,13 +43,12 @@ def run(args):
     from .compress import select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
-    from .serialization import atomic_write, ranks_metadata
+    from .serialization import (atomic_write, check_input_file, check_output_path,
+                                ranks_metadata, unreadable_error)
     from .svd import choose_rank, svd_truncate
 
-    if not os.path.isfile(args.input):
-        raise FileNotFoundError(f"no such file: {args.input}")
-    if os.path.exists(args.output) and not args.force:
-        raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
+    check_input_file(None, args.input)
+    check_output_path(None, args.output, force=args.force)
     if args.ratio is not None:
         rank_for_ratio(2, 2, args.ratio)  # validates the ratio
     if args.rank is not None and args.rank < 1:
@@ -64,7 +61,7 @@ def run(args):
             tensors = {key: f.get_tensor(key) for key in f.keys()}
             metadata = dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error type for a bad file
-        raise ValueError(f"cannot read {args.input} as safetensors: {exc}") from exc
+        raise unreadable_error(None, args.input, exc) from exc
 
     candidates = {module_name(k): k for k, t in tensors.items()
                   if t.dim() == 2 and t.is_floating_point() and t.numel() > 0}
@@ -79,7 +76,7 @@ def run(args):
         W = tensors[key]
         d, k = W.shape
         if not bool(torch.isfinite(W).all()):
-            raise ValueError(f"weight {key!r} has NaN or Inf")
+            raise ValueError(f"weight {key!r} in {args.input} has NaN or Inf")
         if args.ratio is not None:
             r = rank_for_ratio(d, k, args.ratio)
         elif args.rank is not None:

@@ -152,15 +152,24 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_factors(cls, A, B, bias=None):
         """A layer holding copies of the given factors ``A`` (r, k), ``B`` (d, r) and ``bias``."""
+        owner = "LowRankLinear.from_factors"
+        for name, t in (("A", A), ("B", B), ("bias", bias)):
+            if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+                raise TypeError(f"{owner}: {name} must be a Tensor, got {type(t).__name__}")
         for name, t in (("A", A), ("B", B)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 2:
-                raise ValueError(f"LowRankLinear.from_factors: {name} must be a 2-D tensor")
+            if t.dim() != 2:
+                raise ValueError(f"{owner}: {name} must be 2-D, got shape {list(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{owner}: {name} must be a floating-point tensor, got {t.dtype}")
         if B.shape[1] != A.shape[0]:
             raise ValueError(
-                f"LowRankLinear.from_factors: B has shape {list(B.shape)} but A has shape "
+                f"{owner}: B has shape {list(B.shape)} but A has shape "
                 f"{list(A.shape)}; need A (r, k) and B (d, r)")
         rank, k = A.shape
         d = B.shape[0]
+        if bias is not None and tuple(bias.shape) != (d,):
+            raise ValueError(f"{owner}: bias must have shape [d] = [{d}], got shape "
+                             f"{list(bias.shape)}")
         with torch.device("meta"):  # skip a random init that is overwritten at once
             layer = cls(k, d, rank, bias=bias is not None, dtype=A.dtype)
         layer.A = nn.Parameter(A.detach().clone().contiguous())

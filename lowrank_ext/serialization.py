@@ -26,16 +26,58 @@ def ranks_metadata(ranks):
                                      sort_keys=True)}
 
 
-def atomic_write(path, write):
+def _prefix(owner):
+    """Messages start with the function that failed; the CLI gives none."""
+    return f"{owner}: " if owner else ""
+
+
+def check_path(owner, path, what="path"):
+    """``path`` as a str; a TypeError naming ``what`` for anything that is not a path."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{_prefix(owner)}{what} must be a str or os.PathLike, "
+                        f"got {type(path).__name__}")
+    return os.fsdecode(path)
+
+
+def check_input_file(owner, path):
+    """FileNotFoundError / IsADirectoryError unless ``path`` is an existing file."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{_prefix(owner)}{path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{_prefix(owner)}no such file: {path}")
+
+
+def check_output_path(owner, path, *, force=True, flag="--force"):
+    """Fail early, before any work, on an output path that cannot be written.
+
+    A directory, a missing parent directory, or (unless ``force``) an existing
+    file.
+    """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{_prefix(owner)}{path} is a directory; give a file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{_prefix(owner)}cannot write {path}: no directory {directory}")
+    if not force and os.path.exists(path):
+        raise FileExistsError(f"{_prefix(owner)}{path} exists; pass {flag} to overwrite it")
+
+
+def atomic_write(path, write, owner=None):
     """Call ``write(tmp_path)``, then rename tmp_path to ``path``.
 
     The temporary file sits beside ``path`` (same file system, so the rename is
     atomic) and is removed if ``write`` fails: a failure never leaves a
     half-written ``path``.
     """
-    path = os.fspath(path)
+    path = check_path(owner, path)
+    check_output_path(owner, path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=directory)
+    except OSError as exc:
+        raise type(exc)(f"{_prefix(owner)}cannot write {path}: cannot create a file in "
+                        f"{directory} ({exc.strerror or exc})") from exc
     os.close(fd)
     try:
         write(tmp)
@@ -55,6 +97,50 @@ def atomic_write(path, write):
         raise
 
 
+# safetensors' header may not exceed 100 MB.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def _why_unreadable(path):
+    """Why safetensors cannot open ``path``: truncated or not safetensors at all; None if unsure."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            first = f.read(1)
+            if size == 0:
+                return "the file is empty"
+            if size < 8:
+                return (f"the file is only {size} bytes long: not a safetensors file, "
+                        "or a truncated one")
+            if first != b"{":
+                return "it is not a safetensors file (no JSON header after the 8-byte length)"
+            if length < 2:
+                return f"it is not a safetensors file (header length {length} bytes)"
+            if 8 + length > size:
+                return (f"the file is truncated: its header is {length} bytes long but only "
+                        f"{size - 8} bytes follow the length field")
+            if length > _MAX_HEADER_BYTES:
+                return f"it is not a safetensors file (header length {length} bytes)"
+            header = json.loads(first + f.read(length - 1))
+        end = max((entry["data_offsets"][1] for key, entry in header.items()
+                   if key != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            return (f"the file is truncated: its tensors end at byte {8 + length + end} but "
+                    f"the file has {size} bytes")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "it is not a safetensors file (its header is malformed)"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def unreadable_error(owner, path, exc):
+    """The ValueError for a file that safetensors failed to open with ``exc``."""
+    reason = _why_unreadable(path) or f"it is not a valid safetensors file ({exc})"
+    return ValueError(f"{_prefix(owner)}cannot read {path} as safetensors: {reason}")
+
+
 def save_compressed(model, path):
     """Write ``model``'s weights and its ``LowRankLinear`` ranks to ``path`` (safetensors).
 
@@ -65,8 +151,10 @@ def save_compressed(model, path):
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_compressed: model must be an nn.Module, got {type(model).__name__}")
+    path = check_path("save_compressed", path)
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    atomic_write(path, lambda tmp: save_model(model, tmp, metadata=ranks_metadata(ranks)))
+    atomic_write(path, lambda tmp: save_model(model, tmp, metadata=ranks_metadata(ranks)),
+                 owner="save_compressed")
     return ranks
 
 
@@ -74,14 +162,13 @@ def read_ranks(path):
     """``{layer name: rank}`` stored in a file written by :func:`save_compressed`."""
     from safetensors import safe_open
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_compressed: no such file: {path}")
+    path = check_path("load_compressed", path)
+    check_input_file("load_compressed", path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error type for a bad header
-        raise ValueError(f"load_compressed: {path} is not a safetensors file ({exc})") from exc
+    except Exception as exc:  # safetensors raises its own error type for a bad file
+        raise unreadable_error("load_compressed", path, exc) from exc
     if METADATA_KEY not in metadata:
         raise ValueError(
             f"load_compressed: {path} has no {METADATA_KEY!r} metadata; it was not written "
@@ -103,11 +190,19 @@ def load_compressed(model, path, *, strict=True):
     ``LowRankLinear`` of the stored rank on the layer's device and dtype, then
     all weights are loaded. If anything fails the original layers are put
     back. Returns ``model``.
+
+    ``strict=False`` tolerates tensors missing from the file (the model keeps
+    its own values, a replaced layer its original bias) or extra ones, but the
+    ``A`` and ``B`` of every layer the metadata names must be in the file.
+    Bad files raise ``ValueError`` naming the file and what is wrong with it
+    (not safetensors, truncated, no or malformed metadata); a model that does
+    not fit raises ``ValueError`` / ``RuntimeError`` naming the layers.
     """
     from safetensors.torch import load_model
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_compressed: model must be an nn.Module, got {type(model).__name__}")
+    path = check_path("load_compressed", path)
     ranks = read_ranks(path)
     modules = dict(model.named_modules())
     swaps = {}
@@ -118,16 +213,20 @@ def load_compressed(model, path, *, strict=True):
         if type(layer) is not nn.Linear:
             found = "nothing" if layer is None else type(layer).__name__
             raise ValueError(
-                f"load_compressed: the file stores layer {name!r} at rank {rank}, but the model "
+                f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the model "
                 f"has {found} there; build the original (uncompressed) model first")
         if not 1 <= rank <= min(layer.in_features, layer.out_features):
             raise ValueError(
                 f"load_compressed: rank {rank} stored for layer {name!r} does not fit its shape "
-                f"{[layer.out_features, layer.in_features]}")
+                f"{[layer.out_features, layer.in_features]} (in {path})")
         weight = layer.weight
-        swaps[name] = LowRankLinear(layer.in_features, layer.out_features, rank,
-                                    bias=layer.bias is not None, device=weight.device,
-                                    dtype=weight.dtype)
+        new = LowRankLinear(layer.in_features, layer.out_features, rank,
+                            bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
+        if layer.bias is not None:
+            # strict=False keeps the model's bias where the file has none.
+            with torch.no_grad():
+                new.bias.copy_(layer.bias)
+        swaps[name] = new
     originals = {}
     try:
         for name, new in swaps.items():
@@ -138,9 +237,9 @@ def load_compressed(model, path, *, strict=True):
             setattr(parent, child, new)
         # Check names and shapes before any tensor is copied, so that a file
         # that does not fit leaves the model as it was.
-        _check_fits(model, path, strict)
+        _check_fits(model, path, strict, swaps)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        load_model(model, os.fspath(path), strict=strict, device=str(device))
+        load_model(model, path, strict=strict, device=str(device))
     except BaseException:
         for parent, child, old in originals.values():
             setattr(parent, child, old)
@@ -148,14 +247,22 @@ def load_compressed(model, path, *, strict=True):
     return model
 
 
-def _check_fits(model, path, strict):
+def _check_fits(model, path, strict, swapped):
     from safetensors import safe_open
 
     expected = model.state_dict()
-    with safe_open(os.fspath(path), framework="pt") as f:
+    with safe_open(path, framework="pt") as f:
         stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         # save_model stores a shared tensor once and maps the other names to it.
         aliases = {k: v for k, v in (f.metadata() or {}).items() if v in stored}
+    # A layer just swapped in has random factors: they must come from the
+    # file, strict or not.
+    for name, layer in swapped.items():
+        for key in (f"{name}.A", f"{name}.B"):
+            if key not in stored and key not in aliases:
+                raise ValueError(
+                    f"load_compressed: {path} gives layer {name!r} rank {layer.rank} in its "
+                    f"metadata but has no tensor {key!r}")
     problems = [f"{key} has shape {list(stored[key])} in the file but "
                 f"{list(expected[key].shape)} in the model"
                 for key in stored if key in expected and tuple(expected[key].shape) != stored[key]]
@@ -167,5 +274,5 @@ def _check_fits(model, path, strict):
         if unexpected:
             problems.append(f"not in the model: {', '.join(unexpected[:5])}")
     if problems:
-        raise RuntimeError(f"load_compressed: the file does not fit the model: "
+        raise RuntimeError(f"load_compressed: {path} does not fit the model: "
                            f"{'; '.join(problems)}")

@@ -33,7 +33,21 @@ def _load_matplotlib():
     return plt
 
 
+def _plot_format(path):
+    """The image format for ``path``, from its extension (png without one); checked."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1][1:].lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if ext not in supported:
+        raise ValueError(f"--plot {path}: matplotlib cannot write {ext!r} images; use one of "
+                         f"{', '.join(sorted(supported))}")
+    return ext
+
+
 def _plot(path, name, S, energy):
+    from .serialization import atomic_write
+
     plt = _load_matplotlib()
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
     ranks = range(1, len(S) + 1)
@@ -45,28 +59,31 @@ def _plot(path, name, S, energy):
     ax_e.set(title="energy kept by the leading r values", xlabel="rank r",
              ylabel="fraction of Σσ² kept", ylim=(0, 1.02))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=_plot_format(path)))
+    finally:
+        plt.close(fig)
 
 
 def run(args):
     import torch
     from safetensors import safe_open
 
+    from .serialization import check_input_file, check_output_path, unreadable_error
     from .svd import choose_rank
 
-    if not os.path.isfile(args.input):
-        raise FileNotFoundError(f"no such file: {args.input}")
+    check_input_file(None, args.input)
     if args.plot and not args.layer:
         raise ValueError("--plot needs --layer NAME")
-    if args.plot and os.path.exists(args.plot) and not args.force:
-        raise FileExistsError(f"{args.plot} exists; pass --force to overwrite it")
     if args.plot:
-        _load_matplotlib()  # fail before the SVD when it is missing
+        # Fail before the SVD: a plot that cannot be written, matplotlib missing.
+        check_output_path(None, args.plot, force=args.force)
+        _load_matplotlib()
+        _plot_format(args.plot)
     try:
         f = safe_open(args.input, framework="pt")
     except Exception as exc:  # safetensors raises its own error type for a bad file
-        raise ValueError(f"cannot read {args.input} as safetensors: {exc}") from exc
+        raise unreadable_error(None, args.input, exc) from exc
     with f:
         keys = list(f.keys())
         if not args.layer:
@@ -74,9 +91,12 @@ def run(args):
             for key in keys:
                 t = f.get_tensor(key)
                 if t.dim() == 2 and t.is_floating_point() and t.numel():
-                    S = torch.linalg.svdvals(t.double())
-                    print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} "
-                          f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}")
+                    if bool(torch.isfinite(t).all()):
+                        S = torch.linalg.svdvals(t.double())
+                        ranks = f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}"
+                    else:
+                        ranks = f"{'has NaN or Inf':>13}"
+                    print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} {ranks}")
             return 0
         key = args.layer if args.layer in keys else f"{args.layer}.weight"
         if key not in keys:
@@ -86,6 +106,10 @@ def run(args):
     if W.dim() != 2 or not W.is_floating_point():
         raise ValueError(f"{key} must be a 2-D floating-point tensor, got shape {list(W.shape)} "
                          f"and dtype {W.dtype}")
+    if W.numel() == 0:
+        raise ValueError(f"tensor {key!r} in {args.input} is empty (shape {list(W.shape)})")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(f"tensor {key!r} in {args.input} has NaN or Inf")
     S = torch.linalg.svdvals(W.double())
     energy = torch.cumsum(S * S, 0) / (S * S).sum().clamp_min(1e-300)
     d, k = W.shape

@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +161,177 @@ def test_spectrum_unknown_layer(weights, capsys):
     _, path = weights
     assert main(["spectrum", str(path), "--layer", "nope"]) == 1
     assert "no tensor 'nope'" in capsys.readouterr().err
+
+
+# --- bad input: one line on stderr, exit status 1, nothing half-written ---------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_error_line(capsys, command):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"lowrank_ext {command}: error: ")
+    return lines[0]
+
+
+def _cut(data, where):
+    header_len = int.from_bytes(data[:8], "little")
+    return {"data": data[:(len(data) + 8 + header_len) // 2],
+            "header": data[:8 + header_len // 2]}[where]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("data", "the file is truncated: its tensors end at byte"),
+    ("header", "the file is truncated: its header is"),
+])
+@pytest.mark.parametrize("command", [
+    ["compress", "{IN}", "-o", "{OUT}", "--rank", "2"],
+    ["spectrum", "{IN}"],
+    ["spectrum", "{IN}", "--layer", "0"],
+], ids=["compress", "spectrum", "spectrum-layer"])
+def test_truncated_input(weights, tmp_path, capsys, where, message, command):
+    _, path = weights
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(_cut(path.read_bytes(), where))
+    out = tmp_path / "out.safetensors"
+    argv = [a.replace("{IN}", str(short)).replace("{OUT}", str(out)) for a in command]
+    assert main(argv) == 1
+    line = _one_error_line(capsys, command[0])
+    assert f"cannot read {short} as safetensors: {message}" in line
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "short.safetensors"]
+
+
+@pytest.mark.parametrize("error, status", [(OSError("disk full"), 1), (KeyboardInterrupt(), 130)])
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_write_leaves_no_output_and_no_temporary_file(weights, tmp_path, capsys,
+                                                              monkeypatch, error, status,
+                                                              existing):
+    _, path = weights
+    out = tmp_path / "out.safetensors"
+    if existing:
+        out.write_bytes(b"the previous output")
+
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise error
+
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2", "--force"]) == status
+    if status == 1:
+        assert "disk full" in _one_error_line(capsys, "compress")
+    if existing:
+        assert out.read_bytes() == b"the previous output"
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"] + (["out.safetensors"] * existing)
+
+
+def test_output_paths_that_cannot_be_written(weights, tmp_path, capsys):
+    _, path = weights
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    for force in ([], ["--force"]):
+        assert main(["compress", str(path), "-o", str(outdir), "--rank", "2", *force]) == 1
+        assert f"{outdir} is a directory; give a file name" in _one_error_line(capsys, "compress")
+    nowhere = tmp_path / "missing" / "out.safetensors"
+    assert main(["compress", str(path), "-o", str(nowhere), "--rank", "2"]) == 1
+    line = _one_error_line(capsys, "compress")
+    assert f"cannot write {nowhere}: no directory {nowhere.parent}" in line
+    assert main(["compress", str(tmp_path), "-o", str(tmp_path / "o.safetensors"),
+                 "--rank", "2"]) == 1
+    assert f"{tmp_path} is a directory, not a file" in _one_error_line(capsys, "compress")
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "outdir"]
+    assert os.listdir(outdir) == []
+
+
+def test_non_finite_weights_are_named(tmp_path, capsys):
+    path = tmp_path / "nan.safetensors"
+    save_file({"fc.weight": torch.tensor([[1.0, float("nan")], [0.0, 1.0]]),
+               "ok.weight": torch.eye(3)}, str(path))
+    out = tmp_path / "out.safetensors"
+    assert main(["compress", str(path), "-o", str(out), "--rank", "1"]) == 1
+    assert f"weight 'fc.weight' in {path} has NaN or Inf" in _one_error_line(capsys, "compress")
+    assert not out.exists()
+    assert main(["spectrum", str(path), "--layer", "fc"]) == 1
+    assert f"tensor 'fc.weight' in {path} has NaN or Inf" in _one_error_line(capsys, "spectrum")
+    assert main(["spectrum", str(path)]) == 0  # the listing marks it and goes on
+    listing = capsys.readouterr().out
+    assert "has NaN or Inf" in listing and "ok.weight" in listing
+
+
+def test_spectrum_unknown_layer_message_has_no_stray_quotes(weights, capsys):
+    _, path = weights
+    assert main(["spectrum", str(path), "--layer", "nope"]) == 1
+    line = _one_error_line(capsys, "spectrum")
+    assert line == (f"lowrank_ext spectrum: error: no tensor 'nope' (nor 'nope.weight') in "
+                    f"{path}")
+
+
+def test_spectrum_plot_failures_leave_no_file(weights, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    _, path = weights
+    # An unknown image format is refused before any work is done.
+    assert main(["spectrum", str(path), "--layer", "0", "--plot",
+                 str(tmp_path / "s.xyz")]) == 1
+    assert "matplotlib cannot write 'xyz' images" in _one_error_line(capsys, "spectrum")
+    assert capsys.readouterr().out == ""
+    nowhere = tmp_path / "missing" / "s.png"
+    assert main(["spectrum", str(path), "--layer", "0", "--plot", str(nowhere)]) == 1
+    assert f"no directory {nowhere.parent}" in _one_error_line(capsys, "spectrum")
+
+    from matplotlib.figure import Figure
+
+    def broken_savefig(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    assert main(["spectrum", str(path), "--layer", "0", "--plot", str(tmp_path / "s.png")]) == 1
+    assert "disk full" in _one_error_line(capsys, "spectrum")
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+
+
+def test_traceback_flag_before_or_after_the_command(weights, tmp_path):
+    _, path = weights
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not safetensors")
+    out = str(tmp_path / "out.safetensors")
+    for argv in (["--traceback", "compress", str(garbage), "-o", out, "--rank", "2"],
+                 ["compress", str(garbage), "-o", out, "--rank", "2", "--traceback"]):
+        with pytest.raises(ValueError, match="it is not a safetensors file"):
+            main(argv)
+
+
+def test_command_line_exit_status_and_one_line_without_traceback(weights, tmp_path):
+    _, path = weights
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(_cut(path.read_bytes(), "data"))
+    out = tmp_path / "out.safetensors"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    argv = [sys.executable, "-m", "lowrank_ext", "compress", str(short), "-o", str(out),
+            "--rank", "2"]
+    # Both at once: each spends most of its time importing torch.
+    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+            for args in (argv, argv + ["--traceback"])]
+    try:
+        (plain_out, plain_err), (tb_out, tb_err) = (p.communicate(timeout=120) for p in runs)
+    finally:
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    plain, with_traceback = runs
+    assert plain.returncode == 1
+    assert plain_err.strip().splitlines() == [
+        f"lowrank_ext compress: error: cannot read {short} as safetensors: the file is "
+        f"truncated: its tensors end at byte {path.stat().st_size} but the file has "
+        f"{short.stat().st_size} bytes"]
+    assert "Traceback" not in plain_err and plain_out == ""
+    assert with_traceback.returncode != 0
+    assert "Traceback (most recent call last)" in tb_err
+    assert "ValueError: cannot read" in tb_err
+    assert not out.exists()

@@ -126,13 +126,59 @@ def test_ddp_single_process(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("args, error", [
-    ((16, 8, 0), ValueError), ((16, 8, 9), ValueError), ((16, 8, 2.0), TypeError),
-    ((0, 8, 1), ValueError), ((16, 8, True), TypeError),
+@pytest.mark.parametrize("args, error, match", [
+    ((16, 8, 0), ValueError, "rank must be >= 1, got 0"),
+    ((16, 8, -3), ValueError, "rank must be >= 1, got -3"),
+    ((16, 8, 9), ValueError, "rank must be in \\[1, 8\\] .* got 9"),
+    ((16, 8, 2.0), TypeError, "rank must be an int, got float"),
+    ((16, 8, True), TypeError, "rank must be an int, got bool"),
+    ((0, 8, 1), ValueError, "in_features must be >= 1, got 0"),
+    ((16, "8", 1), TypeError, "out_features must be an int, got str"),
+    ((16, 8, 2, 1), TypeError, "bias must be a bool, got int"),
 ])
-def test_constructor_bad_input(args, error):
-    with pytest.raises(error, match="LowRankLinear"):
+def test_constructor_bad_input(args, error, match):
+    with pytest.raises(error, match=f"LowRankLinear: {match}"):
         lx.LowRankLinear(*args)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: lx.LowRankLinear(16, 8, 3),
+    lambda: lx.LoRALinear(nn.Linear(16, 8), 3),
+], ids=["LowRankLinear", "LoRALinear"])
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(2, 10), ValueError, "x has k=10 features in its last dimension \\(x shape "
+                                     "\\[2, 10\\]\\)"),
+    (torch.randn(2, 16, dtype=torch.float64), TypeError,
+     "has dtype float32 but x has dtype float64"),
+    (torch.ones(2, 16, dtype=torch.int64), TypeError,
+     "x must be float32, float64, float16 or bfloat16, got int64"),
+    (torch.tensor(1.0), ValueError, "x must have at least 1 dimension"),
+    ([[1.0] * 16], TypeError, "x must be a Tensor, got list"),
+], ids=["features", "dtype", "int", "0-d", "list"])
+def test_forward_bad_input_names_x_and_what_was_seen(make, x, error, match):
+    layer = make()
+    with pytest.raises(error, match=match):
+        layer(x)
+
+
+def test_from_factors_bad_input():
+    A, B = torch.randn(2, 6), torch.randn(5, 2)
+    make = lx.LowRankLinear.from_factors
+    with pytest.raises(TypeError, match="from_factors: A must be a Tensor, got list"):
+        make([[1.0]], B)
+    with pytest.raises(TypeError, match="from_factors: bias must be a Tensor, got float"):
+        make(A, B, 1.0)
+    with pytest.raises(ValueError, match="from_factors: B must be 2-D, got shape \\[5\\]"):
+        make(A, torch.randn(5))
+    with pytest.raises(TypeError, match="from_factors: A must be a floating-point tensor, "
+                                        "got torch.int64"):
+        make(torch.ones(2, 6, dtype=torch.int64), B)
+    with pytest.raises(ValueError, match="B has shape \\[5, 3\\] but A has shape \\[2, 6\\]"):
+        make(A, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="from_factors: bias must have shape \\[d\\] = \\[5\\], "
+                                         "got shape \\[6\\]"):
+        make(A, B, torch.randn(6))
+    assert make(A, B, torch.randn(5)).rank == 2
 
 
 def test_from_linear_bad_input():
@@ -141,6 +187,12 @@ def test_from_linear_bad_input():
         lx.LowRankLinear.from_linear(nn.Conv1d(3, 3, 1), rank=1)
     with pytest.raises(ValueError, match="rank must be in \\[1, 6\\]"):
         lx.LowRankLinear.from_linear(linear, rank=7)
+    with pytest.raises(ValueError, match="from_linear: rank must be >= 1, got -1"):
+        lx.LowRankLinear.from_linear(linear, rank=-1)
+    with pytest.raises(TypeError, match="from_linear: rank must be an int, got bool"):
+        lx.LowRankLinear.from_linear(linear, rank=True)
+    with pytest.raises(TypeError, match="from_linear: ratio must be a real number, got bool"):
+        lx.LowRankLinear.from_linear(linear, ratio=True)
     for ratio in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match="ratio"):
             lx.LowRankLinear.from_linear(linear, ratio=ratio)
@@ -244,6 +296,11 @@ def test_lora_state_dict_and_compile():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(rank=0), ValueError, "rank"),
+    (dict(rank=-2), ValueError, "rank must be >= 1, got -2"),
+    (dict(rank=True), TypeError, "rank must be an int, got bool"),
+    (dict(rank=2.0), TypeError, "rank must be an int, got float"),
+    (dict(rank=2, dropout=-0.1), ValueError, "dropout must be in \\[0, 1\\), got -0.1"),
+    (dict(rank=2, dropout="0.1"), TypeError, "dropout must be a real number, got str"),
     (dict(rank=13), ValueError, "rank must be in \\[1, 12\\]"),
     (dict(rank=2, alpha=0), ValueError, "alpha"),
     (dict(rank=2, alpha=float("inf")), ValueError, "alpha"),

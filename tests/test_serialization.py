@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -163,3 +164,130 @@ def test_written_file_gets_the_usual_permissions(tmp_path):
     os.chmod(path, 0o640)
     lx.save_compressed(model, path)  # overwriting keeps the existing mode
     assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+# --- bad files and paths -------------------------------------------------------------
+def truncations(data):
+    """A valid safetensors file's bytes cut at telling places: name -> (bytes, message)."""
+    header_len = int.from_bytes(data[:8], "little")
+    body = len(data) - 8 - header_len
+    return {
+        "in the data": (data[:8 + header_len + body // 2],
+                        "the file is truncated: its tensors end"),
+        "after the header": (data[:8 + header_len], "the file is truncated: its tensors end"),
+        "in the header": (data[:8 + header_len // 2], "the file is truncated: its header is"),
+        "in the length": (data[:5], "only 5 bytes long"),
+        "to nothing": (b"", "the file is empty"),
+    }
+
+
+@pytest.mark.parametrize("cut", ["in the data", "after the header", "in the header",
+                                 "in the length", "to nothing"])
+def test_truncated_file_is_a_clear_error_and_leaves_the_model_alone(compressed, tmp_path, cut):
+    _, path, _ = compressed
+    data, message = truncations(path.read_bytes())[cut]
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(data)
+    model = build()
+    reference = copy.deepcopy(model)
+    with pytest.raises(ValueError) as info:
+        lx.load_compressed(model, short)
+    text = str(info.value)
+    assert text.startswith(f"load_compressed: cannot read {short} as safetensors: ")
+    assert message in text
+    _assert_same(model, reference)
+
+
+def test_not_safetensors_names_the_file(tmp_path):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("these are not tensors, just some words in a file\n")
+    with pytest.raises(ValueError, match=f"cannot read {re.escape(str(text))} as safetensors: "
+                                         "it is not a safetensors file"):
+        lx.load_compressed(build(), text)
+    bad_header = tmp_path / "header.safetensors"
+    bad_header.write_bytes((6).to_bytes(8, "little") + b"{nope}")
+    with pytest.raises(ValueError, match="its header is malformed"):
+        lx.load_compressed(build(), bad_header)
+
+
+def test_layer_named_in_metadata_without_its_factors(compressed, tmp_path):
+    model, path, ranks = compressed
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del tensors["2.B"]
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, str(broken), metadata=serialization.ranks_metadata(ranks))
+    for strict in (True, False):  # without them the layer would keep random factors
+        fresh = build()
+        reference = copy.deepcopy(fresh)
+        message = f"{broken} gives layer '2' rank {ranks['2']} in its metadata but has no " \
+                  "tensor '2.B'"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            lx.load_compressed(fresh, broken, strict=strict)
+        _assert_same(fresh, reference)
+
+
+def test_non_strict_load_keeps_the_original_bias_the_file_lacks(compressed, tmp_path):
+    model, path, ranks = compressed
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "0.bias"}
+    no_bias = tmp_path / "no_bias.safetensors"
+    save_file(tensors, str(no_bias), metadata=serialization.ranks_metadata(ranks))
+    fresh = build()
+    original_bias = fresh[0].bias.detach().clone()
+    with pytest.raises(RuntimeError, match="missing from the file: 0.bias"):
+        lx.load_compressed(fresh, no_bias)
+    lx.load_compressed(fresh, no_bias, strict=False)
+    assert isinstance(fresh[0], lx.LowRankLinear)
+    assert torch.equal(fresh[0].bias.detach(), original_bias)
+    assert torch.equal(fresh[0].A.detach(), model[0].A.detach())
+
+
+def test_missing_layers_are_named_with_the_file(compressed):
+    _, path, _ = compressed
+    where = re.escape(str(path))
+    with pytest.raises(ValueError, match=f"{where} stores layer '2' at rank .* but the model has "
+                                         "nothing there"):
+        lx.load_compressed(nn.Sequential(nn.Linear(16, 32)), path)
+    with pytest.raises(RuntimeError, match=f"{where} does not fit the model: missing from the "
+                                           "file: 5.weight, 5.bias"):
+        lx.load_compressed(nn.Sequential(*build(), nn.Linear(6, 2)), path)
+
+
+@pytest.mark.parametrize("bad", [None, 3, ["m.safetensors"]])
+def test_path_that_is_not_a_path(bad):
+    kind = type(bad).__name__
+    with pytest.raises(TypeError, match=f"save_compressed: path must be a str or os.PathLike, "
+                                        f"got {kind}"):
+        lx.save_compressed(build(), bad)
+    with pytest.raises(TypeError, match=f"load_compressed: path must be a str or os.PathLike, "
+                                        f"got {kind}"):
+        lx.load_compressed(build(), bad)
+
+
+def test_paths_that_cannot_be_read_or_written(tmp_path):
+    model = build()
+    with pytest.raises(IsADirectoryError, match=f"load_compressed: {re.escape(str(tmp_path))} is a "
+                                                "directory"):
+        lx.load_compressed(model, tmp_path)
+    with pytest.raises(IsADirectoryError, match=f"save_compressed: {re.escape(str(tmp_path))} is a "
+                                                "directory"):
+        lx.save_compressed(model, tmp_path)
+    nowhere = tmp_path / "missing" / "m.safetensors"
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"save_compressed: cannot write {nowhere}: no directory {nowhere.parent}")):
+        lx.save_compressed(model, nowhere)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
+    def broken_save(module, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_model", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        lx.save_compressed(build(), tmp_path / "m.safetensors")
+    assert os.listdir(tmp_path) == []
