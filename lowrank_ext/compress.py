@@ -10,11 +10,15 @@ vectors of W·R. We take R = Q·√Λ from the eigendecomposition of G: unlike a
 Cholesky factor it exists when G is singular (fewer samples than features,
 dead inputs), and the result never needs R⁻¹, so no damping is needed.
 
-With ``ratio``, ranks are by default allocated across layers under one total
-parameter budget (``allocation="global"``): each further rank of a layer costs
-d + k parameters and removes σ_i² / ‖W·R‖² of that layer's relative squared
-output error, and the budget goes greedily to the largest removal per parameter.
-``allocation="uniform"`` keeps the same ratio in every layer instead.
+With ``ratio``, ranks are allocated across layers under one total parameter
+budget: each further rank of a layer costs d + k parameters and removes
+σ_i² / ‖W·R‖² of that layer's relative squared output error, and the budget
+goes greedily to the largest removal per parameter (``allocation="global"``),
+or to the largest removal weighted by the layer's measured sensitivity, the
+change of the model's outputs per unit of that error
+(``allocation="sensitivity"``, the default with calibration; see
+``sensitivity.py``). ``allocation="uniform"`` keeps the same ratio in every
+layer instead.
 
 Every factor is computed before any module is swapped, so a failure leaves the
 model exactly as it was.
@@ -28,11 +32,14 @@ import numbers
 import torch
 from torch import nn
 
+from ._names import preview
 from ._workers import Workers
+from .calibration import collect_input_grams
+from .sensitivity import measure_sensitivity
 from .nn import LowRankLinear, break_even_rank, rank_for_ratio
 from .report import CompressionReport, LayerReport
 
-_ALLOCATIONS = ("global", "uniform")
+_ALLOCATIONS = ("sensitivity", "global", "uniform")
 
 
 # --- selecting layers ------------------------------------------------------------
@@ -69,126 +76,13 @@ def select_names(names, include=None, exclude=None, *, owner="compress_model", w
             if not any(name_matches(n, pattern) for n in names):
                 raise ValueError(
                     f"{owner}: {label} pattern {pattern!r} matches no {what} "
-                    f"(candidates: {_preview(names)})")
+                    f"(candidates: {preview(names)})")
     chosen = [n for n in names
               if (include is None or any(name_matches(n, p) for p in include))
               and not any(name_matches(n, p) for p in exclude or ())]
     if not chosen:
         raise ValueError(f"{owner}: include/exclude leave no {what} to compress")
     return chosen
-
-
-def _preview(names, limit=6):
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "none"
-
-
-# --- calibration -------------------------------------------------------------------
-def _run_calibration(model, calibration, token_mask=None):
-    """Run the calibration; for dict batches, ``token_mask[0]`` holds the batch's attention_mask."""
-    if callable(calibration):
-        calibration(model)
-        return
-    if isinstance(calibration, (torch.Tensor, dict, tuple)):
-        raise TypeError(
-            "compress_model: calibration must be a callable fn(model) or an iterable of "
-            f"batches, got a single {type(calibration).__name__}; wrap it in a list")
-    try:
-        batches = iter(calibration)
-    except TypeError:
-        raise TypeError(
-            "compress_model: calibration must be a callable fn(model) or an iterable of "
-            f"batches, got {type(calibration).__name__}") from None
-    for batch in batches:
-        if isinstance(batch, torch.Tensor):
-            model(batch)
-        elif isinstance(batch, (tuple, list)):
-            model(*batch)
-        elif isinstance(batch, dict):
-            mask = batch.get("attention_mask")
-            if token_mask is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                token_mask[0] = mask
-            try:
-                model(**batch)
-            finally:
-                if token_mask is not None:
-                    token_mask[0] = None
-        else:
-            raise TypeError(
-                "compress_model: a calibration batch must be a tensor, tuple or dict, got "
-                f"{type(batch).__name__}")
-
-
-def collect_input_grams(model, layers, calibration, stages=None):
-    """{name: XᵀX in float64} over the inputs each layer sees during ``calibration``.
-
-    When ``stages`` is a list, it receives the layer names in the order of
-    their first call, grouped into lists of layers fed the same tensor.
-
-    The model runs in eval mode under no_grad; its modes are restored and the
-    hooks removed whatever happens. An exception from the calibration is
-    re-raised as RuntimeError naming it.
-    """
-    grams = {name: None for name in layers}
-    # Layers fed the same tensor one after another (attention's q, k, v) share
-    # one product: remember the last input and its XᵀX.
-    last = {"key": None, "gram": None}
-    # Padding tokens carry no meaning but would pull the whitening towards
-    # their activations: rows of inputs shaped like the batch's attention_mask
-    # where the mask is 0 are left out.
-    token_mask = [None]
-
-    def make_hook(name, k):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input")
-            # Holding the tensor itself (not its address) keeps the test exact;
-            # inference-mode tensors have no version counter, identity must do.
-            version = None if x.is_inference() else x._version
-            same = last["key"] is not None and last["key"][0] is x and last["key"][1] == version
-            if stages is not None and grams[name] is None:
-                if same and stages:
-                    stages[-1].append(name)
-                else:
-                    stages.append([name])
-            if not same:
-                x64 = x.detach().reshape(-1, k)
-                mask = token_mask[0]
-                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                    x64 = x64[mask.reshape(-1).to(x64.device) != 0]
-                x64 = x64.to(torch.float64)
-                last["key"], last["gram"] = (x, version), x64.T @ x64
-            g = last["gram"]
-            grams[name] = g.clone() if grams[name] is None else grams[name].add_(g)
-        return hook
-
-    modes = {m: m.training for m in model.modules()}
-    handles = [module.register_forward_pre_hook(make_hook(name, module.in_features),
-                                                with_kwargs=True)
-               for name, module in layers.items()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            _run_calibration(model, calibration, token_mask)
-    except TypeError as exc:
-        if str(exc).startswith("compress_model:"):
-            raise
-        raise RuntimeError(f"compress_model: the calibration raised TypeError: {exc}") from exc
-    except Exception as exc:
-        raise RuntimeError(
-            f"compress_model: the calibration raised {type(exc).__name__}: {exc}") from exc
-    finally:
-        last.clear()
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
-    unseen = [name for name, g in grams.items() if g is None]
-    if unseen:
-        raise ValueError(
-            f"compress_model: the calibration never ran layer(s) {_preview(unseen)}; "
-            "give batches that reach every compressed layer, or exclude those layers")
-    return grams
 
 
 # --- per-layer spectra -------------------------------------------------------------
@@ -355,9 +249,9 @@ def _check_targets(rank, ratio, energy, tol, allocation):
         raise ValueError(f"compress_model: energy must be in (0, 1], got {energy}")
     if tol is not None and not tol >= 0.0:
         raise ValueError(f"compress_model: tol must be >= 0, got {tol}")
-    if allocation not in _ALLOCATIONS:
-        raise ValueError(f"compress_model: allocation must be 'global' or 'uniform', got "
-                         f"{allocation!r}")
+    if allocation is not None and allocation not in _ALLOCATIONS:
+        raise ValueError(f"compress_model: allocation must be 'sensitivity', 'global' or "
+                         f"'uniform', got {allocation!r}")
 
 
 def _rank_from_target(spectrum, energy, tol):
@@ -366,8 +260,10 @@ def _rank_from_target(spectrum, energy, tol):
     return choose_rank(spectrum.energy.sqrt(), energy=energy, tol=tol)
 
 
-def allocate_ranks(spectra, shapes, ratio):
+def allocate_ranks(spectra, shapes, ratio, weights=None):
     """Ranks maximising the relative output energy kept under ratio·Σd·k parameters.
+
+    With ``weights`` ({name: s}), layer energies count s times (sensitivity).
 
     Greedy over the candidate ranks of all layers, best energy per parameter
     first. A layer's σ_i² decrease with i, so each layer gets a prefix; every
@@ -385,6 +281,7 @@ def allocate_ranks(spectra, shapes, ratio):
         spectrum = spectra[name]
         if r < min(math.floor(break_even_rank(d, k)), spectrum.energy.numel()):
             gain = float(spectrum.energy[r]) / spectrum.total if spectrum.total else 0.0
+            gain *= 1.0 if weights is None else weights[name]
             heapq.heappush(heap, (-gain / (d + k), name))
 
     for name in spectra:
@@ -402,7 +299,7 @@ def allocate_ranks(spectra, shapes, ratio):
 
 # --- the entry point ---------------------------------------------------------------
 def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calibration=None,
-                   include=None, exclude=None, allocation="global", sequential=False,
+                   include=None, exclude=None, allocation=None, sequential=False,
                    device=None, process_group=None, progress=None):
     """Replace the model's ``nn.Linear`` layers by ``LowRankLinear``, in place.
 
@@ -421,9 +318,15 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
             the padding tokens out of the statistics.
         include, exclude: glob patterns (or lists) on module names, matched in
             full or as a dotted suffix; each must match some Linear layer.
-        allocation: with ``ratio``, ``"global"`` (default) shares one budget
-            across layers by measured energy per parameter; ``"uniform"`` keeps
-            ``ratio`` in every layer.
+        allocation: with ``ratio``, how the parameter budget is shared out.
+            ``"sensitivity"`` (the default with calibration) probes each layer:
+            it measures how much truncating that layer alone changes the
+            model's outputs on the calibration data (one more calibration run
+            per layer) and gives ranks where they save the most of that
+            change per parameter. ``"global"`` (the default without
+            calibration) gives them where they remove the most of each
+            layer's own relative error; ``"uniform"`` keeps ``ratio`` in every
+            layer.
         sequential: with calibration, whiten each layer with the inputs it sees
             once the layers before it are compressed (one more calibration
             run per group of layers fed the same tensor), so that later layers
@@ -451,6 +354,10 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress_model: model must be an nn.Module, got {type(model).__name__}")
     _check_targets(rank, ratio, energy, tol, allocation)
+    if allocation is None:
+        allocation = "sensitivity" if calibration is not None else "global"
+    elif allocation == "sensitivity" and calibration is None:
+        raise ValueError("compress_model: allocation='sensitivity' needs calibration")
     device = _check_device(device)
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
     if not linears:
@@ -486,7 +393,20 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     if not sequential:
         bar.update(len(layers))
 
-    if ratio is not None and allocation == "global":
+    def swap(name, new):
+        """Put ``new`` in place of the named module; return the module it replaced."""
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        setattr(parent, child, new)
+        return old
+
+    sensitivity = {}
+    if ratio is not None and allocation == "sensitivity":
+        sensitivity = _sensitivities(model, calibration, names, layers, spectra, shapes, ratio,
+                                     owners, workers, swap)
+        ranks = allocate_ranks(spectra, shapes, ratio, sensitivity)
+    elif ratio is not None and allocation == "global":
         ranks = allocate_ranks(spectra, shapes, ratio)
     elif ratio is not None:
         ranks = {n: rank_for_ratio(*shapes[n], ratio) for n in layers}
@@ -496,11 +416,6 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
         ranks = {n: _rank_from_target(spectra[n], energy, tol) for n in layers}
     factorized = [n for n in names if ranks[n] < break_even_rank(*shapes[n])]
 
-    def swap(name, new):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-
     records, replacements = {}, {}
     for name in names:
         if name not in factorized:
@@ -508,7 +423,8 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
             records[name] = LayerReport(name, (d, k), None, d * k, d * k, 0.0,
                                         0.0 if name in grams else None,
                                         note=f"dense: rank {ranks[name]} >= d·k/(d+k) = "
-                                             f"{break_even_rank(d, k):.1f} saves nothing")
+                                             f"{break_even_rank(d, k):.1f} saves nothing",
+                                        sensitivity=sensitivity.get(name))
 
     def replace(found):
         for name, (B, A, weight_error, output_error) in found.items():
@@ -521,7 +437,7 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
             new.train(layer.training)
             replacements[name] = new
             records[name] = LayerReport(name, (d, k), r, d * k, r * (d + k), weight_error,
-                                        output_error)
+                                        output_error, sensitivity=sensitivity.get(name))
 
     if not sequential:
         replace(_factors(factorized, spectra, ranks, owners, workers, shapes))
@@ -559,6 +475,35 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     for name, new in replacements.items():
         swap(name, new)
     return CompressionReport([records[n] for n in layers], calibrated=calibration is not None)
+
+
+def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, owners, workers,
+                   swap):
+    """{name: s}: each rank probes the layers it owns at the uniform rank for ``ratio``."""
+    probes, error, found = {}, None, {}
+    try:
+        for name in names:
+            if owners[name] != workers.rank:
+                continue
+            layer, spectrum = layers[name], spectra[name]
+            r = min(rank_for_ratio(*shapes[name], ratio), spectrum.energy.numel())
+            B, A = spectrum.factors(r)
+            dtype, home = layer.weight.dtype, layer.weight.device
+            probe = LowRankLinear.from_factors(
+                A.to(device=home, dtype=dtype), B.to(device=home, dtype=dtype),
+                None if layer.bias is None else layer.bias.detach())
+            probes[name] = (probe, spectrum.relative_tail(r) ** 2)
+        if probes:
+            found = measure_sensitivity(model, calibration, probes, swap)
+    except Exception as exc:
+        error = exc
+    workers.all_succeeded(error)
+    for name in names:
+        value = found.get(name)
+        shared = workers.share(owners[name], None if value is None else torch.tensor(
+            [value], dtype=torch.float64), (1,))
+        found[name] = float(shared[0])
+    return found
 
 
 def _check_device(device):

@@ -10,7 +10,9 @@ class LayerReport:
 
     ``weight_error`` is ‖W − B·A‖_F / ‖W‖_F; ``output_error`` the same for the
     outputs on the calibration inputs, ‖(W − B·A)·Xᵀ‖_F / ‖W·Xᵀ‖_F (None
-    without calibration).
+    without calibration). ``sensitivity`` is the measured change of the
+    model's outputs per unit of this layer's relative squared output error
+    (with ``allocation="sensitivity"``; else None).
     """
 
     name: str
@@ -21,6 +23,7 @@ class LayerReport:
     weight_error: float
     output_error: object = None
     note: str = ""
+    sensitivity: object = None
 
     @property
     def compressed(self):

@@ -1,5 +1,6 @@
 """compress_model on tiny random models, against float64 references computed here."""
 
+import collections
 import copy
 import json
 import math
@@ -193,6 +194,7 @@ def test_include_exclude_patterns():
     lambda x: [x, x[:10]],
     lambda x: [(x,), (x, 2.0)],
     lambda x: [{"x": x, "scale": 0.5}],
+    lambda x: [collections.UserDict({"x": x, "scale": 0.5})],  # like a BatchEncoding
     lambda x: (lambda model: model(x)),
 ])
 def test_calibration_forms(batches):

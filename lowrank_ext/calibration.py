@@ -1,0 +1,122 @@
+"""Calibration: running the user's forward passes and collecting what compression needs."""
+
+from collections.abc import Mapping
+
+import torch
+
+from ._names import preview
+
+
+def _run_batches(model, calibration, token_mask=None):
+    """Run the calibration; for dict batches, ``token_mask[0]`` holds the batch's attention_mask."""
+    if callable(calibration):
+        calibration(model)
+        return
+    if isinstance(calibration, (torch.Tensor, Mapping, tuple)):
+        raise TypeError(
+            "compress_model: calibration must be a callable fn(model) or an iterable of "
+            f"batches, got a single {type(calibration).__name__}; wrap it in a list")
+    try:
+        batches = iter(calibration)
+    except TypeError:
+        raise TypeError(
+            "compress_model: calibration must be a callable fn(model) or an iterable of "
+            f"batches, got {type(calibration).__name__}") from None
+    for batch in batches:
+        if isinstance(batch, torch.Tensor):
+            model(batch)
+        elif isinstance(batch, (tuple, list)):
+            model(*batch)
+        elif isinstance(batch, Mapping):  # dicts and tokenizers' BatchEncoding
+            mask = batch.get("attention_mask")
+            if token_mask is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                token_mask[0] = mask
+            try:
+                model(**batch)
+            finally:
+                if token_mask is not None:
+                    token_mask[0] = None
+        else:
+            raise TypeError(
+                "compress_model: a calibration batch must be a tensor, tuple or dict, got "
+                f"{type(batch).__name__}")
+
+
+def run_calibration(model, calibration, token_mask=None):
+    """Run ``calibration`` on ``model`` in eval mode under no_grad, restoring the modes after.
+
+    An exception from the calibration is re-raised as RuntimeError naming it;
+    a calibration of the wrong kind is a TypeError.
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            _run_batches(model, calibration, token_mask)
+    except TypeError as exc:
+        if str(exc).startswith("compress_model:"):
+            raise
+        raise RuntimeError(f"compress_model: the calibration raised TypeError: {exc}") from exc
+    except Exception as exc:
+        raise RuntimeError(
+            f"compress_model: the calibration raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def collect_input_grams(model, layers, calibration, stages=None):
+    """{name: XᵀX in float64} over the inputs each layer sees during ``calibration``.
+
+    When ``stages`` is a list, it receives the layer names in the order of
+    their first call, grouped into lists of layers fed the same tensor.
+
+    The hooks are removed whatever happens; see ``run_calibration``.
+    """
+    grams = {name: None for name in layers}
+    # Layers fed the same tensor one after another (attention's q, k, v) share
+    # one product: remember the last input and its XᵀX.
+    last = {"key": None, "gram": None}
+    # Padding tokens carry no meaning but would pull the whitening towards
+    # their activations: rows of inputs shaped like the batch's attention_mask
+    # where the mask is 0 are left out.
+    token_mask = [None]
+
+    def make_hook(name, k):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            # Holding the tensor itself (not its address) keeps the test exact;
+            # inference-mode tensors have no version counter, identity must do.
+            version = None if x.is_inference() else x._version
+            same = last["key"] is not None and last["key"][0] is x and last["key"][1] == version
+            if stages is not None and grams[name] is None:
+                if same and stages:
+                    stages[-1].append(name)
+                else:
+                    stages.append([name])
+            if not same:
+                x64 = x.detach().reshape(-1, k)
+                mask = token_mask[0]
+                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                    x64 = x64[mask.reshape(-1).to(x64.device) != 0]
+                x64 = x64.to(torch.float64)
+                last["key"], last["gram"] = (x, version), x64.T @ x64
+            g = last["gram"]
+            grams[name] = g.clone() if grams[name] is None else grams[name].add_(g)
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name, module.in_features),
+                                                with_kwargs=True)
+               for name, module in layers.items()]
+    try:
+        run_calibration(model, calibration, token_mask)
+    finally:
+        last.clear()
+        for handle in handles:
+            handle.remove()
+    unseen = [name for name, g in grams.items() if g is None]
+    if unseen:
+        raise ValueError(
+            f"compress_model: the calibration never ran layer(s) {preview(unseen)}; "
+            "give batches that reach every compressed layer, or exclude those layers")
+    return grams

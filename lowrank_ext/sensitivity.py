@@ -1,0 +1,139 @@
+"""How much each layer's truncation changes the model's output, measured on calibration data.
+
+A layer's own relative output error says little about the damage to what the
+model finally produces: on a sentence-embedding model, the same relative error
+in an MLP's down-projection moves the embeddings a hundred times more than in
+an attention projection. ``allocation="sensitivity"`` therefore probes: each
+layer in turn is replaced by its truncation at the uniform rank, the
+calibration runs, and the change of the model's outputs is measured. The
+layer's sensitivity s = (relative squared change of the outputs) /
+(the layer's relative squared output error at that rank) then weighs its
+singular values in the rank allocation: the damage of rank r is modelled as
+s · Σ_{i>r} σ_i² / Σ σ_i².
+
+"The model's outputs" are those of the model's own forward when the
+calibration calls it, otherwise those of its last top-level child to run
+(e.g. when the calibration calls ``model.forward`` or a method like
+``encode``). Every floating-point tensor in them counts, each relative to its
+own size. Wide outputs (logits) are kept through a fixed random projection to
+64 columns, which keeps squared distances in expectation at a bounded memory.
+"""
+
+from collections.abc import Mapping
+
+import torch
+
+from .calibration import run_calibration
+
+_KEPT_COLUMNS = 64
+
+
+def _floating_tensors(output):
+    """The floating-point tensors in a (nested) model output, in a fixed order."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, Mapping):  # dicts, ModelOutput, tokenizers' BatchEncoding
+        return [t for key in output for t in _floating_tensors(output[key])]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _floating_tensors(item)]
+    return []
+
+
+class _Projection:
+    """Fixed random maps from n columns to ``_KEPT_COLUMNS``, one per width, seeded."""
+
+    def __init__(self):
+        self._maps = {}
+
+    def __call__(self, t):
+        rows = t.detach().reshape(-1, t.shape[-1]) if t.dim() else t.detach().reshape(1, 1)
+        # float32 is plenty for a relative change; float64 models keep theirs.
+        rows = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
+        n = rows.shape[1]
+        if n <= _KEPT_COLUMNS:
+            return rows.cpu()
+        if n not in self._maps:
+            generator = torch.Generator().manual_seed(n)
+            self._maps[n] = (torch.randn(n, _KEPT_COLUMNS, generator=generator,
+                                         dtype=torch.float64) / _KEPT_COLUMNS ** 0.5)
+        return (rows @ self._maps[n].to(device=rows.device, dtype=rows.dtype)).cpu()
+
+
+class OutputRecorder:
+    """The model's outputs over one calibration run, reduced as described above."""
+
+    def __init__(self, model):
+        self.model = model
+        self.project = _Projection()
+
+    def record(self, calibration):
+        top, children = [], []
+        order = list(self.model.named_children())
+
+        def keep(store, label):
+            def hook(module, args, output):
+                store.append((label, [self.project(t) for t in _floating_tensors(output)]))
+            return hook
+
+        handles = [self.model.register_forward_hook(keep(top, None))]
+        handles += [child.register_forward_hook(keep(children, name)) for name, child in order]
+        try:
+            run_calibration(self.model, calibration)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if top:
+            outputs = [tensors for _, tensors in top]
+        elif children:
+            last = children[-1][0]
+            outputs = [tensors for label, tensors in children if label == last]
+        else:
+            raise ValueError(
+                "compress_model: allocation='sensitivity' needs a calibration that runs the "
+                "model or its top-level modules; none of them ran")
+        if not any(outputs):
+            raise ValueError(
+                "compress_model: allocation='sensitivity' found no floating-point tensor in the "
+                "model's outputs (tensors, or tensors in dicts, tuples and lists) to measure")
+        return outputs
+
+
+def relative_change(reference, outputs):
+    """Σ over output slots of ‖y' − y‖² / ‖y‖²; slots are the tensor positions per call."""
+    if len(outputs) != len(reference) or any(
+            len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b))
+            for a, b in zip(outputs, reference)):
+        raise ValueError(
+            "compress_model: the calibration produced outputs of other shapes on a second run; "
+            "allocation='sensitivity' needs a calibration that runs the same batches every "
+            "time")
+    slots = max((len(call) for call in reference), default=0)
+    change = 0.0
+    for slot in range(slots):
+        err = ref = 0.0
+        for mine, theirs in zip(outputs, reference):
+            if slot < len(theirs):
+                y = theirs[slot].double()
+                err += float((mine[slot].double() - y).pow(2).sum())
+                ref += float(y.pow(2).sum())
+        change += err / ref if ref > 0 else 0.0
+    return change
+
+
+def measure_sensitivity(model, calibration, probes, swap):
+    """{name: s} for the layers in ``probes`` ({name: (probe module, relative tail²)}).
+
+    ``swap(name, module)`` puts a module in place of the named layer and
+    returns the one it replaced; the original is always put back.
+    """
+    recorder = OutputRecorder(model)
+    reference = recorder.record(calibration)
+    sensitivity = {}
+    for name, (probe, tail_squared) in probes.items():
+        original = swap(name, probe)
+        try:
+            change = relative_change(reference, recorder.record(calibration))
+        finally:
+            swap(name, original)
+        sensitivity[name] = change / tail_squared if tail_squared > 0 else 0.0
+    return sensitivity

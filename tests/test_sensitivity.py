@@ -1,0 +1,164 @@
+"""allocation="sensitivity": layer probes against quantities computed here in float64."""
+
+import collections
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+from lowrank_ext.sensitivity import OutputRecorder, relative_change
+
+
+class TwoBranches(nn.Module):
+    """Two layers with the same weight whose outputs reach the result at very different scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.loud = nn.Linear(24, 24, dtype=torch.float64)
+        self.quiet = nn.Linear(24, 24, dtype=torch.float64)
+        with torch.no_grad():
+            self.quiet.weight.copy_(self.loud.weight)
+            self.quiet.bias.copy_(self.loud.bias)
+
+    def forward(self, x):
+        return torch.cat([10.0 * self.loud(x), 0.1 * self.quiet(x)], dim=-1)
+
+
+def data():
+    return [torch.randn(64, 24, dtype=torch.float64) for _ in range(3)]
+
+
+def output_change(model, original, batches):
+    """‖f'(X) − f(X)‖² / ‖f(X)‖² over the batches, in float64."""
+    with torch.no_grad():
+        err = sum(float((model(x) - original(x)).pow(2).sum()) for x in batches)
+        ref = sum(float(original(x).pow(2).sum()) for x in batches)
+    return err / ref
+
+
+def test_a_single_bias_free_layer_has_sensitivity_one():
+    """For y = W·x the model's relative change is the layer's relative error: s = 1."""
+    model = nn.Sequential(nn.Linear(24, 12, bias=False, dtype=torch.float64))
+    report = lx.compress_model(model, ratio=0.5, calibration=data(), allocation="sensitivity")
+    assert report.layers[0].sensitivity == pytest.approx(1.0, rel=1e-9)
+
+
+def test_with_a_bias_sensitivity_is_the_share_of_wx_in_the_output():
+    """With y = W·x + b the same change is measured against ‖W·x + b‖²: s = ‖WX‖² / ‖WX + b‖²."""
+    layer = nn.Linear(24, 12, dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias.fill_(3.0)
+    batches = data()
+    X = torch.cat(batches)
+    with torch.no_grad():
+        expected = float((X @ layer.weight.T).pow(2).sum() / layer(X).pow(2).sum())
+    report = lx.compress_model(nn.Sequential(layer), ratio=0.5, calibration=batches)
+    assert report.layers[0].sensitivity == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_loud_layer_gets_the_ranks_and_the_output_is_closer():
+    original = TwoBranches()
+    batches = data()
+    by_energy, by_sensitivity = copy.deepcopy(original), copy.deepcopy(original)
+    energy_report = lx.compress_model(by_energy, ratio=0.5, calibration=batches,
+                                      allocation="global")
+    report = lx.compress_model(by_sensitivity, ratio=0.5, calibration=batches)  # the default
+    assert energy_report.ranks["loud"] == energy_report.ranks["quiet"]  # same weights
+    assert report.ranks["loud"] > report.ranks["quiet"]
+    assert report.params_after <= 0.5 * report.params_before
+    s = {layer.name: layer.sensitivity for layer in report.layers}
+    assert s["loud"] > 1000 * s["quiet"]
+    assert (output_change(by_sensitivity, original, batches)
+            < 0.5 * output_change(by_energy, original, batches))
+
+
+def test_outputs_come_from_the_last_child_when_forward_is_called_directly():
+    model = nn.Sequential(nn.Linear(16, 32, dtype=torch.float64), nn.ReLU(),
+                          nn.Linear(32, 8, dtype=torch.float64))
+    x = torch.randn(40, 16, dtype=torch.float64)
+    direct, called = copy.deepcopy(model), copy.deepcopy(model)
+    # model.forward(x) bypasses the model's own hooks: its children's still run.
+    a = lx.compress_model(direct, ratio=0.4, calibration=lambda m: m.forward(x))
+    b = lx.compress_model(called, ratio=0.4, calibration=lambda m: m(x))
+    assert a.ranks == b.ranks
+    assert [r.sensitivity for r in a.layers] == pytest.approx([r.sensitivity for r in b.layers])
+
+
+def test_nested_outputs_and_wide_outputs_are_recorded():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(8, 200, dtype=torch.float64)
+
+        def forward(self, x):
+            h = self.body(x)
+            # A Mapping that is not a dict, like transformers' BatchEncoding.
+            return collections.UserDict(
+                {"logits": h, "parts": (h[:, :3], torch.ones(1, dtype=torch.int64))})
+
+    model = Heads()
+    recorder = OutputRecorder(model)
+    x = torch.randn(50, 8, dtype=torch.float64)
+    first = recorder.record([x])
+    assert len(first) == 1 and [t.shape for t in first[0]] == [(50, 64), (50, 3)]
+    again = recorder.record([x])
+    assert relative_change(first, again) == 0.0
+    # The 200 → 64 projection keeps squared distances in expectation: compare
+    # with the exact change for a random perturbation (one fixed draw).
+    with torch.no_grad():
+        before = model.body(x)
+        model.body.weight.add_(0.05 * torch.randn_like(model.body.weight))
+        after = model.body(x)
+    moved = recorder.record([x])
+
+    def rel(new, old):
+        return float((new - old).pow(2).sum() / old.pow(2).sum())
+
+    exact = rel(after, before) + rel(after[:, :3], before[:, :3])
+    assert relative_change(first, moved) == pytest.approx(exact, rel=0.1)
+
+
+def test_needs_calibration():
+    with pytest.raises(ValueError, match="allocation='sensitivity' needs calibration"):
+        lx.compress_model(TwoBranches(), ratio=0.5, allocation="sensitivity")
+
+
+def test_calibration_that_changes_between_runs_is_refused_and_the_model_kept():
+    model = TwoBranches()
+    sizes = iter(range(1, 100))
+
+    def calibration(m):
+        m(torch.randn(next(sizes), 24, dtype=torch.float64))
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="outputs of other shapes on a second run"):
+        lx.compress_model(model, ratio=0.5, calibration=calibration)
+    assert all(type(m) is not lx.LowRankLinear for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_calibration_that_never_runs_the_model_or_its_children():
+    model = nn.Sequential()
+    model.block = nn.Sequential(nn.Linear(24, 24, dtype=torch.float64), nn.Tanh(),
+                                nn.Linear(24, 24, dtype=torch.float64))
+    x = torch.randn(10, 24, dtype=torch.float64)
+    # block.forward runs the layers (their hooks fire) but neither the model's
+    # nor its top-level child's __call__, so there is no output to measure.
+    with pytest.raises(ValueError, match="needs a calibration that runs the model"):
+        lx.compress_model(model, ratio=0.5, calibration=lambda m: m.block.forward(x))
+    assert all(type(m) is not lx.LowRankLinear for m in model.modules())
+
+
+def test_outputs_without_floating_tensors_are_refused():
+    class Argmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(24, 24, dtype=torch.float64)
+
+        def forward(self, x):
+            return {"labels": self.fc(x).argmax(-1)}
+
+    with pytest.raises(ValueError, match="found no floating-point tensor in the model's outputs"):
+        lx.compress_model(Argmax(), ratio=0.5, calibration=data())
