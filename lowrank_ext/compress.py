@@ -124,16 +124,29 @@ class _Spectrum:
             U = (C @ V) / torch.where(live, sigma, torch.ones_like(sigma))
             U = U * live
         self.device = device
-        self.weight = weight.detach().to(torch.float64)
         self.gram = gram
-        self.U = U.to(home)
+        # What is kept for the factors is bounded by the model itself: no
+        # float64 copy of the weight (it is read again from the layer), and
+        # only the columns of U a useful rank can take (below d·k/(d+k)), in
+        # float32 unless the weight is float64. The energies stay whole.
+        self._weight = weight
+        keep = max(1, min(U.shape[1], math.floor(break_even_rank(d, k))))
+        store = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.U = U[:, :keep].to(device=home, dtype=store)
         self.energy = lam.clamp_min(0).cpu()  # σ_i², descending
         self.total = float(self.energy.sum())
 
+    @property
+    def weight(self):
+        """The layer's weight in float64 on the compute device."""
+        return self._weight.detach().to(device=self.device, dtype=torch.float64)
+
     def factors(self, rank):
         """(B, A) in float64 with B·A the best rank-``rank`` map in this metric."""
-        U_r = self.U[:, :rank].to(self.device)
-        A = U_r.T @ self.weight.to(self.device)
+        if rank > self.U.shape[1]:
+            raise ValueError(f"rank {rank} is beyond the {self.U.shape[1]} kept directions")
+        U_r = self.U[:, :rank].to(device=self.device, dtype=torch.float64)
+        A = U_r.T @ self.weight
         return U_r.contiguous(), A.contiguous()
 
     def relative_tail(self, rank):
@@ -160,7 +173,7 @@ def _relative_tail(energy, total, rank):
 
 def _errors(spectrum, B, A):
     """(relative error in weight space, relative error in output space or None)."""
-    W = spectrum.weight.to(spectrum.device)
+    W = spectrum.weight
     diff = W - B @ A
     norm_w = float(torch.linalg.matrix_norm(W))
     weight_error = float(torch.linalg.matrix_norm(diff)) / norm_w if norm_w else 0.0

@@ -408,3 +408,26 @@ def test_padding_tokens_are_left_out_of_dict_batch_calibration():
                       calibration=[{"x": padded, "attention_mask": torch.ones_like(mask)}])
     assert not torch.allclose(polluted.fc1.B @ polluted.fc1.A, masked.fc1.B @ masked.fc1.A,
                               atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype, stored", [(torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.float32),
+                                           (torch.float64, torch.float64)])
+def test_spectra_hold_no_more_than_the_useful_directions(dtype, stored):
+    """A layer's spectrum keeps U up to the break-even rank and no copy of the weight."""
+    from lowrank_ext.compress import _Spectrum
+
+    weight = torch.randn(40, 24, dtype=torch.float64).to(dtype)
+    spectrum = _Spectrum(weight, None)
+    useful = math.floor(40 * 24 / (40 + 24))  # 15
+    assert spectrum.U.shape == (40, useful) and spectrum.U.dtype == stored
+    assert spectrum.energy.numel() == 24  # every singular value, for the rank choice
+    assert not any(v is not weight and torch.is_tensor(v) and v.shape == weight.shape
+                   for v in vars(spectrum).values())
+    B, A = spectrum.factors(useful)
+    U, S, Vh = torch.linalg.svd(weight.double())
+    best = U[:, :useful] @ torch.diag(S[:useful]) @ Vh[:useful]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(B @ A, best, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="beyond the 15 kept directions"):
+        spectrum.factors(useful + 1)
