@@ -204,9 +204,9 @@ def test_device_cpu_gives_the_same_model():
 def test_the_factorization_runs_on_the_given_device_one_layer_at_a_time(monkeypatch):
     """With device=, eigh sees tensors on that device and the results come home.
 
-    Without a GPU the 'device' is simulated: a tensor subclass-free check is
-    not possible, so this records the device of every eigh input on the CPU
-    and relies on test_cuda for the CUDA device itself.
+    Without a GPU the only device is the CPU, so this checks the plumbing (every
+    eigh input on the requested device, the model left where it was);
+    test_device_cuda_for_a_model_on_the_cpu checks a real second device.
     """
     seen = []
     real_eigh = torch.linalg.eigh
