@@ -1,22 +1,14 @@
 """compress_model across the ranks of a gloo process group (2 processes) and with device=."""
 
-import os
-import pickle
-import traceback
-
 import pytest
 import torch
 from torch import nn
 
 import lowrank_ext as lx
+from gloo_ranks import WORLD_SIZE, gloo_available, run_ranks
 from lowrank_ext import compress as compress_module
 
-dist = pytest.importorskip("torch.distributed")
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
-
-WORLD = 2
-TIMEOUT_S = 120
+pytestmark = pytest.mark.skipif(not gloo_available(), reason="needs torch.distributed with gloo")
 
 
 def build_model():
@@ -37,75 +29,46 @@ def run_compress(model, calibration, **kwargs):
     return lx.compress_model(model, progress=False, calibration=calibration, **kwargs)
 
 
-def _worker(rank, init_file, out_dir, case):
-    """One rank: compress, then write the model state (or the error) for the parent."""
+def _compress_on_rank(rank, directory, case):
+    """One rank: compress; return the model state, or the error and whether the model changed."""
     result = {}
+    model = build_model()
+    counted = []
+
+    class CountingSpectrum(compress_module._Spectrum):
+        def __init__(self, weight, gram, device=None):
+            counted.append(tuple(weight.shape))
+            super().__init__(weight, gram, device)
+
+    compress_module._Spectrum = CountingSpectrum
+    if case["fail_on_rank"] == rank:
+        def broken(*args, **kwargs):
+            raise FloatingPointError("eigensolver did not converge")
+        compress_module._Spectrum = broken
+    kwargs = dict(case["kwargs"])
+    if case["different_on_rank"] == rank:
+        kwargs["exclude"] = "0"
+    # Each rank calibrates on its own half of the batches.
+    mine = batches()[rank::WORLD_SIZE] if not case["replicated"] else batches()
+    mine = mine if case["calibrate"] else None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        os.environ["OMP_NUM_THREADS"] = "1"
-        torch.set_num_threads(1)
-        import datetime
-
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-        model = build_model()
-        counted = []
-
-        class CountingSpectrum(compress_module._Spectrum):
-            def __init__(self, weight, gram, device=None):
-                counted.append(tuple(weight.shape))
-                super().__init__(weight, gram, device)
-
-        compress_module._Spectrum = CountingSpectrum
-        if case["fail_on_rank"] == rank:
-            def broken(*args, **kwargs):
-                raise FloatingPointError("eigensolver did not converge")
-            compress_module._Spectrum = broken
-        kwargs = dict(case["kwargs"])
-        if case["different_on_rank"] == rank:
-            kwargs["exclude"] = "0"
-        # Each rank calibrates on its own half of the batches.
-        mine = batches()[rank::WORLD] if not case["replicated"] else batches()
-        mine = mine if case["calibrate"] else None
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        try:
-            report = run_compress(model, mine, **kwargs)
-            result["state"] = {k: v.clone() for k, v in model.state_dict().items()}
-            result["report"] = report.to_dict()
-        except Exception as exc:  # the parent checks the type and message
-            result["error"] = (type(exc).__name__, str(exc))
-            result["unchanged"] = all(torch.equal(before[k], v)
-                                      for k, v in model.state_dict().items())
-            result["linears"] = sum(type(m) is nn.Linear for m in model.modules())
-        result["spectra_computed"] = len(counted)
-        dist.destroy_process_group()
-    except Exception:
-        result["crash"] = traceback.format_exc()
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
+        report = run_compress(model, mine, **kwargs)
+        result["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        result["report"] = report.to_dict()
+    except Exception as exc:  # the parent checks the type and message
+        result["error"] = (type(exc).__name__, str(exc))
+        result["unchanged"] = all(torch.equal(before[k], v)
+                                  for k, v in model.state_dict().items())
+        result["linears"] = sum(type(m) is nn.Linear for m in model.modules())
+    result["spectra_computed"] = len(counted)
+    return result
 
 
-def run_ranks(tmp_path, **case):
-    import torch.multiprocessing as mp
-
+def compress_on_ranks(tmp_path, **case):
     case = dict(dict(kwargs={}, calibrate=True, fail_on_rank=None, different_on_rank=None,
                      replicated=False), **case)
-    context = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), case),
-                                 nprocs=WORLD, join=False, start_method="spawn")
-    import time
-
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks did not finish in time (a collective hung)")
-    results = []
-    for rank in range(WORLD):
-        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
-            result = pickle.load(f)
-        assert "crash" not in result, result.get("crash")
-        results.append(result)
-    return results
+    return run_ranks(_compress_on_rank, tmp_path, case)
 
 
 def single_process(calibrate=True, **kwargs):
@@ -141,7 +104,7 @@ def assert_same_model(state, model):
 ], ids=["global", "uniform", "energy", "sequential", "sensitivity"])
 def test_two_ranks_share_the_work_and_end_with_the_one_process_model(tmp_path, kwargs,
                                                                       replicated):
-    results = run_ranks(tmp_path, kwargs=kwargs, replicated=replicated)
+    results = compress_on_ranks(tmp_path, kwargs=kwargs, replicated=replicated)
     model, report = single_process(**kwargs)
     for result in results:
         assert "error" not in result, result["error"]
@@ -163,14 +126,14 @@ def test_two_ranks_share_the_work_and_end_with_the_one_process_model(tmp_path, k
 
 
 def test_two_ranks_without_calibration(tmp_path):
-    results = run_ranks(tmp_path, kwargs=dict(rank=3), calibrate=False)
+    results = compress_on_ranks(tmp_path, kwargs=dict(rank=3), calibrate=False)
     model, _ = single_process(calibrate=False, rank=3)
     for result in results:
         assert_same_model(result["state"], model)
 
 
 def test_a_failure_on_one_rank_is_raised_on_every_rank_and_changes_nothing(tmp_path):
-    results = run_ranks(tmp_path, kwargs=dict(ratio=0.5), fail_on_rank=1)
+    results = compress_on_ranks(tmp_path, kwargs=dict(ratio=0.5), fail_on_rank=1)
     assert results[1]["error"] == ("FloatingPointError", "eigensolver did not converge")
     kind, message = results[0]["error"]
     assert kind == "RuntimeError" and "failed on rank(s) [1]" in message
@@ -179,7 +142,7 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_and_changes_nothing(tmp_p
 
 
 def test_ranks_given_different_layers_are_refused_instead_of_hanging(tmp_path):
-    results = run_ranks(tmp_path, kwargs=dict(ratio=0.5), different_on_rank=1)
+    results = compress_on_ranks(tmp_path, kwargs=dict(ratio=0.5), different_on_rank=1)
     for result in results:
         kind, message = result["error"]
         assert kind == "RuntimeError" and "ranks [1] were called with other layers" in message
@@ -187,7 +150,7 @@ def test_ranks_given_different_layers_are_refused_instead_of_hanging(tmp_path):
 
 
 def test_process_group_without_distributed_is_refused():
-    assert not dist.is_initialized()
+    assert not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match="process_group was given but torch.distributed"):
         lx.compress_model(build_model(), rank=2, process_group=object())
 

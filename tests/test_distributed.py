@@ -7,14 +7,10 @@ FSDP average the gradients, so with a loss that is a mean over the local half
 the two agree up to the order of the summations. The LoRA base layer must stay
 frozen and bit-identical.
 
-Robustness: the process group and the wait for the workers have timeouts, a
-worker reports through files in tmp_path (its traceback too), and any worker
-still alive at the end is killed.
+Robustness (timeouts, tracebacks, no process left behind): see gloo_ranks.py.
 """
 
-import datetime
 import os
-import traceback
 
 import pytest
 import torch
@@ -22,13 +18,11 @@ import torch.distributed as dist
 from torch import nn
 
 import lowrank_ext as lx
+from gloo_ranks import WORLD_SIZE, gloo_available, run_ranks
 
-WORLD_SIZE = 2
 STEPS = 4
 BATCH = 16  # per step, split evenly across the ranks
 IN, HIDDEN, OUT = 6, 10, 4
-PG_TIMEOUT_S = 60
-JOIN_TIMEOUT_S = 180  # process start-up (import torch) included
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 F32 = dict(rtol=1e-5, atol=1e-6)
@@ -47,9 +41,8 @@ try:
 except ImportError:  # torch without FSDP2
     fully_shard = None
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(),
-    reason="needs torch.distributed with the gloo backend")
+pytestmark = pytest.mark.skipif(not gloo_available(),
+                                reason="needs torch.distributed with the gloo backend")
 
 
 def build(dtype, bias):
@@ -91,65 +84,27 @@ def train(model, optimizer, xs, ys):
         optimizer.step()
 
 
-def _worker(rank, directory):
-    torch.set_num_threads(1)  # two processes on a small machine
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{os.path.join(directory, 'store')}", rank=rank,
-            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        try:
-            inputs = torch.load(os.path.join(directory, "inputs.pt"))
-            results = {"compiled": lx.backend_info()["compiled"]}
-            half = BATCH // WORLD_SIZE
-            rows = slice(rank * half, (rank + 1) * half)
-            for name, (kind, options, dtype, bias, opt, _) in CONFIGS.items():
-                if kind == "fsdp2" and fully_shard is None:
-                    continue
-                model = build(dtype, bias)
-                model.load_state_dict(inputs[name]["init"])
-                wrapped = wrap(kind, model, options)
-                optimizer = make_optimizer(opt, wrapped)
-                train(wrapped, optimizer, inputs[name]["x"][:, rows], inputs[name]["y"][:, rows])
-                results[name] = {
-                    "state": full_state(model),
-                    "base_grads": [p.grad for p in model[0].base.parameters()],
-                    "base_requires_grad": [p.requires_grad for p in model[0].base.parameters()],
-                }
-            torch.save(results, os.path.join(directory, f"rank{rank}.pt"))
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(directory, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise SystemExit(1)
-
-
-def _run_workers(directory):
-    ctx = torch.multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, str(directory)), daemon=True)
-             for rank in range(WORLD_SIZE)]
-    for p in procs:
-        p.start()
-    try:
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=JOIN_TIMEOUT_S)
-        for p in procs:
-            p.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
-        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-        errors = [(directory / f"error{rank}.txt") for rank in range(WORLD_SIZE)]
-        reports = "\n".join(f.read_text() for f in errors if f.exists())
-        assert not hung, f"ranks {hung} still running after {JOIN_TIMEOUT_S} s\n{reports}"
-        codes = [p.exitcode for p in procs]
-        assert codes == [0] * WORLD_SIZE, f"worker exit codes {codes}\n{reports}"
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+def _train_on_rank(rank, directory):
+    """One rank: train every config on its half of each batch."""
+    inputs = torch.load(os.path.join(directory, "inputs.pt"))
+    results = {"compiled": lx.backend_info()["compiled"]}
+    half = BATCH // WORLD_SIZE
+    rows = slice(rank * half, (rank + 1) * half)
+    for name, (kind, options, dtype, bias, opt, _) in CONFIGS.items():
+        if kind == "fsdp2" and fully_shard is None:
+            continue
+        model = build(dtype, bias)
+        model.load_state_dict(inputs[name]["init"])
+        wrapped = wrap(kind, model, options)
+        optimizer = make_optimizer(opt, wrapped)
+        train(wrapped, optimizer, inputs[name]["x"][:, rows], inputs[name]["y"][:, rows])
+        results[name] = {
+            "state": full_state(model),
+            "base_grads": [p.grad for p in model[0].base.parameters()],
+            "base_requires_grad": [p.requires_grad for p in model[0].base.parameters()],
+        }
+    dist.barrier()
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +120,7 @@ def trained(tmp_path_factory):
             "y": torch.randn(STEPS, BATCH, OUT, dtype=dtype),
         }
     torch.save(inputs, directory / "inputs.pt")
-    return inputs, _run_workers(directory)
+    return inputs, run_ranks(_train_on_rank, directory)
 
 
 def test_workers_ran_on_this_processes_backend(trained):
