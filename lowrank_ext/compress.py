@@ -443,10 +443,7 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
         for name, (B, A, weight_error, output_error) in found.items():
             layer = layers[name]
             (d, k), r = shapes[name], ranks[name]
-            dtype, home = layer.weight.dtype, layer.weight.device
-            bias = None if layer.bias is None else layer.bias.detach()
-            new = LowRankLinear.from_factors(A.to(device=home, dtype=dtype),
-                                             B.to(device=home, dtype=dtype), bias)
+            new = _low_rank_like(layer, B, A)
             new.train(layer.training)
             replacements[name] = new
             records[name] = LayerReport(name, (d, k), r, d * k, r * (d + k), weight_error,
@@ -490,6 +487,14 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     return CompressionReport([records[n] for n in layers], calibrated=calibration is not None)
 
 
+def _low_rank_like(layer, B, A):
+    """A LowRankLinear with factors B·A and ``layer``'s bias, on its device and in its dtype."""
+    dtype, home = layer.weight.dtype, layer.weight.device
+    return LowRankLinear.from_factors(A.to(device=home, dtype=dtype),
+                                      B.to(device=home, dtype=dtype),
+                                      None if layer.bias is None else layer.bias.detach())
+
+
 def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, owners, workers,
                    swap):
     """{name: s}: each rank probes the layers it owns at the uniform rank for ``ratio``."""
@@ -499,13 +504,9 @@ def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, ow
             if owners[name] != workers.rank:
                 continue
             layer, spectrum = layers[name], spectra[name]
-            r = min(rank_for_ratio(*shapes[name], ratio), spectrum.energy.numel())
-            B, A = spectrum.factors(r)
-            dtype, home = layer.weight.dtype, layer.weight.device
-            probe = LowRankLinear.from_factors(
-                A.to(device=home, dtype=dtype), B.to(device=home, dtype=dtype),
-                None if layer.bias is None else layer.bias.detach())
-            probes[name] = (probe, spectrum.relative_tail(r) ** 2)
+            r = rank_for_ratio(*shapes[name], ratio)
+            probes[name] = (_low_rank_like(layer, *spectrum.factors(r)),
+                             spectrum.relative_tail(r) ** 2)
         if probes:
             found = measure_sensitivity(model, calibration, probes, swap)
     except Exception as exc:
