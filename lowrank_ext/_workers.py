@@ -45,7 +45,8 @@ class Workers:
         # An eigendecomposition of the min(d, k) side costs ~min(d, k)³, the
         # products around it ~d·k·min(d, k).
         cost = {n: d * k * min(d, k) + min(d, k) ** 3 for n, (d, k) in shapes.items()}
-        for name in sorted(shapes, key=lambda n: (-cost[n], list(shapes).index(n))):
+        # sorted() is stable: equal costs keep the layers' order on every rank.
+        for name in sorted(shapes, key=lambda n: -cost[n]):
             owner = min(range(self.world), key=lambda r: (load[r], r))
             owners[name] = owner
             load[owner] += cost[name]
