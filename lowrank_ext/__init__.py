@@ -9,8 +9,9 @@ The ops are registered with the PyTorch dispatcher as ``torch.ops.lowrank_ext.*`
 fallback otherwise); see :func:`backend_info`.
 
 On top of the ops: ``LowRankLinear`` and ``LoRALinear`` modules,
-``compress_model`` (whole-model compression, optionally activation-aware) and
-``save_compressed`` / ``load_compressed``.
+``compress_model`` (whole-model compression, optionally activation-aware),
+``distill`` (end-to-end refinement of the factors against the original model)
+and ``save_compressed`` / ``load_compressed``.
 """
 
 from ._version import __version__
@@ -21,11 +22,13 @@ from .ops import lora_linear, lowrank_linear
 from .svd import choose_rank, svd_truncate
 from .nn import LoRALinear, LowRankLinear
 from .compress import compress_model
+from .distill import DistillResult, distill
 from .report import CompressionReport, LayerReport
 from .serialization import load_compressed, save_compressed
 
 __all__ = [
     "CompressionReport",
+    "DistillResult",
     "LayerReport",
     "LoRALinear",
     "LowRankLinear",
@@ -33,6 +36,7 @@ __all__ = [
     "backend_info",
     "choose_rank",
     "compress_model",
+    "distill",
     "load_compressed",
     "lora_linear",
     "lowrank_linear",

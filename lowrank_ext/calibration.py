@@ -23,23 +23,25 @@ def _run_batches(model, calibration, token_mask=None):
             "compress_model: calibration must be a callable fn(model) or an iterable of "
             f"batches, got {type(calibration).__name__}") from None
     for batch in batches:
-        if isinstance(batch, torch.Tensor):
-            model(batch)
-        elif isinstance(batch, (tuple, list)):
-            model(*batch)
-        elif isinstance(batch, Mapping):  # dicts and tokenizers' BatchEncoding
-            mask = batch.get("attention_mask")
-            if token_mask is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                token_mask[0] = mask
-            try:
-                model(**batch)
-            finally:
-                if token_mask is not None:
-                    token_mask[0] = None
-        else:
-            raise TypeError(
-                "compress_model: a calibration batch must be a tensor, tuple or dict, got "
-                f"{type(batch).__name__}")
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if token_mask is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            token_mask[0] = mask
+        try:
+            call_with_batch(model, batch, "compress_model", "a calibration batch")
+        finally:
+            if token_mask is not None:
+                token_mask[0] = None
+
+
+def call_with_batch(model, batch, owner, what="a batch"):
+    """``model(x)`` for a tensor, ``model(*b)`` for a tuple or list, ``model(**b)`` for a dict."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Mapping):  # dicts and tokenizers' BatchEncoding
+        return model(**batch)
+    raise TypeError(f"{owner}: {what} must be a tensor, tuple or dict, got {type(batch).__name__}")
 
 
 def run_calibration(model, calibration, token_mask=None):

@@ -9,7 +9,9 @@ Shapes are chosen to reach each branch and each tail:
   * AVX2, few rows (threads split rank and outputs) and many rows (threads
     split row blocks), row chunks beyond one block, 3-row tile tails, 4-column
     tile tails of r and d, 64-output chunks, 8-lane tails of k and r, the
-    1024-wide k chunks;
+    1024-wide k chunks; the packed float32 shrink (many rows, r ≥ 16) with
+    its 256-wide k chunks, 192-row sub-blocks, 16-rank panel tails and blocks
+    beyond its 512-row cap;
   * portable: the per-row loops, the single-row split across threads, the
     BLAS row blocks with a partial last block.
 """
@@ -38,6 +40,9 @@ SHAPES = [
     (200, 513, 8, 129, 2),      # row blocks with 3-row tails, partial BLAS block
     (200, 40, 6, 19, 8),        # few rows per thread with 8 threads: two row chunks
     (97, 2100, 33, 45, 1),      # one thread, several k chunks, r tail past 32
+    (200, 300, 17, 50, 2),      # packed shrink: a 1-rank panel tail, k chunk 256 + 44
+    (193, 1000, 40, 33, 1),     # packed, one thread: 192-row sub-block + 1, 8-rank panel tail
+    (1100, 64, 16, 24, 2),      # packed: one exact panel, blocks past the 512-row cap
 ]
 
 
@@ -92,7 +97,7 @@ def test_paths_match_float64_reference(kernel, threads, dtype, M, k, r, d, nthre
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,k,r,d,nthreads", [(1, 4096, 16, 4096, 2), (7, 33, 5, 9, 1),
-                                              (130, 600, 12, 70, 2)])
+                                              (130, 600, 12, 70, 2), (250, 300, 20, 40, 2)])
 def test_intermediate_and_no_bias(kernel, threads, dtype, M, k, r, d, nthreads):
     threads(nthreads)
     x, A, B, _ = make(M, k, r, d, dtype, bias=False)
@@ -104,9 +109,9 @@ def test_intermediate_and_no_bias(kernel, threads, dtype, M, k, r, d, nthreads):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["row_stride", "transposed", "broadcast_rows",
                                     "leading_dims", "weights_transposed", "scalar_row"])
-@pytest.mark.parametrize("M", [1, 70])
+@pytest.mark.parametrize("M", [1, 70, 200])
 def test_layouts(kernel, dtype, layout, M):
-    k, r, d = 37, 6, 23
+    k, r, d = 37, 18 if M >= 192 else 6, 23  # 200 rows, r = 18: the packed float32 shrink
     x, A, B, bias = make(M, k, r, d, dtype)
     if layout == "row_stride":  # rows read in place with a stride > k
         x = torch.randn(M, k + 11).to(dtype)[:, 3:3 + k]

@@ -292,15 +292,16 @@ inline void transpose8(__m256 v[8]) {
   }
 }
 
-// P[j][c] = B[o + c, j] for c < nc (zero beyond), j < r.
+// P[j][c] = M[o + c, j] for c < nc (zero beyond), j < count, where the rows of
+// M are ld elements apart: a panel of B (ld = count = r) or of a chunk of A.
 template <typename T>
-void pack_panel(const T* B, int64_t r, int64_t o, int64_t nc, float* P) {
-  const int64_t r8 = nc == kPanelCols ? (r & ~int64_t{7}) : 0;
-  for (int64_t j0 = 0; j0 < r8; j0 += 8) {
+void pack_panel(const T* M, int64_t ld, int64_t count, int64_t o, int64_t nc, float* P) {
+  const int64_t c8 = nc == kPanelCols ? (count & ~int64_t{7}) : 0;
+  for (int64_t j0 = 0; j0 < c8; j0 += 8) {
     for (int half = 0; half < 2; ++half) {
       __m256 v[8];
       for (int c = 0; c < 8; ++c) {
-        v[c] = load8(B + (o + half * 8 + c) * r + j0);
+        v[c] = load8(M + (o + half * 8 + c) * ld + j0);
       }
       transpose8(v);
       for (int jj = 0; jj < 8; ++jj) {
@@ -308,9 +309,28 @@ void pack_panel(const T* B, int64_t r, int64_t o, int64_t nc, float* P) {
       }
     }
   }
-  for (int64_t j = r8; j < r; ++j) {
+  for (int64_t j = c8; j < count; ++j) {
     for (int64_t c = 0; c < kPanelCols; ++c) {
-      P[j * kPanelCols + c] = c < nc ? to_float(B[(o + c) * r + j]) : 0.0f;
+      P[j * kPanelCols + c] = c < nc ? to_float(M[(o + c) * ld + j]) : 0.0f;
+    }
+  }
+}
+
+// c0/c1[i] += Σ_j a[i, j] · P[j][0..16) over j < n: the 6 × 16 broadcast tile
+// of the panel expand (a = t) and of the packed shrink (a = x). Always
+// inlined, so that the accumulators stay in registers.
+template <int MR>
+__attribute__((always_inline)) inline void broadcast_tile(
+    const float* a, int64_t lda, const float* P, int64_t n, __m256 (&c0)[MR],
+    __m256 (&c1)[MR]) {
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 p0 = _mm256_loadu_ps(P + j * kPanelCols);
+    const __m256 p1 = _mm256_loadu_ps(P + j * kPanelCols + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 v = _mm256_broadcast_ss(a + i * lda + j);
+      c0[i] = _mm256_fmadd_ps(v, p0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(v, p1, c1[i]);
     }
   }
 }
@@ -327,16 +347,7 @@ void panel_tile(
     c0[i] = b0;
     c1[i] = b1;
   }
-  for (int64_t j = 0; j < r; ++j) {
-    const __m256 p0 = _mm256_loadu_ps(P + j * kPanelCols);
-    const __m256 p1 = _mm256_loadu_ps(P + j * kPanelCols + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 a = _mm256_broadcast_ss(t + i * ldt + j);
-      c0[i] = _mm256_fmadd_ps(a, p0, c0[i]);
-      c1[i] = _mm256_fmadd_ps(a, p1, c1[i]);
-    }
-  }
+  broadcast_tile<MR>(t, ldt, P, r, c0, c1);
   // Every loop over the accumulators is unrolled so that they stay in registers.
   if (nc == kPanelCols) {
 #pragma GCC unroll 6
@@ -371,7 +382,7 @@ void expand_panels(
   float bias16[kPanelCols];
   for (int64_t o = o0; o < o1; o += kPanelCols) {
     const int64_t nc = min64(kPanelCols, o1 - o);
-    pack_panel(B, r, o, nc, P);
+    pack_panel(B, r, r, o, nc, P);
     for (int64_t c = 0; c < kPanelCols; ++c) {
       bias16[c] = bias != nullptr && c < nc ? to_float(bias[o + c]) : 0.0f;
     }
@@ -382,6 +393,94 @@ void expand_panels(
   }
 }
 
+
+// ---------------------------------------------------------------- packed shrink
+//
+// With many float32 rows, the shrink runs as a broadcast kernel too: a chunk
+// of kPackK columns of A is packed into panels of 16 ranks, P[p][0..16) =
+// A[j..j+16, p0 + p], and a tile of 6 rows × 16 ranks keeps 12 accumulators.
+// Per 12 FMAs it loads two panel vectors from L1 and broadcasts 6 elements of
+// x, where the dot tile streams 4 vectors of A from L2, which bounds it at
+// L2 bandwidth. Packing costs r·kPackK moves per chunk, repaid over the
+// block's rows.
+
+constexpr int64_t kPackK = 256;
+// Rows whose x chunk (192 × 256 floats) stays in L2 while every panel passes.
+constexpr int64_t kPackRowBlock = 192;
+
+template <int MR>
+void shrink_panel_tile(
+    const float* x, int64_t ldx, const float* P, int64_t kc, float* t, int64_t ldt,
+    int64_t nc, bool accumulate) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = _mm256_setzero_ps();
+    c1[i] = _mm256_setzero_ps();
+  }
+  broadcast_tile<MR>(x, ldx, P, kc, c0, c1);
+  if (nc == kPanelCols) {
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      float* ti = t + i * ldt;
+      if (accumulate) {
+        c0[i] = _mm256_add_ps(c0[i], _mm256_loadu_ps(ti));
+        c1[i] = _mm256_add_ps(c1[i], _mm256_loadu_ps(ti + 8));
+      }
+      _mm256_storeu_ps(ti, c0[i]);
+      _mm256_storeu_ps(ti + 8, c1[i]);
+    }
+    return;
+  }
+  float out[MR][kPanelCols];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(out[i], c0[i]);
+    _mm256_storeu_ps(out[i] + 8, c1[i]);
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int64_t c = 0; c < nc; ++c) {
+      t[i * ldt + c] = accumulate ? t[i * ldt + c] + out[i][c] : out[i][c];
+    }
+  }
+}
+
+} // namespace
+
+int64_t packed_shrink_floats(int64_t r) {
+  return (r + kPanelCols - 1) / kPanelCols * kPanelCols * kPackK;
+}
+
+void shrink_packed(
+    const float* x, int64_t ldx, const float* A, int64_t k, int64_t r, int64_t rows,
+    float* t, int64_t ldt, float* scratch) {
+  using Tile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t,
+                        int64_t, bool);
+  static constexpr Tile tiles[kPanelRows] = {shrink_panel_tile<1>, shrink_panel_tile<2>,
+                                             shrink_panel_tile<3>, shrink_panel_tile<4>,
+                                             shrink_panel_tile<5>, shrink_panel_tile<6>};
+  const int64_t panels = (r + kPanelCols - 1) / kPanelCols;
+  for (int64_t p0 = 0; p0 < k; p0 += kPackK) {
+    const int64_t kc = min64(kPackK, k - p0);
+    for (int64_t q = 0; q < panels; ++q) {
+      pack_panel(A + p0, k, kc, q * kPanelCols, min64(kPanelCols, r - q * kPanelCols),
+                 scratch + q * kc * kPanelCols);
+    }
+    for (int64_t i0 = 0; i0 < rows; i0 += kPackRowBlock) {
+      const int64_t i1 = min64(rows, i0 + kPackRowBlock);
+      for (int64_t q = 0; q < panels; ++q) {
+        const int64_t nc = min64(kPanelCols, r - q * kPanelCols);
+        for (int64_t i = i0; i < i1; i += kPanelRows) {
+          tiles[min64(kPanelRows, i1 - i) - 1](x + i * ldx + p0, ldx,
+                                               scratch + q * kc * kPanelCols, kc,
+                                               t + i * ldt + q * kPanelCols, ldt, nc, p0 > 0);
+        }
+      }
+    }
+  }
+}
+
+namespace {
 } // namespace
 
 bool cpu_has_avx2_fma() {

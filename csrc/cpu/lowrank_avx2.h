@@ -25,6 +25,14 @@ void shrink(
     ElemType type, const void* x, int64_t ldx, const void* A, int64_t k,
     int64_t rows, int64_t j0, int64_t j1, float* t, int64_t ldt);
 
+// The same shrink for float32 with A packed into panels of 16 ranks, chunk by
+// chunk of k: faster once a block has enough rows to repay the packing (see
+// lowrank_avx2.cpp). `scratch` holds packed_shrink_floats(r) floats.
+void shrink_packed(
+    const float* x, int64_t ldx, const float* A, int64_t k, int64_t r, int64_t rows,
+    float* t, int64_t ldt, float* scratch);
+int64_t packed_shrink_floats(int64_t r);
+
 // Expand: y[i, o] = bias[o] + Σ_j t[i, j] · B[o, j] for rows i in [0, rows)
 // and outputs o in [o0, o1). B is (d × r) contiguous, bias may be null, y has
 // rows ldy elements apart. `panel` is scratch for expand_panel_floats(r)

@@ -159,6 +159,12 @@ void blocked_blas(
 // walk over A and B per block, few enough that the float32 block
 // intermediate (rows × r) stays in L2.
 constexpr int64_t kMaxRowBlock = 192;
+// The packed float32 shrink: from this rank (one panel of 16) and this many
+// rows per thread, with blocks of up to kMaxPackedRowBlock rows (t of r ≤ 256
+// stays within 512 KB).
+constexpr int64_t kPackedMinRank = 16;
+constexpr int64_t kPackedMinRows = 96;
+constexpr int64_t kMaxPackedRowBlock = 512;
 // Multiply-adds below which the AVX2 path stays on the calling thread
 // (about 10 µs of work): waking the other threads costs a few microseconds on
 // a quiet machine, so a decode-sized call (1 × 4096 × 16 × 4096) already
@@ -218,19 +224,34 @@ void avx2_kernel(
     // Many rows: each thread takes whole row blocks, shrinking a block into a
     // float32 buffer and expanding it at once. The block count is a multiple
     // of the thread count so that no thread waits on a last odd block.
-    int64_t blocks = (p.M + kMaxRowBlock - 1) / kMaxRowBlock;
+    // float32 with a rank of at least one panel packs A per block instead of
+    // reading it in place (avx2::shrink_packed); its larger blocks repay the
+    // packing, which costs r·k moves per block.
+    const bool packed = std::is_same_v<T, float> && p.r >= kPackedMinRank &&
+        p.M >= kPackedMinRows * threads;
+    const int64_t max_rows = packed ? kMaxPackedRowBlock : kMaxRowBlock;
+    int64_t blocks = (p.M + max_rows - 1) / max_rows;
     blocks = (blocks + threads - 1) / threads * threads;
     const int64_t rows_per_block = (p.M + blocks - 1) / blocks;
     at::parallel_for(0, blocks, threads == 1 ? blocks : 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> t(rows_per_block * p.r);
       std::vector<float> panel(avx2::expand_panel_floats(p.r));
+      std::vector<float> packed_a(packed ? avx2::packed_shrink_floats(p.r) : 0);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t row0 = b * rows_per_block;
         const int64_t rows = std::min(rows_per_block, p.M - row0);
         if (rows <= 0) {
           break;
         }
-        avx2::shrink(type, x + row0 * p.ldx, p.ldx, A, p.k, rows, 0, p.r, t.data(), p.r);
+        if constexpr (std::is_same_v<T, float>) {
+          if (packed) {
+            avx2::shrink_packed(x + row0 * p.ldx, p.ldx, A, p.k, p.r, rows, t.data(), p.r,
+                                packed_a.data());
+          }
+        }
+        if (!packed) {
+          avx2::shrink(type, x + row0 * p.ldx, p.ldx, A, p.k, rows, 0, p.r, t.data(), p.r);
+        }
         if (t_out != nullptr) {
           store_intermediate(t.data(), rows, p.r, t_out + row0 * p.r);
         }

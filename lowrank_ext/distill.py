@@ -1,0 +1,327 @@
+"""Refining a compressed model's factors end to end, with the original model as the teacher.
+
+Truncation is optimal layer by layer, but the errors of many layers compound:
+each layer sees inputs that earlier compressed layers have already moved.
+``distill`` trains the factors (``A`` and ``B`` of every ``LowRankLinear``)
+for a number of steps so that the compressed model's outputs, and optionally
+the outputs of chosen inner modules (transformer blocks, say), match the
+original model's on the same batches. Everything else stays frozen.
+
+The loss is the sum, over every floating-point tensor compared, of its
+relative squared error ‖s − t‖² / ‖t‖², so that tensors of different scales
+count alike. For dict batches with an ``attention_mask``, padding positions of
+token-level tensors (leading dimensions equal to the mask's) are left out.
+"""
+
+import itertools
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .calibration import call_with_batch
+from .compress import name_matches
+from ._names import preview
+from .sensitivity import _floating_tensors
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill` did: the loss of every step and the wall time."""
+
+    steps: int
+    losses: list = field(repr=False)
+    seconds: float
+
+    @property
+    def first_loss(self):
+        return self.losses[0]
+
+    @property
+    def last_loss(self):
+        """Mean loss over the last tenth of the steps (at least one)."""
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail)
+
+    def __repr__(self):
+        return (f"DistillResult(steps={self.steps}, first_loss={self.first_loss:.4g}, "
+                f"last_loss={self.last_loss:.4g}, seconds={self.seconds:.1f})")
+
+
+def _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss):
+    if loss is not None and not callable(loss):
+        raise TypeError(f"distill: loss must be callable fn(output, target), got "
+                        f"{type(loss).__name__}")
+    for name, value in (("model", model), ("teacher", teacher)):
+        if not isinstance(value, torch.nn.Module):
+            raise TypeError(f"distill: {name} must be an nn.Module, got {type(value).__name__}")
+    if model is teacher:
+        raise ValueError("distill: teacher is the model itself; pass the original, uncompressed "
+                         "model (e.g. a copy.deepcopy taken before compress_model)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"distill: steps must be a positive int, got {steps!r}")
+    for name, value in (("lr", lr), ("max_grad_norm", max_grad_norm)):
+        if value is None and name == "max_grad_norm":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0):
+            raise ValueError(f"distill: {name} must be a positive finite number, got {value!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
+        raise ValueError(f"distill: warmup must be a fraction of the steps in [0, 1), got "
+                         f"{warmup!r}")
+
+
+def _trainable(model, teacher, parameters):
+    if parameters is None:
+        from .nn import LowRankLinear
+
+        params = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
+        if not params:
+            raise ValueError("distill: the model has no LowRankLinear layers to refine (run "
+                             "compress_model first, or pass parameters=)")
+    else:
+        if isinstance(parameters, torch.Tensor):
+            raise TypeError("distill: parameters must be an iterable of parameters, got a "
+                            "single tensor; wrap it in a list")
+        params = list(parameters)
+        if not params or not all(isinstance(p, torch.nn.Parameter) for p in params):
+            raise TypeError("distill: parameters must be a non-empty iterable of nn.Parameter")
+        own = {id(p) for p in model.parameters()}
+        if not all(id(p) in own for p in params):
+            raise ValueError("distill: every entry of parameters must be a parameter of model")
+    params = list({id(p): p for p in params}.values())  # tied weights once
+    for p in params:
+        if not p.is_floating_point():
+            raise TypeError(f"distill: cannot train a {p.dtype} parameter")
+    teachers = {id(p) for p in teacher.parameters()}
+    if any(id(p) in teachers for p in params):
+        raise ValueError("distill: the teacher shares trainable parameters with the model; pass "
+                         "a separate copy of the original model")
+    return params
+
+
+def _matched_modules(model, teacher, match):
+    """[(name, module of model, module of teacher)] for the ``match`` patterns."""
+    if match is None:
+        return []
+    if isinstance(match, str):
+        patterns = [match]
+    else:
+        try:
+            patterns = list(match)
+        except TypeError:
+            patterns = None
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError("distill: match must be a module name pattern or a list of them")
+    names = [n for n, _ in model.named_modules() if n]
+    teacher_modules = dict(teacher.named_modules())
+    chosen = []
+    for pattern in patterns:
+        found = [n for n in names if name_matches(n, pattern)]
+        if not found:
+            raise ValueError(f"distill: match pattern {pattern!r} matches no module of the model "
+                             f"(candidates: {preview(names)})")
+        chosen += [n for n in found if n not in chosen]
+    missing = [n for n in chosen if n not in teacher_modules]
+    if missing:
+        raise ValueError(f"distill: the teacher has no module named {missing[0]!r}; match names "
+                         "modules present in both models")
+    return [(n, model.get_submodule(n), teacher_modules[n]) for n in chosen]
+
+
+def _batches(data):
+    """Endless batches from a re-iterable ``data`` (a list, a DataLoader)."""
+    if isinstance(data, (torch.Tensor, Mapping, tuple)):
+        raise TypeError(f"distill: data must be an iterable of batches, got a single "
+                        f"{type(data).__name__}; wrap it in a list")
+    try:
+        first = iter(data)
+    except TypeError:
+        raise TypeError(f"distill: data must be an iterable of batches, got "
+                        f"{type(data).__name__}") from None
+    if first is data:
+        raise TypeError("distill: data must be re-iterable (a list of batches or a DataLoader), "
+                        "got a one-pass iterator")
+    it = first
+    while True:
+        empty = True
+        for batch in it:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("distill: data has no batches")
+        it = iter(data)
+
+
+def _token_mask(batch):
+    """The 2-D ``attention_mask`` of a dict batch, or of a dict inside a tuple batch."""
+    candidates = [batch] if isinstance(batch, Mapping) else (
+        [b for b in batch if isinstance(b, Mapping)] if isinstance(batch, (tuple, list)) else [])
+    for candidate in candidates:
+        mask = candidate.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask
+    return None
+
+
+def relative_error(student, teacher, mask=None):
+    """‖s − t‖² / ‖t‖² in float32 or better, over the positions ``mask`` keeps."""
+    dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
+    s, t = student.to(dtype), teacher.to(dtype)
+    if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+        weight = mask.to(device=t.device, dtype=dtype).reshape(*mask.shape, *([1] * (t.dim() - 2)))
+        num, den = ((s - t) ** 2 * weight).sum(), (t ** 2 * weight).sum()
+    else:
+        num, den = ((s - t) ** 2).sum(), (t ** 2).sum()
+    return num / den.clamp_min(torch.finfo(dtype).tiny)
+
+
+def _pairs(label, student, teacher):
+    s, t = _floating_tensors(student), _floating_tensors(teacher)
+    if len(s) != len(t) or any(a.shape != b.shape for a, b in zip(s, t)):
+        raise ValueError(
+            f"distill: {label} of the model and of the teacher differ: "
+            f"{[tuple(a.shape) for a in s]} against {[tuple(b.shape) for b in t]}")
+    return list(zip(s, t))
+
+
+def distill(model, teacher, data, *, steps, lr=1e-4, match=None, loss=None, parameters=None,
+            warmup=0.05, max_grad_norm=None, progress=None):
+    """Train ``model``'s low-rank factors so that its outputs match ``teacher``'s on ``data``.
+
+    Args:
+        model: the compressed model, refined in place.
+        teacher: the original model (e.g. ``copy.deepcopy(model)`` taken before
+            :func:`compress_model`); run under ``no_grad`` and never changed.
+        data: a re-iterable of batches (a list, a DataLoader), called like the
+            calibration: tensor → ``model(x)``, tuple → ``model(*b)``,
+            dict → ``model(**b)``. Cycled until ``steps`` batches have run.
+        steps: optimizer steps, one batch each.
+        lr: Adam's learning rate, reached after ``warmup·steps`` linear
+            warm-up steps and then lowered on a cosine to zero.
+        match: module name patterns (as ``include`` of :func:`compress_model`)
+            whose outputs are matched too, besides the model's outputs; inner
+            targets such as transformer blocks guide the factors far better
+            than the final output alone.
+        loss: ``fn(output, target) -> scalar tensor`` for the model's outputs,
+            in place of their summed relative squared errors (the matched
+            modules keep theirs): e.g. a cosine loss on sentence embeddings.
+        parameters: what to train; default the ``A`` and ``B`` of every
+            ``LowRankLinear`` in ``model``.
+        max_grad_norm: clip the gradients' total norm to this, if given.
+        progress: show a tqdm bar; ``None`` shows it on a terminal only.
+
+    Both models run in eval mode (no dropout) and get their modes back after;
+    the parameters' ``requires_grad`` flags and gradients are restored too.
+    If anything fails, the trained parameters are put back as they were and
+    the error is re-raised (as RuntimeError naming the step, unless it is one
+    of ``distill``'s own argument errors). Returns a :class:`DistillResult`.
+    """
+    _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss)
+    params = _trainable(model, teacher, parameters)
+    inner = _matched_modules(model, teacher, match)
+    batches = _batches(data)
+
+    from tqdm.auto import tqdm
+
+    saved = [p.detach().clone() for p in params]
+    grads = [p.grad for p in params]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in itertools.chain(model.modules(), teacher.modules())}
+    captured = {"student": [], "teacher": []}
+
+    def keep(store, name):
+        def hook(module, args, output):
+            store.append((name, output))
+        return hook
+
+    handles = []
+    for name, mine, theirs in inner:
+        handles.append(mine.register_forward_hook(keep(captured["student"], name)))
+        handles.append(theirs.register_forward_hook(keep(captured["teacher"], name)))
+
+    losses = []
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="distill", unit="step", leave=False,
+               disable=None if progress is None else not progress)
+    step = 0
+    try:
+        model.eval()
+        teacher.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        optimizer = torch.optim.Adam(params, lr=lr)
+        warm = max(1, round(warmup * steps))
+
+        def factor(i):  # linear warm-up, then a cosine to zero
+            if i < warm:
+                return (i + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        for step in range(steps):
+            batch = next(batches)
+            mask = _token_mask(batch)
+            for store in captured.values():
+                store.clear()
+            with torch.no_grad():
+                target = call_with_batch(teacher, batch, "distill")
+            output = call_with_batch(model, batch, "distill")
+            terms = []
+            if loss is None:
+                pairs = _pairs("the outputs", output, target)
+            else:
+                pairs = []
+                terms.append(loss(output, target))
+                if not (isinstance(terms[0], torch.Tensor) and terms[0].numel() == 1
+                        and terms[0].requires_grad):
+                    raise ValueError(
+                        "distill: loss must return a one-element tensor that depends on the "
+                        f"model's output, got {type(terms[0]).__name__}")
+            if [n for n, _ in captured["student"]] != [n for n, _ in captured["teacher"]]:
+                raise ValueError("distill: the matched modules ran in a different order or "
+                                 "number of times in the model and in the teacher")
+            for (name, s), (_, t) in zip(captured["student"], captured["teacher"]):
+                pairs += _pairs(f"the outputs of {name!r}", s, t)
+            if not pairs and not terms:
+                raise ValueError("distill: the outputs hold no floating-point tensor to match")
+            total = sum(terms + [relative_error(s, t.detach(), mask) for s, t in pairs]).reshape(())
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"the loss is {total.item()}; try a lower lr")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            losses.append(total.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+    except BaseException as exc:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+        if isinstance(exc, (TypeError, ValueError)) and str(exc).startswith("distill:"):
+            raise
+        if isinstance(exc, Exception):
+            raise RuntimeError(f"distill: step {step} raised {type(exc).__name__}: {exc}; the "
+                               "model's parameters are as they were") from exc
+        raise
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+        for store in captured.values():
+            store.clear()
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for module, mode in modes.items():
+            module.training = mode
+    return DistillResult(steps=steps, losses=losses, seconds=time.perf_counter() - start)

@@ -1,0 +1,285 @@
+"""lx.distill: end-to-end refinement of compressed factors against the original model."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+from lowrank_ext.distill import relative_error
+
+
+class Mlp(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.fc1 = nn.Linear(16, width, dtype=torch.float64)
+        self.fc2 = nn.Linear(width, width, dtype=torch.float64)
+        self.fc3 = nn.Linear(width, 8, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+class Tokens(nn.Module):
+    """A token-level model called with a dict batch: ``model(x=..., attention_mask=...)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(12, 12, dtype=torch.float64)
+        self.out = nn.Linear(12, 6, dtype=torch.float64)
+
+    def forward(self, x, attention_mask):
+        h = torch.relu(self.proj(x))
+        return {"tokens": self.out(h), "mask": attention_mask}
+
+
+def batches(n=8, rows=64, features=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, features, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def output_error(model, teacher, data):
+    with torch.no_grad():
+        err = sum(float((model(x) - teacher(x)).pow(2).sum()) for x in data)
+        ref = sum(float(teacher(x).pow(2).sum()) for x in data)
+    return err / ref
+
+
+def compressed_pair(ratio=0.3):
+    teacher = Mlp()
+    model = copy.deepcopy(teacher)
+    lx.compress_model(model, ratio=ratio, calibration=batches(4, seed=1), progress=False)
+    return model, teacher
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(module, saved):
+    now = module.state_dict()
+    assert now.keys() == saved.keys()
+    for k, v in saved.items():
+        assert torch.equal(now[k], v), k
+
+
+def test_refinement_lowers_the_held_out_error_and_touches_only_the_factors():
+    model, teacher = compressed_pair()
+    train, held_out = batches(8, seed=2), batches(4, seed=3)
+    teacher_before, model_before = snapshot(teacher), snapshot(model)
+    before = output_error(model, teacher, held_out)
+
+    result = lx.distill(model, teacher, train, steps=150, lr=3e-3, progress=False)
+
+    after = output_error(model, teacher, held_out)
+    assert after < 0.5 * before, (before, after)
+    assert result.steps == 150 and len(result.losses) == 150
+    assert result.last_loss < result.first_loss
+    assert_same(teacher, teacher_before)
+    for key, value in snapshot(model).items():
+        changed = not torch.equal(value, model_before[key])
+        assert changed == key.endswith((".A", ".B")), key
+
+
+def test_the_loss_is_the_relative_squared_error_of_the_outputs():
+    model, teacher = compressed_pair()
+    data = batches(2, seed=4)
+    with torch.no_grad():
+        expected = float((model(data[0]) - teacher(data[0])).pow(2).sum()
+                         / teacher(data[0]).pow(2).sum())
+    result = lx.distill(model, teacher, data, steps=1, progress=False)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_match_adds_the_inner_modules_outputs_to_the_loss():
+    model, teacher = compressed_pair()
+    x = batches(1, seed=5)[0]
+    with torch.no_grad():
+        def hidden(m):
+            return m.fc2(torch.tanh(m.fc1(x)))
+
+        expected = float((model(x) - teacher(x)).pow(2).sum() / teacher(x).pow(2).sum()
+                         + (hidden(model) - hidden(teacher)).pow(2).sum()
+                         / hidden(teacher).pow(2).sum())
+    result = lx.distill(model, teacher, [x], steps=1, match="fc2", progress=False)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_padding_positions_are_left_out_of_dict_batches():
+    teacher = Tokens()
+    model = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 7, 12, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 2:] = 0
+    batch = {"x": x, "attention_mask": mask}
+    lx.compress_model(model, ratio=0.3, calibration=[batch], progress=False)
+    with torch.no_grad():
+        s, t = model(**batch)["tokens"], teacher(**batch)["tokens"]
+    keep = mask.bool()
+    expected = float((s - t)[keep].pow(2).sum() / t[keep].pow(2).sum())
+    unmasked = float((s - t).pow(2).sum() / t.pow(2).sum())
+    assert expected != pytest.approx(unmasked, rel=1e-3)
+    result = lx.distill(model, teacher, [batch], steps=1, progress=False)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-12)
+    assert relative_error(s, t, mask) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_custom_loss_replaces_the_output_term_and_inner_modules_keep_theirs():
+    model, teacher = compressed_pair()
+    x = batches(1, seed=7)[0]
+    seen = []
+
+    def cosine_loss(output, target):
+        seen.append((output.shape, target.requires_grad))
+        return (1 - torch.nn.functional.cosine_similarity(output, target, dim=-1)).mean()
+
+    with torch.no_grad():
+        hidden_s = model.fc2(torch.tanh(model.fc1(x)))
+        hidden_t = teacher.fc2(torch.tanh(teacher.fc1(x)))
+        expected = float(cosine_loss(model(x), teacher(x))
+                         + (hidden_s - hidden_t).pow(2).sum() / hidden_t.pow(2).sum())
+    seen.clear()
+    result = lx.distill(model, teacher, [x], steps=1, match="fc2", loss=cosine_loss,
+                        progress=False)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-12)
+    assert seen == [((64, 8), False)]  # called once per step, on outputs and detached targets
+
+
+def test_a_loss_that_does_not_reach_the_model_is_refused():
+    model, teacher = compressed_pair()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="loss must return a one-element tensor"):
+        lx.distill(model, teacher, batches(1), steps=2, loss=lambda s, t: t.sum(),
+                   progress=False)
+    with pytest.raises(TypeError, match="loss must be callable"):
+        lx.distill(model, teacher, batches(1), steps=2, loss="mse", progress=False)
+    assert_same(model, before)
+
+
+def test_a_mask_inside_a_tuple_batch_is_used_too():
+    """sentence-transformers style: model(features) with the mask inside the features dict."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, features):
+            return self.inner(**features)["tokens"]
+
+    teacher = Tokens()
+    model = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(8)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    features = {"x": torch.randn(2, 5, 12, generator=g, dtype=torch.float64),
+                "attention_mask": mask}
+    lx.compress_model(model, ratio=0.3, calibration=[features], progress=False)
+    student, original = Wrapper(model), Wrapper(teacher)
+    with torch.no_grad():
+        s, t = student(features), original(features)
+    keep = mask.bool()
+    expected = float((s - t)[keep].pow(2).sum() / t[keep].pow(2).sum())
+    result = lx.distill(student, original, [(features,)], steps=1, progress=False)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_modes_flags_and_gradients_come_back():
+    model, teacher = compressed_pair()
+    model.train()
+    teacher.train()
+    model.fc1.bias.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    lx.distill(model, teacher, batches(2), steps=3, progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    assert teacher.training
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_explicit_parameters_train_only_those():
+    model, teacher = compressed_pair()
+    before = snapshot(model)
+    lx.distill(model, teacher, batches(2), steps=5, lr=1e-2,
+               parameters=[model.fc3.bias], progress=False)
+    for key, value in snapshot(model).items():
+        assert torch.equal(value, before[key]) == (key != "fc3.bias"), key
+
+
+def test_a_dataloader_is_cycled():
+    model, teacher = compressed_pair()
+    loader = torch.utils.data.DataLoader(torch.cat(batches(2)), batch_size=40)  # 4 batches
+    result = lx.distill(model, teacher, loader, steps=9, progress=False)
+    assert len(result.losses) == 9
+
+
+def test_a_failing_step_leaves_the_model_as_it_was():
+    model, teacher = compressed_pair()
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    data = batches(3) + [torch.randn(4, 5, dtype=torch.float64)]  # wrong width at step 3
+    with pytest.raises(RuntimeError, match="distill: step 3 raised"):
+        lx.distill(model, teacher, data, steps=10, lr=1e-2, progress=False)
+    assert_same(model, before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_a_non_finite_loss_is_an_error_not_a_silent_update():
+    model, teacher = compressed_pair()
+    before = snapshot(model)
+    bad = batches(1)[0]
+    bad[0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="loss is"):
+        lx.distill(model, teacher, batches(2) + [bad], steps=5, progress=False)
+    assert_same(model, before)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(steps=0), ValueError, "steps must be a positive int"),
+    (dict(steps=2.5), ValueError, "steps must be a positive int"),
+    (dict(steps=True), ValueError, "steps must be a positive int"),
+    (dict(steps=2, lr=0), ValueError, "lr must be a positive finite number"),
+    (dict(steps=2, lr=float("nan")), ValueError, "lr must be a positive finite number"),
+    (dict(steps=2, max_grad_norm=-1.0), ValueError, "max_grad_norm must be"),
+    (dict(steps=2, warmup=1.0), ValueError, "warmup must be"),
+    (dict(steps=2, match="nothing_here"), ValueError, "matches no module"),
+    (dict(steps=2, match=3), TypeError, "match must be"),
+    (dict(steps=2, parameters=torch.nn.Parameter(torch.ones(2))), TypeError, "single tensor"),
+    (dict(steps=2, parameters=[torch.nn.Parameter(torch.ones(2))]), ValueError,
+     "must be a parameter of model"),
+])
+def test_bad_arguments_are_refused_before_any_change(kwargs, error, message):
+    model, teacher = compressed_pair()
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        lx.distill(model, teacher, batches(2), progress=False, **kwargs)
+    assert_same(model, before)
+
+
+def test_bad_data_and_models_are_refused():
+    model, teacher = compressed_pair()
+    x = batches(1)[0]
+    with pytest.raises(TypeError, match="re-iterable"):
+        lx.distill(model, teacher, (b for b in [x]), steps=1)
+    with pytest.raises(TypeError, match="single Tensor"):
+        lx.distill(model, teacher, x, steps=1)
+    with pytest.raises(ValueError, match="no batches"):
+        lx.distill(model, teacher, [], steps=1)
+    with pytest.raises(TypeError, match="must be a tensor, tuple or dict"):
+        lx.distill(model, teacher, [3], steps=1)
+    with pytest.raises(ValueError, match="teacher is the model itself"):
+        lx.distill(model, model, [x], steps=1)
+    with pytest.raises(ValueError, match="no LowRankLinear"):
+        lx.distill(copy.deepcopy(teacher), teacher, [x], steps=1)
+    with pytest.raises(ValueError, match="shares trainable parameters"):
+        shared = nn.Sequential(model)
+        lx.distill(model, shared, [x], steps=1)
+    with pytest.raises(TypeError, match="teacher must be an nn.Module"):
+        lx.distill(model, lambda x: x, [x], steps=1)
+    wider = Mlp()
+    wider.fc3 = nn.Linear(32, 9, dtype=torch.float64)
+    with pytest.raises(ValueError, match="outputs of the model and of the teacher differ"):
+        lx.distill(model, wider, [x], steps=1)
