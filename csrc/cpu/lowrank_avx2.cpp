@@ -335,6 +335,18 @@ __attribute__((always_inline)) inline void broadcast_tile(
   }
 }
 
+// The accumulators of a tile whose last panel is partial, to memory, so that
+// only its first nc columns are written out.
+template <int MR>
+__attribute__((always_inline)) inline void spill_tile(
+    const __m256 (&c0)[MR], const __m256 (&c1)[MR], float (&out)[MR][kPanelCols]) {
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(out[i], c0[i]);
+    _mm256_storeu_ps(out[i] + 8, c1[i]);
+  }
+}
+
 template <int MR, typename T>
 void panel_tile(
     const float* t, int64_t ldt, const float* P, int64_t r, const float* bias16, T* y,
@@ -358,11 +370,7 @@ void panel_tile(
     return;
   }
   float out[MR][kPanelCols];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(out[i], c0[i]);
-    _mm256_storeu_ps(out[i] + 8, c1[i]);
-  }
+  spill_tile<MR>(c0, c1, out);
   for (int i = 0; i < MR; ++i) {
     for (int64_t c = 0; c < nc; ++c) {
       y[i * ldy + c] = from_float<T>(out[i][c]);
@@ -433,11 +441,7 @@ void shrink_panel_tile(
     return;
   }
   float out[MR][kPanelCols];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(out[i], c0[i]);
-    _mm256_storeu_ps(out[i] + 8, c1[i]);
-  }
+  spill_tile<MR>(c0, c1, out);
   for (int i = 0; i < MR; ++i) {
     for (int64_t c = 0; c < nc; ++c) {
       t[i * ldt + c] = accumulate ? t[i * ldt + c] + out[i][c] : out[i][c];
