@@ -9,10 +9,10 @@
 #include "checks.h"
 #include "ops.h"
 
+#include <ATen/DimVector.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-#include <vector>
 
 namespace lowrank_ext {
 namespace {
@@ -29,9 +29,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
   const int64_t k = x.size(-1);
   const int64_t r = A.size(0);
   const int64_t d = W.size(0);
-  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  at::DimVector lead(x.sizes().begin(), x.sizes().end() - 1);
   const int64_t M = c10::multiply_integers(lead.begin(), lead.end());
-  std::vector<int64_t> y_shape = lead, t_shape = lead;
+  at::DimVector y_shape = lead, t_shape = lead;
   y_shape.push_back(d);
   t_shape.push_back(r);
 

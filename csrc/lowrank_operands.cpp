@@ -1,6 +1,6 @@
 #include "lowrank_operands.h"
 
-#include <vector>
+#include <ATen/DimVector.h>
 
 namespace lowrank_ext {
 
@@ -14,9 +14,11 @@ LowRankOperands prepare_lowrank_operands(
   ops.k = x.size(-1);
   ops.r = A.size(0);
   ops.d = B.size(0);
-  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end() - 1);
+  // DimVector: no heap allocation for the shapes, which matters at decode
+  // sizes where the whole call takes a microsecond or two.
+  at::DimVector y_shape(x.sizes().begin(), x.sizes().end() - 1);
   ops.M = c10::multiply_integers(y_shape.begin(), y_shape.end());
-  std::vector<int64_t> t_shape = y_shape;
+  at::DimVector t_shape = y_shape;
   y_shape.push_back(ops.d);
   t_shape.push_back(ops.r);
   ops.y = at::empty(y_shape, x.options());
@@ -37,7 +39,8 @@ LowRankOperands prepare_lowrank_operands(
     }
     return ops;
   }
-  ops.x2 = x.reshape({ops.M, ops.k});
+  // A 2-D x is used as it is: even a same-shape reshape creates a view.
+  ops.x2 = x.dim() == 2 ? x : x.reshape({ops.M, ops.k});
   if (ops.x2.stride(1) != 1) {
     ops.x2 = ops.x2.contiguous();
   }

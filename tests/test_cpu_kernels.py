@@ -24,7 +24,9 @@ from conftest import DTYPES, TOLERANCES, requires_compiled
 
 pytestmark = requires_compiled
 
-KERNELS = ("auto", "portable")
+KERNELS = ("auto", "avx2", "portable")
+# _cpu_kernel reports the kernel set in use; these are the choices that select it.
+CHOICE_FOR = {"avx512bf16": "auto", "avx2": "avx2", "portable": "portable"}
 
 # (M, k, r, d, threads): comment says which path / tail it reaches.
 SHAPES = [
@@ -51,7 +53,7 @@ def kernel(request):
     previous = torch.ops.lowrank_ext._cpu_kernel("")
     active = torch.ops.lowrank_ext._cpu_kernel(request.param)
     yield active
-    torch.ops.lowrank_ext._cpu_kernel("portable" if previous == "portable" else "auto")
+    torch.ops.lowrank_ext._cpu_kernel(CHOICE_FOR[previous])
 
 
 @pytest.fixture
@@ -143,18 +145,71 @@ def test_zero_sizes(kernel, dtype, M, k, r, d):
 
 def test_kernel_switch_reports_and_rejects():
     current = torch.ops.lowrank_ext._cpu_kernel("")
-    assert current in ("avx2", "portable")
+    assert current in ("avx512bf16", "avx2", "portable")
     with pytest.raises(RuntimeError, match="_cpu_kernel: expected"):
         torch.ops.lowrank_ext._cpu_kernel("sse9")
     assert torch.ops.lowrank_ext._cpu_kernel("") == current
+    try:
+        # Each choice is a ceiling: "avx2" never reports AVX-512, "portable" nothing faster.
+        assert torch.ops.lowrank_ext._cpu_kernel("avx2") in ("avx2", "portable")
+        assert torch.ops.lowrank_ext._cpu_kernel("portable") == "portable"
+    finally:
+        torch.ops.lowrank_ext._cpu_kernel(CHOICE_FOR[current])
+    assert torch.ops.lowrank_ext._cpu_kernel("") == current
+
+
+def bf16_intermediate_reference(x, A, B, bias):
+    """What the AVX512-BF16 path computes: t = x·Aᵀ exactly, rounded to bfloat16
+    (as torch's composition of two bfloat16 matmuls rounds it), then expanded."""
+    t = (x.double() @ A.double().T).float().bfloat16().double()
+    y = t @ B.double().T
+    return y if bias is None else y + bias.double()
+
+
+def ulps_apart(y, ref):
+    """Distance in bfloat16 units in the last place of the reference."""
+    ref = ref.float().bfloat16()
+    ulp = (ref.float().abs() * 2.0 ** -7).clamp_min(2.0 ** -133)
+    return ((y.float() - ref.float()).abs() / ulp)
+
+
+# (M, k, r, d, threads): which edge of the AVX512-BF16 kernels each reaches.
+BF16_DOT_SHAPES = [
+    (40, 64, 8, 37, 2),        # few rows: threads split outputs; a 5-output panel tail
+    (200, 100, 17, 50, 2),     # row blocks; odd rank (last pair half empty); k tail of 4
+    (13, 4096, 64, 4096, 1),   # one thread: a 12-row tile + 1, two k chunks
+    (9, 2049, 3, 16, 2),       # k chunk tail of 1, r below one tile, one half panel
+    (8, 31, 1, 33, 1),         # the first row count on the path; k below one vector
+]
+
+
+@pytest.mark.parametrize("M,k,r,d,nthreads", BF16_DOT_SHAPES)
+def test_avx512bf16_kernels_match_their_rounding_model(threads, M, k, r, d, nthreads):
+    # The bf16 tolerance of the other tests is loose; here every output must
+    # be within 2 bfloat16 ulps of the exact model of this path, and nearly
+    # all equal to it (float32 sums may round a tie the other way).
+    if torch.ops.lowrank_ext._cpu_kernel("") != "avx512bf16":
+        pytest.skip("this CPU (or the kernel switch) does not run AVX512-BF16")
+    threads(nthreads)
+    x, A, B, bias = make(M, k, r, d, torch.bfloat16)
+    y, t = torch.ops.lowrank_ext.lowrank_linear_with_intermediate(x, A, B, bias)
+    assert ulps_apart(t, x.double() @ A.double().T).max() <= 1, "shrink off by more than 1 ulp"
+    gap = ulps_apart(y, bf16_intermediate_reference(x, A, B, bias))
+    assert gap.max() <= 2, f"expand off by {gap.max():.1f} ulps"
+    assert (gap > 0).float().mean() < 0.05
+    y_alone = lowrank_ext.lowrank_linear(x, A, B, bias)
+    assert torch.equal(y_alone, y), "keeping the intermediate changed the output"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_rounding_matches_torch(kernel, dtype):
-    # Outputs round to nearest even like torch's own conversion of the float32 sum.
+    # Outputs round to nearest even like torch's own conversion of the float32
+    # sum (of the bfloat16-rounded intermediate on the AVX512-BF16 path).
     x, A, B, bias = make(40, 64, 8, 37, dtype)
     y = lowrank_ext.lowrank_linear(x, A, B, bias)
-    exact = reference(x, A, B, bias).float().to(dtype)
+    model = bf16_intermediate_reference if kernel == "avx512bf16" and dtype == torch.bfloat16 \
+        else reference
+    exact = model(x, A, B, bias).float().to(dtype)
     mismatch = (y != exact).float().mean().item()
     assert mismatch < 0.05, f"{mismatch:.1%} of outputs differ from the rounded reference"
 

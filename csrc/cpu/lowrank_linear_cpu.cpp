@@ -7,12 +7,15 @@
 // Half types are accumulated in float32.
 //
 // Two implementations: AVX2/FMA micro-kernels (lowrank_avx2.cpp) for
-// float32/bfloat16/float16 on CPUs that have them, and portable loops plus
-// BLAS blocks everywhere else and for float64. `_cpu_kernel("portable")` or
-// LOWRANK_EXT_CPU_KERNEL=portable forces the portable one, so tests cover both.
+// float32/bfloat16/float16 on CPUs that have them, with the bfloat16 shrink on
+// AVX512-BF16 dot products where the CPU has those (lowrank_avx512bf16.cpp),
+// and portable loops plus BLAS blocks everywhere else and for float64.
+// `_cpu_kernel("avx2")` / `_cpu_kernel("portable")` (or LOWRANK_EXT_CPU_KERNEL)
+// turn the faster sets off, so tests cover every one on one machine.
 #include "../checks.h"
 #include "../lowrank_operands.h"
 #include "lowrank_avx2.h"
+#include "lowrank_avx512bf16.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -178,16 +181,32 @@ constexpr int64_t kMinRowsPerThread = 32;
 constexpr int64_t kRankUnit = 4;
 constexpr int64_t kOutputUnit = 16;
 
-bool initially_portable() {
+// The most capable kernel set allowed: kAuto uses whatever the CPU runs.
+enum class KernelLimit : int { kAuto, kAvx2, kPortable };
+
+KernelLimit initial_limit() {
   const char* env = std::getenv("LOWRANK_EXT_CPU_KERNEL");
-  return env != nullptr && std::strcmp(env, "portable") == 0;
+  if (env != nullptr && std::strcmp(env, "portable") == 0) {
+    return KernelLimit::kPortable;
+  }
+  if (env != nullptr && std::strcmp(env, "avx2") == 0) {
+    return KernelLimit::kAvx2;
+  }
+  return KernelLimit::kAuto;
 }
 
-std::atomic<bool> g_force_portable{initially_portable()};
+std::atomic<KernelLimit> g_kernel_limit{initial_limit()};
 
 bool use_avx2() {
-  return !g_force_portable.load(std::memory_order_relaxed) && avx2::cpu_has_avx2_fma();
+  return g_kernel_limit.load(std::memory_order_relaxed) != KernelLimit::kPortable &&
+      avx2::cpu_has_avx2_fma();
 }
+
+bool use_avx512bf16() {
+  return g_kernel_limit.load(std::memory_order_relaxed) == KernelLimit::kAuto &&
+      avx2::cpu_has_avx2_fma() && avx512bf16::cpu_has_avx512bf16();
+}
+
 
 template <typename T>
 constexpr avx2::ElemType avx2_type() {
@@ -198,6 +217,49 @@ constexpr avx2::ElemType avx2_type() {
   } else {
     return avx2::ElemType::kFloat16;
   }
+}
+
+// The shrink of one block: rows of x against ranks [j0, j1) of A.
+template <typename T>
+void shrink_block(
+    bool bf16_dot, const T* x, int64_t ldx, const T* A, int64_t k, int64_t rows, int64_t j0,
+    int64_t j1, float* t, int64_t ldt) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (bf16_dot) {
+      avx512bf16::shrink(
+          reinterpret_cast<const uint16_t*>(x), ldx, reinterpret_cast<const uint16_t*>(A), k,
+          rows, j0, j1, t, ldt);
+      return;
+    }
+  }
+  avx2::shrink(avx2_type<T>(), x, ldx, A, k, rows, j0, j1, t, ldt);
+}
+
+// Rows from which the bfloat16 expand runs on AVX512-BF16: below, packing B
+// into pairs costs more than the faster products save.
+constexpr int64_t kBf16DotMinRows = 8;
+
+// Scratch 32-bit words the expand of a block of `rows` needs.
+int64_t bf16_expand_words(bool bf16_dot, int64_t rows, int64_t r) {
+  return bf16_dot && rows >= kBf16DotMinRows ? avx512bf16::expand_scratch_words(rows, r) : 0;
+}
+
+// The expand of one block: outputs [o0, o1) of its rows.
+template <typename T>
+void expand_block(
+    bool bf16_dot, const float* t, int64_t ldt, int64_t rows, const T* B, int64_t r,
+    const T* bias, int64_t o0, int64_t o1, T* y, int64_t ldy, float* panel,
+    uint32_t* bf16_scratch) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (bf16_dot && rows >= kBf16DotMinRows) {
+      avx512bf16::expand(
+          t, ldt, rows, reinterpret_cast<const uint16_t*>(B), r,
+          reinterpret_cast<const uint16_t*>(bias), o0, o1, reinterpret_cast<uint16_t*>(y), ldy,
+          bf16_scratch);
+      return;
+    }
+  }
+  avx2::expand(avx2_type<T>(), t, ldt, rows, B, r, bias, o0, o1, y, ldy, panel);
 }
 
 template <typename T>
@@ -217,7 +279,7 @@ template <typename T>
 void avx2_kernel(
     const Problem& p, const T* x, const T* A, const T* B, const T* bias, T* y,
     T* t_out) {
-  constexpr avx2::ElemType type = avx2_type<T>();
+  const bool bf16_dot = std::is_same_v<T, at::BFloat16> && use_avx512bf16();
   const int64_t macs = p.M * p.r * (p.k + p.d);
   const int64_t threads = macs >= kMinParallelMacs ? at::get_num_threads() : 1;
   if (threads == 1 || p.M >= kMinRowsPerThread * threads) {
@@ -237,6 +299,7 @@ void avx2_kernel(
       std::vector<float> t(rows_per_block * p.r);
       std::vector<float> panel(avx2::expand_panel_floats(p.r));
       std::vector<float> packed_a(packed ? avx2::packed_shrink_floats(p.r) : 0);
+      std::vector<uint32_t> bf16_scratch(bf16_expand_words(bf16_dot, rows_per_block, p.r));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t row0 = b * rows_per_block;
         const int64_t rows = std::min(rows_per_block, p.M - row0);
@@ -250,13 +313,13 @@ void avx2_kernel(
           }
         }
         if (!packed) {
-          avx2::shrink(type, x + row0 * p.ldx, p.ldx, A, p.k, rows, 0, p.r, t.data(), p.r);
+          shrink_block(bf16_dot, x + row0 * p.ldx, p.ldx, A, p.k, rows, 0, p.r, t.data(), p.r);
         }
         if (t_out != nullptr) {
           store_intermediate(t.data(), rows, p.r, t_out + row0 * p.r);
         }
-        avx2::expand(type, t.data(), p.r, rows, B, p.r, bias, 0, p.d, y + row0 * p.d, p.d,
-                     panel.data());
+        expand_block(bf16_dot, t.data(), p.r, rows, B, p.r, bias, 0, p.d, y + row0 * p.d, p.d,
+                     panel.data(), bf16_scratch.data());
       }
     });
     return;
@@ -271,7 +334,7 @@ void avx2_kernel(
     const int64_t rows = std::min(chunk, p.M - row0);
     const T* xb = x + row0 * p.ldx;
     at::parallel_for(0, r_units, grain_for(rows * p.k * kRankUnit), [&](int64_t u0, int64_t u1) {
-      avx2::shrink(type, xb, p.ldx, A, p.k, rows, u0 * kRankUnit,
+      shrink_block(bf16_dot, xb, p.ldx, A, p.k, rows, u0 * kRankUnit,
                    std::min(p.r, u1 * kRankUnit), t.data(), p.r);
     });
     if (t_out != nullptr) {
@@ -279,8 +342,10 @@ void avx2_kernel(
     }
     at::parallel_for(0, d_units, grain_for(rows * p.r * kOutputUnit), [&](int64_t u0, int64_t u1) {
       std::vector<float> panel(avx2::expand_panel_floats(p.r));
-      avx2::expand(type, t.data(), p.r, rows, B, p.r, bias, u0 * kOutputUnit,
-                   std::min(p.d, u1 * kOutputUnit), y + row0 * p.d, p.d, panel.data());
+      std::vector<uint32_t> bf16_scratch(bf16_expand_words(bf16_dot, rows, p.r));
+      expand_block(bf16_dot, t.data(), p.r, rows, B, p.r, bias, u0 * kOutputUnit,
+                   std::min(p.d, u1 * kOutputUnit), y + row0 * p.d, p.d, panel.data(),
+                   bf16_scratch.data());
     });
   }
 }
@@ -354,16 +419,22 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_cpu(
   return lowrank_linear_cpu_impl(x, A, B, bias, true);
 }
 
-// Selects the CPU kernels: "auto" (AVX2 when the CPU has it) or "portable";
-// "" only asks. Returns the kernels now in use: "avx2" or "portable".
+// Selects the CPU kernels: "auto" (the best the CPU runs), "avx2" (no
+// AVX-512) or "portable"; "" only asks. Returns the most capable set now in
+// use: "avx512bf16" (bfloat16 shrink; AVX2 for the rest), "avx2" or
+// "portable".
 std::string select_cpu_kernel(const std::string& choice) {
   TORCH_CHECK(
-      choice.empty() || choice == "auto" || choice == "portable",
-      "_cpu_kernel: expected \"auto\", \"portable\" or \"\", got \"", choice, "\"");
+      choice.empty() || choice == "auto" || choice == "avx2" || choice == "portable",
+      "_cpu_kernel: expected \"auto\", \"avx2\", \"portable\" or \"\", got \"", choice,
+      "\"");
   if (!choice.empty()) {
-    g_force_portable.store(choice == "portable");
+    g_kernel_limit.store(
+        choice == "portable" ? KernelLimit::kPortable
+            : choice == "avx2" ? KernelLimit::kAvx2
+                               : KernelLimit::kAuto);
   }
-  return use_avx2() ? "avx2" : "portable";
+  return use_avx512bf16() ? "avx512bf16" : use_avx2() ? "avx2" : "portable";
 }
 
 } // namespace

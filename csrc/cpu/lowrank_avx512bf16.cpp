@@ -1,0 +1,271 @@
+// AVX512-BF16 micro-kernels of bfloat16 lowrank_linear (see
+// lowrank_avx512bf16.h).
+//
+// Shrink: the same register-blocked dot tile as the AVX2 shrink, on 512-bit
+// vectors of 32 bfloat16 values: a tile of 4 rows of x by 4 rows of A keeps 16
+// float32 accumulators and loads 8 vectors per 16 vdpbf16ps. The 16 lanes of
+// an accumulator are folded into one sum only once per chunk of k.
+//
+// Expand: a broadcast tile. B is packed 32 outputs at a time into a panel of
+// bfloat16 pairs, P[q][c] = (B[o + c, 2q], B[o + c, 2q + 1]), and each pair of
+// a row's rounded intermediate, (t[i, 2q], t[i, 2q + 1]), is broadcast
+// against two panel vectors: a tile of 12 rows × 32 outputs keeps 24
+// accumulators, which start from the bias, and needs no horizontal sums.
+//
+// Only <immintrin.h> and standard headers are included: the whole file is
+// compiled for AVX-512, and nothing here may run without the runtime check in
+// cpu_has_avx512bf16().
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")
+
+#include "lowrank_avx512bf16.h"
+
+// GCC 12 warns that the undefined upper half behind _mm512_castps512_ps256 is
+// uninitialized; it is never read.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+namespace lowrank_ext {
+namespace avx512bf16 {
+namespace {
+
+inline int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+// Rows of x and of A per tile.
+constexpr int kMR = 4;
+constexpr int kNR = 4;
+// bfloat16 values per vector.
+constexpr int64_t kLanes = 32;
+// Contraction chunk: 4 rows of x (16 KB) stay in L1 and a chunk of A
+// (r × 2048 values, 256 KB at r = 64) in L2 while a row block is processed.
+constexpr int64_t kKChunk = 2048;
+
+inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+}
+
+inline __m256 halves_added(__m512 v) {
+  const __m256 lo = _mm512_castps512_ps256(v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return _mm256_add_ps(lo, hi);
+}
+
+// Lane j of the result is the sum of all lanes of accumulator j.
+inline __m128 fold4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m256 abcd = _mm256_hadd_ps(
+      _mm256_hadd_ps(halves_added(a), halves_added(b)),
+      _mm256_hadd_ps(halves_added(c), halves_added(d)));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// acc[i][j] += the pairwise products of X[i, p..p+32) and W[j, p..p+32);
+// masked loads read only the lanes in `mask` and zero the rest.
+template <int MR, int NR, bool kMasked>
+__attribute__((always_inline)) inline void dot_step(
+    const uint16_t* X, int64_t ldx, const uint16_t* W, int64_t ldw, __mmask32 mask,
+    __m512 (&acc)[MR][kNR]) {
+  __m512i xv[MR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+    xv[i] = kMasked ? _mm512_maskz_loadu_epi16(mask, X + i * ldx)
+                    : _mm512_loadu_si512(X + i * ldx);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j) {
+    const __m512i w = kMasked ? _mm512_maskz_loadu_epi16(mask, W + j * ldw)
+                              : _mm512_loadu_si512(W + j * ldw);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      acc[i][j] = dot_pairs(acc[i][j], xv[i], w);
+    }
+  }
+}
+
+// t[i][j] (+)= Σ_p X[i, p] · W[j, p] over p in [0, K), for an MR × NR tile.
+template <int MR, int NR>
+void shrink_tile(
+    const uint16_t* X, int64_t ldx, const uint16_t* W, int64_t ldw, int64_t K, float* t,
+    int64_t ldt, bool accumulate) {
+  __m512 acc[MR][kNR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kNR; ++j) {
+      acc[i][j] = _mm512_setzero_ps();
+    }
+  }
+  const int64_t K32 = K & ~(kLanes - 1);
+  for (int64_t p = 0; p < K32; p += kLanes) {
+    dot_step<MR, NR, false>(X + p, ldx, W + p, ldw, 0, acc);
+  }
+  if (K32 < K) {  // the tail of K: zeros beyond it add nothing
+    const __mmask32 mask = _cvtu32_mask32((1u << (K - K32)) - 1);
+    dot_step<MR, NR, true>(X + K32, ldx, W + K32, ldw, mask, acc);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+    float sums[4];
+    _mm_storeu_ps(sums, fold4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+    for (int j = 0; j < NR; ++j) {
+      t[i * ldt + j] = accumulate ? t[i * ldt + j] + sums[j] : sums[j];
+    }
+  }
+}
+
+// Tile functions indexed by [rows - 1][cols - 1], for the edges of a block.
+using TileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
+                        int64_t, bool);
+constexpr TileFn kTiles[kMR][kNR] = {
+    {shrink_tile<1, 1>, shrink_tile<1, 2>, shrink_tile<1, 3>, shrink_tile<1, 4>},
+    {shrink_tile<2, 1>, shrink_tile<2, 2>, shrink_tile<2, 3>, shrink_tile<2, 4>},
+    {shrink_tile<3, 1>, shrink_tile<3, 2>, shrink_tile<3, 3>, shrink_tile<3, 4>},
+    {shrink_tile<4, 1>, shrink_tile<4, 2>, shrink_tile<4, 3>, shrink_tile<4, 4>}};
+
+// ---------------------------------------------------------------- expand
+
+constexpr int kExpandRows = 12;
+constexpr int kPanelCols = 32;
+
+// Round to nearest even with NaN kept quiet, exactly as c10::BFloat16 does
+// (vcvtneps2bf16 would flush subnormals).
+inline __m256i round_to_bf16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(u);
+}
+
+// 16 bfloat16 values (fewer under `mask`) widened to float32; zeros beyond.
+inline __m512 load16_widened(const uint16_t* p, __mmask16 mask) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// tb[i][q] = the pair (t[i, 2q], t[i, 2q + 1]) rounded to bfloat16, zero past r.
+void round_intermediate(const float* t, int64_t ldt, int64_t rows, int64_t r, uint32_t* tb) {
+  const int64_t pairs = (r + 1) / 2;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* ti = t + i * ldt;
+    uint16_t* row = reinterpret_cast<uint16_t*>(tb + i * pairs);
+    for (int64_t j = 0; j < r; j += 16) {
+      const int64_t n = min64(16, r - j);
+      const __mmask16 mask = _cvtu32_mask16((1u << n) - 1);
+      _mm256_mask_storeu_epi16(row + j, mask, round_to_bf16(_mm512_maskz_loadu_ps(mask, ti + j)));
+    }
+    if (r % 2 != 0) {
+      row[r] = 0;
+    }
+  }
+}
+
+// P[q][c] = (B[o + c, 2q], B[o + c, 2q + 1]) for c < nc, zero elsewhere.
+void pack_pairs(const uint16_t* B, int64_t r, int64_t o, int64_t nc, uint32_t* P) {
+  const int64_t pairs = (r + 1) / 2;
+  for (int64_t c = 0; c < kPanelCols; ++c) {
+    if (c >= nc) {
+      for (int64_t q = 0; q < pairs; ++q) {
+        P[q * kPanelCols + c] = 0;
+      }
+      continue;
+    }
+    const uint16_t* row = B + (o + c) * r;
+    for (int64_t q = 0; q < r / 2; ++q) {
+      P[q * kPanelCols + c] = row[2 * q] | static_cast<uint32_t>(row[2 * q + 1]) << 16;
+    }
+    if (r % 2 != 0) {
+      P[(pairs - 1) * kPanelCols + c] = row[r - 1];
+    }
+  }
+}
+
+// y[i, o + c] = bias + Σ_q tb[i][q] · P[q][c] for MR rows and c < nc.
+template <int MR>
+void expand_tile(
+    const uint32_t* tb, int64_t pairs, const uint32_t* P, __m512 bias0, __m512 bias1,
+    int64_t nc, uint16_t* y, int64_t ldy) {
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    acc0[i] = bias0;
+    acc1[i] = bias1;
+  }
+  for (int64_t q = 0; q < pairs; ++q) {
+    const __m512i p0 = _mm512_loadu_si512(P + q * kPanelCols);
+    const __m512i p1 = _mm512_loadu_si512(P + q * kPanelCols + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512i pair = _mm512_set1_epi32(static_cast<int>(tb[i * pairs + q]));
+      acc0[i] = dot_pairs(acc0[i], pair, p0);
+      acc1[i] = dot_pairs(acc1[i], pair, p1);
+    }
+  }
+  const __mmask16 m0 = _cvtu32_mask16(nc >= 16 ? 0xFFFFu : (1u << nc) - 1);
+  const __mmask16 m1 = _cvtu32_mask16(nc >= 32 ? 0xFFFFu : nc > 16 ? (1u << (nc - 16)) - 1 : 0);
+  for (int i = 0; i < MR; ++i) {
+    _mm256_mask_storeu_epi16(y + i * ldy, m0, round_to_bf16(acc0[i]));
+    _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, round_to_bf16(acc1[i]));
+  }
+}
+
+using ExpandTileFn = void (*)(const uint32_t*, int64_t, const uint32_t*, __m512, __m512, int64_t,
+                              uint16_t*, int64_t);
+constexpr ExpandTileFn kExpandTiles[kExpandRows] = {
+    expand_tile<1>, expand_tile<2>, expand_tile<3>, expand_tile<4>,
+    expand_tile<5>, expand_tile<6>, expand_tile<7>, expand_tile<8>,
+    expand_tile<9>, expand_tile<10>, expand_tile<11>, expand_tile<12>};
+
+} // namespace
+
+bool cpu_has_avx512bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    // libgcc reports AVX-512 features only when the OS saves the zmm state.
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  }();
+  return has;
+}
+
+void shrink(
+    const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t k, int64_t rows,
+    int64_t j0, int64_t j1, float* t, int64_t ldt) {
+  for (int64_t p0 = 0; p0 < k; p0 += kKChunk) {
+    const int64_t kc = min64(kKChunk, k - p0);
+    for (int64_t i = 0; i < rows; i += kMR) {
+      const int64_t mr = min64(kMR, rows - i);
+      for (int64_t j = j0; j < j1; j += kNR) {
+        const int64_t nr = min64(kNR, j1 - j);
+        kTiles[mr - 1][nr - 1](
+            x + i * ldx + p0, ldx, A + j * k + p0, k, kc, t + i * ldt + j, ldt, p0 > 0);
+      }
+    }
+  }
+}
+
+void expand(
+    const float* t, int64_t ldt, int64_t rows, const uint16_t* B, int64_t r,
+    const uint16_t* bias, int64_t o0, int64_t o1, uint16_t* y, int64_t ldy,
+    uint32_t* scratch) {
+  const int64_t pairs = (r + 1) / 2;
+  uint32_t* tb = scratch;
+  uint32_t* P = scratch + rows * pairs;
+  round_intermediate(t, ldt, rows, r, tb);
+  for (int64_t o = o0; o < o1; o += kPanelCols) {
+    const int64_t nc = min64(kPanelCols, o1 - o);
+    pack_pairs(B, r, o, nc, P);
+    const __mmask16 m0 = _cvtu32_mask16(nc >= 16 ? 0xFFFFu : (1u << nc) - 1);
+    const __mmask16 m1 = _cvtu32_mask16(nc >= 32 ? 0xFFFFu : nc > 16 ? (1u << (nc - 16)) - 1 : 0);
+    const __m512 bias0 = bias != nullptr ? load16_widened(bias + o, m0) : _mm512_setzero_ps();
+    const __m512 bias1 = bias != nullptr ? load16_widened(bias + o + 16, m1) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < rows; i += kExpandRows) {
+      const int64_t mr = min64(kExpandRows, rows - i);
+      kExpandTiles[mr - 1](tb + i * pairs, pairs, P, bias0, bias1, nc, y + i * ldy + o, ldy);
+    }
+  }
+}
+
+} // namespace avx512bf16
+} // namespace lowrank_ext

@@ -1,0 +1,51 @@
+// AVX512-BF16 micro-kernels for bfloat16 lowrank_linear on the CPU.
+//
+// vdpbf16ps multiplies pairs of bfloat16 values exactly and adds both
+// products to a float32 lane: twice the work of a float32 FMA per
+// instruction, with the same float32 accumulation. (Like every AVX512-BF16
+// instruction, it treats bfloat16 subnormal inputs as zero.)
+//
+// The shrink t = x·Aᵀ runs on it with no change in precision. The expand
+// needs t in bfloat16 for that: it rounds the float32 intermediate to
+// bfloat16 first, exactly what torch's own composition of two bfloat16
+// matmuls does, and halves the expand's time. Outputs round to nearest even
+// like c10::BFloat16.
+//
+// No torch types here, for the reason given in lowrank_avx2.h. Callers must
+// check cpu_has_avx512bf16() first.
+#pragma once
+
+#include <cstdint>
+
+namespace lowrank_ext {
+namespace avx512bf16 {
+
+// True when this CPU and OS run AVX512F, AVX512BW and AVX512-BF16 (checked
+// once).
+bool cpu_has_avx512bf16();
+
+// t[i, j] = Σ_p x[i, p] · A[j, p] for rows i in [0, rows) and ranks j in
+// [j0, j1), x and A bfloat16 bit patterns: the contract of avx2::shrink.
+// x rows are ldx elements apart (0 for a broadcast row), A is (r × k)
+// contiguous, t is float32 with rows ldt apart.
+void shrink(
+    const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t k, int64_t rows,
+    int64_t j0, int64_t j1, float* t, int64_t ldt);
+
+// y[i, o] = bias[o] + Σ_j bf16(t[i, j]) · B[o, j] for rows i in [0, rows) and
+// outputs o in [o0, o1), y and bias (may be null) bfloat16 bit patterns: the
+// contract of avx2::expand, with t rounded to bfloat16. B is (d × r)
+// contiguous; `scratch` holds expand_scratch_words(rows, r) 32-bit words.
+void expand(
+    const float* t, int64_t ldt, int64_t rows, const uint16_t* B, int64_t r,
+    const uint16_t* bias, int64_t o0, int64_t o1, uint16_t* y, int64_t ldy,
+    uint32_t* scratch);
+
+// Scratch for expand(): the rounded intermediate as bfloat16 pairs, and one
+// panel of B for 32 outputs.
+inline int64_t expand_scratch_words(int64_t rows, int64_t r) {
+  return (r + 1) / 2 * (rows + 32);
+}
+
+} // namespace avx512bf16
+} // namespace lowrank_ext
