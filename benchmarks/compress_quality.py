@@ -10,7 +10,11 @@ original's: mean cosine similarity, and the worst one.
 Text: sentences from the docstrings of Python's standard library (real
 English prose that every machine has), split by module into calibration and
 held-out sets that share no module (about 4 : 1). Calibration uses the first
-256 calibration sentences; ``lx.distill`` trains on all of them. Deterministic.
+256 calibration sentences; ``lx.distill`` trains on all of them, and with
+``--distill-text packages`` also on docstring sentences of the installed
+packages the benchmark itself needs (transformers, torch, numpy, ...), read
+with ``ast`` without importing them; no held-out sentence is among them.
+Deterministic (for a given set of installed packages).
 
     python benchmarks/compress_quality.py                  # the main methods, ratios 0.5 and 0.8
     python benchmarks/compress_quality.py --ratios 0.5 --methods whitened-sequential
@@ -20,8 +24,10 @@ Results go to benchmarks/results/compress_quality.json; runs of other
 """
 
 import argparse
+import ast
 import copy
 import importlib
+import importlib.util
 import json
 import os
 import pkgutil
@@ -53,6 +59,21 @@ METHODS = {
 DEFAULT_METHODS = ["plain-svd", "whitened-uniform", "whitened-global",
                    "whitened-sensitivity-distill"]
 ENCODER_LINEARS = "encoder.layer.*"
+# Packages whose docstrings add distillation text: what the quality extra
+# installs (and its dependencies); those missing are skipped.
+TEXT_PACKAGES = ("transformers", "torch", "numpy", "scipy", "sklearn", "sympy", "networkx",
+                 "sentence_transformers", "huggingface_hub")
+
+
+def prose_sentences(doc):
+    """The sentences of a docstring that read as prose: 6 to 40 words, mostly alphabetic."""
+    text = " ".join(doc.split())
+    sentences = []
+    for s in re.split(r"(?<=[.!?])\s+", text):
+        words = s.split()
+        if 6 <= len(words) <= 40 and sum(w.isalpha() for w in words) >= 0.6 * len(words):
+            sentences.append(s)
+    return sentences
 
 
 def stdlib_sentences():
@@ -72,16 +93,60 @@ def stdlib_sentences():
                 docs.append(getattr(value, "__doc__", None) or "")
         sentences = []
         for doc in docs:
-            if not isinstance(doc, str):
-                continue
-            text = " ".join(doc.split())
-            for s in re.split(r"(?<=[.!?])\s+", text):
-                words = s.split()
-                if 6 <= len(words) <= 40 and sum(w.isalpha() for w in words) >= 0.6 * len(words):
-                    sentences.append(s)
+            if isinstance(doc, str):
+                sentences.extend(prose_sentences(doc))
         if sentences:
             by_module[info.name] = sorted(set(sentences))
     return by_module
+
+
+def package_sentences(packages=TEXT_PACKAGES):
+    """({package: sentence count}, sorted sentences) from the docstrings of installed packages.
+
+    Source files are parsed, not imported; vendored copies and test folders
+    are skipped.
+    """
+    counts, sentences = {}, set()
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        found = set()
+        for folder, subfolders, files in os.walk(spec.submodule_search_locations[0]):
+            subfolders[:] = sorted(d for d in subfolders
+                                   if d not in ("_vendor", "vendored", "tests", "test", "testing"))
+            for file in sorted(f for f in files if f.endswith(".py")):
+                try:
+                    with open(os.path.join(folder, file), encoding="utf-8") as f:
+                        tree = ast.parse(f.read())
+                except (SyntaxError, UnicodeDecodeError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                         ast.AsyncFunctionDef)):
+                        doc = ast.get_docstring(node)
+                        if doc:
+                            found.update(prose_sentences(doc))
+        counts[package] = len(found)
+        sentences |= found
+    return counts, sorted(sentences)
+
+
+def distillation_texts(calib_side, test, source, count, seed=3):
+    """The sentences distill trains on: the calibration side, plus package text if asked.
+
+    Held-out sentences are removed; ``count`` (if not None) caps the total.
+    """
+    texts, counts = list(calib_side), {}
+    if source == "packages":
+        counts, extra = package_sentences()
+        held_out = set(test) | set(calib_side)
+        extra = [s for s in extra if s not in held_out]
+        random.Random(seed).shuffle(extra)
+        texts += extra
+    if count is not None:
+        texts = texts[:count]
+    return texts, counts
 
 
 def split_texts(n_test, seed=0, test_share=5):
@@ -135,6 +200,19 @@ def embedding_loss(output, target):
     return tokens + 10 * (1 - cosine).mean()
 
 
+def distilled_parameters(model, which):
+    """None (distill's default: every LowRankLinear factor) or the factors plus the
+    encoder's biases and LayerNorm weights, which add no parameters to the model."""
+    if which == "factors":
+        return None
+    def trained(name):
+        if name.endswith((".A", ".B")) or "LayerNorm" in name:
+            return True
+        return ".encoder.layer." in f".{name}" and name.endswith(".bias")
+
+    return [p for name, p in model.named_parameters() if trained(name)]
+
+
 def embed(model, texts):
     return model.encode(texts, batch_size=64, convert_to_tensor=True,
                         normalize_embeddings=True, show_progress_bar=False).double()
@@ -147,6 +225,15 @@ def main(argv=None):
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences")
     parser.add_argument("--distill-steps", type=int, default=800)
     parser.add_argument("--distill-lr", type=float, default=5e-4)
+    parser.add_argument("--distill-text", choices=["stdlib", "packages"], default="stdlib",
+                        help="stdlib: the calibration-side sentences only; packages: plus "
+                             "docstring sentences of installed packages")
+    parser.add_argument("--distill-sentences", type=int, default=None,
+                        help="cap on the distillation sentences (default: 32 per step)")
+    parser.add_argument("--distill-params", choices=["factors", "factors+norms"],
+                        default="factors",
+                        help="what distill trains: the LowRankLinear factors, or those plus "
+                             "the encoder's biases and LayerNorm weights (no new parameters)")
     parser.add_argument("--test", type=int, default=500, help="held-out sentences")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
                                                          "compress_quality.json"))
@@ -161,8 +248,8 @@ def main(argv=None):
     linear_params = sum(m.weight.numel() for n, m in original.named_modules()
                         if isinstance(m, torch.nn.Linear) and ".encoder.layer." in f".{n}")
     print(f"all-MiniLM-L6-v2: {sum(params.values()):,} parameters, {linear_params:,} in the "
-          f"encoder's Linear weights; {len(calib)} calibration ({len(calib_side)} for "
-          f"distillation) / {len(test)} held-out sentences")
+          f"encoder's Linear weights; {len(calib)} calibration ({len(calib_side)} on the "
+          f"calibration side) / {len(test)} held-out sentences")
     batches = None
 
     def calibration(model):
@@ -195,12 +282,19 @@ def main(argv=None):
                 continue
             record("whitened-sensitivity", seconds)
             if batches is None:
-                batches = distillation_batches(original, calib_side)
+                cap = args.distill_sentences
+                texts, text_counts = distillation_texts(
+                    calib_side, test, args.distill_text,
+                    32 * args.distill_steps if cap is None else cap)
+                batches = distillation_batches(original, texts)
             result = lx.distill(model, original, batches, steps=args.distill_steps,
                                 lr=args.distill_lr, match="encoder.layer.?",
-                                loss=embedding_loss, progress=False)
+                                loss=embedding_loss, parameters=distilled_parameters(
+                                    model, args.distill_params), progress=False)
             record(method, seconds + result.seconds, distill_steps=result.steps,
-                   distill_lr=args.distill_lr, distill_sentences=len(calib_side),
+                   distill_lr=args.distill_lr, distill_sentences=len(texts),
+                   distill_text=args.distill_text, distill_text_packages=text_counts,
+                   distill_params=args.distill_params,
                    distill_loss_first=result.first_loss, distill_loss_last=result.last_loss)
 
     command = "python benchmarks/compress_quality.py " + " ".join(sys.argv[1:])

@@ -90,6 +90,19 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def _cpu_vector_flags():
+    """The CPU's vector extensions (AVX, FMA, F16C, AMX families) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
+    except OSError:
+        pass
+    return None
+
+
 def _blas_info():
     import re
 
@@ -116,6 +129,7 @@ def machine_info(device):
 
     info = {
         "cpu_model": _cpu_model(),
+        "cpu_vector_flags": _cpu_vector_flags(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
@@ -440,6 +454,9 @@ def machine_summary(result):
     text = (f"{m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch_version']} "
             f"(cpu capability {m['torch_cpu_capability']}, "
             f"BLAS {m['torch_blas'].get('BLAS_INFO', '?')})")
+    kernels = (m.get("lowrank_ext") or {}).get("cpu_kernels")
+    if kernels:
+        text += f", lowrank_ext CPU kernels {kernels}"
     if result["device"] == "cuda":
         text = (f"{m['gpu_name']}, CUDA {m['cuda_version']}, torch {m['torch_version']}, "
                 f"copy bandwidth {result.get('copy_bandwidth_gbs', 0):.0f} GB/s")

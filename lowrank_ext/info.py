@@ -19,8 +19,10 @@ def backend_info():
     kernels for that device are registered and active; ``cuda`` also needs a GPU),
     ``cuda_built`` (the build contains CUDA kernels), ``fallback_reason``
     (None, or why the pure-torch kernels are in use), ``version``, ``torch``,
-    ``cuda_available``, ``built_with_torch``, ``cpu_capability``, ``num_threads``
-    and ``kernels`` (op -> devices with a compiled kernel).
+    ``cuda_available``, ``built_with_torch``, ``cpu_capability``, ``cpu_kernels``
+    (the compiled CPU kernel set in use: ``"avx512bf16"``, ``"avx2"``,
+    ``"portable"``, or None without them), ``num_threads`` and ``kernels``
+    (op -> devices with a compiled kernel).
     """
     compiled = _backend.compiled
     kernels = {
@@ -41,6 +43,8 @@ def backend_info():
         "built_with_torch": _backend.build_info.get("torch_version"),
         "cuda_available": torch.cuda.is_available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_kernels": torch.ops.lowrank_ext._cpu_kernel("") if compiled and "cpu" in
+        kernels["lowrank_linear"] else None,
         "num_threads": torch.get_num_threads(),
         "kernels": kernels,
     }

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import lowrank_ext as lx
 
@@ -27,11 +28,16 @@ def test_backend_info_keys_and_types():
     assert info["version"] == lx.__version__
     assert isinstance(info["torch"], str)
     assert (info["fallback_reason"] is None) == info["compiled"]
+    if info["cpu"]:
+        assert info["cpu_kernels"] == torch.ops.lowrank_ext._cpu_kernel("")
+        assert info["cpu_kernels"] in ("avx512bf16", "avx2", "portable")
+    else:
+        assert info["cpu_kernels"] is None
 
 
 def test_forced_fallback_is_reported_and_works():
     code = ("import torch, lowrank_ext as lx; i = lx.backend_info(); "
-            "assert not i['compiled'] and not i['cpu'], i; print(i['fallback_reason']); "
+            "assert not i['compiled'] and not i['cpu'] and i['cpu_kernels'] is None, i; print(i['fallback_reason']); "
             "x, A, B = torch.randn(3, 4), torch.randn(2, 4), torch.randn(5, 2); "
             "torch.testing.assert_close(lx.lowrank_linear(x, A, B), x @ (B @ A).T)")
     out = _run(["-c", code], {"LOWRANK_EXT_FORCE_FALLBACK": "1"})

@@ -26,7 +26,7 @@ def test_cpu_bench_writes_json(tmp_path, capsys):
     assert result["device"] == "cpu"
     assert result["command"].startswith("python -m lowrank_ext") or "bench" in result["command"]
     machine = result["machine"]
-    for key in ("cpu_model", "torch_threads", "torch_version", "torch_blas"):
+    for key in ("cpu_model", "cpu_vector_flags", "torch_threads", "torch_version", "torch_blas"):
         assert key in machine
     assert len(result["results"]) == 2 * 2 * 2  # shapes x dtypes x modes
     for entry in result["results"]:

@@ -219,16 +219,6 @@ constexpr ExpandTileFn kExpandTiles[kExpandRows] = {
 
 } // namespace
 
-bool cpu_has_avx512bf16() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    // libgcc reports AVX-512 features only when the OS saves the zmm state.
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  }();
-  return has;
-}
-
 void shrink(
     const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t k, int64_t rows,
     int64_t j0, int64_t j1, float* t, int64_t ldt) {

@@ -29,6 +29,19 @@
 #include <vector>
 
 namespace lowrank_ext {
+
+// Defined here, in portable code, rather than in lowrank_avx512bf16.cpp: that
+// whole file is compiled for AVX-512, and this check must run on every CPU.
+bool avx512bf16::cpu_has_avx512bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    // libgcc reports AVX-512 features only when the OS saves the zmm state.
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  }();
+  return has;
+}
+
 namespace {
 
 // Rows per BLAS block: 64 rows of x (k ≤ 8192 floats) plus their output stay
