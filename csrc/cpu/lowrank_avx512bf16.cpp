@@ -29,6 +29,8 @@ namespace lowrank_ext {
 namespace avx512bf16 {
 namespace {
 
+// Local, like the one in lowrank_avx2.cpp: a shared inline helper compiled
+// here would be an AVX-512 copy that the linker could hand to portable code.
 inline int64_t min64(int64_t a, int64_t b) {
   return a < b ? a : b;
 }
