@@ -48,6 +48,22 @@ bool bias_given(AutogradContext* ctx) {
 
 // Rows of gy from which the CPU backward fuses gx = (gy·B)·A.
 constexpr int64_t kFusedBackwardMinRows = 64;
+// Rows from which float32 weight gradients on the CPU run the _weight_grad
+// kernel (a broadcast tile over column panels) instead of ATen's mm.
+constexpr int64_t kWeightGradMinRows = 256;
+
+// gA = gtᵀ·x and gBᵀ = tᵀ·gy contract over the batch rows: on the CPU, in
+// float32, with enough rows, through _weight_grad (never while building a
+// graph for double backward, which needs differentiable ops).
+bool use_weight_grad_kernel(const at::Tensor& gy2) {
+  return gy2.device().is_cpu() && gy2.scalar_type() == at::kFloat &&
+      gy2.size(0) >= kWeightGradMinRows && !at::GradMode::is_enabled();
+}
+
+// aᵀ·b: the kernel above where it applies, ATen's mm otherwise.
+at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b, bool kernel) {
+  return kernel ? weight_grad_op(a, b) : a.t().mm(b);
+}
 
 // Gradients of y = t·Bᵀ + bias with t = x·Aᵀ, given gy = dL/dy.
 // Returns {gx, gA, gB, gbias}; undefined where not needed.
@@ -69,6 +85,7 @@ variable_list lowrank_backward(
   const bool need_B = ctx->needs_input_grad(2);
   // needs_input_grad only counts tensor inputs: a missing bias has no slot.
   const bool need_bias = bias_given(ctx) && ctx->needs_input_grad(3);
+  const bool kernel = use_weight_grad_kernel(gy2);
   if (need_x && gy.device().is_cpu() && gy2.size(0) >= kFusedBackwardMinRows &&
       !at::GradMode::is_enabled()) {
     // gx = (gy·B)·A is this op again with the factors' roles swapped
@@ -80,7 +97,7 @@ variable_list lowrank_backward(
     auto [gx2, gt] = lowrank_linear_with_intermediate_op(gy2, B.t(), A.t(), std::nullopt);
     gx = gx2.reshape(x.sizes());
     if (need_A) {
-      gA = gt.t().mm(x.reshape({M, k}));
+      gA = transposed_product(gt, x.reshape({M, k}), kernel);
     }
   } else if (need_x || need_A) {
     const at::Tensor gt = gy2.mm(B); // (M, r)
@@ -88,11 +105,12 @@ variable_list lowrank_backward(
       gx = gt.mm(A).reshape(x.sizes());
     }
     if (need_A) {
-      gA = gt.t().mm(x.reshape({M, k}));
+      gA = transposed_product(gt, x.reshape({M, k}), kernel);
     }
   }
   if (need_B) {
-    gB = gy2.t().mm(intermediate_for_backward(x, A, t).reshape({M, r}));
+    const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape({M, r});
+    gB = kernel ? weight_grad_op(t2, gy2).t().contiguous() : gy2.t().mm(t2);
   }
   if (need_bias) {
     gbias = gy2.sum(0);

@@ -69,4 +69,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_op(
   return op.call(x, W, A, B, bias, scale);
 }
 
+at::Tensor weight_grad_op(const at::Tensor& a, const at::Tensor& b) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("lowrank_ext::_weight_grad");
+  return op.call(a, b);
+}
+
 } // namespace lowrank_ext

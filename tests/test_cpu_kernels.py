@@ -215,7 +215,8 @@ def test_half_rounding_matches_torch(kernel, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,k,r,d", [(1, 10, 2, 10), (70, 300, 16, 90), (5, 1030, 9, 33)])
+@pytest.mark.parametrize("M,k,r,d", [(1, 10, 2, 10), (70, 300, 16, 90), (5, 1030, 9, 33),
+                                     (300, 70, 20, 45)])  # float32 weight-gradient kernel
 @pytest.mark.parametrize("grad_out", ["dense", "broadcast"])
 def test_backward_matches_float64_reference(kernel, dtype, M, k, r, d, grad_out):
     # The CPU backward runs gx = (gy·B)·A through the forward kernel itself.
@@ -237,3 +238,44 @@ def test_double_backward_keeps_the_differentiable_path():
     x, A, B, bias = make(4, 6, 3, 5, torch.float64)
     x.requires_grad_(True)
     assert torch.autograd.gradgradcheck(lambda x: lowrank_ext.lowrank_linear(x, A, B, bias), (x,))
+
+
+# (len, m, n, threads): the rows contracted over, and the output's shape.
+WEIGHT_GRAD_SHAPES = [
+    (300, 20, 70, 2),    # a 44-row chunk tail, a 2-row tile tail, a 6-column panel tail
+    (256, 6, 16, 1),     # one chunk, one tile, one panel
+    (513, 64, 33, 2),    # a 1-row chunk tail, a 1-column panel tail
+    (1, 1, 1, 1),
+    (0, 3, 5, 1),        # nothing to contract: zeros
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "column_slice", "broadcast_rows"])
+@pytest.mark.parametrize("len_,m,n,nthreads", WEIGHT_GRAD_SHAPES)
+def test_weight_grad_matches_float64(kernel, threads, len_, m, n, nthreads, layout):
+    threads(nthreads)
+    a = torch.randn(len_, m)
+    b = torch.randn(len_, n)
+    if layout == "column_slice":  # rows of b further apart than n
+        b = torch.randn(len_, n + 5)[:, 2:2 + n]
+    elif layout == "broadcast_rows":  # stride-0 rows, as a gradient of .sum() gives
+        b = torch.randn(1, n).expand(len_, n)
+    G = torch.ops.lowrank_ext._weight_grad(a, b)
+    want = a.double().T @ b.double()
+    assert G.shape == (m, n) and G.dtype == torch.float32
+    torch.testing.assert_close(G.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, len_ ** 0.5))
+
+
+def test_weight_grad_other_dtypes_meta_and_errors():
+    a, b = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    torch.testing.assert_close(torch.ops.lowrank_ext._weight_grad(a, b), a.T @ b)
+    meta = torch.ops.lowrank_ext._weight_grad(torch.empty(5, 3, device="meta"),
+                                              torch.empty(5, 4, device="meta"))
+    assert meta.shape == (3, 4) and meta.device.type == "meta"
+    checks = torch.library.opcheck(torch.ops.lowrank_ext._weight_grad.default,
+                                   (torch.randn(300, 7), torch.randn(300, 9)))
+    assert all(v == "SUCCESS" for v in checks.values()), checks
+    with pytest.raises(RuntimeError, match="_weight_grad: expected a"):
+        torch.ops.lowrank_ext._weight_grad(torch.randn(5, 3), torch.randn(6, 4))
+    with pytest.raises(RuntimeError, match="_weight_grad: a is float32 but b is float64"):
+        torch.ops.lowrank_ext._weight_grad(torch.randn(5, 3), torch.randn(5, 4).double())

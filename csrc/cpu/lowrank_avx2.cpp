@@ -484,8 +484,50 @@ void shrink_packed(
   }
 }
 
-namespace {
-} // namespace
+// ---------------------------------------------------------------- weight gradient
+//
+// The same broadcast tile once more: a panel of 16 columns of b is packed (a
+// plain copy, its rows are already along the columns) kPackK rows at a time,
+// and 6 rows of L broadcast against it, accumulating into G chunk by chunk.
+// Each cache line of b is read once; L stays in L2.
+
+int64_t weight_grad_floats() {
+  return kPackK * kPanelCols;
+}
+
+void weight_grad(
+    const float* L, int64_t ldl, int64_t m, int64_t len, const float* b, int64_t ldb,
+    int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch) {
+  using Tile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t,
+                        int64_t, bool);
+  static constexpr Tile tiles[kPanelRows] = {shrink_panel_tile<1>, shrink_panel_tile<2>,
+                                             shrink_panel_tile<3>, shrink_panel_tile<4>,
+                                             shrink_panel_tile<5>, shrink_panel_tile<6>};
+  // Chunks of rows outside, panels inside: each row of b is then read along
+  // its columns, in order, rather than one cache line per row and panel.
+  for (int64_t p0 = 0; p0 < len; p0 += kPackK) {
+    const int64_t kc = min64(kPackK, len - p0);
+    for (int64_t c = c0; c < c1; c += kPanelCols) {
+      const int64_t nc = min64(kPanelCols, c1 - c);
+      for (int64_t j = 0; j < kc; ++j) {
+        const float* row = b + (p0 + j) * ldb + c;
+        float* P = scratch + j * kPanelCols;
+        if (nc == kPanelCols) {
+          _mm256_storeu_ps(P, _mm256_loadu_ps(row));
+          _mm256_storeu_ps(P + 8, _mm256_loadu_ps(row + 8));
+        } else {
+          for (int64_t cc = 0; cc < kPanelCols; ++cc) {
+            P[cc] = cc < nc ? row[cc] : 0.0f;
+          }
+        }
+      }
+      for (int64_t i = 0; i < m; i += kPanelRows) {
+        tiles[min64(kPanelRows, m - i) - 1](L + i * ldl + p0, ldl, scratch, kc, G + i * ldg + c,
+                                            ldg, nc, p0 > 0);
+      }
+    }
+  }
+}
 
 bool cpu_has_avx2_fma() {
   static const bool has = [] {

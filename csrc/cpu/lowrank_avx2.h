@@ -42,6 +42,16 @@ void expand(
     int64_t r, const void* bias, int64_t o0, int64_t o1, void* y, int64_t ldy,
     float* panel);
 
+// Weight gradient G[i, c] = Σ_j L[i, j] · b[j, c] for rows i < m and columns
+// c in [c0, c1), float32: gA = gtᵀ·x (L = gtᵀ) and gBᵀ = tᵀ·gy (L = tᵀ), whose
+// contraction runs over the batch. L is (m × len) with rows ldl apart, b is
+// (len × n) with rows ldb apart, G (m × n) with rows ldg apart. `scratch`
+// holds weight_grad_floats() floats.
+void weight_grad(
+    const float* L, int64_t ldl, int64_t m, int64_t len, const float* b, int64_t ldb,
+    int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch);
+int64_t weight_grad_floats();
+
 // Scratch floats expand() needs for one packed panel of B.
 inline int64_t expand_panel_floats(int64_t r) {
   return 16 * r;

@@ -432,6 +432,40 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_cpu(
   return lowrank_linear_cpu_impl(x, A, B, bias, true);
 }
 
+// a (len × m)ᵀ · b (len × n): the weight gradients of the backward, whose
+// contraction runs over the batch rows. float32 with the AVX2 kernels runs
+// the broadcast tile over column panels of b (threads split the panels);
+// everything else is ATen's mm.
+at::Tensor weight_grad_cpu(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
+              "_weight_grad: expected a (len, m) and b (len, n), got ", a.sizes(), " and ",
+              b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "_weight_grad: a is ",
+              dtype_name(a.scalar_type()), " but b is ", dtype_name(b.scalar_type()));
+  const int64_t len = a.size(0), m = a.size(1), n = b.size(1);
+  if (a.scalar_type() != at::kFloat || !use_avx2() || len == 0 || m == 0 || n == 0) {
+    return at::mm(a.t(), b);
+  }
+  const at::Tensor L = a.t().contiguous();
+  const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
+  at::Tensor G = at::empty({m, n}, a.options());
+  const int64_t panels = (n + 15) / 16;
+  const float* Lp = L.const_data_ptr<float>();
+  const float* bp = bc.const_data_ptr<float>();
+  float* Gp = G.mutable_data_ptr<float>();
+  const int64_t ldb = bc.stride(0);
+  at::parallel_for(0, panels, grain_for(16 * m * len), [&](int64_t q0, int64_t q1) {
+    std::vector<float> scratch(avx2::weight_grad_floats());
+    avx2::weight_grad(Lp, len, m, len, bp, ldb, q0 * 16, std::min(n, q1 * 16), Gp, n,
+                      scratch.data());
+  });
+  return G;
+}
+
+at::Tensor weight_grad_meta(const at::Tensor& a, const at::Tensor& b) {
+  return at::empty({a.size(1), b.size(1)}, a.options());
+}
+
 // Selects the CPU kernels: "auto" (the best the CPU runs), "avx2" (no
 // AVX-512) or "portable"; "" only asks. Returns the most capable set now in
 // use: "avx512bf16" (bfloat16 shrink; AVX2 for the rest), "avx2" or
@@ -454,11 +488,17 @@ std::string select_cpu_kernel(const std::string& choice) {
 
 TORCH_LIBRARY_FRAGMENT(lowrank_ext, m) {
   m.def("_cpu_kernel(str choice) -> str", &select_cpu_kernel);
+  m.def("_weight_grad(Tensor a, Tensor b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowrank_ext, Meta, m) {
+  m.impl("_weight_grad", &weight_grad_meta);
 }
 
 TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
   m.impl("lowrank_linear", &lowrank_linear_cpu);
   m.impl("lowrank_linear_with_intermediate", &lowrank_linear_with_intermediate_cpu);
+  m.impl("_weight_grad", &weight_grad_cpu);
 }
 
 } // namespace lowrank_ext
