@@ -65,6 +65,12 @@ at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b, bool ker
   return kernel ? weight_grad_op(a, b) : a.t().mm(b);
 }
 
+// gB = gyᵀ·t (d × r), computed as (tᵀ·gy)ᵀ by the kernel so that its left
+// operand, the one it copies transposed, is the small t.
+at::Tensor up_projection_grad(const at::Tensor& gy2, const at::Tensor& t2, bool kernel) {
+  return kernel ? weight_grad_op(t2, gy2).t().contiguous() : gy2.t().mm(t2);
+}
+
 // Gradients of y = t·Bᵀ + bias with t = x·Aᵀ, given gy = dL/dy.
 // Returns {gx, gA, gB, gbias}; undefined where not needed.
 variable_list lowrank_backward(
@@ -110,7 +116,7 @@ variable_list lowrank_backward(
   }
   if (need_B) {
     const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape({M, r});
-    gB = kernel ? weight_grad_op(t2, gy2).t().contiguous() : gy2.t().mm(t2);
+    gB = up_projection_grad(gy2, t2, kernel);
   }
   if (need_bias) {
     gbias = gy2.sum(0);
@@ -190,20 +196,23 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
     at::Tensor gx, gW, gA, gB, gbias;
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_A = ctx->needs_input_grad(2);
+    // The adapter's gradients have lowrank_linear's shapes: same kernel.
+    const bool kernel = use_weight_grad_kernel(gy2);
     if (need_x || need_A) {
       const at::Tensor gt = gy2.mm(B).mul_(scale); // (M, r)
       if (need_x) {
         gx = gy2.mm(W).addmm_(gt, A).reshape(x.sizes());
       }
       if (need_A) {
-        gA = gt.t().mm(x.reshape({M, k}));
+        gA = transposed_product(gt, x.reshape({M, k}), kernel);
       }
     }
     if (ctx->needs_input_grad(1)) {
       gW = gy2.t().mm(x.reshape({M, k}));
     }
     if (ctx->needs_input_grad(3)) {
-      gB = gy2.t().mm(intermediate_for_backward(x, A, t).reshape({M, r})).mul_(scale);
+      const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape({M, r});
+      gB = up_projection_grad(gy2, t2, kernel).mul_(scale);
     }
     if (bias_given(ctx) && ctx->needs_input_grad(4)) {
       gbias = gy2.sum(0);

@@ -27,6 +27,34 @@ def test_gradcheck_lora_linear(bias):
     assert torch.autograd.gradcheck(lambda *a: lx.lora_linear(*a, scale=0.7), (x, W, A, B, b))
 
 
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+def test_float32_gradients_with_many_rows_match_float64(op):
+    # From 256 rows the CPU backward computes gA and gB with the _weight_grad kernel.
+    M, k, r, d = 300, 70, 20, 45
+    x, W, A, B, b = (torch.randn(M, k), torch.randn(d, k) / 8, torch.randn(r, k) / 8,
+                     torch.randn(d, r) / 4, torch.randn(d))
+    gy = torch.randn(M, d)
+
+    def run(dtype):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (x, W, A, B, b)]
+        xl, Wl, Al, Bl, bl = leaves
+        if op == "lowrank_linear":
+            y = lx.lowrank_linear(xl, Al, Bl, bl) if dtype == torch.float32 \
+                else xl @ (Bl @ Al).T + bl
+        else:
+            y = lx.lora_linear(xl, Wl, Al, Bl, bl, scale=0.7) if dtype == torch.float32 \
+                else xl @ (Wl + 0.7 * Bl @ Al).T + bl
+        y.backward(gy.to(dtype))
+        return [t.grad for t in leaves]
+
+    for mine, ref in zip(run(torch.float32), run(torch.float64)):
+        if ref is None:
+            assert mine is None
+            continue
+        scale = max(1.0, float(ref.abs().max()))
+        torch.testing.assert_close(mine.double(), ref, rtol=1e-5, atol=1e-5 * scale)
+
+
 def test_gradgradcheck_lowrank_linear():
     x, A, B, b = _leaf(3, 5), _leaf(2, 5), _leaf(4, 2), _leaf(4)
     assert torch.autograd.gradgradcheck(lx.lowrank_linear, (x, A, B, b))
