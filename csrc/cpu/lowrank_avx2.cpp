@@ -449,6 +449,13 @@ void shrink_panel_tile(
   }
 }
 
+// Panel tiles by [rows - 1], for the packed shrink and the weight gradient.
+using PanelTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t,
+                           int64_t, bool);
+constexpr PanelTile kPanelTiles[kPanelRows] = {shrink_panel_tile<1>, shrink_panel_tile<2>,
+                                               shrink_panel_tile<3>, shrink_panel_tile<4>,
+                                               shrink_panel_tile<5>, shrink_panel_tile<6>};
+
 } // namespace
 
 int64_t packed_shrink_floats(int64_t r) {
@@ -458,11 +465,6 @@ int64_t packed_shrink_floats(int64_t r) {
 void shrink_packed(
     const float* x, int64_t ldx, const float* A, int64_t k, int64_t r, int64_t rows,
     float* t, int64_t ldt, float* scratch) {
-  using Tile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t,
-                        int64_t, bool);
-  static constexpr Tile tiles[kPanelRows] = {shrink_panel_tile<1>, shrink_panel_tile<2>,
-                                             shrink_panel_tile<3>, shrink_panel_tile<4>,
-                                             shrink_panel_tile<5>, shrink_panel_tile<6>};
   const int64_t panels = (r + kPanelCols - 1) / kPanelCols;
   for (int64_t p0 = 0; p0 < k; p0 += kPackK) {
     const int64_t kc = min64(kPackK, k - p0);
@@ -475,9 +477,10 @@ void shrink_packed(
       for (int64_t q = 0; q < panels; ++q) {
         const int64_t nc = min64(kPanelCols, r - q * kPanelCols);
         for (int64_t i = i0; i < i1; i += kPanelRows) {
-          tiles[min64(kPanelRows, i1 - i) - 1](x + i * ldx + p0, ldx,
-                                               scratch + q * kc * kPanelCols, kc,
-                                               t + i * ldt + q * kPanelCols, ldt, nc, p0 > 0);
+          kPanelTiles[min64(kPanelRows, i1 - i) - 1](x + i * ldx + p0, ldx,
+                                                     scratch + q * kc * kPanelCols, kc,
+                                                     t + i * ldt + q * kPanelCols, ldt, nc,
+                                                     p0 > 0);
         }
       }
     }
@@ -498,11 +501,6 @@ int64_t weight_grad_floats() {
 void weight_grad(
     const float* L, int64_t ldl, int64_t m, int64_t len, const float* b, int64_t ldb,
     int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch) {
-  using Tile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t,
-                        int64_t, bool);
-  static constexpr Tile tiles[kPanelRows] = {shrink_panel_tile<1>, shrink_panel_tile<2>,
-                                             shrink_panel_tile<3>, shrink_panel_tile<4>,
-                                             shrink_panel_tile<5>, shrink_panel_tile<6>};
   // Chunks of rows outside, panels inside: each row of b is then read along
   // its columns, in order, rather than one cache line per row and panel.
   for (int64_t p0 = 0; p0 < len; p0 += kPackK) {
@@ -522,8 +520,8 @@ void weight_grad(
         }
       }
       for (int64_t i = 0; i < m; i += kPanelRows) {
-        tiles[min64(kPanelRows, m - i) - 1](L + i * ldl + p0, ldl, scratch, kc, G + i * ldg + c,
-                                            ldg, nc, p0 > 0);
+        kPanelTiles[min64(kPanelRows, m - i) - 1](L + i * ldl + p0, ldl, scratch, kc,
+                                                  G + i * ldg + c, ldg, nc, p0 > 0);
       }
     }
   }
