@@ -7,8 +7,8 @@
 // Half types are accumulated in float32.
 //
 // Two implementations: AVX2/FMA micro-kernels (lowrank_avx2.cpp) for
-// float32/bfloat16/float16 on CPUs that have them, with the bfloat16 shrink on
-// AVX512-BF16 dot products where the CPU has those (lowrank_avx512bf16.cpp),
+// float32/bfloat16/float16 on CPUs that have them, with bfloat16 on AVX512-BF16
+// dot products where the CPU has those (lowrank_avx512bf16.cpp),
 // and portable loops plus BLAS blocks everywhere else and for float64.
 // `_cpu_kernel("avx2")` / `_cpu_kernel("portable")` (or LOWRANK_EXT_CPU_KERNEL)
 // turn the faster sets off, so tests cover every one on one machine.
@@ -219,7 +219,6 @@ bool use_avx512bf16() {
   return g_kernel_limit.load(std::memory_order_relaxed) == KernelLimit::kAuto &&
       avx2::cpu_has_avx2_fma() && avx512bf16::cpu_has_avx512bf16();
 }
-
 
 template <typename T>
 constexpr avx2::ElemType avx2_type() {
@@ -436,12 +435,16 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_cpu(
 // contraction runs over the batch rows. float32 with the AVX2 kernels runs
 // the broadcast tile over column panels of b (threads split the panels);
 // everything else is ATen's mm.
-at::Tensor weight_grad_cpu(const at::Tensor& a, const at::Tensor& b) {
+void check_weight_grad_inputs(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
               "_weight_grad: expected a (len, m) and b (len, n), got ", a.sizes(), " and ",
               b.sizes());
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "_weight_grad: a is ",
               dtype_name(a.scalar_type()), " but b is ", dtype_name(b.scalar_type()));
+}
+
+at::Tensor weight_grad_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_weight_grad_inputs(a, b);
   const int64_t len = a.size(0), m = a.size(1), n = b.size(1);
   if (a.scalar_type() != at::kFloat || !use_avx2() || len == 0 || m == 0 || n == 0) {
     return at::mm(a.t(), b);
@@ -463,12 +466,13 @@ at::Tensor weight_grad_cpu(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor weight_grad_meta(const at::Tensor& a, const at::Tensor& b) {
+  check_weight_grad_inputs(a, b);
   return at::empty({a.size(1), b.size(1)}, a.options());
 }
 
 // Selects the CPU kernels: "auto" (the best the CPU runs), "avx2" (no
 // AVX-512) or "portable"; "" only asks. Returns the most capable set now in
-// use: "avx512bf16" (bfloat16 shrink; AVX2 for the rest), "avx2" or
+// use: "avx512bf16" (for bfloat16; AVX2 for the other types), "avx2" or
 // "portable".
 std::string select_cpu_kernel(const std::string& choice) {
   TORCH_CHECK(
