@@ -40,8 +40,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_op(
     double scale);
 
 // aᵀ·b for a (len × m), b (len × n): the CPU backward's weight gradients
-// (op _weight_grad, defined with its CPU and Meta kernels in
-// cpu/lowrank_linear_cpu.cpp).
+// (op _weight_grad; its CPU kernel is in cpu/lowrank_linear_cpu.cpp).
 at::Tensor weight_grad_op(const at::Tensor& a, const at::Tensor& b);
 
 } // namespace lowrank_ext

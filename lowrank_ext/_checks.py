@@ -124,3 +124,13 @@ def check_svd_rank(W, rank):
 def check_svd_finite(W):
     if not bool(torch.isfinite(W).all()):
         raise ValueError("svd_truncate: W contains NaN or Inf")
+
+
+def check_weight_grad_inputs(a, b):
+    """The internal _weight_grad op: a (len, m) and b (len, n) of one dtype."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise RuntimeError(f"_weight_grad: expected a (len, m) and b (len, n), got "
+                           f"{shape_str(a)} and {shape_str(b)}")
+    if a.dtype != b.dtype:
+        raise RuntimeError(f"_weight_grad: a is {dtype_name(a.dtype)} but b is "
+                           f"{dtype_name(b.dtype)}")

@@ -56,6 +56,15 @@ def lora_linear_with_intermediate(x, W, A, B, bias, scale):
     return _lora_forward(x, W, A, B, bias, scale)
 
 
+def _weight_grad(a, b):
+    """aᵀ·b, the backward's weight gradients (the CPU build has a kernel for it).
+
+    Defined for every backend so that a compiled graph recorded with the
+    extension still runs without it (torch.compile caches graphs on disk)."""
+    _checks.check_weight_grad_inputs(a, b)
+    return a.t().mm(b)
+
+
 def svd_truncate(W, rank, balanced):
     _checks.check_svd_matrix(W)
     _checks.check_svd_rank(W, rank)

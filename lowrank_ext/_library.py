@@ -30,6 +30,8 @@ SCHEMAS = {
         "lora_linear_with_intermediate(Tensor x, Tensor W, Tensor A, Tensor B, Tensor? bias,"
         " float scale) -> (Tensor, Tensor)"),
     "svd_truncate": "svd_truncate(Tensor W, int rank, bool balanced) -> (Tensor B, Tensor A)",
+    # aᵀ·b for the CPU backward's weight gradients; internal.
+    "_weight_grad": "_weight_grad(Tensor a, Tensor b) -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -77,6 +79,12 @@ def _svd_truncate_fake(W, rank, balanced):
     _checks.check_svd_matrix(W)
     _checks.check_svd_rank(W, rank)
     return W.new_empty((W.shape[0], rank)), W.new_empty((rank, W.shape[1]))
+
+
+@torch.library.register_fake("lowrank_ext::_weight_grad")
+def _weight_grad_fake(a, b):
+    _checks.check_weight_grad_inputs(a, b)
+    return a.new_empty((a.shape[1], b.shape[1]))
 
 
 # --- autograd (Python; the compiled build registers the same in C++) ----------

@@ -79,3 +79,34 @@ def test_compile_inductor_forward_and_backward():
     loss_c.backward()
     for e, c in zip(eager_args, comp_args):
         torch.testing.assert_close(c.grad, e.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_weight_grad(dtype):
+    # Internal, but defined on every backend: graphs torch.compile cached with
+    # the compiled extension may call it after a switch to the fallback.
+    a, b = torch.randn(300, 7, dtype=dtype), torch.randn(300, 9, dtype=dtype)
+    torch.library.opcheck(ops._weight_grad.default, (a, b))
+    torch.testing.assert_close(ops._weight_grad(a, b), a.T @ b)
+
+
+def test_compile_backward_with_many_rows_matches_float64():
+    # From 256 float32 rows the CPU backward computes the weight gradients with
+    # the _weight_grad kernel, which the compiled graph reaches through its
+    # fake kernel.
+    torch._dynamo.reset()
+
+    def loss_fn(x, A, B, b):
+        return lx.lowrank_linear(x, A, B, b).square().sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    leaves = [torch.randn(300, 70), torch.randn(20, 70) / 8, torch.randn(45, 20) / 4,
+              torch.randn(45)]
+    comp_args = [t.clone().requires_grad_() for t in leaves]
+    ref_args = [t.double().requires_grad_() for t in leaves]
+    got = torch.autograd.grad(compiled(*comp_args), comp_args)
+    x, A, B, b = ref_args
+    want = torch.autograd.grad((x @ (B @ A).T + b).square().sum(), ref_args)
+    for g, w in zip(got, want):
+        scale = max(1.0, float(w.abs().max()))
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * scale)

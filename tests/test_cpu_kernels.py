@@ -275,7 +275,7 @@ def test_weight_grad_other_dtypes_meta_and_errors():
     checks = torch.library.opcheck(torch.ops.lowrank_ext._weight_grad.default,
                                    (torch.randn(300, 7), torch.randn(300, 9)))
     assert all(v == "SUCCESS" for v in checks.values()), checks
-    for device in ("cpu", "meta"):  # the fake kernel refuses what the CPU kernel refuses
+    for device in ("cpu", "meta"):  # the meta kernel refuses what the CPU kernel refuses
         with pytest.raises(RuntimeError, match="_weight_grad: expected a"):
             torch.ops.lowrank_ext._weight_grad(torch.randn(5, 3, device=device),
                                                torch.randn(6, 4, device=device))

@@ -465,11 +465,6 @@ at::Tensor weight_grad_cpu(const at::Tensor& a, const at::Tensor& b) {
   return G;
 }
 
-at::Tensor weight_grad_meta(const at::Tensor& a, const at::Tensor& b) {
-  check_weight_grad_inputs(a, b);
-  return at::empty({a.size(1), b.size(1)}, a.options());
-}
-
 // Selects the CPU kernels: "auto" (the best the CPU runs), "avx2" (no
 // AVX-512) or "portable"; "" only asks. Returns the most capable set now in
 // use: "avx512bf16" (for bfloat16; AVX2 for the other types), "avx2" or
@@ -492,11 +487,6 @@ std::string select_cpu_kernel(const std::string& choice) {
 
 TORCH_LIBRARY_FRAGMENT(lowrank_ext, m) {
   m.def("_cpu_kernel(str choice) -> str", &select_cpu_kernel);
-  m.def("_weight_grad(Tensor a, Tensor b) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(lowrank_ext, Meta, m) {
-  m.impl("_weight_grad", &weight_grad_meta);
 }
 
 TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
