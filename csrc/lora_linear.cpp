@@ -13,7 +13,6 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-
 namespace lowrank_ext {
 namespace {
 

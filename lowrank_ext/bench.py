@@ -79,28 +79,28 @@ def parse_dtypes(text):
     return [str(DTYPES[n]).replace("torch.", "") for n in names]
 
 
-def _cpu_model():
+def _cpuinfo(key):
+    """The value of the first /proc/cpuinfo line for `key`, or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model():
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _cpu_vector_flags():
-    """The CPU's vector extensions (AVX, FMA, F16C, AMX families) from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
-    except OSError:
-        pass
-    return None
+    """The CPU's vector extensions (AVX, FMA, F16C, AMX families)."""
+    flags = _cpuinfo("flags")
+    if flags is None:
+        return None
+    return sorted(f for f in flags.split() if f.startswith(("avx", "fma", "f16c", "amx")))
 
 
 def _blas_info():

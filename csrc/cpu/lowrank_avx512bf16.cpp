@@ -183,11 +183,12 @@ void pack_pairs(const uint16_t* B, int64_t r, int64_t o, int64_t nc, uint32_t* P
   }
 }
 
-// y[i, o + c] = bias + Σ_q tb[i][q] · P[q][c] for MR rows and c < nc.
+// y[i, o + c] = bias + Σ_q tb[i][q] · P[q][c] for MR rows and the columns
+// in the masks m0 (c < 16) and m1 (16 ≤ c < 32).
 template <int MR>
 void expand_tile(
     const uint32_t* tb, int64_t pairs, const uint32_t* P, __m512 bias0, __m512 bias1,
-    int64_t nc, uint16_t* y, int64_t ldy) {
+    __mmask16 m0, __mmask16 m1, uint16_t* y, int64_t ldy) {
   __m512 acc0[MR], acc1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
@@ -204,16 +205,14 @@ void expand_tile(
       acc1[i] = dot_pairs(acc1[i], pair, p1);
     }
   }
-  const __mmask16 m0 = _cvtu32_mask16(nc >= 16 ? 0xFFFFu : (1u << nc) - 1);
-  const __mmask16 m1 = _cvtu32_mask16(nc >= 32 ? 0xFFFFu : nc > 16 ? (1u << (nc - 16)) - 1 : 0);
   for (int i = 0; i < MR; ++i) {
     _mm256_mask_storeu_epi16(y + i * ldy, m0, round_to_bf16(acc0[i]));
     _mm256_mask_storeu_epi16(y + i * ldy + 16, m1, round_to_bf16(acc1[i]));
   }
 }
 
-using ExpandTileFn = void (*)(const uint32_t*, int64_t, const uint32_t*, __m512, __m512, int64_t,
-                              uint16_t*, int64_t);
+using ExpandTileFn = void (*)(const uint32_t*, int64_t, const uint32_t*, __m512, __m512,
+                              __mmask16, __mmask16, uint16_t*, int64_t);
 constexpr ExpandTileFn kExpandTiles[kExpandRows] = {
     expand_tile<1>, expand_tile<2>, expand_tile<3>, expand_tile<4>,
     expand_tile<5>, expand_tile<6>, expand_tile<7>, expand_tile<8>,
@@ -254,7 +253,8 @@ void expand(
     const __m512 bias1 = bias != nullptr ? load16_widened(bias + o + 16, m1) : _mm512_setzero_ps();
     for (int64_t i = 0; i < rows; i += kExpandRows) {
       const int64_t mr = min64(kExpandRows, rows - i);
-      kExpandTiles[mr - 1](tb + i * pairs, pairs, P, bias0, bias1, nc, y + i * ldy + o, ldy);
+      kExpandTiles[mr - 1](tb + i * pairs, pairs, P, bias0, bias1, m0, m1, y + i * ldy + o,
+                           ldy);
     }
   }
 }
