@@ -45,6 +45,9 @@ def backend_info():
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_kernels": torch.ops.lowrank_ext._cpu_kernel("") if compiled and "cpu" in
         kernels["lowrank_linear"] else None,
+        # Whether fresh large CPU outputs are mapped with one madvise call.
+        "cpu_prefault": torch.ops.lowrank_ext._cpu_prefault() if compiled and "cpu" in
+        kernels["lowrank_linear"] else None,
         "num_threads": torch.get_num_threads(),
         "kernels": kernels,
     }

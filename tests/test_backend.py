@@ -37,7 +37,7 @@ def test_backend_info_keys_and_types():
 
 def test_forced_fallback_is_reported_and_works():
     code = ("import torch, lowrank_ext as lx; i = lx.backend_info(); "
-            "assert not i['compiled'] and not i['cpu'] and i['cpu_kernels'] is None, i; print(i['fallback_reason']); "
+            "assert not i['compiled'] and not i['cpu'] and i['cpu_kernels'] is None and i['cpu_prefault'] is None, i; print(i['fallback_reason']); "
             "x, A, B = torch.randn(3, 4), torch.randn(2, 4), torch.randn(5, 2); "
             "torch.testing.assert_close(lx.lowrank_linear(x, A, B), x @ (B @ A).T)")
     out = _run(["-c", code], {"LOWRANK_EXT_FORCE_FALLBACK": "1"})

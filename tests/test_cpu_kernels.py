@@ -281,3 +281,36 @@ def test_weight_grad_other_dtypes_meta_and_errors():
                                                torch.randn(6, 4, device=device))
     with pytest.raises(RuntimeError, match="_weight_grad: a is float32 but b is float64"):
         torch.ops.lowrank_ext._weight_grad(torch.randn(5, 3), torch.randn(5, 4).double())
+
+
+@pytest.fixture
+def prefault():
+    saved = torch.ops.lowrank_ext._cpu_prefault()
+    yield torch.ops.lowrank_ext._cpu_prefault
+    torch.ops.lowrank_ext._cpu_prefault(saved)
+
+
+def test_prefault_switch_reports_and_sets(prefault):
+    assert isinstance(prefault(), bool)
+    assert prefault(False) is False and prefault() is False
+    assert prefault(True) is True and prefault() is True
+    assert lowrank_ext.backend_info()["cpu_prefault"] is True
+
+
+# Outputs of 32 MB (float32) are freshly mapped on every call, so their blocks
+# go through the prefault; 16 MB (bfloat16) may be reused heap memory, which
+# it skips. The small k and r keep the products cheap.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keep", [False, True])
+def test_prefaulted_outputs_match_reference_and_unprefaulted(kernel, prefault, dtype, keep):
+    M, k, r, d = 2048, 48, 17, 4096
+    x, A, B, bias = make(M, k, r, d, dtype)
+    op = (torch.ops.lowrank_ext.lowrank_linear_with_intermediate if keep
+          else torch.ops.lowrank_ext.lowrank_linear)
+    outputs = {}
+    for enabled in (True, False):
+        prefault(enabled)
+        out = op(x, A, B, bias)
+        outputs[enabled] = out[0] if keep else out
+    assert torch.equal(outputs[True], outputs[False])
+    assert_matches(outputs[True], reference(x, A, B, bias), dtype)

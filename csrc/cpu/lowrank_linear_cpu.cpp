@@ -16,6 +16,7 @@
 #include "../lowrank_operands.h"
 #include "lowrank_avx2.h"
 #include "lowrank_avx512bf16.h"
+#include "prefault.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -155,6 +156,7 @@ void blocked_blas(
       const int64_t rows = std::min(kBlasRowBlock, p.M - row0);
       const at::Tensor xb = at::from_blob(
           const_cast<T*>(x) + row0 * p.ldx, {rows, p.k}, {p.ldx, 1}, opts);
+      prefault_for_write(y + row0 * p.d, rows * p.d * int64_t{sizeof(T)});
       at::Tensor yb = at::from_blob(y + row0 * p.d, {rows, p.d}, opts);
       at::Tensor tb = t_out != nullptr
           ? at::from_blob(t_out + row0 * p.r, {rows, p.r}, opts)
@@ -318,6 +320,8 @@ void avx2_kernel(
         if (rows <= 0) {
           break;
         }
+        // Each thread maps its own block's output pages, in parallel.
+        prefault_for_write(y + row0 * p.d, rows * p.d * int64_t{sizeof(T)});
         if constexpr (std::is_same_v<T, float>) {
           if (packed) {
             avx2::shrink_packed(x + row0 * p.ldx, p.ldx, A, p.k, p.r, rows, t.data(), p.r,
@@ -483,10 +487,20 @@ std::string select_cpu_kernel(const std::string& choice) {
   return use_avx512bf16() ? "avx512bf16" : use_avx2() ? "avx2" : "portable";
 }
 
+// Turns the prefaulting of fresh outputs (prefault.h) on or off; None only
+// asks. Returns the setting now in effect.
+bool select_cpu_prefault(std::optional<bool> enabled) {
+  if (enabled.has_value()) {
+    set_prefault_enabled(*enabled);
+  }
+  return prefault_enabled();
+}
+
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowrank_ext, m) {
   m.def("_cpu_kernel(str choice) -> str", &select_cpu_kernel);
+  m.def("_cpu_prefault(bool? enabled=None) -> bool", &select_cpu_prefault);
 }
 
 TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
