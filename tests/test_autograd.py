@@ -28,9 +28,11 @@ def test_gradcheck_lora_linear(bias):
 
 
 @pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
-def test_float32_gradients_with_many_rows_match_float64(op):
-    # From 256 rows the CPU backward computes gA and gB with the _weight_grad kernel.
-    M, k, r, d = 300, 70, 20, 45
+@pytest.mark.parametrize("M", [1, 16, 300, 1600])
+def test_float32_gradients_match_float64(op, M):
+    # The CPU backward's products run the _weight_grad kernel (gx too from 4
+    # rows); from 1536 rows lowrank_linear fuses gx = (gy·B)·A.
+    k, r, d = 70, 20, 45
     x, W, A, B, b = (torch.randn(M, k), torch.randn(d, k) / 8, torch.randn(r, k) / 8,
                      torch.randn(d, r) / 4, torch.randn(d))
     gy = torch.randn(M, d)

@@ -215,11 +215,15 @@ def test_half_rounding_matches_torch(kernel, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,k,r,d", [(1, 10, 2, 10), (70, 300, 16, 90), (5, 1030, 9, 33),
-                                     (300, 70, 20, 45)])  # float32 weight-gradient kernel
+@pytest.mark.parametrize("M,k,r,d", [
+    (1, 10, 2, 10),       # float32: gx through mm, gA and gB through _weight_grad
+    (5, 1030, 9, 33),     # float32: gx through _weight_grad too
+    (70, 300, 16, 90),
+    (300, 70, 20, 45),
+    (1600, 40, 18, 24),   # float32: gx = (gy·B)·A through the forward kernel itself
+])
 @pytest.mark.parametrize("grad_out", ["dense", "broadcast"])
 def test_backward_matches_float64_reference(kernel, dtype, M, k, r, d, grad_out):
-    # The CPU backward runs gx = (gy·B)·A through the forward kernel itself.
     x, A, B, bias = make(M, k, r, d, dtype)
     leaves = [t.clone().requires_grad_(True) for t in (x, A, B, bias)]
     gy = torch.randn(M, d).to(dtype)
@@ -245,16 +249,29 @@ WEIGHT_GRAD_SHAPES = [
     (300, 20, 70, 2),    # a 44-row chunk tail, a 2-row tile tail, a 6-column panel tail
     (256, 6, 16, 1),     # one chunk, one tile, one panel
     (513, 64, 33, 2),    # a 1-row chunk tail, a 1-column panel tail
+    (16, 1000, 17, 2),   # few panels: rows split into blocks, a 4-row block tail
+    (7, 50, 64, 3),      # 4 panels for 3 threads: row blocks of 6, a 2-row tail
     (1, 1, 1, 1),
     (0, 3, 5, 1),        # nothing to contract: zeros
 ]
 
 
+# a is read in place through its strides: L[i, j] = a[j, i].
+A_LAYOUTS = ["contiguous", "transposed", "column_slice", "broadcast_rows"]
+
+
+@pytest.mark.parametrize("a_layout", A_LAYOUTS)
 @pytest.mark.parametrize("layout", ["contiguous", "column_slice", "broadcast_rows"])
 @pytest.mark.parametrize("len_,m,n,nthreads", WEIGHT_GRAD_SHAPES)
-def test_weight_grad_matches_float64(kernel, threads, len_, m, n, nthreads, layout):
+def test_weight_grad_matches_float64(kernel, threads, len_, m, n, nthreads, layout, a_layout):
     threads(nthreads)
     a = torch.randn(len_, m)
+    if a_layout == "transposed":  # gt.t() as the backward passes it for gx = gt·A
+        a = torch.randn(m, len_).T
+    elif a_layout == "column_slice":
+        a = torch.randn(len_, m + 3)[:, 1:1 + m]
+    elif a_layout == "broadcast_rows":
+        a = torch.randn(1, m).expand(len_, m)
     b = torch.randn(len_, n)
     if layout == "column_slice":  # rows of b further apart than n
         b = torch.randn(len_, n + 5)[:, 2:2 + n]

@@ -317,18 +317,21 @@ void pack_panel(const T* M, int64_t ld, int64_t count, int64_t o, int64_t nc, fl
 }
 
 // c0/c1[i] += Σ_j a[i, j] · P[j][0..16) over j < n: the 6 × 16 broadcast tile
-// of the panel expand (a = t) and of the packed shrink (a = x). Always
-// inlined, so that the accumulators stay in registers.
-template <int MR>
+// of the panel expand (a = t), of the packed shrink (a = x) and of the weight
+// gradient. a[i, j] is a[i * lda + j], or a[i * lda + j * ldj] when kStrided
+// (a transposed view read in place). Always inlined, so that the
+// accumulators stay in registers.
+template <int MR, bool kStrided = false>
 __attribute__((always_inline)) inline void broadcast_tile(
     const float* a, int64_t lda, const float* P, int64_t n, __m256 (&c0)[MR],
-    __m256 (&c1)[MR]) {
+    __m256 (&c1)[MR], int64_t ldj = 1) {
   for (int64_t j = 0; j < n; ++j) {
     const __m256 p0 = _mm256_loadu_ps(P + j * kPanelCols);
     const __m256 p1 = _mm256_loadu_ps(P + j * kPanelCols + 8);
+    const float* aj = a + (kStrided ? j * ldj : j);
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
-      const __m256 v = _mm256_broadcast_ss(a + i * lda + j);
+      const __m256 v = _mm256_broadcast_ss(aj + i * lda);
       c0[i] = _mm256_fmadd_ps(v, p0, c0[i]);
       c1[i] = _mm256_fmadd_ps(v, p1, c1[i]);
     }
@@ -416,17 +419,17 @@ constexpr int64_t kPackK = 256;
 // Rows whose x chunk (192 × 256 floats) stays in L2 while every panel passes.
 constexpr int64_t kPackRowBlock = 192;
 
-template <int MR>
+template <int MR, bool kStrided = false>
 void shrink_panel_tile(
     const float* x, int64_t ldx, const float* P, int64_t kc, float* t, int64_t ldt,
-    int64_t nc, bool accumulate) {
+    int64_t nc, bool accumulate, int64_t ldj) {
   __m256 c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
     c0[i] = _mm256_setzero_ps();
     c1[i] = _mm256_setzero_ps();
   }
-  broadcast_tile<MR>(x, ldx, P, kc, c0, c1);
+  broadcast_tile<MR, kStrided>(x, ldx, P, kc, c0, c1, ldj);
   if (nc == kPanelCols) {
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
@@ -449,12 +452,16 @@ void shrink_panel_tile(
   }
 }
 
-// Panel tiles by [rows - 1], for the packed shrink and the weight gradient.
+// Panel tiles by [rows - 1], for the packed shrink and the weight gradient:
+// the left operand's rows contiguous, or (strided) read along a column stride.
 using PanelTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t,
-                           int64_t, bool);
+                           int64_t, bool, int64_t);
 constexpr PanelTile kPanelTiles[kPanelRows] = {shrink_panel_tile<1>, shrink_panel_tile<2>,
                                                shrink_panel_tile<3>, shrink_panel_tile<4>,
                                                shrink_panel_tile<5>, shrink_panel_tile<6>};
+constexpr PanelTile kStridedPanelTiles[kPanelRows] = {
+    shrink_panel_tile<1, true>, shrink_panel_tile<2, true>, shrink_panel_tile<3, true>,
+    shrink_panel_tile<4, true>, shrink_panel_tile<5, true>, shrink_panel_tile<6, true>};
 
 } // namespace
 
@@ -480,7 +487,7 @@ void shrink_packed(
           kPanelTiles[min64(kPanelRows, i1 - i) - 1](x + i * ldx + p0, ldx,
                                                      scratch + q * kc * kPanelCols, kc,
                                                      t + i * ldt + q * kPanelCols, ldt, nc,
-                                                     p0 > 0);
+                                                     p0 > 0, 1);
         }
       }
     }
@@ -499,8 +506,9 @@ int64_t weight_grad_floats() {
 }
 
 void weight_grad(
-    const float* L, int64_t ldl, int64_t m, int64_t len, const float* b, int64_t ldb,
-    int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch) {
+    const float* L, int64_t ldl, int64_t ldj, int64_t m, int64_t len, const float* b,
+    int64_t ldb, int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch) {
+  const PanelTile* tiles = ldj == 1 ? kPanelTiles : kStridedPanelTiles;
   // Chunks of rows outside, panels inside: each row of b is then read along
   // its columns, in order, rather than one cache line per row and panel.
   for (int64_t p0 = 0; p0 < len; p0 += kPackK) {
@@ -520,8 +528,8 @@ void weight_grad(
         }
       }
       for (int64_t i = 0; i < m; i += kPanelRows) {
-        kPanelTiles[min64(kPanelRows, m - i) - 1](L + i * ldl + p0, ldl, scratch, kc,
-                                                  G + i * ldg + c, ldg, nc, p0 > 0);
+        tiles[min64(kPanelRows, m - i) - 1](L + i * ldl + p0 * ldj, ldl, scratch, kc,
+                                            G + i * ldg + c, ldg, nc, p0 > 0, ldj);
       }
     }
   }

@@ -43,13 +43,14 @@ void expand(
     float* panel);
 
 // Weight gradient G[i, c] = Σ_j L[i, j] · b[j, c] for rows i < m and columns
-// c in [c0, c1), float32: gA = gtᵀ·x (L = gtᵀ) and gBᵀ = tᵀ·gy (L = tᵀ), whose
-// contraction runs over the batch. L is (m × len) with rows ldl apart, b is
-// (len × n) with rows ldb apart, G (m × n) with rows ldg apart. `scratch`
-// holds weight_grad_floats() floats.
+// c in [c0, c1), float32: the backward's products, e.g. gA = gtᵀ·x (L = gtᵀ)
+// and gB = gyᵀ·t (L = gyᵀ), whose contraction runs over the batch. L[i, j] is
+// at L + i·ldl + j·ldj (a transposed view is read in place), b is (len × n)
+// with rows ldb apart, G (m × n) with rows ldg apart. `scratch` holds
+// weight_grad_floats() floats.
 void weight_grad(
-    const float* L, int64_t ldl, int64_t m, int64_t len, const float* b, int64_t ldb,
-    int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch);
+    const float* L, int64_t ldl, int64_t ldj, int64_t m, int64_t len, const float* b,
+    int64_t ldb, int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch);
 int64_t weight_grad_floats();
 
 // Scratch floats expand() needs for one packed panel of B.

@@ -435,10 +435,11 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_cpu(
   return lowrank_linear_cpu_impl(x, A, B, bias, true);
 }
 
-// a (len × m)ᵀ · b (len × n): the weight gradients of the backward, whose
-// contraction runs over the batch rows. float32 with the AVX2 kernels runs
-// the broadcast tile over column panels of b (threads split the panels);
-// everything else is ATen's mm.
+// a (len × m)ᵀ · b (len × n): the products of the backward (weight gradients,
+// whose contraction runs over the batch rows, and at few rows gt = gy·B and
+// gx = gt·A too). float32 with the AVX2 kernels runs the broadcast tile over
+// column panels of b, reading a in place through its strides; everything
+// else is ATen's mm.
 void check_weight_grad_inputs(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
               "_weight_grad: expected a (len, m) and b (len, n), got ", a.sizes(), " and ",
@@ -447,24 +448,55 @@ void check_weight_grad_inputs(const at::Tensor& a, const at::Tensor& b) {
               dtype_name(a.scalar_type()), " but b is ", dtype_name(b.scalar_type()));
 }
 
+// Maps a fresh output's pages before a kernel whose threads write it column
+// panel by column panel, with the threads splitting the pages.
+void prefault_in_parallel(void* data, int64_t bytes) {
+  if (bytes < kPrefaultMinBytes) {
+    return;
+  }
+  const int64_t chunks = std::max<int64_t>(1, bytes / kPrefaultMinBytes);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    char* begin = static_cast<char*>(data) + bytes * c0 / chunks;
+    char* end = static_cast<char*>(data) + bytes * c1 / chunks;
+    prefault_for_write(begin, end - begin);
+  });
+}
+
+// Work items per thread the weight gradient aims for, so that threads finish
+// together when rows and panels do not divide evenly.
+constexpr int64_t kWeightGradItemsPerThread = 4;
+
 at::Tensor weight_grad_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_weight_grad_inputs(a, b);
   const int64_t len = a.size(0), m = a.size(1), n = b.size(1);
   if (a.scalar_type() != at::kFloat || !use_avx2() || len == 0 || m == 0 || n == 0) {
     return at::mm(a.t(), b);
   }
-  const at::Tensor L = a.t().contiguous();
   const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
   at::Tensor G = at::empty({m, n}, a.options());
-  const int64_t panels = (n + 15) / 16;
-  const float* Lp = L.const_data_ptr<float>();
+  // L = aᵀ: L[i, j] = a[j, i], read in place.
+  const float* Lp = a.const_data_ptr<float>();
+  const int64_t ldl = a.stride(1), ldj = a.stride(0);
   const float* bp = bc.const_data_ptr<float>();
   float* Gp = G.mutable_data_ptr<float>();
   const int64_t ldb = bc.stride(0);
-  at::parallel_for(0, panels, grain_for(16 * m * len), [&](int64_t q0, int64_t q1) {
+  // Items are (row block of G) × (panel of 16 columns). Few panels (a small
+  // rank) are split into row blocks too, so that every thread has work; a
+  // row block repacks its panel of b, which costs 1 / rows of its products.
+  const int64_t panels = (n + 15) / 16;
+  const int64_t wanted = kWeightGradItemsPerThread * at::get_num_threads();
+  const int64_t row_blocks = panels >= wanted ? 1 : std::min((m + 5) / 6, (wanted + panels - 1) / panels);
+  const int64_t block_rows = ((m + row_blocks - 1) / row_blocks + 5) / 6 * 6;
+  const int64_t items = (m + block_rows - 1) / block_rows * panels;
+  prefault_in_parallel(Gp, m * n * int64_t{sizeof(float)});
+  at::parallel_for(0, items, grain_for(block_rows * 16 * len), [&](int64_t i0, int64_t i1) {
     std::vector<float> scratch(avx2::weight_grad_floats());
-    avx2::weight_grad(Lp, len, m, len, bp, ldb, q0 * 16, std::min(n, q1 * 16), Gp, n,
-                      scratch.data());
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t row0 = item / panels * block_rows, q = item % panels;
+      const int64_t rows = std::min(block_rows, m - row0);
+      avx2::weight_grad(Lp + row0 * ldl, ldl, ldj, rows, len, bp, ldb, q * 16,
+                        std::min(n, q * 16 + 16), Gp + row0 * n, n, scratch.data());
+    }
   });
   return G;
 }
