@@ -259,17 +259,19 @@ int64_t bf16_expand_words(bool bf16_dot, int64_t rows, int64_t r) {
 }
 
 // The expand of one block: outputs [o0, o1) of its rows.
+// `bf16_packed`: B packed once for the whole call (avx512bf16::
+// pack_expand_weights), or null.
 template <typename T>
 void expand_block(
     bool bf16_dot, const float* t, int64_t ldt, int64_t rows, const T* B, int64_t r,
     const T* bias, int64_t o0, int64_t o1, T* y, int64_t ldy, float* panel,
-    uint32_t* bf16_scratch) {
+    uint32_t* bf16_scratch, const uint32_t* bf16_packed = nullptr) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (bf16_dot && rows >= kBf16DotMinRows) {
       avx512bf16::expand(
           t, ldt, rows, reinterpret_cast<const uint16_t*>(B), r,
           reinterpret_cast<const uint16_t*>(bias), o0, o1, reinterpret_cast<uint16_t*>(y), ldy,
-          bf16_scratch);
+          bf16_scratch, bf16_packed);
       return;
     }
   }
@@ -309,6 +311,18 @@ void avx2_kernel(
     int64_t blocks = (p.M + max_rows - 1) / max_rows;
     blocks = (blocks + threads - 1) / threads * threads;
     const int64_t rows_per_block = (p.M + blocks - 1) / blocks;
+    // The bfloat16 dot-product expand reads B packed into pairs: packed once
+    // here, by all threads, instead of once per block.
+    std::vector<uint32_t> bf16_packed;
+    if (bf16_dot && rows_per_block >= kBf16DotMinRows) {
+      bf16_packed.resize(avx512bf16::packed_expand_words(p.d, p.r));
+      const int64_t panels = (p.d + 31) / 32;
+      at::parallel_for(0, panels, grain_for(32 * p.r * 16), [&](int64_t q0, int64_t q1) {
+        avx512bf16::pack_expand_weights(reinterpret_cast<const uint16_t*>(B), p.r, p.d, q0 * 32,
+                                        std::min(p.d, q1 * 32), bf16_packed.data());
+      });
+    }
+    const uint32_t* bf16_packed_ptr = bf16_packed.empty() ? nullptr : bf16_packed.data();
     at::parallel_for(0, blocks, threads == 1 ? blocks : 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> t(rows_per_block * p.r);
       std::vector<float> panel(avx2::expand_panel_floats(p.r));
@@ -335,7 +349,7 @@ void avx2_kernel(
           store_intermediate(t.data(), rows, p.r, t_out + row0 * p.r);
         }
         expand_block(bf16_dot, t.data(), p.r, rows, B, p.r, bias, 0, p.d, y + row0 * p.d, p.d,
-                     panel.data(), bf16_scratch.data());
+                     panel.data(), bf16_scratch.data(), bf16_packed_ptr);
       }
     });
     return;
