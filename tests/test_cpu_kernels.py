@@ -180,6 +180,7 @@ BF16_DOT_SHAPES = [
     (13, 4096, 64, 4096, 1),   # one thread: a 12-row tile + 1, two k chunks
     (9, 2049, 3, 16, 2),       # k chunk tail of 1, r below one tile, one half panel
     (8, 31, 1, 33, 1),         # the first row count on the path; k below one vector
+    (100, 64, 66, 70, 2),      # B packed once per call: 33 pairs (16 + 16 + 1), a 6-output tail
 ]
 
 

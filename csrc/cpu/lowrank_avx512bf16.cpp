@@ -163,9 +163,56 @@ void round_intermediate(const float* t, int64_t ldt, int64_t rows, int64_t r, ui
   }
 }
 
+// Transposes a 16 × 16 block of 32-bit words held one row per register.
+inline void transpose16(__m512i v[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Now v[4a + b] holds, in 128-bit lane L, column 4L + b of rows 4a..4a+3.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    v[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    v[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
 // P[q][c] = (B[o + c, 2q], B[o + c, 2q + 1]) for c < nc, zero elsewhere.
 void pack_pairs(const uint16_t* B, int64_t r, int64_t o, int64_t nc, uint32_t* P) {
   const int64_t pairs = (r + 1) / 2;
+  if (nc == kPanelCols && r % 2 == 0) {
+    // With an even rank each row of B is `pairs` whole words, and the panel
+    // is the transpose of that (32 × pairs) word matrix: 16 × 16 blocks.
+    for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
+      const int64_t nq = min64(16, pairs - q0);
+      const __mmask16 mask = _cvtu32_mask16((1u << nq) - 1);
+      for (int64_t c0 = 0; c0 < kPanelCols; c0 += 16) {
+        __m512i v[16];
+        for (int c = 0; c < 16; ++c) {
+          v[c] = _mm512_maskz_loadu_epi32(mask, B + (o + c0 + c) * r + 2 * q0);
+        }
+        transpose16(v);
+        for (int64_t q = 0; q < nq; ++q) {
+          _mm512_storeu_si512(P + (q0 + q) * kPanelCols + c0, v[q]);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t c = 0; c < kPanelCols; ++c) {
     if (c >= nc) {
       for (int64_t q = 0; q < pairs; ++q) {
