@@ -262,15 +262,31 @@ def time_sides(calls, time_batch, rounds, warmup_s, batch_us, progress=None):
             calls[name]()
     batch = {name: _calibrate(time_batch, calls[name], batch_us) for name in names}
     samples = {name: [] for name in names}
+    faults = {name: 0 for name in names}
     for i in range(rounds):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
+            before = _minor_page_faults()
             samples[name].append(time_batch(calls[name], batch[name]))
+            faults[name] += _minor_page_faults() - before
         if progress is not None:
             progress(i + 1, rounds)
+    # Page faults per call tell whether a side's outputs came from freshly
+    # mapped memory (a large output costs one fault per 4 KB page then) or
+    # from memory the allocator reused; the timing alone cannot.
     return {name: dict(median_us=statistics.median(v), min_us=min(v), max_us=max(v),
-                       calls_per_sample=batch[name], samples_us=v)
+                       calls_per_sample=batch[name], samples_us=v,
+                       page_faults_per_call=faults[name] / (rounds * batch[name]))
             for name, v in samples.items()}
+
+
+def _minor_page_faults():
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def flops(shape, mode, side):

@@ -1,6 +1,7 @@
 """The bench command on a tiny shape: runs, prints a table, writes valid JSON."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ def test_cpu_bench_writes_json(tmp_path, capsys):
         assert set(entry["sides"]) == {"ours", "compose", "dense"}
         for side in entry["sides"].values():
             assert side["median_us"] > 0 and len(side["samples_us"]) == 2
+            assert side["page_faults_per_call"] >= 0
         assert all(v > 0 for v in entry["ratios"].values())
     assert "compose / ours" in md.read_text()
 
@@ -47,6 +49,23 @@ def test_compiled_side_and_plot(tmp_path):
     assert rc == 0
     assert png.stat().st_size > 1000
     assert "compiled" in json.loads(path.read_text())["results"][0]["ratios"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
+def test_page_fault_count_sees_freshly_mapped_memory():
+    import mmap
+
+    from lowrank_ext import bench
+
+    size, page = 64 << 20, mmap.PAGESIZE
+    fresh = mmap.mmap(-1, size)  # anonymous, not mapped in until written
+    before = bench._minor_page_faults()
+    for offset in range(0, size, page):
+        fresh[offset] = 1
+    faults = bench._minor_page_faults() - before
+    fresh.close()
+    # One fault per page, or per 2 MB where transparent huge pages are on.
+    assert faults >= size // (2 << 20)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
