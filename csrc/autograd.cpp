@@ -52,16 +52,17 @@ bool bias_given(AutogradContext* ctx) {
 // kernel (measured on 2 cores: the unfused step is 3–35 % faster from 64 to
 // 1024 rows, the fused one 8 % faster at 2048).
 constexpr int64_t kFusedBackwardMinRows = 1536;
-// Rows from which the unfused CPU backward computes gx = gt·A through the
-// _weight_grad kernel: below, ATen's mm is as fast for a single row.
-constexpr int64_t kWeightGradGxMinRows = 4;
+// Rows from which gx = gt·A and gA = gtᵀ·x run the _weight_grad kernel; gB
+// runs it at every row count. Measured at (M × 4096), r = 16 and 64: from 4
+// rows the kernel beats ATen's mm on all three products, at a single row only
+// on gB (6–14 µs against 16–32) and not on gx and gA (9–32 µs against 6–24).
+constexpr int64_t kWeightGradMinRows = 4;
 
 // The products of the backward contract over the batch rows (gA = gtᵀ·x,
 // gB = gyᵀ·t) or over the small rank (gx = gt·A): on the CPU, in float32, they
-// run the _weight_grad kernel (never while building a graph for double
-// backward, which needs differentiable ops). It reads transposed operands in
-// place and beats ATen's mm at every row count measured (1 to 2048 rows),
-// except gx at a single row.
+// run the _weight_grad kernel, which reads transposed operands in place
+// (never while building a graph for double backward, which needs
+// differentiable ops).
 bool use_weight_grad_kernel(const at::Tensor& gy2) {
   return gy2.device().is_cpu() && gy2.scalar_type() == at::kFloat &&
       !at::GradMode::is_enabled();
@@ -106,6 +107,7 @@ variable_list lowrank_backward(
   // needs_input_grad only counts tensor inputs: a missing bias has no slot.
   const bool need_bias = bias_given(ctx) && ctx->needs_input_grad(3);
   const bool kernel = use_weight_grad_kernel(gy2);
+  const bool kernel_gx_gA = kernel && M >= kWeightGradMinRows;
   if (need_x && gy.device().is_cpu() && gy2.size(0) >= kFusedBackwardMinRows &&
       !at::GradMode::is_enabled()) {
     // gx = (gy·B)·A is this op again with the factors' roles swapped
@@ -116,16 +118,15 @@ variable_list lowrank_backward(
     auto [gx2, gt] = lowrank_linear_with_intermediate_op(gy2, B.t(), A.t(), std::nullopt);
     gx = gx2.reshape(x.sizes());
     if (need_A) {
-      gA = transposed_product(gt, x.reshape({M, k}), kernel);
+      gA = transposed_product(gt, x.reshape({M, k}), kernel_gx_gA);
     }
   } else if (need_x || need_A) {
     const at::Tensor gt = gy2.mm(B); // (M, r)
     if (need_x) {
-      gx = transposed_product(gt.t(), A, kernel && M >= kWeightGradGxMinRows)
-               .reshape(x.sizes());
+      gx = transposed_product(gt.t(), A, kernel_gx_gA).reshape(x.sizes());
     }
     if (need_A) {
-      gA = transposed_product(gt, x.reshape({M, k}), kernel);
+      gA = transposed_product(gt, x.reshape({M, k}), kernel_gx_gA);
     }
   }
   if (need_B && need_bias && fold_bias_grad(gy2)) {
@@ -225,7 +226,7 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
         gx = gy2.mm(W).addmm_(gt, A).reshape(x.sizes());
       }
       if (need_A) {
-        gA = transposed_product(gt, x.reshape({M, k}), kernel);
+        gA = transposed_product(gt, x.reshape({M, k}), kernel && M >= kWeightGradMinRows);
       }
     }
     if (ctx->needs_input_grad(1)) {

@@ -499,7 +499,8 @@ at::Tensor weight_grad_cpu(const at::Tensor& a, const at::Tensor& b) {
   // row block repacks its panel of b, which costs 1 / rows of its products.
   const int64_t panels = (n + 15) / 16;
   const int64_t wanted = kWeightGradItemsPerThread * at::get_num_threads();
-  const int64_t row_blocks = panels >= wanted ? 1 : std::min((m + 5) / 6, (wanted + panels - 1) / panels);
+  const int64_t row_blocks =
+      panels >= wanted ? 1 : std::min((m + 5) / 6, (wanted + panels - 1) / panels);
   const int64_t block_rows = ((m + row_blocks - 1) / row_blocks + 5) / 6 * 6;
   const int64_t items = (m + block_rows - 1) / block_rows * panels;
   prefault_in_parallel(Gp, m * n * int64_t{sizeof(float)});
