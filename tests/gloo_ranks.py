@@ -36,6 +36,11 @@ def _rank_main(rank, body, directory, args, world_size):
             world_size=world_size, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
         try:
             result = body(rank, directory, *args)
+            # Every rank's collectives done before any rank tears the group
+            # down: a rank that destroys it while the other still has gloo
+            # work in flight can abort that one ("terminate called without an
+            # active exception").
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         torch.save(result, os.path.join(directory, f"result{rank}.pt"))
