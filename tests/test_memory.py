@@ -6,6 +6,7 @@ call touches, whether it comes from torch's allocator, malloc or the stack,
 so a dense W formed anywhere on the way would show.
 """
 
+import ctypes
 import os
 
 import pytest
@@ -41,8 +42,19 @@ def _status_kb(field):
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
+def _release_free_heap():
+    """Hand the allocator's free memory back to the OS (glibc's malloc_trim), so
+    that an allocation inside fn() cannot hide in pages that are already
+    resident; a no-op with another C library."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_bytes(fn):
     """Bytes by which the peak resident set rises above the start during fn()."""
+    _release_free_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak resident set := current resident set
     start = _status_kb("VmRSS")
