@@ -128,7 +128,7 @@ constexpr TileFn kTiles[kMR][kNR] = {
 // ---------------------------------------------------------------- expand
 
 constexpr int kExpandRows = 12;
-constexpr int kPanelCols = 32;
+constexpr int kPanelCols = kExpandPanelCols;
 
 // Round to nearest even with NaN kept quiet, exactly as c10::BFloat16 does
 // (vcvtneps2bf16 would flush subnormals).
@@ -286,11 +286,21 @@ void shrink(
   }
 }
 
+namespace {
+
+// The panel of outputs [o, o + 32) in B as pack_expand_weights lays it out.
+template <typename Word>
+Word* packed_panel(Word* packed, int64_t o, int64_t pairs) {
+  return packed + o / kPanelCols * pairs * kPanelCols;
+}
+
+} // namespace
+
 void pack_expand_weights(
     const uint16_t* B, int64_t r, int64_t d, int64_t o0, int64_t o1, uint32_t* packed) {
   const int64_t pairs = (r + 1) / 2;
   for (int64_t o = o0; o < o1; o += kPanelCols) {
-    pack_pairs(B, r, o, min64(kPanelCols, d - o), packed + o / kPanelCols * pairs * kPanelCols);
+    pack_pairs(B, r, o, min64(kPanelCols, d - o), packed_panel(packed, o, pairs));
   }
 }
 
@@ -306,7 +316,7 @@ void expand(
     const int64_t nc = min64(kPanelCols, o1 - o);
     const uint32_t* P = panel;
     if (packed != nullptr) {
-      P = packed + o / kPanelCols * pairs * kPanelCols;
+      P = packed_panel(packed, o, pairs);
     } else {
       pack_pairs(B, r, o, nc, panel);
     }

@@ -43,6 +43,9 @@ void expand(
     const uint16_t* bias, int64_t o0, int64_t o1, uint16_t* y, int64_t ldy,
     uint32_t* scratch, const uint32_t* packed);
 
+// Outputs per panel of B in the expand.
+constexpr int64_t kExpandPanelCols = 32;
+
 // B (d × r) as the expand reads it, panel by panel of 32 outputs, written for
 // the outputs [o0, o1) (o0 a multiple of 32) into `packed`, which holds
 // packed_expand_words(d, r) words. Packing once per call rather than once per
@@ -50,13 +53,13 @@ void expand(
 void pack_expand_weights(
     const uint16_t* B, int64_t r, int64_t d, int64_t o0, int64_t o1, uint32_t* packed);
 inline int64_t packed_expand_words(int64_t d, int64_t r) {
-  return (d + 31) / 32 * 32 * ((r + 1) / 2);
+  return (d + kExpandPanelCols - 1) / kExpandPanelCols * kExpandPanelCols * ((r + 1) / 2);
 }
 
 // Scratch for expand(): the rounded intermediate as bfloat16 pairs, and one
 // panel of B for 32 outputs.
 inline int64_t expand_scratch_words(int64_t rows, int64_t r) {
-  return (r + 1) / 2 * (rows + 32);
+  return (r + 1) / 2 * (rows + kExpandPanelCols);
 }
 
 } // namespace avx512bf16

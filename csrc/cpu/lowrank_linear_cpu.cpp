@@ -316,10 +316,12 @@ void avx2_kernel(
     std::vector<uint32_t> bf16_packed;
     if (bf16_dot && rows_per_block >= kBf16DotMinRows) {
       bf16_packed.resize(avx512bf16::packed_expand_words(p.d, p.r));
-      const int64_t panels = (p.d + 31) / 32;
-      at::parallel_for(0, panels, grain_for(32 * p.r * 16), [&](int64_t q0, int64_t q1) {
-        avx512bf16::pack_expand_weights(reinterpret_cast<const uint16_t*>(B), p.r, p.d, q0 * 32,
-                                        std::min(p.d, q1 * 32), bf16_packed.data());
+      constexpr int64_t kCols = avx512bf16::kExpandPanelCols;
+      const int64_t panels = (p.d + kCols - 1) / kCols;
+      at::parallel_for(0, panels, grain_for(kCols * p.r * 16), [&](int64_t q0, int64_t q1) {
+        avx512bf16::pack_expand_weights(reinterpret_cast<const uint16_t*>(B), p.r, p.d,
+                                        q0 * kCols, std::min(p.d, q1 * kCols),
+                                        bf16_packed.data());
       });
     }
     const uint32_t* bf16_packed_ptr = bf16_packed.empty() ? nullptr : bf16_packed.data();
@@ -450,8 +452,8 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_cpu(
 }
 
 // a (len × m)ᵀ · b (len × n): the products of the backward (weight gradients,
-// whose contraction runs over the batch rows, and at few rows gt = gy·B and
-// gx = gt·A too). float32 with the AVX2 kernels runs the broadcast tile over
+// whose contraction runs over the batch rows, and below the fused backward's
+// row count gx = gt·A too). float32 with the AVX2 kernels runs the broadcast tile over
 // column panels of b, reading a in place through its strides; everything
 // else is ATen's mm.
 void check_weight_grad_inputs(const at::Tensor& a, const at::Tensor& b) {
