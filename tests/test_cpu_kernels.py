@@ -45,6 +45,7 @@ SHAPES = [
     (200, 300, 17, 50, 2),      # packed shrink: a 1-rank panel tail, k chunk 256 + 44
     (193, 1000, 40, 33, 1),     # packed, one thread: 192-row sub-block + 1, 8-rank panel tail
     (1100, 64, 16, 24, 2),      # packed: one exact panel, blocks past the 512-row cap
+    (420, 75, 35, 40, 2),       # bfloat16 on AVX512-BF16: A packed into pairs, odd k
 ]
 
 
@@ -111,9 +112,12 @@ def test_intermediate_and_no_bias(kernel, threads, dtype, M, k, r, d, nthreads):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["row_stride", "transposed", "broadcast_rows",
                                     "leading_dims", "weights_transposed", "scalar_row"])
-@pytest.mark.parametrize("M", [1, 70, 200])
+@pytest.mark.parametrize("M", [1, 70, 200, 400])
 def test_layouts(kernel, dtype, layout, M):
-    k, r, d = 37, 18 if M >= 192 else 6, 23  # 200 rows, r = 18: the packed float32 shrink
+    # 200 rows, r = 18: the packed float32 shrink; 400 rows, r = 40: the
+    # bfloat16 shrink over packed A as well
+    k, d = 37, 23
+    r = 40 if M >= 400 else 18 if M >= 192 else 6
     x, A, B, bias = make(M, k, r, d, dtype)
     if layout == "row_stride":  # rows read in place with a stride > k
         x = torch.randn(M, k + 11).to(dtype)[:, 3:3 + k]
@@ -135,7 +139,7 @@ def test_layouts(kernel, dtype, layout, M):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,k,r,d", [(0, 5, 3, 4), (3, 0, 2, 4), (3, 5, 0, 4), (3, 5, 2, 0),
-                                     (0, 0, 0, 0)])
+                                     (0, 0, 0, 0), (400, 0, 40, 7)])
 def test_zero_sizes(kernel, dtype, M, k, r, d):
     x, A, B, bias = make(M, k, r, d, dtype)
     y, t = torch.ops.lowrank_ext.lowrank_linear_with_intermediate(x, A, B, bias)
@@ -181,6 +185,11 @@ BF16_DOT_SHAPES = [
     (9, 2049, 3, 16, 2),       # k chunk tail of 1, r below one tile, one half panel
     (8, 31, 1, 33, 1),         # the first row count on the path; k below one vector
     (100, 64, 66, 70, 2),      # B packed once per call: 33 pairs (16 + 16 + 1), a 6-output tail
+    # A packed into pairs once per call (r ≥ 32, ≥ 192 rows per thread), blocks of whole 12-row units:
+    (390, 301, 37, 70, 2),     # odd k (last pair half empty), 3-vector tiles of 8 rows, 5-rank tail
+    (197, 64, 130, 33, 1),     # one thread; rank groups 64 + 64 + 2 (a 1-vector group, 12-row tiles)
+    (500, 40, 96, 129, 2),     # groups 64 + 32; 20 pairs (a 16-pair block and a 4-pair one)
+    (385, 1, 48, 5, 2),        # k = 1: a single half pair; a last block of 1 row
 ]
 
 
@@ -200,6 +209,24 @@ def test_avx512bf16_kernels_match_their_rounding_model(threads, M, k, r, d, nthr
     assert (gap > 0).float().mean() < 0.05
     y_alone = lowrank_ext.lowrank_linear(x, A, B, bias)
     assert torch.equal(y_alone, y), "keeping the intermediate changed the output"
+
+
+@pytest.mark.parametrize("M", [24, 400])  # the expand's tiles; with the packed shrink as well
+def test_avx512bf16_nan_output_is_c10s_and_spares_the_other_outputs(threads, M):
+    # The expand rounds a tile by hardware conversion, which keeps a NaN's
+    # sign and payload, unless the tile holds a NaN: then the whole tile takes
+    # the exact rounding. A NaN output must be c10's one quiet NaN, and every
+    # other output as without the NaN.
+    if torch.ops.lowrank_ext._cpu_kernel("") != "avx512bf16":
+        pytest.skip("this CPU (or the kernel switch) does not run AVX512-BF16")
+    threads(2)
+    x, A, B, bias = make(M, 64, 40, 70, torch.bfloat16)
+    clean = lowrank_ext.lowrank_linear(x, A, B, bias)
+    B.view(torch.int16)[7, 3] = 0xFFC1 - 0x10000  # a negative NaN with a payload: output 7
+    y = lowrank_ext.lowrank_linear(x, A, B, bias)
+    assert (y[:, 7].view(torch.int16) == 0x7FC0).all(), "NaN outputs are not c10's quiet NaN"
+    others = torch.arange(70) != 7
+    assert torch.equal(y[:, others], clean[:, others])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

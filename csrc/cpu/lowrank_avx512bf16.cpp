@@ -1,21 +1,32 @@
 // AVX512-BF16 micro-kernels of bfloat16 lowrank_linear (see
 // lowrank_avx512bf16.h).
 //
-// Shrink: the same register-blocked dot tile as the AVX2 shrink, on 512-bit
-// vectors of 32 bfloat16 values: a tile of 4 rows of x by 4 rows of A keeps 16
-// float32 accumulators and loads 8 vectors per 16 vdpbf16ps. The 16 lanes of
-// an accumulator are folded into one sum only once per chunk of k.
+// Shrink, two forms:
+// * shrink(): the same register-blocked dot tile as the AVX2 shrink, on
+//   512-bit vectors of 32 bfloat16 values: a tile of 4 rows of x by 4 rows of
+//   A keeps 16 float32 accumulators and loads 8 vectors per 16 vdpbf16ps. The
+//   16 lanes of an accumulator are folded into one sum only once per chunk of
+//   k. It reads A in place, so it suits few rows.
+// * shrink_packed(): a broadcast tile, the mirror of the expand's. A is packed
+//   once per call into pairs, 64 ranks per group, and each pair of a row of x
+//   is broadcast against the group's four vectors: 6 rows × 64 ranks keep 24
+//   accumulators over all of k, with no horizontal sums and 10 loads per 24
+//   vdpbf16ps (the dot tile's A chunks come from L2 at 16 loads per 32). It
+//   runs at 94 % of this core's vdpbf16ps peak where the dot tile ran at
+//   about 80 %, and repays the packing from a few hundred rows.
 //
 // Expand: a broadcast tile. B is packed 32 outputs at a time into a panel of
 // bfloat16 pairs, P[q][c] = (B[o + c, 2q], B[o + c, 2q + 1]), and each pair of
 // a row's rounded intermediate, (t[i, 2q], t[i, 2q + 1]), is broadcast
 // against two panel vectors: a tile of 12 rows × 32 outputs keeps 24
-// accumulators, which start from the bias, and needs no horizontal sums.
+// accumulators, which start from the bias, and needs no horizontal sums. Its
+// sums are rounded to bfloat16 by vcvtne2ps2bf16 unless a tile holds a NaN or
+// a subnormal (see expand_tile).
 //
 // Only <immintrin.h> and standard headers are included: the whole file is
 // compiled for AVX-512, and nothing here may run without the runtime check in
 // cpu_has_avx512bf16().
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
 
 #include "lowrank_avx512bf16.h"
 
@@ -24,6 +35,8 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+
+#include <cstring>
 
 namespace lowrank_ext {
 namespace avx512bf16 {
@@ -146,19 +159,29 @@ inline __m512 load16_widened(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// tb[i][q] = the pair (t[i, 2q], t[i, 2q + 1]) rounded to bfloat16, zero past r.
+// The pairs (t[i, 2q], t[i, 2q + 1]) rounded to bfloat16, zero past r, laid
+// out tile by tile of kExpandRows rows: in the tile of rows [i0, i0 + mr),
+// pair q of row i0 + i is word tb[i0·pairs + q·mr + i]. A tile's broadcasts
+// then all come from one pointer with constant offsets (12 row pointers
+// would not fit the general registers beside the rest).
 void round_intermediate(const float* t, int64_t ldt, int64_t rows, int64_t r, uint32_t* tb) {
   const int64_t pairs = (r + 1) / 2;
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* ti = t + i * ldt;
-    uint16_t* row = reinterpret_cast<uint16_t*>(tb + i * pairs);
-    for (int64_t j = 0; j < r; j += 16) {
-      const int64_t n = min64(16, r - j);
-      const __mmask16 mask = _cvtu32_mask16((1u << n) - 1);
-      _mm256_mask_storeu_epi16(row + j, mask, round_to_bf16(_mm512_maskz_loadu_ps(mask, ti + j)));
-    }
-    if (r % 2 != 0) {
-      row[r] = 0;
+  uint16_t row[2 * 16];
+  for (int64_t i0 = 0; i0 < rows; i0 += kExpandRows) {
+    const int64_t mr = min64(kExpandRows, rows - i0);
+    uint32_t* tile = tb + i0 * pairs;
+    for (int64_t i = 0; i < mr; ++i) {
+      const float* ti = t + (i0 + i) * ldt;
+      for (int64_t j = 0; j < r; j += 16) {
+        const int64_t n = min64(16, r - j);
+        const __mmask16 mask = _cvtu32_mask16((1u << n) - 1);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row),
+                            round_to_bf16(_mm512_maskz_loadu_ps(mask, ti + j)));
+        for (int64_t q = j / 2; q < (j + n + 1) / 2; ++q) {
+          // lanes past n are zero: the maskz load zeroes them before rounding
+          tile[q * mr + i] = row[2 * q - j] | static_cast<uint32_t>(row[2 * q - j + 1]) << 16;
+        }
+      }
     }
   }
 }
@@ -247,13 +270,34 @@ void expand_tile(
     const __m512i p1 = _mm512_loadu_si512(P + q * kPanelCols + 16);
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
-      const __m512i pair = _mm512_set1_epi32(static_cast<int>(tb[i * pairs + q]));
+      const __m512i pair = _mm512_set1_epi32(static_cast<int>(tb[q * MR + i]));
       acc0[i] = dot_pairs(acc0[i], pair, p0);
       acc1[i] = dot_pairs(acc1[i], pair, p1);
     }
   }
-  // Unrolled, so that the accumulators are rounded straight from registers
-  // (a loop spills all of them to the stack first: 10 % of the expand).
+  // vcvtne2ps2bf16 rounds 32 sums at once to nearest even, as c10::BFloat16
+  // does, except that it flushes subnormals to zero and keeps NaN payloads
+  // where c10 writes one quiet NaN: a tile holding either (one vfpclassps per
+  // accumulator tells) is rounded the exact, slower way. (vdpbf16ps has
+  // already flushed subnormal sums, so in practice that is a tile with a NaN.)
+  // The hardware rounding takes a third of the epilogue's instructions.
+  // Unrolled, so that the accumulators are rounded straight from registers (a
+  // loop spills all of them to the stack first: 10 % of the expand).
+  constexpr int kSpecial = 0x01 | 0x20 | 0x80;  // quiet NaN, subnormal, signalling NaN
+  __mmask16 special = 0;
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    special |= _mm512_fpclass_ps_mask(acc0[i], kSpecial) | _mm512_fpclass_ps_mask(acc1[i], kSpecial);
+  }
+  if (__builtin_expect(special == 0, 1)) {
+    const __mmask32 mask = _mm512_kunpackw(m1, m0);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh rounded = _mm512_cvtne2ps_pbh(acc1[i], acc0[i]);
+      _mm512_mask_storeu_epi16(y + i * ldy, mask, reinterpret_cast<__m512i>(rounded));
+    }
+    return;
+  }
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
     _mm256_mask_storeu_epi16(y + i * ldy, m0, round_to_bf16(acc0[i]));
@@ -282,6 +326,151 @@ void shrink(
         kTiles[mr - 1][nr - 1](
             x + i * ldx + p0, ldx, A + j * k + p0, k, kc, t + i * ldt + j, ldt, p0 > 0);
       }
+    }
+  }
+}
+
+namespace {
+
+// ---------------------------------------------------------------- packed shrink
+
+// Rows per broadcast tile for 1–4 vectors of 16 ranks: at most 24
+// accumulators, which leaves registers for the vectors of A.
+constexpr int kBroadcastRows[4] = {12, 12, 8, 6};
+constexpr int kMaxBroadcastRows = 12;
+
+// The group of ranks [g·64, ...) of packed A: whole groups before it.
+inline int64_t packed_group_offset(int64_t g, int64_t pairs) {
+  return g * kShrinkGroupRanks * pairs;
+}
+
+// Vectors of 16 ranks in group g.
+inline int64_t group_vectors(int64_t g, int64_t r) {
+  return (min64(kShrinkGroupRanks, r - g * kShrinkGroupRanks) + 15) / 16;
+}
+
+// acc[i][v] += pair q of row i of x (x[2q], x[2q + 1]), broadcast, against
+// vector v of the packed pair panel P; kHalf: the last pair of an odd k,
+// (x[2q], 0), so that nothing past the row is read. memcpy because x is only
+// 2-byte aligned.
+template <int MR, int NV, bool kHalf>
+__attribute__((always_inline)) inline void broadcast_step(
+    const uint16_t* x, int64_t ldx, const uint32_t* P, int64_t q, __m512 (&acc)[MR][NV]) {
+  __m512i a[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    a[v] = _mm512_loadu_si512(P + 16 * v);
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    uint32_t word = x[i * ldx + 2 * q];
+    if (!kHalf) {
+      std::memcpy(&word, x + i * ldx + 2 * q, sizeof(word));
+    }
+    const __m512i pair = _mm512_set1_epi32(static_cast<int>(word));
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[i][v] = dot_pairs(acc[i][v], pair, a[v]);
+    }
+  }
+}
+
+// t[i, 16v + c] = Σ_q pair q of row i of x · P[q][16v + c] for MR rows and NV
+// vectors of ranks; P holds `width` words per pair. `last` masks the ranks of
+// the last vector that exist.
+template <int MR, int NV>
+void broadcast_shrink_tile(
+    const uint16_t* x, int64_t ldx, const uint32_t* P, int64_t width, int64_t k, float* t,
+    int64_t ldt, __mmask16 last) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[i][v] = _mm512_setzero_ps();
+    }
+  }
+  const int64_t whole_pairs = k / 2;
+  for (int64_t q = 0; q < whole_pairs; ++q) {
+    broadcast_step<MR, NV, false>(x, ldx, P + q * width, q, acc);
+  }
+  if (k % 2 != 0) {
+    broadcast_step<MR, NV, true>(x, ldx, P + whole_pairs * width, whole_pairs, acc);
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      _mm512_mask_storeu_ps(t + i * ldt + 16 * v, v == NV - 1 ? last : 0xFFFF, acc[i][v]);
+    }
+  }
+}
+
+using BroadcastTileFn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, int64_t,
+                                 float*, int64_t, __mmask16);
+
+// Tiles indexed by [vectors - 1][rows - 1]; rows past a vector count's
+// limit repeat its largest tile and are never used. (Plain arrays: library
+// templates instantiated in this file would be AVX-512 copies.)
+template <int MR, int NV>
+constexpr BroadcastTileFn kTileFor =
+    broadcast_shrink_tile<(MR < kBroadcastRows[NV - 1] ? MR : kBroadcastRows[NV - 1]), NV>;
+#define LOWRANK_BROADCAST_TILES(NV)                                                        \
+  {kTileFor<1, NV>, kTileFor<2, NV>, kTileFor<3, NV>, kTileFor<4, NV>, kTileFor<5, NV>,    \
+   kTileFor<6, NV>, kTileFor<7, NV>, kTileFor<8, NV>, kTileFor<9, NV>, kTileFor<10, NV>,   \
+   kTileFor<11, NV>, kTileFor<12, NV>}
+constexpr BroadcastTileFn kBroadcastTiles[4][kMaxBroadcastRows] = {
+    LOWRANK_BROADCAST_TILES(1), LOWRANK_BROADCAST_TILES(2), LOWRANK_BROADCAST_TILES(3),
+    LOWRANK_BROADCAST_TILES(4)};
+#undef LOWRANK_BROADCAST_TILES
+
+} // namespace
+
+void pack_shrink_weights(
+    const uint16_t* A, int64_t r, int64_t k, int64_t q0, int64_t q1, uint32_t* packed) {
+  const int64_t pairs = (k + 1) / 2;
+  for (int64_t g = 0; g * kShrinkGroupRanks < r; ++g) {
+    const int64_t vectors = group_vectors(g, r);
+    const int64_t width = 16 * vectors;
+    uint32_t* P = packed + packed_group_offset(g, pairs);
+    for (int64_t v = 0; v < vectors; ++v) {
+      const int64_t j0 = g * kShrinkGroupRanks + 16 * v;
+      // Each 16 × 16 block: 16 ranks' words for 16 pairs, transposed. A
+      // masked load reads only the row's own elements (an odd k's last pair
+      // has one) and zeros the rest, ranks past r included.
+      for (int64_t qb = q0; qb < q1; qb += 16) {
+        const int64_t nq = min64(16, q1 - qb);
+        const int64_t elems = min64(2 * nq, k - 2 * qb);
+        const __mmask32 mask = _cvtu32_mask32(static_cast<uint32_t>((uint64_t{1} << elems) - 1));
+        __m512i block[16];
+        for (int c = 0; c < 16; ++c) {
+          block[c] = j0 + c < r ? _mm512_maskz_loadu_epi16(mask, A + (j0 + c) * k + 2 * qb)
+                                : _mm512_setzero_si512();
+        }
+        transpose16(block);
+        for (int64_t q = 0; q < nq; ++q) {
+          _mm512_storeu_si512(P + (qb + q) * width + 16 * v, block[q]);
+        }
+      }
+    }
+  }
+}
+
+void shrink_packed(
+    const uint16_t* x, int64_t ldx, const uint32_t* packed, int64_t k, int64_t r,
+    int64_t rows, float* t, int64_t ldt) {
+  const int64_t pairs = (k + 1) / 2;
+  for (int64_t g = 0; g * kShrinkGroupRanks < r; ++g) {
+    const int64_t j0 = g * kShrinkGroupRanks;
+    const int64_t vectors = group_vectors(g, r);
+    const int64_t tail = (r - j0) - 16 * (vectors - 1);
+    const __mmask16 last = _cvtu32_mask16(tail >= 16 ? 0xFFFFu : (1u << tail) - 1);
+    const int max_rows = kBroadcastRows[vectors - 1];
+    const uint32_t* P = packed + packed_group_offset(g, pairs);
+    for (int64_t i = 0; i < rows; i += max_rows) {
+      const int64_t mr = min64(max_rows, rows - i);
+      kBroadcastTiles[vectors - 1][mr - 1](x + i * ldx, ldx, P, 16 * vectors, k, t + i * ldt + j0,
+                                           ldt, last);
     }
   }
 }

@@ -3,7 +3,8 @@
 // vdpbf16ps multiplies pairs of bfloat16 values exactly and adds both
 // products to a float32 lane: twice the work of a float32 FMA per
 // instruction, with the same float32 accumulation. (Like every AVX512-BF16
-// instruction, it treats bfloat16 subnormal inputs as zero.)
+// instruction, it treats subnormal inputs, the accumulator included, as zero
+// and flushes subnormal results to zero.)
 //
 // The shrink t = x·Aᵀ runs on it with no change in precision. The expand
 // needs t in bfloat16 for that: it rounds the float32 intermediate to
@@ -20,8 +21,8 @@
 namespace lowrank_ext {
 namespace avx512bf16 {
 
-// True when this CPU and OS run AVX512F, AVX512BW and AVX512-BF16 (checked
-// once).
+// True when this CPU and OS run AVX512F, AVX512BW, AVX512DQ, AVX512VL and
+// AVX512-BF16 (checked once).
 bool cpu_has_avx512bf16();
 
 // t[i, j] = Σ_p x[i, p] · A[j, p] for rows i in [0, rows) and ranks j in
@@ -31,6 +32,29 @@ bool cpu_has_avx512bf16();
 void shrink(
     const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t k, int64_t rows,
     int64_t j0, int64_t j1, float* t, int64_t ldt);
+
+// Ranks per group of packed A: four vectors of 16 float32 sums.
+constexpr int64_t kShrinkGroupRanks = 64;
+
+// A (r × k) as shrink_packed reads it: for each group of up to 64 ranks and
+// each pair of columns q, one word per rank (A[j, 2q], A[j, 2q + 1]), zero
+// past k and, within the last group's 16-rank vectors, past r. Writes the
+// pairs [q0, q1) of every group into `packed`, which holds
+// packed_shrink_words(r, k) words, so that threads can split the pairs.
+void pack_shrink_weights(
+    const uint16_t* A, int64_t r, int64_t k, int64_t q0, int64_t q1, uint32_t* packed);
+inline int64_t packed_shrink_words(int64_t r, int64_t k) {
+  return (r + 15) / 16 * 16 * ((k + 1) / 2);
+}
+
+// t[i, j] = Σ_p x[i, p] · A[j, p] for rows i in [0, rows) and every rank j,
+// with A as pack_shrink_weights left it: a broadcast tile (one pair of a row
+// of x against 16 ranks per instruction) that needs no horizontal sums and
+// reads A once per tile of rows. x rows are ldx elements apart (0 for a
+// broadcast row); t is float32 with rows ldt apart.
+void shrink_packed(
+    const uint16_t* x, int64_t ldx, const uint32_t* packed, int64_t k, int64_t r,
+    int64_t rows, float* t, int64_t ldt);
 
 // y[i, o] = bias[o] + Σ_j bf16(t[i, j]) · B[o, j] for rows i in [0, rows) and
 // outputs o in [o0, o1), y and bias (may be null) bfloat16 bit patterns: the

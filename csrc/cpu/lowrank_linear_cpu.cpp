@@ -38,7 +38,8 @@ bool avx512bf16::cpu_has_avx512bf16() {
     __builtin_cpu_init();
     // libgcc reports AVX-512 features only when the OS saves the zmm state.
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bf16");
   }();
   return has;
 }
@@ -253,6 +254,16 @@ void shrink_block(
 // into pairs costs more than the faster products save.
 constexpr int64_t kBf16DotMinRows = 8;
 
+// The bfloat16 shrink over packed A (avx512bf16::shrink_packed): from this
+// rank and this many rows per thread. Below, packing A once per call costs
+// about what its tiles save (measured at parity with 128 rows per thread at
+// r = 64, 5 % faster from 256, 9 % at 1024; at r = 16 no faster).
+constexpr int64_t kBf16PackedShrinkMinRank = 32;
+constexpr int64_t kBf16PackedShrinkMinRows = 192;
+// Rows per block on that path are a multiple of this: whole shrink tiles (6
+// rows at r ≥ 49) and whole expand tiles (12 rows).
+constexpr int64_t kBf16BlockRowUnit = 12;
+
 // Scratch 32-bit words the expand of a block of `rows` needs.
 int64_t bf16_expand_words(bool bf16_dot, int64_t rows, int64_t r) {
   return bf16_dot && rows >= kBf16DotMinRows ? avx512bf16::expand_scratch_words(rows, r) : 0;
@@ -310,7 +321,16 @@ void avx2_kernel(
     const int64_t max_rows = packed ? kMaxPackedRowBlock : kMaxRowBlock;
     int64_t blocks = (p.M + max_rows - 1) / max_rows;
     blocks = (blocks + threads - 1) / threads * threads;
-    const int64_t rows_per_block = (p.M + blocks - 1) / blocks;
+    // bfloat16 from enough rows: the shrink runs broadcast tiles over A
+    // packed into pairs once per call (avx512bf16::shrink_packed), and blocks
+    // hold whole tiles of rows (6 for that shrink, 12 for the expand), so
+    // that no block ends in a thin tile that reads all of A for a few rows.
+    const bool bf16_packed_shrink = bf16_dot && p.r >= kBf16PackedShrinkMinRank &&
+        p.M >= kBf16PackedShrinkMinRows * threads;
+    const int64_t unit = bf16_packed_shrink ? kBf16BlockRowUnit : 1;
+    const int64_t units = (p.M + unit - 1) / unit;
+    const int64_t rows_per_block = (units + blocks - 1) / blocks * unit;
+    auto block_start = [&](int64_t b) { return std::min(p.M, b * units / blocks * unit); };
     // The bfloat16 dot-product expand reads B packed into pairs: packed once
     // here, by all threads, instead of once per block.
     std::vector<uint32_t> bf16_packed;
@@ -325,14 +345,23 @@ void avx2_kernel(
       });
     }
     const uint32_t* bf16_packed_ptr = bf16_packed.empty() ? nullptr : bf16_packed.data();
+    std::vector<uint32_t> bf16_packed_a;
+    if (bf16_packed_shrink) {
+      bf16_packed_a.resize(avx512bf16::packed_shrink_words(p.r, p.k));
+      const int64_t pair_blocks = ((p.k + 1) / 2 + 15) / 16;
+      at::parallel_for(0, pair_blocks, grain_for(32 * p.r * 16), [&](int64_t q0, int64_t q1) {
+        avx512bf16::pack_shrink_weights(reinterpret_cast<const uint16_t*>(A), p.r, p.k, q0 * 16,
+                                        std::min((p.k + 1) / 2, q1 * 16), bf16_packed_a.data());
+      });
+    }
     at::parallel_for(0, blocks, threads == 1 ? blocks : 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> t(rows_per_block * p.r);
       std::vector<float> panel(avx2::expand_panel_floats(p.r));
       std::vector<float> packed_a(packed ? avx2::packed_shrink_floats(p.r) : 0);
       std::vector<uint32_t> bf16_scratch(bf16_expand_words(bf16_dot, rows_per_block, p.r));
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t row0 = b * rows_per_block;
-        const int64_t rows = std::min(rows_per_block, p.M - row0);
+        const int64_t row0 = block_start(b);
+        const int64_t rows = block_start(b + 1) - row0;
         if (rows <= 0) {
           break;
         }
@@ -344,7 +373,10 @@ void avx2_kernel(
                                 packed_a.data());
           }
         }
-        if (!packed) {
+        if (!bf16_packed_a.empty()) {
+          avx512bf16::shrink_packed(reinterpret_cast<const uint16_t*>(x + row0 * p.ldx), p.ldx,
+                                    bf16_packed_a.data(), p.k, p.r, rows, t.data(), p.r);
+        } else if (!packed) {
           shrink_block(bf16_dot, x + row0 * p.ldx, p.ldx, A, p.k, rows, 0, p.r, t.data(), p.r);
         }
         if (t_out != nullptr) {
