@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -250,6 +251,15 @@ void shrink_block(
   avx2::shrink(avx2_type<T>(), x, ldx, A, k, rows, j0, j1, t, ldt);
 }
 
+// Scratch that the kernels write in full before they read it, or null for
+// n = 0 (a null packed B tells the expand to pack as it goes). std::vector
+// would zero it first: for the packed weights that was 4 % of a 256-row
+// bfloat16 call.
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return n > 0 ? std::make_unique_for_overwrite<T[]>(static_cast<size_t>(n)) : nullptr;
+}
+
 // Rows from which the bfloat16 expand runs on AVX512-BF16: below, packing B
 // into pairs costs more than the faster products save.
 constexpr int64_t kBf16DotMinRows = 8;
@@ -331,34 +341,38 @@ void avx2_kernel(
     const int64_t units = (p.M + unit - 1) / unit;
     const int64_t rows_per_block = (units + blocks - 1) / blocks * unit;
     auto block_start = [&](int64_t b) { return std::min(p.M, b * units / blocks * unit); };
-    // The bfloat16 dot-product expand reads B packed into pairs: packed once
-    // here, by all threads, instead of once per block.
-    std::vector<uint32_t> bf16_packed;
-    if (bf16_dot && rows_per_block >= kBf16DotMinRows) {
-      bf16_packed.resize(avx512bf16::packed_expand_words(p.d, p.r));
-      constexpr int64_t kCols = avx512bf16::kExpandPanelCols;
-      const int64_t panels = (p.d + kCols - 1) / kCols;
-      at::parallel_for(0, panels, grain_for(kCols * p.r * 16), [&](int64_t q0, int64_t q1) {
-        avx512bf16::pack_expand_weights(reinterpret_cast<const uint16_t*>(B), p.r, p.d,
-                                        q0 * kCols, std::min(p.d, q1 * kCols),
-                                        bf16_packed.data());
-      });
-    }
-    const uint32_t* bf16_packed_ptr = bf16_packed.empty() ? nullptr : bf16_packed.data();
-    std::vector<uint32_t> bf16_packed_a;
-    if (bf16_packed_shrink) {
-      bf16_packed_a.resize(avx512bf16::packed_shrink_words(p.r, p.k));
-      const int64_t pair_blocks = ((p.k + 1) / 2 + 15) / 16;
-      at::parallel_for(0, pair_blocks, grain_for(32 * p.r * 16), [&](int64_t q0, int64_t q1) {
-        avx512bf16::pack_shrink_weights(reinterpret_cast<const uint16_t*>(A), p.r, p.k, q0 * 16,
-                                        std::min((p.k + 1) / 2, q1 * 16), bf16_packed_a.data());
+    // The bfloat16 dot-product expand reads B packed into pairs, and the
+    // packed shrink A: packed once here, by all threads in one parallel
+    // region, instead of once per block. (A 32-output panel of B and a
+    // 16-pair block of A are the same number of words at r ≤ 64.)
+    constexpr int64_t kCols = avx512bf16::kExpandPanelCols;
+    const bool bf16_pack_b = bf16_dot && rows_per_block >= kBf16DotMinRows;
+    const int64_t b_panels = bf16_pack_b ? (p.d + kCols - 1) / kCols : 0;
+    const int64_t pairs = (p.k + 1) / 2;
+    const int64_t a_blocks = bf16_packed_shrink ? (pairs + 15) / 16 : 0;
+    auto bf16_packed = uninitialized<uint32_t>(bf16_pack_b ? avx512bf16::packed_expand_words(p.d, p.r) : 0);
+    auto bf16_packed_a = uninitialized<uint32_t>(a_blocks > 0 ? avx512bf16::packed_shrink_words(p.r, p.k) : 0);
+    if (b_panels + a_blocks > 0) {
+      at::parallel_for(0, b_panels + a_blocks, grain_for(kCols * p.r * 16), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          if (i < b_panels) {
+            avx512bf16::pack_expand_weights(reinterpret_cast<const uint16_t*>(B), p.r, p.d,
+                                            i * kCols, std::min(p.d, (i + 1) * kCols),
+                                            bf16_packed.get());
+          } else {
+            const int64_t q0 = (i - b_panels) * 16;
+            avx512bf16::pack_shrink_weights(reinterpret_cast<const uint16_t*>(A), p.r, p.k, q0,
+                                            std::min(pairs, q0 + 16), bf16_packed_a.get());
+          }
+        }
       });
     }
     at::parallel_for(0, blocks, threads == 1 ? blocks : 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> t(rows_per_block * p.r);
-      std::vector<float> panel(avx2::expand_panel_floats(p.r));
-      std::vector<float> packed_a(packed ? avx2::packed_shrink_floats(p.r) : 0);
-      std::vector<uint32_t> bf16_scratch(bf16_expand_words(bf16_dot, rows_per_block, p.r));
+      // Every kernel writes its scratch before reading it: none is zeroed.
+      auto t = uninitialized<float>(rows_per_block * p.r);
+      auto panel = uninitialized<float>(avx2::expand_panel_floats(p.r));
+      auto packed_a = uninitialized<float>(packed ? avx2::packed_shrink_floats(p.r) : 0);
+      auto bf16_scratch = uninitialized<uint32_t>(bf16_expand_words(bf16_dot, rows_per_block, p.r));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t row0 = block_start(b);
         const int64_t rows = block_start(b + 1) - row0;
@@ -369,21 +383,21 @@ void avx2_kernel(
         prefault_for_write(y + row0 * p.d, rows * p.d * int64_t{sizeof(T)});
         if constexpr (std::is_same_v<T, float>) {
           if (packed) {
-            avx2::shrink_packed(x + row0 * p.ldx, p.ldx, A, p.k, p.r, rows, t.data(), p.r,
-                                packed_a.data());
+            avx2::shrink_packed(x + row0 * p.ldx, p.ldx, A, p.k, p.r, rows, t.get(), p.r,
+                                packed_a.get());
           }
         }
-        if (!bf16_packed_a.empty()) {
+        if (a_blocks > 0) {
           avx512bf16::shrink_packed(reinterpret_cast<const uint16_t*>(x + row0 * p.ldx), p.ldx,
-                                    bf16_packed_a.data(), p.k, p.r, rows, t.data(), p.r);
+                                    bf16_packed_a.get(), p.k, p.r, rows, t.get(), p.r);
         } else if (!packed) {
-          shrink_block(bf16_dot, x + row0 * p.ldx, p.ldx, A, p.k, rows, 0, p.r, t.data(), p.r);
+          shrink_block(bf16_dot, x + row0 * p.ldx, p.ldx, A, p.k, rows, 0, p.r, t.get(), p.r);
         }
         if (t_out != nullptr) {
-          store_intermediate(t.data(), rows, p.r, t_out + row0 * p.r);
+          store_intermediate(t.get(), rows, p.r, t_out + row0 * p.r);
         }
-        expand_block(bf16_dot, t.data(), p.r, rows, B, p.r, bias, 0, p.d, y + row0 * p.d, p.d,
-                     panel.data(), bf16_scratch.data(), bf16_packed_ptr);
+        expand_block(bf16_dot, t.get(), p.r, rows, B, p.r, bias, 0, p.d, y + row0 * p.d, p.d,
+                     panel.get(), bf16_scratch.get(), bf16_packed.get());
       }
     });
     return;
@@ -391,7 +405,7 @@ void avx2_kernel(
   // Few rows (decode): threads split the rank for the shrink, then the
   // outputs for the expand, one chunk of rows at a time.
   const int64_t chunk = std::min(p.M, kMaxRowBlock);
-  std::vector<float> t(chunk * p.r);
+  auto t = uninitialized<float>(chunk * p.r);
   const int64_t r_units = (p.r + kRankUnit - 1) / kRankUnit;
   const int64_t d_units = (p.d + kOutputUnit - 1) / kOutputUnit;
   for (int64_t row0 = 0; row0 < p.M; row0 += chunk) {
@@ -399,17 +413,17 @@ void avx2_kernel(
     const T* xb = x + row0 * p.ldx;
     at::parallel_for(0, r_units, grain_for(rows * p.k * kRankUnit), [&](int64_t u0, int64_t u1) {
       shrink_block(bf16_dot, xb, p.ldx, A, p.k, rows, u0 * kRankUnit,
-                   std::min(p.r, u1 * kRankUnit), t.data(), p.r);
+                   std::min(p.r, u1 * kRankUnit), t.get(), p.r);
     });
     if (t_out != nullptr) {
-      store_intermediate(t.data(), rows, p.r, t_out + row0 * p.r);
+      store_intermediate(t.get(), rows, p.r, t_out + row0 * p.r);
     }
     at::parallel_for(0, d_units, grain_for(rows * p.r * kOutputUnit), [&](int64_t u0, int64_t u1) {
-      std::vector<float> panel(avx2::expand_panel_floats(p.r));
-      std::vector<uint32_t> bf16_scratch(bf16_expand_words(bf16_dot, rows, p.r));
-      expand_block(bf16_dot, t.data(), p.r, rows, B, p.r, bias, u0 * kOutputUnit,
-                   std::min(p.d, u1 * kOutputUnit), y + row0 * p.d, p.d, panel.data(),
-                   bf16_scratch.data());
+      auto panel = uninitialized<float>(avx2::expand_panel_floats(p.r));
+      auto bf16_scratch = uninitialized<uint32_t>(bf16_expand_words(bf16_dot, rows, p.r));
+      expand_block(bf16_dot, t.get(), p.r, rows, B, p.r, bias, u0 * kOutputUnit,
+                   std::min(p.d, u1 * kOutputUnit), y + row0 * p.d, p.d, panel.get(),
+                   bf16_scratch.get());
     });
   }
 }
