@@ -86,6 +86,34 @@ bool fold_bias_grad(const at::Tensor& gy2) {
       gy2.size(0) >= kFoldBiasGradMinRows && !at::GradMode::is_enabled();
 }
 
+// float16 on a CPU without AVX512-FP16: ATen's float16 matrix products have
+// no fast kernel there (3.4 GFLOP/s against 142 in float32 for a 256 × 4096 ×
+// 64 product on 2 cores), so the backward runs on float32 copies of the
+// operands it reads and rounds each gradient to float16 once. Not while
+// building a graph for double backward, which needs the operands themselves.
+bool widen_half_backward(const at::Tensor& gy) {
+  static const bool has_fp16_products = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512fp16") != 0;
+  }();
+  return gy.device().is_cpu() && gy.scalar_type() == at::kHalf && !has_fp16_products &&
+      !at::GradMode::is_enabled();
+}
+
+// `t` in float32 when `needed`, else `t` itself (whose values are not read).
+at::Tensor widened(const at::Tensor& t, bool needed) {
+  return needed && t.defined() ? t.to(at::kFloat) : t;
+}
+
+variable_list narrowed_to_half(variable_list grads) {
+  for (auto& g : grads) {
+    if (g.defined()) {
+      g = g.to(at::kHalf);
+    }
+  }
+  return grads;
+}
+
 // Gradients of y = t·Bᵀ + bias with t = x·Aᵀ, given gy = dL/dy.
 // Returns {gx, gA, gB, gbias}; undefined where not needed.
 variable_list lowrank_backward(
@@ -95,6 +123,12 @@ variable_list lowrank_backward(
     const at::Tensor& A,
     const at::Tensor& B,
     const at::Tensor& t) {
+  if (widen_half_backward(gy)) {
+    // x is read only for gA; t is saved, so it is never recomputed here.
+    return narrowed_to_half(lowrank_backward(
+        ctx, gy.to(at::kFloat), widened(x, ctx->needs_input_grad(1)), A.to(at::kFloat),
+        B.to(at::kFloat), widened(t, true)));
+  }
   const int64_t k = A.size(1);
   const int64_t r = A.size(0);
   const int64_t d = B.size(0);
@@ -181,9 +215,59 @@ at::Tensor lowrank_linear_autograd(
   return LowRankLinearFunction::apply(x, A, B, bias);
 }
 
-// lora_linear: y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ. The low-rank part's
-// gradients are those of lowrank_linear with B scaled; W and bias get the
-// dense gradients.
+// Gradients of lora_linear, given gy = dL/dy: {gx, gW, gA, gB, gbias, none}.
+// The low-rank part's gradients are those of lowrank_linear with B scaled;
+// W and bias get the dense gradients.
+variable_list lora_backward(
+    AutogradContext* ctx,
+    const at::Tensor& gy,
+    const at::Tensor& x,
+    const at::Tensor& W,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const at::Tensor& t,
+    double scale) {
+  if (widen_half_backward(gy)) {
+    // W is read only for gx, x only for gA and gW.
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool read_x = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    return narrowed_to_half(lora_backward(
+        ctx, gy.to(at::kFloat), widened(x, read_x), widened(W, need_x), A.to(at::kFloat),
+        B.to(at::kFloat), widened(t, true), scale));
+  }
+  const int64_t k = W.size(1);
+  const int64_t r = A.size(0);
+  const int64_t d = W.size(0);
+  const int64_t M = rows_of(x);
+  const at::Tensor gy2 = gy.reshape({M, d});
+  at::Tensor gx, gW, gA, gB, gbias;
+  const bool need_x = ctx->needs_input_grad(0);
+  const bool need_A = ctx->needs_input_grad(2);
+  // The adapter's gradients have lowrank_linear's shapes: same kernel.
+  const bool kernel = use_weight_grad_kernel(gy2);
+  if (need_x || need_A) {
+    const at::Tensor gt = gy2.mm(B).mul_(scale); // (M, r)
+    if (need_x) {
+      gx = gy2.mm(W).addmm_(gt, A).reshape(x.sizes());
+    }
+    if (need_A) {
+      gA = transposed_product(gt, x.reshape({M, k}), kernel && M >= kWeightGradMinRows);
+    }
+  }
+  if (ctx->needs_input_grad(1)) {
+    gW = gy2.t().mm(x.reshape({M, k}));
+  }
+  if (ctx->needs_input_grad(3)) {
+    const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape({M, r});
+    gB = transposed_product(gy2, t2, kernel).mul_(scale);
+  }
+  if (bias_given(ctx) && ctx->needs_input_grad(4)) {
+    gbias = gy2.sum(0);
+  }
+  return {gx, gW, gA, gB, gbias, at::Tensor()};
+}
+
+// lora_linear: y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ.
 class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
  public:
   static at::Tensor forward(
@@ -204,42 +288,8 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& W = saved[1];
-    const at::Tensor& A = saved[2];
-    const at::Tensor& B = saved[3];
-    const at::Tensor& t = saved[4];
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const int64_t k = W.size(1);
-    const int64_t r = A.size(0);
-    const int64_t d = W.size(0);
-    const int64_t M = rows_of(x);
-    const at::Tensor gy2 = grads[0].reshape({M, d});
-    at::Tensor gx, gW, gA, gB, gbias;
-    const bool need_x = ctx->needs_input_grad(0);
-    const bool need_A = ctx->needs_input_grad(2);
-    // The adapter's gradients have lowrank_linear's shapes: same kernel.
-    const bool kernel = use_weight_grad_kernel(gy2);
-    if (need_x || need_A) {
-      const at::Tensor gt = gy2.mm(B).mul_(scale); // (M, r)
-      if (need_x) {
-        gx = gy2.mm(W).addmm_(gt, A).reshape(x.sizes());
-      }
-      if (need_A) {
-        gA = transposed_product(gt, x.reshape({M, k}), kernel && M >= kWeightGradMinRows);
-      }
-    }
-    if (ctx->needs_input_grad(1)) {
-      gW = gy2.t().mm(x.reshape({M, k}));
-    }
-    if (ctx->needs_input_grad(3)) {
-      const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape({M, r});
-      gB = transposed_product(gy2, t2, kernel).mul_(scale);
-    }
-    if (bias_given(ctx) && ctx->needs_input_grad(4)) {
-      gbias = gy2.sum(0);
-    }
-    return {gx, gW, gA, gB, gbias, at::Tensor()};
+    return lora_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                         ctx->saved_data["scale"].toDouble());
   }
 };
 

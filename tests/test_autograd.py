@@ -109,3 +109,69 @@ def test_backward_saves_the_intermediate_not_a_dense_weight():
     assert (d, k) not in saved and (k, d) not in saved
     assert sorted(saved) == sorted([(M, k), (r, k), (d, r), (M, r)])
     y.sum().backward()
+
+
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+@pytest.mark.parametrize("needs", ["all", "x", "A"])
+def test_float16_cpu_backward_runs_its_products_in_float32(op, needs):
+    # ATen's float16 matrix products on a CPU without AVX512-FP16 run at a few
+    # GFLOP/s: the compiled backward widens the operands it reads to float32
+    # and rounds each gradient to float16 once. No product of the backward
+    # may see a float16 operand, and the gradients must match float64.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if not lx.backend_info()["compiled"]:
+        pytest.skip("the pure-torch fallback differentiates the float16 composition")
+    try:
+        native_float16 = " avx512fp16" in open("/proc/cpuinfo").read()
+    except OSError:
+        native_float16 = False
+    if native_float16:
+        pytest.skip("this CPU multiplies float16 natively")
+    M, k, r, d = 40, 64, 8, 48
+    x, W, A, B, b = (torch.randn(M, k), torch.randn(d, k) / 8, torch.randn(r, k) / 8,
+                     torch.randn(d, r) / 3, torch.randn(d))
+    gy = torch.randn(M, d)
+    grad_of = {"all": (True, True, True, True), "x": (True, False, False, False),
+               "A": (False, True, False, False)}[needs]
+
+    def leaves(dtype):
+        out = [t.to(dtype).clone() for t in (x, A, B, b)]
+        for t, wanted in zip(out, grad_of):
+            t.requires_grad_(wanted)
+        return out
+
+    def forward(dtype, xl, Al, Bl, bl):
+        if op == "lowrank_linear":
+            return lx.lowrank_linear(xl, Al, Bl, bl) if dtype == torch.float16 \
+                else xl @ (Bl @ Al).T + bl
+        Wd = W.to(dtype)
+        return lx.lora_linear(xl, Wd, Al, Bl, bl, scale=0.7) if dtype == torch.float16 \
+            else xl @ (Wd + 0.7 * Bl @ Al).T + bl
+
+    class ProductDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm,
+                                       torch.ops.aten.bmm, torch.ops.aten.matmul):
+                self.seen += [a.dtype for a in args if isinstance(a, torch.Tensor)]
+            return func(*args, **(kwargs or {}))
+
+    mine = leaves(torch.float16)
+    y = forward(torch.float16, *mine)
+    with ProductDtypes() as mode:
+        y.backward(gy.half())
+    assert mode.seen, "the backward ran no matrix product through the dispatcher"
+    assert torch.float16 not in mode.seen, f"a float16 product ran: {mode.seen}"
+    ref = leaves(torch.float64)
+    forward(torch.float64, *ref).backward(gy.double())
+    for m, rf in zip(mine, ref):
+        if rf.grad is None:
+            assert m.grad is None
+            continue
+        assert m.grad.dtype == torch.float16
+        scale = max(1.0, float(rf.grad.abs().max()))
+        torch.testing.assert_close(m.grad.double(), rf.grad, rtol=2e-3, atol=2e-3 * scale)
