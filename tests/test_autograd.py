@@ -128,7 +128,7 @@ def test_float16_cpu_backward_runs_its_products_in_float32(op, needs):
         native_float16 = False
     if native_float16:
         pytest.skip("this CPU multiplies float16 natively")
-    M, k, r, d = 40, 64, 8, 48
+    M, k, r, d = 64, 64, 8, 48  # above the few multiply-adds that stay in float16
     x, W, A, B, b = (torch.randn(M, k), torch.randn(d, k) / 8, torch.randn(r, k) / 8,
                      torch.randn(d, r) / 3, torch.randn(d))
     gy = torch.randn(M, d)
