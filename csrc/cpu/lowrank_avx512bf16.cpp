@@ -287,7 +287,8 @@ void expand_tile(
   __mmask16 special = 0;
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
-    special |= _mm512_fpclass_ps_mask(acc0[i], kSpecial) | _mm512_fpclass_ps_mask(acc1[i], kSpecial);
+    special |= _mm512_fpclass_ps_mask(acc0[i], kSpecial);
+    special |= _mm512_fpclass_ps_mask(acc1[i], kSpecial);
   }
   if (__builtin_expect(special == 0, 1)) {
     const __mmask32 mask = _mm512_kunpackw(m1, m0);

@@ -350,10 +350,13 @@ void avx2_kernel(
     const int64_t b_panels = bf16_pack_b ? (p.d + kCols - 1) / kCols : 0;
     const int64_t pairs = (p.k + 1) / 2;
     const int64_t a_blocks = bf16_packed_shrink ? (pairs + 15) / 16 : 0;
-    auto bf16_packed = uninitialized<uint32_t>(bf16_pack_b ? avx512bf16::packed_expand_words(p.d, p.r) : 0);
-    auto bf16_packed_a = uninitialized<uint32_t>(a_blocks > 0 ? avx512bf16::packed_shrink_words(p.r, p.k) : 0);
+    auto bf16_packed =
+        uninitialized<uint32_t>(bf16_pack_b ? avx512bf16::packed_expand_words(p.d, p.r) : 0);
+    auto bf16_packed_a =
+        uninitialized<uint32_t>(a_blocks > 0 ? avx512bf16::packed_shrink_words(p.r, p.k) : 0);
     if (b_panels + a_blocks > 0) {
-      at::parallel_for(0, b_panels + a_blocks, grain_for(kCols * p.r * 16), [&](int64_t i0, int64_t i1) {
+      const int64_t grain = grain_for(kCols * p.r * 16);
+      at::parallel_for(0, b_panels + a_blocks, grain, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           if (i < b_panels) {
             avx512bf16::pack_expand_weights(reinterpret_cast<const uint16_t*>(B), p.r, p.d,
@@ -372,12 +375,13 @@ void avx2_kernel(
       auto t = uninitialized<float>(rows_per_block * p.r);
       auto panel = uninitialized<float>(avx2::expand_panel_floats(p.r));
       auto packed_a = uninitialized<float>(packed ? avx2::packed_shrink_floats(p.r) : 0);
-      auto bf16_scratch = uninitialized<uint32_t>(bf16_expand_words(bf16_dot, rows_per_block, p.r));
+      auto bf16_scratch =
+          uninitialized<uint32_t>(bf16_expand_words(bf16_dot, rows_per_block, p.r));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t row0 = block_start(b);
         const int64_t rows = block_start(b + 1) - row0;
         if (rows <= 0) {
-          break;
+          continue;
         }
         // Each thread maps its own block's output pages, in parallel.
         prefault_for_write(y + row0 * p.d, rows * p.d * int64_t{sizeof(T)});
