@@ -5,6 +5,7 @@
 // The backward is written with ATen ops, so it runs on every device, is
 // traced by torch.compile, and is itself differentiable.
 #include "ops.h"
+#include "cpu/float16_gemm.h"
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -86,10 +87,9 @@ bool fold_bias_grad(const at::Tensor& gy2) {
       gy2.size(0) >= kFoldBiasGradMinRows && !at::GradMode::is_enabled();
 }
 
-// float16 on a CPU without AVX512-FP16: ATen's float16 matrix products have
-// no fast kernel there (3.4 GFLOP/s against 142 in float32 for a 256 × 4096 ×
-// 64 product on 2 cores), so the backward runs on float32 copies of the
-// operands it reads and rounds each gradient to float16 once. Not for a
+// float16 where ATen's float16 products are slow (cpu/float16_gemm.h): the
+// backward runs on float32 copies of the operands it reads and rounds each
+// gradient to float16 once. Not for a
 // backward of fewer multiply-adds than kWidenMinMacs, where the nine
 // conversions cost more than they save (the seed's 1 × 10 × 2 × 10 step took
 // 70 µs widened against 69 for the composition), nor while building a graph
@@ -97,12 +97,7 @@ bool fold_bias_grad(const at::Tensor& gy2) {
 constexpr int64_t kWidenMinMacs = 1 << 15;
 
 bool widen_half_backward(const at::Tensor& gy, int64_t macs) {
-  static const bool has_fp16_products = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512fp16") != 0;
-  }();
-  return gy.device().is_cpu() && gy.scalar_type() == at::kHalf && !has_fp16_products &&
-      macs >= kWidenMinMacs && !at::GradMode::is_enabled();
+  return float16_gemm_is_slow(gy) && macs >= kWidenMinMacs && !at::GradMode::is_enabled();
 }
 
 // `t` in float32 when `needed`, else `t` itself (whose values are not read).
@@ -232,7 +227,9 @@ variable_list lora_backward(
     const at::Tensor& B,
     const at::Tensor& t,
     double scale) {
-  if (widen_half_backward(gy, rows_of(x) * W.size(1) * (A.size(0) + W.size(0)))) {
+  // Here the float32 copy of the dense W must be repaid as well.
+  if (widen_half_backward(gy, rows_of(x) * W.size(1) * (A.size(0) + W.size(0))) &&
+      rows_of(x) >= kWidenDenseMinRows) {
     // W is read only for gx, x only for gA and gW.
     const bool need_x = ctx->needs_input_grad(0);
     const bool read_x = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);

@@ -1,5 +1,7 @@
 """Independent float64 references: the dense W = B·A the ops avoid forming."""
 
+import contextlib
+
 import torch
 
 
@@ -25,3 +27,29 @@ def assert_close_to_reference(out, ref, dtype, scale=None):
     assert out.dtype == dtype
     assert out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::baddbmm",
+            "aten::addmv", "aten::mv")
+
+
+@contextlib.contextmanager
+def product_dtypes():
+    """The operand dtypes (``"float"``, ``"c10::Half"``, ...) of every matrix
+    product ATen runs inside the block, those called from C++ included; the
+    yielded list is filled when the block ends."""
+    seen = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        yield seen
+    seen += [dtype for event in prof.events() if event.name in PRODUCTS
+             for dtype in event.input_dtypes if dtype != "Scalar"]
+
+
+def float16_gemm_is_slow():
+    """Whether this CPU lacks AVX512-FP16 (ATen then has no fast float16 GEMM)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512fp16" not in f.read()
+    except OSError:
+        return False

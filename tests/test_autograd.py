@@ -6,6 +6,7 @@ import torch
 
 import lowrank_ext as lx
 from conftest import TOLERANCES
+from reference import product_dtypes, float16_gemm_is_slow
 
 
 def _leaf(*shape, dtype=torch.float64):
@@ -118,15 +119,9 @@ def test_float16_cpu_backward_runs_its_products_in_float32(op, needs):
     # GFLOP/s: the compiled backward widens the operands it reads to float32
     # and rounds each gradient to float16 once. No product of the backward
     # may see a float16 operand, and the gradients must match float64.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     if not lx.backend_info()["compiled"]:
         pytest.skip("the pure-torch fallback differentiates the float16 composition")
-    try:
-        native_float16 = " avx512fp16" in open("/proc/cpuinfo").read()
-    except OSError:
-        native_float16 = False
-    if native_float16:
+    if not float16_gemm_is_slow():
         pytest.skip("this CPU multiplies float16 natively")
     M, k, r, d = 64, 64, 8, 48  # above the few multiply-adds that stay in float16
     x, W, A, B, b = (torch.randn(M, k), torch.randn(d, k) / 8, torch.randn(r, k) / 8,
@@ -149,23 +144,12 @@ def test_float16_cpu_backward_runs_its_products_in_float32(op, needs):
         return lx.lora_linear(xl, Wd, Al, Bl, bl, scale=0.7) if dtype == torch.float16 \
             else xl @ (Wd + 0.7 * Bl @ Al).T + bl
 
-    class ProductDtypes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm,
-                                       torch.ops.aten.bmm, torch.ops.aten.matmul):
-                self.seen += [a.dtype for a in args if isinstance(a, torch.Tensor)]
-            return func(*args, **(kwargs or {}))
-
     mine = leaves(torch.float16)
     y = forward(torch.float16, *mine)
-    with ProductDtypes() as mode:
+    with product_dtypes() as seen:
         y.backward(gy.half())
-    assert mode.seen, "the backward ran no matrix product through the dispatcher"
-    assert torch.float16 not in mode.seen, f"a float16 product ran: {mode.seen}"
+    assert seen, "the backward ran no matrix product"
+    assert "c10::Half" not in seen, f"a float16 product ran: {seen}"
     ref = leaves(torch.float64)
     forward(torch.float64, *ref).backward(gy.double())
     for m, rf in zip(mine, ref):
