@@ -190,6 +190,7 @@ BF16_DOT_SHAPES = [
     (197, 64, 130, 33, 1),     # one thread; rank groups 64 + 64 + 2 (a 1-vector group, 12-row tiles)
     (500, 40, 96, 129, 2),     # groups 64 + 32; 20 pairs (a 16-pair block and a 4-pair one)
     (385, 1, 48, 5, 2),        # k = 1: a single half pair; a last block of 1 row
+    (1600, 77, 40, 50, 8),     # eight threads: 200 rows each, blocks of 12-row units
 ]
 
 
