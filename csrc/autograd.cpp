@@ -89,11 +89,11 @@ bool fold_bias_grad(const at::Tensor& gy2) {
 
 // float16 where ATen's float16 products are slow (cpu/float16_gemm.h): the
 // backward runs on float32 copies of the operands it reads and rounds each
-// gradient to float16 once. Not for a
-// backward of fewer multiply-adds than kWidenMinMacs, where the nine
-// conversions cost more than they save (the seed's 1 × 10 × 2 × 10 step took
-// 70 µs widened against 69 for the composition), nor while building a graph
-// for double backward, which needs the operands themselves.
+// gradient to float16 once. Not for a backward of fewer multiply-adds than
+// kWidenMinMacs, where the up to nine conversions cost more than they save
+// (the seed's 1 × 10 × 2 × 10 step took 70 µs widened against 69 for the
+// composition), nor while building a graph for double backward, which needs
+// the operands themselves.
 constexpr int64_t kWidenMinMacs = 1 << 15;
 
 bool widen_half_backward(const at::Tensor& gy, int64_t macs) {
