@@ -5,7 +5,7 @@
 // The backward is written with ATen ops, so it runs on every device, is
 // traced by torch.compile, and is itself differentiable.
 #include "ops.h"
-#include "cpu/float16_gemm.h"
+#include "cpu/half_gemm.h"
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -87,9 +87,9 @@ bool fold_bias_grad(const at::Tensor& gy2) {
       gy2.size(0) >= kFoldBiasGradMinRows && !at::GradMode::is_enabled();
 }
 
-// float16 where ATen's float16 products are slow (cpu/float16_gemm.h): the
+// Half types where ATen's products in them are slow (cpu/half_gemm.h): the
 // backward runs on float32 copies of the operands it reads and rounds each
-// gradient to float16 once. Not for a backward of fewer multiply-adds than
+// gradient to the input dtype once. Not for a backward of fewer multiply-adds than
 // kWidenMinMacs, where the up to nine conversions cost more than they save
 // (the seed's 1 × 10 × 2 × 10 step took 70 µs widened against 69 for the
 // composition), nor while building a graph for double backward, which needs
@@ -97,7 +97,7 @@ bool fold_bias_grad(const at::Tensor& gy2) {
 constexpr int64_t kWidenMinMacs = 1 << 15;
 
 bool widen_half_backward(const at::Tensor& gy, int64_t macs) {
-  return float16_gemm_is_slow(gy) && macs >= kWidenMinMacs && !at::GradMode::is_enabled();
+  return half_gemm_is_slow(gy) && macs >= kWidenMinMacs && !at::GradMode::is_enabled();
 }
 
 // `t` in float32 when `needed`, else `t` itself (whose values are not read).
@@ -105,10 +105,10 @@ at::Tensor widened(const at::Tensor& t, bool needed) {
   return needed && t.defined() ? t.to(at::kFloat) : t;
 }
 
-variable_list narrowed_to_half(variable_list grads) {
+variable_list narrowed_to(variable_list grads, at::ScalarType dtype) {
   for (auto& g : grads) {
     if (g.defined()) {
-      g = g.to(at::kHalf);
+      g = g.to(dtype);
     }
   }
   return grads;
@@ -125,9 +125,9 @@ variable_list lowrank_backward(
     const at::Tensor& t) {
   if (widen_half_backward(gy, rows_of(x) * A.size(0) * (A.size(1) + B.size(0)))) {
     // x is read only for gA; t is saved, so it is never recomputed here.
-    return narrowed_to_half(lowrank_backward(
+    return narrowed_to(lowrank_backward(
         ctx, gy.to(at::kFloat), widened(x, ctx->needs_input_grad(1)), A.to(at::kFloat),
-        B.to(at::kFloat), widened(t, true)));
+        B.to(at::kFloat), widened(t, true)), gy.scalar_type());
   }
   const int64_t k = A.size(1);
   const int64_t r = A.size(0);
@@ -233,9 +233,9 @@ variable_list lora_backward(
     // W is read only for gx, x only for gA and gW.
     const bool need_x = ctx->needs_input_grad(0);
     const bool read_x = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
-    return narrowed_to_half(lora_backward(
+    return narrowed_to(lora_backward(
         ctx, gy.to(at::kFloat), widened(x, read_x), widened(W, need_x), A.to(at::kFloat),
-        B.to(at::kFloat), widened(t, true), scale));
+        B.to(at::kFloat), widened(t, true), scale), gy.scalar_type());
   }
   const int64_t k = W.size(1);
   const int64_t r = A.size(0);

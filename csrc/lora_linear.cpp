@@ -8,7 +8,7 @@
 // the device, which keeps the intermediate in float32.
 #include "checks.h"
 #include "ops.h"
-#include "cpu/float16_gemm.h"
+#include "cpu/half_gemm.h"
 
 #include <ATen/DimVector.h>
 #include <c10/core/DeviceGuard.h>
@@ -37,14 +37,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
 
   const at::Tensor x2 = x.reshape({M, k});
   at::Tensor y2;
-  if (float16_gemm_is_slow(x) && M >= kWidenDenseMinRows) {
-    // No fast float16 GEMM here (cpu/float16_gemm.h): the dense product runs
-    // in float32 and rounds once, as ATen's float16 GEMM rounds its float32
-    // sums once.
+  if (half_gemm_is_slow(x) && M >= kWidenDenseMinRows) {
+    // No fast GEMM in this half type here (cpu/half_gemm.h): the dense
+    // product runs in float32 and rounds once, as ATen's half GEMMs round
+    // their float32 sums once.
     const at::Tensor W32 = W.to(at::kFloat);
     y2 = (bias.has_value() ? at::addmm(bias->to(at::kFloat), x2.to(at::kFloat), W32.t())
                            : at::mm(x2.to(at::kFloat), W32.t()))
-             .to(at::kHalf);
+             .to(x.scalar_type());
   } else {
     y2 = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
   }

@@ -46,10 +46,21 @@ def product_dtypes():
              for dtype in event.input_dtypes if dtype != "Scalar"]
 
 
-def float16_gemm_is_slow():
-    """Whether this CPU lacks AVX512-FP16 (ATen then has no fast float16 GEMM)."""
+def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
-            return " avx512fp16" not in f.read()
+            return f.read()
     except OSError:
-        return False
+        return None
+
+
+def float16_gemm_is_slow():
+    """Whether this CPU lacks AVX512-FP16 (ATen then has no fast float16 GEMM)."""
+    flags = _cpu_flags()
+    return flags is not None and " avx512_fp16" not in flags
+
+
+def bfloat16_gemm_is_slow():
+    """Whether this CPU lacks AVX512-BF16 (oneDNN then has no fast bfloat16 GEMM)."""
+    flags = _cpu_flags()
+    return flags is not None and " avx512_bf16" not in flags

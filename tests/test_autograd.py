@@ -6,7 +6,7 @@ import torch
 
 import lowrank_ext as lx
 from conftest import TOLERANCES
-from reference import product_dtypes, float16_gemm_is_slow
+from reference import bfloat16_gemm_is_slow, float16_gemm_is_slow, product_dtypes
 
 
 def _leaf(*shape, dtype=torch.float64):
@@ -112,50 +112,74 @@ def test_backward_saves_the_intermediate_not_a_dense_weight():
     y.sum().backward()
 
 
-@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
-@pytest.mark.parametrize("needs", ["all", "x", "A"])
-def test_float16_cpu_backward_runs_its_products_in_float32(op, needs):
-    # ATen's float16 matrix products on a CPU without AVX512-FP16 run at a few
-    # GFLOP/s: the compiled backward widens the operands it reads to float32
-    # and rounds each gradient to float16 once. No product of the backward
-    # may see a float16 operand, and the gradients must match float64.
-    if not lx.backend_info()["compiled"]:
-        pytest.skip("the pure-torch fallback differentiates the float16 composition")
-    if not float16_gemm_is_slow():
-        pytest.skip("this CPU multiplies float16 natively")
-    M, k, r, d = 64, 64, 8, 48  # above the few multiply-adds that stay in float16
+def _half_backward(op, dtype, grad_of, M=64, k=64, r=8, d=48):
+    """Gradients of op in `dtype` and in float64 from the same rounded inputs,
+    with the dtypes of every matrix product the half-precision backward ran."""
     x, W, A, B, b = (torch.randn(M, k), torch.randn(d, k) / 8, torch.randn(r, k) / 8,
                      torch.randn(d, r) / 3, torch.randn(d))
     gy = torch.randn(M, d)
-    grad_of = {"all": (True, True, True, True), "x": (True, False, False, False),
-               "A": (False, True, False, False)}[needs]
 
-    def leaves(dtype):
-        out = [t.to(dtype).clone() for t in (x, A, B, b)]
+    def leaves(dt):
+        out = [t.to(dtype).to(dt).clone() for t in (x, A, B, b)]
         for t, wanted in zip(out, grad_of):
             t.requires_grad_(wanted)
         return out
 
-    def forward(dtype, xl, Al, Bl, bl):
+    def forward(dt, xl, Al, Bl, bl):
+        Wd = W.to(dtype).to(dt)
         if op == "lowrank_linear":
-            return lx.lowrank_linear(xl, Al, Bl, bl) if dtype == torch.float16 \
-                else xl @ (Bl @ Al).T + bl
-        Wd = W.to(dtype)
-        return lx.lora_linear(xl, Wd, Al, Bl, bl, scale=0.7) if dtype == torch.float16 \
+            return lx.lowrank_linear(xl, Al, Bl, bl) if dt == dtype else xl @ (Bl @ Al).T + bl
+        return lx.lora_linear(xl, Wd, Al, Bl, bl, scale=0.7) if dt == dtype \
             else xl @ (Wd + 0.7 * Bl @ Al).T + bl
 
-    mine = leaves(torch.float16)
-    y = forward(torch.float16, *mine)
+    mine = leaves(dtype)
+    y = forward(dtype, *mine)
     with product_dtypes() as seen:
-        y.backward(gy.half())
-    assert seen, "the backward ran no matrix product"
-    assert "c10::Half" not in seen, f"a float16 product ran: {seen}"
+        y.backward(gy.to(dtype))
     ref = leaves(torch.float64)
-    forward(torch.float64, *ref).backward(gy.double())
+    forward(torch.float64, *ref).backward(gy.to(dtype).double())
+    return [m.grad for m in mine], [rf.grad for rf in ref], seen
+
+
+HALF_NAMES = {torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+@pytest.mark.parametrize("needs", ["all", "x", "A"])
+def test_widened_half_backward_runs_its_products_in_float32(monkeypatch, dtype, op, needs):
+    # Where ATen's half GEMM is slow (float16 without AVX512-FP16, bfloat16
+    # without AVX512-BF16; LOWRANK_EXT_WIDEN_HALF=1 forces it here) the
+    # compiled backward widens the operands it reads to float32 and rounds
+    # each gradient once. No product may see a half operand, and the
+    # gradients must match float64.
+    if not lx.backend_info()["compiled"]:
+        pytest.skip("the pure-torch fallback differentiates the half composition")
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", "1")
+    grad_of = {"all": (True, True, True, True), "x": (True, False, False, False),
+               "A": (False, True, False, False)}[needs]
+    mine, ref, seen = _half_backward(op, dtype, grad_of)
+    assert seen, "the backward ran no matrix product"
+    assert HALF_NAMES[dtype] not in seen, f"a half product ran: {seen}"
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
     for m, rf in zip(mine, ref):
-        if rf.grad is None:
-            assert m.grad is None
+        if rf is None:
+            assert m is None
             continue
-        assert m.grad.dtype == torch.float16
-        scale = max(1.0, float(rf.grad.abs().max()))
-        torch.testing.assert_close(m.grad.double(), rf.grad, rtol=2e-3, atol=2e-3 * scale)
+        assert m.dtype == dtype
+        scale = max(1.0, float(rf.abs().max()))
+        torch.testing.assert_close(m.double(), rf, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_widen_half_switch_and_cpu_default(monkeypatch, dtype):
+    if not lx.backend_info()["compiled"]:
+        pytest.skip("the pure-torch fallback differentiates the half composition")
+    grad_of = (True, True, True, True)
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", "0")
+    *_, seen = _half_backward("lowrank_linear", dtype, grad_of)
+    assert HALF_NAMES[dtype] in seen, "=0 must leave the products in the half type"
+    monkeypatch.delenv("LOWRANK_EXT_WIDEN_HALF")
+    *_, seen = _half_backward("lowrank_linear", dtype, grad_of)
+    slow = float16_gemm_is_slow() if dtype == torch.float16 else bfloat16_gemm_is_slow()
+    assert (HALF_NAMES[dtype] not in seen) == slow, (slow, seen)

@@ -6,8 +6,7 @@ import torch
 import lowrank_ext as lx
 from lowrank_ext import _fallback
 from conftest import DTYPES, requires_compiled
-from reference import (product_dtypes, assert_close_to_reference, float16_gemm_is_slow,
-                       lora_reference, lowrank_reference)
+from reference import assert_close_to_reference, lora_reference, lowrank_reference, product_dtypes
 
 ops = torch.ops.lowrank_ext
 
@@ -124,18 +123,18 @@ def test_lora_linear_matches_dense_reference(shape, dtype, bias):
 
 
 @requires_compiled
-def test_lora_float16_dense_product_runs_in_float32_from_64_rows():
-    # ATen's float16 GEMM has no fast CPU kernel without AVX512-FP16: from 64
-    # rows (where W's float32 copy pays for itself) the compiled lora_linear
-    # multiplies by W in float32 and rounds once.
-    if not float16_gemm_is_slow():
-        pytest.skip("this CPU multiplies float16 natively")
-    x, A, B, b = make_inputs((64,), 96, 8, 80, torch.float16, True)
-    W = torch.randn(80, 96, dtype=torch.float16) / 96 ** 0.5
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lora_half_dense_product_runs_in_float32_from_64_rows(monkeypatch, dtype):
+    # Where ATen's half GEMM is slow (LOWRANK_EXT_WIDEN_HALF=1 forces it here),
+    # from 64 rows (where W's float32 copy pays for itself) the compiled
+    # lora_linear multiplies by W in float32 and rounds once.
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", "1")
+    x, A, B, b = make_inputs((64,), 96, 8, 80, dtype, True)
+    W = torch.randn(80, 96, dtype=dtype) / 96 ** 0.5
     with product_dtypes() as seen:
         y = lx.lora_linear(x, W, A, B, b, scale=0.5)
-    assert seen and "c10::Half" not in seen, seen
-    assert_close_to_reference(y, lora_reference(x, W, A, B, b, 0.5), torch.float16)
+    assert seen and "c10::Half" not in seen and "c10::BFloat16" not in seen, seen
+    assert_close_to_reference(y, lora_reference(x, W, A, B, b, 0.5), dtype)
 
 
 @requires_compiled

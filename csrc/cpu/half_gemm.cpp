@@ -1,0 +1,34 @@
+#include "half_gemm.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace lowrank_ext {
+
+bool half_gemm_is_slow(const at::Tensor& like) {
+  if (!like.device().is_cpu()) {
+    return false;
+  }
+  const bool half = like.scalar_type() == at::kHalf;
+  if (!half && like.scalar_type() != at::kBFloat16) {
+    return false;
+  }
+  const char* env = std::getenv("LOWRANK_EXT_WIDEN_HALF");
+  if (env != nullptr && std::strcmp(env, "1") == 0) {
+    return true;
+  }
+  if (env != nullptr && std::strcmp(env, "0") == 0) {
+    return false;
+  }
+  static const bool fast_float16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512fp16") != 0;
+  }();
+  static const bool fast_bfloat16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return half ? !fast_float16 : !fast_bfloat16;
+}
+
+} // namespace lowrank_ext
