@@ -21,8 +21,10 @@ def backend_info():
     (None, or why the pure-torch kernels are in use), ``version``, ``torch``,
     ``cuda_available``, ``built_with_torch``, ``cpu_capability``, ``cpu_kernels``
     (the compiled CPU kernel set in use: ``"avx512bf16"``, ``"avx2"``,
-    ``"portable"``, or None without them), ``num_threads`` and ``kernels``
-    (op -> devices with a compiled kernel).
+    ``"portable"``, or None without them), ``cpu_prefault``,
+    ``cpu_widened_half`` (the half types whose CPU products around the fused
+    kernel run on float32 copies, or None without compiled kernels),
+    ``num_threads`` and ``kernels`` (op -> devices with a compiled kernel).
     """
     compiled = _backend.compiled
     kernels = {
@@ -48,6 +50,13 @@ def backend_info():
         # Whether fresh large CPU outputs are mapped with one madvise call.
         "cpu_prefault": torch.ops.lowrank_ext._cpu_prefault() if compiled and "cpu" in
         kernels["lowrank_linear"] else None,
+        # Which half types' CPU products around the fused kernel (backward,
+        # lora_linear's dense product) run on float32 copies, because ATen's
+        # GEMM in that type is slow on this CPU (LOWRANK_EXT_WIDEN_HALF).
+        "cpu_widened_half": [name for name, dtype in (("float16", torch.float16),
+                                                      ("bfloat16", torch.bfloat16))
+                             if torch.ops.lowrank_ext._cpu_widen_half(dtype)]
+        if compiled and "cpu" in kernels["lowrank_linear"] else None,
         "num_threads": torch.get_num_threads(),
         "kernels": kernels,
     }

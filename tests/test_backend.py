@@ -31,8 +31,19 @@ def test_backend_info_keys_and_types():
     if info["cpu"]:
         assert info["cpu_kernels"] == torch.ops.lowrank_ext._cpu_kernel("")
         assert info["cpu_kernels"] in ("avx512bf16", "avx2", "portable")
+        assert set(info["cpu_widened_half"]) <= {"float16", "bfloat16"}
     else:
-        assert info["cpu_kernels"] is None
+        assert info["cpu_kernels"] is None and info["cpu_widened_half"] is None
+
+
+def test_cpu_widened_half_follows_the_switch(monkeypatch):
+    if not lx.backend_info()["cpu"]:
+        pytest.skip("needs the compiled CPU kernels")
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", "1")
+    assert lx.backend_info()["cpu_widened_half"] == ["float16", "bfloat16"]
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", "0")
+    assert lx.backend_info()["cpu_widened_half"] == []
+    assert torch.ops.lowrank_ext._cpu_widen_half(torch.float32) is False
 
 
 def test_forced_fallback_is_reported_and_works():

@@ -1,5 +1,8 @@
 #include "half_gemm.h"
 
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -29,6 +32,19 @@ bool half_gemm_is_slow(const at::Tensor& like) {
     return __builtin_cpu_supports("avx512bf16") != 0;
   }();
   return half ? !fast_float16 : !fast_bfloat16;
+}
+
+namespace {
+
+// Whether the CPU products of this dtype run widened (for backend_info).
+bool widens_on_cpu(at::ScalarType dtype) {
+  return half_gemm_is_slow(at::empty({0}, at::TensorOptions().dtype(dtype)));
+}
+
+} // namespace
+
+TORCH_LIBRARY_FRAGMENT(lowrank_ext, m) {
+  m.def("_cpu_widen_half(ScalarType dtype) -> bool", &widens_on_cpu);
 }
 
 } // namespace lowrank_ext
