@@ -75,6 +75,19 @@ inline __m128 fold4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+// Zeroes a tile's accumulators; always inlined and unrolled, so that they
+// stay in registers.
+template <int R, int C>
+__attribute__((always_inline)) inline void set_zero(__m512 (&acc)[R][C]) {
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < C; ++j) {
+      acc[i][j] = _mm512_setzero_ps();
+    }
+  }
+}
+
 // acc[i][j] += the pairwise products of X[i, p..p+32) and W[j, p..p+32);
 // masked loads read only the lanes in `mask` and zero the rest.
 template <int MR, int NR, bool kMasked>
@@ -104,13 +117,7 @@ void shrink_tile(
     const uint16_t* X, int64_t ldx, const uint16_t* W, int64_t ldw, int64_t K, float* t,
     int64_t ldt, bool accumulate) {
   __m512 acc[MR][kNR];
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int j = 0; j < kNR; ++j) {
-      acc[i][j] = _mm512_setzero_ps();
-    }
-  }
+  set_zero(acc);
   const int64_t K32 = K & ~(kLanes - 1);
   for (int64_t p = 0; p < K32; p += kLanes) {
     dot_step<MR, NR, false>(X + p, ldx, W + p, ldw, 0, acc);
@@ -384,13 +391,7 @@ void broadcast_shrink_tile(
     const uint16_t* x, int64_t ldx, const uint32_t* P, int64_t width, int64_t k, float* t,
     int64_t ldt, __mmask16 last) {
   __m512 acc[MR][NV];
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      acc[i][v] = _mm512_setzero_ps();
-    }
-  }
+  set_zero(acc);
   const int64_t whole_pairs = k / 2;
   for (int64_t q = 0; q < whole_pairs; ++q) {
     broadcast_step<MR, NV, false>(x, ldx, P + q * width, q, acc);
