@@ -10,8 +10,9 @@ fallback otherwise); see :func:`backend_info`.
 
 On top of the ops: ``LowRankLinear`` and ``LoRALinear`` modules,
 ``compress_model`` (whole-model compression, optionally activation-aware),
-``distill`` (end-to-end refinement of the factors against the original model)
-and ``save_compressed`` / ``load_compressed``.
+``distill`` (end-to-end refinement of the factors against the original model),
+``save_compressed`` / ``load_compressed``, and LoRA over a whole model
+(``add_lora``, ``lora_state_dict``, ``load_lora_state_dict``, ``merge_lora``).
 """
 
 from ._version import __version__
@@ -23,6 +24,7 @@ from .svd import choose_rank, svd_truncate
 from .nn import LoRALinear, LowRankLinear
 from .compress import compress_model
 from .distill import DistillResult, distill
+from .lora import add_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from .report import CompressionReport, LayerReport
 from .serialization import load_compressed, save_compressed
 
@@ -33,13 +35,17 @@ __all__ = [
     "LoRALinear",
     "LowRankLinear",
     "__version__",
+    "add_lora",
     "backend_info",
     "choose_rank",
     "compress_model",
     "distill",
     "load_compressed",
+    "load_lora_state_dict",
     "lora_linear",
+    "lora_state_dict",
     "lowrank_linear",
+    "merge_lora",
     "save_compressed",
     "svd_truncate",
 ]

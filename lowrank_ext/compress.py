@@ -36,14 +36,14 @@ from ._names import preview
 from ._workers import Workers
 from .calibration import collect_input_grams
 from .sensitivity import measure_sensitivity
-from .nn import LowRankLinear, break_even_rank, rank_for_ratio
+from .nn import LoRALinear, LowRankLinear, break_even_rank, rank_for_ratio
 from .report import CompressionReport, LayerReport
 
 _ALLOCATIONS = ("sensitivity", "global", "uniform")
 
 
 # --- selecting layers ------------------------------------------------------------
-def _as_patterns(name, patterns):
+def _as_patterns(name, patterns, owner="compress_model"):
     if patterns is None:
         return None
     if isinstance(patterns, str):
@@ -51,11 +51,22 @@ def _as_patterns(name, patterns):
     try:
         patterns = list(patterns)
     except TypeError:
-        raise TypeError(f"compress_model: {name} must be a string or a list of strings, got "
+        raise TypeError(f"{owner}: {name} must be a string or a list of strings, got "
                         f"{type(patterns).__name__}") from None
     if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"compress_model: {name} must be a non-empty string or list of strings")
+        raise TypeError(f"{owner}: {name} must be a non-empty string or list of strings")
     return patterns
+
+
+def plain_linears(model):
+    """{name: module} for every ``nn.Linear`` (not a subclass) of the model.
+
+    The frozen base layer inside a ``LoRALinear`` is not one of them: swapping
+    it would take the adapter's base away from under it.
+    """
+    owned = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    return {name: m for name, m in model.named_modules()
+            if type(m) is nn.Linear and id(m) not in owned}
 
 
 def name_matches(name, pattern):
@@ -69,8 +80,8 @@ def name_matches(name, pattern):
 
 def select_names(names, include=None, exclude=None, *, owner="compress_model", what="layer"):
     """The names kept by include/exclude glob patterns; a pattern matching nothing is an error."""
-    include = _as_patterns("include", include)
-    exclude = _as_patterns("exclude", exclude)
+    include = _as_patterns("include", include, owner)
+    exclude = _as_patterns("exclude", exclude, owner)
     for label, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or ():
             if not any(name_matches(n, pattern) for n in names):
@@ -81,7 +92,7 @@ def select_names(names, include=None, exclude=None, *, owner="compress_model", w
               if (include is None or any(name_matches(n, p) for p in include))
               and not any(name_matches(n, p) for p in exclude or ())]
     if not chosen:
-        raise ValueError(f"{owner}: include/exclude leave no {what} to compress")
+        raise ValueError(f"{owner}: include/exclude leave no {what} selected")
     return chosen
 
 
@@ -366,13 +377,16 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress_model: model must be an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:  # it cannot replace itself in place
+        raise TypeError("compress_model: the model is itself an nn.Linear; use "
+                        "LowRankLinear.from_linear(model, ...) instead")
     _check_targets(rank, ratio, energy, tol, allocation)
     if allocation is None:
         allocation = "sensitivity" if calibration is not None else "global"
     elif allocation == "sensitivity" and calibration is None:
         raise ValueError("compress_model: allocation='sensitivity' needs calibration")
     device = _check_device(device)
-    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    linears = plain_linears(model)
     if not linears:
         raise ValueError("compress_model: the model has no nn.Linear layer")
     names = select_names(list(linears), include, exclude)

@@ -189,12 +189,33 @@ class LowRankLinear(nn.Module):
         return linear
 
 
+def check_lora_options(owner, rank, alpha, init, dropout, rslora):
+    """Validate LoRA's options other than the rank's range; return alpha (rank when None)."""
+    if alpha is None:
+        alpha = rank
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"{owner}: alpha must be a real number, got {type(alpha).__name__}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{owner}: alpha must be finite and > 0, got {alpha}")
+    if init not in ("default", "pissa"):
+        raise ValueError(f"{owner}: init must be 'default' or 'pissa', got {init!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"{owner}: dropout must be a real number, got {type(dropout).__name__}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{owner}: dropout must be in [0, 1), got {dropout}")
+    if not isinstance(rslora, bool):
+        raise TypeError(f"{owner}: rslora must be a bool, got {type(rslora).__name__}")
+    return alpha
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank adapter (LoRA).
 
     ``y = base(x) + scale·(dropout(x)·Aᵀ)·Bᵀ`` with ``A`` (rank, in_features),
     ``B`` (out_features, rank) and ``scale = alpha / rank`` (alpha defaults to
-    rank). Without dropout the whole layer is one fused ``lora_linear`` call.
+    rank), or ``alpha / √rank`` with ``rslora=True`` (rank-stabilised LoRA,
+    peft's ``use_rslora``). Without dropout the whole layer is one fused
+    ``lora_linear`` call.
 
     ``init="default"`` (peft's): A Kaiming-uniform, B zero, so the layer starts
     equal to ``base``. ``init="pissa"``: the leading ``rank`` singular triplets
@@ -206,28 +227,18 @@ class LoRALinear(nn.Module):
     folds ``scale·B·A`` into ``base.weight``; :meth:`unmerge` takes it out.
     """
 
-    def __init__(self, base, rank, alpha=None, *, init="default", dropout=0.0):
+    def __init__(self, base, rank, alpha=None, *, init="default", dropout=0.0, rslora=False):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
         d, k = base.weight.shape
         _check_rank("LoRALinear", rank, d, k)
-        if alpha is None:
-            alpha = rank
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-            raise TypeError(f"LoRALinear: alpha must be a real number, got {type(alpha).__name__}")
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"LoRALinear: alpha must be finite and > 0, got {alpha}")
-        if init not in ("default", "pissa"):
-            raise ValueError(f"LoRALinear: init must be 'default' or 'pissa', got {init!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-            raise TypeError(f"LoRALinear: dropout must be a real number, got {type(dropout).__name__}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
+        alpha = check_lora_options("LoRALinear", rank, alpha, init, dropout, rslora)
 
         self.rank = int(rank)
         self.alpha = float(alpha)
-        self.scale = self.alpha / self.rank
+        self.rslora = rslora
+        self.scale = self.alpha / (math.sqrt(self.rank) if rslora else self.rank)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         A = torch.empty(rank, k, **factory)
         B = torch.zeros(d, rank, **factory)

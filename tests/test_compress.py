@@ -278,6 +278,26 @@ def test_not_a_module_and_no_linear():
         lx.compress_model(nn.Sequential(nn.ReLU()), rank=2)
 
 
+def test_a_bare_linear_is_refused_unchanged():
+    layer = nn.Linear(8, 6, dtype=torch.float64)
+    weight = layer.weight.detach().clone()
+    with pytest.raises(TypeError, match="itself an nn.Linear.*from_linear"):
+        lx.compress_model(layer, rank=2)
+    assert torch.equal(layer.weight, weight)
+
+
+def test_lora_base_layers_are_left_alone():
+    model = Net()
+    model.head = lx.LoRALinear(model.head, 2)
+    report = lx.compress_model(model, rank=2)
+    assert report.ranks == {"encoder.fc1": 2, "encoder.fc2": 2}
+    assert type(model.head.base) is nn.Linear
+    fresh = Net()
+    fresh.head = lx.LoRALinear(fresh.head, 2)
+    with pytest.raises(ValueError, match="'head.base' matches no layer"):
+        lx.compress_model(fresh, rank=2, include="head.base")
+
+
 def test_report_table_and_dict():
     model = Net()
     x = torch.randn(50, 16, dtype=torch.float64)

@@ -1,0 +1,185 @@
+"""LoRA over a whole model: adapters on chosen Linear layers, their weights alone, merging.
+
+``add_lora`` wraps the matching ``nn.Linear`` layers of a model in
+``LoRALinear`` and freezes everything else, as peft's ``get_peft_model`` does
+with ``target_modules``; ``lora_state_dict`` / ``load_lora_state_dict`` move
+the adapters alone (a few MB where the model is GB); ``merge_lora`` folds
+every adapter into its base layer and puts the plain ``nn.Linear`` back
+(peft's ``merge_and_unload``).
+"""
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ._names import preview
+from .compress import plain_linears, select_names
+from .nn import LoRALinear, _check_positive_int, check_lora_options
+
+
+def _check_model(owner, model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+
+
+def _swap(model, name, new):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _adapters(model):
+    """{name: LoRALinear} in the model's order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(model, rank, alpha=None, *, include=None, exclude=None, init="default",
+             dropout=0.0, rslora=False, freeze=True):
+    """Wrap the model's ``nn.Linear`` layers in :class:`LoRALinear`, in place.
+
+    Args:
+        model: any ``nn.Module``.
+        rank, alpha, init, dropout, rslora: as :class:`LoRALinear`, the same
+            for every chosen layer.
+        include, exclude: glob patterns (or lists) on module names, matched in
+            full or as a dotted suffix as in :func:`compress_model` (``"query"``
+            matches ``encoder.layer.0.attention.self.query``, like peft's
+            ``target_modules``); default every ``nn.Linear``. Layers that are
+            already the base of a ``LoRALinear`` are never chosen again.
+        freeze: make every parameter other than the new adapters' stop
+            requiring gradients (peft's behaviour), so that
+            ``[p for p in model.parameters() if p.requires_grad]`` is the
+            adapters alone. With ``False``, only the wrapped layers' own
+            weights and biases are frozen.
+
+    Every argument is checked against every chosen layer before anything
+    changes; if wrapping fails (e.g. a PiSSA decomposition), the model's
+    modules, weights and ``requires_grad`` flags are put back as they were.
+    Returns the names of the wrapped layers.
+    """
+    _check_model("add_lora", model)
+    _check_positive_int("add_lora", "rank", rank)
+    alpha = check_lora_options("add_lora", rank, alpha, init, dropout, rslora)
+    if not isinstance(freeze, bool):
+        raise TypeError(f"add_lora: freeze must be a bool, got {type(freeze).__name__}")
+    if type(model) is nn.Linear:
+        raise TypeError("add_lora: the model is itself an nn.Linear; wrap it with "
+                        "LoRALinear(model, rank) instead")
+    linears = plain_linears(model)
+    if not linears:
+        raise ValueError("add_lora: the model has no nn.Linear layer to wrap")
+    names = select_names(list(linears), include, exclude, owner="add_lora",
+                         what="nn.Linear layer")
+    for name in names:
+        d, k = linears[name].weight.shape
+        if not 1 <= rank <= min(d, k):
+            raise ValueError(f"add_lora: rank must be in [1, min(out, in)] for every chosen "
+                             f"layer; {name} is {d}×{k}, got rank {rank}")
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved = {}
+    wrapped = {}
+    try:
+        for name in names:
+            base = linears[name]
+            if init == "pissa":  # LoRALinear leaves the residual in base.weight
+                saved[name] = base.weight.detach().clone()
+            lora = LoRALinear(base, rank, alpha, init=init, dropout=dropout, rslora=rslora)
+            lora.train(base.training)
+            wrapped[name] = lora
+    except Exception:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                linears[name].weight.copy_(weight)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+    for name, lora in wrapped.items():
+        _swap(model, name, lora)
+    if freeze:
+        adapter = {id(p) for lora in wrapped.values() for p in (lora.A, lora.B)}
+        for p in model.parameters():
+            if id(p) not in adapter:
+                p.requires_grad_(False)
+    return names
+
+
+def lora_state_dict(model):
+    """The ``A`` and ``B`` of every ``LoRALinear`` in ``model``, keyed as in ``model.state_dict()``.
+
+    Tensors are detached and share memory with the parameters; save them with
+    ``torch.save`` or ``safetensors.torch.save_file``.
+    """
+    _check_model("lora_state_dict", model)
+    adapters = _adapters(model)
+    if not adapters:
+        raise ValueError("lora_state_dict: the model has no LoRALinear layer")
+    state = OrderedDict()
+    for name, lora in adapters.items():
+        prefix = f"{name}." if name else ""
+        state[prefix + "A"] = lora.A.detach()
+        state[prefix + "B"] = lora.B.detach()
+    return state
+
+
+def load_lora_state_dict(model, state_dict):
+    """Load adapters saved by :func:`lora_state_dict` into a model with the same adapters.
+
+    The keys must be exactly the model's adapter keys and every shape must
+    match; nothing is loaded otherwise. Merged layers are refused (their base
+    weight holds the old adapter): unmerge them first.
+    """
+    _check_model("load_lora_state_dict", model)
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"load_lora_state_dict: state_dict must be a mapping, got "
+                        f"{type(state_dict).__name__}")
+    adapters = _adapters(model)
+    if not adapters:
+        raise ValueError("load_lora_state_dict: the model has no LoRALinear layer")
+    targets = {}
+    for name, lora in adapters.items():
+        prefix = f"{name}." if name else ""
+        targets[prefix + "A"], targets[prefix + "B"] = lora.A, lora.B
+    missing = [key for key in targets if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in targets]
+    if missing or unexpected:
+        raise ValueError(f"load_lora_state_dict: the keys differ from the model's adapters: "
+                         f"missing {preview(missing)}; unexpected {preview(unexpected)}")
+    for key, param in targets.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"load_lora_state_dict: {key} must be a tensor, got "
+                            f"{type(value).__name__}")
+        if value.shape != param.shape:
+            raise ValueError(f"load_lora_state_dict: {key} has shape {tuple(value.shape)}, "
+                             f"the model's is {tuple(param.shape)}")
+    merged = [name for name, lora in adapters.items() if lora.merged]
+    if merged:
+        raise ValueError(f"load_lora_state_dict: layer(s) {preview(merged)} are merged; "
+                         "call unmerge() first")
+    with torch.no_grad():
+        for key, param in targets.items():
+            param.copy_(state_dict[key])
+
+
+def merge_lora(model):
+    """Fold every adapter into its base layer and put the ``nn.Linear`` back, in place.
+
+    Layers already merged are just unwrapped. The base layers keep their
+    ``requires_grad`` flags (frozen, as :func:`add_lora` left them). Returns
+    the names of the layers unwrapped.
+    """
+    _check_model("merge_lora", model)
+    adapters = _adapters(model)
+    if not adapters:
+        raise ValueError("merge_lora: the model has no LoRALinear layer")
+    if "" in adapters:
+        raise ValueError("merge_lora: the model is itself a LoRALinear; call its merge() "
+                         "and use its .base")
+    for name, lora in adapters.items():
+        if not lora.merged:
+            lora.merge()
+        _swap(model, name, lora.base)
+    return list(adapters)

@@ -1,0 +1,247 @@
+"""LoRA over a whole model (add_lora, lora_state_dict, load_lora_state_dict, merge_lora),
+checked against peft's get_peft_model / merge_and_unload on the same weights."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+import lowrank_ext.nn as lx_nn
+
+TARGETS = ["q", "v", "out"]
+
+
+def _model(dtype=torch.float64):
+    return nn.Sequential(OrderedDict(
+        inp=nn.Linear(12, 32, dtype=dtype),
+        act=nn.GELU(),
+        attn=nn.Sequential(OrderedDict(q=nn.Linear(32, 32, dtype=dtype),
+                                       v=nn.Linear(32, 32, bias=False, dtype=dtype))),
+        norm=nn.LayerNorm(32, dtype=dtype),
+        out=nn.Linear(32, 8, dtype=dtype)))
+
+
+def _names(targets=TARGETS):
+    return [n for n in ("attn.q", "attn.v", "out") if n.rsplit(".", 1)[-1] in targets]
+
+
+def _peft_pair(rank=4, alpha=8, rslora=False, dtype=torch.float64):
+    """(peft model, our model, the plain model) over copies of one model, with peft's
+    random adapters in both wrapped ones."""
+    peft = pytest.importorskip("peft")
+    model = _model(dtype)
+    ours, plain = copy.deepcopy(model), copy.deepcopy(model)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS,
+                             init_lora_weights=False, use_rslora=rslora)
+    peft_model = peft.get_peft_model(model, config)
+    assert lx.add_lora(ours, rank, alpha, include=TARGETS, rslora=rslora) == _names()
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name in _names():
+            layer = inner.get_submodule(name)
+            ours.get_submodule(name).A.copy_(layer.lora_A["default"].weight)
+            ours.get_submodule(name).B.copy_(layer.lora_B["default"].weight)
+    return peft_model, ours, plain
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: type(m) for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def _assert_unchanged(model, snapshot):
+    state, types, flags = snapshot
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert set(model.state_dict()) == set(state)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_outputs_equal_peft_unmerged_and_merged(rslora):
+    peft_model, ours, plain = _peft_pair(rank=4, alpha=8, rslora=rslora)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    expected = peft_model(x)
+    assert not torch.allclose(expected, plain(x))  # peft's random B: the adapters matter
+    torch.testing.assert_close(ours(x), expected)
+    assert ours.out.scale == peft_model.base_model.model.out.scaling["default"]
+
+    merged_peft = peft_model.merge_and_unload()
+    assert lx.merge_lora(ours) == _names()
+    assert not any(isinstance(m, lx.LoRALinear) for m in ours.modules())
+    assert all(type(ours.get_submodule(n)) is nn.Linear for n in _names())
+    torch.testing.assert_close(ours(x), merged_peft(x))
+    for name in _names():
+        torch.testing.assert_close(ours.get_submodule(name).weight,
+                                   merged_peft.get_submodule(name).weight)
+
+
+def test_trainable_parameters_equal_peft():
+    peft_model, ours, _ = _peft_pair()
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == trainable
+    assert sum(p.numel() for p in ours.parameters()) == total
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        f"{n}.{f}" for n in _names() for f in ("A", "B")}
+
+
+def test_training_moves_only_the_adapters():
+    model = _model()
+    lx.add_lora(model, 2, include=["q", "out"], dropout=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trained, lr=0.1)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(6, 12, dtype=torch.float64)).square().mean().backward()
+        optimizer.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    # B starts at zero, so A moves from the second step on: both factors train.
+    assert changed == {"attn.q.A", "attn.q.B", "out.A", "out.B"}
+
+
+def test_default_init_leaves_outputs_unchanged_and_freeze_false():
+    model = _model()
+    reference = copy.deepcopy(model)
+    x = torch.randn(7, 12, dtype=torch.float64)
+    names = lx.add_lora(model, 3, freeze=False)
+    assert names == ["inp", "attn.q", "attn.v", "out"]
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert model.norm.weight.requires_grad  # freeze=False: only the wrapped layers freeze
+    assert not model.inp.base.weight.requires_grad
+
+
+def test_pissa_over_the_model_keeps_the_outputs():
+    model = _model()
+    reference = copy.deepcopy(model)
+    lx.add_lora(model, 4, 16, include=TARGETS, init="pissa")
+    x = torch.randn(9, 12, dtype=torch.float64)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-10, atol=1e-10)
+    assert not torch.equal(model.out.base.weight, reference.out.weight)  # the residual
+
+
+def test_state_dict_round_trip_through_safetensors(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    trained = _model()
+    fresh = copy.deepcopy(trained)
+    lx.add_lora(trained, 4, include=TARGETS)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.normal_()
+    state = lx.lora_state_dict(trained)
+    assert list(state) == [f"{n}.{f}" for n in _names() for f in ("A", "B")]
+    path = tmp_path / "adapter.safetensors"
+    safetensors.save_file(state, str(path))
+
+    lx.add_lora(fresh, 4, include=TARGETS)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    assert not torch.allclose(fresh(x), trained(x))
+    lx.load_lora_state_dict(fresh, safetensors.load_file(str(path)))
+    torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(rank=0), ValueError, "add_lora: rank must be >= 1, got 0"),
+    (dict(rank=9, include=["q", "out"]), ValueError, "out is 8×32, got rank 9"),
+    (dict(rank=2.0), TypeError, "rank must be an int"),
+    (dict(rank=2, alpha=-1), ValueError, "alpha must be finite and > 0"),
+    (dict(rank=2, init="gaussian"), ValueError, "init must be"),
+    (dict(rank=2, dropout=1.0), ValueError, "dropout must be in"),
+    (dict(rank=2, rslora=1), TypeError, "rslora must be a bool"),
+    (dict(rank=2, freeze="yes"), TypeError, "freeze must be a bool"),
+    (dict(rank=2, include="k_proj"), ValueError, "add_lora: include pattern 'k_proj' matches no"),
+    (dict(rank=2, include="q", exclude="q"), ValueError, "leave no nn.Linear layer"),
+    (dict(rank=2, include=3), TypeError, "add_lora: include must be a string"),
+])
+def test_bad_input_leaves_the_model_as_it_was(kwargs, error, match):
+    model = _model()
+    snapshot = _snapshot(model)
+    with pytest.raises(error, match=match):
+        lx.add_lora(model, **kwargs)
+    _assert_unchanged(model, snapshot)
+
+
+def test_a_failure_midway_puts_weights_and_flags_back(monkeypatch):
+    model = _model()
+    model.norm.weight.requires_grad_(False)  # a flag the user set stays set
+    snapshot = _snapshot(model)
+    calls = []
+    real = lx_nn.svd_truncate
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("svd did not converge")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lx_nn, "svd_truncate", flaky)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        lx.add_lora(model, 4, include=TARGETS, init="pissa")
+    assert len(calls) == 3  # two layers were wrapped (and their weights changed) first
+    _assert_unchanged(model, snapshot)
+
+
+def test_wrapped_layers_are_not_wrapped_again():
+    model = _model()
+    lx.add_lora(model, 2, include="q")
+    with pytest.raises(ValueError, match="'q' matches no nn.Linear layer"):
+        lx.add_lora(model, 2, include="q")
+    assert lx.add_lora(model, 2) == ["inp", "attn.v", "out"]
+
+
+def test_not_a_model_a_bare_linear_and_no_linear():
+    with pytest.raises(TypeError, match="add_lora: model must be an nn.Module"):
+        lx.add_lora(object(), 2)
+    with pytest.raises(TypeError, match="itself an nn.Linear.*LoRALinear"):
+        lx.add_lora(nn.Linear(4, 4), 2)
+    with pytest.raises(ValueError, match="no nn.Linear layer"):
+        lx.add_lora(nn.Sequential(nn.ReLU()), 2)
+    for fn in (lx.lora_state_dict, lx.merge_lora):
+        with pytest.raises(ValueError, match="no LoRALinear layer"):
+            fn(_model())
+    with pytest.raises(ValueError, match="no LoRALinear layer"):
+        lx.load_lora_state_dict(_model(), {})
+
+
+def test_load_refuses_wrong_keys_shapes_and_merged_layers():
+    model = _model()
+    lx.add_lora(model, 2, include=TARGETS)
+    state = {k: v.clone().normal_() for k, v in lx.lora_state_dict(model).items()}
+    snapshot = _snapshot(model)
+    cases = [
+        ({k: v for k, v in state.items() if k != "out.B"}, ValueError, "missing out.B"),
+        ({**state, "attn.k.A": state["out.A"]}, ValueError, "unexpected attn.k.A"),
+        ({**state, "out.A": torch.zeros(3, 32, dtype=torch.float64)}, ValueError,
+         "out.A has shape \\(3, 32\\), the model's is \\(2, 32\\)"),
+        ({**state, "out.A": [[0.0]]}, TypeError, "out.A must be a tensor"),
+        ([1, 2], TypeError, "state_dict must be a mapping"),
+    ]
+    for bad, error, match in cases:
+        with pytest.raises(error, match=match):
+            lx.load_lora_state_dict(model, bad)
+        _assert_unchanged(model, snapshot)
+    model.out.merge()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="out are merged; call unmerge"):
+        lx.load_lora_state_dict(model, state)
+    _assert_unchanged(model, snapshot)
+
+
+def test_merge_lora_unwraps_layers_already_merged():
+    model = _model()
+    lx.add_lora(model, 2, include=TARGETS)
+    with torch.no_grad():
+        model.out.B.normal_()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    expected = model(x)
+    model.out.merge()
+    assert lx.merge_lora(model) == _names()
+    torch.testing.assert_close(model(x), expected)
+    assert not model.out.weight.requires_grad
