@@ -8,6 +8,7 @@
 // the device, which keeps the intermediate in float32.
 #include "checks.h"
 #include "ops.h"
+#include "cpu/few_rows.h"
 #include "cpu/half_gemm.h"
 
 #include <ATen/DimVector.h>
@@ -36,6 +37,22 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
   t_shape.push_back(r);
 
   const at::Tensor x2 = x.reshape({M, k});
+  if (x.device().is_cpu() && use_few_rows_dense(x, M) && W.is_contiguous()) {
+    // Few rows: both products stream their weights through the shrink
+    // kernels (cpu/few_rows.h), summed in float32 and rounded once.
+    const at::Tensor xr = x2.stride(1) == 1 ? x2 : x2.contiguous();
+    at::Tensor y32 = few_rows_product_cpu(xr, W);
+    if (y32.defined()) {
+      const at::Tensor t32 = few_rows_product_cpu(xr, A.contiguous());
+      if (r > 0) {
+        y32.addmm_(t32, B.t().to(at::kFloat), /*beta=*/1, /*alpha=*/scale);
+      }
+      if (bias.has_value()) {
+        y32.add_(bias->to(at::kFloat));
+      }
+      return {y32.to(x.scalar_type()).view(y_shape), t32.to(x.scalar_type()).view(t_shape)};
+    }
+  }
   at::Tensor y2;
   if (half_gemm_is_slow(x) && M >= kWidenDenseMinRows) {
     // No fast GEMM in this half type here (cpu/half_gemm.h): the dense

@@ -360,3 +360,80 @@ def test_prefaulted_outputs_match_reference_and_unprefaulted(kernel, prefault, d
         outputs[enabled] = out[0] if keep else out
     assert torch.equal(outputs[True], outputs[False])
     assert_matches(outputs[True], reference(x, A, B, bias), dtype)
+
+
+# --- lora_linear's dense product at few rows (cpu/few_rows.h) -------------------------
+def _few_rows_stream_expected(kernel, dtype, M):
+    """Whether lora_linear's dense x·Wᵀ should run on the shrink kernels here."""
+    from reference import bfloat16_gemm_is_slow, float16_gemm_is_slow
+
+    if kernel == "portable":
+        return False
+    slow = {torch.float16: float16_gemm_is_slow(),
+            torch.bfloat16: bfloat16_gemm_is_slow()}.get(dtype, False)
+    if slow:
+        return 2 <= M < 64
+    return {torch.float32: 1 <= M <= 8, torch.bfloat16: 1 <= M <= 4}.get(dtype, False)
+
+
+def _run_counting_dense_products(fn, d, k):
+    """fn()'s result and the ATen matrix products it ran on a (d, k) or (k, d) operand."""
+    from reference import PRODUCTS
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        out = fn()
+    hits = [e.name for e in prof.events() if e.name in PRODUCTS + ("aten::addmm_",)
+            and any(list(s) in ([d, k], [k, d]) for s in e.input_shapes)]
+    return out, hits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 8, 9, 63, 64])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_lora_few_rows_dense_product(kernel, dtype, M, bias):
+    from reference import lora_reference
+
+    k, r, d = 67, 5, 45
+    x, A, B, b = make(M, k, r, d, dtype, bias)
+    W = (torch.randn(d, k) * k ** -0.5).to(dtype)
+    (y, t), hits = _run_counting_dense_products(
+        lambda: torch.ops.lowrank_ext.lora_linear_with_intermediate(x, W, A, B, b, 0.7), d, k)
+    assert (not hits) == _few_rows_stream_expected(kernel, dtype, M), hits
+    assert_matches(y, lora_reference(x, W, A, B, b, 0.7), dtype)
+    assert_matches(t, x.double() @ A.double().T, dtype)
+    torch.testing.assert_close(lowrank_ext.lora_linear(x, W, A, B, b, 0.7), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lora_few_rows_layouts_rank_zero_and_gradients(dtype):
+    from reference import lora_reference
+
+    k, r, d, M = 67, 5, 45, 3 if dtype == torch.float32 else 2
+    x, A, B, b = make(M, k, r, d, dtype)
+    W = (torch.randn(d, k) * k ** -0.5).to(dtype)
+    ref = lora_reference(x, W, A, B, b, 0.7)
+    # x with a column stride of 2 still streams; a transposed W goes to ATen.
+    wide = torch.zeros(M, 2 * k, dtype=dtype)
+    wide[:, ::2] = x
+    y, hits = _run_counting_dense_products(
+        lambda: lowrank_ext.lora_linear(wide[:, ::2], W, A, B, b, 0.7), d, k)
+    assert not hits
+    assert_matches(y, ref, dtype)
+    W_t = W.t().contiguous().t()
+    y, hits = _run_counting_dense_products(
+        lambda: lowrank_ext.lora_linear(x, W_t, A, B, b, 0.7), d, k)
+    assert hits
+    assert_matches(y, ref, dtype)
+    # r = 0: the adapter adds nothing; k = 0: both sums are empty.
+    y = lowrank_ext.lora_linear(x, W, A[:0], B[:, :0], b, 0.7)
+    assert_matches(y, lora_reference(x, W, A[:0], B[:, :0], b, 0.7), dtype)
+    y = lowrank_ext.lora_linear(x[:, :0], W[:, :0], A[:, :0], B, b, 0.7)
+    assert_matches(y, b.double().expand(M, d), dtype)
+    # Gradients (the intermediate saved for gB comes from this path).
+    leaves = [v.clone().requires_grad_() for v in (x, W, A, B, b)]
+    lowrank_ext.lora_linear(*leaves, scale=0.7).square().sum().backward()
+    ref_leaves = [v.double().requires_grad_() for v in (x, W, A, B, b)]
+    lora_reference(*ref_leaves, scale=0.7).square().sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        assert_matches(got.grad, want.grad, dtype)
