@@ -5,14 +5,22 @@ count, the same allocator (each call allocates its own output) and the same
 warmup; sides are interleaved round by round (A B C D, A B C D, ...) so that
 load from other processes spreads over all of them, and medians are reported.
 
-Sides, per shape (M, k, r, d):
+Sides, per shape (M, k, r, d), for the op "lowrank":
   ours      lowrank_ext.lowrank_linear(x, A, B, bias)
   compose   F.linear(F.linear(x, A), B, bias)
   compiled  the same composition under torch.compile (the stronger baseline)
   dense     F.linear(x, W, bias) with W = B·A formed once, outside the timing
 
+and for the op "lora" (a frozen d × k layer W plus an adapter of rank r):
+  ours      lowrank_ext.lora_linear(x, W, A, B, bias, scale)
+  compose   F.linear(x, W, bias) + scale·F.linear(F.linear(x, A), B), peft's
+            unmerged forward
+  compiled  that composition under torch.compile
+  dense     F.linear(x, W + scale·B·A, bias): the adapter merged (fwd only)
+
 Modes: "fwd" (inference, no autograd) and "train" (forward + backward with
-respect to x, A, B and bias; the dense side trains W itself).
+respect to x, A, B and bias; the dense side trains W itself; for "lora", with
+respect to x, A and B, W and bias staying frozen as in LoRA fine-tuning).
 """
 
 import contextlib
@@ -29,12 +37,20 @@ import torch.nn.functional as F
 
 SIDES = ("ours", "compose", "compiled", "dense")
 MODES = ("fwd", "train")
+OPS = ("lowrank", "lora")
+# The adapter's scale (alpha / r) in the "lora" runs.
+LORA_SCALE = 2.0
 BASELINES = ("compose", "compiled", "dense")
 
 # (M, k, r, d). The first is the shape of the demo's seed layer.
 DEFAULT_CPU_SHAPES = ((1, 10, 2, 10), (1, 4096, 16, 4096), (16, 4096, 64, 4096),
                       (2048, 4096, 64, 4096))
 DEFAULT_CPU_DTYPES = ("float32", "bfloat16")
+# LoRA on a 4096 × 4096 layer: decode-sized batches, where the fused op reads
+# W once, and a prefill-sized one, where the dense product dominates.
+DEFAULT_CPU_LORA_SHAPES = ((1, 4096, 16, 4096), (4, 4096, 16, 4096), (16, 4096, 16, 4096),
+                           (512, 4096, 16, 4096))
+DEFAULT_CUDA_LORA_SHAPES = ((1, 4096, 16, 4096), (16, 4096, 16, 4096), (8192, 4096, 16, 4096))
 DEFAULT_CUDA_SHAPES = ((1, 4096, 16, 4096), (16, 4096, 64, 4096), (8192, 4096, 64, 4096),
                        (8192, 8192, 256, 8192))
 DEFAULT_CUDA_DTYPES = ("bfloat16",)
@@ -157,6 +173,10 @@ def _composition(x, A, B, bias):
     return F.linear(F.linear(x, A), B, bias)
 
 
+def _lora_composition(x, W, A, B, bias):
+    return F.linear(x, W, bias) + LORA_SCALE * F.linear(F.linear(x, A), B)
+
+
 def _make_inputs(shape, dtype, device, copies, train, gen):
     M, k, r, d = shape
     sets = []
@@ -170,13 +190,25 @@ def _make_inputs(shape, dtype, device, copies, train, gen):
     return sets
 
 
+def _share_weights(sets, shape, dtype, device, key, make):
+    """Give every set a (d × k) weight under ``key``; W alone is large, so fewer
+    copies rotate (enough to exceed the cache on their own)."""
+    M, k, r, d = shape
+    n_w = min(len(sets), copies_for(d * k * _element_size(dtype), device))
+    for i, s in enumerate(sets):
+        s[key] = sets[i % n_w].get(key)
+        if s[key] is None:
+            s[key] = make(s)
+
+
 def _element_size(dtype):
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _set_bytes(shape, dtype):
+def _set_bytes(shape, dtype, op="lowrank"):
     M, k, r, d = shape
-    return (M * k + r * k + d * r + d + M * d) * _element_size(dtype)
+    dense = d * k if op == "lora" else 0
+    return (M * k + r * k + d * r + d + M * d + dense) * _element_size(dtype)
 
 
 def copies_for(nbytes, device):
@@ -185,36 +217,62 @@ def copies_for(nbytes, device):
     return int(max(1, min(MAX_COPIES, -(-target // max(nbytes, 1)))))
 
 
-def build_calls(shape, dtype, device, mode, sides, copies, seed=0):
+def sides_for(op, mode, sides):
+    """The sides that apply: a merged adapter cannot be trained, so "lora" has
+    no dense side in "train"."""
+    if op == "lora" and mode == "train":
+        return [s for s in sides if s != "dense"]
+    return list(sides)
+
+
+def build_calls(shape, dtype, device, mode, sides, copies, seed=0, op="lowrank"):
     """side name -> zero-argument callable that runs one call on the next input set."""
     import lowrank_ext
 
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     gen = torch.Generator().manual_seed(seed)
     train = mode == "train"
+    sides = sides_for(op, mode, sides)
     sets = _make_inputs(shape, dtype, device, copies, train, gen)
-    if "dense" in sides:
+    M, k, r, d = shape
+    if op == "lora":
+        # The frozen layer, and for the dense side the adapter merged into it.
+        _share_weights(sets, shape, dtype, device, "W", lambda s: (
+            torch.randn(d, k, generator=gen) * k ** -0.5).to(device, dtype))
+        if "dense" in sides:
+            _share_weights(sets, shape, dtype, device, "W_merged", lambda s: (
+                s["W"].double() + LORA_SCALE * (s["B"].double() @ s["A"].double())).to(dtype))
+    elif "dense" in sides:
         # The dense side's own weight W = B·A (d × k), formed outside the timing.
-        # W alone is large, so it rotates over fewer copies.
-        M, k, r, d = shape
-        n_w = min(copies, copies_for(d * k * _element_size(dtype), device))
-        for i, s in enumerate(sets):
-            s["W"] = sets[i % n_w].get("W")
-            if s["W"] is None:
-                s["W"] = (s["B"].double() @ s["A"].double()).to(dtype)
+        _share_weights(sets, shape, dtype, device, "W",
+                       lambda s: (s["B"].double() @ s["A"].double()).to(dtype))
     if train:
+        trained = ("x", "A", "B") if op == "lora" else ("x", "A", "B", "bias", "W")
         for s in sets:
-            for name in ("x", "A", "B", "bias", "W"):
+            for name in trained:
                 if s.get(name) is not None and not s[name].requires_grad:
                     s[name].requires_grad_(True)
 
-    impls = {"ours": lowrank_ext.lowrank_linear, "compose": _composition}
+    if op == "lora":
+        impls = {"ours": lambda x, W, A, B, bias: lowrank_ext.lora_linear(
+                     x, W, A, B, bias, LORA_SCALE),
+                 "compose": _lora_composition}
+        composition = _lora_composition
+        arg_names = {"dense": ("x", "W_merged", "bias")}
+        default_names = ("x", "W", "A", "B", "bias")
+    else:
+        impls = {"ours": lowrank_ext.lowrank_linear, "compose": _composition}
+        composition = _composition
+        arg_names = {"dense": ("x", "W", "bias")}
+        default_names = ("x", "A", "B", "bias")
     if "compiled" in sides:
-        impls["compiled"] = torch.compile(_composition, dynamic=False, fullgraph=True)
+        impls["compiled"] = torch.compile(composition, dynamic=False, fullgraph=True)
     impls["dense"] = lambda x, W, bias: F.linear(x, W, bias)
 
     def make(side):
         impl = impls[side]
-        names = ("x", "W", "bias") if side == "dense" else ("x", "A", "B", "bias")
+        names = arg_names.get(side, default_names)
         # The argument tuples are built once: what is timed is the call itself,
         # not the harness picking the next input set (which would add the same
         # microseconds to every side and flatten the ratios of tiny shapes).
@@ -222,7 +280,8 @@ def build_calls(shape, dtype, device, mode, sides, copies, seed=0):
         if train:
             def call():
                 args, gy = next_set()
-                return torch.autograd.grad(impl(*args), args, gy)
+                wrt = tuple(a for a in args if a is not None and a.requires_grad)
+                return torch.autograd.grad(impl(*args), wrt, gy)
         else:
             # Forward inputs do not require grad; run_benchmark times them
             # under one no_grad block, as inference code would run.
@@ -289,19 +348,22 @@ def _minor_page_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def flops(shape, mode, side):
+def flops(shape, mode, side, op="lowrank"):
     M, k, r, d = shape
+    dense = 2 * M * k * d
     if side == "dense":
-        fwd = 2 * M * k * d
-        return fwd * 3 if mode == "train" else fwd
+        return dense * 3 if mode == "train" else dense
     fwd = 2 * M * r * (k + d)
     # backward: gt = gy·B, gx = gt·A, gA = gtᵀ·x, gB = gyᵀ·t
-    return fwd * 3 if mode == "train" else fwd
+    low_rank = fwd * 3 if mode == "train" else fwd
+    if op == "lora":  # plus x·Wᵀ, and in training gx's gy·W (W is frozen)
+        return low_rank + (dense * 2 if mode == "train" else dense)
+    return low_rank
 
 
-def traffic_bytes(shape, dtype):
-    """Minimum bytes a forward moves: read x, A, B, bias, write y."""
-    return _set_bytes(shape, dtype)
+def traffic_bytes(shape, dtype, op="lowrank"):
+    """Minimum bytes a forward moves: read x, A, B, bias (and W), write y."""
+    return _set_bytes(shape, dtype, op)
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -381,8 +443,11 @@ def _measure(calls, device, copies, rounds, warmup_s, batch_ms):
 
 
 def run_benchmark(shapes, dtypes, device="cpu", modes=MODES, sides=SIDES, rounds=15,
-                  warmup_s=0.2, batch_ms=20.0, threads=None, rotate=True, log=None):
-    """Measure every (shape, dtype, mode); returns the JSON-ready result dict."""
+                  warmup_s=0.2, batch_ms=20.0, threads=None, rotate=True, log=None,
+                  op="lowrank"):
+    """Measure every (shape, dtype, mode) of ``op``; returns the JSON-ready result dict."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     if device == "cuda":
         require_cuda()
     if threads is not None:
@@ -397,12 +462,12 @@ def run_benchmark(shapes, dtypes, device="cpu", modes=MODES, sides=SIDES, rounds
     started = time.perf_counter()
     for n, (shape, dtype_name, mode) in enumerate(jobs, 1):
         dtype = DTYPES[dtype_name]
-        copies = copies_for(_set_bytes(shape, dtype), device) if rotate else 1
+        copies = copies_for(_set_bytes(shape, dtype, op), device) if rotate else 1
         label = (f"[{n}/{len(jobs)}] M,k,r,d={','.join(map(str, shape))} {dtype_name} {mode} "
                  f"({copies} input sets)")
         log(label + " ...")
         torch._dynamo.reset()
-        calls = build_calls(shape, dtype, device, mode, sides, copies)
+        calls = build_calls(shape, dtype, device, mode, sides, copies, op=op)
         # Forward inputs do not require grad; time them under one no_grad
         # block, as inference code runs them.
         with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
@@ -413,12 +478,12 @@ def run_benchmark(shapes, dtypes, device="cpu", modes=MODES, sides=SIDES, rounds
         if ours:
             entry["ratios"] = {b: timing[b]["median_us"] / ours for b in BASELINES
                                if b in timing}
-            entry["ours_gflops"] = flops(shape, mode, "ours") / (ours * 1e3)
+            entry["ours_gflops"] = flops(shape, mode, "ours", op) / (ours * 1e3)
             if mode == "fwd":
-                entry["ours_gbs"] = traffic_bytes(shape, dtype) / (ours * 1e3)
+                entry["ours_gbs"] = traffic_bytes(shape, dtype, op) / (ours * 1e3)
         results.append(entry)
         log(f"    {format_entry(entry)}  ({time.perf_counter() - started:.0f} s)")
-    return dict(device=device, machine=machine_info(device), command=command_line(),
+    return dict(device=device, op=op, machine=machine_info(device), command=command_line(),
                 settings=dict(rounds=rounds, warmup_s=warmup_s, batch_ms=batch_ms,
                               rotate_inputs=rotate, sides=list(sides), modes=list(modes)),
                 **extra, results=results)
@@ -458,7 +523,8 @@ def markdown_table(result):
         shape = ", ".join(str(v) for v in e["shape"].values())
         row = [shape, e["dtype"], e["mode"]]
         row += [_fmt_us(e["sides"].get(s, {}).get("median_us")) for s in sides]
-        row += [f"{e['ratios'][b]:.2f}×" for b in BASELINES if b in e.get("ratios", {})]
+        ratios = e.get("ratios", {})
+        row += [f"{ratios[b]:.2f}×" if b in ratios else "-" for b in BASELINES if b in sides]
         if extra_col:
             row.append(f"{e['ours_gbs']:.0f}" if "ours_gbs" in e else "-")
         lines.append("| " + " | ".join(row) + " |")

@@ -2,16 +2,21 @@
 
 import sys
 
-HELP = "time lowrank_linear against the two-F.linear composition, torch.compile and dense"
+HELP = ("time lowrank_linear (or lora_linear) against the F.linear composition, "
+        "torch.compile and dense")
 
 
 def add_arguments(parser):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--op", choices=("lowrank", "lora"), default="lowrank",
+                        help="lowrank: lowrank_linear; lora: lora_linear (a frozen d × k "
+                             "layer plus a rank-r adapter) against peft's unmerged forward")
     parser.add_argument("--dtype", default=None,
                         help="comma-separated dtypes (default: float32,bfloat16 on cpu; "
                              "bfloat16 plus one float32 shape on cuda)")
     parser.add_argument("--shapes", default=None,
-                        help='"M,k,r,d;M,k,r,d" (default: the issue\'s shapes for the device)')
+                        help='"M,k,r,d;M,k,r,d" (default: the standard shapes for the '
+                             'device and op)')
     parser.add_argument("--modes", default="fwd,train",
                         help="comma-separated: fwd (inference), train (forward + backward)")
     parser.add_argument("--sides", default="ours,compose,compiled,dense",
@@ -52,13 +57,16 @@ def run(args):
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     plan = []  # (shapes, dtypes) groups
-    if args.shapes is None and args.dtype is None and args.device == "cuda":
+    lora = args.op == "lora"
+    if args.shapes is None and args.dtype is None and args.device == "cuda" and not lora:
         plan = [(bench.DEFAULT_CUDA_SHAPES, list(bench.DEFAULT_CUDA_DTYPES)),
                 (bench.DEFAULT_CUDA_FP32_SHAPES, ["float32"])]
     else:
-        shapes = (bench.parse_shapes(args.shapes) if args.shapes else
-                  bench.DEFAULT_CUDA_SHAPES if args.device == "cuda" else
-                  bench.DEFAULT_CPU_SHAPES)
+        cuda = args.device == "cuda"
+        defaults = ((bench.DEFAULT_CUDA_LORA_SHAPES if cuda else bench.DEFAULT_CPU_LORA_SHAPES)
+                    if lora else
+                    (bench.DEFAULT_CUDA_SHAPES if cuda else bench.DEFAULT_CPU_SHAPES))
+        shapes = bench.parse_shapes(args.shapes) if args.shapes else defaults
         dtypes = (bench.parse_dtypes(args.dtype) if args.dtype else
                   list(bench.DEFAULT_CUDA_DTYPES if args.device == "cuda"
                        else bench.DEFAULT_CPU_DTYPES))
@@ -69,7 +77,7 @@ def run(args):
         part = bench.run_benchmark(
             shapes, dtypes, device=args.device, modes=modes, sides=sides,
             rounds=args.rounds, warmup_s=args.warmup_s, batch_ms=args.batch_ms,
-            threads=args.threads, rotate=not args.no_rotate, log=log)
+            threads=args.threads, rotate=not args.no_rotate, log=log, op=args.op)
         if result is None:
             result = part
         else:

@@ -84,3 +84,47 @@ def test_bad_shapes_are_rejected(text):
 def test_shapes_and_dtypes_parse():
     assert bench.parse_shapes("1,2,3,4; 5x6x7x8") == [(1, 2, 3, 4), (5, 6, 7, 8)]
     assert bench.parse_dtypes("bf16,float32") == ["bfloat16", "float32"]
+
+
+def test_lora_op_times_peft_style_sides(tmp_path, capsys):
+    path = tmp_path / "lora.json"
+    rc = run_cli(["--op", "lora", "--shapes", "3,10,2,7", "--dtype", "float32",
+                  "--sides", "ours,compose,dense", "--rounds", "2", "--batch-ms", "0.5",
+                  "--warmup-s", "0", "--quiet", "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    # A merged adapter cannot be trained: no dense side in train, and the
+    # table keeps its columns.
+    assert "| 3, 10, 2, 7 | float32 | train |" in out
+    train_row = next(line for line in out.splitlines() if "| train |" in line)
+    assert train_row.count("|") == out.splitlines()[2].count("|")
+    result = json.loads(path.read_text())
+    assert result["op"] == "lora"
+    fwd, train = result["results"]
+    assert set(fwd["sides"]) == {"ours", "compose", "dense"}
+    assert set(train["sides"]) == {"ours", "compose"}
+    assert set(train["ratios"]) == {"compose"}
+    assert fwd["ours_gflops"] > 0 and fwd["ours_gbs"] > 0
+
+
+@pytest.mark.parametrize("mode", ["fwd", "train"])
+def test_lora_sides_compute_the_same_thing(mode):
+    shape = (5, 12, 3, 9)
+    calls = bench.build_calls(shape, torch.float64, "cpu", mode, ["ours", "compose", "dense"],
+                              copies=1, op="lora")
+    if mode == "fwd":
+        with torch.no_grad():
+            outs = [calls[s]() for s in ("ours", "compose", "dense")]
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0])
+    else:
+        assert set(calls) == {"ours", "compose"}
+        grads_ours, grads_compose = calls["ours"](), calls["compose"]()
+        assert len(grads_ours) == 3  # x, A and B; W and bias stay frozen
+        for a, b in zip(grads_ours, grads_compose):
+            torch.testing.assert_close(a, b)
+
+
+def test_unknown_op_is_rejected():
+    with pytest.raises(ValueError, match="op must be one of lowrank, lora"):
+        bench.build_calls((1, 2, 1, 2), torch.float32, "cpu", "fwd", ["ours"], 1, op="dora")
