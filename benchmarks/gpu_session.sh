@@ -74,6 +74,8 @@ if wanted sanitize; then
 fi
 if wanted bench; then
   step bench_cuda 1800 python -m lowrank_ext bench --device cuda --json "$OUT/bench_cuda.json"
+  step bench_cuda_lora 900 python -m lowrank_ext bench --device cuda --op lora \
+    --modes fwd --sides ours,compose,dense --json "$OUT/bench_cuda_lora.json"
 fi
 if wanted paths; then
   # Every CUDA path at each shape, to tune the automatic choice.
