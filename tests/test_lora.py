@@ -245,3 +245,21 @@ def test_merge_lora_unwraps_layers_already_merged():
     assert lx.merge_lora(model) == _names()
     torch.testing.assert_close(model(x), expected)
     assert not model.out.weight.requires_grad
+
+
+def test_compiled_model_matches_eager():
+    model = _model()
+    lx.add_lora(model, 3, include=TARGETS)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model(x).sum().backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad)
