@@ -61,8 +61,11 @@ def _as_patterns(name, patterns, owner="compress_model"):
 def plain_linears(model):
     """{name: module} for every ``nn.Linear`` (not a subclass) of the model.
 
-    The frozen base layer inside a ``LoRALinear`` is not one of them: swapping
-    it would take the adapter's base away from under it.
+    Subclasses are left out because their owners may read their weight
+    directly (``nn.MultiheadAttention`` passes ``out_proj.weight`` to its
+    functional form, never calling the layer). The frozen base layer inside a
+    ``LoRALinear`` is not one of them either: swapping it would take the
+    adapter's base away from under it.
     """
     owned = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
     return {name: m for name, m in model.named_modules()
