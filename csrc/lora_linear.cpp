@@ -1,11 +1,13 @@
 // lora_linear: y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ, one kernel for every device.
 //
 // The dense product dominates, so it goes to the device's BLAS (MKL, cuBLAS)
-// once. For float32/float64 the adapter's (M × r) intermediate is tiny beside
-// it and its expand is accumulated straight into the same output buffer. For
-// half types a half-precision intermediate could overflow where the result
-// does not, so the adapter runs through the fused lowrank_linear kernel of
-// the device, which keeps the intermediate in float32.
+// once; on the CPU at a few rows, where it is a stream over W, it goes to the
+// shrink kernels instead (cpu/few_rows.h), with the adapter summed in float32.
+// Otherwise, for float32/float64 the adapter's (M × r) intermediate is tiny
+// beside it and its expand is accumulated straight into the same output
+// buffer. For half types a half-precision intermediate could overflow where
+// the result does not, so the adapter runs through the fused lowrank_linear
+// kernel of the device, which keeps the intermediate in float32.
 #include "checks.h"
 #include "ops.h"
 #include "cpu/few_rows.h"
