@@ -5,6 +5,7 @@
 // The backward is written with ATen ops, so it runs on every device, is
 // traced by torch.compile, and is itself differentiable.
 #include "ops.h"
+#include "cpu/few_rows.h"
 #include "cpu/half_gemm.h"
 
 #include <torch/autograd.h>
@@ -249,7 +250,17 @@ variable_list lora_backward(
   const bool kernel = use_weight_grad_kernel(gy2);
   if (need_x || need_A) {
     const at::Tensor gt = gy2.mm(B).mul_(scale); // (M, r)
-    if (need_x) {
+    if (need_x && gy.device().is_cpu() && use_few_rows_backward(gy, M) && W.is_contiguous() &&
+        !at::GradMode::is_enabled()) {
+      // Few rows: gy·W streams W in its own layout (cpu/few_rows.h), summed
+      // with the adapter's gt·A in float32 and rounded once. Through the
+      // dispatcher, so that fake tensors (torch.compile) reach a fake kernel.
+      at::AutoDispatchBelowADInplaceOrView guard;
+      gx = rows_times_weight_op(gy2.to(at::kFloat), W)
+               .addmm_(gt.to(at::kFloat), A.to(at::kFloat))
+               .to(gy.scalar_type())
+               .reshape(x.sizes());
+    } else if (need_x) {
       gx = gy2.mm(W).addmm_(gt, A).reshape(x.sizes());
     }
     if (need_A) {

@@ -75,4 +75,10 @@ at::Tensor weight_grad_op(const at::Tensor& a, const at::Tensor& b) {
   return op.call(a, b);
 }
 
+at::Tensor rows_times_weight_op(const at::Tensor& g, const at::Tensor& W) {
+  static const auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>(
+      "lowrank_ext::_rows_times_weight");
+  return op.call(g, W);
+}
+
 } // namespace lowrank_ext

@@ -43,4 +43,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_op(
 // (op _weight_grad; its CPU kernel is in cpu/lowrank_linear_cpu.cpp).
 at::Tensor weight_grad_op(const at::Tensor& a, const at::Tensor& b);
 
+// g·W in float32 for float32 g (M × d) and W (d × n): lora_linear's CPU
+// backward gx at a few rows (op _rows_times_weight; CPU kernel in
+// cpu/lowrank_linear_cpu.cpp, which streams W there: cpu/few_rows.h).
+at::Tensor rows_times_weight_op(const at::Tensor& g, const at::Tensor& W);
+
 } // namespace lowrank_ext

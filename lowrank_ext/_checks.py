@@ -126,6 +126,16 @@ def check_svd_finite(W):
         raise ValueError("svd_truncate: W contains NaN or Inf")
 
 
+def check_rows_times_weight_inputs(g, W):
+    """The internal _rows_times_weight op: float32 g (M, d) and a floating W (d, n)."""
+    if g.dim() != 2 or W.dim() != 2 or g.shape[1] != W.shape[0]:
+        raise RuntimeError(f"_rows_times_weight: expected g (M, d) and W (d, n), got "
+                           f"{shape_str(g)} and {shape_str(W)}")
+    if g.dtype != torch.float32 or not W.dtype.is_floating_point:
+        raise RuntimeError(f"_rows_times_weight: expected float32 g and a floating-point W, "
+                           f"got {dtype_name(g.dtype)} and {dtype_name(W.dtype)}")
+
+
 def check_weight_grad_inputs(a, b):
     """The internal _weight_grad op: a (len, m) and b (len, n) of one dtype."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:

@@ -65,6 +65,13 @@ def _weight_grad(a, b):
     return a.t().mm(b)
 
 
+def _rows_times_weight(g, W):
+    """g·W in float32 for a float32 g, whatever W's floating dtype (the CPU
+    build streams W instead at a few rows; defined everywhere like _weight_grad)."""
+    _checks.check_rows_times_weight_inputs(g, W)
+    return g.mm(W.to(torch.float32))
+
+
 def svd_truncate(W, rank, balanced):
     _checks.check_svd_matrix(W)
     _checks.check_svd_rank(W, rank)

@@ -32,6 +32,9 @@ SCHEMAS = {
     "svd_truncate": "svd_truncate(Tensor W, int rank, bool balanced) -> (Tensor B, Tensor A)",
     # aᵀ·b for the CPU backward's weight gradients; internal.
     "_weight_grad": "_weight_grad(Tensor a, Tensor b) -> Tensor",
+    # float32 g·W with W in its own layout: lora_linear's CPU backward gx at a
+    # few rows; internal.
+    "_rows_times_weight": "_rows_times_weight(Tensor g, Tensor W) -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -85,6 +88,12 @@ def _svd_truncate_fake(W, rank, balanced):
 def _weight_grad_fake(a, b):
     _checks.check_weight_grad_inputs(a, b)
     return a.new_empty((a.shape[1], b.shape[1]))
+
+
+@torch.library.register_fake("lowrank_ext::_rows_times_weight")
+def _rows_times_weight_fake(g, W):
+    _checks.check_rows_times_weight_inputs(g, W)
+    return g.new_empty((g.shape[0], W.shape[1]))
 
 
 # --- autograd (Python; the compiled build registers the same in C++) ----------

@@ -90,6 +90,18 @@ def test_opcheck_weight_grad(dtype):
     torch.testing.assert_close(ops._weight_grad(a, b), a.T @ b)
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_opcheck_rows_times_weight(w_dtype):
+    # Internal like _weight_grad: lora_linear's CPU backward gx at a few rows.
+    g, W = torch.randn(3, 37), torch.randn(37, 21).to(w_dtype)
+    torch.library.opcheck(ops._rows_times_weight.default, (g, W))
+    torch.testing.assert_close(ops._rows_times_weight(g, W), g @ W.float())
+    with pytest.raises(RuntimeError, match="_rows_times_weight: expected float32 g"):
+        ops._rows_times_weight(g.double(), W)
+    with pytest.raises(RuntimeError, match="expected g \\(M, d\\) and W \\(d, n\\)"):
+        ops._rows_times_weight(g, W.t())
+
+
 def test_compile_backward_with_many_rows_matches_float64():
     # From 256 float32 rows the CPU backward computes the weight gradients with
     # the _weight_grad kernel, which the compiled graph reaches through its

@@ -437,3 +437,56 @@ def test_lora_few_rows_layouts_rank_zero_and_gradients(dtype):
     lora_reference(*ref_leaves, scale=0.7).square().sum().backward()
     for got, want in zip(leaves, ref_leaves):
         assert_matches(got.grad, want.grad, dtype)
+
+
+def _few_rows_backward_expected(kernel, dtype, M):
+    """Whether lora_linear's backward gx = gy·W should stream W here."""
+    from reference import bfloat16_gemm_is_slow, float16_gemm_is_slow
+
+    if kernel == "portable":
+        return False
+    slow = {torch.float16: float16_gemm_is_slow(),
+            torch.bfloat16: bfloat16_gemm_is_slow()}.get(dtype, False)
+    if slow:
+        return 1 <= M < 64
+    return {torch.float32: 2 <= M <= 8, torch.bfloat16: M == 1}.get(dtype, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 63])
+def test_lora_few_rows_backward(kernel, dtype, M):
+    from reference import lora_reference
+
+    k, r, d = 67, 5, 45  # k and d not multiples of 8: the column tail runs too
+    x, A, B, b = make(M, k, r, d, dtype)
+    W = (torch.randn(d, k) * k ** -0.5).to(dtype)
+    gy = torch.randn(M, d).to(dtype)
+    leaves = [v.clone().requires_grad_() for v in (x, A, B)]
+    y = lowrank_ext.lora_linear(leaves[0], W, leaves[1], leaves[2], b, 0.7)
+    grads, hits = _run_counting_dense_products(
+        lambda: torch.autograd.grad(y, leaves, gy), d, k)
+    assert (not hits) == _few_rows_backward_expected(kernel, dtype, M), hits
+    ref_leaves = [v.double().requires_grad_() for v in (x, A, B)]
+    ref = lora_reference(ref_leaves[0], W, ref_leaves[1], ref_leaves[2], b, 0.7)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, gy.double())
+    for got, want in zip(grads, ref_grads):
+        assert_matches(got, want, dtype)
+
+
+def test_lora_few_rows_backward_layouts_and_double_backward():
+    from reference import lora_reference
+
+    k, r, d, M = 67, 5, 45, 4
+    x, A, B, b = make(M, k, r, d, torch.float32)
+    W = torch.randn(d, k) * k ** -0.5
+    gy = torch.randn(M, d)
+    ref_x = x.double().requires_grad_()
+    want = torch.autograd.grad(lora_reference(ref_x, W, A, B, b, 0.7), ref_x, gy.double())[0]
+    # A transposed W is read by ATen; double backward keeps the differentiable path.
+    for W_used, create_graph in ((W.t().contiguous().t(), False), (W, True)):
+        xl = x.clone().requires_grad_()
+        y = lowrank_ext.lora_linear(xl, W_used, A, B, b, 0.7)
+        (gx,), hits = _run_counting_dense_products(
+            lambda: torch.autograd.grad(y, (xl,), gy, create_graph=create_graph), d, k)
+        assert hits
+        assert_matches(gx, want, torch.float32)

@@ -463,6 +463,51 @@ constexpr PanelTile kStridedPanelTiles[kPanelRows] = {
     shrink_panel_tile<1, true>, shrink_panel_tile<2, true>, shrink_panel_tile<3, true>,
     shrink_panel_tile<4, true>, shrink_panel_tile<5, true>, shrink_panel_tile<6, true>};
 
+// out[i, c] = Σ_o g[i, o] · W[o, c] for c in [c0, c1): g (rows × d) float32,
+// W (d × n) read row by row. Eight rows of W are in flight at once (eight
+// sequential streams); each output vector is loaded and stored once per
+// eight rows of W, with eight multiply-adds in between, so the outputs stay
+// in L1 for the caller's column chunks.
+template <typename T>
+void rows_times_weight_typed(
+    const float* g, int64_t ldg, int64_t rows, const T* W, int64_t d, int64_t n,
+    int64_t c0, int64_t c1, float* out, int64_t ldo) {
+  constexpr int kRowsInFlight = 8;
+  for (int64_t i = 0; i < rows; ++i) {
+    std::memset(out + i * ldo + c0, 0, sizeof(float) * (c1 - c0));
+  }
+  const int64_t vec_end = c0 + (c1 - c0) / 8 * 8;
+  for (int64_t o0 = 0; o0 < d; o0 += kRowsInFlight) {
+    const int64_t nr = min64(kRowsInFlight, d - o0);
+    for (int64_t c = c0; c < vec_end; c += 8) {
+      __m256 w[kRowsInFlight];
+#pragma GCC unroll 8
+      for (int j = 0; j < kRowsInFlight; ++j) {
+        w[j] = j < nr ? load8(W + (o0 + j) * n + c) : _mm256_setzero_ps();
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* gi = g + i * ldg + o0;
+        __m256 acc = _mm256_loadu_ps(out + i * ldo + c);
+#pragma GCC unroll 8
+        for (int j = 0; j < kRowsInFlight; ++j) {
+          // Rows past d have w = 0; their g is never read.
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(j < nr ? gi[j] : 0.0f), w[j], acc);
+        }
+        _mm256_storeu_ps(out + i * ldo + c, acc);
+      }
+    }
+    for (int64_t c = vec_end; c < c1; ++c) {  // column tail
+      for (int64_t i = 0; i < rows; ++i) {
+        float sum = out[i * ldo + c];
+        for (int64_t j = 0; j < nr; ++j) {
+          sum += g[i * ldg + o0 + j] * to_float(W[(o0 + j) * n + c]);
+        }
+        out[i * ldo + c] = sum;
+      }
+    }
+  }
+}
+
 } // namespace
 
 int64_t packed_shrink_floats(int64_t r) {
@@ -588,6 +633,22 @@ void expand(
       return panels ? expand_panels(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy, panel)
                     : expand_typed(t, ldt, rows, Bt, r, bt, o0, o1, yt, ldy);
     }
+  }
+}
+
+void rows_times_weight(
+    ElemType type, const float* g, int64_t ldg, int64_t rows, const void* W, int64_t d,
+    int64_t n, int64_t c0, int64_t c1, float* out, int64_t ldo) {
+  switch (type) {
+    case ElemType::kFloat32:
+      return rows_times_weight_typed(g, ldg, rows, static_cast<const float*>(W), d, n, c0, c1,
+                                     out, ldo);
+    case ElemType::kBFloat16:
+      return rows_times_weight_typed(g, ldg, rows, static_cast<const bf16*>(W), d, n, c0, c1,
+                                     out, ldo);
+    case ElemType::kFloat16:
+      return rows_times_weight_typed(g, ldg, rows, static_cast<const f16*>(W), d, n, c0, c1,
+                                     out, ldo);
   }
 }
 

@@ -53,6 +53,15 @@ void weight_grad(
     int64_t ldb, int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch);
 int64_t weight_grad_floats();
 
+// out[i, c] = Σ_o g[i, o] · W[o, c] for rows i < rows and columns c in
+// [c0, c1), float32 out: few rows times a dense (d × n) weight read in its
+// own layout (lora_linear's backward gx = gy·W at a few rows). g is float32
+// (rows × d) with rows ldg apart, W is (d × n) contiguous, out has rows ldo
+// apart.
+void rows_times_weight(
+    ElemType type, const float* g, int64_t ldg, int64_t rows, const void* W, int64_t d,
+    int64_t n, int64_t c0, int64_t c1, float* out, int64_t ldo);
+
 // Scratch floats expand() needs for one packed panel of B.
 inline int64_t expand_panel_floats(int64_t r) {
   return 16 * r;
