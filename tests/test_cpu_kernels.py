@@ -363,8 +363,10 @@ def test_prefaulted_outputs_match_reference_and_unprefaulted(kernel, prefault, d
 
 
 # --- lora_linear's dense product at few rows (cpu/few_rows.h) -------------------------
-def _few_rows_stream_expected(kernel, dtype, M):
-    """Whether lora_linear's dense x·Wᵀ should run on the shrink kernels here."""
+def _few_rows_expected(kernel, dtype, M, slow_from, fast):
+    """Whether a few-row stream over W should run here: from ``slow_from`` to 63
+    rows in a half type whose ATen GEMM is slow on this CPU, otherwise within
+    ``fast[dtype] = (first, last)`` rows."""
     from reference import bfloat16_gemm_is_slow, float16_gemm_is_slow
 
     if kernel == "portable":
@@ -372,8 +374,15 @@ def _few_rows_stream_expected(kernel, dtype, M):
     slow = {torch.float16: float16_gemm_is_slow(),
             torch.bfloat16: bfloat16_gemm_is_slow()}.get(dtype, False)
     if slow:
-        return 2 <= M < 64
-    return {torch.float32: 1 <= M <= 8, torch.bfloat16: 1 <= M <= 4}.get(dtype, False)
+        return slow_from <= M < 64
+    first, last = fast.get(dtype, (1, 0))
+    return first <= M <= last
+
+
+def _few_rows_stream_expected(kernel, dtype, M):
+    """Whether lora_linear's dense x·Wᵀ should run on the shrink kernels here."""
+    return _few_rows_expected(kernel, dtype, M, 2,
+                              {torch.float32: (1, 8), torch.bfloat16: (1, 4)})
 
 
 def _run_counting_dense_products(fn, d, k):
@@ -441,15 +450,8 @@ def test_lora_few_rows_layouts_rank_zero_and_gradients(dtype):
 
 def _few_rows_backward_expected(kernel, dtype, M):
     """Whether lora_linear's backward gx = gy·W should stream W here."""
-    from reference import bfloat16_gemm_is_slow, float16_gemm_is_slow
-
-    if kernel == "portable":
-        return False
-    slow = {torch.float16: float16_gemm_is_slow(),
-            torch.bfloat16: bfloat16_gemm_is_slow()}.get(dtype, False)
-    if slow:
-        return 1 <= M < 64
-    return {torch.float32: 2 <= M <= 8, torch.bfloat16: M == 1}.get(dtype, False)
+    return _few_rows_expected(kernel, dtype, M, 1,
+                              {torch.float32: (2, 8), torch.bfloat16: (1, 1)})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -618,13 +618,23 @@ bool use_few_rows_dense(const at::Tensor& x, int64_t rows) {
   }
 }
 
+namespace {
+
+// The stream kernels run where the AVX2 kernels do, for float32 and the
+// 16-bit types.
+bool can_stream(at::ScalarType type) {
+  return use_avx2() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf);
+}
+
+} // namespace
+
 at::Tensor few_rows_product_cpu(const at::Tensor& x2, const at::Tensor& W) {
   TORCH_CHECK(x2.dim() == 2 && W.dim() == 2 && x2.size(1) == W.size(1) && x2.stride(1) == 1 &&
                   W.is_contiguous() && x2.scalar_type() == W.scalar_type(),
               "few_rows_product_cpu: expected x (M, k) with unit column stride and a "
               "contiguous W (n, k) of its dtype, got ", x2.sizes(), " and ", W.sizes());
   const auto type = x2.scalar_type();
-  if (!use_avx2() || (type != at::kFloat && type != at::kBFloat16 && type != at::kHalf)) {
+  if (!can_stream(type)) {
     return at::Tensor();
   }
   const int64_t M = x2.size(0), k = x2.size(1), n = W.size(0);
@@ -674,7 +684,7 @@ at::Tensor few_rows_times_weight_cpu(const at::Tensor& g, const at::Tensor& W) {
               "few_rows_times_weight_cpu: expected float32 g (M, d) with unit column stride "
               "and a contiguous W (d, n), got ", g.sizes(), " and ", W.sizes());
   const auto type = W.scalar_type();
-  if (!use_avx2() || (type != at::kFloat && type != at::kBFloat16 && type != at::kHalf)) {
+  if (!can_stream(type)) {
     return at::Tensor();
   }
   const int64_t M = g.size(0), d = W.size(0), n = W.size(1);
