@@ -96,6 +96,8 @@ def test_opcheck_rows_times_weight(w_dtype):
     g, W = torch.randn(3, 37), torch.randn(37, 21).to(w_dtype)
     torch.library.opcheck(ops._rows_times_weight.default, (g, W))
     torch.testing.assert_close(ops._rows_times_weight(g, W), g @ W.float())
+    # d = 0: an empty sum, all zeros (the output is not pre-zeroed).
+    assert torch.equal(ops._rows_times_weight(g[:, :0], W[:0]), torch.zeros(3, 21))
     with pytest.raises(RuntimeError, match="_rows_times_weight: expected float32 g"):
         ops._rows_times_weight(g.double(), W)
     with pytest.raises(RuntimeError, match="expected g \\(M, d\\) and W \\(d, n\\)"):

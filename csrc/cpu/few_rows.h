@@ -23,12 +23,8 @@ at::Tensor few_rows_product_cpu(const at::Tensor& x2, const at::Tensor& W);
 // `x` gives the dtype (and must be a CPU tensor).
 bool use_few_rows_dense(const at::Tensor& x, int64_t rows);
 
-// g (M × d, float32, unit column stride) times a contiguous W (d × n),
-// returned in float32: the backward's gx = gy·W read in W's own layout.
-// Undefined where few_rows_product_cpu is.
-at::Tensor few_rows_times_weight_cpu(const at::Tensor& g, const at::Tensor& W);
-
-// True where lora_linear's backward computes gx = gy·W that way.
+// True where lora_linear's backward computes gx = gy·W through the op
+// _rows_times_weight, which streams W in its own layout (ops.h).
 bool use_few_rows_backward(const at::Tensor& gy, int64_t rows);
 
 } // namespace lowrank_ext

@@ -678,18 +678,27 @@ bool use_few_rows_backward(const at::Tensor& gy, int64_t rows) {
   }
 }
 
-at::Tensor few_rows_times_weight_cpu(const at::Tensor& g, const at::Tensor& W) {
-  TORCH_CHECK(g.dim() == 2 && W.dim() == 2 && g.size(1) == W.size(0) &&
-                  g.scalar_type() == at::kFloat && g.stride(1) == 1 && W.is_contiguous(),
-              "few_rows_times_weight_cpu: expected float32 g (M, d) with unit column stride "
-              "and a contiguous W (d, n), got ", g.sizes(), " and ", W.sizes());
+namespace {
+
+// The _rows_times_weight op's CPU kernel: g·W in float32, streaming a
+// contiguous W in its own layout where the AVX2 kernels run
+// (avx2::rows_times_weight), ATen's product on a float32 copy of W otherwise.
+at::Tensor rows_times_weight_cpu(const at::Tensor& g, const at::Tensor& W) {
+  TORCH_CHECK(g.dim() == 2 && W.dim() == 2 && g.size(1) == W.size(0),
+              "_rows_times_weight: expected g (M, d) and W (d, n), got ", g.sizes(), " and ",
+              W.sizes());
+  TORCH_CHECK(g.scalar_type() == at::kFloat && at::isFloatingType(W.scalar_type()),
+              "_rows_times_weight: expected float32 g and a floating-point W, got ",
+              dtype_name(g.scalar_type()), " and ", dtype_name(W.scalar_type()));
   const auto type = W.scalar_type();
-  if (!can_stream(type)) {
-    return at::Tensor();
+  if (!W.is_contiguous() || !can_stream(type)) {
+    return g.mm(W.to(at::kFloat));
   }
+  const at::Tensor gc = g.stride(1) == 1 ? g : g.contiguous();
   const int64_t M = g.size(0), d = W.size(0), n = W.size(1);
-  at::Tensor out = at::zeros({M, n}, g.options());
-  if (M == 0 || n == 0 || d == 0) {
+  // Not zeroed here: the kernel zeroes its own columns first (d = 0 included).
+  at::Tensor out = at::empty({M, n}, g.options());
+  if (M == 0 || n == 0) {
     return out;
   }
   const avx2::ElemType elem = type == at::kFloat ? avx2::ElemType::kFloat32
@@ -698,36 +707,16 @@ at::Tensor few_rows_times_weight_cpu(const at::Tensor& g, const at::Tensor& W) {
   // Column chunks of 512: eight rows of outputs stay in L1 (16 KB).
   constexpr int64_t kChunk = 512;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const float* gp = g.const_data_ptr<float>();
+  const float* gp = gc.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   const void* wp = W.const_data_ptr();
   at::parallel_for(0, chunks, grain_for(M * d * kChunk), [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
-      avx2::rows_times_weight(elem, gp, g.stride(0), M, wp, d, n, q * kChunk,
+      avx2::rows_times_weight(elem, gp, gc.stride(0), M, wp, d, n, q * kChunk,
                               std::min(n, (q + 1) * kChunk), op, n);
     }
   });
   return out;
-}
-
-namespace {
-
-// The _rows_times_weight op's CPU kernel: the stream where the AVX2 kernels
-// run, ATen's product on a float32 copy of W otherwise.
-at::Tensor rows_times_weight_cpu(const at::Tensor& g, const at::Tensor& W) {
-  TORCH_CHECK(g.dim() == 2 && W.dim() == 2 && g.size(1) == W.size(0),
-              "_rows_times_weight: expected g (M, d) and W (d, n), got ", g.sizes(), " and ",
-              W.sizes());
-  TORCH_CHECK(g.scalar_type() == at::kFloat && at::isFloatingType(W.scalar_type()),
-              "_rows_times_weight: expected float32 g and a floating-point W, got ",
-              dtype_name(g.scalar_type()), " and ", dtype_name(W.scalar_type()));
-  if (W.is_contiguous()) {
-    at::Tensor out = few_rows_times_weight_cpu(g.stride(1) == 1 ? g : g.contiguous(), W);
-    if (out.defined()) {
-      return out;
-    }
-  }
-  return g.mm(W.to(at::kFloat));
 }
 
 } // namespace
