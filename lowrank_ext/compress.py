@@ -32,6 +32,7 @@ import numbers
 import torch
 from torch import nn
 
+from ._modules import replace_module
 from ._names import preview
 from ._workers import Workers
 from .calibration import collect_input_grams
@@ -425,11 +426,7 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
 
     def swap(name, new):
         """Put ``new`` in place of the named module; return the module it replaced."""
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        setattr(parent, child, new)
-        return old
+        return replace_module(model, name, new)
 
     sensitivity = {}
     if ratio is not None and allocation == "sensitivity":

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ._modules import replace_module
 from ._names import preview
 from .compress import plain_linears, select_names
 from .nn import LoRALinear, _check_positive_int, check_lora_options
@@ -24,15 +25,18 @@ def _check_model(owner, model):
         raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
 
 
-def _swap(model, name, new):
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _adapters(model):
     """{name: LoRALinear} in the model's order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _adapter_parameters(adapters):
+    """{state-dict key: parameter} for the A and B of each adapter, in order."""
+    params = OrderedDict()
+    for name, lora in adapters.items():
+        prefix = f"{name}." if name else ""
+        params[prefix + "A"], params[prefix + "B"] = lora.A, lora.B
+    return params
 
 
 def add_lora(model, rank, alpha=None, *, include=None, exclude=None, init="default",
@@ -97,7 +101,7 @@ def add_lora(model, rank, alpha=None, *, include=None, exclude=None, init="defau
             p.requires_grad_(flag)
         raise
     for name, lora in wrapped.items():
-        _swap(model, name, lora)
+        replace_module(model, name, lora)
     if freeze:
         adapter = {id(p) for lora in wrapped.values() for p in (lora.A, lora.B)}
         for p in model.parameters():
@@ -116,12 +120,7 @@ def lora_state_dict(model):
     adapters = _adapters(model)
     if not adapters:
         raise ValueError("lora_state_dict: the model has no LoRALinear layer")
-    state = OrderedDict()
-    for name, lora in adapters.items():
-        prefix = f"{name}." if name else ""
-        state[prefix + "A"] = lora.A.detach()
-        state[prefix + "B"] = lora.B.detach()
-    return state
+    return OrderedDict((key, p.detach()) for key, p in _adapter_parameters(adapters).items())
 
 
 def load_lora_state_dict(model, state_dict):
@@ -138,10 +137,7 @@ def load_lora_state_dict(model, state_dict):
     adapters = _adapters(model)
     if not adapters:
         raise ValueError("load_lora_state_dict: the model has no LoRALinear layer")
-    targets = {}
-    for name, lora in adapters.items():
-        prefix = f"{name}." if name else ""
-        targets[prefix + "A"], targets[prefix + "B"] = lora.A, lora.B
+    targets = _adapter_parameters(adapters)
     missing = [key for key in targets if key not in state_dict]
     unexpected = [key for key in state_dict if key not in targets]
     if missing or unexpected:
@@ -181,5 +177,5 @@ def merge_lora(model):
     for name, lora in adapters.items():
         if not lora.merged:
             lora.merge()
-        _swap(model, name, lora.base)
+        replace_module(model, name, lora.base)
     return list(adapters)

@@ -14,6 +14,7 @@ import tempfile
 import torch
 from torch import nn
 
+from ._modules import replace_module
 from .nn import LowRankLinear
 
 METADATA_KEY = "lowrank_ext"
@@ -230,19 +231,16 @@ def load_compressed(model, path, *, strict=True):
     originals = {}
     try:
         for name, new in swaps.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            originals[name] = (parent, child, getattr(parent, child))
-            new.train(originals[name][2].training)
-            setattr(parent, child, new)
+            originals[name] = replace_module(model, name, new)
+            new.train(originals[name].training)
         # Check names and shapes before any tensor is copied, so that a file
         # that does not fit leaves the model as it was.
         _check_fits(model, path, strict, swaps)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         load_model(model, path, strict=strict, device=str(device))
     except BaseException:
-        for parent, child, old in originals.values():
-            setattr(parent, child, old)
+        for name, old in originals.items():
+            replace_module(model, name, old)
         raise
     return model
 
