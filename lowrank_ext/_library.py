@@ -7,7 +7,9 @@ and a C++ autograd kernel; this module adds
 * the pure-torch kernels as ``CompositeExplicitAutograd`` defaults, so any
   device without a compiled kernel still works;
 * fake (meta) kernels for torch.compile;
-* when ``_C`` is absent, the Python autograd kernels.
+* when ``_C`` is absent, the Python autograd kernels;
+* autocast rules for the devices that have no C++ one (all of them when
+  ``_C`` is absent).
 """
 
 import math
@@ -172,3 +174,47 @@ class _LoRALinearFunction(torch.autograd.Function):
 if not _backend.compiled:
     _lib.impl("lowrank_linear", _LowRankLinearFunction.apply, "Autograd")
     _lib.impl("lora_linear", _LoRALinearFunction.apply, "Autograd")
+
+
+# --- autocast -----------------------------------------------------------------
+# Inside torch.autocast the fused ops follow F.linear's policy: floating-point
+# arguments on the autocast device, float64 excepted, are cast to the autocast
+# dtype and the op runs with autocast off for that device. The compiled build
+# registers this rule in C++ for CPU and CUDA (csrc/autocast.cpp); these Python
+# kernels cover the other devices, and every device without ``_C``.
+_AUTOCAST_OPS = (
+    "lowrank_linear", "lowrank_linear_with_intermediate",
+    "lora_linear", "lora_linear_with_intermediate",
+)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "privateuseone")
+
+
+def _autocast_kernel(op_name, device_type):
+    op = getattr(ops, op_name).default
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def cast(arg, dtype):
+        if (isinstance(arg, torch.Tensor) and arg.is_floating_point()
+                and arg.dtype != torch.float64 and arg.device.type == device_type):
+            return arg.to(dtype)
+        return arg
+
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*(cast(a, dtype) for a in args))
+
+    return kernel
+
+
+def _register_autocast():
+    compiled_devices = ("cpu", "cuda") if _backend.compiled else ()
+    for device_type in _AUTOCAST_DEVICES:
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        if device_type in compiled_devices or not hasattr(torch._C.DispatchKey, key_name):
+            continue
+        for name in _AUTOCAST_OPS:
+            _lib.impl(name, _autocast_kernel(name, device_type), key_name)
+
+
+_register_autocast()

@@ -1,0 +1,178 @@
+"""torch.autocast: the fused ops follow F.linear's cast policy on both backends."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowrank_ext as lx
+from conftest import TOLERANCES, requires_cuda
+
+ops = torch.ops.lowrank_ext
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _lowrank_args(device, M=5, k=40, r=6, d=24, dtype=torch.float32):
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)
+    return make(M, k), make(r, k), make(d, r), make(d)
+
+
+def _lora_args(device, M=5, k=40, r=6, d=24, dtype=torch.float32):
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)
+    return make(M, k), make(d, k), make(r, k), make(d, r), make(d), 0.5
+
+
+def _cast(args, dtype):
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+CALLS = {
+    "lowrank_linear": (lambda *a: lx.lowrank_linear(*a), _lowrank_args),
+    "lowrank_linear_with_intermediate": (ops.lowrank_linear_with_intermediate, _lowrank_args),
+    "lora_linear": (lambda *a: lx.lora_linear(*a), _lora_args),
+    "lora_linear_with_intermediate": (ops.lora_linear_with_intermediate, _lora_args),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_float32_arguments_run_in_the_autocast_dtype(name, dtype, device):
+    call, make_args = CALLS[name]
+    args = make_args(device)
+    saved = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    with torch.autocast(device, dtype=dtype):
+        got = call(*args)
+    # The same as calling the op on the cast arguments outside autocast.
+    expected = call(*_cast(args, dtype))
+    got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype
+        assert torch.equal(g, e)
+    # The caller's tensors are not touched.
+    for a, s in zip(args, saved):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == torch.float32 and torch.equal(a, s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW)
+def test_matches_float64_reference_of_the_cast_arguments(dtype, device):
+    x, A, B, bias = _lowrank_args(device, M=33, k=70, r=9, d=45)
+    with torch.autocast(device, dtype=dtype):
+        y = lx.lowrank_linear(x, A, B, bias)
+    x64, A64, B64, b64 = (t.to(dtype).double() for t in (x, A, B, bias))
+    expected = x64 @ (B64 @ A64).T + b64
+    scale = expected.abs().max()
+    torch.testing.assert_close(y.double() / scale, expected / scale, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_input_with_float32_weights(device):
+    # The layer after an autocast F.linear sees a bfloat16 x and float32 weights.
+    x, A, B, bias = _lowrank_args(device)
+    fc = nn.Linear(40, 40, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        h = fc(x)
+        assert h.dtype == torch.bfloat16
+        y = lx.lowrank_linear(h, A, B, bias)
+        z = lx.lora_linear(h, fc.weight, A, torch.randn(40, 6, device=device), fc.bias, 2.0)
+    assert y.dtype == z.dtype == torch.bfloat16
+    assert torch.equal(y, lx.lowrank_linear(*_cast((h, A, B, bias), torch.bfloat16)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outside_autocast_mixed_dtypes_still_raise(device):
+    x, A, B, bias = _lowrank_args(device)
+    with pytest.raises(TypeError, match="A has dtype float32 but x has dtype bfloat16"):
+        lx.lowrank_linear(x.bfloat16(), A, B, bias)
+    # autocast switched off inside an autocast region: no cast either.
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, enabled=False):
+            y = lx.lowrank_linear(x, A, B, bias)
+            with pytest.raises(TypeError, match="lowrank_linear: A has dtype"):
+                lx.lowrank_linear(x.bfloat16(), A, B, bias)
+    assert y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_is_not_cast(device):
+    # As in torch's autocast: float64 tensors keep their dtype, so float64 x
+    # with float32 weights fails as it does for F.linear.
+    x, A, B, bias = _lowrank_args(device, dtype=torch.float64)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = lx.lowrank_linear(x, A, B, bias)
+        assert y.dtype == torch.float64
+        with pytest.raises(TypeError, match="lowrank_linear: A has dtype bfloat16 but x has dtype float64"):
+            lx.lowrank_linear(x, A.float(), B.float(), bias.float())
+        with pytest.raises(RuntimeError):
+            F.linear(x, A.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_the_autocast_composition(device):
+    x, A, B, bias = (t.requires_grad_() for t in _lowrank_args(device, M=16, k=64, r=8, d=32))
+    gy = torch.randn(16, 32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = lx.lowrank_linear(x, A, B, bias)
+        y_ref = F.linear(F.linear(x, A), B, bias)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y, (x, A, B, bias), gy.bfloat16())
+    grads_ref = torch.autograd.grad(y_ref, (x, A, B, bias), gy.bfloat16())
+    for g, g_ref, t in zip(grads, grads_ref, (x, A, B, bias)):
+        assert g.dtype == t.dtype == torch.float32  # through the cast's backward
+        scale = g_ref.abs().max()
+        torch.testing.assert_close(g / scale, g_ref / scale, **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules_give_the_dtype_nn_linear_gives(device):
+    model = nn.Sequential(nn.Linear(40, 32), lx.LowRankLinear(32, 24, 4),
+                          lx.LoRALinear(nn.Linear(24, 16), 4)).to(device)
+    x = torch.randn(3, 40, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = model(x)
+        assert y.dtype == nn.Linear(24, 16).to(device)(x[:, :24]).dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW)
+def test_lora_linear_matches_peft_under_autocast(dtype, device):
+    base = nn.Linear(48, 32, device=device)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(nn.Sequential(OrderedDict(fc=copy.deepcopy(base))), config)
+    peft_layer = peft_model.base_model.model.fc
+    ours = lx.LoRALinear(base, 4, 8)
+    with torch.no_grad():
+        ours.A.copy_(peft_layer.lora_A["default"].weight)
+        ours.B.copy_(peft_layer.lora_B["default"].weight)
+    x = torch.randn(6, 48, device=device)
+    with torch.autocast(device, dtype=dtype):
+        expected = peft_model(x)
+        got = ours(x)
+    assert got.dtype == expected.dtype == dtype
+    scale = expected.abs().max()
+    # peft rounds the base output and the adapter output separately; ours once.
+    torch.testing.assert_close(got.float() / scale, expected.float() / scale,
+                               **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_under_autocast_matches_eager(device):
+    layer = lx.LowRankLinear(40, 24, 6).to(device)
+    x = torch.randn(5, 40, device=device)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        expected = layer(x)
+        got = compiled(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
