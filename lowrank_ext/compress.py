@@ -372,7 +372,10 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
         progress: show a tqdm bar over layers; ``None`` shows it on a terminal only.
 
     Exactly one of ratio, rank, energy, tol. Layers where factorizing saves
-    nothing (rank ≥ d·k/(d+k)) stay dense and the report says so.
+    nothing (rank ≥ d·k/(d+k)) stay dense and the report says so; so do
+    layers whose weight is tied to another module (an output layer sharing the
+    embedding matrix) or that the model holds under two names: they take no
+    part in the ratio's budget.
 
     Returns:
         CompressionReport: per layer the rank, parameters and relative errors.
@@ -393,7 +396,13 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     linears = plain_linears(model)
     if not linears:
         raise ValueError("compress_model: the model has no nn.Linear layer")
-    names = select_names(list(linears), include, exclude)
+    selected = select_names(list(linears), include, exclude)
+    # A weight tied to another module (an output layer sharing the embedding
+    # matrix) or a layer reachable under two names cannot be replaced in one
+    # place: the other holder keeps the dense tensor, so factorizing would add
+    # parameters and untie what the model ties. Such layers stay dense.
+    shared = _shared_layers(model, {name: linears[name] for name in selected})
+    names = [name for name in selected if name not in shared]
     layers = {name: linears[name] for name in names}
     shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
 
@@ -405,6 +414,14 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     for name, layer in layers.items():
         if not bool(torch.isfinite(layer.weight).all()):
             raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")
+    shared_records = {
+        name: LayerReport(name, tuple(linears[name].weight.shape), None,
+                          linears[name].weight.numel(), linears[name].weight.numel(), 0.0,
+                          None, note=note)
+        for name, note in shared.items()}
+    if not layers:
+        return CompressionReport([shared_records[n] for n in selected],
+                                 calibrated=calibration is not None)
 
     workers = Workers(process_group)
     workers.check_same_call((list(shapes.items()), ratio, rank, energy, tol, allocation,
@@ -498,7 +515,30 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     # Every factor exists: only now touch the model.
     for name, new in replacements.items():
         swap(name, new)
-    return CompressionReport([records[n] for n in layers], calibrated=calibration is not None)
+    records.update(shared_records)
+    return CompressionReport([records[n] for n in selected], calibrated=calibration is not None)
+
+
+def _shared_layers(model, layers):
+    """{name: note} for the layers whose module or weight has another holder in the model."""
+    module_paths, weight_holders = {}, {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        module_paths.setdefault(id(module), []).append(path)
+        for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            weight_holders.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
+    notes = {}
+    for name, layer in layers.items():
+        paths = module_paths.get(id(layer), [])
+        others = [h for h in weight_holders.get(id(layer.weight), [])
+                  if h.rpartition(".")[0] not in paths]
+        if len(paths) > 1:
+            notes[name] = ("dense: the same module is also at "
+                           + ", ".join(p for p in paths if p != name)
+                           + "; replacing it in one place would add parameters")
+        elif others:
+            notes[name] = (f"dense: weight tied to {', '.join(others)}; factorizing would "
+                           "add parameters and untie it")
+    return notes
 
 
 def _low_rank_like(layer, B, A):

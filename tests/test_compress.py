@@ -167,6 +167,57 @@ def test_layers_that_save_nothing_stay_dense():
     assert type(square[0]) is nn.Linear and report.ratio == 1.0
 
 
+class TiedNet(nn.Module):
+    """An output layer sharing the embedding matrix, and one Linear used under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16, dtype=torch.float64)
+        self.fc = nn.Linear(16, 32, dtype=torch.float64)
+        self.proj = nn.Linear(32, 16, dtype=torch.float64)
+        self.proj_again = self.proj
+        self.lm_head = nn.Linear(16, 50, bias=False, dtype=torch.float64)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.proj(torch.relu(self.fc(self.embed(ids))))
+        return self.lm_head(self.proj_again(torch.relu(self.fc(h))))
+
+
+def _parameter_count(model):
+    return sum(p.numel() for p in model.parameters())  # shared tensors once
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("kwargs", [dict(ratio=0.5), dict(rank=3), dict(energy=0.5)])
+def test_tied_and_shared_layers_stay_dense(kwargs, calibrated):
+    model = TiedNet()
+    before = _parameter_count(model)
+    ids = torch.randint(0, 50, (4, 7))
+    calibration = [ids] if calibrated else None
+    report = lx.compress_model(model, calibration=calibration, **kwargs)
+    # The tie and the shared module survive, and nothing grew.
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed.weight
+    assert type(model.proj) is nn.Linear and model.proj_again is model.proj
+    assert isinstance(model.fc, lx.LowRankLinear)
+    assert _parameter_count(model) < before
+    rows = {row.name: row for row in report.layers}
+    assert set(rows) == {"fc", "proj", "lm_head"}
+    assert rows["lm_head"].rank is None and "tied to embed.weight" in rows["lm_head"].note
+    assert rows["proj"].rank is None and "also at proj_again" in rows["proj"].note
+    assert rows["lm_head"].params_after == rows["lm_head"].params_before == 800
+    assert "tied to embed.weight" in str(report)
+    if "ratio" in kwargs:  # the budget is fc's alone
+        assert rows["fc"].params_after <= 0.5 * rows["fc"].params_before
+    # Only tied layers selected: nothing changes, and the report says why.
+    model = TiedNet()
+    snapshot = _snapshot(model)
+    report = lx.compress_model(model, include="lm_head", calibration=calibration, **kwargs)
+    _assert_unchanged(model, snapshot)
+    assert model.lm_head.weight is model.embed.weight
+    assert report.ranks == {} and report.ratio == 1.0
+
+
 def test_energy_and_tol_targets():
     model = Net()
     original = copy.deepcopy(model)
