@@ -271,6 +271,18 @@ class LoRALinear(nn.Module):
     def out_features(self):
         return self.base.out_features
 
+    # Code written for nn.Linear reads these (transformers' T5 checks
+    # ``wo.weight.dtype`` in its forward); peft's LoRA layers expose them too.
+    @property
+    def weight(self):
+        """``base.weight`` (with the adapter folded in while :attr:`merged`)."""
+        return self.base.weight
+
+    @property
+    def bias(self):
+        """``base.bias`` (None without one)."""
+        return self.base.bias
+
     def forward(self, x):
         if self.merged:
             return self.base(x)

@@ -99,3 +99,24 @@ def test_dropout_in_training_equals_peft():
     peft_model.eval()
     ours.eval()
     torch.testing.assert_close(ours(x), peft_model(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_and_bias_attributes_as_in_peft(bias):
+    base = nn.Linear(24, 16, bias=bias, dtype=torch.float64)
+    model = nn.Sequential(OrderedDict(fc=copy.deepcopy(base)))
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["fc"]))
+    peft_layer = peft_model.base_model.model.fc
+    ours = lx.LoRALinear(base, 4)
+    # Both hand out the base layer's own tensors (code written for nn.Linear
+    # reads them), which are not registered a second time.
+    assert ours.weight is base.weight and peft_layer.weight is peft_layer.base_layer.weight
+    assert ours.bias is base.bias and (ours.bias is None) == (peft_layer.bias is None)
+    assert set(dict(ours.named_parameters())) == {"base.weight", "A", "B"} | (
+        {"base.bias"} if bias else set())
+    torch.testing.assert_close(ours.weight, peft_layer.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        ours.B.normal_()
+    ours.merge()
+    torch.testing.assert_close(ours.weight, base.weight.detach(), rtol=0, atol=0)
+    assert "weight" not in ours.state_dict() and "base.weight" in ours.state_dict()
