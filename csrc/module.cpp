@@ -7,13 +7,15 @@
 //    of the run time at small shapes; these take the arguments positionally,
 //    check them, and call the same dispatcher op (so autograd, CPU and CUDA
 //    kernels and profiling all still apply). They return NotImplemented when
-//    an argument overrides __torch_function__ (or a mode is active), and the
-//    Python wrapper then takes the torch.ops path.
+//    an argument overrides __torch_function__ (or a mode is active) or a
+//    torch.func transform is active, and the Python wrapper then takes the
+//    torch.ops path (or, under a transform, its own).
 #include "ops.h"
 
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/extension.h>
 
 #include <cstring>
@@ -62,6 +64,15 @@ bool unpack_optional_tensor(
   return true;
 }
 
+// Under a torch.func transform the Python wrapper takes another route
+// (lowrank_ext/_functorch.py): functorch cannot see through the C++ autograd
+// kernel. functorch includes its front-mode key in the thread's dispatch
+// keys exactly while a transform is active.
+bool functorch_active() {
+  return c10::impl::tls_is_dispatch_key_included(
+      c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
 PyObject* wrap_result(at::Tensor y) {
   return THPVariable_Wrap(std::move(y));
 }
@@ -83,7 +94,7 @@ PyObject* py_lowrank_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
       !unpack_optional_tensor(op, "bias", args[3], &bias, &overridden)) {
     return nullptr;
   }
-  if (overridden || at::impl::torch_function_mode_enabled()) {
+  if (overridden || at::impl::torch_function_mode_enabled() || functorch_active()) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   at::Tensor y;
@@ -115,7 +126,7 @@ PyObject* py_lora_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !unpack_optional_tensor(op, "bias", args[4], &bias, &overridden)) {
     return nullptr;
   }
-  if (overridden || at::impl::torch_function_mode_enabled()) {
+  if (overridden || at::impl::torch_function_mode_enabled() || functorch_active()) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   // The Python wrapper has already turned scale into a float.

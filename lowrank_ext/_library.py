@@ -9,14 +9,15 @@ and a C++ autograd kernel; this module adds
 * fake (meta) kernels for torch.compile;
 * when ``_C`` is absent, the Python autograd kernels;
 * autocast rules for the devices that have no C++ one (all of them when
-  ``_C`` is absent).
+  ``_C`` is absent);
+* batching rules for ``torch.vmap`` (``_vmap``).
 """
 
 import math
 
 import torch
 
-from . import _backend, _checks, _fallback
+from . import _backend, _checks, _fallback, _vmap
 
 NAMESPACE = "lowrank_ext"
 
@@ -125,6 +126,28 @@ def _lowrank_grads(needs, gy, x, A, B, t):
     return gx, gA, gB, gbias
 
 
+def _lora_grads(needs, gy, x, W, A, B, t, scale):
+    """Gradients of y = x·Wᵀ + bias + scale·t·Bᵀ, t = x·Aᵀ: (gx, gW, gA, gB, gbias)."""
+    need_x, need_W, need_A, need_B, need_bias = needs
+    k, r, d = W.shape[1], A.shape[0], W.shape[0]
+    M = math.prod(x.shape[:-1])
+    gy2 = gy.reshape(M, d)
+    gx = gW = gA = gB = gbias = None
+    if need_x or need_A:
+        gt = gy2.mm(B) * scale
+        if need_x:
+            gx = (gy2.mm(W) + gt.mm(A)).reshape(x.shape)
+        if need_A:
+            gA = gt.t().mm(x.reshape(M, k))
+    if need_W:
+        gW = gy2.t().mm(x.reshape(M, k))
+    if need_B:
+        gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(M, r)) * scale
+    if need_bias:
+        gbias = gy2.sum(0)
+    return gx, gW, gA, gB, gbias
+
+
 class _LowRankLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, bias):
@@ -151,24 +174,7 @@ class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, W, A, B, t = ctx.saved_tensors
-        need_x, need_W, need_A, need_B, need_bias, _ = ctx.needs_input_grad
-        k, r, d = W.shape[1], A.shape[0], W.shape[0]
-        M = math.prod(x.shape[:-1])
-        gy2 = gy.reshape(M, d)
-        gx = gW = gA = gB = gbias = None
-        if need_x or need_A:
-            gt = gy2.mm(B) * ctx.scale
-            if need_x:
-                gx = gy2.mm(W).addmm_(gt, A).reshape(x.shape)
-            if need_A:
-                gA = gt.t().mm(x.reshape(M, k))
-        if need_W:
-            gW = gy2.t().mm(x.reshape(M, k))
-        if need_B:
-            gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(M, r)) * ctx.scale
-        if need_bias:
-            gbias = gy2.sum(0)
-        return gx, gW, gA, gB, gbias, None
+        return (*_lora_grads(ctx.needs_input_grad[:5], gy, x, W, A, B, t, ctx.scale), None)
 
 
 if not _backend.compiled:
@@ -218,3 +224,4 @@ def _register_autocast():
 
 
 _register_autocast()
+_vmap.register(_lib)

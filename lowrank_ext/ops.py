@@ -5,14 +5,15 @@ extension, eager calls go through a direct C entry point (``_C.<name>``), which
 costs about as much as one ``F.linear`` call instead of the microseconds of
 ``torch.ops`` argument parsing; under torch.compile, or when an argument
 overrides ``__torch_function__``, the call goes through ``torch.ops`` so that
-tracing and tensor subclasses work.
+tracing and tensor subclasses work. Under a ``torch.func`` transform the call
+goes through ``_functorch``, whose autograd formulas functorch can see.
 """
 
 import math
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _functorch
 from ._library import ops
 
 _fast_lowrank_linear = getattr(_backend._C, "lowrank_linear", None)
@@ -44,6 +45,8 @@ def lowrank_linear(x, A, B, bias=None):
         if y is not NotImplemented:
             return y
     _checks.check_is_tensor("lowrank_linear", x=x, A=A, B=B, bias=bias)
+    if not _is_compiling() and _functorch.transforms_active() is not None:
+        return _functorch.lowrank_linear(x, A, B, bias)
     return ops.lowrank_linear.default(x, A, B, bias)
 
 
@@ -66,4 +69,6 @@ def lora_linear(x, W, A, B, bias=None, scale=1.0):
     _checks.check_is_tensor("lora_linear", x=x, W=W, A=A, B=B, bias=bias)
     if not math.isfinite(scale):
         raise ValueError(f"lora_linear: scale must be finite, got {scale}")
+    if not _is_compiling() and _functorch.transforms_active() is not None:
+        return _functorch.lora_linear(x, W, A, B, bias, scale)
     return ops.lora_linear.default(x, W, A, B, bias, scale)

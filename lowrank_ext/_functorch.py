@@ -1,0 +1,118 @@
+"""``torch.func`` transforms (grad, vjp, jacrev, vmap of grad) over the public ops.
+
+functorch cannot see through an autograd formula registered on an op as a
+kernel, neither the C++ one nor a Python ``autograd.Function`` written in the
+``ctx``-in-forward style, so under a transform ``lowrank_linear`` and
+``lora_linear`` go through the ``autograd.Function`` classes below instead:
+``forward`` without ``ctx`` plus ``setup_context``, which is the form functorch
+supports. Their forward is the same dispatcher op (with the intermediate
+kept), their backward the pure-torch formulas of ``_library``, which are
+themselves differentiable (so ``jacrev(jacrev(f))`` and ``vmap(grad(f))``
+work), their ``jvp`` gives forward mode (``jacfwd``, ``hessian``), and their
+vmap rule is generated from those, with the ops' own batching rules
+(``_vmap``) underneath.
+
+Outside a transform nothing here runs.
+"""
+
+import torch
+from torch.nn import functional as F
+
+from ._library import _lora_grads, _lowrank_grads, ops
+
+transforms_active = torch._C._functorch.peek_interpreter_stack
+
+
+class LowRankLinear(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, A, B, bias):
+        return ops.lowrank_linear_with_intermediate.default(x, A, B, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, A, B, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, A, B, output[1])
+        ctx.save_for_forward(x, A, B, output[1])
+
+    @staticmethod
+    def backward(ctx, gy, _gt):
+        x, A, B, t = ctx.saved_tensors
+        return _lowrank_grads(ctx.needs_input_grad, gy, x, A, B, t)
+
+    @staticmethod
+    def jvp(ctx, dx, dA, dB, dbias):
+        x, A, B, t = ctx.saved_tensors
+        dt = _tangent_of_intermediate(x, A, dx, dA)
+        dy = _sum_terms(
+            None if dt is None else F.linear(dt, B),
+            None if dB is None else F.linear(t, dB), dbias)
+        return _full_tangent(dy, x, B.shape[0]), None
+
+
+class LoRALinear(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, W, A, B, bias, scale):
+        return ops.lora_linear_with_intermediate.default(x, W, A, B, bias, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, W, A, B, _, scale = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, W, A, B, output[1])
+        ctx.save_for_forward(x, W, A, B, output[1])
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, gy, _gt):
+        x, W, A, B, t = ctx.saved_tensors
+        return (*_lora_grads(ctx.needs_input_grad[:5], gy, x, W, A, B, t, ctx.scale), None)
+
+    @staticmethod
+    def jvp(ctx, dx, dW, dA, dB, dbias, _dscale):
+        x, W, A, B, t = ctx.saved_tensors
+        dt = _tangent_of_intermediate(x, A, dx, dA)
+        adapter = _sum_terms(
+            None if dt is None else F.linear(dt, B),
+            None if dB is None else F.linear(t, dB), None)
+        dy = _sum_terms(
+            None if dx is None else F.linear(dx, W),
+            None if dW is None else F.linear(x, dW),
+            dbias, None if adapter is None else ctx.scale * adapter)
+        return _full_tangent(dy, x, W.shape[0]), None
+
+
+def _tangent_of_intermediate(x, A, dx, dA):
+    """The tangent of t = x·Aᵀ, or None when neither x nor A has one."""
+    return _sum_terms(None if dx is None else F.linear(dx, A),
+                      None if dA is None else F.linear(x, dA))
+
+
+def _sum_terms(*terms):
+    terms = [term for term in terms if term is not None]
+    if not terms:
+        return None
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def _full_tangent(tangent, x, d):
+    """The output's tangent at the output's shape (a bias tangent alone is (d,))."""
+    shape = (*x.shape[:-1], d)
+    if tangent is None:
+        return x.new_zeros(shape)
+    return tangent if tangent.shape == shape else tangent.expand(shape)
+
+
+def lowrank_linear(x, A, B, bias):
+    return LowRankLinear.apply(x, A, B, bias)[0]
+
+
+def lora_linear(x, W, A, B, bias, scale):
+    return LoRALinear.apply(x, W, A, B, bias, scale)[0]

@@ -1,0 +1,123 @@
+"""torch.func transforms over the fused ops and modules, against the plain composition."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vjp, vmap
+
+import lowrank_ext as lx
+
+
+def _make(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def _composition(x, A, B, bias):
+    return (x @ A.T) @ B.T + bias
+
+
+def _lora_composition(x, W, A, B, bias, scale):
+    return x @ W.T + bias + scale * ((x @ A.T) @ B.T)
+
+
+@pytest.fixture
+def args():
+    return _make(2, 3, 10), _make(4, 10), _make(7, 4), _make(7)
+
+
+@pytest.fixture
+def lora_args():
+    return _make(2, 3, 10), _make(7, 10), _make(4, 10), _make(7, 4), _make(7)
+
+
+def _loss(fn):
+    return lambda *a: fn(*a).pow(2).sum()
+
+
+@pytest.mark.parametrize("argnum", range(4))
+def test_grad_every_argument(args, argnum):
+    got = grad(_loss(lx.lowrank_linear), argnums=argnum)(*args)
+    torch.testing.assert_close(got, grad(_loss(_composition), argnums=argnum)(*args))
+
+
+@pytest.mark.parametrize("argnum", range(5))
+def test_lora_grad_every_argument(lora_args, argnum):
+    ours = lambda *a: lx.lora_linear(*a, 0.5)  # noqa: E731
+    ref = lambda *a: _lora_composition(*a, 0.5)  # noqa: E731
+    got = grad(_loss(ours), argnums=argnum)(*lora_args)
+    torch.testing.assert_close(got, grad(_loss(ref), argnums=argnum)(*lora_args))
+
+
+@pytest.mark.parametrize("transform", [jacrev, jacfwd])
+def test_jacobians(args, transform):
+    argnums = (0, 1, 2, 3)
+    got = transform(lx.lowrank_linear, argnums=argnums)(*args)
+    expected = transform(_composition, argnums=argnums)(*args)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_lora_jacobians(lora_args):
+    for transform in (jacrev, jacfwd):
+        got = transform(lambda *a: lx.lora_linear(*a, 2.0), argnums=(0, 1, 2, 3, 4))(*lora_args)
+        expected = transform(lambda *a: _lora_composition(*a, 2.0),
+                             argnums=(0, 1, 2, 3, 4))(*lora_args)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
+def test_hessian(args):
+    x, A, B, bias = args
+    got = hessian(lambda a: lx.lowrank_linear(x, a, B, bias).pow(2).sum())(A)
+    expected = hessian(lambda a: _composition(x, a, B, bias).pow(2).sum())(A)
+    torch.testing.assert_close(got, expected)
+
+
+def test_vjp(args):
+    y, pullback = vjp(lx.lowrank_linear, *args)
+    y_ref, pullback_ref = vjp(_composition, *args)
+    torch.testing.assert_close(y, y_ref)
+    cotangent = torch.randn_like(y)
+    for g, e in zip(pullback(cotangent), pullback_ref(cotangent)):
+        torch.testing.assert_close(g, e)
+
+
+def test_per_sample_gradients_of_a_module():
+    model = nn.Sequential(lx.LowRankLinear(10, 16, 4, dtype=torch.float64), nn.Tanh(),
+                          lx.LoRALinear(nn.Linear(16, 3, dtype=torch.float64), 2))
+    with torch.no_grad():
+        model[2].B.normal_()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    x, target = _make(5, 10), _make(5, 3)
+
+    def sample_loss(p, xi, ti):
+        return (functional_call(model, p, (xi.unsqueeze(0),)) - ti).pow(2).sum()
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+    assert set(per_sample) == {"0.A", "0.B", "0.bias", "2.A", "2.B"}
+    for i in range(5):
+        model.zero_grad()
+        sample_loss(dict(model.named_parameters()), x[i], target[i]).backward()
+        for name, g in per_sample.items():
+            torch.testing.assert_close(g[i], model.get_parameter(name).grad)
+
+
+def test_float32_and_half_inputs(args):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, A, B, bias = (t.to(dtype) for t in args)
+        got = grad(lambda a: lx.lowrank_linear(x, a, B, bias).float().pow(2).sum())(A)
+        A_ref = A.detach().clone().requires_grad_()
+        lx.lowrank_linear(x, A_ref, B, bias).float().pow(2).sum().backward()
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, A_ref.grad)
+
+
+def test_bad_input_under_a_transform_raises_as_outside(args):
+    x, A, B, bias = args
+    with pytest.raises(ValueError, match="lowrank_linear: B has shape \\[7, 4\\] but A has "
+                                         "rank r=5"):
+        grad(lambda a: lx.lowrank_linear(x, a, B, bias).sum())(_make(5, 10))
+    with pytest.raises(TypeError, match="lowrank_linear: B must be a Tensor, got list"):
+        grad(lambda a: lx.lowrank_linear(x, a, [1.0], bias).sum())(A)
+    with pytest.raises(ValueError, match="lora_linear: scale must be finite"):
+        grad(lambda a: lx.lora_linear(x, _make(7, 10), a, B, bias, float("inf")).sum())(A)
