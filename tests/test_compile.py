@@ -124,3 +124,26 @@ def test_compile_backward_with_many_rows_matches_float64():
     for g, w in zip(got, want):
         scale = max(1.0, float(w.abs().max()))
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_export_keeps_the_ops_as_nodes_and_round_trips(tmp_path):
+    from torch import nn
+
+    model = nn.Sequential(lx.LowRankLinear(16, 32, 4, dtype=torch.float64), nn.ReLU(),
+                          lx.LoRALinear(nn.Linear(32, 8, dtype=torch.float64), 2)).eval()
+    with torch.no_grad():
+        model[2].B.normal_()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    program = torch.export.export(model, (x,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"lowrank_ext.lowrank_linear.default", "lowrank_ext.lora_linear.default"} <= targets
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path).module()
+    other = torch.randn(9, 16, dtype=torch.float64)
+    for inp in (x, other):
+        expected = model[2].base(torch.relu(inp @ (model[0].B @ model[0].A).T + model[0].bias))
+        expected = expected + model[2].scale * (torch.relu(
+            inp @ (model[0].B @ model[0].A).T + model[0].bias) @ (model[2].B @ model[2].A).T)
+        torch.testing.assert_close(loaded(inp), expected.detach())
