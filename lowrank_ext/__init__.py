@@ -25,6 +25,7 @@ from .nn import LoRALinear, LowRankLinear
 from .compress import compress_model
 from .distill import DistillResult, distill
 from .lora import add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from .peft_compat import from_peft
 from .report import CompressionReport, LayerReport
 from .serialization import load_compressed, save_compressed
 
@@ -40,6 +41,7 @@ __all__ = [
     "choose_rank",
     "compress_model",
     "distill",
+    "from_peft",
     "load_compressed",
     "load_lora_state_dict",
     "lora_linear",

@@ -1,0 +1,154 @@
+"""from_peft: a peft model's LoRA Linear layers become LoRALinear with the same outputs."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+
+peft = pytest.importorskip("peft")
+
+
+def _base(dtype=torch.float64):
+    return nn.Sequential(OrderedDict(
+        fc1=nn.Linear(20, 32, dtype=dtype), act=nn.ReLU(),
+        fc2=nn.Linear(32, 16, dtype=dtype), act2=nn.Tanh(),
+        head=nn.Linear(16, 4, dtype=dtype)))
+
+
+def _peft_model(dtype=torch.float64, **config):
+    config = dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights=False,
+                  **config)
+    return peft.get_peft_model(_base(dtype), peft.LoraConfig(**config))
+
+
+def _snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("config", [dict(), dict(use_rslora=True), dict(lora_dropout=0.1)])
+def test_outputs_parameters_and_flags_carry_over(config):
+    peft_model = _peft_model(**config).eval()
+    x = torch.randn(3, 5, 20, dtype=torch.float64)
+    expected = peft_model(x)
+    peft_fc1 = peft_model.base_model.model.fc1
+    base_weight, A = peft_fc1.base_layer.weight, peft_fc1.lora_A["default"].weight
+    model = lx.from_peft(peft_model)
+    assert model is peft_model.get_base_model()
+    assert isinstance(model.fc1, lx.LoRALinear) and isinstance(model.fc2, lx.LoRALinear)
+    assert type(model.head) is nn.Linear
+    torch.testing.assert_close(model(x), expected)
+    assert model.fc1.base.weight is base_weight  # shared, not copied
+    torch.testing.assert_close(model.fc1.A, A, rtol=0, atol=0)
+    assert model.fc1.scale == peft_fc1.scaling["default"]
+    assert model.fc1.rslora == config.get("use_rslora", False)
+    if "lora_dropout" in config:
+        assert isinstance(model.fc1.dropout, nn.Dropout)
+        assert model.fc1.dropout.p == config["lora_dropout"]
+    else:
+        assert isinstance(model.fc1.dropout, nn.Identity)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc1.A", "fc1.B", "fc2.A", "fc2.B"}
+    assert not model.training
+
+
+def test_a_changed_scale_carries_over():
+    peft_model = _peft_model().eval()
+    peft_model.base_model.model.fc2.set_scale("default", 0.5)
+    x = torch.randn(6, 20, dtype=torch.float64)
+    expected = peft_model(x)
+    model = lx.from_peft(peft_model)
+    assert model.fc2.scale == 0.5 * 8 / 4 and model.fc1.scale == 8 / 4
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_the_merged_state_carries_over():
+    peft_model = _peft_model().eval()
+    x = torch.randn(6, 20, dtype=torch.float64)
+    unmerged = peft_model(x)
+    peft_model.merge_adapter()
+    merged = peft_model(x)
+    model = lx.from_peft(peft_model)
+    assert model.fc1.merged and model.fc2.merged
+    torch.testing.assert_close(model(x), merged)
+    model.fc1.unmerge()
+    model.fc2.unmerge()
+    torch.testing.assert_close(model(x), unmerged)
+
+
+def test_training_gives_peft_gradients():
+    peft_model = _peft_model()
+    reference = copy.deepcopy(peft_model)
+    model = lx.from_peft(peft_model)
+    x = torch.randn(8, 20, dtype=torch.float64)
+    model(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    for name in ("fc1", "fc2"):
+        peft_layer = getattr(reference.base_model.model, name)
+        ours = getattr(model, name)
+        torch.testing.assert_close(ours.A.grad, peft_layer.lora_A["default"].weight.grad)
+        torch.testing.assert_close(ours.B.grad, peft_layer.lora_B["default"].weight.grad)
+
+
+def test_choosing_among_adapters():
+    peft_model = _peft_model()
+    peft_model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc2"],
+                                                    init_lora_weights=False))
+    peft_model.eval()
+    with pytest.raises(ValueError, match="holds adapters \\['default', 'other'\\]; choose one"):
+        lx.from_peft(peft_model)
+    with pytest.raises(ValueError, match="no adapter named 'third'"):
+        lx.from_peft(peft_model, adapter="third")
+    peft_model.set_adapter("other")
+    x = torch.randn(4, 20, dtype=torch.float64)
+    expected = peft_model(x)
+    model = lx.from_peft(peft_model, adapter="other")
+    assert type(model.fc1) is nn.Linear  # "other" does not adapt fc1
+    assert isinstance(model.fc2, lx.LoRALinear) and model.fc2.rank == 2
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("config, error, match", [
+    (dict(use_dora=True), ValueError, "LoRA variant"),
+    (dict(lora_bias=True), ValueError, "lora_bias=True"),
+])
+def test_unsupported_layers_leave_the_model_unchanged(config, error, match):
+    peft_model = _peft_model(**config)
+    snapshot = _snapshot(peft_model)
+    with pytest.raises(error, match=match):
+        lx.from_peft(peft_model)
+    types, state = _snapshot(peft_model)
+    assert types == snapshot[0]
+    for key, value in state.items():
+        torch.testing.assert_close(value, snapshot[1][key], rtol=0, atol=0)
+
+
+def test_non_linear_base_and_bad_arguments():
+    model = nn.Sequential(OrderedDict(emb=nn.Embedding(10, 8), fc=nn.Linear(8, 8)))
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["emb", "fc"]))
+    with pytest.raises(TypeError, match="layer 'emb' adapts a Embedding"):
+        lx.from_peft(peft_model)
+    assert not isinstance(peft_model.get_base_model().fc, lx.LoRALinear)
+    with pytest.raises(ValueError, match="has no peft LoRA layer"):
+        lx.from_peft(_base())
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        lx.from_peft("model")
+    with pytest.raises(TypeError, match="adapter must be a str"):
+        lx.from_peft(_peft_model(), adapter=1)
+
+
+def test_float32_adapters_on_a_bfloat16_base_are_cast_with_a_warning():
+    peft_model = _peft_model(dtype=torch.bfloat16)  # peft keeps float32 adapters here
+    assert peft_model.base_model.model.fc1.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(4, 20, dtype=torch.bfloat16)
+    expected = peft_model(x)
+    with pytest.warns(UserWarning, match="adapters stored in torch.float32 were cast to"):
+        model = lx.from_peft(peft_model)
+    assert model.fc1.A.dtype == model.fc1.B.dtype == torch.bfloat16
+    got = model(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=4e-2, atol=4e-2)
