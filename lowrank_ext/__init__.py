@@ -25,7 +25,7 @@ from .nn import LoRALinear, LowRankLinear
 from .compress import compress_model
 from .distill import DistillResult, distill
 from .lora import add_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from .peft_compat import from_peft
+from .peft_compat import from_peft, save_peft_adapter
 from .report import CompressionReport, LayerReport
 from .serialization import load_compressed, save_compressed
 
@@ -49,5 +49,6 @@ __all__ = [
     "lowrank_linear",
     "merge_lora",
     "save_compressed",
+    "save_peft_adapter",
     "svd_truncate",
 ]

@@ -1,18 +1,28 @@
-"""From peft to lowrank_ext: swap a peft model's LoRA Linear layers for ``LoRALinear``.
+"""Between peft and lowrank_ext.
 
-A model loaded or trained with peft keeps working with peft's checkpoints,
-tooling and configuration; ``from_peft`` then puts the fused ``lora_linear``
-op under each adapted ``nn.Linear`` (one call instead of peft's three
-products and two additions), sharing the base weights and taking the
-adapter's weights, scaling, dropout and merge state as they are.
+``from_peft`` swaps a peft model's LoRA Linear layers for ``LoRALinear``: a
+model loaded or trained with peft keeps peft's checkpoints, tooling and
+configuration, and each adapted ``nn.Linear`` then runs the fused
+``lora_linear`` op (one call instead of peft's three products and two
+additions), sharing the base weights and taking the adapter's weights,
+scaling, dropout and merge state as they are.
+
+``save_peft_adapter`` goes the other way: it writes the adapters of a model
+that uses ``LoRALinear`` as a peft adapter directory, which
+``PeftModel.from_pretrained`` loads onto the original model.
 """
 
+import collections
+import json
+import math
+import os
 import warnings
 
 from torch import nn
 
 from ._modules import replace_module
 from .nn import LoRALinear
+from .serialization import atomic_write, check_path
 
 
 def _lora_layer_type():
@@ -132,3 +142,95 @@ def from_peft(model, adapter=None):
     for name, new in replacements.items():
         replace_module(root, name, new)
     return root
+
+
+# --- to peft -----------------------------------------------------------------------
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _adapter_config(adapters, base_model_name_or_path):
+    """peft's LoraConfig fields for these adapters (the most common rank and
+    alpha, the others as rank_pattern / alpha_pattern)."""
+    for option in ("rslora", "dropout"):
+        seen = {name: (lora.rslora if option == "rslora" else _dropout_p(lora))
+                for name, lora in adapters.items()}
+        if len(set(seen.values())) > 1:
+            raise ValueError(f"save_peft_adapter: peft keeps one {option} setting per adapter, "
+                             f"but the layers differ: {seen}")
+    for name, lora in adapters.items():
+        expected = lora.alpha / (math.sqrt(lora.rank) if lora.rslora else lora.rank)
+        if not math.isclose(lora.scale, expected, rel_tol=1e-12):
+            raise ValueError(
+                f"save_peft_adapter: layer {name!r} has scale {lora.scale}, not alpha / "
+                f"{'√rank' if lora.rslora else 'rank'} = {expected}; a peft config cannot "
+                "express it")
+    rank = _most_common([lora.rank for lora in adapters.values()])
+    alpha = _most_common([lora.alpha for lora in adapters.values()])
+    first = next(iter(adapters.values()))
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": _dropout_p(first),
+        "use_rslora": first.rslora,
+        "target_modules": list(adapters),
+        "rank_pattern": {n: a.rank for n, a in adapters.items() if a.rank != rank},
+        "alpha_pattern": {n: a.alpha for n, a in adapters.items() if a.alpha != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
+
+
+def _dropout_p(lora):
+    return lora.dropout.p if isinstance(lora.dropout, nn.Dropout) else 0.0
+
+
+def save_peft_adapter(model, directory, *, base_model_name_or_path=None):
+    """Write the model's ``LoRALinear`` adapters as a peft adapter directory.
+
+    ``directory`` gets ``adapter_model.safetensors`` (``lora_A`` / ``lora_B``
+    under peft's key names) and ``adapter_config.json``, which
+    ``PeftModel.from_pretrained(original_model, directory)`` loads. The most
+    common rank and alpha become ``r`` and ``lora_alpha``, the others
+    ``rank_pattern`` / ``alpha_pattern``; dropout and rsLoRA must be the same
+    in every layer, and every scale must be alpha / rank (alpha / √rank with
+    rsLoRA), as a peft config cannot say otherwise. Each file is written to a
+    temporary file and renamed. Returns the names of the adapted layers.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_peft_adapter: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
+    directory = check_path("save_peft_adapter", directory, "directory")
+    adapters = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not adapters:
+        raise ValueError("save_peft_adapter: the model has no LoRALinear layer")
+    if "" in adapters:
+        raise TypeError("save_peft_adapter: the model is itself a LoRALinear; save a model "
+                        "that holds it")
+    config = _adapter_config(adapters, base_model_name_or_path)
+    tensors = {}
+    for name, lora in adapters.items():
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = lora.A.detach().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = lora.B.detach().contiguous()
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"save_peft_adapter: {directory} exists and is not a directory")
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(os.path.join(directory, "adapter_model.safetensors"),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                 owner="save_peft_adapter")
+
+    def write_config(tmp):
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+
+    atomic_write(os.path.join(directory, "adapter_config.json"), write_config,
+                 owner="save_peft_adapter")
+    return list(adapters)

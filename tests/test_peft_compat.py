@@ -152,3 +152,60 @@ def test_float32_adapters_on_a_bfloat16_base_are_cast_with_a_warning():
     got = model(x)
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=4e-2, atol=4e-2)
+
+
+# --- save_peft_adapter ----------------------------------------------------------------
+def _adapted(original, **lora):
+    """A copy of ``original`` with adapters (non-zero B) on fc1, fc2 (rank 4) and head (2)."""
+    model = copy.deepcopy(original)
+    lx.add_lora(model, 4, 8, include=["fc1", "fc2"], **lora)
+    lx.add_lora(model, 2, 3, include="head", freeze=False, **lora)
+    for module in model.modules():
+        if isinstance(module, lx.LoRALinear):
+            with torch.no_grad():
+                module.B.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("lora", [dict(), dict(rslora=True), dict(dropout=0.1)])
+def test_saved_adapter_loads_in_peft_with_the_same_outputs(tmp_path, lora):
+    original = _base()
+    model = _adapted(original, **lora)
+    names = lx.save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
+    assert names == ["fc1", "fc2", "head"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter").eval()
+    config = loaded.peft_config["default"]
+    assert config.r == 4 and config.lora_alpha == 8 and config.use_rslora == lora.get(
+        "rslora", False)
+    assert config.rank_pattern == {"head": 2} and config.alpha_pattern == {"head": 3}
+    assert config.base_model_name_or_path == "tiny"
+    for name in names:
+        layer = getattr(loaded.base_model.model, name)
+        assert layer.scaling["default"] == getattr(model, name).scale
+    x = torch.randn(5, 20, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), model(x))
+    # And back: from_peft gives the same layers again.
+    back = lx.from_peft(loaded)
+    for name in names:
+        torch.testing.assert_close(getattr(back, name).A, getattr(model, name).A)
+        torch.testing.assert_close(getattr(back, name).B, getattr(model, name).B)
+
+
+def test_save_peft_adapter_refuses_what_peft_cannot_express(tmp_path):
+    model = _adapted(_base())
+    model.fc1.scale = 1.25  # as after from_peft of a set_scale'd adapter
+    with pytest.raises(ValueError, match="layer 'fc1' has scale 1.25, not alpha / rank"):
+        lx.save_peft_adapter(model, tmp_path / "a")
+    mixed = copy.deepcopy(_base())
+    lx.add_lora(mixed, 4, include="fc1", rslora=True)
+    lx.add_lora(mixed, 4, include="fc2")
+    with pytest.raises(ValueError, match="one rslora setting per adapter"):
+        lx.save_peft_adapter(mixed, tmp_path / "b")
+    with pytest.raises(ValueError, match="has no LoRALinear layer"):
+        lx.save_peft_adapter(_base(), tmp_path / "c")
+    with pytest.raises(TypeError, match="directory must be a str or os.PathLike, got int"):
+        lx.save_peft_adapter(_adapted(_base()), 3)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        lx.save_peft_adapter(_adapted(_base()), tmp_path / "file")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
