@@ -1,4 +1,6 @@
-"""Replacing a named submodule in place: what compression, loading and LoRA swap with."""
+"""Replacing a named submodule in place, and the layer kinds compression replaces."""
+
+import sys
 
 
 def replace_module(model, name, new):
@@ -8,3 +10,22 @@ def replace_module(model, name, new):
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+# transformers' Conv1D (GPT-2 and its relatives) is a linear layer that keeps
+# its weight transposed: y = x·W + b with W of shape (in, out). Compression
+# treats it as the nn.Linear with weight Wᵀ. It is looked up only when
+# transformers is already imported: a model holding one imported it.
+def _conv1d_type():
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def is_conv1d(module):
+    conv1d = _conv1d_type()
+    return conv1d is not None and type(module) is conv1d
+
+
+def dense_weight(layer):
+    """The layer's weight as an (out, in) matrix: ``weight``, or its transpose for a Conv1D."""
+    return layer.weight.T if is_conv1d(layer) else layer.weight

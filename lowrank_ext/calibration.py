@@ -4,6 +4,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ._modules import dense_weight
 from ._names import preview
 
 
@@ -86,7 +87,8 @@ def collect_input_grams(model, layers, calibration, stages=None):
 
     def make_hook(name, k):
         def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input")
+            # nn.Linear calls its argument input, transformers' Conv1D x.
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             # Holding the tensor itself (not its address) keeps the test exact;
             # inference-mode tensors have no version counter, identity must do.
             version = None if x.is_inference() else x._version
@@ -107,7 +109,7 @@ def collect_input_grams(model, layers, calibration, stages=None):
             grams[name] = g.clone() if grams[name] is None else grams[name].add_(g)
         return hook
 
-    handles = [module.register_forward_pre_hook(make_hook(name, module.in_features),
+    handles = [module.register_forward_pre_hook(make_hook(name, dense_weight(module).shape[1]),
                                                 with_kwargs=True)
                for name, module in layers.items()]
     try:

@@ -32,7 +32,7 @@ import numbers
 import torch
 from torch import nn
 
-from ._modules import replace_module
+from ._modules import dense_weight, is_conv1d, replace_module
 from ._names import preview
 from ._workers import Workers
 from .calibration import collect_input_grams
@@ -59,18 +59,19 @@ def _as_patterns(name, patterns, owner="compress_model"):
     return patterns
 
 
-def plain_linears(model):
+def plain_linears(model, *, conv1d=False):
     """{name: module} for every ``nn.Linear`` (not a subclass) of the model.
 
     Subclasses are left out because their owners may read their weight
     directly (``nn.MultiheadAttention`` passes ``out_proj.weight`` to its
     functional form, never calling the layer). The frozen base layer inside a
     ``LoRALinear`` is not one of them either: swapping it would take the
-    adapter's base away from under it.
+    adapter's base away from under it. With ``conv1d``, transformers'
+    ``Conv1D`` layers (a Linear with its weight transposed) are included.
     """
     owned = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
     return {name: m for name, m in model.named_modules()
-            if type(m) is nn.Linear and id(m) not in owned}
+            if (type(m) is nn.Linear or (conv1d and is_conv1d(m))) and id(m) not in owned}
 
 
 def name_matches(name, pattern):
@@ -207,7 +208,7 @@ def _spectra(names, layers, grams, owners, workers, device):
     try:
         for name in names:
             if owners[name] == workers.rank:
-                spectra[name] = _Spectrum(layers[name].weight, grams.get(name), device)
+                spectra[name] = _Spectrum(dense_weight(layers[name]), grams.get(name), device)
     except Exception as exc:  # every rank must learn of it, or the others would wait
         error = exc
     workers.all_succeeded(error)
@@ -331,6 +332,9 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
                    device=None, process_group=None, progress=None):
     """Replace the model's ``nn.Linear`` layers by ``LowRankLinear``, in place.
 
+    transformers' ``Conv1D`` layers (GPT-2 and its relatives: a linear layer
+    with its weight stored transposed) count as linear layers too.
+
     Args:
         model: any ``nn.Module``.
         ratio: the fraction of the selected layers' weight parameters kept, in (0, 1].
@@ -393,9 +397,9 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     elif allocation == "sensitivity" and calibration is None:
         raise ValueError("compress_model: allocation='sensitivity' needs calibration")
     device = _check_device(device)
-    linears = plain_linears(model)
+    linears = plain_linears(model, conv1d=True)
     if not linears:
-        raise ValueError("compress_model: the model has no nn.Linear layer")
+        raise ValueError("compress_model: the model has no nn.Linear (or Conv1D) layer")
     selected = select_names(list(linears), include, exclude)
     # A weight tied to another module (an output layer sharing the embedding
     # matrix) or a layer reachable under two names cannot be replaced in one
@@ -404,7 +408,7 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
     shared = _shared_layers(model, {name: linears[name] for name in selected})
     names = [name for name in selected if name not in shared]
     layers = {name: linears[name] for name in names}
-    shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+    shapes = {name: tuple(dense_weight(layer).shape) for name, layer in layers.items()}
 
     if not isinstance(sequential, bool):
         raise TypeError(f"compress_model: sequential must be a bool, got "
@@ -415,7 +419,7 @@ def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calib
         if not bool(torch.isfinite(layer.weight).all()):
             raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")
     shared_records = {
-        name: LayerReport(name, tuple(linears[name].weight.shape), None,
+        name: LayerReport(name, tuple(dense_weight(linears[name]).shape), None,
                           linears[name].weight.numel(), linears[name].weight.numel(), 0.0,
                           None, note=note)
         for name, note in shared.items()}

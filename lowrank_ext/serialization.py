@@ -3,8 +3,9 @@
 The file holds the model's state_dict (``<layer>.A`` and ``<layer>.B`` for each
 ``LowRankLinear``) and, under the metadata key ``lowrank_ext``, a JSON object
 ``{"format": 1, "ranks": {layer name: rank}}``. Loading needs only the original
-model's code: :func:`load_compressed` swaps the named ``nn.Linear`` layers of
-a freshly built model for ``LowRankLinear`` of the stored ranks, then loads.
+model's code: :func:`load_compressed` swaps the named ``nn.Linear`` (or
+transformers ``Conv1D``) layers of a freshly built model for ``LowRankLinear``
+of the stored ranks, then loads.
 """
 
 import json
@@ -14,7 +15,7 @@ import tempfile
 import torch
 from torch import nn
 
-from ._modules import replace_module
+from ._modules import dense_weight, is_conv1d, replace_module
 from .nn import LowRankLinear
 
 METADATA_KEY = "lowrank_ext"
@@ -211,17 +212,18 @@ def load_compressed(model, path, *, strict=True):
         layer = modules.get(name)
         if isinstance(layer, LowRankLinear) and layer.rank == rank:
             continue  # already in compressed form
-        if type(layer) is not nn.Linear:
+        if type(layer) is not nn.Linear and not is_conv1d(layer):
             found = "nothing" if layer is None else type(layer).__name__
             raise ValueError(
                 f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the model "
                 f"has {found} there; build the original (uncompressed) model first")
-        if not 1 <= rank <= min(layer.in_features, layer.out_features):
+        weight = layer.weight
+        out_features, in_features = dense_weight(layer).shape
+        if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(
                 f"load_compressed: rank {rank} stored for layer {name!r} does not fit its shape "
-                f"{[layer.out_features, layer.in_features]} (in {path})")
-        weight = layer.weight
-        new = LowRankLinear(layer.in_features, layer.out_features, rank,
+                f"{[out_features, in_features]} (in {path})")
+        new = LowRankLinear(in_features, out_features, rank,
                             bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
         if layer.bias is not None:
             # strict=False keeps the model's bias where the file has none.
