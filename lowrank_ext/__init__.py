@@ -24,7 +24,7 @@ from .svd import choose_rank, svd_truncate
 from .nn import LoRALinear, LowRankLinear
 from .compress import compress_model
 from .distill import DistillResult, distill
-from .lora import add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from .lora import add_lora, disable_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from .peft_compat import from_peft, save_peft_adapter
 from .report import CompressionReport, LayerReport
 from .serialization import load_compressed, save_compressed
@@ -40,6 +40,7 @@ __all__ = [
     "backend_info",
     "choose_rank",
     "compress_model",
+    "disable_lora",
     "distill",
     "from_peft",
     "load_compressed",

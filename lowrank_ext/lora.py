@@ -5,9 +5,11 @@
 with ``target_modules``; ``lora_state_dict`` / ``load_lora_state_dict`` move
 the adapters alone (a few MB where the model is GB); ``merge_lora`` folds
 every adapter into its base layer and puts the plain ``nn.Linear`` back
-(peft's ``merge_and_unload``).
+(peft's ``merge_and_unload``); ``disable_lora`` runs the base model alone for
+a while (peft's ``disable_adapter``).
 """
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -179,3 +181,31 @@ def merge_lora(model):
             lora.merge()
         replace_module(model, name, lora.base)
     return list(adapters)
+
+
+@contextlib.contextmanager
+def disable_lora(model):
+    """Within the block, every ``LoRALinear`` of ``model`` computes ``base(x)`` alone.
+
+    peft's ``disable_adapter()``: the base model's outputs (a reference model
+    for DPO or a KL penalty, say) without a second copy of its weights. The
+    adapters come back on leaving the block, also after an exception; nothing
+    is copied or modified. Merged layers are refused, since their base weight
+    holds the adapter: unmerge them first. Blocks may nest.
+    """
+    _check_model("disable_lora", model)
+    adapters = _adapters(model)
+    if not adapters:
+        raise ValueError("disable_lora: the model has no LoRALinear layer")
+    merged = [name or "(the model)" for name, lora in adapters.items() if lora.merged]
+    if merged:
+        raise ValueError(f"disable_lora: layer(s) {preview(merged)} are merged; call "
+                         "unmerge() first")
+    saved = {name: lora.adapter_enabled for name, lora in adapters.items()}
+    for lora in adapters.values():
+        lora.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for name, lora in adapters.items():
+            lora.adapter_enabled = saved[name]

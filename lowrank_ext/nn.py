@@ -227,6 +227,10 @@ class LoRALinear(nn.Module):
     folds ``scale·B·A`` into ``base.weight``; :meth:`unmerge` takes it out.
     """
 
+    # False inside lowrank_ext.disable_lora: forward is base(x) alone. (A class
+    # default, so that layers pickled before it existed still load.)
+    adapter_enabled = True
+
     def __init__(self, base, rank, alpha=None, *, init="default", dropout=0.0, rslora=False):
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -284,7 +288,7 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def forward(self, x):
-        if self.merged:
+        if self.merged or not self.adapter_enabled:
             return self.base(x)
         if self.training and isinstance(self.dropout, nn.Dropout):
             # The adapter sees dropout(x), the base layer x itself (as in peft).

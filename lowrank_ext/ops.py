@@ -67,7 +67,10 @@ def lora_linear(x, W, A, B, bias=None, scale=1.0):
         if y is not NotImplemented:
             return y
     _checks.check_is_tensor("lora_linear", x=x, W=W, A=A, B=B, bias=bias)
-    if not math.isfinite(scale):
+    # Under torch.compile a scale that differs between compiled layers becomes
+    # a symbolic float, which math.isfinite cannot trace; the op's fake kernel
+    # checks it there.
+    if not _is_compiling() and not math.isfinite(scale):
         raise ValueError(f"lora_linear: scale must be finite, got {scale}")
     if not _is_compiling() and _functorch.transforms_active() is not None:
         return _functorch.lora_linear(x, W, A, B, bias, scale)

@@ -263,3 +263,69 @@ def test_compiled_model_matches_eager():
     model(x).sum().backward()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, model.get_parameter(name).grad)
+
+
+def test_disable_lora_gives_the_base_model_as_peft_does():
+    peft_model, ours, plain = _peft_pair()
+    peft_model.eval(), ours.eval(), plain.eval()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    adapted = ours(x)
+    snapshot = _snapshot(ours)
+    with lx.disable_lora(ours) as same:
+        assert same is ours
+        torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
+        with peft_model.disable_adapter():
+            torch.testing.assert_close(ours(x), peft_model(x))
+        with lx.disable_lora(ours):  # nested blocks
+            torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours(x), adapted, rtol=0, atol=0)
+    _assert_unchanged(ours, snapshot)
+    # An exception inside the block still brings the adapters back.
+    with pytest.raises(RuntimeError, match="inside"):
+        with lx.disable_lora(ours):
+            raise RuntimeError("inside")
+    torch.testing.assert_close(ours(x), adapted, rtol=0, atol=0)
+    # Gradients inside the block reach nothing of the adapters.
+    with lx.disable_lora(ours):
+        ours(x.requires_grad_()).sum().backward()
+    assert all(ours.get_submodule(n).A.grad is None for n in _names())
+
+
+def test_disable_lora_under_torch_compile():
+    _, ours, plain = _peft_pair()
+    ours.eval()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    adapted = compiled(x)
+    torch.testing.assert_close(adapted, ours(x))
+    with lx.disable_lora(ours):
+        torch.testing.assert_close(compiled(x), plain.eval()(x))
+    torch.testing.assert_close(compiled(x), adapted)
+
+
+def test_disable_lora_refuses_merged_layers_and_models_without_adapters():
+    _, ours, _ = _peft_pair()
+    ours.attn.q.merge()
+    with pytest.raises(ValueError, match="layer\\(s\\) attn.q are merged; call unmerge"):
+        with lx.disable_lora(ours):
+            pass
+    assert all(ours.get_submodule(n).adapter_enabled for n in _names())
+    with pytest.raises(ValueError, match="has no LoRALinear layer"):
+        with lx.disable_lora(_model()):
+            pass
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        with lx.disable_lora(None):
+            pass
+
+
+def test_compiling_layers_of_different_scales_in_one_process():
+    # A float attribute that differs between compiled calls becomes symbolic
+    # in torch.compile; the scale check must not break the graph over it.
+    x = torch.randn(3, 12, dtype=torch.float64)
+    for alpha in (4, 8, 12):
+        layer = lx.LoRALinear(nn.Linear(12, 6, dtype=torch.float64), 4, alpha)
+        with torch.no_grad():
+            layer.B.normal_()
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), layer(x))
