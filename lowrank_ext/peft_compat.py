@@ -21,6 +21,7 @@ import warnings
 from torch import nn
 
 from ._modules import replace_module
+from .lora import _adapters, _check_model
 from .nn import LoRALinear
 from .serialization import atomic_write, check_path
 
@@ -117,8 +118,7 @@ def from_peft(model, adapter=None):
         The converted module (``model``, or its base model for a ``PeftModel``).
     """
     LoraLayer = _lora_layer_type()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"from_peft: model must be an nn.Module, got {type(model).__name__}")
+    _check_model("from_peft", model)
     get_base = getattr(model, "get_base_model", None)
     root = get_base() if callable(get_base) else model
     layers = {name: m for name, m in root.named_modules() if isinstance(m, LoraLayer)}
@@ -204,11 +204,9 @@ def save_peft_adapter(model, directory, *, base_model_name_or_path=None):
     """
     from safetensors.torch import save_file
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"save_peft_adapter: model must be an nn.Module, got "
-                        f"{type(model).__name__}")
+    _check_model("save_peft_adapter", model)
     directory = check_path("save_peft_adapter", directory, "directory")
-    adapters = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    adapters = _adapters(model)
     if not adapters:
         raise ValueError("save_peft_adapter: the model has no LoRALinear layer")
     if "" in adapters:
