@@ -24,10 +24,13 @@ Every factor is computed before any module is swapped, so a failure leaves the
 model exactly as it was.
 """
 
+from __future__ import annotations
+
 import fnmatch
 import heapq
 import math
 import numbers
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -327,9 +330,14 @@ def allocate_ranks(spectra, shapes, ratio, weights=None):
 
 
 # --- the entry point ---------------------------------------------------------------
-def compress_model(model, *, ratio=None, rank=None, energy=None, tol=None, calibration=None,
-                   include=None, exclude=None, allocation=None, sequential=False,
-                   device=None, process_group=None, progress=None):
+def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | None = None,
+                   energy: float | None = None, tol: float | None = None,
+                   calibration: Callable[[nn.Module], object] | Iterable | None = None,
+                   include: str | Sequence[str] | None = None,
+                   exclude: str | Sequence[str] | None = None, allocation: str | None = None,
+                   sequential: bool = False, device: torch.device | str | int | None = None,
+                   process_group: object = None,
+                   progress: bool | None = None) -> CompressionReport:
     """Replace the model's ``nn.Linear`` layers by ``LowRankLinear``, in place.
 
     transformers' ``Conv1D`` layers (GPT-2 and its relatives: a linear layer

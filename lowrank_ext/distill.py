@@ -13,13 +13,16 @@ count alike. For dict batches with an ``attention_mask``, padding positions of
 token-level tensors (leading dimensions equal to the mask's) are left out.
 """
 
+from __future__ import annotations
+
 import itertools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .calibration import call_with_batch
 from .compress import name_matches
@@ -187,8 +190,11 @@ def _pairs(label, student, teacher):
     return list(zip(s, t))
 
 
-def distill(model, teacher, data, *, steps, lr=1e-4, match=None, loss=None, parameters=None,
-            warmup=0.05, max_grad_norm=None, progress=None):
+def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
+            lr: float = 1e-4, match: str | Sequence[str] | None = None,
+            loss: Callable | None = None, parameters: str | Iterable | None = None,
+            warmup: float = 0.05, max_grad_norm: float | None = None,
+            progress: bool | None = None) -> DistillResult:
     """Train ``model``'s low-rank factors so that its outputs match ``teacher``'s on ``data``.
 
     Args:

@@ -1,5 +1,7 @@
 """backend_info(): which kernels are in use, and why."""
 
+from __future__ import annotations
+
 import torch
 
 from . import _backend
@@ -12,7 +14,7 @@ def _has_kernel(op, key):
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank_ext::{op}", key)
 
 
-def backend_info():
+def backend_info() -> dict:
     """A dict describing the active backend.
 
     Keys: ``compiled`` (the C++ extension is loaded), ``cpu`` / ``cuda`` (compiled

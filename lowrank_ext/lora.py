@@ -9,9 +9,11 @@ every adapter into its base layer and puts the plain ``nn.Linear`` back
 a while (peft's ``disable_adapter``).
 """
 
+from __future__ import annotations
+
 import contextlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,8 +43,10 @@ def _adapter_parameters(adapters):
     return params
 
 
-def add_lora(model, rank, alpha=None, *, include=None, exclude=None, init="default",
-             dropout=0.0, rslora=False, freeze=True):
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
+             include: str | Sequence[str] | None = None,
+             exclude: str | Sequence[str] | None = None, init: str = "default",
+             dropout: float = 0.0, rslora: bool = False, freeze: bool = True) -> list[str]:
     """Wrap the model's ``nn.Linear`` layers in :class:`LoRALinear`, in place.
 
     Args:
@@ -112,7 +116,7 @@ def add_lora(model, rank, alpha=None, *, include=None, exclude=None, init="defau
     return names
 
 
-def lora_state_dict(model):
+def lora_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """The ``A`` and ``B`` of every ``LoRALinear`` in ``model``, keyed as in ``model.state_dict()``.
 
     Tensors are detached and share memory with the parameters; save them with
@@ -125,7 +129,7 @@ def lora_state_dict(model):
     return OrderedDict((key, p.detach()) for key, p in _adapter_parameters(adapters).items())
 
 
-def load_lora_state_dict(model, state_dict):
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load adapters saved by :func:`lora_state_dict` into a model with the same adapters.
 
     The keys must be exactly the model's adapter keys and every shape must
@@ -162,7 +166,7 @@ def load_lora_state_dict(model, state_dict):
             param.copy_(state_dict[key])
 
 
-def merge_lora(model):
+def merge_lora(model: nn.Module) -> list[str]:
     """Fold every adapter into its base layer and put the ``nn.Linear`` back, in place.
 
     Layers already merged are just unwrapped. The base layers keep their
@@ -184,7 +188,7 @@ def merge_lora(model):
 
 
 @contextlib.contextmanager
-def disable_lora(model):
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every ``LoRALinear`` of ``model`` computes ``base(x)`` alone.
 
     peft's ``disable_adapter()``: the base model's outputs (a reference model

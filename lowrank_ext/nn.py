@@ -6,12 +6,14 @@
 optional PiSSA initialisation, merge/unmerge).
 """
 
+from __future__ import annotations
+
 import math
 import numbers
 import warnings
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .ops import lora_linear, lowrank_linear
 from .svd import svd_truncate
@@ -74,7 +76,8 @@ class LowRankLinear(nn.Module):
         85
     """
 
-    def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         _check_positive_int("LowRankLinear", "in_features", in_features)
         _check_positive_int("LowRankLinear", "out_features", out_features)
@@ -115,8 +118,10 @@ class LowRankLinear(nn.Module):
                 f"rank={self.rank}, bias={self.bias is not None}")
 
     @classmethod
-    def from_linear(cls, linear, rank=None, *, energy=None, tol=None, ratio=None,
-                    balanced=False, method="exact"):
+    def from_linear(cls, linear: nn.Linear, rank: int | None = None, *,
+                    energy: float | None = None, tol: float | None = None,
+                    ratio: float | None = None, balanced: bool = False,
+                    method: str = "exact") -> LowRankLinear:
         """A ``LowRankLinear`` approximating ``linear`` by truncated SVD of its weight.
 
         Give exactly one of ``rank``, ``energy``, ``tol`` (as in
@@ -150,7 +155,7 @@ class LowRankLinear(nn.Module):
         return cls.from_factors(A, B, None if linear.bias is None else linear.bias.detach())
 
     @classmethod
-    def from_factors(cls, A, B, bias=None):
+    def from_factors(cls, A: Tensor, B: Tensor, bias: Tensor | None = None) -> LowRankLinear:
         """A layer holding copies of the given factors ``A`` (r, k), ``B`` (d, r) and ``bias``."""
         owner = "LowRankLinear.from_factors"
         for name, t in (("A", A), ("B", B), ("bias", bias)):
@@ -178,7 +183,7 @@ class LowRankLinear(nn.Module):
             layer.bias = nn.Parameter(bias.detach().clone().to(A.dtype))
         return layer
 
-    def to_linear(self):
+    def to_linear(self) -> nn.Linear:
         """The dense ``nn.Linear`` with weight ``B·A`` and this layer's bias."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.A.dtype)
@@ -231,7 +236,8 @@ class LoRALinear(nn.Module):
     # default, so that layers pickled before it existed still load.)
     adapter_enabled = True
 
-    def __init__(self, base, rank, alpha=None, *, init="default", dropout=0.0, rslora=False):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, *,
+                 init: str = "default", dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
@@ -296,7 +302,7 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.base.weight, self.A, self.B, self.base.bias, self.scale)
 
     @torch.no_grad()
-    def merge(self):
+    def merge(self) -> LoRALinear:
         """Fold the adapter into ``base.weight``; forward is then ``base(x)`` alone."""
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
@@ -306,7 +312,7 @@ class LoRALinear(nn.Module):
         return self
 
     @torch.no_grad()
-    def unmerge(self):
+    def unmerge(self) -> LoRALinear:
         """Take the adapter back out of ``base.weight`` (undoes :meth:`merge`)."""
         if not self.merged:
             warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)

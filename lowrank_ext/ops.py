@@ -9,9 +9,12 @@ tracing and tensor subclasses work. Under a ``torch.func`` transform the call
 goes through ``_functorch``, whose autograd formulas functorch can see.
 """
 
+from __future__ import annotations
+
 import math
 
 import torch
+from torch import Tensor
 
 from . import _backend, _checks, _functorch
 from ._library import ops
@@ -21,7 +24,7 @@ _fast_lora_linear = getattr(_backend._C, "lora_linear", None)
 _is_compiling = torch.compiler.is_compiling
 
 
-def lowrank_linear(x, A, B, bias=None):
+def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y = (x·Aᵀ)·Bᵀ + bias``, the low-rank linear map ``W ≈ B·A`` applied to ``x``.
 
     Args:
@@ -50,7 +53,8 @@ def lowrank_linear(x, A, B, bias=None):
     return ops.lowrank_linear.default(x, A, B, bias)
 
 
-def lora_linear(x, W, A, B, bias=None, scale=1.0):
+def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None,
+                scale: float = 1.0) -> Tensor:
     """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ``: a frozen linear layer plus a LoRA adapter.
 
     Args:

@@ -12,6 +12,8 @@ that uses ``LoRALinear`` as a peft adapter directory, which
 ``PeftModel.from_pretrained`` loads onto the original model.
 """
 
+from __future__ import annotations
+
 import collections
 import json
 import math
@@ -94,7 +96,7 @@ def _convert(layer, base, adapter, cast_notes):
     return new
 
 
-def from_peft(model, adapter=None):
+def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """Replace every peft LoRA ``Linear`` layer of ``model`` by a :class:`LoRALinear`, in place.
 
     Args:
@@ -190,7 +192,8 @@ def _dropout_p(lora):
     return lora.dropout.p if isinstance(lora.dropout, nn.Dropout) else 0.0
 
 
-def save_peft_adapter(model, directory, *, base_model_name_or_path=None):
+def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
+                      base_model_name_or_path: str | None = None) -> list[str]:
     """Write the model's ``LoRALinear`` adapters as a peft adapter directory.
 
     ``directory`` gets ``adapter_model.safetensors`` (``lora_A`` / ``lora_B``

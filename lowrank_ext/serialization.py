@@ -8,6 +8,8 @@ transformers ``Conv1D``) layers of a freshly built model for ``LowRankLinear``
 of the stored ranks, then loads.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import tempfile
@@ -143,7 +145,7 @@ def unreadable_error(owner, path, exc):
     return ValueError(f"{_prefix(owner)}cannot read {path} as safetensors: {reason}")
 
 
-def save_compressed(model, path):
+def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
     """Write ``model``'s weights and its ``LowRankLinear`` ranks to ``path`` (safetensors).
 
     Returns ``{layer name: rank}``. Tensors shared between modules are stored
@@ -185,7 +187,8 @@ def read_ranks(path):
         raise ValueError(f"load_compressed: {path} has malformed {METADATA_KEY!r} metadata") from None
 
 
-def load_compressed(model, path, *, strict=True):
+def load_compressed(model: nn.Module, path: str | os.PathLike, *,
+                    strict: bool = True) -> dict[str, int]:
     """Load a file from :func:`save_compressed` into a freshly built original ``model``.
 
     Each ``nn.Linear`` named in the file's metadata is replaced (in place) by a

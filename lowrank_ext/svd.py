@@ -5,10 +5,13 @@ The factorization itself is the op ``torch.ops.lowrank_ext.svd_truncate``
 the rank from an energy or error target and offers a randomized method.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
 
 import torch
+from torch import Tensor
 
 from . import _checks
 from ._fallback import factors_from_svd
@@ -43,7 +46,7 @@ def _check_criteria(fn, rank, energy, tol):
         raise ValueError(f"{fn}: tol must be >= 0, got {tol}")
 
 
-def choose_rank(S, *, energy=None, tol=None):
+def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = None) -> int:
     """The smallest rank meeting a target, from singular values ``S`` (descending).
 
     ``energy`` in (0, 1]: the smallest r whose leading singular values hold that
@@ -77,8 +80,10 @@ def choose_rank(S, *, energy=None, tol=None):
     return int(torch.nonzero(ok)[0, 0]) + 1
 
 
-def svd_truncate(W, rank=None, *, energy=None, tol=None, balanced=False, method="exact",
-                 niter=2, generator=None):
+def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = None,
+                 tol: float | None = None, balanced: bool = False, method: str = "exact",
+                 niter: int = 2, generator: torch.Generator | None = None
+                 ) -> tuple[Tensor, Tensor]:
     """Factor ``W`` (d, k) as ``B·A`` with B (d, r) and A (r, k), by truncated SVD.
 
     Exactly one of:

@@ -29,7 +29,7 @@ def test_sdist_holds_every_source_and_header(tmp_path):
     with tarfile.open(archive) as tar:
         packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     wanted = _sources("csrc") | _sources("tests") | _sources("lowrank_ext")
-    wanted |= {"setup.py", "pyproject.toml", "README.md"}
+    wanted |= {"setup.py", "pyproject.toml", "README.md", "lowrank_ext/py.typed"}
     missing = sorted(wanted - packed)
     assert not missing, f"missing from the sdist: {missing}"
     assert not [n for n in packed if n.endswith((".so", ".pyc", ".o"))]
