@@ -7,7 +7,6 @@ the rank from an energy or error target and offers a randomized method.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch

@@ -7,7 +7,6 @@ so a dense W formed anywhere on the way would show.
 """
 
 import ctypes
-import os
 
 import pytest
 import torch
