@@ -49,7 +49,7 @@ DEFAULT_CPU_DTYPES = ("float32", "bfloat16")
 # LoRA on a 4096 × 4096 layer: decode-sized batches, where the fused op reads
 # W once, and a prefill-sized one, where the dense product dominates.
 DEFAULT_CPU_LORA_SHAPES = ((1, 4096, 16, 4096), (4, 4096, 16, 4096), (16, 4096, 16, 4096),
-                           (512, 4096, 16, 4096))
+                           (64, 4096, 16, 4096), (512, 4096, 16, 4096))
 DEFAULT_CUDA_LORA_SHAPES = ((1, 4096, 16, 4096), (16, 4096, 16, 4096), (8192, 4096, 16, 4096))
 DEFAULT_CUDA_SHAPES = ((1, 4096, 16, 4096), (16, 4096, 64, 4096), (8192, 4096, 64, 4096),
                        (8192, 8192, 256, 8192))

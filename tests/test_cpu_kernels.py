@@ -382,7 +382,7 @@ def _few_rows_expected(kernel, dtype, M, slow_from, fast):
 def _few_rows_stream_expected(kernel, dtype, M):
     """Whether lora_linear's dense x·Wᵀ should run on the shrink kernels here."""
     return _few_rows_expected(kernel, dtype, M, 2,
-                              {torch.float32: (1, 8), torch.bfloat16: (1, 4)})
+                              {torch.float32: (1, 128), torch.bfloat16: (1, 32)})
 
 
 def _run_counting_dense_products(fn, d, k):
@@ -398,12 +398,13 @@ def _run_counting_dense_products(fn, d, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("M", [1, 2, 4, 5, 8, 9, 63, 64])
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 9, 32, 33, 63, 64, 128, 129])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_lora_few_rows_dense_product(kernel, dtype, M, bias):
     from reference import lora_reference
 
-    k, r, d = 67, 5, 45
+    # d = 150: the stream takes W's rows 32 at a time, with a tail.
+    k, r, d = 67, 5, 150
     x, A, B, b = make(M, k, r, d, dtype, bias)
     W = (torch.randn(d, k) * k ** -0.5).to(dtype)
     (y, t), hits = _run_counting_dense_products(
