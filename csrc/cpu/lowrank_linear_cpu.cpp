@@ -683,15 +683,19 @@ at::Tensor few_rows_product_cpu(const at::Tensor& x2, const at::Tensor& W) {
 bool use_few_rows_backward(const at::Tensor& gy, int64_t rows) {
   // Measured on lora_linear's training step at 4096 × 4096 (r = 16), 2 Zen 4
   // cores, ATen / stream: float16 without a fast ATen GEMM 29–97× at 1–32
-  // rows (ATen's float16 gy·W took 108 ms at one row); float32 0.91, 1.39,
-  // 1.57, 1.26, 0.96 at 1, 2, 4, 8, 12 rows; bfloat16 on oneDNN 1.24, 1.03,
-  // 0.94 at 1, 2, 4 rows. Where the half type's GEMM is slow, the backward
-  // widens to float32 from 64 rows instead.
+  // rows (ATen's float16 gy·W took 108 ms at one row); bfloat16 on oneDNN
+  // 1.24, 1.03, 0.94 at 1, 2, 4 rows (1.07–1.35 and 1.01–1.10 at 1 and 2 in
+  // later runs). float32, the backward alone, with the panel kernel for 4 rows
+  // and more (avx2::rows_times_weight): 0.88–0.90 at 1 row, 1.57–1.96 at 2,
+  // 1.54–1.91 at 4–16, 1.32–1.69 at 32–128 and 1.07–1.11 at 512 rows of
+  // 4096 × 4096; at 16 rows of (k, d) = (1024, 1024), (768, 3072), (3072, 768)
+  // 1.21, 1.02, 1.38, but at 64 rows 1.00, 0.91, 1.32. Where the half type's
+  // GEMM is slow, the backward widens to float32 from 64 rows instead.
   if (half_gemm_is_slow(gy)) {
     return rows >= 1 && rows < kWidenDenseMinRows;
   }
   switch (gy.scalar_type()) {
-    case at::kFloat: return rows >= 2 && rows <= 8;
+    case at::kFloat: return rows >= 2 && rows <= 16;
     case at::kBFloat16: return rows == 1;
     default: return false;
   }
