@@ -23,7 +23,7 @@ from ._library import _lora_grads, _lowrank_grads, ops
 transforms_active = torch._C._functorch.peek_interpreter_stack
 
 
-class LowRankLinear(torch.autograd.Function):
+class LowRankLinearFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
@@ -52,7 +52,7 @@ class LowRankLinear(torch.autograd.Function):
         return _full_tangent(dy, x, B.shape[0]), None
 
 
-class LoRALinear(torch.autograd.Function):
+class LoRALinearFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
@@ -111,8 +111,8 @@ def _full_tangent(tangent, x, d):
 
 
 def lowrank_linear(x, A, B, bias):
-    return LowRankLinear.apply(x, A, B, bias)[0]
+    return LowRankLinearFunction.apply(x, A, B, bias)[0]
 
 
 def lora_linear(x, W, A, B, bias, scale):
-    return LoRALinear.apply(x, W, A, B, bias, scale)[0]
+    return LoRALinearFunction.apply(x, W, A, B, bias, scale)[0]
