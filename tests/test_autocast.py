@@ -141,12 +141,10 @@ def test_modules_give_the_dtype_nn_linear_gives(device):
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
-peft = pytest.importorskip("peft")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW)
 def test_lora_linear_matches_peft_under_autocast(dtype, device):
+    peft = pytest.importorskip("peft")
     base = nn.Linear(48, 32, device=device)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"], init_lora_weights=False)
     peft_model = peft.get_peft_model(nn.Sequential(OrderedDict(fc=copy.deepcopy(base))), config)
@@ -176,3 +174,10 @@ def test_torch_compile_under_autocast_matches_eager(device):
         got = compiled(x)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_autocast_rules_are_registered_for_cpu_and_cuda(name, key):
+    # Checked without a GPU: the CUDA rule must be there for when one is used.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank_ext::{name}", key)
