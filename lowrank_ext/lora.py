@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._modules import replace_module
+from ._modules import dense_weight, replace_module
 from ._names import preview
 from .compress import plain_linears, select_names
 from .nn import LoRALinear, _check_positive_int, check_lora_options
@@ -49,6 +49,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
              dropout: float = 0.0, rslora: bool = False, freeze: bool = True) -> list[str]:
     """Wrap the model's ``nn.Linear`` layers in :class:`LoRALinear`, in place.
 
+    transformers' ``Conv1D`` layers (GPT-2's) are wrapped too, as peft does
+    with ``fan_in_fan_out=True``.
+
     Args:
         model: any ``nn.Module``.
         rank, alpha, init, dropout, rslora: as :class:`LoRALinear`, the same
@@ -77,13 +80,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     if type(model) is nn.Linear:
         raise TypeError("add_lora: the model is itself an nn.Linear; wrap it with "
                         "LoRALinear(model, rank) instead")
-    linears = plain_linears(model)
+    linears = plain_linears(model, conv1d=True)
     if not linears:
-        raise ValueError("add_lora: the model has no nn.Linear layer to wrap")
+        raise ValueError("add_lora: the model has no nn.Linear (or Conv1D) layer to wrap")
     names = select_names(list(linears), include, exclude, owner="add_lora",
-                         what="nn.Linear layer")
+                         what="nn.Linear (or Conv1D) layer")
     for name in names:
-        d, k = linears[name].weight.shape
+        d, k = dense_weight(linears[name]).shape
         if not 1 <= rank <= min(d, k):
             raise ValueError(f"add_lora: rank must be in [1, min(out, in)] for every chosen "
                              f"layer; {name} is {d}×{k}, got rank {rank}")

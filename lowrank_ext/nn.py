@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ._modules import dense_weight, is_conv1d
 from .ops import lora_linear, lowrank_linear
 from .svd import svd_truncate
 
@@ -230,18 +231,24 @@ class LoRALinear(nn.Module):
 
     ``base``'s parameters are frozen (``requires_grad=False``). :meth:`merge`
     folds ``scale·B·A`` into ``base.weight``; :meth:`unmerge` takes it out.
+
+    ``base`` may also be a transformers ``Conv1D`` (GPT-2's linear layers,
+    weight stored as (in, out)); the adapter then works on its transpose, as
+    peft's ``fan_in_fan_out=True`` does.
     """
 
     # False inside lowrank_ext.disable_lora: forward is base(x) alone. (A class
     # default, so that layers pickled before it existed still load.)
     adapter_enabled = True
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, *,
+    def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *,
                  init: str = "default", dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
-        d, k = base.weight.shape
+        if not isinstance(base, nn.Linear) and not is_conv1d(base):
+            raise TypeError(f"LoRALinear: base must be an nn.Linear (or a transformers Conv1D), "
+                            f"got {type(base).__name__}")
+        # (out, in) whatever the base's layout: a Conv1D keeps its weight transposed.
+        d, k = dense_weight(base).shape
         _check_rank("LoRALinear", rank, d, k)
         alpha = check_lora_options("LoRALinear", rank, alpha, init, dropout, rslora)
 
@@ -258,16 +265,16 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         else:
             with torch.no_grad():
-                B_full, A_full = svd_truncate(base.weight.detach(), rank, balanced=True)
+                B_full, A_full = svd_truncate(dense_weight(base).detach(), rank, balanced=True)
                 root = math.sqrt(self.scale)
                 B, A = B_full / root, A_full / root
-                residual = base.weight.detach() - _dense_product(B, A, self.scale)
+                residual = dense_weight(base).detach() - _dense_product(B, A, self.scale)
         # Everything is computed: only now change what the caller gave.
         self.base = base
         self.base.requires_grad_(False)
         if residual is not None:
             with torch.no_grad():
-                self.base.weight.copy_(residual)
+                dense_weight(self.base).copy_(residual)
         self.A = nn.Parameter(A.contiguous())
         self.B = nn.Parameter(B.contiguous())
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -275,11 +282,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self):
-        return self.base.in_features
+        return dense_weight(self.base).shape[1]
 
     @property
     def out_features(self):
-        return self.base.out_features
+        return dense_weight(self.base).shape[0]
 
     # Code written for nn.Linear reads these (transformers' T5 checks
     # ``wo.weight.dtype`` in its forward); peft's LoRA layers expose them too.
@@ -299,7 +306,8 @@ class LoRALinear(nn.Module):
         if self.training and isinstance(self.dropout, nn.Dropout):
             # The adapter sees dropout(x), the base layer x itself (as in peft).
             return self.base(x) + self.scale * lowrank_linear(self.dropout(x), self.A, self.B)
-        return lora_linear(x, self.base.weight, self.A, self.B, self.base.bias, self.scale)
+        return lora_linear(x, dense_weight(self.base), self.A, self.B, self.base.bias,
+                           self.scale)
 
     @torch.no_grad()
     def merge(self) -> LoRALinear:
@@ -307,7 +315,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
             return self
-        self.base.weight += _dense_product(self.B, self.A, self.scale)
+        weight = dense_weight(self.base)  # a view: the base's own tensor changes
+        weight += _dense_product(self.B, self.A, self.scale)
         self.merged = True
         return self
 
@@ -317,7 +326,8 @@ class LoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
             return self
-        self.base.weight -= _dense_product(self.B, self.A, self.scale)
+        weight = dense_weight(self.base)
+        weight -= _dense_product(self.B, self.A, self.scale)
         self.merged = False
         return self
 

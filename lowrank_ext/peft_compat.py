@@ -22,7 +22,7 @@ import warnings
 
 from torch import nn
 
-from ._modules import replace_module
+from ._modules import is_conv1d, replace_module
 from .lora import _adapters, _check_model
 from .nn import LoRALinear
 from .serialization import atomic_write, check_path
@@ -52,12 +52,16 @@ def _choose_adapter(layers, adapter):
 
 def _check_supported(name, layer, adapter):
     base = layer.get_base_layer()
-    if not isinstance(base, nn.Linear):
+    conv1d = is_conv1d(base)
+    if not isinstance(base, nn.Linear) and not conv1d:
         raise TypeError(f"from_peft: layer {name!r} adapts a {type(base).__name__}; only "
-                        "nn.Linear base layers convert")
-    if getattr(layer, "fan_in_fan_out", False):
-        raise ValueError(f"from_peft: layer {name!r} stores its weight transposed "
-                         "(fan_in_fan_out=True); only nn.Linear layouts convert")
+                        "nn.Linear and transformers Conv1D base layers convert")
+    if bool(getattr(layer, "fan_in_fan_out", False)) != conv1d:
+        # LoRALinear reads a Conv1D's weight transposed and an nn.Linear's as
+        # it is; peft follows its fan_in_fan_out flag instead.
+        raise ValueError(f"from_peft: layer {name!r} has fan_in_fan_out="
+                         f"{bool(getattr(layer, 'fan_in_fan_out', False))} over a "
+                         f"{type(base).__name__}; only the layout of the base layer converts")
     if adapter not in layer.lora_A:
         return base
     # Older peft releases lack some of these per-adapter dicts.
@@ -113,8 +117,9 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     to the base layer's dtype, with a warning: ``lora_linear`` takes one dtype.
 
     Everything is checked and built before any module is swapped: DoRA and
-    other variants, ``lora_bias``, transposed (``fan_in_fan_out``) and
-    non-Linear base layers raise and leave the model as it was.
+    other variants, ``lora_bias``, base layers other than ``nn.Linear`` and
+    transformers' ``Conv1D`` (taken with ``fan_in_fan_out=True``, as peft
+    requires) raise and leave the model as it was.
 
     Returns:
         The converted module (``model``, or its base model for a ``PeftModel``).
@@ -167,6 +172,11 @@ def _adapter_config(adapters, base_model_name_or_path):
                 f"save_peft_adapter: layer {name!r} has scale {lora.scale}, not alpha / "
                 f"{'√rank' if lora.rslora else 'rank'} = {expected}; a peft config cannot "
                 "express it")
+    transposed = {name: is_conv1d(lora.base) for name, lora in adapters.items()}
+    if len(set(transposed.values())) > 1:
+        raise ValueError("save_peft_adapter: peft keeps one fan_in_fan_out setting per "
+                         "adapter, but the model adapts both nn.Linear and Conv1D layers: "
+                         f"{transposed}")
     rank = _most_common([lora.rank for lora in adapters.values()])
     alpha = _most_common([lora.alpha for lora in adapters.values()])
     first = next(iter(adapters.values()))
@@ -183,7 +193,7 @@ def _adapter_config(adapters, base_model_name_or_path):
         "rank_pattern": {n: a.rank for n, a in adapters.items() if a.rank != rank},
         "alpha_pattern": {n: a.alpha for n, a in adapters.items() if a.alpha != alpha},
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(transposed.values()),
         "init_lora_weights": True,
     }
 

@@ -91,7 +91,90 @@ def test_gpt2_compresses_saves_and_loads(tmp_path):
         torch.testing.assert_close(fresh(ids).logits, logits, rtol=0, atol=0)
 
 
-def test_add_lora_targets_nn_linear_only():
-    with pytest.raises(ValueError,
-                       match="include pattern 'proj' matches no nn.Linear layer \\(candidates: out"):
-        lx.add_lora(ConvNet(), 2, include="proj")
+def _gpt2_pair(rank=4, alpha=8):
+    """(tiny GPT-2 with peft adapters on its Conv1D layers, a copy with ours, the
+    plain copy), the adapters' weights equal."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=60,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ours, plain = copy.deepcopy(model), copy.deepcopy(model)
+    targets = ["c_attn", "c_fc"]
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, fan_in_fan_out=True,
+        init_lora_weights=False)).eval()
+    names = lx.add_lora(ours, rank, alpha, include=targets)
+    assert len(names) == 4 and all(type(plain.get_submodule(n)) is Conv1D for n in names)
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name in names:
+            ours.get_submodule(name).A.copy_(inner.get_submodule(name).lora_A["default"].weight)
+            ours.get_submodule(name).B.copy_(inner.get_submodule(name).lora_B["default"].weight)
+    return peft_model, ours.eval(), plain, names
+
+
+def test_lora_on_conv1d_equals_peft_fan_in_fan_out():
+    peft_model, ours, plain, names = _gpt2_pair()
+    ids = torch.randint(0, 60, (2, 10))
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected)
+        layer = ours.get_submodule(names[0])
+        assert (layer.in_features, layer.out_features) == (32, 96)
+        assert layer.weight is layer.base.weight and layer.weight.shape == (32, 96)
+        # Merged: the same weights as peft's merge, in Conv1D's layout.
+        peft_model.merge_adapter()
+        for name in names:
+            ours.get_submodule(name).merge()
+            torch.testing.assert_close(ours.get_submodule(name).base.weight,
+                                       peft_model.base_model.model.get_submodule(name).weight)
+        torch.testing.assert_close(ours(ids).logits, expected)
+        for name in names:
+            ours.get_submodule(name).unmerge()
+        torch.testing.assert_close(ours(ids).logits, expected)
+        with lx.disable_lora(ours):
+            torch.testing.assert_close(ours(ids).logits, plain(ids).logits)
+    # Training reaches A and B of every adapter.
+    ours.train()
+    ours(ids).logits.square().mean().backward()
+    assert all(ours.get_submodule(n).A.grad is not None for n in names)
+
+
+def test_lora_on_conv1d_pissa_keeps_outputs_and_merge_lora_unwraps():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=60,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 60, (2, 10))
+    with torch.no_grad():
+        before = model(ids).logits
+        lx.add_lora(model, 4, include="c_proj", init="pissa")
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-5)
+        lx.merge_lora(model)
+    assert type(model.transformer.h[0].attn.c_proj) is Conv1D
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-5)
+
+
+def test_from_peft_and_save_peft_adapter_with_conv1d(tmp_path):
+    peft = pytest.importorskip("peft")
+    peft_model, ours, plain, names = _gpt2_pair()
+    ids = torch.randint(0, 60, (2, 10))
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    converted = lx.from_peft(peft_model)
+    assert all(isinstance(converted.get_submodule(n), lx.LoRALinear) for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, expected)
+    lx.save_peft_adapter(ours, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "adapter").eval()
+    assert loaded.peft_config["default"].fan_in_fan_out is True
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected)
+    # One fan_in_fan_out per adapter: Linear and Conv1D layers together cannot be saved.
+    mixed = copy.deepcopy(plain)
+    lx.add_lora(mixed, 2, include=["c_attn", "lm_head"])
+    with pytest.raises(ValueError, match="one fan_in_fan_out setting"):
+        lx.save_peft_adapter(mixed, tmp_path / "mixed")
