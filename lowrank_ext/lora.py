@@ -34,6 +34,14 @@ def _adapters(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _require_adapters(owner, model):
+    """:func:`_adapters`, or a ValueError naming ``owner`` when the model has none."""
+    adapters = _adapters(model)
+    if not adapters:
+        raise ValueError(f"{owner}: the model has no LoRALinear layer")
+    return adapters
+
+
 def _adapter_parameters(adapters):
     """{state-dict key: parameter} for the A and B of each adapter, in order."""
     params = OrderedDict()
@@ -126,9 +134,7 @@ def lora_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     ``torch.save`` or ``safetensors.torch.save_file``.
     """
     _check_model("lora_state_dict", model)
-    adapters = _adapters(model)
-    if not adapters:
-        raise ValueError("lora_state_dict: the model has no LoRALinear layer")
+    adapters = _require_adapters("lora_state_dict", model)
     return OrderedDict((key, p.detach()) for key, p in _adapter_parameters(adapters).items())
 
 
@@ -143,9 +149,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"load_lora_state_dict: state_dict must be a mapping, got "
                         f"{type(state_dict).__name__}")
-    adapters = _adapters(model)
-    if not adapters:
-        raise ValueError("load_lora_state_dict: the model has no LoRALinear layer")
+    adapters = _require_adapters("load_lora_state_dict", model)
     targets = _adapter_parameters(adapters)
     missing = [key for key in targets if key not in state_dict]
     unexpected = [key for key in state_dict if key not in targets]
@@ -177,9 +181,7 @@ def merge_lora(model: nn.Module) -> list[str]:
     the names of the layers unwrapped.
     """
     _check_model("merge_lora", model)
-    adapters = _adapters(model)
-    if not adapters:
-        raise ValueError("merge_lora: the model has no LoRALinear layer")
+    adapters = _require_adapters("merge_lora", model)
     if "" in adapters:
         raise ValueError("merge_lora: the model is itself a LoRALinear; call its merge() "
                          "and use its .base")
@@ -201,9 +203,7 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     holds the adapter: unmerge them first. Blocks may nest.
     """
     _check_model("disable_lora", model)
-    adapters = _adapters(model)
-    if not adapters:
-        raise ValueError("disable_lora: the model has no LoRALinear layer")
+    adapters = _require_adapters("disable_lora", model)
     merged = [name or "(the model)" for name, lora in adapters.items() if lora.merged]
     if merged:
         raise ValueError(f"disable_lora: layer(s) {preview(merged)} are merged; call "

@@ -43,12 +43,13 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
         >>> B, A = svd_truncate(W, rank=2)
         >>> y = lowrank_linear(x, A, B, bias)   # == x @ (B @ A).T + bias
     """
-    if _fast_lowrank_linear is not None and not _is_compiling():
+    eager = not _is_compiling()
+    if _fast_lowrank_linear is not None and eager:
         y = _fast_lowrank_linear(x, A, B, bias)
         if y is not NotImplemented:
             return y
     _checks.check_is_tensor("lowrank_linear", x=x, A=A, B=B, bias=bias)
-    if not _is_compiling() and _functorch.transforms_active() is not None:
+    if eager and _functorch.transforms_active() is not None:
         return _functorch.lowrank_linear(x, A, B, bias)
     return ops.lowrank_linear.default(x, A, B, bias)
 
@@ -66,7 +67,8 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"lora_linear: scale must be a real number, got {type(scale).__name__}")
     scale = float(scale)
-    if _fast_lora_linear is not None and not _is_compiling():
+    eager = not _is_compiling()
+    if _fast_lora_linear is not None and eager:
         y = _fast_lora_linear(x, W, A, B, bias, scale)
         if y is not NotImplemented:
             return y
@@ -74,8 +76,8 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     # Under torch.compile a scale that differs between compiled layers becomes
     # a symbolic float, which math.isfinite cannot trace; the op's fake kernel
     # checks it there.
-    if not _is_compiling() and not math.isfinite(scale):
+    if eager and not math.isfinite(scale):
         raise ValueError(f"lora_linear: scale must be finite, got {scale}")
-    if not _is_compiling() and _functorch.transforms_active() is not None:
+    if eager and _functorch.transforms_active() is not None:
         return _functorch.lora_linear(x, W, A, B, bias, scale)
     return ops.lora_linear.default(x, W, A, B, bias, scale)

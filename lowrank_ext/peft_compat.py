@@ -23,7 +23,7 @@ import warnings
 from torch import nn
 
 from ._modules import is_conv1d, replace_module
-from .lora import _adapters, _check_model
+from .lora import _check_model, _require_adapters
 from .nn import LoRALinear
 from .serialization import atomic_write, check_path
 
@@ -81,8 +81,7 @@ def _check_supported(name, layer, adapter):
 
 def _convert(layer, base, adapter, cast_notes):
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    dropout = layer.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    p = _dropout_p(layer.lora_dropout[adapter])
     flags = {param: param.requires_grad for param in base.parameters()}
     new = LoRALinear(base, layer.r[adapter], layer.lora_alpha[adapter], dropout=p,
                      rslora=bool(getattr(layer, "use_rslora", {}).get(adapter, False)))
@@ -160,7 +159,7 @@ def _adapter_config(adapters, base_model_name_or_path):
     """peft's LoraConfig fields for these adapters (the most common rank and
     alpha, the others as rank_pattern / alpha_pattern)."""
     for option in ("rslora", "dropout"):
-        seen = {name: (lora.rslora if option == "rslora" else _dropout_p(lora))
+        seen = {name: (lora.rslora if option == "rslora" else _dropout_p(lora.dropout))
                 for name, lora in adapters.items()}
         if len(set(seen.values())) > 1:
             raise ValueError(f"save_peft_adapter: peft keeps one {option} setting per adapter, "
@@ -187,7 +186,7 @@ def _adapter_config(adapters, base_model_name_or_path):
         "inference_mode": True,
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": _dropout_p(first),
+        "lora_dropout": _dropout_p(first.dropout),
         "use_rslora": first.rslora,
         "target_modules": list(adapters),
         "rank_pattern": {n: a.rank for n, a in adapters.items() if a.rank != rank},
@@ -198,8 +197,9 @@ def _adapter_config(adapters, base_model_name_or_path):
     }
 
 
-def _dropout_p(lora):
-    return lora.dropout.p if isinstance(lora.dropout, nn.Dropout) else 0.0
+def _dropout_p(module):
+    """The probability of a dropout module (peft's and ours), 0 for nn.Identity."""
+    return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
 def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
@@ -219,9 +219,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
 
     _check_model("save_peft_adapter", model)
     directory = check_path("save_peft_adapter", directory, "directory")
-    adapters = _adapters(model)
-    if not adapters:
-        raise ValueError("save_peft_adapter: the model has no LoRALinear layer")
+    adapters = _require_adapters("save_peft_adapter", model)
     if "" in adapters:
         raise TypeError("save_peft_adapter: the model is itself a LoRALinear; save a model "
                         "that holds it")
