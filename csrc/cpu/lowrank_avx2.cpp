@@ -473,16 +473,18 @@ constexpr PanelTile kStridedPanelTiles[kPanelRows] = {
 //
 // More rows: W is taken kRtwDBlock rows by kRtwCols columns at a time. The
 // block is read row by row (sequentially, from memory once) into a float32
-// panel laid out 16 columns at a time, [column group][row][16], and tiles of
-// up to 6 rows × 16 columns run down each group with their 12 sums in
-// registers: per row of W two loads of 8 weights and one broadcast of g per
-// row of the tile, each broadcast feeding two multiply-adds (110 GFLOP/s on
-// one Zen 4 core in isolation; tiles of 12 rows × 8 columns, one multiply-add
-// per broadcast, reached 39). The first version used the streaming form at
-// every row count and was 2.4× slower than ATen's GEMM at 32 rows.
+// panel laid out 16 columns at a time, [column group][row][16], and the packed
+// shrink's tiles (6 rows × 16 columns, 12 sums in registers) run down each
+// group: per row of W two loads of 8 weights and one broadcast of g per row of
+// the tile, each broadcast feeding two multiply-adds (110 GFLOP/s on one Zen 4
+// core in isolation; tiles of 12 rows × 8 columns, one multiply-add per
+// broadcast, reached 39). Unlike the weight gradient, which packs one panel at
+// a time down b's rows, the whole block is packed along W's rows: strided reads
+// of 64 bytes per row were latency-bound here. The first version used the
+// streaming form at every row count and was 2.4× slower than ATen's GEMM at 32
+// rows.
 constexpr int kRtwInFlight = 8;
 constexpr int64_t kRtwPanelRows = 4;
-constexpr int kRtwRows = 6;
 constexpr int64_t kRtwDBlock = 64;
 constexpr int64_t kRtwCols = 512;
 
@@ -525,39 +527,6 @@ void rows_times_weight_stream(
   }
 }
 
-// Sums of a tile of MR rows × 16 columns over `len` rows of a packed panel.
-template <int MR>
-void rows_times_weight_tile(
-    const float* g, int64_t ldg, const float* panel, int64_t len, float* out, int64_t ldo,
-    bool first) {
-  __m256 acc[MR][2];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    acc[i][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + i * ldo);
-    acc[i][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + i * ldo + 8);
-  }
-  for (int64_t o = 0; o < len; ++o) {
-    const __m256 w0 = _mm256_loadu_ps(panel + o * 16);
-    const __m256 w1 = _mm256_loadu_ps(panel + o * 16 + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 b = _mm256_broadcast_ss(g + i * ldg + o);
-      acc[i][0] = _mm256_fmadd_ps(b, w0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(b, w1, acc[i][1]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(out + i * ldo, acc[i][0]);
-    _mm256_storeu_ps(out + i * ldo + 8, acc[i][1]);
-  }
-}
-
-using RtwTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
-constexpr RtwTile kRtwTiles[kRtwRows] = {
-    rows_times_weight_tile<1>, rows_times_weight_tile<2>, rows_times_weight_tile<3>,
-    rows_times_weight_tile<4>, rows_times_weight_tile<5>, rows_times_weight_tile<6>};
-
 template <typename T>
 void rows_times_weight_panels(
     const float* g, int64_t ldg, int64_t rows, const T* W, int64_t d, int64_t n,
@@ -566,47 +535,33 @@ void rows_times_weight_panels(
   alignas(32) static thread_local float panel[kRtwDBlock * kRtwCols];
   for (int64_t b0 = c0; b0 < c1; b0 += kRtwCols) {
     const int64_t b1 = min64(c1, b0 + kRtwCols);
-    const int64_t full = (b1 - b0) / 16;       // groups of 16 columns
-    const int64_t groups = (b1 - b0 + 15) / 16; // and a zero-padded last one
+    const int64_t full = (b1 - b0) / kPanelCols;                    // whole groups
+    const int64_t groups = (b1 - b0 + kPanelCols - 1) / kPanelCols; // and a zero-padded one
     for (int64_t o0 = 0; o0 < d; o0 += kRtwDBlock) {
       const int64_t len = min64(kRtwDBlock, d - o0);
       for (int64_t o = 0; o < len; ++o) {
         const T* src = W + (o0 + o) * n + b0;
         for (int64_t q = 0; q < full; ++q) {
-          float* dst = panel + (q * len + o) * 16;
-          _mm256_storeu_ps(dst, load8(src + 16 * q));
-          _mm256_storeu_ps(dst + 8, load8(src + 16 * q + 8));
+          float* dst = panel + (q * len + o) * kPanelCols;
+          _mm256_storeu_ps(dst, load8(src + kPanelCols * q));
+          _mm256_storeu_ps(dst + 8, load8(src + kPanelCols * q + 8));
         }
         if (groups > full) {
-          float* dst = panel + (full * len + o) * 16;
-          for (int64_t c = 0; c < 16; ++c) {
-            dst[c] = b0 + 16 * full + c < b1 ? to_float(src[16 * full + c]) : 0.0f;
+          float* dst = panel + (full * len + o) * kPanelCols;
+          const int64_t start = kPanelCols * full;
+          for (int64_t c = 0; c < kPanelCols; ++c) {
+            dst[c] = b0 + start + c < b1 ? to_float(src[start + c]) : 0.0f;
           }
         }
       }
-      const bool first = o0 == 0;
-      for (int64_t i0 = 0; i0 < rows; i0 += kRtwRows) {
-        const int64_t mr = min64(kRtwRows, rows - i0);
-        const float* gi = g + i0 * ldg + o0;
-        for (int64_t q = 0; q < full; ++q) {
-          kRtwTiles[mr - 1](gi, ldg, panel + q * len * 16, len, out + i0 * ldo + b0 + 16 * q,
-                            ldo, first);
-        }
-        if (groups > full) {  // the last columns, through a full-width tile on the side
-          alignas(32) float side[kRtwRows * 16];
-          float* o_tail = out + i0 * ldo + b0 + 16 * full;
-          const int64_t width = b1 - b0 - 16 * full;
-          for (int64_t i = 0; i < mr; ++i) {
-            for (int64_t c = 0; c < 16; ++c) {
-              side[i * 16 + c] = !first && c < width ? o_tail[i * ldo + c] : 0.0f;
-            }
-          }
-          kRtwTiles[mr - 1](gi, ldg, panel + full * len * 16, len, side, 16, first);
-          for (int64_t i = 0; i < mr; ++i) {
-            for (int64_t c = 0; c < width; ++c) {
-              o_tail[i * ldo + c] = side[i * 16 + c];
-            }
-          }
+      // The packed shrink's tiles (kPanelTiles): 6 rows × 16 columns, the
+      // last group written only as far as b1.
+      for (int64_t i0 = 0; i0 < rows; i0 += kPanelRows) {
+        const int64_t mr = min64(kPanelRows, rows - i0);
+        for (int64_t q = 0; q < groups; ++q) {
+          const int64_t c = b0 + kPanelCols * q;
+          kPanelTiles[mr - 1](g + i0 * ldg + o0, ldg, panel + q * len * kPanelCols, len,
+                              out + i0 * ldo + c, ldo, min64(kPanelCols, b1 - c), o0 > 0, 1);
         }
       }
     }
