@@ -274,12 +274,16 @@ def test_double_backward_keeps_the_differentiable_path():
 
 
 # (len, m, n, threads): the rows contracted over, and the output's shape.
+# The kernel takes columns in blocks of up to 128 (8 panels of 16) and rows
+# of b in chunks of 256.
 WEIGHT_GRAD_SHAPES = [
     (300, 20, 70, 2),    # a 44-row chunk tail, a 2-row tile tail, a 6-column panel tail
     (256, 6, 16, 1),     # one chunk, one tile, one panel
     (513, 64, 33, 2),    # a 1-row chunk tail, a 1-column panel tail
-    (16, 1000, 17, 2),   # few panels: rows split into blocks, a 4-row block tail
-    (7, 50, 64, 3),      # 4 panels for 3 threads: row blocks of 6, a 2-row tail
+    (300, 13, 300, 2),   # blocks of 128, 128 and 44 columns (2 panels and 12 columns)
+    (40, 9, 4100, 2),    # 33 column blocks, the last one 4 columns: one row block
+    (16, 1000, 17, 2),   # one column block: rows split into blocks, a 4-row block tail
+    (7, 50, 64, 3),      # one column block for 3 threads: row blocks of 6, a 2-row tail
     (1, 1, 1, 1),
     (0, 3, 5, 1),        # nothing to contract: zeros
 ]

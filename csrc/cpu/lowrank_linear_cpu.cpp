@@ -548,23 +548,27 @@ at::Tensor weight_grad_cpu(const at::Tensor& a, const at::Tensor& b) {
   const float* bp = bc.const_data_ptr<float>();
   float* Gp = G.mutable_data_ptr<float>();
   const int64_t ldb = bc.stride(0);
-  // Items are (row block of G) × (panel of 16 columns). Few panels (a small
-  // rank) are split into row blocks too, so that every thread has work; a
-  // row block repacks its panel of b, which costs 1 / rows of its products.
-  const int64_t panels = (n + 15) / 16;
+  // Items are (row block of G) × (block of kWeightGradCols columns). Few
+  // column blocks (a small rank) are split into row blocks too, so that every
+  // thread has work; a row block repacks its columns of b, which costs
+  // 1 / rows of its products.
+  const int64_t col_blocks = (n + avx2::kWeightGradCols - 1) / avx2::kWeightGradCols;
   const int64_t wanted = kWeightGradItemsPerThread * at::get_num_threads();
   const int64_t row_blocks =
-      panels >= wanted ? 1 : std::min((m + 5) / 6, (wanted + panels - 1) / panels);
+      col_blocks >= wanted ? 1 : std::min((m + 5) / 6, (wanted + col_blocks - 1) / col_blocks);
   const int64_t block_rows = ((m + row_blocks - 1) / row_blocks + 5) / 6 * 6;
-  const int64_t items = (m + block_rows - 1) / block_rows * panels;
+  const int64_t items = (m + block_rows - 1) / block_rows * col_blocks;
   prefault_in_parallel(Gp, m * n * int64_t{sizeof(float)});
-  at::parallel_for(0, items, grain_for(block_rows * 16 * len), [&](int64_t i0, int64_t i1) {
-    std::vector<float> scratch(avx2::weight_grad_floats());
+  const int64_t item_cols = std::min(n, avx2::kWeightGradCols);
+  at::parallel_for(0, items, grain_for(block_rows * item_cols * len), [&](int64_t i0, int64_t i1) {
+    auto scratch = uninitialized<float>(avx2::weight_grad_floats());
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t row0 = item / panels * block_rows, q = item % panels;
+      const int64_t row0 = item / col_blocks * block_rows;
+      const int64_t c0 = item % col_blocks * avx2::kWeightGradCols;
       const int64_t rows = std::min(block_rows, m - row0);
-      avx2::weight_grad(Lp + row0 * ldl, ldl, ldj, rows, len, bp, ldb, q * 16,
-                        std::min(n, q * 16 + 16), Gp + row0 * n, n, scratch.data());
+      avx2::weight_grad(Lp + row0 * ldl, ldl, ldj, rows, len, bp, ldb, c0,
+                        std::min(n, c0 + avx2::kWeightGradCols), Gp + row0 * n, n,
+                        scratch.get());
     }
   });
   return G;
