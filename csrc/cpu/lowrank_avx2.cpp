@@ -463,6 +463,56 @@ constexpr PanelTile kStridedPanelTiles[kPanelRows] = {
     shrink_panel_tile<1, true>, shrink_panel_tile<2, true>, shrink_panel_tile<3, true>,
     shrink_panel_tile<4, true>, shrink_panel_tile<5, true>, shrink_panel_tile<6, true>};
 
+// G[i, c] = Σ_j L[i, j] · b[j, c] for rows i < m and columns c in [c0, c1),
+// where L[i, j] is at L + i·ldl + j·ldj: the product behind the weight
+// gradient and the panel form of rows_times_weight. b is taken `chunk` rows
+// by `block` columns at a time. Each such block is read row by row, along b's
+// rows (so from memory once and in order), into float32 panels of 16
+// columns, [panel][row][16], the last one zero-padded; then the 6 × 16 tiles
+// run over every panel in turn under one strip of L (6 × chunk, in L1), and G
+// accumulates chunk by chunk. Packing one 16-column panel at a time down b's
+// rows, the first form, read one 64-byte line per row, 16 KB apart at
+// n = 4096: latency-bound (84–131 GFLOP/s on 2 cores for the weight
+// gradient, 140–155 in this form). `scratch` holds chunk × block floats.
+template <typename T>
+void packed_panel_product(
+    const float* L, int64_t ldl, int64_t ldj, int64_t m, int64_t len, const T* b, int64_t ldb,
+    int64_t c0, int64_t c1, float* G, int64_t ldg, int64_t chunk, int64_t block,
+    float* scratch) {
+  const PanelTile* tiles = ldj == 1 ? kPanelTiles : kStridedPanelTiles;
+  for (int64_t b0 = c0; b0 < c1; b0 += block) {
+    const int64_t width = min64(c1, b0 + block) - b0;
+    const int64_t full = width / kPanelCols;                     // whole panels
+    const int64_t panels = (width + kPanelCols - 1) / kPanelCols; // and a zero-padded one
+    for (int64_t p0 = 0; p0 < len; p0 += chunk) {
+      const int64_t kc = min64(chunk, len - p0);
+      for (int64_t j = 0; j < kc; ++j) {
+        const T* row = b + (p0 + j) * ldb + b0;
+        for (int64_t q = 0; q < full; ++q) {
+          float* P = scratch + (q * kc + j) * kPanelCols;
+          _mm256_storeu_ps(P, load8(row + q * kPanelCols));
+          _mm256_storeu_ps(P + 8, load8(row + q * kPanelCols + 8));
+        }
+        if (full < panels) {
+          float* P = scratch + (full * kc + j) * kPanelCols;
+          const int64_t start = full * kPanelCols;
+          for (int64_t c = 0; c < kPanelCols; ++c) {
+            P[c] = start + c < width ? to_float(row[start + c]) : 0.0f;
+          }
+        }
+      }
+      for (int64_t i = 0; i < m; i += kPanelRows) {
+        const PanelTile tile = tiles[min64(kPanelRows, m - i) - 1];
+        for (int64_t q = 0; q < panels; ++q) {
+          tile(L + i * ldl + p0 * ldj, ldl, scratch + q * kc * kPanelCols, kc,
+               G + i * ldg + b0 + q * kPanelCols, ldg, min64(kPanelCols, width - q * kPanelCols),
+               p0 > 0, ldj);
+        }
+      }
+    }
+  }
+}
+
 // out[i, c] = Σ_o g[i, o] · W[o, c] for c in [c0, c1): g (rows × d) float32,
 // W (d × n) contiguous, two ways.
 //
@@ -471,18 +521,13 @@ constexpr PanelTile kStridedPanelTiles[kPanelRows] = {
 // eight rows of W, with eight multiply-adds in between, so the outputs stay in
 // L1 for the caller's column chunks.
 //
-// More rows: W is taken kRtwDBlock rows by kRtwCols columns at a time. The
-// block is read row by row (sequentially, from memory once) into a float32
-// panel laid out 16 columns at a time, [column group][row][16], and the packed
-// shrink's tiles (6 rows × 16 columns, 12 sums in registers) run down each
-// group: per row of W two loads of 8 weights and one broadcast of g per row of
-// the tile, each broadcast feeding two multiply-adds (110 GFLOP/s on one Zen 4
-// core in isolation; tiles of 12 rows × 8 columns, one multiply-add per
-// broadcast, reached 39). Unlike the weight gradient, which packs one panel at
-// a time down b's rows, the whole block is packed along W's rows: strided reads
-// of 64 bytes per row were latency-bound here. The first version used the
-// streaming form at every row count and was 2.4× slower than ATen's GEMM at 32
-// rows.
+// More rows: packed_panel_product with W taken kRtwDBlock rows by kRtwCols
+// columns at a time: per row of W two loads of 8 weights and one broadcast of
+// g per row of the tile, each broadcast feeding two multiply-adds (110
+// GFLOP/s on one Zen 4 core in isolation; tiles of 12 rows × 8 columns, one
+// multiply-add per broadcast, reached 39). The first version used the
+// streaming form at every row count and was 2.4× slower than ATen's GEMM at
+// 32 rows.
 constexpr int kRtwInFlight = 8;
 constexpr int64_t kRtwPanelRows = 4;
 constexpr int64_t kRtwDBlock = 64;
@@ -533,39 +578,7 @@ void rows_times_weight_panels(
     int64_t c0, int64_t c1, float* out, int64_t ldo) {
   // 128 KB per thread, reused by every call on that thread.
   alignas(32) static thread_local float panel[kRtwDBlock * kRtwCols];
-  for (int64_t b0 = c0; b0 < c1; b0 += kRtwCols) {
-    const int64_t b1 = min64(c1, b0 + kRtwCols);
-    const int64_t full = (b1 - b0) / kPanelCols;                    // whole groups
-    const int64_t groups = (b1 - b0 + kPanelCols - 1) / kPanelCols; // and a zero-padded one
-    for (int64_t o0 = 0; o0 < d; o0 += kRtwDBlock) {
-      const int64_t len = min64(kRtwDBlock, d - o0);
-      for (int64_t o = 0; o < len; ++o) {
-        const T* src = W + (o0 + o) * n + b0;
-        for (int64_t q = 0; q < full; ++q) {
-          float* dst = panel + (q * len + o) * kPanelCols;
-          _mm256_storeu_ps(dst, load8(src + kPanelCols * q));
-          _mm256_storeu_ps(dst + 8, load8(src + kPanelCols * q + 8));
-        }
-        if (groups > full) {
-          float* dst = panel + (full * len + o) * kPanelCols;
-          const int64_t start = kPanelCols * full;
-          for (int64_t c = 0; c < kPanelCols; ++c) {
-            dst[c] = b0 + start + c < b1 ? to_float(src[start + c]) : 0.0f;
-          }
-        }
-      }
-      // The packed shrink's tiles (kPanelTiles): 6 rows × 16 columns, the
-      // last group written only as far as b1.
-      for (int64_t i0 = 0; i0 < rows; i0 += kPanelRows) {
-        const int64_t mr = min64(kPanelRows, rows - i0);
-        for (int64_t q = 0; q < groups; ++q) {
-          const int64_t c = b0 + kPanelCols * q;
-          kPanelTiles[mr - 1](g + i0 * ldg + o0, ldg, panel + q * len * kPanelCols, len,
-                              out + i0 * ldo + c, ldo, min64(kPanelCols, b1 - c), o0 > 0, 1);
-        }
-      }
-    }
-  }
+  packed_panel_product(g, ldg, 1, rows, d, W, n, c0, c1, out, ldo, kRtwDBlock, kRtwCols, panel);
 }
 
 template <typename T>
@@ -612,16 +625,10 @@ void shrink_packed(
 
 // ---------------------------------------------------------------- weight gradient
 //
-// The same broadcast tile once more. A chunk of kPackK rows of b, columns
-// [c0, c1) (at most kWeightGradCols), is packed into panels of 16 columns,
-// reading each row of b along its columns: b is read from memory once and in
-// order. (Packing one 16-column panel at a time down b's rows, the first
-// version, read one cache line per row, 16 KB apart at n = 4096, and ran at
-// 84–131 GFLOP/s on 2 cores where this form runs at 140–155.) Then 6 rows of
-// L broadcast against every panel in turn: the strip of L a tile reads (6 ×
-// kPackK, strided when L is a transposed view) stays in L1 across the panels,
-// so that a transposed gy (gB = gyᵀ·t) is also read from memory only once.
-// G accumulates chunk by chunk.
+// packed_panel_product with b taken kPackK rows by kWeightGradCols columns at
+// a time: a transposed gy (gB = gyᵀ·t, L read in place along a stride) is
+// then read from memory once too, since its strip stays in L1 across the
+// panels.
 
 int64_t weight_grad_floats() {
   return kPackK * kWeightGradCols;
@@ -630,36 +637,8 @@ int64_t weight_grad_floats() {
 void weight_grad(
     const float* L, int64_t ldl, int64_t ldj, int64_t m, int64_t len, const float* b,
     int64_t ldb, int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch) {
-  const PanelTile* tiles = ldj == 1 ? kPanelTiles : kStridedPanelTiles;
-  const int64_t width = c1 - c0;
-  const int64_t full = width / kPanelCols;
-  const int64_t panels = (width + kPanelCols - 1) / kPanelCols;
-  for (int64_t p0 = 0; p0 < len; p0 += kPackK) {
-    const int64_t kc = min64(kPackK, len - p0);
-    // Panel q of the chunk lies at scratch + q·kPackK·16, [row][16 columns].
-    for (int64_t j = 0; j < kc; ++j) {
-      const float* row = b + (p0 + j) * ldb + c0;
-      for (int64_t q = 0; q < full; ++q) {
-        float* P = scratch + (q * kPackK + j) * kPanelCols;
-        _mm256_storeu_ps(P, _mm256_loadu_ps(row + q * kPanelCols));
-        _mm256_storeu_ps(P + 8, _mm256_loadu_ps(row + q * kPanelCols + 8));
-      }
-      if (full < panels) {  // a partial last panel, zero-padded
-        float* P = scratch + (full * kPackK + j) * kPanelCols;
-        for (int64_t cc = 0; cc < kPanelCols; ++cc) {
-          P[cc] = full * kPanelCols + cc < width ? row[full * kPanelCols + cc] : 0.0f;
-        }
-      }
-    }
-    for (int64_t i = 0; i < m; i += kPanelRows) {
-      const PanelTile tile = tiles[min64(kPanelRows, m - i) - 1];
-      for (int64_t q = 0; q < panels; ++q) {
-        tile(L + i * ldl + p0 * ldj, ldl, scratch + q * kPackK * kPanelCols, kc,
-             G + i * ldg + c0 + q * kPanelCols, ldg, min64(kPanelCols, width - q * kPanelCols),
-             p0 > 0, ldj);
-      }
-    }
-  }
+  packed_panel_product(L, ldl, ldj, m, len, b, ldb, c0, c1, G, ldg, kPackK, kWeightGradCols,
+                       scratch);
 }
 
 bool cpu_has_avx2_fma() {

@@ -46,8 +46,9 @@ void expand(
 // c in [c0, c1), float32: the backward's products, e.g. gA = gtᵀ·x (L = gtᵀ)
 // and gB = gyᵀ·t (L = gyᵀ), whose contraction runs over the batch. L[i, j] is
 // at L + i·ldl + j·ldj (a transposed view is read in place), b is (len × n)
-// with rows ldb apart, G (m × n) with rows ldg apart. One call covers at most
-// kWeightGradCols columns; `scratch` holds weight_grad_floats() floats.
+// with rows ldb apart, G (m × n) with rows ldg apart. The columns are taken
+// kWeightGradCols at a time, the natural unit of work to hand a thread;
+// `scratch` holds weight_grad_floats() floats.
 constexpr int64_t kWeightGradCols = 128;
 void weight_grad(
     const float* L, int64_t ldl, int64_t ldj, int64_t m, int64_t len, const float* b,
