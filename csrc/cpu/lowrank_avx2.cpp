@@ -473,12 +473,17 @@ constexpr PanelTile kStridedPanelTiles[kPanelRows] = {
 // accumulates chunk by chunk. Packing one 16-column panel at a time down b's
 // rows, the first form, read one 64-byte line per row, 16 KB apart at
 // n = 4096: latency-bound (84–131 GFLOP/s on 2 cores for the weight
-// gradient, 140–155 in this form). `scratch` holds chunk × block floats.
+// gradient, 140–155 in this form). chunk × block is at most
+// kPanelScratchFloats.
+constexpr int64_t kPanelScratchFloats = 32768;
+
 template <typename T>
 void packed_panel_product(
     const float* L, int64_t ldl, int64_t ldj, int64_t m, int64_t len, const T* b, int64_t ldb,
-    int64_t c0, int64_t c1, float* G, int64_t ldg, int64_t chunk, int64_t block,
-    float* scratch) {
+    int64_t c0, int64_t c1, float* G, int64_t ldg, int64_t chunk, int64_t block) {
+  // 128 KB per thread, reused by every call on that thread (and shared by
+  // both users of this routine) rather than allocated per call.
+  alignas(64) static thread_local float scratch[kPanelScratchFloats];
   const PanelTile* tiles = ldj == 1 ? kPanelTiles : kStridedPanelTiles;
   for (int64_t b0 = c0; b0 < c1; b0 += block) {
     const int64_t width = min64(c1, b0 + block) - b0;
@@ -576,9 +581,8 @@ template <typename T>
 void rows_times_weight_panels(
     const float* g, int64_t ldg, int64_t rows, const T* W, int64_t d, int64_t n,
     int64_t c0, int64_t c1, float* out, int64_t ldo) {
-  // 128 KB per thread, reused by every call on that thread.
-  alignas(32) static thread_local float panel[kRtwDBlock * kRtwCols];
-  packed_panel_product(g, ldg, 1, rows, d, W, n, c0, c1, out, ldo, kRtwDBlock, kRtwCols, panel);
+  static_assert(kRtwDBlock * kRtwCols <= kPanelScratchFloats);
+  packed_panel_product(g, ldg, 1, rows, d, W, n, c0, c1, out, ldo, kRtwDBlock, kRtwCols);
 }
 
 template <typename T>
@@ -630,15 +634,11 @@ void shrink_packed(
 // then read from memory once too, since its strip stays in L1 across the
 // panels.
 
-int64_t weight_grad_floats() {
-  return kPackK * kWeightGradCols;
-}
-
 void weight_grad(
     const float* L, int64_t ldl, int64_t ldj, int64_t m, int64_t len, const float* b,
-    int64_t ldb, int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch) {
-  packed_panel_product(L, ldl, ldj, m, len, b, ldb, c0, c1, G, ldg, kPackK, kWeightGradCols,
-                       scratch);
+    int64_t ldb, int64_t c0, int64_t c1, float* G, int64_t ldg) {
+  static_assert(kPackK * kWeightGradCols <= kPanelScratchFloats);
+  packed_panel_product(L, ldl, ldj, m, len, b, ldb, c0, c1, G, ldg, kPackK, kWeightGradCols);
 }
 
 bool cpu_has_avx2_fma() {

@@ -47,13 +47,11 @@ void expand(
 // and gB = gyᵀ·t (L = gyᵀ), whose contraction runs over the batch. L[i, j] is
 // at L + i·ldl + j·ldj (a transposed view is read in place), b is (len × n)
 // with rows ldb apart, G (m × n) with rows ldg apart. The columns are taken
-// kWeightGradCols at a time, the natural unit of work to hand a thread;
-// `scratch` holds weight_grad_floats() floats.
+// kWeightGradCols at a time, the natural unit of work to hand a thread.
 constexpr int64_t kWeightGradCols = 128;
 void weight_grad(
     const float* L, int64_t ldl, int64_t ldj, int64_t m, int64_t len, const float* b,
-    int64_t ldb, int64_t c0, int64_t c1, float* G, int64_t ldg, float* scratch);
-int64_t weight_grad_floats();
+    int64_t ldb, int64_t c0, int64_t c1, float* G, int64_t ldg);
 
 // out[i, c] = Σ_o g[i, o] · W[o, c] for rows i < rows and columns c in
 // [c0, c1), float32 out: few rows times a dense (d × n) weight read in its

@@ -561,14 +561,12 @@ at::Tensor weight_grad_cpu(const at::Tensor& a, const at::Tensor& b) {
   prefault_in_parallel(Gp, m * n * int64_t{sizeof(float)});
   const int64_t item_cols = std::min(n, avx2::kWeightGradCols);
   at::parallel_for(0, items, grain_for(block_rows * item_cols * len), [&](int64_t i0, int64_t i1) {
-    auto scratch = uninitialized<float>(avx2::weight_grad_floats());
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t row0 = item / col_blocks * block_rows;
       const int64_t c0 = item % col_blocks * avx2::kWeightGradCols;
       const int64_t rows = std::min(block_rows, m - row0);
       avx2::weight_grad(Lp + row0 * ldl, ldl, ldj, rows, len, bp, ldb, c0,
-                        std::min(n, c0 + avx2::kWeightGradCols), Gp + row0 * n, n,
-                        scratch.get());
+                        std::min(n, c0 + avx2::kWeightGradCols), Gp + row0 * n, n);
     }
   });
   return G;
