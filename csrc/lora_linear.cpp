@@ -5,9 +5,13 @@
 // shrink kernels instead (cpu/few_rows.h), with the adapter summed in float32.
 // Otherwise, for float32/float64 the adapter's (M × r) intermediate is tiny
 // beside it and its expand is accumulated straight into the same output
-// buffer. For half types a half-precision intermediate could overflow where
-// the result does not, so the adapter runs through the fused lowrank_linear
-// kernel of the device, which keeps the intermediate in float32.
+// buffer. For half types the adapter runs through the device's fused
+// lowrank_linear kernel, with the scale folded into B, and is added to the
+// base output. Where that kernel expands from float32 sums (the CPU's
+// float16 kernels, CUDA's split-K path for a few rows) the intermediate
+// cannot overflow; CUDA's tensor-core and cuBLAS paths, and the CPU's
+// AVX512-BF16 expand, round it to the input dtype first, as peft's
+// composition does.
 #include "checks.h"
 #include "ops.h"
 #include "cpu/few_rows.h"

@@ -40,9 +40,10 @@ A100_SMEM = 163 * 1024
 SM86_SMEM = 99 * 1024
 
 
-def _plan(M, k, r, d, dtype=torch.bfloat16, sm=9, sms=132, smem=H100_SMEM, path="auto"):
+def _plan(M, k, r, d, dtype=torch.bfloat16, sm=9, sms=132, smem=H100_SMEM, path="auto",
+          tensor_core_built=True):
     name, fields = torch.ops.lowrank_ext_internal.cuda_plan(
-        M, k, r, d, dtype, sm, sms, smem, path)
+        M, k, r, d, dtype, sm, sms, smem, path, tensor_core_built)
     keys = ["frags_per_warp", "warps_n", "rank_padded", "threads", "blocks",
             "stages", "ring_stage_elems", "stage_offset", "t_offset", "buf_offset", "smem_bytes",
             "splits", "k_chunk", "rank_groups", "row_groups", "shrink_smem",
@@ -88,6 +89,17 @@ def test_path_forcing_op_has_a_cuda_kernel():
 ])
 def test_plan_picks_the_expected_path(M, k, r, d, dtype, sm, expected):
     assert _plan(M, k, r, d, dtype, sm)[0] == expected
+
+
+@requires_cuda_build
+def test_plan_avoids_a_fused_kernel_the_build_lacks():
+    # A binary without sm_80+ code for the GPU (e.g. built for "7.5+PTX") holds
+    # an empty fused kernel: the plan must take cuBLAS, and forcing it must fail.
+    assert _plan(8192, 4096, 64, 4096)[0] == "tensor_core"
+    assert _plan(8192, 4096, 64, 4096, tensor_core_built=False)[0] == "cublas"
+    assert _plan(1, 4096, 16, 4096, tensor_core_built=False)[0] == "split_k"
+    with pytest.raises(ValueError, match="no sm_80\\+ code"):
+        _plan(8192, 4096, 64, 4096, path="tensor_core", tensor_core_built=False)
 
 
 @requires_cuda_build
@@ -344,37 +356,47 @@ def test_errors_match_the_fallback(dtype):
         assert str(got.value).splitlines()[0] == str(expected.value).splitlines()[0]
 
 
+# Every path is forced in turn: at these sizes "auto" alone would never run
+# the fused kernel (too few row tiles to fill the GPU).
 @requires_cuda_kernels
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [3, 300])
-def test_cuda_graph_capture_and_replay(M, dtype):
+def test_cuda_graph_capture_and_replay(M, dtype, path):
+    if not _path_can_run(path, dtype, 16):
+        pytest.skip(f"{path} does not run {dtype}")
     x, A, B, b = _inputs(M, 256, 16, 128, dtype)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up outside the graph
-        ops.lowrank_linear.default(x, A, B, b)
+        _run(path, x, A, B, b)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = ops.lowrank_linear.default(x, A, B, b)
+        y, t = _run(path, x, A, B, b)
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(y.double(), _reference(x, A, B, b)[0], **TOL[dtype])
+        y_ref, t_ref = _reference(x, A, B, b)
+        torch.testing.assert_close(y.double(), y_ref, **TOL[dtype])
+        torch.testing.assert_close(t.double(), t_ref, **TOL[dtype])
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [3, 300])
-def test_runs_on_the_current_non_default_stream(M, dtype):
+def test_runs_on_the_current_non_default_stream(M, dtype, path):
+    if not _path_can_run(path, dtype, 32):
+        pytest.skip(f"{path} does not run {dtype}")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         x, A, B, b = _inputs(M, 512, 32, 256, dtype)
         # Queue work ahead so a kernel on the wrong stream would read stale inputs.
         torch.cuda._sleep(1_000_000)
         x.mul_(2)
-        y = ops.lowrank_linear.default(x, A, B, b)
+        y, _ = _run(path, x, A, B, b)
     stream.synchronize()
     torch.testing.assert_close(y.double(), _reference(x, A, B, b)[0], **TOL[dtype])
 

@@ -38,6 +38,7 @@ bool aligned16(const void* p) {
 // headers.)
 struct DeviceInfo {
   int sm_major = 0, num_sms = 0, max_smem = 0;
+  bool tensor_core_built = false;
 };
 
 DeviceInfo query_device(int device) {
@@ -48,6 +49,14 @@ DeviceInfo query_device(int device) {
       &info.num_sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(
       &info.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  // The fused kernel's body is compiled only for sm_80 and newer. A build
+  // with no such code for this GPU (say TORCH_CUDA_ARCH_LIST="7.5+PTX" on an
+  // sm_90 device, which JIT-compiles the compute_75 PTX) loads an empty
+  // kernel: the plan must then not choose it. (The caller's device guard
+  // makes `device` current.)
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, tensor_core_fused_kernel<__half, 1>));
+  info.tensor_core_built = attributes.ptxVersion >= 80;
   return info;
 }
 
@@ -62,12 +71,22 @@ const DeviceInfo& device_info(int device) {
   return it->second; // map nodes never move
 }
 
-// Dynamic shared memory above 48 KB must be opted into per kernel.
+// Dynamic shared memory above 48 KB must be opted into per kernel and
+// device. The largest size granted so far is remembered, so that a launch
+// makes the driver call only when it needs more than before.
 template <typename Kernel>
 void allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes > 48 * 1024) {
+  if (bytes <= 48 * 1024) {
+    return;
+  }
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> granted;
+  const std::lock_guard<std::mutex> lock(mutex);
+  int64_t& most = granted[{reinterpret_cast<const void*>(kernel), c10::cuda::current_device()}];
+  if (bytes > most) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    most = bytes;
   }
 }
 
@@ -198,6 +217,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda_impl(
   desc.acc_bytes = x.scalar_type() == at::kDouble ? 8 : 4;
   const DeviceInfo& info = device_info(c10::cuda::current_device());
   desc.sm_major = info.sm_major;
+  desc.tensor_core_built = info.tensor_core_built;
   desc.num_sms = info.num_sms;
   desc.max_smem = info.max_smem;
   const Plan plan = make_plan(desc, forced);
@@ -212,9 +232,12 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda_impl(
     case Path::kSplitK:
       run_split_k(plan.sk, ops.x2, ops.A2, ops.B2, ops.bias2, y2, t2);
       break;
-    default:
+    case Path::kCublas:
       run_cublas(ops.x2, ops.A2, ops.B2, ops.bias2, y2, t2);
       break;
+    default:
+      // Empty and bias-only problems were answered by prepare_lowrank_operands.
+      TORCH_INTERNAL_ASSERT(false, "lowrank_linear: unexpected CUDA plan ", path_name(plan.path));
   }
   return {ops.y, ops.t};
 }

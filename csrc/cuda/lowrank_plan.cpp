@@ -131,7 +131,8 @@ Plan make_plan(const ProblemDesc& p, std::optional<Path> forced) {
     plan.path = Path::kBiasOnly;
     return plan;
   }
-  const std::optional<TensorCoreTiling> tc = p.half_type && p.r <= kTcMaxRank && p.sm_major >= 8
+  const std::optional<TensorCoreTiling> tc =
+      p.half_type && p.r <= kTcMaxRank && p.sm_major >= 8 && p.tensor_core_built
       ? fit_tensor_core(p)
       : std::nullopt;
   const bool tc_ok = tc.has_value();
@@ -145,7 +146,8 @@ Plan make_plan(const ProblemDesc& p, std::optional<Path> forced) {
         ok, "lowrank_linear: the CUDA ", path_name(*forced),
         " path cannot run M=", p.M, ", k=", p.k, ", r=", p.r, ", d=", p.d,
         " for this dtype on compute capability ", p.sm_major, ".x with ",
-        p.max_smem, " bytes of shared memory per block");
+        p.max_smem, " bytes of shared memory per block",
+        p.tensor_core_built ? "" : " (this build has no sm_80+ code for this GPU)");
     plan.path = *forced;
   } else if (p.M <= kSmallM && sk_ok) {
     // Row tiles cannot fill the GPU: split the k-reduction instead.
@@ -180,7 +182,8 @@ namespace {
 
 std::tuple<std::string, std::vector<int64_t>> cuda_plan_op(
     int64_t M, int64_t k, int64_t r, int64_t d, at::ScalarType dtype,
-    int64_t sm_major, int64_t num_sms, int64_t max_smem, c10::string_view path) {
+    int64_t sm_major, int64_t num_sms, int64_t max_smem, c10::string_view path,
+    bool tensor_core_built) {
   ProblemDesc p;
   p.M = M, p.k = k, p.r = r, p.d = d;
   p.half_type = dtype == at::kHalf || dtype == at::kBFloat16;
@@ -188,6 +191,7 @@ std::tuple<std::string, std::vector<int64_t>> cuda_plan_op(
   p.sm_major = static_cast<int>(sm_major);
   p.num_sms = static_cast<int>(num_sms);
   p.max_smem = max_smem;
+  p.tensor_core_built = tensor_core_built;
   const Plan plan = make_plan(p, path_from_name(std::string(path)));
   return {path_name(plan.path), plan_fields(plan)};
 }
@@ -199,7 +203,7 @@ std::tuple<std::string, std::vector<int64_t>> cuda_plan_op(
 TORCH_LIBRARY(lowrank_ext_internal, m) {
   m.def(
       "cuda_plan(int M, int k, int r, int d, ScalarType dtype, int sm_major, "
-      "int num_sms, int max_smem, str path) -> (str, int[])",
+      "int num_sms, int max_smem, str path, bool tensor_core_built=True) -> (str, int[])",
       &cuda_plan_op);
   m.def(
       "lowrank_linear_cuda_path(Tensor x, Tensor A, Tensor B, Tensor? bias, "

@@ -49,6 +49,9 @@ struct ProblemDesc {
   bool half_type = false;  // float16 or bfloat16
   int acc_bytes = 4;       // size of the accumulation type (8 for float64)
   int sm_major = 0;        // compute capability of the device
+  // Whether the loaded binary carries the fused kernel's body for this
+  // device (code built for sm_80 or newer; see query_device).
+  bool tensor_core_built = true;
   int num_sms = 1;
   int64_t max_smem = 0;    // opt-in shared memory per block (bytes)
 };

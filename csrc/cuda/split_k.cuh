@@ -10,6 +10,12 @@
 //           (deterministic: no atomics), keeps t in shared memory, and writes
 //           output columns [c·cols, (c+1)·cols) with the bias.
 //
+// For half types y is expanded from the float32 sums, as the CPU's float16
+// kernel does, while the t handed back (saved for backward) is rounded to
+// the input dtype: y can differ from (rounded t)·Bᵀ in its last bits, and
+// from what the tensor-core and cuBLAS paths give, which expand the rounded
+// t.
+//
 // Two launches on the same stream; the workspace comes from the caching
 // allocator, so the pair is safe under CUDA-graph capture.
 #pragma once
