@@ -7,13 +7,15 @@
 //    of the run time at small shapes; these take the arguments positionally,
 //    check them, and call the same dispatcher op (so autograd, CPU and CUDA
 //    kernels and profiling all still apply). They return NotImplemented when
-//    an argument overrides __torch_function__ (or a mode is active) or a
-//    torch.func transform is active, and the Python wrapper then takes the
-//    torch.ops path (or, under a transform, its own).
+//    an argument overrides __torch_function__ (or a mode is active), a
+//    torch.func transform is active or the JIT tracer is recording, and the
+//    Python wrapper then takes the torch.ops path (or, under a transform or
+//    an ONNX export, its own).
 #include "ops.h"
 
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/extension.h>
@@ -73,6 +75,15 @@ bool functorch_active() {
       c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
+// Whether the call must be left to the Python wrapper: a tensor subclass or
+// torch-function mode, a torch.func transform, or the JIT tracer (the legacy
+// ONNX exporter traces through it, and the wrapper records the pure-torch
+// composition for that exporter).
+bool python_must_handle(bool overridden) {
+  return overridden || at::impl::torch_function_mode_enabled() || functorch_active() ||
+      torch::jit::tracer::isTracing();
+}
+
 PyObject* wrap_result(at::Tensor y) {
   return THPVariable_Wrap(std::move(y));
 }
@@ -94,7 +105,7 @@ PyObject* py_lowrank_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
       !unpack_optional_tensor(op, "bias", args[3], &bias, &overridden)) {
     return nullptr;
   }
-  if (overridden || at::impl::torch_function_mode_enabled() || functorch_active()) {
+  if (python_must_handle(overridden)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   at::Tensor y;
@@ -126,7 +137,7 @@ PyObject* py_lora_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !unpack_optional_tensor(op, "bias", args[4], &bias, &overridden)) {
     return nullptr;
   }
-  if (overridden || at::impl::torch_function_mode_enabled() || functorch_active()) {
+  if (python_must_handle(overridden)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   // The Python wrapper has already turned scale into a float.

@@ -6,7 +6,10 @@ costs about as much as one ``F.linear`` call instead of the microseconds of
 ``torch.ops`` argument parsing; under torch.compile, or when an argument
 overrides ``__torch_function__``, the call goes through ``torch.ops`` so that
 tracing and tensor subclasses work. Under a ``torch.func`` transform the call
-goes through ``_functorch``, whose autograd formulas functorch can see.
+goes through ``_functorch``, whose autograd formulas functorch can see. While
+``torch.onnx.export`` traces a model (either exporter) the ops are recorded as
+their pure-torch composition, which ONNX can express: ONNX has no operator for
+them.
 """
 
 from __future__ import annotations
@@ -16,12 +19,20 @@ import math
 import torch
 from torch import Tensor
 
-from . import _backend, _checks, _functorch
+from . import _backend, _checks, _fallback, _functorch
 from ._library import ops
 
 _fast_lowrank_linear = getattr(_backend._C, "lowrank_linear", None)
 _fast_lora_linear = getattr(_backend._C, "lora_linear", None)
 _is_compiling = torch.compiler.is_compiling
+
+
+def _exporting_to_onnx(eager: bool) -> bool:
+    """Whether an ONNX exporter is tracing this call: the TorchScript-based one
+    traces eagerly with the JIT tracer, the torch.export-based one exports."""
+    if eager:
+        return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
+    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
 
 
 def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -49,6 +60,8 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
         if y is not NotImplemented:
             return y
     _checks.check_is_tensor("lowrank_linear", x=x, A=A, B=B, bias=bias)
+    if _exporting_to_onnx(eager):
+        return _fallback.lowrank_linear(x, A, B, bias)
     if eager and _functorch.transforms_active() is not None:
         return _functorch.lowrank_linear(x, A, B, bias)
     return ops.lowrank_linear.default(x, A, B, bias)
@@ -78,6 +91,8 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     # checks it there.
     if eager and not math.isfinite(scale):
         raise ValueError(f"lora_linear: scale must be finite, got {scale}")
+    if _exporting_to_onnx(eager):
+        return _fallback.lora_linear(x, W, A, B, bias, scale)
     if eager and _functorch.transforms_active() is not None:
         return _functorch.lora_linear(x, W, A, B, bias, scale)
     return ops.lora_linear.default(x, W, A, B, bias, scale)

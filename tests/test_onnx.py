@@ -1,0 +1,118 @@
+"""Export to ONNX (both of torch's exporters) and TorchScript tracing.
+
+ONNX has no operator for the fused ops, so while an exporter traces a model
+they are recorded as their pure-torch composition; the exported model runs in
+onnxruntime with the outputs of the original. Plain ``torch.jit.trace`` keeps
+the fused ops.
+"""
+
+import pytest
+import torch
+
+import lowrank_ext as lx
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _model(bias, merged):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        lx.LowRankLinear(24, 40, 5, bias=bias),
+        torch.nn.GELU(),
+        lx.LoRALinear(torch.nn.Linear(40, 16, bias=bias), 3, alpha=6),
+        torch.nn.Tanh(),
+        lx.LowRankLinear(16, 8, 2, bias=bias),
+    )
+    with torch.no_grad():
+        model[2].B.normal_()  # a non-zero adapter
+    if merged:
+        model[2].merge()
+    return model.eval()
+
+
+def _reference(model, x):
+    """The model in float64 with every layer's dense weight formed: W = B·A
+    (and W + scale·B·A for the adapter), independent of both backends."""
+    h = x.double()
+    for layer in model:
+        if isinstance(layer, lx.LowRankLinear):
+            W = layer.B.double() @ layer.A.double()
+            b = layer.bias
+        elif isinstance(layer, lx.LoRALinear):
+            W = layer.base.weight.double()
+            if not layer.merged:
+                W = W + layer.scale * (layer.B.double() @ layer.A.double())
+            b = layer.base.bias
+        else:
+            h = layer(h)
+            continue
+        h = h @ W.T + (0 if b is None else b.double())
+    return h
+
+
+def _run_onnx(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def _export(model, x, path, dynamo):
+    if dynamo:
+        torch.onnx.export(model, (x,), str(path), dynamo=True,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    else:
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript-based exporter
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo, bias, merged):
+    import onnx
+
+    model = _model(bias, merged)
+    x = torch.randn(3, 24)
+    path = tmp_path / "model.onnx"
+    _export(model, x, path, dynamo)
+    graph = onnx.load(str(path)).graph
+    assert all(node.domain in ("", "ai.onnx") for node in graph.node), \
+        sorted({node.domain for node in graph.node})
+    # The batch dimension stays free: another batch size runs too.
+    for rows in (3, 7):
+        x = torch.randn(rows, 24)
+        got = _run_onnx(path, x)
+        with torch.no_grad():
+            want = model(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.double(), _reference(model, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx_export_leaves_eager_calls_alone(tmp_path):
+    # The exporter's flag is set only while it traces: afterwards the fused
+    # op runs again (its result, not a traced composition, is what eager sees).
+    model = _model(True, False)
+    x = torch.randn(3, 24)
+    _export(model, x, tmp_path / "model.onnx", dynamo=False)
+    assert not torch.onnx.is_in_onnx_export()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), _reference(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_jit_trace_keeps_the_fused_ops_and_reloads(tmp_path):
+    model = _model(True, False)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,))
+    graph = str(traced.inlined_graph)
+    assert "lowrank_ext::lowrank_linear" in graph and "lowrank_ext::lora_linear" in graph
+    path = tmp_path / "traced.pt"
+    traced.save(str(path))
+    loaded = torch.jit.load(str(path))
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        torch.testing.assert_close(loaded(x).double(), _reference(model, x), rtol=1e-4, atol=1e-5)
