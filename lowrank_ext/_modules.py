@@ -2,6 +2,8 @@
 
 import sys
 
+from torch import nn
+
 
 def replace_module(model, name, new):
     """Put ``new`` in place of the submodule called ``name``; return the module it replaced."""
@@ -9,7 +11,40 @@ def replace_module(model, name, new):
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
     setattr(parent, child, new)
+    if type(new) is not nn.Linear:
+        keep_off_fused_encoder_paths(model, parent_name, new)
     return old
+
+
+def _run_the_module(module, args):
+    """A forward pre-hook that changes nothing (see keep_off_fused_encoder_paths)."""
+    return None
+
+
+def keep_off_fused_encoder_paths(model, parent_name, module):
+    """Make torch's Transformer encoder modules above ``module`` call it.
+
+    In inference ``nn.TransformerEncoderLayer`` takes a fused fast path that
+    reads its Linear layers' ``weight`` and ``bias`` and never calls them:
+    with a LowRankLinear it fails (there is no dense weight), with a
+    LoRALinear it would silently drop the adapter. The layer skips that path
+    whenever a forward hook or pre-hook is attached to one of its submodules,
+    so ``module`` gets a pre-hook that does nothing; it leaves with the module
+    (``merge_lora`` puts a plain Linear back, and the fast path with it).
+    ``nn.TransformerEncoder`` reads its first layer's weights too, to decide
+    whether to pack a padded batch into a nested tensor, which the layers
+    would then pass to ``module``: it is set to ``use_nested_tensor = False``,
+    as ``enable_nested_tensor=False`` would have built it (the same outputs).
+    """
+    names = parent_name.split(".") if parent_name else []
+    ancestors = [model] + [model.get_submodule(".".join(names[:i + 1]))
+                           for i in range(len(names))]
+    if any(isinstance(a, nn.TransformerEncoderLayer) for a in ancestors) and \
+            _run_the_module not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_run_the_module)
+    for ancestor in ancestors:
+        if isinstance(ancestor, nn.TransformerEncoder):
+            ancestor.use_nested_tensor = False
 
 
 # transformers' Conv1D (GPT-2 and its relatives) is a linear layer that keeps

@@ -1,0 +1,152 @@
+"""compress_model, add_lora, merge_lora and load_compressed on torch's own
+nn.TransformerEncoder / nn.TransformerEncoderLayer.
+
+In inference those modules take fused fast paths that read their Linear
+layers' weights instead of calling them (and pack padded batches into nested
+tensors). Swapped-in layers must keep them off: a LowRankLinear has no dense
+weight, and a LoRALinear's adapter would be silently dropped.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+
+
+def _encoder(layers=2, norm_first=False):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # enable_nested_tensor with norm_first
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True,
+                                           norm_first=norm_first)
+        return nn.TransformerEncoder(layer, layers).eval()
+
+
+def _inputs():
+    torch.manual_seed(1)
+    x = torch.randn(3, 6, 32)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0, 4:] = True  # padding at the end, as the nested-tensor path needs
+    mask[1, 5:] = True
+    return x, mask
+
+
+def _dense_float64(model):
+    """An independent reference: every LowRankLinear / LoRALinear replaced by
+    an nn.Linear holding its dense float64 weight (B·A, or W + scale·B·A),
+    the whole model in float64."""
+    model = copy.deepcopy(model).double()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, lx.LowRankLinear):
+            weight, bias = module.B @ module.A, module.bias
+        elif isinstance(module, lx.LoRALinear):
+            weight = module.base.weight
+            if not module.merged:
+                weight = weight + module.scale * (module.B @ module.A)
+            bias = module.base.bias
+        else:
+            continue
+        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).double()
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if bias is not None:
+                dense.bias.copy_(bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    return model
+
+
+def _run(model, x, mask, fast_path=True):
+    old = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(fast_path)
+    try:
+        with torch.no_grad():
+            out = model(x.to(next(model.parameters()).dtype), src_key_padding_mask=mask)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old)
+    return out.masked_fill(mask[..., None], 0.0)  # padded positions carry no meaning
+
+
+def _check_against_reference(model, x, mask):
+    want = _run(_dense_float64(model), x, mask, fast_path=False)
+    for with_mask in (mask, None):
+        m = mask if with_mask is not None else torch.zeros_like(mask)
+        got = _run(model, x, m)
+        ref = want if with_mask is not None else _run(_dense_float64(model), x, m, fast_path=False)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_compressed_encoder_runs_in_inference(norm_first):
+    model = _encoder(norm_first=norm_first)
+    x, mask = _inputs()
+    original = _run(model, x, mask)
+    report = lx.compress_model(model, ratio=0.6, progress=False)
+    assert report.ranks and all(isinstance(model.get_submodule(n), lx.LowRankLinear)
+                                for n in report.ranks)
+    # The attention output projections (a Linear subclass the attention reads
+    # directly) stay dense.
+    assert type(model.layers[0].self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    _check_against_reference(model, x, mask)
+    assert not torch.equal(_run(model, x, mask), original)
+
+
+def test_lora_encoder_keeps_its_adapter_in_inference():
+    model = _encoder()
+    x, mask = _inputs()
+    base = _run(model, x, mask)
+    names = lx.add_lora(model, 4)
+    assert sorted(names) == sorted(f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2))
+    torch.testing.assert_close(_run(model, x, mask), base)  # B = 0: the base model
+    for module in model.modules():
+        if isinstance(module, lx.LoRALinear):
+            with torch.no_grad():
+                module.B.normal_()
+    got = _run(model, x, mask)
+    assert (got - base).abs().max() > 0.1  # the adapter is not dropped
+    _check_against_reference(model, x, mask)
+    # Merged into plain Linear layers again, the fast path returns, same outputs.
+    lx.merge_lora(model)
+    assert type(model.layers[0].linear1) is nn.Linear
+    assert not model.layers[0].linear1._forward_pre_hooks
+    torch.testing.assert_close(_run(model, x, mask), got, rtol=1e-4, atol=1e-5)
+
+
+def test_loaded_compressed_encoder_runs_in_inference(tmp_path):
+    model = _encoder()
+    x, mask = _inputs()
+    lx.compress_model(model, ratio=0.5, progress=False)
+    path = tmp_path / "encoder.safetensors"
+    lx.save_compressed(model, path)
+    fresh = _encoder()
+    lx.load_compressed(fresh, path)
+    torch.testing.assert_close(_run(fresh, x, mask), _run(model, x, mask))
+    _check_against_reference(fresh, x, mask)
+
+
+def test_training_mode_and_gradients_unchanged():
+    model = _encoder().train()
+    lx.add_lora(model, 2)
+    x, mask = _inputs()
+    loss = model(x, src_key_padding_mask=mask).masked_fill(mask[..., None], 0).square().sum()
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.endswith((".A", ".B"))]
+    assert len(grads) == 8 and all(g is not None for g in grads)
+    assert all(p.grad is None for n, p in model.named_parameters() if n.endswith("base.weight"))
+
+
+def test_hook_is_added_once_and_survives_deepcopy_and_pickle(tmp_path):
+    model = _encoder(layers=1)
+    lx.compress_model(model, rank=4, progress=False)
+    layer = model.layers[0].linear1
+    assert len(layer._forward_pre_hooks) == 1
+    copied = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    x, mask = _inputs()
+    for other in (copied, loaded):
+        torch.testing.assert_close(_run(other, x, mask), _run(model, x, mask))
