@@ -1,5 +1,7 @@
 """Replacing a named submodule in place, and the layer kinds compression replaces."""
 
+import contextlib
+import functools
 import sys
 
 from torch import nn
@@ -45,6 +47,45 @@ def keep_off_fused_encoder_paths(model, parent_name, module):
     for ancestor in ancestors:
         if isinstance(ancestor, nn.TransformerEncoder):
             ancestor.use_nested_tensor = False
+
+
+def _holds_swapped_layer(encoder):
+    return any(_run_the_module in m._forward_pre_hooks.values() for m in encoder.modules())
+
+
+@contextlib.contextmanager
+def _encoder_flags_kept(model):
+    # Anything but a module is the function's own error to report.
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    before = {m: m.__dict__["use_nested_tensor"] for m in modules
+              if isinstance(m, nn.TransformerEncoder) and "use_nested_tensor" in m.__dict__}
+    # Every calibration run takes the same path: the nested one is closed to
+    # the probes' LowRankLinear layers, and a reference recorded on it would
+    # differ from them at the padded positions (zeros there).
+    for encoder in before:
+        encoder.use_nested_tensor = False
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        for encoder, flag in before.items():
+            if not (succeeded and _holds_swapped_layer(encoder)):
+                encoder.use_nested_tensor = flag
+
+
+def keeps_encoder_flags(function):
+    """For a function ``f(model, ...)`` that swaps layers and, should it fail,
+    leaves the model as it was. While it runs, torch's ``nn.TransformerEncoder``
+    modules in the model do not pack padded batches into nested tensors (the
+    flag keep_off_fused_encoder_paths sets); afterwards each gets its
+    ``use_nested_tensor`` back unless a swapped-in layer stays below it, and
+    every one gets it back when the function fails."""
+    @functools.wraps(function)
+    def wrapper(model, *args, **kwargs):
+        with _encoder_flags_kept(model):
+            return function(model, *args, **kwargs)
+    return wrapper
 
 
 # transformers' Conv1D (GPT-2 and its relatives) is a linear layer that keeps

@@ -99,10 +99,15 @@ def collect_input_grams(model, layers, calibration, stages=None):
                 else:
                     stages.append([name])
             if not same:
-                x64 = x.detach().reshape(-1, k)
-                mask = token_mask[0]
-                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                    x64 = x64[mask.reshape(-1).to(x64.device) != 0]
+                if x.is_nested:
+                    # torch's TransformerEncoder packs a padded batch into a
+                    # nested tensor in inference: its sequences, no padding.
+                    x64 = torch.cat([seq.reshape(-1, k) for seq in x.detach().unbind()])
+                else:
+                    x64 = x.detach().reshape(-1, k)
+                    mask = token_mask[0]
+                    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                        x64 = x64[mask.reshape(-1).to(x64.device) != 0]
                 x64 = x64.to(torch.float64)
                 last["key"], last["gram"] = (x, version), x64.T @ x64
             g = last["gram"]

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._modules import dense_weight, is_conv1d, replace_module
+from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
 from ._names import preview
 from ._workers import Workers
 from .calibration import collect_input_grams
@@ -330,6 +330,7 @@ def allocate_ranks(spectra, shapes, ratio, weights=None):
 
 
 # --- the entry point ---------------------------------------------------------------
+@keeps_encoder_flags
 def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | None = None,
                    energy: float | None = None, tol: float | None = None,
                    calibration: Callable[[nn.Module], object] | Iterable | None = None,

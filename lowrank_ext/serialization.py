@@ -17,7 +17,7 @@ import tempfile
 import torch
 from torch import nn
 
-from ._modules import dense_weight, is_conv1d, replace_module
+from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
 from .nn import LowRankLinear
 
 METADATA_KEY = "lowrank_ext"
@@ -187,6 +187,7 @@ def read_ranks(path):
         raise ValueError(f"load_compressed: {path} has malformed {METADATA_KEY!r} metadata") from None
 
 
+@keeps_encoder_flags
 def load_compressed(model: nn.Module, path: str | os.PathLike, *,
                     strict: bool = True) -> dict[str, int]:
     """Load a file from :func:`save_compressed` into a freshly built original ``model``.

@@ -150,3 +150,78 @@ def test_hook_is_added_once_and_survives_deepcopy_and_pickle(tmp_path):
     x, mask = _inputs()
     for other in (copied, loaded):
         torch.testing.assert_close(_run(other, x, mask), _run(model, x, mask))
+
+
+def _nested_flags(model):
+    return [m.use_nested_tensor for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
+
+
+def test_failed_calls_leave_the_encoder_flag_as_it_was(tmp_path):
+    model = _encoder()
+    assert _nested_flags(model) == [True]
+    x, mask = _inputs()
+    calls = []
+
+    def calibration(m):
+        # 1: input statistics, 2: the reference outputs, 3 and 4: the
+        # sensitivity probes of the first two layers (a LowRankLinear in place).
+        calls.append(1)
+        if len(calls) == 4:
+            assert any(isinstance(l, lx.LowRankLinear) for l in m.modules())
+            raise RuntimeError("calibration failed")
+        m(x, src_key_padding_mask=mask)
+
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        lx.compress_model(model, ratio=0.5, calibration=calibration, progress=False)
+    assert len(calls) == 4
+    assert _nested_flags(model) == [True]
+    assert all(type(m) is not lx.LowRankLinear for m in model.modules())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+    other = _encoder()
+    lx.compress_model(other, ratio=0.5, progress=False)
+    path = tmp_path / "encoder.safetensors"
+    lx.save_compressed(other, path)
+    wrong = _encoder()
+    wrong.layers[1].linear2 = nn.Linear(64, 16)  # the file does not fit this model
+    with pytest.raises((ValueError, RuntimeError)):
+        lx.load_compressed(wrong, path)
+    assert _nested_flags(wrong) == [True]
+    assert all(type(m) is not lx.LowRankLinear for m in wrong.modules())
+
+
+def test_calibrated_compression_with_padded_batches():
+    # Every calibration run (statistics, reference, probes) takes the encoder's
+    # unpacked path; afterwards the encoder keeps it, since compressed layers
+    # stay below it.
+    model = _encoder()
+    x, mask = _inputs()
+    report = lx.compress_model(model, ratio=0.6, progress=False,
+                               calibration=lambda m: m(x, src_key_padding_mask=mask))
+    assert report.calibrated and len(report.ranks) == 4
+    assert _nested_flags(model) == [False]
+    _check_against_reference(model, x, mask)
+
+
+def test_layer_inputs_packed_as_nested_tensors_are_calibrated_without_padding():
+    # Calibrating through the packed path (as a model whose encoder still packs
+    # would): the statistics hold the sequences' rows, no padding rows.
+    from lowrank_ext.calibration import collect_input_grams
+
+    model = _encoder()
+    x, mask = _inputs()
+    layer = {"layers.0.linear1": model.layers[0].linear1}
+    packed = collect_input_grams(model, layer, lambda m: m(x, src_key_padding_mask=mask))
+    # The same rows, gathered by hand: layer 0's input to linear1 is the
+    # post-attention normed activations of the tokens that are not padding.
+    rows = []
+    hook = model.layers[0].linear1.register_forward_pre_hook(
+        lambda mod, args: rows.append(args[0].detach()))
+    with torch.no_grad():  # as the calibration runs (with gradients the encoder never packs)
+        model(x, src_key_padding_mask=mask)
+    hook.remove()
+    (seen,) = rows
+    assert seen.is_nested
+    tokens = torch.cat([s.reshape(-1, 32) for s in seen.unbind()]).double()
+    assert tokens.shape[0] == int((~mask).sum())
+    torch.testing.assert_close(packed["layers.0.linear1"], tokens.T @ tokens)
