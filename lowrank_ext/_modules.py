@@ -1,4 +1,6 @@
-"""Replacing a named submodule in place, and the layer kinds compression replaces."""
+"""Replacing a named submodule in place (keeping torch's Transformer encoder
+modules off the fused paths that would bypass it), and the layer kinds
+compression replaces."""
 
 import contextlib
 import functools
