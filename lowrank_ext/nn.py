@@ -100,6 +100,19 @@ class LowRankLinear(nn.Module):
     def rank(self):
         return self.A.shape[0]
 
+    @property
+    def weight(self) -> Tensor:
+        """A stand-in for code written for ``nn.Linear`` that only inspects the
+        weight: it has the dense weight's shape ``(out_features, in_features)``,
+        dtype and device, but no values of its own (every element NaN, one
+        value broadcast, so it costs no memory; writing to it raises). Some
+        models read it in their forward: transformers' T5 casts its
+        activations to ``wo.weight.dtype``. The layer never forms ``B·A``: use
+        :meth:`to_linear` or ``B @ A`` for the dense matrix.
+        """
+        return torch.full((), math.nan, dtype=self.A.dtype, device=self.A.device).expand(
+            self.out_features, self.in_features)
+
     def reset_parameters(self):
         # nn.Linear draws W ~ U(±1/√k): Var(W_ij) = 1/(3k). For W = B·A with
         # independent zero-mean entries Var((B·A)_ij) = r·Var(A)·Var(B), so A

@@ -88,6 +88,22 @@ def test_to_linear_round_trip():
     assert lx.LowRankLinear(16, 8, 3, bias=False).to_linear().bias is None
 
 
+def test_weight_is_a_placeholder_with_the_dense_metadata_only():
+    layer = lx.LowRankLinear(16, 8, 3)
+    w = layer.weight
+    assert isinstance(w, torch.Tensor)
+    assert w.shape == (8, 16) and w.dtype == torch.float32 and w.device == layer.A.device
+    assert torch.isnan(w).all() and w.stride() == (0, 0)  # one NaN, broadcast
+    assert "weight" not in layer.state_dict()
+    assert all(p is not w for p in layer.parameters())
+    with pytest.raises(RuntimeError):  # an in-place initialiser cannot write it
+        nn.init.normal_(layer.weight)
+    layer.to(torch.float64)
+    assert layer.weight.dtype == torch.float64
+    # The dense matrix comes from to_linear (or B @ A).
+    torch.testing.assert_close(layer.to_linear().weight, layer.B @ layer.A)
+
+
 def test_state_dict_deepcopy_to_and_gradients():
     layer = lx.LowRankLinear(16, 8, 3)
     clone = lx.LowRankLinear(16, 8, 3)
