@@ -62,6 +62,48 @@ def _dense_product(B, A, scale=1.0):
     return scale * (B @ A)
 
 
+class WeightPlaceholder(Tensor):
+    """The ``weight`` of a :class:`LowRankLinear`: shape, dtype and device only.
+
+    Reading its metadata works (``dtype``, ``device``, ``shape``, ``size()``,
+    ``dim()``, ``requires_grad``, ...); any computation with it raises a
+    RuntimeError instead of silently using values the layer does not have.
+    Being a tensor with ``__torch_function__`` also keeps torch's
+    ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` off their
+    fused inference paths, which read Linear weights instead of calling the
+    layers. It costs no memory: one element, broadcast.
+    """
+
+    _METADATA = frozenset({
+        Tensor.dtype.__get__, Tensor.device.__get__, Tensor.shape.__get__,
+        Tensor.ndim.__get__, Tensor.layout.__get__, Tensor.requires_grad.__get__,
+        Tensor.is_cuda.__get__, Tensor.is_meta.__get__, Tensor.is_sparse.__get__,
+        Tensor.is_quantized.__get__, Tensor.is_nested.__get__, Tensor.size, Tensor.dim,
+        Tensor.numel, Tensor.nelement, Tensor.element_size, Tensor.is_floating_point,
+        Tensor.is_complex, Tensor.get_device, Tensor.__len__, Tensor.__repr__,
+    })
+
+    @staticmethod
+    def like(reference: Tensor, shape) -> Tensor:
+        value = torch.full((), math.nan, dtype=reference.dtype, device=reference.device)
+        try:
+            return value.expand(shape).as_subclass(WeightPlaceholder)
+        except RuntimeError:
+            # torch.export's non-strict tracing runs on fake tensors, which
+            # cannot become this subclass: there the stand-in is a plain
+            # broadcast NaN with the same metadata.
+            return value.expand(shape)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func not in cls._METADATA:
+            raise RuntimeError(
+                f"LowRankLinear.weight holds no values ({getattr(func, '__name__', func)} was "
+                "called on it): the layer keeps W as the factors B @ A; use layer.to_linear() "
+                "or layer.B @ layer.A for the dense matrix")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
 class LowRankLinear(nn.Module):
     """``y = (x·Aᵀ)·Bᵀ + bias``: a linear layer stored as rank-``rank`` factors.
 
@@ -103,15 +145,13 @@ class LowRankLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """A stand-in for code written for ``nn.Linear`` that only inspects the
-        weight: it has the dense weight's shape ``(out_features, in_features)``,
-        dtype and device, but no values of its own (every element NaN, one
-        value broadcast, so it costs no memory; writing to it raises). Some
-        models read it in their forward: transformers' T5 casts its
-        activations to ``wo.weight.dtype``. The layer never forms ``B·A``: use
-        :meth:`to_linear` or ``B @ A`` for the dense matrix.
+        weight (transformers' T5 casts its activations to ``wo.weight.dtype``
+        in its forward): a :class:`WeightPlaceholder` with the dense weight's
+        shape ``(out_features, in_features)``, dtype and device and no values.
+        The layer never forms ``B·A``: use :meth:`to_linear` or ``B @ A`` for
+        the dense matrix.
         """
-        return torch.full((), math.nan, dtype=self.A.dtype, device=self.A.device).expand(
-            self.out_features, self.in_features)
+        return WeightPlaceholder.like(self.A, (self.out_features, self.in_features))
 
     def reset_parameters(self):
         # nn.Linear draws W ~ U(±1/√k): Var(W_ij) = 1/(3k). For W = B·A with

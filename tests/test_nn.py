@@ -91,17 +91,46 @@ def test_to_linear_round_trip():
 def test_weight_is_a_placeholder_with_the_dense_metadata_only():
     layer = lx.LowRankLinear(16, 8, 3)
     w = layer.weight
-    assert isinstance(w, torch.Tensor)
-    assert w.shape == (8, 16) and w.dtype == torch.float32 and w.device == layer.A.device
-    assert torch.isnan(w).all() and w.stride() == (0, 0)  # one NaN, broadcast
+    assert isinstance(w, torch.Tensor) and isinstance(w, lx.nn.WeightPlaceholder)
+    assert w.shape == (8, 16) and w.size() == (8, 16) and w.dim() == 2
+    assert w.dtype == torch.float32 and w.device == layer.A.device and not w.requires_grad
+    with torch._C.DisableTorchFunctionSubclass():
+        assert w.stride() == (0, 0)  # one element, broadcast: no memory
     assert "weight" not in layer.state_dict()
     assert all(p is not w for p in layer.parameters())
-    with pytest.raises(RuntimeError):  # an in-place initialiser cannot write it
-        nn.init.normal_(layer.weight)
+    # Any computation with it raises, naming the way to the dense matrix.
+    x = torch.randn(2, 16)
+    for use in (lambda: nn.functional.linear(x, layer.weight), lambda: layer.weight.sum(),
+                lambda: layer.weight @ x.T, lambda: nn.init.normal_(layer.weight),
+                lambda: layer.weight.clone()):
+        with pytest.raises(RuntimeError, match=r"holds no values.*to_linear"):
+            use()
     layer.to(torch.float64)
     assert layer.weight.dtype == torch.float64
-    # The dense matrix comes from to_linear (or B @ A).
     torch.testing.assert_close(layer.to_linear().weight, layer.B @ layer.A)
+
+
+def test_weight_dtype_check_compiles_and_exports():
+    # transformers' T5 pattern: cast the input to the layer's weight dtype.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wo = lx.LowRankLinear(16, 8, 3)
+
+        def forward(self, h):
+            if isinstance(self.wo.weight, torch.Tensor) and h.dtype != self.wo.weight.dtype:
+                h = h.to(self.wo.weight.dtype)
+            return self.wo(h)
+
+    block = Block()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), block(x))
+    assert block(x).dtype == torch.float32
+    # torch.export traces it too, strict (dynamo) and not (fake tensors).
+    for strict in (False, True):
+        program = torch.export.export(block, (x,), strict=strict)
+        torch.testing.assert_close(program.module()(x), block(x))
 
 
 def test_state_dict_deepcopy_to_and_gradients():

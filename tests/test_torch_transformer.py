@@ -225,3 +225,17 @@ def test_layer_inputs_packed_as_nested_tensors_are_calibrated_without_padding():
     tokens = torch.cat([s.reshape(-1, 32) for s in seen.unbind()]).double()
     assert tokens.shape[0] == int((~mask).sum())
     torch.testing.assert_close(packed["layers.0.linear1"], tokens.T @ tokens)
+
+
+def test_layers_placed_by_hand_keep_the_fused_paths_off():
+    # A LowRankLinear assigned directly (no compress_model): its weight, a
+    # placeholder tensor with __torch_function__, keeps the layer and the
+    # encoder off their fused paths by itself.
+    model = _encoder()
+    for layer in model.layers:
+        layer.linear1 = lx.LowRankLinear.from_linear(layer.linear1, rank=6)
+        layer.linear2 = lx.LowRankLinear.from_linear(layer.linear2, rank=6)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert _nested_flags(model) == [True]
+    x, mask = _inputs()
+    _check_against_reference(model, x, mask)
