@@ -1,6 +1,7 @@
 """Independent float64 references: the dense W = B·A the ops avoid forming."""
 
 import contextlib
+import copy
 
 import torch
 
@@ -15,6 +16,33 @@ def lora_reference(x, W, A, B, bias=None, scale=1.0):
     W_eff = W.double() + scale * (B.double() @ A.double())
     y = x.double() @ W_eff.T
     return y if bias is None else y + bias.double()
+
+
+def dense_float64_copy(model):
+    """The model in float64 with every LowRankLinear and LoRALinear replaced by
+    an nn.Linear holding its dense weight (B·A, or W + scale·B·A unless merged):
+    a reference computed without the ops."""
+    import lowrank_ext as lx
+
+    model = copy.deepcopy(model).double()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, lx.LowRankLinear):
+            weight, bias = module.B @ module.A, module.bias
+        elif isinstance(module, lx.LoRALinear) and type(module.base) is torch.nn.Linear:
+            weight, bias = module.base.weight, module.base.bias
+            if not module.merged:
+                weight = weight + module.scale * (module.B @ module.A)
+        else:
+            continue
+        dense = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                dtype=torch.float64)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if bias is not None:
+                dense.bias.copy_(bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    return model
 
 
 def assert_close_to_reference(out, ref, dtype, scale=None):

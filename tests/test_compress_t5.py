@@ -6,14 +6,13 @@ their activations), so a compressed ``wo`` must answer it: LowRankLinear's
 model with every factorized layer replaced by its dense float64 product.
 """
 
-import copy
 import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import lowrank_ext as lx
+from reference import dense_float64_copy
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,21 +34,6 @@ def _batch():
     return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :5].clone()}
 
 
-def _dense_float64(model):
-    model = copy.deepcopy(model).double()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, lx.LowRankLinear):
-            dense = nn.Linear(module.in_features, module.out_features,
-                              bias=module.bias is not None, dtype=torch.float64)
-            with torch.no_grad():
-                dense.weight.copy_(module.B @ module.A)
-                if module.bias is not None:
-                    dense.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense)
-    return model
-
-
 def _logits(model, batch):
     with torch.no_grad():
         return model(**batch).logits
@@ -63,7 +47,7 @@ def test_compressed_t5_matches_its_dense_float64_product_and_generates(tmp_path)
     compressed = [n for n, r in report.ranks.items() if r is not None]
     assert any(n.endswith("DenseReluDense.wo") for n in compressed)
     got = _logits(model, batch)
-    torch.testing.assert_close(got.double(), _logits(_dense_float64(model), batch),
+    torch.testing.assert_close(got.double(), _logits(dense_float64_copy(model), batch),
                                rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, original)
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

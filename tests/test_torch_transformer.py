@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import lowrank_ext as lx
+from reference import dense_float64_copy
 
 
 def _encoder(layers=2, norm_first=False):
@@ -35,31 +36,6 @@ def _inputs():
     return x, mask
 
 
-def _dense_float64(model):
-    """An independent reference: every LowRankLinear / LoRALinear replaced by
-    an nn.Linear holding its dense float64 weight (B·A, or W + scale·B·A),
-    the whole model in float64."""
-    model = copy.deepcopy(model).double()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, lx.LowRankLinear):
-            weight, bias = module.B @ module.A, module.bias
-        elif isinstance(module, lx.LoRALinear):
-            weight = module.base.weight
-            if not module.merged:
-                weight = weight + module.scale * (module.B @ module.A)
-            bias = module.base.bias
-        else:
-            continue
-        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).double()
-        with torch.no_grad():
-            dense.weight.copy_(weight)
-            if bias is not None:
-                dense.bias.copy_(bias)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
-    return model
-
-
 def _run(model, x, mask, fast_path=True):
     old = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(fast_path)
@@ -72,11 +48,11 @@ def _run(model, x, mask, fast_path=True):
 
 
 def _check_against_reference(model, x, mask):
-    want = _run(_dense_float64(model), x, mask, fast_path=False)
+    want = _run(dense_float64_copy(model), x, mask, fast_path=False)
     for with_mask in (mask, None):
         m = mask if with_mask is not None else torch.zeros_like(mask)
         got = _run(model, x, m)
-        ref = want if with_mask is not None else _run(_dense_float64(model), x, m, fast_path=False)
+        ref = want if with_mask is not None else _run(dense_float64_copy(model), x, m, fast_path=False)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
 
 
