@@ -108,6 +108,11 @@ def test_weight_is_a_placeholder_with_the_dense_metadata_only():
     layer.to(torch.float64)
     assert layer.weight.dtype == torch.float64
     torch.testing.assert_close(layer.to_linear().weight, layer.B @ layer.A)
+    # Once read, it stays out of the module's copies and pickles.
+    import pickle
+    x64 = x.double()
+    torch.testing.assert_close(copy.deepcopy(layer)(x64), layer(x64))
+    torch.testing.assert_close(pickle.loads(pickle.dumps(layer))(x64), layer(x64))
 
 
 def test_weight_dtype_check_compiles_and_exports():
