@@ -14,9 +14,9 @@ import math
 import torch
 
 from . import _checks
+from ._fallback import _upcast
 
 ops = torch.ops.lowrank_ext
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _to_front(t, bdim, size):
@@ -35,22 +35,19 @@ def _one_sample(t):
     return t[0] if t.shape[0] > 0 else t.new_empty(t.shape[1:])
 
 
-def _upcast(dtype, t):
-    return t.float() if t is not None and dtype in _HALF else t
-
-
 def _batched_product(x, A, B, bias, W=None, scale=1.0):
     """Per-sample (y, t) for batch-first arguments; x is (n, ..., k)."""
     n, lead, k = x.shape[0], x.shape[1:-1], x.shape[-1]
     rows = math.prod(lead)
     dtype = x.dtype
-    x3 = _upcast(dtype, x).reshape(n, rows, k)
-    t = torch.matmul(x3, _upcast(dtype, A).transpose(1, 2))
-    y = torch.matmul(t, _upcast(dtype, B).transpose(1, 2))
+    xc, Wc, Ac, Bc, bc = _upcast(dtype, x, W, A, B, bias)
+    x3 = xc.reshape(n, rows, k)
+    t = torch.matmul(x3, Ac.transpose(1, 2))
+    y = torch.matmul(t, Bc.transpose(1, 2))
     if W is not None:
-        y = torch.matmul(x3, _upcast(dtype, W).transpose(1, 2)) + scale * y
+        y = torch.matmul(x3, Wc.transpose(1, 2)) + scale * y
     if bias is not None:
-        y = y + _upcast(dtype, bias).unsqueeze(1)
+        y = y + bc.unsqueeze(1)
     shape = (n, *lead)
     return y.to(dtype).reshape(*shape, -1), t.to(dtype).reshape(*shape, -1)
 
