@@ -34,29 +34,19 @@ struct AutocastScope {
   }
 };
 
-template <c10::DeviceType kDevice>
-at::Tensor lowrank_linear_autocast(
+// kOp: the op itself or its _with_intermediate form (the same arguments).
+template <c10::DeviceType kDevice, auto kOp>
+auto lowrank_autocast(
     const at::Tensor& x,
     const at::Tensor& A,
     const at::Tensor& B,
     const std::optional<at::Tensor>& bias) {
   const AutocastScope<kDevice> scope;
-  return lowrank_linear_op(scope.cast(x), scope.cast(A), scope.cast(B), scope.cast(bias));
+  return kOp(scope.cast(x), scope.cast(A), scope.cast(B), scope.cast(bias));
 }
 
-template <c10::DeviceType kDevice>
-std::tuple<at::Tensor, at::Tensor> lowrank_linear_with_intermediate_autocast(
-    const at::Tensor& x,
-    const at::Tensor& A,
-    const at::Tensor& B,
-    const std::optional<at::Tensor>& bias) {
-  const AutocastScope<kDevice> scope;
-  return lowrank_linear_with_intermediate_op(
-      scope.cast(x), scope.cast(A), scope.cast(B), scope.cast(bias));
-}
-
-template <c10::DeviceType kDevice>
-at::Tensor lora_linear_autocast(
+template <c10::DeviceType kDevice, auto kOp>
+auto lora_autocast(
     const at::Tensor& x,
     const at::Tensor& W,
     const at::Tensor& A,
@@ -64,29 +54,17 @@ at::Tensor lora_linear_autocast(
     const std::optional<at::Tensor>& bias,
     double scale) {
   const AutocastScope<kDevice> scope;
-  return lora_linear_op(
-      scope.cast(x), scope.cast(W), scope.cast(A), scope.cast(B), scope.cast(bias), scale);
-}
-
-template <c10::DeviceType kDevice>
-std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_autocast(
-    const at::Tensor& x,
-    const at::Tensor& W,
-    const at::Tensor& A,
-    const at::Tensor& B,
-    const std::optional<at::Tensor>& bias,
-    double scale) {
-  const AutocastScope<kDevice> scope;
-  return lora_linear_with_intermediate_op(
-      scope.cast(x), scope.cast(W), scope.cast(A), scope.cast(B), scope.cast(bias), scale);
+  return kOp(scope.cast(x), scope.cast(W), scope.cast(A), scope.cast(B), scope.cast(bias), scale);
 }
 
 template <c10::DeviceType kDevice>
 void register_autocast(torch::Library& m) {
-  m.impl("lowrank_linear", &lowrank_linear_autocast<kDevice>);
-  m.impl("lowrank_linear_with_intermediate", &lowrank_linear_with_intermediate_autocast<kDevice>);
-  m.impl("lora_linear", &lora_linear_autocast<kDevice>);
-  m.impl("lora_linear_with_intermediate", &lora_linear_with_intermediate_autocast<kDevice>);
+  m.impl("lowrank_linear", &lowrank_autocast<kDevice, &lowrank_linear_op>);
+  m.impl("lowrank_linear_with_intermediate",
+         &lowrank_autocast<kDevice, &lowrank_linear_with_intermediate_op>);
+  m.impl("lora_linear", &lora_autocast<kDevice, &lora_linear_op>);
+  m.impl("lora_linear_with_intermediate",
+         &lora_autocast<kDevice, &lora_linear_with_intermediate_op>);
 }
 
 } // namespace
