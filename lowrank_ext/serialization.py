@@ -189,7 +189,8 @@ def read_ranks(path):
 
 @keeps_encoder_flags
 def load_compressed(model: nn.Module, path: str | os.PathLike, *,
-                    strict: bool = True) -> dict[str, int]:
+                    strict: bool = True,
+                    device: str | torch.device | None = None) -> nn.Module:
     """Load a file from :func:`save_compressed` into a freshly built original ``model``.
 
     Each ``nn.Linear`` named in the file's metadata is replaced (in place) by a
@@ -200,12 +201,21 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     ``strict=False`` tolerates tensors missing from the file (the model keeps
     its own values, a replaced layer its original bias) or extra ones, but the
     ``A`` and ``B`` of every layer the metadata names must be in the file.
+
+    The model may be built on the ``meta`` device (``with torch.device("meta"):``
+    or parameters only, as ``accelerate.init_empty_weights()`` does), so that
+    the dense weights the file replaces are never allocated: each meta
+    parameter or buffer is created on ``device`` (default: the device of the
+    model's other tensors, else the CPU) in its own dtype, tied tensors stay
+    tied, and the file fills it. Every meta tensor must then come from the
+    file; one that cannot (a non-persistent buffer, or one the file lacks
+    under ``strict=False``) is a ``ValueError`` naming it, raised before
+    anything is loaded. ``device`` does not move tensors that are already on
+    a real device.
     Bad files raise ``ValueError`` naming the file and what is wrong with it
     (not safetensors, truncated, no or malformed metadata); a model that does
     not fit raises ``ValueError`` / ``RuntimeError`` naming the layers.
     """
-    from safetensors.torch import load_model
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_compressed: model must be an nn.Module, got {type(model).__name__}")
     path = check_path("load_compressed", path)
@@ -241,14 +251,121 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
             new.train(originals[name].training)
         # Check names and shapes before any tensor is copied, so that a file
         # that does not fit leaves the model as it was.
-        _check_fits(model, path, strict, swaps)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        load_model(model, path, strict=strict, device=str(device))
+        aliases = _check_fits(model, path, strict, swaps)
+        device = _load_device(model, device)
+        _check_meta_tensors_come_from_file(model, path, aliases)
+        materialized = _materialize_meta_tensors(model, device, aliases)
+        try:
+            _copy_from_file(model, path, device, aliases)
+        except BaseException:
+            for module, attr, meta in materialized:
+                _set_tensor(module, attr, meta)
+            raise
     except BaseException:
         for name, old in originals.items():
             replace_module(model, name, old)
         raise
     return model
+
+
+def _model_tensors(model):
+    """(module, attribute name, qualified name, tensor) for every parameter and
+    buffer, tied ones once per owner (``remove_duplicate=False``)."""
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None:
+                yield module, attr, prefix + attr, tensor
+
+
+def _load_device(model, device):
+    """Where meta tensors are created: ``device``, else the model's first real device, else CPU."""
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"load_compressed: device {device!r} is not a device ({exc})") from None
+        if device.type == "meta":
+            raise ValueError("load_compressed: device must be a real device, got 'meta'; "
+                             "the file's tensors would have nowhere to go")
+        return device
+    for *_, tensor in _model_tensors(model):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _copy_from_file(model, path, device, aliases):
+    """Copy every tensor the file holds for ``model`` into it (names already checked).
+
+    save_model stores a tensor shared by several names once and records the
+    other names as aliases in the metadata; each alias gets the stored value,
+    whether or not the model ties those names together.
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(path, device=str(device))
+    state.update({alias: state[key] for alias, key in aliases.items()
+                  if key in state and alias not in state})
+    expected = model.state_dict(keep_vars=True)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def _check_meta_tensors_come_from_file(model, path, aliases):
+    """A ValueError, before any change, for a meta tensor the file cannot fill.
+
+    A materialized tensor starts uninitialized; only the file's value may
+    replace that, or the model would compute with whatever memory held.
+    """
+    persistent = set(model.state_dict(keep_vars=True))
+    unfilled = [name for *_, name, tensor in _model_tensors(model)
+                if tensor.is_meta and (name not in persistent or name not in aliases)]
+    if unfilled:
+        shown = ", ".join(unfilled[:5]) + (f" and {len(unfilled) - 5} more" if len(unfilled) > 5
+                                           else "")
+        raise ValueError(
+            f"load_compressed: the model has tensors on the meta device that {path} does not "
+            f"hold, so they would stay uninitialized: {shown}. Build those on a real device "
+            "(e.g. put only parameters on meta, as accelerate.init_empty_weights() does; "
+            "non-persistent buffers are never in a saved file)")
+
+
+def _set_tensor(module, attr, tensor):
+    if attr in module._parameters:
+        module._parameters[attr] = tensor
+    else:
+        module._buffers[attr] = tensor
+
+
+def _materialize_meta_tensors(model, device, aliases):
+    """Give every meta parameter and buffer uninitialized storage on ``device``.
+
+    Returns (module, attribute, meta tensor) for each, so a failed load can put
+    them back. A tensor that several modules share gets one new tensor, so ties
+    (e.g. an embedding and its output head) survive. So do ties the model
+    never made on meta but the file records (transformers ties its weights
+    after loading; on meta they are separate): names stored as one tensor
+    become one parameter again when their shapes and dtypes agree.
+    """
+    replacements = {}
+    changed = []
+    for module, attr, name, tensor in _model_tensors(model):
+        if not tensor.is_meta:
+            continue
+        stored_as = (aliases[name], tensor.shape, tensor.dtype, type(tensor),
+                     tensor.requires_grad)
+        new = replacements.get(id(tensor))
+        if new is None:
+            new = replacements.get(stored_as)
+        if new is None:
+            new = torch.empty_like(tensor, device=device)
+            if isinstance(tensor, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            replacements[stored_as] = new
+        replacements[id(tensor)] = new
+        changed.append((module, attr, tensor))
+        _set_tensor(module, attr, new)
+    return changed
 
 
 def _check_fits(model, path, strict, swapped):
@@ -280,3 +397,5 @@ def _check_fits(model, path, strict, swapped):
     if problems:
         raise RuntimeError(f"load_compressed: {path} does not fit the model: "
                            f"{'; '.join(problems)}")
+    # Every name the file can fill, with the key it is stored under.
+    return {**{key: key for key in stored}, **aliases}

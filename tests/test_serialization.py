@@ -291,3 +291,147 @@ def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lx.save_compressed(build(), tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+# --- models built on the meta device ---------------------------------------
+
+class TiedWithBuffers(nn.Module):
+    """An embedding tied to its output head, a persistent and a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("scale", torch.full((16,), 0.5))
+        self.register_buffer("offset", torch.arange(16.0), persistent=False)
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids) * self.scale + self.offset))
+
+
+def _parameters_on_meta(model):
+    """Move only the parameters to meta (buffers stay real), keeping ties,
+    as accelerate.init_empty_weights() builds a model."""
+    moved = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                if id(p) not in moved:
+                    moved[id(p)] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+                module._parameters[name] = moved[id(p)]
+    return model
+
+
+@pytest.fixture
+def tied(tmp_path):
+    torch.manual_seed(0)
+    model = TiedWithBuffers()
+    with torch.no_grad():
+        model.scale.uniform_(0.5, 1.5)
+    lx.compress_model(model, rank=4, include="body.*")
+    path = tmp_path / "tied.safetensors"
+    lx.save_compressed(model, path)
+    return model, path
+
+
+def _all_tensors(model):
+    return [t for m in model.modules() for t in
+            list(m._parameters.values()) + list(m._buffers.values()) if t is not None]
+
+
+def test_parameters_on_meta_are_created_and_filled_from_the_file(tied):
+    model, path = tied
+    fresh = _parameters_on_meta(TiedWithBuffers())
+    lx.load_compressed(fresh, path)
+    assert not any(t.is_meta for t in _all_tensors(fresh))
+    assert fresh.head.weight is fresh.embed.weight  # still tied, still one parameter
+    assert len(list(fresh.parameters())) == len(list(model.parameters()))
+    assert isinstance(fresh.body[0], lx.LowRankLinear) and fresh.body[0].rank == 4
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    ids = torch.randint(0, 10, (3, 5))
+    torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+    fresh(ids).sum().backward()  # the tied parameter collects both gradients
+    assert fresh.embed.weight.grad is not None and fresh.body[0].A.grad is not None
+
+
+def test_ties_the_file_records_are_restored_on_meta(tied):
+    """transformers ties weights after loading; on meta they are separate tensors."""
+    model, path = tied
+    fresh = TiedWithBuffers()
+    fresh.head.weight = nn.Parameter(fresh.embed.weight.detach().clone())  # untied
+    fresh = _parameters_on_meta(fresh)
+    assert fresh.head.weight is not fresh.embed.weight
+    lx.load_compressed(fresh, path)
+    assert fresh.head.weight is fresh.embed.weight
+    ids = torch.randint(0, 10, (3, 5))
+    torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+
+
+def test_a_model_all_on_meta_takes_dtype_and_device_from_itself(tmp_path):
+    torch.manual_seed(0)
+    model = build()
+    lx.compress_model(model, rank=3, include="[02]")
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(model, path)
+    with torch.device("meta"):
+        fresh = build().double()
+    lx.load_compressed(fresh, path, device="cpu")
+    assert all(t.device.type == "cpu" and t.dtype == torch.float64 for t in _all_tensors(fresh))
+    x = torch.randn(4, 16, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), model.double()(x), rtol=0, atol=0)
+
+
+def _still_on_meta(model, reference_types):
+    assert [type(m) for m in model.modules()] == reference_types
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_meta_tensors_the_file_cannot_fill_are_refused_before_loading(tied):
+    _, path = tied
+    with torch.device("meta"):
+        everything_meta = TiedWithBuffers()  # its non-persistent buffer is in no file
+    types = [type(m) for m in everything_meta.modules()]
+    with pytest.raises(ValueError, match="tensors on the meta device that .* does not hold.*: "
+                                         "offset\\. Build those on a real device"):
+        lx.load_compressed(everything_meta, path)
+    _still_on_meta(everything_meta, types)
+
+    class Bigger(TiedWithBuffers):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.Linear(4, 4)
+
+    bigger = _parameters_on_meta(Bigger())
+    types = [type(m) for m in bigger.modules()]
+    with pytest.raises(ValueError, match="would stay uninitialized: extra.weight, extra.bias"):
+        lx.load_compressed(bigger, path, strict=False)  # strict=False, but meta has no value
+    _still_on_meta(bigger, types)
+
+
+def test_failed_load_puts_the_meta_tensors_back(tied, monkeypatch):
+    _, path = tied
+    fresh = _parameters_on_meta(TiedWithBuffers())
+    types = [type(m) for m in fresh.modules()]
+
+    def broken_load(*args, **kwargs):
+        raise OSError("read error")
+
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "load_file", broken_load)
+    with pytest.raises(OSError, match="read error"):
+        lx.load_compressed(fresh, path)
+    _still_on_meta(fresh, types)
+    assert fresh.head.weight is fresh.embed.weight
+
+
+@pytest.mark.parametrize("device, message", [("meta", "must be a real device, got 'meta'"),
+                                             ("no-such-device", "is not a device")])
+def test_bad_device(tied, device, message):
+    _, path = tied
+    fresh = _parameters_on_meta(TiedWithBuffers())
+    with pytest.raises(ValueError, match=f"load_compressed: .*{message}"):
+        lx.load_compressed(fresh, path, device=device)
+    assert all(p.is_meta for p in fresh.parameters())

@@ -134,3 +134,28 @@ def test_lora_forward_and_training_step(family):
     assert trained and all(name.endswith((".A", ".B")) for name in trained), trained
     # Every adapter the output depends on trains (a pooler the output skips does not).
     assert len(trained) >= 2 * (len(names) - 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_compressed_into_a_model_with_empty_weights(family, tmp_path):
+    """The big-model pattern: build with parameters on meta, then load the file."""
+    accelerate = pytest.importorskip("accelerate")
+    model = _model(family)
+    lx.compress_model(model, ratio=0.6, calibration=[_batch(family, 1)], progress=False)
+    path = tmp_path / "model.safetensors"
+    lx.save_compressed(model, path)
+    config_cls, kwargs, model_name = _configs()[family]
+    with accelerate.init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = getattr(T, model_name)(model.config).eval()
+    assert any(p.is_meta for p in fresh.parameters())
+    lx.load_compressed(fresh, path)
+    assert not any(t.is_meta for t in list(fresh.parameters()) + list(fresh.buffers()))
+    # Weights stored once (tied in the saved model) are one parameter again,
+    # though transformers does not tie them on meta.
+    assert len(list(fresh.parameters())) == len(list(model.parameters()))
+    assert ({n for n, m in fresh.named_modules() if isinstance(m, lx.LowRankLinear)}
+            == {n for n, m in model.named_modules() if isinstance(m, lx.LowRankLinear)})
+    with torch.no_grad():
+        torch.testing.assert_close(_output(fresh, _batch(family, 2)),
+                                   _output(model, _batch(family, 2)), rtol=0, atol=0)
