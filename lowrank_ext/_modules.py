@@ -20,6 +20,17 @@ def replace_module(model, name, new):
     return old
 
 
+def places_of(model):
+    """{id(module): every name it is registered under in ``model``}.
+
+    A module may sit in several places; ``named_modules()`` lists only the first.
+    """
+    places = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(name)
+    return places
+
+
 def _run_the_module(module, args):
     """A forward pre-hook that changes nothing (see keep_off_fused_encoder_paths)."""
     return None

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._modules import dense_weight, replace_module
+from ._modules import dense_weight, places_of, replace_module
 from ._names import preview
 from .compress import plain_linears, select_names
 from .nn import LoRALinear, _check_positive_int, check_lora_options
@@ -75,6 +75,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             adapters alone. With ``False``, only the wrapped layers' own
             weights and biases are frozen.
 
+    A layer registered under several names (one module object in several
+    places) gets one adapter, placed under all of them, so every use of the
+    shared layer stays the same computation.
+
     Every argument is checked against every chosen layer before anything
     changes; if wrapping fails (e.g. a PiSSA decomposition), the model's
     modules, weights and ``requires_grad`` flags are put back as they were.
@@ -117,8 +121,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
+    places = places_of(model)
     for name, lora in wrapped.items():
-        replace_module(model, name, lora)
+        for place in places[id(linears[name])]:
+            replace_module(model, place, lora)
     if freeze:
         adapter = {id(p) for lora in wrapped.values() for p in (lora.A, lora.B)}
         for p in model.parameters():
@@ -185,10 +191,12 @@ def merge_lora(model: nn.Module) -> list[str]:
     if "" in adapters:
         raise ValueError("merge_lora: the model is itself a LoRALinear; call its merge() "
                          "and use its .base")
+    places = places_of(model)
     for name, lora in adapters.items():
         if not lora.merged:
             lora.merge()
-        replace_module(model, name, lora.base)
+        for place in places[id(lora)]:  # a shared adapter leaves every place it sits
+            replace_module(model, place, lora.base)
     return list(adapters)
 
 

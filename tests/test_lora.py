@@ -330,3 +330,60 @@ def test_compiling_layers_of_different_scales_in_one_process():
             layer.B.normal_()
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), layer(x))
+
+
+class _SharedBlocks(nn.Module):
+    """One Linear registered twice, and one block (holding a Linear) used twice."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(10, 10, dtype=torch.float64)
+        block = nn.Sequential(nn.Linear(10, 10, dtype=torch.float64), nn.Tanh())
+        self.first, self.again = shared, shared
+        self.blocks = nn.Sequential(block, block)
+
+    def forward(self, x):
+        return self.blocks(self.again(torch.tanh(self.first(x))))
+
+
+def _dense_reference(model, x):
+    """The same computation in float64 with each adapter folded into a dense weight."""
+    def dense(layer):
+        if isinstance(layer, lx.LoRALinear):
+            W = layer.base.weight + layer.scale * (layer.B @ layer.A)
+            return lambda v: v @ W.T + layer.base.bias
+        return lambda v: v @ layer.weight.T + layer.bias
+    h = dense(model.again)(torch.tanh(dense(model.first)(x)))
+    for block in model.blocks:
+        h = torch.tanh(dense(block[0])(h))
+    return h
+
+
+def test_a_layer_registered_in_several_places_gets_one_adapter_everywhere():
+    torch.manual_seed(0)
+    model = _SharedBlocks()
+    names = lx.add_lora(model, 3)
+    assert names == ["first", "blocks.0.0"]  # each shared layer once
+    assert model.first is model.again and isinstance(model.first, lx.LoRALinear)
+    assert model.blocks[0][0] is model.blocks[1][0]
+    assert isinstance(model.blocks[1][0], lx.LoRALinear)
+    for lora in (model.first, model.blocks[0][0]):
+        with torch.no_grad():
+            lora.B.normal_()
+    x = torch.randn(4, 10, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _dense_reference(model, x))
+    assert list(lx.lora_state_dict(model)) == ["first.A", "first.B", "blocks.0.0.A",
+                                               "blocks.0.0.B"]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(model.first.A), id(model.first.B), id(model.blocks[0][0].A),
+                         id(model.blocks[0][0].B)}
+
+    with torch.no_grad():
+        before = model(x)
+    assert lx.merge_lora(model) == names
+    assert type(model.first) is nn.Linear and model.first is model.again
+    assert type(model.blocks[1][0]) is nn.Linear
+    assert not any(isinstance(m, lx.LoRALinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
