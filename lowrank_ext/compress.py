@@ -424,6 +424,13 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                         f"{type(sequential).__name__}")
     if sequential and calibration is None:
         raise ValueError("compress_model: sequential=True needs calibration")
+    on_meta = [name for name, layer in layers.items() if layer.weight.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"compress_model: layer {on_meta[0]!r}"
+            f"{f' (and {len(on_meta) - 1} more)' if len(on_meta) > 1 else ''} is on the meta "
+            "device: its weight holds no values to factorize; load the trained weights first "
+            "(load_compressed fills a meta model from a compressed file)")
     for name, layer in layers.items():
         if not bool(torch.isfinite(layer.weight).all()):
             raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")

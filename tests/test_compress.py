@@ -322,6 +322,15 @@ def test_nan_weight_is_refused_before_any_swap():
     _assert_unchanged(model, snapshot)
 
 
+def test_a_model_on_the_meta_device_is_refused_by_name():
+    with torch.device("meta"):
+        model = Net()
+    with pytest.raises(ValueError, match="layer '.*' \\(and [0-9]+ more\\) is on the meta "
+                                         "device: its weight holds no values"):
+        lx.compress_model(model, ratio=0.5)
+    assert not any(isinstance(m, lx.LowRankLinear) for m in model.modules())
+
+
 def test_not_a_module_and_no_linear():
     with pytest.raises(TypeError, match="nn.Module"):
         lx.compress_model(object(), rank=2)
