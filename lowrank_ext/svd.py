@@ -62,6 +62,9 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
         raise ValueError(f"choose_rank: S must be a non-empty 1-D tensor, got shape {list(S.shape)}")
     if not S.is_floating_point():
         raise TypeError(f"choose_rank: S must be floating point, got {_checks.dtype_name(S.dtype)}")
+    if S.is_meta:
+        raise ValueError("choose_rank: S is on the meta device and holds no values to "
+                         "choose a rank from")
     s2 = S.detach().to(device="cpu", dtype=torch.float64) ** 2
     if not bool(torch.isfinite(s2).all()) or bool((S < 0).any()):
         raise ValueError("choose_rank: S must be finite and non-negative")
@@ -118,6 +121,11 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         return _randomized(W, int(rank), balanced, int(niter), generator)
     if rank is None:
         _checks.check_svd_matrix(W)
+        if W.is_meta:
+            raise ValueError(
+                f"svd_truncate: {'energy' if energy is not None else 'tol'} chooses the rank "
+                "from W's singular values, but W is on the meta device and holds no values; "
+                "give rank instead")
         _checks.check_svd_finite(W)
         S = torch.linalg.svdvals(W.float() if W.dtype in (torch.float16, torch.bfloat16) else W)
         rank = choose_rank(S, energy=energy, tol=tol)

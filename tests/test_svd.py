@@ -139,3 +139,16 @@ def test_svd_truncate_on_cuda_matches_cpu():
     torch.testing.assert_close((B @ A).cpu(), Bc @ Ac)
     assert math.isclose(float(torch.linalg.matrix_norm(W - (B @ A).cpu())),
                         float(torch.linalg.svdvals(W)[4:].square().sum().sqrt()), rel_tol=1e-9)
+
+
+def test_meta_tensors_give_shapes_by_rank_and_clear_errors_otherwise():
+    W = torch.empty(12, 8, device="meta")
+    B, A = lx.svd_truncate(W, rank=3)  # shape propagation, as any op on meta
+    assert B.is_meta and A.is_meta and B.shape == (12, 3) and A.shape == (3, 8)
+    for criterion in ({"energy": 0.9}, {"tol": 0.1}):
+        (name,) = criterion
+        with pytest.raises(ValueError, match=f"svd_truncate: {name} chooses the rank from W's "
+                                             "singular values, but W is on the meta device"):
+            lx.svd_truncate(W, **criterion)
+    with pytest.raises(ValueError, match="choose_rank: S is on the meta device"):
+        lx.choose_rank(torch.ones(4, device="meta"), energy=0.9)
