@@ -1,10 +1,17 @@
 """``python -m lowrank_ext compress``: factorize the 2-D weights of a safetensors file.
 
-Plain truncated SVD, no model code needed. A weight ``<name>.weight`` of rank
-r is stored as ``<name>.A`` (r, k) and ``<name>.B`` (d, r), the parameter names
-of ``LowRankLinear``, and the ranks go into the metadata, so
-``lowrank_ext.load_compressed`` loads the output into the original model.
+Plain truncated SVD, no model code needed. A weight ``<name>.weight`` (d, k)
+of rank r is stored as ``<name>.A`` (r, k) and ``<name>.B`` (d, r), the
+parameter names of ``LowRankLinear``, and the ranks go into the metadata, so
+``lowrank_ext.load_compressed`` loads the output into the original model (it
+turns the factors of a transformers ``Conv1D``, whose weight is stored
+transposed, around).
 Other tensors, and weights where factorizing saves nothing, are copied as they are.
+
+Without model code a 2-D tensor does not say whether it is a Linear layer's
+weight. Embedding tables are 2-D too, but ``load_compressed`` swaps only
+Linear layers, so a file with a factorized embedding would not load: tensors
+whose names look like embedding tables are kept unless ``--embeddings``.
 """
 
 HELP = "factorize the 2-D weights of a safetensors file by truncated SVD"
@@ -25,6 +32,10 @@ def add_arguments(parser):
                              "suffix; repeatable). Default: every 2-D floating weight")
     parser.add_argument("--exclude", action="append", metavar="PATTERN",
                         help="skip module names matching this glob (repeatable)")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="also factorize tensors named like embedding tables (*embed*, "
+                             "wte, wpe, shared, relative_attention_bias), which are kept by "
+                             "default: load_compressed swaps only Linear layers")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -32,6 +43,18 @@ def add_arguments(parser):
 def module_name(key):
     """The module name of a weight key: ``"enc.fc.weight"`` -> ``"enc.fc"``."""
     return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+# Last name components of embedding tables in common model code (transformers:
+# word/position/token-type embeddings, embed_tokens, embed_positions, GPT-2's
+# wte and wpe, T5's shared table and relative attention bias).
+_EMBEDDING_NAMES = ("wte", "wpe", "shared", "relative_attention_bias")
+
+
+def looks_like_embedding(name):
+    """True for a module name whose last component names an embedding table."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return "embed" in last or last in _EMBEDDING_NAMES
 
 
 def run(args):
@@ -63,6 +86,12 @@ def run(args):
     except Exception as exc:  # safetensors raises its own error type for a bad file
         raise unreadable_error(None, args.input, exc) from exc
 
+    # safetensors' save_model stores a tensor that several names share once
+    # and maps the other names to it in the metadata.
+    aliases = {}
+    for alias, key in metadata.items():
+        if key in tensors:
+            aliases.setdefault(key, []).append(alias)
     candidates = {module_name(k): k for k, t in tensors.items()
                   if t.dim() == 2 and t.is_floating_point() and t.numel() > 0}
     if not candidates:
@@ -75,6 +104,18 @@ def run(args):
         key = candidates[name]
         W = tensors[key]
         d, k = W.shape
+        if aliases.get(key):
+            records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
+                                       note=f"dense: stored once for {', '.join(aliases[key])} "
+                                            "too (tied); factorizing would take their "
+                                            "weight away"))
+            continue
+        if not args.embeddings and looks_like_embedding(name):
+            records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
+                                       note="dense: named like an embedding table, which "
+                                            "load_compressed cannot swap; --embeddings "
+                                            "factorizes it anyway"))
+            continue
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"weight {key!r} in {args.input} has NaN or Inf")
         if args.ratio is not None:
@@ -101,7 +142,9 @@ def run(args):
         ranks[name] = r
         records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), error))
 
-    metadata.update(ranks_metadata(ranks))
+    # B·A is each tensor as this file stores it (transposed for a Conv1D);
+    # load_compressed turns the factors of such layers around.
+    metadata.update(ranks_metadata(ranks, factors="stored"))
     atomic_write(args.output, lambda tmp: save_file(out, tmp, metadata=metadata))
     report = CompressionReport(records)
     print(report.to_json(indent=2) if args.json else report)

@@ -6,6 +6,13 @@ The file holds the model's state_dict (``<layer>.A`` and ``<layer>.B`` for each
 model's code: :func:`load_compressed` swaps the named ``nn.Linear`` (or
 transformers ``Conv1D``) layers of a freshly built model for ``LowRankLinear``
 of the stored ranks, then loads.
+
+``B·A`` is the layer's weight in ``nn.Linear`` layout (out, in), as
+``LowRankLinear`` holds it. Files from the ``compress`` command, which
+factorizes tensors without knowing their layers, add ``"factors": "stored"``:
+there ``B·A`` is the tensor as the input file stored it, which for a
+transformers ``Conv1D`` (GPT-2) is the transpose, (in, out); loading turns
+those factors around.
 """
 
 from __future__ import annotations
@@ -24,10 +31,20 @@ METADATA_KEY = "lowrank_ext"
 FORMAT_VERSION = 1
 
 
-def ranks_metadata(ranks):
-    """The safetensors metadata entry recording ``{layer name: rank}``."""
-    return {METADATA_KEY: json.dumps({"format": FORMAT_VERSION, "ranks": ranks},
-                                     sort_keys=True)}
+_FACTOR_LAYOUTS = ("linear", "stored")
+
+
+def ranks_metadata(ranks, factors="linear"):
+    """The safetensors metadata entry recording ``{layer name: rank}``.
+
+    ``factors="stored"``: each ``B·A`` is the tensor as an input file stored
+    it, not necessarily in ``nn.Linear`` layout (see the module docstring).
+    """
+    assert factors in _FACTOR_LAYOUTS
+    info = {"format": FORMAT_VERSION, "ranks": ranks}
+    if factors != "linear":
+        info["factors"] = factors
+    return {METADATA_KEY: json.dumps(info, sort_keys=True)}
 
 
 def _prefix(owner):
@@ -163,7 +180,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
 
 
 def read_ranks(path):
-    """``{layer name: rank}`` stored in a file written by :func:`save_compressed`."""
+    """``({layer name: rank}, factor layout)`` stored in a file written by
+    :func:`save_compressed` or the ``compress`` command."""
     from safetensors import safe_open
 
     path = check_path("load_compressed", path)
@@ -180,9 +198,11 @@ def read_ranks(path):
     try:
         info = json.loads(metadata[METADATA_KEY])
         ranks = info["ranks"]
-        if info.get("format") != FORMAT_VERSION or not isinstance(ranks, dict):
+        factors = info.get("factors", "linear")
+        if (info.get("format") != FORMAT_VERSION or not isinstance(ranks, dict)
+                or factors not in _FACTOR_LAYOUTS):
             raise ValueError
-        return {str(name): int(rank) for name, rank in ranks.items()}
+        return {str(name): int(rank) for name, rank in ranks.items()}, factors
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(f"load_compressed: {path} has malformed {METADATA_KEY!r} metadata") from None
 
@@ -219,7 +239,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_compressed: model must be an nn.Module, got {type(model).__name__}")
     path = check_path("load_compressed", path)
-    ranks = read_ranks(path)
+    ranks, factors = read_ranks(path)
     modules = dict(model.named_modules())
     swaps = {}
     for name, rank in ranks.items():
@@ -244,6 +264,8 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
             with torch.no_grad():
                 new.bias.copy_(layer.bias)
         swaps[name] = new
+    # Factors of a Conv1D's stored (in, out) tensor: A (r, out), B (in, r).
+    turned = {name for name in swaps if factors == "stored" and is_conv1d(modules[name])}
     originals = {}
     try:
         for name, new in swaps.items():
@@ -251,12 +273,12 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
             new.train(originals[name].training)
         # Check names and shapes before any tensor is copied, so that a file
         # that does not fit leaves the model as it was.
-        aliases = _check_fits(model, path, strict, swaps)
+        aliases = _check_fits(model, path, strict, swaps, turned)
         device = _load_device(model, device)
         _check_meta_tensors_come_from_file(model, path, aliases)
         materialized = _materialize_meta_tensors(model, device, aliases)
         try:
-            _copy_from_file(model, path, device, aliases)
+            _copy_from_file(model, path, device, aliases, turned)
         except BaseException:
             for module, attr, meta in materialized:
                 _set_tensor(module, attr, meta)
@@ -295,7 +317,20 @@ def _load_device(model, device):
     return torch.device("cpu")
 
 
-def _copy_from_file(model, path, device, aliases):
+def _turn_factors(values, names):
+    """For each layer in ``names``, A, B = Bᵀ, Aᵀ: factors of Wᵀ from those of W."""
+    for name in names:
+        if f"{name}.A" not in values or f"{name}.B" not in values:
+            continue  # stored under another name; the shape check names it
+        a, b = values[f"{name}.A"], values[f"{name}.B"]
+        values[f"{name}.A"], values[f"{name}.B"] = _transpose(b), _transpose(a)
+
+
+def _transpose(value):
+    return tuple(reversed(value)) if isinstance(value, tuple) else value.T.contiguous()
+
+
+def _copy_from_file(model, path, device, aliases, turned):
     """Copy every tensor the file holds for ``model`` into it (names already checked).
 
     save_model stores a tensor shared by several names once and records the
@@ -307,6 +342,7 @@ def _copy_from_file(model, path, device, aliases):
     state = load_file(path, device=str(device))
     state.update({alias: state[key] for alias, key in aliases.items()
                   if key in state and alias not in state})
+    _turn_factors(state, turned)
     expected = model.state_dict(keep_vars=True)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
@@ -368,7 +404,7 @@ def _materialize_meta_tensors(model, device, aliases):
     return changed
 
 
-def _check_fits(model, path, strict, swapped):
+def _check_fits(model, path, strict, swapped, turned):
     from safetensors import safe_open
 
     expected = model.state_dict()
@@ -384,6 +420,7 @@ def _check_fits(model, path, strict, swapped):
                 raise ValueError(
                     f"load_compressed: {path} gives layer {name!r} rank {layer.rank} in its "
                     f"metadata but has no tensor {key!r}")
+    _turn_factors(stored, turned)
     problems = [f"{key} has shape {list(stored[key])} in the file but "
                 f"{list(expected[key].shape)} in the model"
                 for key in stored if key in expected and tuple(expected[key].shape) != stored[key]]

@@ -335,3 +335,84 @@ def test_command_line_exit_status_and_one_line_without_traceback(weights, tmp_pa
     assert "Traceback (most recent call last)" in tb_err
     assert "ValueError: cannot read" in tb_err
     assert not out.exists()
+
+
+def _truncated(W, rank):
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
+
+
+def test_conv1d_weights_stored_transposed_load_into_the_original_layers(tmp_path, capsys):
+    """transformers' Conv1D stores (in, out); the factors must be turned around on
+    loading, also where a square weight's shape cannot tell."""
+    T = pytest.importorskip("transformers")
+    Conv1D = T.pytorch_utils.Conv1D
+
+    def conv_model():
+        # Conv1D(out, in): 16 -> 24 -> 24 (square) -> 16
+        return nn.Sequential(Conv1D(24, 16), nn.ReLU(), Conv1D(24, 24), nn.ReLU(),
+                             Conv1D(16, 24)).double()
+
+    torch.manual_seed(0)
+    model = conv_model()
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_model(model, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--rank", "3"]) == 0
+    capsys.readouterr()
+    fresh = lx.load_compressed(conv_model(), out)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    h = x
+    for layer in (model[0], model[2], model[4]):  # Conv1D: y = x·W + b, W (in, out)
+        h = h @ _truncated(layer.weight.detach(), 3) + layer.bias.detach()
+        if layer is not model[4]:
+            h = torch.relu(h)
+    torch.testing.assert_close(fresh(x), h, rtol=1e-10, atol=1e-10)
+
+
+class _EmbedAndTiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(40, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.embed_tokens.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.embed_tokens(ids))))
+
+
+def test_embedding_tables_and_tied_weights_stay_so_the_output_loads(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = _EmbedAndTiedHead()
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_model(model, str(path))  # the tied table is stored once, under one of the names
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2", "--json"]) == 0
+    notes = {l["name"]: l["note"] for l in json.loads(capsys.readouterr().out)["layers"]}
+    assert json.loads(_read(out)[1]["lowrank_ext"])["ranks"] == {"body": 2}
+    tied = "head" if "head" in notes else "embed_tokens"  # whichever name holds the table
+    assert "(tied)" in notes[tied] and "embed_tokens" in notes[tied] + tied
+    fresh = lx.load_compressed(_EmbedAndTiedHead(), out)
+    assert torch.equal(fresh.head.weight, model.head.weight)
+    ids = torch.randint(0, 40, (3, 4))
+    W = _truncated(model.body.weight.detach(), 2)
+    h = torch.relu(model.embed_tokens(ids).double() @ W.T + model.body.bias.double())
+    torch.testing.assert_close(fresh(ids).double(), h @ model.head.weight.double().T,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_tables_are_kept_unless_asked(tmp_path, capsys):
+    torch.manual_seed(0)
+    tables = {"embeddings.word_embeddings.weight": torch.randn(50, 12),
+              "transformer.wte.weight": torch.randn(50, 12),
+              "fc.weight": torch.randn(12, 12)}
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(tables, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "embeddings.word_embeddings: dense: named like an embedding table" in text
+    assert "transformer.wte: dense: named like an embedding table" in text
+    assert json.loads(_read(out)[1]["lowrank_ext"])["ranks"] == {"fc": 2}
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2", "--embeddings",
+                 "--force"]) == 0
+    assert json.loads(_read(out)[1]["lowrank_ext"])["ranks"] == {
+        "embeddings.word_embeddings": 2, "transformer.wte": 2, "fc": 2}

@@ -159,3 +159,29 @@ def test_load_compressed_into_a_model_with_empty_weights(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(_output(fresh, _batch(family, 2)),
                                    _output(model, _batch(family, 2)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compress_command_output_loads_into_the_original_model(family, tmp_path, capsys):
+    """`python -m lowrank_ext compress` knows no model code: embedding tables, tied
+    weights and GPT-2's transposed Conv1D weights must still load, each factorized
+    layer holding the truncated SVD of its weight."""
+    from safetensors.torch import save_model
+
+    from lowrank_ext._modules import dense_weight
+    from lowrank_ext.cli import main
+
+    model = _model(family)
+    path, out = tmp_path / "model.safetensors", tmp_path / "out.safetensors"
+    save_model(model, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--rank", "3"]) == 0
+    capsys.readouterr()
+    fresh = lx.load_compressed(_model(family), out)
+    swapped = {n: m for n, m in fresh.named_modules() if isinstance(m, lx.LowRankLinear)}
+    assert len(swapped) >= 4
+    for name, layer in swapped.items():
+        W = dense_weight(model.get_submodule(name)).detach().double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        torch.testing.assert_close(layer.B.double() @ layer.A.double(),
+                                   U[:, :3] @ torch.diag(S[:3]) @ Vh[:3], rtol=1e-4, atol=1e-5)
+    _check_against_dense(fresh, _batch(family, 2))
