@@ -144,3 +144,23 @@ def check_weight_grad_inputs(a, b):
     if a.dtype != b.dtype:
         raise RuntimeError(f"_weight_grad: a is {dtype_name(a.dtype)} but b is "
                            f"{dtype_name(b.dtype)}")
+
+
+def check_device(owner, device, why_not_meta):
+    """``device`` as a torch.device (None stays None); a TypeError or ValueError
+    naming ``owner`` for anything but an available real device."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise TypeError(f"{owner}: device must be a torch.device, str or int, got "
+                        f"{type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"{owner}: device {device!r} is not a device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{owner}: device {str(device)!r} is not available "
+                         "(torch.cuda.is_available() is False)")
+    if device.type == "meta":
+        raise ValueError(f"{owner}: device 'meta' {why_not_meta}")
+    return device

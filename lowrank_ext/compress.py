@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ._checks import check_device
 from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
 from ._names import preview
 from ._workers import Workers
@@ -405,7 +406,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         allocation = "sensitivity" if calibration is not None else "global"
     elif allocation == "sensitivity" and calibration is None:
         raise ValueError("compress_model: allocation='sensitivity' needs calibration")
-    device = _check_device(device)
+    device = check_device("compress_model", device, "holds no data to factorize on")
     linears = plain_linears(model, conv1d=True)
     if not linears:
         raise ValueError("compress_model: the model has no nn.Linear (or Conv1D) layer")
@@ -592,21 +593,3 @@ def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, ow
             [value], dtype=torch.float64), (1,))
         found[name] = float(shared[0])
     return found
-
-
-def _check_device(device):
-    if device is None:
-        return None
-    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
-        raise TypeError(f"compress_model: device must be a torch.device, str or int, got "
-                        f"{type(device).__name__}")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"compress_model: device {device!r} is not a device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"compress_model: device {str(device)!r} is not available "
-                         "(torch.cuda.is_available() is False)")
-    if device.type == "meta":
-        raise ValueError("compress_model: device 'meta' holds no data to factorize on")
-    return device

@@ -24,6 +24,7 @@ import tempfile
 import torch
 from torch import nn
 
+from ._checks import check_device
 from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
 from .nn import LowRankLinear
 
@@ -239,6 +240,8 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_compressed: model must be an nn.Module, got {type(model).__name__}")
     path = check_path("load_compressed", path)
+    device = check_device("load_compressed", device,
+                          "holds no data; give the device the file's tensors should go to")
     ranks, factors = read_ranks(path)
     modules = dict(model.named_modules())
     swaps = {}
@@ -303,13 +306,6 @@ def _model_tensors(model):
 def _load_device(model, device):
     """Where meta tensors are created: ``device``, else the model's first real device, else CPU."""
     if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"load_compressed: device {device!r} is not a device ({exc})") from None
-        if device.type == "meta":
-            raise ValueError("load_compressed: device must be a real device, got 'meta'; "
-                             "the file's tensors would have nowhere to go")
         return device
     for *_, tensor in _model_tensors(model):
         if not tensor.is_meta:
