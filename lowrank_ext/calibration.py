@@ -39,7 +39,16 @@ def call_with_batch(model, batch, owner, what="a batch"):
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
+        try:
+            return model(*batch)
+        except TypeError as exc:
+            if len(batch) > 1 and "positional argument" in str(exc):
+                # The usual cause: a DataLoader of (input, label) pairs.
+                raise TypeError(
+                    f"{exc} (a tuple batch of {len(batch)} items is called as "
+                    "model(*batch); for (input, label) pairs give the inputs alone, e.g. "
+                    "[x for x, _ in loader])") from exc
+            raise
     if isinstance(batch, Mapping):  # dicts and tokenizers' BatchEncoding
         return model(**batch)
     raise TypeError(f"{owner}: {what} must be a tensor, tuple or dict, got {type(batch).__name__}")

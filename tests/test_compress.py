@@ -511,3 +511,19 @@ def test_spectra_hold_no_more_than_the_useful_directions(dtype, stored):
     torch.testing.assert_close(B @ A, best, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="beyond the 15 kept directions"):
         spectrum.factors(useful + 1)
+
+
+def test_a_loader_of_input_label_pairs_gets_a_hint():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = nn.Sequential(nn.Linear(16, 32, dtype=torch.float64), nn.ReLU(),
+                          nn.Linear(32, 6, dtype=torch.float64))
+    snapshot = _snapshot(model)
+    loader = DataLoader(TensorDataset(torch.randn(16, 16, dtype=torch.float64),
+                                      torch.randint(0, 3, (16,))), batch_size=4)
+    with pytest.raises(RuntimeError, match=r"calibration raised TypeError: .*positional "
+                                           r"argument.*called as model\(\*batch\); for \(input, "
+                                           r"label\) pairs give the inputs alone"):
+        lx.compress_model(model, ratio=0.5, calibration=loader)
+    _assert_unchanged(model, snapshot)
+    lx.compress_model(model, ratio=0.5, calibration=[x for x, _ in loader])
