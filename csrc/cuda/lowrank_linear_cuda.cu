@@ -55,7 +55,20 @@ DeviceInfo query_device(int device) {
   // kernel: the plan must then not choose it. (The caller's device guard
   // makes `device` current.)
   cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, tensor_core_fused_kernel<__half, 1>));
+  const cudaError_t status =
+      cudaFuncGetAttributes(&attributes, tensor_core_fused_kernel<__half, 1>);
+  if (status == cudaErrorNoKernelImageForDevice) {
+    (void)cudaGetLastError(); // not sticky: clear it so later CUDA calls do not report it
+    int minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(
+        &minor, cudaDevAttrComputeCapabilityMinor, device));
+    // Every kernel of the extension is missing, not just the fused one: say
+    // how to get a build that runs here instead of failing on each launch.
+    TORCH_CHECK(false, "lowrank_ext: this build has no CUDA code for this GPU (sm_",
+                info.sm_major, minor, "); rebuild with TORCH_CUDA_ARCH_LIST=\"",
+                info.sm_major, ".", minor, "\" (or an older architecture with +PTX)");
+  }
+  C10_CUDA_CHECK(status);
   info.tensor_core_built = attributes.ptxVersion >= 80;
   return info;
 }
