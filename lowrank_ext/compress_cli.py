@@ -9,9 +9,10 @@ transposed, around).
 Other tensors, and weights where factorizing saves nothing, are copied as they are.
 
 Without model code a 2-D tensor does not say whether it is a Linear layer's
-weight. Embedding tables are 2-D too, but ``load_compressed`` swaps only
-Linear layers, so a file with a factorized embedding would not load: tensors
-whose names look like embedding tables are kept unless ``--embeddings``.
+weight. ``load_compressed`` swaps only Linear layers, so a file with a
+factorized embedding table, or a factorized tensor that is no layer's
+``.weight`` (a bare projection parameter), would not load: such tensors are
+kept unless ``--all-tensors``.
 """
 
 HELP = "factorize the 2-D weights of a safetensors file by truncated SVD"
@@ -32,10 +33,11 @@ def add_arguments(parser):
                              "suffix; repeatable). Default: every 2-D floating weight")
     parser.add_argument("--exclude", action="append", metavar="PATTERN",
                         help="skip module names matching this glob (repeatable)")
-    parser.add_argument("--embeddings", action="store_true",
-                        help="also factorize tensors named like embedding tables (*embed*, "
-                             "wte, wpe, shared, relative_attention_bias), which are kept by "
-                             "default: load_compressed swaps only Linear layers")
+    parser.add_argument("--all-tensors", action="store_true",
+                        help="also factorize 2-D tensors that load_compressed cannot put "
+                             "into a Linear layer, kept by default: those named like "
+                             "embedding tables (*embed*, wte, wpe, shared, "
+                             "relative_attention_bias) and those not called <module>.weight")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -110,10 +112,13 @@ def run(args):
                                             "too (tied); factorizing would take their "
                                             "weight away"))
             continue
-        if not args.embeddings and looks_like_embedding(name):
+        why_kept = (None if args.all_tensors else
+                    "not a layer's .weight" if not key.endswith(".weight") else
+                    "named like an embedding table" if looks_like_embedding(name) else None)
+        if why_kept:
             records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
-                                       note="dense: named like an embedding table, which "
-                                            "load_compressed cannot swap; --embeddings "
+                                       note=f"dense: {why_kept}, which load_compressed cannot "
+                                            "put into a Linear layer; --all-tensors "
                                             "factorizes it anyway"))
             continue
         if not bool(torch.isfinite(W).all()):

@@ -400,19 +400,26 @@ def test_embedding_tables_and_tied_weights_stay_so_the_output_loads(tmp_path, ca
                                rtol=1e-5, atol=1e-5)
 
 
-def test_embedding_tables_are_kept_unless_asked(tmp_path, capsys):
+def test_embedding_tables_and_bare_parameters_are_kept_unless_asked(tmp_path, capsys):
     torch.manual_seed(0)
     tables = {"embeddings.word_embeddings.weight": torch.randn(50, 12),
               "transformer.wte.weight": torch.randn(50, 12),
+              "text_projection": torch.randn(12, 12),  # a bare nn.Parameter, no layer
               "fc.weight": torch.randn(12, 12)}
     path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_file(tables, str(path))
     assert main(["compress", str(path), "-o", str(out), "--rank", "2"]) == 0
     text = capsys.readouterr().out
-    assert "embeddings.word_embeddings: dense: named like an embedding table" in text
-    assert "transformer.wte: dense: named like an embedding table" in text
-    assert json.loads(_read(out)[1]["lowrank_ext"])["ranks"] == {"fc": 2}
-    assert main(["compress", str(path), "-o", str(out), "--rank", "2", "--embeddings",
+    for name, why in (("embeddings.word_embeddings", "named like an embedding table"),
+                      ("transformer.wte", "named like an embedding table"),
+                      ("text_projection", "not a layer's .weight")):
+        assert f"{name}: dense: {why}, which load_compressed cannot put" in text
+    tensors, meta = _read(out)
+    assert json.loads(meta["lowrank_ext"])["ranks"] == {"fc": 2}
+    assert torch.equal(tensors["text_projection"], tables["text_projection"])
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2", "--all-tensors",
                  "--force"]) == 0
-    assert json.loads(_read(out)[1]["lowrank_ext"])["ranks"] == {
-        "embeddings.word_embeddings": 2, "transformer.wte": 2, "fc": 2}
+    tensors, meta = _read(out)
+    assert json.loads(meta["lowrank_ext"])["ranks"] == {
+        "embeddings.word_embeddings": 2, "transformer.wte": 2, "text_projection": 2, "fc": 2}
+    assert {"text_projection.A", "text_projection.B"} <= set(tensors)
