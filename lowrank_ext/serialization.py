@@ -180,24 +180,65 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
     return ranks
 
 
-def read_ranks(path):
-    """``({layer name: rank}, factor layout)`` stored in a file written by
-    :func:`save_compressed` or the ``compress`` command."""
+def _shards(index):
+    """The files a safetensors index (``model.safetensors.index.json``) lists, beside it."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        if not files or not all(isinstance(name, str) for name in files):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"load_compressed: {index} is not a safetensors index (a JSON "
+                         "object with a non-empty 'weight_map')") from None
+    paths = [os.path.join(os.path.dirname(index), name) for name in files]
+    for shard in paths:
+        check_input_file("load_compressed", shard)
+    return paths
+
+
+def model_files(path):
+    """The safetensors files holding the model at ``path``.
+
+    A file; an index ``*.index.json`` (its shards); or a directory, as
+    transformers' ``save_pretrained`` writes it: ``model.safetensors``, or the
+    shards ``model.safetensors.index.json`` lists.
+    """
+    if os.path.isdir(path):
+        for name in ("model.safetensors.index.json", "model.safetensors"):
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return _shards(candidate) if name.endswith(".json") else [candidate]
+        raise FileNotFoundError(f"load_compressed: {path} is a directory with neither "
+                                "model.safetensors nor model.safetensors.index.json")
+    check_input_file("load_compressed", path)
+    return _shards(path) if path.endswith(".index.json") else [path]
+
+
+def read_headers(files):
+    """(metadata of each file, {key: shape} over all files, {alias: stored key}).
+
+    save_model stores a tensor that several names share once and maps the
+    other names to it in the metadata.
+    """
     from safetensors import safe_open
 
-    path = check_path("load_compressed", path)
-    check_input_file("load_compressed", path)
+    metadatas, shapes = [], {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadatas.append(dict(f.metadata() or {}))
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        except Exception as exc:  # safetensors raises its own error type for a bad file
+            raise unreadable_error("load_compressed", path, exc) from exc
+    aliases = {alias: key for metadata in metadatas for alias, key in metadata.items()
+               if key in shapes and alias not in shapes}
+    return metadatas, shapes, aliases
+
+
+def _parse_ranks(path, entry):
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error type for a bad file
-        raise unreadable_error("load_compressed", path, exc) from exc
-    if METADATA_KEY not in metadata:
-        raise ValueError(
-            f"load_compressed: {path} has no {METADATA_KEY!r} metadata; it was not written "
-            "by save_compressed or the compress command")
-    try:
-        info = json.loads(metadata[METADATA_KEY])
+        info = json.loads(entry)
         ranks = info["ranks"]
         factors = info.get("factors", "linear")
         if (info.get("format") != FORMAT_VERSION or not isinstance(ranks, dict)
@@ -208,16 +249,65 @@ def read_ranks(path):
         raise ValueError(f"load_compressed: {path} has malformed {METADATA_KEY!r} metadata") from None
 
 
+def read_ranks(path, files, metadatas, shapes):
+    """``({layer name: rank}, factor layout, whether the ranks were inferred)``.
+
+    From the metadata that :func:`save_compressed` and the ``compress``
+    command write; for files without it (a compressed model's state_dict
+    written by transformers' ``save_pretrained`` or ``safetensors``), from the
+    ``<layer>.A`` (r, in) and ``<layer>.B`` (out, r) pairs themselves, leaving
+    out any layer that stores other tensors besides its bias (a LoRALinear's
+    ``base.weight``): those are not LowRankLinear layers.
+    """
+    ranks, layouts = {}, set()
+    for file, metadata in zip(files, metadatas):
+        if METADATA_KEY in metadata:
+            found, factors = _parse_ranks(file, metadata[METADATA_KEY])
+            ranks.update(found)
+            layouts.add(factors)
+    if len(layouts) > 1:
+        raise ValueError(f"load_compressed: the files of {path} disagree on the layout of "
+                         "their factors")
+    if layouts:
+        return ranks, layouts.pop(), False
+    # Module names holding some tensor other than their own A, B and bias.
+    holds_more = set()
+    for key in shapes:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[i:]) not in ("A", "B", "bias"):
+                holds_more.add(".".join(parts[:i]))
+    for key, a in shapes.items():
+        name = key[:-2]
+        b = shapes.get(f"{name}.B")
+        if (key.endswith(".A") and b is not None and name not in holds_more
+                and len(a) == 2 and len(b) == 2 and a[0] == b[1] >= 1):
+            ranks[name] = a[0]
+    if not ranks:
+        raise ValueError(
+            f"load_compressed: {path} has no {METADATA_KEY!r} metadata and no "
+            "'<layer>.A' / '<layer>.B' factors; it holds no compressed model (write one with "
+            "save_compressed, save_pretrained of a compressed model, or the compress command)")
+    return ranks, "linear", True
+
+
 @keeps_encoder_flags
 def load_compressed(model: nn.Module, path: str | os.PathLike, *,
                     strict: bool = True,
                     device: str | torch.device | None = None) -> nn.Module:
-    """Load a file from :func:`save_compressed` into a freshly built original ``model``.
+    """Load a compressed model's weights into a freshly built original ``model``.
 
-    Each ``nn.Linear`` named in the file's metadata is replaced (in place) by a
-    ``LowRankLinear`` of the stored rank on the layer's device and dtype, then
-    all weights are loaded. If anything fails the original layers are put
-    back. Returns ``model``.
+    ``path``: a file from :func:`save_compressed` or the ``compress``
+    command; a safetensors file of a compressed model's state_dict; or a
+    directory written by transformers' ``save_pretrained`` (one
+    ``model.safetensors`` or the shards of ``model.safetensors.index.json``,
+    also given directly). Each ``nn.Linear`` named in the metadata (without
+    it, each layer the file holds ``<layer>.A`` and ``<layer>.B`` for) is
+    replaced (in place) by a ``LowRankLinear`` of that rank on the layer's
+    device and dtype, then all weights are loaded. A model tensor tied to
+    another that the file stores (an output head sharing its embedding
+    table) takes that tensor's value. If anything fails the model is put
+    back as it was. Returns ``model``.
 
     ``strict=False`` tolerates tensors missing from the file (the model keeps
     its own values, a replaced layer its original bias) or extra ones, but the
@@ -232,7 +322,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     file; one that cannot (a non-persistent buffer, or one the file lacks
     under ``strict=False``) is a ``ValueError`` naming it, raised before
     anything is loaded. ``device`` does not move tensors that are already on
-    a real device.
+    a real device. A transformers model on meta gets its declared ties
+    (``tie_weights()``) first, as ``from_pretrained`` would.
+
     Bad files raise ``ValueError`` naming the file and what is wrong with it
     (not safetensors, truncated, no or malformed metadata); a model that does
     not fit raises ``ValueError`` / ``RuntimeError`` naming the layers.
@@ -242,7 +334,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     path = check_path("load_compressed", path)
     device = check_device("load_compressed", device,
                           "holds no data; give the device the file's tensors should go to")
-    ranks, factors = read_ranks(path)
+    files = model_files(path)
+    metadatas, shapes, aliases = read_headers(files)
+    ranks, factors, inferred = read_ranks(path, files, metadatas, shapes)
     modules = dict(model.named_modules())
     swaps = {}
     for name, rank in ranks.items():
@@ -251,6 +345,12 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
             continue  # already in compressed form
         if type(layer) is not nn.Linear and not is_conv1d(layer):
             found = "nothing" if layer is None else type(layer).__name__
+            if inferred and layer is None:
+                raise ValueError(
+                    f"load_compressed: {path} holds factors of a layer {name!r}, but the model "
+                    "has nothing there: the file names its tensors otherwise than the model "
+                    "(transformers' save_pretrained renames the keys of some models); write "
+                    "the file with lx.save_compressed, which keeps the model's own names")
             raise ValueError(
                 f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the model "
                 f"has {found} there; build the original (uncompressed) model first")
@@ -270,18 +370,19 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     # Factors of a Conv1D's stored (in, out) tensor: A (r, out), B (in, r).
     turned = {name for name in swaps if factors == "stored" and is_conv1d(modules[name])}
     originals = {}
+    untied = _tie_declared_weights(model)
     try:
         for name, new in swaps.items():
             originals[name] = replace_module(model, name, new)
             new.train(originals[name].training)
         # Check names and shapes before any tensor is copied, so that a file
         # that does not fit leaves the model as it was.
-        aliases = _check_fits(model, path, strict, swaps, turned)
+        sources = _check_fits(model, path, shapes, aliases, strict, swaps, turned)
         device = _load_device(model, device)
-        _check_meta_tensors_come_from_file(model, path, aliases)
-        materialized = _materialize_meta_tensors(model, device, aliases)
+        _check_meta_tensors_come_from_file(model, path, sources)
+        materialized = _materialize_meta_tensors(model, device, sources)
         try:
-            _copy_from_file(model, path, device, aliases, turned)
+            _copy_from_files(model, files, device, sources, turned)
         except BaseException:
             for module, attr, meta in materialized:
                 _set_tensor(module, attr, meta)
@@ -289,8 +390,26 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     except BaseException:
         for name, old in originals.items():
             replace_module(model, name, old)
+        for module, parameters in untied or ():
+            module._parameters.update(parameters)
         raise
     return model
+
+
+def _tie_declared_weights(model):
+    """Tie what a transformers model declares tied, if it is built on meta.
+
+    transformers ties an output head to its embedding table when it loads a
+    checkpoint, and its save_pretrained writes the table under one name
+    only; a model built with empty (meta) weights may not be tied yet, and
+    the head would have no value. Returns what to put back if loading fails.
+    """
+    tie = getattr(model, "tie_weights", None)
+    if not callable(tie) or not any(t.is_meta for *_, t in _model_tensors(model)):
+        return None
+    before = [(module, dict(module._parameters)) for module in model.modules()]
+    tie()
+    return before
 
 
 def _model_tensors(model):
@@ -326,24 +445,25 @@ def _transpose(value):
     return tuple(reversed(value)) if isinstance(value, tuple) else value.T.contiguous()
 
 
-def _copy_from_file(model, path, device, aliases, turned):
-    """Copy every tensor the file holds for ``model`` into it (names already checked).
+def _copy_from_files(model, files, device, sources, turned):
+    """Copy every tensor the files hold for ``model`` into it (names already checked).
 
-    save_model stores a tensor shared by several names once and records the
-    other names as aliases in the metadata; each alias gets the stored value,
-    whether or not the model ties those names together.
+    ``sources`` maps each model key the files can fill to the key it is
+    stored under: itself, or for a name the saved model tied to another (an
+    alias in the metadata, or a tie the model itself has) that other key.
     """
     from safetensors.torch import load_file
 
-    state = load_file(path, device=str(device))
-    state.update({alias: state[key] for alias, key in aliases.items()
-                  if key in state and alias not in state})
+    state = {}
+    for path in files:
+        state.update(load_file(path, device=str(device)))
+    state = {key: state[stored] for key, stored in sources.items() if stored in state}
     _turn_factors(state, turned)
     expected = model.state_dict(keep_vars=True)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
-def _check_meta_tensors_come_from_file(model, path, aliases):
+def _check_meta_tensors_come_from_file(model, path, sources):
     """A ValueError, before any change, for a meta tensor the file cannot fill.
 
     A materialized tensor starts uninitialized; only the file's value may
@@ -351,7 +471,7 @@ def _check_meta_tensors_come_from_file(model, path, aliases):
     """
     persistent = set(model.state_dict(keep_vars=True))
     unfilled = [name for *_, name, tensor in _model_tensors(model)
-                if tensor.is_meta and (name not in persistent or name not in aliases)]
+                if tensor.is_meta and (name not in persistent or name not in sources)]
     if unfilled:
         shown = ", ".join(unfilled[:5]) + (f" and {len(unfilled) - 5} more" if len(unfilled) > 5
                                            else "")
@@ -369,7 +489,7 @@ def _set_tensor(module, attr, tensor):
         module._buffers[attr] = tensor
 
 
-def _materialize_meta_tensors(model, device, aliases):
+def _materialize_meta_tensors(model, device, sources):
     """Give every meta parameter and buffer uninitialized storage on ``device``.
 
     Returns (module, attribute, meta tensor) for each, so a failed load can put
@@ -384,7 +504,7 @@ def _materialize_meta_tensors(model, device, aliases):
     for module, attr, name, tensor in _model_tensors(model):
         if not tensor.is_meta:
             continue
-        stored_as = (aliases[name], tensor.shape, tensor.dtype, type(tensor),
+        stored_as = (sources[name], tensor.shape, tensor.dtype, type(tensor),
                      tensor.requires_grad)
         new = replacements.get(id(tensor))
         if new is None:
@@ -400,14 +520,9 @@ def _materialize_meta_tensors(model, device, aliases):
     return changed
 
 
-def _check_fits(model, path, strict, swapped, turned):
-    from safetensors import safe_open
-
-    expected = model.state_dict()
-    with safe_open(path, framework="pt") as f:
-        stored = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        # save_model stores a shared tensor once and maps the other names to it.
-        aliases = {k: v for k, v in (f.metadata() or {}).items() if v in stored}
+def _check_fits(model, path, stored, aliases, strict, swapped, turned):
+    """Check names and shapes; return {model key: the stored key that fills it}."""
+    expected = model.state_dict(keep_vars=True)
     # A layer just swapped in has random factors: they must come from the
     # file, strict or not.
     for name, layer in swapped.items():
@@ -416,12 +531,26 @@ def _check_fits(model, path, strict, swapped, turned):
                 raise ValueError(
                     f"load_compressed: {path} gives layer {name!r} rank {layer.rank} in its "
                     f"metadata but has no tensor {key!r}")
+    stored = dict(stored)
     _turn_factors(stored, turned)
+    sources = {key: key for key in stored}
+    sources.update({alias: key for alias, key in aliases.items() if alias not in sources})
+    # transformers' save_pretrained drops a tied tensor's other names (an
+    # output head sharing the embedding table): a model key whose tensor is
+    # another key's takes that key's value.
+    owners = {}
+    for key, tensor in expected.items():
+        owners.setdefault(id(tensor), []).append(key)
+    for keys in owners.values():
+        stored_key = next((sources[k] for k in keys if k in sources), None)
+        if stored_key is not None:
+            for key in keys:
+                sources.setdefault(key, stored_key)
     problems = [f"{key} has shape {list(stored[key])} in the file but "
                 f"{list(expected[key].shape)} in the model"
                 for key in stored if key in expected and tuple(expected[key].shape) != stored[key]]
     if strict:
-        missing = [k for k in expected if k not in stored and k not in aliases]
+        missing = [k for k in expected if k not in sources]
         unexpected = [k for k in stored if k not in expected]
         if missing:
             problems.append(f"missing from the file: {', '.join(missing[:5])}")
@@ -430,5 +559,4 @@ def _check_fits(model, path, strict, swapped, turned):
     if problems:
         raise RuntimeError(f"load_compressed: {path} does not fit the model: "
                            f"{'; '.join(problems)}")
-    # Every name the file can fill, with the key it is stored under.
-    return {**{key: key for key in stored}, **aliases}
+    return sources

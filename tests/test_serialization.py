@@ -130,7 +130,8 @@ def test_extra_module_in_model_is_refused_when_strict(compressed):
 def test_files_that_are_not_ours(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file({"0.weight": torch.zeros(2, 2)}, str(plain))
-    with pytest.raises(ValueError, match="no 'lowrank_ext' metadata"):
+    with pytest.raises(ValueError, match="no 'lowrank_ext' metadata and no '<layer>.A' / "
+                                         "'<layer>.B' factors; it holds no compressed model"):
         lx.load_compressed(build(), plain)
     bad_meta = tmp_path / "bad.safetensors"
     save_file({"x": torch.zeros(1)}, str(bad_meta), metadata={"lowrank_ext": "{not json"})
@@ -267,8 +268,8 @@ def test_path_that_is_not_a_path(bad):
 
 def test_paths_that_cannot_be_read_or_written(tmp_path):
     model = build()
-    with pytest.raises(IsADirectoryError, match=f"load_compressed: {re.escape(str(tmp_path))} is a "
-                                                "directory"):
+    with pytest.raises(FileNotFoundError, match=f"load_compressed: {re.escape(str(tmp_path))} is "
+                                                "a directory with neither model.safetensors nor"):
         lx.load_compressed(model, tmp_path)
     with pytest.raises(IsADirectoryError, match=f"save_compressed: {re.escape(str(tmp_path))} is a "
                                                 "directory"):
@@ -439,3 +440,122 @@ def test_bad_device(tied, device, error, message):
     with pytest.raises(error, match=f"load_compressed: {message}"):
         lx.load_compressed(fresh, path, device=device)
     assert all(p.is_meta for p in fresh.parameters())
+
+
+# --- files written without the metadata, directories and shards -------------
+
+def _state_file(model, path, **kwargs):
+    """A compressed model's state_dict written by plain safetensors: no ranks metadata."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), **kwargs)
+
+
+def test_ranks_are_read_from_the_factors_when_the_metadata_is_missing(compressed, tmp_path):
+    model, _, ranks = compressed
+    path = tmp_path / "state.safetensors"
+    _state_file(model, path)
+    fresh = lx.load_compressed(build(), path)
+    assert {n: m.rank for n, m in fresh.named_modules()
+            if isinstance(m, lx.LowRankLinear)} == ranks
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_a_lora_model_is_not_taken_for_a_compressed_one(tmp_path):
+    model = build()
+    lx.add_lora(model, 2)
+    path = tmp_path / "lora.safetensors"
+    _state_file(model, path)  # 0.A, 0.B, 0.base.weight, ...
+    with pytest.raises(ValueError, match="no '<layer>.A' / '<layer>.B' factors"):
+        lx.load_compressed(build(), path)
+
+
+def _save_sharded(model, folder, parts=2):
+    """A directory as transformers writes a sharded checkpoint."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(parts):
+        name = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        chunk = keys[i::parts]
+        save_file({k: state[k] for k in chunk}, str(folder / name))
+        weight_map.update({k: name for k in chunk})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_directories_single_file_and_sharded(compressed, tmp_path):
+    model, path, ranks = compressed
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "model.safetensors").write_bytes(path.read_bytes())
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    _save_sharded(model, sharded)
+    x = torch.randn(5, 16)
+    for where in (single, sharded, sharded / "model.safetensors.index.json"):
+        fresh = lx.load_compressed(build(), where)
+        assert {n: m.rank for n, m in fresh.named_modules()
+                if isinstance(m, lx.LowRankLinear)} == ranks
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_broken_shard_index_and_missing_shard(compressed, tmp_path):
+    model, _, _ = compressed
+    _save_sharded(model, tmp_path)
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(FileNotFoundError, match="no such file: .*model-00002-of-00002"):
+        lx.load_compressed(build(), tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("{\"weight_map\": {}}")
+    fresh = build()
+    reference = copy.deepcopy(fresh)
+    with pytest.raises(ValueError, match="is not a safetensors index"):
+        lx.load_compressed(fresh, tmp_path)
+    _assert_same(fresh, reference)
+
+
+def test_a_tie_the_file_stores_under_one_name(tmp_path):
+    """transformers' save_pretrained keeps one name of a tied tensor and no alias."""
+    torch.manual_seed(0)
+    model = TiedWithBuffers()
+    lx.compress_model(model, rank=4, include="body.*")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    path = tmp_path / "tied.safetensors"
+    save_file(state, str(path))
+    fresh = lx.load_compressed(TiedWithBuffers(), path)
+    assert fresh.head.weight is fresh.embed.weight
+    ids = torch.randint(0, 10, (3, 5))
+    torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+
+
+class DeclaresItsTies(TiedWithBuffers):
+    """Ties its head only when asked, as transformers models built on meta may."""
+
+    def __init__(self):
+        super().__init__()
+        self.head.weight = nn.Parameter(self.embed.weight.detach().clone())
+
+    def tie_weights(self):
+        self.head.weight = self.embed.weight
+
+
+def test_declared_ties_are_made_for_meta_models_and_undone_on_failure(tmp_path):
+    torch.manual_seed(0)
+    model = TiedWithBuffers()
+    lx.compress_model(model, rank=4, include="body.*")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    path = tmp_path / "tied.safetensors"
+    save_file(state, str(path))  # the table under one name, as save_pretrained writes it
+
+    fresh = _parameters_on_meta(DeclaresItsTies())
+    lx.load_compressed(fresh, path)
+    assert fresh.head.weight is fresh.embed.weight
+    ids = torch.randint(0, 10, (3, 5))
+    torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+
+    del state["body.0.bias"]
+    save_file(state, str(path))
+    fresh = _parameters_on_meta(DeclaresItsTies())
+    with pytest.raises(RuntimeError, match="missing from the file: body.0.bias"):
+        lx.load_compressed(fresh, path)
+    assert fresh.head.weight is not fresh.embed.weight  # as it was built
+    assert type(fresh.body[0]) is nn.Linear
