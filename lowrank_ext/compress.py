@@ -41,7 +41,8 @@ from ._names import preview
 from ._workers import Workers
 from .calibration import collect_input_grams
 from .sensitivity import measure_sensitivity
-from .nn import LoRALinear, LowRankLinear, break_even_rank, rank_for_ratio
+from .nn import (LoRALinear, LowRankLinear, break_even_rank, inherit_requires_grad,
+                 rank_for_ratio)
 from .report import CompressionReport, LayerReport
 
 _ALLOCATIONS = ("sensitivity", "global", "uniform")
@@ -565,9 +566,10 @@ def _shared_layers(model, layers):
 def _low_rank_like(layer, B, A):
     """A LowRankLinear with factors B·A and ``layer``'s bias, on its device and in its dtype."""
     dtype, home = layer.weight.dtype, layer.weight.device
-    return LowRankLinear.from_factors(A.to(device=home, dtype=dtype),
-                                      B.to(device=home, dtype=dtype),
-                                      None if layer.bias is None else layer.bias.detach())
+    new = LowRankLinear.from_factors(A.to(device=home, dtype=dtype),
+                                     B.to(device=home, dtype=dtype),
+                                     None if layer.bias is None else layer.bias.detach())
+    return inherit_requires_grad(new, layer)
 
 
 def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, owners, workers,

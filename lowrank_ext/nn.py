@@ -113,6 +113,19 @@ class WeightPlaceholder(Tensor):
 _PLACEHOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def inherit_requires_grad(new, layer):
+    """Give ``new`` (a LowRankLinear replacing ``layer``) ``layer``'s ``requires_grad`` flags.
+
+    The factors follow the weight and the bias its bias, so that a layer a user
+    froze stays frozen once it is replaced. Returns ``new``.
+    """
+    for factor in (new.A, new.B):
+        factor.requires_grad_(layer.weight.requires_grad)
+    if new.bias is not None and getattr(layer, "bias", None) is not None:
+        new.bias.requires_grad_(layer.bias.requires_grad)
+    return new
+
+
 class LowRankLinear(nn.Module):
     """``y = (x·Aᵀ)·Bᵀ + bias``: a linear layer stored as rank-``rank`` factors.
 
@@ -200,8 +213,9 @@ class LowRankLinear(nn.Module):
         Give exactly one of ``rank``, ``energy``, ``tol`` (as in
         :func:`svd_truncate`) or ``ratio``, the fraction of the weight's
         parameters kept: r = ⌊ratio·d·k/(d+k)⌋ (at least 1). The new layer has
-        ``linear``'s device and dtype and a copy of its bias; ``linear`` itself
-        is not changed.
+        ``linear``'s device and dtype and a copy of its bias; ``A`` and ``B``
+        require gradients as ``linear.weight`` does, the bias as its bias (a
+        frozen layer stays frozen). ``linear`` itself is not changed.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(
@@ -225,7 +239,8 @@ class LowRankLinear(nn.Module):
             _check_rank("LowRankLinear.from_linear", rank, d, k)
         B, A = svd_truncate(weight, rank, energy=energy, tol=tol, balanced=balanced,
                             method=method)
-        return cls.from_factors(A, B, None if linear.bias is None else linear.bias.detach())
+        new = cls.from_factors(A, B, None if linear.bias is None else linear.bias.detach())
+        return inherit_requires_grad(new, linear)
 
     @classmethod
     def from_factors(cls, A: Tensor, B: Tensor, bias: Tensor | None = None) -> LowRankLinear:
@@ -257,13 +272,20 @@ class LowRankLinear(nn.Module):
         return layer
 
     def to_linear(self) -> nn.Linear:
-        """The dense ``nn.Linear`` with weight ``B·A`` and this layer's bias."""
+        """The dense ``nn.Linear`` with weight ``B·A`` and this layer's bias.
+
+        The weight requires gradients when the factors do, the bias as this
+        layer's bias.
+        """
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.A.dtype)
         with torch.no_grad():
-            linear.weight = nn.Parameter(_dense_product(self.B.detach(), self.A.detach()))
+            linear.weight = nn.Parameter(_dense_product(self.B.detach(), self.A.detach()),
+                                         requires_grad=self.A.requires_grad
+                                         or self.B.requires_grad)
             if self.bias is not None:
-                linear.bias = nn.Parameter(self.bias.detach().clone())
+                linear.bias = nn.Parameter(self.bias.detach().clone(),
+                                           requires_grad=self.bias.requires_grad)
         return linear
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ._checks import check_device
 from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
-from .nn import LowRankLinear
+from .nn import LowRankLinear, inherit_requires_grad
 
 METADATA_KEY = "lowrank_ext"
 FORMAT_VERSION = 1
@@ -366,7 +366,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
             # strict=False keeps the model's bias where the file has none.
             with torch.no_grad():
                 new.bias.copy_(layer.bias)
-        swaps[name] = new
+        swaps[name] = inherit_requires_grad(new, layer)
     # Factors of a Conv1D's stored (in, out) tensor: A (r, out), B (in, r).
     turned = {name for name in swaps if factors == "stored" and is_conv1d(modules[name])}
     originals = {}

@@ -527,3 +527,19 @@ def test_a_loader_of_input_label_pairs_gets_a_hint():
         lx.compress_model(model, ratio=0.5, calibration=loader)
     _assert_unchanged(model, snapshot)
     lx.compress_model(model, ratio=0.5, calibration=[x for x, _ in loader])
+
+
+def test_frozen_layers_stay_frozen():
+    model = Net()
+    model.encoder["fc1"].requires_grad_(False)
+    model.encoder["fc2"].bias.requires_grad_(False)
+    lx.compress_model(model, rank=3)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert flags == {"encoder.fc1.A": False, "encoder.fc1.B": False, "encoder.fc1.bias": False,
+                     "encoder.fc2.A": True, "encoder.fc2.B": True, "encoder.fc2.bias": False,
+                     "head.A": True, "head.B": True}
+    # distill trains the factors all the same, and gives the flags back.
+    teacher = Net()
+    lx.distill(model, teacher, [torch.randn(4, 16, dtype=torch.float64)], steps=1,
+               progress=False)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags

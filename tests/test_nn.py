@@ -79,6 +79,20 @@ def test_from_linear_leaves_the_linear_alone():
         assert torch.equal(value, before[key])
 
 
+def test_conversions_keep_requires_grad_flags():
+    linear = _linear64(8, 6)
+    linear.weight.requires_grad_(False)
+    layer = lx.LowRankLinear.from_linear(linear, rank=2)
+    assert (layer.A.requires_grad, layer.B.requires_grad, layer.bias.requires_grad) == (
+        False, False, True)
+    back = layer.to_linear()
+    assert (back.weight.requires_grad, back.bias.requires_grad) == (False, True)
+    layer.bias.requires_grad_(False)
+    layer.A.requires_grad_(True)
+    back = layer.to_linear()
+    assert (back.weight.requires_grad, back.bias.requires_grad) == (True, False)
+
+
 def test_to_linear_round_trip():
     layer = lx.LowRankLinear(16, 8, 3, dtype=torch.float64)
     linear = layer.to_linear()

@@ -559,3 +559,14 @@ def test_declared_ties_are_made_for_meta_models_and_undone_on_failure(tmp_path):
         lx.load_compressed(fresh, path)
     assert fresh.head.weight is not fresh.embed.weight  # as it was built
     assert type(fresh.body[0]) is nn.Linear
+
+
+def test_replaced_layers_keep_their_requires_grad_flags(compressed):
+    _, path, _ = compressed
+    fresh = build()
+    fresh[0].requires_grad_(False)
+    fresh[2].bias.requires_grad_(False)
+    lx.load_compressed(fresh, path)
+    assert {n: p.requires_grad for n, p in fresh.named_parameters()} == {
+        "0.A": False, "0.B": False, "0.bias": False, "2.A": True, "2.B": True,
+        "2.bias": False, "4.weight": True}
