@@ -338,6 +338,17 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     metadatas, shapes, aliases = read_headers(files)
     ranks, factors, inferred = read_ranks(path, files, metadatas, shapes)
     modules = dict(model.named_modules())
+    if inferred:
+        # Another kind of module may own parameters called A and B; the pairs
+        # name compressed layers only where the model has a layer to swap.
+        ranks = {name: rank for name, rank in ranks.items()
+                 if name not in modules or type(modules[name]) is nn.Linear
+                 or is_conv1d(modules[name]) or isinstance(modules[name], LowRankLinear)}
+        if not ranks:
+            raise ValueError(
+                f"load_compressed: {path} has no {METADATA_KEY!r} metadata and no "
+                "'<layer>.A' / '<layer>.B' factors of the model's Linear layers; it holds no "
+                "compressed model of it")
     swaps = {}
     for name, rank in ranks.items():
         layer = modules.get(name)

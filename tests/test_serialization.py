@@ -570,3 +570,36 @@ def test_replaced_layers_keep_their_requires_grad_flags(compressed):
     assert {n: p.requires_grad for n, p in fresh.named_parameters()} == {
         "0.A": False, "0.B": False, "0.bias": False, "2.A": True, "2.B": True,
         "2.bias": False, "4.weight": True}
+
+
+class _OwnsAandB(nn.Module):
+    """A module that is no Linear layer but has parameters called A and B."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(3, 4))
+        self.B = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return x @ (self.B @ self.A)
+
+
+def test_parameters_called_a_and_b_of_other_modules_are_not_taken_for_factors(tmp_path):
+    def build_mixed():
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4), _OwnsAandB())
+
+    torch.manual_seed(0)
+    model = build_mixed()
+    lx.compress_model(model, rank=2, include="2")
+    path = tmp_path / "state.safetensors"
+    _state_file(model, path)
+    fresh = lx.load_compressed(build_mixed(), path)
+    assert isinstance(fresh[2], lx.LowRankLinear) and isinstance(fresh[3], _OwnsAandB)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+    plain = tmp_path / "plain.safetensors"
+    _state_file(build_mixed(), plain)  # nothing compressed; only the module's own A and B
+    with pytest.raises(ValueError, match="no '<layer>.A' / '<layer>.B' factors of the model's "
+                                         "Linear layers"):
+        lx.load_compressed(build_mixed(), plain)
