@@ -19,7 +19,9 @@ HELP = "factorize the 2-D weights of a safetensors file by truncated SVD"
 
 
 def add_arguments(parser):
-    parser.add_argument("input", metavar="IN.safetensors", help="the file to compress")
+    parser.add_argument("input", metavar="IN.safetensors",
+                        help="the file to compress, or a sharded checkpoint: its "
+                             "*.index.json, or a directory as save_pretrained writes it")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
                         help="where to write the factorized weights")
     target = parser.add_mutually_exclusive_group(required=True)
@@ -30,7 +32,8 @@ def add_arguments(parser):
                         help="per weight, the smallest rank keeping this fraction of Σσ²")
     parser.add_argument("--include", action="append", metavar="PATTERN",
                         help="only module names matching this glob (full name or dotted "
-                             "suffix; repeatable). Default: every 2-D floating weight")
+                             "suffix; repeatable). Default: every 2-D floating weight "
+                             "(but see --all-tensors)")
     parser.add_argument("--exclude", action="append", metavar="PATTERN",
                         help="skip module names matching this glob (repeatable)")
     parser.add_argument("--all-tensors", action="store_true",
@@ -68,11 +71,11 @@ def run(args):
     from .compress import select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
-    from .serialization import (atomic_write, check_input_file, check_output_path,
-                                ranks_metadata, unreadable_error)
+    from .serialization import (atomic_write, check_output_path, model_files, ranks_metadata,
+                                unreadable_error)
     from .svd import choose_rank, svd_truncate
 
-    check_input_file(None, args.input)
+    files = model_files(args.input, owner=None)
     check_output_path(None, args.output, force=args.force)
     if args.ratio is not None:
         rank_for_ratio(2, 2, args.ratio)  # validates the ratio
@@ -81,12 +84,14 @@ def run(args):
     if args.energy is not None and not 0.0 < args.energy <= 1.0:
         raise ValueError(f"--energy must be in (0, 1], got {args.energy}")
 
-    try:
-        with safe_open(args.input, framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-            metadata = dict(f.metadata() or {})
-    except Exception as exc:  # safetensors raises its own error type for a bad file
-        raise unreadable_error(None, args.input, exc) from exc
+    tensors, metadata = {}, {}
+    for path in files:  # one file, or the shards of a checkpoint, written out as one
+        try:
+            with safe_open(path, framework="pt") as f:
+                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+                metadata.update(f.metadata() or {})
+        except Exception as exc:  # safetensors raises its own error type for a bad file
+            raise unreadable_error(None, path, exc) from exc
 
     # safetensors' save_model stores a tensor that several names share once
     # and maps the other names to it in the metadata.

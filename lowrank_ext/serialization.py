@@ -180,7 +180,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
     return ranks
 
 
-def _shards(index):
+def _shards(index, owner):
     """The files a safetensors index (``model.safetensors.index.json``) lists, beside it."""
     try:
         with open(index, encoding="utf-8") as f:
@@ -189,15 +189,15 @@ def _shards(index):
         if not files or not all(isinstance(name, str) for name in files):
             raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"load_compressed: {index} is not a safetensors index (a JSON "
+        raise ValueError(f"{_prefix(owner)}{index} is not a safetensors index (a JSON "
                          "object with a non-empty 'weight_map')") from None
     paths = [os.path.join(os.path.dirname(index), name) for name in files]
     for shard in paths:
-        check_input_file("load_compressed", shard)
+        check_input_file(owner, shard)
     return paths
 
 
-def model_files(path):
+def model_files(path, owner="load_compressed"):
     """The safetensors files holding the model at ``path``.
 
     A file; an index ``*.index.json`` (its shards); or a directory, as
@@ -208,11 +208,11 @@ def model_files(path):
         for name in ("model.safetensors.index.json", "model.safetensors"):
             candidate = os.path.join(path, name)
             if os.path.isfile(candidate):
-                return _shards(candidate) if name.endswith(".json") else [candidate]
-        raise FileNotFoundError(f"load_compressed: {path} is a directory with neither "
+                return _shards(candidate, owner) if name.endswith(".json") else [candidate]
+        raise FileNotFoundError(f"{_prefix(owner)}{path} is a directory with neither "
                                 "model.safetensors nor model.safetensors.index.json")
-    check_input_file("load_compressed", path)
-    return _shards(path) if path.endswith(".index.json") else [path]
+    check_input_file(owner, path)
+    return _shards(path, owner) if path.endswith(".index.json") else [path]
 
 
 def read_headers(files):

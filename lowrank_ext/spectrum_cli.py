@@ -14,7 +14,9 @@ _ENERGIES = (0.5, 0.9, 0.95, 0.99, 0.999)
 
 
 def add_arguments(parser):
-    parser.add_argument("input", metavar="IN.safetensors", help="the file to read")
+    parser.add_argument("input", metavar="IN.safetensors",
+                        help="the file to read, or a sharded checkpoint: its *.index.json, "
+                             "or a directory as save_pretrained writes it")
     parser.add_argument("--layer", metavar="NAME",
                         help="tensor name, or module name whose '.weight' to use")
     parser.add_argument("--plot", metavar="OUT.png", help="write a plot (needs --layer)")
@@ -69,10 +71,10 @@ def run(args):
     import torch
     from safetensors import safe_open
 
-    from .serialization import check_input_file, check_output_path, unreadable_error
+    from .serialization import check_output_path, model_files, unreadable_error
     from .svd import choose_rank
 
-    check_input_file(None, args.input)
+    files = model_files(args.input, owner=None)
     if args.plot and not args.layer:
         raise ValueError("--plot needs --layer NAME")
     if args.plot:
@@ -80,29 +82,35 @@ def run(args):
         check_output_path(None, args.plot, force=args.force)
         _load_matplotlib()
         _plot_format(args.plot)
-    try:
-        f = safe_open(args.input, framework="pt")
-    except Exception as exc:  # safetensors raises its own error type for a bad file
-        raise unreadable_error(None, args.input, exc) from exc
-    with f:
-        keys = list(f.keys())
-        if not args.layer:
-            print(f"{'tensor':<50} {'shape':>12} {'r@90%':>6} {'r@99%':>6}")
-            for key in keys:
-                t = f.get_tensor(key)
-                if t.dim() == 2 and t.is_floating_point() and t.numel():
-                    if bool(torch.isfinite(t).all()):
-                        S = torch.linalg.svdvals(t.double())
-                        ranks = f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}"
-                    else:
-                        ranks = f"{'has NaN or Inf':>13}"
-                    print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} {ranks}")
-            return 0
-        key = args.layer if args.layer in keys else f"{args.layer}.weight"
-        if key not in keys:
-            raise KeyError(f"no tensor {args.layer!r} (nor {args.layer + '.weight'!r}) in "
-                           f"{args.input}")
-        W = f.get_tensor(key)
+    where = {}  # key -> the file (of a sharded checkpoint) that holds it
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                where.update({key: path for key in f.keys()})
+        except Exception as exc:  # safetensors raises its own error type for a bad file
+            raise unreadable_error(None, path, exc) from exc
+
+    def read(key):
+        with safe_open(where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    if not args.layer:
+        print(f"{'tensor':<50} {'shape':>12} {'r@90%':>6} {'r@99%':>6}")
+        for key in where:
+            t = read(key)
+            if t.dim() == 2 and t.is_floating_point() and t.numel():
+                if bool(torch.isfinite(t).all()):
+                    S = torch.linalg.svdvals(t.double())
+                    ranks = f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}"
+                else:
+                    ranks = f"{'has NaN or Inf':>13}"
+                print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} {ranks}")
+        return 0
+    key = args.layer if args.layer in where else f"{args.layer}.weight"
+    if key not in where:
+        raise KeyError(f"no tensor {args.layer!r} (nor {args.layer + '.weight'!r}) in "
+                       f"{args.input}")
+    W = read(key)
     if W.dim() != 2 or not W.is_floating_point():
         raise ValueError(f"{key} must be a 2-D floating-point tensor, got shape {list(W.shape)} "
                          f"and dtype {W.dtype}")

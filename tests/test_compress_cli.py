@@ -240,7 +240,8 @@ def test_output_paths_that_cannot_be_written(weights, tmp_path, capsys):
     assert f"cannot write {nowhere}: no directory {nowhere.parent}" in line
     assert main(["compress", str(tmp_path), "-o", str(tmp_path / "o.safetensors"),
                  "--rank", "2"]) == 1
-    assert f"{tmp_path} is a directory, not a file" in _one_error_line(capsys, "compress")
+    assert (f"{tmp_path} is a directory with neither model.safetensors nor "
+            "model.safetensors.index.json") in _one_error_line(capsys, "compress")
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "outdir"]
     assert os.listdir(outdir) == []
 
@@ -423,3 +424,34 @@ def test_embedding_tables_and_bare_parameters_are_kept_unless_asked(tmp_path, ca
     assert json.loads(meta["lowrank_ext"])["ranks"] == {
         "embeddings.word_embeddings": 2, "transformer.wte": 2, "text_projection": 2, "fc": 2}
     assert {"text_projection.A", "text_projection.B"} <= set(tensors)
+
+
+def test_a_sharded_checkpoint_directory_is_read_as_one_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    weight_map = {}
+    for i, keys in enumerate((["0.weight", "0.bias"], ["2.weight", "2.bias"])):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: state[k] for k in keys}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    out = tmp_path / "out.safetensors"
+    for source in (folder, folder / "model.safetensors.index.json"):
+        assert main(["compress", str(source), "-o", str(out), "--rank", "3", "--force"]) == 0
+        capsys.readouterr()
+        fresh = lx.load_compressed(build(), out)
+        for i in (0, 2):
+            torch.testing.assert_close(fresh[i].B.double() @ fresh[i].A.double(),
+                                       _truncated(model[i].weight.detach(), 3),
+                                       rtol=1e-5, atol=1e-6)
+    assert main(["spectrum", str(folder), "--layer", "2"]) == 0
+    assert "2.weight: shape 10x30" in capsys.readouterr().out
+    assert main(["spectrum", str(folder)]) == 0
+    listing = capsys.readouterr().out
+    assert "0.weight" in listing and "2.weight" in listing
+    os.remove(folder / "model-00002-of-00002.safetensors")
+    assert main(["compress", str(folder), "-o", str(out), "--rank", "3", "--force"]) == 1
+    assert "no such file" in _one_error_line(capsys, "compress")
