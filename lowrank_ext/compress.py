@@ -207,6 +207,21 @@ def _errors(spectrum, B, A):
     return weight_error, output_error
 
 
+def _check_finite_inputs(grams):
+    """A ValueError naming the layers whose calibration inputs were not all finite.
+
+    NaN or Inf in a layer's inputs (or values whose squares overflow float64)
+    make XᵀX non-finite, and no truncation can be chosen from it. Every rank
+    holds the summed matrices, so all raise alike.
+    """
+    bad = [name for name, gram in grams.items() if not bool(torch.isfinite(gram).all())]
+    if bad:
+        raise ValueError(
+            f"compress_model: the calibration gave layer {bad[0]!r}"
+            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} inputs with NaN or Inf "
+            "(or values so large that XᵀX overflows float64); check the calibration data")
+
+
 def _spectra(names, layers, grams, owners, workers, device):
     """{name: spectrum} on every rank; each rank decomposes only the layers it owns."""
     spectra, error = {}, None
@@ -454,6 +469,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
              if calibration is not None else {})
     for gram in grams.values():
         workers.sum_(gram)
+    _check_finite_inputs(grams)
     if sequential:
         workers.check_same_call(stages)
 
@@ -521,6 +537,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                         model, {n: layers[n] for n in stage}, calibration)
                     for gram in stage_grams.values():
                         workers.sum_(gram)
+                    _check_finite_inputs(stage_grams)
                 bar.set_postfix_str(stage[0], refresh=False)
                 stage_spectra = _spectra(stage, layers, stage_grams, owners, workers, device)
                 replace(_factors(stage, stage_spectra, ranks, owners, workers, shapes))

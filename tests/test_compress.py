@@ -543,3 +543,19 @@ def test_frozen_layers_stay_frozen():
     lx.distill(model, teacher, [torch.randn(4, 16, dtype=torch.float64)], steps=1,
                progress=False)
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("poison", ["nan", "overflow"])
+def test_calibration_inputs_that_are_not_finite_are_named(poison, sequential):
+    model = Net()
+    snapshot = _snapshot(model)
+    x = torch.randn(20, 16, dtype=torch.float64)
+    if poison == "nan":
+        x[3, 5] = float("nan")
+    else:
+        x = x * 1e200  # finite, but XᵀX overflows float64
+    with pytest.raises(ValueError, match="compress_model: the calibration gave layer "
+                                         "'encoder.fc1'.* inputs with NaN or Inf"):
+        lx.compress_model(model, ratio=0.5, calibration=[x], sequential=sequential)
+    _assert_unchanged(model, snapshot)
