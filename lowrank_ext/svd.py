@@ -65,9 +65,13 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     if S.is_meta:
         raise ValueError("choose_rank: S is on the meta device and holds no values to "
                          "choose a rank from")
-    s2 = S.detach().to(device="cpu", dtype=torch.float64) ** 2
-    if not bool(torch.isfinite(s2).all()) or bool((S < 0).any()):
+    s = S.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
         raise ValueError("choose_rank: S must be finite and non-negative")
+    # Both targets are ratios of sums of squares: scaling by the largest value
+    # keeps the squares of finite values from overflowing (σ ≈ 1e200).
+    top = float(s.max())
+    s2 = (s / top) ** 2 if top > 0 else s
     total = float(s2.sum())
     if total == 0.0:
         return 1

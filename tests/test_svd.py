@@ -152,3 +152,13 @@ def test_meta_tensors_give_shapes_by_rank_and_clear_errors_otherwise():
             lx.svd_truncate(W, **criterion)
     with pytest.raises(ValueError, match="choose_rank: S is on the meta device"):
         lx.choose_rank(torch.ones(4, device="meta"), energy=0.9)
+
+
+def test_rank_targets_hold_for_singular_values_whose_squares_overflow():
+    S = torch.tensor([3e200, 2e200, 1e200, 1e199], dtype=torch.float64)
+    small = S / 1e200
+    for target in ({"energy": 0.9}, {"energy": 0.99}, {"tol": 0.1}, {"tol": 0.5}):
+        assert lx.choose_rank(S, **target) == lx.choose_rank(small, **target)
+    W = torch.randn(8, 6, dtype=torch.float64)
+    B, A = lx.svd_truncate(W * 1e200, energy=0.9)
+    assert B.shape[1] == lx.svd_truncate(W, energy=0.9)[0].shape[1]
