@@ -124,3 +124,28 @@ def test_no_dense_weight_is_formed(kernel, dtype):
     assert dense >= 0.9 * w_bytes, "the measure missed the dense W of the control"
     assert ours < w_bytes / 8, f"forward peaked at {ours / MB:.1f} MB: a dense W?"
     assert train < w_bytes / 4, f"training step peaked at {train / MB:.1f} MB: a dense W?"
+
+
+def test_loading_into_a_meta_model_never_allocates_the_dense_weights(tmp_path):
+    """load_compressed into a model built on meta: the peak resident set rises by
+    about the factors, far below the dense weights the factors replace."""
+    from torch import nn
+
+    import lowrank_ext as lx
+
+    n, layers, rank = 2048, 4, 16
+    dense_bytes = layers * n * n * 4  # 64 MB of float32 weights
+
+    def build():
+        return nn.Sequential(*[nn.Linear(n, n) for _ in range(layers)])
+
+    compressed = nn.Sequential(*[lx.LowRankLinear(n, n, rank) for _ in range(layers)])
+    path = tmp_path / "model.safetensors"
+    lx.save_compressed(compressed, path)
+    del compressed
+    with torch.device("meta"):
+        warm, fresh = build(), build()
+    lx.load_compressed(warm, path)  # first-call costs (imports, thread pools) are not the load's
+    peak = peak_bytes(lambda: lx.load_compressed(fresh, path))
+    assert isinstance(fresh[0], lx.LowRankLinear) and not fresh[0].A.is_meta
+    assert peak < dense_bytes / 8, f"peak {peak / MB:.1f} MB against {dense_bytes / MB:.0f} MB dense"
