@@ -67,7 +67,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
         include, exclude: glob patterns (or lists) on module names, matched in
             full or as a dotted suffix as in :func:`compress_model` (``"query"``
             matches ``encoder.layer.0.attention.self.query``, like peft's
-            ``target_modules``); default every ``nn.Linear``. Layers that are
+            ``target_modules``); default every ``nn.Linear``. ``"all-linear"``
+            is peft's shorthand: every layer but a transformers model's output
+            layer (``get_output_embeddings()``). Layers that are
             already the base of a ``LoRALinear`` are never chosen again.
         freeze: make every parameter other than the new adapters' stop
             requiring gradients (peft's behaviour), so that
@@ -95,6 +97,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     linears = plain_linears(model, conv1d=True)
     if not linears:
         raise ValueError("add_lora: the model has no nn.Linear (or Conv1D) layer to wrap")
+    if isinstance(include, str) and include.lower() == "all-linear":
+        include, linears = None, _without_output_layer(model, linears)
     names = select_names(list(linears), include, exclude, owner="add_lora",
                          what="nn.Linear (or Conv1D) layer")
     for name in names:
@@ -131,6 +135,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             if id(p) not in adapter:
                 p.requires_grad_(False)
     return names
+
+
+def _without_output_layer(model, linears):
+    """``linears`` less the model's output layer, as peft's ``"all-linear"`` leaves it out."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    return {name: layer for name, layer in linears.items() if layer is not output}
 
 
 def lora_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:

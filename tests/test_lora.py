@@ -387,3 +387,21 @@ def test_a_layer_registered_in_several_places_gets_one_adapter_everywhere():
     assert not any(isinstance(m, lx.LoRALinear) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
+
+
+def test_all_linear_leaves_out_the_output_layer_as_peft_does():
+    T = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(config)
+    theirs = peft.get_peft_model(copy.deepcopy(model),
+                                 peft.LoraConfig(r=2, target_modules="all-linear"))
+    wrapped_by_peft = sorted(name.removeprefix("base_model.model.")
+                             for name, m in theirs.named_modules()
+                             if isinstance(m, peft.tuners.lora.LoraLayer))
+    names = lx.add_lora(model, 2, include="all-linear")
+    assert sorted(names) == wrapped_by_peft and "lm_head" not in names
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))  # no output layer to leave out
+    assert lx.add_lora(plain, 1, include="ALL-LINEAR") == ["0", "1"]
