@@ -140,7 +140,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
 def _without_output_layer(model, linears):
     """``linears`` less the model's output layer, as peft's ``"all-linear"`` leaves it out."""
     get_output = getattr(model, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
+    try:
+        output = get_output() if callable(get_output) else None
+    except NotImplementedError:  # a model that declares no output layer
+        output = None
     return {name: layer for name, layer in linears.items() if layer is not output}
 
 
