@@ -22,7 +22,7 @@ def _upcast(dtype, *tensors):
     return tuple(None if t is None else t.float() for t in tensors)
 
 
-def _lowrank_forward(x, A, B, bias):
+def lowrank_forward(x, A, B, bias):
     xc, Ac, Bc, bc = _upcast(x.dtype, x, A, B, bias)
     t = F.linear(xc, Ac)
     y = F.linear(t, Bc, bc)
@@ -31,15 +31,15 @@ def _lowrank_forward(x, A, B, bias):
 
 def lowrank_linear(x, A, B, bias):
     _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
-    return _lowrank_forward(x, A, B, bias)[0]
+    return lowrank_forward(x, A, B, bias)[0]
 
 
 def lowrank_linear_with_intermediate(x, A, B, bias):
     _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
-    return _lowrank_forward(x, A, B, bias)
+    return lowrank_forward(x, A, B, bias)
 
 
-def _lora_forward(x, W, A, B, bias, scale):
+def lora_forward(x, W, A, B, bias, scale):
     xc, Wc, Ac, Bc, bc = _upcast(x.dtype, x, W, A, B, bias)
     t = F.linear(xc, Ac)
     y = F.linear(xc, Wc, bc) + scale * F.linear(t, Bc)
@@ -48,12 +48,12 @@ def _lora_forward(x, W, A, B, bias, scale):
 
 def lora_linear(x, W, A, B, bias, scale):
     _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
-    return _lora_forward(x, W, A, B, bias, scale)[0]
+    return lora_forward(x, W, A, B, bias, scale)[0]
 
 
 def lora_linear_with_intermediate(x, W, A, B, bias, scale):
     _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
-    return _lora_forward(x, W, A, B, bias, scale)
+    return lora_forward(x, W, A, B, bias, scale)
 
 
 def _weight_grad(a, b):

@@ -14,7 +14,9 @@ them.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -33,6 +35,19 @@ def _exporting_to_onnx(eager: bool) -> bool:
     if eager:
         return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
     return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
+
+
+@contextlib.contextmanager
+def _checks_under_tracer():
+    """Validate inputs while the JIT tracer records (TorchScript ONNX export).
+
+    The tracer records sizes as tensors, so comparing them warns that a
+    Python boolean becomes a constant of the trace. The checks compute
+    nothing the exported graph uses; their warnings would only be noise.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
 
 
 def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -61,7 +76,9 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
             return y
     _checks.check_is_tensor("lowrank_linear", x=x, A=A, B=B, bias=bias)
     if _exporting_to_onnx(eager):
-        return _fallback.lowrank_linear(x, A, B, bias)
+        with _checks_under_tracer():
+            _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
+        return _fallback.lowrank_forward(x, A, B, bias)[0]
     if eager and _functorch.transforms_active() is not None:
         return _functorch.lowrank_linear(x, A, B, bias)
     return ops.lowrank_linear.default(x, A, B, bias)
@@ -92,7 +109,9 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     if eager and not math.isfinite(scale):
         raise ValueError(f"lora_linear: scale must be finite, got {scale}")
     if _exporting_to_onnx(eager):
-        return _fallback.lora_linear(x, W, A, B, bias, scale)
+        with _checks_under_tracer():
+            _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
+        return _fallback.lora_forward(x, W, A, B, bias, scale)[0]
     if eager and _functorch.transforms_active() is not None:
         return _functorch.lora_linear(x, W, A, B, bias, scale)
     return ops.lora_linear.default(x, W, A, B, bias, scale)

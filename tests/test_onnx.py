@@ -116,3 +116,25 @@ def test_jit_trace_keeps_the_fused_ops_and_reloads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
         torch.testing.assert_close(loaded(x).double(), _reference(model, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torchscript_export_checks_inputs_without_tracer_warnings(tmp_path):
+    """The input checks compare sizes the tracer records as tensors: they must still
+    refuse bad inputs, without warning that the trace might be incorrect."""
+    import warnings
+
+    model = _model(True, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _export(model, torch.randn(3, 24), tmp_path / "model.onnx", dynamo=False)
+    ours = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+            and "lowrank_ext" in w.filename]
+    assert not ours, [str(w.message) for w in ours]
+
+    class BadShapes(torch.nn.Module):
+        def forward(self, x):
+            return lx.lowrank_linear(x, torch.randn(4, 23), torch.randn(5, 4))
+
+    with pytest.raises(ValueError, match="lowrank_linear: A has shape"):
+        _export(BadShapes(), torch.randn(3, 24), tmp_path / "bad.onnx", dynamo=False)
