@@ -513,14 +513,21 @@ def test_broken_shard_index_and_missing_shard(compressed, tmp_path):
     _assert_same(fresh, reference)
 
 
-def test_a_tie_the_file_stores_under_one_name(tmp_path):
-    """transformers' save_pretrained keeps one name of a tied tensor and no alias."""
+@pytest.fixture
+def tied_under_one_name(tmp_path):
+    """(model, its state without head.weight, path): transformers' save_pretrained
+    keeps one name of a tied tensor and records no alias."""
     torch.manual_seed(0)
     model = TiedWithBuffers()
     lx.compress_model(model, rank=4, include="body.*")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
     path = tmp_path / "tied.safetensors"
     save_file(state, str(path))
+    return model, state, path
+
+
+def test_a_tie_the_file_stores_under_one_name(tied_under_one_name):
+    model, _, path = tied_under_one_name
     fresh = lx.load_compressed(TiedWithBuffers(), path)
     assert fresh.head.weight is fresh.embed.weight
     ids = torch.randint(0, 10, (3, 5))
@@ -538,14 +545,8 @@ class DeclaresItsTies(TiedWithBuffers):
         self.head.weight = self.embed.weight
 
 
-def test_declared_ties_are_made_for_meta_models_and_undone_on_failure(tmp_path):
-    torch.manual_seed(0)
-    model = TiedWithBuffers()
-    lx.compress_model(model, rank=4, include="body.*")
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
-    path = tmp_path / "tied.safetensors"
-    save_file(state, str(path))  # the table under one name, as save_pretrained writes it
-
+def test_declared_ties_are_made_for_meta_models_and_undone_on_failure(tied_under_one_name):
+    model, state, path = tied_under_one_name
     fresh = _parameters_on_meta(DeclaresItsTies())
     lx.load_compressed(fresh, path)
     assert fresh.head.weight is fresh.embed.weight
