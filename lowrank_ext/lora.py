@@ -113,7 +113,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     try:
         for name in names:
             base = linears[name]
-            if init == "pissa":  # LoRALinear leaves the residual in base.weight
+            if init.startswith("pissa"):  # LoRALinear leaves the residual in base.weight
                 saved[name] = base.weight.detach().clone()
             lora = LoRALinear(base, rank, alpha, init=init, dropout=dropout, rslora=rslora)
             lora.train(base.training)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import warnings
 import weakref
 
@@ -289,6 +290,10 @@ class LowRankLinear(nn.Module):
         return linear
 
 
+# peft's name for PiSSA on a randomized SVD with n subspace iterations.
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
 def check_lora_options(owner, rank, alpha, init, dropout, rslora):
     """Validate LoRA's options other than the rank's range; return alpha (rank when None)."""
     if alpha is None:
@@ -297,8 +302,10 @@ def check_lora_options(owner, rank, alpha, init, dropout, rslora):
         raise TypeError(f"{owner}: alpha must be a real number, got {type(alpha).__name__}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"{owner}: alpha must be finite and > 0, got {alpha}")
-    if init not in ("default", "pissa"):
-        raise ValueError(f"{owner}: init must be 'default' or 'pissa', got {init!r}")
+    if not isinstance(init, str) or not (init in ("default", "gaussian", "pissa")
+                                         or _PISSA_NITER.fullmatch(init)):
+        raise ValueError(f"{owner}: init must be 'default', 'gaussian', 'pissa' or "
+                         f"'pissa_niter_<n>', got {init!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
         raise TypeError(f"{owner}: dropout must be a real number, got {type(dropout).__name__}")
     if not 0.0 <= dropout < 1.0:
@@ -318,10 +325,15 @@ class LoRALinear(nn.Module):
     ``lora_linear`` call.
 
     ``init="default"`` (peft's): A Kaiming-uniform, B zero, so the layer starts
-    equal to ``base``. ``init="pissa"``: the leading ``rank`` singular triplets
-    of ``base.weight`` go into A and B (split evenly, and divided by ``scale``)
-    and ``base.weight`` keeps the residual, so the output is again unchanged at
-    the start; ``base.weight`` is modified in place, as in peft.
+    equal to ``base``; ``init="gaussian"``: A normal with standard deviation
+    1/rank, B zero (peft's ``"gaussian"``). ``init="pissa"``: the leading
+    ``rank`` singular triplets of ``base.weight`` go into A and B (split
+    evenly, and divided by ``scale``) and ``base.weight`` keeps the residual,
+    so the output is again unchanged at the start; ``base.weight`` is modified
+    in place, as in peft. ``init="pissa_niter_<n>"`` finds the triplets by a
+    randomized SVD with n subspace iterations (peft's fast PiSSA: seconds
+    instead of minutes on large layers; the triplets are approximate, the
+    residual is exact, so the output is still unchanged).
 
     ``base``'s parameters are frozen (``requires_grad=False``). :meth:`merge`
     folds ``scale·B·A`` into ``base.weight``; :meth:`unmerge` takes it out.
@@ -357,9 +369,15 @@ class LoRALinear(nn.Module):
         if init == "default":
             # peft's default: Kaiming-uniform A (a=√5, as nn.Linear), zero B.
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1.0 / rank)
         else:
+            niter = _PISSA_NITER.fullmatch(init)
+            how = ({} if niter is None else
+                   {"method": "randomized", "niter": int(niter.group(1))})
             with torch.no_grad():
-                B_full, A_full = svd_truncate(dense_weight(base).detach(), rank, balanced=True)
+                B_full, A_full = svd_truncate(dense_weight(base).detach(), rank, balanced=True,
+                                              **how)
                 root = math.sqrt(self.scale)
                 B, A = B_full / root, A_full / root
                 residual = dense_weight(base).detach() - _dense_product(B, A, self.scale)

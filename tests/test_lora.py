@@ -152,7 +152,10 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
     (dict(rank=9, include=["q", "out"]), ValueError, "out is 8×32, got rank 9"),
     (dict(rank=2.0), TypeError, "rank must be an int"),
     (dict(rank=2, alpha=-1), ValueError, "alpha must be finite and > 0"),
-    (dict(rank=2, init="gaussian"), ValueError, "init must be"),
+    (dict(rank=2, init="kaiming"), ValueError, "init must be 'default', 'gaussian', 'pissa' "
+                                               "or 'pissa_niter_<n>', got 'kaiming'"),
+    (dict(rank=2, init="pissa_niter_x"), ValueError, "init must be"),
+    (dict(rank=2, init=None), ValueError, "init must be"),
     (dict(rank=2, dropout=1.0), ValueError, "dropout must be in"),
     (dict(rank=2, rslora=1), TypeError, "rslora must be a bool"),
     (dict(rank=2, freeze="yes"), TypeError, "freeze must be a bool"),

@@ -85,6 +85,39 @@ def test_pissa_equals_peft():
     torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_fast_pissa_equals_peft():
+    """peft's "pissa_niter_<n>" (float32 only) on a weight with a clear spectral gap,
+    where any randomized SVD finds the same principal part."""
+    torch.manual_seed(0)
+    W = (torch.randn(16, 4) * 5) @ torch.randn(4, 24)
+    W += 1e-3 * torch.randn(16, 24)
+    base = nn.Linear(24, 16)
+    with torch.no_grad():
+        base.weight.copy_(W)
+    theirs = peft.get_peft_model(nn.Sequential(OrderedDict(fc=copy.deepcopy(base))),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"],
+                                                 init_lora_weights="pissa_niter_4"))
+    their_layer = theirs.base_model.model.fc
+    ours = lx.LoRALinear(copy.deepcopy(base), 4, 8, init="pissa_niter_4")
+    scale = ours.scale
+    their_delta = (scale * their_layer.lora_B["default"].weight
+                   @ their_layer.lora_A["default"].weight)
+    torch.testing.assert_close(scale * ours.B @ ours.A, their_delta, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours.base.weight, their_layer.base_layer.weight,
+                               rtol=1e-3, atol=1e-3)
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+def test_gaussian_init_follows_peft():
+    peft_model, peft_layer, ours_base = _models(4, 8, init_lora_weights="gaussian")
+    ours = lx.LoRALinear(ours_base, 4, 8, init="gaussian")
+    for A, B in ((ours.A, ours.B),
+                 (peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight)):
+        assert torch.count_nonzero(B) == 0
+        assert 0.1 < float(A.detach().std()) < 0.4  # both N(0, (1/rank)²), rank 4
+
+
 def test_dropout_in_training_equals_peft():
     peft_model, peft_layer, ours_base = _models(4, 8, dropout=0.3)
     ours = lx.LoRALinear(ours_base, 4, 8, dropout=0.3)
