@@ -57,7 +57,8 @@ DeviceInfo query_device(int device) {
   cudaFuncAttributes attributes{};
   const cudaError_t status =
       cudaFuncGetAttributes(&attributes, tensor_core_fused_kernel<__half, 1>);
-  if (status == cudaErrorNoKernelImageForDevice) {
+  // (Older drivers report a missing image as an invalid device function.)
+  if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction) {
     (void)cudaGetLastError(); // not sticky: clear it so later CUDA calls do not report it
     int minor = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(
