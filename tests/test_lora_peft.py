@@ -12,9 +12,14 @@ import lowrank_ext as lx
 peft = pytest.importorskip("peft")
 
 
-def _models(rank, alpha, dropout=0.0, init_lora_weights=False, dtype=torch.float64):
-    """(peft model, its LoRA layer, our LoRALinear) over copies of one nn.Linear."""
+def _models(rank, alpha, dropout=0.0, init_lora_weights=False, dtype=torch.float64,
+            weight=None):
+    """(peft model, its LoRA layer, our LoRALinear) over copies of one nn.Linear
+    (with ``weight`` as its weight when given)."""
     base = nn.Linear(24, 16, dtype=dtype)
+    if weight is not None:
+        with torch.no_grad():
+            base.weight.copy_(weight)
     ours_base = copy.deepcopy(base)
     model = nn.Sequential(OrderedDict(fc=base))
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["fc"],
@@ -71,42 +76,36 @@ def test_default_init_follows_peft():
     assert float(peft_layer.lora_A["default"].weight.detach().abs().max()) <= bound
 
 
+def _assert_same_pissa(ours, peft_model, peft_layer, factor_tol, output_tol):
+    """Singular vectors have a sign freedom: compare the products, the residual
+    left in the base weight, and the outputs (float32, as peft's PiSSA needs)."""
+    scale = ours.scale
+    peft_delta = scale * peft_layer.lora_B["default"].weight @ peft_layer.lora_A["default"].weight
+    torch.testing.assert_close(scale * ours.B @ ours.A, peft_delta, **factor_tol)
+    torch.testing.assert_close(ours.base.weight, peft_layer.base_layer.weight, **factor_tol)
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(ours(x), peft_model(x), **output_tol)
+
+
 def test_pissa_equals_peft():
     peft_model, peft_layer, ours_base = _models(4, 8, init_lora_weights="pissa",
                                                 dtype=torch.float32)
     ours = lx.LoRALinear(ours_base, 4, 8, init="pissa")
-    # Singular vectors have a sign freedom: compare the products and the residual.
-    scale = ours.scale
-    peft_delta = scale * peft_layer.lora_B["default"].weight @ peft_layer.lora_A["default"].weight
-    torch.testing.assert_close(scale * ours.B @ ours.A, peft_delta, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours.base.weight, peft_layer.base_layer.weight,
-                               rtol=1e-4, atol=1e-5)
-    x = torch.randn(6, 24)
-    torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    _assert_same_pissa(ours, peft_model, peft_layer, tol, tol)
 
 
 def test_fast_pissa_equals_peft():
-    """peft's "pissa_niter_<n>" (float32 only) on a weight with a clear spectral gap,
-    where any randomized SVD finds the same principal part."""
+    """peft's "pissa_niter_<n>" on a weight with a clear spectral gap, where any
+    randomized SVD finds the same principal part."""
     torch.manual_seed(0)
     W = (torch.randn(16, 4) * 5) @ torch.randn(4, 24)
     W += 1e-3 * torch.randn(16, 24)
-    base = nn.Linear(24, 16)
-    with torch.no_grad():
-        base.weight.copy_(W)
-    theirs = peft.get_peft_model(nn.Sequential(OrderedDict(fc=copy.deepcopy(base))),
-                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"],
-                                                 init_lora_weights="pissa_niter_4"))
-    their_layer = theirs.base_model.model.fc
-    ours = lx.LoRALinear(copy.deepcopy(base), 4, 8, init="pissa_niter_4")
-    scale = ours.scale
-    their_delta = (scale * their_layer.lora_B["default"].weight
-                   @ their_layer.lora_A["default"].weight)
-    torch.testing.assert_close(scale * ours.B @ ours.A, their_delta, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(ours.base.weight, their_layer.base_layer.weight,
-                               rtol=1e-3, atol=1e-3)
-    x = torch.randn(6, 24)
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+    peft_model, peft_layer, ours_base = _models(4, 8, init_lora_weights="pissa_niter_4",
+                                                dtype=torch.float32, weight=W)
+    ours = lx.LoRALinear(ours_base, 4, 8, init="pissa_niter_4")
+    _assert_same_pissa(ours, peft_model, peft_layer, dict(rtol=1e-3, atol=1e-3),
+                       dict(rtol=1e-4, atol=1e-4))
 
 
 def test_gaussian_init_follows_peft():
