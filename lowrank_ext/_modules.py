@@ -117,6 +117,12 @@ def is_conv1d(module):
     return conv1d is not None and type(module) is conv1d
 
 
+def is_linear_layer(module):
+    """An ``nn.Linear`` (not a subclass) or a transformers ``Conv1D``: what
+    compression swaps for a LowRankLinear."""
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
 def dense_weight(layer):
     """The layer's weight as an (out, in) matrix: ``weight``, or its transpose for a Conv1D."""
     return layer.weight.T if is_conv1d(layer) else layer.weight

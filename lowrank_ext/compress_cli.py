@@ -64,15 +64,14 @@ def looks_like_embedding(name):
 
 def run(args):
     import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from .compress import select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
-    from .serialization import (atomic_write, check_output_path, model_files, ranks_metadata,
-                                unreadable_error)
+    from .serialization import (atomic_write, check_output_path, model_files, opened,
+                                ranks_metadata, stored_aliases)
     from .svd import choose_rank, svd_truncate
 
     files = model_files(args.input, owner=None)
@@ -85,20 +84,13 @@ def run(args):
         raise ValueError(f"--energy must be in (0, 1], got {args.energy}")
 
     tensors, metadata = {}, {}
-    for path in files:  # one file, or the shards of a checkpoint, written out as one
-        try:
-            with safe_open(path, framework="pt") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
-                metadata.update(f.metadata() or {})
-        except Exception as exc:  # safetensors raises its own error type for a bad file
-            raise unreadable_error(None, path, exc) from exc
+    for _, f in opened(files, None):  # one file, or the shards of a checkpoint, as one
+        tensors.update({key: f.get_tensor(key) for key in f.keys()})
+        metadata.update(f.metadata() or {})
 
-    # safetensors' save_model stores a tensor that several names share once
-    # and maps the other names to it in the metadata.
-    aliases = {}
-    for alias, key in metadata.items():
-        if key in tensors:
-            aliases.setdefault(key, []).append(alias)
+    aliases = {}  # stored key -> the other names of that tensor
+    for alias, key in stored_aliases(metadata, tensors).items():
+        aliases.setdefault(key, []).append(alias)
     candidates = {module_name(k): k for k, t in tensors.items()
                   if t.dim() == 2 and t.is_floating_point() and t.numel() > 0}
     if not candidates:

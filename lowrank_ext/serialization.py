@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from ._checks import check_device
-from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
+from ._modules import (dense_weight, is_conv1d, is_linear_layer, keeps_encoder_flags,
+                       replace_module)
+from ._names import preview
 from .nn import LowRankLinear, inherit_requires_grad
 
 METADATA_KEY = "lowrank_ext"
@@ -215,24 +217,38 @@ def model_files(path, owner="load_compressed"):
     return _shards(path, owner) if path.endswith(".index.json") else [path]
 
 
-def read_headers(files):
-    """(metadata of each file, {key: shape} over all files, {alias: stored key}).
+def opened(files, owner):
+    """Yield ``(path, safe_open handle)`` for each file, closing each after use.
 
-    save_model stores a tensor that several names share once and maps the
-    other names to it in the metadata.
+    A file safetensors cannot open is a ValueError naming it and why (see
+    :func:`unreadable_error`).
     """
     from safetensors import safe_open
 
-    metadatas, shapes = [], {}
     for path in files:
         try:
-            with safe_open(path, framework="pt") as f:
-                metadatas.append(dict(f.metadata() or {}))
-                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+            handle = safe_open(path, framework="pt")
         except Exception as exc:  # safetensors raises its own error type for a bad file
-            raise unreadable_error("load_compressed", path, exc) from exc
-    aliases = {alias: key for metadata in metadatas for alias, key in metadata.items()
-               if key in shapes and alias not in shapes}
+            raise unreadable_error(owner, path, exc) from exc
+        with handle:
+            yield path, handle
+
+
+def stored_aliases(metadata, keys):
+    """{alias: stored key}: save_model stores a tensor that several names share
+    once, under one of them, and maps the other names to it in the metadata."""
+    return {alias: key for alias, key in metadata.items() if key in keys and alias not in keys}
+
+
+def read_headers(files):
+    """(metadata of each file, {key: shape} over all files, {alias: stored key})."""
+    metadatas, shapes = [], {}
+    for _, f in opened(files, "load_compressed"):
+        metadatas.append(dict(f.metadata() or {}))
+        shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    aliases = {}
+    for metadata in metadatas:
+        aliases.update(stored_aliases(metadata, shapes))
     return metadatas, shapes, aliases
 
 
@@ -342,8 +358,8 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
         # Another kind of module may own parameters called A and B; the pairs
         # name compressed layers only where the model has a layer to swap.
         ranks = {name: rank for name, rank in ranks.items()
-                 if name not in modules or type(modules[name]) is nn.Linear
-                 or is_conv1d(modules[name]) or isinstance(modules[name], LowRankLinear)}
+                 if name not in modules or is_linear_layer(modules[name])
+                 or isinstance(modules[name], LowRankLinear)}
         if not ranks:
             raise ValueError(
                 f"load_compressed: {path} has no {METADATA_KEY!r} metadata and no "
@@ -354,7 +370,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
         layer = modules.get(name)
         if isinstance(layer, LowRankLinear) and layer.rank == rank:
             continue  # already in compressed form
-        if type(layer) is not nn.Linear and not is_conv1d(layer):
+        if not is_linear_layer(layer):
             found = "nothing" if layer is None else type(layer).__name__
             if inferred and layer is None:
                 raise ValueError(
@@ -484,11 +500,9 @@ def _check_meta_tensors_come_from_file(model, path, sources):
     unfilled = [name for *_, name, tensor in _model_tensors(model)
                 if tensor.is_meta and (name not in persistent or name not in sources)]
     if unfilled:
-        shown = ", ".join(unfilled[:5]) + (f" and {len(unfilled) - 5} more" if len(unfilled) > 5
-                                           else "")
         raise ValueError(
             f"load_compressed: the model has tensors on the meta device that {path} does not "
-            f"hold, so they would stay uninitialized: {shown}. Build those on a real device "
+            f"hold, so they would stay uninitialized: {preview(unfilled)}. Build those on a real device "
             "(e.g. put only parameters on meta, as accelerate.init_empty_weights() does; "
             "non-persistent buffers are never in a saved file)")
 

@@ -69,9 +69,7 @@ def _plot(path, name, S, energy):
 
 def run(args):
     import torch
-    from safetensors import safe_open
-
-    from .serialization import check_output_path, model_files, unreadable_error
+    from .serialization import check_output_path, model_files, opened
     from .svd import choose_rank
 
     files = model_files(args.input, owner=None)
@@ -82,35 +80,26 @@ def run(args):
         check_output_path(None, args.plot, force=args.force)
         _load_matplotlib()
         _plot_format(args.plot)
-    where = {}  # key -> the file (of a sharded checkpoint) that holds it
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                where.update({key: path for key in f.keys()})
-        except Exception as exc:  # safetensors raises its own error type for a bad file
-            raise unreadable_error(None, path, exc) from exc
-
-    def read(key):
-        with safe_open(where[key], framework="pt") as f:
-            return f.get_tensor(key)
-
     if not args.layer:
         print(f"{'tensor':<50} {'shape':>12} {'r@90%':>6} {'r@99%':>6}")
-        for key in where:
-            t = read(key)
-            if t.dim() == 2 and t.is_floating_point() and t.numel():
-                if bool(torch.isfinite(t).all()):
-                    S = torch.linalg.svdvals(t.double())
-                    ranks = f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}"
-                else:
-                    ranks = f"{'has NaN or Inf':>13}"
-                print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} {ranks}")
+        for _, f in opened(files, None):  # each shard of a checkpoint in turn
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.dim() == 2 and t.is_floating_point() and t.numel():
+                    if bool(torch.isfinite(t).all()):
+                        S = torch.linalg.svdvals(t.double())
+                        ranks = f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}"
+                    else:
+                        ranks = f"{'has NaN or Inf':>13}"
+                    print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} {ranks}")
         return 0
+    where = {key: path for path, f in opened(files, None) for key in f.keys()}
     key = args.layer if args.layer in where else f"{args.layer}.weight"
     if key not in where:
         raise KeyError(f"no tensor {args.layer!r} (nor {args.layer + '.weight'!r}) in "
                        f"{args.input}")
-    W = read(key)
+    for _, f in opened([where[key]], None):
+        W = f.get_tensor(key)
     if W.dim() != 2 or not W.is_floating_point():
         raise ValueError(f"{key} must be a 2-D floating-point tensor, got shape {list(W.shape)} "
                          f"and dtype {W.dtype}")
