@@ -217,9 +217,8 @@ def _check_finite_inputs(grams):
     bad = [name for name, gram in grams.items() if not bool(torch.isfinite(gram).all())]
     if bad:
         raise ValueError(
-            f"compress_model: the calibration gave layer {bad[0]!r}"
-            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} inputs with NaN or Inf "
-            "(or values so large that XᵀX overflows float64); check the calibration data")
+            f"compress_model: the calibration gave layer(s) {preview(bad)} inputs with NaN or "
+            "Inf (or values so large that XᵀX overflows float64); check the calibration data")
 
 
 def _spectra(names, layers, grams, owners, workers, device):
@@ -444,10 +443,9 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     on_meta = [name for name, layer in layers.items() if layer.weight.is_meta]
     if on_meta:
         raise ValueError(
-            f"compress_model: layer {on_meta[0]!r}"
-            f"{f' (and {len(on_meta) - 1} more)' if len(on_meta) > 1 else ''} is on the meta "
-            "device: its weight holds no values to factorize; load the trained weights first "
-            "(load_compressed fills a meta model from a compressed file)")
+            f"compress_model: layer(s) {preview(on_meta)} are on the meta device: their weights "
+            "hold no values to factorize; load the trained weights first (load_compressed "
+            "fills a meta model from a compressed file)")
     for name, layer in layers.items():
         if not bool(torch.isfinite(layer.weight).all()):
             raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")

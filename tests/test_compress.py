@@ -325,8 +325,8 @@ def test_nan_weight_is_refused_before_any_swap():
 def test_a_model_on_the_meta_device_is_refused_by_name():
     with torch.device("meta"):
         model = Net()
-    with pytest.raises(ValueError, match="layer '.*' \\(and [0-9]+ more\\) is on the meta "
-                                         "device: its weight holds no values"):
+    with pytest.raises(ValueError, match="layer\\(s\\) encoder.fc1, encoder.fc2, head are on "
+                                         "the meta device: their weights hold no values"):
         lx.compress_model(model, ratio=0.5)
     assert not any(isinstance(m, lx.LowRankLinear) for m in model.modules())
 
@@ -555,7 +555,7 @@ def test_calibration_inputs_that_are_not_finite_are_named(poison, sequential):
         x[3, 5] = float("nan")
     else:
         x = x * 1e200  # finite, but XᵀX overflows float64
-    with pytest.raises(ValueError, match="compress_model: the calibration gave layer "
-                                         "'encoder.fc1'.* inputs with NaN or Inf"):
+    with pytest.raises(ValueError, match="compress_model: the calibration gave layer\\(s\\) "
+                                         "encoder.fc1(, [a-z0-9.]+)* inputs with NaN or Inf"):
         lx.compress_model(model, ratio=0.5, calibration=[x], sequential=sequential)
     _assert_unchanged(model, snapshot)
