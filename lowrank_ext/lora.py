@@ -1,10 +1,11 @@
 """LoRA over a whole model: adapters on chosen Linear layers, their weights alone, merging.
 
-``add_lora`` wraps the matching ``nn.Linear`` layers of a model in
-``LoRALinear`` and freezes everything else, as peft's ``get_peft_model`` does
+``add_lora`` wraps the matching ``nn.Linear`` layers of a model (and the
+``LowRankLinear`` layers of a compressed one) in ``LoRALinear`` and freezes
+everything else, as peft's ``get_peft_model`` does
 with ``target_modules``; ``lora_state_dict`` / ``load_lora_state_dict`` move
 the adapters alone (a few MB where the model is GB); ``merge_lora`` folds
-every adapter into its base layer and puts the plain ``nn.Linear`` back
+every adapter into its base layer and puts that layer back
 (peft's ``merge_and_unload``); ``disable_lora`` runs the base model alone for
 a while (peft's ``disable_adapter``).
 """
@@ -21,7 +22,8 @@ from torch import nn
 from ._modules import dense_weight, places_of, replace_module
 from ._names import preview
 from .compress import plain_linears, select_names
-from .nn import LoRALinear, _check_positive_int, check_lora_options
+from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
+                 check_lora_options)
 
 
 def _check_model(owner, model):
@@ -58,7 +60,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     """Wrap the model's ``nn.Linear`` layers in :class:`LoRALinear`, in place.
 
     transformers' ``Conv1D`` layers (GPT-2's) are wrapped too, as peft does
-    with ``fan_in_fan_out=True``.
+    with ``fan_in_fan_out=True``, and so are :class:`LowRankLinear` layers:
+    LoRA on a model that :func:`compress_model` compressed trains a small
+    adapter next to each frozen pair of factors (PiSSA inits are refused
+    there, as they split a dense weight).
 
     Args:
         model: any ``nn.Module``.
@@ -91,21 +96,24 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     alpha = check_lora_options("add_lora", rank, alpha, init, dropout, rslora)
     if not isinstance(freeze, bool):
         raise TypeError(f"add_lora: freeze must be a bool, got {type(freeze).__name__}")
-    if type(model) is nn.Linear:
-        raise TypeError("add_lora: the model is itself an nn.Linear; wrap it with "
+    if type(model) is nn.Linear or isinstance(model, LowRankLinear):
+        what = "an nn.Linear" if type(model) is nn.Linear else "a LowRankLinear"
+        raise TypeError(f"add_lora: the model is itself {what}; wrap it with "
                         "LoRALinear(model, rank) instead")
-    linears = plain_linears(model, conv1d=True)
+    linears = _adaptable_layers(model)
     if not linears:
-        raise ValueError("add_lora: the model has no nn.Linear (or Conv1D) layer to wrap")
+        raise ValueError("add_lora: the model has no nn.Linear, Conv1D or LowRankLinear "
+                         "layer to wrap")
     if isinstance(include, str) and include.lower() == "all-linear":
         include, linears = None, _without_output_layer(model, linears)
     names = select_names(list(linears), include, exclude, owner="add_lora",
-                         what="nn.Linear (or Conv1D) layer")
+                         what="nn.Linear, Conv1D or LowRankLinear layer")
     for name in names:
         d, k = dense_weight(linears[name]).shape
         if not 1 <= rank <= min(d, k):
             raise ValueError(f"add_lora: rank must be in [1, min(out, in)] for every chosen "
                              f"layer; {name} is {d}×{k}, got rank {rank}")
+        check_lora_init_fits_base("add_lora", init, linears[name], name)
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     saved = {}
@@ -135,6 +143,16 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             if id(p) not in adapter:
                 p.requires_grad_(False)
     return names
+
+
+def _adaptable_layers(model):
+    """{name: layer} for the layers add_lora may wrap, in the model's order: plain
+    ``nn.Linear`` and ``Conv1D`` layers and ``LowRankLinear`` layers, none of
+    them already the base of a LoRALinear."""
+    chosen = plain_linears(model, conv1d=True)
+    owned = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    return {name: m for name, m in model.named_modules()
+            if name in chosen or (isinstance(m, LowRankLinear) and id(m) not in owned)}
 
 
 def _without_output_layer(model, linears):
@@ -194,7 +212,11 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 
 
 def merge_lora(model: nn.Module) -> list[str]:
-    """Fold every adapter into its base layer and put the ``nn.Linear`` back, in place.
+    """Fold every adapter into its base layer and put the base layer back, in place.
+
+    An ``nn.Linear`` base takes ``scale·B·A`` into its weight; a
+    ``LowRankLinear`` base takes the adapter into its factors, exactly, and
+    its rank grows by the adapter's (see :meth:`LoRALinear.merge`).
 
     Layers already merged are just unwrapped. The base layers keep their
     ``requires_grad`` flags (frozen, as :func:`add_lora` left them). Returns

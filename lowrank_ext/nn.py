@@ -290,6 +290,12 @@ class LowRankLinear(nn.Module):
         return linear
 
 
+def _replace_factors(layer, A, B):
+    """Give a LowRankLinear new factors (of a new rank), keeping their requires_grad flags."""
+    layer.A = nn.Parameter(A.contiguous(), requires_grad=layer.A.requires_grad)
+    layer.B = nn.Parameter(B.contiguous(), requires_grad=layer.B.requires_grad)
+
+
 # peft's name for PiSSA on a randomized SVD with n subspace iterations.
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
@@ -313,6 +319,15 @@ def check_lora_options(owner, rank, alpha, init, dropout, rslora):
     if not isinstance(rslora, bool):
         raise TypeError(f"{owner}: rslora must be a bool, got {type(rslora).__name__}")
     return alpha
+
+
+def check_lora_init_fits_base(owner, init, base, name=None):
+    """PiSSA splits a dense weight: refuse it on a LowRankLinear base, naming the layer."""
+    if init.startswith("pissa") and isinstance(base, LowRankLinear):
+        where = f" {name}" if name else ""
+        raise ValueError(f"{owner}: init={init!r} splits a dense weight, but the base "
+                         f"layer{where} is a LowRankLinear (rank {base.rank}); use "
+                         f"init='default' or 'gaussian' there, or train its factors directly")
 
 
 class LoRALinear(nn.Module):
@@ -341,6 +356,14 @@ class LoRALinear(nn.Module):
     ``base`` may also be a transformers ``Conv1D`` (GPT-2's linear layers,
     weight stored as (in, out)); the adapter then works on its transpose, as
     peft's ``fan_in_fan_out=True`` does.
+
+    ``base`` may also be a :class:`LowRankLinear` (LoRA on a compressed model,
+    to win back what the truncation lost while its factors stay frozen): the
+    layer computes ``base(x) + scale·(x·Aᵀ)·Bᵀ``. PiSSA needs a dense weight
+    and is refused there. :meth:`merge` stays exact by appending the adapter
+    to the base's factors, ``A₀ → [A₀; A]`` and ``B₀ → [B₀, scale·B]``, so the
+    merged base has rank ``base.rank + rank`` (new ``A``/``B`` parameters,
+    frozen as before); :meth:`unmerge` gives the base its own factors back.
     """
 
     # False inside lowrank_ext.disable_lora: forward is base(x) alone. (A class
@@ -350,13 +373,15 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *,
                  init: str = "default", dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if not isinstance(base, nn.Linear) and not is_conv1d(base):
-            raise TypeError(f"LoRALinear: base must be an nn.Linear (or a transformers Conv1D), "
-                            f"got {type(base).__name__}")
-        # (out, in) whatever the base's layout: a Conv1D keeps its weight transposed.
+        if not isinstance(base, (nn.Linear, LowRankLinear)) and not is_conv1d(base):
+            raise TypeError(f"LoRALinear: base must be an nn.Linear, a LowRankLinear or a "
+                            f"transformers Conv1D, got {type(base).__name__}")
+        # (out, in) whatever the base's layout: a Conv1D keeps its weight
+        # transposed (a LowRankLinear's weight is a placeholder with that shape).
         d, k = dense_weight(base).shape
         _check_rank("LoRALinear", rank, d, k)
         alpha = check_lora_options("LoRALinear", rank, alpha, init, dropout, rslora)
+        check_lora_init_fits_base("LoRALinear", init, base)
 
         self.rank = int(rank)
         self.alpha = float(alpha)
@@ -415,6 +440,12 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged or not self.adapter_enabled:
             return self.base(x)
+        if isinstance(self.base, LowRankLinear):
+            # Two low-rank products: one call on concatenated factors would
+            # copy both factor pairs on every call, which costs more than the
+            # second pass over y for the few-row inputs of generation.
+            return torch.add(self.base(x), lowrank_linear(self.dropout(x), self.A, self.B),
+                             alpha=self.scale)
         if self.training and isinstance(self.dropout, nn.Dropout):
             # The adapter sees dropout(x), the base layer x itself (as in peft).
             return self.base(x) + self.scale * lowrank_linear(self.dropout(x), self.A, self.B)
@@ -423,23 +454,36 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> LoRALinear:
-        """Fold the adapter into ``base.weight``; forward is then ``base(x)`` alone."""
+        """Fold the adapter into ``base.weight`` (a LowRankLinear base: into its
+        factors, whose rank grows by ``rank``); forward is then ``base(x)`` alone."""
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
             return self
-        weight = dense_weight(self.base)  # a view: the base's own tensor changes
-        weight += _dense_product(self.B, self.A, self.scale)
+        if isinstance(self.base, LowRankLinear):
+            # Exact: the adapter's rank joins the base's, B₀A₀ + s·BA = [B₀, s·B]·[A₀; A].
+            base = self.base
+            _replace_factors(base, torch.cat([base.A, self.A.to(base.A.dtype)]),
+                             torch.cat([base.B, (self.scale * self.B).to(base.B.dtype)], dim=1))
+        else:
+            weight = dense_weight(self.base)  # a view: the base's own tensor changes
+            weight += _dense_product(self.B, self.A, self.scale)
         self.merged = True
         return self
 
     @torch.no_grad()
     def unmerge(self) -> LoRALinear:
-        """Take the adapter back out of ``base.weight`` (undoes :meth:`merge`)."""
+        """Take the adapter back out of the base layer (undoes :meth:`merge`)."""
         if not self.merged:
             warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
             return self
-        weight = dense_weight(self.base)
-        weight -= _dense_product(self.B, self.A, self.scale)
+        if isinstance(self.base, LowRankLinear):
+            # merge() appended the adapter's rank columns: keep the base's own, bit for bit.
+            base = self.base
+            own = base.rank - self.rank
+            _replace_factors(base, base.A[:own].clone(), base.B[:, :own].clone())
+        else:
+            weight = dense_weight(self.base)
+            weight -= _dense_product(self.B, self.A, self.scale)
         self.merged = False
         return self
 

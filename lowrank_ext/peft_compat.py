@@ -23,8 +23,9 @@ import warnings
 from torch import nn
 
 from ._modules import is_conv1d, replace_module
+from ._names import preview
 from .lora import _check_model, _require_adapters
-from .nn import LoRALinear
+from .nn import LoRALinear, LowRankLinear
 from .serialization import atomic_write, check_path
 
 
@@ -171,6 +172,11 @@ def _adapter_config(adapters, base_model_name_or_path):
                 f"save_peft_adapter: layer {name!r} has scale {lora.scale}, not alpha / "
                 f"{'√rank' if lora.rslora else 'rank'} = {expected}; a peft config cannot "
                 "express it")
+    factored = [name for name, lora in adapters.items() if isinstance(lora.base, LowRankLinear)]
+    if factored:
+        raise ValueError(
+            f"save_peft_adapter: layer(s) {preview(factored)} adapt a LowRankLinear, which "
+            "peft cannot load an adapter onto; save the adapters with lx.lora_state_dict(model)")
     transposed = {name: is_conv1d(lora.base) for name, lora in adapters.items()}
     if len(set(transposed.values())) > 1:
         raise ValueError("save_peft_adapter: peft keeps one fan_in_fan_out setting per "

@@ -28,7 +28,7 @@ from ._checks import check_device
 from ._modules import (dense_weight, is_conv1d, is_linear_layer, keeps_encoder_flags,
                        replace_module)
 from ._names import preview
-from .nn import LowRankLinear, inherit_requires_grad
+from .nn import LoRALinear, LowRankLinear, inherit_requires_grad
 
 METADATA_KEY = "lowrank_ext"
 FORMAT_VERSION = 1
@@ -169,13 +169,25 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
     """Write ``model``'s weights and its ``LowRankLinear`` ranks to ``path`` (safetensors).
 
     Returns ``{layer name: rank}``. Tensors shared between modules are stored
-    once (safetensors' ``save_model``).
+    once (safetensors' ``save_model``). A model holding LoRA adapters is
+    refused: :func:`load_compressed` rebuilds a model's compressed layers, not
+    its adapters. Fold them in with :func:`merge_lora` first, or save the
+    model before :func:`add_lora` and the adapters alone with
+    :func:`lora_state_dict` (or :func:`save_peft_adapter`).
     """
     from safetensors.torch import save_model
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_compressed: model must be an nn.Module, got {type(model).__name__}")
     path = check_path("save_compressed", path)
+    adapted = [name or "(the model)" for name, m in model.named_modules()
+               if isinstance(m, LoRALinear)]
+    if adapted:
+        raise ValueError(
+            f"save_compressed: the model holds LoRA adapters ({preview(adapted)}), which "
+            "load_compressed cannot rebuild; fold them in with lx.merge_lora(model) first, "
+            "or save the model from before add_lora and the adapters with "
+            "lx.lora_state_dict(model)")
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     atomic_write(path, lambda tmp: save_model(model, tmp, metadata=ranks_metadata(ranks)),
                  owner="save_compressed")

@@ -25,13 +25,21 @@ def dense_float64_copy(model):
     import lowrank_ext as lx
 
     model = copy.deepcopy(model).double()
+    replaced = set()
     for name, module in list(model.named_modules()):
+        if name.rpartition(".")[0] in replaced:
+            continue  # the base of a LoRALinear replaced just before
         if isinstance(module, lx.LowRankLinear):
             weight, bias = module.B @ module.A, module.bias
-        elif isinstance(module, lx.LoRALinear) and type(module.base) is torch.nn.Linear:
-            weight, bias = module.base.weight, module.base.bias
+        elif isinstance(module, lx.LoRALinear) and isinstance(
+                module.base, (torch.nn.Linear, lx.LowRankLinear)):
+            base = module.base
+            weight = (base.B @ base.A if isinstance(base, lx.LowRankLinear)
+                      else base.weight)
+            bias = base.bias
             if not module.merged:
                 weight = weight + module.scale * (module.B @ module.A)
+            replaced.add(name)
         else:
             continue
         dense = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,

@@ -161,7 +161,7 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
     (dict(rank=2, freeze="yes"), TypeError, "freeze must be a bool"),
     (dict(rank=2, include="k_proj"), ValueError, "add_lora: include pattern 'k_proj' matches no"),
     (dict(rank=2, include="q", exclude="q"), ValueError,
-     "leave no nn.Linear \\(or Conv1D\\) layer"),
+     "leave no nn.Linear, Conv1D or LowRankLinear layer"),
     (dict(rank=2, include=3), TypeError, "add_lora: include must be a string"),
 ])
 def test_bad_input_leaves_the_model_as_it_was(kwargs, error, match):
@@ -195,7 +195,8 @@ def test_a_failure_midway_puts_weights_and_flags_back(monkeypatch):
 def test_wrapped_layers_are_not_wrapped_again():
     model = _model()
     lx.add_lora(model, 2, include="q")
-    with pytest.raises(ValueError, match="'q' matches no nn.Linear \\(or Conv1D\\) layer"):
+    with pytest.raises(ValueError,
+                       match="'q' matches no nn.Linear, Conv1D or LowRankLinear layer"):
         lx.add_lora(model, 2, include="q")
     assert lx.add_lora(model, 2) == ["inp", "attn.v", "out"]
 
@@ -205,7 +206,7 @@ def test_not_a_model_a_bare_linear_and_no_linear():
         lx.add_lora(object(), 2)
     with pytest.raises(TypeError, match="itself an nn.Linear.*LoRALinear"):
         lx.add_lora(nn.Linear(4, 4), 2)
-    with pytest.raises(ValueError, match="no nn.Linear \\(or Conv1D\\) layer"):
+    with pytest.raises(ValueError, match="no nn.Linear, Conv1D or LowRankLinear layer"):
         lx.add_lora(nn.Sequential(nn.ReLU()), 2)
     for fn in (lx.lora_state_dict, lx.merge_lora):
         with pytest.raises(ValueError, match="no LoRALinear layer"):

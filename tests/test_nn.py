@@ -414,5 +414,6 @@ def test_lora_bad_input_leaves_base_alone(kwargs, error, match):
 
 
 def test_lora_rejects_non_linear():
-    with pytest.raises(TypeError, match="base must be an nn.Linear"):
+    with pytest.raises(TypeError,
+                       match="base must be an nn.Linear, a LowRankLinear or a transformers Conv1D"):
         lx.LoRALinear(nn.Conv1d(3, 3, 1), 1)
