@@ -308,39 +308,55 @@ def _rank_from_target(spectrum, energy, tol):
     return choose_rank(spectrum.energy.sqrt(), energy=energy, tol=tol)
 
 
-def allocate_ranks(spectra, shapes, ratio, weights=None):
+def round_rank(rank, multiple, d, k, *, up=False):
+    """``rank`` rounded to a multiple of ``multiple`` (down, or ``up``), within [1, min(d, k)].
+
+    Rounding down never goes below one multiple; either way the result is
+    capped at min(d, k), the full rank, which need not be a multiple.
+    """
+    if multiple == 1:
+        return rank
+    steps = -(-rank // multiple) if up else max(1, rank // multiple)
+    return min(steps * multiple, min(d, k))
+
+
+def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
     """Ranks maximising the relative output energy kept under ratio·Σd·k parameters.
 
     With ``weights`` ({name: s}), layer energies count s times (sensitivity).
 
     Greedy over the candidate ranks of all layers, best energy per parameter
-    first. A layer's σ_i² decrease with i, so each layer gets a prefix; every
-    layer gets at least rank 1, and none more than ⌊d·k/(d+k)⌋ (where
-    factorizing stops saving anything).
+    first, ``multiple`` ranks at a time. A layer's σ_i² decrease with i, so
+    each layer gets a prefix; every layer gets at least rank ``multiple``
+    (capped at min(d, k)), and none grows past ⌊d·k/(d+k)⌋ (where factorizing
+    stops saving anything).
     """
     budget = ratio * sum(d * k for d, k in shapes.values())
-    ranks = {name: 1 for name in spectra}
-    spent = sum(d + k for d, k in shapes.values())
+    ranks = {name: min(multiple, *shapes[name]) for name in spectra}
+    # (A multiple past a small layer's break-even leaves it dense: d·k.)
+    spent = sum(min(ranks[name] * (d + k), d * k) for name, (d, k) in shapes.items())
     heap = []
 
     def push(name):
         r = ranks[name]
         d, k = shapes[name]
         spectrum = spectra[name]
-        if r < min(math.floor(break_even_rank(d, k)), spectrum.energy.numel()):
-            gain = float(spectrum.energy[r]) / spectrum.total if spectrum.total else 0.0
+        if r + multiple <= min(math.floor(break_even_rank(d, k)), spectrum.energy.numel()):
+            energy = float(spectrum.energy[r:r + multiple].sum())
+            gain = energy / spectrum.total if spectrum.total else 0.0
             gain *= 1.0 if weights is None else weights[name]
-            heapq.heappush(heap, (-gain / (d + k), name))
+            heapq.heappush(heap, (-gain / (multiple * (d + k)), name))
 
     for name in spectra:
         push(name)
     while heap:
         _, name = heapq.heappop(heap)
         d, k = shapes[name]
-        if spent + d + k > budget:
-            continue  # this layer's next rank does not fit; smaller layers may
-        ranks[name] += 1
-        spent += d + k
+        cost = multiple * (d + k)
+        if spent + cost > budget:
+            continue  # this layer's next ranks do not fit; smaller layers may
+        ranks[name] += multiple
+        spent += cost
         push(name)
     return ranks
 
@@ -352,7 +368,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                    calibration: Callable[[nn.Module], object] | Iterable | None = None,
                    include: str | Sequence[str] | None = None,
                    exclude: str | Sequence[str] | None = None, allocation: str | None = None,
-                   sequential: bool = False, device: torch.device | str | int | None = None,
+                   sequential: bool = False, rank_multiple: int = 1,
+                   device: torch.device | str | int | None = None,
                    process_group: object = None,
                    progress: bool | None = None) -> CompressionReport:
     """Replace the model's ``nn.Linear`` layers by ``LowRankLinear``, in place.
@@ -388,6 +405,12 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             once the layers before it are compressed (one more calibration
             run per group of layers fed the same tensor), so that later layers
             adapt to the error of earlier ones. Slower; off by default.
+        rank_multiple: every chosen rank is a multiple of this (or a layer's
+            full rank min(d, k)), since kernels run the rank in blocks: on the
+            CPU of ``benchmarks/RESULTS.md`` rank 65 costs 10 % more than 64,
+            and GPU tensor cores take 16 at a time. ``ratio`` rounds down (the
+            budget still holds), ``energy`` and ``tol`` round up (their
+            guarantee still holds), and ``rank`` must be a multiple.
         device: where the factorizations run, e.g. ``"cuda"`` for a model kept
             on the CPU. One layer at a time is moved there and its results
             come back, so the model never has to fit on ``device``. Default:
@@ -417,6 +440,14 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         raise TypeError("compress_model: the model is itself an nn.Linear; use "
                         "LowRankLinear.from_linear(model, ...) instead")
     _check_targets(rank, ratio, energy, tol, allocation)
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, numbers.Integral) \
+            or rank_multiple < 1:
+        raise ValueError(f"compress_model: rank_multiple must be a positive int, got "
+                         f"{rank_multiple!r}")
+    rank_multiple = int(rank_multiple)
+    if rank is not None and rank % rank_multiple:
+        raise ValueError(f"compress_model: rank {rank} is not a multiple of rank_multiple "
+                         f"{rank_multiple}")
     if allocation is None:
         allocation = "sensitivity" if calibration is not None else "global"
     elif allocation == "sensitivity" and calibration is None:
@@ -460,7 +491,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
 
     workers = Workers(process_group)
     workers.check_same_call((list(shapes.items()), ratio, rank, energy, tol, allocation,
-                             sequential, calibration is not None))
+                             sequential, rank_multiple, calibration is not None))
     owners = workers.assign(shapes)
     stages = []
     grams = (collect_input_grams(model, layers, calibration, stages)
@@ -485,15 +516,17 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     if ratio is not None and allocation == "sensitivity":
         sensitivity = _sensitivities(model, calibration, names, layers, spectra, shapes, ratio,
                                      owners, workers, swap)
-        ranks = allocate_ranks(spectra, shapes, ratio, sensitivity)
+        ranks = allocate_ranks(spectra, shapes, ratio, sensitivity, rank_multiple)
     elif ratio is not None and allocation == "global":
-        ranks = allocate_ranks(spectra, shapes, ratio)
+        ranks = allocate_ranks(spectra, shapes, ratio, multiple=rank_multiple)
     elif ratio is not None:
-        ranks = {n: rank_for_ratio(*shapes[n], ratio) for n in layers}
+        ranks = {n: round_rank(rank_for_ratio(*shapes[n], ratio), rank_multiple, *shapes[n])
+                 for n in layers}
     elif rank is not None:
         ranks = {n: int(rank) for n in layers}
     else:
-        ranks = {n: _rank_from_target(spectra[n], energy, tol) for n in layers}
+        ranks = {n: round_rank(_rank_from_target(spectra[n], energy, tol), rank_multiple,
+                               *shapes[n], up=True) for n in layers}
     factorized = [n for n in names if ranks[n] < break_even_rank(*shapes[n])]
 
     records, replacements = {}, {}

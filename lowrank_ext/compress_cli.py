@@ -30,6 +30,10 @@ def add_arguments(parser):
     target.add_argument("--rank", type=int, help="the same rank for every weight")
     target.add_argument("--energy", type=float,
                         help="per weight, the smallest rank keeping this fraction of Σσ²")
+    parser.add_argument("--rank-multiple", type=int, default=1, metavar="N",
+                        help="make every rank a multiple of N (kernels run the rank in "
+                             "blocks, e.g. 16): --ratio rounds down, --energy up, --rank "
+                             "must be one")
     parser.add_argument("--include", action="append", metavar="PATTERN",
                         help="only module names matching this glob (full name or dotted "
                              "suffix; repeatable). Default: every 2-D floating weight "
@@ -67,7 +71,7 @@ def run(args):
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .compress import select_names
+    from .compress import round_rank, select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
     from .serialization import (atomic_write, check_output_path, model_files, opened,
@@ -82,6 +86,11 @@ def run(args):
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
     if args.energy is not None and not 0.0 < args.energy <= 1.0:
         raise ValueError(f"--energy must be in (0, 1], got {args.energy}")
+    multiple = args.rank_multiple
+    if multiple < 1:
+        raise ValueError(f"--rank-multiple must be >= 1, got {multiple}")
+    if args.rank is not None and args.rank % multiple:
+        raise ValueError(f"--rank {args.rank} is not a multiple of --rank-multiple {multiple}")
 
     tensors, metadata = {}, {}
     for _, f in opened(files, None):  # one file, or the shards of a checkpoint, as one
@@ -121,11 +130,12 @@ def run(args):
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"weight {key!r} in {args.input} has NaN or Inf")
         if args.ratio is not None:
-            r = rank_for_ratio(d, k, args.ratio)
+            r = round_rank(rank_for_ratio(d, k, args.ratio), multiple, d, k)
         elif args.rank is not None:
             r = args.rank
         else:
-            r = choose_rank(torch.linalg.svdvals(W.double()), energy=args.energy)
+            r = round_rank(choose_rank(torch.linalg.svdvals(W.double()), energy=args.energy),
+                           multiple, d, k, up=True)
         if r >= break_even_rank(d, k):
             records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
                                        note=f"dense: rank {r} >= d·k/(d+k) = "

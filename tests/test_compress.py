@@ -152,6 +152,75 @@ def test_global_allocation_favours_the_layer_that_needs_rank():
     assert total(report) < total(uniform)
 
 
+class Wide(nn.Module):
+    """Layers wide enough for ranks in blocks of 8: 64×96, 96×64, 48×96."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(96, 64, dtype=torch.float64)
+        self.b = nn.Linear(64, 96, dtype=torch.float64)
+        self.c = nn.Linear(96, 48, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("allocation, calibrated", [
+    ("uniform", False), ("global", False), ("global", True), ("sensitivity", True)])
+def test_rank_multiple_keeps_every_rank_a_multiple_within_the_budget(allocation, calibrated):
+    torch.manual_seed(0)
+    model = Wide()
+    calibration = [torch.randn(200, 96, dtype=torch.float64)] if calibrated else None
+    plain = lx.compress_model(copy.deepcopy(model), ratio=0.4, allocation=allocation,
+                              calibration=calibration)
+    report = lx.compress_model(model, ratio=0.4, allocation=allocation,
+                               calibration=calibration, rank_multiple=8)
+    assert any(r % 8 for r in plain.ranks.values())  # the rounding has work to do
+    assert report.ranks and all(r % 8 == 0 for r in report.ranks.values())
+    assert all(model.get_submodule(n).rank == r for n, r in report.ranks.items())
+    assert report.params_after <= 0.4 * report.params_before
+    # Within one block of each layer of what the budget allows.
+    assert report.params_after > 0.4 * report.params_before - 8 * (64 + 96 + 96 + 64 + 48 + 96)
+    if allocation == "uniform":
+        assert report.ranks == {n: 8 * (r // 8) for n, r in plain.ranks.items()}
+
+
+def test_rank_multiple_rounds_energy_and_tol_up_and_checks_rank():
+    model = Wide()
+    for target in (dict(energy=0.7), dict(tol=0.6)):
+        plain = lx.compress_model(copy.deepcopy(model), **target)
+        report = lx.compress_model(copy.deepcopy(model), rank_multiple=16, **target)
+        for row in report.layers:
+            expected = min(-(-plain.ranks[row.name] // 16) * 16, min(row.shape))
+            d, k = row.shape
+            if expected >= d * k / (d + k):  # rounded up past break-even: dense
+                assert row.rank is None and "saves nothing" in row.note
+                continue
+            assert row.rank == expected
+            if "tol" in target:
+                assert row.weight_error <= 0.6  # rounding up keeps the guarantee
+        assert report.ranks and report.ranks != plain.ranks
+    assert lx.compress_model(copy.deepcopy(model), rank=16, rank_multiple=8).ranks == {
+        "a": 16, "b": 16, "c": 16}
+    for bad, error, match in [
+            (dict(rank=12, rank_multiple=8), ValueError,
+             "rank 12 is not a multiple of rank_multiple 8"),
+            (dict(ratio=0.5, rank_multiple=0), ValueError, "rank_multiple must be a positive int"),
+            (dict(ratio=0.5, rank_multiple=2.0), ValueError, "rank_multiple must be a positive"),
+            (dict(ratio=0.5, rank_multiple=True), ValueError, "got True")]:
+        snapshot = _snapshot(model)
+        with pytest.raises(error, match=match):
+            lx.compress_model(model, **bad)
+        _assert_unchanged(model, snapshot)
+
+
+def test_a_multiple_past_a_layers_break_even_leaves_it_dense():
+    model = Net()  # head is 6×24: break-even 4.8
+    report = lx.compress_model(model, ratio=0.6, rank_multiple=8, allocation="uniform")
+    assert type(model.head) is nn.Linear
+    assert report.ranks == {"encoder.fc1": 8, "encoder.fc2": 8}
+
+
 def test_layers_that_save_nothing_stay_dense():
     model = Net()
     report = lx.compress_model(model, rank=5)

@@ -91,6 +91,8 @@ def test_compress_refuses_to_overwrite_without_force(weights, tmp_path, capsys):
     (["--rank", "0"], "--rank must be >= 1"),
     (["--energy", "2"], "--energy must be in (0, 1]"),
     (["--rank", "2", "--include", "nothing*"], "include pattern 'nothing*' matches no 2-D weight"),
+    (["--rank", "6", "--rank-multiple", "4"], "--rank 6 is not a multiple of --rank-multiple 4"),
+    (["--ratio", "0.5", "--rank-multiple", "0"], "--rank-multiple must be >= 1"),
 ])
 def test_compress_bad_arguments(weights, tmp_path, capsys, extra, message):
     _, path = weights
@@ -99,6 +101,24 @@ def test_compress_bad_arguments(weights, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_compress_rank_multiple_rounds_the_ranks(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 60), nn.ReLU(), nn.Linear(60, 50))
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_model(model, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5",
+                 "--rank-multiple", "8", "--force"]) == 0
+    tensors, _ = _read(out)
+    # ⌊0.5·60·40/100⌋ = 12 → 8 and ⌊0.5·50·60/110⌋ = 13 → 8
+    assert tensors["0.A"].shape == (8, 40) and tensors["2.A"].shape == (8, 60)
+    assert main(["compress", str(path), "-o", str(out), "--energy", "0.5",
+                 "--rank-multiple", "8", "--force"]) == 0
+    for key, layer in (("0", model[0]), ("2", model[2])):
+        S = torch.linalg.svdvals(layer.weight.detach().double())
+        expected = -(-lx.choose_rank(S, energy=0.5) // 8) * 8
+        assert _read(out)[0][f"{key}.A"].shape[0] == expected
 
 
 def test_compress_bad_files(tmp_path, capsys):
