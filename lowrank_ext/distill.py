@@ -78,13 +78,14 @@ def _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss):
 
 def _trainable(model, teacher, parameters):
     if parameters is None:
+        from .lora import adapter_parameters
         from .nn import LoRALinear, LowRankLinear
 
         # A model given LoRA adapters (say over its compressed layers) trains
         # them, not the factors add_lora froze.
-        adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
-        layers = adapters or [m for m in model.modules() if isinstance(m, LowRankLinear)]
-        params = [p for m in layers for p in (m.A, m.B)]
+        adapters = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        params = (list(adapter_parameters(adapters).values()) if adapters else
+                  [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)])
         if not params:
             raise ValueError("distill: the model has no LowRankLinear layers to refine (run "
                              "compress_model first, or pass parameters=)")
@@ -220,7 +221,8 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             modules keep theirs): e.g. a cosine loss on sentence embeddings.
         parameters: what to train; default the ``A`` and ``B`` of every
             ``LowRankLinear`` in ``model``, or, when it holds LoRA adapters
-            (:func:`add_lora`, e.g. on a compressed model), of every adapter.
+            (:func:`add_lora`, e.g. on a compressed model), those of every
+            adapter (with DoRA's magnitudes).
         max_grad_norm: clip the gradients' total norm to this, if given.
         progress: show a tqdm bar; ``None`` shows it on a terminal only.
 

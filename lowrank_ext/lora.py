@@ -44,19 +44,23 @@ def _require_adapters(owner, model):
     return adapters
 
 
-def _adapter_parameters(adapters):
-    """{state-dict key: parameter} for the A and B of each adapter, in order."""
+def adapter_parameters(adapters):
+    """{state-dict key: parameter} for the A and B (and a DoRA layer's
+    magnitude) of each adapter, in order."""
     params = OrderedDict()
     for name, lora in adapters.items():
         prefix = f"{name}." if name else ""
         params[prefix + "A"], params[prefix + "B"] = lora.A, lora.B
+        if lora.use_dora:
+            params[prefix + "magnitude"] = lora.magnitude
     return params
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
              include: str | Sequence[str] | None = None,
              exclude: str | Sequence[str] | None = None, init: str = "default",
-             dropout: float = 0.0, rslora: bool = False, freeze: bool = True) -> list[str]:
+             dropout: float = 0.0, rslora: bool = False, use_dora: bool = False,
+             freeze: bool = True) -> list[str]:
     """Wrap the model's ``nn.Linear`` layers in :class:`LoRALinear`, in place.
 
     transformers' ``Conv1D`` layers (GPT-2's) are wrapped too, as peft does
@@ -67,8 +71,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
 
     Args:
         model: any ``nn.Module``.
-        rank, alpha, init, dropout, rslora: as :class:`LoRALinear`, the same
-            for every chosen layer.
+        rank, alpha, init, dropout, rslora, use_dora: as :class:`LoRALinear`,
+            the same for every chosen layer.
         include, exclude: glob patterns (or lists) on module names, matched in
             full or as a dotted suffix as in :func:`compress_model` (``"query"``
             matches ``encoder.layer.0.attention.self.query``, like peft's
@@ -93,7 +97,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     """
     _check_model("add_lora", model)
     _check_positive_int("add_lora", "rank", rank)
-    alpha = check_lora_options("add_lora", rank, alpha, init, dropout, rslora)
+    alpha = check_lora_options("add_lora", rank, alpha, init, dropout, rslora, use_dora)
     if not isinstance(freeze, bool):
         raise TypeError(f"add_lora: freeze must be a bool, got {type(freeze).__name__}")
     if type(model) is nn.Linear or isinstance(model, LowRankLinear):
@@ -113,7 +117,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
         if not 1 <= rank <= min(d, k):
             raise ValueError(f"add_lora: rank must be in [1, min(out, in)] for every chosen "
                              f"layer; {name} is {d}×{k}, got rank {rank}")
-        check_lora_init_fits_base("add_lora", init, linears[name], name)
+        check_lora_init_fits_base("add_lora", init, linears[name], name, use_dora)
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     saved = {}
@@ -123,7 +127,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             base = linears[name]
             if init.startswith("pissa"):  # LoRALinear leaves the residual in base.weight
                 saved[name] = base.weight.detach().clone()
-            lora = LoRALinear(base, rank, alpha, init=init, dropout=dropout, rslora=rslora)
+            lora = LoRALinear(base, rank, alpha, init=init, dropout=dropout, rslora=rslora,
+                              use_dora=use_dora)
             lora.train(base.training)
             wrapped[name] = lora
     except Exception:
@@ -138,7 +143,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
         for place in places[id(linears[name])]:
             replace_module(model, place, lora)
     if freeze:
-        adapter = {id(p) for lora in wrapped.values() for p in (lora.A, lora.B)}
+        adapter = {id(p) for p in adapter_parameters(wrapped).values()}
         for p in model.parameters():
             if id(p) not in adapter:
                 p.requires_grad_(False)
@@ -166,14 +171,15 @@ def _without_output_layer(model, linears):
 
 
 def lora_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """The ``A`` and ``B`` of every ``LoRALinear`` in ``model``, keyed as in ``model.state_dict()``.
+    """The ``A`` and ``B`` of every ``LoRALinear`` in ``model`` (and a DoRA
+    layer's ``magnitude``), keyed as in ``model.state_dict()``.
 
     Tensors are detached and share memory with the parameters; save them with
     ``torch.save`` or ``safetensors.torch.save_file``.
     """
     _check_model("lora_state_dict", model)
     adapters = _require_adapters("lora_state_dict", model)
-    return OrderedDict((key, p.detach()) for key, p in _adapter_parameters(adapters).items())
+    return OrderedDict((key, p.detach()) for key, p in adapter_parameters(adapters).items())
 
 
 def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -188,7 +194,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         raise TypeError(f"load_lora_state_dict: state_dict must be a mapping, got "
                         f"{type(state_dict).__name__}")
     adapters = _require_adapters("load_lora_state_dict", model)
-    targets = _adapter_parameters(adapters)
+    targets = adapter_parameters(adapters)
     missing = [key for key in targets if key not in state_dict]
     unexpected = [key for key in state_dict if key not in targets]
     if missing or unexpected:

@@ -300,8 +300,10 @@ def _replace_factors(layer, A, B):
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
-def check_lora_options(owner, rank, alpha, init, dropout, rslora):
+def check_lora_options(owner, rank, alpha, init, dropout, rslora, use_dora=False):
     """Validate LoRA's options other than the rank's range; return alpha (rank when None)."""
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"{owner}: use_dora must be a bool, got {type(use_dora).__name__}")
     if alpha is None:
         alpha = rank
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
@@ -321,13 +323,39 @@ def check_lora_options(owner, rank, alpha, init, dropout, rslora):
     return alpha
 
 
-def check_lora_init_fits_base(owner, init, base, name=None):
-    """PiSSA splits a dense weight: refuse it on a LowRankLinear base, naming the layer."""
-    if init.startswith("pissa") and isinstance(base, LowRankLinear):
-        where = f" {name}" if name else ""
+def check_lora_init_fits_base(owner, init, base, name=None, use_dora=False):
+    """PiSSA splits a dense weight and DoRA rescales its rows: refuse them on a
+    LowRankLinear base, naming the layer."""
+    if not isinstance(base, LowRankLinear):
+        return
+    where = f" {name}" if name else ""
+    if init.startswith("pissa"):
         raise ValueError(f"{owner}: init={init!r} splits a dense weight, but the base "
                          f"layer{where} is a LowRankLinear (rank {base.rank}); use "
                          f"init='default' or 'gaussian' there, or train its factors directly")
+    if use_dora:
+        raise ValueError(f"{owner}: use_dora=True needs a dense weight, but the base "
+                         f"layer{where} is a LowRankLinear (rank {base.rank})")
+
+
+# Rows of W + scale·B·A formed at a time for their norms: a few MB, never all of it.
+_NORM_BLOCK_BYTES = 1 << 22
+
+
+def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor:
+    """‖W_i + scale·(B·A)_i‖ for every output row i (DoRA's weight norm), detached.
+
+    Computed in float32 (float64 for float64 weights) a block of rows at a
+    time, so the d × k sum is never held whole. Returned in ``weight``'s dtype.
+    """
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    weight, B, A = weight.detach(), B.detach(), A.detach().to(acc)
+    d, k = weight.shape
+    rows = max(1, _NORM_BLOCK_BYTES // (4 * max(k, 1)))
+    norms = [torch.linalg.vector_norm(weight[i:i + rows].to(acc)
+                                      + scale * (B[i:i + rows].to(acc) @ A), dim=1)
+             for i in range(0, d, rows)]
+    return torch.cat(norms).to(weight.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -353,6 +381,13 @@ class LoRALinear(nn.Module):
     ``base``'s parameters are frozen (``requires_grad=False``). :meth:`merge`
     folds ``scale·B·A`` into ``base.weight``; :meth:`unmerge` takes it out.
 
+    ``use_dora=True`` is DoRA (peft's ``use_dora``): a trainable ``magnitude``
+    per output row, initialised to the row norms of ``W + scale·B·A``, and
+    ``y = magnitude / ‖W + scale·B·A‖ ⊙ (x·(W + scale·B·A)ᵀ) + bias``, the norm
+    treated as a constant in the backward (as the DoRA paper and peft do) and
+    formed a block of rows at a time. The norm is recomputed on every call
+    (about d·k·rank multiply-adds): merge the adapter for inference.
+
     ``base`` may also be a transformers ``Conv1D`` (GPT-2's linear layers,
     weight stored as (in, out)); the adapter then works on its transpose, as
     peft's ``fan_in_fan_out=True`` does.
@@ -371,7 +406,8 @@ class LoRALinear(nn.Module):
     adapter_enabled = True
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *,
-                 init: str = "default", dropout: float = 0.0, rslora: bool = False):
+                 init: str = "default", dropout: float = 0.0, rslora: bool = False,
+                 use_dora: bool = False):
         super().__init__()
         if not isinstance(base, (nn.Linear, LowRankLinear)) and not is_conv1d(base):
             raise TypeError(f"LoRALinear: base must be an nn.Linear, a LowRankLinear or a "
@@ -380,8 +416,8 @@ class LoRALinear(nn.Module):
         # transposed (a LowRankLinear's weight is a placeholder with that shape).
         d, k = dense_weight(base).shape
         _check_rank("LoRALinear", rank, d, k)
-        alpha = check_lora_options("LoRALinear", rank, alpha, init, dropout, rslora)
-        check_lora_init_fits_base("LoRALinear", init, base)
+        alpha = check_lora_options("LoRALinear", rank, alpha, init, dropout, rslora, use_dora)
+        check_lora_init_fits_base("LoRALinear", init, base, use_dora=use_dora)
 
         self.rank = int(rank)
         self.alpha = float(alpha)
@@ -406,6 +442,10 @@ class LoRALinear(nn.Module):
                 root = math.sqrt(self.scale)
                 B, A = B_full / root, A_full / root
                 residual = dense_weight(base).detach() - _dense_product(B, A, self.scale)
+        magnitude = None
+        if use_dora:  # the norms of the layer's starting weight: the output is unchanged
+            weight = residual if residual is not None else dense_weight(base)
+            magnitude = dora_row_norms(weight, B, A, self.scale)
         # Everything is computed: only now change what the caller gave.
         self.base = base
         self.base.requires_grad_(False)
@@ -414,6 +454,8 @@ class LoRALinear(nn.Module):
                 dense_weight(self.base).copy_(residual)
         self.A = nn.Parameter(A.contiguous())
         self.B = nn.Parameter(B.contiguous())
+        self.register_parameter("magnitude", None if magnitude is None
+                                else nn.Parameter(magnitude))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -446,11 +488,34 @@ class LoRALinear(nn.Module):
             # second pass over y for the few-row inputs of generation.
             return torch.add(self.base(x), lowrank_linear(self.dropout(x), self.A, self.B),
                              alpha=self.scale)
+        if self.use_dora:
+            return self._dora_forward(x)
         if self.training and isinstance(self.dropout, nn.Dropout):
             # The adapter sees dropout(x), the base layer x itself (as in peft).
             return self.base(x) + self.scale * lowrank_linear(self.dropout(x), self.A, self.B)
         return lora_linear(x, dense_weight(self.base), self.A, self.B, self.base.bias,
                            self.scale)
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the layer is DoRA (it has a ``magnitude``)."""
+        return self._parameters.get("magnitude") is not None
+
+    def _dora_scale(self):
+        """magnitude / ‖W + scale·B·A‖ per output row; gradients reach the magnitude only."""
+        weight = dense_weight(self.base)
+        return self.magnitude / dora_row_norms(weight, self.B, self.A, self.scale)
+
+    def _dora_forward(self, x):
+        factor = self._dora_scale()
+        weight, bias = dense_weight(self.base), self.base.bias
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # peft's form: the base layer sees x, the rescaled part dropout(x).
+            dropped = self.dropout(x)
+            return (self.base(x) + (factor - 1) * torch.nn.functional.linear(dropped, weight)
+                    + factor * (self.scale * lowrank_linear(dropped, self.A, self.B)))
+        out = factor * lora_linear(x, weight, self.A, self.B, None, self.scale)
+        return out if bias is None else out + bias
 
     @torch.no_grad()
     def merge(self) -> LoRALinear:
@@ -464,6 +529,16 @@ class LoRALinear(nn.Module):
             base = self.base
             _replace_factors(base, torch.cat([base.A, self.A.to(base.A.dtype)]),
                              torch.cat([base.B, (self.scale * self.B).to(base.B.dtype)], dim=1))
+        elif self.use_dora:
+            weight = dense_weight(self.base)
+            # Kept for unmerge: the norm of the unmerged weight, which the merged one no
+            # longer gives (peft keeps it too).
+            # (A buffer, so that it moves with the layer, outside the state dict.)
+            self.register_buffer("_dora_norms",
+                                 dora_row_norms(weight, self.B, self.A, self.scale),
+                                 persistent=False)
+            factor = (self.magnitude / self._dora_norms).unsqueeze(1)
+            weight.copy_(factor * (weight + _dense_product(self.B, self.A, self.scale)))
         else:
             weight = dense_weight(self.base)  # a view: the base's own tensor changes
             weight += _dense_product(self.B, self.A, self.scale)
@@ -481,6 +556,11 @@ class LoRALinear(nn.Module):
             base = self.base
             own = base.rank - self.rank
             _replace_factors(base, base.A[:own].clone(), base.B[:, :own].clone())
+        elif self.use_dora:
+            weight = dense_weight(self.base)
+            factor = (self.magnitude / self._dora_norms).unsqueeze(1)
+            weight.copy_(weight / factor - _dense_product(self.B, self.A, self.scale))
+            del self._dora_norms
         else:
             weight = dense_weight(self.base)
             weight -= _dense_product(self.B, self.A, self.scale)
@@ -490,4 +570,4 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, "
-                f"merged={self.merged}")
+                f"{'use_dora=True, ' if self.use_dora else ''}merged={self.merged}")

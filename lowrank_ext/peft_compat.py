@@ -66,10 +66,14 @@ def _check_supported(name, layer, adapter):
     if adapter not in layer.lora_A:
         return base
     # Older peft releases lack some of these per-adapter dicts.
-    if (adapter in getattr(layer, "lora_variant", {})
-            or getattr(layer, "use_dora", {}).get(adapter, False)):
-        raise ValueError(f"from_peft: layer {name!r} uses a LoRA variant (DoRA or another) "
-                         "that LoRALinear does not implement")
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None and not _is_dora(layer, adapter):
+        raise ValueError(f"from_peft: layer {name!r} uses a LoRA variant "
+                         f"({type(variant).__name__}) that LoRALinear does not implement")
+    if _is_dora(layer, adapter) and adapter in getattr(layer, "merged_adapters", []) \
+            and f"{adapter}-weight_norm" not in getattr(layer, "_caches", {}):
+        raise ValueError(f"from_peft: layer {name!r} has its DoRA adapter merged without the "
+                         "weight norm peft keeps for unmerging; unmerge it in peft first")
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         raise ValueError(f"from_peft: layer {name!r} has a bias in its lora_B "
                          "(lora_bias=True), which LoRALinear does not implement")
@@ -78,6 +82,12 @@ def _check_supported(name, layer, adapter):
         raise ValueError(f"from_peft: layer {name!r} has other adapters merged into its base "
                          f"weight ({merged}); unmerge them first")
     return base
+
+
+def _is_dora(layer, adapter):
+    """Whether peft's layer runs ``adapter`` as DoRA (it has a magnitude vector)."""
+    magnitudes = getattr(layer, "lora_magnitude_vector", None)
+    return magnitudes is not None and adapter in magnitudes
 
 
 def _convert(layer, base, adapter, cast_notes):
@@ -96,6 +106,14 @@ def _convert(layer, base, adapter, cast_notes):
     new.A = nn.Parameter(A.detach().to(dtype), requires_grad=A.requires_grad)
     new.B = nn.Parameter(B.detach().to(dtype), requires_grad=B.requires_grad)
     new.merged = adapter in getattr(layer, "merged_adapters", [])
+    if _is_dora(layer, adapter):
+        magnitude = layer.lora_magnitude_vector[adapter].weight
+        new.magnitude = nn.Parameter(magnitude.detach().to(dtype),
+                                     requires_grad=magnitude.requires_grad)
+        if new.merged:  # the unmerged weight's norm, which unmerge needs
+            new.register_buffer("_dora_norms",
+                                layer._caches[f"{adapter}-weight_norm"].detach().to(dtype),
+                                persistent=False)
     new.train(layer.training)
     return new
 
@@ -116,8 +134,9 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     base layer (peft keeps float32 adapters on half-precision bases) are cast
     to the base layer's dtype, with a warning: ``lora_linear`` takes one dtype.
 
-    Everything is checked and built before any module is swapped: DoRA and
-    other variants, ``lora_bias``, base layers other than ``nn.Linear`` and
+    DoRA adapters become DoRA ``LoRALinear`` layers with peft's magnitude.
+    Everything is checked and built before any module is swapped: other
+    variants, ``lora_bias``, base layers other than ``nn.Linear`` and
     transformers' ``Conv1D`` (taken with ``fan_in_fan_out=True``, as peft
     requires) raise and leave the model as it was.
 
@@ -177,6 +196,10 @@ def _adapter_config(adapters, base_model_name_or_path):
         raise ValueError(
             f"save_peft_adapter: layer(s) {preview(factored)} adapt a LowRankLinear, which "
             "peft cannot load an adapter onto; save the adapters with lx.lora_state_dict(model)")
+    dora = {name: lora.use_dora for name, lora in adapters.items()}
+    if len(set(dora.values())) > 1:
+        raise ValueError("save_peft_adapter: peft keeps one use_dora setting per adapter, but "
+                         f"the layers differ: {dora}")
     transposed = {name: is_conv1d(lora.base) for name, lora in adapters.items()}
     if len(set(transposed.values())) > 1:
         raise ValueError("save_peft_adapter: peft keeps one fan_in_fan_out setting per "
@@ -194,6 +217,7 @@ def _adapter_config(adapters, base_model_name_or_path):
         "lora_alpha": alpha,
         "lora_dropout": _dropout_p(first.dropout),
         "use_rslora": first.rslora,
+        "use_dora": first.use_dora,
         "target_modules": list(adapters),
         "rank_pattern": {n: a.rank for n, a in adapters.items() if a.rank != rank},
         "alpha_pattern": {n: a.alpha for n, a in adapters.items() if a.alpha != alpha},
@@ -235,6 +259,8 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = lora.A.detach().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = lora.B.detach().contiguous()
+        if lora.use_dora:
+            tensors[f"{prefix}.lora_magnitude_vector"] = lora.magnitude.detach().contiguous()
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_peft_adapter: {directory} exists and is not a directory")
     os.makedirs(directory, exist_ok=True)

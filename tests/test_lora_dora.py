@@ -1,0 +1,238 @@
+"""DoRA (LoRALinear(use_dora=True), add_lora(use_dora=True)): against an
+independent float64 formula and against peft's DoRA on the same weights."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+import lowrank_ext.nn as lx_nn
+from conftest import DTYPES
+from reference import assert_close_to_reference
+
+
+def _dora(base, rank=3, alpha=6.0, **kwargs):
+    """A DoRA layer over ``base`` with random B and magnitude, so both matter."""
+    lora = lx.LoRALinear(base, rank, alpha, use_dora=True, **kwargs)
+    with torch.no_grad():
+        lora.B.normal_()
+        lora.magnitude.mul_(torch.rand_like(lora.magnitude) + 0.5)
+    return lora
+
+
+def _reference(lora, x):
+    """float64 m / ‖W + sBA‖_row ⊙ (x·(W + sBA)ᵀ) + bias, formed densely."""
+    with torch.no_grad():
+        weight = lora.base.weight.double() + lora.scale * (lora.B.double() @ lora.A.double())
+        factor = lora.magnitude.double() / torch.linalg.vector_norm(weight, dim=1)
+        y = (x.double() @ weight.T) * factor
+        return y if lora.base.bias is None else y + lora.base.bias.double()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_the_float64_formula(dtype, bias):
+    lora = _dora(nn.Linear(24, 20, bias=bias, dtype=dtype))
+    for shape in [(7, 24), (2, 3, 24), (0, 24)]:
+        x = torch.randn(shape, dtype=dtype)
+        assert_close_to_reference(lora(x), _reference(lora, x), dtype)
+
+
+def test_starts_equal_to_the_base_layer():
+    base = nn.Linear(24, 20, dtype=torch.float64)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    expected = base(x)
+    lora = lx.LoRALinear(base, 4, use_dora=True)
+    torch.testing.assert_close(lora.magnitude, torch.linalg.vector_norm(base.weight, dim=1))
+    torch.testing.assert_close(lora(x), expected, rtol=1e-12, atol=1e-12)
+    assert "use_dora=True" in repr(lora)
+    assert not lx.LoRALinear(nn.Linear(4, 4), 2).use_dora
+
+
+def test_the_norm_is_formed_in_blocks_of_rows(monkeypatch):
+    lora = _dora(nn.Linear(40, 30, dtype=torch.float64))
+    whole = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
+    monkeypatch.setattr(lx_nn, "_NORM_BLOCK_BYTES", 4 * 40 * 7)  # 7 rows a block
+    blocks = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
+    torch.testing.assert_close(blocks, whole, rtol=1e-14, atol=0)
+    x = torch.randn(4, 40, dtype=torch.float64)
+    torch.testing.assert_close(lora(x), _reference(lora, x))
+
+
+def _peft_pair(dtype=torch.float64, **config):
+    """(peft model, our model) over copies of one model, peft's random DoRA adapters in both."""
+    peft = pytest.importorskip("peft")
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(12, 32, dtype=dtype), act=nn.GELU(),
+                                      fc2=nn.Linear(32, 8, dtype=dtype)))
+    ours = copy.deepcopy(model)
+    config = dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], use_dora=True,
+                  init_lora_weights=False, **config)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(**config))
+    lx.add_lora(ours, 4, 8, include=["fc1", "fc2"], use_dora=True,
+                rslora=config.get("use_rslora", False), dropout=config.get("lora_dropout", 0.0))
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name in ("fc1", "fc2"):
+            theirs, mine = inner.get_submodule(name), ours.get_submodule(name)
+            mine.A.copy_(theirs.lora_A["default"].weight)
+            mine.B.copy_(theirs.lora_B["default"].weight)
+            magnitude = theirs.lora_magnitude_vector["default"].weight
+            magnitude.mul_(torch.rand_like(magnitude) + 0.5)  # away from its start
+            mine.magnitude.copy_(magnitude)
+    return peft_model, ours
+
+
+@pytest.mark.parametrize("config", [dict(), dict(use_rslora=True)])
+def test_outputs_and_gradients_equal_peft(config):
+    peft_model, ours = _peft_pair(**config)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    x_ours = x.detach().clone().requires_grad_()
+    expected = peft_model(x)
+    torch.testing.assert_close(ours(x_ours), expected)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    ours(x_ours).backward(grad)
+    torch.testing.assert_close(x_ours.grad, x.grad)
+    inner = peft_model.base_model.model
+    for name in ("fc1", "fc2"):
+        theirs, mine = inner.get_submodule(name), ours.get_submodule(name)
+        torch.testing.assert_close(mine.A.grad, theirs.lora_A["default"].weight.grad)
+        torch.testing.assert_close(mine.B.grad, theirs.lora_B["default"].weight.grad)
+        torch.testing.assert_close(mine.magnitude.grad,
+                                   theirs.lora_magnitude_vector["default"].weight.grad)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == trainable
+    assert sum(p.numel() for p in ours.parameters()) == total
+
+
+def test_dropout_in_training_equals_peft():
+    peft_model, ours = _peft_pair(lora_dropout=0.3)
+    peft_model.train()
+    ours.train()
+    x = torch.randn(16, 12, dtype=torch.float64)
+    torch.manual_seed(5)
+    expected = peft_model(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours(x), expected)
+
+
+def test_merge_and_unmerge_equal_peft():
+    peft_model, ours = _peft_pair()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    expected = peft_model(x)
+    weight_before = ours.fc1.base.weight.detach().clone()
+    ours.fc1.merge()
+    torch.testing.assert_close(ours(x), expected)
+    ours.fc1.unmerge()
+    torch.testing.assert_close(ours.fc1.base.weight, weight_before, rtol=1e-12, atol=1e-12)
+    assert "_dora_norms" not in dict(ours.fc1.named_buffers())
+
+    merged_peft = peft_model.merge_and_unload()
+    assert lx.merge_lora(ours) == ["fc1", "fc2"]
+    for name in ("fc1", "fc2"):
+        torch.testing.assert_close(ours.get_submodule(name).weight,
+                                   merged_peft.get_submodule(name).weight)
+    torch.testing.assert_close(ours(x), expected)
+
+
+def test_adapters_with_magnitudes_save_load_and_train(tmp_path):
+    _, ours = _peft_pair()
+    state = lx.lora_state_dict(ours)
+    assert list(state) == ["fc1.A", "fc1.B", "fc1.magnitude", "fc2.A", "fc2.B",
+                           "fc2.magnitude"]
+    other = copy.deepcopy(ours)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.requires_grad:
+                p.zero_()
+    lx.load_lora_state_dict(other, {k: v.clone() for k, v in state.items()})
+    x = torch.randn(4, 12, dtype=torch.float64)
+    torch.testing.assert_close(other(x), ours(x), rtol=0, atol=0)
+
+    teacher = copy.deepcopy(ours)
+    with torch.no_grad():
+        teacher.fc1.magnitude.mul_(1.5)  # something for the student to learn
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    lx.distill(ours, teacher, [torch.randn(16, 12, dtype=torch.float64)], steps=3, lr=1e-2,
+               progress=False)
+    changed = {k for k, v in ours.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(state)  # the adapters with their magnitudes, nothing else
+
+
+def test_from_peft_and_save_peft_adapter_carry_dora(tmp_path):
+    peft = pytest.importorskip("peft")
+    peft_model, _ = _peft_pair()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    expected = peft_model(x)
+    model = lx.from_peft(peft_model)
+    assert model.fc1.use_dora and model.fc2.use_dora
+    torch.testing.assert_close(model(x), expected)
+
+    lx.save_peft_adapter(model, tmp_path / "adapter")
+    fresh = nn.Sequential(OrderedDict(fc1=nn.Linear(12, 32, dtype=torch.float64),
+                                      act=nn.GELU(),
+                                      fc2=nn.Linear(32, 8, dtype=torch.float64)))
+    with torch.no_grad():
+        for name in ("fc1", "fc2"):
+            fresh.get_submodule(name).load_state_dict(model.get_submodule(name).base.state_dict())
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(loaded(x), expected)
+
+
+def test_from_peft_keeps_a_merged_dora_layer_unmergeable():
+    peft_model, _ = _peft_pair()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    expected = peft_model(x)
+    peft_model.base_model.model.fc1.merge()
+    model = lx.from_peft(peft_model)
+    assert model.fc1.merged
+    torch.testing.assert_close(model(x), expected)
+    model.fc1.unmerge()
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_refused_where_dora_cannot_apply():
+    with pytest.raises(TypeError, match="use_dora must be a bool, got int"):
+        lx.LoRALinear(nn.Linear(4, 4), 2, use_dora=1)
+    with pytest.raises(ValueError, match="use_dora=True needs a dense weight"):
+        lx.LoRALinear(lx.LowRankLinear(8, 8, 2), 2, use_dora=True)
+    model = nn.Sequential(nn.Linear(8, 8), lx.LowRankLinear(8, 8, 2))
+    with pytest.raises(ValueError, match="base layer 1 is a LowRankLinear"):
+        lx.add_lora(model, 2, use_dora=True)
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
+
+
+def test_compiled_matches_eager():
+    _, ours = _peft_pair()
+    x = torch.randn(7, 12, dtype=torch.float64)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), ours(x))
+
+
+def test_a_conv1d_base_equals_peft_with_fan_in_fan_out():
+    peft = pytest.importorskip("peft")
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    model = nn.Sequential(OrderedDict(c_attn=Conv1D(24, 12), act=nn.GELU(),
+                                      c_proj=Conv1D(8, 24))).double()
+    ours = copy.deepcopy(model)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], use_dora=True,
+        fan_in_fan_out=True, init_lora_weights=False))
+    lx.add_lora(ours, 4, 8, use_dora=True)
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name in ("c_attn", "c_proj"):
+            theirs, mine = inner.get_submodule(name), ours.get_submodule(name)
+            mine.A.copy_(theirs.lora_A["default"].weight)
+            mine.B.copy_(theirs.lora_B["default"].weight)
+            mine.magnitude.copy_(theirs.lora_magnitude_vector["default"].weight)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    expected = peft_model(x)
+    torch.testing.assert_close(ours(x), expected)
+    merged = peft_model.merge_and_unload()
+    lx.merge_lora(ours)
+    torch.testing.assert_close(ours.c_attn.weight, merged.c_attn.weight)
+    torch.testing.assert_close(ours(x), expected)
