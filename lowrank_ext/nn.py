@@ -501,10 +501,16 @@ class LoRALinear(nn.Module):
         """Whether the layer is DoRA (it has a ``magnitude``)."""
         return self._parameters.get("magnitude") is not None
 
-    def _dora_scale(self):
-        """magnitude / ‖W + scale·B·A‖ per output row; gradients reach the magnitude only."""
-        weight = dense_weight(self.base)
-        return self.magnitude / dora_row_norms(weight, self.B, self.A, self.scale)
+    def _dora_scale(self, norms=None):
+        """magnitude / ‖W + scale·B·A‖ per output row; gradients reach the magnitude only.
+
+        A row whose W + scale·B·A is zero (a pruned neuron, say) contributes
+        zero whatever its factor: it gets magnitude / 1, not 0/0 (where peft
+        gives NaN).
+        """
+        if norms is None:
+            norms = dora_row_norms(dense_weight(self.base), self.B, self.A, self.scale)
+        return self.magnitude / torch.where(norms > 0, norms, torch.ones_like(norms))
 
     def _dora_forward(self, x):
         factor = self._dora_scale()
@@ -537,7 +543,7 @@ class LoRALinear(nn.Module):
             self.register_buffer("_dora_norms",
                                  dora_row_norms(weight, self.B, self.A, self.scale),
                                  persistent=False)
-            factor = (self.magnitude / self._dora_norms).unsqueeze(1)
+            factor = self._dora_scale(self._dora_norms).unsqueeze(1)
             weight.copy_(factor * (weight + _dense_product(self.B, self.A, self.scale)))
         else:
             weight = dense_weight(self.base)  # a view: the base's own tensor changes
@@ -558,8 +564,16 @@ class LoRALinear(nn.Module):
             _replace_factors(base, base.A[:own].clone(), base.B[:, :own].clone())
         elif self.use_dora:
             weight = dense_weight(self.base)
-            factor = (self.magnitude / self._dora_norms).unsqueeze(1)
-            weight.copy_(weight / factor - _dense_product(self.B, self.A, self.scale))
+            factor = self._dora_scale(self._dora_norms)
+            lost = (factor == 0) & (self._dora_norms > 0)
+            if bool(lost.any()):
+                raise RuntimeError(
+                    f"LoRALinear.unmerge: {int(lost.sum())} row(s) have magnitude 0, so merge() "
+                    "set them to zero and their weights cannot be recovered")
+            # Rows with factor 0 and norm 0 held W = -scale·B·A, which the subtraction gives.
+            factor = factor.unsqueeze(1)
+            kept = torch.where(factor == 0, torch.zeros_like(weight), weight / factor)
+            weight.copy_(kept - _dense_product(self.B, self.A, self.scale))
             del self._dora_norms
         else:
             weight = dense_weight(self.base)

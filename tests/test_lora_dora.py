@@ -236,3 +236,30 @@ def test_a_conv1d_base_equals_peft_with_fan_in_fan_out():
     lx.merge_lora(ours)
     torch.testing.assert_close(ours.c_attn.weight, merged.c_attn.weight)
     torch.testing.assert_close(ours(x), expected)
+
+
+def test_a_zero_row_gives_its_bias_not_nan_and_merges_both_ways():
+    base = nn.Linear(10, 6, dtype=torch.float64)
+    with torch.no_grad():
+        base.weight[2] = 0  # a pruned output neuron
+    original = base.weight.detach().clone()
+    lora = lx.LoRALinear(base, 2, use_dora=True)  # B = 0: row 2 of W + sBA stays zero
+    assert lora.magnitude[2] == 0
+    x = torch.randn(4, 10, dtype=torch.float64)
+    out = lora(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, x @ original.T + base.bias)
+    out.sum().backward()
+    assert torch.isfinite(lora.magnitude.grad).all()
+    lora.merge()
+    torch.testing.assert_close(lora(x), out)
+    lora.unmerge()
+    torch.testing.assert_close(base.weight, original, rtol=1e-12, atol=1e-12)
+
+    with torch.no_grad():  # a trained magnitude of 0 on a live row: merge erases the row
+        lora.magnitude[0] = 0
+    lora.merge()
+    merged = base.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="1 row\\(s\\) have magnitude 0"):
+        lora.unmerge()
+    assert lora.merged and torch.equal(base.weight, merged)
