@@ -55,6 +55,8 @@ METHODS = {
     "whitened-sensitivity-distill": (dict(allocation="sensitivity"), True),
     "whitened-sequential": (dict(allocation="uniform", sequential=True), True),
     "whitened-sensitivity-sequential": (dict(allocation="sensitivity", sequential=True), True),
+    # Every rank a multiple of 16, as the kernels run the rank in blocks.
+    "whitened-sensitivity-multiple16": (dict(allocation="sensitivity", rank_multiple=16), True),
 }
 DEFAULT_METHODS = ["plain-svd", "whitened-uniform", "whitened-global",
                    "whitened-sensitivity-distill"]
