@@ -320,6 +320,33 @@ def round_rank(rank, multiple, d, k, *, up=False):
     return min(steps * multiple, min(d, k))
 
 
+def check_blocks_fit(shapes, ratio, multiple, allocation, owner="compress_model"):
+    """Refuse a ``ratio`` whose budget cannot give every layer one block of
+    ``multiple`` ranks: rounding it up would break the budget, leaving the layer
+    dense more so."""
+    if multiple == 1:
+        return
+    for name, (d, k) in shapes.items():
+        if multiple >= break_even_rank(d, k):
+            raise ValueError(
+                f"{owner}: layer {name!r} ({d}×{k}) cannot be factorized in blocks of "
+                f"{multiple} ranks: d·k/(d+k) = {break_even_rank(d, k):.1f} saves nothing "
+                "beyond that; use a smaller rank_multiple or exclude the layer")
+        if allocation == "uniform" and rank_for_ratio(d, k, ratio) < multiple:
+            raise ValueError(
+                f"{owner}: ratio {ratio} gives layer {name!r} ({d}×{k}) rank "
+                f"{rank_for_ratio(d, k, ratio)}, less than one block of rank_multiple "
+                f"{multiple}; raise the ratio, lower rank_multiple or exclude the layer")
+    if allocation != "uniform":
+        least = sum(multiple * (d + k) for d, k in shapes.values())
+        total = sum(d * k for d, k in shapes.values())
+        if least > ratio * total:
+            raise ValueError(
+                f"{owner}: one block of rank_multiple {multiple} ranks per layer keeps "
+                f"{least / total:.3f} of the weights, more than ratio {ratio}; raise the "
+                "ratio or lower rank_multiple")
+
+
 def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
     """Ranks maximising the relative output energy kept under ratio·Σd·k parameters.
 
@@ -328,13 +355,12 @@ def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
     Greedy over the candidate ranks of all layers, best energy per parameter
     first, ``multiple`` ranks at a time. A layer's σ_i² decrease with i, so
     each layer gets a prefix; every layer gets at least rank ``multiple``
-    (capped at min(d, k)), and none grows past ⌊d·k/(d+k)⌋ (where factorizing
-    stops saving anything).
+    (:func:`check_blocks_fit` makes sure that fits), and none grows past
+    ⌊d·k/(d+k)⌋ (where factorizing stops saving anything).
     """
     budget = ratio * sum(d * k for d, k in shapes.values())
-    ranks = {name: min(multiple, *shapes[name]) for name in spectra}
-    # (A multiple past a small layer's break-even leaves it dense: d·k.)
-    spent = sum(min(ranks[name] * (d + k), d * k) for name, (d, k) in shapes.items())
+    ranks = {name: multiple for name in spectra}
+    spent = sum(multiple * (d + k) for d, k in shapes.values())
     heap = []
 
     def push(name):
@@ -410,7 +436,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             CPU of ``benchmarks/RESULTS.md`` rank 65 costs 10 % more than 64,
             and GPU tensor cores take 16 at a time. ``ratio`` rounds down (the
             budget still holds), ``energy`` and ``tol`` round up (their
-            guarantee still holds), and ``rank`` must be a multiple.
+            guarantee still holds), and ``rank`` must be a multiple. A
+            ``ratio`` too small to give every layer one block is an error.
         device: where the factorizations run, e.g. ``"cuda"`` for a model kept
             on the CPU. One layer at a time is moved there and its results
             come back, so the model never has to fit on ``device``. Default:
@@ -465,6 +492,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     names = [name for name in selected if name not in shared]
     layers = {name: linears[name] for name in names}
     shapes = {name: tuple(dense_weight(layer).shape) for name, layer in layers.items()}
+    if ratio is not None:
+        check_blocks_fit(shapes, ratio, rank_multiple, allocation)
 
     if not isinstance(sequential, bool):
         raise TypeError(f"compress_model: sequential must be a bool, got "

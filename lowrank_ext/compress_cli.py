@@ -71,7 +71,7 @@ def run(args):
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .compress import round_rank, select_names
+    from .compress import check_blocks_fit, round_rank, select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
     from .serialization import (atomic_write, check_output_path, model_files, opened,
@@ -130,6 +130,7 @@ def run(args):
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"weight {key!r} in {args.input} has NaN or Inf")
         if args.ratio is not None:
+            check_blocks_fit({name: (d, k)}, args.ratio, multiple, "uniform", owner="compress")
             r = round_rank(rank_for_ratio(d, k, args.ratio), multiple, d, k)
         elif args.rank is not None:
             r = args.rank

@@ -296,6 +296,21 @@ def _replace_factors(layer, A, B):
     layer.B = nn.Parameter(B.contiguous(), requires_grad=layer.B.requires_grad)
 
 
+def _full_rank_factors(B, A):
+    """Factors (d × m, m × k) of the product B·A at rank m = min(d, k), for
+    B (d × n) and A (n × k) with n > m: a QR of the factor on the shorter side
+    folds the other into it (in float32 at least)."""
+    work = torch.promote_types(A.dtype, torch.float32)
+    d, k = B.shape[0], A.shape[1]
+    if d <= k:
+        Q, R = torch.linalg.qr(B.to(work))        # B = Q·R, Q (d × d)
+        new_B, new_A = Q, R @ A.to(work)
+    else:
+        Q, R = torch.linalg.qr(A.to(work).T)      # Aᵀ = Q·R, Q (k × k)
+        new_B, new_A = B.to(work) @ R.T, Q.T
+    return new_B.to(B.dtype), new_A.to(A.dtype)
+
+
 # peft's name for PiSSA on a randomized SVD with n subspace iterations.
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
@@ -515,13 +530,18 @@ class LoRALinear(nn.Module):
     def _dora_forward(self, x):
         factor = self._dora_scale()
         weight, bias = dense_weight(self.base), self.base.bias
+        # The result takes the products' dtype, which autocast may have lowered
+        # below the factor's (peft casts back the same way).
         if self.training and isinstance(self.dropout, nn.Dropout):
             # peft's form: the base layer sees x, the rescaled part dropout(x).
             dropped = self.dropout(x)
-            return (self.base(x) + (factor - 1) * torch.nn.functional.linear(dropped, weight)
-                    + factor * (self.scale * lowrank_linear(dropped, self.A, self.B)))
-        out = factor * lora_linear(x, weight, self.A, self.B, None, self.scale)
-        return out if bias is None else out + bias
+            base = self.base(x)
+            out = (base + (factor - 1) * torch.nn.functional.linear(dropped, weight)
+                   + factor * (self.scale * lowrank_linear(dropped, self.A, self.B)))
+            return out.to(base.dtype)
+        product = lora_linear(x, weight, self.A, self.B, None, self.scale)
+        out = factor * product
+        return (out if bias is None else out + bias).to(product.dtype)
 
     @torch.no_grad()
     def merge(self) -> LoRALinear:
@@ -533,8 +553,22 @@ class LoRALinear(nn.Module):
         if isinstance(self.base, LowRankLinear):
             # Exact: the adapter's rank joins the base's, B₀A₀ + s·BA = [B₀, s·B]·[A₀; A].
             base = self.base
-            _replace_factors(base, torch.cat([base.A, self.A.to(base.A.dtype)]),
-                             torch.cat([base.B, (self.scale * self.B).to(base.B.dtype)], dim=1))
+            A = torch.cat([base.A, self.A.to(base.A.dtype)])
+            B = torch.cat([base.B, (self.scale * self.B).to(base.B.dtype)], dim=1)
+            d, k = base.out_features, base.in_features
+            if A.shape[0] > min(d, k):
+                # More ranks than the matrix has: the same product at rank
+                # min(d, k), the base's own factors kept (moving with the layer,
+                # outside the state dict) for unmerge.
+                self.register_buffer("_base_A", base.A.detach().clone(), persistent=False)
+                self.register_buffer("_base_B", base.B.detach().clone(), persistent=False)
+                B, A = _full_rank_factors(B, A)
+            if A.shape[0] >= break_even_rank(d, k):
+                warnings.warn(f"LoRALinear.merge: the merged layer has rank {A.shape[0]}, at "
+                              f"or past d·k/(d+k) = {break_even_rank(d, k):.1f}: it holds "
+                              "more numbers than a dense layer (base.to_linear() would not)",
+                              stacklevel=2)
+            _replace_factors(base, A, B)
         elif self.use_dora:
             weight = dense_weight(self.base)
             # Kept for unmerge: the norm of the unmerged weight, which the merged one no
@@ -558,10 +592,15 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
             return self
         if isinstance(self.base, LowRankLinear):
-            # merge() appended the adapter's rank columns: keep the base's own, bit for bit.
             base = self.base
-            own = base.rank - self.rank
-            _replace_factors(base, base.A[:own].clone(), base.B[:, :own].clone())
+            if "_base_A" in self._buffers:  # merge() had to fold the ranks together
+                _replace_factors(base, self._base_A, self._base_B)
+                del self._base_A, self._base_B
+            else:
+                # merge() appended the adapter's rank columns: keep the base's own, bit
+                # for bit.
+                own = base.rank - self.rank
+                _replace_factors(base, base.A[:own].clone(), base.B[:, :own].clone())
         elif self.use_dora:
             weight = dense_weight(self.base)
             factor = self._dora_scale(self._dora_norms)

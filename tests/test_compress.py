@@ -214,11 +214,30 @@ def test_rank_multiple_rounds_energy_and_tol_up_and_checks_rank():
         _assert_unchanged(model, snapshot)
 
 
-def test_a_multiple_past_a_layers_break_even_leaves_it_dense():
-    model = Net()  # head is 6×24: break-even 4.8
-    report = lx.compress_model(model, ratio=0.6, rank_multiple=8, allocation="uniform")
-    assert type(model.head) is nn.Linear
-    assert report.ranks == {"encoder.fc1": 8, "encoder.fc2": 8}
+@pytest.mark.parametrize("kwargs, match", [
+    # head is 6×24: break-even 4.8, less than one block of 8
+    (dict(ratio=0.9, allocation="uniform"), "layer 'head' \\(6×24\\) cannot be factorized in "
+                                            "blocks of 8 ranks"),
+    (dict(ratio=0.9, exclude="head", allocation="uniform"),
+     # fc1 is 32×16: ratio 0.5 gives rank 5
+     None),
+    (dict(ratio=0.5, exclude="head", allocation="uniform"),
+     "ratio 0.5 gives layer 'encoder.fc1' \\(32×16\\) rank 5, less than one block"),
+    (dict(ratio=0.3, exclude="head", allocation="global"),
+     "one block of rank_multiple 8 ranks per layer keeps 0.650 of the weights, more than "
+     "ratio 0.3"),
+])
+def test_a_ratio_too_small_for_one_block_is_refused_before_any_change(kwargs, match):
+    model = Net()
+    snapshot = _snapshot(model)
+    if match is None:  # the same layers with room for a block: no error
+        report = lx.compress_model(model, rank_multiple=8, **kwargs)
+        assert report.ranks == {"encoder.fc1": 8, "encoder.fc2": 8}
+        assert report.params_after <= 0.9 * report.params_before
+        return
+    with pytest.raises(ValueError, match=match):
+        lx.compress_model(model, rank_multiple=8, **kwargs)
+    _assert_unchanged(model, snapshot)
 
 
 def test_layers_that_save_nothing_stay_dense():

@@ -93,6 +93,8 @@ def test_compress_refuses_to_overwrite_without_force(weights, tmp_path, capsys):
     (["--rank", "2", "--include", "nothing*"], "include pattern 'nothing*' matches no 2-D weight"),
     (["--rank", "6", "--rank-multiple", "4"], "--rank 6 is not a multiple of --rank-multiple 4"),
     (["--ratio", "0.5", "--rank-multiple", "0"], "--rank-multiple must be >= 1"),
+    (["--ratio", "0.1", "--rank-multiple", "4"],
+     "ratio 0.1 gives layer '0' (30×20) rank 1, less than one block of rank_multiple 4"),
 ])
 def test_compress_bad_arguments(weights, tmp_path, capsys, extra, message):
     _, path = weights

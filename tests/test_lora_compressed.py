@@ -215,3 +215,37 @@ def test_compiled_model_matches_eager():
     x = torch.randn(7, 16, dtype=torch.float64)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (12, 16)])  # d ≤ k and d > k
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_a_merge_past_full_rank_is_folded_to_rank_min_d_k(shape, dtype, tmp_path):
+    k, d = shape
+    base = lx.LowRankLinear(k, d, 6, dtype=dtype)
+    own = (base.A.detach().clone(), base.B.detach().clone())
+    lora = _adapter(base, rank=8)  # 6 + 8 ranks > min(d, k) = 12
+    x = torch.randn(5, k, dtype=dtype)
+    expected = _reference(lora, x)
+    with pytest.warns(UserWarning, match="merged layer has rank 12, at or past d·k/\\(d\\+k\\)"):
+        lora.merge()
+    assert base.rank == 12 and base.A.shape == (12, k) and base.B.shape == (d, 12)
+    assert_close_to_reference(lora(x), expected, dtype)
+    lora.unmerge()
+    assert base.rank == 6 and torch.equal(base.A, own[0]) and torch.equal(base.B, own[1])
+    assert not dict(lora.named_buffers())
+
+    # merge_lora and save_compressed / load_compressed take the folded layer too.
+    model = nn.Sequential(lx.LowRankLinear.from_factors(*own, base.bias))
+    lx.add_lora(model, 8)
+    with torch.no_grad():
+        model[0].B.normal_()
+    expected = model(x)
+    with pytest.warns(UserWarning, match="more numbers than a dense layer"):
+        lx.merge_lora(model)
+    merged = model(x)
+    assert_close_to_reference(merged, expected.detach().double(), dtype)
+    lx.save_compressed(model, tmp_path / "merged.safetensors")
+    fresh = nn.Sequential(nn.Linear(k, d, dtype=dtype))
+    lx.load_compressed(fresh, tmp_path / "merged.safetensors")
+    assert fresh[0].rank == 12
+    torch.testing.assert_close(fresh(x), merged, rtol=0, atol=0)

@@ -263,3 +263,22 @@ def test_a_zero_row_gives_its_bias_not_nan_and_merges_both_ways():
     with pytest.raises(RuntimeError, match="1 row\\(s\\) have magnitude 0"):
         lora.unmerge()
     assert lora.merged and torch.equal(base.weight, merged)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_autocast_keeps_the_products_dtype_as_peft_does(dropout):
+    peft = pytest.importorskip("peft")
+    model = nn.Sequential(OrderedDict(fc=nn.Linear(16, 12)))
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, target_modules=["fc"], use_dora=True, lora_dropout=dropout))
+    ours = copy.deepcopy(model)
+    lx.add_lora(ours, 4, use_dora=True, dropout=dropout)
+    x = torch.randn(6, 16)
+    for training in (False, True):
+        theirs.train(training)
+        ours.train(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, out = theirs(x), ours(x)
+        assert out.dtype == expected.dtype == torch.bfloat16
+        if not training:
+            torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
