@@ -22,6 +22,7 @@ from .info import backend_info
 from .ops import lora_linear, lowrank_linear
 from .svd import choose_rank, svd_truncate
 from .nn import LoRALinear, LowRankLinear
+from .attention import SplitMultiheadAttention, split_attention
 from .compress import compress_model
 from .distill import DistillResult, distill
 from .lora import add_lora, disable_lora, load_lora_state_dict, lora_state_dict, merge_lora
@@ -35,6 +36,7 @@ __all__ = [
     "LayerReport",
     "LoRALinear",
     "LowRankLinear",
+    "SplitMultiheadAttention",
     "__version__",
     "add_lora",
     "backend_info",
@@ -51,5 +53,6 @@ __all__ = [
     "merge_lora",
     "save_compressed",
     "save_peft_adapter",
+    "split_attention",
     "svd_truncate",
 ]

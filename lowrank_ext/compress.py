@@ -30,6 +30,7 @@ import fnmatch
 import heapq
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -484,6 +485,17 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     if not linears:
         raise ValueError("compress_model: the model has no nn.Linear (or Conv1D) layer")
     selected = select_names(list(linears), include, exclude)
+    if include is None:
+        packed = [name for name, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention)
+                  and not any(name_matches(name, p)
+                              for p in _as_patterns("exclude", exclude) or ())]
+        if packed:
+            warnings.warn(
+                f"compress_model: nn.MultiheadAttention module(s) {preview(packed)} keep their "
+                "projections packed, out of reach (torch never calls them as layers); "
+                "lx.split_attention(model) first makes them Linear layers to compress",
+                stacklevel=2)
     # A weight tied to another module (an output layer sharing the embedding
     # matrix) or a layer reachable under two names cannot be replaced in one
     # place: the other holder keeps the dense tensor, so factorizing would add

@@ -28,6 +28,7 @@ from ._checks import check_device
 from ._modules import (dense_weight, is_conv1d, is_linear_layer, keeps_encoder_flags,
                        replace_module)
 from ._names import preview
+from .attention import split_where_stored_split, unsplit
 from .nn import LoRALinear, LowRankLinear, inherit_requires_grad
 
 METADATA_KEY = "lowrank_ext"
@@ -334,8 +335,10 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     replaced (in place) by a ``LowRankLinear`` of that rank on the layer's
     device and dtype, then all weights are loaded. A model tensor tied to
     another that the file stores (an output head sharing its embedding
-    table) takes that tensor's value. If anything fails the model is put
-    back as it was. Returns ``model``.
+    table) takes that tensor's value. ``nn.MultiheadAttention`` modules that
+    the file holds with split projections (:func:`split_attention` before
+    compressing) are split first. If anything fails the model is put back as
+    it was. Returns ``model``.
 
     ``strict=False`` tolerates tensors missing from the file (the model keeps
     its own values, a replaced layer its original bias) or extra ones, but the
@@ -365,6 +368,18 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     files = model_files(path)
     metadatas, shapes, aliases = read_headers(files)
     ranks, factors, inferred = read_ranks(path, files, metadatas, shapes)
+    # Attention modules the file holds split (lx.split_attention) are split
+    # here too, and put back if the load fails.
+    split = split_where_stored_split(model, shapes)
+    try:
+        return _load_into(model, path, strict, device, files, shapes, aliases, ranks,
+                          factors, inferred)
+    except BaseException:
+        unsplit(model, split)
+        raise
+
+
+def _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors, inferred):
     modules = dict(model.named_modules())
     if inferred:
         # Another kind of module may own parameters called A and B; the pairs

@@ -1,0 +1,265 @@
+"""``nn.MultiheadAttention`` with its projections as separate layers, so that they compress.
+
+``nn.MultiheadAttention`` keeps the query, key and value projections packed in
+one ``in_proj_weight`` and hands them, with ``out_proj.weight``, to
+``F.multi_head_attention_forward``; no Linear layer is ever called, so
+nothing can swap them for low-rank ones (torch's ``nn.Transformer*`` modules,
+torchvision's ViT and CLIP-style models all attend this way).
+``SplitMultiheadAttention`` computes the same function with four ordinary
+layers, ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj``, which
+``compress_model`` then treats like any other ``nn.Linear`` (calibration
+included). ``split_attention`` makes the swap across a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._modules import places_of, replace_module
+
+
+class SplitMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention``'s function and signature, with separate projection layers.
+
+    Same arguments and ``forward`` as ``nn.MultiheadAttention`` (batch_first,
+    kdim/vdim, add_bias_kv, add_zero_attn, key_padding_mask, attn_mask,
+    need_weights, average_attn_weights, is_causal, unbatched inputs), and the
+    same outputs up to rounding. Build one from a trained module with
+    :meth:`from_multihead_attention`. Without weights to return
+    (``need_weights=False``, which torch's Transformer layers pass) attention
+    runs through ``F.scaled_dot_product_attention``.
+    """
+
+    # torch's TransformerEncoderLayer takes its fused inference path only for
+    # an attention with a packed in_proj_bias; there is none here.
+    in_proj_bias = None
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False,
+                 kdim: int | None = None, vdim: int | None = None, batch_first: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"SplitMultiheadAttention: embed_dim ({embed_dim}) must be a "
+                             f"positive multiple of num_heads ({num_heads})")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = float(dropout)
+        self.batch_first = batch_first
+        self.add_zero_attn = add_zero_attn
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+        else:
+            self.bias_k = self.bias_v = None
+
+    @classmethod
+    def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> SplitMultiheadAttention:
+        """A module computing what ``mha`` computes, with copies of its weights,
+        its ``requires_grad`` flags, device, dtype and training mode."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"SplitMultiheadAttention.from_multihead_attention: mha must be an "
+                            f"nn.MultiheadAttention, got {type(mha).__name__}")
+        E = mha.embed_dim
+        weight = mha.out_proj.weight
+        with torch.device("meta"):  # no random init: every tensor is copied below
+            new = cls(E, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None,
+                      add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn,
+                      kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first,
+                      dtype=weight.dtype)
+        if mha._qkv_same_embed_dim:
+            weights = [(mha.in_proj_weight, slice(i * E, (i + 1) * E)) for i in range(3)]
+        else:
+            weights = [(w, slice(None)) for w in (mha.q_proj_weight, mha.k_proj_weight,
+                                                  mha.v_proj_weight)]
+        for layer, (source, rows) in zip((new.q_proj, new.k_proj, new.v_proj), weights):
+            layer.weight = _copy(source, rows)
+        if mha.in_proj_bias is not None:
+            for i, layer in enumerate((new.q_proj, new.k_proj, new.v_proj)):
+                layer.bias = _copy(mha.in_proj_bias, slice(i * E, (i + 1) * E))
+        new.out_proj.weight = _copy(mha.out_proj.weight)
+        if mha.out_proj.bias is not None:
+            new.out_proj.bias = _copy(mha.out_proj.bias)
+        if mha.bias_k is not None:
+            new.bias_k, new.bias_v = _copy(mha.bias_k), _copy(mha.bias_v)
+        return new.train(mha.training)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
+                                     self.num_heads)
+        # Work in (batch, sequence, features) whatever the layout given.
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        N, L, E = query.shape
+        S = key.shape[1]
+        if E != self.embed_dim:
+            raise RuntimeError(f"SplitMultiheadAttention: expected embedding dimension "
+                               f"{self.embed_dim}, got {E}")
+        if key.shape[:2] != value.shape[:2]:
+            raise RuntimeError(f"SplitMultiheadAttention: key's batch and sequence sizes "
+                               f"{tuple(key.shape[:2])} differ from value's "
+                               f"{tuple(value.shape[:2])}")
+
+        # Masks as torch's MultiheadAttention reads them: boolean ones become
+        # -inf where True; is_causal is only a hint that attn_mask is causal.
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask, mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+            target_type=query.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("SplitMultiheadAttention: is_causal needs attn_mask (the causal "
+                               "mask itself), as nn.MultiheadAttention does")
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # the fused causal kernel takes it from here
+        else:
+            attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask",
+                                          other_type=None, other_name="",
+                                          target_type=query.dtype, check_other=False)
+            is_causal = False
+        H, D = self.num_heads, self.head_dim
+        if attn_mask is not None:
+            expected = (L, S) if attn_mask.dim() == 2 else (N * H, L, S)
+            if tuple(attn_mask.shape) != expected:
+                raise RuntimeError(f"SplitMultiheadAttention: attn_mask has shape "
+                                   f"{tuple(attn_mask.shape)}, expected {expected}")
+            attn_mask = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else \
+                attn_mask.view(N, H, L, S)
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (N, S):
+                raise RuntimeError(f"SplitMultiheadAttention: key_padding_mask has shape "
+                                   f"{tuple(key_padding_mask.shape)}, expected {(N, S)}")
+            key_padding_mask = key_padding_mask.view(N, 1, 1, S)
+
+        q = self.q_proj(query).view(N, L, H, D).transpose(1, 2)
+        k, v = self.k_proj(key), self.v_proj(value)
+        extra = []  # key positions appended after the sequence
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(N, 1, E)], dim=1)
+            extra.append("bias")
+        k = k.view(N, -1, H, D).transpose(1, 2)
+        v = v.view(N, -1, H, D).transpose(1, 2)
+        if self.add_zero_attn:
+            zeros = k.new_zeros(N, H, 1, D)
+            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+            extra.append("zero")
+        # Appended positions are never masked (F.pad with zeros, as torch does).
+        if extra:
+            if attn_mask is not None:
+                attn_mask = F.pad(attn_mask, (0, len(extra)))
+            if key_padding_mask is not None:
+                key_padding_mask = F.pad(key_padding_mask, (0, len(extra)))
+        mask = attn_mask
+        if key_padding_mask is not None:
+            mask = key_padding_mask if mask is None else mask + key_padding_mask
+        dropout = self.dropout if self.training else 0.0
+
+        weights = None
+        if need_weights:
+            scores = torch.matmul(q * (1.0 / math.sqrt(D)), k.transpose(-2, -1))
+            if mask is not None:
+                scores = scores + mask
+            probabilities = torch.softmax(scores, dim=-1)
+            if dropout > 0.0:
+                probabilities = F.dropout(probabilities, p=dropout)
+            out = torch.matmul(probabilities, v)
+            weights = probabilities.mean(dim=1) if average_attn_weights else probabilities
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=is_causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(N, L, E))
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _copy(tensor, rows=slice(None)):
+    """A parameter holding a copy of ``tensor[rows]``, with its ``requires_grad``."""
+    return nn.Parameter(tensor.detach()[rows].clone(), requires_grad=tensor.requires_grad)
+
+
+def split_attention(model: nn.Module, include: str | Sequence[str] | None = None,
+                    exclude: str | Sequence[str] | None = None) -> list[str]:
+    """Replace the model's ``nn.MultiheadAttention`` modules by
+    :class:`SplitMultiheadAttention`, in place, so that ``compress_model``
+    (or ``add_lora``) reaches their projections.
+
+    ``include`` / ``exclude`` select modules by name as in ``compress_model``.
+    A module registered under several names is replaced everywhere by one
+    new module. Outputs are unchanged (up to rounding). Returns the names
+    replaced. ``load_compressed`` splits them by itself where a compressed
+    file holds split projections.
+    """
+    from .compress import select_names
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"split_attention: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
+    if isinstance(model, nn.MultiheadAttention):
+        raise TypeError("split_attention: the model is itself an nn.MultiheadAttention; use "
+                        "SplitMultiheadAttention.from_multihead_attention(model) instead")
+    found = {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    if not found:
+        raise ValueError("split_attention: the model has no nn.MultiheadAttention module")
+    names = select_names(list(found), include, exclude, owner="split_attention",
+                         what="nn.MultiheadAttention module")
+    new = {name: SplitMultiheadAttention.from_multihead_attention(found[name]) for name in names}
+    places = places_of(model)
+    for name in names:  # everything is built: only now change the model
+        for place in places[id(found[name])]:
+            replace_module(model, place, new[name])
+    return names
+
+
+def split_where_stored_split(model: nn.Module, keys) -> list[tuple[str, nn.Module]]:
+    """Split each ``nn.MultiheadAttention`` of ``model`` whose tensors ``keys``
+    (a file's) hold as separate projections (``<name>.q_proj.…``) rather than
+    packed (``<name>.in_proj_weight``). Returns ``[(place, original)]`` for
+    :func:`unsplit`."""
+    keys = set(keys)
+    found = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.MultiheadAttention) and name
+             and f"{name}.in_proj_weight" not in keys
+             and any(k.startswith(f"{name}.q_proj.") for k in keys)}
+    places = places_of(model)
+    replaced = []
+    for name, mha in found.items():
+        new = SplitMultiheadAttention.from_multihead_attention(mha)
+        for place in places[id(mha)]:
+            replace_module(model, place, new)
+            replaced.append((place, mha))
+    return replaced
+
+
+def unsplit(model: nn.Module, replaced) -> None:
+    """Put back what :func:`split_where_stored_split` replaced."""
+    for place, original in replaced:
+        parent_name, _, child = place.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
