@@ -122,6 +122,9 @@ class SplitMultiheadAttention(nn.Module):
             raise RuntimeError(f"SplitMultiheadAttention: key's batch and sequence sizes "
                                f"{tuple(key.shape[:2])} differ from value's "
                                f"{tuple(value.shape[:2])}")
+        if key.shape[0] != N:
+            raise RuntimeError(f"SplitMultiheadAttention: key and value hold {key.shape[0]} "
+                               f"sequences, query {N}")
 
         # Masks as torch's MultiheadAttention reads them: boolean ones become
         # -inf where True; is_causal is only a hint that attn_mask is causal.
@@ -160,8 +163,8 @@ class SplitMultiheadAttention(nn.Module):
             k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)
             v = torch.cat([v, self.bias_v.expand(N, 1, E)], dim=1)
             extra.append("bias")
-        k = k.view(N, -1, H, D).transpose(1, 2)
-        v = v.view(N, -1, H, D).transpose(1, 2)
+        k = k.view(N, k.shape[1], H, D).transpose(1, 2)
+        v = v.view(N, v.shape[1], H, D).transpose(1, 2)
         if self.add_zero_attn:
             zeros = k.new_zeros(N, H, 1, D)
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
@@ -179,10 +182,18 @@ class SplitMultiheadAttention(nn.Module):
 
         weights = None
         if need_weights:
-            scores = torch.matmul(q * (1.0 / math.sqrt(D)), k.transpose(-2, -1))
-            if mask is not None:
-                scores = scores + mask
-            probabilities = torch.softmax(scores, dim=-1)
+            # Batched products over (batch·heads), the mask added inside the
+            # product as torch does, so that autocast casts it with the product
+            # and a mask of another dtype is refused the same way.
+            T = k.shape[2]
+            scaled = (q * (1.0 / math.sqrt(D))).reshape(N * H, L, D)
+            keys = k.reshape(N * H, T, D).transpose(1, 2)
+            if mask is None:
+                scores = torch.bmm(scaled, keys)
+            else:
+                scores = torch.baddbmm(mask.expand(N, H, L, T).reshape(N * H, L, T), scaled,
+                                       keys)
+            probabilities = torch.softmax(scores, dim=-1).view(N, H, L, T)
             if dropout > 0.0:
                 probabilities = F.dropout(probabilities, p=dropout)
             out = torch.matmul(probabilities, v)
@@ -213,8 +224,11 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
 
     ``include`` / ``exclude`` select modules by name as in ``compress_model``.
     A module registered under several names is replaced everywhere by one
-    new module. Outputs are unchanged (up to rounding). Returns the names
-    replaced. ``load_compressed`` splits them by itself where a compressed
+    new module. Outputs are unchanged (up to rounding), except where torch's
+    ``nn.TransformerEncoder`` would have packed a padded batch into a nested
+    tensor: it is kept on its ordinary path, which leaves values computed at
+    the padded positions where the nested one left zeros (real positions are
+    the same). Returns the names replaced. ``load_compressed`` splits them by itself where a compressed
     file holds split projections.
     """
     from .compress import select_names

@@ -495,7 +495,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                 f"compress_model: nn.MultiheadAttention module(s) {preview(packed)} keep their "
                 "projections packed, out of reach (torch never calls them as layers); "
                 "lx.split_attention(model) first makes them Linear layers to compress",
-                stacklevel=2)
+                stacklevel=3)  # the caller's line, past keeps_encoder_flags' wrapper
     # A weight tied to another module (an output layer sharing the embedding
     # matrix) or a layer reachable under two names cannot be replaced in one
     # place: the other holder keeps the dense tensor, so factorizing would add

@@ -214,3 +214,48 @@ def test_compress_model_warns_about_packed_attention_and_a_failed_load_unsplits(
     lx.load_compressed(empty, tmp_path / "m.safetensors", device="cpu")
     x = torch.randn(4, 2, E, dtype=torch.float64)
     torch.testing.assert_close(empty.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_mismatched_batches_empty_batches_and_autocast_weights_as_torch():
+    mha, split = _pair()
+    query = torch.randn(5, 4, E, dtype=torch.float64)
+    key = torch.randn(6, 2, E, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        mha(query, key, key)
+    with pytest.raises(RuntimeError, match="key and value hold 2 sequences, query 4"):
+        split(query, key, key)
+
+    empty_q, empty_kv = torch.randn(5, 0, E, dtype=torch.float64), torch.randn(7, 0, E,
+                                                                              dtype=torch.float64)
+    expected, expected_weights = mha(empty_q, empty_kv, empty_kv)
+    out, weights = split(empty_q, empty_kv, empty_kv)
+    assert out.shape == expected.shape == (5, 0, E)
+    assert weights.shape == expected_weights.shape == (0, 5, 7)
+
+    mha32, split32 = (m.float() for m in _pair())
+    q, k, v = (t.float() for t in _inputs(False))
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, -2:] = True
+    for masks in (dict(), dict(key_padding_mask=padding),
+                  dict(attn_mask=torch.randn(5, 7))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, expected_weights = mha32(q, k, v, **masks)
+            out, weights = split32(q, k, v, **masks)
+        assert weights.dtype == expected_weights.dtype == torch.bfloat16
+        assert out.dtype == expected.dtype
+        torch.testing.assert_close(weights.float(), expected_weights.float(), rtol=0.02,
+                                   atol=0.02)
+    with pytest.raises(RuntimeError):  # another mask dtype: refused by both
+        mha(q.double(), k.double(), v.double(), attn_mask=torch.randn(5, 7))
+    with pytest.raises(RuntimeError):
+        split(q.double(), k.double(), v.double(), attn_mask=torch.randn(5, 7))
+
+
+def test_the_packed_attention_warning_points_at_the_caller():
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 32), 1,
+                                  enable_nested_tensor=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lx.compress_model(model, rank=2)
+    [warning] = [w for w in caught if "packed" in str(w.message)]
+    assert warning.filename == __file__
