@@ -18,9 +18,18 @@ and for the op "lora" (a frozen d × k layer W plus an adapter of rank r):
   compiled  that composition under torch.compile
   dense     F.linear(x, W + scale·B·A, bias): the adapter merged (fwd only)
 
+and for the op "dora" (the same layer and adapter with DoRA's magnitude m):
+  ours      LoRALinear(use_dora=True)'s forward: lora_linear rescaled by
+            m / ‖W + scale·B·A‖ (the norm a block of rows at a time)
+  compose   peft's DoRA forward: F.linear(x, W, bias), the norm of
+            W + scale·B·A formed whole, (m/‖·‖ − 1)·x·Wᵀ + m/‖·‖·scale·lora(x)
+  compiled  that composition under torch.compile
+  dense     F.linear(x, m/‖·‖ ⊙ (W + scale·B·A), bias): merged (fwd only)
+
 Modes: "fwd" (inference, no autograd) and "train" (forward + backward with
 respect to x, A, B and bias; the dense side trains W itself; for "lora", with
-respect to x, A and B, W and bias staying frozen as in LoRA fine-tuning).
+respect to x, A and B, W and bias staying frozen as in LoRA fine-tuning; for
+"dora", also the magnitude).
 """
 
 import contextlib
@@ -37,7 +46,8 @@ import torch.nn.functional as F
 
 SIDES = ("ours", "compose", "compiled", "dense")
 MODES = ("fwd", "train")
-OPS = ("lowrank", "lora")
+OPS = ("lowrank", "lora", "dora")
+ADAPTER_OPS = ("lora", "dora")
 # The adapter's scale (alpha / r) in the "lora" runs.
 LORA_SCALE = 2.0
 BASELINES = ("compose", "compiled", "dense")
@@ -177,6 +187,25 @@ def _lora_composition(x, W, A, B, bias):
     return F.linear(x, W, bias) + LORA_SCALE * F.linear(F.linear(x, A), B)
 
 
+def _dora_norms(W, A, B):
+    """peft's weight norm: W + scale·B·A formed whole, detached."""
+    return torch.linalg.norm(W + LORA_SCALE * (B @ A), dim=1).detach()
+
+
+def _dora_composition(x, W, A, B, bias, magnitude):
+    # peft's DoRA layer: the base result, then the rescaled base and adapter.
+    result = F.linear(x, W, bias)
+    base = result if bias is None else result - bias
+    factor = magnitude / _dora_norms(W, A, B)
+    return result + (factor - 1) * base + factor * (LORA_SCALE * F.linear(F.linear(x, A), B))
+
+
+def _dora_ours(x, W, A, B, bias, magnitude):
+    from .nn import dora_forward
+
+    return dora_forward(x, W, A, B, bias, magnitude, LORA_SCALE)
+
+
 def _make_inputs(shape, dtype, device, copies, train, gen):
     M, k, r, d = shape
     sets = []
@@ -207,8 +236,9 @@ def _element_size(dtype):
 
 def _set_bytes(shape, dtype, op="lowrank"):
     M, k, r, d = shape
-    dense = d * k if op == "lora" else 0
-    return (M * k + r * k + d * r + d + M * d + dense) * _element_size(dtype)
+    dense = d * k if op in ADAPTER_OPS else 0
+    magnitude = d if op == "dora" else 0
+    return (M * k + r * k + d * r + d + M * d + dense + magnitude) * _element_size(dtype)
 
 
 def copies_for(nbytes, device):
@@ -218,9 +248,9 @@ def copies_for(nbytes, device):
 
 
 def sides_for(op, mode, sides):
-    """The sides that apply: a merged adapter cannot be trained, so "lora" has
-    no dense side in "train"."""
-    if op == "lora" and mode == "train":
+    """The sides that apply: a merged adapter cannot be trained, so "lora" and
+    "dora" have no dense side in "train"."""
+    if op in ADAPTER_OPS and mode == "train":
         return [s for s in sides if s != "dense"]
     return list(sides)
 
@@ -236,19 +266,26 @@ def build_calls(shape, dtype, device, mode, sides, copies, seed=0, op="lowrank")
     sides = sides_for(op, mode, sides)
     sets = _make_inputs(shape, dtype, device, copies, train, gen)
     M, k, r, d = shape
-    if op == "lora":
+    if op in ADAPTER_OPS:
         # The frozen layer, and for the dense side the adapter merged into it.
         _share_weights(sets, shape, dtype, device, "W", lambda s: (
             torch.randn(d, k, generator=gen) * k ** -0.5).to(device, dtype))
-        if "dense" in sides:
-            _share_weights(sets, shape, dtype, device, "W_merged", lambda s: (
-                s["W"].double() + LORA_SCALE * (s["B"].double() @ s["A"].double())).to(dtype))
+        for s in sets:
+            merged = s["W"].double() + LORA_SCALE * (s["B"].double() @ s["A"].double())
+            if op == "dora":  # the norms moved off their start, as after training
+                norms = torch.linalg.norm(merged, dim=1)
+                s["magnitude"] = (norms * (0.5 + torch.rand(d, generator=gen).to(
+                    norms.device, norms.dtype))).to(dtype)
+                merged = merged * (s["magnitude"].double() / norms).unsqueeze(1)
+            if "dense" in sides:
+                s["W_merged"] = merged.to(dtype)
     elif "dense" in sides:
         # The dense side's own weight W = B·A (d × k), formed outside the timing.
         _share_weights(sets, shape, dtype, device, "W",
                        lambda s: (s["B"].double() @ s["A"].double()).to(dtype))
     if train:
-        trained = ("x", "A", "B") if op == "lora" else ("x", "A", "B", "bias", "W")
+        trained = {"lora": ("x", "A", "B"), "dora": ("x", "A", "B", "magnitude")}.get(
+            op, ("x", "A", "B", "bias", "W"))
         for s in sets:
             for name in trained:
                 if s.get(name) is not None and not s[name].requires_grad:
@@ -261,6 +298,11 @@ def build_calls(shape, dtype, device, mode, sides, copies, seed=0, op="lowrank")
         composition = _lora_composition
         arg_names = {"dense": ("x", "W_merged", "bias")}
         default_names = ("x", "W", "A", "B", "bias")
+    elif op == "dora":
+        impls = {"ours": _dora_ours, "compose": _dora_composition}
+        composition = _dora_composition
+        arg_names = {"dense": ("x", "W_merged", "bias")}
+        default_names = ("x", "W", "A", "B", "bias", "magnitude")
     else:
         impls = {"ours": lowrank_ext.lowrank_linear, "compose": _composition}
         composition = _composition
@@ -356,8 +398,10 @@ def flops(shape, mode, side, op="lowrank"):
     fwd = 2 * M * r * (k + d)
     # backward: gt = gy·B, gx = gt·A, gA = gtᵀ·x, gB = gyᵀ·t
     low_rank = fwd * 3 if mode == "train" else fwd
-    if op == "lora":  # plus x·Wᵀ, and in training gx's gy·W (W is frozen)
-        return low_rank + (dense * 2 if mode == "train" else dense)
+    if op in ADAPTER_OPS:  # plus x·Wᵀ, and in training gx's gy·W (W is frozen)
+        total = low_rank + (dense * 2 if mode == "train" else dense)
+        # DoRA's norm of W + scale·B·A: the d × k × r product, once per call.
+        return total + (2 * d * k * r if op == "dora" else 0)
     return low_rank
 
 

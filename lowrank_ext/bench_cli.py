@@ -8,9 +8,10 @@ HELP = ("time lowrank_linear (or lora_linear) against the F.linear composition, 
 
 def add_arguments(parser):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--op", choices=("lowrank", "lora"), default="lowrank",
+    parser.add_argument("--op", choices=("lowrank", "lora", "dora"), default="lowrank",
                         help="lowrank: lowrank_linear; lora: lora_linear (a frozen d × k "
-                             "layer plus a rank-r adapter) against peft's unmerged forward")
+                             "layer plus a rank-r adapter) against peft's unmerged forward; "
+                             "dora: a DoRA LoRALinear against peft's DoRA forward")
     parser.add_argument("--dtype", default=None,
                         help="comma-separated dtypes (default: float32,bfloat16 on cpu; "
                              "bfloat16 plus one float32 shape on cuda)")
@@ -57,7 +58,7 @@ def run(args):
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     plan = []  # (shapes, dtypes) groups
-    lora = args.op == "lora"
+    lora = args.op in bench.ADAPTER_OPS
     if args.shapes is None and args.dtype is None and args.device == "cuda" and not lora:
         plan = [(bench.DEFAULT_CUDA_SHAPES, list(bench.DEFAULT_CUDA_DTYPES)),
                 (bench.DEFAULT_CUDA_FP32_SHAPES, ["float32"])]

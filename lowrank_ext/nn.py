@@ -353,24 +353,57 @@ def check_lora_init_fits_base(owner, init, base, name=None, use_dora=False):
                          f"layer{where} is a LowRankLinear (rank {base.rank})")
 
 
-# Rows of W + scale·B·A formed at a time for their norms: a few MB, never all of it.
+# Rows of W taken at a time for their norms: a block read twice (its norms,
+# its product with Aᵀ) is read from memory once, and a half-precision block is
+# widened to float32 a few MB at a time.
 _NORM_BLOCK_BYTES = 1 << 22
 
 
 def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor:
     """‖W_i + scale·(B·A)_i‖ for every output row i (DoRA's weight norm), detached.
 
-    Computed in float32 (float64 for float64 weights) a block of rows at a
-    time, so the d × k sum is never held whole. Returned in ``weight``'s dtype.
+    Expanded as ‖W_i‖² + 2·scale·(W·Aᵀ)_i·B_i + scale²·B_i·(A·Aᵀ)·B_iᵀ, so that
+    neither the d × k sum nor the d × k product B·A is ever formed: one pass
+    over W, a block of rows at a time, for its row norms and its product W·Aᵀ
+    (d × r). In float32 (float64 for float64 weights). Returned in
+    ``weight``'s dtype.
     """
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    weight, B, A = weight.detach(), B.detach(), A.detach().to(acc)
+    weight = weight.detach()
+    A, B = A.detach().to(acc), B.detach().to(acc)
     d, k = weight.shape
+    # ‖(B·A)_i‖² through the r × r Gram matrix of A's rows.
+    squares_ba = ((B @ (A @ A.T)) * B).sum(dim=1)
     rows = max(1, _NORM_BLOCK_BYTES // (4 * max(k, 1)))
-    norms = [torch.linalg.vector_norm(weight[i:i + rows].to(acc)
-                                      + scale * (B[i:i + rows].to(acc) @ A), dim=1)
-             for i in range(0, d, rows)]
-    return torch.cat(norms).to(weight.dtype)
+    squares_w, cross = [], []
+    for i in range(0, d, rows):
+        block = weight[i:i + rows].to(acc)
+        squares_w.append(torch.linalg.vector_norm(block, dim=1).square())
+        cross.append((torch.nn.functional.linear(block, A) * B[i:i + rows]).sum(dim=1))
+    squares = (torch.cat(squares_w) + (2 * scale) * torch.cat(cross)
+               + (scale * scale) * squares_ba)
+    # Rounding may leave a tiny negative where the row cancels out.
+    return squares.clamp_min(0).sqrt().to(weight.dtype)
+
+
+def _dora_factor(magnitude, norms):
+    """magnitude / norm per row; a zero row (which contributes zero whatever its
+    factor) divides by 1, not 0 (where peft's 0/0 gives NaN)."""
+    return magnitude / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def dora_forward(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
+                 magnitude: Tensor, scale: float) -> Tensor:
+    """DoRA's output without dropout: ``magnitude / ‖W + scale·B·A‖ ⊙ (x·Wᵀ +
+    scale·(x·Aᵀ)·Bᵀ) + bias``, the norm held constant in the backward; one
+    ``lora_linear`` call plus the norm, a block of rows at a time. A row whose
+    ``W + scale·B·A`` is zero gets its bias (not 0/0)."""
+    factor = _dora_factor(magnitude, dora_row_norms(weight, B, A, scale))
+    product = lora_linear(x, weight, A, B, None, scale)
+    out = factor * product
+    # The products' dtype, which autocast may have lowered below the factor's
+    # (peft casts back the same way).
+    return (out if bias is None else out + bias).to(product.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -517,31 +550,23 @@ class LoRALinear(nn.Module):
         return self._parameters.get("magnitude") is not None
 
     def _dora_scale(self, norms=None):
-        """magnitude / ‖W + scale·B·A‖ per output row; gradients reach the magnitude only.
-
-        A row whose W + scale·B·A is zero (a pruned neuron, say) contributes
-        zero whatever its factor: it gets magnitude / 1, not 0/0 (where peft
-        gives NaN).
-        """
+        """magnitude / ‖W + scale·B·A‖ per output row; gradients reach the magnitude only."""
         if norms is None:
             norms = dora_row_norms(dense_weight(self.base), self.B, self.A, self.scale)
-        return self.magnitude / torch.where(norms > 0, norms, torch.ones_like(norms))
+        return _dora_factor(self.magnitude, norms)
 
     def _dora_forward(self, x):
-        factor = self._dora_scale()
         weight, bias = dense_weight(self.base), self.base.bias
-        # The result takes the products' dtype, which autocast may have lowered
-        # below the factor's (peft casts back the same way).
         if self.training and isinstance(self.dropout, nn.Dropout):
-            # peft's form: the base layer sees x, the rescaled part dropout(x).
+            # peft's form: the base layer sees x, the rescaled part dropout(x);
+            # the result takes the base's dtype, as in peft (under autocast).
+            factor = self._dora_scale()
             dropped = self.dropout(x)
             base = self.base(x)
             out = (base + (factor - 1) * torch.nn.functional.linear(dropped, weight)
                    + factor * (self.scale * lowrank_linear(dropped, self.A, self.B)))
             return out.to(base.dtype)
-        product = lora_linear(x, weight, self.A, self.B, None, self.scale)
-        out = factor * product
-        return (out if bias is None else out + bias).to(product.dtype)
+        return dora_forward(x, weight, self.A, self.B, bias, self.magnitude, self.scale)
 
     @torch.no_grad()
     def merge(self) -> LoRALinear:

@@ -107,11 +107,12 @@ def test_lora_op_times_peft_style_sides(tmp_path, capsys):
     assert fwd["ours_gflops"] > 0 and fwd["ours_gbs"] > 0
 
 
+@pytest.mark.parametrize("op", ["lora", "dora"])
 @pytest.mark.parametrize("mode", ["fwd", "train"])
-def test_lora_sides_compute_the_same_thing(mode):
+def test_lora_sides_compute_the_same_thing(mode, op):
     shape = (5, 12, 3, 9)
     calls = bench.build_calls(shape, torch.float64, "cpu", mode, ["ours", "compose", "dense"],
-                              copies=1, op="lora")
+                              copies=1, op=op)
     if mode == "fwd":
         with torch.no_grad():
             outs = [calls[s]() for s in ("ours", "compose", "dense")]
@@ -120,11 +121,12 @@ def test_lora_sides_compute_the_same_thing(mode):
     else:
         assert set(calls) == {"ours", "compose"}
         grads_ours, grads_compose = calls["ours"](), calls["compose"]()
-        assert len(grads_ours) == 3  # x, A and B; W and bias stay frozen
+        # x, A and B (and DoRA's magnitude); W and bias stay frozen
+        assert len(grads_ours) == (3 if op == "lora" else 4)
         for a, b in zip(grads_ours, grads_compose):
             torch.testing.assert_close(a, b)
 
 
 def test_unknown_op_is_rejected():
-    with pytest.raises(ValueError, match="op must be one of lowrank, lora"):
-        bench.build_calls((1, 2, 1, 2), torch.float32, "cpu", "fwd", ["ours"], 1, op="dora")
+    with pytest.raises(ValueError, match="op must be one of lowrank, lora, dora"):
+        bench.build_calls((1, 2, 1, 2), torch.float32, "cpu", "fwd", ["ours"], 1, op="vera")

@@ -52,14 +52,25 @@ def test_starts_equal_to_the_base_layer():
     assert not lx.LoRALinear(nn.Linear(4, 4), 2).use_dora
 
 
-def test_the_norm_is_formed_in_blocks_of_rows(monkeypatch):
-    lora = _dora(nn.Linear(40, 30, dtype=torch.float64))
-    whole = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_norm_equals_the_formed_sum_in_blocks_of_rows(monkeypatch, dtype):
+    lora = _dora(nn.Linear(40, 30, dtype=dtype))
+    with torch.no_grad():  # a row that cancels out: its norm is 0, not NaN
+        lora.base.weight[3] = -lora.scale * (lora.B[3] @ lora.A)
+    with torch.no_grad():
+        formed = torch.linalg.vector_norm(
+            lora.base.weight.double() + lora.scale * (lora.B.double() @ lora.A.double()), dim=1)
+    norms = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
+    assert norms.dtype == dtype and torch.isfinite(norms).all()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    rest = torch.arange(30) != 3
+    torch.testing.assert_close(norms.double()[rest], formed[rest], rtol=tol,
+                               atol=tol * formed.max())
+    # The cancelling row keeps what rounding leaves of ‖W₃‖² (float32 sums: ~√ε).
+    assert float(norms[3]) <= 1e-3 * float(lora.base.weight[3].double().norm()) + formed[3]
     monkeypatch.setattr(lx_nn, "_NORM_BLOCK_BYTES", 4 * 40 * 7)  # 7 rows a block
     blocks = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
-    torch.testing.assert_close(blocks, whole, rtol=1e-14, atol=0)
-    x = torch.randn(4, 40, dtype=torch.float64)
-    torch.testing.assert_close(lora(x), _reference(lora, x))
+    torch.testing.assert_close(blocks, norms, rtol=1e-6, atol=0)
 
 
 def _peft_pair(dtype=torch.float64, **config):
