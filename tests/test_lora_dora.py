@@ -84,16 +84,22 @@ def _peft_pair(dtype=torch.float64, **config):
     peft_model = peft.get_peft_model(model, peft.LoraConfig(**config))
     lx.add_lora(ours, 4, 8, include=["fc1", "fc2"], use_dora=True,
                 rslora=config.get("use_rslora", False), dropout=config.get("lora_dropout", 0.0))
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for name in ("fc1", "fc2"):
-            theirs, mine = inner.get_submodule(name), ours.get_submodule(name)
-            mine.A.copy_(theirs.lora_A["default"].weight)
-            mine.B.copy_(theirs.lora_B["default"].weight)
-            magnitude = theirs.lora_magnitude_vector["default"].weight
-            magnitude.mul_(torch.rand_like(magnitude) + 0.5)  # away from its start
-            mine.magnitude.copy_(magnitude)
+    _copy_adapters(peft_model, ours, ("fc1", "fc2"), move_magnitudes=True)
     return peft_model, ours
+
+
+@torch.no_grad()
+def _copy_adapters(peft_model, ours, names, move_magnitudes=False):
+    """Give our layers peft's A, B and magnitude (moved off its start in both, if asked)."""
+    inner = peft_model.base_model.model
+    for name in names:
+        theirs, mine = inner.get_submodule(name), ours.get_submodule(name)
+        mine.A.copy_(theirs.lora_A["default"].weight)
+        mine.B.copy_(theirs.lora_B["default"].weight)
+        magnitude = theirs.lora_magnitude_vector["default"].weight
+        if move_magnitudes:
+            magnitude.mul_(torch.rand_like(magnitude) + 0.5)
+        mine.magnitude.copy_(magnitude)
 
 
 @pytest.mark.parametrize("config", [dict(), dict(use_rslora=True)])
@@ -233,13 +239,7 @@ def test_a_conv1d_base_equals_peft_with_fan_in_fan_out():
         r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], use_dora=True,
         fan_in_fan_out=True, init_lora_weights=False))
     lx.add_lora(ours, 4, 8, use_dora=True)
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for name in ("c_attn", "c_proj"):
-            theirs, mine = inner.get_submodule(name), ours.get_submodule(name)
-            mine.A.copy_(theirs.lora_A["default"].weight)
-            mine.B.copy_(theirs.lora_B["default"].weight)
-            mine.magnitude.copy_(theirs.lora_magnitude_vector["default"].weight)
+    _copy_adapters(peft_model, ours, ("c_attn", "c_proj"))
     x = torch.randn(5, 12, dtype=torch.float64)
     expected = peft_model(x)
     torch.testing.assert_close(ours(x), expected)
