@@ -158,23 +158,22 @@ class SplitMultiheadAttention(nn.Module):
 
         q = self.q_proj(query).view(N, L, H, D).transpose(1, 2)
         k, v = self.k_proj(key), self.v_proj(value)
-        extra = []  # key positions appended after the sequence
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)
             v = torch.cat([v, self.bias_v.expand(N, 1, E)], dim=1)
-            extra.append("bias")
         k = k.view(N, k.shape[1], H, D).transpose(1, 2)
         v = v.view(N, v.shape[1], H, D).transpose(1, 2)
         if self.add_zero_attn:
             zeros = k.new_zeros(N, H, 1, D)
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
-            extra.append("zero")
-        # Appended positions are never masked (F.pad with zeros, as torch does).
-        if extra:
+        # Key positions appended after the sequence are never masked (F.pad
+        # with zeros, as torch does).
+        appended = k.shape[2] - S
+        if appended:
             if attn_mask is not None:
-                attn_mask = F.pad(attn_mask, (0, len(extra)))
+                attn_mask = F.pad(attn_mask, (0, appended))
             if key_padding_mask is not None:
-                key_padding_mask = F.pad(key_padding_mask, (0, len(extra)))
+                key_padding_mask = F.pad(key_padding_mask, (0, appended))
         mask = attn_mask
         if key_padding_mask is not None:
             mask = key_padding_mask if mask is None else mask + key_padding_mask
@@ -244,12 +243,21 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
         raise ValueError("split_attention: the model has no nn.MultiheadAttention module")
     names = select_names(list(found), include, exclude, owner="split_attention",
                          what="nn.MultiheadAttention module")
-    new = {name: SplitMultiheadAttention.from_multihead_attention(found[name]) for name in names}
-    places = places_of(model)
-    for name in names:  # everything is built: only now change the model
-        for place in places[id(found[name])]:
-            replace_module(model, place, new[name])
+    _split(model, [found[name] for name in names])
     return names
+
+
+def _split(model, modules):
+    """Put a SplitMultiheadAttention in every place each of ``modules`` sits,
+    all built before the model changes; returns ``[(place, original)]``."""
+    new = [SplitMultiheadAttention.from_multihead_attention(m) for m in modules]
+    places = places_of(model)
+    replaced = []
+    for mha, split in zip(modules, new):
+        for place in places[id(mha)]:
+            replace_module(model, place, split)
+            replaced.append((place, mha))
+    return replaced
 
 
 def split_where_stored_split(model: nn.Module, keys) -> list[tuple[str, nn.Module]]:
@@ -258,18 +266,10 @@ def split_where_stored_split(model: nn.Module, keys) -> list[tuple[str, nn.Modul
     packed (``<name>.in_proj_weight``). Returns ``[(place, original)]`` for
     :func:`unsplit`."""
     keys = set(keys)
-    found = {name: m for name, m in model.named_modules()
-             if isinstance(m, nn.MultiheadAttention) and name
-             and f"{name}.in_proj_weight" not in keys
-             and any(k.startswith(f"{name}.q_proj.") for k in keys)}
-    places = places_of(model)
-    replaced = []
-    for name, mha in found.items():
-        new = SplitMultiheadAttention.from_multihead_attention(mha)
-        for place in places[id(mha)]:
-            replace_module(model, place, new)
-            replaced.append((place, mha))
-    return replaced
+    return _split(model, [m for name, m in model.named_modules()
+                          if isinstance(m, nn.MultiheadAttention) and name
+                          and f"{name}.in_proj_weight" not in keys
+                          and any(k.startswith(f"{name}.q_proj.") for k in keys)])
 
 
 def unsplit(model: nn.Module, replaced) -> None:
