@@ -9,10 +9,13 @@ from ._names import preview
 
 
 def _run_batches(model, calibration, token_mask=None):
-    """Run the calibration; for dict batches, ``token_mask[0]`` holds the batch's attention_mask."""
+    """Run the calibration; for dict batches, ``token_mask[0]`` holds the batch's attention_mask.
+
+    Returns the number of batches, None for a callable.
+    """
     if callable(calibration):
         calibration(model)
-        return
+        return None
     if isinstance(calibration, (torch.Tensor, Mapping, tuple)):
         raise TypeError(
             "compress_model: calibration must be a callable fn(model) or an iterable of "
@@ -23,7 +26,8 @@ def _run_batches(model, calibration, token_mask=None):
         raise TypeError(
             "compress_model: calibration must be a callable fn(model) or an iterable of "
             f"batches, got {type(calibration).__name__}") from None
-    for batch in batches:
+    count = 0
+    for count, batch in enumerate(batches, 1):
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if token_mask is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
             token_mask[0] = mask
@@ -32,6 +36,28 @@ def _run_batches(model, calibration, token_mask=None):
         finally:
             if token_mask is not None:
                 token_mask[0] = None
+    return count
+
+
+def replayable(calibration):
+    """``calibration`` in a form that runs the same batches every time.
+
+    A callable or a list is returned as it is. Any other iterable (a
+    generator, which is spent after one run; a shuffled DataLoader, which
+    deals other batches each time) is read once into a list. Calibrations of
+    the wrong kind are left for the first run to refuse.
+    """
+    if callable(calibration) or isinstance(calibration, (list, torch.Tensor, Mapping, tuple)):
+        return calibration
+    try:
+        batches = iter(calibration)
+    except TypeError:
+        return calibration
+    try:
+        return list(batches)
+    except Exception as exc:
+        raise RuntimeError(
+            f"compress_model: the calibration raised {type(exc).__name__}: {exc}") from exc
 
 
 def call_with_batch(model, batch, owner, what="a batch"):
@@ -64,7 +90,7 @@ def run_calibration(model, calibration, token_mask=None):
     try:
         model.eval()
         with torch.no_grad():
-            _run_batches(model, calibration, token_mask)
+            count = _run_batches(model, calibration, token_mask)
     except TypeError as exc:
         if str(exc).startswith("compress_model:"):
             raise
@@ -75,6 +101,9 @@ def run_calibration(model, calibration, token_mask=None):
     finally:
         for module, mode in modes.items():
             module.training = mode
+    if count == 0:
+        raise ValueError("compress_model: the calibration is an empty iterable: it gave no "
+                         "batches to run")
 
 
 def collect_input_grams(model, layers, calibration, stages=None):

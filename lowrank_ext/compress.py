@@ -40,7 +40,7 @@ from ._checks import check_device
 from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
 from ._names import preview
 from ._workers import Workers
-from .calibration import collect_input_grams
+from .calibration import collect_input_grams, replayable
 from .sensitivity import measure_sensitivity
 from .nn import (LoRALinear, LowRankLinear, break_even_rank, inherit_requires_grad,
                  rank_for_ratio)
@@ -322,30 +322,43 @@ def round_rank(rank, multiple, d, k, *, up=False):
 
 
 def check_blocks_fit(shapes, ratio, multiple, allocation, owner="compress_model"):
-    """Refuse a ``ratio`` whose budget cannot give every layer one block of
-    ``multiple`` ranks: rounding it up would break the budget, leaving the layer
-    dense more so."""
-    if multiple == 1:
-        return
-    for name, (d, k) in shapes.items():
-        if multiple >= break_even_rank(d, k):
-            raise ValueError(
-                f"{owner}: layer {name!r} ({d}×{k}) cannot be factorized in blocks of "
-                f"{multiple} ranks: d·k/(d+k) = {break_even_rank(d, k):.1f} saves nothing "
-                "beyond that; use a smaller rank_multiple or exclude the layer")
-        if allocation == "uniform" and rank_for_ratio(d, k, ratio) < multiple:
-            raise ValueError(
-                f"{owner}: ratio {ratio} gives layer {name!r} ({d}×{k}) rank "
-                f"{rank_for_ratio(d, k, ratio)}, less than one block of rank_multiple "
-                f"{multiple}; raise the ratio, lower rank_multiple or exclude the layer")
-    if allocation != "uniform":
-        least = sum(multiple * (d + k) for d, k in shapes.values())
-        total = sum(d * k for d, k in shapes.values())
-        if least > ratio * total:
-            raise ValueError(
-                f"{owner}: one block of rank_multiple {multiple} ranks per layer keeps "
-                f"{least / total:.3f} of the weights, more than ratio {ratio}; raise the "
-                "ratio or lower rank_multiple")
+    """Refuse a ``ratio`` whose budget cannot hold the smallest ranks allowed.
+
+    Every factorized layer gets at least one block of ``multiple`` ranks
+    (rank 1 when ``multiple`` is 1). Rounding a smaller share up would break
+    the budget: the model would silently keep more than ``ratio`` of its
+    weights. (With ``multiple`` 1, ``allocation="uniform"`` still gives a
+    layer too small for its share, a two-class head, rank 1: a few parameters
+    over, where the others' rounding down usually makes up for them.)
+    """
+    if multiple > 1:
+        for name, (d, k) in shapes.items():
+            if multiple >= break_even_rank(d, k):
+                raise ValueError(
+                    f"{owner}: layer {name!r} ({d}×{k}) cannot be factorized in blocks of "
+                    f"{multiple} ranks: d·k/(d+k) = {break_even_rank(d, k):.1f} saves nothing "
+                    "beyond that; use a smaller rank_multiple or exclude the layer")
+            if allocation == "uniform" and rank_for_ratio(d, k, ratio) < multiple:
+                raise ValueError(
+                    f"{owner}: ratio {ratio} gives layer {name!r} ({d}×{k}) rank "
+                    f"{rank_for_ratio(d, k, ratio)}, less than one block of rank_multiple "
+                    f"{multiple}; raise the ratio, lower rank_multiple or exclude the layer")
+    # Layers where even the smallest rank saves nothing stay dense.
+    factorizable = {name: (d, k) for name, (d, k) in shapes.items()
+                    if multiple < break_even_rank(d, k)}
+    total = sum(d * k for d, k in shapes.values())
+    dense = total - sum(d * k for d, k in factorizable.values())
+    least = dense + sum(multiple * (d + k) for d, k in factorizable.values())
+    if least > ratio * total:
+        small = [name for name, (d, k) in factorizable.items()
+                 if ratio * d * k < multiple * (d + k)]
+        smallest = f"rank {multiple}" if multiple == 1 else f"one block of {multiple} ranks"
+        raise ValueError(
+            f"{owner}: ratio {ratio} is too small: {smallest} per layer already keeps "
+            f"{least / total:.3f} of the weights (layers below that share: "
+            f"{preview(small)}); raise the ratio"
+            + (" or lower rank_multiple" if multiple > 1 else "")
+            + ", or exclude the smallest layers")
 
 
 def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
@@ -416,7 +429,12 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             batches (tensor → ``model(x)``, tuple → ``model(*b)``, dict →
             ``model(**b)``). Makes the truncation activation-aware. A dict
             batch with an ``attention_mask`` of shape (batch, tokens) leaves
-            the padding tokens out of the statistics.
+            the padding tokens out of the statistics. ``allocation=
+            "sensitivity"`` and ``sequential`` run the calibration several
+            times and compare the runs, so an iterable is read once and its
+            batches kept (a generator or a shuffled ``DataLoader`` gives every
+            run the same batches); a callable must run the same batches
+            each time it is called.
         include, exclude: glob patterns (or lists) on module names, matched in
             full or as a dotted suffix; each must match some Linear layer.
         allocation: with ``ratio``, how the parameter budget is shared out.
@@ -438,7 +456,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             and GPU tensor cores take 16 at a time. ``ratio`` rounds down (the
             budget still holds), ``energy`` and ``tol`` round up (their
             guarantee still holds), and ``rank`` must be a multiple. A
-            ``ratio`` too small to give every layer one block is an error.
+            ``ratio`` too small to give every layer one block (rank 1 when
+            this is 1) is an error, not a silently larger model.
         device: where the factorizations run, e.g. ``"cuda"`` for a model kept
             on the CPU. One layer at a time is moved there and its results
             come back, so the model never has to fit on ``device``. Default:
@@ -455,7 +474,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     nothing (rank ≥ d·k/(d+k)) stay dense and the report says so; so do
     layers whose weight is tied to another module (an output layer sharing the
     embedding matrix) or that the model holds under two names: they take no
-    part in the ratio's budget.
+    part in the ratio's budget, as do layers with an empty weight (a
+    dimension of 0).
 
     Returns:
         CompressionReport: per layer the rank, parameters and relative errors.
@@ -501,6 +521,10 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     # place: the other holder keeps the dense tensor, so factorizing would add
     # parameters and untie what the model ties. Such layers stay dense.
     shared = _shared_layers(model, {name: linears[name] for name in selected})
+    for name in selected:
+        if name not in shared and linears[name].weight.numel() == 0:
+            d, k = dense_weight(linears[name]).shape
+            shared[name] = f"dense: an empty weight ({d}×{k}), nothing to factorize"
     names = [name for name in selected if name not in shared]
     layers = {name: linears[name] for name in names}
     shapes = {name: tuple(dense_weight(layer).shape) for name, layer in layers.items()}
@@ -512,6 +536,10 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                         f"{type(sequential).__name__}")
     if sequential and calibration is None:
         raise ValueError("compress_model: sequential=True needs calibration")
+    if sequential or (ratio is not None and allocation == "sensitivity"):
+        # Several calibration runs are compared with each other: each must
+        # see the same batches.
+        calibration = replayable(calibration)
     on_meta = [name for name, layer in layers.items() if layer.weight.is_meta]
     if on_meta:
         raise ValueError(

@@ -7,12 +7,16 @@ parameter names of ``LowRankLinear``, and the ranks go into the metadata, so
 turns the factors of a transformers ``Conv1D``, whose weight is stored
 transposed, around).
 Other tensors, and weights where factorizing saves nothing, are copied as they are.
+So are factors the input already holds (the output of ``save_compressed`` or
+of an earlier run); their ranks stay in the metadata beside the new ones.
 
 Without model code a 2-D tensor does not say whether it is a Linear layer's
 weight. ``load_compressed`` swaps only Linear layers, so a file with a
 factorized embedding table, or a factorized tensor that is no layer's
 ``.weight`` (a bare projection parameter), would not load: such tensors are
-kept unless ``--all-tensors``.
+kept unless ``--all-tensors``. So is the ``out_proj`` weight of a torch
+``nn.MultiheadAttention``, which that module reads directly instead of
+calling the layer (``lx.split_attention`` and ``compress_model`` reach it).
 """
 
 HELP = "factorize the 2-D weights of a safetensors file by truncated SVD"
@@ -66,16 +70,37 @@ def looks_like_embedding(name):
     return "embed" in last or last in _EMBEDDING_NAMES
 
 
+# Floating-point dtypes whose values are the weight itself; float8 weights
+# come with scales stored elsewhere, which a factorization would ignore.
+_FACTORIZABLE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def packed_attention_out_projections(keys):
+    """Module names of the ``out_proj`` of each ``nn.MultiheadAttention`` in ``keys``.
+
+    Such a module stores its input projections as parameters of its own,
+    ``in_proj_weight`` (or ``q_proj_weight`` when keys and values have other
+    sizes), beside its ``out_proj`` layer.
+    """
+    found = set()
+    for key in keys:
+        for packed in ("in_proj_weight", "q_proj_weight"):
+            if key == packed or key.endswith("." + packed):
+                found.add(key[: -len(packed)] + "out_proj")
+    return found
+
+
 def run(args):
     import torch
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from ._names import preview
     from .compress import check_blocks_fit, round_rank, select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
-    from .serialization import (atomic_write, check_output_path, model_files, opened,
-                                ranks_metadata, stored_aliases)
+    from .serialization import (METADATA_KEY, atomic_write, check_output_path, model_files,
+                                opened, parse_ranks, ranks_metadata, stored_aliases)
     from .svd import choose_rank, svd_truncate
 
     files = model_files(args.input, owner=None)
@@ -93,21 +118,41 @@ def run(args):
         raise ValueError(f"--rank {args.rank} is not a multiple of --rank-multiple {multiple}")
 
     tensors, metadata = {}, {}
-    for _, f in opened(files, None):  # one file, or the shards of a checkpoint, as one
+    existing, layouts = {}, set()  # layers the input holds factorized already
+    for path, f in opened(files, None):  # one file, or the shards of a checkpoint, as one
         tensors.update({key: f.get_tensor(key) for key in f.keys()})
-        metadata.update(f.metadata() or {})
+        file_metadata = f.metadata() or {}
+        if METADATA_KEY in file_metadata:
+            found, layout = parse_ranks(path, file_metadata[METADATA_KEY], owner=None)
+            existing.update(found)
+            layouts.add(layout)
+        metadata.update(file_metadata)
+    if len(layouts) > 1:
+        raise ValueError(f"the files of {args.input} disagree on the layout of their factors")
+    layout = layouts.pop() if layouts else None
+    factor_keys = {f"{name}.{part}" for name in existing for part in ("A", "B")}
 
     aliases = {}  # stored key -> the other names of that tensor
     for alias, key in stored_aliases(metadata, tensors).items():
         aliases.setdefault(key, []).append(alias)
     candidates = {module_name(k): k for k, t in tensors.items()
-                  if t.dim() == 2 and t.is_floating_point() and t.numel() > 0}
+                  if t.dim() == 2 and t.is_floating_point() and t.numel() > 0
+                  and k not in factor_keys}
     if not candidates:
-        raise ValueError(f"{args.input} has no 2-D floating-point tensor to factorize")
+        raise ValueError(f"{args.input} has no 2-D floating-point tensor to factorize"
+                         + (f" (its layers {preview(list(existing))} are factorized already)"
+                            if existing else ""))
     names = select_names(list(candidates), args.include, args.exclude,
                          owner="compress", what="2-D weight")
 
     out, records, ranks = dict(tensors), [], {}
+    for name, r in existing.items():
+        A, B = tensors.get(f"{name}.A"), tensors.get(f"{name}.B")
+        if A is not None and B is not None and A.dim() == B.dim() == 2:
+            d, k = B.shape[0], A.shape[1]
+            records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), None,
+                                       note="factorized already in the input; kept as it is"))
+    attention_out = packed_attention_out_projections(tensors)
     for name in tqdm(names, desc="compress", unit="weight", disable=None, leave=False):
         key = candidates[name]
         W = tensors[key]
@@ -118,9 +163,16 @@ def run(args):
                                             "too (tied); factorizing would take their "
                                             "weight away"))
             continue
+        if str(W.dtype).removeprefix("torch.") not in _FACTORIZABLE_DTYPES:
+            records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
+                                       note=f"dense: {str(W.dtype).removeprefix('torch.')}, "
+                                            "a quantized weight whose scales live elsewhere"))
+            continue
         why_kept = (None if args.all_tensors else
                     "not a layer's .weight" if not key.endswith(".weight") else
-                    "named like an embedding table" if looks_like_embedding(name) else None)
+                    "named like an embedding table" if looks_like_embedding(name) else
+                    "the out_proj of an nn.MultiheadAttention (the module reads this "
+                    "weight itself)" if name in attention_out else None)
         if why_kept:
             records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
                                        note=f"dense: {why_kept}, which load_compressed cannot "
@@ -156,8 +208,17 @@ def run(args):
         records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), error))
 
     # B·A is each tensor as this file stores it (transposed for a Conv1D);
-    # load_compressed turns the factors of such layers around.
-    metadata.update(ranks_metadata(ranks, factors="stored"))
+    # load_compressed turns the factors of such layers around. A file holds
+    # its factors in one layout, and which of the earlier layers are Conv1D
+    # (where the layouts differ) cannot be told from the file.
+    if ranks and existing and layout != "stored":
+        raise ValueError(
+            f"{args.input} holds layers factorized by save_compressed, whose factors are in "
+            "nn.Linear layout, and one file cannot mix that with the factors of stored "
+            "tensors this command writes; compress the original file, or load the model "
+            "and use lowrank_ext.compress_model")
+    if ranks or not existing:
+        metadata.update(ranks_metadata({**existing, **ranks}, factors="stored"))
     atomic_write(args.output, lambda tmp: save_file(out, tmp, metadata=metadata))
     report = CompressionReport(records)
     print(report.to_json(indent=2) if args.json else report)

@@ -8,7 +8,9 @@ import json
 class LayerReport:
     """One layer: ``rank`` is None when the layer stays dense (see ``note``).
 
-    ``weight_error`` is ‖W − B·A‖_F / ‖W‖_F; ``output_error`` the same for the
+    ``weight_error`` is ‖W − B·A‖_F / ‖W‖_F (None where it is unknown: the
+    ``compress`` command keeps factors an input file already holds without
+    the dense weight to compare with); ``output_error`` the same for the
     outputs on the calibration inputs, ‖(W − B·A)·Xᵀ‖_F / ‖W·Xᵀ‖_F (None
     without calibration). ``sensitivity`` is the measured change of the
     model's outputs per unit of this layer's relative squared output error
@@ -20,7 +22,7 @@ class LayerReport:
     rank: object
     params_before: int
     params_after: int
-    weight_error: float
+    weight_error: object
     output_error: object = None
     note: str = ""
     sensitivity: object = None
@@ -84,8 +86,11 @@ class CompressionReport:
         for layer in self.layers:
             row = [layer.name, "x".join(map(str, layer.shape)),
                    str(layer.rank) if layer.compressed else "dense",
-                   f"{layer.params_before:,}", f"{layer.params_after / layer.params_before:.3f}",
-                   f"{layer.weight_error:.4f}"]
+                   f"{layer.params_before:,}",
+                   # An empty layer (no weights) keeps all of its nothing.
+                   f"{layer.params_after / layer.params_before:.3f}" if layer.params_before
+                   else "-",
+                   "-" if layer.weight_error is None else f"{layer.weight_error:.4f}"]
             if self.calibrated:
                 row.append("-" if layer.output_error is None else f"{layer.output_error:.4f}")
             rows.append(row)

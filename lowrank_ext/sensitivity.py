@@ -46,6 +46,8 @@ class _Projection:
         self._maps = {}
 
     def __call__(self, t):
+        if t.numel() == 0:
+            return torch.zeros(0, 1)  # nothing to compare, but the slot stays in its place
         rows = t.detach().reshape(-1, t.shape[-1]) if t.dim() else t.detach().reshape(1, 1)
         # float32 is plenty for a relative change; float64 models keep theirs.
         rows = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)

@@ -265,7 +265,8 @@ def read_headers(files):
     return metadatas, shapes, aliases
 
 
-def _parse_ranks(path, entry):
+def parse_ranks(path, entry, owner="load_compressed"):
+    """``({layer name: rank}, factor layout)`` from a file's metadata entry."""
     try:
         info = json.loads(entry)
         ranks = info["ranks"]
@@ -275,7 +276,8 @@ def _parse_ranks(path, entry):
             raise ValueError
         return {str(name): int(rank) for name, rank in ranks.items()}, factors
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"load_compressed: {path} has malformed {METADATA_KEY!r} metadata") from None
+        raise ValueError(f"{_prefix(owner)}{path} has malformed {METADATA_KEY!r} "
+                         "metadata") from None
 
 
 def read_ranks(path, files, metadatas, shapes):
@@ -291,7 +293,7 @@ def read_ranks(path, files, metadatas, shapes):
     ranks, layouts = {}, set()
     for file, metadata in zip(files, metadatas):
         if METADATA_KEY in metadata:
-            found, factors = _parse_ranks(file, metadata[METADATA_KEY])
+            found, factors = parse_ranks(file, metadata[METADATA_KEY])
             ranks.update(found)
             layouts.add(factors)
     if len(layouts) > 1:
@@ -405,6 +407,13 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
                     "has nothing there: the file names its tensors otherwise than the model "
                     "(transformers' save_pretrained renames the keys of some models); write "
                     "the file with lx.save_compressed, which keeps the model's own names")
+            if isinstance(layer, nn.Linear):
+                raise ValueError(
+                    f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the "
+                    f"model has {found} there, a subclass of nn.Linear, which is never "
+                    "compressed: its owner may read the weight instead of calling the layer "
+                    "(nn.MultiheadAttention does with its out_proj); write the file from the "
+                    "model with lx.split_attention(model) and compress_model")
             raise ValueError(
                 f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the model "
                 f"has {found} there; build the original (uncompressed) model first")
@@ -514,7 +523,35 @@ def _copy_from_files(model, files, device, sources, turned):
     state = {key: state[stored] for key, stored in sources.items() if stored in state}
     _turn_factors(state, turned)
     expected = model.state_dict(keep_vars=True)
+    _check_ties_agree(model, path_of(files), expected, state, sources)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def path_of(files):
+    """The name to give in messages for a model stored in ``files``."""
+    return files[0] if len(files) == 1 else os.path.dirname(files[0]) or "."
+
+
+def _check_ties_agree(model, path, expected, state, sources):
+    """A RuntimeError, before anything is copied, where the model holds one
+    tensor under names the file stores with different values.
+
+    The model ties them (an output head sharing its embedding table), the
+    saved model did not: loading both into one tensor would keep whichever
+    came last and silently change the other layer.
+    """
+    groups = {}
+    for key, tensor in expected.items():
+        if key in state:
+            groups.setdefault(id(tensor), []).append(key)
+    for keys in groups.values():
+        first = state[keys[0]]
+        for key in keys[1:]:
+            if sources[key] != sources[keys[0]] and not torch.equal(state[key], first):
+                raise RuntimeError(
+                    f"load_compressed: the model ties {keys[0]} and {key} (one tensor), but "
+                    f"{path} stores different values for them: it comes from a model without "
+                    "that tie; build the model untied, as the saved one was")
 
 
 def _check_meta_tensors_come_from_file(model, path, sources):
@@ -598,9 +635,14 @@ def _check_fits(model, path, stored, aliases, strict, swapped, turned):
         if stored_key is not None:
             for key in keys:
                 sources.setdefault(key, stored_key)
-    problems = [f"{key} has shape {list(stored[key])} in the file but "
-                f"{list(expected[key].shape)} in the model"
-                for key in stored if key in expected and tuple(expected[key].shape) != stored[key]]
+    # Every model key the file fills, also through an alias or a tie: a
+    # mismatch found only while copying would leave the model half loaded.
+    problems = [f"{key} has shape {list(stored[source])} in the file"
+                + ("" if source == key else f" (stored as {source})")
+                + f" but {list(expected[key].shape)} in the model"
+                for key, source in sources.items()
+                if key in expected and source in stored
+                and tuple(expected[key].shape) != tuple(stored[source])]
     if strict:
         missing = [k for k in expected if k not in sources]
         unexpected = [k for k in stored if k not in expected]

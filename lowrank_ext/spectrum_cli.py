@@ -86,6 +86,7 @@ def run(args):
             for key in f.keys():
                 t = f.get_tensor(key)
                 if t.dim() == 2 and t.is_floating_point() and t.numel():
+                    t = t.double()  # float8 has no isfinite of its own
                     if bool(torch.isfinite(t).all()):
                         S = torch.linalg.svdvals(t.double())
                         ranks = f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}"
@@ -105,6 +106,7 @@ def run(args):
                          f"and dtype {W.dtype}")
     if W.numel() == 0:
         raise ValueError(f"tensor {key!r} in {args.input} is empty (shape {list(W.shape)})")
+    W = W.double()  # float8 has no isfinite of its own
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"tensor {key!r} in {args.input} has NaN or Inf")
     S = torch.linalg.svdvals(W.double())

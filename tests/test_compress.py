@@ -224,8 +224,8 @@ def test_rank_multiple_rounds_energy_and_tol_up_and_checks_rank():
     (dict(ratio=0.5, exclude="head", allocation="uniform"),
      "ratio 0.5 gives layer 'encoder.fc1' \\(32×16\\) rank 5, less than one block"),
     (dict(ratio=0.3, exclude="head", allocation="global"),
-     "one block of rank_multiple 8 ranks per layer keeps 0.650 of the weights, more than "
-     "ratio 0.3"),
+     "ratio 0.3 is too small: one block of 8 ranks per layer already keeps 0.650 of the "
+     "weights"),
 ])
 def test_a_ratio_too_small_for_one_block_is_refused_before_any_change(kwargs, match):
     model = Net()
@@ -646,4 +646,100 @@ def test_calibration_inputs_that_are_not_finite_are_named(poison, sequential):
     with pytest.raises(ValueError, match="compress_model: the calibration gave layer\\(s\\) "
                                          "encoder.fc1(, [a-z0-9.]+)* inputs with NaN or Inf"):
         lx.compress_model(model, ratio=0.5, calibration=[x], sequential=sequential)
+    _assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global", "sensitivity"])
+def test_a_ratio_below_rank_one_per_layer_is_refused_not_overrun(allocation):
+    # Rank 1 of fc1 (32×16), fc2 (24×32) and head (6×24) keeps 0.094 of the
+    # weights: a ratio of 0.01 cannot hold; before, it silently kept 0.094.
+    model = Net()
+    snapshot = _snapshot(model)
+    calibration = [torch.randn(8, 16, dtype=torch.float64)] if allocation == "sensitivity" else None
+    with pytest.raises(ValueError, match="ratio 0.01 is too small: rank 1 per layer already "
+                                         "keeps 0.094"):
+        lx.compress_model(model, ratio=0.01, allocation=allocation, calibration=calibration,
+                          progress=False)
+    _assert_unchanged(model, snapshot)
+
+
+def test_a_small_head_rounded_up_to_rank_one_is_fine_while_the_budget_holds():
+    # head 2×64: ⌊0.5·128/66⌋ = 0, so it takes rank 1 (66 parameters for a
+    # share of 64); the larger layer's rounding down (rank 13 of 13.7) keeps
+    # the total within.
+    model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 2))
+    report = lx.compress_model(model, ratio=0.5, allocation="uniform", progress=False)
+    assert report.ranks == {"0": 13, "2": 1}
+    assert report.params_after <= 0.5 * report.params_before
+
+
+class WithEmptyLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.empty = nn.Linear(16, 0, dtype=torch.float64)
+        self.fc = nn.Linear(16, 24, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc(x), self.empty(x)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("kwargs", [
+    dict(ratio=0.5), dict(rank=2), dict(energy=0.5),
+    dict(ratio=0.5, calibration=[torch.randn(4, 16, dtype=torch.float64)]),
+    dict(ratio=0.5, calibration=[torch.randn(4, 16, dtype=torch.float64)], sequential=True),
+])
+def test_an_empty_layer_stays_dense_and_the_report_prints(kwargs):
+    model = WithEmptyLayer()
+    report = lx.compress_model(model, progress=False, **kwargs)
+    assert type(model.empty) is nn.Linear
+    by_name = {layer.name: layer for layer in report.layers}
+    assert not by_name["empty"].compressed and "empty weight (0×16)" in by_name["empty"].note
+    assert by_name["fc"].compressed
+    text = str(report)
+    assert "empty" in text and "total" in text
+    json.loads(report.to_json())
+
+
+def _calibration_batches():
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randn(4, 16, dtype=torch.float64, generator=generator) for _ in range(6)]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_generator_calibration_is_read_once_and_serves_every_run(sequential):
+    batches = _calibration_batches()
+    reference_model, model = Net().eval(), None
+    model = copy.deepcopy(reference_model)
+    expected = lx.compress_model(reference_model, ratio=0.5, calibration=batches,
+                                 sequential=sequential, progress=False)
+    report = lx.compress_model(model, ratio=0.5, calibration=(b for b in batches),
+                               sequential=sequential, progress=False)
+    assert report.ranks == expected.ranks
+    for name, layer in report.ranks.items():
+        torch.testing.assert_close(model.get_submodule(name).A,
+                                   reference_model.get_submodule(name).A)
+
+
+def test_a_shuffled_data_loader_gives_every_sensitivity_probe_the_same_batches():
+    from torch.utils.data import DataLoader
+
+    data = torch.cat(_calibration_batches())
+    ordered = lx.compress_model(Net().eval(), ratio=0.5, progress=False,
+                                calibration=DataLoader(data, batch_size=4))
+    torch.manual_seed(0)
+    shuffled = lx.compress_model(Net().eval(), ratio=0.5, progress=False,
+                                 calibration=DataLoader(data, batch_size=4, shuffle=True))
+    # The same batches in every run: the same sensitivities (up to the order
+    # of the sums), where fresh shuffles moved them by up to 8× before.
+    assert shuffled.ranks == ordered.ranks
+    for a, b in zip(shuffled.layers, ordered.layers):
+        assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-6)
+
+
+def test_an_empty_calibration_iterable_is_named():
+    model = Net()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="the calibration is an empty iterable"):
+        lx.compress_model(model, ratio=0.5, calibration=iter([]), progress=False)
     _assert_unchanged(model, snapshot)

@@ -477,3 +477,103 @@ def test_a_sharded_checkpoint_directory_is_read_as_one_model(tmp_path, capsys):
     os.remove(folder / "model-00002-of-00002.safetensors")
     assert main(["compress", str(folder), "-o", str(out), "--rank", "3", "--force"]) == 1
     assert "no such file" in _one_error_line(capsys, "compress")
+
+
+def test_compressing_a_compressed_file_again_keeps_the_earlier_layers(weights, tmp_path, capsys):
+    model, path = weights
+    once, twice = tmp_path / "once.safetensors", tmp_path / "twice.safetensors"
+    assert main(["compress", str(path), "-o", str(once), "--rank", "4", "--include", "0"]) == 0
+    assert main(["compress", str(once), "-o", str(twice), "--rank", "3", "--include", "2",
+                 "--json"]) == 0
+    capsys.readouterr()
+    tensors, meta = _read(twice)
+    assert json.loads(meta["lowrank_ext"])["ranks"] == {"0": 4, "2": 3}
+    assert set(tensors) == {"0.A", "0.B", "0.bias", "2.A", "2.B", "2.bias"}
+    fresh = lx.load_compressed(build(), twice)
+    assert (fresh[0].rank, fresh[2].rank) == (4, 3)
+    torch.testing.assert_close(fresh[0].B.double() @ fresh[0].A.double(),
+                               _truncated(model[0].weight.detach(), 4), rtol=1e-5, atol=1e-5)
+    # Nothing left to factorize at all: said so.
+    again = tmp_path / "again.safetensors"
+    assert main(["compress", str(twice), "-o", str(again), "--rank", "3"]) == 1
+    assert "its layers 0, 2 are factorized already" in capsys.readouterr().err
+    assert not again.exists()
+
+
+def test_factors_already_in_the_input_are_reported_and_kept(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10), nn.ReLU(),
+                          nn.Linear(10, 12))
+    path, once, twice = (tmp_path / f"{n}.safetensors" for n in ("in", "once", "twice"))
+    save_model(model, str(path))
+    assert main(["compress", str(path), "-o", str(once), "--rank", "4", "--include", "0"]) == 0
+    capsys.readouterr()
+    assert main(["compress", str(once), "-o", str(twice), "--rank", "3", "--exclude", "2",
+                 "--json"]) == 0
+    layers = {l["name"]: l for l in json.loads(capsys.readouterr().out)["layers"]}
+    assert layers["0"]["rank"] == 4 and layers["0"]["weight_error"] is None
+    assert "factorized already" in layers["0"]["note"] and layers["4"]["rank"] == 3
+    assert json.loads(_read(twice)[1]["lowrank_ext"])["ranks"] == {"0": 4, "4": 3}
+    lx.load_compressed(model, twice)
+    assert (model[0].rank, model[4].rank) == (4, 3)
+    # The table shows the kept layer's rank, with no weight error to give.
+    assert main(["compress", str(once), "-o", str(twice), "--rank", "3", "--exclude", "2",
+                 "--force"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("0 "))
+    assert row.split()[1:3] == ["30x20", "4"] and row.split()[-1] == "-"
+
+
+def test_a_save_compressed_file_cannot_take_factors_of_another_layout(weights, tmp_path, capsys):
+    model, _ = weights
+    lx.compress_model(model, rank=4, include="0")
+    path, out = tmp_path / "saved.safetensors", tmp_path / "out.safetensors"
+    lx.save_compressed(model, path)
+    assert main(["compress", str(path), "-o", str(out), "--rank", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "holds layers factorized by save_compressed" in err and not out.exists()
+    # With nothing new to factorize (layer 2, 10×30, breaks even at rank 7.5)
+    # its layers and their layout stay as they are.
+    assert main(["compress", str(path), "-o", str(out), "--rank", "8"]) == 0
+    assert _read(out)[1]["lowrank_ext"] == _read(path)[1]["lowrank_ext"]
+    lx.load_compressed(build(), out)
+
+
+def _encoder():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+
+def test_the_out_proj_of_packed_attention_stays_dense_so_the_output_loads(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = _encoder().eval()
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_model(model, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--rank", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "layers.0.self_attn.out_proj: dense: the out_proj of an nn.MultiheadAttention" in text
+    assert json.loads(_read(out)[1]["lowrank_ext"])["ranks"] == {
+        "layers.0.linear1": 4, "layers.0.linear2": 4}
+    fresh = lx.load_compressed(_encoder().eval(), out)
+    assert type(fresh.layers[0].self_attn.out_proj) is not lx.LowRankLinear
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(fresh.layers[0].self_attn.out_proj.weight,
+                       model.layers[0].self_attn.out_proj.weight)
+    fresh(x)
+
+
+def test_float8_weights_stay_dense_and_spectrum_reads_them(tmp_path, capsys):
+    torch.manual_seed(0)
+    tables = {"q.weight": torch.randn(24, 16).to(torch.float8_e4m3fn),
+              "fc.weight": torch.randn(24, 16)}
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(tables, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2"]) == 0
+    assert "q: dense: float8_e4m3fn, a quantized weight" in capsys.readouterr().out
+    tensors, meta = _read(out)
+    assert json.loads(meta["lowrank_ext"])["ranks"] == {"fc": 2}
+    assert torch.equal(tensors["q.weight"].view(torch.uint8), tables["q.weight"].view(torch.uint8))
+    assert main(["spectrum", str(path)]) == 0
+    assert "q.weight" in capsys.readouterr().out
+    assert main(["spectrum", str(path), "--layer", "q"]) == 0
+    S = torch.linalg.svdvals(tables["q.weight"].double())
+    assert f"σ_1 = {float(S[0]):.4g}" in capsys.readouterr().out

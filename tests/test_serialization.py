@@ -604,3 +604,63 @@ def test_parameters_called_a_and_b_of_other_modules_are_not_taken_for_factors(tm
     with pytest.raises(ValueError, match="no '<layer>.A' / '<layer>.B' factors of the model's "
                                          "Linear layers"):
         lx.load_compressed(build_mixed(), plain)
+
+
+class EmbeddingAndHead(nn.Module):
+    def __init__(self, head_out=10, tie=True):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, head_out, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.embed(ids))))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_shape_that_only_an_alias_names_is_checked_before_any_copy(tmp_path):
+    # The file stores the tied head once, as embed.weight (10×16), and names
+    # head.weight as its alias; this model's untied head is 12×16.
+    torch.manual_seed(0)
+    saved = EmbeddingAndHead()
+    lx.compress_model(saved, rank=4, include="mid")
+    path = tmp_path / "tied.safetensors"
+    lx.save_compressed(saved, path)
+    model = EmbeddingAndHead(head_out=12, tie=False)
+    before = _state(model)
+    with pytest.raises(RuntimeError, match=r"head\.weight has shape \[10, 16\] in the file "
+                                           r"\(stored as embed\.weight\) but \[12, 16\]"):
+        lx.load_compressed(model, path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the embedding too
+    assert type(model.mid) is nn.Linear
+
+
+def test_a_tie_the_file_does_not_have_is_refused_not_loaded_half(tmp_path):
+    # Saved untied (different values under embed.weight and head.weight);
+    # loading both into the model's one tied tensor would keep one of them.
+    torch.manual_seed(0)
+    saved = EmbeddingAndHead(tie=False)
+    lx.compress_model(saved, rank=4, include="mid")
+    path = tmp_path / "untied.safetensors"
+    lx.save_compressed(saved, path)
+    model = EmbeddingAndHead(tie=True)
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="the model ties embed.weight and head.weight .one "
+                                           "tensor., but .* stores different values"):
+        lx.load_compressed(model, path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert type(model.mid) is nn.Linear
+    # Equal values under both names (a tied model saved without the tie) load.
+    with torch.no_grad():
+        saved.head.weight.copy_(saved.embed.weight)
+    lx.save_compressed(saved, path)
+    lx.load_compressed(model, path)
+    ids = torch.randint(0, 10, (3, 5))
+    torch.testing.assert_close(model(ids), saved(ids))
