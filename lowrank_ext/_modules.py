@@ -6,6 +6,7 @@ import contextlib
 import functools
 import sys
 
+import torch
 from torch import nn
 
 
@@ -29,6 +30,18 @@ def places_of(model):
     for name, module in model.named_modules(remove_duplicate=False):
         places.setdefault(id(module), []).append(name)
     return places
+
+
+def weight_tied_elsewhere(model, layer):
+    """Names of the parameters of other modules in ``model`` that are
+    ``layer.weight`` itself: a tie (an output head sharing its embedding table)."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return []
+    return [f"{path}.{name}" if path else name
+            for path, module in model.named_modules(remove_duplicate=False)
+            if module is not layer
+            for name, param in module._parameters.items() if param is weight]
 
 
 def _run_the_module(module, args):

@@ -683,9 +683,12 @@ def _shared_layers(model, layers):
 def _low_rank_like(layer, B, A):
     """A LowRankLinear with factors B·A and ``layer``'s bias, on its device and in its dtype."""
     dtype, home = layer.weight.dtype, layer.weight.device
-    new = LowRankLinear.from_factors(A.to(device=home, dtype=dtype),
-                                     B.to(device=home, dtype=dtype),
-                                     None if layer.bias is None else layer.bias.detach())
+    # Called under torch.inference_mode(), the new parameters would be
+    # inference tensors, which the model could never train again.
+    with torch.inference_mode(False):
+        new = LowRankLinear.from_factors(A.to(device=home, dtype=dtype),
+                                         B.to(device=home, dtype=dtype),
+                                         None if layer.bias is None else layer.bias.detach())
     return inherit_requires_grad(new, layer)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._modules import dense_weight, places_of, replace_module
+from ._modules import dense_weight, places_of, replace_module, weight_tied_elsewhere
 from ._names import preview
 from .compress import plain_linears, select_names
 from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
@@ -118,6 +118,14 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             raise ValueError(f"add_lora: rank must be in [1, min(out, in)] for every chosen "
                              f"layer; {name} is {d}×{k}, got rank {rank}")
         check_lora_init_fits_base("add_lora", init, linears[name], name, use_dora)
+    tied = {name: weight_tied_elsewhere(model, linears[name]) for name in names}
+    tied = {name: others for name, others in tied.items() if others}
+    if tied and init.startswith("pissa"):
+        name, others = next(iter(tied.items()))
+        raise ValueError(
+            f"add_lora: init={init!r} leaves the residual in the base weight, but the weight "
+            f"of {name} is tied to {', '.join(others)}, which would change too; exclude the "
+            "layer or untie it first")
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     saved = {}
@@ -130,6 +138,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             lora = LoRALinear(base, rank, alpha, init=init, dropout=dropout, rslora=rslora,
                               use_dora=use_dora)
             lora.train(base.training)
+            if name in tied:  # merge() would change the other holders too
+                lora._weight_tied_to = tuple(tied[name])
             wrapped[name] = lora
     except Exception:
         with torch.no_grad():
@@ -233,6 +243,16 @@ def merge_lora(model: nn.Module) -> list[str]:
     if "" in adapters:
         raise ValueError("merge_lora: the model is itself a LoRALinear; call its merge() "
                          "and use its .base")
+    tied = {name: weight_tied_elsewhere(model, lora.base) for name, lora in adapters.items()
+            if not lora.merged}
+    tied = {name: others for name, others in tied.items() if others}
+    if tied:
+        raise ValueError(
+            "merge_lora: merging adds the adapter to the base weight, but "
+            + "; ".join(f"the weight of {name} is tied to {', '.join(others)}"
+                        for name, others in list(tied.items())[:3])
+            + ", which would change too; keep those adapters unmerged, or untie the weight "
+            "first (give the layer a copy of it)")
     places = places_of(model)
     for name, lora in adapters.items():
         if not lora.merged:

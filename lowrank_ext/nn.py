@@ -575,6 +575,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
             return self
+        tied = getattr(self, "_weight_tied_to", ())
+        if tied and not isinstance(self.base, LowRankLinear):
+            raise ValueError(
+                f"LoRALinear.merge: the base weight is tied to {', '.join(tied)} (add_lora "
+                "found the tie), which merging would change too; keep the adapter unmerged, "
+                "or untie the weight first")
         if isinstance(self.base, LowRankLinear):
             # Exact: the adapter's rank joins the base's, B₀A₀ + s·BA = [B₀, s·B]·[A₀; A].
             base = self.base

@@ -22,7 +22,7 @@ import warnings
 
 from torch import nn
 
-from ._modules import is_conv1d, replace_module
+from ._modules import is_conv1d, replace_module, weight_tied_elsewhere
 from ._names import preview
 from .lora import _check_model, _require_adapters
 from .nn import LoRALinear, LowRankLinear
@@ -63,6 +63,17 @@ def _check_supported(name, layer, adapter):
         raise ValueError(f"from_peft: layer {name!r} has fan_in_fan_out="
                          f"{bool(getattr(layer, 'fan_in_fan_out', False))} over a "
                          f"{type(base).__name__}; only the layout of the base layer converts")
+    merged = list(getattr(layer, "merged_adapters", []))
+    if any(m != adapter for m in merged):
+        # Also where the chosen adapter is absent: the layer would come back
+        # as its base with another adapter folded in.
+        raise ValueError(f"from_peft: layer {name!r} has other adapters merged into its base "
+                         f"weight ({merged}); unmerge them first")
+    if bool(getattr(layer, "disable_adapters", False)):
+        raise ValueError(
+            f"from_peft: layer {name!r} has its adapters disabled in peft "
+            "(disable_adapter_layers(), or inside disable_adapter()); convert with them "
+            "enabled, and use lx.disable_lora(model) for the base model's outputs")
     if adapter not in layer.lora_A:
         return base
     # Older peft releases lack some of these per-adapter dicts.
@@ -77,11 +88,13 @@ def _check_supported(name, layer, adapter):
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         raise ValueError(f"from_peft: layer {name!r} has a bias in its lora_B "
                          "(lora_bias=True), which LoRALinear does not implement")
-    merged = list(getattr(layer, "merged_adapters", []))
-    if any(m != adapter for m in merged):
-        raise ValueError(f"from_peft: layer {name!r} has other adapters merged into its base "
-                         f"weight ({merged}); unmerge them first")
     return base
+
+
+def _is_modules_to_save_wrapper(module):
+    """peft's wrapper of a module trained in full (``modules_to_save``), by its
+    class name, so that peft need not be imported to ask."""
+    return type(module).__name__ == "ModulesToSaveWrapper" and hasattr(module, "modules_to_save")
 
 
 def _is_dora(layer, adapter):
@@ -94,8 +107,13 @@ def _convert(layer, base, adapter, cast_notes):
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     p = _dropout_p(layer.lora_dropout[adapter])
     flags = {param: param.requires_grad for param in base.parameters()}
-    new = LoRALinear(base, layer.r[adapter], layer.lora_alpha[adapter], dropout=p,
+    # peft also takes ranks beyond min(in, out) and any lora_alpha, which
+    # LoRALinear's own checks refuse as likely mistakes: build it with values
+    # it takes, then give it peft's (A and B are replaced below).
+    rank, alpha = int(layer.r[adapter]), float(layer.lora_alpha[adapter])
+    new = LoRALinear(base, min(rank, A.shape[1], B.shape[0]), dropout=p,
                      rslora=bool(getattr(layer, "use_rslora", {}).get(adapter, False)))
+    new.rank, new.alpha = rank, alpha
     for param, flag in flags.items():  # LoRALinear froze them; keep peft's setting
         param.requires_grad_(flag)
     # peft's set_scale / scale_layer may have moved the scaling off alpha / r.
@@ -160,8 +178,21 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     for name, layer in layers.items():
         if adapter in layer.lora_A:
             replacements[name] = _convert(layer, bases[name], adapter, cast_notes)
+            tied = weight_tied_elsewhere(root, bases[name])
+            if tied:  # merge() would change the other holders too
+                replacements[name]._weight_tied_to = tuple(tied)
         else:
             replacements[name] = bases[name]
+    # peft's modules_to_save wrappers run the active adapter's copy of a
+    # module: the chosen adapter's copy takes their place (the original where
+    # that adapter has none), so the whole model follows one adapter.
+    for name, module in root.named_modules():
+        if _is_modules_to_save_wrapper(module) and name:
+            copies = module.modules_to_save
+            use_copy = adapter in copies and not bool(getattr(module, "disable_adapters", False))
+            replacements[name] = copies[adapter] if use_copy else module.original_module
+            if use_copy:  # save_peft_adapter writes it back as modules_to_save
+                copies[adapter]._lowrank_ext_modules_to_save = True
     for old, new in sorted(cast_notes, key=str):
         warnings.warn(f"from_peft: adapters stored in {old} were cast to their base layers' "
                       f"{new} (lora_linear takes one dtype)", stacklevel=2)
@@ -232,8 +263,41 @@ def _dropout_p(module):
     return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
+def _modules_to_save(model, modules_to_save):
+    """{name: module} for ``save_peft_adapter``'s ``modules_to_save``, checked,
+    plus the modules :func:`from_peft` took from peft's modules_to_save."""
+    converted = [name for name, m in model.named_modules()
+                 if getattr(m, "_lowrank_ext_modules_to_save", False) and name]
+    if modules_to_save is None:
+        modules_to_save = []
+    names = [modules_to_save] if isinstance(modules_to_save, str) else modules_to_save
+    try:
+        names = list(names)
+    except TypeError:
+        raise TypeError("save_peft_adapter: modules_to_save must be a module name or a list of "
+                        f"them, got {type(modules_to_save).__name__}") from None
+    modules = dict(model.named_modules())
+    found = {}
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError("save_peft_adapter: modules_to_save must hold module names (str), "
+                            f"got {type(name).__name__}")
+        if name not in modules or not name:
+            raise ValueError(f"save_peft_adapter: modules_to_save names {name!r}, which is not "
+                             "a submodule of the model")
+        if any(isinstance(m, LoRALinear) for m in modules[name].modules()):
+            raise ValueError(f"save_peft_adapter: modules_to_save names {name!r}, which holds "
+                             "LoRA adapters; peft trains a module either in full or through "
+                             "adapters")
+        found[name] = modules[name]
+    for name in converted:
+        found.setdefault(name, modules[name])
+    return found
+
+
 def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
-                      base_model_name_or_path: str | None = None) -> list[str]:
+                      base_model_name_or_path: str | os.PathLike | None = None,
+                      modules_to_save: str | list[str] | None = None) -> list[str]:
     """Write the model's ``LoRALinear`` adapters as a peft adapter directory.
 
     ``directory`` gets ``adapter_model.safetensors`` (``lora_A`` / ``lora_B``
@@ -242,18 +306,48 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     common rank and alpha become ``r`` and ``lora_alpha``, the others
     ``rank_pattern`` / ``alpha_pattern``; dropout and rsLoRA must be the same
     in every layer, and every scale must be alpha / rank (alpha / √rank with
-    rsLoRA), as a peft config cannot say otherwise. Each file is written to a
-    temporary file and renamed. Returns the names of the adapted layers.
+    rsLoRA), as a peft config cannot say otherwise.
+
+    ``modules_to_save``: names of modules trained in full besides the
+    adapters (a classifier head; peft's option of that name): their whole
+    state is written too, and peft restores it. The modules that
+    :func:`from_peft` took from peft's ``modules_to_save`` are always
+    written. Trainable base biases are not part
+    of the adapter (``bias="none"``): a warning says when the model has any.
+
+    Everything is checked and the config built before anything is written;
+    each file is written to a temporary file and renamed. Returns the names
+    of the adapted layers.
     """
     from safetensors.torch import save_file
 
     _check_model("save_peft_adapter", model)
     directory = check_path("save_peft_adapter", directory, "directory")
+    if base_model_name_or_path is not None:
+        base_model_name_or_path = check_path("save_peft_adapter", base_model_name_or_path,
+                                             "base_model_name_or_path")
     adapters = _require_adapters("save_peft_adapter", model)
     if "" in adapters:
         raise TypeError("save_peft_adapter: the model is itself a LoRALinear; save a model "
                         "that holds it")
+    wrapped = [name for name, m in model.named_modules() if _is_modules_to_save_wrapper(m)]
+    if wrapped:
+        raise ValueError(
+            f"save_peft_adapter: {preview(wrapped)} are peft ModulesToSaveWrapper modules; "
+            "convert the model with lx.from_peft (which puts the adapter's copy in their "
+            "place) and name them in modules_to_save=")
+    full = _modules_to_save(model, modules_to_save)
+    trained_biases = [name for name, lora in adapters.items()
+                      if lora.bias is not None and lora.bias.requires_grad]
+    if trained_biases:
+        warnings.warn(
+            f"save_peft_adapter: the base biases of {preview(trained_biases)} are trainable, "
+            "but a peft adapter written here holds no biases (bias='none'); save them "
+            "separately if they were trained", stacklevel=2)
     config = _adapter_config(adapters, base_model_name_or_path)
+    if full:
+        config["modules_to_save"] = list(full)
+    config_text = json.dumps(config, indent=2)
     tensors = {}
     for name, lora in adapters.items():
         prefix = f"base_model.model.{name}"
@@ -261,6 +355,9 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
         tensors[f"{prefix}.lora_B.weight"] = lora.B.detach().contiguous()
         if lora.use_dora:
             tensors[f"{prefix}.lora_magnitude_vector"] = lora.magnitude.detach().contiguous()
+    for name, module in full.items():
+        for key, value in module.state_dict().items():
+            tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_peft_adapter: {directory} exists and is not a directory")
     os.makedirs(directory, exist_ok=True)
@@ -270,7 +367,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
 
     def write_config(tmp):
         with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
+            f.write(config_text)
 
     atomic_write(os.path.join(directory, "adapter_config.json"), write_config,
                  owner="save_peft_adapter")

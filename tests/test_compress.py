@@ -743,3 +743,12 @@ def test_an_empty_calibration_iterable_is_named():
     with pytest.raises(ValueError, match="the calibration is an empty iterable"):
         lx.compress_model(model, ratio=0.5, calibration=iter([]), progress=False)
     _assert_unchanged(model, snapshot)
+
+
+def test_compressing_under_inference_mode_leaves_a_trainable_model():
+    model = Net(dtype=torch.float32)
+    with torch.inference_mode():
+        lx.compress_model(model, ratio=0.5, calibration=[torch.randn(8, 16)], progress=False)
+    assert not any(p.is_inference() for p in model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    assert model.encoder["fc1"].A.grad is not None

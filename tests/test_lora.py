@@ -409,3 +409,45 @@ def test_all_linear_leaves_out_the_output_layer_as_peft_does():
     assert sorted(names) == wrapped_by_peft and "lm_head" not in names
     plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))  # no output layer to leave out
     assert lx.add_lora(plain, 1, include="ALL-LINEAR") == ["0", "1"]
+
+
+class _TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 8, dtype=torch.float64)
+        self.body = nn.Linear(8, 8, dtype=torch.float64)
+        self.head = nn.Linear(8, 12, bias=False, dtype=torch.float64)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.embed(ids))))
+
+
+def test_a_tied_layer_trains_an_adapter_but_is_never_merged_into():
+    model = _TiedHead()
+    lx.add_lora(model, 2, include=["head", "body"])
+    with torch.no_grad():
+        model.head.B.normal_()
+        model.body.B.normal_()
+    ids = torch.randint(0, 12, (3, 4))
+    expected = model(ids)
+    embedding = model.embed.weight.detach().clone()
+    with pytest.raises(ValueError, match="the weight of head is tied to embed.weight"):
+        lx.merge_lora(model)
+    # Refused before anything changed: body is not merged either.
+    assert not model.body.merged and torch.equal(model.embed.weight, embedding)
+    with pytest.raises(ValueError, match="base weight is tied to embed.weight"):
+        model.head.merge()
+    torch.testing.assert_close(model(ids), expected)
+    assert torch.equal(model.embed.weight, embedding)
+
+
+def test_pissa_is_refused_on_a_tied_layer_before_any_change():
+    model = _TiedHead()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="init='pissa' leaves the residual in the base weight, "
+                                         "but the weight of head is tied to embed.weight"):
+        lx.add_lora(model, 2, include=["head", "body"], init="pissa")
+    assert type(model.head) is nn.Linear and type(model.body) is nn.Linear
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])

@@ -20,8 +20,8 @@ def _base(dtype=torch.float64):
 
 
 def _peft_model(dtype=torch.float64, **config):
-    config = dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights=False,
-                  **config)
+    config = {**dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights=False),
+              **config}
     return peft.get_peft_model(_base(dtype), peft.LoraConfig(**config))
 
 
@@ -210,3 +210,115 @@ def test_save_peft_adapter_refuses_what_peft_cannot_express(tmp_path):
     with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
         lx.save_peft_adapter(_adapted(_base()), tmp_path / "file")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --- review: states peft can be in -------------------------------------------------------
+def test_another_adapter_merged_where_the_chosen_one_is_absent_is_refused():
+    peft_model = _peft_model(target_modules=["fc1"])
+    peft_model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["fc2"],
+                                                init_lora_weights=False))
+    peft_model.base_model.merge_adapter(adapter_names=["b"])
+    snapshot = _snapshot(peft_model)
+    with pytest.raises(ValueError, match="layer 'fc2' has other adapters merged into its base "
+                                         "weight \\(\\['b'\\]\\)"):
+        lx.from_peft(peft_model, adapter="default")
+    assert _snapshot(peft_model)[0] == snapshot[0]
+
+
+@pytest.mark.parametrize("how", ["layers", "context"])
+def test_disabled_adapters_are_refused_not_turned_back_on(how):
+    peft_model = _peft_model().eval()
+    if how == "layers":
+        peft_model.base_model.disable_adapter_layers()
+        with pytest.raises(ValueError, match="has its adapters disabled in peft"):
+            lx.from_peft(peft_model)
+    else:
+        with peft_model.disable_adapter():
+            with pytest.raises(ValueError, match="has its adapters disabled in peft"):
+                lx.from_peft(peft_model)
+    assert not isinstance(peft_model.get_base_model().fc1, lx.LoRALinear)
+
+
+@pytest.mark.parametrize("config", [dict(r=40), dict(lora_alpha=0), dict(lora_alpha=-8)])
+def test_ranks_past_the_layer_and_any_alpha_that_peft_takes_convert(config):
+    # fc2 is 32 → 16: r = 40 is past min(out, in), which peft accepts.
+    peft_model = _peft_model(**config).eval()
+    x = torch.randn(4, 20, dtype=torch.float64)
+    expected = peft_model(x)
+    model = lx.from_peft(peft_model)
+    assert model.fc2.rank == config.get("r", 4) and model.fc2.alpha == config.get("lora_alpha", 8)
+    torch.testing.assert_close(model(x), expected)
+    model.fc2.merge()
+    torch.testing.assert_close(model(x), expected)
+
+
+def _with_head_to_save(adapters=("default",)):
+    peft_model = _peft_model(modules_to_save=["head"])
+    for name in adapters[1:]:
+        peft_model.add_adapter(name, peft.LoraConfig(r=2, target_modules=["fc1", "fc2"],
+                                                     modules_to_save=["head"],
+                                                     init_lora_weights=False))
+    for i, name in enumerate(adapters):
+        with torch.no_grad():  # as if trained: each adapter's copy of the head differs
+            peft_model.base_model.model.head.modules_to_save[name].weight.add_(i + 1.0)
+    return peft_model.eval()
+
+
+def test_the_chosen_adapters_copy_of_a_module_to_save_takes_its_place():
+    peft_model = _with_head_to_save(("default", "b"))
+    reference = copy.deepcopy(peft_model)
+    reference.set_adapter("b")
+    x = torch.randn(4, 20, dtype=torch.float64)
+    expected = reference(x)
+    model = lx.from_peft(peft_model, adapter="b")  # "default" is the active one in peft
+    assert type(model.head) is nn.Linear
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_modules_to_save_go_back_to_peft(tmp_path):
+    original = _base()
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(original), peft.LoraConfig(r=4, target_modules=["fc1", "fc2"],
+                                                 modules_to_save=["head"],
+                                                 init_lora_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.head.modules_to_save["default"].weight.add_(1.0)
+    model = lx.from_peft(peft_model.eval())
+    lx.save_peft_adapter(model, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter").eval()
+    x = torch.randn(4, 20, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), model(x))
+    # Named explicitly: a head trained next to adapters added by add_lora.
+    ours = copy.deepcopy(original)
+    lx.add_lora(ours, 4, include=["fc1", "fc2"])
+    with torch.no_grad():
+        ours.fc1.B.normal_()
+        ours.head.weight.add_(2.0)
+    lx.save_peft_adapter(ours, tmp_path / "mine", modules_to_save=["head"])
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "mine").eval()
+    torch.testing.assert_close(loaded(x), ours(x))
+    for bad, error, match in [("nothing", ValueError, "'nothing', which is not a submodule"),
+                              (["fc1"], ValueError, "'fc1', which holds LoRA adapters"),
+                              ([3], TypeError, "must hold module names")]:
+        with pytest.raises(error, match=match):
+            lx.save_peft_adapter(ours, tmp_path / "bad", modules_to_save=bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_trainable_base_biases_are_named_in_a_warning(tmp_path):
+    model = _adapted(_base())
+    model.fc1.base.bias.requires_grad_(True)
+    with pytest.warns(UserWarning, match="base biases of fc1 are trainable"):
+        lx.save_peft_adapter(model, tmp_path / "adapter")
+
+
+def test_base_model_name_or_path_is_checked_before_anything_is_written(tmp_path):
+    from pathlib import Path
+    model = _adapted(_base())
+    with pytest.raises(TypeError, match="base_model_name_or_path must be a str or os.PathLike, "
+                                        "got int"):
+        lx.save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=123)
+    assert not (tmp_path / "adapter").exists()
+    lx.save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=Path("/m/tiny"))
+    loaded = peft.PeftConfig.from_pretrained(tmp_path / "adapter")
+    assert loaded.base_model_name_or_path == "/m/tiny"
