@@ -18,6 +18,7 @@ import collections
 import json
 import math
 import os
+import re
 import warnings
 
 from torch import nn
@@ -206,7 +207,22 @@ def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def _adapter_config(adapters, base_model_name_or_path):
+def _target_modules(adapters, module_names):
+    """peft's target_modules naming exactly the adapted layers.
+
+    peft matches a list entry against every module whose name ends with
+    ``"." + entry``; where such a module is not adapted here (a top-level
+    ``fc`` beside ``block.fc``) the list would give it an adapter too, so a
+    regular expression matching the full names is written instead.
+    """
+    names = list(adapters)
+    if any(other not in adapters and other.endswith("." + name)
+           for name in names for other in module_names):
+        return "(" + "|".join(re.escape(name) for name in names) + ")"
+    return names
+
+
+def _adapter_config(adapters, base_model_name_or_path, module_names=()):
     """peft's LoraConfig fields for these adapters (the most common rank and
     alpha, the others as rank_pattern / alpha_pattern)."""
     for option in ("rslora", "dropout"):
@@ -249,7 +265,7 @@ def _adapter_config(adapters, base_model_name_or_path):
         "lora_dropout": _dropout_p(first.dropout),
         "use_rslora": first.rslora,
         "use_dora": first.use_dora,
-        "target_modules": list(adapters),
+        "target_modules": _target_modules(adapters, module_names),
         "rank_pattern": {n: a.rank for n, a in adapters.items() if a.rank != rank},
         "alpha_pattern": {n: a.alpha for n, a in adapters.items() if a.alpha != alpha},
         "bias": "none",
@@ -344,7 +360,8 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
             f"save_peft_adapter: the base biases of {preview(trained_biases)} are trainable, "
             "but a peft adapter written here holds no biases (bias='none'); save them "
             "separately if they were trained", stacklevel=2)
-    config = _adapter_config(adapters, base_model_name_or_path)
+    config = _adapter_config(adapters, base_model_name_or_path,
+                             [name for name, _ in model.named_modules()])
     if full:
         config["modules_to_save"] = list(full)
     config_text = json.dumps(config, indent=2)

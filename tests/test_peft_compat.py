@@ -322,3 +322,29 @@ def test_base_model_name_or_path_is_checked_before_anything_is_written(tmp_path)
     lx.save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=Path("/m/tiny"))
     loaded = peft.PeftConfig.from_pretrained(tmp_path / "adapter")
     assert loaded.base_model_name_or_path == "/m/tiny"
+
+
+class _SuffixNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16, dtype=torch.float64)
+        self.block = nn.Module()
+        self.block.fc = nn.Linear(16, 16, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.block.fc(torch.tanh(self.fc(x)))
+
+
+def test_a_saved_adapter_names_exactly_its_layers_where_names_are_suffixes(tmp_path):
+    # "fc" as a peft target would also match block.fc, which has no adapter.
+    original = _SuffixNames()
+    model = copy.deepcopy(original)
+    lx.add_lora(model, 4, include="fc", exclude="block.fc")
+    with torch.no_grad():
+        model.fc.B.normal_()
+    lx.save_peft_adapter(model, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter")
+    adapted = [n for n, m in loaded.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert adapted == ["base_model.model.fc"]
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
