@@ -84,6 +84,14 @@ def _trainable(model, teacher, parameters):
         # A model given LoRA adapters (say over its compressed layers) trains
         # them, not the factors add_lora froze.
         adapters = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        merged = [n or "(the model)" for n, m in adapters.items() if m.merged]
+        if merged:
+            from ._names import preview
+
+            # A merged layer computes base(x) alone: its A and B would train
+            # without changing anything.
+            raise ValueError(f"distill: LoRA layer(s) {preview(merged)} are merged, so their "
+                             "adapters take no part in the outputs; unmerge() them first")
         params = (list(adapter_parameters(adapters).values()) if adapters else
                   [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)])
         if not params:

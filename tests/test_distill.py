@@ -283,3 +283,15 @@ def test_bad_data_and_models_are_refused():
     wider.fc3 = nn.Linear(32, 9, dtype=torch.float64)
     with pytest.raises(ValueError, match="outputs of the model and of the teacher differ"):
         lx.distill(model, wider, [x], steps=1)
+
+
+def test_merged_adapters_are_refused_since_they_would_train_without_effect():
+    model, teacher = compressed_pair()
+    lx.add_lora(model, 2)
+    model.fc2.merge()
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match="LoRA layer\\(s\\) fc2 are merged"):
+        lx.distill(model, teacher, batches(2), steps=2, progress=False)
+    assert_same(model, saved)
+    model.fc2.unmerge()
+    lx.distill(model, teacher, batches(2), steps=2, progress=False)
