@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <cctype>
 #include <cmath>
 
 namespace lowrank_ext {
@@ -19,7 +20,15 @@ std::string dtype_name(at::ScalarType t) {
     case at::kShort: return "int16";
     case at::kInt: return "int32";
     case at::kLong: return "int64";
-    default: return c10::toString(t);
+    default: {
+      // The rest are named as in Python once lowercased (UInt16 → uint16,
+      // Float8_e4m3fn → float8_e4m3fn), so both backends say the same.
+      std::string name = c10::toString(t);
+      for (char& c : name) {
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      }
+      return name;
+    }
   }
 }
 

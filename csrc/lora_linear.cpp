@@ -6,8 +6,12 @@
 // Otherwise, for float32/float64 the adapter's (M × r) intermediate is tiny
 // beside it and its expand is accumulated straight into the same output
 // buffer. For half types the adapter runs through the device's fused
-// lowrank_linear kernel, with the scale folded into B, and is added to the
-// base output. Where that kernel expands from float32 sums (the CPU's
+// lowrank_linear kernel and is added to the base output. bfloat16 folds the
+// scale into B (free: B is small), since bfloat16 has float32's range;
+// float16 scales the adapter's output instead, as peft's composition scales
+// B·(A·x), since B·scale would overflow float16 for a large scale (B·1000
+// past 65504) and underflow it for a small one. Where that kernel expands
+// from float32 sums (the CPU's
 // float16 kernels, CUDA's split-K path for a few rows) the intermediate
 // cannot overflow; CUDA's tensor-core and cuBLAS paths, and the CPU's
 // AVX512-BF16 expand, round it to the input dtype first, as peft's
@@ -18,6 +22,7 @@
 #include "cpu/half_gemm.h"
 
 #include <ATen/DimVector.h>
+#include <ATen/ScalarOps.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -72,8 +77,16 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
     y2 = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
   }
   if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
-    auto [adapter, t] = lowrank_linear_with_intermediate_op(x2, A, B * scale, std::nullopt);
-    y2.add_(adapter);
+    if (x.scalar_type() == at::kBFloat16) {
+      auto [adapter, t] = lowrank_linear_with_intermediate_op(x2, A, B * scale, std::nullopt);
+      y2.add_(adapter);
+      return {y2.view(y_shape), t.view(t_shape)};
+    }
+    auto [adapter, t] = lowrank_linear_with_intermediate_op(x2, A, B, std::nullopt);
+    // The scale as a wrapped number, as Python passes one, so that the
+    // product is taken in float32: a Scalar, or add_'s alpha, is rounded to
+    // float16 first (1e-8 becomes 0, 1e-6 loses 1.3 %).
+    y2.add_(adapter.mul_(at::native::wrapped_scalar_tensor(scale)));
     return {y2.view(y_shape), t.view(t_shape)};
   }
   const at::Tensor t2 = at::mm(x2, A.t());

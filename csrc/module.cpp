@@ -109,7 +109,9 @@ PyObject* py_lowrank_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
     Py_RETURN_NOTIMPLEMENTED;
   }
   at::Tensor y;
-  if (x.numel() * A.size(0) < kReleaseGilFlops || A.dim() != 2) {
+  // A.dim() first: A.size(0) of a 0-D A would throw IndexError before the
+  // op's own check says what is wrong.
+  if (A.dim() != 2 || x.numel() * A.size(0) < kReleaseGilFlops) {
     y = lowrank_linear_op(x, A, B, bias);
   } else {
     pybind11::gil_scoped_release no_gil;

@@ -97,7 +97,11 @@ def check_lora_linear_inputs(x, W, A, B, bias, scale):
             f"{op}: B has shape {shape_str(B)} but W has d={W.shape[0]} output features "
             f"(W shape {shape_str(W)})")
     _check_bias(op, bias, W.shape[0])
-    if not math.isfinite(scale):
+    try:
+        finite = math.isfinite(scale)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{op}: scale must be finite, got an int beyond float's range") from None
+    if not finite:
         raise ValueError(f"{op}: scale must be finite, got {scale}")
 
 

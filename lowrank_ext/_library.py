@@ -106,8 +106,9 @@ def _intermediate_for_backward(x, A, t):
     return torch.matmul(x, A.t()) if torch.is_grad_enabled() else t
 
 
-def _lowrank_grads(needs, gy, x, A, B, t):
-    """Gradients of y = t·Bᵀ + bias, t = x·Aᵀ: (gx, gA, gB, gbias)."""
+def _lowrank_grads(needs, gy, x, A, B, t, gt_out=None):
+    """Gradients of y = t·Bᵀ + bias, t = x·Aᵀ: (gx, gA, gB, gbias); ``gt_out``,
+    the gradient reaching t itself where t is an output too."""
     need_x, need_A, need_B, need_bias = needs
     k, r, d = A.shape[1], A.shape[0], B.shape[0]
     M = math.prod(x.shape[:-1])  # reshape's -1 is ambiguous once k, r or d is 0
@@ -115,6 +116,8 @@ def _lowrank_grads(needs, gy, x, A, B, t):
     gx = gA = gB = gbias = None
     if need_x or need_A:
         gt = gy2.mm(B)
+        if gt_out is not None:
+            gt = gt + gt_out.reshape(M, r)
         if need_x:
             gx = gt.mm(A).reshape(x.shape)
         if need_A:
@@ -126,8 +129,9 @@ def _lowrank_grads(needs, gy, x, A, B, t):
     return gx, gA, gB, gbias
 
 
-def _lora_grads(needs, gy, x, W, A, B, t, scale):
-    """Gradients of y = x·Wᵀ + bias + scale·t·Bᵀ, t = x·Aᵀ: (gx, gW, gA, gB, gbias)."""
+def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
+    """Gradients of y = x·Wᵀ + bias + scale·t·Bᵀ, t = x·Aᵀ: (gx, gW, gA, gB, gbias);
+    ``gt_out`` as in :func:`_lowrank_grads`."""
     need_x, need_W, need_A, need_B, need_bias = needs
     k, r, d = W.shape[1], A.shape[0], W.shape[0]
     M = math.prod(x.shape[:-1])
@@ -135,6 +139,8 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale):
     gx = gW = gA = gB = gbias = None
     if need_x or need_A:
         gt = gy2.mm(B) * scale
+        if gt_out is not None:
+            gt = gt + gt_out.reshape(M, r)
         if need_x:
             gx = (gy2.mm(W) + gt.mm(A)).reshape(x.shape)
         if need_A:
@@ -180,6 +186,44 @@ class _LoRALinearFunction(torch.autograd.Function):
 if not _backend.compiled:
     _lib.impl("lowrank_linear", _LowRankLinearFunction.apply, "Autograd")
     _lib.impl("lora_linear", _LoRALinearFunction.apply, "Autograd")
+
+
+# The forms that also return t = x·Aᵀ are what the autograd kernels above
+# call below autograd; called directly they get a backward of their own (both
+# backends), through y and through t.
+class _LowRankWithIntermediateFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, bias):
+        with torch._C._AutoDispatchBelowAutograd():
+            y, t = ops.lowrank_linear_with_intermediate.default(x, A, B, bias)
+        ctx.save_for_backward(x, A, B, t)
+        return y, t
+
+    @staticmethod
+    def backward(ctx, gy, gt):
+        x, A, B, t = ctx.saved_tensors
+        return _lowrank_grads(ctx.needs_input_grad, gy, x, A, B, t, gt_out=gt)
+
+
+class _LoRAWithIntermediateFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, A, B, bias, scale):
+        with torch._C._AutoDispatchBelowAutograd():
+            y, t = ops.lora_linear_with_intermediate.default(x, W, A, B, bias, scale)
+        ctx.save_for_backward(x, W, A, B, t)
+        ctx.scale = scale
+        return y, t
+
+    @staticmethod
+    def backward(ctx, gy, gt):
+        x, W, A, B, t = ctx.saved_tensors
+        return (*_lora_grads(ctx.needs_input_grad[:5], gy, x, W, A, B, t, ctx.scale,
+                             gt_out=gt), None)
+
+
+_lib.impl("lowrank_linear_with_intermediate", _LowRankWithIntermediateFunction.apply,
+          "Autograd")
+_lib.impl("lora_linear_with_intermediate", _LoRAWithIntermediateFunction.apply, "Autograd")
 
 
 # --- autocast -----------------------------------------------------------------

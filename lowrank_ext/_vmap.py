@@ -49,14 +49,20 @@ def _batched_product(x, A, B, bias, W=None, scale=1.0):
     if bias is not None:
         y = y + bc.unsqueeze(1)
     shape = (n, *lead)
-    return y.to(dtype).reshape(*shape, -1), t.to(dtype).reshape(*shape, -1)
+    # Sizes spelled out: with no rows or samples, -1 would be ambiguous.
+    return (y.to(dtype).reshape(*shape, Bc.shape[1]),
+            t.to(dtype).reshape(*shape, Ac.shape[1]))
 
 
 def _lowrank_rule(op, returns_t):
     def rule(info, in_dims, x, A, B, bias):
         x_dim, A_dim, B_dim, bias_dim = in_dims
         if x_dim is not None and A_dim is None and B_dim is None and bias_dim is None:
-            # Shared weights: the batch is one more leading dimension of x.
+            # Shared weights: the batch is one more leading dimension of x,
+            # unless a sample is 0-D, which the op refuses (x would pass as
+            # one row of the batch's size).
+            if x.dim() == 1:
+                _checks.check_lowrank_linear_inputs("lowrank_linear", x[0], A, B, bias)
             return op(x.movedim(x_dim, 0), A, B, bias), (0, 0) if returns_t else 0
         n = info.batch_size
         x, A, B, bias = (_to_front(t, d, n) for t, d in zip((x, A, B, bias), in_dims))
@@ -71,6 +77,8 @@ def _lora_rule(op, returns_t):
     def rule(info, in_dims, x, W, A, B, bias, scale):
         x_dim, W_dim, A_dim, B_dim, bias_dim, _ = in_dims
         if x_dim is not None and W_dim is A_dim is B_dim is bias_dim is None:
+            if x.dim() == 1:  # a 0-D sample, as above
+                _checks.check_lora_linear_inputs(x[0], W, A, B, bias, scale)
             return op(x.movedim(x_dim, 0), W, A, B, bias, scale), (0, 0) if returns_t else 0
         n = info.batch_size
         x, W, A, B, bias = (_to_front(t, d, n) for t, d in zip((x, W, A, B, bias), in_dims))

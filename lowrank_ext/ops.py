@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 
 import torch
@@ -94,9 +95,13 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
 
     Same dtype, device and gradient rules as :func:`lowrank_linear`.
     """
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"lora_linear: scale must be a real number, got {type(scale).__name__}")
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except OverflowError:  # an int past float's range
+        raise ValueError("lora_linear: scale must be finite, got an int beyond float's "
+                         "range") from None
     eager = not _is_compiling()
     if _fast_lora_linear is not None and eager:
         y = _fast_lora_linear(x, W, A, B, bias, scale)

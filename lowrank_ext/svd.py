@@ -7,6 +7,7 @@ the rank from an energy or error target and offers a randomized method.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -43,6 +44,16 @@ def _check_criteria(fn, rank, energy, tol):
         raise ValueError(f"{fn}: energy must be in (0, 1], got {energy}")
     if tol is not None and not tol >= 0.0:
         raise ValueError(f"{fn}: tol must be >= 0, got {tol}")
+    # As floats; an int past float's range (10**400) is a tol of infinity.
+    return (None if energy is None else float(energy),
+            None if tol is None else _as_float(tol))
+
+
+def _as_float(value):
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = None) -> int:
@@ -55,7 +66,7 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     """
     if energy is None and tol is None:
         raise ValueError("choose_rank: give exactly one of energy or tol, got none")
-    _check_criteria("choose_rank", None, energy, tol)
+    energy, tol = _check_criteria("choose_rank", None, energy, tol)
     if not isinstance(S, torch.Tensor):
         raise TypeError(f"choose_rank: S must be a Tensor, got {type(S).__name__}")
     if S.dim() != 1 or S.numel() == 0:
@@ -109,7 +120,7 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
     """
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"svd_truncate: W must be a Tensor, got {type(W).__name__}")
-    _check_criteria("svd_truncate", rank, energy, tol)
+    energy, tol = _check_criteria("svd_truncate", rank, energy, tol)
     if method not in _METHODS:
         raise ValueError(f"svd_truncate: method must be 'exact' or 'randomized', got {method!r}")
     if not isinstance(balanced, bool):
@@ -133,6 +144,8 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         _checks.check_svd_finite(W)
         S = torch.linalg.svdvals(W.float() if W.dtype in (torch.float16, torch.bfloat16) else W)
         rank = choose_rank(S, energy=energy, tol=tol)
+    elif isinstance(W, torch.Tensor) and W.dim() == 2 and not -2**63 <= rank < 2**63:
+        _checks.check_svd_rank(W, rank)  # past the op's int64: the range error it would give
     return ops.svd_truncate.default(W, int(rank), balanced)
 
 

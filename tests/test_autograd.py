@@ -183,3 +183,22 @@ def test_widen_half_switch_and_cpu_default(monkeypatch, dtype):
     *_, seen = _half_backward("lowrank_linear", dtype, grad_of)
     slow = float16_gemm_is_slow() if dtype == torch.float16 else bfloat16_gemm_is_slow()
     assert (HALF_NAMES[dtype] not in seen) == slow, (slow, seen)
+
+
+@pytest.mark.parametrize("op", ["lowrank_linear_with_intermediate",
+                                "lora_linear_with_intermediate"])
+def test_the_forms_returning_the_intermediate_have_a_backward_through_both(op):
+    # Called directly (torch.ops), gradients reach the inputs through y and
+    # through t = x·Aᵀ, on both backends.
+    x, W, A, B, b = _leaf(4, 6), _leaf(5, 6), _leaf(2, 6), _leaf(5, 2), _leaf(5)
+    if op == "lowrank_linear_with_intermediate":
+        def f(x, A, B, b):
+            y, t = torch.ops.lowrank_ext.lowrank_linear_with_intermediate(x, A, B, b)
+            return y.sum() + (t * t).sum()
+        args = (x, A, B, b)
+    else:
+        def f(x, W, A, B, b):
+            y, t = torch.ops.lowrank_ext.lora_linear_with_intermediate(x, W, A, B, b, 0.7)
+            return y.sum() + (t * t).sum()
+        args = (x, W, A, B, b)
+    assert torch.autograd.gradcheck(f, args)

@@ -36,6 +36,12 @@ LOWRANK_CASES = [
      "lowrank_linear: x must be float32, float64, float16 or bfloat16, got bool"),
     (_with(x=torch.ones(4, 6, dtype=torch.complex64)), TypeError,
      "lowrank_linear: x must be float32, float64, float16 or bfloat16, got complex64"),
+    # dtypes named as Python names them on both backends (not UInt16).
+    (_with(x=torch.ones(4, 6, dtype=torch.uint16)), TypeError,
+     "lowrank_linear: x must be float32, float64, float16 or bfloat16, got uint16"),
+    (_with(x=torch.ones(4, 6).to(torch.float8_e4m3fn)), TypeError,
+     "lowrank_linear: x must be float32, float64, float16 or bfloat16, got float8_e4m3fn"),
+    (_with(A=torch.tensor(1.0)), ValueError, "lowrank_linear: A must be 2-D (r, k), got shape []"),
     (_with(A=torch.randn(2, 6, dtype=torch.float64)), TypeError,
      "lowrank_linear: A has dtype float64 but x has dtype float32" + DT),
     (_with(B=torch.ones(3, 2, dtype=torch.int32)), TypeError,
@@ -122,6 +128,8 @@ LORA_CASES = [
     (lora_args(scale=math.nan), ValueError, "lora_linear: scale must be finite, got nan"),
     (lora_args(scale=math.inf), ValueError, "lora_linear: scale must be finite, got inf"),
     (lora_args(scale="2"), TypeError, "lora_linear: scale must be a real number, got str"),
+    (lora_args(scale=10**400), ValueError,
+     "lora_linear: scale must be finite, got an int beyond float's range"),
     (lora_args(W=None), TypeError, "lora_linear: W must be a Tensor, got NoneType"),
 ]
 
@@ -165,6 +173,8 @@ SVD_CASES = [
      "svd_truncate: method='randomized' needs rank, not energy or tol"),
     (dict(W=W6x4, rank=7, method="randomized"), ValueError,
      "svd_truncate: rank must be in [1, 4] for W of shape [6, 4], got 7"),
+    (dict(W=W6x4, rank=2**63), ValueError,
+     f"svd_truncate: rank must be in [1, 4] for W of shape [6, 4], got {2**63}"),
 ]
 
 
@@ -180,7 +190,8 @@ def test_svd_truncate_bad_input(args, exc, message):
 
 @pytest.mark.parametrize("args,exc,message",
                          [c for c in SVD_CASES if set(c[0]) == {"W", "rank"}
-                          and isinstance(c[0]["W"], torch.Tensor) and type(c[0]["rank"]) is int],
+                          and isinstance(c[0]["W"], torch.Tensor) and type(c[0]["rank"]) is int
+                          and c[0]["rank"] < 2**63],  # what the op's int64 schema takes
                          ids=str)
 def test_svd_truncate_op_and_fallback_agree_on_errors(args, exc, message):
     with pytest.raises(exc, match=re.escape(message) + "$"):
@@ -203,3 +214,17 @@ def test_choose_rank_bad_input():
 def test_backend_in_use_is_reported():
     info = lx.backend_info()
     assert info["compiled"] == _backend.compiled
+
+
+def test_a_tol_past_floats_range_is_infinite_and_keeps_rank_one():
+    B, A = lx.svd_truncate(W6x4, tol=10**400)
+    assert A.shape == (1, 4) and B.shape == (6, 1)
+    assert lx.choose_rank(torch.tensor([3.0, 2.0, 1.0]), tol=10**400) == 1
+
+
+def test_numpy_scalars_are_real_numbers_for_scale():
+    np = pytest.importorskip("numpy")
+    args = lora_args()
+    expected = lx.lora_linear(**{**args, "scale": 0.5})
+    for scale in (np.float32(0.5), np.float64(0.5), np.int64(1) / 2):
+        torch.testing.assert_close(lx.lora_linear(**{**args, "scale": scale}), expected)

@@ -31,3 +31,19 @@ def test_float16_lora_adapter_beyond_range_gives_the_float32_answer():
         y = fn(x, W, A, B, None, 0.5)
         assert torch.isfinite(y).all()
         torch.testing.assert_close(y.float(), torch.full((2, 4), 100.0), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 64])  # the half path, the few-rows path, the half path
+@pytest.mark.parametrize("scale", [1000.0, 1e-6, 1e-8])
+def test_float16_lora_scale_is_not_folded_into_B(rows, scale):
+    # B·scale would be 1e5 (past float16's 65504) or 1e-6 / 1e-8 (subnormal or
+    # zero in float16); the answer itself is representable. peft scales B·(A·x).
+    k = 64
+    x = torch.full((rows, k), 1e-3 if scale > 1 else 1.0, dtype=torch.float16)
+    W = torch.zeros(4, k, dtype=torch.float16)
+    A = torch.full((2, k), 1.0 if scale > 1 else 100.0, dtype=torch.float16)
+    B = torch.full((4, 2), 100.0 if scale > 1 else 1.0, dtype=torch.float16)
+    expected = scale * (x.double() @ A.double().T) @ B.double().T
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        y = fn(x, W, A, B, None, scale)
+        torch.testing.assert_close(y.double(), expected, rtol=2e-3, atol=0)

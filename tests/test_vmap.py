@@ -147,3 +147,30 @@ def test_bad_input_is_reported_as_outside_vmap():
     A3 = _make(3, 10, 1)
     with pytest.raises(ValueError, match="lowrank_linear: A must be 2-D"):
         torch.vmap(lambda xs: lx.lowrank_linear(xs, A3, B, bias))(_make(N, 4, 10))
+
+
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+def test_a_zero_dimensional_sample_is_refused_as_in_eager(op):
+    # vmap over a 1-D x: each sample is 0-D, which the op refuses; the shared
+    # weight rule must not read the batch as one row of k features.
+    k = 4
+    A, B, b, W = _make(2, k), _make(3, 2), _make(3), _make(3, k)
+    call = ((lambda xi: lx.lowrank_linear(xi, A, B, b)) if op == "lowrank_linear" else
+            (lambda xi: lx.lora_linear(xi, W, A, B, b, 0.5)))
+    with pytest.raises(ValueError, match="x must have at least 1 dimension"):
+        torch.vmap(call)(_make(k))
+
+
+@pytest.mark.parametrize("case", ["no rows", "no samples"])
+def test_per_sample_weights_with_nothing_to_compute(case):
+    k, r, d = 5, 2, 4
+    n = 0 if case == "no samples" else N
+    x = _make(0 if case == "no rows" else 3, k)
+    As, B, bias = _make(n, r, k), _make(d, r), _make(d)
+    y = torch.vmap(lambda A: lx.lowrank_linear(x, A, B, bias))(As)
+    assert y.shape == (n, x.shape[0], d)
+    expected = torch.stack([_reference(x, A, B, bias) for A in As]) if n else y.double()
+    torch.testing.assert_close(y.double(), expected)
+    W = _make(d, k)
+    y, t = torch.vmap(lambda A: ops.lora_linear_with_intermediate(x, W, A, B, None, 0.5))(As)
+    assert y.shape == (n, x.shape[0], d) and t.shape == (n, x.shape[0], r)
