@@ -18,8 +18,8 @@ from ._fallback import factors_from_svd
 from ._library import ops
 
 _METHODS = ("exact", "randomized")
-# Relative slack on the energy and error targets, so that a target met exactly
-# in real arithmetic is not missed by float64 rounding.
+# Relative slack on the energy and error targets (fractions of Σσ²), so that
+# a target met exactly in real arithmetic is not missed by rounding.
 _RANK_SLACK = 1e-12
 # Extra columns of the randomized range finder beyond the rank (Halko et al.).
 _OVERSAMPLE = 10
@@ -62,7 +62,10 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     ``energy`` in (0, 1]: the smallest r whose leading singular values hold that
     fraction of Σσ². ``tol`` ≥ 0: the smallest r with ‖W − W_r‖_F ≤ tol·‖W‖_F,
     where ‖W − W_r‖_F = √Σ_{i>r} σ_i² (Eckart–Young). Give exactly one. A zero
-    matrix gets rank 1.
+    matrix gets rank 1. Both allow rounding: Σσ² may be missed by 1e-12 of
+    itself, so ``tol=0`` and ``energy=1`` give the numerical rank (an error of
+    at most 1e-6·‖W‖_F), not the count of singular values that rounding left
+    above zero.
     """
     if energy is None and tol is None:
         raise ValueError("choose_rank: give exactly one of energy or tol, got none")
@@ -93,7 +96,10 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
         # tail[r-1] = Σ_{i>r} σ_i², summed from the small end for accuracy.
         tail = torch.cat([torch.flip(torch.cumsum(torch.flip(s2[1:], [0]), 0), [0]),
                           s2.new_zeros(1)])
-        ok = tail <= (tol * tol) * total * (1.0 + _RANK_SLACK)
+        # The slack added, not multiplied, so that tol = 0 ("exact") reads a
+        # tail of rounding noise (1e-7 of a float32 rank-1 matrix) as zero, as
+        # energy = 1 does.
+        ok = tail <= (tol * tol + _RANK_SLACK) * total
     return int(torch.nonzero(ok)[0, 0]) + 1
 
 

@@ -107,6 +107,13 @@ def test_energy_one_finds_the_numerical_rank():
     assert lx.svd_truncate(W, energy=1.0)[0].shape[1] == 2
 
 
+def test_tol_zero_finds_the_numerical_rank_as_energy_one_does():
+    # float32 leaves singular values of about 1e-7·‖W‖ past the true rank.
+    for W in (_low_rank(10, 10, 2, dtype=torch.float32), torch.ones(5, 5)):
+        expected = lx.svd_truncate(W, energy=1.0)[0].shape[1]
+        assert lx.svd_truncate(W, tol=0.0)[0].shape[1] == expected == torch.linalg.matrix_rank(W)
+
+
 def test_randomized_is_reproducible_and_close_to_exact():
     W = _low_rank(60, 40, 5, noise=1e-3)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
