@@ -429,7 +429,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             batches (tensor → ``model(x)``, tuple → ``model(*b)``, dict →
             ``model(**b)``). Makes the truncation activation-aware. A dict
             batch with an ``attention_mask`` of shape (batch, tokens) leaves
-            the padding tokens out of the statistics. ``allocation=
+            the padding tokens out of the statistics and out of the outputs
+            the sensitivity allocation compares. ``allocation=
             "sensitivity"`` and ``sequential`` run the calibration several
             times and compare the runs, so an iterable is read once and its
             batches kept (a generator or a shuffled ``DataLoader`` gives every

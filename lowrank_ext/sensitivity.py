@@ -17,6 +17,10 @@ calibration calls it, otherwise those of its last top-level child to run
 ``encode``). Every floating-point tensor in them counts, each relative to its
 own size. Wide outputs (logits) are kept through a fixed random projection to
 64 columns, which keeps squared distances in expectation at a bounded memory.
+In a dict batch with an ``attention_mask`` of shape (batch, tokens), the rows
+of outputs shaped (batch, tokens, ...) at padding tokens are left out, as they
+are from the whitening statistics: what the model computes there is no output
+anyone reads.
 """
 
 from collections.abc import Mapping
@@ -37,6 +41,13 @@ def _floating_tensors(output):
     if isinstance(output, (tuple, list)):
         return [t for item in output for t in _floating_tensors(item)]
     return []
+
+
+def _without_padding(t, mask):
+    """The rows of a per-token output ``t`` (batch, tokens, ...) at real tokens."""
+    if mask is None or t.dim() != mask.dim() + 1 or tuple(t.shape[:-1]) != tuple(mask.shape):
+        return t
+    return t[mask.to(t.device) != 0]
 
 
 class _Projection:
@@ -71,16 +82,18 @@ class OutputRecorder:
     def record(self, calibration):
         top, children = [], []
         order = list(self.model.named_children())
+        token_mask = [None]  # the running dict batch's attention_mask, if any
 
         def keep(store, label):
             def hook(module, args, output):
-                store.append((label, [self.project(t) for t in _floating_tensors(output)]))
+                store.append((label, [self.project(_without_padding(t, token_mask[0]))
+                                      for t in _floating_tensors(output)]))
             return hook
 
         handles = [self.model.register_forward_hook(keep(top, None))]
         handles += [child.register_forward_hook(keep(children, name)) for name, child in order]
         try:
-            run_calibration(self.model, calibration)
+            run_calibration(self.model, calibration, token_mask)
         finally:
             for handle in handles:
                 handle.remove()

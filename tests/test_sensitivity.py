@@ -162,3 +162,25 @@ def test_outputs_without_floating_tensors_are_refused():
 
     with pytest.raises(ValueError, match="found no floating-point tensor in the model's outputs"):
         lx.compress_model(Argmax(), ratio=0.5, calibration=data())
+
+
+def test_padding_tokens_do_not_count_in_the_measured_change():
+    # The same two sentences, padded into one batch or one per batch: the
+    # model's outputs at real tokens are the same, and only those count, so
+    # the sensitivities agree. (Before, the padded rows of the hidden states
+    # counted too.)
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=48)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config, add_pooling_layer=False).double().eval()
+    ids = torch.randint(1, 40, (2, 7))
+    mask = torch.tensor([[1] * 3 + [0] * 4, [1] * 7])
+    padded = [{"input_ids": ids, "attention_mask": mask}]
+    separate = [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]}
+                for i, n in enumerate((3, 7))]
+    reports = [lx.compress_model(copy.deepcopy(model), ratio=0.5, calibration=batches,
+                                 progress=False) for batches in (padded, separate)]
+    for a, b in zip(*(report.layers for report in reports)):
+        assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-6), a.name
+    assert reports[0].ranks == reports[1].ranks
