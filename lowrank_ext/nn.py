@@ -8,6 +8,7 @@ optional PiSSA initialisation, merge/unmerge).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
@@ -64,6 +65,14 @@ def _dense_product(B, A, scale=1.0):
     return scale * (B @ A)
 
 
+def _outside_fake_mode():
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # a torch without it: no fake mode to leave
+        return contextlib.nullcontext()
+    return unset_fake_temporarily()
+
+
 class WeightPlaceholder(Tensor):
     """The ``weight`` of a :class:`LowRankLinear`: shape, dtype and device only.
 
@@ -91,10 +100,15 @@ class WeightPlaceholder(Tensor):
         try:
             return value.expand(shape).as_subclass(WeightPlaceholder)
         except RuntimeError:
-            # torch.export's non-strict tracing runs on fake tensors, which
-            # cannot become this subclass: there the stand-in is a plain
-            # broadcast NaN with the same metadata.
-            return value.expand(shape)
+            # torch.export's non-strict tracing (and ONNX export through it)
+            # runs under a fake tensor mode, whose tensors cannot become this
+            # subclass: the placeholder is made outside that mode, as a real
+            # one-element tensor, so that computing with it still raises
+            # there instead of tracing NaN into the exported program.
+            with _outside_fake_mode():
+                value = torch.full((), math.nan, dtype=reference.dtype,
+                                   device=reference.device)
+                return value.expand(shape).as_subclass(WeightPlaceholder)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -152,6 +152,22 @@ def test_weight_dtype_check_compiles_and_exports():
         torch.testing.assert_close(program.module()(x), block(x))
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_computing_with_the_weight_raises_under_export_too(strict):
+    # Non-strict export traces on fake tensors; the placeholder must still
+    # refuse to compute there, not trace NaN into the program.
+    class ReadsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = lx.LowRankLinear(6, 5, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.layer.weight)
+
+    with pytest.raises(Exception, match="LowRankLinear.weight holds no values"):
+        torch.export.export(ReadsWeight(), (torch.randn(2, 6),), strict=strict)
+
+
 def test_state_dict_deepcopy_to_and_gradients():
     layer = lx.LowRankLinear(16, 8, 3)
     clone = lx.LowRankLinear(16, 8, 3)
