@@ -35,6 +35,13 @@ bool unpack_tensor(
     const char* op, const char* name, PyObject* obj, at::Tensor* out,
     bool* overridden) {
   if (!THPVariable_Check(obj)) {
+    if (PyObject_HasAttrString(reinterpret_cast<PyObject*>(Py_TYPE(obj)),
+                               "__torch_function__")) {
+      // Not a tensor but standing for one (torch.fx's Proxy while
+      // symbolic_trace runs): the Python wrapper hands it to torch.ops.
+      *overridden = true;
+      return true;
+    }
     // type(obj).__name__, as the Python checks print it: tp_name carries a
     // module prefix for types defined in C ("numpy.ndarray").
     const char* full = Py_TYPE(obj)->tp_name;

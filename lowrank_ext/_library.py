@@ -192,12 +192,17 @@ if not _backend.compiled:
 # call below autograd; called directly they get a backward of their own (both
 # backends), through y and through t.
 class _LowRankWithIntermediateFunction(torch.autograd.Function):
+    # forward without ctx plus setup_context: the form torch.func (also under
+    # torch.compile) accepts.
     @staticmethod
-    def forward(ctx, x, A, B, bias):
+    def forward(x, A, B, bias):
         with torch._C._AutoDispatchBelowAutograd():
-            y, t = ops.lowrank_linear_with_intermediate.default(x, A, B, bias)
-        ctx.save_for_backward(x, A, B, t)
-        return y, t
+            return ops.lowrank_linear_with_intermediate.default(x, A, B, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, A, B, _ = inputs
+        ctx.save_for_backward(x, A, B, output[1])
 
     @staticmethod
     def backward(ctx, gy, gt):
@@ -207,12 +212,15 @@ class _LowRankWithIntermediateFunction(torch.autograd.Function):
 
 class _LoRAWithIntermediateFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W, A, B, bias, scale):
+    def forward(x, W, A, B, bias, scale):
         with torch._C._AutoDispatchBelowAutograd():
-            y, t = ops.lora_linear_with_intermediate.default(x, W, A, B, bias, scale)
-        ctx.save_for_backward(x, W, A, B, t)
+            return ops.lora_linear_with_intermediate.default(x, W, A, B, bias, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, W, A, B, _, scale = inputs
+        ctx.save_for_backward(x, W, A, B, output[1])
         ctx.scale = scale
-        return y, t
 
     @staticmethod
     def backward(ctx, gy, gt):

@@ -51,6 +51,12 @@ def _checks_under_tracer():
         yield
 
 
+def _fx_proxies(*args):
+    """Whether torch.fx.symbolic_trace is tracing the call: its Proxy arguments
+    are no tensors to check, and record the op they are passed to."""
+    return any(isinstance(arg, torch.fx.Proxy) for arg in args)
+
+
 def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) -> Tensor:
     """``y = (x·Aᵀ)·Bᵀ + bias``, the low-rank linear map ``W ≈ B·A`` applied to ``x``.
 
@@ -75,12 +81,20 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
         y = _fast_lowrank_linear(x, A, B, bias)
         if y is not NotImplemented:
             return y
+    if _fx_proxies(x, A, B, bias):  # torch.fx.symbolic_trace records the op itself
+        return ops.lowrank_linear.default(x, A, B, bias)
     _checks.check_is_tensor("lowrank_linear", x=x, A=A, B=B, bias=bias)
     if _exporting_to_onnx(eager):
         with _checks_under_tracer():
             _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
         return _fallback.lowrank_forward(x, A, B, bias)[0]
-    if eager and _functorch.transforms_active() is not None:
+    if _functorch.transforms_active() is not None:
+        if not eager:
+            # torch.compile of a torch.func transform: dynamo cannot run the
+            # op's autograd (C++, or an autograd.Function) under the
+            # transform, but traces the composition and differentiates it.
+            _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
+            return _fallback.lowrank_forward(x, A, B, bias)[0]
         return _functorch.lowrank_linear(x, A, B, bias)
     return ops.lowrank_linear.default(x, A, B, bias)
 
@@ -107,6 +121,8 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
         y = _fast_lora_linear(x, W, A, B, bias, scale)
         if y is not NotImplemented:
             return y
+    if _fx_proxies(x, W, A, B, bias):  # as in lowrank_linear
+        return ops.lora_linear.default(x, W, A, B, bias, scale)
     _checks.check_is_tensor("lora_linear", x=x, W=W, A=A, B=B, bias=bias)
     # Under torch.compile a scale that differs between compiled layers becomes
     # a symbolic float, which math.isfinite cannot trace; the op's fake kernel
@@ -117,6 +133,9 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
         with _checks_under_tracer():
             _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
         return _fallback.lora_forward(x, W, A, B, bias, scale)[0]
-    if eager and _functorch.transforms_active() is not None:
+    if _functorch.transforms_active() is not None:
+        if not eager:  # as in lowrank_linear
+            _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
+            return _fallback.lora_forward(x, W, A, B, bias, scale)[0]
         return _functorch.lora_linear(x, W, A, B, bias, scale)
     return ops.lora_linear.default(x, W, A, B, bias, scale)

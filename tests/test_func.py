@@ -121,3 +121,31 @@ def test_bad_input_under_a_transform_raises_as_outside(args):
         grad(lambda a: lx.lowrank_linear(x, a, [1.0], bias).sum())(A)
     with pytest.raises(ValueError, match="lora_linear: scale must be finite"):
         grad(lambda a: lx.lora_linear(x, _make(7, 10), a, B, bias, float("inf")).sum())(A)
+
+
+@pytest.mark.parametrize("make", [lambda: lx.LowRankLinear(10, 7, 3, dtype=torch.float64),
+                                  lambda: lx.LoRALinear(nn.Linear(10, 7, dtype=torch.float64), 2)],
+                         ids=["LowRankLinear", "LoRALinear"])
+def test_compiled_transforms_trace_in_one_graph(make):
+    # torch.compile(fullgraph=True) of torch.func.grad and vmap(grad) over the
+    # modules: one graph, the gradients of eager torch.func.
+    torch.manual_seed(0)
+    module = make()
+    if isinstance(module, lx.LoRALinear):
+        with torch.no_grad():
+            module.B.normal_()
+    params = {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
+    x = _make(5, 10)
+
+    def loss(p, x):
+        return functional_call(module, p, (x,)).square().sum()
+
+    expected = grad(loss)(params, x)
+    torch._dynamo.reset()
+    got = torch.compile(grad(loss), fullgraph=True, backend="aot_eager")(params, x)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+    per_sample = torch.compile(vmap(grad(loss), in_dims=(None, 0)), fullgraph=True,
+                               backend="aot_eager")(params, x.unsqueeze(1))
+    for name in expected:
+        torch.testing.assert_close(per_sample[name].sum(0), expected[name])

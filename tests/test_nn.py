@@ -433,3 +433,17 @@ def test_lora_rejects_non_linear():
     with pytest.raises(TypeError,
                        match="base must be an nn.Linear, a LowRankLinear or a transformers Conv1D"):
         lx.LoRALinear(nn.Conv1d(3, 3, 1), 1)
+
+
+def test_fx_symbolic_trace_records_the_ops():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), lx.LowRankLinear(6, 5, 3),
+                          lx.LoRALinear(nn.Linear(5, 4), 2))
+    with torch.no_grad():
+        model[2].B.normal_()
+    traced = torch.fx.symbolic_trace(model)
+    targets = {node.target for node in traced.graph.nodes if node.op == "call_function"}
+    assert torch.ops.lowrank_ext.lowrank_linear.default in targets
+    assert torch.ops.lowrank_ext.lora_linear.default in targets
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(traced(x), model(x))
