@@ -91,7 +91,11 @@ def parse_shapes(text):
         parts = item.replace("x", ",").split(",")
         if len(parts) != 4 or not all(p.isdigit() for p in parts):
             raise ValueError(f"bad shape {item!r}: expected M,k,r,d (four integers)")
-        shapes.append(tuple(int(p) for p in parts))
+        shape = tuple(int(p) for p in parts)
+        if min(shape) < 1:
+            raise ValueError(f"bad shape {item!r}: M, k, r and d must be at least 1 (an empty "
+                             "product has nothing to time)")
+        shapes.append(shape)
     if not shapes:
         raise ValueError("no shapes given")
     return shapes
@@ -99,6 +103,8 @@ def parse_shapes(text):
 
 def parse_dtypes(text):
     names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"no dtypes given in {text!r}")
     for name in names:
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
@@ -601,12 +607,11 @@ def write_json(result, path):
 
 def plot(result, path):
     """Bar chart of baseline / ours per shape, dtype and mode (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'lowrank_ext[plot]'") from exc
+    import textwrap
+
+    from ._plotting import load_matplotlib, plot_format
+
+    plt = load_matplotlib()
     entries = result["results"]
     labels = [f"{','.join(str(v) for v in e['shape'].values())}\n{e['dtype']} {e['mode']}"
               for e in entries]
@@ -620,9 +625,13 @@ def plot(result, path):
     ax.set_yscale("log")
     ax.set_xticks([j + width * (len(baselines) - 1) / 2 for j in range(len(entries))])
     ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("time ratio (> 1: lowrank_linear is faster)")
-    ax.set_title(machine_summary(result), fontsize=8)
+    ours = {"lora": "lora_linear", "dora": "the DoRA layer"}.get(result.get("op"),
+                                                                  "lowrank_linear")
+    ax.set_ylabel(f"time ratio (> 1: {ours} is faster)")
+    # Wrapped to the figure's width, so that tight_layout keeps it whole.
+    ax.set_title("\n".join(textwrap.wrap(machine_summary(result), 14 * fig.get_figwidth())),
+                 fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=plot_format(path))
     plt.close(fig)

@@ -1,5 +1,6 @@
 """``python -m lowrank_ext bench``: time lowrank_linear against its baselines."""
 
+import os
 import sys
 
 HELP = ("time lowrank_linear (or lora_linear) against the F.linear composition, "
@@ -45,6 +46,25 @@ def _split(text, allowed, what):
     return items
 
 
+def _check_outputs(args):
+    """Fail before the timing, which may take minutes, on outputs that cannot
+    be written: a missing directory, no matplotlib, an image format it lacks."""
+    from ._plotting import load_matplotlib, plot_format
+    from .serialization import check_output_path
+
+    for path in (args.json, args.markdown, args.plot):
+        if path is not None:
+            # The directory is made if missing, as the writers would.
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as exc:
+                raise type(exc)(f"cannot write {path}: {exc.strerror or exc}") from None
+            check_output_path(None, path)
+    if args.plot is not None:
+        load_matplotlib()
+        plot_format(args.plot)
+
+
 def run(args):
     from . import bench
 
@@ -52,6 +72,7 @@ def run(args):
         bench.require_cuda()
     if args.rounds < 1 or args.batch_ms <= 0 or args.warmup_s < 0:
         raise ValueError("--rounds must be >= 1, --batch-ms > 0 and --warmup-s >= 0")
+    _check_outputs(args)
     modes = _split(args.modes, bench.MODES, "mode")
     sides = _split(args.sides, bench.SIDES, "side")
     sides = ["ours"] + [s for s in sides if s != "ours"]
@@ -67,8 +88,9 @@ def run(args):
         defaults = ((bench.DEFAULT_CUDA_LORA_SHAPES if cuda else bench.DEFAULT_CPU_LORA_SHAPES)
                     if lora else
                     (bench.DEFAULT_CUDA_SHAPES if cuda else bench.DEFAULT_CPU_SHAPES))
-        shapes = bench.parse_shapes(args.shapes) if args.shapes else defaults
-        dtypes = (bench.parse_dtypes(args.dtype) if args.dtype else
+        # An empty --shapes "" is an error, not the (long) defaults.
+        shapes = bench.parse_shapes(args.shapes) if args.shapes is not None else defaults
+        dtypes = (bench.parse_dtypes(args.dtype) if args.dtype is not None else
                   list(bench.DEFAULT_CUDA_DTYPES if args.device == "cuda"
                        else bench.DEFAULT_CPU_DTYPES))
         plan = [(shapes, dtypes)]

@@ -7,6 +7,7 @@ and ``run(args) -> int``; those modules import heavy dependencies inside
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> module implementing it
@@ -52,15 +53,26 @@ def _one_line(exc):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = None
     try:
+        # Inside the try: building the parser imports the commands, which a
+        # Ctrl-C may interrupt too.
+        args = build_parser().parse_args(argv)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print(f"lowrank_ext {args.command}: interrupted", file=sys.stderr)
+        command = f" {args.command}" if args is not None else ""
+        print(f"lowrank_ext{command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): nothing more to say, and
+        # nothing left to flush at exit either.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            pass
+        return 1
     except USER_ERRORS as exc:
-        if args.traceback:
+        if args is None or args.traceback:
             raise
         message = _one_line(exc)
         print(f"lowrank_ext {args.command}: error: {message}", file=sys.stderr)

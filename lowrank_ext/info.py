@@ -19,7 +19,8 @@ def backend_info() -> dict:
 
     Keys: ``compiled`` (the C++ extension is loaded), ``cpu`` / ``cuda`` (compiled
     kernels for that device are registered and active; ``cuda`` also needs a GPU),
-    ``cuda_built`` (the build contains CUDA kernels), ``fallback_reason``
+    ``cuda_built`` (the build contains CUDA kernels; None when the extension
+    is not loaded, so nobody asked it), ``fallback_reason``
     (None, or why the pure-torch kernels are in use), ``version``, ``torch``,
     ``cuda_available``, ``built_with_torch``, ``cpu_capability``, ``cpu_kernels``
     (the compiled CPU kernel set in use: ``"avx512bf16"``, ``"avx2"``,
@@ -33,7 +34,8 @@ def backend_info() -> dict:
         op: [dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if compiled and _has_kernel(op, key)]
         for op in _OPS
     }
-    cuda_built = bool(_backend.build_info.get("cuda", False))
+    # Unknown (None) when the extension is not loaded (forced fallback, no build).
+    cuda_built = bool(_backend.build_info.get("cuda", False)) if compiled else None
     return {
         "compiled": compiled,
         "cpu": compiled and "cpu" in kernels["lowrank_linear"],

@@ -6,7 +6,7 @@ singular values and the cumulative energy curve (needs matplotlib:
 weights and their ranks at 90/99 % energy.
 """
 
-import os
+from ._plotting import load_matplotlib, plot_format
 
 HELP = "show or plot the singular values and energy curve of weights in a safetensors file"
 
@@ -23,34 +23,10 @@ def add_arguments(parser):
     parser.add_argument("--force", action="store_true", help="overwrite an existing plot")
 
 
-def _load_matplotlib():
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib; install it with "
-                           "`pip install lowrank_ext[plot]` (or `pip install matplotlib`)") from None
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_format(path):
-    """The image format for ``path``, from its extension (png without one); checked."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    ext = os.path.splitext(path)[1][1:].lower() or "png"
-    supported = FigureCanvasBase.get_supported_filetypes()
-    if ext not in supported:
-        raise ValueError(f"--plot {path}: matplotlib cannot write {ext!r} images; use one of "
-                         f"{', '.join(sorted(supported))}")
-    return ext
-
-
 def _plot(path, name, S, energy):
     from .serialization import atomic_write
 
-    plt = _load_matplotlib()
+    plt = load_matplotlib()
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
     ranks = range(1, len(S) + 1)
     ax_s.semilogy(ranks, S.clamp_min(1e-300).tolist())
@@ -62,7 +38,7 @@ def _plot(path, name, S, energy):
              ylabel="fraction of Σσ² kept", ylim=(0, 1.02))
     fig.tight_layout()
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=_plot_format(path)))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=plot_format(path)))
     finally:
         plt.close(fig)
 
@@ -78,8 +54,8 @@ def run(args):
     if args.plot:
         # Fail before the SVD: a plot that cannot be written, matplotlib missing.
         check_output_path(None, args.plot, force=args.force)
-        _load_matplotlib()
-        _plot_format(args.plot)
+        load_matplotlib()
+        plot_format(args.plot)
     if not args.layer:
         print(f"{'tensor':<50} {'shape':>12} {'r@90%':>6} {'r@99%':>6}")
         for _, f in opened(files, None):  # each shard of a checkpoint in turn

@@ -74,6 +74,44 @@ def test_cli_reports_a_bad_argument_in_one_line():
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--rank", "20"], "--rank must be in [1, --size] = [1, 10], got 20"),
+    (["--size", "0"], "--size must be >= 1, got 0"),
+])
+def test_demo_refuses_impossible_sizes(argv, message, capsys):
+    from lowrank_ext import cli
+
+    assert cli.main(["demo", *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+
+
+def test_demo_compares_relative_to_the_values(capsys):
+    from lowrank_ext import cli
+
+    # A 300 × 300 rank-20 W: outputs in the tens, float32 rounding above 1e-5.
+    assert cli.main(["demo", "--size", "300", "--rank", "20"]) == 0
+    assert "equal up to float32 rounding" in capsys.readouterr().out
+
+
+def test_a_reader_that_goes_away_is_no_error(capsys, monkeypatch):
+    # `python -m lowrank_ext demo | head -1`: the write fails with EPIPE.
+    from lowrank_ext import cli, demo
+
+    def closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(demo, "run", closed_pipe)
+    assert cli.main(["demo"]) == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_backend_info_does_not_guess_the_build_without_the_extension():
+    code = "import lowrank_ext as lx; print(lx.backend_info()['cuda_built'])"
+    out = _run(["-c", code], {"LOWRANK_EXT_FORCE_FALLBACK": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr
+
+
 @pytest.mark.slow
 def test_pure_python_install_without_the_build(tmp_path):
     """LOWRANK_EXT_BUILD=0 installs a package that runs on the pure-torch kernels."""

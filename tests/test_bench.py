@@ -75,10 +75,45 @@ def test_cuda_without_gpu_is_a_one_line_error(capsys):
     assert err.count("\n") == 0 and "no CUDA GPU" in err
 
 
-@pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", ""])
+@pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", "", "4,0,4,4", "0,4,4,4", "4,4,-1,4"])
 def test_bad_shapes_are_rejected(text):
     with pytest.raises(ValueError):
         bench.parse_shapes(text)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", ""], "no shapes given"),
+    (["--dtype", ""], "no dtypes given"),
+    (["--dtype", ","], "no dtypes given"),
+    (["--shapes", "4,0,4,4"], "M, k, r and d must be at least 1"),
+    (["--json", "/proc/no/such/dir/b.json"], "b.json"),
+    (["--plot", "b.unknownext"], "matplotlib cannot write 'unknownext' images"),
+])
+def test_bad_arguments_fail_before_any_timing(argv, message, capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    assert run_cli(argv + ["--shapes", "2,8,2,8"] if "--shapes" not in argv else argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and not timed
+
+
+def test_a_plot_without_matplotlib_fails_before_any_timing(capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    assert run_cli(["--shapes", "2,8,2,8", "--plot", "b.png"]) == 1
+    assert "--plot needs matplotlib" in capsys.readouterr().err and not timed
 
 
 def test_shapes_and_dtypes_parse():
