@@ -40,6 +40,22 @@ else:
 if fallback_reason is not None:
     log.info("lowrank_ext: using the pure-torch fallback: %s", fallback_reason)
 
+# The settings read from the environment, with the values each understands;
+# a misspelt value would otherwise be ignored without a word.
+ENV_SETTINGS = {
+    FORCE_FALLBACK_ENV: ("", "0", "1", "true", "false", "yes", "no", "on", "off"),
+    "LOWRANK_EXT_CPU_KERNEL": ("", "auto", "avx2", "portable"),
+    "LOWRANK_EXT_WIDEN_HALF": ("", "0", "1"),
+    "LOWRANK_EXT_PREFAULT": ("", "0", "1"),
+}
+for _name, _allowed in ENV_SETTINGS.items():
+    _value = os.environ.get(_name)
+    # The C++ kernels compare their settings exactly; the fallback switch is lenient.
+    _seen = _value.strip().lower() if _name == FORCE_FALLBACK_ENV and _value else _value
+    if _value is not None and _seen not in _allowed:
+        log.warning("lowrank_ext: %s=%r is not one of %s; it is ignored", _name, _value,
+                    ", ".join(repr(v) for v in _allowed if v))
+
 compiled = _C is not None
 build_info = dict(_C.build_info()) if compiled else {}
 if compiled and build_info.get("torch_version") != torch.__version__:

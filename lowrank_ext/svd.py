@@ -82,6 +82,8 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     s = S.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
         raise ValueError("choose_rank: S must be finite and non-negative")
+    if bool((s[1:] > s[:-1]).any()):  # the ranks below count leading values
+        raise ValueError("choose_rank: S must be in descending order, as svdvals gives it")
     # Both targets are ratios of sums of squares: scaling by the largest value
     # keeps the squares of finite values from overflowing (σ ≈ 1e200).
     top = float(s.max())

@@ -135,3 +135,12 @@ def test_pure_python_install_without_the_build(tmp_path):
     assert "not built" in out.stdout
     demo = _run(["-m", "lowrank_ext", "demo"], plain, cwd=tmp_path)
     assert demo.returncode == 0 and "pure-torch fallback" in demo.stdout, demo.stderr
+
+
+@pytest.mark.parametrize("name, value", [("LOWRANK_EXT_CPU_KERNEL", "AVX2"),
+                                         ("LOWRANK_EXT_WIDEN_HALF", "yes"),
+                                         ("LOWRANK_EXT_FORCE_FALLBACK", "maybe")])
+def test_a_misspelt_setting_is_named_not_ignored_silently(name, value):
+    out = _run(["-c", "import lowrank_ext"], {name: value})
+    assert out.returncode == 0
+    assert f"{name}={value!r} is not one of" in out.stderr

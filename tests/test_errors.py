@@ -209,6 +209,8 @@ def test_choose_rank_bad_input():
         lx.choose_rank(torch.tensor([1.0, -1.0]), energy=0.5)
     with pytest.raises(TypeError, match="choose_rank: S must be a Tensor, got list"):
         lx.choose_rank([1.0], energy=0.5)
+    with pytest.raises(ValueError, match="choose_rank: S must be in descending order"):
+        lx.choose_rank(torch.tensor([1.0, 3.0, 2.0]), energy=0.5)
 
 
 def test_backend_in_use_is_reported():
