@@ -259,7 +259,11 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, A: Tensor, B: Tensor, bias: Tensor | None = None) -> LowRankLinear:
-        """A layer holding copies of the given factors ``A`` (r, k), ``B`` (d, r) and ``bias``."""
+        """A layer holding copies of the given factors ``A`` (r, k), ``B`` (d, r) and ``bias``.
+
+        All of one floating dtype and one device, as :func:`lowrank_linear`
+        takes them: nothing is converted behind the caller's back.
+        """
         owner = "LowRankLinear.from_factors"
         for name, t in (("A", A), ("B", B), ("bias", bias)):
             if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
@@ -269,6 +273,15 @@ class LowRankLinear(nn.Module):
                 raise ValueError(f"{owner}: {name} must be 2-D, got shape {list(t.shape)}")
             if not t.is_floating_point():
                 raise TypeError(f"{owner}: {name} must be a floating-point tensor, got {t.dtype}")
+        for name, t in (("B", B), ("bias", bias)):
+            if t is None:
+                continue
+            if t.dtype != A.dtype:
+                raise TypeError(f"{owner}: {name} has dtype {str(t.dtype)[6:]} but A has dtype "
+                                f"{str(A.dtype)[6:]}; give the factors and bias in one dtype")
+            if t.device != A.device:
+                raise RuntimeError(f"{owner}: {name} is on {t.device} but A is on {A.device}; "
+                                   "give them on one device")
         if B.shape[1] != A.shape[0]:
             raise ValueError(
                 f"{owner}: B has shape {list(B.shape)} but A has shape "
@@ -281,9 +294,9 @@ class LowRankLinear(nn.Module):
         with torch.device("meta"):  # skip a random init that is overwritten at once
             layer = cls(k, d, rank, bias=bias is not None, dtype=A.dtype)
         layer.A = nn.Parameter(A.detach().clone().contiguous())
-        layer.B = nn.Parameter(B.detach().clone().to(A.dtype).contiguous())
+        layer.B = nn.Parameter(B.detach().clone().contiguous())
         if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone().to(A.dtype))
+            layer.bias = nn.Parameter(bias.detach().clone())
         return layer
 
     def to_linear(self) -> nn.Linear:

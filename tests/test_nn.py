@@ -258,6 +258,15 @@ def test_from_factors_bad_input():
     with pytest.raises(ValueError, match="from_factors: bias must have shape \\[d\\] = \\[5\\], "
                                          "got shape \\[6\\]"):
         make(A, B, torch.randn(6))
+    # Nothing converted silently: one dtype and one device.
+    with pytest.raises(TypeError, match="from_factors: B has dtype float64 but A has dtype "
+                                        "float32"):
+        make(A, B.double())
+    with pytest.raises(TypeError, match="from_factors: bias has dtype int64 but A has dtype "
+                                        "float32"):
+        make(A, B, torch.ones(5, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="from_factors: B is on meta but A is on cpu"):
+        make(A, B.to("meta"))
     assert make(A, B, torch.randn(5)).rank == 2
 
 
