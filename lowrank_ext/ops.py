@@ -88,13 +88,7 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
         with _checks_under_tracer():
             _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
         return _fallback.lowrank_forward(x, A, B, bias)[0]
-    if _functorch.transforms_active() is not None:
-        if not eager:
-            # torch.compile of a torch.func transform: dynamo cannot run the
-            # op's autograd (C++, or an autograd.Function) under the
-            # transform, but traces the composition and differentiates it.
-            _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
-            return _fallback.lowrank_forward(x, A, B, bias)[0]
+    if eager and _functorch.transforms_active() is not None:
         return _functorch.lowrank_linear(x, A, B, bias)
     return ops.lowrank_linear.default(x, A, B, bias)
 
@@ -133,9 +127,6 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
         with _checks_under_tracer():
             _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
         return _fallback.lora_forward(x, W, A, B, bias, scale)[0]
-    if _functorch.transforms_active() is not None:
-        if not eager:  # as in lowrank_linear
-            _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
-            return _fallback.lora_forward(x, W, A, B, bias, scale)[0]
+    if eager and _functorch.transforms_active() is not None:
         return _functorch.lora_linear(x, W, A, B, bias, scale)
     return ops.lora_linear.default(x, W, A, B, bias, scale)

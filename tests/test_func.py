@@ -126,9 +126,11 @@ def test_bad_input_under_a_transform_raises_as_outside(args):
 @pytest.mark.parametrize("make", [lambda: lx.LowRankLinear(10, 7, 3, dtype=torch.float64),
                                   lambda: lx.LoRALinear(nn.Linear(10, 7, dtype=torch.float64), 2)],
                          ids=["LowRankLinear", "LoRALinear"])
-def test_compiled_transforms_trace_in_one_graph(make):
-    # torch.compile(fullgraph=True) of torch.func.grad and vmap(grad) over the
-    # modules: one graph, the gradients of eager torch.func.
+def test_compiled_transforms_give_the_eager_gradients(make):
+    # torch.compile of torch.func.grad (and vmap of it) over the modules:
+    # dynamo cannot trace the ops' autograd under the transform and breaks
+    # the graph there (fullgraph=True refuses, see the README); the result
+    # is the eager one.
     torch.manual_seed(0)
     module = make()
     if isinstance(module, lx.LoRALinear):
@@ -142,10 +144,10 @@ def test_compiled_transforms_trace_in_one_graph(make):
 
     expected = grad(loss)(params, x)
     torch._dynamo.reset()
-    got = torch.compile(grad(loss), fullgraph=True, backend="aot_eager")(params, x)
+    got = torch.compile(grad(loss), backend="aot_eager")(params, x)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
-    per_sample = torch.compile(vmap(grad(loss), in_dims=(None, 0)), fullgraph=True,
+    per_sample = torch.compile(vmap(grad(loss), in_dims=(None, 0)),
                                backend="aot_eager")(params, x.unsqueeze(1))
     for name in expected:
         torch.testing.assert_close(per_sample[name].sum(0), expected[name])
