@@ -623,14 +623,20 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _saved_with_mid_compressed(tmp_path, **kwargs):
+    """An EmbeddingAndHead with its mid layer compressed, and the file it was saved to."""
+    torch.manual_seed(0)
+    saved = EmbeddingAndHead(**kwargs)
+    lx.compress_model(saved, rank=4, include="mid")
+    path = tmp_path / "saved.safetensors"
+    lx.save_compressed(saved, path)
+    return saved, path
+
+
 def test_a_shape_that_only_an_alias_names_is_checked_before_any_copy(tmp_path):
     # The file stores the tied head once, as embed.weight (10×16), and names
     # head.weight as its alias; this model's untied head is 12×16.
-    torch.manual_seed(0)
-    saved = EmbeddingAndHead()
-    lx.compress_model(saved, rank=4, include="mid")
-    path = tmp_path / "tied.safetensors"
-    lx.save_compressed(saved, path)
+    saved, path = _saved_with_mid_compressed(tmp_path)
     model = EmbeddingAndHead(head_out=12, tie=False)
     before = _state(model)
     with pytest.raises(RuntimeError, match=r"head\.weight has shape \[10, 16\] in the file "
@@ -644,11 +650,7 @@ def test_a_shape_that_only_an_alias_names_is_checked_before_any_copy(tmp_path):
 def test_a_tie_the_file_does_not_have_is_refused_not_loaded_half(tmp_path):
     # Saved untied (different values under embed.weight and head.weight);
     # loading both into the model's one tied tensor would keep one of them.
-    torch.manual_seed(0)
-    saved = EmbeddingAndHead(tie=False)
-    lx.compress_model(saved, rank=4, include="mid")
-    path = tmp_path / "untied.safetensors"
-    lx.save_compressed(saved, path)
+    saved, path = _saved_with_mid_compressed(tmp_path, tie=False)
     model = EmbeddingAndHead(tie=True)
     before = _state(model)
     with pytest.raises(RuntimeError, match="the model ties embed.weight and head.weight .one "
