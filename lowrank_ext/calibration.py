@@ -8,8 +8,21 @@ from ._modules import dense_weight
 from ._names import preview
 
 
+def token_mask_of(batch):
+    """The 2-D ``attention_mask`` of a dict batch, or of a dict inside a tuple
+    batch (a sentence-transformers model is called as ``model(features)``)."""
+    candidates = [batch] if isinstance(batch, Mapping) else (
+        [b for b in batch if isinstance(b, Mapping)] if isinstance(batch, (tuple, list)) else [])
+    for candidate in candidates:
+        mask = candidate.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask
+    return None
+
+
 def _run_batches(model, calibration, token_mask=None):
-    """Run the calibration; for dict batches, ``token_mask[0]`` holds the batch's attention_mask.
+    """Run the calibration; ``token_mask[0]`` holds the running batch's attention_mask
+    (:func:`token_mask_of`).
 
     Returns the number of batches, None for a callable.
     """
@@ -28,8 +41,8 @@ def _run_batches(model, calibration, token_mask=None):
             f"batches, got {type(calibration).__name__}") from None
     count = 0
     for count, batch in enumerate(batches, 1):
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        if token_mask is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        mask = token_mask_of(batch)
+        if token_mask is not None and mask is not None:
             token_mask[0] = mask
         try:
             call_with_batch(model, batch, "compress_model", "a calibration batch")

@@ -715,4 +715,16 @@ def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, ow
         shared = workers.share(owners[name], None if value is None else torch.tensor(
             [value], dtype=torch.float64), (1,))
         found[name] = float(shared[0])
+    unmeasured = [name for name in names if math.isnan(found[name])]
+    if unmeasured:
+        measured = sorted(v for v in found.values() if not math.isnan(v))
+        neutral = measured[len(measured) // 2] if measured else 1.0
+        warnings.warn(
+            f"compress_model: the calibration inputs of layer(s) {preview(unmeasured)} span "
+            "fewer directions than their probe rank (too few calibration tokens), so their "
+            "truncation is exact on the calibration and their sensitivity cannot be measured; "
+            f"they take the median of the others ({neutral:.3g}). More calibration data "
+            "measures them", stacklevel=4)  # the caller's line
+        for name in unmeasured:
+            found[name] = neutral
     return found

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibration import call_with_batch
+from .calibration import call_with_batch, token_mask_of
 from .compress import name_matches
 from ._names import preview
 from .sensitivity import _floating_tensors
@@ -171,17 +171,6 @@ def _batches(data):
         it = iter(data)
 
 
-def _token_mask(batch):
-    """The 2-D ``attention_mask`` of a dict batch, or of a dict inside a tuple batch."""
-    candidates = [batch] if isinstance(batch, Mapping) else (
-        [b for b in batch if isinstance(b, Mapping)] if isinstance(batch, (tuple, list)) else [])
-    for candidate in candidates:
-        mask = candidate.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            return mask
-    return None
-
-
 def relative_error(student, teacher, mask=None):
     """‖s − t‖² / ‖t‖² in float32 or better, over the positions ``mask`` keeps."""
     dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
@@ -288,7 +277,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         for step in range(steps):
             batch = next(batches)
-            mask = _token_mask(batch)
+            mask = token_mask_of(batch)
             for store in captured.values():
                 store.clear()
             with torch.no_grad():

@@ -23,6 +23,7 @@ are from the whitening statistics: what the model computes there is no output
 anyone reads.
 """
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -30,6 +31,9 @@ import torch
 from .calibration import run_calibration
 
 _KEPT_COLUMNS = 64
+# The smallest relative squared output error of a probe that still measures
+# something: below it the truncation reproduces the calibration up to rounding.
+_MEASURABLE_TAIL = 1e-10
 
 
 def _floating_tensors(output):
@@ -150,5 +154,8 @@ def measure_sensitivity(model, calibration, probes, swap):
             change = relative_change(reference, recorder.record(calibration))
         finally:
             swap(name, original)
-        sensitivity[name] = change / tail_squared if tail_squared > 0 else 0.0
+        # A probe exact on the calibration inputs (they span fewer directions
+        # than its rank) measures rounding noise over about zero: NaN says
+        # "not measured" (compress_model substitutes and warns).
+        sensitivity[name] = change / tail_squared if tail_squared > _MEASURABLE_TAIL else math.nan
     return sensitivity

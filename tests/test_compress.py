@@ -752,3 +752,29 @@ def test_compressing_under_inference_mode_leaves_a_trainable_model():
     assert not any(p.is_inference() for p in model.parameters())
     model(torch.randn(2, 16)).sum().backward()
     assert model.encoder["fc1"].A.grad is not None
+
+
+class _FeaturesModel(nn.Module):
+    """Called as model(features) with a dict, as a sentence-transformers model is."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 20, dtype=torch.float64)
+        self.out = nn.Linear(20, 8, dtype=torch.float64)
+
+    def forward(self, features):
+        return self.out(torch.tanh(self.fc(features["x"])))
+
+
+def test_padding_inside_a_tuple_batch_is_left_out_as_in_a_dict_batch():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    mask = torch.tensor([[1] * 3 + [0] * 4, [1] * 7])
+    padded = [({"x": x, "attention_mask": mask},)]
+    separate = [({"x": x[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]},)
+                for i, n in enumerate((3, 7))]
+    models = [_FeaturesModel() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model, batches in zip(models, (padded, separate)):
+        lx.compress_model(model, rank=3, calibration=batches, progress=False)
+    torch.testing.assert_close(models[0].fc.B @ models[0].fc.A, models[1].fc.B @ models[1].fc.A)

@@ -184,3 +184,17 @@ def test_padding_tokens_do_not_count_in_the_measured_change():
     for a, b in zip(*(report.layers for report in reports)):
         assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-6), a.name
     assert reports[0].ranks == reports[1].ranks
+
+
+def test_probes_exact_on_a_tiny_calibration_are_not_measured_but_warned_about():
+    # Two calibration rows: every layer's inputs span at most two directions,
+    # so each probe (rank >= 2) reproduces the calibration up to rounding and
+    # its "sensitivity" would be noise over zero (0 starved a layer to rank 1).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(),
+                          nn.Linear(24, 6))
+    with pytest.warns(UserWarning, match="span fewer directions than their probe rank"):
+        report = lx.compress_model(model, ratio=0.5, calibration=[torch.randn(2, 16)],
+                                   progress=False)
+    assert [layer.sensitivity for layer in report.layers] == [1.0, 1.0, 1.0]
+    assert min(report.ranks.values()) > 1
