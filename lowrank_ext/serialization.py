@@ -401,6 +401,13 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
             continue  # already in compressed form
         if not is_linear_layer(layer):
             found = "nothing" if layer is None else type(layer).__name__
+            if inferred and layer is None and name.endswith(".base") \
+                    and f"{name[:-len('.base')]}.A" in shapes:
+                raise ValueError(
+                    f"load_compressed: {path} holds a LoRA adapter over a compressed layer "
+                    f"({name[:-len('.base')]!r}: its .A/.B beside .base.A/.base.B), which "
+                    "load_compressed does not rebuild; save the model before lx.add_lora, or "
+                    "after lx.merge_lora, and the adapters with lx.lora_state_dict(model)")
             if inferred and layer is None:
                 raise ValueError(
                     f"load_compressed: {path} holds factors of a layer {name!r}, but the model "

@@ -249,3 +249,18 @@ def test_a_merge_past_full_rank_is_folded_to_rank_min_d_k(shape, dtype, tmp_path
     lx.load_compressed(fresh, tmp_path / "merged.safetensors")
     assert fresh[0].rank == 12
     torch.testing.assert_close(fresh(x), merged, rtol=0, atol=0)
+
+
+def test_a_state_dict_file_with_adapters_over_compressed_layers_is_named_so(tmp_path):
+    # save_pretrained / save_file of a compressed model still holding
+    # adapters: load_compressed says what the file holds and what to do.
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8))
+    lx.compress_model(model, rank=3)
+    lx.add_lora(model, 2)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match="holds a LoRA adapter over a compressed layer"):
+        lx.load_compressed(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8)), path)
