@@ -10,8 +10,8 @@ def load_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib; install it with "
-                           "`pip install lowrank_ext[plot]` (or `pip install matplotlib`)") from None
+        raise RuntimeError("--plot needs matplotlib; install it with `pip install "
+                           "lowrank_ext[plot]` (or `pip install matplotlib`)") from None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 

@@ -10,6 +10,8 @@ Without a process group (or with one rank) every layer is owned locally and
 the collectives are no-ops, so compress_model has one code path.
 """
 
+import contextlib
+
 import torch
 
 
@@ -68,7 +70,7 @@ class Workers:
                 f"compress_model: ranks {differing} were called with other layers, shapes or "
                 "targets than rank 0; every rank must compress the same model the same way")
 
-    def all_succeeded(self, error):
+    def all_succeeded(self, error, what="the factorization"):
         """Agree across ranks whether a step failed; re-raise there and elsewhere say who failed."""
         if not self.shared:
             if error is not None:
@@ -81,8 +83,20 @@ class Workers:
             raise error
         failed = [r for r, f in enumerate(flags.tolist()) if f]
         if failed:
-            raise RuntimeError(f"compress_model: the factorization failed on rank(s) {failed}; "
+            raise RuntimeError(f"compress_model: {what} failed on rank(s) {failed}; "
                                "see the error raised there")
+
+    @contextlib.contextmanager
+    def step(self, what):
+        """A block of local work after which the ranks agree whether it failed,
+        so that an error on one rank is raised on all of them instead of the
+        others waiting forever in the next collective."""
+        error = None
+        try:
+            yield
+        except Exception as exc:  # re-raised below, on this rank and (as a notice) on the others
+            error = exc
+        self.all_succeeded(error, what)
 
     def sum_(self, tensor):
         """Sum ``tensor`` over the ranks, in place (calibration statistics of every rank)."""

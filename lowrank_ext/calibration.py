@@ -20,6 +20,21 @@ def token_mask_of(batch):
     return None
 
 
+def mask_for(t, mask):
+    """The batch's (batch, tokens) ``mask`` laid out as ``t``'s leading dims,
+    ``t`` being (batch, tokens, ...) or token-first (tokens, batch, ...) as
+    torch's ``nn.Transformer`` layers take it; None when ``t`` is neither
+    (a pooled output). A square batch (as many sequences as tokens) cannot
+    tell the two apart and is read batch-first, as transformers models are."""
+    if mask is None or t.dim() != mask.dim() + 1:
+        return None
+    if tuple(t.shape[:-1]) == tuple(mask.shape):
+        return mask
+    if tuple(t.shape[:-1]) == tuple(mask.T.shape):
+        return mask.T
+    return None
+
+
 def _run_batches(model, calibration, token_mask=None):
     """Run the calibration; ``token_mask[0]`` holds the running batch's attention_mask
     (:func:`token_mask_of`).
@@ -119,8 +134,11 @@ def run_calibration(model, calibration, token_mask=None):
                          "batches to run")
 
 
-def collect_input_grams(model, layers, calibration, stages=None):
+def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=False):
     """{name: XᵀX in float64} over the inputs each layer sees during ``calibration``.
+
+    A layer the calibration never ran is a ValueError, or with
+    ``allow_unseen`` (another rank's share of the data may reach it) None.
 
     When ``stages`` is a list, it receives the layer names in the order of
     their first call, grouped into lists of layers fed the same tensor.
@@ -156,8 +174,8 @@ def collect_input_grams(model, layers, calibration, stages=None):
                     x64 = torch.cat([seq.reshape(-1, k) for seq in x.detach().unbind()])
                 else:
                     x64 = x.detach().reshape(-1, k)
-                    mask = token_mask[0]
-                    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                    mask = mask_for(x, token_mask[0])
+                    if mask is not None:
                         x64 = x64[mask.reshape(-1).to(x64.device) != 0]
                 x64 = x64.to(torch.float64)
                 last["key"], last["gram"] = (x, version), x64.T @ x64
@@ -174,9 +192,13 @@ def collect_input_grams(model, layers, calibration, stages=None):
         last.clear()
         for handle in handles:
             handle.remove()
-    unseen = [name for name, g in grams.items() if g is None]
+    check_all_seen([name for name, g in grams.items() if g is None] if not allow_unseen else [])
+    return grams
+
+
+def check_all_seen(unseen):
+    """The ValueError for layers no calibration batch reached."""
     if unseen:
         raise ValueError(
             f"compress_model: the calibration never ran layer(s) {preview(unseen)}; "
             "give batches that reach every compressed layer, or exclude those layers")
-    return grams

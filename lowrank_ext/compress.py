@@ -40,7 +40,7 @@ from ._checks import check_device
 from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
 from ._names import preview
 from ._workers import Workers
-from .calibration import collect_input_grams, replayable
+from .calibration import check_all_seen, collect_input_grams, replayable
 from .sensitivity import measure_sensitivity
 from .nn import (LoRALinear, LowRankLinear, break_even_rank, inherit_requires_grad,
                  rank_for_ratio)
@@ -501,73 +501,78 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         allocation = "sensitivity" if calibration is not None else "global"
     elif allocation == "sensitivity" and calibration is None:
         raise ValueError("compress_model: allocation='sensitivity' needs calibration")
-    device = check_device("compress_model", device, "holds no data to factorize on")
-    linears = plain_linears(model, conv1d=True)
-    if not linears:
-        raise ValueError("compress_model: the model has no nn.Linear (or Conv1D) layer")
-    selected = select_names(list(linears), include, exclude)
-    if include is None:
-        packed = [name for name, m in model.named_modules()
-                  if isinstance(m, nn.MultiheadAttention)
-                  and not any(name_matches(name, p)
-                              for p in _as_patterns("exclude", exclude) or ())]
-        if packed:
-            warnings.warn(
-                f"compress_model: nn.MultiheadAttention module(s) {preview(packed)} keep their "
-                "projections packed, out of reach (torch never calls them as layers); "
-                "lx.split_attention(model) first makes them Linear layers to compress",
-                stacklevel=3)  # the caller's line, past keeps_encoder_flags' wrapper
-    # A weight tied to another module (an output layer sharing the embedding
-    # matrix) or a layer reachable under two names cannot be replaced in one
-    # place: the other holder keeps the dense tensor, so factorizing would add
-    # parameters and untie what the model ties. Such layers stay dense.
-    shared = _shared_layers(model, {name: linears[name] for name in selected})
-    for name in selected:
-        if name not in shared and linears[name].weight.numel() == 0:
-            d, k = dense_weight(linears[name]).shape
-            shared[name] = f"dense: an empty weight ({d}×{k}), nothing to factorize"
-    names = [name for name in selected if name not in shared]
-    layers = {name: linears[name] for name in names}
-    shapes = {name: tuple(dense_weight(layer).shape) for name, layer in layers.items()}
-    if ratio is not None:
-        check_blocks_fit(shapes, ratio, rank_multiple, allocation)
+    # With a process group every rank runs this; whatever fails on one rank
+    # (its model, its share of the calibration) is raised on all of them.
+    workers = Workers(process_group)
+    with workers.step("checking the model and the arguments"):
+        device = check_device("compress_model", device, "holds no data to factorize on")
+        linears = plain_linears(model, conv1d=True)
+        if not linears:
+            raise ValueError("compress_model: the model has no nn.Linear (or Conv1D) layer")
+        selected = select_names(list(linears), include, exclude)
+        if include is None:
+            packed = [name for name, m in model.named_modules()
+                      if isinstance(m, nn.MultiheadAttention)
+                      and not any(name_matches(name, p)
+                                  for p in _as_patterns("exclude", exclude) or ())]
+            if packed:
+                warnings.warn(
+                    f"compress_model: nn.MultiheadAttention module(s) {preview(packed)} keep "
+                    "their projections packed, out of reach (torch never calls them as layers); "
+                    "lx.split_attention(model) first makes them Linear layers to compress",
+                    stacklevel=3)  # the caller's line, past keeps_encoder_flags' wrapper
+        # A weight tied to another module (an output layer sharing the embedding
+        # matrix) or a layer reachable under two names cannot be replaced in one
+        # place: the other holder keeps the dense tensor, so factorizing would add
+        # parameters and untie what the model ties. Such layers stay dense.
+        shared = _shared_layers(model, {name: linears[name] for name in selected})
+        for name in selected:
+            if name not in shared and linears[name].weight.numel() == 0:
+                d, k = dense_weight(linears[name]).shape
+                shared[name] = f"dense: an empty weight ({d}×{k}), nothing to factorize"
+        names = [name for name in selected if name not in shared]
+        layers = {name: linears[name] for name in names}
+        shapes = {name: tuple(dense_weight(layer).shape) for name, layer in layers.items()}
+        if ratio is not None:
+            check_blocks_fit(shapes, ratio, rank_multiple, allocation)
 
-    if not isinstance(sequential, bool):
-        raise TypeError(f"compress_model: sequential must be a bool, got "
-                        f"{type(sequential).__name__}")
-    if sequential and calibration is None:
-        raise ValueError("compress_model: sequential=True needs calibration")
-    if sequential or (ratio is not None and allocation == "sensitivity"):
-        # Several calibration runs are compared with each other: each must
-        # see the same batches.
-        calibration = replayable(calibration)
-    on_meta = [name for name, layer in layers.items() if layer.weight.is_meta]
-    if on_meta:
-        raise ValueError(
-            f"compress_model: layer(s) {preview(on_meta)} are on the meta device: their weights "
-            "hold no values to factorize; load the trained weights first (load_compressed "
-            "fills a meta model from a compressed file)")
-    for name, layer in layers.items():
-        if not bool(torch.isfinite(layer.weight).all()):
-            raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")
-    shared_records = {
-        name: LayerReport(name, tuple(dense_weight(linears[name]).shape), None,
-                          linears[name].weight.numel(), linears[name].weight.numel(), 0.0,
-                          None, note=note)
-        for name, note in shared.items()}
+        if not isinstance(sequential, bool):
+            raise TypeError(f"compress_model: sequential must be a bool, got "
+                            f"{type(sequential).__name__}")
+        if sequential and calibration is None:
+            raise ValueError("compress_model: sequential=True needs calibration")
+        if sequential or (ratio is not None and allocation == "sensitivity"):
+            # Several calibration runs are compared with each other: each must
+            # see the same batches.
+            calibration = replayable(calibration)
+        on_meta = [name for name, layer in layers.items() if layer.weight.is_meta]
+        if on_meta:
+            raise ValueError(
+                f"compress_model: layer(s) {preview(on_meta)} are on the meta device: their "
+                "weights hold no values to factorize; load the trained weights first "
+                "(load_compressed fills a meta model from a compressed file)")
+        for name, layer in layers.items():
+            if not bool(torch.isfinite(layer.weight).all()):
+                raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")
+        shared_records = {
+            name: LayerReport(name, tuple(dense_weight(linears[name]).shape), None,
+                              linears[name].weight.numel(), linears[name].weight.numel(), 0.0,
+                              None, note=note)
+            for name, note in shared.items()}
     if not layers:
         return CompressionReport([shared_records[n] for n in selected],
                                  calibrated=calibration is not None)
 
-    workers = Workers(process_group)
     workers.check_same_call((list(shapes.items()), ratio, rank, energy, tol, allocation,
                              sequential, rank_multiple, calibration is not None))
     owners = workers.assign(shapes)
     stages = []
-    grams = (collect_input_grams(model, layers, calibration, stages)
-             if calibration is not None else {})
-    for gram in grams.values():
-        workers.sum_(gram)
+    grams = {}
+    if calibration is not None:
+        with workers.step("the calibration"):
+            grams = collect_input_grams(model, layers, calibration, stages,
+                                        allow_unseen=workers.shared)
+        grams = _summed_grams(grams, shapes, workers)
     _check_finite_inputs(grams)
     if sequential:
         workers.check_same_call(stages)
@@ -634,10 +639,11 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                 if index == 0:
                     stage_grams = grams
                 else:
-                    stage_grams = collect_input_grams(
-                        model, {n: layers[n] for n in stage}, calibration)
-                    for gram in stage_grams.values():
-                        workers.sum_(gram)
+                    with workers.step("the calibration"):
+                        stage_grams = collect_input_grams(
+                            model, {n: layers[n] for n in stage}, calibration,
+                            allow_unseen=workers.shared)
+                    stage_grams = _summed_grams(stage_grams, shapes, workers)
                     _check_finite_inputs(stage_grams)
                 bar.set_postfix_str(stage[0], refresh=False)
                 stage_spectra = _spectra(stage, layers, stage_grams, owners, workers, device)
@@ -657,6 +663,24 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         swap(name, new)
     records.update(shared_records)
     return CompressionReport([records[n] for n in selected], calibrated=calibration is not None)
+
+
+def _summed_grams(grams, shapes, workers):
+    """Each layer's XᵀX summed over the ranks; a layer no rank's calibration
+    reached is the same ValueError on every rank (one rank's share of the data
+    need not reach every layer: a mixture-of-experts expert, a branch)."""
+    if not workers.shared:
+        return grams
+    seen = torch.tensor([g is not None for g in grams.values()], dtype=torch.float64)
+    workers.sum_(seen)
+    summed = {}
+    for (name, gram), count in zip(grams.items(), seen.tolist()):
+        if gram is None:
+            k = shapes[name][1]
+            gram = torch.zeros(k, k, dtype=torch.float64)
+        summed[name] = workers.sum_(gram)
+    check_all_seen([name for name, count in zip(grams, seen.tolist()) if count == 0])
+    return summed
 
 
 def _shared_layers(model, layers):

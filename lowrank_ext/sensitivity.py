@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .calibration import run_calibration
+from .calibration import mask_for, run_calibration
 
 _KEPT_COLUMNS = 64
 # The smallest relative squared output error of a probe that still measures
@@ -48,10 +48,9 @@ def _floating_tensors(output):
 
 
 def _without_padding(t, mask):
-    """The rows of a per-token output ``t`` (batch, tokens, ...) at real tokens."""
-    if mask is None or t.dim() != mask.dim() + 1 or tuple(t.shape[:-1]) != tuple(mask.shape):
-        return t
-    return t[mask.to(t.device) != 0]
+    """The rows of a per-token output ``t`` at real tokens (see ``mask_for``)."""
+    mask = mask_for(t, mask)
+    return t if mask is None else t[mask.to(t.device) != 0]
 
 
 class _Projection:

@@ -778,3 +778,25 @@ def test_padding_inside_a_tuple_batch_is_left_out_as_in_a_dict_batch():
     for model, batches in zip(models, (padded, separate)):
         lx.compress_model(model, rank=3, calibration=batches, progress=False)
     torch.testing.assert_close(models[0].fc.B @ models[0].fc.A, models[1].fc.B @ models[1].fc.A)
+
+
+def test_padding_is_left_out_of_token_first_inputs_too():
+    # torch's nn.Transformer layers (batch_first=False) see (tokens, batch, k).
+    from lowrank_ext.calibration import collect_input_grams
+
+    class TokenFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8, dtype=torch.float64)
+
+        def forward(self, input_ids, attention_mask):
+            return self.lin(input_ids.transpose(0, 1))
+
+    model = TokenFirst()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    x[mask == 0] = 100.0  # padding carries garbage
+    real = x[mask != 0]
+    gram = collect_input_grams(model, {"lin": model.lin},
+                               [dict(input_ids=x, attention_mask=mask)])["lin"]
+    torch.testing.assert_close(gram, real.T @ real)

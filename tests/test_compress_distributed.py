@@ -51,6 +51,16 @@ def _compress_on_rank(rank, directory, case):
     # Each rank calibrates on its own half of the batches.
     mine = batches()[rank::WORLD_SIZE] if not case["replicated"] else batches()
     mine = mine if case["calibrate"] else None
+    if rank == 1 and case["local"] == "calibration raises":
+        def mine(model):
+            raise OSError("rank 1's data went missing")
+    elif rank == 1 and case["local"] == "a NaN weight":
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+    elif rank == 1 and case["local"] == "its shard reaches one layer":
+        def mine(model, shard=mine):
+            for x in shard:
+                model[0](x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         report = run_compress(model, mine, **kwargs)
@@ -58,8 +68,10 @@ def _compress_on_rank(rank, directory, case):
         result["report"] = report.to_dict()
     except Exception as exc:  # the parent checks the type and message
         result["error"] = (type(exc).__name__, str(exc))
-        result["unchanged"] = all(torch.equal(before[k], v)
-                                  for k, v in model.state_dict().items())
+        result["unchanged"] = all(
+            before[k].shape == v.shape and torch.allclose(before[k], v, rtol=0, atol=0,
+                                                          equal_nan=True)
+            for k, v in model.state_dict().items())
         result["linears"] = sum(type(m) is nn.Linear for m in model.modules())
     result["spectra_computed"] = len(counted)
     return result
@@ -67,7 +79,7 @@ def _compress_on_rank(rank, directory, case):
 
 def compress_on_ranks(tmp_path, **case):
     case = dict(dict(kwargs={}, calibrate=True, fail_on_rank=None, different_on_rank=None,
-                     replicated=False), **case)
+                     replicated=False, local=None), **case)
     return run_ranks(_compress_on_rank, tmp_path, case)
 
 
@@ -139,6 +151,36 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_and_changes_nothing(tmp_p
     assert kind == "RuntimeError" and "failed on rank(s) [1]" in message
     for result in results:
         assert result["unchanged"] and result["linears"] == 4
+
+
+@pytest.mark.parametrize("local, error, message, sequential", [
+    ("calibration raises", "RuntimeError", "the calibration raised OSError", False),
+    ("calibration raises", "RuntimeError", "the calibration raised OSError", True),
+    ("a NaN weight", "ValueError", "layer '0' has NaN or Inf in its weight", False),
+])
+def test_a_local_failure_before_the_collectives_is_raised_on_every_rank(tmp_path, local, error,
+                                                                       message, sequential):
+    # Raised on rank 1 alone before any collective, the other rank would wait
+    # for it until the group's timeout (30 minutes by default).
+    results = compress_on_ranks(tmp_path, local=local,
+                                kwargs=dict(ratio=0.5, allocation="global",
+                                            sequential=sequential))
+    assert results[1]["error"][0] == error and message in results[1]["error"][1]
+    kind, text = results[0]["error"]
+    assert kind == "RuntimeError" and "failed on rank(s) [1]" in text
+    for result in results:
+        assert result["unchanged"]
+
+
+def test_a_layer_one_ranks_shard_never_reaches_is_calibrated_by_the_others(tmp_path):
+    # Rank 1's shard only runs the first layer (an expert, a branch it never
+    # takes); rank 0's reaches every layer, so the summed statistics cover all.
+    results = compress_on_ranks(tmp_path, local="its shard reaches one layer",
+                                kwargs=dict(ratio=0.5, allocation="global"))
+    for result in results:
+        assert "error" not in result, result["error"]
+    for key in results[0]["state"]:
+        assert torch.equal(results[0]["state"][key], results[1]["state"][key]), key
 
 
 def test_ranks_given_different_layers_are_refused_instead_of_hanging(tmp_path):
