@@ -62,7 +62,8 @@ def _lowrank_rule(op, returns_t):
             # unless a sample is 0-D, which the op refuses (x would pass as
             # one row of the batch's size).
             if x.dim() == 1:
-                _checks.check_lowrank_linear_inputs("lowrank_linear", x[0], A, B, bias)
+                _checks.check_lowrank_linear_inputs("lowrank_linear", _one_sample(x), A, B,
+                                                    bias)
             return op(x.movedim(x_dim, 0), A, B, bias), (0, 0) if returns_t else 0
         n = info.batch_size
         x, A, B, bias = (_to_front(t, d, n) for t, d in zip((x, A, B, bias), in_dims))
@@ -78,7 +79,7 @@ def _lora_rule(op, returns_t):
         x_dim, W_dim, A_dim, B_dim, bias_dim, _ = in_dims
         if x_dim is not None and W_dim is A_dim is B_dim is bias_dim is None:
             if x.dim() == 1:  # a 0-D sample, as above
-                _checks.check_lora_linear_inputs(x[0], W, A, B, bias, scale)
+                _checks.check_lora_linear_inputs(_one_sample(x), W, A, B, bias, scale)
             return op(x.movedim(x_dim, 0), W, A, B, bias, scale), (0, 0) if returns_t else 0
         n = info.batch_size
         x, W, A, B, bias = (_to_front(t, d, n) for t, d in zip((x, W, A, B, bias), in_dims))

@@ -54,7 +54,7 @@ class Workers:
             load[owner] += cost[name]
         return owners
 
-    def check_same_call(self, signature):
+    def check_same_call(self, signature, need=None):
         """Raise on every rank if the ranks were not given the same layers and targets.
 
         Without this, ranks disagreeing on the layers would wait forever in
@@ -65,6 +65,8 @@ class Workers:
         gathered = [None] * self.world
         self._dist.all_gather_object(gathered, signature, group=self.group)
         differing = [r for r, s in enumerate(gathered) if s != gathered[0]]
+        if differing and need is not None:
+            raise RuntimeError(f"compress_model: ranks {differing} differ from rank 0: {need}")
         if differing:
             raise RuntimeError(
                 f"compress_model: ranks {differing} were called with other layers, shapes or "

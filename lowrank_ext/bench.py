@@ -629,7 +629,7 @@ def plot(result, path):
                                                                   "lowrank_linear")
     ax.set_ylabel(f"time ratio (> 1: {ours} is faster)")
     # Wrapped to the figure's width, so that tight_layout keeps it whole.
-    ax.set_title("\n".join(textwrap.wrap(machine_summary(result), 14 * fig.get_figwidth())),
+    ax.set_title("\n".join(textwrap.wrap(machine_summary(result), int(14 * fig.get_figwidth()))),
                  fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -343,12 +343,12 @@ def check_blocks_fit(shapes, ratio, multiple, allocation, owner="compress_model"
                     f"{owner}: ratio {ratio} gives layer {name!r} ({d}×{k}) rank "
                     f"{rank_for_ratio(d, k, ratio)}, less than one block of rank_multiple "
                     f"{multiple}; raise the ratio, lower rank_multiple or exclude the layer")
-    # Layers where even the smallest rank saves nothing stay dense.
+    # Over the layers the smallest rank would factorize; the others stay dense
+    # whatever the ratio (a one-output head), so they cannot make it too small.
     factorizable = {name: (d, k) for name, (d, k) in shapes.items()
                     if multiple < break_even_rank(d, k)}
-    total = sum(d * k for d, k in shapes.values())
-    dense = total - sum(d * k for d, k in factorizable.values())
-    least = dense + sum(multiple * (d + k) for d, k in factorizable.values())
+    total = sum(d * k for d, k in factorizable.values())
+    least = sum(multiple * (d + k) for d, k in factorizable.values())
     if least > ratio * total:
         small = [name for name, (d, k) in factorizable.items()
                  if ratio * d * k < multiple * (d + k)]
@@ -575,7 +575,9 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         grams = _summed_grams(grams, shapes, workers)
     _check_finite_inputs(grams)
     if sequential:
-        workers.check_same_call(stages)
+        workers.check_same_call(
+            stages, "sequential=True needs every rank's share of the calibration to reach "
+                    "every layer in the same order")
 
     bar = tqdm(total=len(layers), desc="compress", unit="layer", leave=False,
                disable=None if progress is None else not progress)
@@ -711,9 +713,9 @@ def _low_rank_like(layer, B, A):
     # Called under torch.inference_mode(), the new parameters would be
     # inference tensors, which the model could never train again.
     with torch.inference_mode(False):
-        new = LowRankLinear.from_factors(A.to(device=home, dtype=dtype),
-                                         B.to(device=home, dtype=dtype),
-                                         None if layer.bias is None else layer.bias.detach())
+        new = LowRankLinear.from_factors(
+            A.to(device=home, dtype=dtype), B.to(device=home, dtype=dtype),
+            None if layer.bias is None else layer.bias.detach().to(device=home, dtype=dtype))
     return inherit_requires_grad(new, layer)
 
 
@@ -744,11 +746,12 @@ def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, ow
         measured = sorted(v for v in found.values() if not math.isnan(v))
         neutral = measured[len(measured) // 2] if measured else 1.0
         warnings.warn(
-            f"compress_model: the calibration inputs of layer(s) {preview(unmeasured)} span "
-            "fewer directions than their probe rank (too few calibration tokens), so their "
-            "truncation is exact on the calibration and their sensitivity cannot be measured; "
-            f"they take the median of the others ({neutral:.3g}). More calibration data "
-            "measures them", stacklevel=4)  # the caller's line
+            f"compress_model: the sensitivity of layer(s) {preview(unmeasured)} cannot be "
+            "measured: their calibration inputs span fewer directions than their probe rank "
+            "(too few calibration tokens), so the truncation is exact on them, or the "
+            "measuring rank's share of the data never runs them; they take the median of the "
+            f"others ({neutral:.3g}). More calibration data measures them",
+            stacklevel=4)  # the caller's line
         for name in unmeasured:
             found[name] = neutral
     return found

@@ -182,7 +182,9 @@ def run(args):
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"weight {key!r} in {args.input} has NaN or Inf")
         if args.ratio is not None:
-            check_blocks_fit({name: (d, k)}, args.ratio, multiple, "uniform", owner="compress")
+            if multiple > 1:  # each weight alone: a small head simply takes rank 1 or stays dense
+                check_blocks_fit({name: (d, k)}, args.ratio, multiple, "uniform",
+                                 owner="compress")
             r = round_rank(rank_for_ratio(d, k, args.ratio), multiple, d, k)
         elif args.rank is not None:
             r = args.rank

@@ -245,6 +245,8 @@ def merge_lora(model: nn.Module) -> list[str]:
                          "and use its .base")
     tied = {name: weight_tied_elsewhere(model, lora.base) for name, lora in adapters.items()
             if not lora.merged}
+    for name, others in tied.items():  # as found now: a weight untied since is merged
+        adapters[name]._weight_tied_to = tuple(others)
     tied = {name: others for name, others in tied.items() if others}
     if tied:
         raise ValueError(

@@ -254,7 +254,9 @@ class LowRankLinear(nn.Module):
             _check_rank("LowRankLinear.from_linear", rank, d, k)
         B, A = svd_truncate(weight, rank, energy=energy, tol=tol, balanced=balanced,
                             method=method)
-        new = cls.from_factors(A, B, None if linear.bias is None else linear.bias.detach())
+        # (A bias kept in another dtype than the weight takes the weight's.)
+        new = cls.from_factors(A, B, None if linear.bias is None
+                               else linear.bias.detach().to(device=A.device, dtype=A.dtype))
         return inherit_requires_grad(new, linear)
 
     @classmethod
@@ -604,10 +606,12 @@ class LoRALinear(nn.Module):
             return self
         tied = getattr(self, "_weight_tied_to", ())
         if tied and not isinstance(self.base, LowRankLinear):
-            raise ValueError(
-                f"LoRALinear.merge: the base weight is tied to {', '.join(tied)} (add_lora "
-                "found the tie), which merging would change too; keep the adapter unmerged, "
-                "or untie the weight first")
+            # The layer cannot see the model to tell whether the tie still
+            # holds (lx.merge_lora checks it afresh and refuses).
+            warnings.warn(
+                f"LoRALinear.merge: the base weight was tied to {', '.join(tied)} when the "
+                "adapter was added; if it still is, merging changes that too (lx.merge_lora "
+                "refuses such layers)", stacklevel=2)
         if isinstance(self.base, LowRankLinear):
             # Exact: the adapter's rank joins the base's, B₀A₀ + s·BA = [B₀, s·B]·[A₀; A].
             base = self.base

@@ -18,9 +18,9 @@ calibration calls it, otherwise those of its last top-level child to run
 own size. Wide outputs (logits) are kept through a fixed random projection to
 64 columns, which keeps squared distances in expectation at a bounded memory.
 In a dict batch with an ``attention_mask`` of shape (batch, tokens), the rows
-of outputs shaped (batch, tokens, ...) at padding tokens are left out, as they
-are from the whitening statistics: what the model computes there is no output
-anyone reads.
+of per-token outputs (batch, tokens, ...) or (tokens, batch, ...) at padding
+tokens are left out, as they are from the whitening statistics: what the
+model computes there is no output anyone reads.
 """
 
 import math
@@ -149,10 +149,18 @@ def measure_sensitivity(model, calibration, probes, swap):
     sensitivity = {}
     for name, (probe, tail_squared) in probes.items():
         original = swap(name, probe)
+        calls = []
+        handle = probe.register_forward_pre_hook(lambda module, args: calls.append(1))
         try:
             change = relative_change(reference, recorder.record(calibration))
         finally:
+            handle.remove()
             swap(name, original)
+        if not calls:
+            # This calibration never runs the layer (another rank's share of
+            # the data does): no change says nothing about it.
+            sensitivity[name] = math.nan
+            continue
         # A probe exact on the calibration inputs (they span fewer directions
         # than its rank) measures rounding noise over about zero: NaN says
         # "not measured" (compress_model substitutes and warns).

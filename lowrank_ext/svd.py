@@ -62,10 +62,11 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     ``energy`` in (0, 1]: the smallest r whose leading singular values hold that
     fraction of Σσ². ``tol`` ≥ 0: the smallest r with ‖W − W_r‖_F ≤ tol·‖W‖_F,
     where ‖W − W_r‖_F = √Σ_{i>r} σ_i² (Eckart–Young). Give exactly one. A zero
-    matrix gets rank 1. Both allow rounding: Σσ² may be missed by 1e-12 of
-    itself, so ``tol=0`` and ``energy=1`` give the numerical rank (an error of
-    at most 1e-6·‖W‖_F), not the count of singular values that rounding left
-    above zero.
+    matrix gets rank 1. Both allow for rounding: ``energy`` may miss Σσ² by
+    1e-12 of itself, and ``tol`` ignores a tail at the rounding level of
+    ``S``'s dtype (about √n·eps·‖W‖_F), so ``tol=0`` and ``energy=1`` give the
+    numerical rank, not the count of singular values that rounding left above
+    zero.
     """
     if energy is None and tol is None:
         raise ValueError("choose_rank: give exactly one of energy or tol, got none")
@@ -98,10 +99,12 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
         # tail[r-1] = Σ_{i>r} σ_i², summed from the small end for accuracy.
         tail = torch.cat([torch.flip(torch.cumsum(torch.flip(s2[1:], [0]), 0), [0]),
                           s2.new_zeros(1)])
-        # The slack added, not multiplied, so that tol = 0 ("exact") reads a
-        # tail of rounding noise (1e-7 of a float32 rank-1 matrix) as zero, as
-        # energy = 1 does.
-        ok = tail <= (tol * tol + _RANK_SLACK) * total
+        # Rounding in S itself is no error to meet: its floor, about n·eps² of
+        # Σσ² in S's dtype (with a margin), makes tol = 0 ("exact") give the
+        # numerical rank, as energy = 1 does, while a small positive tol stays
+        # as strict as S's precision allows (1e-7 of a float64 W is kept).
+        floor = 16 * S.numel() * torch.finfo(S.dtype).eps ** 2
+        ok = tail <= (tol * tol * (1.0 + _RANK_SLACK) + floor) * total
     return int(torch.nonzero(ok)[0, 0]) + 1
 
 

@@ -577,3 +577,17 @@ def test_float8_weights_stay_dense_and_spectrum_reads_them(tmp_path, capsys):
     assert main(["spectrum", str(path), "--layer", "q"]) == 0
     S = torch.linalg.svdvals(tables["q.weight"].double())
     assert f"σ_1 = {float(S[0]):.4g}" in capsys.readouterr().out
+
+
+def test_ratio_with_small_heads_keeps_going(tmp_path, capsys):
+    # A 2-label head takes rank 1 (a few parameters over its share) and a
+    # 1-output head stays dense: neither stops the command.
+    torch.manual_seed(0)
+    tables = {"body.weight": torch.randn(48, 32), "cls2.weight": torch.randn(2, 48),
+              "cls1.weight": torch.randn(1, 48)}
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(tables, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.5", "--json"]) == 0
+    layers = {l["name"]: l for l in json.loads(capsys.readouterr().out)["layers"]}
+    assert layers["body"]["rank"] == math.floor(0.5 * 48 * 32 / 80)
+    assert layers["cls2"]["rank"] == 1 and layers["cls1"]["rank"] is None

@@ -172,15 +172,31 @@ def test_a_local_failure_before_the_collectives_is_raised_on_every_rank(tmp_path
         assert result["unchanged"]
 
 
-def test_a_layer_one_ranks_shard_never_reaches_is_calibrated_by_the_others(tmp_path):
+@pytest.mark.parametrize("allocation", ["global", "sensitivity"])
+def test_a_layer_one_ranks_shard_never_reaches_is_calibrated_by_the_others(tmp_path,
+                                                                           allocation):
     # Rank 1's shard only runs the first layer (an expert, a branch it never
     # takes); rank 0's reaches every layer, so the summed statistics cover all.
+    # The layers rank 1 owns but never runs cannot have their sensitivity
+    # measured there: they take the others' median, where 0 starved them.
     results = compress_on_ranks(tmp_path, local="its shard reaches one layer",
-                                kwargs=dict(ratio=0.5, allocation="global"))
+                                kwargs=dict(ratio=0.5, allocation=allocation))
     for result in results:
         assert "error" not in result, result["error"]
     for key in results[0]["state"]:
         assert torch.equal(results[0]["state"][key], results[1]["state"][key]), key
+    if allocation == "sensitivity":
+        layers = results[0]["report"]["layers"]
+        assert all(layer["sensitivity"] > 0 for layer in layers), layers
+
+
+def test_sequential_needs_every_shard_to_reach_every_layer(tmp_path):
+    results = compress_on_ranks(tmp_path, local="its shard reaches one layer",
+                                kwargs=dict(ratio=0.5, allocation="global", sequential=True))
+    for result in results:
+        kind, message = result["error"]
+        assert kind == "RuntimeError" and "sequential=True needs every rank's share" in message
+        assert result["unchanged"]
 
 
 def test_ranks_given_different_layers_are_refused_instead_of_hanging(tmp_path):

@@ -2,6 +2,7 @@
 checked against peft's get_peft_model / merge_and_unload on the same weights."""
 
 import copy
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -436,10 +437,26 @@ def test_a_tied_layer_trains_an_adapter_but_is_never_merged_into():
         lx.merge_lora(model)
     # Refused before anything changed: body is not merged either.
     assert not model.body.merged and torch.equal(model.embed.weight, embedding)
-    with pytest.raises(ValueError, match="base weight is tied to embed.weight"):
-        model.head.merge()
     torch.testing.assert_close(model(ids), expected)
     assert torch.equal(model.embed.weight, embedding)
+    # The layer alone cannot see the model: its merge() warns about the tie
+    # add_lora found. Untied first, merge_lora goes ahead and leaves the
+    # embedding alone.
+    with torch.no_grad():
+        model.head.base.weight = nn.Parameter(model.head.base.weight.clone(),
+                                              requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lx.merge_lora(model)
+    torch.testing.assert_close(model(ids), expected)
+    assert torch.equal(model.embed.weight, embedding)
+
+
+def test_merging_a_layer_whose_tie_add_lora_found_warns():
+    model = _TiedHead()
+    lx.add_lora(model, 2, include="head")
+    with pytest.warns(UserWarning, match="base weight was tied to embed.weight"):
+        model.head.merge()
 
 
 def test_pissa_is_refused_on_a_tied_layer_before_any_change():

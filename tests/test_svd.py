@@ -107,6 +107,12 @@ def test_energy_one_finds_the_numerical_rank():
     assert lx.svd_truncate(W, energy=1.0)[0].shape[1] == 2
 
 
+def test_a_small_tol_stays_strict_in_float64():
+    S = torch.tensor([1.0, 5e-7, 1e-9], dtype=torch.float64)
+    assert lx.choose_rank(S, tol=1e-6) == 1
+    assert lx.choose_rank(S, tol=1e-7) == 2  # the tail past rank 1 is 5e-7 > 1e-7
+
+
 def test_tol_zero_finds_the_numerical_rank_as_energy_one_does():
     # float32 leaves singular values of about 1e-7·‖W‖ past the true rank.
     for W in (_low_rank(10, 10, 2, dtype=torch.float32), torch.ones(5, 5)):

@@ -159,6 +159,8 @@ def test_a_zero_dimensional_sample_is_refused_as_in_eager(op):
             (lambda xi: lx.lora_linear(xi, W, A, B, b, 0.5)))
     with pytest.raises(ValueError, match="x must have at least 1 dimension"):
         torch.vmap(call)(_make(k))
+    with pytest.raises(ValueError, match="x must have at least 1 dimension"):
+        torch.vmap(call)(_make(0))  # no samples at all
 
 
 @pytest.mark.parametrize("case", ["no rows", "no samples"])
