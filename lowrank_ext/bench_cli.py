@@ -72,7 +72,6 @@ def run(args):
         bench.require_cuda()
     if args.rounds < 1 or args.batch_ms <= 0 or args.warmup_s < 0:
         raise ValueError("--rounds must be >= 1, --batch-ms > 0 and --warmup-s >= 0")
-    _check_outputs(args)
     modes = _split(args.modes, bench.MODES, "mode")
     sides = _split(args.sides, bench.SIDES, "side")
     sides = ["ours"] + [s for s in sides if s != "ours"]
@@ -94,6 +93,8 @@ def run(args):
                   list(bench.DEFAULT_CUDA_DTYPES if args.device == "cuda"
                        else bench.DEFAULT_CPU_DTYPES))
         plan = [(shapes, dtypes)]
+    # Last of the checks: it makes the output directories.
+    _check_outputs(args)
 
     result = None
     for shapes, dtypes in plan:

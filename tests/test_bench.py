@@ -165,3 +165,9 @@ def test_lora_sides_compute_the_same_thing(mode, op):
 def test_unknown_op_is_rejected():
     with pytest.raises(ValueError, match="op must be one of lowrank, lora, dora"):
         bench.build_calls((1, 2, 1, 2), torch.float32, "cpu", "fwd", ["ours"], 1, op="vera")
+
+
+def test_bad_arguments_make_no_output_directory(tmp_path, capsys):
+    target = tmp_path / "new" / "b.json"
+    assert run_cli(["--shapes", "1,2,3", "--json", str(target)]) == 1
+    assert "bad shape" in capsys.readouterr().err and not target.parent.exists()
