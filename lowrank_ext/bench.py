@@ -597,6 +597,22 @@ def machine_summary(result):
     return text
 
 
+# A side whose slowest sample took this many times its fastest was disturbed
+# (other load on the machine, frequency changes): its median is suspect.
+NOISY_SPREAD = 3.0
+
+
+def noisy_entries(result):
+    """["M,k,r,d dtype mode side", ...] for the sides whose samples spread past NOISY_SPREAD."""
+    found = []
+    for entry in result["results"]:
+        for side, timing in entry["sides"].items():
+            if timing["min_us"] > 0 and timing["max_us"] / timing["min_us"] > NOISY_SPREAD:
+                shape = ",".join(str(v) for v in entry["shape"].values())
+                found.append(f"{shape} {entry['dtype']} {entry['mode']} {side}")
+    return found
+
+
 def write_json(result, path):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -111,6 +111,11 @@ def run(args):
     print(f"Machine: {bench.machine_summary(result)}")
     print(f"Command: {result['command']}")
     print(table)
+    noisy = bench.noisy_entries(result)
+    if noisy:
+        print(f"Noisy: the slowest sample took over {bench.NOISY_SPREAD:g}× the fastest at "
+              f"{'; '.join(noisy)}; rerun on a quieter machine before trusting those ratios",
+              file=sys.stderr)
     if args.json:
         bench.write_json(result, args.json)
     if args.markdown:

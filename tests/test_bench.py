@@ -171,3 +171,11 @@ def test_bad_arguments_make_no_output_directory(tmp_path, capsys):
     target = tmp_path / "new" / "b.json"
     assert run_cli(["--shapes", "1,2,3", "--json", str(target)]) == 1
     assert "bad shape" in capsys.readouterr().err and not target.parent.exists()
+
+
+def test_noisy_sides_are_named():
+    timing = dict(median_us=10.0, min_us=5.0, max_us=50.0)
+    calm = dict(median_us=10.0, min_us=9.0, max_us=12.0)
+    result = {"results": [{"shape": {"M": 1, "k": 8, "r": 2, "d": 8}, "dtype": "float32",
+                           "mode": "fwd", "sides": {"ours": calm, "compose": timing}}]}
+    assert bench.noisy_entries(result) == ["1,8,2,8 float32 fwd compose"]
