@@ -35,6 +35,18 @@ def mask_for(t, mask):
     return None
 
 
+def without_padding(t, mask):
+    """The rows of a per-token ``t`` at real tokens, (n, features); ``t`` as it
+    is where ``mask`` does not fit it (see :func:`mask_for`)."""
+    mask = mask_for(t, mask)
+    return t if mask is None else t[mask.to(t.device) != 0]
+
+
+def _raised(exc):
+    """The RuntimeError naming an exception the user's calibration raised."""
+    return RuntimeError(f"compress_model: the calibration raised {type(exc).__name__}: {exc}")
+
+
 def _run_batches(model, calibration, token_mask=None):
     """Run the calibration; ``token_mask[0]`` holds the running batch's attention_mask
     (:func:`token_mask_of`).
@@ -84,8 +96,7 @@ def replayable(calibration):
     try:
         return list(batches)
     except Exception as exc:
-        raise RuntimeError(
-            f"compress_model: the calibration raised {type(exc).__name__}: {exc}") from exc
+        raise _raised(exc) from exc
 
 
 def call_with_batch(model, batch, owner, what="a batch"):
@@ -119,13 +130,10 @@ def run_calibration(model, calibration, token_mask=None):
         model.eval()
         with torch.no_grad():
             count = _run_batches(model, calibration, token_mask)
-    except TypeError as exc:
-        if str(exc).startswith("compress_model:"):
-            raise
-        raise RuntimeError(f"compress_model: the calibration raised TypeError: {exc}") from exc
     except Exception as exc:
-        raise RuntimeError(
-            f"compress_model: the calibration raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(exc, TypeError) and str(exc).startswith("compress_model:"):
+            raise  # a calibration of the wrong kind, already said so
+        raise _raised(exc) from exc
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -173,10 +181,7 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
                     # nested tensor in inference: its sequences, no padding.
                     x64 = torch.cat([seq.reshape(-1, k) for seq in x.detach().unbind()])
                 else:
-                    x64 = x.detach().reshape(-1, k)
-                    mask = mask_for(x, token_mask[0])
-                    if mask is not None:
-                        x64 = x64[mask.reshape(-1).to(x64.device) != 0]
+                    x64 = without_padding(x.detach(), token_mask[0]).reshape(-1, k)
                 x64 = x64.to(torch.float64)
                 last["key"], last["gram"] = (x, version), x64.T @ x64
             g = last["gram"]

@@ -675,14 +675,10 @@ def _summed_grams(grams, shapes, workers):
         return grams
     seen = torch.tensor([g is not None for g in grams.values()], dtype=torch.float64)
     workers.sum_(seen)
-    summed = {}
-    for (name, gram), count in zip(grams.items(), seen.tolist()):
-        if gram is None:
-            k = shapes[name][1]
-            gram = torch.zeros(k, k, dtype=torch.float64)
-        summed[name] = workers.sum_(gram)
     check_all_seen([name for name, count in zip(grams, seen.tolist()) if count == 0])
-    return summed
+    return {name: workers.sum_(gram if gram is not None else
+                               torch.zeros(shapes[name][1], shapes[name][1], dtype=torch.float64))
+            for name, gram in grams.items()}
 
 
 def _shared_layers(model, layers):

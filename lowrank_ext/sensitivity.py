@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .calibration import mask_for, run_calibration
+from .calibration import run_calibration, without_padding
 
 _KEPT_COLUMNS = 64
 # The smallest relative squared output error of a probe that still measures
@@ -45,12 +45,6 @@ def _floating_tensors(output):
     if isinstance(output, (tuple, list)):
         return [t for item in output for t in _floating_tensors(item)]
     return []
-
-
-def _without_padding(t, mask):
-    """The rows of a per-token output ``t`` at real tokens (see ``mask_for``)."""
-    mask = mask_for(t, mask)
-    return t if mask is None else t[mask.to(t.device) != 0]
 
 
 class _Projection:
@@ -89,7 +83,7 @@ class OutputRecorder:
 
         def keep(store, label):
             def hook(module, args, output):
-                store.append((label, [self.project(_without_padding(t, token_mask[0]))
+                store.append((label, [self.project(without_padding(t, token_mask[0]))
                                       for t in _floating_tensors(output)]))
             return hook
 
