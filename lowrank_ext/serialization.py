@@ -452,7 +452,7 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
         _check_meta_tensors_come_from_file(model, path, sources)
         materialized = _materialize_meta_tensors(model, device, sources)
         try:
-            _copy_from_files(model, files, device, sources, turned)
+            _copy_from_files(model, path, files, device, sources, turned)
         except BaseException:
             for module, attr, meta in materialized:
                 _set_tensor(module, attr, meta)
@@ -515,7 +515,7 @@ def _transpose(value):
     return tuple(reversed(value)) if isinstance(value, tuple) else value.T.contiguous()
 
 
-def _copy_from_files(model, files, device, sources, turned):
+def _copy_from_files(model, path, files, device, sources, turned):
     """Copy every tensor the files hold for ``model`` into it (names already checked).
 
     ``sources`` maps each model key the files can fill to the key it is
@@ -525,21 +525,25 @@ def _copy_from_files(model, files, device, sources, turned):
     from safetensors.torch import load_file
 
     state = {}
-    for path in files:
-        state.update(load_file(path, device=str(device)))
+    for file in files:
+        state.update(load_file(file, device=str(device)))
     state = {key: state[stored] for key, stored in sources.items() if stored in state}
     _turn_factors(state, turned)
     expected = model.state_dict(keep_vars=True)
-    _check_ties_agree(model, path_of(files), expected, state, sources)
+    _check_ties_agree(path, expected, state, sources)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
-def path_of(files):
-    """The name to give in messages for a model stored in ``files``."""
-    return files[0] if len(files) == 1 else os.path.dirname(files[0]) or "."
+def _tied_keys(expected):
+    """The model's state-dict keys grouped by the tensor they name (a tie: one
+    tensor under several keys; every other key alone)."""
+    groups = {}
+    for key, tensor in expected.items():
+        groups.setdefault(id(tensor), []).append(key)
+    return groups.values()
 
 
-def _check_ties_agree(model, path, expected, state, sources):
+def _check_ties_agree(path, expected, state, sources):
     """A RuntimeError, before anything is copied, where the model holds one
     tensor under names the file stores with different values.
 
@@ -547,11 +551,10 @@ def _check_ties_agree(model, path, expected, state, sources):
     saved model did not: loading both into one tensor would keep whichever
     came last and silently change the other layer.
     """
-    groups = {}
-    for key, tensor in expected.items():
-        if key in state:
-            groups.setdefault(id(tensor), []).append(key)
-    for keys in groups.values():
+    for keys in _tied_keys(expected):
+        keys = [key for key in keys if key in state]
+        if not keys:
+            continue
         first = state[keys[0]]
         for key in keys[1:]:
             if sources[key] != sources[keys[0]] and not torch.equal(state[key], first):
@@ -634,10 +637,7 @@ def _check_fits(model, path, stored, aliases, strict, swapped, turned):
     # transformers' save_pretrained drops a tied tensor's other names (an
     # output head sharing the embedding table): a model key whose tensor is
     # another key's takes that key's value.
-    owners = {}
-    for key, tensor in expected.items():
-        owners.setdefault(id(tensor), []).append(key)
-    for keys in owners.values():
+    for keys in _tied_keys(expected):
         stored_key = next((sources[k] for k in keys if k in sources), None)
         if stored_key is not None:
             for key in keys:
