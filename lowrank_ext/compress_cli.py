@@ -99,8 +99,8 @@ def run(args):
     from .compress import check_blocks_fit, round_rank, select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
-    from .serialization import (METADATA_KEY, atomic_write, check_output_path, model_files,
-                                opened, parse_ranks, ranks_metadata, stored_aliases)
+    from .serialization import (atomic_write, check_output_path, model_files, opened,
+                                ranks_in_metadata, ranks_metadata, stored_aliases)
     from .svd import choose_rank, svd_truncate
 
     files = model_files(args.input, owner=None)
@@ -117,19 +117,13 @@ def run(args):
     if args.rank is not None and args.rank % multiple:
         raise ValueError(f"--rank {args.rank} is not a multiple of --rank-multiple {multiple}")
 
-    tensors, metadata = {}, {}
-    existing, layouts = {}, set()  # layers the input holds factorized already
-    for path, f in opened(files, None):  # one file, or the shards of a checkpoint, as one
+    tensors, metadata, metadatas = {}, {}, []
+    for _, f in opened(files, None):  # one file, or the shards of a checkpoint, as one
         tensors.update({key: f.get_tensor(key) for key in f.keys()})
-        file_metadata = f.metadata() or {}
-        if METADATA_KEY in file_metadata:
-            found, layout = parse_ranks(path, file_metadata[METADATA_KEY], owner=None)
-            existing.update(found)
-            layouts.add(layout)
-        metadata.update(file_metadata)
-    if len(layouts) > 1:
-        raise ValueError(f"the files of {args.input} disagree on the layout of their factors")
-    layout = layouts.pop() if layouts else None
+        metadatas.append(f.metadata() or {})
+        metadata.update(metadatas[-1])
+    # Layers the input holds factorized already.
+    existing, layout = ranks_in_metadata(args.input, files, metadatas, owner=None)
     factor_keys = {f"{name}.{part}" for name in existing for part in ("A", "B")}
 
     aliases = {}  # stored key -> the other names of that tensor

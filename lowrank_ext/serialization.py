@@ -265,7 +265,7 @@ def read_headers(files):
     return metadatas, shapes, aliases
 
 
-def parse_ranks(path, entry, owner="load_compressed"):
+def _parse_ranks(path, entry, owner="load_compressed"):
     """``({layer name: rank}, factor layout)`` from a file's metadata entry."""
     try:
         info = json.loads(entry)
@@ -280,6 +280,22 @@ def parse_ranks(path, entry, owner="load_compressed"):
                          "metadata") from None
 
 
+def ranks_in_metadata(path, files, metadatas, owner="load_compressed"):
+    """``({layer name: rank}, factor layout)`` over the files' metadata; the
+    layout is None where no file has any. Files that disagree on it are a
+    ValueError."""
+    ranks, layouts = {}, set()
+    for file, metadata in zip(files, metadatas):
+        if METADATA_KEY in metadata:
+            found, factors = _parse_ranks(file, metadata[METADATA_KEY], owner)
+            ranks.update(found)
+            layouts.add(factors)
+    if len(layouts) > 1:
+        raise ValueError(f"{_prefix(owner)}the files of {path} disagree on the layout of "
+                         "their factors")
+    return ranks, layouts.pop() if layouts else None
+
+
 def read_ranks(path, files, metadatas, shapes):
     """``({layer name: rank}, factor layout, whether the ranks were inferred)``.
 
@@ -290,17 +306,9 @@ def read_ranks(path, files, metadatas, shapes):
     out any layer that stores other tensors besides its bias (a LoRALinear's
     ``base.weight``): those are not LowRankLinear layers.
     """
-    ranks, layouts = {}, set()
-    for file, metadata in zip(files, metadatas):
-        if METADATA_KEY in metadata:
-            found, factors = parse_ranks(file, metadata[METADATA_KEY])
-            ranks.update(found)
-            layouts.add(factors)
-    if len(layouts) > 1:
-        raise ValueError(f"load_compressed: the files of {path} disagree on the layout of "
-                         "their factors")
-    if layouts:
-        return ranks, layouts.pop(), False
+    ranks, layout = ranks_in_metadata(path, files, metadatas)
+    if layout is not None:
+        return ranks, layout, False
     # Module names holding some tensor other than their own A, B and bias.
     holds_more = set()
     for key in shapes:
