@@ -95,6 +95,7 @@ def run(args):
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from ._checks import dtype_name
     from ._names import preview
     from .compress import check_blocks_fit, round_rank, select_names
     from .nn import break_even_rank, rank_for_ratio
@@ -157,9 +158,9 @@ def run(args):
                                             "too (tied); factorizing would take their "
                                             "weight away"))
             continue
-        if str(W.dtype).removeprefix("torch.") not in _FACTORIZABLE_DTYPES:
+        if dtype_name(W.dtype) not in _FACTORIZABLE_DTYPES:
             records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
-                                       note=f"dense: {str(W.dtype).removeprefix('torch.')}, "
+                                       note=f"dense: {dtype_name(W.dtype)}, "
                                             "a quantized weight whose scales live elsewhere"))
             continue
         why_kept = (None if args.all_tensors else
