@@ -18,6 +18,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ._checks import dtype_name
 from ._modules import dense_weight, is_conv1d
 from .ops import lora_linear, lowrank_linear
 from .svd import svd_truncate
@@ -279,8 +280,8 @@ class LowRankLinear(nn.Module):
             if t is None:
                 continue
             if t.dtype != A.dtype:
-                raise TypeError(f"{owner}: {name} has dtype {str(t.dtype)[6:]} but A has dtype "
-                                f"{str(A.dtype)[6:]}; give the factors and bias in one dtype")
+                raise TypeError(f"{owner}: {name} has dtype {dtype_name(t.dtype)} but A has dtype "
+                                f"{dtype_name(A.dtype)}; give the factors and bias in one dtype")
             if t.device != A.device:
                 raise RuntimeError(f"{owner}: {name} is on {t.device} but A is on {A.device}; "
                                    "give them on one device")
