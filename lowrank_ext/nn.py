@@ -97,9 +97,12 @@ class WeightPlaceholder(Tensor):
 
     @staticmethod
     def like(reference: Tensor, shape) -> Tensor:
-        value = torch.full((), math.nan, dtype=reference.dtype, device=reference.device)
-        try:
+        def make():
+            value = torch.full((), math.nan, dtype=reference.dtype, device=reference.device)
             return value.expand(shape).as_subclass(WeightPlaceholder)
+
+        try:
+            return make()
         except RuntimeError:
             # torch.export's non-strict tracing (and ONNX export through it)
             # runs under a fake tensor mode, whose tensors cannot become this
@@ -107,9 +110,7 @@ class WeightPlaceholder(Tensor):
             # one-element tensor, so that computing with it still raises
             # there instead of tracing NaN into the exported program.
             with _outside_fake_mode():
-                value = torch.full((), math.nan, dtype=reference.dtype,
-                                   device=reference.device)
-                return value.expand(shape).as_subclass(WeightPlaceholder)
+                return make()
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
