@@ -29,10 +29,6 @@
 namespace lowrank_ext::cuda {
 namespace {
 
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 // Device attributes the plan depends on, read once per device. (Queried
 // directly: the ATen device property cache pulls in the cuBLAS/cuSPARSE
 // headers.)
@@ -128,30 +124,11 @@ void run_tensor_core_typed(const TensorCoreTiling& tiling, const TensorCoreArgs&
 void run_tensor_core(
     const TensorCoreTiling& tiling, const at::Tensor& x2, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& bias, at::Tensor& y, at::Tensor& t) {
-  TensorCoreArgs args;
-  args.x = x2.const_data_ptr();
-  args.A = A.const_data_ptr();
-  args.B = B.const_data_ptr();
-  args.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
-  args.y = y.mutable_data_ptr();
-  args.t_out = t.defined() ? t.mutable_data_ptr() : nullptr;
-  args.M = x2.size(0);
-  args.k = x2.size(1);
-  args.r = A.size(0);
-  args.d = B.size(0);
-  args.ldx = x2.stride(0);
-  args.rank_padded = tiling.rank_padded;
-  args.stages = tiling.stages;
-  args.ring_stage_elems = tiling.ring_stage_elems;
-  args.stage_offset = tiling.stage_offset;
-  args.t_offset = tiling.t_offset;
-  args.buf_offset = tiling.buf_offset;
-  // 16-byte accesses need every row start aligned: the base pointer and the
-  // row length (or stride) in multiples of 8 elements.
-  args.x_vec = aligned16(args.x) && args.k % 8 == 0 && args.ldx % 8 == 0;
-  args.a_vec = aligned16(args.A) && args.k % 8 == 0;
-  args.b_vec = aligned16(args.B) && args.r % 8 == 0;
-  args.y_vec = aligned16(args.y) && args.d % 8 == 0;
+  const TensorCoreArgs args = make_tensor_core_args(
+      tiling, x2.const_data_ptr(), x2.stride(0), A.const_data_ptr(), B.const_data_ptr(),
+      bias.defined() ? bias.const_data_ptr() : nullptr, y.mutable_data_ptr(),
+      t.defined() ? t.mutable_data_ptr() : nullptr, x2.size(0), x2.size(1), A.size(0),
+      B.size(0));
   if (x2.scalar_type() == at::kHalf) {
     run_tensor_core_typed<__half>(tiling, args);
   } else {

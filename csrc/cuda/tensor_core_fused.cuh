@@ -13,6 +13,7 @@
 // loops never branch; only the final stores are bounds-checked.
 #pragma once
 
+#include "async_copy.cuh"
 #include "lowrank_plan.h"
 
 #include <cuda_bf16.h>
@@ -54,33 +55,35 @@ struct TensorCoreArgs {
   bool x_vec, a_vec, b_vec, y_vec;
 };
 
+// The kernel's arguments for one problem and its tiling. Plain host code,
+// shared by the launch and by the host emulation of the kernel.
+inline TensorCoreArgs make_tensor_core_args(
+    const TensorCoreTiling& tiling, const void* x, int64_t ldx, const void* A,
+    const void* B, const void* bias, void* y, void* t_out, int64_t M, int64_t k,
+    int64_t r, int64_t d) {
+  TensorCoreArgs args;
+  args.x = x, args.A = A, args.B = B, args.bias = bias, args.y = y, args.t_out = t_out;
+  args.M = M, args.k = k, args.r = r, args.d = d, args.ldx = ldx;
+  args.rank_padded = tiling.rank_padded;
+  args.stages = tiling.stages;
+  args.ring_stage_elems = tiling.ring_stage_elems;
+  args.stage_offset = tiling.stage_offset;
+  args.t_offset = tiling.t_offset;
+  args.buf_offset = tiling.buf_offset;
+  // 16-byte accesses need every row start aligned: the base pointer and the
+  // row length (or stride) in multiples of 8 elements.
+  const auto aligned16 = [](const void* p) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  };
+  args.x_vec = aligned16(x) && k % 8 == 0 && ldx % 8 == 0;
+  args.a_vec = aligned16(A) && k % 8 == 0;
+  args.b_vec = aligned16(B) && r % 8 == 0;
+  args.y_vec = aligned16(y) && d % 8 == 0;
+  return args;
+}
+
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) {
   return a < b ? a : b;
-}
-
-// cp.async (sm_80+): 16 bytes global -> shared without passing through
-// registers, so several slices can be in flight while the warps compute.
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, bool fill) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  const int src_bytes = fill ? 16 : 0; // 0: nothing is read, 16 zero bytes land
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
-               "l"(gmem_src), "r"(src_bytes) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-// Waits until at most kPending of this thread's committed groups are in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
 }
 
 // The newest slice may stay in flight with three buffers; with two, none.
