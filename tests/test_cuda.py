@@ -41,9 +41,9 @@ SM86_SMEM = 99 * 1024
 
 
 def _plan(M, k, r, d, dtype=torch.bfloat16, sm=9, sms=132, smem=H100_SMEM, path="auto",
-          tensor_core_built=True):
+          tensor_core_built=True, kernels_built=True):
     name, fields = torch.ops.lowrank_ext_internal.cuda_plan(
-        M, k, r, d, dtype, sm, sms, smem, path, tensor_core_built)
+        M, k, r, d, dtype, sm, sms, smem, path, tensor_core_built, kernels_built)
     keys = ["frags_per_warp", "warps_n", "rank_padded", "threads", "blocks",
             "stages", "ring_stage_elems", "stage_offset", "t_offset", "buf_offset", "smem_bytes",
             "splits", "k_chunk", "rank_groups", "row_groups", "shrink_smem",
@@ -100,6 +100,22 @@ def test_plan_avoids_a_fused_kernel_the_build_lacks():
     assert _plan(1, 4096, 16, 4096, tensor_core_built=False)[0] == "split_k"
     with pytest.raises(ValueError, match="no sm_80\\+ code"):
         _plan(8192, 4096, 64, 4096, path="tensor_core", tensor_core_built=False)
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,r", [(1, 16), (16, 64), (8192, 64), (100, 300)])
+def test_plan_runs_cublas_on_a_gpu_the_build_has_no_code_for(M, r, dtype):
+    # The default "8.0;9.0+PTX" build on a V100 or T4 loads none of the
+    # extension's kernels: every problem goes to cuBLAS, and forcing one of
+    # the extension's own paths says why it cannot run.
+    no_code = dict(sm=7, smem=64 * 1024, tensor_core_built=False, kernels_built=False)
+    assert _plan(M, 4096, r, 4096, dtype, **no_code)[0] == "cublas"
+    assert _plan(M, 4096, r, 4096, dtype, path="cublas", **no_code)[0] == "cublas"
+    for path in ("split_k", "tensor_core"):
+        with pytest.raises(ValueError, match="this build has no code for this GPU"):
+            _plan(M, 4096, r, 4096, dtype, path=path, **no_code)
+    assert _plan(0, 4096, r, 4096, dtype, **no_code)[0] == "empty"
 
 
 @requires_cuda_build
@@ -279,6 +295,25 @@ def test_random_shapes_with_tails_match_float64(seed, path, dtype):
                                      (8192, 4096, 64, 4096), (3, 65536, 8, 64)])
 def test_benchmark_shapes_match_float64(M, k, r, d, dtype):
     _check_against_reference("auto", M, k, r, d, dtype)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("r", [8, 20, 32, 100])
+@pytest.mark.parametrize("M", [5, 300])
+def test_an_infinite_input_gives_infinity_not_nan(M, r, path, dtype):
+    # Every input in [0, 1) but x[0, 0] = +inf: row 0 of y is +inf on every
+    # path. (The fused kernel's rank padding once turned it into NaN.)
+    if not _path_can_run(path, dtype, r):
+        pytest.skip(f"{path} does not run {dtype} r={r}")
+    x, A, B, b = (torch.rand(*s, device="cuda").to(dtype)
+                  for s in ((M, 40), (r, 40), (48, r), (48,)))
+    x[0, 0] = float("inf")
+    y, _ = _run(path, x, A, B, b)
+    y_ref, _ = _reference(x, A, B, b)
+    assert torch.isposinf(y[0]).all() and torch.isposinf(y_ref[0]).all()
+    torch.testing.assert_close(y[1:].double(), y_ref[1:], **TOL[dtype])
 
 
 @requires_cuda_kernels

@@ -77,8 +77,8 @@ def run_cases(emulator, cases, timeout=900):
 
 
 def case(path, dtype, M, k, r, d, *, ldx_extra=0, misalign=False, bias=True, keep_t=True,
-         timing="issue", device="h100"):
-    return (path, dtype, M, k, r, d, ldx_extra, misalign, bias, keep_t, timing, device)
+         timing="issue", device="h100", inputs="finite"):
+    return (path, dtype, M, k, r, d, ldx_extra, misalign, bias, keep_t, timing, device, inputs)
 
 
 HALF = ["float16", "bfloat16"]
@@ -131,6 +131,17 @@ def test_tensor_core_strided_and_misaligned_operands(emulator, dtype):
         case("tensor_core", dtype, 70, 96, 40, 72, misalign=True),
         case("tensor_core", dtype, 70, 97, 41, 71, ldx_extra=5, misalign=True, bias=False),
     ])
+
+
+@pytest.mark.parametrize("path,M", [("tensor_core", 70), ("split_k", 5)])
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("r", [8, 20, 32, 100])
+def test_an_infinite_input_gives_infinite_outputs_not_nan(emulator, path, M, r, dtype):
+    # x[0, 0] = +inf with every other input in [0, 1): row 0 of t and y is
+    # +inf. The rank padding of the tensor-core tile (r not a multiple of
+    # its fragments) must not turn it into NaN through inf * 0.
+    run_cases(emulator, [case(path, dtype, M, 40, r, 48, inputs="inf"),
+                         case(path, dtype, M, 40, r, 48, inputs="inf", bias=False)])
 
 
 # --- split-K (few rows) -----------------------------------------------------------

@@ -34,7 +34,7 @@ namespace {
 // headers.)
 struct DeviceInfo {
   int sm_major = 0, num_sms = 0, max_smem = 0;
-  bool tensor_core_built = false;
+  bool kernels_built = false, tensor_core_built = false;
 };
 
 DeviceInfo query_device(int device) {
@@ -59,13 +59,18 @@ DeviceInfo query_device(int device) {
     int minor = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(
         &minor, cudaDevAttrComputeCapabilityMinor, device));
-    // Every kernel of the extension is missing, not just the fused one: say
-    // how to get a build that runs here instead of failing on each launch.
-    TORCH_CHECK(false, "lowrank_ext: this build has no CUDA code for this GPU (sm_",
-                info.sm_major, minor, "); rebuild with TORCH_CUDA_ARCH_LIST=\"",
-                info.sm_major, ".", minor, "\" (or an older architecture with +PTX)");
+    // Every kernel of the extension is missing, not just the fused one (the
+    // default build's "8.0;9.0+PTX" on a V100 or T4, say). cuBLAS, which
+    // needs none of them, still runs every problem: use it, and say once
+    // per device how to get the extension's own kernels.
+    TORCH_WARN("lowrank_ext: this build has no CUDA code for this GPU (sm_", info.sm_major,
+               minor, "), so lowrank_linear runs there as two cuBLAS GEMMs; rebuild with "
+               "TORCH_CUDA_ARCH_LIST=\"", info.sm_major, ".", minor,
+               "\" for its own kernels");
+    return info; // kernels_built and tensor_core_built stay false
   }
   C10_CUDA_CHECK(status);
+  info.kernels_built = true;
   info.tensor_core_built = attributes.ptxVersion >= 80;
   return info;
 }
@@ -208,6 +213,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda_impl(
   desc.acc_bytes = x.scalar_type() == at::kDouble ? 8 : 4;
   const DeviceInfo& info = device_info(c10::cuda::current_device());
   desc.sm_major = info.sm_major;
+  desc.kernels_built = info.kernels_built;
   desc.tensor_core_built = info.tensor_core_built;
   desc.num_sms = info.num_sms;
   desc.max_smem = info.max_smem;

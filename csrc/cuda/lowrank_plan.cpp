@@ -132,12 +132,13 @@ Plan make_plan(const ProblemDesc& p, std::optional<Path> forced) {
     return plan;
   }
   const std::optional<TensorCoreTiling> tc =
-      p.half_type && p.r <= kTcMaxRank && p.sm_major >= 8 && p.tensor_core_built
+      p.half_type && p.r <= kTcMaxRank && p.sm_major >= 8 && p.kernels_built &&
+          p.tensor_core_built
       ? fit_tensor_core(p)
       : std::nullopt;
   const bool tc_ok = tc.has_value();
   const bool sk_ok =
-      p.r <= kSkMaxRank && ceil_div(p.M, kSkRows) <= kMaxGridYZ;
+      p.kernels_built && p.r <= kSkMaxRank && ceil_div(p.M, kSkRows) <= kMaxGridYZ;
   if (forced.has_value()) {
     const bool ok = *forced == Path::kCublas ||
         (*forced == Path::kTensorCore && tc_ok) ||
@@ -147,7 +148,9 @@ Plan make_plan(const ProblemDesc& p, std::optional<Path> forced) {
         " path cannot run M=", p.M, ", k=", p.k, ", r=", p.r, ", d=", p.d,
         " for this dtype on compute capability ", p.sm_major, ".x with ",
         p.max_smem, " bytes of shared memory per block",
-        p.tensor_core_built ? "" : " (this build has no sm_80+ code for this GPU)");
+        !p.kernels_built       ? " (this build has no code for this GPU)"
+        : !p.tensor_core_built ? " (this build has no sm_80+ code for this GPU)"
+                               : "");
     plan.path = *forced;
   } else if (p.M <= kSmallM && sk_ok) {
     // Row tiles cannot fill the GPU: split the k-reduction instead.

@@ -49,8 +49,10 @@ struct ProblemDesc {
   bool half_type = false;  // float16 or bfloat16
   int acc_bytes = 4;       // size of the accumulation type (8 for float64)
   int sm_major = 0;        // compute capability of the device
-  // Whether the loaded binary carries the fused kernel's body for this
-  // device (code built for sm_80 or newer; see query_device).
+  // Whether the loaded binary has code for this device at all (else only
+  // cuBLAS can run), and whether that code holds the fused kernel's body
+  // (built for sm_80 or newer); see query_device.
+  bool kernels_built = true;
   bool tensor_core_built = true;
   int num_sms = 1;
   int64_t max_smem = 0;    // opt-in shared memory per block (bytes)

@@ -31,12 +31,14 @@ template <>
 struct HalfConvert<__half> {
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ unsigned short bits(__half v) { return __half_as_ushort(v); }
 };
 
 template <>
 struct HalfConvert<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ unsigned short bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 };
 
 struct TensorCoreArgs {
@@ -235,7 +237,10 @@ tensor_core_fused_kernel(const TensorCoreArgs p) {
     for (int e = lane; e < kTcStageFloats; e += 32) {
       const int rr = warp_m * 16 + e / 16;
       const int cc = col0 + e % 16;
-      const T v = Convert::from_float(stage[e]);
+      // Columns past r are padding: A's zero-filled rows gave them Σ x·0,
+      // which is NaN where x holds an infinity, and NaN times B's zero
+      // padding would reach every output of the row. They must be 0.
+      const T v = Convert::from_float(cc < p.r ? stage[e] : 0.0f);
       t_tile[rr * ldr + cc] = v;
       if (t_out != nullptr && rr < rows && cc < p.r) {
         t_out[(row0 + rr) * p.r + cc] = v;
@@ -289,8 +294,17 @@ tensor_core_fused_kernel(const TensorCoreArgs p) {
         }
         T* dst = y + row * p.d + col;
         if (p.y_vec) {
-          // d is a multiple of 8, so all eight outputs are in range.
-          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+          // d is a multiple of 8, so all eight outputs are in range. A plain
+          // uint4 assignment compiles to four 32-bit stores; __stcg gives one
+          // 16-byte store (st.global.cg.v4), cached in L2 only: y is written
+          // once and not read back by this kernel.
+          uint32_t words[4];
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            words[w] = static_cast<uint32_t>(Convert::bits(vals[2 * w])) |
+                (static_cast<uint32_t>(Convert::bits(vals[2 * w + 1])) << 16);
+          }
+          __stcg(reinterpret_cast<uint4*>(dst), make_uint4(words[0], words[1], words[2], words[3]));
         } else {
 #pragma unroll
           for (int e = 0; e < 8; ++e) {

@@ -11,6 +11,8 @@
 //     bias, keep_t  0 or 1
 //     timing    issue | wait (when cp.async copies land, see CopyTiming)
 //     device    h100 | a100 | small (the device the plan is made for)
+//     [inputs]  optional: finite (default), or inf: x[0, 0] = +inf and every
+//               input in [0, 1), so row 0 of t and y must be +inf, not NaN
 // and prints one line per case: "PASS <case> ..." or "FAIL <case>: why".
 // The exit status is the number of failed cases (capped at 100).
 #include "emulated_kernels.h"
@@ -26,7 +28,7 @@ namespace {
 using namespace lowrank_ext::cuda;
 
 struct Case {
-  std::string path, dtype, timing, device, line;
+  std::string path, dtype, timing, device, inputs = "finite", line;
   int64_t M = 0, k = 0, r = 0, d = 0, ldx_extra = 0;
   bool misalign = false, bias = false, keep_t = false;
 };
@@ -131,13 +133,17 @@ std::string run_case(const Case& c) {
   constexpr bool half_type = sizeof(T) == 2;
   const int64_t M = c.M, k = c.k, r = c.r, d = c.d, ldx = c.k + c.ldx_extra;
   std::mt19937_64 rng(std::hash<std::string>{}(c.line));
-  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  const bool with_inf = c.inputs == "inf";
+  std::uniform_real_distribution<float> uniform(with_inf ? 0.0f : -1.0f, 1.0f);
   auto random_buffer = [&](int64_t n) {
     Buffer<T> b(n, c.misalign);
     for (int64_t i = 0; i < n; ++i) b.data()[i] = static_cast<T>(uniform(rng));
     return b;
   };
   Buffer<T> x = random_buffer(M == 0 ? 0 : (M - 1) * ldx + k);
+  if (with_inf && M > 0 && k > 0) {
+    x.data()[0] = static_cast<T>(std::numeric_limits<float>::infinity());
+  }
   Buffer<T> A = random_buffer(r * k);
   Buffer<T> B = random_buffer(d * r);
   Buffer<T> bias = random_buffer(c.bias ? d : 0);
@@ -180,15 +186,16 @@ std::string run_case(const Case& c) {
       t_mag[j] = m;
       if (c.keep_t) {
         const double got = t.get(i * r + j);
-        const double err = std::fabs(got - static_cast<double>(static_cast<T>(s)));
+        const double expected = static_cast<double>(static_cast<T>(s));
+        const double err = std::isfinite(expected) ? std::fabs(got - expected) : 0.0;
         const double tol = (2 * u + 2 * k * u_acc) * m + 1e-300;
-        if (!std::isfinite(got) || err > tol) {
+        if (!std::isfinite(expected) ? got != expected : (!std::isfinite(got) || err > tol)) {
           std::ostringstream why;
           why << "FAIL " << c.line << ": t[" << i << "," << j << "] = " << got << ", expected "
               << s;
           return why.str();
         }
-        worst_t = std::max(worst_t, err / tol);
+        worst_t = std::isfinite(expected) ? std::max(worst_t, err / tol) : worst_t;
       }
     }
     for (int64_t o = 0; o < d; ++o) {
@@ -198,15 +205,16 @@ std::string run_case(const Case& c) {
         m += t_mag[j] * std::fabs(B.get(o * r + j));
       }
       const double got = y.get(i * d + o);
-      const double err = std::fabs(got - s);
+      // An infinite reference (inputs=inf) must be met exactly.
+      const double err = std::isfinite(s) ? std::fabs(got - s) : 0.0;
       const double tol = (4 * u + 2 * (k + r) * u_acc) * m + 1e-300;
-      if (!std::isfinite(got) || err > tol) {
+      if (!std::isfinite(s) ? got != s : (!std::isfinite(got) || err > tol)) {
         std::ostringstream why;
         why << "FAIL " << c.line << ": y[" << i << "," << o << "] = " << got << ", expected "
             << s;
         return why.str();
       }
-      worst_y = std::max(worst_y, err / tol);
+      worst_y = std::isfinite(s) ? std::max(worst_y, err / tol) : worst_y;
     }
   }
   if (!y.prefix_intact() || !t.prefix_intact()) {
@@ -240,6 +248,12 @@ int main() {
       continue;
     }
     c.misalign = misalign != 0, c.bias = bias != 0, c.keep_t = keep_t != 0;
+    in >> c.inputs; // optional
+    if (c.inputs != "finite" && c.inputs != "inf") {
+      std::cout << "FAIL " << line << ": unknown inputs " << c.inputs << std::endl;
+      ++failures;
+      continue;
+    }
     emu::copy_timing = c.timing == "wait" ? emu::CopyTiming::kAtWait : emu::CopyTiming::kAtIssue;
     std::string result;
     try {

@@ -33,3 +33,7 @@ inline float __bfloat162float(__nv_bfloat16 v) {
 inline __nv_bfloat16 __float2bfloat16_rn(float v) {
   return __nv_bfloat16(v);
 }
+
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 v) {
+  return v.bits;
+}

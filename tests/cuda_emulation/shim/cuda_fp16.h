@@ -26,3 +26,7 @@ inline float __half2float(__half v) {
 inline __half __float2half_rn(float v) {
   return __half(v);
 }
+
+inline unsigned short __half_as_ushort(__half v) {
+  return v.bits;
+}

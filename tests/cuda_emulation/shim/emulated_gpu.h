@@ -51,6 +51,16 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+  return uint4{x, y, z, w};
+}
+
+// Cache-hinted store: on the host, a plain one.
+template <typename V>
+inline void __stcg(V* p, V value) {
+  *p = value;
+}
+
 inline thread_local dim3 threadIdx;
 inline thread_local dim3 blockIdx;
 inline dim3 blockDim;
