@@ -29,6 +29,18 @@
 namespace lowrank_ext {
 namespace {
 
+// y += scale·t·Bᵀ. addmm with alpha = 0 skips the product (BLAS semantics),
+// which would drop a NaN or an infinity of the adapter that the composition
+// x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ (peft's, and the fallback's) propagates as
+// NaN; scale = 0 is rare, so it takes the product and scales it.
+void add_scaled_adapter(at::Tensor& y, const at::Tensor& t, const at::Tensor& Bt, double scale) {
+  if (scale == 0.0) {
+    y.add_(at::mm(t, Bt).mul_(0.0));
+  } else {
+    y.addmm_(t, Bt, /*beta=*/1, /*alpha=*/scale);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
     const at::Tensor& x,
     const at::Tensor& W,
@@ -56,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
     if (y32.defined()) {
       const at::Tensor t32 = few_rows_product_cpu(xr, A.contiguous());
       if (r > 0) {
-        y32.addmm_(t32, B.t().to(at::kFloat), /*beta=*/1, /*alpha=*/scale);
+        add_scaled_adapter(y32, t32, B.t().to(at::kFloat), scale);
       }
       if (bias.has_value()) {
         y32.add_(bias->to(at::kFloat));
@@ -91,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
   }
   const at::Tensor t2 = at::mm(x2, A.t());
   if (r > 0 && M > 0) {
-    y2.addmm_(t2, B.t(), /*beta=*/1, /*alpha=*/scale);
+    add_scaled_adapter(y2, t2, B.t(), scale);
   }
   return {y2.view(y_shape), t2.view(t_shape)};
 }

@@ -122,6 +122,38 @@ def test_lora_linear_matches_dense_reference(shape, dtype, bias):
     assert_close_to_reference(t, x.double() @ A.double().T, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [4, 200])
+def test_lora_linear_with_scale_zero_propagates_a_non_finite_adapter(M, dtype):
+    # scale = 0 multiplies the adapter by zero, as the composition does: a
+    # NaN or inf in A gives NaN, on every path (BLAS's alpha = 0 used to skip
+    # the product at float32/float64 and at a few rows).
+    x, A, B, b = make_inputs((M,), 8, 3, 5, dtype, True)
+    W = torch.randn(5, 8, dtype=dtype)
+    for value in (float("nan"), float("inf")):
+        A_bad = A.clone()
+        A_bad[0, 0] = value
+        assert lx.lora_linear(x, W, A_bad, B, b, 0.0).isnan().all()
+    y = lx.lora_linear(x, W, A, B, b, 0.0)
+    assert_close_to_reference(y, lora_reference(x, W, A, B, b, 0.0), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("x", [torch.randn(1, 4).t(), torch.randn(1, 2)[:, ::2],
+                               torch.randn(3, 1).expand(3, 1)],
+                         ids=["column", "strided1x1", "expanded"])
+def test_ops_take_a_single_input_feature_with_any_stride(x, dtype):
+    # k = 1: the column stride is meaningless (torch calls such tensors
+    # contiguous whatever it is); the few-row kernels must not refuse them.
+    x = x.to(dtype)
+    _, A, B, b = make_inputs((1,), 1, 3, 5, dtype, True)
+    W = torch.randn(5, 1, dtype=dtype)
+    assert_close_to_reference(lx.lora_linear(x, W, A, B, b, 0.5),
+                              lora_reference(x, W, A, B, b, 0.5), dtype)
+    assert_close_to_reference(lx.lowrank_linear(x, A, B, b), lowrank_reference(x, A, B, b),
+                              dtype)
+
+
 @requires_compiled
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_lora_half_dense_product_runs_in_float32_from_64_rows(monkeypatch, dtype):

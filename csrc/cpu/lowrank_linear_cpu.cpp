@@ -642,7 +642,10 @@ bool can_stream(at::ScalarType type) {
 } // namespace
 
 at::Tensor few_rows_product_cpu(const at::Tensor& x2, const at::Tensor& W) {
-  TORCH_CHECK(x2.dim() == 2 && W.dim() == 2 && x2.size(1) == W.size(1) && x2.stride(1) == 1 &&
+  // A single column has no column stride to speak of (torch calls such a
+  // tensor contiguous whatever its stride, so .contiguous() keeps it).
+  TORCH_CHECK(x2.dim() == 2 && W.dim() == 2 && x2.size(1) == W.size(1) &&
+                  (x2.stride(1) == 1 || x2.size(1) <= 1) &&
                   W.is_contiguous() && x2.scalar_type() == W.scalar_type(),
               "few_rows_product_cpu: expected x (M, k) with unit column stride and a "
               "contiguous W (n, k) of its dtype, got ", x2.sizes(), " and ", W.sizes());
