@@ -7,6 +7,8 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vjp, vmap
 
 import lowrank_ext as lx
 
+TORCH_BEFORE_2_14 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+
 
 def _make(*shape):
     return torch.randn(*shape, dtype=torch.float64)
@@ -145,6 +147,11 @@ def test_compiled_transforms_give_the_eager_gradients(make):
     expected = grad(loss)(params, x)
     torch._dynamo.reset()
     try:
+        if TORCH_BEFORE_2_14:
+            # Older dynamo raises where 2.14 breaks the graph (README).
+            with pytest.raises(Exception, match="functorch transforms"):
+                torch.compile(grad(loss), backend="aot_eager")(params, x)
+            return
         got = torch.compile(grad(loss), backend="aot_eager")(params, x)
         for name in expected:
             torch.testing.assert_close(got[name], expected[name])
