@@ -20,7 +20,7 @@ setup: $(VENV)/.deps $(VENV)/.built
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy pybind11 ninja "setuptools>=64" wheel
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy pybind11 ninja "setuptools>=77" wheel
 	touch $@
 
 # Rebuilt only when a source file changes. --no-build-isolation: compile
