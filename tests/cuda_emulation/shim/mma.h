@@ -11,6 +11,7 @@
 #include "emulated_gpu.h"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace nvcuda::wmma {
 
@@ -59,28 +60,16 @@ void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float value) {
   }
 }
 
-template <typename T>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync (matrix_a): misaligned or non-uniform");
-  detail::load(f.v, p, ldm, true);
-}
-
-template <typename T>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
-  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync (matrix_b): misaligned or non-uniform");
-  detail::load(f.v, p, ldm, false);
-}
-
-template <typename T>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync (matrix_b): misaligned or non-uniform");
-  detail::load(f.v, p, ldm, true);
-}
-
-template <typename T>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
-  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync (matrix_a): misaligned or non-uniform");
-  detail::load(f.v, p, ldm, false);
+// matrix_a or matrix_b, stored row- or column-major (the accumulator's load
+// takes a layout argument and is not modelled).
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(std::is_same_v<Use, matrix_a> || std::is_same_v<Use, matrix_b>,
+                "only matrix_a and matrix_b fragments are loaded");
+  static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>,
+                "a matrix_a or matrix_b fragment needs a layout");
+  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync: misaligned or non-uniform");
+  detail::load(f.v, p, ldm, std::is_same_v<Layout, row_major>);
 }
 
 template <typename T, typename LA, typename LB>
