@@ -7,7 +7,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vjp, vmap
 
 import lowrank_ext as lx
 
-TORCH_BEFORE_2_14 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+TORCH_BEFORE_2_14 = torch.__version__ < "2.14"
 
 
 def _make(*shape):

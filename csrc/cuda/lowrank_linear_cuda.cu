@@ -105,25 +105,15 @@ void allow_smem(Kernel kernel, int64_t bytes) {
   }
 }
 
-template <typename T, int kFrags>
-void launch_tensor_core(const TensorCoreTiling& tiling, const TensorCoreArgs& args) {
-  auto kernel = &tensor_core_fused_kernel<T, kFrags>;
+template <typename T>
+void run_tensor_core_typed(const TensorCoreTiling& tiling, const TensorCoreArgs& args) {
+  const auto kernel = tensor_core_kernel_for<T>(tiling.frags_per_warp);
+  TORCH_CHECK(kernel != nullptr, "lowrank_linear: no tensor-core kernel for ",
+              tiling.frags_per_warp, " fragments per warp");
   allow_smem(kernel, tiling.smem_bytes);
   kernel<<<static_cast<unsigned>(tiling.blocks), tiling.threads, tiling.smem_bytes,
            c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T>
-void run_tensor_core_typed(const TensorCoreTiling& tiling, const TensorCoreArgs& args) {
-  switch (tiling.frags_per_warp) {
-    case 1: return launch_tensor_core<T, 1>(tiling, args);
-    case 2: return launch_tensor_core<T, 2>(tiling, args);
-    case 4: return launch_tensor_core<T, 4>(tiling, args);
-    case 8: return launch_tensor_core<T, 8>(tiling, args);
-  }
-  TORCH_CHECK(false, "lowrank_linear: no tensor-core kernel for ",
-              tiling.frags_per_warp, " fragments per warp");
 }
 
 void run_tensor_core(

@@ -321,4 +321,18 @@ tensor_core_fused_kernel(const TensorCoreArgs p) {
 #endif
 }
 
+// The kernel for a tiling's fragments per warp (every count the plan can
+// choose is instantiated here), or null. Shared by the launch and by the
+// host emulation, so that both run the same instantiations.
+template <typename T>
+auto tensor_core_kernel_for(int frags_per_warp) -> void (*)(TensorCoreArgs) {
+  switch (frags_per_warp) {
+    case 1: return &tensor_core_fused_kernel<T, 1>;
+    case 2: return &tensor_core_fused_kernel<T, 2>;
+    case 4: return &tensor_core_fused_kernel<T, 4>;
+    case 8: return &tensor_core_fused_kernel<T, 8>;
+  }
+  return nullptr;
+}
+
 } // namespace lowrank_ext::cuda

@@ -89,24 +89,34 @@ ProblemDesc describe(const Case& c, bool half_type, int acc_bytes) {
   return p;
 }
 
-template <typename T, int kFrags>
-void launch_tensor_core(const TensorCoreTiling& tiling, const TensorCoreArgs& args) {
-  emu::launch(dim3(static_cast<unsigned>(tiling.blocks)), dim3(tiling.threads),
-              tiling.smem_bytes, smem, [&] {
-                tensor_core_fused_kernel<T, kFrags>(args);
-                emu::check_no_copies_in_flight();
-              });
+// One output element against its float64 reference: an infinite reference
+// (inputs=inf) must be met exactly, a finite one within tol, and `worst`
+// keeps the largest error / tolerance. Returns the failure line, or "".
+std::string check_element(const Case& c, const char* name, int64_t i, int64_t j, double got,
+                          double expected, double tol, double& worst) {
+  const bool finite = std::isfinite(expected);
+  const double err = finite ? std::fabs(got - expected) : 0.0;
+  if (finite ? (!std::isfinite(got) || err > tol) : got != expected) {
+    std::ostringstream why;
+    why << "FAIL " << c.line << ": " << name << "[" << i << "," << j << "] = " << got
+        << ", expected " << expected;
+    return why.str();
+  }
+  worst = finite ? std::max(worst, err / tol) : worst;
+  return "";
 }
 
 template <typename T>
 void run_tensor_core(const TensorCoreTiling& tiling, const TensorCoreArgs& args) {
-  switch (tiling.frags_per_warp) {
-    case 1: return launch_tensor_core<T, 1>(tiling, args);
-    case 2: return launch_tensor_core<T, 2>(tiling, args);
-    case 4: return launch_tensor_core<T, 4>(tiling, args);
-    case 8: return launch_tensor_core<T, 8>(tiling, args);
+  const auto kernel = tensor_core_kernel_for<T>(tiling.frags_per_warp);
+  if (kernel == nullptr) {
+    throw std::runtime_error("no kernel for this many fragments per warp");
   }
-  throw std::runtime_error("no kernel for this many fragments per warp");
+  emu::launch(dim3(static_cast<unsigned>(tiling.blocks)), dim3(tiling.threads),
+              tiling.smem_bytes, smem, [&] {
+                kernel(args);
+                emu::check_no_copies_in_flight();
+              });
 }
 
 template <typename T>
@@ -185,17 +195,10 @@ std::string run_case(const Case& c) {
       t_ref[j] = t_rounded ? static_cast<double>(static_cast<T>(s)) : s;
       t_mag[j] = m;
       if (c.keep_t) {
-        const double got = t.get(i * r + j);
-        const double expected = static_cast<double>(static_cast<T>(s));
-        const double err = std::isfinite(expected) ? std::fabs(got - expected) : 0.0;
-        const double tol = (2 * u + 2 * k * u_acc) * m + 1e-300;
-        if (!std::isfinite(expected) ? got != expected : (!std::isfinite(got) || err > tol)) {
-          std::ostringstream why;
-          why << "FAIL " << c.line << ": t[" << i << "," << j << "] = " << got << ", expected "
-              << s;
-          return why.str();
-        }
-        worst_t = std::isfinite(expected) ? std::max(worst_t, err / tol) : worst_t;
+        const std::string failure =
+            check_element(c, "t", i, j, t.get(i * r + j), static_cast<double>(static_cast<T>(s)),
+                          (2 * u + 2 * k * u_acc) * m + 1e-300, worst_t);
+        if (!failure.empty()) return failure;
       }
     }
     for (int64_t o = 0; o < d; ++o) {
@@ -204,17 +207,10 @@ std::string run_case(const Case& c) {
         s += t_ref[j] * B.get(o * r + j);
         m += t_mag[j] * std::fabs(B.get(o * r + j));
       }
-      const double got = y.get(i * d + o);
-      // An infinite reference (inputs=inf) must be met exactly.
-      const double err = std::isfinite(s) ? std::fabs(got - s) : 0.0;
-      const double tol = (4 * u + 2 * (k + r) * u_acc) * m + 1e-300;
-      if (!std::isfinite(s) ? got != s : (!std::isfinite(got) || err > tol)) {
-        std::ostringstream why;
-        why << "FAIL " << c.line << ": y[" << i << "," << o << "] = " << got << ", expected "
-            << s;
-        return why.str();
-      }
-      worst_y = std::isfinite(s) ? std::max(worst_y, err / tol) : worst_y;
+      const std::string failure =
+          check_element(c, "y", i, o, y.get(i * d + o), s,
+                        (4 * u + 2 * (k + r) * u_acc) * m + 1e-300, worst_y);
+      if (!failure.empty()) return failure;
     }
   }
   if (!y.prefix_intact() || !t.prefix_intact()) {

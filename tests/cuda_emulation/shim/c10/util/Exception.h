@@ -14,16 +14,12 @@ std::string concat(const Parts&... parts) {
 }
 } // namespace emu_detail
 
-#define TORCH_CHECK_VALUE(cond, ...)                                   \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      throw std::invalid_argument(emu_detail::concat(__VA_ARGS__));    \
-    }                                                                  \
+#define EMU_CHECK(exception, cond, ...)                              \
+  do {                                                               \
+    if (!(cond)) {                                                   \
+      throw exception(emu_detail::concat(__VA_ARGS__));              \
+    }                                                                \
   } while (0)
 
-#define TORCH_CHECK(cond, ...)                                         \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      throw std::runtime_error(emu_detail::concat(__VA_ARGS__));       \
-    }                                                                  \
-  } while (0)
+#define TORCH_CHECK_VALUE(cond, ...) EMU_CHECK(std::invalid_argument, cond, __VA_ARGS__)
+#define TORCH_CHECK(cond, ...) EMU_CHECK(std::runtime_error, cond, __VA_ARGS__)
