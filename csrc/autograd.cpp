@@ -8,6 +8,8 @@
 #include "cpu/few_rows.h"
 #include "cpu/half_gemm.h"
 
+#include <cmath>
+
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -243,13 +245,20 @@ variable_list lora_backward(
   const int64_t d = W.size(0);
   const int64_t M = rows_of(x);
   const at::Tensor gy2 = gy.reshape({M, d});
+  // In float16 a scale below 1 goes on gy before the adapter's products, as
+  // in peft's composition: gy·B or gyᵀ·t rounded to float16 before the scale
+  // applies can overflow where the gradient is finite. (A scale of 1 or more
+  // cannot save a product that overflows; bfloat16's range is float32's.)
+  const bool scale_first = gy2.scalar_type() == at::kHalf && std::abs(scale) < 1.0;
+  const at::Tensor gy_adapter = scale_first ? gy2 * scale : gy2;
+  const double scale_after = scale_first ? 1.0 : scale;
   at::Tensor gx, gW, gA, gB, gbias;
   const bool need_x = ctx->needs_input_grad(0);
   const bool need_A = ctx->needs_input_grad(2);
   // The adapter's gradients have lowrank_linear's shapes: same kernel.
   const bool kernel = use_weight_grad_kernel(gy2);
   if (need_x || need_A) {
-    const at::Tensor gt = gy2.mm(B).mul_(scale); // (M, r)
+    const at::Tensor gt = gy_adapter.mm(B).mul_(scale_after); // (M, r)
     if (need_x && gy.device().is_cpu() && use_few_rows_backward(gy, M) && W.is_contiguous() &&
         !at::GradMode::is_enabled()) {
       // Few rows: gy·W streams W in its own layout (cpu/few_rows.h), summed
@@ -272,7 +281,7 @@ variable_list lora_backward(
   }
   if (ctx->needs_input_grad(3)) {
     const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape({M, r});
-    gB = transposed_product(gy2, t2, kernel).mul_(scale);
+    gB = transposed_product(gy_adapter, t2, kernel).mul_(scale_after);
   }
   if (bias_given(ctx) && ctx->needs_input_grad(4)) {
     gbias = gy2.sum(0);

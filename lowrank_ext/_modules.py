@@ -55,9 +55,9 @@ def keep_off_fused_encoder_paths(model, parent_name, module):
     In inference ``nn.TransformerEncoderLayer`` takes a fused fast path that
     reads its Linear layers' ``weight`` and ``bias`` and never calls them:
     a LoRALinear's ``weight`` is its base layer's, so the adapter would be
-    silently dropped (a LowRankLinear's placeholder weight already turns the
-    path off, but under fake-tensor tracing it is a plain tensor). The layer
-    skips that path
+    silently dropped (a LoRALinear carries this hook from its construction,
+    and a LowRankLinear's placeholder weight already turns the path off, but
+    under fake-tensor tracing it is a plain tensor). The layer skips that path
     whenever a forward hook or pre-hook is attached to one of its submodules,
     so ``module`` gets a pre-hook that does nothing; it leaves with the module
     (``merge_lora`` puts a plain Linear back, and the fast path with it).

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._checks import check_device
+from ._checks import check_device, dtype_name
 from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
 from ._names import preview
 from ._workers import Workers
@@ -163,6 +163,11 @@ class _Spectrum:
         """The layer's weight in float64 on the compute device."""
         return self._weight.detach().to(device=self.device, dtype=torch.float64)
 
+    @property
+    def dtype(self):
+        """The layer's dtype, which its factors are stored in."""
+        return self._weight.dtype
+
     def factors(self, rank):
         """(B, A) in float64 with B·A the best rank-``rank`` map in this metric."""
         if rank > self.U.shape[1]:
@@ -243,13 +248,26 @@ def _spectra(names, layers, grams, owners, workers, device):
 
 
 def _factors(names, spectra, ranks, owners, workers, shapes):
-    """{name: (B, A, weight error, output error)} on every rank, for the layers given."""
+    """{name: (B, A, weight error, output error)} on every rank, for the layers given.
+
+    The factors come rounded to the layer's dtype (held in float64, which
+    holds those values exactly), and the errors are those of the rounded
+    factors, the ones the model will hold: in bfloat16 the rounding can
+    outweigh the truncation itself.
+    """
     local, error = {}, None
     try:
         for name in names:
             if owners[name] == workers.rank:
-                B, A = spectra[name].factors(ranks[name])
-                weight_error, output_error = _errors(spectra[name], B, A)
+                spectrum = spectra[name]
+                B, A = (f.to(spectrum.dtype).to(torch.float64)
+                        for f in spectrum.factors(ranks[name]))
+                if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+                    raise ValueError(
+                        f"compress_model: the rank-{ranks[name]} factors of layer {name!r} "
+                        f"exceed the range of {dtype_name(spectrum.dtype)}; compress a "
+                        "float32 copy of the model")
+                weight_error, output_error = _errors(spectrum, B, A)
                 local[name] = (B, A, weight_error, output_error)
     except Exception as exc:
         error = exc
@@ -474,12 +492,15 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     Exactly one of ratio, rank, energy, tol. Layers where factorizing saves
     nothing (rank ≥ d·k/(d+k)) stay dense and the report says so; so do
     layers whose weight is tied to another module (an output layer sharing the
-    embedding matrix) or that the model holds under two names: they take no
-    part in the ratio's budget, as do layers with an empty weight (a
-    dimension of 0).
+    embedding matrix), whose bias another module shares, or that the model
+    holds under two names: they take no part in the ratio's budget, as do
+    layers with an empty weight (a dimension of 0).
 
     Returns:
-        CompressionReport: per layer the rank, parameters and relative errors.
+        CompressionReport: per layer the rank, parameters and relative errors,
+        the errors those of the factors as stored in the layer's dtype (a
+        layer whose ``energy`` or ``tol`` only that rounding misses has a note
+        saying so). A weight several reported layers share counts once.
     """
     from tqdm.auto import tqdm
 
@@ -489,6 +510,10 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         raise TypeError("compress_model: the model is itself an nn.Linear; use "
                         "LowRankLinear.from_linear(model, ...) instead")
     _check_targets(rank, ratio, energy, tol, allocation)
+    # Read once: a one-pass iterator (a map, a generator) would be empty the
+    # second time the patterns are consulted.
+    include = _as_patterns("include", include)
+    exclude = _as_patterns("exclude", exclude)
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, numbers.Integral) \
             or rank_multiple < 1:
         raise ValueError(f"compress_model: rank_multiple must be a positive int, got "
@@ -514,7 +539,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             packed = [name for name, m in model.named_modules()
                       if isinstance(m, nn.MultiheadAttention)
                       and not any(name_matches(name, p)
-                                  for p in _as_patterns("exclude", exclude) or ())]
+                                  for p in exclude or ())]
             if packed:
                 warnings.warn(
                     f"compress_model: nn.MultiheadAttention module(s) {preview(packed)} keep "
@@ -541,10 +566,6 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                             f"{type(sequential).__name__}")
         if sequential and calibration is None:
             raise ValueError("compress_model: sequential=True needs calibration")
-        if sequential or (ratio is not None and allocation == "sensitivity"):
-            # Several calibration runs are compared with each other: each must
-            # see the same batches.
-            calibration = replayable(calibration)
         on_meta = [name for name, layer in layers.items() if layer.weight.is_meta]
         if on_meta:
             raise ValueError(
@@ -554,11 +575,12 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         for name, layer in layers.items():
             if not bool(torch.isfinite(layer.weight).all()):
                 raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")
-        shared_records = {
-            name: LayerReport(name, tuple(dense_weight(linears[name]).shape), None,
-                              linears[name].weight.numel(), linears[name].weight.numel(), 0.0,
-                              None, note=note)
-            for name, note in shared.items()}
+        if sequential or (ratio is not None and allocation == "sensitivity"):
+            # Several calibration runs are compared with each other: each must
+            # see the same batches. Read only after every check that needs no
+            # data, so that a refused call leaves a one-pass iterable unread.
+            calibration = replayable(calibration)
+        shared_records = _shared_records(selected, linears, shared)
     if not layers:
         return CompressionReport([shared_records[n] for n in selected],
                                  calibrated=calibration is not None)
@@ -616,18 +638,22 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                                              f"{break_even_rank(d, k):.1f} saves nothing",
                                         sensitivity=sensitivity.get(name))
 
-    def replace(found):
+    def replace(found, spectra):
         for name, (B, A, weight_error, output_error) in found.items():
             layer = layers[name]
             (d, k), r = shapes[name], ranks[name]
             new = _low_rank_like(layer, B, A)
             new.train(layer.training)
             replacements[name] = new
+            note = rounding_note(layer.weight.dtype, spectra[name].relative_tail(r),
+                                  weight_error if output_error is None else output_error,
+                                  energy, tol)
             records[name] = LayerReport(name, (d, k), r, d * k, r * (d + k), weight_error,
-                                        output_error, sensitivity=sensitivity.get(name))
+                                        output_error, note=note,
+                                        sensitivity=sensitivity.get(name))
 
     if not sequential:
-        replace(_factors(factorized, spectra, ranks, owners, workers, shapes))
+        replace(_factors(factorized, spectra, ranks, owners, workers, shapes), spectra)
     else:
         # Earlier stages go into the model as they are done, so that the next
         # calibration run sees their error; any failure puts the originals back.
@@ -649,7 +675,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                     _check_finite_inputs(stage_grams)
                 bar.set_postfix_str(stage[0], refresh=False)
                 stage_spectra = _spectra(stage, layers, stage_grams, owners, workers, device)
-                replace(_factors(stage, stage_spectra, ranks, owners, workers, shapes))
+                replace(_factors(stage, stage_spectra, ranks, owners, workers, shapes),
+                        stage_spectra)
                 for name in stage:
                     swap(name, replacements[name])
                 bar.update(len(group))
@@ -682,25 +709,70 @@ def _summed_grams(grams, shapes, workers):
 
 
 def _shared_layers(model, layers):
-    """{name: note} for the layers whose module or weight has another holder in the model."""
-    module_paths, weight_holders = {}, {}
+    """{name: note} for the layers whose module, weight or bias has another holder in the model."""
+    module_paths, holders = {}, {}
     for path, module in model.named_modules(remove_duplicate=False):
         module_paths.setdefault(id(module), []).append(path)
         for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
-            weight_holders.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
+            holders.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
     notes = {}
     for name, layer in layers.items():
         paths = module_paths.get(id(layer), [])
-        others = [h for h in weight_holders.get(id(layer.weight), [])
-                  if h.rpartition(".")[0] not in paths]
+
+        def others(param):
+            return [] if param is None else [h for h in holders.get(id(param), [])
+                                             if h.rpartition(".")[0] not in paths]
+
         if len(paths) > 1:
             notes[name] = ("dense: the same module is also at "
                            + ", ".join(p for p in paths if p != name)
                            + "; replacing it in one place would add parameters")
-        elif others:
-            notes[name] = (f"dense: weight tied to {', '.join(others)}; factorizing would "
-                           "add parameters and untie it")
+        elif others(layer.weight):
+            notes[name] = (f"dense: weight tied to {', '.join(others(layer.weight))}; "
+                           "factorizing would add parameters and untie it")
+        elif others(layer.bias):
+            # The new layer would get a bias of its own: training one layer's
+            # bias would no longer move the other's.
+            notes[name] = (f"dense: bias shared with {', '.join(others(layer.bias))}; "
+                           "factorizing would untie it")
     return notes
+
+
+def _shared_records(selected, linears, shared):
+    """{name: LayerReport} of the layers kept dense for ``shared``'s reasons.
+
+    A weight several reported layers hold (two Linear layers tied to one
+    matrix) counts once, at the first of them, so that the report's totals
+    count each tensor once, as the model holds it.
+    """
+    counted, records = {}, {}
+    for name in selected:
+        if name not in shared:
+            continue
+        layer, note = linears[name], shared[name]
+        first = counted.setdefault(id(layer.weight), name)
+        size = layer.weight.numel() if first == name else 0
+        if first != name:
+            note += f"; its weight is counted at {first}"
+        records[name] = LayerReport(name, tuple(dense_weight(layer).shape), None, size, size,
+                                    0.0, None, note=note)
+    return records
+
+
+def rounding_note(dtype, exact, error, energy, tol):
+    """The note for a layer whose ``energy`` or ``tol`` target the factors meet
+    in float64 (relative error ``exact``) but miss once rounded to ``dtype``
+    (relative ``error``, in the metric the target is in); else ""."""
+    if dtype == torch.float64:
+        return ""
+    what = f"rounding the factors to {dtype_name(dtype)}, as stored,"
+    if tol is not None and error > tol >= exact:
+        return (f"{what} leaves a relative error of {error:.3g}, above tol={tol} "
+                f"({exact:.3g} before rounding)")
+    if energy is not None and 1.0 - error ** 2 < energy <= 1.0 - exact ** 2:
+        return (f"{what} keeps {1.0 - error ** 2:.6g} of the energy (1 − error²), below "
+                f"energy={energy} ({1.0 - exact ** 2:.6g} before rounding)")
+    return ""
 
 
 def _low_rank_like(layer, B, A):

@@ -97,7 +97,7 @@ def run(args):
 
     from ._checks import dtype_name
     from ._names import preview
-    from .compress import check_blocks_fit, round_rank, select_names
+    from .compress import check_blocks_fit, round_rank, rounding_note, select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
     from .serialization import (atomic_write, check_output_path, model_files, opened,
@@ -105,7 +105,7 @@ def run(args):
     from .svd import choose_rank, svd_truncate
 
     files = model_files(args.input, owner=None)
-    check_output_path(None, args.output, force=args.force)
+    check_output_path(None, args.output, force=args.force, what="--output")
     if args.ratio is not None:
         rank_for_ratio(2, 2, args.ratio)  # validates the ratio
     if args.rank is not None and args.rank < 1:
@@ -191,18 +191,27 @@ def run(args):
                                        note=f"dense: rank {r} >= d·k/(d+k) = "
                                             f"{break_even_rank(d, k):.1f} saves nothing"))
             continue
-        B, A = svd_truncate(W.double(), r)
-        error = float(torch.linalg.matrix_norm(W.double() - B @ A) /
-                      torch.linalg.matrix_norm(W.double()).clamp_min(1e-300))
+        unrounded = svd_truncate(W.double(), r)
+        # The error reported is that of the factors as written, in the
+        # weight's dtype: in bfloat16 their rounding can outweigh the truncation.
+        B, A = (factor.to(W.dtype) for factor in unrounded)
+
+        def relative_error(B, A):
+            return float(torch.linalg.matrix_norm(W.double() - B.double() @ A.double()) /
+                         torch.linalg.matrix_norm(W.double()).clamp_min(1e-300))
+
+        error = relative_error(B, A)
+        note = ("" if args.energy is None else
+                rounding_note(W.dtype, relative_error(*unrounded), error, args.energy, None))
         prefix = name if key.endswith(".weight") else key
         for suffix, factor in (("A", A), ("B", B)):
             if f"{prefix}.{suffix}" in tensors:
                 raise ValueError(f"cannot store {key!r} as {prefix}.{suffix}: the file already "
                                  "has a tensor of that name")
-            out[f"{prefix}.{suffix}"] = factor.to(W.dtype).contiguous()
+            out[f"{prefix}.{suffix}"] = factor.contiguous()
         del out[key]
         ranks[name] = r
-        records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), error))
+        records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), error, note=note))
 
     # B·A is each tensor as this file stores it (transposed for a Conv1D);
     # load_compressed turns the factors of such layers around. A file holds

@@ -24,10 +24,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._checks import dtype_name
 from .calibration import call_with_batch, token_mask_of
 from .compress import name_matches
 from ._names import preview
 from .sensitivity import _floating_tensors
+
+
+# Trained through float32 master copies (see distill).
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -224,6 +229,11 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
         max_grad_norm: clip the gradients' total norm to this, if given.
         progress: show a tqdm bar; ``None`` shows it on a terminal only.
 
+    float16 and bfloat16 parameters train through float32 master copies (the
+    optimizer and the clipping act on those, and the parameters take their
+    rounded values after each step), so that Adam's eps, 0 in float16, and
+    updates below bfloat16's precision are not lost.
+
     Both models run in eval mode (no dropout) and get their modes back after;
     the parameters' ``requires_grad`` flags and gradients are restored too.
     If anything fails, the trained parameters are put back as they were and
@@ -266,7 +276,13 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
         for p in params:
             p.requires_grad_(True)
             p.grad = None
-        optimizer = torch.optim.Adam(params, lr=lr)
+        # Adam runs on float32 master copies of half-precision parameters:
+        # its eps (1e-8) is 0 in float16, so a zero gradient would give 0/0,
+        # and bfloat16 rounds away updates below its 8 bits of precision. The
+        # parameters get the masters' values, rounded, after every step.
+        masters = [p.detach().float() if p.dtype in _HALF else None for p in params]
+        trained = [p if m is None else m for p, m in zip(params, masters)]
+        optimizer = torch.optim.Adam(trained, lr=lr)
         warm = max(1, round(warmup * steps))
 
         def factor(i):  # linear warm-up, then a cosine to zero
@@ -303,13 +319,33 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 raise ValueError("distill: the outputs hold no floating-point tensor to match")
             total = sum(terms + [relative_error(s, t.detach(), mask) for s, t in pairs]).reshape(())
             if not torch.isfinite(total):
+                if step == 0:  # no update yet: the lr has nothing to do with it
+                    raise FloatingPointError(
+                        f"the loss is {total.item()} before any update: the model, the "
+                        "teacher or the batch gives values that are not finite")
                 raise FloatingPointError(f"the loss is {total.item()}; try a lower lr")
             optimizer.zero_grad(set_to_none=True)
+            for p in params:  # a half parameter's master, not itself, is the optimizer's
+                p.grad = None
             total.backward()
+            for p, master in zip(params, masters):
+                if master is not None:
+                    master.grad = None if p.grad is None else p.grad.float()
+            bad = [p.dtype for p, m in zip(params, masters) if m is not None
+                   and m.grad is not None and not bool(torch.isfinite(m.grad).all())]
+            if bad:  # Adam would turn them into NaN parameters
+                raise FloatingPointError(
+                    f"the gradients of {dtype_name(bad[0])} parameters are not finite "
+                    "(float16 holds no more than 65504); distill a float32 copy of the "
+                    "model and convert it back")
             if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
             optimizer.step()
             schedule.step()
+            with torch.no_grad():
+                for p, master in zip(params, masters):
+                    if master is not None:
+                        p.copy_(master)
             losses.append(total.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)

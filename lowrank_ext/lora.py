@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._checks import dtype_name
 from ._modules import dense_weight, places_of, replace_module, weight_tied_elsewhere
 from ._names import preview
 from .compress import plain_linears, select_names
@@ -195,9 +196,10 @@ def lora_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
 def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load adapters saved by :func:`lora_state_dict` into a model with the same adapters.
 
-    The keys must be exactly the model's adapter keys and every shape must
-    match; nothing is loaded otherwise. Merged layers are refused (their base
-    weight holds the old adapter): unmerge them first.
+    The keys must be exactly the model's adapter keys, every tensor
+    floating-point and every shape the model's; nothing is loaded otherwise.
+    Merged layers are refused (their base weight holds the old adapter):
+    unmerge them first.
     """
     _check_model("load_lora_state_dict", model)
     if not isinstance(state_dict, Mapping):
@@ -215,6 +217,10 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"load_lora_state_dict: {key} must be a tensor, got "
                             f"{type(value).__name__}")
+        if not value.is_floating_point():
+            # copy_ would round integers silently and drop a complex tensor's imaginary part.
+            raise TypeError(f"load_lora_state_dict: {key} must be a floating-point tensor, got "
+                            f"{dtype_name(value.dtype)}")
         if value.shape != param.shape:
             raise ValueError(f"load_lora_state_dict: {key} has shape {tuple(value.shape)}, "
                              f"the model's is {tuple(param.shape)}")

@@ -18,8 +18,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from ._checks import dtype_name
-from ._modules import dense_weight, is_conv1d
+from ._checks import check_is_tensor, check_lora_linear_inputs, dtype_name
+from ._modules import _run_the_module, dense_weight, is_conv1d
 from .ops import lora_linear, lowrank_linear
 from .svd import svd_truncate
 
@@ -124,6 +124,17 @@ class WeightPlaceholder(Tensor):
             return func(*args, **(kwargs or {}))
 
 
+def _per_sequence(forward, x):
+    """``forward`` on each sequence of the nested tensor ``x``, nested again alike.
+
+    torch's nn.TransformerEncoder packs a padded batch into a nested tensor
+    when its first layer's weights allow it, and hands it to every layer; a
+    layer assigned by hand cannot turn that off (compress_model and add_lora
+    do), and the ops take dense tensors.
+    """
+    return torch.nested.as_nested_tensor([forward(t) for t in x.unbind()], layout=x.layout)
+
+
 # Each layer's placeholder, built once per dtype, device and shape: a new one
 # per access took 5 µs, and T5 reads wo.weight three times per feed-forward
 # block. Kept outside the module, so that deepcopy and pickling never meet it.
@@ -214,6 +225,8 @@ class LowRankLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound_a, bound_a)
 
     def forward(self, x):
+        if isinstance(x, Tensor) and x.is_nested:
+            return _per_sequence(self.forward, x)
         return lowrank_linear(x, self.A, self.B, self.bias)
 
     def extra_repr(self):
@@ -230,9 +243,10 @@ class LowRankLinear(nn.Module):
         Give exactly one of ``rank``, ``energy``, ``tol`` (as in
         :func:`svd_truncate`) or ``ratio``, the fraction of the weight's
         parameters kept: r = ⌊ratio·d·k/(d+k)⌋ (at least 1). The new layer has
-        ``linear``'s device and dtype and a copy of its bias; ``A`` and ``B``
-        require gradients as ``linear.weight`` does, the bias as its bias (a
-        frozen layer stays frozen). ``linear`` itself is not changed.
+        ``linear``'s device, dtype and training mode and a copy of its bias;
+        ``A`` and ``B`` require gradients as ``linear.weight`` does, the bias
+        as its bias (a frozen layer stays frozen). ``linear`` itself is not
+        changed.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(
@@ -259,6 +273,7 @@ class LowRankLinear(nn.Module):
         # (A bias kept in another dtype than the weight takes the weight's.)
         new = cls.from_factors(A, B, None if linear.bias is None
                                else linear.bias.detach().to(device=A.device, dtype=A.dtype))
+        new.train(linear.training)
         return inherit_requires_grad(new, linear)
 
     @classmethod
@@ -307,7 +322,7 @@ class LowRankLinear(nn.Module):
         """The dense ``nn.Linear`` with weight ``B·A`` and this layer's bias.
 
         The weight requires gradients when the factors do, the bias as this
-        layer's bias.
+        layer's bias; the layer has this one's training mode.
         """
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.A.dtype)
@@ -318,7 +333,7 @@ class LowRankLinear(nn.Module):
             if self.bias is not None:
                 linear.bias = nn.Parameter(self.bias.detach().clone(),
                                            requires_grad=self.bias.requires_grad)
-        return linear
+        return linear.train(self.training)
 
 
 def _replace_factors(layer, A, B):
@@ -354,7 +369,13 @@ def check_lora_options(owner, rank, alpha, init, dropout, rslora, use_dora=False
         alpha = rank
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"{owner}: alpha must be a real number, got {type(alpha).__name__}")
-    if not (math.isfinite(alpha) and alpha > 0):
+    try:
+        finite = math.isfinite(alpha)
+    except OverflowError:  # an int (or Fraction) past float's range
+        what = "an int" if isinstance(alpha, numbers.Integral) else f"a {type(alpha).__name__}"
+        raise ValueError(f"{owner}: alpha must be finite and > 0, got {what} beyond float's "
+                         "range") from None
+    if not (finite and alpha > 0):
         raise ValueError(f"{owner}: alpha must be finite and > 0, got {alpha}")
     if not isinstance(init, str) or not (init in ("default", "gaussian", "pissa")
                                          or _PISSA_NITER.fullmatch(init)):
@@ -537,6 +558,12 @@ class LoRALinear(nn.Module):
                                 else nn.Parameter(magnitude))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # torch's nn.TransformerEncoderLayer, in inference, runs a fused path
+        # that reads linear1/linear2.weight (the base's, above) and never
+        # calls this layer, dropping the adapter; it leaves that path whenever
+        # a submodule has a hook. replace_module adds this one to the layers
+        # it places; here it also covers a layer assigned by hand.
+        self.register_forward_pre_hook(_run_the_module)
 
     @property
     def in_features(self):
@@ -559,6 +586,8 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def forward(self, x):
+        if isinstance(x, Tensor) and x.is_nested:
+            return _per_sequence(self.forward, x)
         if self.merged or not self.adapter_enabled:
             return self.base(x)
         if isinstance(self.base, LowRankLinear):
@@ -571,9 +600,33 @@ class LoRALinear(nn.Module):
             return self._dora_forward(x)
         if self.training and isinstance(self.dropout, nn.Dropout):
             # The adapter sees dropout(x), the base layer x itself (as in peft).
+            self._check_input(x)
             return self.base(x) + self.scale * lowrank_linear(self.dropout(x), self.A, self.B)
         return lora_linear(x, dense_weight(self.base), self.A, self.B, self.base.bias,
                            self.scale)
+
+    def _check_input(self, x):
+        """lora_linear's checks of ``x``, for the paths that run the base layer
+        on it first: its errors ("mat1 and mat2 ...") name nothing, and
+        training with dropout should refuse what inference refuses, alike."""
+        tensors = (x, dense_weight(self.base), self.A, self.B, self.base.bias)
+        if any(isinstance(t, torch.fx.Proxy) for t in tensors):
+            return  # torch.fx.symbolic_trace: no tensors to check
+        check_is_tensor("lora_linear", x=x)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The op checks its arguments as autocast casts them (floating
+            # ones on its device, float64 excepted, to its dtype): stand-ins
+            # with that dtype, one element broadcast, instead of copies.
+            dtype = torch.get_autocast_dtype(device_type)
+            tensors = tuple(
+                torch.empty((), dtype=dtype, device=t.device).expand(t.shape)
+                if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                and t.device.type == device_type else t for t in tensors)
+        # Under torch.compile the scale may be a symbolic float, which
+        # math.isfinite cannot trace (lora_linear skips it there too).
+        scale = 1.0 if torch.compiler.is_compiling() else self.scale
+        check_lora_linear_inputs(*tensors, scale)
 
     @property
     def use_dora(self) -> bool:
@@ -591,6 +644,7 @@ class LoRALinear(nn.Module):
         if self.training and isinstance(self.dropout, nn.Dropout):
             # peft's form: the base layer sees x, the rescaled part dropout(x);
             # the result takes the base's dtype, as in peft (under autocast).
+            self._check_input(x)
             factor = self._dora_scale()
             dropped = self.dropout(x)
             base = self.base(x)

@@ -21,6 +21,7 @@ import os
 import re
 import warnings
 
+import torch
 from torch import nn
 
 from ._modules import is_conv1d, replace_module, weight_tied_elsewhere
@@ -104,6 +105,15 @@ def _is_dora(layer, adapter):
     return magnitudes is not None and adapter in magnitudes
 
 
+def _random_streams_kept(device):
+    """Keep torch's random state (the CPU's and ``device``'s) as it is across
+    the block: a conversion must not change the dropout masks and inits drawn
+    after it."""
+    accelerator = device.type not in ("cpu", "meta")
+    return torch.random.fork_rng(devices=[device] if accelerator else [],
+                                 device_type=device.type if accelerator else "cuda")
+
+
 def _convert(layer, base, adapter, cast_notes):
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     p = _dropout_p(layer.lora_dropout[adapter])
@@ -112,8 +122,9 @@ def _convert(layer, base, adapter, cast_notes):
     # LoRALinear's own checks refuse as likely mistakes: build it with values
     # it takes, then give it peft's (A and B are replaced below).
     rank, alpha = int(layer.r[adapter]), float(layer.lora_alpha[adapter])
-    new = LoRALinear(base, min(rank, A.shape[1], B.shape[0]), dropout=p,
-                     rslora=bool(getattr(layer, "use_rslora", {}).get(adapter, False)))
+    with _random_streams_kept(base.weight.device):  # its random A is replaced at once
+        new = LoRALinear(base, min(rank, A.shape[1], B.shape[0]), dropout=p,
+                         rslora=bool(getattr(layer, "use_rslora", {}).get(adapter, False)))
     new.rank, new.alpha = rank, alpha
     for param, flag in flags.items():  # LoRALinear froze them; keep peft's setting
         param.requires_grad_(flag)
@@ -222,6 +233,25 @@ def _target_modules(adapters, module_names):
     return names
 
 
+def _pattern_key(name, module_names):
+    """A rank_pattern / alpha_pattern key that peft applies to module ``name`` alone.
+
+    peft reads each key as a regular expression matched against the end of a
+    module's full name after any dotted prefix (``(.*\\.)?(key)$``), so a bare
+    ``fc`` also sets the rank or alpha of ``block.fc``. Where the bare name
+    would match another module (or not ``name`` itself), the key is the
+    escaped name anchored with ``^``, which the prefix cannot precede: it
+    matches ``name`` only. Bare names are kept where they are exact, as they
+    read best.
+    """
+    try:
+        matched = {other for other in {name, *module_names}
+                   if re.match(rf"(.*\.)?({name})$", other)}
+    except re.error:  # a name that is no valid expression as it stands
+        matched = None
+    return name if matched == {name} else "^" + re.escape(name)
+
+
 def _adapter_config(adapters, base_model_name_or_path, module_names=()):
     """peft's LoraConfig fields for these adapters (the most common rank and
     alpha, the others as rank_pattern / alpha_pattern)."""
@@ -266,8 +296,10 @@ def _adapter_config(adapters, base_model_name_or_path, module_names=()):
         "use_rslora": first.rslora,
         "use_dora": first.use_dora,
         "target_modules": _target_modules(adapters, module_names),
-        "rank_pattern": {n: a.rank for n, a in adapters.items() if a.rank != rank},
-        "alpha_pattern": {n: a.alpha for n, a in adapters.items() if a.alpha != alpha},
+        "rank_pattern": {_pattern_key(n, module_names): a.rank
+                         for n, a in adapters.items() if a.rank != rank},
+        "alpha_pattern": {_pattern_key(n, module_names): a.alpha
+                          for n, a in adapters.items() if a.alpha != alpha},
         "bias": "none",
         "fan_in_fan_out": any(transposed.values()),
         "init_lora_weights": True,

@@ -8,7 +8,11 @@ import json
 class LayerReport:
     """One layer: ``rank`` is None when the layer stays dense (see ``note``).
 
-    ``weight_error`` is ‖W − B·A‖_F / ‖W‖_F (None where it is unknown: the
+    ``params_before`` / ``params_after`` count the weight's parameters; a
+    weight that an earlier reported layer holds too (two layers tied to one
+    matrix) counts 0 here, so that the totals count each tensor once.
+    ``weight_error`` is ‖W − B·A‖_F / ‖W‖_F with B and A as stored, in the
+    layer's dtype (None where it is unknown: the
     ``compress`` command keeps factors an input file already holds without
     the dense weight to compare with); ``output_error`` the same for the
     outputs on the calibration inputs, ‖(W − B·A)·Xᵀ‖_F / ‖W·Xᵀ‖_F (None

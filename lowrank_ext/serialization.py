@@ -72,14 +72,24 @@ def check_input_file(owner, path):
         raise FileNotFoundError(f"{_prefix(owner)}no such file: {path}")
 
 
-def check_output_path(owner, path, *, force=True, flag="--force"):
+def check_output_path(owner, path, *, force=True, flag="--force", what="path"):
     """Fail early, before any work, on an output path that cannot be written.
 
-    A directory, a missing parent directory, or (unless ``force``) an existing
-    file.
+    An empty path, a directory or a path naming one (ending in a separator,
+    ``.`` or ``..``), a missing parent directory, or (unless ``force``) an
+    existing file.
     """
+    if not path:
+        # os.path.abspath("") is the working directory, whose parent would
+        # get the temporary file.
+        raise ValueError(f"{_prefix(owner)}{what} is empty; give a file name")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{_prefix(owner)}{path} is a directory; give a file name")
+    if os.path.basename(path) in ("", ".", ".."):
+        # abspath() drops the trailing part, so the file would be written
+        # beside the directory before the rename fails.
+        raise IsADirectoryError(f"{_prefix(owner)}{what} {path!r} names a directory, not a "
+                                "file; give a file name")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{_prefix(owner)}cannot write {path}: no directory {directory}")
@@ -407,6 +417,15 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
         layer = modules.get(name)
         if isinstance(layer, LowRankLinear) and layer.rank == rank:
             continue  # already in compressed form
+        if not name and is_linear_layer(layer):
+            # replace_module swaps a child of its parent; the root has none.
+            d, k = dense_weight(layer).shape
+            kind = "an nn.Linear" if type(layer) is nn.Linear else f"a {type(layer).__name__}"
+            raise TypeError(
+                f"load_compressed: {path} holds a bare LowRankLinear of rank {rank} (saved "
+                f"from the layer itself), and the model is itself {kind}, which cannot "
+                f"replace itself in place; load into lx.LowRankLinear({k}, {d}, {rank}"
+                f"{'' if 'bias' in shapes else ', bias=False'}) instead")
         if not is_linear_layer(layer):
             found = "nothing" if layer is None else type(layer).__name__
             if inferred and layer is None and name.endswith(".base") \

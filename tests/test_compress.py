@@ -1,6 +1,7 @@
 """compress_model on tiny random models, against float64 references computed here."""
 
 import collections
+import contextlib
 import copy
 import json
 import math
@@ -800,3 +801,169 @@ def test_padding_is_left_out_of_token_first_inputs_too():
     gram = collect_input_grams(model, {"lin": model.lin},
                                [dict(input_ids=x, attention_mask=mask)])["lin"]
     torch.testing.assert_close(gram, real.T @ real)
+
+
+class SharedBias(nn.Module):
+    """Two layers with their own weights and one bias between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Linear(32, 32, dtype=torch.float64)
+        self.d = nn.Linear(32, 32, dtype=torch.float64)
+        self.d.bias = self.c.bias
+        self.e = nn.Linear(32, 32, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.e(self.c(x) + self.d(x))
+
+
+def test_layers_sharing_a_bias_stay_dense_and_keep_it_shared():
+    model = SharedBias()
+    report = lx.compress_model(model, rank=4)
+    assert type(model.c) is nn.Linear and type(model.d) is nn.Linear
+    assert model.d.bias is model.c.bias
+    assert isinstance(model.e, lx.LowRankLinear)
+    rows = {row.name: row for row in report.layers}
+    assert rows["c"].rank is None and "bias shared with d.bias" in rows["c"].note
+    assert rows["d"].rank is None and "bias shared with c.bias" in rows["d"].note
+
+
+class SharedWeight(nn.Module):
+    """Two layers holding one weight matrix (each with its own bias), and a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 32, dtype=torch.float64)
+        self.b = nn.Linear(32, 32, dtype=torch.float64)
+        self.b.weight = self.a.weight
+        self.e = nn.Linear(32, 48, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.e(self.a(x) + self.b(x))
+
+
+def _unique_weight_parameters(model, names):
+    """The parameters the named layers' weights (or factors) hold, each tensor once."""
+    tensors = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        for p in ((layer.A, layer.B) if isinstance(layer, lx.LowRankLinear) else (layer.weight,)):
+            tensors[id(p)] = p.numel()
+    return sum(tensors.values())
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=4), dict(ratio=0.5)])
+def test_a_weight_several_layers_share_counts_once_in_the_totals(kwargs):
+    model = SharedWeight()
+    before = _unique_weight_parameters(model, ["a", "b", "e"])  # 32·32 + 48·32
+    report = lx.compress_model(model, **kwargs)
+    after = _unique_weight_parameters(model, ["a", "b", "e"])
+    assert (report.params_before, report.params_after) == (before, after)
+    assert report.ratio == pytest.approx(after / before)
+    rows = {row.name: row for row in report.layers}
+    assert rows["a"].params_before == rows["a"].params_after == 32 * 32
+    assert rows["b"].params_before == rows["b"].params_after == 0
+    assert "tied to a.weight" in rows["b"].note and "counted at a" in rows["b"].note
+    assert "counted at" not in rows["a"].note
+    data = json.loads(report.to_json())
+    assert (data["totals"]["params_before"], data["totals"]["params_after"]) == (before, after)
+    assert "b: dense: weight tied to a.weight" in str(report)
+    # Only the second holder selected: it holds the weight alone in the report.
+    report = lx.compress_model(SharedWeight(), include="b", **kwargs)
+    assert report.params_before == 32 * 32 and "counted at" not in report.layers[0].note
+
+
+def _low_rank_plus_noise(d, k, generator):
+    return (torch.randn(d, 6, generator=generator, dtype=torch.float64)
+            @ torch.randn(6, k, generator=generator, dtype=torch.float64)
+            + 1e-3 * torch.randn(d, k, generator=generator, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("target", ["tol", "energy"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_reported_errors_are_those_of_the_factors_as_stored(dtype, target, calibrated):
+    """Rounding the factors to bfloat16 costs more than this truncation; the report shows
+    it, and a layer whose tol or energy only the rounding misses says so."""
+    g = torch.Generator().manual_seed(11)
+    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.copy_(_low_rank_plus_noise(*layer.weight.shape, g))
+    model = model.to(dtype)
+    original = copy.deepcopy(model)
+    x = torch.randn(400, 96, generator=g, dtype=torch.float64).to(dtype)
+    tol = 0.002
+    kwargs = dict(tol=tol) if target == "tol" else dict(energy=1 - tol ** 2)
+    report = lx.compress_model(model, calibration=[x] if calibrated else None, **kwargs)
+    inputs = _layer_inputs(original, x) if calibrated else {}
+    for row in report.layers:
+        assert row.rank == 6  # the noise lies below tol
+        W = original.get_submodule(row.name).weight.detach().double()
+        layer = model.get_submodule(row.name)
+        stored = layer.B.detach().double() @ layer.A.detach().double()
+        weight_error = float((W - stored).norm() / W.norm())
+        assert row.weight_error == pytest.approx(weight_error, rel=1e-6)
+        error = weight_error
+        if calibrated:
+            X = inputs[row.name].double()
+            error = float(((W - stored) @ X.T).norm() / (W @ X.T).norm())
+            assert row.output_error == pytest.approx(error, rel=1e-6)
+        if error > tol:
+            # only bfloat16's 8 bits of precision take the stored factors past tol here
+            assert dtype == torch.bfloat16
+            assert "rounding the factors to bfloat16" in row.note
+            assert ("above tol=0.002" if target == "tol" else "below energy=") in row.note
+        else:
+            assert row.note == ""
+    if dtype == torch.bfloat16:
+        assert all(row.note for row in report.layers)
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=0.5), dict(rank=2, sequential=True)])
+@pytest.mark.parametrize("poison", ["nan", "meta"])
+def test_a_refused_call_leaves_a_one_pass_calibration_unread(poison, kwargs):
+    if poison == "meta":
+        with torch.device("meta"):
+            model = Net()
+    else:
+        model = Net()
+        with torch.no_grad():
+            model.head.weight[0, 0] = float("nan")
+    batches = [torch.randn(8, 16, dtype=torch.float64) for _ in range(3)]
+    calibration = iter(batches)
+    with pytest.raises(ValueError, match="NaN or Inf in its weight|on the meta device"):
+        lx.compress_model(model, calibration=calibration, **kwargs)
+    assert list(calibration) == batches
+
+
+class WithPackedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, dtype=torch.float64)
+        self.fc = nn.Linear(16, 16, dtype=torch.float64)
+        self.head = nn.Linear(16, 16, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kwargs", [dict(exclude=map(str, ["head"])),
+                                    dict(exclude=(p for p in ["head"])),
+                                    dict(include=iter(["fc"]))])
+def test_one_pass_include_and_exclude_iterators_are_read_once(kwargs):
+    model = WithPackedAttention()
+    with pytest.warns(UserWarning, match="MultiheadAttention") if "exclude" in kwargs \
+            else contextlib.nullcontext():
+        report = lx.compress_model(model, rank=2, **kwargs)
+    assert report.ranks == {"fc": 2}
+    assert isinstance(model.fc, lx.LowRankLinear) and type(model.head) is nn.Linear
+
+
+def test_float16_factors_beyond_its_range_are_refused_not_stored_as_inf():
+    """B holds orthonormal columns, so A = Bᵀ·W carries the column norms: 8·60000 here."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).half()
+    with torch.no_grad():
+        model[1].weight.fill_(60000.0)
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="the rank-1 factors of layer '1' exceed the range "
+                                         "of float16"):
+        lx.compress_model(model, rank=1)
+    _assert_unchanged(model, snapshot)

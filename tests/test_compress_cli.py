@@ -591,3 +591,49 @@ def test_ratio_with_small_heads_keeps_going(tmp_path, capsys):
     layers = {l["name"]: l for l in json.loads(capsys.readouterr().out)["layers"]}
     assert layers["body"]["rank"] == math.floor(0.5 * 48 * 32 / 80)
     assert layers["cls2"]["rank"] == 1 and layers["cls1"]["rank"] is None
+
+
+@pytest.mark.parametrize("output, message", [
+    ("", "--output is empty; give a file name"),
+    ("nodir/", "--output 'nodir/' names a directory, not a file; give a file name"),
+    ("nodir/.", "--output 'nodir/.' names a directory, not a file; give a file name"),
+])
+def test_an_output_naming_no_file_is_refused_writing_nothing(weights, tmp_path, capsys,
+                                                             monkeypatch, output, message):
+    _, path = weights
+    (tmp_path / "inner").mkdir()
+    monkeypatch.chdir(tmp_path / "inner")
+    assert main(["compress", str(path), "-o", output, "--rank", "2"]) == 1
+    assert _one_error_line(capsys, "compress") == f"lowrank_ext compress: error: {message}"
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "inner"]
+    assert os.listdir(tmp_path / "inner") == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_reported_errors_are_those_of_the_factors_written(tmp_path, capsys, dtype):
+    """The factors are written in the weight's dtype; bfloat16's rounding outweighs this
+    truncation, and where it alone misses --energy the layer's note says so."""
+    g = torch.Generator().manual_seed(3)
+    W = (torch.randn(64, 6, generator=g, dtype=torch.float64)
+         @ torch.randn(6, 96, generator=g, dtype=torch.float64)
+         + 1e-3 * torch.randn(64, 96, generator=g, dtype=torch.float64)).to(dtype)
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file({"fc.weight": W}, str(path))
+    energy = 1 - 0.002 ** 2
+    assert main(["compress", str(path), "-o", str(out), "--energy", str(energy),
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["layers"][0]
+    assert row["rank"] == 6
+    tensors, _ = _read(out)
+    assert tensors["fc.A"].dtype == tensors["fc.B"].dtype == dtype
+    W = W.double()
+    error = float((W - tensors["fc.B"].double() @ tensors["fc.A"].double()).norm() / W.norm())
+    assert row["weight_error"] == pytest.approx(error, rel=1e-6)
+    if 1 - error ** 2 < energy:
+        assert dtype == torch.bfloat16
+        assert "rounding the factors to bfloat16" in row["note"]
+        assert f"below energy={energy}" in row["note"]
+    else:
+        assert row["note"] == ""
+    if dtype == torch.bfloat16:
+        assert row["note"]

@@ -295,3 +295,91 @@ def test_merged_adapters_are_refused_since_they_would_train_without_effect():
     assert_same(model, saved)
     model.fc2.unmerge()
     lx.distill(model, teacher, batches(2), steps=2, progress=False)
+
+
+def _half_pair(dtype, seed=0):
+    """A compressed model and its teacher, both in ``dtype`` (compressed in float32);
+    the same weights for every dtype."""
+    torch.manual_seed(seed)
+    teacher = Mlp().float()
+    model = copy.deepcopy(teacher)
+    lx.compress_model(model, ratio=0.3, calibration=[b.float() for b in batches(4, seed=1)],
+                      progress=False)
+    return model.to(dtype), teacher.to(dtype)
+
+
+def _held_out_error(model, teacher, dtype):
+    """output_error of the outputs in ``dtype``, summed in float64."""
+    with torch.no_grad():
+        pairs = [(model(x.to(dtype)).double(), teacher(x.to(dtype)).double())
+                 for x in batches(4, seed=3)]
+    return (sum(float((s - t).pow(2).sum()) for s, t in pairs)
+            / sum(float(t.pow(2).sum()) for _, t in pairs))
+
+
+def test_float16_distillation_lowers_the_loss():
+    """Adam's eps is 0 in float16: without float32 masters a zero gradient gives 0/0."""
+    model, teacher = _half_pair(torch.float16)
+    train = [b.half() for b in batches(8, seed=2)]
+    before = _held_out_error(model, teacher, torch.float16)
+    result = lx.distill(model, teacher, train, steps=100, lr=3e-3, progress=False)
+    after = _held_out_error(model, teacher, torch.float16)
+    assert after < 0.7 * before, (before, after)
+    assert result.last_loss < result.first_loss
+    assert all(p.dtype == torch.float16 and bool(torch.isfinite(p).all())
+               for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_failing_half_precision_step_restores_the_parameters(dtype):
+    model, teacher = _half_pair(dtype)
+    before = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    data = [b.to(dtype) for b in batches(3)] + [torch.randn(4, 5, dtype=dtype)]
+    with pytest.raises(RuntimeError, match="distill: step 3 raised"):
+        lx.distill(model, teacher, data, steps=10, lr=1e-2, max_grad_norm=1.0, progress=False)
+    assert_same(model, before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_bfloat16_distillation_keeps_updates_below_its_precision():
+    """At lr 3e-5 each step moves a factor by less than half a bfloat16 ulp for most
+    entries: applied directly, the updates round away. The float32 masters keep them,
+    so the model gains about what the same run in float32 gains."""
+    train = batches(8, seed=2)
+    gains = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, teacher = _half_pair(dtype)
+        before = _held_out_error(model, teacher, dtype)
+        lx.distill(model, teacher, [b.to(dtype) for b in train], steps=200, lr=3e-5,
+                   progress=False)
+        gains[dtype] = before - _held_out_error(model, teacher, dtype)
+    assert gains[torch.float32] > 0
+    assert gains[torch.bfloat16] > 0.75 * gains[torch.float32], gains
+
+
+def test_a_non_finite_loss_before_any_update_does_not_blame_the_lr():
+    model, teacher = compressed_pair()
+    before = snapshot(model)
+    bad = batches(1)[0]
+    bad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="step 0 raised FloatingPointError: the loss is nan "
+                                           "before any update") as info:
+        lx.distill(model, teacher, [bad], steps=2, progress=False)
+    assert "lr" not in str(info.value)
+    assert_same(model, before)
+
+
+def test_float16_gradients_that_overflow_are_named_not_trained_on():
+    model, teacher = _half_pair(torch.float16)
+    before = snapshot(model)
+
+    def huge(output, target):  # its gradient, 2e8·output, is beyond float16's 65504
+        return (output.float() * 1e4).pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="step 0 raised FloatingPointError: the gradients "
+                                           "of float16 parameters are not finite"):
+        lx.distill(model, teacher, [b.half() for b in batches(2)], steps=3, loss=huge,
+                   progress=False)
+    assert_same(model, before)

@@ -153,6 +153,8 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
     (dict(rank=9, include=["q", "out"]), ValueError, "out is 8×32, got rank 9"),
     (dict(rank=2.0), TypeError, "rank must be an int"),
     (dict(rank=2, alpha=-1), ValueError, "alpha must be finite and > 0"),
+    (dict(rank=2, alpha=10**400), ValueError,
+     "add_lora: alpha must be finite and > 0, got an int beyond float's range"),
     (dict(rank=2, init="kaiming"), ValueError, "init must be 'default', 'gaussian', 'pissa' "
                                                "or 'pissa_niter_<n>', got 'kaiming'"),
     (dict(rank=2, init="pissa_niter_x"), ValueError, "init must be"),
@@ -227,6 +229,13 @@ def test_load_refuses_wrong_keys_shapes_and_merged_layers():
         ({**state, "out.A": torch.zeros(3, 32, dtype=torch.float64)}, ValueError,
          "out.A has shape \\(3, 32\\), the model's is \\(2, 32\\)"),
         ({**state, "out.A": [[0.0]]}, TypeError, "out.A must be a tensor"),
+        # copy_ would round these, or drop the imaginary part.
+        ({**state, "out.A": torch.ones(2, 32, dtype=torch.int64)}, TypeError,
+         "out.A must be a floating-point tensor, got int64"),
+        ({**state, "attn.q.B": state["attn.q.B"].to(torch.complex128) * (1 + 1j)}, TypeError,
+         "attn.q.B must be a floating-point tensor, got complex128"),
+        ({**state, "attn.v.A": state["attn.v.A"] > 0}, TypeError,
+         "attn.v.A must be a floating-point tensor, got bool"),
         ([1, 2], TypeError, "state_dict must be a mapping"),
     ]
     for bad, error, match in cases:

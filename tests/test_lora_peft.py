@@ -152,3 +152,58 @@ def test_weight_and_bias_attributes_as_in_peft(bias):
     ours.merge()
     torch.testing.assert_close(ours.weight, base.weight.detach(), rtol=0, atol=0)
     assert "weight" not in ours.state_dict() and "base.weight" in ours.state_dict()
+
+
+class _NestedNames(nn.Module):
+    """Layers whose names are dotted suffixes of others' (fc of block.fc, of
+    outer.block.fc), as peft's rank_pattern / alpha_pattern keys match them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8, dtype=torch.float64)
+        self.block = nn.Module()
+        self.block.fc = nn.Linear(8, 8, dtype=torch.float64)
+        self.outer = nn.Module()
+        self.outer.block = nn.Module()
+        self.outer.block.fc = nn.Linear(8, 8, dtype=torch.float64)
+        self.out = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.out(self.outer.block.fc(self.block.fc(torch.tanh(self.fc(x)))))
+
+
+@pytest.mark.parametrize("odd", ["fc", "block.fc", "outer.block.fc"])
+def test_a_saved_adapter_gives_each_nested_layer_its_rank_and_alpha(tmp_path, odd):
+    # One layer takes another rank and alpha than the rest, which share the
+    # most common ones: its rank_pattern / alpha_pattern keys must reach it alone.
+    original = _NestedNames()
+    model = copy.deepcopy(original)
+    names = ["fc", "block.fc", "outer.block.fc", "out"]
+    for name in names:
+        rank, alpha = (2, 16) if name == odd else (4, 4)
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, child, lx.LoRALinear(getattr(holder, child), rank, alpha))
+        with torch.no_grad():
+            model.get_submodule(name).B.normal_()
+    model.eval()
+    lx.save_peft_adapter(model, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter").eval()
+    inner = loaded.base_model.model
+    for name in names:
+        layer = inner.get_submodule(name)
+        assert layer.r["default"] == model.get_submodule(name).rank, name
+        assert layer.scaling["default"] == model.get_submodule(name).scale, name
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_from_peft_leaves_the_random_streams_alone():
+    # Converting draws nothing: the dropout masks and inits after it are those
+    # a run without the conversion would draw.
+    model = nn.Sequential(OrderedDict(fc=nn.Linear(8, 8), out=nn.Linear(8, 4)))
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["fc", "out"]))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    lx.from_peft(peft_model)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -93,6 +93,15 @@ def test_conversions_keep_requires_grad_flags():
     assert (back.weight.requires_grad, back.bias.requires_grad) == (True, False)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_conversions_keep_the_training_mode(training):
+    linear = _linear64(8, 6).train(training)
+    layer = lx.LowRankLinear.from_linear(linear, rank=2)
+    assert layer.training is training and linear.training is training
+    other = lx.LowRankLinear(6, 8, 2).train(training)
+    assert other.to_linear().training is training and other.training is training
+
+
 def test_to_linear_round_trip():
     layer = lx.LowRankLinear(16, 8, 3, dtype=torch.float64)
     linear = layer.to_linear()
@@ -224,7 +233,10 @@ def test_constructor_bad_input(args, error, match):
 @pytest.mark.parametrize("make", [
     lambda: lx.LowRankLinear(16, 8, 3),
     lambda: lx.LoRALinear(nn.Linear(16, 8), 3),
-], ids=["LowRankLinear", "LoRALinear"])
+    # Training with dropout runs the base layer on x first: x is checked before.
+    lambda: lx.LoRALinear(nn.Linear(16, 8), 3, dropout=0.1).train(),
+    lambda: lx.LoRALinear(nn.Linear(16, 8), 3, dropout=0.1, use_dora=True).train(),
+], ids=["LowRankLinear", "LoRALinear", "LoRALinear-dropout", "DoRA-dropout"])
 @pytest.mark.parametrize("x, error, match", [
     (torch.randn(2, 10), ValueError, "x has k=10 features in its last dimension \\(x shape "
                                      "\\[2, 10\\]\\)"),
@@ -239,6 +251,31 @@ def test_forward_bad_input_names_x_and_what_was_seen(make, x, error, match):
     layer = make()
     with pytest.raises(error, match=match):
         layer(x)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_training_with_dropout_refuses_x_as_inference_does(use_dora, autocast):
+    lora = lx.LoRALinear(nn.Linear(16, 8), 3, dropout=0.1, use_dora=use_dora)
+    context = (torch.autocast("cpu", dtype=torch.bfloat16) if autocast
+               else torch.autocast("cpu", enabled=False))
+    bad = [torch.randn(2, 10), torch.randn(2, 16, dtype=torch.float64), torch.tensor(1.0)]
+    if not autocast:  # (autocast casts a bfloat16 x and float32 weights to one dtype)
+        bad.append(torch.randn(2, 16, dtype=torch.bfloat16))
+    for x in bad:
+        errors = []
+        for training in (False, True):
+            lora.train(training)
+            with context, pytest.raises((TypeError, ValueError)) as info:
+                lora(x)
+            errors.append((info.type, str(info.value)))
+        assert errors[0] == errors[1] and errors[0][1].startswith("lora_linear: ")
+    # What inference takes, training takes too (under autocast: float32 x, bfloat16 out).
+    x = torch.randn(4, 16)
+    for training in (False, True):
+        with context:
+            y = lora.train(training)(x)
+        assert y.shape == (4, 8) and y.dtype == (torch.bfloat16 if autocast else torch.float32)
 
 
 def test_from_factors_bad_input():
@@ -424,6 +461,8 @@ def test_lora_state_dict_and_compile():
     (dict(rank=13), ValueError, "rank must be in \\[1, 12\\]"),
     (dict(rank=2, alpha=0), ValueError, "alpha"),
     (dict(rank=2, alpha=float("inf")), ValueError, "alpha"),
+    (dict(rank=2, alpha=10**400), ValueError,
+     "LoRALinear: alpha must be finite and > 0, got an int beyond float's range"),
     (dict(rank=2, init="xavier"), ValueError, "init"),
     (dict(rank=2, dropout=1.0), ValueError, "dropout"),
     (dict(rank=2, alpha="8"), TypeError, "alpha"),
@@ -456,3 +495,78 @@ def test_fx_symbolic_trace_records_the_ops():
     assert torch.ops.lowrank_ext.lora_linear.default in targets
     x = torch.randn(3, 6)
     torch.testing.assert_close(traced(x), model(x))
+
+
+# --- layers put into torch's Transformer encoder by hand -------------------------------
+def _dense_weight_of(layer):
+    """The dense weight a layer applies, formed in float64 from its parameters."""
+    if isinstance(layer, lx.LowRankLinear):
+        return layer.B.detach().double() @ layer.A.detach().double()
+    W = layer.base.weight.detach().double()
+    V = W + layer.scale * layer.B.detach().double() @ layer.A.detach().double()
+    if not layer.use_dora:
+        return V
+    return (layer.magnitude.detach().double() / torch.linalg.vector_norm(V, dim=1))[:, None] * V
+
+
+def _with_dense_layers(module, names):
+    """A copy of ``module`` whose layers ``names`` are nn.Linear with their dense weights."""
+    reference = copy.deepcopy(module)
+    for name in names:
+        layer = reference.get_submodule(name)
+        dense = nn.Linear(layer.in_features, layer.out_features)
+        with torch.no_grad():
+            dense.weight.copy_(_dense_weight_of(layer))
+            dense.bias.copy_(layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(reference.get_submodule(parent), child, dense)
+    return reference
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_lora_layer_put_into_an_encoder_layer_by_hand_is_applied(use_dora):
+    # In inference, nn.TransformerEncoderLayer's fused path reads linear1.weight
+    # (the base layer's) and never calls linear1.
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True,
+                                       dropout=0.0).eval()
+    layer.linear1 = lx.LoRALinear(layer.linear1, 4, use_dora=use_dora).eval()
+    with torch.no_grad():
+        layer.linear1.B.normal_()
+    reference = _with_dense_layers(layer, ["linear1"])
+    without = copy.deepcopy(layer)
+    without.linear1 = without.linear1.base
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = reference(x)
+        assert (expected - without(x)).abs().max() > 0.1  # the adapter matters
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # with gradients
+
+
+@pytest.mark.parametrize("where, kind", [(0, "lora"), (1, "lora"), (1, "lowrank")])
+def test_layers_put_into_an_encoder_by_hand_take_its_packed_batches(where, kind):
+    # With a padding mask, nn.TransformerEncoder packs the batch into a nested
+    # tensor when its first layer's weights allow it, and every layer gets it.
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0),
+        2, enable_nested_tensor=True).eval()
+    name = f"layers.{where}.linear1"
+    linear = encoder.get_submodule(name)
+    if kind == "lora":
+        new = lx.LoRALinear(linear, 4).eval()
+        with torch.no_grad():
+            new.B.normal_()
+    else:
+        new = lx.LowRankLinear.from_linear(linear, rank=4)
+    encoder.layers[where].linear1 = new
+    reference = _with_dense_layers(encoder, [name])
+    x = torch.randn(3, 6, 16)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[1, 4:] = padding[2, 2:] = True
+    seen = []
+    new.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_nested))
+    with torch.no_grad():
+        got = encoder(x, src_key_padding_mask=padding)
+        expected = reference(x, src_key_padding_mask=padding)
+    assert seen == [True]  # the packed path was taken
+    torch.testing.assert_close(got[~padding], expected[~padding], rtol=1e-5, atol=1e-5)

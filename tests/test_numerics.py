@@ -47,3 +47,23 @@ def test_float16_lora_scale_is_not_folded_into_B(rows, scale):
     for fn in (lx.lora_linear, _fallback.lora_linear):
         y = fn(x, W, A, B, None, scale)
         torch.testing.assert_close(y.double(), expected, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("rows", [2, 8, 64])  # the few-rows path and the half path
+def test_float16_lora_backward_scales_before_the_adapter_products(rows):
+    # gy·B is 80000 and gyᵀ·t 128000, past float16's 65504, but with scale
+    # 1e-3 every gradient is representable; peft's composition scales gy first.
+    k, d, r, scale = 8, 4, 2, 1e-3
+    x = torch.full((rows, k), 5.0, dtype=torch.float16)
+    W = torch.full((d, k), 0.01, dtype=torch.float16)
+    A = torch.full((r, k), 5.0 * 64 / rows, dtype=torch.float16)
+    B = torch.full((d, r), 2000.0, dtype=torch.float16)
+    gy = torch.full((rows, d), 10.0, dtype=torch.float16)
+    ins = [t.clone().requires_grad_() for t in (x, W, A, B)]
+    grads = torch.autograd.grad(lx.lora_linear(*ins, None, scale), ins, gy)
+    ref = [t.double().requires_grad_() for t in (x, W, A, B)]
+    y = ref[0] @ ref[1].T + scale * (ref[0] @ ref[2].T) @ ref[3].T
+    expected = torch.autograd.grad(y, ref, gy.double())
+    for name, got, want in zip("xWAB", grads, expected):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0, msg=name)
