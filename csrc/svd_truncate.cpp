@@ -9,6 +9,8 @@
 
 #include <torch/library.h>
 
+#include <limits>
+
 namespace lowrank_ext {
 namespace {
 
@@ -28,6 +30,31 @@ void check_svd_inputs(const at::Tensor& W, int64_t rank) {
   TORCH_CHECK_VALUE(
       at::isfinite(W).all().item<bool>(),
       "svd_truncate: W contains NaN or Inf");
+}
+
+// Factors past the half dtype's range (B = U·diag(S) of a float16 W whose σ
+// exceed 65504) would come back as inf from a finite W: an error instead,
+// worded as in lowrank_ext/_fallback.py.
+void check_factors_fit(
+    const at::Tensor& B,
+    const at::Tensor& A,
+    const at::Tensor& out_B,
+    const at::Tensor& out_A,
+    bool balanced,
+    at::ScalarType dtype) {
+  const double largest = dtype == at::kHalf
+      ? static_cast<double>(std::numeric_limits<c10::Half>::max())
+      : static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
+  const char* hint =
+      balanced ? "give a float32 W" : "pass balanced=True or give a float32 W";
+  auto check = [&](const char* name, const at::Tensor& factor, const at::Tensor& out) {
+    TORCH_CHECK_VALUE(
+        !at::isinf(out).any().item<bool>(), "svd_truncate: factor ", name,
+        " has entries up to ", factor.abs().max().item<double>(), ", beyond ",
+        dtype_name(dtype), "'s range (largest ", largest, "); ", hint);
+  };
+  check("B", B, out_B);
+  check("A", A, out_A);
 }
 
 std::tuple<at::Tensor, at::Tensor> svd_truncate_kernel(
@@ -50,7 +77,12 @@ std::tuple<at::Tensor, at::Tensor> svd_truncate_kernel(
     B = U_r * S_r.unsqueeze(0);
     A = Vh_r.contiguous();
   }
-  return {B.to(W.scalar_type()).contiguous(), A.to(W.scalar_type()).contiguous()};
+  at::Tensor out_B = B.to(W.scalar_type()).contiguous();
+  at::Tensor out_A = A.to(W.scalar_type()).contiguous();
+  if (half) {
+    check_factors_fit(B, A, out_B, out_A, balanced, W.scalar_type());
+  }
+  return {out_B, out_A};
 }
 
 } // namespace

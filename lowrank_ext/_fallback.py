@@ -88,4 +88,20 @@ def factors_from_svd(U_r, S_r, Vh_r, balanced, dtype):
         B, A = U_r * root, Vh_r * root.unsqueeze(1)
     else:
         B, A = U_r * S_r, Vh_r
-    return B.to(dtype).contiguous(), A.to(dtype).contiguous()
+    out_B, out_A = B.to(dtype).contiguous(), A.to(dtype).contiguous()
+    if dtype in _HALF:
+        _check_factors_fit(B, A, out_B, out_A, balanced, dtype)
+    return out_B, out_A
+
+
+def _check_factors_fit(B, A, out_B, out_A, balanced, dtype):
+    """Factors past the half dtype's range (B = U·diag(S) of a float16 W whose
+    σ exceed 65504) would come back as inf from a finite W: an error instead,
+    worded as in csrc/svd_truncate.cpp."""
+    for name, factor, out in (("B", B, out_B), ("A", A, out_A)):
+        if bool(torch.isinf(out).any()):
+            hint = "give a float32 W" if balanced else "pass balanced=True or give a float32 W"
+            raise ValueError(
+                f"svd_truncate: factor {name} has entries up to {float(factor.abs().max()):g}, "
+                f"beyond {_checks.dtype_name(dtype)}'s range (largest "
+                f"{torch.finfo(dtype).max:g}); {hint}")

@@ -35,8 +35,11 @@ respect to x, A and B, W and bias staying frozen as in LoRA fine-tuning; for
 import contextlib
 import itertools
 import json
+import math
+import numbers
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -492,12 +495,36 @@ def _measure(calls, device, copies, rounds, warmup_s, batch_ms):
     return timing, graphed
 
 
+def check_settings(rounds, warmup_s, batch_ms, threads, *, options=False):
+    """A ValueError (TypeError for a wrong type) naming the first bad timing
+    setting, as the argument or, with ``options``, as the command's option: an
+    infinite warmup would never end, and torch rejects 0 threads in words that
+    name neither."""
+    def name(key):
+        return "--" + key.replace("_", "-") if options else key
+
+    for key, value in (("rounds", rounds), ("threads", threads)):
+        if value is None and key == "threads":  # torch's default
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name(key)} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name(key)} must be >= 1, got {value}")
+    for key, value, positive in (("warmup_s", warmup_s, False), ("batch_ms", batch_ms, True)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{name(key)} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ValueError(f"{name(key)} must be finite and {'> 0' if positive else '>= 0'}, "
+                             f"got {value}")
+
+
 def run_benchmark(shapes, dtypes, device="cpu", modes=MODES, sides=SIDES, rounds=15,
                   warmup_s=0.2, batch_ms=20.0, threads=None, rotate=True, log=None,
                   op="lowrank"):
     """Measure every (shape, dtype, mode) of ``op``; returns the JSON-ready result dict."""
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    check_settings(rounds, warmup_s, batch_ms, threads)
     if device == "cuda":
         require_cuda()
     if threads is not None:
@@ -543,7 +570,9 @@ def command_line():
     argv = list(sys.argv)
     if argv and argv[0].endswith(("__main__.py", "lowrank_ext")):
         argv = ["python", "-m", "lowrank_ext"] + argv[1:]
-    return " ".join(argv)
+    # Quoted as a shell would need it: "--shapes 1,4,2,4;2,8,2,8" pasted back
+    # unquoted runs two commands.
+    return shlex.join(argv)
 
 
 def format_entry(entry):

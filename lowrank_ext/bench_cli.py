@@ -48,7 +48,8 @@ def _split(text, allowed, what):
 
 def _check_outputs(args):
     """Fail before the timing, which may take minutes, on outputs that cannot
-    be written: a missing directory, no matplotlib, an image format it lacks."""
+    be written: a missing directory, one where no file can be created, no
+    matplotlib, an image format it lacks."""
     from ._plotting import load_matplotlib, plot_format
     from .serialization import check_output_path
 
@@ -70,8 +71,8 @@ def run(args):
 
     if args.device == "cuda":
         bench.require_cuda()
-    if args.rounds < 1 or args.batch_ms <= 0 or args.warmup_s < 0:
-        raise ValueError("--rounds must be >= 1, --batch-ms > 0 and --warmup-s >= 0")
+    # Before any output directory is made, and named as the options.
+    bench.check_settings(args.rounds, args.warmup_s, args.batch_ms, args.threads, options=True)
     modes = _split(args.modes, bench.MODES, "mode")
     sides = _split(args.sides, bench.SIDES, "side")
     sides = ["ours"] + [s for s in sides if s != "ours"]

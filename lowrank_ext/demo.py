@@ -19,6 +19,8 @@ def run(args):
 
     from . import backend_info, choose_rank, lowrank_linear, svd_truncate
 
+    if not -2**63 <= args.seed < 2**64:  # torch.manual_seed's range
+        raise ValueError(f"--seed must be in [-2**63, 2**64 - 1], got {args.seed}")
     if args.size < 1:
         raise ValueError(f"--size must be >= 1, got {args.size}")
     if not 1 <= args.rank <= args.size:

@@ -76,8 +76,8 @@ def check_output_path(owner, path, *, force=True, flag="--force", what="path"):
     """Fail early, before any work, on an output path that cannot be written.
 
     An empty path, a directory or a path naming one (ending in a separator,
-    ``.`` or ``..``), a missing parent directory, or (unless ``force``) an
-    existing file.
+    ``.`` or ``..``), a missing parent directory, (unless ``force``) an
+    existing file, or a directory where no file can be created.
     """
     if not path:
         # os.path.abspath("") is the working directory, whose parent would
@@ -95,6 +95,17 @@ def check_output_path(owner, path, *, force=True, flag="--force", what="path"):
         raise FileNotFoundError(f"{_prefix(owner)}cannot write {path}: no directory {directory}")
     if not force and os.path.exists(path):
         raise FileExistsError(f"{_prefix(owner)}{path} exists; pass {flag} to overwrite it")
+    # Permission bits cannot tell (root passes them, and /proc refuses new
+    # files whatever they say): create and remove a file beside the output,
+    # as atomic_write will, so that a long run does not fail only at the end.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                     dir=directory)
+    except OSError as exc:
+        raise type(exc)(f"{_prefix(owner)}cannot write {path}: cannot create a file in "
+                        f"{directory} ({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.remove(probe)
 
 
 def atomic_write(path, write, owner=None):

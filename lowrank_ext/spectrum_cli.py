@@ -86,7 +86,10 @@ def run(args):
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"tensor {key!r} in {args.input} has NaN or Inf")
     S = torch.linalg.svdvals(W.double())
-    energy = torch.cumsum(S * S, 0) / (S * S).sum().clamp_min(1e-300)
+    # Scaled by σ_1 first, as choose_rank does: the squares of σ ≈ 1e200
+    # overflow, and the curve would be all NaN.
+    s2 = (S / S[0]) ** 2 if float(S[0]) > 0 else S
+    energy = torch.cumsum(s2, 0) / s2.sum().clamp_min(1e-300)
     d, k = W.shape
     print(f"{key}: shape {d}x{k}, break-even rank d·k/(d+k) = {d * k / (d + k):.1f}")
     print(f"σ_1 = {float(S[0]):.4g}, σ_min = {float(S[-1]):.4g}")

@@ -29,12 +29,14 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_criteria(fn, rank, energy, tol):
-    given = [name for name, value in (("rank", rank), ("energy", energy), ("tol", tol))
-             if value is not None]
+def _check_criteria(fn, rank, energy, tol, *, takes_rank=True):
+    named = (("rank", rank),) if takes_rank else ()
+    named += (("energy", energy), ("tol", tol))
+    given = [name for name, value in named if value is not None]
     if len(given) != 1:
         seen = " and ".join(given) if given else "none"
-        raise ValueError(f"{fn}: give exactly one of rank, energy or tol, got {seen}")
+        choices = "rank, energy or tol" if takes_rank else "energy or tol"
+        raise ValueError(f"{fn}: give exactly one of {choices}, got {seen}")
     if rank is not None and not _is_int(rank):
         raise TypeError(f"{fn}: rank must be an int, got {type(rank).__name__}")
     for name, value in (("energy", energy), ("tol", tol)):
@@ -63,14 +65,13 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     fraction of Σσ². ``tol`` ≥ 0: the smallest r with ‖W − W_r‖_F ≤ tol·‖W‖_F,
     where ‖W − W_r‖_F = √Σ_{i>r} σ_i² (Eckart–Young). Give exactly one. A zero
     matrix gets rank 1. Both allow for rounding: ``energy`` may miss Σσ² by
-    1e-12 of itself, and ``tol`` ignores a tail at the rounding level of
-    ``S``'s dtype (about √n·eps·‖W‖_F), so ``tol=0`` and ``energy=1`` give the
-    numerical rank, not the count of singular values that rounding left above
-    zero.
+    1e-12 of itself, and ``tol`` ignores a tail of up to 4·√n·eps·‖W‖_F, the
+    rounding level of an SVD in ``S``'s dtype (float32's eps for float16,
+    bfloat16 and float8 ``S``, as no SVD runs in those), so ``tol=0`` and
+    ``energy=1`` give the numerical rank, not the count of singular values that
+    rounding left above zero.
     """
-    if energy is None and tol is None:
-        raise ValueError("choose_rank: give exactly one of energy or tol, got none")
-    energy, tol = _check_criteria("choose_rank", None, energy, tol)
+    energy, tol = _check_criteria("choose_rank", None, energy, tol, takes_rank=False)
     if not isinstance(S, torch.Tensor):
         raise TypeError(f"choose_rank: S must be a Tensor, got {type(S).__name__}")
     if S.dim() != 1 or S.numel() == 0:
@@ -89,21 +90,29 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     # keeps the squares of finite values from overflowing (σ ≈ 1e200).
     top = float(s.max())
     s2 = (s / top) ** 2 if top > 0 else s
-    total = float(s2.sum())
+    # Both targets bound the tail: tail[r-1] = Σ_{i>r} σ_i², summed from the
+    # small end so that each tail is accurate to its own size, and the total
+    # is the same sum run to the end. A forward cumsum against a pairwise
+    # total disagreed by n·eps, more than the slack, and then no rank met
+    # energy = 1; tail[-1] = 0 now always meets either bound.
+    upto = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])  # Σ_{i≥r} σ_i²
+    total = float(upto[0])
     if total == 0.0:
         return 1
+    tail = torch.cat([upto[1:], upto.new_zeros(1)])
     if energy is not None:
-        kept = torch.cumsum(s2, 0)  # kept[r-1] = energy of the leading r values
-        ok = kept >= energy * total * (1.0 - _RANK_SLACK)
+        # kept = total − tail ≥ energy·total·(1 − slack), solved for the tail.
+        ok = tail <= (1.0 - energy * (1.0 - _RANK_SLACK)) * total
     else:
-        # tail[r-1] = Σ_{i>r} σ_i², summed from the small end for accuracy.
-        tail = torch.cat([torch.flip(torch.cumsum(torch.flip(s2[1:], [0]), 0), [0]),
-                          s2.new_zeros(1)])
         # Rounding in S itself is no error to meet: its floor, about n·eps² of
-        # Σσ² in S's dtype (with a margin), makes tol = 0 ("exact") give the
-        # numerical rank, as energy = 1 does, while a small positive tol stays
-        # as strict as S's precision allows (1e-7 of a float64 W is kept).
-        floor = 16 * S.numel() * torch.finfo(S.dtype).eps ** 2
+        # Σσ² (with a margin), makes tol = 0 ("exact") give the numerical
+        # rank, as energy = 1 does, while a small positive tol stays as strict
+        # as S's precision allows (1e-7 of a float64 W is kept). A half S was
+        # rounded from an SVD run in float32 at least (none runs in half), and
+        # rounding the values does not lift the tail: its eps would allow 6 %
+        # of Σσ² for 64 bfloat16 values.
+        eps = min(torch.finfo(S.dtype).eps, torch.finfo(torch.float32).eps)
+        floor = 16 * S.numel() * eps ** 2
         ok = tail <= (tol * tol * (1.0 + _RANK_SLACK) + floor) * total
     return int(torch.nonzero(ok)[0, 0]) + 1
 
@@ -136,14 +145,23 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         raise ValueError(f"svd_truncate: method must be 'exact' or 'randomized', got {method!r}")
     if not isinstance(balanced, bool):
         raise TypeError(f"svd_truncate: balanced must be a bool, got {type(balanced).__name__}")
+    # Checked whatever the method, so that a bad value is not accepted only
+    # until the method changes.
+    if not _is_int(niter):
+        raise TypeError(f"svd_truncate: niter must be an int, got {type(niter).__name__}")
+    if niter < 0:
+        raise ValueError(f"svd_truncate: niter must be >= 0, got {niter}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"svd_truncate: generator must be a torch.Generator, got {type(generator).__name__}")
+    if rank is not None and not -2**63 <= rank < 2**63:
+        # Past the op's int64, it would fail to convert rank with a long
+        # message naming no argument: give the errors it would give.
+        _checks.check_svd_matrix(W)
+        _checks.check_svd_rank(W, rank)
     if method == "randomized":
         if rank is None:
             raise ValueError("svd_truncate: method='randomized' needs rank, not energy or tol")
-        if not _is_int(niter) or niter < 0:
-            raise ValueError(f"svd_truncate: niter must be an int >= 0, got {niter!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"svd_truncate: generator must be a torch.Generator, got {type(generator).__name__}")
         return _randomized(W, int(rank), balanced, int(niter), generator)
     if rank is None:
         _checks.check_svd_matrix(W)
@@ -155,14 +173,15 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         _checks.check_svd_finite(W)
         S = torch.linalg.svdvals(W.float() if W.dtype in (torch.float16, torch.bfloat16) else W)
         rank = choose_rank(S, energy=energy, tol=tol)
-    elif isinstance(W, torch.Tensor) and W.dim() == 2 and not -2**63 <= rank < 2**63:
-        _checks.check_svd_rank(W, rank)  # past the op's int64: the range error it would give
     return ops.svd_truncate.default(W, int(rank), balanced)
 
 
 def _randomized(W, rank, balanced, niter, generator):
     _checks.check_svd_matrix(W)
     _checks.check_svd_rank(W, rank)
+    if W.is_meta:
+        raise ValueError("svd_truncate: method='randomized' samples W's values, but W is on the "
+                         "meta device and holds no values; method='exact' gives the shapes")
     _checks.check_svd_finite(W)
     Wc = W.float() if W.dtype in (torch.float16, torch.bfloat16) else W
     q = min(rank + _OVERSAMPLE, *W.shape)

@@ -179,3 +179,55 @@ def test_noisy_sides_are_named():
     result = {"results": [{"shape": {"M": 1, "k": 8, "r": 2, "d": 8}, "dtype": "float32",
                            "mode": "fwd", "sides": {"ours": calm, "compose": timing}}]}
     assert bench.noisy_entries(result) == ["1,8,2,8 float32 fwd compose"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--warmup-s", "inf"], "--warmup-s must be finite and >= 0, got inf"),
+    (["--warmup-s", "nan"], "--warmup-s must be finite and >= 0, got nan"),
+    (["--batch-ms", "inf"], "--batch-ms must be finite and > 0, got inf"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+])
+def test_bad_timing_settings_are_named_before_any_output_or_timing(argv, message, tmp_path,
+                                                                   capsys, monkeypatch):
+    # An infinite warmup never ended; --threads 0 failed in torch's words,
+    # after the output directory was made.
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    target = tmp_path / "new" / "b.json"
+    assert run_cli(["--shapes", "1,4,2,4", "--json", str(target)] + argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"lowrank_ext bench: error: {message}"
+    assert not timed and not target.parent.exists()
+
+
+def test_run_benchmark_rejects_an_endless_warmup(monkeypatch):
+    def endless(*args, **kwargs):
+        raise AssertionError("the timing started: its warmup would never end")
+
+    monkeypatch.setattr(bench, "_measure", endless)
+    with pytest.raises(ValueError, match="^warmup_s must be finite and >= 0, got inf$"):
+        bench.run_benchmark([(1, 4, 2, 4)], ["float32"], modes=["fwd"], sides=["ours"],
+                            warmup_s=float("inf"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_an_output_directory_that_takes_no_file_fails_before_any_timing(capsys, monkeypatch):
+    # /proc exists and (for root) passes permission checks, but no file can be
+    # created there: the write would have failed only after the timing.
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    for flag in ("--json", "--markdown"):
+        assert run_cli(["--shapes", "1,4,2,4", flag, "/proc/b.out"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lowrank_ext bench: error: cannot write /proc/b.out: cannot create "
+                              "a file in /proc") and err.count("\n") == 0
+    assert not timed
+
+
+def test_the_recorded_command_pastes_back_into_a_shell(monkeypatch):
+    import shlex
+
+    argv = ["bench", "--shapes", "1,4,2,4;2,8,2,8", "--json", "my results.json"]
+    monkeypatch.setattr(sys, "argv", ["/somewhere/lowrank_ext/__main__.py"] + argv)
+    assert shlex.split(bench.command_line()) == ["python", "-m", "lowrank_ext"] + argv

@@ -637,3 +637,32 @@ def test_reported_errors_are_those_of_the_factors_written(tmp_path, capsys, dtyp
         assert row["note"] == ""
     if dtype == torch.bfloat16:
         assert row["note"]
+
+
+def test_spectrum_plot_energy_curve_of_weights_whose_squares_overflow(tmp_path, capsys,
+                                                                      monkeypatch):
+    # σ ≈ 1e200: S·S overflows to inf and the curve was all NaN, while the
+    # ranks printed beside it were right.
+    from lowrank_ext import spectrum_cli
+
+    W = torch.randn(6, 6, dtype=torch.float64)
+    path = tmp_path / "big.safetensors"
+    save_file({"c.weight": W * 1e200}, str(path))
+    drawn = {}
+    monkeypatch.setattr(spectrum_cli, "load_matplotlib", lambda: None)
+    monkeypatch.setattr(spectrum_cli, "_plot",
+                        lambda out, name, S, energy: drawn.update(energy=energy))
+    assert main(["spectrum", str(path), "--layer", "c", "--plot", str(tmp_path / "c.png")]) == 0
+    s2 = torch.linalg.svdvals(W) ** 2
+    torch.testing.assert_close(drawn["energy"], torch.cumsum(s2, 0) / s2.sum())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_spectrum_plot_into_a_directory_that_takes_no_file_fails_before_the_svd(weights,
+                                                                               capsys):
+    _, path = weights
+    assert main(["spectrum", str(path), "--layer", "0", "--plot", "/proc/s.png"]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("lowrank_ext spectrum: error: cannot write /proc/s.png: cannot "
+                          "create a file in /proc") and err.count("\n") == 1
+    assert out == ""  # nothing computed or printed first

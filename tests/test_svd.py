@@ -175,3 +175,77 @@ def test_rank_targets_hold_for_singular_values_whose_squares_overflow():
     W = torch.randn(8, 6, dtype=torch.float64)
     B, A = lx.svd_truncate(W * 1e200, energy=0.9)
     assert B.shape[1] == lx.svd_truncate(W, energy=0.9)[0].shape[1]
+
+
+@pytest.mark.parametrize("energy", [1.0, 1 - 1e-13])
+def test_energy_holds_on_a_long_spectrum_whose_tail_rounding_hides(energy):
+    # 30000 values of 1e-8 add 3e-12 to Σσ², below the rounding of a running
+    # sum from 1 but above the 1e-12 slack: a rank must still be found, and
+    # hold the energy.
+    S = torch.cat([torch.ones(1, dtype=torch.float64),
+                   torch.full((30000,), 1e-8, dtype=torch.float64)])
+    r = lx.choose_rank(S, energy=energy)
+    s2 = [float(s) ** 2 for s in S]
+    total = math.fsum(s2)
+    assert math.fsum(s2[:r]) >= energy * total * (1 - 1e-12)
+    # The smallest such rank, but for rounding: at energy 1 the rank before
+    # meets the target to 3e-24 of Σσ², a tie no float64 sum resolves.
+    assert r == 1 or math.fsum(s2[:r - 1]) < energy * total * (1 - 1e-12) + 1e-15 * total
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tol", [0.0, 0.01, 0.1])
+def test_tol_holds_for_half_precision_singular_values(dtype, tol):
+    # Rounding σ to a half type does not lift the tail: the floor is that of
+    # the float32 SVD they came from, not 16·n·eps² of the half type (of Σσ²
+    # for 1024 values: 1.6 % in float16, all of it in bfloat16).
+    S = torch.linspace(1, 0.3, 1024).to(dtype)
+    r = lx.choose_rank(S, tol=tol)
+    s2 = S.double() ** 2
+    assert float(s2[r:].sum().sqrt()) <= tol * float(s2.sum().sqrt()) * (1 + 1e-9)
+    assert r == lx.choose_rank(S.float(), tol=tol)
+
+
+@pytest.mark.parametrize("call, exc, message", [
+    (lambda: lx.choose_rank(torch.ones(3), energy=0.5, tol=0.1), ValueError,
+     "choose_rank: give exactly one of energy or tol, got energy and tol"),
+    (lambda: lx.svd_truncate(torch.randn(2, 3, 3), rank=2**70), ValueError,
+     "svd_truncate: W must be 2-D (d, k), got shape [2, 3, 3]"),
+    (lambda: lx.svd_truncate(torch.empty(3, 3, device="meta"), rank=2, method="randomized"),
+     ValueError, "svd_truncate: method='randomized' samples W's values, but W is on the meta "
+                 "device and holds no values; method='exact' gives the shapes"),
+    (lambda: lx.svd_truncate(torch.randn(4, 4), rank=1, method="randomized", niter="2"),
+     TypeError, "svd_truncate: niter must be an int, got str"),
+    (lambda: lx.svd_truncate(torch.randn(4, 4), rank=1, niter=-1), ValueError,
+     "svd_truncate: niter must be >= 0, got -1"),
+    (lambda: lx.svd_truncate(torch.randn(4, 4), rank=1, generator="x"), TypeError,
+     "svd_truncate: generator must be a torch.Generator, got str"),
+], ids=["choose_rank-both", "3d-huge-rank", "meta-randomized",
+        "niter-str", "niter-negative-exact", "generator-str-exact"])
+def test_bad_arguments_are_named_in_one_line(call, exc, message):
+    with pytest.raises(exc) as info:
+        call()
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_float16_factors_past_its_range_are_an_error_not_inf(method):
+    from lowrank_ext import _fallback
+    from lowrank_ext._library import ops
+
+    W = torch.full((16, 16), 60000.0, dtype=torch.float16)  # σ_1 = 960000, B's entries 240000
+    before = W.clone()
+    message = ("svd_truncate: factor B has entries up to 240000, beyond float16's range "
+               "(largest 65504); pass balanced=True or give a float32 W")
+    with pytest.raises(ValueError) as info:
+        lx.svd_truncate(W, rank=1, method=method)
+    assert str(info.value) == message
+    if method == "exact":  # the compiled op and the fallback word it alike
+        for op in (ops.svd_truncate, _fallback.svd_truncate):
+            with pytest.raises(ValueError) as info:
+                op(W, 1, False)
+            assert str(info.value) == message
+    assert torch.equal(W, before)
+    B, A = lx.svd_truncate(W, rank=1, method=method, balanced=True)
+    assert torch.isfinite(B).all() and torch.isfinite(A).all()
+    torch.testing.assert_close(B.float() @ A.float(), W.float(), rtol=1e-2, atol=0)
