@@ -98,14 +98,19 @@ def check_output_path(owner, path, *, force=True, flag="--force", what="path"):
     # Permission bits cannot tell (root passes them, and /proc refuses new
     # files whatever they say): create and remove a file beside the output,
     # as atomic_write will, so that a long run does not fail only at the end.
+    os.remove(_temporary_file_beside(owner, path, directory))
+
+
+def _temporary_file_beside(owner, path, directory):
+    """A new empty private file in ``directory`` named after ``path``; its path."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                     dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=directory)
     except OSError as exc:
         raise type(exc)(f"{_prefix(owner)}cannot write {path}: cannot create a file in "
                         f"{directory} ({exc.strerror or exc})") from exc
     os.close(fd)
-    os.remove(probe)
+    return tmp
 
 
 def atomic_write(path, write, owner=None):
@@ -117,14 +122,7 @@ def atomic_write(path, write, owner=None):
     """
     path = check_path(owner, path)
     check_output_path(owner, path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                   dir=directory)
-    except OSError as exc:
-        raise type(exc)(f"{_prefix(owner)}cannot write {path}: cannot create a file in "
-                        f"{directory} ({exc.strerror or exc})") from exc
-    os.close(fd)
+    tmp = _temporary_file_beside(owner, path, os.path.dirname(os.path.abspath(path)))
     try:
         write(tmp)
         # mkstemp makes the file private (0600); give it the mode a plain
