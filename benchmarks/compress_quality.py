@@ -18,6 +18,7 @@ Deterministic (for a given set of installed packages).
 
     python benchmarks/compress_quality.py                  # the main methods, ratios 0.5 and 0.8
     python benchmarks/compress_quality.py --ratios 0.5 --methods whitened-sequential
+    python benchmarks/compress_quality.py --calib 3337 --calib-batch 32   # every calibration-side sentence
 
 Results go to benchmarks/results/compress_quality.json; runs of other
 (ratio, method) pairs already there are kept.
@@ -184,10 +185,12 @@ def load_model():
 
 
 def distillation_batches(model, texts, batch_size=32, seed=2):
-    """Tokenized batches of every calibration sentence, shuffled once: (features,) tuples."""
+    """Tokenized batches of ``texts``, shuffled once: (features,) tuples."""
     texts = list(texts)
     random.Random(seed).shuffle(texts)
-    return [(dict(model.tokenize(texts[i:i + batch_size])),)
+    # sentence-transformers 6 renamed tokenize to preprocess.
+    tokenize = getattr(model, "preprocess", None) or model.tokenize
+    return [(dict(tokenize(texts[i:i + batch_size])),)
             for i in range(0, len(texts), batch_size)]
 
 
@@ -225,6 +228,10 @@ def main(argv=None):
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.8])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences")
+    parser.add_argument("--calib-batch", type=int, default=1,
+                        help="calibration sentences per batch: 1 runs model.encode on each "
+                             "sentence (no padding); more passes tokenized batches whose "
+                             "attention_mask keeps the padding out of the statistics")
     parser.add_argument("--distill-steps", type=int, default=800)
     parser.add_argument("--distill-lr", type=float, default=5e-4)
     parser.add_argument("--distill-text", choices=["stdlib", "packages"], default="stdlib",
@@ -254,9 +261,13 @@ def main(argv=None):
           f"calibration side) / {len(test)} held-out sentences")
     batches = None
 
-    def calibration(model):
-        # One sentence per batch: no padding tokens in the statistics.
-        model.encode(calib, batch_size=1, show_progress_bar=False)
+    if args.calib_batch == 1:
+        def calibration(model):
+            # One sentence per batch: no padding tokens in the statistics.
+            model.encode(calib, batch_size=1, show_progress_bar=False)
+    else:
+        # (features,) tuples: compress_model reads their attention_mask.
+        calibration = distillation_batches(original, calib, batch_size=args.calib_batch)
 
     runs = []
     for ratio in args.ratios:
@@ -301,7 +312,8 @@ def main(argv=None):
 
     command = "python benchmarks/compress_quality.py " + " ".join(sys.argv[1:])
     for run in runs:
-        run.update(calib_sentences=len(calib), test_sentences=len(test), command=command,
+        run.update(calib_sentences=len(calib), calib_batch=args.calib_batch,
+                   test_sentences=len(test), command=command,
                    threads=torch.get_num_threads())
     # Runs already in the file for other (ratio, method) pairs are kept, so that
     # slow methods can be measured in separate invocations.
