@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._modules import places_of, replace_module
+from ._names import preview
 
 
 class SplitMultiheadAttention(nn.Module):
@@ -72,52 +73,44 @@ class SplitMultiheadAttention(nn.Module):
     @classmethod
     def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> SplitMultiheadAttention:
         """A module computing what ``mha`` computes, with copies of its weights,
-        its ``requires_grad`` flags, device, dtype and training mode."""
-        if not isinstance(mha, nn.MultiheadAttention):
+        its ``requires_grad`` flags, device, dtype and training mode.
+
+        ``mha`` must be an ``nn.MultiheadAttention`` itself: a subclass may
+        compute otherwise than with the weights copied here (torch's
+        quantizable one projects with layers of its own)."""
+        if type(mha) is not nn.MultiheadAttention:
             raise TypeError(f"SplitMultiheadAttention.from_multihead_attention: mha must be an "
-                            f"nn.MultiheadAttention, got {type(mha).__name__}")
-        E = mha.embed_dim
-        weight = mha.out_proj.weight
-        with torch.device("meta"):  # no random init: every tensor is copied below
-            new = cls(E, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None,
-                      add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn,
-                      kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first,
-                      dtype=weight.dtype)
-        if mha._qkv_same_embed_dim:
-            weights = [(mha.in_proj_weight, slice(i * E, (i + 1) * E)) for i in range(3)]
-        else:
-            weights = [(w, slice(None)) for w in (mha.q_proj_weight, mha.k_proj_weight,
-                                                  mha.v_proj_weight)]
-        for layer, (source, rows) in zip((new.q_proj, new.k_proj, new.v_proj), weights):
-            layer.weight = _copy(source, rows)
-        if mha.in_proj_bias is not None:
-            for i, layer in enumerate((new.q_proj, new.k_proj, new.v_proj)):
-                layer.bias = _copy(mha.in_proj_bias, slice(i * E, (i + 1) * E))
-        new.out_proj.weight = _copy(mha.out_proj.weight)
-        if mha.out_proj.bias is not None:
-            new.out_proj.bias = _copy(mha.out_proj.bias)
-        if mha.bias_k is not None:
-            new.bias_k, new.bias_v = _copy(mha.bias_k), _copy(mha.bias_v)
-        return new.train(mha.training)
+                            f"nn.MultiheadAttention (not a subclass, which may compute "
+                            f"otherwise), got {type(mha).__name__}")
+        return _build(cls, mha, {})
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Tensor | None = None, need_weights: bool = True,
                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._nested_forward(query, key, value, key_padding_mask, need_weights,
+                                        attn_mask, average_attn_weights, is_causal)
         batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
                                      self.num_heads)
         # Work in (batch, sequence, features) whatever the layout given.
         if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            query, key, value = _each_once(lambda t: t.unsqueeze(0), query, key, value)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+            query, key, value = _each_once(lambda t: t.transpose(0, 1), query, key, value)
         N, L, E = query.shape
         S = key.shape[1]
         if E != self.embed_dim:
             raise RuntimeError(f"SplitMultiheadAttention: expected embedding dimension "
                                f"{self.embed_dim}, got {E}")
+        if key.shape[-1] != self.kdim:
+            raise RuntimeError(f"SplitMultiheadAttention: expected key feature size (kdim) "
+                               f"{self.kdim}, got {key.shape[-1]}")
+        if value.shape[-1] != self.vdim:
+            raise RuntimeError(f"SplitMultiheadAttention: expected value feature size (vdim) "
+                               f"{self.vdim}, got {value.shape[-1]}")
         if key.shape[:2] != value.shape[:2]:
             raise RuntimeError(f"SplitMultiheadAttention: key's batch and sequence sizes "
                                f"{tuple(key.shape[:2])} differ from value's "
@@ -209,10 +202,98 @@ class SplitMultiheadAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
+    def _nested_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                        average_attn_weights, is_causal):
+        """Self-attention over a nested tensor's sequences, as nn.MultiheadAttention's
+        fast path computes it (torch's TransformerEncoder passes one): the
+        sequences padded into a batch whose padding is masked, the output
+        nested again with their lengths, attention weights padded with zeros."""
+        # nn.MultiheadAttention takes a nested tensor only for self-attention,
+        # without masks, batch first; elsewhere what it means is not defined.
+        if query is not key or key is not value:
+            raise RuntimeError("SplitMultiheadAttention: a nested-tensor query, key or value "
+                               "is only taken for self-attention (query, key and value the "
+                               "same tensor), as nn.MultiheadAttention does")
+        if not self.batch_first:
+            raise RuntimeError("SplitMultiheadAttention: a nested-tensor query needs "
+                               "batch_first=True (its sequences are the batch)")
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise RuntimeError("SplitMultiheadAttention: a nested-tensor query takes no "
+                               "key_padding_mask, attn_mask or is_causal (its sequences have "
+                               "their own lengths), as nn.MultiheadAttention does")
+        if query.layout is not torch.strided:
+            raise RuntimeError(f"SplitMultiheadAttention: a nested-tensor query must have "
+                               f"the torch.strided layout (nn.MultiheadAttention takes no "
+                               f"other), got {query.layout}")
+        if query.dim() != 3:
+            raise RuntimeError(f"SplitMultiheadAttention: a nested-tensor query must hold "
+                               f"(sequence, features) tensors, got {query.dim() - 1}-d ones")
+        lengths = [t.shape[0] for t in query.unbind()]
+        padded = torch.nested.to_padded_tensor(query, 0.0)
+        padding = torch.arange(padded.shape[1], device=padded.device) >= \
+            torch.tensor(lengths, device=padded.device).unsqueeze(1)
+        out, weights = self.forward(padded, padded, padded, key_padding_mask=padding,
+                                    need_weights=need_weights,
+                                    average_attn_weights=average_attn_weights)
+        out = torch.nested.as_nested_tensor([o[:n] for o, n in zip(out, lengths)])
+        if weights is not None:  # padded queries have none, as torch gives them
+            rows = padding.unsqueeze(-1)
+            weights = weights.masked_fill(rows if weights.dim() == 3 else rows.unsqueeze(1), 0.0)
+        return out, weights
 
-def _copy(tensor, rows=slice(None)):
-    """A parameter holding a copy of ``tensor[rows]``, with its ``requires_grad``."""
-    return nn.Parameter(tensor.detach()[rows].clone(), requires_grad=tensor.requires_grad)
+
+def _each_once(change, *tensors):
+    """``change`` applied to each tensor, once for a tensor passed several times
+    (as torch does): self-attention's q, k and v projections then see one
+    tensor, so that calibration computes its XᵀX once for the three."""
+    changed = {}
+    for t in tensors:
+        if id(t) not in changed:
+            changed[id(t)] = change(t)
+    return [changed[id(t)] for t in tensors]
+
+
+def _build(cls, mha, copies):
+    """A ``cls`` holding copies of ``mha``'s tensors (see _copy for ``copies``)."""
+    E = mha.embed_dim
+    with torch.device("meta"):  # no random init: every tensor is set below
+        # Built without biases: each layer gets one only where mha has it
+        # (out_proj's may be there without in_proj_bias, or the other way).
+        new = cls(E, mha.num_heads, mha.dropout, bias=False,
+                  add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn,
+                  kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first,
+                  dtype=mha.out_proj.weight.dtype)
+    thirds = [slice(i * E, (i + 1) * E) for i in range(3)]
+    projections = (new.q_proj, new.k_proj, new.v_proj)
+    if mha._qkv_same_embed_dim:
+        weights = [(mha.in_proj_weight, rows) for rows in thirds]
+    else:
+        weights = [(w, slice(None)) for w in (mha.q_proj_weight, mha.k_proj_weight,
+                                              mha.v_proj_weight)]
+    for layer, (source, rows) in zip(projections, weights):
+        layer.weight = _copy(source, copies, rows)
+    if mha.in_proj_bias is not None:
+        for layer, rows in zip(projections, thirds):
+            layer.bias = _copy(mha.in_proj_bias, copies, rows)
+    new.out_proj.weight = _copy(mha.out_proj.weight, copies)
+    if mha.out_proj.bias is not None:
+        new.out_proj.bias = _copy(mha.out_proj.bias, copies)
+    if mha.bias_k is not None:
+        new.bias_k, new.bias_v = _copy(mha.bias_k, copies), _copy(mha.bias_v, copies)
+    return new.train(mha.training)
+
+
+def _copy(tensor, copies, rows=slice(None)):
+    """A parameter holding a copy of ``tensor[rows]``, with its ``requires_grad``.
+
+    ``copies`` remembers the ones made, by tensor and rows: attention modules
+    sharing a tensor (ALBERT-style ties) then share its copy, tied as before.
+    """
+    key = (id(tensor), rows.start, rows.stop)
+    if key not in copies:
+        copies[key] = nn.Parameter(tensor.detach()[rows].clone(),
+                                   requires_grad=tensor.requires_grad)
+    return copies[key]
 
 
 def split_attention(model: nn.Module, include: str | Sequence[str] | None = None,
@@ -222,36 +303,66 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
     (or ``add_lora``) reaches their projections.
 
     ``include`` / ``exclude`` select modules by name as in ``compress_model``.
-    A module registered under several names is replaced everywhere by one
-    new module. Outputs are unchanged (up to rounding), except where torch's
-    ``nn.TransformerEncoder`` would have packed a padded batch into a nested
-    tensor: it is kept on its ordinary path, which leaves values computed at
-    the padded positions where the nested one left zeros (real positions are
-    the same). Returns the names replaced. ``load_compressed`` splits them by itself where a compressed
-    file holds split projections.
+    Subclasses of ``nn.MultiheadAttention`` are left alone, as
+    ``compress_model`` leaves subclasses of ``nn.Linear``: they may compute
+    otherwise (an include pattern selecting only such modules is a
+    TypeError). A module registered under several names is replaced
+    everywhere by one new module, and modules sharing a tensor (ALBERT-style
+    ties) share its new projections; a tensor shared with a module not split
+    with them is a ValueError. Outputs are unchanged (up to rounding), except
+    where torch's ``nn.TransformerEncoder`` would have packed a padded batch
+    into a nested tensor: it is kept on its ordinary path, which leaves values
+    computed at the padded positions where the nested one left zeros (real
+    positions are the same). Returns the names replaced. ``load_compressed``
+    splits them by itself where a compressed file holds split projections.
     """
-    from .compress import select_names
+    from .compress import _as_patterns, name_matches, select_names
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"split_attention: model must be an nn.Module, got "
                         f"{type(model).__name__}")
-    if isinstance(model, nn.MultiheadAttention):
+    if type(model) is nn.MultiheadAttention:
         raise TypeError("split_attention: the model is itself an nn.MultiheadAttention; use "
                         "SplitMultiheadAttention.from_multihead_attention(model) instead")
-    found = {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    found, subclasses = {}, {}
+    for name, m in model.named_modules():
+        if type(m) is nn.MultiheadAttention:
+            found[name] = m
+        elif isinstance(m, nn.MultiheadAttention):
+            subclasses[name or "the model"] = type(m).__name__
     if not found:
-        raise ValueError("split_attention: the model has no nn.MultiheadAttention module")
+        left = (f" (subclasses of it are left alone: {_listed(subclasses)})"
+                if subclasses else "")
+        raise ValueError(f"split_attention: the model has no nn.MultiheadAttention module{left}")
+    include = _as_patterns("include", include, "split_attention")  # read once
+    for pattern in include or ():
+        chosen = {n: t for n, t in subclasses.items() if name_matches(n, pattern)}
+        if chosen and not any(name_matches(n, pattern) for n in found):
+            raise TypeError(
+                f"split_attention: include pattern {pattern!r} selects {_listed(chosen)}: "
+                "subclasses of nn.MultiheadAttention, which are left alone, as compress_model "
+                "leaves subclasses of nn.Linear (their forward may compute otherwise than "
+                "with the packed weights)")
     names = select_names(list(found), include, exclude, owner="split_attention",
                          what="nn.MultiheadAttention module")
-    _split(model, [found[name] for name in names])
+    _split(model, [found[name] for name in names], "split_attention")
     return names
 
 
-def _split(model, modules):
+def _listed(types):
+    """``name (Type)`` for each of ``{name: type name}``, shortened."""
+    return preview(f"{name} ({kind})" for name, kind in types.items())
+
+
+def _split(model, modules, owner):
     """Put a SplitMultiheadAttention in every place each of ``modules`` sits,
     all built before the model changes; returns ``[(place, original)]``."""
-    new = [SplitMultiheadAttention.from_multihead_attention(m) for m in modules]
+    if not modules:  # load_compressed asks for every model it loads
+        return []
     places = places_of(model)
+    _check_ties_kept(model, modules, places, owner)
+    copies = {}  # shared by all: a tensor several modules hold gets one copy
+    new = [_build(SplitMultiheadAttention, m, copies) for m in modules]
     replaced = []
     for mha, split in zip(modules, new):
         for place in places[id(mha)]:
@@ -260,16 +371,50 @@ def _split(model, modules):
     return replaced
 
 
+def _check_ties_kept(model, modules, places, owner):
+    """A ValueError when a tensor of ``modules`` is also held by a module not
+    split with them: it would keep the old tensor, the split ones a copy."""
+    tensors, inside = {}, set()
+    for m in modules:
+        for place in places[id(m)]:
+            inside.update((place, f"{place}.out_proj"))
+        first = places[id(m)][0]
+        for pname, p in m.named_parameters(remove_duplicate=False):
+            tensors.setdefault(id(p), f"{first}.{pname}")
+    for path, module in model.named_modules(remove_duplicate=False):
+        if path in inside:
+            continue
+        for pname, p in module._parameters.items():
+            if p is not None and id(p) in tensors:
+                holder = f"{path}.{pname}" if path else pname
+                raise ValueError(
+                    f"{owner}: {tensors[id(p)]} is tied to {holder}, which is not split with "
+                    "it; splitting would copy the tensor and untie them (split the modules "
+                    "sharing it together, or untie them first)")
+
+
 def split_where_stored_split(model: nn.Module, keys) -> list[tuple[str, nn.Module]]:
     """Split each ``nn.MultiheadAttention`` of ``model`` whose tensors ``keys``
     (a file's) hold as separate projections (``<name>.q_proj.…``) rather than
     packed (``<name>.in_proj_weight``). Returns ``[(place, original)]`` for
-    :func:`unsplit`."""
+    :func:`unsplit`. Subclasses are never split (see :func:`split_attention`)."""
     keys = set(keys)
+
+    def stored_split(name):
+        prefix = f"{name}." if name else ""
+        return f"{prefix}in_proj_weight" not in keys and \
+            any(k.startswith(f"{prefix}q_proj.") for k in keys)
+
+    if type(model) is nn.MultiheadAttention and stored_split(""):
+        # A module cannot replace itself in place.
+        raise ValueError(
+            "load_compressed: the file holds a SplitMultiheadAttention (q_proj, k_proj, v_proj "
+            "and out_proj), but the model is an nn.MultiheadAttention, which cannot become one "
+            "in place; load into SplitMultiheadAttention.from_multihead_attention(model) "
+            "instead")
     return _split(model, [m for name, m in model.named_modules()
-                          if isinstance(m, nn.MultiheadAttention) and name
-                          and f"{name}.in_proj_weight" not in keys
-                          and any(k.startswith(f"{name}.q_proj.") for k in keys)])
+                          if type(m) is nn.MultiheadAttention and name and stored_split(name)],
+                  "load_compressed")
 
 
 def unsplit(model: nn.Module, replaced) -> None:

@@ -259,3 +259,191 @@ def test_the_packed_attention_warning_points_at_the_caller():
         lx.compress_model(model, rank=2)
     [warning] = [w for w in caught if "packed" in str(w.message)]
     assert warning.filename == __file__
+
+
+class _Doubled(nn.MultiheadAttention):
+    """A subclass computing otherwise than its packed weights say."""
+
+    def forward(self, query, key, value, **kwargs):
+        out, weights = super().forward(query, key, value, **kwargs)
+        return 2 * out, weights
+
+
+def test_subclasses_are_left_alone():
+    import torch.ao.nn.quantizable as nnq
+
+    torch.manual_seed(0)
+    quantizable = nnq.MultiheadAttention(E, H).eval()  # projects with linear_Q/K/V
+    with torch.no_grad():
+        for layer in (quantizable.linear_Q, quantizable.linear_K, quantizable.linear_V):
+            layer.weight.normal_()
+    model = nn.ModuleDict({"plain": nn.MultiheadAttention(E, H), "doubled": _Doubled(E, H),
+                           "quantizable": quantizable})
+    x = torch.randn(5, 2, E)
+    expected = {name: model[name](x, x, x)[0] for name in ("doubled", "quantizable")}
+    kept = {name: model[name] for name in expected}
+    assert lx.split_attention(model) == ["plain"]
+    assert isinstance(model["plain"], SplitMultiheadAttention)
+    for name, out in expected.items():
+        assert model[name] is kept[name]
+        torch.testing.assert_close(model[name](x, x, x)[0], out, rtol=0, atol=0)
+
+    with pytest.raises(TypeError, match=r"'doubled' selects doubled \(_Doubled\): subclasses"):
+        lx.split_attention(nn.ModuleDict({"a": nn.MultiheadAttention(E, H),
+                                          "doubled": _Doubled(E, H)}), include="doubled")
+    with pytest.raises(ValueError, match=r"no nn.MultiheadAttention module \(subclasses of it "
+                                         r"are left alone: attn \(_Doubled\)\)"):
+        lx.split_attention(nn.ModuleDict({"attn": _Doubled(E, H)}))
+    with pytest.raises(TypeError, match="not a subclass.*got _Doubled"):
+        SplitMultiheadAttention.from_multihead_attention(_Doubled(E, H))
+
+
+def test_tied_attention_modules_stay_tied():
+    torch.manual_seed(0)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"a": nn.MultiheadAttention(E, H, dtype=torch.float64),
+                               "b": nn.MultiheadAttention(E, H, dtype=torch.float64)})
+        model["b"].in_proj_weight = model["a"].in_proj_weight  # ALBERT-style sharing
+        model["b"].out_proj.weight = model["a"].out_proj.weight
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(std=0.3)
+        return model
+
+    def step(model, x):
+        # Through both modules: the shared tensors get the sum of two gradients.
+        model.zero_grad()
+        (model["a"](x, x, x)[0].square().sum() + model["b"](x, x, x)[0].sum()).backward()
+        with torch.no_grad():  # an SGD step, each shared tensor once
+            for p in model.parameters():
+                p -= 0.01 * p.grad
+            return [model[n](x, x, x)[0] for n in ("a", "b")]
+
+    x = torch.randn(5, 2, E, dtype=torch.float64)
+    reference, model = build(), build()
+    before = sum(p.numel() for p in model.parameters())
+    assert lx.split_attention(model) == ["a", "b"]
+    a, b = model["a"], model["b"]
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert getattr(a, name).weight is getattr(b, name).weight
+        assert getattr(a, name).bias is not getattr(b, name).bias  # not tied before either
+    assert sum(p.numel() for p in model.parameters()) == before
+    for out, expected in zip(step(model, x), step(reference, x)):
+        torch.testing.assert_close(out, expected)
+    assert torch.equal(a.q_proj.weight, b.q_proj.weight)
+
+    model = build()
+    with pytest.raises(ValueError, match="a.in_proj_weight is tied to b.in_proj_weight, which "
+                                         "is not split with it"):
+        lx.split_attention(model, exclude="b")
+    assert type(model["a"]) is nn.MultiheadAttention  # nothing replaced
+
+
+def test_nested_tensor_input_as_torch():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True,
+                                       dtype=torch.float64)
+    encoder = nn.TransformerEncoder(layer, 2).eval()
+    sequences = [torch.randn(n, E, dtype=torch.float64) for n in (5, 3, 1)]
+    nested = torch.nested.nested_tensor(sequences)
+    split = copy.deepcopy(encoder)
+    lx.split_attention(split)
+    with torch.no_grad():
+        expected, out = encoder(nested), split(nested)
+        assert out.is_nested
+        for o, e in zip(out.unbind(), expected.unbind(), strict=True):
+            torch.testing.assert_close(o, e)
+
+        mha, split = _pair(batch_first=True)
+        for average in (True, False):
+            expected, expected_weights = mha(nested, nested, nested,
+                                             average_attn_weights=average)
+            out, weights = split(nested, nested, nested, average_attn_weights=average)
+            for o, e in zip(out.unbind(), expected.unbind(), strict=True):
+                torch.testing.assert_close(o, e)
+            torch.testing.assert_close(weights, expected_weights)  # zeros where padded
+
+        plain = torch.randn(3, 5, E, dtype=torch.float64)
+        for args, kwargs, message in (
+                ((nested, plain, plain), {}, "only taken for self-attention"),
+                ((nested,) * 3, dict(key_padding_mask=torch.zeros(3, 5, dtype=torch.bool)),
+                 "takes no key_padding_mask")):
+            with pytest.raises(RuntimeError, match=message):
+                split(*args, **kwargs)
+        with pytest.raises(RuntimeError, match="needs batch_first=True"):
+            _pair()[1](nested, nested, nested)
+
+
+def test_bias_presence_mirrors_the_source():
+    torch.manual_seed(0)
+    without_out_bias = nn.MultiheadAttention(E, H, dtype=torch.float64)
+    without_out_bias.out_proj.bias = None
+    only_out_bias = nn.MultiheadAttention(E, H, bias=False, dtype=torch.float64)
+    only_out_bias.out_proj.bias = nn.Parameter(torch.randn(E, dtype=torch.float64))
+    x = torch.randn(5, 2, E, dtype=torch.float64)
+    for mha in (without_out_bias, only_out_bias):
+        with torch.no_grad():
+            if mha.in_proj_bias is not None:
+                mha.in_proj_bias.normal_()
+        split = SplitMultiheadAttention.from_multihead_attention(mha)
+        assert not any(p.is_meta for p in split.parameters())
+        for layer in (split.q_proj, split.k_proj, split.v_proj):
+            assert (layer.bias is None) == (mha.in_proj_bias is None)
+        assert (split.out_proj.bias is None) == (mha.out_proj.bias is None)
+        torch.testing.assert_close(split(x, x, x)[0], mha(x, x, x)[0])
+
+
+def test_key_and_value_feature_sizes_are_checked():
+    mha, split = _pair(kdim=6, vdim=10)
+    query = torch.randn(5, 2, E, dtype=torch.float64)
+    key, value = torch.randn(7, 2, 6, dtype=torch.float64), torch.randn(7, 2, 10,
+                                                                        dtype=torch.float64)
+    wrong = torch.randn(7, 2, 8, dtype=torch.float64)
+    for k, v in ((wrong, value), (key, wrong)):
+        with pytest.raises((AssertionError, RuntimeError)):  # torch refuses them too
+            mha(query, k, v)
+    with pytest.raises(RuntimeError, match=r"expected key feature size \(kdim\) 6, got 8"):
+        split(query, wrong, value)
+    with pytest.raises(RuntimeError, match=r"expected value feature size \(vdim\) 10, got 8"):
+        split(query, key, wrong)
+
+
+def test_projections_of_one_tensor_see_one_tensor():
+    """Calibration shares one XᵀX between layers fed the same tensor."""
+    mha, split = _pair()  # sequence first: the inputs are transposed
+    seen = {}
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(split, name).register_forward_pre_hook(
+            lambda module, args, name=name: seen.__setitem__(name, args[0]))
+    x, memory = (torch.randn(5, 2, E, dtype=torch.float64) for _ in range(2))
+    for one in (x, x[:, 0]):  # batched, unbatched
+        split(one, one, one)
+        assert seen["q_proj"] is seen["k_proj"] is seen["v_proj"]
+    split(x, memory, memory)  # cross-attention: keys and values from one tensor
+    assert seen["k_proj"] is seen["v_proj"] and seen["q_proj"] is not seen["k_proj"]
+    torch.testing.assert_close(split(x, memory, memory)[0], mha(x, memory, memory)[0])
+
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 32, dropout=0.0), 1,
+                                  enable_nested_tensor=False).eval()
+    lx.split_attention(model)
+    batch, runs = torch.randn(5, 2, E), []
+    lx.compress_model(model, rank=4, include="*_proj", sequential=True,
+                      calibration=lambda m: runs.append(m(batch)))
+    assert len(runs) == 2  # q, k and v together, then out_proj
+
+
+def test_a_root_split_file_loads_into_a_split_module(tmp_path):
+    torch.manual_seed(0)
+    split = SplitMultiheadAttention.from_multihead_attention(nn.MultiheadAttention(E, H))
+    lx.compress_model(split, rank=2, include="q_proj")
+    lx.save_compressed(split, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"the model is an nn.MultiheadAttention.*load into "
+                                         r"SplitMultiheadAttention.from_multihead_attention"):
+        lx.load_compressed(nn.MultiheadAttention(E, H), tmp_path / "m.safetensors")
+    fresh = SplitMultiheadAttention.from_multihead_attention(nn.MultiheadAttention(E, H))
+    lx.load_compressed(fresh, tmp_path / "m.safetensors")
+    x = torch.randn(5, 2, E)
+    torch.testing.assert_close(fresh(x, x, x)[0], split(x, x, x)[0], rtol=0, atol=0)

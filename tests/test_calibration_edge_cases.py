@@ -1,0 +1,258 @@
+"""compress_model on calibrations at the edges: fewer directions than the rank, inputs
+updated in place under inference_mode, outputs or inputs that measure nothing, batches
+of the wrong width and empty shards on one rank; references computed here in float64."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+from gloo_ranks import gloo_available, run_ranks
+from lowrank_ext.calibration import collect_input_grams
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, state):
+    assert all(type(m) is not lx.LowRankLinear for m in model.modules())
+    assert set(model.state_dict()) == set(state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for module in model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+# --- a calibration spanning fewer directions than the rank (the fill) --------------------
+def _projection_reference(W, X, rank):
+    """The projection of W onto the leading left singular vectors of W·Xᵀ that the
+    data determines, completed by those of the rest of W, by torch.linalg.svd."""
+    U, S, _ = torch.linalg.svd(W @ X.T)
+    live = int((S > S[0] * 1e-9).sum())
+    U = U[:, :min(live, rank)]
+    rest = W - U @ (U.T @ W)
+    more = torch.linalg.svd(rest)[0][:, :rank - U.shape[1]]
+    Q = torch.cat([U, more], 1)
+    return Q @ (Q.T @ W)
+
+
+@pytest.mark.parametrize("rank", [2, 9])
+@pytest.mark.parametrize("d, k", [(60, 24), (24, 60)], ids=["tall", "wide"])
+def test_few_calibration_directions_give_a_projection_of_w_for_tall_and_wide(d, k, rank):
+    span = 3
+    model = nn.Sequential(nn.Linear(k, d, dtype=torch.float64))
+    W = model[0].weight.detach().clone()
+    X = torch.randn(40, span, dtype=torch.float64) @ torch.randn(span, k, dtype=torch.float64)
+    report = lx.compress_model(model, rank=rank, calibration=[X], progress=False)
+    (row,) = report.layers
+    B, A = model[0].B.detach(), model[0].A.detach()
+    torch.testing.assert_close(B.T @ B, torch.eye(rank, dtype=B.dtype), rtol=0, atol=1e-10)
+    assert torch.linalg.matrix_norm(B @ A, 2) <= torch.linalg.matrix_norm(W, 2) * (1 + 1e-10)
+    expected = _projection_reference(W, X, rank)
+    torch.testing.assert_close(B @ A, expected, rtol=1e-8, atol=1e-8)
+    assert row.weight_error <= 1.0
+    assert row.weight_error == pytest.approx(
+        float(torch.linalg.matrix_norm(W - expected) / torch.linalg.matrix_norm(W)), rel=1e-8)
+    # On the calibration the output error is the optimal tail: 0 once the rank
+    # covers the data's directions.
+    S = torch.linalg.svdvals(W @ X.T)
+    optimal = float(S[rank:].square().sum().sqrt() / S.square().sum().sqrt())
+    assert row.output_error == pytest.approx(optimal, abs=1e-7)
+
+
+def test_a_float32_tall_layer_on_one_calibration_direction_is_no_larger_than_w():
+    # The reviewer's case: B·A was 22 times larger than W.
+    model = nn.Sequential(nn.Linear(50, 200))
+    W = model[0].weight.detach().double()
+    X = torch.randn(64, 1) @ torch.randn(1, 50)
+    report = lx.compress_model(model, rank=20, calibration=[X], progress=False)
+    B, A = model[0].B.detach().double(), model[0].A.detach().double()
+    torch.testing.assert_close(B.T @ B, torch.eye(20, dtype=B.dtype), rtol=0, atol=1e-5)
+    assert torch.linalg.matrix_norm(B @ A, 2) <= torch.linalg.matrix_norm(W, 2) * (1 + 1e-5)
+    assert report.layers[0].weight_error <= 1.0
+
+
+@pytest.mark.parametrize("d, k", [(40, 16), (16, 40)], ids=["tall", "wide"])
+def test_a_weight_of_lower_rank_than_kept_still_gets_orthonormal_columns(d, k):
+    W = torch.randn(d, 2, dtype=torch.float64) @ torch.randn(2, k, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(k, d, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+    lx.compress_model(model, rank=6, progress=False)
+    B, A = model[0].B.detach(), model[0].A.detach()
+    torch.testing.assert_close(B.T @ B, torch.eye(6, dtype=B.dtype), rtol=0, atol=1e-10)
+    torch.testing.assert_close(B @ A, W, rtol=1e-10, atol=1e-10)
+
+
+# --- inputs updated in place under inference_mode ----------------------------------------
+class _Residual(nn.Module):
+    """h += layer(h): every layer reads the same tensor, updated in place after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16, dtype=torch.float64) for _ in range(3))
+        self.q = nn.Linear(16, 16, dtype=torch.float64)
+        self.k = nn.Linear(16, 16, dtype=torch.float64)
+
+    def forward(self, x):
+        h = x.clone()
+        for layer in self.layers:
+            h += layer(h)
+        return self.q(h) * self.k(h)  # two layers fed the same, unchanged tensor
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_inputs_updated_in_place_give_each_layer_its_own_gram(mode):
+    model = _Residual()
+    x = torch.randn(32, 16, dtype=torch.float64)
+    layers = dict(model.named_modules())
+    layers = {name: layers[name] for name in ("layers.0", "layers.1", "layers.2", "q", "k")}
+    truth = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda module, args, n=name: truth.__setitem__(n, args[0].T @ args[0]))
+        for name, layer in layers.items()]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+
+    def calibration(m):
+        with mode():
+            m(x)
+
+    stages = []
+    grams = collect_input_grams(model, layers, calibration, stages)
+    for name in layers:
+        torch.testing.assert_close(grams[name], truth[name], rtol=1e-12, atol=1e-12)
+    # q and k, fed the same unchanged tensor, still share one product (one stage).
+    assert stages == [["layers.0"], ["layers.1"], ["layers.2"], ["q", "k"]]
+
+
+# --- outputs or inputs that measure nothing --------------------------------------------
+def test_outputs_that_overflow_are_named_and_the_model_kept():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)).half()
+    with torch.no_grad():
+        model[2].weight.mul_(1e5)  # finite weights, outputs past float16's 65504
+    x = torch.randn(64, 16).half()
+    with torch.no_grad():
+        assert not torch.isfinite(model(x)).all()
+    state = _state(model)
+    with pytest.raises(ValueError, match="found NaN or Inf in the model's outputs on the "
+                                         "calibration"):
+        lx.compress_model(model, ratio=0.5, calibration=[x], progress=False)
+    _assert_unchanged(model, state)
+
+
+class _ZeroInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.live = nn.Linear(16, 16)
+        self.tall = nn.Linear(16, 64)
+        self.wide = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.live(x), self.tall(x * 0), self.wide(x.new_zeros(x.shape[0], 64))
+
+
+@pytest.mark.parametrize("kwargs", [dict(tol=0.05), dict(ratio=0.5, allocation="global"),
+                                    dict(rank=2, sequential=True)])
+def test_a_layer_whose_inputs_are_all_zero_is_named_and_the_model_kept(kwargs):
+    model = _ZeroInputs()
+    state = _state(model)
+    with pytest.raises(ValueError, match=r"gave layer\(s\) tall, wide only zero inputs"):
+        lx.compress_model(model, calibration=[torch.randn(8, 16)], progress=False, **kwargs)
+    _assert_unchanged(model, state)
+    # Leaving them out compresses the rest.
+    report = lx.compress_model(model, calibration=[torch.randn(8, 16)], progress=False,
+                               exclude=["tall", "wide"], **kwargs)
+    assert [row.name for row in report.layers] == ["live"]
+
+
+def test_global_allocation_gives_no_ranks_where_they_remove_no_error():
+    # The second layer's output is 0 on every input: its ranks remove nothing.
+    model = nn.Sequential(nn.Linear(16, 16, dtype=torch.float64),
+                          nn.Linear(16, 16, bias=False, dtype=torch.float64))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    report = lx.compress_model(model, ratio=0.9, allocation="global",
+                               calibration=[torch.randn(64, 16, dtype=torch.float64)],
+                               progress=False)
+    assert report.ranks["1"] == 1
+    torch.testing.assert_close(model[1].B @ model[1].A, torch.zeros(16, 16, dtype=torch.float64))
+
+
+# --- a batch of the wrong width ----------------------------------------------------------
+def test_a_batch_of_the_wrong_width_raises_the_layers_own_error():
+    model = nn.Sequential(nn.Linear(16, 32))
+    x = torch.randn(3, 15)
+    with pytest.raises(RuntimeError) as plain:
+        model(x)
+    state = _state(model)
+    with pytest.raises(RuntimeError, match="the calibration raised RuntimeError") as raised:
+        lx.compress_model(model, ratio=0.5, calibration=[x], progress=False)
+    assert str(plain.value) in str(raised.value)
+    _assert_unchanged(model, state)
+
+
+# --- an empty shard on one rank -----------------------------------------------------------
+def _empty_shard_on_rank(rank, directory):
+    """Rank 1's shard is empty; then both ranks' inputs are all zero."""
+    results = {}
+    data = torch.randn(20, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for allocation in ("global", "sensitivity"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16)).double()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = lx.compress_model(model, ratio=0.5, allocation=allocation, progress=False,
+                                       calibration=[data] if rank == 0 else [])
+        results[allocation] = (_state(model), report.to_dict(),
+                               [str(w.message) for w in caught])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32)).double()
+    try:
+        lx.compress_model(model, ratio=0.5, allocation="global", progress=False,
+                          calibration=[torch.zeros(4, 16, dtype=torch.float64)])
+    except ValueError as exc:
+        results["zero"] = str(exc)
+    return results, data
+
+
+@pytest.mark.skipif(not gloo_available(), reason="needs torch.distributed with gloo")
+def test_an_empty_shard_on_one_rank_is_calibrated_by_the_others(tmp_path):
+    (mine, data), (theirs, _) = run_ranks(_empty_shard_on_rank, tmp_path)
+    for allocation in ("global", "sensitivity"):
+        state, report, caught = mine[allocation]
+        # Both ranks end with the same model: with global allocation the one a
+        # single process compresses on rank 0's data; with sensitivities, the
+        # layer rank 1 owns (layer 2) takes the median of the measured ones.
+        for key, value in theirs[allocation][0].items():
+            assert torch.equal(value, state[key]), key
+        if allocation == "global":
+            torch.manual_seed(0)
+            single = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16)).double()
+            expected = lx.compress_model(single, ratio=0.5, allocation="global",
+                                         progress=False, calibration=[data]).to_dict()
+            for row, want in zip(report["layers"], expected["layers"], strict=True):
+                assert row["rank"] == want["rank"]
+                for key in ("weight_error", "output_error"):
+                    assert row[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+        else:
+            for results in (mine, theirs):
+                assert any("never runs them" in m for m in results[allocation][2])
+            assert all(math.isfinite(row["sensitivity"]) for row in report["layers"])
+    for results in (mine, theirs):
+        assert "gave layer(s) 0 only zero inputs" in results["zero"]
+
+
+def test_an_empty_calibration_without_a_process_group_is_still_an_error():
+    model = nn.Sequential(nn.Linear(16, 32))
+    state = _state(model)
+    with pytest.raises(ValueError, match="the calibration is an empty iterable"):
+        lx.compress_model(model, ratio=0.5, allocation="global", calibration=[],
+                          progress=False)
+    _assert_unchanged(model, state)
