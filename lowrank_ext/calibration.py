@@ -119,11 +119,15 @@ def call_with_batch(model, batch, owner, what="a batch"):
     raise TypeError(f"{owner}: {what} must be a tensor, tuple or dict, got {type(batch).__name__}")
 
 
-def run_calibration(model, calibration, token_mask=None):
+def run_calibration(model, calibration, token_mask=None, allow_empty=False):
     """Run ``calibration`` on ``model`` in eval mode under no_grad, restoring the modes after.
 
     An exception from the calibration is re-raised as RuntimeError naming it;
-    a calibration of the wrong kind is a TypeError.
+    a calibration of the wrong kind is a TypeError. An empty iterable is a
+    ValueError unless ``allow_empty`` (one rank's share of the data may be
+    empty: the other ranks' shares calibrate the layers).
+
+    Returns the number of batches run, None for a callable.
     """
     modes = {m: m.training for m in model.modules()}
     try:
@@ -137,16 +141,18 @@ def run_calibration(model, calibration, token_mask=None):
     finally:
         for module, mode in modes.items():
             module.training = mode
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise ValueError("compress_model: the calibration is an empty iterable: it gave no "
                          "batches to run")
+    return count
 
 
 def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=False):
     """{name: XᵀX in float64} over the inputs each layer sees during ``calibration``.
 
     A layer the calibration never ran is a ValueError, or with
-    ``allow_unseen`` (another rank's share of the data may reach it) None.
+    ``allow_unseen`` (another rank's share of the data may reach it) None;
+    with ``allow_unseen`` an empty calibration iterable is accepted too.
 
     When ``stages`` is a list, it receives the layer names in the order of
     their first call, grouped into lists of layers fed the same tensor.
@@ -166,10 +172,11 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
         def hook(module, args, kwargs):
             # nn.Linear calls its argument input, transformers' Conv1D x.
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-            # Holding the tensor itself (not its address) keeps the test exact;
-            # inference-mode tensors have no version counter, identity must do.
-            version = None if x.is_inference() else x._version
-            same = last["key"] is not None and last["key"][0] is x and last["key"][1] == version
+            if x.dim() == 0 or x.size(-1) != k:
+                # A batch of the wrong width: record nothing, so that the
+                # layer raises its own error naming the shapes it was given.
+                return
+            same = last["key"] is not None and _unchanged(last["key"], x)
             if stages is not None and grams[name] is None:
                 if same and stages:
                     stages[-1].append(name)
@@ -183,7 +190,7 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
                 else:
                     x64 = without_padding(x.detach(), token_mask[0]).reshape(-1, k)
                 x64 = x64.to(torch.float64)
-                last["key"], last["gram"] = (x, version), x64.T @ x64
+                last["key"], last["gram"] = _input_key(x), x64.T @ x64
             g = last["gram"]
             grams[name] = g.clone() if grams[name] is None else grams[name].add_(g)
         return hook
@@ -192,7 +199,7 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
                                                 with_kwargs=True)
                for name, module in layers.items()]
     try:
-        run_calibration(model, calibration, token_mask)
+        run_calibration(model, calibration, token_mask, allow_empty=allow_unseen)
     finally:
         last.clear()
         for handle in handles:
@@ -201,9 +208,45 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
     return grams
 
 
+def _input_key(x):
+    """What tells, at the next layer's call, whether it is fed this input unchanged.
+
+    The tensor itself (not its address, which a new tensor may reuse) and its
+    version counter, which in-place updates bump. Inference tensors have no
+    version counter yet may be updated in place between two layers (a
+    residual ``h += layer(h)``): for them a copy of the values is kept to
+    compare with (none for a packed nested tensor, never reused).
+    """
+    if not x.is_inference():
+        return x, x._version
+    return x, None if x.is_nested else x.detach().clone()
+
+
+def _unchanged(key, x):
+    """True when ``x`` is the input ``key`` (see :func:`_input_key`) was taken of, unchanged."""
+    held, state = key
+    if held is not x:
+        return False
+    if not x.is_inference():
+        return state == x._version
+    return state is not None and torch.equal(state, x)
+
+
 def check_all_seen(unseen):
     """The ValueError for layers no calibration batch reached."""
     if unseen:
         raise ValueError(
             f"compress_model: the calibration never ran layer(s) {preview(unseen)}; "
             "give batches that reach every compressed layer, or exclude those layers")
+
+
+def check_inputs_not_all_zero(grams):
+    """The ValueError for layers whose calibration inputs were all zero (or all
+    padding), over every rank's share of the data: as for a layer never run,
+    nothing measures which directions of its weight matter."""
+    zero = [name for name, gram in grams.items() if gram is not None and not bool(gram.any())]
+    if zero:
+        raise ValueError(
+            f"compress_model: the calibration gave layer(s) {preview(zero)} only zero inputs "
+            "(or only padding tokens), which say nothing about how to truncate them; give "
+            "batches that reach them with real inputs, or exclude those layers")

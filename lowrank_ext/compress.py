@@ -40,7 +40,8 @@ from ._checks import check_device, dtype_name
 from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
 from ._names import preview
 from ._workers import Workers
-from .calibration import check_all_seen, collect_input_grams, replayable
+from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
+                          replayable)
 from .sensitivity import measure_sensitivity
 from .nn import (LoRALinear, LowRankLinear, break_even_rank, inherit_requires_grad,
                  rank_for_ratio)
@@ -50,6 +51,12 @@ _ALLOCATIONS = ("sensitivity", "global", "uniform")
 
 
 # --- selecting layers ------------------------------------------------------------
+def _prefix(owner):
+    """Messages start with the function that failed; the command line gives none
+    (its error line names the command)."""
+    return f"{owner}: " if owner else ""
+
+
 def _as_patterns(name, patterns, owner="compress_model"):
     if patterns is None:
         return None
@@ -58,10 +65,10 @@ def _as_patterns(name, patterns, owner="compress_model"):
     try:
         patterns = list(patterns)
     except TypeError:
-        raise TypeError(f"{owner}: {name} must be a string or a list of strings, got "
+        raise TypeError(f"{_prefix(owner)}{name} must be a string or a list of strings, got "
                         f"{type(patterns).__name__}") from None
     if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{owner}: {name} must be a non-empty string or list of strings")
+        raise TypeError(f"{_prefix(owner)}{name} must be a non-empty string or list of strings")
     return patterns
 
 
@@ -97,23 +104,81 @@ def select_names(names, include=None, exclude=None, *, owner="compress_model", w
         for pattern in patterns or ():
             if not any(name_matches(n, pattern) for n in names):
                 raise ValueError(
-                    f"{owner}: {label} pattern {pattern!r} matches no {what} "
+                    f"{_prefix(owner)}{label} pattern {pattern!r} matches no {what} "
                     f"(candidates: {preview(names)})")
     chosen = [n for n in names
               if (include is None or any(name_matches(n, p) for p in include))
               and not any(name_matches(n, p) for p in exclude or ())]
     if not chosen:
-        raise ValueError(f"{owner}: include/exclude leave no {what} selected")
+        raise ValueError(f"{_prefix(owner)}include/exclude leave no {what} selected")
     return chosen
 
 
 # --- per-layer spectra -------------------------------------------------------------
+_EPS = torch.finfo(torch.float64).eps
+# Eigenvalues of an n×n problem (or one whose entries are sums over n terms)
+# below about n·eps·λ₀ are eigh's round-off: their directions are arbitrary.
+# Those up to this many times that bound count as such too.
+_ROUNDOFF_MARGIN = 10
+
+
+def _determined(lam, n):
+    """How many of the descending eigenvalues ``lam`` stand clear of round-off (see above)."""
+    if not lam.numel() or not lam[0] > 0:
+        return 0
+    return int((lam > float(lam[0]) * n * _EPS * _ROUNDOFF_MARGIN).sum())
+
+
+def _left_singular(W, G, count, resolution):
+    """(energies, U): all min(d, k) energies σ_i² of W·R (R·Rᵀ = G, R = I
+    without G), descending, and U's columns, orthonormal to ``resolution``, the
+    left singular vectors of the leading ones, at most ``count``, that stand
+    clear of round-off."""
+    d, k = W.shape
+    n = max(d, k)
+    if d <= k:
+        # Left singular vectors of W·R are the eigenvectors of W·G·Wᵀ (d×d).
+        M = W @ W.T if G is None else W @ G @ W.T
+        lam, U = torch.linalg.eigh((M + M.T) / 2)
+        lam, U = lam.flip(0), U.flip(1)
+        return lam, U[:, :min(count, _determined(lam, n))]
+    # Through the k×k side: C = W·R, CᵀC = V·Σ²·Vᵀ, U = C·V·Σ⁻¹.
+    if G is None:
+        C = W
+    else:
+        lam_g, Q = torch.linalg.eigh(G)
+        lam_g, Q = lam_g.flip(0), Q.flip(1)
+        # G's round-off eigenvalues would add noise directions to C.
+        kept = _determined(lam_g, n)
+        C = W @ (Q[:, :kept] * lam_g[:kept].sqrt())  # R·Rᵀ = G
+    lam, V = torch.linalg.eigh(C.T @ C)
+    lam, V = lam.flip(0), V.flip(1)
+    live = min(count, _determined(lam, n))
+    U = (C @ V[:, :live]) / lam[:live].sqrt()
+    # Dividing by σ_i leaves the columns orthonormal only to about
+    # n·eps·σ₀²/σ_i²; where that exceeds ``resolution``, their QR factor, which
+    # spans the same leading directions, is used.
+    if live and n * _EPS * float(lam[0] / lam[live - 1]) > resolution:
+        U = torch.linalg.qr(U).Q
+    if lam.numel() < k:  # C has fewer columns than W where G's rank is below k
+        lam = torch.cat([lam, lam.new_zeros(k - lam.numel())])
+    return lam, U
+
+
 class _Spectrum:
     """Leading left singular vectors of W (or of W·R) and the energy each one carries.
 
     Computed from a min(d, k)-sized symmetric eigenproblem in float64 rather
     than an SVD of the d×k matrix: several times faster on the CPU, and the
     leading vectors, the only ones kept, are accurate.
+
+    Where the calibration determines fewer directions than a useful rank can
+    take (fewer independent inputs than that rank, or W·R of lower rank), the
+    remaining columns of U are the leading left singular vectors of the part
+    of W outside the determined ones: every rank is still the projection of W
+    onto orthonormal columns (‖B·A‖ ≤ ‖W‖), and the extra ranks keep what
+    matters most in weight space, where the calibration says nothing. Their
+    energies stay the ones measured (about 0).
 
     The work runs on ``device`` (default: the weight's); the results are kept
     on the weight's device, so that only one layer at a time occupies
@@ -126,35 +191,25 @@ class _Spectrum:
         W = weight.detach().to(device=device, dtype=torch.float64)
         d, k = W.shape
         G = None if gram is None else gram.to(device)
-        if d <= k:
-            # Left singular vectors of W·R are the eigenvectors of W·G·Wᵀ (d×d).
-            M = W @ W.T if G is None else W @ G @ W.T
-            lam, U = torch.linalg.eigh((M + M.T) / 2)
-            lam, U = lam.flip(0), U.flip(1)
-        else:
-            # Through the k×k side: C = W·R, CᵀC = V·Σ²·Vᵀ, U = C·V·Σ⁻¹.
-            if G is None:
-                C = W
-            else:
-                lam_g, Q = torch.linalg.eigh(G)
-                C = W @ (Q * lam_g.clamp_min(0).sqrt())  # R·Rᵀ = G
-            lam, V = torch.linalg.eigh(C.T @ C)
-            lam, V = lam.flip(0), V.flip(1)
-            sigma = lam.clamp_min(0).sqrt()
-            # Directions carrying no energy get zero columns: they add nothing to B·A.
-            live = sigma > sigma[0] * 1e-12 if sigma.numel() and sigma[0] > 0 else sigma > 0
-            U = (C @ V) / torch.where(live, sigma, torch.ones_like(sigma))
-            U = U * live
-        self.device = device
-        self.gram = gram
         # What is kept for the factors is bounded by the model itself: no
         # float64 copy of the weight (it is read again from the layer), and
         # only the columns of U a useful rank can take (below d·k/(d+k)), in
         # float32 unless the weight is float64. The energies stay whole.
-        self._weight = weight
-        keep = max(1, min(U.shape[1], math.floor(break_even_rank(d, k))))
+        keep = max(1, min(min(d, k), math.floor(break_even_rank(d, k))))
         store = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.U = U[:, :keep].to(device=home, dtype=store)
+        resolution = torch.finfo(store).eps
+        lam, U = _left_singular(W, G, keep, resolution)
+        if U.shape[1] < keep:
+            rest = W - U @ (U.T @ W)
+            _, more = _left_singular(rest, None, keep - U.shape[1], resolution)
+            # Zero columns where even W has no more directions (a W of rank
+            # below ``keep``): QR still makes them orthonormal, adding nothing.
+            missing = U.new_zeros(d, keep - U.shape[1] - more.shape[1])
+            U = torch.linalg.qr(torch.cat([U, more, missing], 1)).Q
+        self.device = device
+        self.gram = gram
+        self._weight = weight
+        self.U = U.to(device=home, dtype=store)
         self.energy = lam.clamp_min(0).cpu()  # σ_i², descending
         self.total = float(self.energy.sum())
 
@@ -353,12 +408,12 @@ def check_blocks_fit(shapes, ratio, multiple, allocation, owner="compress_model"
         for name, (d, k) in shapes.items():
             if multiple >= break_even_rank(d, k):
                 raise ValueError(
-                    f"{owner}: layer {name!r} ({d}×{k}) cannot be factorized in blocks of "
+                    f"{_prefix(owner)}layer {name!r} ({d}×{k}) cannot be factorized in blocks of "
                     f"{multiple} ranks: d·k/(d+k) = {break_even_rank(d, k):.1f} saves nothing "
                     "beyond that; use a smaller rank_multiple or exclude the layer")
             if allocation == "uniform" and rank_for_ratio(d, k, ratio) < multiple:
                 raise ValueError(
-                    f"{owner}: ratio {ratio} gives layer {name!r} ({d}×{k}) rank "
+                    f"{_prefix(owner)}ratio {ratio} gives layer {name!r} ({d}×{k}) rank "
                     f"{rank_for_ratio(d, k, ratio)}, less than one block of rank_multiple "
                     f"{multiple}; raise the ratio, lower rank_multiple or exclude the layer")
     # Over the layers the smallest rank would factorize; the others stay dense
@@ -372,7 +427,7 @@ def check_blocks_fit(shapes, ratio, multiple, allocation, owner="compress_model"
                  if ratio * d * k < multiple * (d + k)]
         smallest = f"rank {multiple}" if multiple == 1 else f"one block of {multiple} ranks"
         raise ValueError(
-            f"{owner}: ratio {ratio} is too small: {smallest} per layer already keeps "
+            f"{_prefix(owner)}ratio {ratio} is too small: {smallest} per layer already keeps "
             f"{least / total:.3f} of the weights (layers below that share: "
             f"{preview(small)}); raise the ratio"
             + (" or lower rank_multiple" if multiple > 1 else "")
@@ -388,7 +443,8 @@ def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
     first, ``multiple`` ranks at a time. A layer's σ_i² decrease with i, so
     each layer gets a prefix; every layer gets at least rank ``multiple``
     (:func:`check_blocks_fit` makes sure that fits), and none grows past
-    ⌊d·k/(d+k)⌋ (where factorizing stops saving anything).
+    ⌊d·k/(d+k)⌋ (where factorizing stops saving anything) or into ranks that
+    keep no energy, so the budget may be left partly unspent.
     """
     budget = ratio * sum(d * k for d, k in shapes.values())
     ranks = {name: multiple for name in spectra}
@@ -403,7 +459,11 @@ def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
             energy = float(spectrum.energy[r:r + multiple].sum())
             gain = energy / spectrum.total if spectrum.total else 0.0
             gain *= 1.0 if weights is None else weights[name]
-            heapq.heappush(heap, (-gain / (multiple * (d + k)), name))
+            # Ranks that remove none of the error (a layer whose output is 0
+            # on the calibration, one the model's outputs ignore) would only
+            # spend the budget's leftovers on a larger model.
+            if gain > 0:
+                heapq.heappush(heap, (-gain / (multiple * (d + k)), name))
 
     for name in spectra:
         push(name)
@@ -536,8 +596,9 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             raise ValueError("compress_model: the model has no nn.Linear (or Conv1D) layer")
         selected = select_names(list(linears), include, exclude)
         if include is None:
+            # Only the modules split_attention takes: it leaves subclasses alone.
             packed = [name for name, m in model.named_modules()
-                      if isinstance(m, nn.MultiheadAttention)
+                      if type(m) is nn.MultiheadAttention
                       and not any(name_matches(name, p)
                                   for p in exclude or ())]
             if packed:
@@ -596,6 +657,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                                         allow_unseen=workers.shared)
         grams = _summed_grams(grams, shapes, workers)
     _check_finite_inputs(grams)
+    check_inputs_not_all_zero(grams)
     if sequential:
         workers.check_same_call(
             stages, "sequential=True needs every rank's share of the calibration to reach "
@@ -673,6 +735,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                             allow_unseen=workers.shared)
                     stage_grams = _summed_grams(stage_grams, shapes, workers)
                     _check_finite_inputs(stage_grams)
+                    check_inputs_not_all_zero(stage_grams)
                 bar.set_postfix_str(stage[0], refresh=False)
                 stage_spectra = _spectra(stage, layers, stage_grams, owners, workers, device)
                 replace(_factors(stage, stage_spectra, ranks, owners, workers, shapes),
@@ -800,7 +863,8 @@ def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, ow
             probes[name] = (_low_rank_like(layer, *spectrum.factors(r)),
                              spectrum.relative_tail(r) ** 2)
         if probes:
-            found = measure_sensitivity(model, calibration, probes, swap)
+            found = measure_sensitivity(model, calibration, probes, swap,
+                                        allow_empty=workers.shared)
     except Exception as exc:
         error = exc
     workers.all_succeeded(error)

@@ -138,7 +138,7 @@ def run(args):
                          + (f" (its layers {preview(list(existing))} are factorized already)"
                             if existing else ""))
     names = select_names(list(candidates), args.include, args.exclude,
-                         owner="compress", what="2-D weight")
+                         owner=None, what="2-D weight")
 
     out, records, ranks = dict(tensors), [], {}
     for name, r in existing.items():
@@ -178,8 +178,7 @@ def run(args):
             raise ValueError(f"weight {key!r} in {args.input} has NaN or Inf")
         if args.ratio is not None:
             if multiple > 1:  # each weight alone: a small head simply takes rank 1 or stays dense
-                check_blocks_fit({name: (d, k)}, args.ratio, multiple, "uniform",
-                                 owner="compress")
+                check_blocks_fit({name: (d, k)}, args.ratio, multiple, "uniform", owner=None)
             r = round_rank(rank_for_ratio(d, k, args.ratio), multiple, d, k)
         elif args.rank is not None:
             r = args.rank

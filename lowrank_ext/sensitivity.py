@@ -76,7 +76,8 @@ class OutputRecorder:
         self.model = model
         self.project = _Projection()
 
-    def record(self, calibration):
+    def record(self, calibration, allow_empty=False):
+        """The outputs of each call; None for an empty calibration ``allow_empty`` accepts."""
         top, children = [], []
         order = list(self.model.named_children())
         token_mask = [None]  # the running dict batch's attention_mask, if any
@@ -90,10 +91,12 @@ class OutputRecorder:
         handles = [self.model.register_forward_hook(keep(top, None))]
         handles += [child.register_forward_hook(keep(children, name)) for name, child in order]
         try:
-            run_calibration(self.model, calibration, token_mask)
+            count = run_calibration(self.model, calibration, token_mask, allow_empty)
         finally:
             for handle in handles:
                 handle.remove()
+        if count == 0:
+            return None
         if top:
             outputs = [tensors for _, tensors in top]
         elif children:
@@ -132,14 +135,26 @@ def relative_change(reference, outputs):
     return change
 
 
-def measure_sensitivity(model, calibration, probes, swap):
+def measure_sensitivity(model, calibration, probes, swap, allow_empty=False):
     """{name: s} for the layers in ``probes`` ({name: (probe module, relative tail²)}).
 
     ``swap(name, module)`` puts a module in place of the named layer and
-    returns the one it replaced; the original is always put back.
+    returns the one it replaced; the original is always put back. With
+    ``allow_empty`` (this rank's share of the data may be empty) an empty
+    calibration measures nothing: every s is NaN.
     """
     recorder = OutputRecorder(model)
-    reference = recorder.record(calibration)
+    reference = recorder.record(calibration, allow_empty)
+    if reference is None:
+        return {name: math.nan for name in probes}
+    # A change against Inf or NaN is NaN whatever the probe: every layer
+    # would look unmeasured for the wrong reason.
+    if not all(bool(torch.isfinite(t).all()) for call in reference for t in call):
+        raise ValueError(
+            "compress_model: allocation='sensitivity' found NaN or Inf in the model's outputs "
+            "on the calibration (a float16 model overflowing?), so no layer's effect on them "
+            "can be measured; give the model finite outputs (e.g. compress a float32 copy) or "
+            "use allocation='global'")
     sensitivity = {}
     for name, (probe, tail_squared) in probes.items():
         original = swap(name, probe)

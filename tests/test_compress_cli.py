@@ -91,6 +91,8 @@ def test_compress_refuses_to_overwrite_without_force(weights, tmp_path, capsys):
     (["--rank", "0"], "--rank must be >= 1"),
     (["--energy", "2"], "--energy must be in (0, 1]"),
     (["--rank", "2", "--include", "nothing*"], "include pattern 'nothing*' matches no 2-D weight"),
+    (["--rank", "2", "--include", "0", "--exclude", "0"],
+     "include/exclude leave no 2-D weight selected"),
     (["--rank", "6", "--rank-multiple", "4"], "--rank 6 is not a multiple of --rank-multiple 4"),
     (["--ratio", "0.5", "--rank-multiple", "0"], "--rank-multiple must be >= 1"),
     (["--ratio", "0.1", "--rank-multiple", "4"],
@@ -102,6 +104,9 @@ def test_compress_bad_arguments(weights, tmp_path, capsys, extra, message):
     assert main(["compress", str(path), "-o", str(out), *extra]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+    # The error line names the command once, the message after it nothing more.
+    assert err.startswith("lowrank_ext compress: error: ") and err.count("compress") == 1
+    assert "None" not in err
     assert not out.exists()
 
 
