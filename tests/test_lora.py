@@ -280,6 +280,29 @@ def test_compiled_model_matches_eager():
         torch.testing.assert_close(grad, model.get_parameter(name).grad)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_training_with_dropout_on_the_meta_device(use_dora):
+    # Training with dropout checks x against autocast's dtype first, and
+    # torch.is_autocast_enabled raises for the meta device, which has no autocast.
+    shapes = []
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            model = _model(torch.float32)
+            lx.add_lora(model, 3, include=TARGETS, dropout=0.3, use_dora=use_dora)
+            y = model.train()(torch.randn(2, 4, 12))
+        assert y.device.type == device
+        shapes.append((y.shape, y.dtype))
+    assert shapes[0] == shapes[1]
+    # A meta x for a layer on the CPU: the same error with dropout as without.
+    errors = []
+    for dropout in (0.0, 0.3):
+        layer = lx.LoRALinear(nn.Linear(12, 8), 3, dropout=dropout, use_dora=use_dora).train()
+        with pytest.raises(RuntimeError) as info:
+            layer(torch.randn(2, 12, device="meta"))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] and "W is on cpu but x is on meta" in errors[0]
+
+
 def test_disable_lora_gives_the_base_model_as_peft_does():
     peft_model, ours, plain = _peft_pair()
     peft_model.eval(), ours.eval(), plain.eval()

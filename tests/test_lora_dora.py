@@ -66,11 +66,40 @@ def test_the_norm_equals_the_formed_sum_in_blocks_of_rows(monkeypatch, dtype):
     rest = torch.arange(30) != 3
     torch.testing.assert_close(norms.double()[rest], formed[rest], rtol=tol,
                                atol=tol * formed.max())
-    # The cancelling row keeps what rounding leaves of ‖W₃‖² (float32 sums: ~√ε).
+    # The cancelling row keeps what rounding leaves of it (~ε·‖W₃‖).
     assert float(norms[3]) <= 1e-3 * float(lora.base.weight[3].double().norm()) + formed[3]
     monkeypatch.setattr(lx_nn, "_NORM_BLOCK_BYTES", 4 * 40 * 7)  # 7 rows a block
     blocks = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
     torch.testing.assert_close(blocks, norms, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_norm_stays_accurate_where_the_adapter_cancels_most_of_a_row(dtype):
+    # Expanding ‖W_i + s·(BA)_i‖² as ‖W_i‖² + 2s·(W·Aᵀ)_i·B_i + s²·‖(BA)_i‖² in
+    # float32 lost eps·‖W_i‖²/‖W_i + s·(BA)_i‖² of it: 0.1 with 99.9 % taken away.
+    d, k, r = 8, 64, 4
+    for kept in (1e-1, 1e-2, 1e-3):
+        lora = lx.LoRALinear(nn.Linear(k, d, dtype=dtype), r, use_dora=True)
+        with torch.no_grad():  # W in A's row space, and s·B·A all of it but `kept`
+            P, A = torch.randn(d, r, dtype=torch.float64), torch.randn(r, k, dtype=torch.float64)
+            lora.A.copy_(A)
+            lora.base.weight.copy_(P @ A)
+            lora.B.copy_(-(1 - kept) / lora.scale * P)
+        weight = lora.base.weight.double() + lora.scale * (lora.B.double() @ lora.A.double())
+        exact = torch.linalg.vector_norm(weight, dim=1)
+        norms = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
+        # Half types: the float32 norm rounded once.
+        rtol = 1e-4 if dtype == torch.float32 else torch.finfo(dtype).eps
+        torch.testing.assert_close(norms.double(), exact, rtol=rtol, atol=0)
+        if dtype == torch.float32:
+            x = torch.randn(5, k)
+            with torch.no_grad():
+                expected = _reference(lora, x)
+                # The product x·(W + s·B·A)ᵀ, from x·Wᵀ and s·(x·Aᵀ)·Bᵀ, cancels
+                # as much: it keeps about eps·√k·‖W_i‖/‖W_i + s·(BA)_i‖ of rounding.
+                tol = max(1e-4, torch.finfo(dtype).eps * k ** 0.5 / kept)
+                torch.testing.assert_close(lora(x).double(), expected, rtol=tol,
+                                           atol=tol * float(expected.abs().max()))
 
 
 def _peft_pair(dtype=torch.float64, **config):
