@@ -9,11 +9,57 @@
 #include "cpu/half_gemm.h"
 
 #include <cmath>
+#include <functional>
+#include <numeric>
 
+#include <c10/core/AutogradState.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/forward_grad.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 namespace lowrank_ext {
+namespace {
+
+// Whether `t` carries a forward-mode AD tangent (at any level). Tangents live
+// in autograd meta, which a plain or an undefined tensor lacks. A view whose
+// base got a tangent in place after the view was taken has none of its own,
+// but ATen's ops read the base's: so does this.
+bool has_forward_grad(const at::Tensor& t) {
+  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(
+      t.unsafeGetTensorImpl()->autograd_meta());
+  if (meta == nullptr) {
+    return false;
+  }
+  if (meta->fw_grad_ != nullptr && !meta->fw_grad_->empty()) {
+    return true;
+  }
+  if (!meta->is_view_) {
+    return false;
+  }
+  const auto* view = static_cast<const torch::autograd::DifferentiableViewMeta*>(meta);
+  return view->has_fw_view() && has_forward_grad(view->get_forward_view().base_);
+}
+
+} // namespace
+
+bool any_forward_grad(std::initializer_list<const at::Tensor*> tensors) {
+  // Tangents exist only while a forward-AD level is open (closing it clears
+  // them), which one lock-free read tells: the common case looks at no
+  // tensor. With forward grad mode off (inside a custom Function's forward,
+  // for one) ATen's ops ignore tangents, and so does this.
+  if (!torch::autograd::ForwardADLevel::has_any_level() ||
+      !c10::AutogradState::get_tls_state().get_fw_grad_mode()) {
+    return false;
+  }
+  for (const at::Tensor* t : tensors) {
+    if (t != nullptr && has_forward_grad(*t)) {
+      return true;
+    }
+  }
+  return false;
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -31,6 +77,18 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
+// The C++ autograd kernels run no forward-mode formula: a tangent reaching
+// them would be dropped without a word. The Python wrapper routes such a call
+// to an autograd.Function with one (lowrank_ext/_functorch.py).
+void check_no_forward_grad(
+    const char* op, std::initializer_list<const at::Tensor*> tensors) {
+  TORCH_CHECK(
+      !any_forward_grad(tensors), op,
+      ": forward-mode AD (an argument with a tangent, such as a dual tensor) is not "
+      "supported by torch.ops.lowrank_ext.", op, ", which would drop the tangent; call "
+      "lowrank_ext.", op, " (the Python function), which supports it");
+}
+
 // The saved intermediate t = x·Aᵀ was computed below autograd, so it carries
 // no graph. A backward that is itself differentiated (create_graph=True, grad
 // mode on inside backward) recomputes it with ATen ops so that gradients flow
@@ -40,10 +98,18 @@ at::Tensor intermediate_for_backward(
   return at::GradMode::is_enabled() ? at::matmul(x, A.t()) : t;
 }
 
+// The backward reads sizes as SymInts: under torch.compile they may be
+// symbolic (dynamic shapes), and reading them as integers would specialise
+// the graph to one batch size. Comparing a SymInt with a threshold guards on
+// the outcome only, so a compiled graph serves every size on the same side of
+// each threshold; on real tensors the SymInts are plain integers.
+
 // Rows of x viewed as a matrix: the product of its leading dims (reshape's -1
 // is ambiguous once k, r or d is zero).
-int64_t rows_of(const at::Tensor& x) {
-  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+c10::SymInt rows_of(const at::Tensor& x) {
+  const c10::SymIntArrayRef sizes = x.sym_sizes();
+  return std::accumulate(
+      sizes.begin(), sizes.end() - 1, c10::SymInt(1), std::multiplies<c10::SymInt>());
 }
 
 bool bias_given(AutogradContext* ctx) {
@@ -87,7 +153,7 @@ constexpr int64_t kFoldBiasGradMinRows = 1536;
 // oneDNN), and never while building a graph for double backward.
 bool fold_bias_grad(const at::Tensor& gy2) {
   return gy2.device().is_cpu() && at::isReducedFloatingType(gy2.scalar_type()) &&
-      gy2.size(0) >= kFoldBiasGradMinRows && !at::GradMode::is_enabled();
+      !at::GradMode::is_enabled() && gy2.sym_size(0) >= kFoldBiasGradMinRows;
 }
 
 // Half types where ATen's products in them are slow (cpu/half_gemm.h): the
@@ -99,13 +165,21 @@ bool fold_bias_grad(const at::Tensor& gy2) {
 // the operands themselves.
 constexpr int64_t kWidenMinMacs = 1 << 15;
 
-bool widen_half_backward(const at::Tensor& gy, int64_t macs) {
-  return half_gemm_is_slow(gy) && macs >= kWidenMinMacs && !at::GradMode::is_enabled();
+bool widen_half_backward(const at::Tensor& gy, const c10::SymInt& macs) {
+  return half_gemm_is_slow(gy) && !at::GradMode::is_enabled() && macs >= kWidenMinMacs;
 }
 
 // `t` in float32 when `needed`, else `t` itself (whose values are not read).
 at::Tensor widened(const at::Tensor& t, bool needed) {
   return needed && t.defined() ? t.to(at::kFloat) : t;
+}
+
+// use_few_rows_backward (cpu/few_rows.h), whose row thresholds are not
+// visible here to guard on: a graph compiled for a symbolic row count takes
+// ATen's product, right at any count, rather than specialise to one.
+bool few_rows_backward(const at::Tensor& gy, const c10::SymInt& rows) {
+  const std::optional<int64_t> n = rows.maybe_as_int();
+  return n.has_value() && use_few_rows_backward(gy, *n);
 }
 
 variable_list narrowed_to(variable_list grads, at::ScalarType dtype) {
@@ -126,17 +200,17 @@ variable_list lowrank_backward(
     const at::Tensor& A,
     const at::Tensor& B,
     const at::Tensor& t) {
-  if (widen_half_backward(gy, rows_of(x) * A.size(0) * (A.size(1) + B.size(0)))) {
+  if (widen_half_backward(gy, rows_of(x) * A.sym_size(0) * (A.sym_size(1) + B.sym_size(0)))) {
     // x is read only for gA; t is saved, so it is never recomputed here.
     return narrowed_to(lowrank_backward(
         ctx, gy.to(at::kFloat), widened(x, ctx->needs_input_grad(1)), A.to(at::kFloat),
         B.to(at::kFloat), widened(t, true)), gy.scalar_type());
   }
-  const int64_t k = A.size(1);
-  const int64_t r = A.size(0);
-  const int64_t d = B.size(0);
-  const int64_t M = rows_of(x);
-  const at::Tensor gy2 = gy.reshape({M, d});
+  const c10::SymInt k = A.sym_size(1);
+  const c10::SymInt r = A.sym_size(0);
+  const c10::SymInt d = B.sym_size(0);
+  const c10::SymInt M = rows_of(x);
+  const at::Tensor gy2 = gy.reshape_symint({M, d});
   at::Tensor gx, gA, gB, gbias;
   const bool need_x = ctx->needs_input_grad(0);
   const bool need_A = ctx->needs_input_grad(1);
@@ -145,36 +219,37 @@ variable_list lowrank_backward(
   const bool need_bias = bias_given(ctx) && ctx->needs_input_grad(3);
   const bool kernel = use_weight_grad_kernel(gy2);
   const bool kernel_gx_gA = kernel && M >= kWeightGradMinRows;
-  if (need_x && gy.device().is_cpu() && gy2.size(0) >= kFusedBackwardMinRows &&
-      !at::GradMode::is_enabled()) {
+  if (need_x && gy.device().is_cpu() && !at::GradMode::is_enabled() &&
+      M >= kFusedBackwardMinRows) {
     // gx = (gy·B)·A is this op again with the factors' roles swapped
     // (A' = Bᵀ, B' = Aᵀ): one fused pass whose intermediate is gt = gy·B.
     // Not used when building a graph for double backward, which needs the
     // differentiable mm path below.
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [gx2, gt] = lowrank_linear_with_intermediate_op(gy2, B.t(), A.t(), std::nullopt);
-    gx = gx2.reshape(x.sizes());
+    gx = gx2.reshape_symint(x.sym_sizes());
     if (need_A) {
-      gA = transposed_product(gt, x.reshape({M, k}), kernel_gx_gA);
+      gA = transposed_product(gt, x.reshape_symint({M, k}), kernel_gx_gA);
     }
   } else if (need_x || need_A) {
     const at::Tensor gt = gy2.mm(B); // (M, r)
     if (need_x) {
-      gx = transposed_product(gt.t(), A, kernel_gx_gA).reshape(x.sizes());
+      gx = transposed_product(gt.t(), A, kernel_gx_gA).reshape_symint(x.sym_sizes());
     }
     if (need_A) {
-      gA = transposed_product(gt, x.reshape({M, k}), kernel_gx_gA);
+      gA = transposed_product(gt, x.reshape_symint({M, k}), kernel_gx_gA);
     }
   }
   if (need_B && need_bias && fold_bias_grad(gy2)) {
     // [gB | gbias] = gyᵀ·[t | 1]: one GEMM reads gy for both. For bfloat16
     // at 2048 × 4096 that saves 0.5 of the 1.3 ms gy.sum(0) takes alone.
-    const at::Tensor t2 = t.reshape({M, r});
-    const at::Tensor both = gy2.t().mm(at::cat({t2, at::ones({M, 1}, t2.options())}, 1));
-    return {gx, gA, both.narrow(1, 0, r), both.select(1, r).contiguous()};
+    const at::Tensor t2 = t.reshape_symint({M, r});
+    const at::Tensor both =
+        gy2.t().mm(at::cat({t2, at::ones_symint({M, 1}, t2.options())}, 1));
+    return {gx, gA, both.narrow_symint(1, 0, r), both.select_symint(1, r).contiguous()};
   }
   if (need_B) {
-    const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape({M, r});
+    const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape_symint({M, r});
     gB = transposed_product(gy2, t2, kernel);
   }
   if (need_bias) {
@@ -211,6 +286,7 @@ at::Tensor lowrank_linear_autograd(
     const at::Tensor& B,
     const std::optional<at::Tensor>& bias) {
   const at::Tensor bias_t = bias.value_or(at::Tensor());
+  check_no_forward_grad("lowrank_linear", {&x, &A, &B, &bias_t});
   if (!any_requires_grad({&x, &A, &B, &bias_t})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return lowrank_linear_op(x, A, B, bias);
@@ -231,7 +307,7 @@ variable_list lora_backward(
     const at::Tensor& t,
     double scale) {
   // Here the float32 copy of the dense W must be repaid as well.
-  if (widen_half_backward(gy, rows_of(x) * W.size(1) * (A.size(0) + W.size(0))) &&
+  if (widen_half_backward(gy, rows_of(x) * W.sym_size(1) * (A.sym_size(0) + W.sym_size(0))) &&
       rows_of(x) >= kWidenDenseMinRows) {
     // W is read only for gx, x only for gA and gW.
     const bool need_x = ctx->needs_input_grad(0);
@@ -240,11 +316,11 @@ variable_list lora_backward(
         ctx, gy.to(at::kFloat), widened(x, read_x), widened(W, need_x), A.to(at::kFloat),
         B.to(at::kFloat), widened(t, true), scale), gy.scalar_type());
   }
-  const int64_t k = W.size(1);
-  const int64_t r = A.size(0);
-  const int64_t d = W.size(0);
-  const int64_t M = rows_of(x);
-  const at::Tensor gy2 = gy.reshape({M, d});
+  const c10::SymInt k = W.sym_size(1);
+  const c10::SymInt r = A.sym_size(0);
+  const c10::SymInt d = W.sym_size(0);
+  const c10::SymInt M = rows_of(x);
+  const at::Tensor gy2 = gy.reshape_symint({M, d});
   // In float16 a scale below 1 goes on gy before the adapter's products, as
   // in peft's composition: gy·B or gyᵀ·t rounded to float16 before the scale
   // applies can overflow where the gradient is finite. (A scale of 1 or more
@@ -259,8 +335,8 @@ variable_list lora_backward(
   const bool kernel = use_weight_grad_kernel(gy2);
   if (need_x || need_A) {
     const at::Tensor gt = gy_adapter.mm(B).mul_(scale_after); // (M, r)
-    if (need_x && gy.device().is_cpu() && use_few_rows_backward(gy, M) && W.is_contiguous() &&
-        !at::GradMode::is_enabled()) {
+    if (need_x && gy.device().is_cpu() && W.is_contiguous() && !at::GradMode::is_enabled() &&
+        few_rows_backward(gy, M)) {
       // Few rows: gy·W streams W in its own layout (cpu/few_rows.h), summed
       // with the adapter's gt·A in float32 and rounded once. Through the
       // dispatcher, so that fake tensors (torch.compile) reach a fake kernel.
@@ -268,19 +344,20 @@ variable_list lora_backward(
       gx = rows_times_weight_op(gy2.to(at::kFloat), W)
                .addmm_(gt.to(at::kFloat), A.to(at::kFloat))
                .to(gy.scalar_type())
-               .reshape(x.sizes());
+               .reshape_symint(x.sym_sizes());
     } else if (need_x) {
-      gx = gy2.mm(W).addmm_(gt, A).reshape(x.sizes());
+      gx = gy2.mm(W).addmm_(gt, A).reshape_symint(x.sym_sizes());
     }
     if (need_A) {
-      gA = transposed_product(gt, x.reshape({M, k}), kernel && M >= kWeightGradMinRows);
+      gA = transposed_product(
+          gt, x.reshape_symint({M, k}), kernel && M >= kWeightGradMinRows);
     }
   }
   if (ctx->needs_input_grad(1)) {
-    gW = gy2.t().mm(x.reshape({M, k}));
+    gW = gy2.t().mm(x.reshape_symint({M, k}));
   }
   if (ctx->needs_input_grad(3)) {
-    const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape({M, r});
+    const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape_symint({M, r});
     gB = transposed_product(gy_adapter, t2, kernel).mul_(scale_after);
   }
   if (bias_given(ctx) && ctx->needs_input_grad(4)) {
@@ -323,6 +400,7 @@ at::Tensor lora_linear_autograd(
     const std::optional<at::Tensor>& bias,
     double scale) {
   const at::Tensor bias_t = bias.value_or(at::Tensor());
+  check_no_forward_grad("lora_linear", {&x, &W, &A, &B, &bias_t});
   if (!any_requires_grad({&x, &W, &A, &B, &bias_t})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return lora_linear_op(x, W, A, B, bias, scale);

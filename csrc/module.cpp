@@ -8,9 +8,10 @@
 //    check them, and call the same dispatcher op (so autograd, CPU and CUDA
 //    kernels and profiling all still apply). They return NotImplemented when
 //    an argument overrides __torch_function__ (or a mode is active), a
-//    torch.func transform is active or the JIT tracer is recording, and the
-//    Python wrapper then takes the torch.ops path (or, under a transform or
-//    an ONNX export, its own).
+//    torch.func transform is active, the JIT tracer is recording or an
+//    argument carries a forward-mode AD tangent, and the Python wrapper then
+//    takes the torch.ops path (or, under a transform, an ONNX export or
+//    forward-mode AD, its own).
 #include "ops.h"
 
 #include <torch/csrc/Exceptions.h>
@@ -83,12 +84,14 @@ bool functorch_active() {
 }
 
 // Whether the call must be left to the Python wrapper: a tensor subclass or
-// torch-function mode, a torch.func transform, or the JIT tracer (the legacy
+// torch-function mode, a torch.func transform, the JIT tracer (the legacy
 // ONNX exporter traces through it, and the wrapper records the pure-torch
-// composition for that exporter).
-bool python_must_handle(bool overridden) {
+// composition for that exporter), or a forward-mode AD tangent on one of
+// `tensors` (the C++ autograd kernel has no forward-mode formula; the
+// wrapper's route does).
+bool python_must_handle(bool overridden, std::initializer_list<const at::Tensor*> tensors) {
   return overridden || at::impl::torch_function_mode_enabled() || functorch_active() ||
-      torch::jit::tracer::isTracing();
+      torch::jit::tracer::isTracing() || any_forward_grad(tensors);
 }
 
 PyObject* wrap_result(at::Tensor y) {
@@ -112,7 +115,7 @@ PyObject* py_lowrank_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
       !unpack_optional_tensor(op, "bias", args[3], &bias, &overridden)) {
     return nullptr;
   }
-  if (python_must_handle(overridden)) {
+  if (python_must_handle(overridden, {&x, &A, &B, bias ? &*bias : nullptr})) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   at::Tensor y;
@@ -146,7 +149,7 @@ PyObject* py_lora_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !unpack_optional_tensor(op, "bias", args[4], &bias, &overridden)) {
     return nullptr;
   }
-  if (python_must_handle(overridden)) {
+  if (python_must_handle(overridden, {&x, &W, &A, &B, bias ? &*bias : nullptr})) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   // The Python wrapper has already turned scale into a float.

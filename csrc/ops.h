@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -47,5 +48,11 @@ at::Tensor weight_grad_op(const at::Tensor& a, const at::Tensor& b);
 // backward gx at a few rows (op _rows_times_weight; CPU kernel in
 // cpu/lowrank_linear_cpu.cpp, which streams W there: cpu/few_rows.h).
 at::Tensor rows_times_weight_op(const at::Tensor& g, const at::Tensor& W);
+
+// Whether one of `tensors` (null ones skipped) carries a forward-mode AD
+// tangent that ATen's ops would propagate; outside forward-mode AD one
+// lock-free read (autograd.cpp). The direct Python entry points leave such
+// calls to the Python wrapper, whose route has a forward-mode formula.
+bool any_forward_grad(std::initializer_list<const at::Tensor*> tensors);
 
 } // namespace lowrank_ext

@@ -25,6 +25,7 @@ from .nn import LoRALinear, LowRankLinear
 from .attention import SplitMultiheadAttention, split_attention
 from .compress import compress_model
 from .distill import DistillResult, distill
+from .export import decompositions
 from .lora import add_lora, disable_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from .peft_compat import from_peft, save_peft_adapter
 from .report import CompressionReport, LayerReport
@@ -42,6 +43,7 @@ __all__ = [
     "backend_info",
     "choose_rank",
     "compress_model",
+    "decompositions",
     "disable_lora",
     "distill",
     "from_peft",

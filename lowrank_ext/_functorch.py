@@ -10,17 +10,36 @@ kept), their backward the pure-torch formulas of ``_library``, which are
 themselves differentiable (so ``jacrev(jacrev(f))`` and ``vmap(grad(f))``
 work), their ``jvp`` gives forward mode (``jacfwd``, ``hessian``), and their
 vmap rule is generated from those, with the ops' own batching rules
-(``_vmap``) underneath.
+(``_vmap``) underneath. Forward-mode AD through dual tensors
+(``torch.autograd.forward_ad``) takes the same route: the ops' autograd kernels
+have no forward formula.
 
-Outside a transform nothing here runs.
+The Functions run above the dispatcher's autocast kernels, so inside
+``torch.autocast`` the arguments are cast first, as those kernels cast them:
+the saved tensors then have the dtype of the output's gradient, and the
+gradients flow back through the casts.
+
+Outside a transform or forward-mode AD nothing here runs.
 """
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.nn import functional as F
 
 from ._library import _lora_grads, _lowrank_grads, ops
+from ._vmap import autocast_arguments
 
 transforms_active = torch._C._functorch.peek_interpreter_stack
+
+
+def has_tangents(*args):
+    """Whether forward-mode AD is on and an argument is a dual tensor (the
+    ops' autograd kernels have no forward formula). With forward grad mode
+    off, ATen's ops ignore tangents, and so do the ops."""
+    if fwAD._current_level < 0 or not torch._C._is_fwd_grad_enabled():
+        return False  # no dual level open (so no tangents), or tangents ignored
+    return any(isinstance(arg, torch.Tensor) and fwAD.unpack_dual(arg).tangent is not None
+               for arg in args)
 
 
 class LowRankLinearFunction(torch.autograd.Function):
@@ -33,7 +52,6 @@ class LowRankLinearFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, A, B, _ = inputs
-        ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(x, A, B, output[1])
         ctx.save_for_forward(x, A, B, output[1])
 
@@ -49,7 +67,12 @@ class LowRankLinearFunction(torch.autograd.Function):
         dy = _sum_terms(
             None if dt is None else F.linear(dt, B),
             None if dB is None else F.linear(t, dB), dbias)
-        return _full_tangent(dy, x, B.shape[0]), None
+        # The intermediate's own tangent: vmap's generated rule (jvp of a
+        # vmap) asks for one for every output. (It is left differentiable,
+        # as a non-differentiable output could get no tangent at all; only
+        # the public functions' first output is ever returned, so its
+        # gradient in backward is always None.)
+        return _full_tangent(dy, x, B.shape[0]), _full_tangent(dt, x, A.shape[0])
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -62,7 +85,6 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, W, A, B, _, scale = inputs
-        ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(x, W, A, B, output[1])
         ctx.save_for_forward(x, W, A, B, output[1])
         ctx.scale = scale
@@ -83,7 +105,7 @@ class LoRALinearFunction(torch.autograd.Function):
             None if dx is None else F.linear(dx, W),
             None if dW is None else F.linear(x, dW),
             dbias, None if adapter is None else ctx.scale * adapter)
-        return _full_tangent(dy, x, W.shape[0]), None
+        return _full_tangent(dy, x, W.shape[0]), _full_tangent(dt, x, A.shape[0])
 
 
 def _tangent_of_intermediate(x, A, dx, dA):
@@ -111,8 +133,8 @@ def _full_tangent(tangent, x, d):
 
 
 def lowrank_linear(x, A, B, bias):
-    return LowRankLinearFunction.apply(x, A, B, bias)[0]
+    return LowRankLinearFunction.apply(*autocast_arguments(x, A, B, bias))[0]
 
 
 def lora_linear(x, W, A, B, bias, scale):
-    return LoRALinearFunction.apply(x, W, A, B, bias, scale)[0]
+    return LoRALinearFunction.apply(*autocast_arguments(x, W, A, B, bias), scale)[0]

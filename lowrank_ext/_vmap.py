@@ -6,7 +6,9 @@ is just one more leading dimension of ``x``, which the ops take as they are.
 With per-sample weights (model ensembles, ``functional_call`` over stacked
 parameters) the rule runs the same product as batched matmuls, with the
 semantics of the pure-torch kernels: half types computed in float32 and
-rounded once, every argument checked as the op checks it.
+rounded once, every argument checked as the op checks it. Inside
+``torch.autocast`` a rule runs before the ops' autocast kernels (vmap's
+dispatch key is above autocast's), so it casts the arguments as they do.
 """
 
 import math
@@ -17,6 +19,38 @@ from . import _checks
 from ._fallback import _upcast
 
 ops = torch.ops.lowrank_ext
+
+
+def _autocast_dtype(device_type):
+    """The dtype the ops' autocast kernel for the device casts to where it
+    runs (inside ``torch.autocast`` for that device), else None."""
+    from . import _library  # imported here: _library imports this module first
+
+    if device_type in _library._AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_arguments(*args):
+    """``args`` as the ops' autocast kernels pass them on (csrc/autocast.cpp,
+    ``_library._autocast_kernel``): inside ``torch.autocast`` for the device
+    of x (the first argument), the floating tensors on that device, float64
+    excepted, in the autocast dtype; otherwise ``args`` unchanged.
+
+    For the routes that run above the dispatcher's autocast kernels and so
+    see the caller's dtypes: these batching rules and ``_functorch``'s
+    autograd.Functions. ``Tensor.to`` is differentiable: gradients flow back
+    through the casts to the caller's dtypes, as from the kernels' casts.
+    """
+    device_type = args[0].device.type
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return args
+    return tuple(
+        arg.to(dtype) if (isinstance(arg, torch.Tensor) and arg.is_floating_point()
+                          and arg.dtype != torch.float64 and arg.device.type == device_type)
+        else arg
+        for arg in args)
 
 
 def _to_front(t, bdim, size):
@@ -42,6 +76,10 @@ def _batched_product(x, A, B, bias, W=None, scale=1.0):
     dtype = x.dtype
     xc, Wc, Ac, Bc, bc = _upcast(dtype, x, W, A, B, bias)
     x3 = xc.reshape(n, rows, k)
+    # Inside torch.autocast these products run in the autocast dtype, each
+    # rounded, whatever the rule sets: ops called from a vmap rule see the
+    # dispatch state of when the op reached vmap's level, and leaving that
+    # level here fails under an outer grad transform.
     t = torch.matmul(x3, Ac.transpose(1, 2))
     y = torch.matmul(t, Bc.transpose(1, 2))
     if W is not None:
@@ -56,6 +94,7 @@ def _batched_product(x, A, B, bias, W=None, scale=1.0):
 
 def _lowrank_rule(op, returns_t):
     def rule(info, in_dims, x, A, B, bias):
+        x, A, B, bias = autocast_arguments(x, A, B, bias)
         x_dim, A_dim, B_dim, bias_dim = in_dims
         if x_dim is not None and A_dim is None and B_dim is None and bias_dim is None:
             # Shared weights: the batch is one more leading dimension of x,
@@ -76,6 +115,7 @@ def _lowrank_rule(op, returns_t):
 
 def _lora_rule(op, returns_t):
     def rule(info, in_dims, x, W, A, B, bias, scale):
+        x, W, A, B, bias = autocast_arguments(x, W, A, B, bias)
         x_dim, W_dim, A_dim, B_dim, bias_dim, _ = in_dims
         if x_dim is not None and W_dim is A_dim is B_dim is bias_dim is None:
             if x.dim() == 1:  # a 0-D sample, as above

@@ -5,8 +5,9 @@ extension, eager calls go through a direct C entry point (``_C.<name>``), which
 costs about as much as one ``F.linear`` call instead of the microseconds of
 ``torch.ops`` argument parsing; under torch.compile, or when an argument
 overrides ``__torch_function__``, the call goes through ``torch.ops`` so that
-tracing and tensor subclasses work. Under a ``torch.func`` transform the call
-goes through ``_functorch``, whose autograd formulas functorch can see. While
+tracing and tensor subclasses work. Under a ``torch.func`` transform, and
+for forward-mode AD's dual tensors, the call goes through ``_functorch``,
+whose autograd formulas functorch can see and which has forward formulas. While
 ``torch.onnx.export`` traces a model (either exporter) the ops are recorded as
 their pure-torch composition, which ONNX can express: ONNX has no operator for
 them.
@@ -88,7 +89,8 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
         with _checks_under_tracer():
             _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
         return _fallback.lowrank_forward(x, A, B, bias)[0]
-    if eager and _functorch.transforms_active() is not None:
+    if eager and (_functorch.transforms_active() is not None
+                  or _functorch.has_tangents(x, A, B, bias)):
         return _functorch.lowrank_linear(x, A, B, bias)
     return ops.lowrank_linear.default(x, A, B, bias)
 
@@ -127,6 +129,7 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
         with _checks_under_tracer():
             _checks.check_lora_linear_inputs(x, W, A, B, bias, scale)
         return _fallback.lora_forward(x, W, A, B, bias, scale)[0]
-    if eager and _functorch.transforms_active() is not None:
+    if eager and (_functorch.transforms_active() is not None
+                  or _functorch.has_tangents(x, W, A, B, bias)):
         return _functorch.lora_linear(x, W, A, B, bias, scale)
     return ops.lora_linear.default(x, W, A, B, bias, scale)

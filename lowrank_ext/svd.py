@@ -3,6 +3,8 @@
 The factorization itself is the op ``torch.ops.lowrank_ext.svd_truncate``
 (C++ over ATen's SVD: LAPACK on the CPU, cuSOLVER on CUDA). This module picks
 the rank from an energy or error target and offers a randomized method.
+Under a ``torch.func`` transform the same factors come from torch ops that
+the transform differentiates: it cannot see through the op.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import _checks
-from ._fallback import factors_from_svd
+from . import _checks, _functorch
+from ._fallback import _HALF, _check_factors_fit, factors_from_svd
 from ._library import ops
 
 _METHODS = ("exact", "randomized")
@@ -173,7 +175,38 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         _checks.check_svd_finite(W)
         S = torch.linalg.svdvals(W.float() if W.dtype in (torch.float16, torch.bfloat16) else W)
         rank = choose_rank(S, energy=energy, tol=tol)
+    if not torch.compiler.is_compiling() and _functorch.transforms_active() is not None:
+        return _differentiable(W, int(rank), balanced)
     return ops.svd_truncate.default(W, int(rank), balanced)
+
+
+def _values(t):
+    """The tensor under every torch.func wrapper of ``t``: the values a check
+    reads (vmap refuses a Python bool of a batched tensor; the check then
+    covers every sample at once)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def _differentiable(W, rank, balanced):
+    """The op's factors from torch ops that a torch.func transform sees: it
+    cannot see through the op, which has no autograd formula of its own, and
+    took its gradients as zero. The checks, the SVD and the factors are the
+    op's (as in _fallback.svd_truncate), so values and signs agree with it."""
+    _checks.check_svd_matrix(W)
+    _checks.check_svd_rank(W, rank)
+    _checks.check_svd_finite(_values(W))
+    half = W.dtype in _HALF
+    U, S, Vh = torch.linalg.svd(W.float() if half else W, full_matrices=False)
+    B, A = factors_from_svd(U[:, :rank], S[:rank], Vh[:rank], balanced, U.dtype)
+    if not half:
+        return B, A
+    # Rounded and checked here, not by factors_from_svd: the range check
+    # reads the values, under any wrapper.
+    out_B, out_A = B.to(W.dtype), A.to(W.dtype)
+    _check_factors_fit(*map(_values, (B, A, out_B, out_A)), balanced, W.dtype)
+    return out_B, out_A
 
 
 def _randomized(W, rank, balanced, niter, generator):

@@ -181,3 +181,93 @@ def test_torch_compile_under_autocast_matches_eager(device):
 def test_autocast_rules_are_registered_for_cpu_and_cuda(name, key):
     # Checked without a GPU: the CUDA rule must be there for when one is used.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank_ext::{name}", key)
+
+
+# --- torch.func transforms with torch.autocast inside the function -------------
+# Under a transform the ops run as autograd.Functions above the autocast
+# kernels; the arguments must be cast as those kernels cast them.
+
+def _composition(name):
+    if name == "lowrank_linear":
+        return lambda x, A, B, bias: F.linear(F.linear(x, A), B, bias)
+    return lambda x, W, A, B, bias, scale: (F.linear(x, W, bias)
+                                            + scale * F.linear(F.linear(x, A), B))
+
+
+FUNC_CALLS = {name: (CALLS[name][0], _composition(name), CALLS[name][1])
+              for name in ("lowrank_linear", "lora_linear")}
+
+
+def _autocast_loss(fn, device, scale):
+    def loss(*tensors):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = fn(*tensors, *scale)
+        return y.float().square().sum()
+    return loss
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(FUNC_CALLS))
+def test_func_grad_and_vjp_match_the_autocast_composition(name, device):
+    ours, composition, make_args = FUNC_CALLS[name]
+    args = make_args(device, M=16, k=64, r=8, d=32)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    scale = args[len(tensors):]
+    argnums = tuple(range(len(tensors)))
+    grads = torch.func.grad(_autocast_loss(ours, device, scale), argnums)(*tensors)
+    grads_ref = torch.func.grad(_autocast_loss(composition, device, scale), argnums)(*tensors)
+    for g, g_ref, t in zip(grads, grads_ref, tensors):
+        assert g.dtype == g_ref.dtype == t.dtype == torch.float32
+        torch.testing.assert_close(g / g_ref.abs().max(), g_ref / g_ref.abs().max(),
+                                   **TOLERANCES[torch.bfloat16])
+    # vjp: the output in the autocast dtype, the pullback back in float32.
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, pullback = torch.func.vjp(lambda *t: ours(*t, *scale), *tensors)
+    assert y.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in pullback(torch.ones_like(y)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(FUNC_CALLS))
+def test_func_jvp_tangent_has_the_primal_dtype(name, device):
+    ours, composition, make_args = FUNC_CALLS[name]
+    args = make_args(device)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    scale = args[len(tensors):]
+    tangents = tuple(torch.randn_like(t) for t in tensors)
+
+    def under_autocast(fn):
+        def call(*t):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return fn(*t, *scale)
+        return call
+
+    y, dy = torch.func.jvp(under_autocast(ours), tuple(tensors), tangents)
+    y_ref, dy_ref = torch.func.jvp(under_autocast(composition), tuple(tensors), tangents)
+    assert y.dtype == dy.dtype == dy_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(dy.float() / dy_ref.float().abs().max(),
+                               dy_ref.float() / dy_ref.float().abs().max(),
+                               **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_func_grad_of_a_lora_module_under_autocast(device):
+    model = lx.LoRALinear(nn.Linear(40, 24), 4).to(device)
+    with torch.no_grad():
+        model.B.normal_()
+    x = torch.randn(5, 40, device=device)
+
+    def loss(params):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = torch.func.functional_call(model, params, (x,))
+        assert y.dtype == torch.bfloat16
+        return y.float().square().sum()
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    grads = torch.func.grad(loss)(params)
+    # Eager backward goes through the ops' autocast kernels.
+    loss(dict(model.named_parameters())).backward()
+    for n, g in grads.items():
+        expected = model.get_parameter(n).grad
+        assert g.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(g, expected)

@@ -172,3 +172,115 @@ def test_aot_inductor_package_runs_the_ops(tmp_path):
         want = h @ (lora.base.weight.double()
                     + lora.scale * (lora.B @ lora.A).double()).T + lora.base.bias.double()
         torch.testing.assert_close(loaded(inp).double(), want.detach(), rtol=1e-4, atol=1e-5)
+
+
+# --- dynamic batch sizes in training ------------------------------------------
+def _layer_with_float64_reference(kind):
+    """A layer and its output recomputed in float64 from (float64 copies of) its
+    parameters, by the composition the fused op stands for."""
+    from torch import nn
+
+    if kind == "LowRankLinear":
+        layer = lx.LowRankLinear(16, 8, 4)
+
+        def reference(x, p):
+            return x @ (p["B"] @ p["A"]).T + p["bias"]
+    else:
+        layer = lx.LoRALinear(nn.Linear(16, 8), 4, alpha=2.0)
+        with torch.no_grad():
+            layer.B.normal_()  # zero at init: A's gradient would be zero too
+
+        def reference(x, p):
+            return x @ (p["base.weight"] + layer.scale * p["B"] @ p["A"]).T + p["base.bias"]
+    return layer, reference
+
+
+def _assert_grads_match_float64(layer, reference, out_fn, x):
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    params = dict(layer.named_parameters())
+    got = torch.autograd.grad(out_fn(x), [x, *(params[n] for n in names)])
+    p64 = {n: p.detach().double().requires_grad_(p.requires_grad) for n, p in params.items()}
+    x64 = x.detach().double().requires_grad_()
+    want = torch.autograd.grad(reference(x64, p64).square().sum(),
+                               [x64, *(p64[n] for n in names)])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["LowRankLinear", "LoRALinear"])
+@pytest.mark.parametrize("dynamic, max_graphs", [(True, 2), (None, 3)])
+def test_compile_training_over_batch_sizes_needs_few_graphs(kind, dynamic, max_graphs):
+    # The backward runs the sizes torch.compile traces symbolically: read as
+    # integers they specialised every batch size (a graph each, and past the
+    # recompile limit fullgraph=True failed). Only the backward's row
+    # thresholds may split the sizes now (dynamic=None: the first size is
+    # compiled static).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer, reference = _layer_with_float64_reference(kind)
+    step = torch.compile(lambda x: layer(x).square().sum(), fullgraph=True, dynamic=dynamic,
+                         backend="aot_eager")
+    for rows in range(2, 14):
+        _assert_grads_match_float64(layer, reference, step,
+                                    torch.randn(rows, 16, requires_grad=True))
+    assert counters["stats"]["unique_graphs"] <= max_graphs
+
+
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+def test_compile_mark_dynamic_batch_in_training(op):
+    # Every argument requires a gradient (lora_linear's W too). The backward
+    # guards on rows >= 4, so the size marked dynamic stays above it.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    leaves = {"W": torch.randn(8, 16), "A": torch.randn(4, 16), "B": torch.randn(8, 4),
+              "bias": torch.randn(8)}
+    if op == "lowrank_linear":
+        del leaves["W"]
+
+        def fused(x, p):
+            return lx.lowrank_linear(x, p["A"], p["B"], p["bias"])
+
+        def reference(x, p):
+            return x @ (p["B"] @ p["A"]).T + p["bias"]
+    else:
+        def fused(x, p):
+            return lx.lora_linear(x, p["W"], p["A"], p["B"], p["bias"], 0.5)
+
+        def reference(x, p):
+            return x @ (p["W"] + 0.5 * p["B"] @ p["A"]).T + p["bias"]
+
+    params = {n: t.requires_grad_() for n, t in leaves.items()}
+    step = torch.compile(lambda x: fused(x, params).square().sum(), fullgraph=True,
+                         backend="aot_eager")
+    for rows in (6, 9):
+        x = torch.randn(rows, 16, requires_grad=True)
+        if rows == 6:
+            torch._dynamo.mark_dynamic(x, 0)
+        got = torch.autograd.grad(step(x), [x, *params.values()])
+        p64 = {n: t.detach().double().requires_grad_() for n, t in params.items()}
+        x64 = x.detach().double().requires_grad_()
+        want = torch.autograd.grad(reference(x64, p64).square().sum(), [x64, *p64.values()])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-4,
+                                       atol=1e-4 * float(w.abs().max()))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+# Inductor's cache of compiled graphs does not key on the extension's C++
+# backward: graphs cached by another build would bring that build's guards.
+@torch._inductor.config.patch(force_disable_caches=True)
+def test_compile_inductor_training_over_batch_sizes():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer, reference = _layer_with_float64_reference("LowRankLinear")
+    step = torch.compile(lambda x: layer(x).square().sum(), fullgraph=True, dynamic=True)
+    for rows in (5, 6, 9):
+        _assert_grads_match_float64(layer, reference, step,
+                                    torch.randn(rows, 16, requires_grad=True))
+    assert counters["stats"]["unique_graphs"] == 1

@@ -1,7 +1,9 @@
-"""torch.func transforms over the fused ops and modules, against the plain composition."""
+"""torch.func transforms, and forward-mode AD through dual tensors, over the fused ops
+and modules, against the plain composition."""
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vjp, vmap
 
@@ -73,6 +75,20 @@ def test_hessian(args):
     got = hessian(lambda a: lx.lowrank_linear(x, a, B, bias).pow(2).sum())(A)
     expected = hessian(lambda a: _composition(x, a, B, bias).pow(2).sum())(A)
     torch.testing.assert_close(got, expected)
+
+
+def test_jvp_of_a_vmap_over_the_ops(args, lora_args):
+    # vmap's generated rule asks the Function's jvp for a tangent of every
+    # output, the non-differentiable intermediate included.
+    x, A, B, bias = args
+    dA = torch.randn_like(A)
+    per_row = lambda a: vmap(lambda xi: lx.lowrank_linear(xi, a, B, bias))(x)  # noqa: E731
+    _, got = torch.func.jvp(per_row, (A,), (dA,))
+    torch.testing.assert_close(got, (x @ dA.T) @ B.T)
+    x, W, A, B, bias = lora_args
+    per_row = lambda a: vmap(lambda xi: lx.lora_linear(xi, W, a, B, bias, 0.5))(x)  # noqa: E731
+    _, got = torch.func.jvp(per_row, (A,), (dA,))
+    torch.testing.assert_close(got, 0.5 * ((x @ dA.T) @ B.T))
 
 
 def test_vjp(args):
@@ -163,3 +179,72 @@ def test_compiled_transforms_give_the_eager_gradients(make):
         # The graph breaks leave the modules' forward marked to run eagerly;
         # later fullgraph compiles of them must start afresh.
         torch._dynamo.reset()
+
+
+# --- forward-mode AD through dual tensors (torch.autograd.forward_ad) ----------
+# The ops' autograd kernels have no forward formula: the C++ one dropped a
+# tangent, the fallback's refused it; lowrank_ext's functions carry it.
+
+DUAL_ARGUMENTS = {"lowrank_linear": ("x", "A", "B", "bias"),
+                  "lora_linear": ("x", "W", "A", "B", "bias")}
+LORA_SCALE = 0.5
+
+
+def _analytic_tangent(op, primals, tangents):
+    """dy by the product rule, term by term, in float64 (a zero for each
+    argument without a tangent)."""
+    p = dict(zip(DUAL_ARGUMENTS[op], primals))
+    d = {n: tangents.get(n, torch.zeros_like(p[n])) for n in p}
+    adapter = (d["x"] @ p["A"].T @ p["B"].T + p["x"] @ d["A"].T @ p["B"].T
+               + p["x"] @ p["A"].T @ d["B"].T)
+    if op == "lowrank_linear":
+        return adapter + d["bias"]
+    return d["x"] @ p["W"].T + p["x"] @ d["W"].T + d["bias"] + LORA_SCALE * adapter
+
+
+def _call(op, *tensors):
+    return (lx.lowrank_linear(*tensors) if op == "lowrank_linear"
+            else lx.lora_linear(*tensors, LORA_SCALE))
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad_enabled", "no_grad"])
+@pytest.mark.parametrize("op, duals", [
+    *((op, (name,)) for op, names in DUAL_ARGUMENTS.items() for name in names),
+    *((op, names) for op, names in DUAL_ARGUMENTS.items()),
+])
+def test_forward_ad_dual_tensors_carry_the_tangent(args, lora_args, op, duals, grad_mode):
+    primals = args if op == "lowrank_linear" else lora_args
+    names = DUAL_ARGUMENTS[op]
+    tangents = {n: torch.randn_like(p) for n, p in zip(names, primals) if n in duals}
+    with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+        y = _call(op, *(fwAD.make_dual(p, tangents[n]) if n in tangents else p
+                        for n, p in zip(names, primals)))
+        value, tangent = fwAD.unpack_dual(y)
+    assert tangent is not None, "the tangent was dropped"
+    torch.testing.assert_close(value, _call(op, *primals))
+    torch.testing.assert_close(tangent, _analytic_tangent(op, primals, tangents))
+
+
+@pytest.mark.parametrize("make", [lambda: lx.LowRankLinear(10, 7, 3, dtype=torch.float64),
+                                  lambda: lx.LoRALinear(nn.Linear(10, 7, dtype=torch.float64), 2)],
+                         ids=["LowRankLinear", "LoRALinear"])
+def test_forward_ad_through_a_module_whose_parameters_require_grad(make):
+    module = make()
+    if isinstance(module, lx.LoRALinear):
+        with torch.no_grad():
+            module.B.normal_()
+        # The dense map module(x) = x·Wᵀ + b, formed in float64.
+        W = module.base.weight + module.scale * module.B @ module.A
+    else:
+        W = module.B @ module.A
+    W = W.detach()
+    x, dx = _make(2, 3, 10), _make(2, 3, 10)
+    with fwAD.dual_level():
+        value, tangent = fwAD.unpack_dual(module(fwAD.make_dual(x, dx)))
+    torch.testing.assert_close(tangent, dx @ W.T)
+    # The same call still records the backward pass.
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(value.square().sum(), params)
+    module(x).square().sum().backward()
+    for g, p in zip(grads, params):
+        torch.testing.assert_close(g, p.grad)

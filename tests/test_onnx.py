@@ -138,3 +138,75 @@ def test_torchscript_export_checks_inputs_without_tracer_warnings(tmp_path):
 
     with pytest.raises(ValueError, match="lowrank_linear: A has shape"):
         _export(BadShapes(), torch.randn(3, 24), tmp_path / "bad.onnx", dynamo=False)
+
+
+def _fused_ops_in(ep):
+    return sorted({str(node.target) for node in ep.graph.nodes
+                   if str(node.target).startswith("lowrank_ext.")})
+
+
+def test_exported_program_exports_after_the_decompositions(tmp_path):
+    # torch.export keeps the fused ops, which ONNX has no operator for; the
+    # decompositions turn them into their composition first.
+    model = _model(True, False)
+    x = torch.randn(3, 24)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert _fused_ops_in(ep)
+    ep = ep.run_decompositions(lx.decompositions())
+    assert not _fused_ops_in(ep)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(ep, (x,), str(path), dynamo=True)
+    for rows in (3, 7):
+        x = torch.randn(rows, 24)
+        got = _run_onnx(path, x)
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.double(), _reference(model, x), rtol=1e-4, atol=1e-5)
+
+
+class _DirectOps(torch.nn.Module):
+    """Calls every public op through torch.ops, as a hand-written graph would."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        make = lambda *shape: torch.nn.Parameter(torch.randn(*shape).to(dtype))  # noqa: E731
+        self.A, self.B, self.W, self.bias = make(5, 24), make(16, 5), make(16, 24), make(16)
+
+    def forward(self, x):
+        ops = torch.ops.lowrank_ext
+        y = ops.lowrank_linear(x, self.A, self.B, self.bias)
+        y2, t = ops.lowrank_linear_with_intermediate(x, self.A, self.B, None)
+        z = ops.lora_linear(x, self.W, self.A, self.B, self.bias, 0.5)
+        z2, t2 = ops.lora_linear_with_intermediate(x, self.W, self.A, self.B, None, 2.0)
+        return torch.cat([y, y2, z, z2, t, t2], dim=-1)
+
+    def reference(self, x):
+        """float64, from the dense weights."""
+        x, A, B, W, b = (t.detach().double() for t in (x, self.A, self.B, self.W, self.bias))
+        t = x @ A.T
+        return torch.cat([t @ B.T + b, t @ B.T, x @ W.T + b + 0.5 * (t @ B.T),
+                          x @ W.T + 2.0 * (t @ B.T), t, t], dim=-1)
+
+
+def test_direct_op_calls_export_after_the_decompositions(tmp_path):
+    model = _DirectOps(torch.float32)
+    x = torch.randn(3, 24)
+    ep = torch.export.export(model, (x,)).run_decompositions(lx.decompositions())
+    assert not _fused_ops_in(ep)
+    path = tmp_path / "direct.onnx"
+    torch.onnx.export(ep, (x,), str(path), dynamo=True)
+    got = _run_onnx(path, x)
+    torch.testing.assert_close(got.double(), model.reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_decompositions_compute_half_types_in_float32():
+    # As the kernels: half arguments computed in float32 and rounded once, so
+    # the result is the float64 one rounded, but for rare ties.
+    model = _DirectOps(torch.bfloat16)
+    x = torch.randn(3, 24).bfloat16()
+    ep = torch.export.export(model, (x,)).run_decompositions(lx.decompositions())
+    with torch.no_grad():
+        got = ep.module()(x)
+    assert got.dtype == torch.bfloat16
+    rounded = model.reference(x).bfloat16()
+    assert (got != rounded).float().mean() < 0.01

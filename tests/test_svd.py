@@ -249,3 +249,75 @@ def test_float16_factors_past_its_range_are_an_error_not_inf(method):
     B, A = lx.svd_truncate(W, rank=1, method=method, balanced=True)
     assert torch.isfinite(B).all() and torch.isfinite(A).all()
     torch.testing.assert_close(B.float() @ A.float(), W.float(), rtol=1e-2, atol=0)
+
+
+
+# --- torch.func: the op has no autograd formula functorch can see -------------
+
+def _factor_loss(balanced, svd=lx.svd_truncate):
+    """A loss of each factor, not only of B·A (so balanced matters), and of the
+    singular vectors' signs, so the transform must reproduce the op's."""
+    def loss(W, C_B, C_A):
+        B, A = svd(W, rank=2, balanced=balanced)
+        return (B * C_B).sum() + (A * C_A).sum() + (B @ A).square().sum()
+    return loss
+
+
+def _reference_svd(W, rank, balanced):
+    """The factors formed from torch.linalg.svd directly."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    root = S[:rank].sqrt()
+    if balanced:
+        return U[:, :rank] * root, Vh[:rank] * root.unsqueeze(1)
+    return U[:, :rank] * S[:rank], Vh[:rank]
+
+
+@pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")
+@pytest.mark.parametrize("balanced", [False, True])
+def test_func_grad_equals_eager_backward(balanced):
+    W = torch.randn(7, 5, dtype=torch.float64)
+    C_B, C_A = torch.randn(7, 2, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    got = torch.func.grad(_factor_loss(balanced))(W, C_B, C_A)
+    W_eager = W.clone().requires_grad_()
+    _factor_loss(balanced)(W_eager, C_B, C_A).backward()
+    torch.testing.assert_close(got, W_eager.grad)
+    W_ref = W.clone().requires_grad_()
+    _factor_loss(balanced, _reference_svd)(W_ref, C_B, C_A).backward()
+    torch.testing.assert_close(got, W_ref.grad)
+    # Under a transform the factors are the op's, signs included.
+    B, A = torch.func.vmap(lambda w: lx.svd_truncate(w, rank=2, balanced=balanced))(W[None])
+    B_op, A_op = lx.svd_truncate(W, rank=2, balanced=balanced)
+    assert torch.equal(B[0], B_op) and torch.equal(A[0], A_op)
+
+
+def test_func_per_sample_gradients_and_half_precision():
+    Ws = torch.randn(3, 6, 4, dtype=torch.float64)
+    C_B, C_A = torch.randn(6, 2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    per_sample = torch.func.vmap(torch.func.grad(_factor_loss(True)), in_dims=(0, None, None))(
+        Ws, C_B, C_A)
+    for i in range(3):
+        W = Ws[i].clone().requires_grad_()
+        _factor_loss(True, _reference_svd)(W, C_B, C_A).backward()
+        torch.testing.assert_close(per_sample[i], W.grad)
+    # A half W is factorized in float32 and rounded once, as by the op.
+    W = Ws[0].to(torch.bfloat16)
+    g = torch.func.grad(lambda w: lx.svd_truncate(w, rank=2)[0].float().sum())(W)
+    assert g.dtype == torch.bfloat16
+    B, A = torch.func.vmap(lambda w: lx.svd_truncate(w, rank=2))(W[None])
+    B_op, A_op = lx.svd_truncate(W, rank=2)
+    assert torch.equal(B[0], B_op) and torch.equal(A[0], A_op)
+
+
+def test_func_bad_input_raises_as_outside():
+    W = torch.randn(4, 4)
+    bad = W.clone()
+    bad[1, 2] = math.nan
+    with pytest.raises(ValueError, match="svd_truncate: W contains NaN or Inf"):
+        torch.func.grad(lambda w: lx.svd_truncate(w, rank=2)[0].sum())(bad)
+    with pytest.raises(ValueError, match="svd_truncate: W contains NaN or Inf"):
+        torch.func.vmap(lambda w: lx.svd_truncate(w, rank=2)[0])(torch.stack([W, bad]))
+    with pytest.raises(ValueError, match="svd_truncate: rank must be in \\[1, 4\\]"):
+        torch.func.grad(lambda w: lx.svd_truncate(w, rank=5)[0].sum())(W)
+    big = torch.full((16, 16), 60000.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="svd_truncate: factor B has entries up to 240000"):
+        torch.func.vmap(lambda w: lx.svd_truncate(w, rank=1)[0])(big[None])

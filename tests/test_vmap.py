@@ -176,3 +176,43 @@ def test_per_sample_weights_with_nothing_to_compute(case):
     W = _make(d, k)
     y, t = torch.vmap(lambda A: ops.lora_linear_with_intermediate(x, W, A, B, None, 0.5))(As)
     assert y.shape == (n, x.shape[0], d) and t.shape == (n, x.shape[0], r)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("call", ["lx", "torch.ops"])
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+def test_per_sample_weights_under_autocast_follow_the_cast_policy(op, call, x_dtype):
+    # The rule runs before the ops' autocast kernels: float32 arguments must
+    # still give the autocast dtype, and a bfloat16 x (after an autocast
+    # nn.Linear) must be accepted next to float32 weights, as in eager.
+    x = _make(5, 12, dtype=x_dtype)
+    As, Bs = _make(N, 3, 12, dtype=torch.float32), _make(N, 7, 3, dtype=torch.float32)
+    W, bias = _make(7, 12, dtype=torch.float32), _make(7, dtype=torch.float32)
+    if op == "lowrank_linear":
+        fn = lx.lowrank_linear if call == "lx" else ops.lowrank_linear.default
+        run = lambda A, B: fn(x, A, B, bias)  # noqa: E731
+    else:
+        fn = lx.lora_linear if call == "lx" else ops.lora_linear.default
+        run = lambda A, B: fn(x, W, A, B, bias, 0.5)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.vmap(run)(As, Bs)
+        eager = [run(As[i], Bs[i]) for i in range(N)]
+    assert y.dtype == torch.bfloat16 and all(e.dtype == torch.bfloat16 for e in eager)
+    cast = lambda t: t.bfloat16().double()  # noqa: E731  (as autocast casts them)
+    for i in range(N):
+        W_i = None if op == "lowrank_linear" else cast(W)
+        _assert_close(y[i], _reference(cast(x), cast(As[i]), cast(Bs[i]), cast(bias), W=W_i,
+                                       scale=0.5), torch.bfloat16)
+
+
+def test_per_sample_weights_under_autocast_keep_float64():
+    # float64 is never cast: float64 weights with a float32 x still fail the
+    # dtype check, as in eager and for F.linear.
+    x = _make(5, 12).float()
+    As, B = _make(N, 3, 12), _make(7, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.vmap(lambda A: ops.lowrank_linear(x.double(), A, B, None))(As)
+        assert y.dtype == torch.float64
+        with pytest.raises(TypeError, match="lowrank_linear: A has dtype float64 but x has "
+                                            "dtype bfloat16"):
+            torch.vmap(lambda A: ops.lowrank_linear(x, A, B, None))(As)
