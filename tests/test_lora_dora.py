@@ -102,6 +102,29 @@ def test_the_norm_stays_accurate_where_the_adapter_cancels_most_of_a_row(dtype):
                                            atol=tol * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("path", ["eager", "compiled", "vmap"])
+def test_the_norm_of_cancelled_rows_on_every_path(path, monkeypatch):
+    # Eager CPU calls expand the square and recompute the cancelled rows from
+    # the sum; compiled and transformed calls form the sum block by block.
+    # Small blocks, so that both run over several.
+    monkeypatch.setattr(lx_nn, "_NORM_BLOCK_BYTES", 4 * 64 * 3)
+    d, k, r, scale = 40, 64, 4, 2.0
+    A, B = torch.randn(r, k), torch.randn(d, r)
+    W = torch.randn(d, k)
+    cancel = torch.arange(0, d, 2)  # every other row 99.9 % cancelled
+    W[cancel] = -scale * (B[cancel] @ A) / 0.999
+    exact = torch.linalg.vector_norm(W.double() + scale * (B.double() @ A.double()), dim=1)
+    if path == "eager":
+        norms = lx_nn.dora_row_norms(W, B, A, scale)
+    elif path == "compiled":
+        torch._dynamo.reset()
+        norms = torch.compile(lx_nn.dora_row_norms, backend="aot_eager", fullgraph=True)(
+            W, B, A, scale)
+    else:
+        norms = torch.vmap(lambda b: lx_nn.dora_row_norms(W, b, A, scale))(B[None])[0]
+    torch.testing.assert_close(norms.double(), exact, rtol=1e-4, atol=0)
+
+
 def _peft_pair(dtype=torch.float64, **config):
     """(peft model, our model) over copies of one model, peft's random DoRA adapters in both."""
     peft = pytest.importorskip("peft")
