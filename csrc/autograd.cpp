@@ -44,12 +44,11 @@ bool has_forward_grad(const at::Tensor& t) {
 } // namespace
 
 bool any_forward_grad(std::initializer_list<const at::Tensor*> tensors) {
-  // Tangents exist only while a forward-AD level is open (closing it clears
-  // them), which one lock-free read tells: the common case looks at no
-  // tensor. With forward grad mode off (inside a custom Function's forward,
-  // for one) ATen's ops ignore tangents, and so does this.
-  if (!torch::autograd::ForwardADLevel::has_any_level() ||
-      !c10::AutogradState::get_tls_state().get_fw_grad_mode()) {
+  // With forward grad mode off (inside a custom Function's forward, for one)
+  // ATen's ops ignore tangents, and so does this. Otherwise a tensor without
+  // autograd meta (no requires_grad, never a dual) costs one pointer test.
+  // (Whether a forward-AD level is open at all, torch tells only from 2.14.)
+  if (!c10::AutogradState::get_tls_state().get_fw_grad_mode()) {
     return false;
   }
   for (const at::Tensor* t : tensors) {

@@ -134,6 +134,9 @@ def _matched_modules(model, teacher, match):
             patterns = list(match)
         except TypeError:
             patterns = None
+    if patterns == []:
+        raise ValueError("distill: match is an empty list; give module name patterns, or "
+                         "None to match the outputs only")
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise TypeError("distill: match must be a module name pattern or a list of them")
     names = [n for n, _ in model.named_modules() if n]
@@ -199,7 +202,7 @@ def _pairs(label, student, teacher):
 
 def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             lr: float = 1e-4, match: str | Sequence[str] | None = None,
-            loss: Callable | None = None, parameters: str | Iterable | None = None,
+            loss: Callable | None = None, parameters: Iterable | None = None,
             warmup: float = 0.05, max_grad_norm: float | None = None,
             progress: bool | None = None) -> DistillResult:
     """Train ``model``'s low-rank factors so that its outputs match ``teacher``'s on ``data``.
@@ -241,6 +244,9 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     of ``distill``'s own argument errors). Returns a :class:`DistillResult`.
     """
     _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("distill: cannot train under torch.inference_mode(), whose tensors "
+                           "take no gradients; call it outside that block")
     params = _trainable(model, teacher, parameters)
     inner = _matched_modules(model, teacher, match)
     batches = _batches(data)
@@ -268,107 +274,117 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     bar = tqdm(total=steps, desc="distill", unit="step", leave=False,
                disable=None if progress is None else not progress)
     step = 0
-    try:
-        model.eval()
-        teacher.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-            p.grad = None
-        # Adam runs on float32 master copies of half-precision parameters:
-        # its eps (1e-8) is 0 in float16, so a zero gradient would give 0/0,
-        # and bfloat16 rounds away updates below its 8 bits of precision. The
-        # parameters get the masters' values, rounded, after every step.
-        masters = [p.detach().float() if p.dtype in _HALF else None for p in params]
-        trained = [p if m is None else m for p, m in zip(params, masters)]
-        optimizer = torch.optim.Adam(trained, lr=lr)
-        warm = max(1, round(warmup * steps))
-
-        def factor(i):  # linear warm-up, then a cosine to zero
-            if i < warm:
-                return (i + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        for step in range(steps):
-            batch = next(batches)
-            mask = token_mask_of(batch)
-            for store in captured.values():
-                store.clear()
-            with torch.no_grad():
-                target = call_with_batch(teacher, batch, "distill")
-            output = call_with_batch(model, batch, "distill")
-            terms = []
-            if loss is None:
-                pairs = _pairs("the outputs", output, target)
-            else:
-                pairs = []
-                terms.append(loss(output, target))
-                if not (isinstance(terms[0], torch.Tensor) and terms[0].numel() == 1
-                        and terms[0].requires_grad):
-                    raise ValueError(
-                        "distill: loss must return a one-element tensor that depends on the "
-                        f"model's output, got {type(terms[0]).__name__}")
-            if [n for n, _ in captured["student"]] != [n for n, _ in captured["teacher"]]:
-                raise ValueError("distill: the matched modules ran in a different order or "
-                                 "number of times in the model and in the teacher")
-            for (name, s), (_, t) in zip(captured["student"], captured["teacher"]):
-                pairs += _pairs(f"the outputs of {name!r}", s, t)
-            if not pairs and not terms:
-                raise ValueError("distill: the outputs hold no floating-point tensor to match")
-            total = sum(terms + [relative_error(s, t.detach(), mask) for s, t in pairs]).reshape(())
-            if not torch.isfinite(total):
-                if step == 0:  # no update yet: the lr has nothing to do with it
-                    raise FloatingPointError(
-                        f"the loss is {total.item()} before any update: the model, the "
-                        "teacher or the batch gives values that are not finite")
-                raise FloatingPointError(f"the loss is {total.item()}; try a lower lr")
-            optimizer.zero_grad(set_to_none=True)
-            for p in params:  # a half parameter's master, not itself, is the optimizer's
+    # A training loop: gradients are needed whatever the caller's grad mode
+    # (inference_mode, which cannot be left here, was refused above).
+    with torch.enable_grad():
+        try:
+            model.eval()
+            teacher.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
                 p.grad = None
-            total.backward()
-            for p, master in zip(params, masters):
-                if master is not None:
-                    master.grad = None if p.grad is None else p.grad.float()
-            bad = [p.dtype for p, m in zip(params, masters) if m is not None
-                   and m.grad is not None and not bool(torch.isfinite(m.grad).all())]
-            if bad:  # Adam would turn them into NaN parameters
-                raise FloatingPointError(
-                    f"the gradients of {dtype_name(bad[0])} parameters are not finite "
-                    "(float16 holds no more than 65504); distill a float32 copy of the "
-                    "model and convert it back")
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
+            # Adam runs on float32 master copies of half-precision parameters:
+            # its eps (1e-8) is 0 in float16, so a zero gradient would give 0/0,
+            # and bfloat16 rounds away updates below its 8 bits of precision. The
+            # parameters get the masters' values, rounded, after every step.
+            masters = [p.detach().float() if p.dtype in _HALF else None for p in params]
+            trained = [p if m is None else m for p, m in zip(params, masters)]
+            optimizer = torch.optim.Adam(trained, lr=lr)
+            warm = max(1, round(warmup * steps))
+
+            def factor(i):  # linear warm-up, then a cosine to zero
+                if i < warm:
+                    return (i + 1) / warm
+                return 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
+
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            for step in range(steps):
+                batch = next(batches)
+                mask = token_mask_of(batch)
+                for store in captured.values():
+                    store.clear()
+                with torch.no_grad():
+                    target = call_with_batch(teacher, batch, "distill")
+                output = call_with_batch(model, batch, "distill")
+                terms = []
+                if loss is None:
+                    pairs = _pairs("the outputs", output, target)
+                else:
+                    pairs = []
+                    terms.append(loss(output, target))
+                    if not (isinstance(terms[0], torch.Tensor) and terms[0].numel() == 1
+                            and terms[0].requires_grad):
+                        raise ValueError(
+                            "distill: loss must return a one-element tensor that depends on the "
+                            f"model's output, got {type(terms[0]).__name__}")
+                if [n for n, _ in captured["student"]] != [n for n, _ in captured["teacher"]]:
+                    raise ValueError("distill: the matched modules ran in a different order or "
+                                     "number of times in the model and in the teacher")
+                for (name, s), (_, t) in zip(captured["student"], captured["teacher"]):
+                    pairs += _pairs(f"the outputs of {name!r}", s, t)
+                if not pairs and not terms:
+                    raise ValueError("distill: the outputs hold no floating-point tensor to match")
+                total = sum(terms + [relative_error(s, t.detach(), mask) for s, t in pairs]).reshape(())
+                if not torch.isfinite(total):
+                    if step == 0:  # no update yet: the lr has nothing to do with it
+                        raise FloatingPointError(
+                            f"the loss is {total.item()} before any update: the model, the "
+                            "teacher or the batch gives values that are not finite")
+                    raise FloatingPointError(f"the loss is {total.item()}; try a lower lr")
+                optimizer.zero_grad(set_to_none=True)
+                for p in params:  # a half parameter's master, not itself, is the optimizer's
+                    p.grad = None
+                total.backward()
                 for p, master in zip(params, masters):
                     if master is not None:
-                        p.copy_(master)
-            losses.append(total.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-    except BaseException as exc:
-        with torch.no_grad():
-            for p, value in zip(params, saved):
-                p.copy_(value)
-        if isinstance(exc, (TypeError, ValueError)) and str(exc).startswith("distill:"):
+                        master.grad = None if p.grad is None else p.grad.float()
+                bad = [p.dtype for p, m in zip(params, masters) if m is not None
+                       and m.grad is not None and not bool(torch.isfinite(m.grad).all())]
+                if bad:  # Adam would turn them into NaN parameters
+                    raise FloatingPointError(
+                        f"the gradients of {dtype_name(bad[0])} parameters are not finite "
+                        "(float16 holds no more than 65504); distill a float32 copy of the "
+                        "model and convert it back")
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():
+                    for p, master in zip(params, masters):
+                        if master is not None:
+                            p.copy_(master)
+                losses.append(total.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+            # Each step's loss checks the update before it, but none follows
+            # the last one: the model's outputs on the last batch check it.
+            with torch.no_grad():
+                final = call_with_batch(model, batch, "distill")
+            if not all(bool(torch.isfinite(out).all()) for out in _floating_tensors(final)):
+                raise FloatingPointError("the last update made the model's outputs not "
+                                         "finite; try a lower lr")
+        except BaseException as exc:
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
+            if isinstance(exc, (TypeError, ValueError)) and str(exc).startswith("distill:"):
+                raise
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"distill: step {step} raised {type(exc).__name__}: {exc}; the "
+                                   "model's parameters are as they were") from exc
             raise
-        if isinstance(exc, Exception):
-            raise RuntimeError(f"distill: step {step} raised {type(exc).__name__}: {exc}; the "
-                               "model's parameters are as they were") from exc
-        raise
-    finally:
-        bar.close()
-        for handle in handles:
-            handle.remove()
-        for store in captured.values():
-            store.clear()
-        for p, grad in zip(params, grads):
-            p.grad = grad
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for module, mode in modes.items():
-            module.training = mode
+        finally:
+            bar.close()
+            for handle in handles:
+                handle.remove()
+            for store in captured.values():
+                store.clear()
+            for p, grad in zip(params, grads):
+                p.grad = grad
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            for module, mode in modes.items():
+                module.training = mode
     return DistillResult(steps=steps, losses=losses, seconds=time.perf_counter() - start)

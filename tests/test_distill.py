@@ -237,6 +237,29 @@ def test_a_non_finite_loss_is_an_error_not_a_silent_update():
     assert_same(model, before)
 
 
+def test_the_last_update_is_checked_too():
+    # No step's loss follows the last update: a huge lr that makes the model's
+    # outputs overflow there must not return a broken model.
+    model, teacher = compressed_pair()
+    model.float(), teacher.float()
+    before = snapshot(model)
+    data = [b.float() for b in batches(2)]
+    with pytest.raises(RuntimeError, match="step 0 raised FloatingPointError: the last update"):
+        lx.distill(model, teacher, data, steps=1, lr=1e30, warmup=0.0, progress=False)
+    assert_same(model, before)
+
+
+def test_it_trains_under_no_grad_and_names_inference_mode():
+    model, teacher = compressed_pair()
+    with torch.no_grad():
+        result = lx.distill(model, teacher, batches(2), steps=3, lr=1e-2, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    before = snapshot(model)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        lx.distill(model, teacher, batches(2), steps=3, progress=False)
+    assert_same(model, before)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(steps=0), ValueError, "steps must be a positive int"),
     (dict(steps=2.5), ValueError, "steps must be a positive int"),
@@ -247,6 +270,7 @@ def test_a_non_finite_loss_is_an_error_not_a_silent_update():
     (dict(steps=2, warmup=1.0), ValueError, "warmup must be"),
     (dict(steps=2, match="nothing_here"), ValueError, "matches no module"),
     (dict(steps=2, match=3), TypeError, "match must be"),
+    (dict(steps=2, match=[]), ValueError, "match is an empty list"),
     (dict(steps=2, parameters=torch.nn.Parameter(torch.ones(2))), TypeError, "single tensor"),
     (dict(steps=2, parameters=[torch.nn.Parameter(torch.ones(2))]), ValueError,
      "must be a parameter of model"),
