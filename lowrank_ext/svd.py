@@ -167,6 +167,11 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         return _randomized(W, int(rank), balanced, int(niter), generator)
     if rank is None:
         _checks.check_svd_matrix(W)
+        if _batched(W):
+            raise ValueError(
+                f"svd_truncate: {'energy' if energy is not None else 'tol'} chooses each "
+                "matrix's rank from its singular values, which differ across a torch.vmap "
+                "batch (the factors would differ in shape); give rank under vmap")
         if W.is_meta:
             raise ValueError(
                 f"svd_truncate: {'energy' if energy is not None else 'tol'} chooses the rank "
@@ -178,6 +183,15 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
     if not torch.compiler.is_compiling() and _functorch.transforms_active() is not None:
         return _differentiable(W, int(rank), balanced)
     return ops.svd_truncate.default(W, int(rank), balanced)
+
+
+def _batched(t):
+    """Whether ``t`` is batched by torch.vmap (under any other torch.func wrappers)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False
 
 
 def _values(t):

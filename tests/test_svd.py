@@ -321,3 +321,19 @@ def test_func_bad_input_raises_as_outside():
     big = torch.full((16, 16), 60000.0, dtype=torch.float16)
     with pytest.raises(ValueError, match="svd_truncate: factor B has entries up to 240000"):
         torch.func.vmap(lambda w: lx.svd_truncate(w, rank=1)[0])(big[None])
+
+
+@pytest.mark.parametrize("criterion", [dict(energy=0.9), dict(tol=0.1)])
+def test_func_a_rank_chosen_from_values_is_refused_under_vmap_only(criterion):
+    # Each matrix of a vmap batch would get its own rank, so the factors
+    # would differ in shape; grad alone is fine.
+    W = torch.randn(3, 6, 5, dtype=torch.float64)
+    name = next(iter(criterion))
+    with pytest.raises(ValueError, match=f"svd_truncate: {name} chooses each matrix's rank"):
+        torch.func.vmap(lambda w: lx.svd_truncate(w, **criterion)[0])(W)
+    with pytest.raises(ValueError, match=f"svd_truncate: {name} chooses each matrix's rank"):
+        torch.func.vmap(torch.func.grad(lambda w: lx.svd_truncate(w, **criterion)[0].sum()))(W)
+    got = torch.func.grad(lambda w: lx.svd_truncate(w, **criterion)[0].sum())(W[0])
+    W0 = W[0].clone().requires_grad_()
+    lx.svd_truncate(W0, **criterion)[0].sum().backward()
+    torch.testing.assert_close(got, W0.grad)
