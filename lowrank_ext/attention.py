@@ -412,9 +412,23 @@ def split_where_stored_split(model: nn.Module, keys) -> list[tuple[str, nn.Modul
             "and out_proj), but the model is an nn.MultiheadAttention, which cannot become one "
             "in place; load into SplitMultiheadAttention.from_multihead_attention(model) "
             "instead")
-    return _split(model, [m for name, m in model.named_modules()
-                          if type(m) is nn.MultiheadAttention and name and stored_split(name)],
-                  "load_compressed")
+    attention = [(name, m) for name, m in model.named_modules()
+                 if type(m) is nn.MultiheadAttention and name]
+    chosen = [m for name, m in attention if stored_split(name)]
+    # A file stores a tensor shared by several modules once, under one name:
+    # a module whose tensors are all tied to a split one has no keys of its
+    # own. It was split with them (split_attention keeps ties), so it is here.
+    shared = {id(p) for m in chosen for p in m.parameters()}
+    grown = True
+    while grown:
+        grown = False
+        for name, m in attention:
+            if (m not in chosen and f"{name}.in_proj_weight" not in keys
+                    and any(id(p) in shared for p in m.parameters())):
+                chosen.append(m)
+                shared.update(id(p) for p in m.parameters())
+                grown = True
+    return _split(model, chosen, "load_compressed")
 
 
 def unsplit(model: nn.Module, replaced) -> None:

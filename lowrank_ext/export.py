@@ -36,7 +36,10 @@ def decompositions() -> dict[torch._ops.OpOverload, Callable]:
     computed in float32 and rounded once, as the kernels do), which any
     exporter can express. Only the fused ops are in the table: pass it alone
     to leave the rest of the graph as it is, or merge it into
-    ``torch.export.default_decompositions()`` to reach core ATen as well.
+    ``torch.export.default_decompositions()`` to reach core ATen as well
+    (for inference graphs: in a training export, torch's default table
+    drops ``.detach()``, which gives DoRA's A and B wrong gradients, as it
+    does for any module dividing by a detached norm).
     The graph was checked when it was exported; the decompositions check
     nothing again.
     """

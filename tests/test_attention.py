@@ -298,6 +298,40 @@ def test_subclasses_are_left_alone():
         SplitMultiheadAttention.from_multihead_attention(_Doubled(E, H))
 
 
+class _FullyTied(nn.Module):
+    """Two attention modules sharing every tensor (ALBERT-style), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.float64)
+        self.b = nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.float64)
+        self.b.in_proj_weight, self.b.in_proj_bias = self.a.in_proj_weight, self.a.in_proj_bias
+        self.b.out_proj = self.a.out_proj
+        self.head = nn.Linear(E, E, dtype=torch.float64)
+
+    def forward(self, x):
+        x = self.a(x, x, x, need_weights=False)[0]
+        return self.head(self.b(x, x, x, need_weights=False)[0])
+
+
+def test_fully_tied_split_modules_load_back_tied(tmp_path):
+    # The file stores each shared tensor once, under a's names only: b, with
+    # no keys of its own, must be split with a on loading.
+    model = _FullyTied().eval()
+    lx.split_attention(model)
+    lx.compress_model(model, ratio=0.5, calibration=[torch.randn(4, 5, E, dtype=torch.float64)],
+                      progress=False)
+    lx.save_compressed(model, tmp_path / "m.safetensors")
+    fresh = _FullyTied().eval()
+    lx.load_compressed(fresh, tmp_path / "m.safetensors")
+    assert fresh.a.q_proj.weight is fresh.b.q_proj.weight
+    assert fresh.a.out_proj.weight is fresh.b.out_proj.weight
+    x = torch.randn(2, 5, E, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
 def test_tied_attention_modules_stay_tied():
     torch.manual_seed(0)
 
