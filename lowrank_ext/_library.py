@@ -257,16 +257,10 @@ def _autocast_kernel(op_name, device_type):
     op = getattr(ops, op_name).default
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
-    def cast(arg, dtype):
-        if (isinstance(arg, torch.Tensor) and arg.is_floating_point()
-                and arg.dtype != torch.float64 and arg.device.type == device_type):
-            return arg.to(dtype)
-        return arg
-
     def kernel(*args):
         dtype = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return op(*(cast(a, dtype) for a in args))
+            return op(*(_vmap.autocast_cast(a, dtype, device_type) for a in args))
 
     return kernel
 

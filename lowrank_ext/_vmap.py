@@ -46,11 +46,17 @@ def autocast_arguments(*args):
     dtype = _autocast_dtype(device_type)
     if dtype is None:
         return args
-    return tuple(
-        arg.to(dtype) if (isinstance(arg, torch.Tensor) and arg.is_floating_point()
-                          and arg.dtype != torch.float64 and arg.device.type == device_type)
-        else arg
-        for arg in args)
+    return tuple(autocast_cast(arg, dtype, device_type) for arg in args)
+
+
+def autocast_cast(arg, dtype, device_type):
+    """``arg`` as an autocast kernel of the ops for ``device_type`` passes it on:
+    a floating tensor on that device, float64 excepted, in ``dtype``;
+    anything else as it is."""
+    if (isinstance(arg, torch.Tensor) and arg.is_floating_point()
+            and arg.dtype != torch.float64 and arg.device.type == device_type):
+        return arg.to(dtype)
+    return arg
 
 
 def _to_front(t, bdim, size):
