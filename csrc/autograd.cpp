@@ -218,7 +218,24 @@ variable_list lowrank_backward(
   const bool need_bias = bias_given(ctx) && ctx->needs_input_grad(3);
   const bool kernel = use_weight_grad_kernel(gy2);
   const bool kernel_gx_gA = kernel && M >= kWeightGradMinRows;
-  if (need_x && gy.device().is_cpu() && !at::GradMode::is_enabled() &&
+  if (gy2.scalar_type() == at::kHalf && (need_x || need_A)) {
+    // float16: gt = gy·B is formed in float32 and gx = gt·A, gA = gtᵀ·x are
+    // rounded once from it, as the fallback does: gt rounded to float16 is
+    // inf past 65504, where the gradients themselves can be representable.
+    // (bfloat16 has float32's range: rounding its gt costs digits, not the
+    // range, and widening gy and x would cost more than the products.)
+    const at::Tensor gt = gy2.to(at::kFloat).mm(B.to(at::kFloat)); // (M, r)
+    const bool kernel32 = use_weight_grad_kernel(gt) && M >= kWeightGradMinRows;
+    if (need_x) {
+      gx = transposed_product(gt.t(), A.to(at::kFloat), kernel32)
+               .to(at::kHalf)
+               .reshape_symint(x.sym_sizes());
+    }
+    if (need_A) {
+      gA = transposed_product(gt, x.reshape_symint({M, k}).to(at::kFloat), kernel32)
+               .to(at::kHalf);
+    }
+  } else if (need_x && gy.device().is_cpu() && !at::GradMode::is_enabled() &&
       M >= kFusedBackwardMinRows) {
     // gx = (gy·B)·A is this op again with the factors' roles swapped
     // (A' = Bᵀ, B' = Aᵀ): one fused pass whose intermediate is gt = gy·B.

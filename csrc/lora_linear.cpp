@@ -5,19 +5,15 @@
 // shrink kernels instead (cpu/few_rows.h), with the adapter summed in float32.
 // Otherwise, for float32/float64 the adapter's (M × r) intermediate is tiny
 // beside it and its expand is accumulated straight into the same output
-// buffer. For half types the adapter runs through the device's fused
-// lowrank_linear kernel and is added to the base output. bfloat16 folds the
-// scale into B (free: B is small), since bfloat16 has float32's range;
-// float16 scales the adapter's output instead, as peft's composition scales
-// B·(A·x), since B·scale would overflow float16 for a large scale (B·1000
-// past 65504) and underflow it for a small one. Where that kernel expands
-// from float32 sums (the CPU's
-// float16 kernels, CUDA's split-K path for a few rows) the intermediate
-// cannot overflow; CUDA's tensor-core and cuBLAS paths, and the CPU's
-// AVX512-BF16 expand, round it to the input dtype first, as peft's
-// composition does.
+// buffer. Half types sum the dense product, the bias and scale times the
+// adapter in float32 and round once, as the fallback does, so that an
+// intermediate beyond float16's range does not overflow a representable
+// result and a result that cancels keeps its digits. Where the dense product
+// runs on float32 copies (cpu/half_gemm.h) everything does; where it runs in
+// the half type, bias + scale·adapter, formed in float32, is the GEMM's C,
+// which it adds to its float32 sums before rounding, and what rounding C to
+// the half type lost is added back (lora_linear_half).
 #include "checks.h"
-#include "ops.h"
 #include "cpu/few_rows.h"
 #include "cpu/half_gemm.h"
 
@@ -26,19 +22,136 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
 namespace lowrank_ext {
 namespace {
 
-// y += scale·t·Bᵀ. addmm with alpha = 0 skips the product (BLAS semantics),
-// which would drop a NaN or an infinity of the adapter that the composition
-// x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ (peft's, and the fallback's) propagates as
-// NaN; scale = 0 is rare, so it takes the product and scales it.
-void add_scaled_adapter(at::Tensor& y, const at::Tensor& t, const at::Tensor& Bt, double scale) {
-  if (scale == 0.0) {
-    y.add_(at::mm(t, Bt).mul_(0.0));
-  } else {
-    y.addmm_(t, Bt, /*beta=*/1, /*alpha=*/scale);
+// Whether BLAS can take `scale` as the alpha of a product in `dtype`. ATen
+// converts alpha to the dtype, raising (naming no argument) for a scale beyond
+// float32's range, and BLAS skips the product for an alpha of 0 (a scale of
+// 0, or below float32's smallest subnormal), which would drop a NaN or an
+// infinity of the adapter that the composition x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ
+// (peft's, and the fallback's) propagates.
+bool scale_is_alpha(double scale, at::ScalarType dtype) {
+  if (dtype == at::kDouble) {
+    return scale != 0.0;
   }
+  return std::abs(scale) <= std::numeric_limits<float>::max() &&
+      static_cast<float>(scale) != 0.0f;
+}
+
+// y += scale·t·Bt. A scale that cannot be alpha (rare) multiplies the product
+// instead, as a wrapped number as Python passes one: in y's dtype, as the
+// fallback's scale * (t·Bt) does (inf beyond float32's range, 0·NaN = NaN).
+void add_scaled_adapter(at::Tensor& y, const at::Tensor& t, const at::Tensor& Bt, double scale) {
+  if (scale_is_alpha(scale, y.scalar_type())) {
+    y.addmm_(t, Bt, /*beta=*/1, /*alpha=*/scale);
+  } else {
+    y.add_(at::mm(t, Bt).mul_(at::native::wrapped_scalar_tensor(scale)));
+  }
+}
+
+// bias + scale·t·Bt in t's dtype (float32), bias (in any dtype) optional.
+at::Tensor bias_plus_scaled_adapter(
+    const at::Tensor& t,
+    const at::Tensor& Bt,
+    const std::optional<at::Tensor>& bias,
+    double scale) {
+  if (bias.has_value()) {
+    at::Tensor c = bias->to(t.scalar_type()).expand({t.size(0), Bt.size(1)}).contiguous();
+    add_scaled_adapter(c, t, Bt, scale);
+    return c;
+  }
+  at::Tensor c = at::mm(t, Bt);
+  return scale == 1.0 ? c : c.mul_(at::native::wrapped_scalar_tensor(scale));
+}
+
+// Half types with every product in float32 and one rounding, the fallback's
+// arithmetic; x2 is x as an (M × k) matrix.
+std::tuple<at::Tensor, at::Tensor> lora_linear_half_widened(
+    const at::Tensor& x2,
+    const at::Tensor& W,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    double scale) {
+  const at::Tensor x32 = x2.to(at::kFloat);
+  const at::Tensor t32 = at::mm(x32, A.to(at::kFloat).t());
+  at::Tensor y32 = bias_plus_scaled_adapter(t32, B.to(at::kFloat).t(), bias, scale);
+  y32.addmm_(x32, W.to(at::kFloat).t());
+  return {y32.to(x2.scalar_type()), t32.to(x2.scalar_type())};
+}
+
+// Elements per block of rows in which lora_linear_half forms its float32
+// operands on the CPU: a fresh (M × d) float32 buffer costs more in page
+// faults than the products that fill it (47 ms against 9 in blocks of 64 rows
+// at M = 2048, d = 4096 on one Zen 4 core). On CUDA, whose allocator caches
+// memory and where a block costs launches, all rows form one block.
+constexpr int64_t kAdapterBlockElems = int64_t{1} << 18;
+
+// Half types, the dense product in the half type: its GEMM sums in float32
+// and rounds once, and adds its C to those sums first, so
+// c = bias + scale·t·Bᵀ formed in float32 goes in as C. C must be in the
+// half type: the part of c that rounding drops (c_lo, exact in float32) is
+// added to the output afterwards, so that where the output cancels c (the
+// result far below c) it keeps the digits one rounding of the float32 sum
+// gives; the two roundings differ from that in the last bit at most. On the
+// CPU t = x·Aᵀ stays in float32 too, as in the fallback and the few-rows
+// branch; CUDA reads x once in the half type and rounds t, as its fused
+// kernel and peft's composition do.
+std::tuple<at::Tensor, at::Tensor> lora_linear_half(
+    const at::Tensor& x2,
+    const at::Tensor& W,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const std::optional<at::Tensor>& bias,
+    double scale) {
+  const int64_t M = x2.size(0);
+  const int64_t d = W.size(0);
+  const bool cpu = x2.device().is_cpu();
+  const at::Tensor xr = cpu && x2.stride(1) != 1 ? x2.contiguous() : x2;
+  const at::Tensor Ac = cpu ? A.contiguous() : A;
+  at::Tensor A32t; // on a CPU without the shrink kernels
+  const at::Tensor B32t = B.to(at::kFloat).t();
+  const std::optional<at::Tensor> bias32 =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
+  at::Tensor t = at::empty({M, A.size(0)}, x2.options());
+  at::Tensor y = at::empty({M, d}, x2.options()); // C, then the output (in place)
+  at::Tensor c_lo = at::empty({M, d}, x2.options());
+  const int64_t rows =
+      cpu ? std::max<int64_t>(1, kAdapterBlockElems / std::max<int64_t>({d, x2.size(1), 1}))
+          : std::max<int64_t>(M, 1);
+  for (int64_t i = 0; i < M; i += rows) {
+    const int64_t n = std::min(rows, M - i);
+    const at::Tensor x_block = xr.narrow(0, i, n);
+    // On the CPU the shrink kernels (cpu/few_rows.h) read x and A in the
+    // half type and sum in float32, or else float32 copies do.
+    at::Tensor t32 =
+        cpu ? few_rows_product_cpu(x_block, Ac) : at::mm(x_block, A.t()).to(at::kFloat);
+    if (!t32.defined()) {
+      A32t = A32t.defined() ? A32t : A.to(at::kFloat).t();
+      t32 = at::mm(x_block.to(at::kFloat), A32t);
+    }
+    t.narrow(0, i, n).copy_(t32);
+    at::Tensor c = bias_plus_scaled_adapter(t32, B32t, bias32, scale);
+    at::Tensor c_hi = y.narrow(0, i, n);
+    c_hi.copy_(c);
+    // 0 where c is ±inf (a scale past float32's range) or past float16's
+    // range: not NaN, so that the output is the ±inf the sum gives.
+    c_lo.narrow(0, i, n).copy_(c.sub_(c_hi).nan_to_num_(0.0, 0.0, 0.0));
+  }
+  y.addmm_(x2, W.t()).add_(c_lo);
+  // float16's range can still be exceeded by c where the result is
+  // representable: on the CPU, where looking costs one pass and no device
+  // synchronisation, such a call reruns in float32. (The float32 sum of
+  // float16 values is finite exactly when they all are: it cannot overflow.)
+  if (x2.scalar_type() == at::kHalf && cpu && !std::isfinite(y.sum(at::kFloat).item<float>())) {
+    return lora_linear_half_widened(x2, W, A, B, bias, scale);
+  }
+  return {y, t};
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
@@ -76,31 +189,15 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
       return {y32.to(x.scalar_type()).view(y_shape), t32.to(x.scalar_type()).view(t_shape)};
     }
   }
-  at::Tensor y2;
-  if (half_gemm_is_slow(x) && M >= kWidenDenseMinRows) {
-    // No fast GEMM in this half type here (cpu/half_gemm.h): the dense
-    // product runs in float32 and rounds once, as ATen's half GEMMs round
-    // their float32 sums once.
-    const at::Tensor W32 = W.to(at::kFloat);
-    y2 = (bias.has_value() ? at::addmm(bias->to(at::kFloat), x2.to(at::kFloat), W32.t())
-                           : at::mm(x2.to(at::kFloat), W32.t()))
-             .to(x.scalar_type());
-  } else {
-    y2 = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
-  }
   if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) {
-    if (x.scalar_type() == at::kBFloat16) {
-      auto [adapter, t] = lowrank_linear_with_intermediate_op(x2, A, B * scale, std::nullopt);
-      y2.add_(adapter);
-      return {y2.view(y_shape), t.view(t_shape)};
-    }
-    auto [adapter, t] = lowrank_linear_with_intermediate_op(x2, A, B, std::nullopt);
-    // The scale as a wrapped number, as Python passes one, so that the
-    // product is taken in float32: a Scalar, or add_'s alpha, is rounded to
-    // float16 first (1e-8 becomes 0, 1e-6 loses 1.3 %).
-    y2.add_(adapter.mul_(at::native::wrapped_scalar_tensor(scale)));
-    return {y2.view(y_shape), t.view(t_shape)};
+    // No fast GEMM in this half type here (cpu/half_gemm.h): from
+    // kWidenDenseMinRows the dense product's float32 copy of W pays off.
+    auto [y2, t2] = half_gemm_is_slow(x) && M >= kWidenDenseMinRows
+        ? lora_linear_half_widened(x2, W, A, B, bias, scale)
+        : lora_linear_half(x2, W, A, B, bias, scale);
+    return {y2.view(y_shape), t2.view(t_shape)};
   }
+  at::Tensor y2 = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
   const at::Tensor t2 = at::mm(x2, A.t());
   if (r > 0 && M > 0) {
     add_scaled_adapter(y2, t2, B.t(), scale);

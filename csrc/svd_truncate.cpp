@@ -9,7 +9,9 @@
 
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
+#include <string>
 
 namespace lowrank_ext {
 namespace {
@@ -32,29 +34,51 @@ void check_svd_inputs(const at::Tensor& W, int64_t rank) {
       "svd_truncate: W contains NaN or Inf");
 }
 
-// Factors past the half dtype's range (B = U·diag(S) of a float16 W whose σ
-// exceed 65504) would come back as inf from a finite W: an error instead,
-// worded as in lowrank_ext/_fallback.py.
-void check_factors_fit(
-    const at::Tensor& B,
-    const at::Tensor& A,
-    const at::Tensor& out_B,
-    const at::Tensor& out_A,
+// A factor of W / root² (svd_truncate_kernel) times root `roots` times
+// (never times root², which is 2^1024 for a float64 W near its largest), in
+// `dtype`. Factors past the dtype's range (B = U·diag(S) where σ₁ exceeds it:
+// a float16 W's beyond 65504, a float32 W's of entries near float32's
+// largest) would come back as inf from a finite W: an error instead, worded
+// as in lowrank_ext/_fallback.py.
+at::Tensor restored_factor(
+    const char* name,
+    const at::Tensor& scaled,
+    double root,
+    int roots,
     bool balanced,
     at::ScalarType dtype) {
-  const double largest = dtype == at::kHalf
-      ? static_cast<double>(std::numeric_limits<c10::Half>::max())
-      : static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
-  const char* hint =
-      balanced ? "give a float32 W" : "pass balanced=True or give a float32 W";
-  auto check = [&](const char* name, const at::Tensor& factor, const at::Tensor& out) {
-    TORCH_CHECK_VALUE(
-        !at::isinf(out).any().item<bool>(), "svd_truncate: factor ", name,
-        " has entries up to ", factor.abs().max().item<double>(), ", beyond ",
-        dtype_name(dtype), "'s range (largest ", largest, "); ", hint);
-  };
-  check("B", B, out_B);
-  check("A", A, out_A);
+  at::Tensor factor = scaled;
+  for (int i = 0; i < roots; ++i) {
+    factor = factor * root;
+  }
+  at::Tensor out = factor.to(dtype).contiguous();
+  if (!at::isinf(out).any().item<bool>()) {
+    return out;
+  }
+  double size = scaled.abs().max().item<double>();
+  for (int i = 0; i < roots; ++i) {
+    size *= root;
+  }
+  double largest = std::numeric_limits<double>::max();
+  const char* wider = nullptr;
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    largest = dtype == at::kHalf ? static_cast<double>(std::numeric_limits<c10::Half>::max())
+                                 : static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
+    wider = "float32";
+  } else if (dtype == at::kFloat) {
+    largest = std::numeric_limits<float>::max();
+    wider = "float64";
+  }
+  std::string hint = balanced ? "" : "pass balanced=True";
+  if (wider != nullptr) {
+    hint += cat(hint.empty() ? "" : " or ", "give a ", wider, " W");
+  }
+  // The size itself can be past float64's range (a float64 W near its largest).
+  TORCH_CHECK_VALUE(
+      false, "svd_truncate: factor ", name, " has entries ",
+      std::isinf(size) ? "" : cat("up to ", size, ", "), "beyond ", dtype_name(dtype),
+      "'s range (largest ", largest, ")", hint.empty() ? "" : "; ", hint);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> svd_truncate_kernel(
@@ -64,25 +88,27 @@ std::tuple<at::Tensor, at::Tensor> svd_truncate_kernel(
   check_svd_inputs(W, rank);
   const bool half = W.scalar_type() == at::kHalf || W.scalar_type() == at::kBFloat16;
   const at::Tensor Wc = half ? W.to(at::kFloat) : W;
-  auto [U, S, Vh] = at::linalg_svd(Wc, /*full_matrices=*/false);
+  // σ₁ can exceed the dtype's range where every entry of W is finite (4e38
+  // for a 4 × 4 float32 W of 1e38), and the factors need not. The SVD runs on
+  // W / root², root = 2^⌈e/2⌉ for max|W| = m·2^e (m in [0.5, 1)): a power of
+  // two, so the scaling is exact and LAPACK and cuSOLVER give the same digits
+  // as for W; the factors take root back. svd_operand in
+  // lowrank_ext/_fallback.py computes the same root.
+  int e = 0;
+  std::frexp(Wc.abs().max().item<double>(), &e);
+  const double root = std::ldexp(1.0, e >= 0 ? (e + 1) / 2 : e / 2);
+  auto [U, S, Vh] = at::linalg_svd(Wc.div(root).div(root), /*full_matrices=*/false);
   const at::Tensor U_r = U.narrow(1, 0, rank);
   const at::Tensor S_r = S.narrow(0, 0, rank);
   const at::Tensor Vh_r = Vh.narrow(0, 0, rank);
-  at::Tensor B, A;
+  const at::ScalarType dtype = W.scalar_type();
   if (balanced) {
-    const at::Tensor root = S_r.sqrt();
-    B = U_r * root.unsqueeze(0);
-    A = Vh_r * root.unsqueeze(1);
-  } else {
-    B = U_r * S_r.unsqueeze(0);
-    A = Vh_r.contiguous();
+    const at::Tensor root_S = S_r.sqrt();
+    at::Tensor B = restored_factor("B", U_r * root_S.unsqueeze(0), root, 1, balanced, dtype);
+    return {B, restored_factor("A", Vh_r * root_S.unsqueeze(1), root, 1, balanced, dtype)};
   }
-  at::Tensor out_B = B.to(W.scalar_type()).contiguous();
-  at::Tensor out_A = A.to(W.scalar_type()).contiguous();
-  if (half) {
-    check_factors_fit(B, A, out_B, out_A, balanced, W.scalar_type());
-  }
-  return {out_B, out_A};
+  at::Tensor B = restored_factor("B", U_r * S_r.unsqueeze(0), root, 2, balanced, dtype);
+  return {B, restored_factor("A", Vh_r, root, 0, balanced, dtype)};
 }
 
 } // namespace

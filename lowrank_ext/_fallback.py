@@ -7,6 +7,8 @@ is absent. Semantics match the compiled kernels: the same checks (see
 the input dtype.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -76,32 +78,71 @@ def svd_truncate(W, rank, balanced):
     _checks.check_svd_matrix(W)
     _checks.check_svd_rank(W, rank)
     _checks.check_svd_finite(W)
+    Ws, root = svd_operand(W)
+    U, S, Vh = torch.linalg.svd(Ws, full_matrices=False)
+    return factors_from_svd(U[:, :rank], S[:rank], Vh[:rank], balanced, W.dtype, root)
+
+
+def svd_operand(W):
+    """``(W / root², root)``: W in the dtype its SVD runs in (float32 for a half
+    W), and root = 2**⌈e/2⌉ for max|W| = m·2**e, m in [0.5, 1).
+
+    σ₁ can exceed the dtype's range where every entry of W is finite (4e38 for
+    a 4 × 4 float32 W of 1e38), and the factors need not. root is a power of
+    two, so the scaling is exact and the SVD gives the same digits as for W;
+    :func:`factors_from_svd` gives root back. Tensor ops only, so that under
+    torch.vmap each matrix gets its own root; csrc/svd_truncate.cpp computes
+    the same one."""
     Wc = W.float() if W.dtype in _HALF else W
-    U, S, Vh = torch.linalg.svd(Wc, full_matrices=False)
-    return factors_from_svd(U[:, :rank], S[:rank], Vh[:rank], balanced, W.dtype)
+    _, e = torch.frexp(Wc.detach().abs().amax())
+    root = torch.exp2(torch.div(e + 1, 2, rounding_mode="floor").to(Wc.dtype))
+    return Wc / root / root, root
 
 
-def factors_from_svd(U_r, S_r, Vh_r, balanced, dtype):
-    """(B, A) from the leading singular triplets, in the form svd_truncate documents."""
+def _identity(t):
+    return t
+
+
+def factors_from_svd(U_r, S_r, Vh_r, balanced, dtype, root, values=_identity):
+    """(B, A) in ``dtype`` from the leading singular triplets of W / root²
+    (:func:`svd_operand`), in the form svd_truncate documents. ``values`` gives
+    the tensor under any torch.func wrapper, for the range check to read."""
     if balanced:
-        root = S_r.sqrt()
-        B, A = U_r * root, Vh_r * root.unsqueeze(1)
+        s = S_r.sqrt()
+        scaled = (("B", U_r * s, 1), ("A", Vh_r * s.unsqueeze(1), 1))
     else:
-        B, A = U_r * S_r, Vh_r
-    out_B, out_A = B.to(dtype).contiguous(), A.to(dtype).contiguous()
-    if dtype in _HALF:
-        _check_factors_fit(B, A, out_B, out_A, balanced, dtype)
-    return out_B, out_A
+        scaled = (("B", U_r * S_r, 2), ("A", Vh_r, 0))
+    return tuple(_restored_factor(name, factor, root, roots, balanced, dtype, values)
+                 for name, factor, roots in scaled)
 
 
-def _check_factors_fit(B, A, out_B, out_A, balanced, dtype):
-    """Factors past the half dtype's range (B = U·diag(S) of a float16 W whose
-    σ exceed 65504) would come back as inf from a finite W: an error instead,
-    worded as in csrc/svd_truncate.cpp."""
-    for name, factor, out in (("B", B, out_B), ("A", A, out_A)):
-        if bool(torch.isinf(out).any()):
-            hint = "give a float32 W" if balanced else "pass balanced=True or give a float32 W"
-            raise ValueError(
-                f"svd_truncate: factor {name} has entries up to {float(factor.abs().max()):g}, "
-                f"beyond {_checks.dtype_name(dtype)}'s range (largest "
-                f"{torch.finfo(dtype).max:g}); {hint}")
+_WIDER = {torch.float16: "float32", torch.bfloat16: "float32", torch.float32: "float64"}
+
+
+def _restored_factor(name, scaled, root, roots, balanced, dtype, values):
+    """A factor of W / root² times root ``roots`` times (never times root²,
+    which is 2**1024 for a float64 W near its largest), in ``dtype``.
+
+    Factors past the dtype's range (B = U·diag(S) where σ₁ exceeds it: a
+    float16 W's beyond 65504, a float32 W's of entries near float32's largest)
+    would come back as inf from a finite W: an error instead, worded as in
+    csrc/svd_truncate.cpp."""
+    factor = scaled
+    for _ in range(roots):
+        factor = factor * root
+    out = factor.to(dtype).contiguous()
+    if bool(torch.isinf(values(out)).any()):
+        size = scaled.detach().abs().amax().double()
+        for _ in range(roots):
+            size = size * root.double()
+        size = float(values(size).max())
+        # The size itself can be past float64's range (a float64 W near its largest).
+        up_to = "" if math.isinf(size) else f"up to {size:g}, "
+        hint = [] if balanced else ["pass balanced=True"]
+        if dtype in _WIDER:
+            hint.append(f"give a {_WIDER[dtype]} W")
+        raise ValueError(
+            f"svd_truncate: factor {name} has entries {up_to}beyond "
+            f"{_checks.dtype_name(dtype)}'s range (largest {torch.finfo(dtype).max:g})"
+            + ("; " + " or ".join(hint) if hint else ""))
+    return out

@@ -115,13 +115,18 @@ def _lowrank_grads(needs, gy, x, A, B, t, gt_out=None):
     gy2 = gy.reshape(M, d)
     gx = gA = gB = gbias = None
     if need_x or need_A:
-        gt = gy2.mm(B)
+        # float16: gt = gy·B is formed in float32 and gx = gt·A, gA = gtᵀ·x are
+        # rounded once from it: gt rounded to float16 is inf past 65504, where
+        # the gradients themselves can be representable. (bfloat16 has
+        # float32's range: rounding its gt costs digits, not the range.)
+        wide = torch.float32 if gy2.dtype == torch.float16 else gy2.dtype
+        gt = gy2.to(wide).mm(B.to(wide))
         if gt_out is not None:
             gt = gt + gt_out.reshape(M, r)
         if need_x:
-            gx = gt.mm(A).reshape(x.shape)
+            gx = gt.mm(A.to(wide)).to(x.dtype).reshape(x.shape)
         if need_A:
-            gA = gt.t().mm(x.reshape(M, k))
+            gA = gt.t().mm(x.reshape(M, k).to(wide)).to(A.dtype)
     if need_B:
         gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(M, r))
     if need_bias:

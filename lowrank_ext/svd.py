@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _functorch
-from ._fallback import _HALF, _check_factors_fit, factors_from_svd
+from ._fallback import factors_from_svd, svd_operand
 from ._library import ops
 
 _METHODS = ("exact", "randomized")
@@ -178,7 +178,9 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
                 "from W's singular values, but W is on the meta device and holds no values; "
                 "give rank instead")
         _checks.check_svd_finite(W)
-        S = torch.linalg.svdvals(W.float() if W.dtype in (torch.float16, torch.bfloat16) else W)
+        # W scaled as the op scales it (svd_operand): the rank depends on
+        # ratios of σ only, and σ₁ of a finite W can be past its dtype's range.
+        S = torch.linalg.svdvals(svd_operand(W)[0])
         rank = choose_rank(S, energy=energy, tol=tol)
     if not torch.compiler.is_compiling() and _functorch.transforms_active() is not None:
         return _differentiable(W, int(rank), balanced)
@@ -211,16 +213,10 @@ def _differentiable(W, rank, balanced):
     _checks.check_svd_matrix(W)
     _checks.check_svd_rank(W, rank)
     _checks.check_svd_finite(_values(W))
-    half = W.dtype in _HALF
-    U, S, Vh = torch.linalg.svd(W.float() if half else W, full_matrices=False)
-    B, A = factors_from_svd(U[:, :rank], S[:rank], Vh[:rank], balanced, U.dtype)
-    if not half:
-        return B, A
-    # Rounded and checked here, not by factors_from_svd: the range check
-    # reads the values, under any wrapper.
-    out_B, out_A = B.to(W.dtype), A.to(W.dtype)
-    _check_factors_fit(*map(_values, (B, A, out_B, out_A)), balanced, W.dtype)
-    return out_B, out_A
+    Ws, root = svd_operand(W)
+    U, S, Vh = torch.linalg.svd(Ws, full_matrices=False)
+    # The range check reads the values, under any wrapper.
+    return factors_from_svd(U[:, :rank], S[:rank], Vh[:rank], balanced, W.dtype, root, _values)
 
 
 def _randomized(W, rank, balanced, niter, generator):
@@ -230,7 +226,7 @@ def _randomized(W, rank, balanced, niter, generator):
         raise ValueError("svd_truncate: method='randomized' samples W's values, but W is on the "
                          "meta device and holds no values; method='exact' gives the shapes")
     _checks.check_svd_finite(W)
-    Wc = W.float() if W.dtype in (torch.float16, torch.bfloat16) else W
+    Wc, root = svd_operand(W)
     q = min(rank + _OVERSAMPLE, *W.shape)
     if generator is None:
         U, S, V = torch.svd_lowrank(Wc, q=q, niter=niter)
@@ -243,4 +239,4 @@ def _randomized(W, rank, balanced, niter, generator):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             U, S, V = torch.svd_lowrank(Wc, q=q, niter=niter)
-    return factors_from_svd(U[:, :rank], S[:rank], V[:, :rank].T, balanced, W.dtype)
+    return factors_from_svd(U[:, :rank], S[:rank], V[:, :rank].T, balanced, W.dtype, root)

@@ -63,6 +63,25 @@ def test_gradgradcheck_lowrank_linear():
     assert torch.autograd.gradgradcheck(lx.lowrank_linear, (x, A, B, b))
 
 
+def test_float16_double_backward_matches_float64():
+    # The float16 backward forms gt = gy·B in float32 (tests/test_numerics.py);
+    # built with create_graph, it must stay differentiable.
+    x, A, B, b = torch.randn(6, 16), torch.randn(4, 16) / 4, torch.randn(8, 4) / 2, torch.randn(8)
+    gy, v = torch.randn(6, 8), torch.randn(6, 16)
+
+    def second(dtype):
+        x_, A_, B_, b_ = (t.half().to(dtype).requires_grad_() for t in (x, A, B, b))
+        y = (lx.lowrank_linear(x_, A_, B_, b_) if dtype == torch.float16
+             else x_ @ (B_ @ A_).T + b_)
+        gx, = torch.autograd.grad(y, x_, gy.half().to(dtype), create_graph=True)
+        return torch.autograd.grad((gx * v.half().to(dtype)).sum(), (A_, B_))
+
+    for mine, ref in zip(second(torch.float16), second(torch.float64)):
+        assert mine.dtype == torch.float16
+        torch.testing.assert_close(mine.double(), ref, rtol=1e-2,
+                                   atol=1e-2 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 def test_gradients_match_dense_reference(dtype):
     k, r, d = 64, 8, 48

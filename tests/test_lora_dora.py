@@ -263,6 +263,17 @@ def test_from_peft_keeps_a_merged_dora_layer_unmergeable():
     torch.testing.assert_close(model(x), expected)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_and_unmerge_on_the_meta_device(use_dora):
+    # Shapes only: no values for unmerge's check of rows a zero magnitude erased.
+    lora = lx.LoRALinear(nn.Linear(8, 4, device="meta"), 2, use_dora=use_dora)
+    lora.merge()
+    assert lora.merged and lora.base.weight.is_meta
+    lora.unmerge()
+    assert not lora.merged and lora.base.weight.is_meta and lora.base.weight.shape == (4, 8)
+    assert "_dora_norms" not in dict(lora.named_buffers())
+
+
 def test_refused_where_dora_cannot_apply():
     with pytest.raises(TypeError, match="use_dora must be a bool, got int"):
         lx.LoRALinear(nn.Linear(4, 4), 2, use_dora=1)

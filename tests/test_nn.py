@@ -483,6 +483,71 @@ def test_lora_rejects_non_linear():
         lx.LoRALinear(nn.Conv1d(3, 3, 1), 1)
 
 
+class _ScaledLinear(nn.Linear):
+    """An nn.Linear subclass computing another function than nn.Linear's."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_linear_subclasses_with_a_forward_of_their_own_are_refused():
+    # The layers compute with the weight and never call the subclass's forward.
+    base = _ScaledLinear(8, 6)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(TypeError, match=r"LoRALinear: base is a _ScaledLinear, an nn.Linear "
+                                        r"subclass with a forward of its own"):
+        lx.LoRALinear(base, 2)
+    with pytest.raises(TypeError, match=r"LowRankLinear.from_linear: linear is a _ScaledLinear"):
+        lx.LowRankLinear.from_linear(base, rank=6)
+    assert all(p.requires_grad for p in base.parameters())  # not frozen: left as it was
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_linear_subclasses_keeping_nn_linears_forward_are_taken():
+    # nn.MultiheadAttention's out_proj is torch's NonDynamicallyQuantizableLinear.
+    layer = nn.MultiheadAttention(8, 2, dtype=torch.float64).out_proj
+    assert type(layer) is not nn.Linear
+    x = torch.randn(3, 8, dtype=torch.float64)
+    full = lx.LowRankLinear.from_linear(layer, rank=8)
+    torch.testing.assert_close(full(x), x @ layer.weight.T + layer.bias)
+    lora = lx.LoRALinear(layer, 2)
+    with torch.no_grad():
+        lora.B.normal_()
+    torch.testing.assert_close(lora(x), _lora_reference(x, layer.weight, layer.bias, lora.A,
+                                                        lora.B, lora.scale))
+
+
+class _ReshapesByTheWeight(nn.Module):
+    """Code that reads a layer's sizes off its weight (out_features = weight.shape[0])."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x).view(-1, self.proj.weight.shape[0] // 2, 2).to(self.proj.weight.dtype)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace's deprecation
+def test_jit_trace_reads_the_weights_metadata_and_checks_its_trace():
+    layer = lx.LowRankLinear(16, 8, 4)
+    model = _ReshapesByTheWeight(layer).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(3, 16))  # check_trace on, as by default
+        # No placeholder kept in the graph: the sizes went in as numbers.
+        assert not any(node.kind() == "prim::Constant" and node.output().type().kind() ==
+                       "TensorType" for node in traced.inlined_graph.nodes())
+        x = torch.randn(5, 16)
+        expected = ((x.double() @ (layer.B @ layer.A).double().T + layer.bias.double())
+                    .view(5, 4, 2))
+        torch.testing.assert_close(traced(x).double(), expected, **TOLERANCES[torch.float32])
+    # Computing with the weight still raises while tracing.
+    reads_values = _ReshapesByTheWeight(layer)
+    reads_values.forward = lambda x: x @ reads_values.proj.weight.T
+    with pytest.raises(RuntimeError, match="holds no values"):
+        torch.jit.trace(reads_values, torch.randn(3, 16))
+
+
 def test_fx_symbolic_trace_records_the_ops():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), lx.LowRankLinear(6, 5, 3),

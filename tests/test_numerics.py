@@ -2,6 +2,8 @@
 (..., r) intermediate, so an intermediate beyond float16's range (65504) does
 not overflow when the final answer is representable."""
 
+import math
+
 import pytest
 import torch
 
@@ -65,5 +67,113 @@ def test_float16_lora_backward_scales_before_the_adapter_products(rows):
     y = ref[0] @ ref[1].T + scale * (ref[0] @ ref[2].T) @ ref[3].T
     expected = torch.autograd.grad(y, ref, gy.double())
     for name, got, want in zip("xWAB", grads, expected):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0, msg=name)
+
+
+# --- lora_linear in half types: dense product, bias and adapter rounded once --
+
+@pytest.mark.parametrize("widen", ["0", "1"], ids=["half-gemm", "widened"])
+@pytest.mark.parametrize("rows", [1, 2, 63, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["adapter-past-range", "cancelling"])
+def test_half_lora_rounds_dense_bias_and_adapter_once(monkeypatch, case, dtype, rows, widen):
+    # An adapter of 80000 before a scale of 0.01 (result 803), or a dense
+    # product of 80000 cancelled by an adapter of -72000 (result 8003): the
+    # compiled kernel rounded the dense product and the adapter to the half
+    # type and added them there, giving inf and NaN in float16 and 4 % off in
+    # bfloat16, where the fallback sums in float32 and rounds once.
+    # LOWRANK_EXT_WIDEN_HALF picks the compiled dense product: the half
+    # type's GEMM or a float32 one (cpu/half_gemm.h); 2-63 rows may stream.
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", widen)
+    k = 8
+    if case == "cancelling":
+        x, W, B, scale = torch.full((rows, k), 100.0), torch.full((4, k), 100.0), -90.0, 1.0
+    else:
+        x, W, B, scale = torch.full((rows, k), 50.0), torch.zeros(4, k), 200.0, 0.01
+    x, W = x.to(dtype), W.to(dtype)
+    A = torch.ones(1, k, dtype=dtype)
+    B = torch.full((4, 1), B, dtype=dtype)
+    bias = torch.full((4,), 3.0, dtype=dtype)
+    ref = (x.double() @ W.double().T + bias.double()
+           + scale * (x.double() @ A.double().T) @ B.double().T)
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        y = fn(x, W, A, B, bias, scale)
+        torch.testing.assert_close(y.double(), ref, rtol=torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("widen", ["0", "1"], ids=["half-gemm", "widened"])
+@pytest.mark.parametrize("rows", [1, 3, 100])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_lora_keeps_the_digits_of_a_cancelling_result(monkeypatch, dtype, rows, widen):
+    # W ≈ -scale·B·A: the dense product and the adapter cancel to about 1 %
+    # of either, so rounding either to the half type first is off by many
+    # units in the last place of the result.
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", widen)
+    g = torch.Generator().manual_seed(0)
+    k, r, d, scale = 32, 4, 16, 0.5
+    x, A, B = (torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+               for s in ((rows, k), (r, k), (d, r)))
+    noise = 0.01 * torch.randn(d, k, generator=g, dtype=torch.float64)
+    W = (-scale * B.double() @ A.double() + noise).to(dtype)
+    bias = (0.01 * torch.randn(d, generator=g, dtype=torch.float64)).to(dtype)
+    ref = (x.double() @ W.double().T + bias.double()
+           + scale * (x.double() @ A.double().T) @ B.double().T)
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        y = fn(x, W, A, B, bias, scale)
+        torch.testing.assert_close(y.double(), ref, rtol=2 * torch.finfo(dtype).eps,
+                                   atol=1e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 100])  # one row, the few-rows branch, a GEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("scale", [1e39, 1e-50, 0.0])
+def test_lora_scale_acts_in_the_dtype_of_the_products(scale, dtype, rows):
+    # scale multiplies the adapter in the dtype its products run in (float32
+    # for the half types), as in the composition scale * (x·Aᵀ)·Bᵀ: past
+    # float32's range 1e39 is inf there (inf·0 = NaN), and 1e-50 is 0, whose
+    # product with the NaN in B is NaN. The compiled kernel raised for 1e39
+    # (ATen's alpha, naming no argument) and dropped the NaN for 1e-50 (BLAS
+    # skips a product whose alpha is 0).
+    x = torch.ones(rows, 4, dtype=dtype)
+    W = torch.ones(3, 4, dtype=dtype)
+    A = torch.ones(2, 4, dtype=dtype)
+    B = torch.tensor([[math.nan, 1.0], [1.0, 1.0], [0.0, 0.0]], dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.tensor(scale, dtype=acc).double()
+    ref = x.double() @ W.double().T + s * ((x.double() @ A.double().T) @ B.double().T)
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        torch.testing.assert_close(fn(x, W, A, B, None, scale), ref.to(dtype), equal_nan=True)
+
+
+# --- float16 backward of lowrank_linear: gt = gy·B in float32 ------------------
+
+@pytest.mark.parametrize("widen", ["0", "1"], ids=["half-gemm", "widened"])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 128), (64, 64, 4, 128), (1536, 8, 2, 128)],
+                         ids=str)  # 1536 rows: where the CPU fuses gx = (gy·B)·A
+@pytest.mark.parametrize("form", ["op", "with_intermediate", "func"])
+def test_float16_lowrank_backward_forms_gy_B_in_float32(monkeypatch, form, shape, widen):
+    # gt = gy·B is 128000, past float16's 65504, while gx (4000 or 8000) and
+    # gA (12.8 per row) are representable: gt rounded to float16 made both inf.
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", widen)
+    M, k, r, d = shape
+    x = torch.full((M, k), 1e-4, dtype=torch.float16)
+    A = torch.full((r, k), 2.0 ** -6, dtype=torch.float16)
+    B = torch.full((d, r), 1000.0, dtype=torch.float16)
+    gy = torch.ones(M, d, dtype=torch.float16)
+    if form == "func":
+        _, vjp = torch.func.vjp(lambda *a: lx.lowrank_linear(*a, None), x, A, B)
+        grads = vjp(gy)
+    else:
+        ins = [t.clone().requires_grad_() for t in (x, A, B)]
+        if form == "op":
+            y = lx.lowrank_linear(*ins, None)
+        else:
+            y = torch.ops.lowrank_ext.lowrank_linear_with_intermediate(*ins, None)[0]
+        grads = torch.autograd.grad(y, ins, gy)
+    ref = [t.double().requires_grad_() for t in (x, A, B)]
+    expected = torch.autograd.grad((ref[0] @ ref[1].T) @ ref[2].T, ref, gy.double())
+    for name, got, want in zip("xAB", grads, expected):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0, msg=name)

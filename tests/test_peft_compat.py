@@ -1,6 +1,8 @@
 """from_peft: a peft model's LoRA Linear layers become LoRALinear with the same outputs."""
 
 import copy
+import json
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -140,6 +142,42 @@ def test_non_linear_base_and_bad_arguments():
         lx.from_peft("model")
     with pytest.raises(TypeError, match="adapter must be a str"):
         lx.from_peft(_peft_model(), adapter=1)
+
+
+class _DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_refused_before_anything_changes():
+    # peft calls the base layer; LoRALinear would compute with its weight
+    # and skip that forward. The refused layer comes after one that converts.
+    model = _base()
+    model.fc2 = _DoubledLinear(32, 16, dtype=torch.float64)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["fc1", "fc2"],
+                                                            init_lora_weights=False))
+    snapshot = _snapshot(peft_model)
+    with pytest.raises(TypeError, match="layer 'fc2' adapts a _DoubledLinear, a subclass of "
+                                        "nn.Linear with its own forward"):
+        lx.from_peft(peft_model)
+    types, state = _snapshot(peft_model)
+    assert types == snapshot[0]
+    for key, value in state.items():
+        torch.testing.assert_close(value, snapshot[1][key], rtol=0, atol=0)
+
+
+def test_a_linear_subclass_that_keeps_its_forward_converts():
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    model = _base()
+    model.fc2 = NonDynamicallyQuantizableLinear(32, 16, dtype=torch.float64)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["fc1", "fc2"],
+                                                            init_lora_weights=False)).eval()
+    x = torch.randn(3, 20, dtype=torch.float64)
+    expected = peft_model(x)
+    converted = lx.from_peft(peft_model)
+    assert isinstance(converted.fc2, lx.LoRALinear)
+    torch.testing.assert_close(converted(x), expected)
 
 
 def test_float32_adapters_on_a_bfloat16_base_are_cast_with_a_warning():
@@ -305,10 +343,59 @@ def test_modules_to_save_go_back_to_peft(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_trainable_base_biases_are_named_in_a_warning(tmp_path):
+class _Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(20, 32, dtype=torch.float64)
+        self.norm = nn.LayerNorm(32, dtype=torch.float64)
+        self.fc2 = nn.Linear(32, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_biases_peft_trained_go_back_to_peft(tmp_path, bias):
+    original = _Normed()
+    peft_model = peft.get_peft_model(copy.deepcopy(original), peft.LoraConfig(
+        r=4, target_modules=["fc1"], bias=bias, init_lora_weights=False))
+    with torch.no_grad():  # as if trained: every trainable parameter moves
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    x = torch.randn(5, 20, dtype=torch.float64)
+    expected = peft_model.eval()(x)
+    model = lx.from_peft(peft_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every trainable parameter is written
+        lx.save_peft_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["bias"] == bias
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter").eval()
+    torch.testing.assert_close(loaded(x), expected)
+
+
+@pytest.mark.parametrize("trained, bias", [("fc1.base.bias", "lora_only"),
+                                           ("norm.bias", "all")])
+def test_biases_trained_beside_add_lora_adapters_go_back_to_peft(tmp_path, trained, bias):
+    original = _Normed()
+    model = copy.deepcopy(original)
+    lx.add_lora(model, 4, include="fc1")
+    param = model.get_parameter(trained).requires_grad_(True)
+    with torch.no_grad():
+        model.fc1.B.normal_()
+        param.add_(1.0)
+    lx.save_peft_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["bias"] == bias
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter").eval()
+    x = torch.randn(5, 20, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_other_trainable_parameters_are_named_in_a_warning(tmp_path):
     model = _adapted(_base())
-    model.fc1.base.bias.requires_grad_(True)
-    with pytest.warns(UserWarning, match="base biases of fc1 are trainable"):
+    model.fc1.base.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match="fc1.base.weight are trainable, but a peft adapter "
+                                         "holds only"):
         lx.save_peft_adapter(model, tmp_path / "adapter")
 
 
@@ -322,6 +409,34 @@ def test_base_model_name_or_path_is_checked_before_anything_is_written(tmp_path)
     lx.save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=Path("/m/tiny"))
     loaded = peft.PeftConfig.from_pretrained(tmp_path / "adapter")
     assert loaded.base_model_name_or_path == "/m/tiny"
+
+
+class _Shared(nn.Module):
+    """fc is registered twice (``fc`` and ``again``), head once."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16, dtype=torch.float64)
+        self.again = self.fc
+        self.head = nn.Linear(16, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(self.again(torch.tanh(self.fc(x))))
+
+
+def test_an_adapter_or_module_to_save_in_several_places_is_refused_writing_nothing(tmp_path):
+    # peft wraps a module at the first of its names only: the second use
+    # would run without the adapter.
+    model = _Shared()
+    lx.add_lora(model, 2, include="fc")
+    with pytest.raises(ValueError, match=r"under several names: fc \(also at again\); peft "
+                                         "would load each into the first"):
+        lx.save_peft_adapter(model, tmp_path / "adapter")
+    model = _Shared()
+    lx.add_lora(model, 2, include="head")
+    with pytest.raises(ValueError, match=r"several names: fc \(also at again\)"):
+        lx.save_peft_adapter(model, tmp_path / "adapter", modules_to_save=["fc"])
+    assert not (tmp_path / "adapter").exists()
 
 
 class _SuffixNames(nn.Module):

@@ -666,3 +666,168 @@ def test_a_tie_the_file_does_not_have_is_refused_not_loaded_half(tmp_path):
     lx.load_compressed(model, path)
     ids = torch.randint(0, 10, (3, 5))
     torch.testing.assert_close(model(ids), saved(ids))
+
+
+# --- hooks, parametrizations and compiled models ---------------------------------------
+
+def _hook_layer(layer, seen):
+    """A forward pre-hook, a forward hook taking kwargs, one that runs even when
+    forward raises, and a full backward hook on ``layer``, each recording its
+    kind and the module it ran on. Returns their handles."""
+    return [layer.register_forward_pre_hook(lambda m, args: seen.append(("pre", m))),
+            layer.register_forward_hook(lambda m, args, kwargs, out: seen.append(("fwd", m)),
+                                        with_kwargs=True),
+            layer.register_forward_hook(lambda m, args, out: seen.append(("always", m)),
+                                        always_call=True),
+            layer.register_full_backward_hook(lambda m, gi, go: seen.append(("bwd", m)))]
+
+
+def _hooks_run(model, x, seen):
+    seen.clear()
+    model(x).sum().backward()
+    return [kind for kind, _ in seen], {id(m) for _, m in seen}
+
+
+def test_hooks_move_to_the_layers_that_replace_them(tmp_path):
+    # As torch's quantization swap carries them: compress_model and
+    # load_compressed used to drop them with the replaced layer.
+    x = torch.randn(5, 16)
+    model, seen = build(), []
+    handles = _hook_layer(model[2], seen)
+    lx.compress_model(model, rank=4, progress=False)
+    assert _hooks_run(model, x, seen) == (["pre", "fwd", "always", "bwd"], {id(model[2])})
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(model, path)
+    fresh, fresh_seen = build(), []
+    _hook_layer(fresh[2], fresh_seen)
+    lx.load_compressed(fresh, path)
+    assert isinstance(fresh[2], lx.LowRankLinear)
+    assert _hooks_run(fresh, x, fresh_seen) == (["pre", "fwd", "always", "bwd"], {id(fresh[2])})
+    fresh_seen.clear()
+    with pytest.raises(ValueError, match="x has k=7 features"):
+        fresh[2](torch.randn(5, 7))
+    assert [kind for kind, _ in fresh_seen] == ["pre", "always"]
+    for handle in handles:  # their handles still remove them
+        handle.remove()
+    assert _hooks_run(model, x, seen) == ([], set())
+
+
+def test_hooks_stay_on_the_layer_add_lora_wraps_and_merge_lora_puts_back():
+    # The no-op pre-hook that keeps an encoder layer off its fused path
+    # leaves with the LoRALinear (keep_off_fused_encoder_paths): merge_lora
+    # puts back a plain Linear with the user's hook alone.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    seen = []
+    handle = model.linear1.register_forward_pre_hook(lambda m, args: seen.append(m))
+    hook = model.linear1._forward_pre_hooks[handle.id]
+    lx.add_lora(model, 2, include="linear1")
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        model(x)
+    # The hook stays on the wrapped layer, which the adapter still runs (as in peft).
+    assert isinstance(model.linear1, lx.LoRALinear) and seen == [model.linear1.base]
+    assert not model.linear1._forward_hooks
+    lx.merge_lora(model)
+    assert type(model.linear1) is nn.Linear
+    assert list(model.linear1._forward_pre_hooks.values()) == [hook]
+    seen.clear()
+    with torch.no_grad():
+        model(x)
+    assert seen == [model.linear1]
+    handle.remove()
+    assert not model.linear1._forward_pre_hooks
+
+
+def test_backward_hooks_of_both_kinds_are_refused_where_they_would_meet():
+    # torch runs one kind per module: merge_lora would put the adapter's
+    # full backward hook on a base layer holding an old-style one.
+    model = nn.Sequential(nn.Linear(8, 8))
+    lx.add_lora(model, 2)
+    model[0].register_full_backward_hook(lambda m, gi, go: None)
+    model[0].base.register_backward_hook(lambda m, gi, go: None)
+    with pytest.raises(RuntimeError, match="cannot replace '0': the module there and the one "
+                                           "replacing it have backward hooks of both kinds"):
+        lx.merge_lora(model)
+
+
+class _Attends(nn.Module):
+    def __init__(self, extra=False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+        if extra:  # a layer the file lacks: a strict load fails after the swaps
+            self.more = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_a_failed_load_puts_the_hooks_back_on_the_original_modules(tmp_path):
+    model = _Attends()
+    lx.split_attention(model)
+    lx.compress_model(model, rank=4, include="fc", progress=False)
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(model, path)
+    fresh, seen = _Attends(extra=True), []
+    attn, fc = fresh.attn, fresh.fc
+    attn.register_forward_pre_hook(lambda m, args, kwargs: seen.append(m), with_kwargs=True)
+    fc.register_forward_pre_hook(lambda m, args: seen.append(m))
+    with pytest.raises(RuntimeError, match="missing from the file: more.weight"):
+        lx.load_compressed(fresh, path)
+    assert fresh.attn is attn and fresh.fc is fc
+    fresh(torch.randn(2, 3, 16))
+    assert seen == [attn, fc]
+
+
+class _Halved(nn.Module):
+    def forward(self, A):
+        return 0.5 * A
+
+
+def test_a_parametrized_low_rank_layer_is_refused_before_writing(tmp_path):
+    # Its factor would be stored as "2.parametrizations.A.original", which
+    # load_compressed cannot put anywhere.
+    from torch.nn.utils import parametrize
+
+    model = build()
+    lx.compress_model(model, rank=4, progress=False)
+    parametrize.register_parametrization(model[2], "A", _Halved())
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match=r"save_compressed: the model has LowRankLinear layers "
+                                         r"with parametrizations \(torch.nn.utils.parametrize\): "
+                                         r"2 \(on A\); load_compressed cannot rebuild them"):
+        lx.save_compressed(model, path)
+    assert not path.exists()
+    x = torch.randn(5, 16)
+    expected = model(x)
+    parametrize.remove_parametrizations(model[2], "A")  # as the message says
+    lx.save_compressed(model, path)
+    torch.testing.assert_close(lx.load_compressed(build(), path)(x), expected)
+
+
+def test_a_compiled_model_is_saved_and_loaded_under_its_modules_names(tmp_path):
+    # Compiling is lazy: nothing here calls a compiled model.
+    model = build()
+    lx.compress_model(model, rank=4, progress=False)
+    x = torch.randn(5, 16)
+    path = tmp_path / "m.safetensors"
+    assert lx.save_compressed(torch.compile(model), path) == {"0": 4, "2": 4, "4": 4}
+    with safe_open(str(path), framework="pt") as f:
+        assert not any(key.startswith("_orig_mod") for key in f.keys())
+    torch.testing.assert_close(lx.load_compressed(build(), path)(x), model(x), rtol=0, atol=0)
+    compiled = torch.compile(build())
+    assert lx.load_compressed(compiled, path) is compiled
+    torch.testing.assert_close(compiled._orig_mod(x), model(x), rtol=0, atol=0)
+    # A compiled model's own state_dict has the wrapper's names: it loads
+    # into a compiled model, and a plain one is told why it does not.
+    wrapped = tmp_path / "wrapped.safetensors"
+    _state_file(torch.compile(model), wrapped)
+    plain = build()
+    with pytest.raises(ValueError, match="every tensor name in .* starts with '_orig_mod.': "
+                                         ".* load it into torch.compile\\(model\\)"):
+        lx.load_compressed(plain, wrapped)
+    assert type(plain[0]) is nn.Linear
+    compiled = torch.compile(build())
+    lx.load_compressed(compiled, wrapped)
+    torch.testing.assert_close(compiled._orig_mod(x), model(x), rtol=0, atol=0)

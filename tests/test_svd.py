@@ -337,3 +337,84 @@ def test_func_a_rank_chosen_from_values_is_refused_under_vmap_only(criterion):
     W0 = W[0].clone().requires_grad_()
     lx.svd_truncate(W0, **criterion)[0].sum().backward()
     torch.testing.assert_close(got, W0.grad)
+
+
+# --- σ₁ past the dtype's range: the SVD runs on W scaled by a power of two -----
+
+def _past_range(dtype):
+    """A finite rank-2 W whose σ₁ exceeds dtype's largest, and W / c for the c
+    that scales it (float64, in range: the independent reference)."""
+    g = torch.Generator().manual_seed(0)
+    W0 = (torch.randn(8, 2, generator=g, dtype=torch.float64)
+          @ torch.randn(2, 6, generator=g, dtype=torch.float64))
+    c = torch.finfo(dtype).max / float(W0.abs().max()) / 1.01
+    W = (W0 * c).to(dtype)
+    return W, W.double() / c, c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_balanced_factors_of_a_finite_W_whose_sigma_exceeds_its_dtype(dtype):
+    # The balanced factors hold √σ each, well inside the range: the SVD of W
+    # itself gave σ₁ = inf and inf factors, and choose_rank refused S.
+    from lowrank_ext import _fallback
+    from lowrank_ext._library import ops
+
+    W, W_over_c, c = _past_range(dtype)
+    before = W.clone()
+    U, S, Vh = torch.linalg.svd(W_over_c)
+    assert float(S[0]) * c > torch.finfo(dtype).max
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    for B, A in (lx.svd_truncate(W, rank=2, balanced=True), ops.svd_truncate(W, 2, True),
+                 _fallback.svd_truncate(W, 2, True),
+                 lx.svd_truncate(W, energy=0.999, balanced=True),
+                 lx.svd_truncate(W, rank=2, balanced=True, method="randomized")):
+        assert B.dtype == A.dtype == dtype and torch.isfinite(B).all() and torch.isfinite(A).all()
+        # In units of √c, so that the reference's norms stay in float64's range.
+        B_c, A_c = B.double() / math.sqrt(c), A.double() / math.sqrt(c)
+        torch.testing.assert_close(B_c.norm(dim=0), S[:2].sqrt(), **tol)
+        torch.testing.assert_close(A_c.norm(dim=1), S[:2].sqrt(), **tol)
+        torch.testing.assert_close(B_c @ A_c, W_over_c, rtol=0,
+                                   atol=(1e-5 if dtype == torch.float32 else 1e-10) * float(S[0]))
+    assert torch.equal(W, before)
+
+
+def test_unbalanced_factors_take_sigma_whole_or_name_the_range():
+    from lowrank_ext import _fallback
+    from lowrank_ext._library import ops
+
+    # σ₁ = 4e38 is past float32's range; B = U·diag(S) is 2e38, inside it.
+    W = torch.full((4, 4), 1e38)
+    for B, A in (lx.svd_truncate(W, rank=1), _fallback.svd_truncate(W, 1, False)):
+        torch.testing.assert_close(B.double().abs(), torch.full((4, 1), 2e38).double(),
+                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(B.double() @ A.double(), W.double(), rtol=1e-5, atol=0)
+    # Here B's entries, 1.2e39 (2e308, past even float64's range), are not:
+    # a named error, worded alike by both backends; float64 has no wider
+    # dtype to suggest.
+    for W, pattern in ((torch.full((16, 16), 3e38),
+                        r"svd_truncate: factor B has entries up to 1\.2\d*e\+39, beyond float32's "
+                        r"range \(largest 3\.40282e\+38\); pass balanced=True or give a float64 W$"),
+                       (torch.full((4, 4), 1e308, dtype=torch.float64),
+                        r"svd_truncate: factor B has entries beyond float64's "
+                        r"range \(largest 1\.79769e\+308\); pass balanced=True$")):
+        messages = set()
+        for call in (lambda: lx.svd_truncate(W, rank=1), lambda: ops.svd_truncate(W, 1, False),
+                     lambda: _fallback.svd_truncate(W, 1, False)):
+            with pytest.raises(ValueError, match=pattern) as info:
+                call()
+            messages.add(str(info.value))
+        assert len(messages) == 1, messages
+        B, A = lx.svd_truncate(W, rank=1, balanced=True)
+        assert torch.isfinite(B).all() and torch.isfinite(A).all()
+
+
+def test_func_scales_each_matrix_of_a_batch_by_its_own_power_of_two():
+    # One root for the batch would flush the small matrix's entries to zero.
+    Ws = torch.stack([torch.full((4, 3), 1e38), 1e-30 * torch.randn(4, 3)])
+    B, A = torch.func.vmap(lambda w: lx.svd_truncate(w, rank=3, balanced=True))(Ws)
+    for i in range(2):
+        B_op, A_op = lx.svd_truncate(Ws[i], rank=3, balanced=True)
+        assert torch.isfinite(B_op).all()
+        assert torch.equal(B[i], B_op) and torch.equal(A[i], A_op)
+    torch.testing.assert_close(B[1].double() @ A[1].double(), Ws[1].double(), rtol=0,
+                               atol=1e-5 * float(Ws[1].abs().max()))
