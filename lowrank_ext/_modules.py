@@ -1,6 +1,6 @@
-"""Replacing a named submodule in place (keeping torch's Transformer encoder
-modules off the fused paths that would bypass it), and the layer kinds
-compression replaces."""
+"""Replacing a named submodule in place (its hooks moving to the new module,
+and torch's Transformer encoder modules kept off the fused paths that would
+bypass it), and the layer kinds compression replaces."""
 
 import contextlib
 import functools
@@ -11,14 +11,88 @@ from torch import nn
 
 
 def replace_module(model, name, new):
-    """Put ``new`` in place of the submodule called ``name``; return the module it replaced."""
+    """Put ``new`` in place of the submodule called ``name``; return the module it replaced.
+
+    The hooks registered on the old module move to ``new`` (see :func:`move_hooks`).
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
+    _check_backward_hooks_combine(name, old, new)
     setattr(parent, child, new)
+    move_hooks(old, new)
     if type(new) is not nn.Linear:
         keep_off_fused_encoder_paths(model, parent_name, new)
     return old
+
+
+# Where nn.Module keeps a module's own hooks, with the bookkeeping torch
+# keeps beside them by hook id (which hooks take kwargs, which run even when
+# forward raises); read with getattr, as a torch release may lack some. True
+# where the moved hooks run before the new module's own: the order they ran
+# in where the old module called the new one (peft's modules_to_save wrapper
+# calls its copy; a LoRALinear that merge_lora takes out, its base layer),
+# its pre-hooks outside the new module's, its forward and backward hooks after.
+_HOOK_DICTS = {"_forward_pre_hooks": True, "_forward_pre_hooks_with_kwargs": True,
+               "_forward_hooks": False, "_forward_hooks_with_kwargs": False,
+               "_forward_hooks_always_called": False,
+               "_backward_pre_hooks": True, "_backward_hooks": False}
+
+
+def _own_hook_ids(module):
+    """Ids of the hooks that leave with ``module`` (see keep_off_fused_encoder_paths)."""
+    return {i for i, hook in module._forward_pre_hooks.items() if hook is _run_the_module}
+
+
+def _takes_hooks(old, new):
+    """Whether ``old``'s hooks move to ``new``: not where ``new`` holds ``old``
+    (a LoRALinear around its base layer), which still runs them itself, as
+    peft's wrapper runs those of its ``base_layer``."""
+    return (isinstance(old, nn.Module) and isinstance(new, nn.Module)
+            and not any(m is old for m in new.modules()))
+
+
+def _check_backward_hooks_combine(name, old, new):
+    if not _takes_hooks(old, new):
+        return
+    kinds = [m._is_full_backward_hook for m in (old, new) if m._backward_hooks]
+    if len(set(kinds)) > 1:
+        raise RuntimeError(f"cannot replace {name!r}: the module there and the one replacing it "
+                           "have backward hooks of both kinds (register_backward_hook and "
+                           "register_full_backward_hook), which torch does not run on one "
+                           "module; remove one of them first")
+
+
+def move_hooks(old, new):
+    """Move the forward, forward pre-, backward and backward pre-hooks of
+    ``old`` to ``new``, which takes ``old``'s place in a model.
+
+    They belong to that place (torch's quantization swap carries hooks over
+    too): a hook registered before a layer is compressed runs on the layer
+    that replaced it. Where ``new`` holds ``old`` (``add_lora`` wraps a layer
+    in a LoRALinear) nothing moves: the hooks stay with ``old``, which still
+    runs them (see LoRALinear.forward), as in peft. The hook dicts themselves move, so the handles
+    that registered them still remove them (``new``'s own hooks join those
+    dicts); ``old`` keeps only the no-op pre-hook of
+    keep_off_fused_encoder_paths, which leaves with it.
+    """
+    if not _takes_hooks(old, new):
+        return
+    own = _own_hook_ids(old)
+    for attr, moved_first in _HOOK_DICTS.items():
+        moved, kept = getattr(old, attr, None), getattr(new, attr, None)
+        if moved is None or kept is None or not moved.keys() - own:
+            continue
+        if attr == "_backward_hooks":
+            new._is_full_backward_hook = old._is_full_backward_hook
+            old._is_full_backward_hook = None
+        entries = [(i, hook) for i, hook in moved.items() if i not in own]
+        leaving = type(moved)((i, hook) for i, hook in moved.items() if i in own)
+        entries = entries + list(kept.items()) if moved_first else list(kept.items()) + entries
+        moved.clear()
+        moved.update(entries)
+        setattr(new, attr, moved)
+        setattr(old, attr, leaving)
 
 
 def places_of(model):
@@ -114,6 +188,16 @@ def keeps_encoder_flags(function):
         with _encoder_flags_kept(model):
             return function(model, *args, **kwargs)
     return wrapper
+
+
+def compiled_original(model):
+    """The module ``torch.compile`` wrapped, for its ``OptimizedModule``
+    (whose own names carry an ``_orig_mod.`` prefix); anything else as it is.
+    Looked up only when torch._dynamo is already imported: compiling imported it."""
+    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    while optimized is not None and isinstance(model, optimized):
+        model = model._orig_mod
+    return model
 
 
 # transformers' Conv1D (GPT-2 and its relatives) is a linear layer that keeps

@@ -35,9 +35,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._checks import check_device, dtype_name
-from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, replace_module
+from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, places_of, replace_module
 from ._names import preview
 from ._workers import Workers
 from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
@@ -77,7 +78,8 @@ def plain_linears(model, *, conv1d=False):
 
     Subclasses are left out because their owners may read their weight
     directly (``nn.MultiheadAttention`` passes ``out_proj.weight`` to its
-    functional form, never calling the layer). The frozen base layer inside a
+    functional form, never calling the layer); so are parametrized layers
+    (see :func:`left_alone_linears`). The frozen base layer inside a
     ``LoRALinear`` is not one of them either: swapping it would take the
     adapter's base away from under it. With ``conv1d``, transformers'
     ``Conv1D`` layers (a Linear with its weight transposed) are included.
@@ -85,6 +87,39 @@ def plain_linears(model, *, conv1d=False):
     owned = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
     return {name: m for name, m in model.named_modules()
             if (type(m) is nn.Linear or (conv1d and is_conv1d(m))) and id(m) not in owned}
+
+
+def left_alone_linears(model):
+    """{name: (module, why)} for the ``nn.Linear`` layers :func:`plain_linears`
+    leaves out, other than adapters' bases: subclasses of ``nn.Linear``, and
+    layers with a parametrization (``weight_norm``, ``spectral_norm``,
+    ``orthogonal``, ...), which torch makes instances of a subclass. Their
+    weight is not simply used as it is stored, so a LowRankLinear (or an
+    adapter) in their place would compute something else; ``why`` says so, for
+    reports and error messages."""
+    owned = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    found = {}
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear or not isinstance(m, nn.Linear) or id(m) in owned:
+            continue
+        if parametrize.is_parametrized(m):
+            original = type(m).__mro__[1]  # torch's Parametrized<cls> derives from cls
+            kind = ("nn.Linear" if original is nn.Linear
+                    else f"{original.__name__}, a subclass of nn.Linear,")
+            how = "; ".join(f"{tensor}: {', '.join(type(p).__name__ for p in chain)}"
+                            for tensor, chain in m.parametrizations.items())
+            why = (f"a parametrized {kind} ({how}), computing those tensors at every use; "
+                   "torch.nn.utils.parametrize.remove_parametrizations makes it a plain layer")
+        else:
+            holder = model.get_submodule(name.rpartition(".")[0]) if name else None
+            why = (f"{type(m).__name__}, a subclass of nn.Linear: "
+                   + ("the nn.MultiheadAttention holding it reads its weight directly; "
+                      "lx.split_attention(model) first makes it a plain nn.Linear"
+                      if type(holder) is nn.MultiheadAttention else
+                      "its forward, or the module holding it, may use the weight otherwise "
+                      "than nn.Linear does"))
+        found[name] = (m, why)
+    return found
 
 
 def name_matches(name, pattern):
@@ -96,22 +131,79 @@ def name_matches(name, pattern):
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
-def select_names(names, include=None, exclude=None, *, owner="compress_model", what="layer"):
-    """The names kept by include/exclude glob patterns; a pattern matching nothing is an error."""
+def _listed(why):
+    """``name (why)`` for each of ``{name: why}``, shortened; the model itself has no name."""
+    return preview(f"{name or 'the model'} ({text})" for name, text in why.items())
+
+
+def left_alone_suffix(model):
+    """`` (left alone: name (why), ...)`` naming the model's layers left alone, or ""."""
+    alone = {name: why for name, (_, why) in left_alone_linears(model).items()}
+    return f" (left alone: {_listed(alone)})" if alone else ""
+
+
+def select_names(names, include=None, exclude=None, *, owner="compress_model", what="layer",
+                 aliases=None, left_alone=None):
+    """The names kept by include/exclude glob patterns; a pattern matching nothing is an error.
+
+    ``aliases`` ({name: every name of that module}) lets a pattern match a
+    module by any of its names. ``left_alone`` ({name: why}) marks names the
+    caller will not touch: they are kept like the others (a report lists
+    them), and an exclude pattern may match them alone, but an include
+    pattern that does is a TypeError saying why, and a selection of them
+    alone is an error.
+    """
     include = _as_patterns("include", include, owner)
     exclude = _as_patterns("exclude", exclude, owner)
+    aliases = aliases or {}
+    left_alone = left_alone or {}
+
+    def matches(name, pattern):
+        return any(name_matches(n, pattern) for n in aliases.get(name, (name,)))
+
+    usable = [n for n in names if n not in left_alone]
     for label, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or ():
-            if not any(name_matches(n, pattern) for n in names):
+            if any(matches(n, pattern) for n in usable):
+                continue
+            alone = [n for n in left_alone if matches(n, pattern)]
+            if alone and label == "include":
+                raise TypeError(f"{_prefix(owner)}include pattern {pattern!r} matches only "
+                                f"layers left alone: {_listed({n: left_alone[n] for n in alone})}")
+            if not alone:
                 raise ValueError(
                     f"{_prefix(owner)}{label} pattern {pattern!r} matches no {what} "
-                    f"(candidates: {preview(names)})")
+                    f"(candidates: {preview(a for n in usable for a in aliases.get(n, (n,)))})")
     chosen = [n for n in names
-              if (include is None or any(name_matches(n, p) for p in include))
-              and not any(name_matches(n, p) for p in exclude or ())]
-    if not chosen:
-        raise ValueError(f"{_prefix(owner)}include/exclude leave no {what} selected")
+              if (include is None or any(matches(n, p) for p in include))
+              and not any(matches(n, p) for p in exclude or ())]
+    if all(n in left_alone for n in chosen):
+        alone = (f" (only layers left alone: {_listed({n: left_alone[n] for n in chosen})})"
+                 if chosen else "")
+        raise ValueError(f"{_prefix(owner)}include/exclude leave no {what} selected{alone}")
     return chosen
+
+
+def select_layers(model, layers, include=None, exclude=None, *, owner="compress_model",
+                  what="layer"):
+    """(chosen, left): the names of ``layers`` ({name: module}, as named_modules()
+    names them) that include/exclude select, and those of the layers left
+    alone (:func:`left_alone_linears`) that they select, {name: (module, why)};
+    both in the model's order.
+
+    A module registered under several names (``m.dec = m.enc``) is matched by
+    every one of them: it is selected when any of its names matches an
+    include pattern, and left out when any matches an exclude pattern (one
+    object, it is replaced everywhere or nowhere).
+    """
+    alone = left_alone_linears(model)
+    places = places_of(model)
+    order = [name for name, m in model.named_modules() if name in layers or name in alone]
+    modules = {**{n: m for n, (m, _) in alone.items()}, **layers}
+    chosen = select_names(order, include, exclude, owner=owner, what=what,
+                          aliases={n: places[id(modules[n])] for n in order},
+                          left_alone={n: why for n, (_, why) in alone.items()})
+    return [n for n in chosen if n in layers], {n: alone[n] for n in chosen if n in alone}
 
 
 # --- per-layer spectra -------------------------------------------------------------
@@ -515,7 +607,10 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             run the same batches); a callable must run the same batches
             each time it is called.
         include, exclude: glob patterns (or lists) on module names, matched in
-            full or as a dotted suffix; each must match some Linear layer.
+            full or as a dotted suffix; each must match some Linear layer. A
+            layer the model holds under several names is matched by each of
+            them: any name matching ``include`` selects it, any matching
+            ``exclude`` leaves it out.
         allocation: with ``ratio``, how the parameter budget is shared out.
             ``"sensitivity"`` (the default with calibration) probes each layer:
             it measures how much truncating that layer alone changes the
@@ -554,7 +649,10 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     layers whose weight is tied to another module (an output layer sharing the
     embedding matrix), whose bias another module shares, or that the model
     holds under two names: they take no part in the ratio's budget, as do
-    layers with an empty weight (a dimension of 0).
+    layers with an empty weight (a dimension of 0). Subclasses of
+    ``nn.Linear`` and parametrized layers (``weight_norm``, ``spectral_norm``,
+    ...) are left alone, each with a note in the report; an ``include``
+    pattern matching only such layers is a TypeError.
 
     Returns:
         CompressionReport: per layer the rank, parameters and relative errors,
@@ -593,8 +691,9 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         device = check_device("compress_model", device, "holds no data to factorize on")
         linears = plain_linears(model, conv1d=True)
         if not linears:
-            raise ValueError("compress_model: the model has no nn.Linear (or Conv1D) layer")
-        selected = select_names(list(linears), include, exclude)
+            raise ValueError("compress_model: the model has no nn.Linear (or Conv1D) layer"
+                             + left_alone_suffix(model))
+        selected, left = select_layers(model, linears, include, exclude)
         if include is None:
             # Only the modules split_attention takes: it leaves subclasses alone.
             packed = [name for name, m in model.named_modules()
@@ -641,9 +740,13 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             # see the same batches. Read only after every check that needs no
             # data, so that a refused call leaves a one-pass iterable unread.
             calibration = replayable(calibration)
-        shared_records = _shared_records(selected, linears, shared)
+        # The layers left alone are reported, dense, among the others.
+        reported = _in_order(model, {*selected, *left})
+        shared_records = _shared_records(
+            reported, {**linears, **{n: m for n, (m, _) in left.items()}},
+            {**shared, **{n: f"dense: left alone, {why}" for n, (_, why) in left.items()}})
     if not layers:
-        return CompressionReport([shared_records[n] for n in selected],
+        return CompressionReport([shared_records[n] for n in reported],
                                  calibrated=calibration is not None)
 
     workers.check_same_call((list(shapes.items()), ratio, rank, energy, tol, allocation,
@@ -754,7 +857,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     for name, new in replacements.items():
         swap(name, new)
     records.update(shared_records)
-    return CompressionReport([records[n] for n in selected], calibrated=calibration is not None)
+    return CompressionReport([records[n] for n in reported], calibrated=calibration is not None)
 
 
 def _summed_grams(grams, shapes, workers):
@@ -801,6 +904,11 @@ def _shared_layers(model, layers):
     return notes
 
 
+def _in_order(model, names):
+    """``names`` in the model's order."""
+    return [name for name, _ in model.named_modules() if name in names]
+
+
 def _shared_records(selected, linears, shared):
     """{name: LayerReport} of the layers kept dense for ``shared``'s reasons.
 
@@ -813,12 +921,20 @@ def _shared_records(selected, linears, shared):
         if name not in shared:
             continue
         layer, note = linears[name], shared[name]
-        first = counted.setdefault(id(layer.weight), name)
-        size = layer.weight.numel() if first == name else 0
+        if type(layer) is nn.Linear or is_conv1d(layer):
+            weight, shape = layer.weight, tuple(dense_weight(layer).shape)
+        else:
+            # Left alone: its weight is never read through the layer, where a
+            # parametrization would compute it (spectral_norm's taking a
+            # power-iteration step, which changes the model); one that is no
+            # stored parameter is the layer's own.
+            weight = layer._parameters.get("weight", layer)
+            shape = (layer.out_features, layer.in_features)
+        first = counted.setdefault(id(weight), name)
+        size = shape[0] * shape[1] if first == name else 0
         if first != name:
             note += f"; its weight is counted at {first}"
-        records[name] = LayerReport(name, tuple(dense_weight(layer).shape), None, size, size,
-                                    0.0, None, note=note)
+        records[name] = LayerReport(name, shape, None, size, size, 0.0, None, note=note)
     return records
 
 

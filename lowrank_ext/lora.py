@@ -22,7 +22,7 @@ from torch import nn
 from ._checks import dtype_name
 from ._modules import dense_weight, places_of, replace_module, weight_tied_elsewhere
 from ._names import preview
-from .compress import plain_linears, select_names
+from .compress import left_alone_suffix, plain_linears, select_layers
 from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
                  check_lora_options)
 
@@ -81,6 +81,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             is peft's shorthand: every layer but a transformers model's output
             layer (``get_output_embeddings()``). Layers that are
             already the base of a ``LoRALinear`` are never chosen again.
+            Subclasses of ``nn.Linear`` and parametrized layers
+            (``weight_norm``, ``spectral_norm``, ...) are left alone, as
+            :func:`compress_model` leaves them: an ``include`` pattern
+            matching only such layers is a TypeError. A layer registered
+            under several names is matched by each of them: any name
+            matching ``include`` selects it, any matching ``exclude`` leaves
+            it out.
         freeze: make every parameter other than the new adapters' stop
             requiring gradients (peft's behaviour), so that
             ``[p for p in model.parameters() if p.requires_grad]`` is the
@@ -108,11 +115,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     linears = _adaptable_layers(model)
     if not linears:
         raise ValueError("add_lora: the model has no nn.Linear, Conv1D or LowRankLinear "
-                         "layer to wrap")
+                         "layer to wrap" + left_alone_suffix(model))
     if isinstance(include, str) and include.lower() == "all-linear":
         include, linears = None, _without_output_layer(model, linears)
-    names = select_names(list(linears), include, exclude, owner="add_lora",
-                         what="nn.Linear, Conv1D or LowRankLinear layer")
+    names, _ = select_layers(model, linears, include, exclude, owner="add_lora",
+                             what="nn.Linear, Conv1D or LowRankLinear layer")
     for name in names:
         d, k = dense_weight(linears[name]).shape
         if not 1 <= rank <= min(d, k):

@@ -17,6 +17,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module  # torch's global module hooks
 
 from . import _functorch
 from ._checks import check_is_tensor, check_lora_linear_inputs, dtype_name
@@ -75,6 +76,27 @@ def _outside_fake_mode():
     return unset_fake_temporarily()
 
 
+def _holds_values(t):
+    """False for a meta or fake tensor: shapes only, no values a check could read."""
+    if t.is_meta:
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # a torch without fake tensors
+        return True
+    return not is_fake(t)
+
+
+def _untraced(func, args, kwargs):
+    """``func(*args, **kwargs)`` with torch.jit.trace's recording paused."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return func(*args, **kwargs)
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 class WeightPlaceholder(Tensor):
     """The ``weight`` of a :class:`LowRankLinear`: shape, dtype and device only.
 
@@ -122,7 +144,14 @@ class WeightPlaceholder(Tensor):
                 "or layer.B @ layer.A for the dense matrix")
         # Metadata only: nothing returned is a tensor to wrap again.
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **(kwargs or {}))
+            if torch._C._get_tracing_state() is None:
+                return func(*args, **(kwargs or {}))
+            # torch.jit.trace would record the read (aten::size of
+            # weight.shape) with the placeholder as a tensor constant, which
+            # its check_trace then fails to compare (by computing with it).
+            # The metadata is the layer's, fixed: it goes into the trace as
+            # plain numbers, and no placeholder is ever kept in a graph.
+            return _untraced(func, args, kwargs or {})
 
 
 def _per_sequence(forward, x):
@@ -140,6 +169,21 @@ def _per_sequence(forward, x):
 # per access took 5 µs, and T5 reads wo.weight three times per feed-forward
 # block. Kept outside the module, so that deepcopy and pickling never meet it.
 _PLACEHOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_plain_linear_forward(owner, name, layer):
+    """Refuse an ``nn.Linear`` subclass with a forward of its own.
+
+    The ops take the layer's weight and bias and never call it, so they would
+    compute nn.Linear's function where the layer computes another (compress_model
+    and add_lora leave such subclasses alone for the same reason). Subclasses that
+    keep nn.Linear's forward (torch's NonDynamicallyQuantizableLinear) pass.
+    """
+    if type(layer).forward is not nn.Linear.forward:
+        raise TypeError(
+            f"{owner}: {name} is a {type(layer).__name__}, an nn.Linear subclass with a forward "
+            "of its own, which would never be called (the ops read its weight and bias "
+            "instead); give an nn.Linear, or a subclass that keeps nn.Linear's forward")
 
 
 def inherit_requires_grad(new, layer):
@@ -253,6 +297,7 @@ class LowRankLinear(nn.Module):
             raise TypeError(
                 f"LowRankLinear.from_linear: linear must be an nn.Linear, got "
                 f"{type(linear).__name__}")
+        _check_plain_linear_forward("LowRankLinear.from_linear", "linear", linear)
         given = [n for n, v in (("rank", rank), ("energy", energy), ("tol", tol),
                                 ("ratio", ratio)) if v is not None]
         if len(given) != 1:
@@ -357,6 +402,11 @@ def _full_rank_factors(B, A):
         new_B, new_A = B.to(work) @ R.T, Q.T
     return new_B.to(B.dtype), new_A.to(A.dtype)
 
+
+# What merge() keeps for unmerge() that the merged weights no longer give: a
+# DoRA layer's unmerged row norms, and a LowRankLinear base's own factors where
+# the merged ones were folded to rank min(d, k). Buffers, while merged only.
+_KEPT_FOR_UNMERGE = ("_dora_norms", "_base_A", "_base_B")
 
 # peft's name for PiSSA on a randomized SVD with n subspace iterations.
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -472,6 +522,27 @@ def _dora_factor(magnitude, norms):
     return magnitude / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
+def _runs_hooks(layer):
+    """Whether calling ``layer`` does more than its forward: hooks of its own or
+    torch's global module hooks (the test nn.Module.__call__ makes), or a
+    forward set on the instance (accelerate's hooks replace it so)."""
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                or layer._backward_pre_hooks or "forward" in layer.__dict__
+                or _torch_module._global_forward_hooks
+                or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks
+                or _torch_module._global_backward_pre_hooks)
+
+
+def _draw_adapter_A(A, init, rank):
+    """A drawn as ``init`` ("default" or "gaussian") has it, in place (B starts at zero)."""
+    if init == "default":
+        # peft's default: Kaiming-uniform A (a=√5, as nn.Linear), zero B.
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    else:  # peft's "gaussian"
+        nn.init.normal_(A, std=1.0 / rank)
+
+
 def dora_forward(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
                  magnitude: Tensor, scale: float) -> Tensor:
     """DoRA's output without dropout: ``magnitude / ‖W + scale·B·A‖ ⊙ (x·Wᵀ +
@@ -493,7 +564,9 @@ class LoRALinear(nn.Module):
     ``B`` (out_features, rank) and ``scale = alpha / rank`` (alpha defaults to
     rank), or ``alpha / √rank`` with ``rslora=True`` (rank-stabilised LoRA,
     peft's ``use_rslora``). Without dropout the whole layer is one fused
-    ``lora_linear`` call.
+    ``lora_linear`` call (which reads ``base.weight``); where calling ``base``
+    would run hooks (its own forward hooks or pre-hooks, torch's global ones),
+    it is ``base(x)`` plus the adapter, so that they run.
 
     ``init="default"`` (peft's): A Kaiming-uniform, B zero, so the layer starts
     equal to ``base``; ``init="gaussian"``: A normal with standard deviation
@@ -506,8 +579,14 @@ class LoRALinear(nn.Module):
     times faster on a 4096 × 4096 layer; the triplets are approximate, the
     residual is exact, so the output is still unchanged).
 
-    ``base``'s parameters are frozen (``requires_grad=False``). :meth:`merge`
-    folds ``scale·B·A`` into ``base.weight``; :meth:`unmerge` takes it out.
+    ``base``'s parameters are frozen (``requires_grad=False``); an
+    ``nn.Linear`` subclass with a forward of its own is refused (TypeError),
+    as the fused call would not run it. :meth:`merge` folds ``scale·B·A`` into
+    ``base.weight``; :meth:`unmerge` takes it out. While merged, the state
+    dict also holds what unmerge needs and the merged weights no longer give
+    (a DoRA layer's ``_dora_norms``, a LowRankLinear base's own ``_base_A``
+    and ``_base_B`` where merging refolded its factors), so that a merged
+    layer's state loads into a merged layer and unmerges there.
 
     ``use_dora=True`` is DoRA (peft's ``use_dora``): a trainable ``magnitude``
     per output row, initialised to the row norms of ``W + scale·B·A``, and
@@ -532,6 +611,9 @@ class LoRALinear(nn.Module):
     # False inside lowrank_ext.disable_lora: forward is base(x) alone. (A class
     # default, so that layers pickled before it existed still load.)
     adapter_enabled = True
+    # The init the layer was built with, which reset_parameters repeats (a class
+    # default for layers pickled before it was kept: peft's default).
+    init = "default"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *,
                  init: str = "default", dropout: float = 0.0, rslora: bool = False,
@@ -540,6 +622,8 @@ class LoRALinear(nn.Module):
         if not isinstance(base, (nn.Linear, LowRankLinear)) and not is_conv1d(base):
             raise TypeError(f"LoRALinear: base must be an nn.Linear, a LowRankLinear or a "
                             f"transformers Conv1D, got {type(base).__name__}")
+        if isinstance(base, nn.Linear):
+            _check_plain_linear_forward("LoRALinear", "base", base)
         # (out, in) whatever the base's layout: a Conv1D keeps its weight
         # transposed (a LowRankLinear's weight is a placeholder with that shape).
         d, k = dense_weight(base).shape
@@ -550,16 +634,14 @@ class LoRALinear(nn.Module):
         self.rank = int(rank)
         self.alpha = float(alpha)
         self.rslora = rslora
+        self.init = init
         self.scale = self.alpha / (math.sqrt(self.rank) if rslora else self.rank)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         A = torch.empty(rank, k, **factory)
         B = torch.zeros(d, rank, **factory)
         residual = None
-        if init == "default":
-            # peft's default: Kaiming-uniform A (a=√5, as nn.Linear), zero B.
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(A, std=1.0 / rank)
+        if init in ("default", "gaussian"):
+            _draw_adapter_A(A, init, self.rank)
         else:
             niter = _PISSA_NITER.fullmatch(init)
             how = ({} if niter is None else
@@ -595,11 +677,31 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self):
-        return dense_weight(self.base).shape[1]
+        return self._size(1, "in_features")
 
     @property
     def out_features(self):
-        return dense_weight(self.base).shape[0]
+        return self._size(0, "out_features")
+
+    def _size(self, dim, name):
+        if isinstance(self.base.weight, (Tensor, torch.fx.Proxy)):
+            return dense_weight(self.base).shape[dim]
+        # A base swapped for one without a dense weight (quantize_dynamic's
+        # quantized Linear, whose weight is a method) still tells its sizes.
+        # An AttributeError raised here would read as "LoRALinear has no
+        # attribute 'in_features'" (nn.Module.__getattr__ takes it over).
+        size = getattr(self.base, name, None)
+        if not _is_int(size):
+            raise TypeError(self._no_dense_weight())
+        return size
+
+    def _no_dense_weight(self):
+        kind = type(self.base)
+        return (f"LoRALinear: the base layer was replaced by "
+                f"{kind.__module__}.{kind.__qualname__}, whose weight is a {type(self.base.weight).__name__}, not a Tensor; LoRALinear "
+                "needs its dense weight (quantize after lx.merge_lora, or leave the LoRALinear "
+                "layers out of the quantization)")
+
 
     # Code written for nn.Linear reads these (transformers' T5 checks
     # ``wo.weight.dtype`` in its forward); peft's LoRA layers expose them too.
@@ -616,22 +718,120 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if isinstance(x, Tensor) and x.is_nested:
             return _per_sequence(self.forward, x)
+        base = self.base
         if self.merged or not self.adapter_enabled:
-            return self.base(x)
-        if isinstance(self.base, LowRankLinear):
+            return base(x)
+        if isinstance(base, LowRankLinear):
             # Two low-rank products: one call on concatenated factors would
             # copy both factor pairs on every call, which costs more than the
             # second pass over y for the few-row inputs of generation.
-            return torch.add(self.base(x), lowrank_linear(self.dropout(x), self.A, self.B),
+            return torch.add(base(x), lowrank_linear(self.dropout(x), self.A, self.B),
                              alpha=self.scale)
+        weight = dense_weight(base)
+        if not isinstance(weight, (Tensor, torch.fx.Proxy)):
+            raise TypeError(self._no_dense_weight())
         if self.use_dora:
             return self._dora_forward(x)
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        # The fused call reads the base's weight and never calls the base:
+        # where calling it runs hooks, they would be skipped.
+        if (self.training and isinstance(self.dropout, nn.Dropout)) or _runs_hooks(base):
             # The adapter sees dropout(x), the base layer x itself (as in peft).
             self._check_input(x)
-            return self.base(x) + self.scale * lowrank_linear(self.dropout(x), self.A, self.B)
-        return lora_linear(x, dense_weight(self.base), self.A, self.B, self.base.bias,
-                           self.scale)
+            return base(x) + self.scale * lowrank_linear(self.dropout(x), self.A, self.B)
+        return lora_linear(x, weight, self.A, self.B, base.bias, self.scale)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Draw the adapter afresh as :attr:`init` did: ``A`` as at construction,
+        ``B`` zero, and a DoRA layer's ``magnitude`` the row norms of the base
+        weight (``B`` being zero), so that the layer's output is ``base(x)``.
+
+        ``base`` is left alone: it resets itself, as meta-device recipes call
+        every module's ``reset_parameters`` (``to_empty`` then a loop over
+        ``model.modules()``; FSDP's materialization). ``A`` and ``B`` do not
+        depend on the base, so any order does. A DoRA magnitude is read off
+        ``base.weight`` as it is when this runs: call it once the base holds
+        its values (reset or loaded). ``model.modules()`` lists parents before
+        children, so a loop over it leaves DoRA magnitudes computed from the
+        uninitialized base: call ``reset_parameters()`` on the DoRA layers again
+        after it. Where the base weight is still on the meta device (FSDP1
+        materializes parents first) it raises a RuntimeError rather than guess.
+
+        RuntimeError too for PiSSA (``init="pissa..."``, which split a base
+        weight that now holds the residual and cannot be redone) and for a
+        merged layer (whose base weight holds the adapter).
+        """
+        owner = "LoRALinear.reset_parameters"
+        if self.merged:
+            raise RuntimeError(f"{owner}: the layer is merged (its base weight holds the "
+                               "adapter); unmerge() it first")
+        if self.init not in ("default", "gaussian"):
+            raise RuntimeError(
+                f"{owner}: init={self.init!r} took A and B out of the base weight, which "
+                "holds the residual now, so it cannot be redone; build the layer afresh on "
+                "the base's original weights")
+        _draw_adapter_A(self.A, self.init, self.rank)
+        self.B.zero_()
+        if self.use_dora:
+            weight = dense_weight(self.base)
+            if weight.is_meta and not self.magnitude.is_meta:
+                raise RuntimeError(
+                    f"{owner}: use_dora=True sets magnitude to the row norms of base.weight, "
+                    "which is still on the meta device; materialize and reset the base "
+                    "layer first (children before parents)")
+            self.magnitude.copy_(dora_row_norms(weight, self.B, self.A, self.scale))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # What merge() kept for unmerge() is in the state only while merged
+        # (unmerged states keep their keys, as peft's), as buffers outside
+        # the state dict; without it a merged state loaded into a merged
+        # layer would unmerge to that layer's own old weights.
+        for name in _KEPT_FOR_UNMERGE:
+            kept = self._buffers.get(name)
+            if kept is not None:
+                destination[prefix + name] = kept if keep_vars else kept.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        given = {name: state_dict[prefix + name] for name in _KEPT_FOR_UNMERGE
+                 if prefix + name in state_dict}
+        needed = [name for name in _KEPT_FOR_UNMERGE if self._buffers.get(name) is not None]
+        # Refused before this layer or its base change (torch goes on to load
+        # the base after this): a mismatch would leave an unmerge() that
+        # silently gives other weights than the saved layer's.
+        where = f"LoRALinear {prefix[:-1]!r}" if prefix else "LoRALinear"
+        if not self.merged:
+            if given:
+                raise RuntimeError(
+                    f"{where}: the state holds {', '.join(given)}, which only a merged layer's "
+                    "state holds, but this layer is not merged; merge() it before loading")
+        elif given or (needed and any(key.startswith(prefix) for key in state_dict)):
+            if sorted(given) != sorted(needed):
+                raise RuntimeError(
+                    f"{where}: this merged layer's unmerge() needs "
+                    f"{', '.join(needed) or 'none of the tensors merge() keeps'} from the "
+                    f"state, which holds {', '.join(given) or 'none of them'}: a state saved "
+                    "unmerged (unmerge() this layer before loading it) or merged by an older "
+                    "version (which did not save them: it cannot be unmerged)")
+            for name, value in given.items():
+                kept = self._buffers[name]
+                if not isinstance(value, Tensor) or value.shape != kept.shape:
+                    seen = (f"shape {list(value.shape)}" if isinstance(value, Tensor)
+                            else f"a {type(value).__name__}")
+                    raise RuntimeError(f"{where}: {prefix + name} must have shape "
+                                       f"{list(kept.shape)}, got {seen}")
+        if given:  # not among the tensors torch's own loading looks for: kept from it
+            taken = {prefix + name for name in given}
+            state_dict = {key: value for key, value in state_dict.items() if key not in taken}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        for name, value in given.items():
+            if local_metadata.get("assign_to_params_buffers", False):
+                self._buffers[name] = value
+            else:
+                with torch.no_grad():
+                    self._buffers[name].copy_(value)
 
     def _check_input(self, x):
         """lora_linear's checks of ``x``, for the paths that run the base layer
@@ -672,7 +872,7 @@ class LoRALinear(nn.Module):
 
     def _dora_forward(self, x):
         weight, bias = dense_weight(self.base), self.base.bias
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        if (self.training and isinstance(self.dropout, nn.Dropout)) or _runs_hooks(self.base):
             # peft's form: the base layer sees x, the rescaled part dropout(x);
             # the result takes the base's dtype, as in peft (under autocast).
             self._check_input(x)
@@ -754,7 +954,8 @@ class LoRALinear(nn.Module):
             weight = dense_weight(self.base)
             factor = self._dora_scale(self._dora_norms)
             lost = (factor == 0) & (self._dora_norms > 0)
-            if bool(lost.any()):
+            # (Meta and fake tensors hold no values to check.)
+            if _holds_values(lost) and bool(lost.any()):
                 raise RuntimeError(
                     f"LoRALinear.unmerge: {int(lost.sum())} row(s) have magnitude 0, so merge() "
                     "set them to zero and their weights cannot be recovered")

@@ -24,9 +24,9 @@ import warnings
 import torch
 from torch import nn
 
-from ._modules import is_conv1d, replace_module, weight_tied_elsewhere
+from ._modules import is_conv1d, places_of, replace_module, weight_tied_elsewhere
 from ._names import preview
-from .lora import _check_model, _require_adapters
+from .lora import _check_model, _require_adapters, adapter_parameters
 from .nn import LoRALinear, LowRankLinear
 from .serialization import atomic_write, check_path
 
@@ -59,6 +59,13 @@ def _check_supported(name, layer, adapter):
     if not isinstance(base, nn.Linear) and not conv1d:
         raise TypeError(f"from_peft: layer {name!r} adapts a {type(base).__name__}; only "
                         "nn.Linear and transformers Conv1D base layers convert")
+    if not conv1d and type(base).forward is not nn.Linear.forward:
+        # peft's layer calls its base layer; LoRALinear computes with the
+        # base's weight and bias, which would skip that forward.
+        raise TypeError(f"from_peft: layer {name!r} adapts a {type(base).__name__}, a subclass "
+                        "of nn.Linear with its own forward, which LoRALinear would not call; "
+                        "only nn.Linear (and subclasses that keep its forward) and "
+                        "transformers Conv1D base layers convert")
     if bool(getattr(layer, "fan_in_fan_out", False)) != conv1d:
         # LoRALinear reads a Conv1D's weight transposed and an nn.Linear's as
         # it is; peft follows its fan_in_fan_out flag instead.
@@ -168,7 +175,8 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     Everything is checked and built before any module is swapped: other
     variants, ``lora_bias``, base layers other than ``nn.Linear`` and
     transformers' ``Conv1D`` (taken with ``fan_in_fan_out=True``, as peft
-    requires) raise and leave the model as it was.
+    requires), subclasses of ``nn.Linear`` with a forward of their own (which
+    ``LoRALinear`` would not call) raise and leave the model as it was.
 
     Returns:
         The converted module (``model``, or its base model for a ``PeftModel``).
@@ -343,6 +351,49 @@ def _modules_to_save(model, modules_to_save):
     return found
 
 
+def _check_single_places(model, adapters, full):
+    """A ValueError for an adapter or a modules_to_save module registered under
+    several names: peft wraps a module at the first of them only (it walks
+    ``named_modules()``), so the others would run without it."""
+    places = places_of(model)
+    shared = [f"{name} (also at {', '.join(places[id(m)][1:])})"
+              for name, m in {**adapters, **full}.items() if len(places[id(m)]) > 1]
+    if shared:
+        raise ValueError(
+            "save_peft_adapter: the model holds adapters or modules_to_save modules under "
+            f"several names: {preview(shared)}; peft would load each into the first of its "
+            "places only, and the others would run without it. Give each place a layer of "
+            "its own before adapting it, or save the adapters with lx.lora_state_dict(model)")
+
+
+def _trainable_biases(model, adapters, full):
+    """The trainable parameters outside the adapters and modules_to_save:
+    ``({peft key: bias}, peft's bias mode, [the others' names])``.
+
+    peft's ``bias`` option trains biases next to the adapters and its files
+    hold them under the model's names, an adapted layer's as
+    ``<layer>.base_layer.bias``: ``"lora_only"`` where only adapted layers'
+    biases train, ``"all"`` where others do.
+    """
+    adapter_bias = {f"{name}.base.bias" if name else "base.bias": name
+                    for name, lora in adapters.items()}
+    skip = {id(p) for p in adapter_parameters(adapters).values()}
+    skip.update(id(p) for module in full.values() for p in module.parameters())
+    biases, others, mode = {}, [], "none"
+    for key, param in model.named_parameters():
+        if not param.requires_grad or id(param) in skip:
+            continue
+        if key in adapter_bias:
+            biases[f"{adapter_bias[key]}.base_layer.bias"] = param
+            mode = "all" if mode == "all" else "lora_only"
+        elif key.rpartition(".")[2] == "bias":
+            biases[key] = param
+            mode = "all"
+        else:
+            others.append(key)
+    return biases, mode, others
+
+
 def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
                       base_model_name_or_path: str | os.PathLike | None = None,
                       modules_to_save: str | list[str] | None = None) -> list[str]:
@@ -360,8 +411,11 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     adapters (a classifier head; peft's option of that name): their whole
     state is written too, and peft restores it. The modules that
     :func:`from_peft` took from peft's ``modules_to_save`` are always
-    written. Trainable base biases are not part
-    of the adapter (``bias="none"``): a warning says when the model has any.
+    written. Trainable biases are written too, as peft's ``bias`` option
+    does: ``"lora_only"`` where only adapted layers' biases train, ``"all"``
+    where others do. Any other trainable parameter is named in a warning: a
+    peft adapter cannot hold it. An adapter or module registered under
+    several names is refused: peft would load it into the first of them only.
 
     Everything is checked and the config built before anything is written;
     each file is written to a temporary file and renamed. Returns the names
@@ -385,15 +439,17 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
             "convert the model with lx.from_peft (which puts the adapter's copy in their "
             "place) and name them in modules_to_save=")
     full = _modules_to_save(model, modules_to_save)
-    trained_biases = [name for name, lora in adapters.items()
-                      if lora.bias is not None and lora.bias.requires_grad]
-    if trained_biases:
+    _check_single_places(model, adapters, full)
+    biases, bias_mode, others = _trainable_biases(model, adapters, full)
+    if others:
         warnings.warn(
-            f"save_peft_adapter: the base biases of {preview(trained_biases)} are trainable, "
-            "but a peft adapter written here holds no biases (bias='none'); save them "
-            "separately if they were trained", stacklevel=2)
+            f"save_peft_adapter: {preview(others)} are trainable, but a peft adapter holds "
+            "only the adapters, biases and modules_to_save, so the one written here leaves "
+            "them out; name their modules in modules_to_save=, or save them separately if "
+            "they were trained", stacklevel=2)
     config = _adapter_config(adapters, base_model_name_or_path,
                              [name for name, _ in model.named_modules()])
+    config["bias"] = bias_mode
     if full:
         config["modules_to_save"] = list(full)
     config_text = json.dumps(config, indent=2)
@@ -407,6 +463,8 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     for name, module in full.items():
         for key, value in module.state_dict().items():
             tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()
+    for key, value in biases.items():
+        tensors[f"base_model.model.{key}"] = value.detach().contiguous()
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_peft_adapter: {directory} exists and is not a directory")
     os.makedirs(directory, exist_ok=True)

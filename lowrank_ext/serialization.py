@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ._checks import check_device
-from ._modules import (dense_weight, is_conv1d, is_linear_layer, keeps_encoder_flags,
-                       replace_module)
+from ._modules import (compiled_original, dense_weight, is_conv1d, is_linear_layer,
+                       keeps_encoder_flags, move_hooks, replace_module)
 from ._names import preview
 from .attention import split_where_stored_split, unsplit
 from .nn import LoRALinear, LowRankLinear, inherit_requires_grad
@@ -193,13 +193,18 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
     refused: :func:`load_compressed` rebuilds a model's compressed layers, not
     its adapters. Fold them in with :func:`merge_lora` first, or save the
     model before :func:`add_lora` and the adapters alone with
-    :func:`lora_state_dict` (or :func:`save_peft_adapter`).
+    :func:`lora_state_dict` (or :func:`save_peft_adapter`). So is a
+    ``LowRankLinear`` with a parametrization (``torch.nn.utils.parametrize``),
+    whose factors the file would hold under other names. A ``torch.compile``
+    model is saved as the module it compiled, under that module's names.
     """
     from safetensors.torch import save_model
+    from torch.nn.utils import parametrize
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_compressed: model must be an nn.Module, got {type(model).__name__}")
     path = check_path("save_compressed", path)
+    model = compiled_original(model)
     adapted = [name or "(the model)" for name, m in model.named_modules()
                if isinstance(m, LoRALinear)]
     if adapted:
@@ -208,6 +213,17 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
             "load_compressed cannot rebuild; fold them in with lx.merge_lora(model) first, "
             "or save the model from before add_lora and the adapters with "
             "lx.lora_state_dict(model)")
+    parametrized = [f"{name or '(the model)'} (on {', '.join(m.parametrizations)})"
+                    for name, m in model.named_modules()
+                    if isinstance(m, LowRankLinear) and parametrize.is_parametrized(m)]
+    if parametrized:
+        # Their tensors go in as "<layer>.parametrizations.A.original", which
+        # the plain LowRankLinear load_compressed builds does not hold.
+        raise ValueError(
+            "save_compressed: the model has LowRankLinear layers with parametrizations "
+            f"(torch.nn.utils.parametrize): {preview(parametrized)}; load_compressed cannot "
+            "rebuild them. Remove them first with parametrize.remove_parametrizations(layer, "
+            "name), which keeps the parametrized values")
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     atomic_write(path, lambda tmp: save_model(model, tmp, metadata=ranks_metadata(ranks)),
                  owner="save_compressed")
@@ -366,8 +382,12 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     another that the file stores (an output head sharing its embedding
     table) takes that tensor's value. ``nn.MultiheadAttention`` modules that
     the file holds with split projections (:func:`split_attention` before
-    compressing) are split first. If anything fails the model is put back as
-    it was. Returns ``model``.
+    compressing) are split first. The hooks registered on a replaced module
+    move to the module replacing it. A ``torch.compile`` model loads into the
+    module it compiled (whose names :func:`save_compressed` writes; a file of
+    a compiled model's own ``state_dict()``, every name prefixed
+    ``_orig_mod.``, loads into the compiled model as it is). If anything
+    fails the model is put back as it was. Returns ``model``.
 
     ``strict=False`` tolerates tensors missing from the file (the model keeps
     its own values, a replaced layer its original bias) or extra ones, but the
@@ -397,15 +417,40 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     files = model_files(path)
     metadatas, shapes, aliases = read_headers(files)
     ranks, factors, inferred = read_ranks(path, files, metadatas, shapes)
+    given, model = model, _module_named_as_in(model, path, shapes)
     # Attention modules the file holds split (lx.split_attention) are split
     # here too, and put back if the load fails.
     split = split_where_stored_split(model, shapes)
     try:
-        return _load_into(model, path, strict, device, files, shapes, aliases, ranks,
-                          factors, inferred)
+        _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors,
+                   inferred)
     except BaseException:
+        # unsplit puts the originals back as they were, not their hooks,
+        # which went to the split modules: they come back too.
+        placed = [(model.get_submodule(place), original) for place, original in split]
         unsplit(model, split)
+        for new, original in placed:
+            move_hooks(new, original)
         raise
+    return given
+
+
+def _module_named_as_in(model, path, shapes):
+    """The module whose names the file's keys are: for a ``torch.compile``
+    model, the module it compiled, as save_compressed saves that one; the
+    model itself for a file holding a compiled model's ``state_dict()``,
+    whose every key has the wrapper's ``_orig_mod.`` prefix (a ValueError
+    where the model has no such submodule)."""
+    prefix = "_orig_mod."
+    if not (shapes and all(key.startswith(prefix) for key in shapes)):
+        return compiled_original(model)
+    if not isinstance(getattr(model, prefix[:-1], None), nn.Module):
+        raise ValueError(
+            f"load_compressed: every tensor name in {path} starts with {prefix!r}: it holds "
+            "the state of a torch.compile model under the compiled wrapper's names; load it "
+            "into torch.compile(model), whose names those are, or save the model with "
+            "lx.save_compressed, which saves the module torch.compile wrapped")
+    return model
 
 
 def _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors, inferred):

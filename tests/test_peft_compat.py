@@ -32,6 +32,14 @@ def _snapshot(model):
             {k: v.clone() for k, v in model.state_dict().items()})
 
 
+def _assert_unchanged(peft_model, snapshot):
+    """The module types and every tensor of ``peft_model`` are as in ``snapshot``."""
+    types, state = _snapshot(peft_model)
+    assert types == snapshot[0]
+    for key, value in state.items():
+        torch.testing.assert_close(value, snapshot[1][key], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("config", [dict(), dict(use_rslora=True), dict(lora_dropout=0.1)])
 def test_outputs_parameters_and_flags_carry_over(config):
     peft_model = _peft_model(**config).eval()
@@ -124,10 +132,7 @@ def test_unsupported_layers_leave_the_model_unchanged(config, error, match):
     snapshot = _snapshot(peft_model)
     with pytest.raises(error, match=match):
         lx.from_peft(peft_model)
-    types, state = _snapshot(peft_model)
-    assert types == snapshot[0]
-    for key, value in state.items():
-        torch.testing.assert_close(value, snapshot[1][key], rtol=0, atol=0)
+    _assert_unchanged(peft_model, snapshot)
 
 
 def test_non_linear_base_and_bad_arguments():
@@ -160,10 +165,7 @@ def test_a_linear_subclass_with_its_own_forward_is_refused_before_anything_chang
     with pytest.raises(TypeError, match="layer 'fc2' adapts a _DoubledLinear, a subclass of "
                                         "nn.Linear with its own forward"):
         lx.from_peft(peft_model)
-    types, state = _snapshot(peft_model)
-    assert types == snapshot[0]
-    for key, value in state.items():
-        torch.testing.assert_close(value, snapshot[1][key], rtol=0, atol=0)
+    _assert_unchanged(peft_model, snapshot)
 
 
 def test_a_linear_subclass_that_keeps_its_forward_converts():
