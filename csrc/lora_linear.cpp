@@ -97,8 +97,11 @@ constexpr int64_t kAdapterBlockElems = int64_t{1} << 18;
 // c = bias + scale·t·Bᵀ formed in float32 goes in as C. C must be in the
 // half type: the part of c that rounding drops (c_lo, exact in float32) is
 // added to the output afterwards, so that where the output cancels c (the
-// result far below c) it keeps the digits one rounding of the float32 sum
-// gives; the two roundings differ from that in the last bit at most. On the
+// result below c) it keeps most of the digits one rounding of the float32
+// sum gives: the GEMM's rounding and c_lo's (kept in the half type) cost a
+// last bit unless the result is more than about 2^8 (bfloat16) or 2^11
+// (float16) times smaller than c; the fallback rounds once whatever the
+// cancellation. On the
 // CPU t = x·Aᵀ stays in float32 too, as in the fallback and the few-rows
 // branch; CUDA reads x once in the half type and rounds t, as its fused
 // kernel and peft's composition do.
@@ -180,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
     at::Tensor y32 = few_rows_product_cpu(xr, W);
     if (y32.defined()) {
       const at::Tensor t32 = few_rows_product_cpu(xr, A.contiguous());
-      if (r > 0) {
+      // An empty adapter still multiplies by a scale that is no alpha (inf·0 is NaN).
+      if (r > 0 || !scale_is_alpha(scale, at::kFloat)) {
         add_scaled_adapter(y32, t32, B.t().to(at::kFloat), scale);
       }
       if (bias.has_value()) {
@@ -199,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
   }
   at::Tensor y2 = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
   const at::Tensor t2 = at::mm(x2, A.t());
-  if (r > 0 && M > 0) {
+  if (M > 0 && (r > 0 || !scale_is_alpha(scale, y2.scalar_type()))) {
     add_scaled_adapter(y2, t2, B.t(), scale);
   }
   return {y2.view(y_shape), t2.view(t_shape)};

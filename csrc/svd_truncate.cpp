@@ -64,7 +64,8 @@ at::Tensor restored_factor(
   if (dtype == at::kHalf || dtype == at::kBFloat16) {
     largest = dtype == at::kHalf ? static_cast<double>(std::numeric_limits<c10::Half>::max())
                                  : static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
-    wider = "float32";
+    // bfloat16 has float32's range: only float64 holds more.
+    wider = dtype == at::kHalf ? "float32" : "float64";
   } else if (dtype == at::kFloat) {
     largest = std::numeric_limits<float>::max();
     wider = "float64";

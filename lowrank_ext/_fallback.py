@@ -116,7 +116,8 @@ def factors_from_svd(U_r, S_r, Vh_r, balanced, dtype, root, values=_identity):
                  for name, factor, roots in scaled)
 
 
-_WIDER = {torch.float16: "float32", torch.bfloat16: "float32", torch.float32: "float64"}
+# bfloat16 has float32's range: only float64 holds more.
+_WIDER = {torch.float16: "float32", torch.bfloat16: "float64", torch.float32: "float64"}
 
 
 def _restored_factor(name, scaled, root, roots, balanced, dtype, values):

@@ -4,6 +4,7 @@ bypass it), and the layer kinds compression replaces."""
 
 import contextlib
 import functools
+import importlib
 import sys
 
 import torch
@@ -18,7 +19,7 @@ def replace_module(model, name, new):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
-    _check_backward_hooks_combine(name, old, new)
+    check_backward_hooks_combine(name, old, new)
     setattr(parent, child, new)
     move_hooks(old, new)
     if type(new) is not nn.Linear:
@@ -39,9 +40,27 @@ _HOOK_DICTS = {"_forward_pre_hooks": True, "_forward_pre_hooks_with_kwargs": Tru
                "_backward_pre_hooks": True, "_backward_hooks": False}
 
 
-def _own_hook_ids(module):
-    """Ids of the hooks that leave with ``module`` (see keep_off_fused_encoder_paths)."""
-    return {i for i, hook in module._forward_pre_hooks.items() if hook is _run_the_module}
+def _torch_weight_hooks():
+    """The hook types torch's weight_norm, spectral_norm and pruning register:
+    they recompute the layer's own ``weight`` from tensors only that layer has."""
+    # By module path: torch.nn.utils.weight_norm and .spectral_norm name the
+    # functions there, not their modules.
+    def module(name):
+        return importlib.import_module(f"torch.nn.utils.{name}")
+    return (module("weight_norm").WeightNorm, module("spectral_norm").SpectralNorm,
+            module("prune").BasePruningMethod)
+
+
+def _staying_hook_ids(module):
+    """Ids of the hooks that stay with ``module``: the no-op pre-hook of
+    keep_off_fused_encoder_paths (it leaves with the module), and torch's
+    weight_norm / spectral_norm / pruning hooks, which would fail on a layer
+    without their ``weight_g`` / ``weight_orig`` / ``weight_mask``."""
+    kinds = _torch_weight_hooks()
+    staying = {i for i, hook in module._forward_pre_hooks.items()
+               if hook is _run_the_module or isinstance(hook, kinds)}
+    return staying | {i for attr in _HOOK_DICTS for i, hook in getattr(module, attr, {}).items()
+                      if isinstance(hook, kinds)}
 
 
 def _takes_hooks(old, new):
@@ -52,7 +71,9 @@ def _takes_hooks(old, new):
             and not any(m is old for m in new.modules()))
 
 
-def _check_backward_hooks_combine(name, old, new):
+def check_backward_hooks_combine(name, old, new):
+    """Raise where putting ``new`` in ``old``'s place (named ``name``) would
+    give one module backward hooks of both kinds (see move_hooks)."""
     if not _takes_hooks(old, new):
         return
     kinds = [m._is_full_backward_hook for m in (old, new) if m._backward_hooks]
@@ -71,27 +92,30 @@ def move_hooks(old, new):
     too): a hook registered before a layer is compressed runs on the layer
     that replaced it. Where ``new`` holds ``old`` (``add_lora`` wraps a layer
     in a LoRALinear) nothing moves: the hooks stay with ``old``, which still
-    runs them (see LoRALinear.forward), as in peft. The hook dicts themselves move, so the handles
-    that registered them still remove them (``new``'s own hooks join those
-    dicts); ``old`` keeps only the no-op pre-hook of
-    keep_off_fused_encoder_paths, which leaves with it.
+    runs them (see LoRALinear.forward), as in peft. Where ``new`` has no hooks
+    of a kind, ``old``'s dict of them moves, so the handles that registered
+    them still remove them; where it has some (merge_lora's base layer and its
+    adapter both hooked), the moved hooks join ``new``'s dict, whose handles
+    stay valid, and theirs no longer reach them. See _staying_hook_ids for
+    the hooks that stay with ``old``.
     """
     if not _takes_hooks(old, new):
         return
-    own = _own_hook_ids(old)
+    staying = _staying_hook_ids(old)
     for attr, moved_first in _HOOK_DICTS.items():
         moved, kept = getattr(old, attr, None), getattr(new, attr, None)
-        if moved is None or kept is None or not moved.keys() - own:
+        if moved is None or kept is None or not moved.keys() - staying:
             continue
         if attr == "_backward_hooks":
             new._is_full_backward_hook = old._is_full_backward_hook
             old._is_full_backward_hook = None
-        entries = [(i, hook) for i, hook in moved.items() if i not in own]
-        leaving = type(moved)((i, hook) for i, hook in moved.items() if i in own)
+        entries = [(i, hook) for i, hook in moved.items() if i not in staying]
+        leaving = type(moved)((i, hook) for i, hook in moved.items() if i in staying)
         entries = entries + list(kept.items()) if moved_first else list(kept.items()) + entries
-        moved.clear()
-        moved.update(entries)
-        setattr(new, attr, moved)
+        target = kept if kept else moved
+        target.clear()
+        target.update(entries)
+        setattr(new, attr, target)
         setattr(old, attr, leaving)
 
 

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ._checks import dtype_name
-from ._modules import dense_weight, places_of, replace_module, weight_tied_elsewhere
+from ._modules import (check_backward_hooks_combine, dense_weight, places_of, replace_module,
+                       weight_tied_elsewhere)
 from ._names import preview
 from .compress import left_alone_suffix, plain_linears, select_layers
 from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
@@ -269,6 +270,9 @@ def merge_lora(model: nn.Module) -> list[str]:
             + ", which would change too; keep those adapters unmerged, or untie the weight "
             "first (give the layer a copy of it)")
     places = places_of(model)
+    for name, lora in adapters.items():  # before anything changes
+        for place in places[id(lora)]:
+            check_backward_hooks_combine(place, lora, lora.base)
     for name, lora in adapters.items():
         if not lora.merged:
             lora.merge()

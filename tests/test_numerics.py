@@ -147,6 +147,24 @@ def test_lora_scale_acts_in_the_dtype_of_the_products(scale, dtype, rows):
         torch.testing.assert_close(fn(x, W, A, B, None, scale), ref.to(dtype), equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16,
+                                   torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 200])
+def test_an_empty_adapter_still_takes_a_scale_past_float32(dtype, rows):
+    # With r = 0 the adapter is a sum of no terms, 0; a scale of 1e39 is inf
+    # in float32 and inf·0 is NaN, as the composition gives: the compiled
+    # kernel skipped the empty adapter on some paths.
+    x = torch.ones(rows, 4, dtype=dtype)
+    W = torch.ones(3, 4, dtype=dtype)
+    A, B = torch.ones(0, 4, dtype=dtype), torch.ones(3, 0, dtype=dtype)
+    scale = 1e39
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.tensor(scale, dtype=acc).double()
+    ref = x.double() @ W.double().T + s * torch.zeros(rows, 3, dtype=torch.float64)
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        torch.testing.assert_close(fn(x, W, A, B, None, scale), ref.to(dtype), equal_nan=True)
+
+
 # --- float16 backward of lowrank_linear: gt = gy·B in float32 ------------------
 
 @pytest.mark.parametrize("widen", ["0", "1"], ids=["half-gemm", "widened"])

@@ -741,14 +741,56 @@ def test_hooks_stay_on_the_layer_add_lora_wraps_and_merge_lora_puts_back():
 
 def test_backward_hooks_of_both_kinds_are_refused_where_they_would_meet():
     # torch runs one kind per module: merge_lora would put the adapter's
-    # full backward hook on a base layer holding an old-style one.
-    model = nn.Sequential(nn.Linear(8, 8))
+    # full backward hook on a base layer holding an old-style one. It is
+    # refused before any adapter is merged or taken out.
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     lx.add_lora(model, 2)
-    model[0].register_full_backward_hook(lambda m, gi, go: None)
-    model[0].base.register_backward_hook(lambda m, gi, go: None)
-    with pytest.raises(RuntimeError, match="cannot replace '0': the module there and the one "
+    model[2].register_full_backward_hook(lambda m, gi, go: None)
+    model[2].base.register_backward_hook(lambda m, gi, go: None)
+    with pytest.raises(RuntimeError, match="cannot replace '2': the module there and the one "
                                            "replacing it have backward hooks of both kinds"):
         lx.merge_lora(model)
+    assert isinstance(model[0], lx.LoRALinear) and isinstance(model[2], lx.LoRALinear)
+    assert not model[0].merged and not model[2].merged
+
+
+@pytest.mark.parametrize("reparametrize", [
+    lambda layer: nn.utils.weight_norm(layer),
+    lambda layer: nn.utils.spectral_norm(layer),
+    lambda layer: nn.utils.prune.l1_unstructured(layer, "weight", amount=0.3),
+], ids=["weight_norm", "spectral_norm", "prune"])
+def test_torch_weight_hooks_stay_with_the_layer_they_recompute(reparametrize):
+    # These keep the layer an nn.Linear and recompute its weight in a forward
+    # pre-hook from tensors only it has (weight_g, weight_orig, weight_mask):
+    # moved to the LowRankLinear, they failed at its first call.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    reparametrize(model[0])
+    dense = model[0].weight.detach().double()  # as the hook last computed it
+    lx.compress_model(model, rank=16, include="0", progress=False)
+    assert isinstance(model[0], lx.LowRankLinear) and not model[0]._forward_pre_hooks
+    U, S, Vh = torch.linalg.svd(dense)
+    expected = U[:, :16] @ torch.diag(S[:16]) @ Vh[:16]
+    torch.testing.assert_close((model[0].B @ model[0].A).double(), expected,
+                               rtol=1e-4, atol=1e-4)
+    model(torch.randn(3, 64))  # the forward runs
+
+
+def test_hooks_of_a_base_and_its_adapter_meet_on_merging():
+    # merge_lora puts the base layer back in the adapter's place: the
+    # adapter's hooks join the base's, whose handles still remove them.
+    model = nn.Sequential(nn.Linear(8, 8))
+    lx.add_lora(model, 2)
+    seen = []
+    on_base = model[0].base.register_forward_hook(lambda m, a, out: seen.append("base"))
+    model[0].register_forward_hook(lambda m, a, out: seen.append("adapter"))
+    lx.merge_lora(model)
+    model(torch.randn(2, 8))
+    assert seen == ["base", "adapter"]
+    on_base.remove()
+    seen.clear()
+    model(torch.randn(2, 8))
+    assert seen == ["adapter"]
 
 
 class _Attends(nn.Module):

@@ -228,6 +228,14 @@ def test_bad_arguments_are_named_in_one_line(call, exc, message):
     assert str(info.value) == message
 
 
+def test_bfloat16_factors_past_its_range_suggest_float64():
+    # bfloat16 has float32's range: a float32 W would not hold them either.
+    W = torch.full((40, 4), 3e38, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="beyond bfloat16's range .*; pass balanced=True "
+                                         "or give a float64 W$"):
+        lx.svd_truncate(W, rank=1)
+
+
 @pytest.mark.parametrize("method", ["exact", "randomized"])
 def test_float16_factors_past_its_range_are_an_error_not_inf(method):
     from lowrank_ext import _fallback
