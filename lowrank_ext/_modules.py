@@ -238,6 +238,14 @@ def is_conv1d(module):
     return conv1d is not None and type(module) is conv1d
 
 
+def has_own_forward(linear):
+    """Whether an ``nn.Linear`` (subclass) computes with a forward of its own:
+    the ops read its weight and bias and never call it, so converting it would
+    compute nn.Linear's function instead (torch's NonDynamicallyQuantizableLinear
+    keeps nn.Linear's forward and converts)."""
+    return type(linear).forward is not nn.Linear.forward
+
+
 def is_linear_layer(module):
     """An ``nn.Linear`` (not a subclass) or a transformers ``Conv1D``: what
     compression swaps for a LowRankLinear."""

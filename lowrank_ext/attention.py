@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._modules import places_of, replace_module
+from ._modules import move_hooks, places_of, replace_module
 from ._names import preview
 
 
@@ -432,7 +432,12 @@ def split_where_stored_split(model: nn.Module, keys) -> list[tuple[str, nn.Modul
 
 
 def unsplit(model: nn.Module, replaced) -> None:
-    """Put back what :func:`split_where_stored_split` replaced."""
+    """Put back what :func:`split_where_stored_split` replaced, with the hooks
+    the split moved (replace_module would also keep the original off torch's
+    fused encoder path, which it was not)."""
     for place, original in replaced:
         parent_name, _, child = place.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        split = getattr(parent, child)
+        setattr(parent, child, original)
+        move_hooks(split, original)

@@ -73,6 +73,12 @@ def _as_patterns(name, patterns, owner="compress_model"):
     return patterns
 
 
+def adapter_bases(model):
+    """Ids of the layers that are the base of a ``LoRALinear`` in ``model``:
+    swapping one would take the adapter's base away from under it."""
+    return {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+
+
 def plain_linears(model, *, conv1d=False):
     """{name: module} for every ``nn.Linear`` (not a subclass) of the model.
 
@@ -84,7 +90,7 @@ def plain_linears(model, *, conv1d=False):
     adapter's base away from under it. With ``conv1d``, transformers'
     ``Conv1D`` layers (a Linear with its weight transposed) are included.
     """
-    owned = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    owned = adapter_bases(model)
     return {name: m for name, m in model.named_modules()
             if (type(m) is nn.Linear or (conv1d and is_conv1d(m))) and id(m) not in owned}
 
@@ -97,7 +103,7 @@ def left_alone_linears(model):
     weight is not simply used as it is stored, so a LowRankLinear (or an
     adapter) in their place would compute something else; ``why`` says so, for
     reports and error messages."""
-    owned = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    owned = adapter_bases(model)
     found = {}
     for name, m in model.named_modules():
         if type(m) is nn.Linear or not isinstance(m, nn.Linear) or id(m) in owned:

@@ -23,7 +23,7 @@ from ._checks import dtype_name
 from ._modules import (check_backward_hooks_combine, dense_weight, places_of, replace_module,
                        weight_tied_elsewhere)
 from ._names import preview
-from .compress import left_alone_suffix, plain_linears, select_layers
+from .compress import adapter_bases, left_alone_suffix, plain_linears, select_layers
 from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
                  check_lora_options)
 
@@ -174,7 +174,7 @@ def _adaptable_layers(model):
     ``nn.Linear`` and ``Conv1D`` layers and ``LowRankLinear`` layers, none of
     them already the base of a LoRALinear."""
     chosen = plain_linears(model, conv1d=True)
-    owned = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    owned = adapter_bases(model)
     return {name: m for name, m in model.named_modules()
             if name in chosen or (isinstance(m, LowRankLinear) and id(m) not in owned)}
 

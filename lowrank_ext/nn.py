@@ -21,7 +21,7 @@ from torch.nn.modules import module as _torch_module  # torch's global module ho
 
 from . import _functorch
 from ._checks import check_is_tensor, check_lora_linear_inputs, dtype_name
-from ._modules import _run_the_module, dense_weight, is_conv1d
+from ._modules import _run_the_module, dense_weight, has_own_forward, is_conv1d
 from .ops import lora_linear, lowrank_linear
 from .svd import svd_truncate
 
@@ -172,14 +172,10 @@ _PLACEHOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _check_plain_linear_forward(owner, name, layer):
-    """Refuse an ``nn.Linear`` subclass with a forward of its own.
-
-    The ops take the layer's weight and bias and never call it, so they would
-    compute nn.Linear's function where the layer computes another (compress_model
-    and add_lora leave such subclasses alone for the same reason). Subclasses that
-    keep nn.Linear's forward (torch's NonDynamicallyQuantizableLinear) pass.
-    """
-    if type(layer).forward is not nn.Linear.forward:
+    """Refuse an ``nn.Linear`` subclass with a forward of its own (see
+    has_own_forward; compress_model and add_lora leave such subclasses alone
+    for the same reason)."""
+    if has_own_forward(layer):
         raise TypeError(
             f"{owner}: {name} is a {type(layer).__name__}, an nn.Linear subclass with a forward "
             "of its own, which would never be called (the ops read its weight and bias "
@@ -698,10 +694,10 @@ class LoRALinear(nn.Module):
     def _no_dense_weight(self):
         kind = type(self.base)
         return (f"LoRALinear: the base layer was replaced by "
-                f"{kind.__module__}.{kind.__qualname__}, whose weight is a {type(self.base.weight).__name__}, not a Tensor; LoRALinear "
-                "needs its dense weight (quantize after lx.merge_lora, or leave the LoRALinear "
-                "layers out of the quantization)")
-
+                f"{kind.__module__}.{kind.__qualname__}, whose weight is a "
+                f"{type(self.base.weight).__name__}, not a Tensor; LoRALinear needs its dense "
+                "weight (quantize after lx.merge_lora, or leave the LoRALinear layers out of "
+                "the quantization)")
 
     # Code written for nn.Linear reads these (transformers' T5 checks
     # ``wo.weight.dtype`` in its forward); peft's LoRA layers expose them too.

@@ -24,7 +24,8 @@ import warnings
 import torch
 from torch import nn
 
-from ._modules import is_conv1d, places_of, replace_module, weight_tied_elsewhere
+from ._modules import (has_own_forward, is_conv1d, places_of, replace_module,
+                       weight_tied_elsewhere)
 from ._names import preview
 from .lora import _check_model, _require_adapters, adapter_parameters
 from .nn import LoRALinear, LowRankLinear
@@ -59,7 +60,7 @@ def _check_supported(name, layer, adapter):
     if not isinstance(base, nn.Linear) and not conv1d:
         raise TypeError(f"from_peft: layer {name!r} adapts a {type(base).__name__}; only "
                         "nn.Linear and transformers Conv1D base layers convert")
-    if not conv1d and type(base).forward is not nn.Linear.forward:
+    if not conv1d and has_own_forward(base):
         # peft's layer calls its base layer; LoRALinear computes with the
         # base's weight and bias, which would skip that forward.
         raise TypeError(f"from_peft: layer {name!r} adapts a {type(base).__name__}, a subclass "

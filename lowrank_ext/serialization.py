@@ -26,7 +26,7 @@ from torch import nn
 
 from ._checks import check_device
 from ._modules import (compiled_original, dense_weight, is_conv1d, is_linear_layer,
-                       keeps_encoder_flags, move_hooks, replace_module)
+                       keeps_encoder_flags, replace_module)
 from ._names import preview
 from .attention import split_where_stored_split, unsplit
 from .nn import LoRALinear, LowRankLinear, inherit_requires_grad
@@ -425,12 +425,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
         _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors,
                    inferred)
     except BaseException:
-        # unsplit puts the originals back as they were, not their hooks,
-        # which went to the split modules: they come back too.
-        placed = [(model.get_submodule(place), original) for place, original in split]
         unsplit(model, split)
-        for new, original in placed:
-            move_hooks(new, original)
         raise
     return given
 
