@@ -1,6 +1,7 @@
 """Replacing a named submodule in place (its hooks moving to the new module,
 and torch's Transformer encoder modules kept off the fused paths that would
-bypass it), and the layer kinds compression replaces."""
+bypass it), undoing such replacements when a change fails, and the layer
+kinds compression replaces."""
 
 import contextlib
 import functools
@@ -25,6 +26,63 @@ def replace_module(model, name, new):
     if type(new) is not nn.Linear:
         keep_off_fused_encoder_paths(model, parent_name, new)
     return old
+
+
+class Swaps:
+    """:func:`replace_module` on one model, each swap remembered so that
+    :meth:`undo` can take them all back::
+
+        swaps = Swaps(model)
+        try:
+            for name, new in replacements.items():
+                swaps.swap(name, new)
+        except BaseException:  # a KeyboardInterrupt too
+            swaps.undo()
+            raise
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.done = []  # (parent, attribute, module replaced, new module, hooks of both before)
+
+    def swap(self, name, new):
+        """Put ``new`` in place of the submodule called ``name``; return the module it replaced."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        old = getattr(parent, child)
+        # Remembered first: a swap an interrupt stops halfway is undone too.
+        self.done.append((parent, child, old, new, _hook_state(old), _hook_state(new)))
+        return replace_module(self.model, name, new)
+
+    def undo(self):
+        """Put every replaced module back where it was, last swap first, and
+        the hooks of both modules of each swap as they were before it (the
+        same dicts, which the handles that registered the hooks hold, with the
+        same entries in the same order). The ``use_nested_tensor`` flag of
+        torch's encoders is :func:`keeps_encoder_flags`' to put back."""
+        while self.done:
+            parent, child, old, new, old_hooks, new_hooks = self.done[-1]
+            setattr(parent, child, old)
+            _restore_hooks(new, new_hooks)
+            _restore_hooks(old, old_hooks)
+            self.done.pop()
+
+
+def _hook_state(module):
+    """What move_hooks and keep_off_fused_encoder_paths may change on
+    ``module``: the kind of its backward hooks and each of its hook dicts
+    with its entries."""
+    return (module._is_full_backward_hook,
+            [(attr, hooks, list(hooks.items())) for attr in _HOOK_DICTS
+             if (hooks := getattr(module, attr, None)) is not None])
+
+
+def _restore_hooks(module, state):
+    module._is_full_backward_hook, dicts = state
+    for attr, hooks, entries in dicts:
+        hooks.clear()
+        hooks.update(entries)
+        setattr(module, attr, hooks)
 
 
 # Where nn.Module keeps a module's own hooks, with the bookkeeping torch

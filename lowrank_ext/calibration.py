@@ -3,21 +3,216 @@
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from ._modules import dense_weight
 from ._names import preview
 
 
-def token_mask_of(batch):
-    """The 2-D ``attention_mask`` of a dict batch, or of a dict inside a tuple
+def token_mask_of(batch, key="attention_mask"):
+    """The 2-D mask named ``key`` of a dict batch, or of a dict inside a tuple
     batch (a sentence-transformers model is called as ``model(features)``)."""
     candidates = [batch] if isinstance(batch, Mapping) else (
         [b for b in batch if isinstance(b, Mapping)] if isinstance(batch, (tuple, list)) else [])
     for candidate in candidates:
-        mask = candidate.get("attention_mask")
+        mask = candidate.get(key)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             return mask
     return None
+
+
+def floating_tensors(output):
+    """The floating-point tensors in a (nested) model output, in a fixed order."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, Mapping):  # dicts, ModelOutput, tokenizers' BatchEncoding
+        return [t for key in output for t in floating_tensors(output[key])]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in floating_tensors(item)]
+    return []
+
+
+class PaddingMasks:
+    """Which of the running batch's token masks applies to a tensor seen at a module of ``model``.
+
+    A batch's ``attention_mask`` describes the tokens of one input, and matching
+    it to tensors by shape alone applies it wherever the lengths happen to agree.
+    So, for a tensor seen at a module (a layer's input, a module's output):
+
+    - in an encoder-decoder model (``config.is_encoder_decoder`` and
+      ``get_encoder()``, the model's own or a part's when it is wrapped),
+      ``attention_mask`` applies inside the encoder and to the tensors the
+      encoder returned (the decoder's cross-attention reads them), the
+      batch's ``decoder_attention_mask``, if any, to everything else;
+    - in other models whose input embedding is known (``get_input_embeddings()``
+      of the model, or else the first ``nn.Embedding`` one of its parts gives:
+      ``CLIPModel`` has none of its own), no mask applies inside another
+      tower, a part beside the path from the model to that embedding with an
+      input embedding of its own (``get_input_embeddings()``, or a patch
+      convolution), such as CLIP's vision model, nor to what a tower
+      returned; ``attention_mask`` applies to everything else;
+    - in any other model, ``attention_mask`` applies everywhere.
+
+    :func:`mask_for` then says whether the chosen mask fits the tensor. Use it
+    as a context manager (its hooks are in place inside), with :meth:`start`
+    and :meth:`stop` around each batch's forward pass.
+    """
+
+    def __init__(self, model):
+        encoders = _encoders(model)
+        # (region, the mask applying inside it and to what it returns)
+        self._regions = ([(e, "attention_mask") for e in encoders] if encoders
+                         else [(t, None) for t in _towers(model)])
+        self._default = "decoder_attention_mask" if encoders else "attention_mask"
+        self._inside = {}
+        self._handles = []
+        self.stop()
+
+    def __enter__(self):
+        # Taken now, not at construction: compress_model swaps layers in
+        # between calibration runs.
+        self._inside = {id(m): key for region, key in self._regions for m in region.modules()}
+        for region, key in self._regions:
+            # First among the region's hooks, so that the others (which may
+            # ask about its outputs) run after it has recorded them.
+            self._handles.append(region.register_forward_hook(self._recorder(key), prepend=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inside = {}
+        self.stop()
+
+    def start(self, batch):
+        """Take the masks of ``batch``, whose forward pass comes next."""
+        self.stop()
+        masks = {key: token_mask_of(batch, key) for key in ("attention_mask",
+                                                             "decoder_attention_mask")}
+        self._masks = {key: mask for key, mask in masks.items() if mask is not None}
+
+    def stop(self):
+        """Forget the batch's masks and what its forward pass produced."""
+        self._masks = {}
+        # What the regions returned, by place: (tensor, the mask key). The
+        # tensors are held, so no other tensor takes their memory meanwhile.
+        self._produced = {}
+
+    def of(self, t, module):
+        """The running batch's 2-D mask that applies to ``t`` seen at ``module``; None if none."""
+        if not self._masks:
+            return None
+        produced = self._produced.get(_place(t))
+        key = produced[1] if produced is not None else self._inside.get(id(module), self._default)
+        return None if key is None else self._masks.get(key)
+
+    def _recorder(self, key):
+        def hook(module, args, output):
+            if not self._masks:
+                return
+            # The region's outputs are matched by place, not by object: a
+            # model may pass on a view of them (same memory, same shape).
+            for t in floating_tensors(output):
+                place = _place(t)
+                if place is not None:
+                    self._produced[place] = (t, key)
+        return hook
+
+
+def _place(t):
+    """Where ``t``'s values lie, (device, address, shape); None where it has no one address."""
+    if t.is_nested:
+        return None
+    try:
+        return t.device, t.data_ptr(), tuple(t.shape)
+    except RuntimeError:  # a tensor subclass without storage
+        return None
+
+
+def _contains(module, part):
+    """True when ``part`` is ``module`` or one of its submodules."""
+    return any(m is part for m in module.modules())
+
+
+def _own_input_embedding(module):
+    """What ``module.get_input_embeddings()`` gives when it is a part of ``module``, else None."""
+    get = getattr(module, "get_input_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        found = get()
+    except (NotImplementedError, AttributeError):  # transformers' answer where it cannot tell
+        return None
+    return found if isinstance(found, nn.Module) and _contains(module, found) else None
+
+
+def _encoders(model):
+    """The encoders of the encoder-decoder models in ``model`` (itself or its parts)."""
+    found = {}
+    for module in model.modules():
+        get = getattr(module, "get_encoder", None)
+        if not (getattr(getattr(module, "config", None), "is_encoder_decoder", False)
+                and callable(get)):
+            continue
+        try:
+            encoder = get()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(encoder, nn.Module) and encoder is not module and _contains(module, encoder):
+            found[id(encoder)] = encoder
+    return list(found.values())
+
+
+def _input_embedding(model):
+    """The module embedding the tokens ``attention_mask`` describes, or None.
+
+    The model's ``get_input_embeddings()``, or else the first ``nn.Embedding``
+    that one of its parts' gives (CLIPModel has none of its own, its text
+    model has; its vision model's, a convolution, is passed over).
+    """
+    for module in model.modules():
+        found = _own_input_embedding(module)
+        if found is not None and (module is model or isinstance(found, nn.Embedding)):
+            return found
+    return None
+
+
+def _is_patch_embedding(module):
+    """A convolution cutting its input into patches, as vision transformers embed images."""
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            and module.stride == module.kernel_size and max(module.kernel_size) > 1)
+
+
+def _towers(model):
+    """The parts of ``model`` beside the path to its input embedding that embed
+    an input of their own (CLIP's vision model); [] where that embedding is unknown.
+
+    Parts holding only other embeddings (positions, relative attention biases)
+    or convolutions of other kinds (Mamba's) are no towers: their tokens are
+    the input's.
+    """
+    embedding = _input_embedding(model)
+    if embedding is None:
+        return []
+    weight = getattr(embedding, "weight", None)
+
+    def embeds_the_input(module):
+        # A copy tied to the embedding's weight is the same embedding: T5's
+        # encoder embeds with its own module over the weight of the model's.
+        return module is embedding or (weight is not None
+                                       and getattr(module, "weight", None) is weight)
+
+    path = next(name for name, m in model.named_modules() if m is embedding)
+    towers, node = [], model
+    for part in path.split(".") if path else []:
+        on_path = node.get_submodule(part)
+        towers += [child for child in node.children()
+                   if child is not on_path and not any(map(embeds_the_input, child.modules()))
+                   and any(_is_patch_embedding(m) or _own_input_embedding(m) is not None
+                           for m in child.modules())]
+        node = on_path
+    return towers
 
 
 def mask_for(t, mask):
@@ -47,9 +242,9 @@ def _raised(exc):
     return RuntimeError(f"compress_model: the calibration raised {type(exc).__name__}: {exc}")
 
 
-def _run_batches(model, calibration, token_mask=None):
-    """Run the calibration; ``token_mask[0]`` holds the running batch's attention_mask
-    (:func:`token_mask_of`).
+def _run_batches(model, calibration, masks=None):
+    """Run the calibration, each batch between ``masks.start`` and ``masks.stop``
+    (:class:`PaddingMasks`).
 
     Returns the number of batches, None for a callable.
     """
@@ -68,14 +263,13 @@ def _run_batches(model, calibration, token_mask=None):
             f"batches, got {type(calibration).__name__}") from None
     count = 0
     for count, batch in enumerate(batches, 1):
-        mask = token_mask_of(batch)
-        if token_mask is not None and mask is not None:
-            token_mask[0] = mask
+        if masks is not None:
+            masks.start(batch)
         try:
             call_with_batch(model, batch, "compress_model", "a calibration batch")
         finally:
-            if token_mask is not None:
-                token_mask[0] = None
+            if masks is not None:
+                masks.stop()
     return count
 
 
@@ -119,7 +313,7 @@ def call_with_batch(model, batch, owner, what="a batch"):
     raise TypeError(f"{owner}: {what} must be a tensor, tuple or dict, got {type(batch).__name__}")
 
 
-def run_calibration(model, calibration, token_mask=None, allow_empty=False):
+def run_calibration(model, calibration, masks=None, allow_empty=False):
     """Run ``calibration`` on ``model`` in eval mode under no_grad, restoring the modes after.
 
     An exception from the calibration is re-raised as RuntimeError naming it;
@@ -133,7 +327,7 @@ def run_calibration(model, calibration, token_mask=None, allow_empty=False):
     try:
         model.eval()
         with torch.no_grad():
-            count = _run_batches(model, calibration, token_mask)
+            count = _run_batches(model, calibration, masks)
     except Exception as exc:
         if isinstance(exc, TypeError) and str(exc).startswith("compress_model:"):
             raise  # a calibration of the wrong kind, already said so
@@ -162,11 +356,11 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
     grams = {name: None for name in layers}
     # Layers fed the same tensor one after another (attention's q, k, v) share
     # one product: remember the last input and its XᵀX.
-    last = {"key": None, "gram": None}
+    last = {"key": None, "mask": None, "gram": None}
     # Padding tokens carry no meaning but would pull the whitening towards
-    # their activations: rows of inputs shaped like the batch's attention_mask
-    # where the mask is 0 are left out.
-    token_mask = [None]
+    # their activations: rows of inputs where the mask that applies to them
+    # (PaddingMasks) is 0 are left out.
+    masks = PaddingMasks(model)
 
     def make_hook(name, k):
         def hook(module, args, kwargs):
@@ -176,7 +370,9 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
                 # A batch of the wrong width: record nothing, so that the
                 # layer raises its own error naming the shapes it was given.
                 return
-            same = last["key"] is not None and _unchanged(last["key"], x)
+            mask = masks.of(x, module)
+            same = (last["key"] is not None and _unchanged(last["key"], x)
+                    and last["mask"] is mask)
             if stages is not None and grams[name] is None:
                 if same and stages:
                     stages[-1].append(name)
@@ -188,9 +384,9 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
                     # nested tensor in inference: its sequences, no padding.
                     x64 = torch.cat([seq.reshape(-1, k) for seq in x.detach().unbind()])
                 else:
-                    x64 = without_padding(x.detach(), token_mask[0]).reshape(-1, k)
+                    x64 = without_padding(x.detach(), mask).reshape(-1, k)
                 x64 = x64.to(torch.float64)
-                last["key"], last["gram"] = _input_key(x), x64.T @ x64
+                last["key"], last["mask"], last["gram"] = _input_key(x), mask, x64.T @ x64
             g = last["gram"]
             grams[name] = g.clone() if grams[name] is None else grams[name].add_(g)
         return hook
@@ -199,7 +395,8 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
                                                 with_kwargs=True)
                for name, module in layers.items()]
     try:
-        run_calibration(model, calibration, token_mask, allow_empty=allow_unseen)
+        with masks:
+            run_calibration(model, calibration, masks, allow_empty=allow_unseen)
     finally:
         last.clear()
         for handle in handles:

@@ -20,8 +20,9 @@ change of the model's outputs per unit of that error
 ``sensitivity.py``). ``allocation="uniform"`` keeps the same ratio in every
 layer instead.
 
-Every factor is computed before any module is swapped, so a failure leaves the
-model exactly as it was.
+Every factor is computed before any module is swapped, and a failure while
+swapping (an interrupt too) puts back the layers already swapped, so a failure
+leaves the model exactly as it was.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import check_device, dtype_name
-from ._modules import dense_weight, is_conv1d, keeps_encoder_flags, places_of, replace_module
+from ._modules import (Swaps, dense_weight, is_conv1d, keeps_encoder_flags, places_of,
+                       replace_module)
 from ._names import preview
 from ._workers import Workers
 from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
@@ -823,13 +825,18 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                                         output_error, note=note,
                                         sensitivity=sensitivity.get(name))
 
-    if not sequential:
-        replace(_factors(factorized, spectra, ranks, owners, workers, shapes), spectra)
-    else:
-        # Earlier stages go into the model as they are done, so that the next
-        # calibration run sees their error; any failure puts the originals back.
-        done = False
-        try:
+    # Any failure (an interrupt too, also one between two swaps) puts the
+    # originals back.
+    swaps = Swaps(model)
+    try:
+        if not sequential:
+            replace(_factors(factorized, spectra, ranks, owners, workers, shapes), spectra)
+            # Every factor exists: only now touch the model.
+            for name, new in replacements.items():
+                swaps.swap(name, new)
+        else:
+            # Earlier stages go into the model as they are done, so that the
+            # next calibration run sees their error.
             for index, group in enumerate(stages):
                 stage = [n for n in group if n in factorized]
                 if not stage:
@@ -850,18 +857,12 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                 replace(_factors(stage, stage_spectra, ranks, owners, workers, shapes),
                         stage_spectra)
                 for name in stage:
-                    swap(name, replacements[name])
+                    swaps.swap(name, replacements[name])
                 bar.update(len(group))
-            done = True
-        finally:
-            if not done:
-                for name in replacements:
-                    swap(name, layers[name])
+    except BaseException:
+        swaps.undo()
+        raise
     bar.close()
-
-    # Every factor exists: only now touch the model.
-    for name, new in replacements.items():
-        swap(name, new)
     records.update(shared_records)
     return CompressionReport([records[n] for n in reported], calibrated=calibration is not None)
 

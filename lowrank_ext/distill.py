@@ -10,7 +10,11 @@ original model's on the same batches. Everything else stays frozen.
 The loss is the sum, over every floating-point tensor compared, of its
 relative squared error ‖s − t‖² / ‖t‖², so that tensors of different scales
 count alike. For dict batches with an ``attention_mask``, padding positions of
-token-level tensors (leading dimensions equal to the mask's) are left out.
+token-level tensors (leading dimensions equal to the mask's) are left out,
+with the mask that applies to each tensor as in the calibration
+(``PaddingMasks``, judged on the teacher): an encoder-decoder model's decoder
+tensors take the batch's ``decoder_attention_mask``, if any, and another
+tower's (CLIP's vision model) none.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ import torch
 from torch import nn
 
 from ._checks import dtype_name
-from .calibration import call_with_batch, token_mask_of
+from ._modules import compiled_original
+from .calibration import PaddingMasks, call_with_batch, floating_tensors
 from .compress import name_matches
 from ._names import preview
-from .sensitivity import _floating_tensors
 
 
 # Trained through float32 master copies (see distill).
@@ -139,6 +143,9 @@ def _matched_modules(model, teacher, match):
                          "None to match the outputs only")
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise TypeError("distill: match must be a module name pattern or a list of them")
+    # A torch.compile'd model's own names carry an _orig_mod. prefix: names
+    # are those of the module it compiled, so that either side may be compiled.
+    model, teacher = compiled_original(model), compiled_original(teacher)
     names = [n for n, _ in model.named_modules() if n]
     teacher_modules = dict(teacher.named_modules())
     chosen = []
@@ -192,7 +199,7 @@ def relative_error(student, teacher, mask=None):
 
 
 def _pairs(label, student, teacher):
-    s, t = _floating_tensors(student), _floating_tensors(teacher)
+    s, t = floating_tensors(student), floating_tensors(teacher)
     if len(s) != len(t) or any(a.shape != b.shape for a, b in zip(s, t)):
         raise ValueError(
             f"distill: {label} of the model and of the teacher differ: "
@@ -258,16 +265,20 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in itertools.chain(model.modules(), teacher.modules())}
     captured = {"student": [], "teacher": []}
+    # Which padding mask applies to each tensor compared is judged on the
+    # teacher, at the module that gave it (inside the encoder, say).
+    padding = PaddingMasks(teacher)
 
-    def keep(store, name):
+    def keep(store, name, padding=None):
         def hook(module, args, output):
-            store.append((name, output))
+            store.append((name, output, None if padding is None else
+                          [padding.of(t, module) for t in floating_tensors(output)]))
         return hook
 
     handles = []
     for name, mine, theirs in inner:
         handles.append(mine.register_forward_hook(keep(captured["student"], name)))
-        handles.append(theirs.register_forward_hook(keep(captured["teacher"], name)))
+        handles.append(theirs.register_forward_hook(keep(captured["teacher"], name, padding)))
 
     losses = []
     start = time.perf_counter()
@@ -276,7 +287,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     step = 0
     # A training loop: gradients are needed whatever the caller's grad mode
     # (inference_mode, which cannot be left here, was refused above).
-    with torch.enable_grad():
+    with torch.enable_grad(), padding:
         try:
             model.eval()
             teacher.eval()
@@ -302,15 +313,18 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             for step in range(steps):
                 batch = next(batches)
-                mask = token_mask_of(batch)
                 for store in captured.values():
                     store.clear()
+                padding.start(batch)
                 with torch.no_grad():
                     target = call_with_batch(teacher, batch, "distill")
+                target_masks = [padding.of(t, teacher) for t in floating_tensors(target)]
+                padding.stop()
                 output = call_with_batch(model, batch, "distill")
                 terms = []
                 if loss is None:
-                    pairs = _pairs("the outputs", output, target)
+                    pairs = [(*pair, mask) for pair, mask in
+                             zip(_pairs("the outputs", output, target), target_masks)]
                 else:
                     pairs = []
                     terms.append(loss(output, target))
@@ -319,14 +333,17 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                         raise ValueError(
                             "distill: loss must return a one-element tensor that depends on the "
                             f"model's output, got {type(terms[0]).__name__}")
-                if [n for n, _ in captured["student"]] != [n for n, _ in captured["teacher"]]:
+                if [c[0] for c in captured["student"]] != [c[0] for c in captured["teacher"]]:
                     raise ValueError("distill: the matched modules ran in a different order or "
                                      "number of times in the model and in the teacher")
-                for (name, s), (_, t) in zip(captured["student"], captured["teacher"]):
-                    pairs += _pairs(f"the outputs of {name!r}", s, t)
+                for (name, s, _), (_, t, t_masks) in zip(captured["student"],
+                                                         captured["teacher"]):
+                    pairs += [(*pair, mask) for pair, mask in
+                              zip(_pairs(f"the outputs of {name!r}", s, t), t_masks)]
                 if not pairs and not terms:
                     raise ValueError("distill: the outputs hold no floating-point tensor to match")
-                total = sum(terms + [relative_error(s, t.detach(), mask) for s, t in pairs]).reshape(())
+                total = sum(terms + [relative_error(s, t.detach(), mask)
+                                     for s, t, mask in pairs]).reshape(())
                 if not torch.isfinite(total):
                     if step == 0:  # no update yet: the lr has nothing to do with it
                         raise FloatingPointError(
@@ -362,7 +379,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             # the last one: the model's outputs on the last batch check it.
             with torch.no_grad():
                 final = call_with_batch(model, batch, "distill")
-            if not all(bool(torch.isfinite(out).all()) for out in _floating_tensors(final)):
+            if not all(bool(torch.isfinite(out).all()) for out in floating_tensors(final)):
                 raise FloatingPointError("the last update made the model's outputs not "
                                          "finite; try a lower lr")
         except BaseException as exc:

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ._checks import dtype_name
-from ._modules import (check_backward_hooks_combine, dense_weight, places_of, replace_module,
-                       weight_tied_elsewhere)
+from ._modules import (Swaps, check_backward_hooks_combine, compiled_original, dense_weight,
+                       places_of, weight_tied_elsewhere)
 from ._names import preview
 from .compress import adapter_bases, left_alone_suffix, plain_linears, select_layers
 from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
@@ -150,22 +150,27 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             if name in tied:  # merge() would change the other holders too
                 lora._weight_tied_to = tuple(tied[name])
             wrapped[name] = lora
-    except Exception:
+        places = places_of(model)
+        swaps = Swaps(model)
+        try:
+            for name, lora in wrapped.items():
+                for place in places[id(linears[name])]:
+                    swaps.swap(place, lora)
+            if freeze:
+                adapter = {id(p) for p in adapter_parameters(wrapped).values()}
+                for p in model.parameters():
+                    if id(p) not in adapter:
+                        p.requires_grad_(False)
+        except BaseException:
+            swaps.undo()
+            raise
+    except BaseException:  # a KeyboardInterrupt during a long PiSSA SVD too
         with torch.no_grad():
             for name, weight in saved.items():
                 linears[name].weight.copy_(weight)
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
-    places = places_of(model)
-    for name, lora in wrapped.items():
-        for place in places[id(linears[name])]:
-            replace_module(model, place, lora)
-    if freeze:
-        adapter = {id(p) for p in adapter_parameters(wrapped).values()}
-        for p in model.parameters():
-            if id(p) not in adapter:
-                p.requires_grad_(False)
     return names
 
 
@@ -194,9 +199,12 @@ def lora_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     layer's ``magnitude``), keyed as in ``model.state_dict()``.
 
     Tensors are detached and share memory with the parameters; save them with
-    ``torch.save`` or ``safetensors.torch.save_file``.
+    ``torch.save`` or ``safetensors.torch.save_file``. A ``torch.compile``
+    model gives the names of the module it compiled (no ``_orig_mod.``
+    prefix), so that the state loads into the plain model and back.
     """
     _check_model("lora_state_dict", model)
+    model = compiled_original(model)
     adapters = _require_adapters("lora_state_dict", model)
     return OrderedDict((key, p.detach()) for key, p in adapter_parameters(adapters).items())
 
@@ -207,14 +215,22 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     The keys must be exactly the model's adapter keys, every tensor
     floating-point and every shape the model's; nothing is loaded otherwise.
     Merged layers are refused (their base weight holds the old adapter):
-    unmerge them first.
+    unmerge them first. A ``torch.compile`` model takes the names of the
+    module it compiled, as :func:`lora_state_dict` gives them; a state whose
+    every name carries the compiled wrapper's ``_orig_mod.`` prefix (saved
+    from a compiled model by an older version) loads without it.
     """
     _check_model("load_lora_state_dict", model)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"load_lora_state_dict: state_dict must be a mapping, got "
                         f"{type(state_dict).__name__}")
+    model = compiled_original(model)
     adapters = _require_adapters("load_lora_state_dict", model)
     targets = adapter_parameters(adapters)
+    prefix = "_orig_mod."
+    while (state_dict and all(key.startswith(prefix) for key in state_dict)
+           and not any(key.startswith(prefix) for key in targets)):
+        state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
     missing = [key for key in targets if key not in state_dict]
     unexpected = [key for key in state_dict if key not in targets]
     if missing or unexpected:
@@ -273,11 +289,20 @@ def merge_lora(model: nn.Module) -> list[str]:
     for name, lora in adapters.items():  # before anything changes
         for place in places[id(lora)]:
             check_backward_hooks_combine(place, lora, lora.base)
-    for name, lora in adapters.items():
-        if not lora.merged:
-            lora.merge()
-        for place in places[id(lora)]:  # a shared adapter leaves every place it sits
-            replace_module(model, place, lora.base)
+    merged_here = []
+    swaps = Swaps(model)
+    try:
+        for name, lora in adapters.items():
+            if not lora.merged:
+                lora.merge()
+                merged_here.append(lora)
+            for place in places[id(lora)]:  # a shared adapter leaves every place it sits
+                swaps.swap(place, lora.base)
+    except BaseException:  # a KeyboardInterrupt too: no model half unwrapped
+        swaps.undo()
+        for lora in merged_here:
+            lora.unmerge()
+        raise
     return list(adapters)
 
 

@@ -12,6 +12,7 @@ import contextlib
 import math
 import numbers
 import re
+import types
 import warnings
 import weakref
 
@@ -20,9 +21,10 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module  # torch's global module hooks
 
 from . import _functorch
-from ._checks import check_is_tensor, check_lora_linear_inputs, dtype_name
+from ._checks import dtype_name
 from ._modules import _run_the_module, dense_weight, has_own_forward, is_conv1d
-from .ops import lora_linear, lowrank_linear
+from .ops import (check_lora_linear_tensors, lora_linear, lora_linear_changing_scale,
+                  lowrank_linear)
 from .svd import svd_truncate
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -508,6 +510,12 @@ def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor
 
 def _formed_row_norms(weight_rows, B_rows, A, scale, acc):
     """‖W_i + scale·(B·A)_i‖ of the given rows, from those rows of the sum."""
+    if torch.compiler.is_compiling():
+        # addmm's alpha is a float argument, which torch.compile specializes:
+        # a scale that changes would compile a graph per value (see
+        # ops.lora_linear_changing_scale). Folded into these rows of B, in
+        # float32 at least, it costs no accuracy and next to no time.
+        B_rows, scale = B_rows * scale, 1.0
     return torch.linalg.vector_norm(
         torch.addmm(weight_rows.to(acc), B_rows, A, alpha=scale), dim=1)
 
@@ -523,11 +531,36 @@ def _runs_hooks(layer):
     torch's global module hooks (the test nn.Module.__call__ makes), or a
     forward set on the instance (accelerate's hooks replace it so)."""
     return bool(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
-                or layer._backward_pre_hooks or "forward" in layer.__dict__
+                or layer._backward_pre_hooks or not _runs_own_forward(layer)
                 or _torch_module._global_forward_hooks
                 or _torch_module._global_forward_pre_hooks
                 or _torch_module._global_backward_hooks
                 or _torch_module._global_backward_pre_hooks)
+
+
+def _plus_scaled(y, adapter, scale):
+    """``y + scale·adapter``, in one pass of torch.add. Its ``alpha`` is a float
+    argument, which torch.compile specializes: a scale that changes would
+    compile a graph per value (see ops.lora_linear_changing_scale). There the
+    scale is multiplied in instead, which inductor fuses into the same pass."""
+    if torch.compiler.is_compiling():
+        return y + scale * adapter
+    return torch.add(y, adapter, alpha=scale)
+
+
+def _runs_own_forward(layer):
+    """Whether ``layer.forward`` is its class's forward, bound to ``layer``.
+
+    Asked of the bound method rather than of ``"forward" in layer.__dict__``:
+    torch.compile guards what is read here, so a forward set on the instance
+    after compiling (accelerate's hooks) is seen there too, where the dict
+    test was answered once and kept. (A forward set back to the layer's own,
+    as accelerate's remove_hook_from_module does, counts as its own.)"""
+    forward = layer.forward
+    # (isinstance first: torch.compile answers ``getattr(forward, "__func__",
+    # None) is type(layer).forward`` wrongly, False, for the layer's own.)
+    return (isinstance(forward, types.MethodType) and forward.__func__ is type(layer).forward
+            and forward.__self__ is layer)
 
 
 def _draw_adapter_A(A, init, rank):
@@ -540,13 +573,15 @@ def _draw_adapter_A(A, init, rank):
 
 
 def dora_forward(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
-                 magnitude: Tensor, scale: float) -> Tensor:
+                 magnitude: Tensor, scale: float, *, scale_changes: bool = False) -> Tensor:
     """DoRA's output without dropout: ``magnitude / ‖W + scale·B·A‖ ⊙ (x·Wᵀ +
     scale·(x·Aᵀ)·Bᵀ) + bias``, the norm held constant in the backward; one
     ``lora_linear`` call plus the norm, a block of rows at a time. A row whose
-    ``W + scale·B·A`` is zero gets its bias (not 0/0)."""
+    ``W + scale·B·A`` is zero gets its bias (not 0/0). ``scale_changes``: the
+    scale changes between calls (see ops.lora_linear_changing_scale)."""
     factor = _dora_factor(magnitude, dora_row_norms(weight, B, A, scale))
-    product = lora_linear(x, weight, A, B, None, scale)
+    fused = lora_linear_changing_scale if scale_changes else lora_linear
+    product = fused(x, weight, A, B, None, scale)
     out = factor * product
     # The products' dtype, which autocast may have lowered below the factor's
     # (peft casts back the same way).
@@ -610,6 +645,9 @@ class LoRALinear(nn.Module):
     # The init the layer was built with, which reset_parameters repeats (a class
     # default for layers pickled before it was kept: peft's default).
     init = "default"
+    # Whether ``scale`` was set anew after construction (see __setattr__; a
+    # class default for layers pickled before it was kept).
+    _scale_changed = False
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *,
                  init: str = "default", dropout: float = 0.0, rslora: bool = False,
@@ -671,6 +709,15 @@ class LoRALinear(nn.Module):
         # it places; here it also covers a layer assigned by hand.
         self.register_forward_pre_hook(_run_the_module)
 
+    def __setattr__(self, name, value):
+        # A scale set anew (a schedule, say) may change between calls: under
+        # torch.compile forward then keeps it out of the fused op's float
+        # argument, which would compile a graph per value (see
+        # ops.lora_linear_changing_scale). Other layers keep the one fused op.
+        if name == "scale" and "scale" in self.__dict__:
+            self.__dict__["_scale_changed"] = True
+        super().__setattr__(name, value)
+
     @property
     def in_features(self):
         return self._size(1, "in_features")
@@ -721,8 +768,8 @@ class LoRALinear(nn.Module):
             # Two low-rank products: one call on concatenated factors would
             # copy both factor pairs on every call, which costs more than the
             # second pass over y for the few-row inputs of generation.
-            return torch.add(base(x), lowrank_linear(self.dropout(x), self.A, self.B),
-                             alpha=self.scale)
+            return _plus_scaled(base(x), lowrank_linear(self.dropout(x), self.A, self.B),
+                                self.scale)
         weight = dense_weight(base)
         if not isinstance(weight, (Tensor, torch.fx.Proxy)):
             raise TypeError(self._no_dense_weight())
@@ -734,7 +781,8 @@ class LoRALinear(nn.Module):
             # The adapter sees dropout(x), the base layer x itself (as in peft).
             self._check_input(x)
             return base(x) + self.scale * lowrank_linear(self.dropout(x), self.A, self.B)
-        return lora_linear(x, weight, self.A, self.B, base.bias, self.scale)
+        fused = lora_linear_changing_scale if self._scale_changed else lora_linear
+        return fused(x, weight, self.A, self.B, base.bias, self.scale)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -833,27 +881,11 @@ class LoRALinear(nn.Module):
         """lora_linear's checks of ``x``, for the paths that run the base layer
         on it first: its errors ("mat1 and mat2 ...") name nothing, and
         training with dropout should refuse what inference refuses, alike."""
-        tensors = (x, dense_weight(self.base), self.A, self.B, self.base.bias)
-        if any(isinstance(t, torch.fx.Proxy) for t in tensors):
-            return  # torch.fx.symbolic_trace: no tensors to check
-        check_is_tensor("lora_linear", x=x)
-        device_type = x.device.type
-        # torch.is_autocast_enabled raises for a device type autocast does
-        # not know (meta): there is no autocast to follow there.
-        if (torch.amp.is_autocast_available(device_type)
-                and torch.is_autocast_enabled(device_type)):
-            # The op checks its arguments as autocast casts them (floating
-            # ones on its device, float64 excepted, to its dtype): stand-ins
-            # with that dtype, one element broadcast, instead of copies.
-            dtype = torch.get_autocast_dtype(device_type)
-            tensors = tuple(
-                torch.empty((), dtype=dtype, device=t.device).expand(t.shape)
-                if t is not None and t.is_floating_point() and t.dtype != torch.float64
-                and t.device.type == device_type else t for t in tensors)
         # Under torch.compile the scale may be a symbolic float, which
         # math.isfinite cannot trace (lora_linear skips it there too).
         scale = 1.0 if torch.compiler.is_compiling() else self.scale
-        check_lora_linear_inputs(*tensors, scale)
+        check_lora_linear_tensors(x, dense_weight(self.base), self.A, self.B, self.base.bias,
+                                  scale)
 
     @property
     def use_dora(self) -> bool:
@@ -878,7 +910,8 @@ class LoRALinear(nn.Module):
             out = (base + (factor - 1) * torch.nn.functional.linear(dropped, weight)
                    + factor * (self.scale * lowrank_linear(dropped, self.A, self.B)))
             return out.to(base.dtype)
-        return dora_forward(x, weight, self.A, self.B, bias, self.magnitude, self.scale)
+        return dora_forward(x, weight, self.A, self.B, bias, self.magnitude, self.scale,
+                            scale_changes=self._scale_changed)
 
     @torch.no_grad()
     def merge(self) -> LoRALinear:

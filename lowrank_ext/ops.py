@@ -29,6 +29,7 @@ from ._library import ops
 _fast_lowrank_linear = getattr(_backend._C, "lowrank_linear", None)
 _fast_lora_linear = getattr(_backend._C, "lora_linear", None)
 _is_compiling = torch.compiler.is_compiling
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _exporting_to_onnx(eager: bool) -> bool:
@@ -95,6 +96,17 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
     return ops.lowrank_linear.default(x, A, B, bias)
 
 
+def _float_scale(scale):
+    """lora_linear's ``scale`` as a float; a TypeError or ValueError for what is none."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"lora_linear: scale must be a real number, got {type(scale).__name__}")
+    try:
+        return float(scale)
+    except OverflowError:  # an int past float's range
+        raise ValueError("lora_linear: scale must be finite, got an int beyond float's "
+                         "range") from None
+
+
 def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None,
                 scale: float = 1.0) -> Tensor:
     """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ``: a frozen linear layer plus a LoRA adapter.
@@ -105,13 +117,7 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
 
     Same dtype, device and gradient rules as :func:`lowrank_linear`.
     """
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"lora_linear: scale must be a real number, got {type(scale).__name__}")
-    try:
-        scale = float(scale)
-    except OverflowError:  # an int past float's range
-        raise ValueError("lora_linear: scale must be finite, got an int beyond float's "
-                         "range") from None
+    scale = _float_scale(scale)
     eager = not _is_compiling()
     if _fast_lora_linear is not None and eager:
         y = _fast_lora_linear(x, W, A, B, bias, scale)
@@ -133,3 +139,56 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
                   or _functorch.has_tangents(x, W, A, B, bias)):
         return _functorch.lora_linear(x, W, A, B, bias, scale)
     return ops.lora_linear.default(x, W, A, B, bias, scale)
+
+
+def lora_linear_changing_scale(x: Tensor, W: Tensor, A: Tensor, B: Tensor,
+                               bias: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    """:func:`lora_linear` for a scale that changes between calls (a
+    ``LoRALinear`` whose ``scale`` is set anew, as a schedule does).
+
+    torch.compile traces such a float as a symbolic one from its second value
+    on, so that one graph serves every value; the op's ``float scale``
+    argument would specialize it again: a graph per value, and under
+    ``fullgraph=True`` a failure at the recompile limit. So, while compiling,
+    the scale stays out of the op: folded into B (scale·B is d × r; the same
+    values to rounding, the same gradients), or, for a half-precision B, in
+    which scale·B would take one rounding more than the op takes (it applies
+    the scale in float32), multiplied into the adapter's product added to the
+    base's, as peft composes them. Otherwise it is :func:`lora_linear`.
+    """
+    if not _is_compiling():
+        return lora_linear(x, W, A, B, bias, scale)
+    _checks.check_is_tensor("lora_linear", x=x, W=W, A=A, B=B, bias=bias)
+    scale = _float_scale(scale)
+    # torch.compile takes a symbolic float to be finite, so this decides
+    # nothing for one (and adds no guard); a non-finite constant is refused.
+    if not -math.inf < scale < math.inf:
+        raise ValueError(f"lora_linear: scale must be finite, got {scale}")
+    if B.dtype in _HALF:
+        check_lora_linear_tensors(x, W, A, B, bias, 1.0)
+        return torch.nn.functional.linear(x, W, bias) + scale * lowrank_linear(x, A, B)
+    return lora_linear(x, W, A, B * scale, bias, 1.0)
+
+
+def check_lora_linear_tensors(x, W, A, B, bias, scale):
+    """lora_linear's checks of its arguments as the op sees them, for the
+    routes that compute its function in several products instead, whose own
+    errors ("mat1 and mat2 ...") name nothing."""
+    if _fx_proxies(x, W, A, B, bias):
+        return  # torch.fx.symbolic_trace: no tensors to check
+    _checks.check_is_tensor("lora_linear", x=x)
+    tensors = (x, W, A, B, bias)
+    device_type = x.device.type
+    # torch.is_autocast_enabled raises for a device type autocast does
+    # not know (meta): there is no autocast to follow there.
+    if (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        # The op checks its arguments as autocast casts them (floating
+        # ones on its device, float64 excepted, to its dtype): stand-ins
+        # with that dtype, one element broadcast, instead of copies.
+        dtype = torch.get_autocast_dtype(device_type)
+        tensors = tuple(
+            torch.empty((), dtype=dtype, device=t.device).expand(t.shape)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type else t for t in tensors)
+    _checks.check_lora_linear_inputs(*tensors, scale)

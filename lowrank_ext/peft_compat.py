@@ -24,8 +24,8 @@ import warnings
 import torch
 from torch import nn
 
-from ._modules import (has_own_forward, is_conv1d, places_of, replace_module,
-                       weight_tied_elsewhere)
+from ._modules import (compiled_original, has_own_forward, is_conv1d, places_of,
+                       replace_module, weight_tied_elsewhere)
 from ._names import preview
 from .lora import _check_model, _require_adapters, adapter_parameters
 from .nn import LoRALinear, LowRankLinear
@@ -137,7 +137,10 @@ def _convert(layer, base, adapter, cast_notes):
     for param, flag in flags.items():  # LoRALinear froze them; keep peft's setting
         param.requires_grad_(flag)
     # peft's set_scale / scale_layer may have moved the scaling off alpha / r.
+    # It is the layer's starting scale, not one that changes between calls
+    # (which LoRALinear keeps out of its fused op under torch.compile).
     new.scale = float(layer.scaling[adapter])
+    new._scale_changed = False
     dtype = base.weight.dtype
     if A.dtype != dtype or B.dtype != dtype:
         cast_notes.add((A.dtype, dtype))
@@ -418,6 +421,9 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     peft adapter cannot hold it. An adapter or module registered under
     several names is refused: peft would load it into the first of them only.
 
+    A ``torch.compile`` model is written as the module it compiled, under
+    that module's names, which peft finds in the original model.
+
     Everything is checked and the config built before anything is written;
     each file is written to a temporary file and renamed. Returns the names
     of the adapted layers.
@@ -425,6 +431,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     from safetensors.torch import save_file
 
     _check_model("save_peft_adapter", model)
+    model = compiled_original(model)
     directory = check_path("save_peft_adapter", directory, "directory")
     if base_model_name_or_path is not None:
         base_model_name_or_path = check_path("save_peft_adapter", base_model_name_or_path,

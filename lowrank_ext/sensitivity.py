@@ -20,31 +20,22 @@ own size. Wide outputs (logits) are kept through a fixed random projection to
 In a dict batch with an ``attention_mask`` of shape (batch, tokens), the rows
 of per-token outputs (batch, tokens, ...) or (tokens, batch, ...) at padding
 tokens are left out, as they are from the whitening statistics: what the
-model computes there is no output anyone reads.
+model computes there is no output anyone reads. The mask that applies to an
+output is chosen as for those (``PaddingMasks``): an encoder-decoder model's
+decoder outputs take the batch's ``decoder_attention_mask``, if any, and the
+outputs of another tower (CLIP's vision model) none.
 """
 
 import math
-from collections.abc import Mapping
 
 import torch
 
-from .calibration import run_calibration, without_padding
+from .calibration import PaddingMasks, floating_tensors, run_calibration, without_padding
 
 _KEPT_COLUMNS = 64
 # The smallest relative squared output error of a probe that still measures
 # something: below it the truncation reproduces the calibration up to rounding.
 _MEASURABLE_TAIL = 1e-10
-
-
-def _floating_tensors(output):
-    """The floating-point tensors in a (nested) model output, in a fixed order."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() else []
-    if isinstance(output, Mapping):  # dicts, ModelOutput, tokenizers' BatchEncoding
-        return [t for key in output for t in _floating_tensors(output[key])]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _floating_tensors(item)]
-    return []
 
 
 class _Projection:
@@ -75,23 +66,24 @@ class OutputRecorder:
     def __init__(self, model):
         self.model = model
         self.project = _Projection()
+        self.masks = PaddingMasks(model)
 
     def record(self, calibration, allow_empty=False):
         """The outputs of each call; None for an empty calibration ``allow_empty`` accepts."""
         top, children = [], []
         order = list(self.model.named_children())
-        token_mask = [None]  # the running dict batch's attention_mask, if any
 
         def keep(store, label):
             def hook(module, args, output):
-                store.append((label, [self.project(without_padding(t, token_mask[0]))
-                                      for t in _floating_tensors(output)]))
+                store.append((label, [self.project(without_padding(t, self.masks.of(t, module)))
+                                      for t in floating_tensors(output)]))
             return hook
 
         handles = [self.model.register_forward_hook(keep(top, None))]
         handles += [child.register_forward_hook(keep(children, name)) for name, child in order]
         try:
-            count = run_calibration(self.model, calibration, token_mask, allow_empty)
+            with self.masks:
+                count = run_calibration(self.model, calibration, self.masks, allow_empty)
         finally:
             for handle in handles:
                 handle.remove()

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ._checks import check_device
-from ._modules import (compiled_original, dense_weight, is_conv1d, is_linear_layer,
-                       keeps_encoder_flags, replace_module)
+from ._modules import (Swaps, compiled_original, dense_weight, is_conv1d, is_linear_layer,
+                       keeps_encoder_flags)
 from ._names import preview
 from .attention import split_where_stored_split, unsplit
 from .nn import LoRALinear, LowRankLinear, inherit_requires_grad
@@ -387,7 +387,10 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     module it compiled (whose names :func:`save_compressed` writes; a file of
     a compiled model's own ``state_dict()``, every name prefixed
     ``_orig_mod.``, loads into the compiled model as it is). If anything
-    fails the model is put back as it was. Returns ``model``.
+    fails (a KeyboardInterrupt too) the model is put back as it was: the
+    values the file would overwrite in tensors the model already holds on a
+    real device are copied first (none for a model built on meta). Returns
+    ``model``.
 
     ``strict=False`` tolerates tensors missing from the file (the model keeps
     its own values, a replaced layer its original bias) or extra ones, but the
@@ -421,11 +424,16 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     # Attention modules the file holds split (lx.split_attention) are split
     # here too, and put back if the load fails.
     split = split_where_stored_split(model, shapes)
+    # Each change to the model puts what takes it back on ``undo`` before it
+    # is made; should anything fail (an interrupt too), they all run here,
+    # last first, so that no part of the load stays done without the rest.
+    undo = [lambda: unsplit(model, split)]
     try:
         _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors,
-                   inferred)
+                   inferred, undo)
     except BaseException:
-        unsplit(model, split)
+        for step in reversed(undo):
+            step()
         raise
     return given
 
@@ -448,7 +456,8 @@ def _module_named_as_in(model, path, shapes):
     return model
 
 
-def _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors, inferred):
+def _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors, inferred,
+               undo):
     modules = dict(model.named_modules())
     if inferred:
         # Another kind of module may own parameters called A and B; the pairs
@@ -515,47 +524,67 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
         swaps[name] = inherit_requires_grad(new, layer)
     # Factors of a Conv1D's stored (in, out) tensor: A (r, out), B (in, r).
     turned = {name for name in swaps if factors == "stored" and is_conv1d(modules[name])}
-    originals = {}
-    untied = _tie_declared_weights(model)
-    try:
-        for name, new in swaps.items():
-            originals[name] = replace_module(model, name, new)
-            new.train(originals[name].training)
-        # Check names and shapes before any tensor is copied, so that a file
-        # that does not fit leaves the model as it was.
-        sources = _check_fits(model, path, shapes, aliases, strict, swaps, turned)
-        device = _load_device(model, device)
-        _check_meta_tensors_come_from_file(model, path, sources)
-        materialized = _materialize_meta_tensors(model, device, sources)
-        try:
-            _copy_from_files(model, path, files, device, sources, turned)
-        except BaseException:
-            for module, attr, meta in materialized:
-                _set_tensor(module, attr, meta)
-            raise
-    except BaseException:
-        for name, old in originals.items():
-            replace_module(model, name, old)
-        for module, parameters in untied or ():
-            module._parameters.update(parameters)
-        raise
+    _tie_declared_weights(model, undo)
+    # Should the load fail, the tensors the model holds now on a real device
+    # get their values back; those made here (in the layers swapped in, or
+    # for meta tensors) leave the model.
+    own = {id(t): t for *_, t in _model_tensors(model) if not t.is_meta}
+    swapped = Swaps(model)
+    undo.append(swapped.undo)
+    for name, new in swaps.items():
+        new.train(swapped.swap(name, new).training)
+    # Check names and shapes before any tensor is copied, so that a file
+    # that does not fit leaves the model as it was.
+    sources = _check_fits(model, path, shapes, aliases, strict, swaps, turned)
+    device = _load_device(model, device)
+    _check_meta_tensors_come_from_file(model, path, sources)
+    _materialize_meta_tensors(model, device, sources, undo)
+    _keep_overwritten_values(model, sources, own, undo)
+    _copy_from_files(model, path, files, device, sources, turned)
     return model
 
 
-def _tie_declared_weights(model):
-    """Tie what a transformers model declares tied, if it is built on meta.
+def _keep_overwritten_values(model, sources, own, undo):
+    """Copy the value of each tensor of ``own`` ({id: tensor}) that the files
+    fill (a key of ``sources``); put on ``undo`` what copies them back.
+
+    load_state_dict copies into the model's tensors one after another, in
+    place: a failure halfway would leave some holding the file's values. It
+    keeps the tensors themselves (an optimizer may hold them), and so does
+    putting their values back. Only the tensors it overwrites are copied,
+    once however many names a tie gives them.
+    """
+    saved = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key in sources and id(tensor) in own and id(tensor) not in saved:
+            saved[id(tensor)] = (tensor, tensor.detach().clone())
+
+    def copy_back():
+        with torch.no_grad():
+            for tensor, value in saved.values():
+                tensor.copy_(value)
+    undo.append(copy_back)
+
+
+def _tie_declared_weights(model, undo):
+    """Tie what a transformers model declares tied, if it is built on meta;
+    put on ``undo`` what unties them.
 
     transformers ties an output head to its embedding table when it loads a
     checkpoint, and its save_pretrained writes the table under one name
     only; a model built with empty (meta) weights may not be tied yet, and
-    the head would have no value. Returns what to put back if loading fails.
+    the head would have no value.
     """
     tie = getattr(model, "tie_weights", None)
     if not callable(tie) or not any(t.is_meta for *_, t in _model_tensors(model)):
-        return None
+        return
     before = [(module, dict(module._parameters)) for module in model.modules()]
+
+    def untie():
+        for module, parameters in before:
+            module._parameters.update(parameters)
+    undo.append(untie)
     tie()
-    return before
 
 
 def _model_tensors(model):
@@ -664,18 +693,23 @@ def _set_tensor(module, attr, tensor):
         module._buffers[attr] = tensor
 
 
-def _materialize_meta_tensors(model, device, sources):
-    """Give every meta parameter and buffer uninitialized storage on ``device``.
+def _materialize_meta_tensors(model, device, sources, undo):
+    """Give every meta parameter and buffer uninitialized storage on ``device``;
+    put on ``undo`` what puts the meta tensors back.
 
-    Returns (module, attribute, meta tensor) for each, so a failed load can put
-    them back. A tensor that several modules share gets one new tensor, so ties
+    A tensor that several modules share gets one new tensor, so ties
     (e.g. an embedding and its output head) survive. So do ties the model
     never made on meta but the file records (transformers ties its weights
     after loading; on meta they are separate): names stored as one tensor
     become one parameter again when their shapes and dtypes agree.
     """
     replacements = {}
-    changed = []
+    changed = []  # (module, attribute, meta tensor)
+
+    def put_back():
+        for module, attr, meta in changed:
+            _set_tensor(module, attr, meta)
+    undo.append(put_back)
     for module, attr, name, tensor in _model_tensors(model):
         if not tensor.is_meta:
             continue
@@ -692,7 +726,6 @@ def _materialize_meta_tensors(model, device, sources):
         replacements[id(tensor)] = new
         changed.append((module, attr, tensor))
         _set_tensor(module, attr, new)
-    return changed
 
 
 def _check_fits(model, path, stored, aliases, strict, swapped, turned):

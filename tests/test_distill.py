@@ -106,6 +106,19 @@ def test_match_adds_the_inner_modules_outputs_to_the_loss():
     assert result.losses[0] == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("compiled", ["student", "teacher", "both"])
+def test_match_names_the_modules_of_a_compiled_model_as_of_the_plain_one(compiled):
+    # A compiled model's own names carry torch.compile's _orig_mod. prefix.
+    model, teacher = compressed_pair()
+    x = batches(1, seed=5)[0]
+    plain = lx.distill(copy.deepcopy(model), teacher, [x], steps=1, match="fc2",
+                       progress=False).losses[0]
+    student = torch.compile(model, backend="eager") if compiled != "teacher" else model
+    reference = torch.compile(teacher, backend="eager") if compiled != "student" else teacher
+    result = lx.distill(student, reference, [x], steps=1, match="fc2", progress=False)
+    assert result.losses[0] == pytest.approx(plain, rel=1e-12)
+
+
 def test_padding_positions_are_left_out_of_dict_batches():
     teacher = Tokens()
     model = copy.deepcopy(teacher)
