@@ -42,7 +42,8 @@ class PaddingMasks:
     - in an encoder-decoder model (``config.is_encoder_decoder`` and
       ``get_encoder()``, the model's own or a part's when it is wrapped),
       ``attention_mask`` applies inside the encoder and to the tensors the
-      encoder returned (the decoder's cross-attention reads them), the
+      encoder returned (the decoder's cross-attention reads them) and to
+      what modules taking nothing else made of them (a projection), the
       batch's ``decoder_attention_mask``, if any, to everything else;
     - in other models whose input embedding is known (``get_input_embeddings()``
       of the model, or else the first ``nn.Embedding`` one of its parts gives:
@@ -59,6 +60,7 @@ class PaddingMasks:
     """
 
     def __init__(self, model):
+        self._model = model
         encoders = _encoders(model)
         # (region, the mask applying inside it and to what it returns)
         self._regions = ([(e, "attention_mask") for e in encoders] if encoders
@@ -76,6 +78,15 @@ class PaddingMasks:
             # First among the region's hooks, so that the others (which may
             # ask about its outputs) run after it has recorded them.
             self._handles.append(region.register_forward_hook(self._recorder(key), prepend=True))
+        if self._regions:
+            # What a module outside the regions makes of their outputs alone
+            # holds their tokens too: EncoderDecoderModel projects its
+            # encoder's output (enc_to_dec_proj) before the decoder's
+            # cross-attention reads it.
+            for module in self._model.modules():
+                if id(module) not in self._inside:
+                    self._handles.append(module.register_forward_hook(
+                        self._passer, prepend=True, with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
@@ -107,6 +118,21 @@ class PaddingMasks:
         key = produced[1] if produced is not None else self._inside.get(id(module), self._default)
         return None if key is None else self._masks.get(key)
 
+    def _passer(self, module, args, kwargs, output):
+        """Record ``output`` as a region's where every tensor ``module`` took
+        came from that region (a module given token ids or masks besides, as
+        a decoder is, has tokens of its own)."""
+        if not self._produced:
+            return
+        keys = set()
+        for t in _tensors((args, kwargs)):
+            produced = self._produced.get(_place(t)) if t.is_floating_point() else None
+            if produced is None:
+                return
+            keys.add(produced[1])
+        if len(keys) == 1:
+            self._recorder(keys.pop())(module, args, output)
+
     def _recorder(self, key):
         def hook(module, args, output):
             if not self._masks:
@@ -118,6 +144,17 @@ class PaddingMasks:
                 if place is not None:
                     self._produced[place] = (t, key)
         return hook
+
+
+def _tensors(value):
+    """The tensors in a (nested) tuple, list or dict of arguments."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for item in value.values() for t in _tensors(item)]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
 
 
 def _place(t):

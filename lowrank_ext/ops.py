@@ -166,7 +166,23 @@ def lora_linear_changing_scale(x: Tensor, W: Tensor, A: Tensor, B: Tensor,
         raise ValueError(f"lora_linear: scale must be finite, got {scale}")
     if B.dtype in _HALF:
         check_lora_linear_tensors(x, W, A, B, bias, 1.0)
-        return torch.nn.functional.linear(x, W, bias) + scale * lowrank_linear(x, A, B)
+        # As the op sums them: the products in float32, of the values in the
+        # dtype it computes in (autocast's, if on), rounded once, so that a
+        # base product past float16's range that the adapter brings back
+        # stays finite.
+        device_type = x.device.type
+        dtype = (torch.get_autocast_dtype(device_type)
+                 if torch.amp.is_autocast_available(device_type)
+                 and torch.is_autocast_enabled(device_type) else B.dtype)
+
+        def widened(t):
+            return None if t is None else t.to(dtype).float()
+
+        with torch.autocast(device_type, enabled=False):
+            x32 = widened(x)
+            y = (torch.nn.functional.linear(x32, widened(W), widened(bias))
+                 + scale * lowrank_linear(x32, widened(A), widened(B)))
+        return y.to(dtype)
     return lora_linear(x, W, A, B * scale, bias, 1.0)
 
 

@@ -389,7 +389,8 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     ``_orig_mod.``, loads into the compiled model as it is). If anything
     fails (a KeyboardInterrupt too) the model is put back as it was: the
     values the file would overwrite in tensors the model already holds on a
-    real device are copied first (none for a model built on meta). Returns
+    real device are copied to host memory first (none for a model built on
+    meta). Returns
     ``model``.
 
     ``strict=False`` tolerates tensors missing from the file (the model keeps
@@ -552,12 +553,14 @@ def _keep_overwritten_values(model, sources, own, undo):
     place: a failure halfway would leave some holding the file's values. It
     keeps the tensors themselves (an optimizer may hold them), and so does
     putting their values back. Only the tensors it overwrites are copied,
-    once however many names a tie gives them.
+    once however many names a tie gives them, and into host memory: a model
+    that fills most of its accelerator would not load if its copies took
+    room there too.
     """
     saved = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
         if key in sources and id(tensor) in own and id(tensor) not in saved:
-            saved[id(tensor)] = (tensor, tensor.detach().clone())
+            saved[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
 
     def copy_back():
         with torch.no_grad():

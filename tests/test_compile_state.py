@@ -161,6 +161,28 @@ def test_a_scale_set_anew_keeps_the_fused_op_until_it_changes():
     assert op.args[-1] == 1.0  # folded into B
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_half_layer_whose_scale_changes_rounds_once_under_compile(use_dora):
+    # 300·300 = 90000 is past float16's range; the adapter brings the sum back
+    # to 60000, which eager mode (one rounding of a float32 sum) returns.
+    base = nn.Linear(1, 1, bias=False, dtype=torch.float16)
+    with torch.no_grad():
+        base.weight.fill_(300)
+    lora = lx.LoRALinear(base, rank=1, alpha=1, use_dora=use_dora).eval()
+    with torch.no_grad():
+        lora.A.fill_(1)
+        lora.B.fill_(-100)
+        if use_dora:  # ‖W + B·A‖ = 200: a factor of one
+            lora.magnitude.fill_(200)
+    lora.scale = 1.0  # set anew: the route for a scale that changes
+    x = torch.full((1, 1), 300.0, dtype=torch.float16)
+    eager = lora(x)
+    assert torch.isfinite(eager).all()
+    torch._dynamo.reset()
+    compiled = torch.compile(lora, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+
+
 @pytest.mark.parametrize("scale", [math.inf, -math.inf, math.nan])
 def test_a_non_finite_scale_set_anew_is_refused_under_compile(scale):
     torch._dynamo.reset()

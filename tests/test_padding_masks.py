@@ -142,6 +142,25 @@ def test_a_wrapped_t5_is_recognised_too():
     _check_grams(Wrapper(), layers, _t5_batch(decoder_length=8))
 
 
+@pytest.mark.parametrize("decoder_mask", [False, True])
+def test_an_encoder_output_projected_for_the_decoder_keeps_the_encoder_mask(decoder_mask):
+    # EncoderDecoderModel with a decoder wider than its encoder projects the
+    # encoder's output (enc_to_dec_proj) before the cross-attention reads it.
+    encoder = T.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=32)
+    decoder = T.BertConfig(vocab_size=64, hidden_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=32, is_decoder=True,
+                           add_cross_attention=True)
+    config = T.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    model = _quiet(T.EncoderDecoderModel, config=config)
+    assert model.enc_to_dec_proj is not None
+    key = next(n for n, _ in model.named_modules()
+               if "crossattention" in n and n.endswith(".key"))
+    query = key[:-len("key")] + "query"
+    batch = _t5_batch(decoder_length=8, decoder_mask=decoder_mask)
+    _check_grams(model, {key: ENC, query: DEC if decoder_mask else None}, batch)
+
+
 def _clip():
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                 vocab_size=100, max_position_embeddings=32)
