@@ -44,7 +44,9 @@ class PaddingMasks:
       ``attention_mask`` applies inside the encoder and to the tensors the
       encoder returned (the decoder's cross-attention reads them) and to
       what modules taking nothing else made of them (a projection), the
-      batch's ``decoder_attention_mask``, if any, to everything else;
+      batch's ``decoder_attention_mask``, if any, to the rest of the model
+      owning the encoder, and no mask to the parts of the model beside
+      that owner (Blip2's vision model beside its T5);
     - in other models whose input embedding is known (``get_input_embeddings()``
       of the model, or else the first ``nn.Embedding`` one of its parts gives:
       ``CLIPModel`` has none of its own), no mask applies inside another
@@ -61,30 +63,41 @@ class PaddingMasks:
 
     def __init__(self, model):
         self._model = model
-        encoders = _encoders(model)
-        # (region, the mask applying inside it and to what it returns)
-        self._regions = ([(e, "attention_mask") for e in encoders] if encoders
-                         else [(t, None) for t in _towers(model)])
-        self._default = "decoder_attention_mask" if encoders else "attention_mask"
+        pairs = _encoders(model)
+        if pairs:
+            # (region, the mask applying inside it and to what it returns),
+            # each encoder after the model owning it, whose decoder side
+            # takes the decoder's mask; outside those owners (Blip2's vision
+            # model beside its T5) no mask applies.
+            self._regions = ([(owner, "decoder_attention_mask") for owner, _ in pairs]
+                             + [(encoder, "attention_mask") for _, encoder in pairs])
+            self._sources = [encoder for _, encoder in pairs]
+            self._default = None
+        else:
+            self._regions = [(tower, None) for tower in _towers(model)]
+            self._sources = [tower for tower, _ in self._regions]
+            self._default = "attention_mask"
         self._inside = {}
         self._handles = []
         self.stop()
 
     def __enter__(self):
         # Taken now, not at construction: compress_model swaps layers in
-        # between calibration runs.
+        # between calibration runs. An encoder's modules take its key over
+        # its owner's.
         self._inside = {id(m): key for region, key in self._regions for m in region.modules()}
         for region, key in self._regions:
             # First among the region's hooks, so that the others (which may
             # ask about its outputs) run after it has recorded them.
             self._handles.append(region.register_forward_hook(self._recorder(key), prepend=True))
-        if self._regions:
-            # What a module outside the regions makes of their outputs alone
-            # holds their tokens too: EncoderDecoderModel projects its
-            # encoder's output (enc_to_dec_proj) before the decoder's
-            # cross-attention reads it.
+        if self._sources:
+            # What a module outside the encoders (towers) makes of their
+            # outputs alone holds their tokens too: EncoderDecoderModel
+            # projects its encoder's output (enc_to_dec_proj) before the
+            # decoder's cross-attention reads it.
+            within = {id(m) for source in self._sources for m in source.modules()}
             for module in self._model.modules():
-                if id(module) not in self._inside:
+                if id(module) not in within:
                     self._handles.append(module.register_forward_hook(
                         self._passer, prepend=True, with_kwargs=True))
         return self
@@ -141,7 +154,9 @@ class PaddingMasks:
             # model may pass on a view of them (same memory, same shape).
             for t in floating_tensors(output):
                 place = _place(t)
-                if place is not None:
+                # The first region to return a tensor made it: an owner
+                # passes on its encoder's output too.
+                if place is not None and place not in self._produced:
                     self._produced[place] = (t, key)
         return hook
 
@@ -185,9 +200,11 @@ def _own_input_embedding(module):
 
 
 def _encoders(model):
-    """The encoders of the encoder-decoder models in ``model`` (itself or its parts)."""
+    """[(owner, encoder)] for the encoder-decoder models in ``model`` (itself or
+    its parts): each encoder with the innermost model whose ``get_encoder()``
+    gives it (Blip2's T5 rather than Blip2, which gives it too)."""
     found = {}
-    for module in model.modules():
+    for module in model.modules():  # outer modules first: inner owners win
         get = getattr(module, "get_encoder", None)
         if not (getattr(getattr(module, "config", None), "is_encoder_decoder", False)
                 and callable(get)):
@@ -197,7 +214,7 @@ def _encoders(model):
         except (NotImplementedError, AttributeError):
             continue
         if isinstance(encoder, nn.Module) and encoder is not module and _contains(module, encoder):
-            found[id(encoder)] = encoder
+            found[id(encoder)] = (module, encoder)
     return list(found.values())
 
 

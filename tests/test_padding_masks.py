@@ -161,6 +161,42 @@ def test_an_encoder_output_projected_for_the_decoder_keeps_the_encoder_mask(deco
     _check_grams(model, {key: ENC, query: DEC if decoder_mask else None}, batch)
 
 
+@pytest.mark.parametrize("decoder_length", [17, 4])  # the image's tokens, the queries
+def test_parts_beside_an_inner_encoder_decoder_keep_every_token(decoder_length):
+    # Blip2 over T5: the vision model, the Q-Former and the projection feed
+    # the T5 model; the decoder's mask is T5's decoder's alone.
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    qformer = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=32, encoder_hidden_size=16, max_position_embeddings=32)
+    text = dict(model_type="t5", vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                num_heads=2, decoder_start_token_id=0, dropout_rate=0.0,
+                tie_word_embeddings=False)
+    config = T.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
+                           num_query_tokens=4, image_token_index=63)
+    model = _quiet(T.Blip2ForConditionalGeneration, config)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # activations far from zero: rows left out show in the grams
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    ids = torch.randint(3, 60, (2, 9), generator=g)
+    ids[:, :4] = 63  # where the queries go
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    dmask = torch.ones(2, decoder_length, dtype=torch.long)
+    dmask[1, 2:] = 0
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
+             "input_ids": ids, "attention_mask": mask,
+             "decoder_input_ids": torch.randint(3, 60, (2, decoder_length), generator=g),
+             DEC: dmask}
+    _check_grams(model, {"vision_model.encoder.layers.0.self_attn.qkv": None,
+                         "qformer.encoder.layer.0.attention.attention.query": None,
+                         "language_projection": None,
+                         "language_model.encoder.block.0.layer.0.SelfAttention.q": ENC,
+                         "language_model.decoder.block.0.layer.0.SelfAttention.q": DEC},
+                 batch)
+
+
 def _clip():
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                 vocab_size=100, max_position_embeddings=32)
