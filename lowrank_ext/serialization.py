@@ -390,8 +390,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     fails (a KeyboardInterrupt too) the model is put back as it was: the
     values the file would overwrite in tensors the model already holds on a
     real device are copied to host memory first (none for a model built on
-    meta). Returns
-    ``model``.
+    meta). Returns ``model``.
 
     ``strict=False`` tolerates tensors missing from the file (the model keeps
     its own values, a replaced layer its original bias) or extra ones, but the
