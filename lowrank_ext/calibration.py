@@ -23,13 +23,7 @@ def token_mask_of(batch, key="attention_mask"):
 
 def floating_tensors(output):
     """The floating-point tensors in a (nested) model output, in a fixed order."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() else []
-    if isinstance(output, Mapping):  # dicts, ModelOutput, tokenizers' BatchEncoding
-        return [t for key in output for t in floating_tensors(output[key])]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in floating_tensors(item)]
-    return []
+    return [t for t in _tensors(output) if t.is_floating_point()]
 
 
 class PaddingMasks:
@@ -162,11 +156,11 @@ class PaddingMasks:
 
 
 def _tensors(value):
-    """The tensors in a (nested) tuple, list or dict of arguments."""
+    """The tensors in a (nested) tuple, list or dict, in a fixed order."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if isinstance(value, Mapping):
-        return [t for item in value.values() for t in _tensors(item)]
+    if isinstance(value, Mapping):  # dicts, ModelOutput, tokenizers' BatchEncoding
+        return [t for key in value for t in _tensors(value[key])]
     if isinstance(value, (tuple, list)):
         return [t for item in value for t in _tensors(item)]
     return []

@@ -1,4 +1,4 @@
-"""compress_model and load_compressed stopped halfway, by an error or a
+"""compress_model, load_compressed, add_lora and merge_lora stopped halfway, by an error or a
 KeyboardInterrupt (Ctrl-C): the model is left as it was, the exception unchanged."""
 
 import contextlib
@@ -94,14 +94,14 @@ def assert_as_before(model, before):
 
 
 @contextlib.contextmanager
-def failing_registration(error, at):
-    """Raise ``error`` instead of registering the ``at``-th LowRankLinear in a
-    module: between two swaps, where a Ctrl-C may arrive."""
+def failing_registration(error, at, kind=lx.LowRankLinear):
+    """Raise ``error`` instead of registering the ``at``-th module of ``kind`` in
+    a module: between two swaps, where a Ctrl-C may arrive."""
     count = 0
 
     def hook(module, name, submodule):
         nonlocal count
-        if isinstance(submodule, lx.LowRankLinear):
+        if isinstance(submodule, kind):
             count += 1
             if count == at:
                 raise error("stopped")
@@ -245,3 +245,56 @@ def test_load_compressed_into_meta_stopped_while_copying(saved, error):
         lx.load_compressed(meta, path)
     assert_as_before(meta, before)
     assert all(p.is_meta for p in meta.parameters())
+
+
+# --- add_lora and merge_lora -------------------------------------------------
+
+def linears():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(),
+                         nn.Linear(16, 8))
+
+
+@pytest.mark.parametrize("error", ERRORS)
+def test_add_lora_stopped_while_building_puts_back_the_pissa_residuals(error):
+    model = linears()
+    before = snapshot(model)
+    # LoRALinear registers its base as a submodule while it is built.
+    with failing_registration(error, 2, nn.Linear), pytest.raises(error):
+        lx.add_lora(model, rank=4, include=["0", "2", "4"], init="pissa")
+    assert_as_before(model, before)
+
+
+@pytest.mark.parametrize("error", ERRORS)
+def test_add_lora_stopped_between_swaps_puts_back_every_layer(error):
+    model = linears()
+    model[2].register_forward_hook(lambda m, args, out: out * 2)
+    before = snapshot(model)
+    with failing_registration(error, 2, lx.LoRALinear), pytest.raises(error):
+        lx.add_lora(model, rank=4, include=["0", "2", "4"])
+    assert_as_before(model, before)
+
+
+@pytest.mark.parametrize("error", ERRORS)
+def test_merge_lora_stopped_leaves_every_adapter_unmerged_in_place(error):
+    model = linears()
+    lx.add_lora(model, rank=4, include=["0", "2", "4"])
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, lx.LoRALinear):
+                layer.B.normal_()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = model(x)
+    types = [type(m) for m in model]
+    weights = {i: m.base.weight.detach().clone() for i, m in enumerate(model)
+               if isinstance(m, lx.LoRALinear)}
+    with failing_registration(error, 2, nn.Linear), pytest.raises(error):
+        lx.merge_lora(model)
+    assert [type(m) for m in model] == types
+    for i, weight in weights.items():
+        assert not model[i].merged
+        # unmerge subtracts what merge added: equal to rounding
+        torch.testing.assert_close(model[i].base.weight, weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
