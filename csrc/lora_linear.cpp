@@ -16,6 +16,7 @@
 #include "checks.h"
 #include "cpu/few_rows.h"
 #include "cpu/half_gemm.h"
+#include "cpu/split_adapter.h"
 
 #include <ATen/DimVector.h>
 #include <ATen/ScalarOps.h>
@@ -24,7 +25,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 
 namespace lowrank_ext {
 namespace {
@@ -34,13 +34,14 @@ namespace {
 // float32's range, and BLAS skips the product for an alpha of 0 (a scale of
 // 0, or below float32's smallest subnormal), which would drop a NaN or an
 // infinity of the adapter that the composition x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ
-// (peft's, and the fallback's) propagates.
+// (peft's, and the fallback's) propagates. MKL also multiplies an operand by
+// alpha before the product: with a scale of 1e30 and t = x·Aᵀ of 1e10 that
+// overflowed to NaN where scale·(t·Bᵀ) is 0 or 2e30. Scales far from 1 (no
+// LoRA scale is) therefore multiply the product instead, as the composition
+// does.
 bool scale_is_alpha(double scale, at::ScalarType dtype) {
-  if (dtype == at::kDouble) {
-    return scale != 0.0;
-  }
-  return std::abs(scale) <= std::numeric_limits<float>::max() &&
-      static_cast<float>(scale) != 0.0f;
+  const double limit = dtype == at::kDouble ? 0x1p256 : 0x1p32;
+  return std::abs(scale) <= limit && std::abs(scale) >= 1.0 / limit;
 }
 
 // y += scale·t·Bt. A scale that cannot be alpha (rare) multiplies the product
@@ -118,9 +119,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_half(
   const at::Tensor xr = cpu && x2.stride(1) != 1 ? x2.contiguous() : x2;
   const at::Tensor Ac = cpu ? A.contiguous() : A;
   at::Tensor A32t; // on a CPU without the shrink kernels
-  const at::Tensor B32t = B.to(at::kFloat).t();
-  const std::optional<at::Tensor> bias32 =
-      bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
+  const at::Tensor B32 = B.to(at::kFloat).contiguous();
+  const at::Tensor B32t = B32.t();
+  const std::optional<at::Tensor> bias32 = bias.has_value()
+      ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
+      : std::nullopt;
   at::Tensor t = at::empty({M, A.size(0)}, x2.options());
   at::Tensor y = at::empty({M, d}, x2.options()); // C, then the output (in place)
   at::Tensor c_lo = at::empty({M, d}, x2.options());
@@ -139,8 +142,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_half(
       t32 = at::mm(x_block.to(at::kFloat), A32t);
     }
     t.narrow(0, i, n).copy_(t32);
-    at::Tensor c = bias_plus_scaled_adapter(t32, B32t, bias32, scale);
     at::Tensor c_hi = y.narrow(0, i, n);
+    if (cpu && split_scaled_adapter_cpu(t32, B32, bias32, scale, c_hi, c_lo.narrow(0, i, n))) {
+      continue; // the same two parts in one pass (cpu/split_adapter.h)
+    }
+    at::Tensor c = bias_plus_scaled_adapter(t32, B32t, bias32, scale);
     c_hi.copy_(c);
     // 0 where c is ±inf (a scale past float32's range) or past float16's
     // range: not NaN, so that the output is the ±inf the sum gives.

@@ -518,3 +518,111 @@ def test_lora_few_rows_backward_layouts_and_double_backward():
             lambda: torch.autograd.grad(y, (xl,), gy, create_graph=create_graph), d, k)
         assert hits
         assert_matches(gx, want, torch.float32)
+
+
+# --- lora_linear in a half type from a GEMM's worth of rows: the adapter term
+# c = bias + scale·(x·Aᵀ)·Bᵀ, formed in float32, goes to the half type's GEMM
+# as its C, rounded, and what that rounding dropped is added after it
+# (split_scaled_adapter_cpu: AVX2, and AVX-512 for bfloat16).
+
+def _cancelling_lora(M, k, r, d, dtype, seed=0):
+    """Inputs whose dense product and adapter cancel to a few percent of
+    either, so that rounding the adapter to the half type alone is off by many
+    units in the last place of the result. Every value is a small multiple of
+    a power of two (x integers, A eighths, B quarters, W multiples of 2^-6,
+    the bias multiples of 2^-10), so every float32 sum is exact: what remains
+    is the rounding to the half type alone."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ints(*shape, low=-8, high=9):
+        return torch.randint(low, high, shape, generator=g, dtype=torch.int64).double()
+
+    x, A, B = ints(M, k), ints(r, k) / 8, ints(d, r) / 4
+    scale = 0.5
+    W = -scale * B @ A + ints(d, k, low=-1, high=2) / 64
+    bias = ints(d, low=-100, high=100) / 1024
+    return (*(v.to(dtype) for v in (x, W, A, B, bias)), scale)
+
+
+# (M, k, r, d): rows past one 64-row tile and past one block of the caller's
+# row loop (2^18 / d rows), outputs past one 256-column tile with tails of 16
+# and 8 lanes, fewer outputs than one vector, odd ranks.
+HALF_LORA_SHAPES = [(33, 40, 3, 9), (70, 64, 5, 300), (130, 24, 16, 4100), (65, 8, 1, 263)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M,k,r,d", HALF_LORA_SHAPES)
+def test_half_lora_adapter_split_keeps_a_cancelling_result(monkeypatch, kernel, dtype, M, k, r, d):
+    from reference import lora_reference
+
+    # float16's GEMM is slow on most CPUs, where lora_linear widens it to
+    # float32: held to the half type's GEMM here.
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", "0")
+    x, W, A, B, bias, scale = _cancelling_lora(M, k, r, d, dtype)
+    eps = torch.finfo(dtype).eps
+    for b in (bias, None):
+        ref = lora_reference(x, W, A, B, b, scale)
+        c = scale * (x.double() @ A.double().T) @ B.double().T + (0 if b is None else b.double())
+        y = lowrank_ext.lora_linear(x, W, A, B, b, scale)
+        assert y.dtype == dtype and y.shape == (M, d)
+        # The GEMM rounds the result plus the remainder, which is within half
+        # a unit of c's last place, and the remainder is rounded: a bound of
+        # eps·|result| twice plus eps²·|c|. Rounding c alone (no remainder)
+        # is off by up to eps/2·|c|, 2^7 (bfloat16) or 2^10 (float16) times
+        # that, and more than ten times it here.
+        bound = 2 * eps * ref.abs() + eps ** 2 * c.abs()
+        assert ((y.double() - ref).abs() <= bound).all(), (y.double() - ref).abs().max()
+        # Computed twice on a dirty allocator: every element is written.
+        torch.testing.assert_close(lowrank_ext.lora_linear(x, W, A, B, b, scale), y,
+                                   rtol=0, atol=0)
+
+
+def _special_lora(M, k, r, d):
+    """bfloat16 inputs with a NaN and an infinity in the adapter's weights, an
+    infinite bias, an adapter past bfloat16's range for one output and one
+    whose rounding remainder is subnormal."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, k, generator=g).bfloat16()
+    W = (torch.randn(d, k, generator=g) * k ** -0.5).bfloat16()
+    A = (torch.randn(r, k, generator=g) * k ** -0.5).bfloat16()
+    B = torch.randn(d, r, generator=g).bfloat16()
+    bias = torch.randn(d, generator=g).bfloat16()
+    B[3, 0] = float("nan")
+    B[5, 1] = float("inf")
+    bias[7] = float("-inf")
+    B[9] = 3e38               # scale·t·Bᵀ beyond bfloat16's largest value
+    B[11] = 1e-36             # c ≈ 1e-36: a subnormal remainder
+    W[11] = 0
+    bias[11] = 0
+    return x, W, A, B, bias
+
+
+@pytest.mark.parametrize("M,d", [(40, 300), (100, 37)])
+def test_half_lora_adapter_split_vector_widths_agree_bit_for_bit(M, d):
+    """The AVX-512 split (kernel set "auto" on an AVX512-BF16 CPU) and the AVX2
+    one round the same float32 sums, so they agree to the bit, NaN and
+    infinities included, and both match the float64 reference elsewhere."""
+    from reference import lora_reference
+
+    from lowrank_ext import _fallback
+
+    previous = torch.ops.lowrank_ext._cpu_kernel("")
+    k, r = 48, 4
+    x, W, A, B, bias = _special_lora(M, k, r, d)
+    try:
+        outs = {}
+        for choice in ("auto", "avx2"):
+            torch.ops.lowrank_ext._cpu_kernel(choice)
+            outs[choice] = lowrank_ext.lora_linear(x, W, A, B, bias, 2.0)
+    finally:
+        torch.ops.lowrank_ext._cpu_kernel(CHOICE_FOR[previous])
+    torch.testing.assert_close(outs["auto"], outs["avx2"], rtol=0, atol=0, equal_nan=True)
+    want = _fallback.lora_linear(x, W, A, B, bias, 2.0)
+    y = outs["auto"]
+    assert torch.equal(y.isnan(), want.isnan())
+    assert torch.equal(y.isinf(), want.isinf()) and torch.equal(y[y.isinf()], want[want.isinf()])
+    finite = want.isfinite()
+    ref = lora_reference(x, W, A, B, bias, 2.0)
+    torch.testing.assert_close(y[finite].double(), ref[finite], rtol=2 ** -7, atol=1e-3)
+    # The output whose adapter is about 1e-36: its digits survive the split.
+    torch.testing.assert_close(y[:, 11].double(), ref[:, 11], rtol=2 ** -7, atol=0)

@@ -147,6 +147,27 @@ def test_lora_scale_acts_in_the_dtype_of_the_products(scale, dtype, rows):
         torch.testing.assert_close(fn(x, W, A, B, None, scale), ref.to(dtype), equal_nan=True)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 100])  # one row, the few-rows branch, a GEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_a_huge_scale_multiplies_the_adapter_product_not_an_operand(dtype, rows):
+    # t = x·Aᵀ is 1e10 and the scale 1e30 (both 1e200 in float64), so scale·t
+    # is past the dtype's range, but scale·(t·Bᵀ) is 0 and 2e30 (2e300): MKL,
+    # given the scale as its alpha, multiplied t first and gave NaN and inf.
+    big, scale, result = (1e200, 1e200, 2e300) if dtype == torch.float64 else (1e10, 1e30, 2e30)
+    # 64 outputs: MKL multiplied t by its alpha from about that size.
+    x = torch.ones(rows, 2, dtype=dtype)
+    W = torch.zeros(64, 2, dtype=dtype)
+    A = torch.full((2, 2), big / 2, dtype=dtype)
+    B = torch.zeros(64, 2, dtype=dtype)
+    B[0] = torch.tensor([1.0, -1.0])
+    B[1, 0] = result / (big * scale)
+    ref = x.double() @ W.double().T + scale * ((x.double() @ A.double().T) @ B.double().T)
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        y = fn(x, W, A, B, None, scale)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16,
                                    torch.float16], ids=str)
 @pytest.mark.parametrize("rows", [1, 3, 200])

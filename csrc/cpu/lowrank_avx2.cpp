@@ -641,6 +641,71 @@ void weight_grad(
   packed_panel_product(L, ldl, ldj, m, len, b, ldb, c0, c1, G, ldg, kPackK, kWeightGradCols);
 }
 
+// ---------------------------------------------------------------- split rounding
+
+namespace {
+
+// 8 float32 lanes rounded to T's bit patterns (as store4 rounds), and back.
+inline __m128i round8(bf16, __m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  u = _mm256_blendv_epi8(u, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+}
+inline __m128i round8(f16, __m256 v) {
+  return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+}
+inline __m256 widen8(bf16, __m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 widen8(f16, __m128i h) {
+  return _mm256_cvtph_ps(h);
+}
+
+template <typename T>
+void split_rounded_typed(
+    const float* acc, int64_t n, float scale, const float* bias, T* hi, T* lo) {
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 inf = _mm256_set1_ps(__builtin_inff());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 c = _mm256_mul_ps(s, _mm256_loadu_ps(acc + i));
+    if (bias != nullptr) {
+      c = _mm256_add_ps(_mm256_loadu_ps(bias + i), c);
+    }
+    const __m128i h = round8(T{}, c);
+    __m256 l = _mm256_sub_ps(c, widen8(T{}, h));
+    // |l| < inf is false for ±inf and NaN.
+    l = _mm256_and_ps(l, _mm256_cmp_ps(_mm256_and_ps(l, abs_mask), inf, _CMP_LT_OQ));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + i), h);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + i), round8(T{}, l));
+  }
+  for (; i < n; ++i) {
+    const float c = (bias != nullptr ? bias[i] : 0.0f) + scale * acc[i];
+    hi[i] = from_float<T>(c);
+    const float l = c - to_float(hi[i]);
+    lo[i] = from_float<T>(l - l == 0.0f ? l : 0.0f);
+  }
+}
+
+} // namespace
+
+void split_rounded(
+    ElemType type, const float* acc, int64_t n, float scale, const float* bias, void* hi,
+    void* lo) {
+  switch (type) {
+    case ElemType::kBFloat16:
+      return split_rounded_typed(acc, n, scale, bias, static_cast<bf16*>(hi), static_cast<bf16*>(lo));
+    case ElemType::kFloat16:
+      return split_rounded_typed(acc, n, scale, bias, static_cast<f16*>(hi), static_cast<f16*>(lo));
+    case ElemType::kFloat32:
+      break; // nothing to split: callers pass 16-bit types only
+  }
+}
+
 bool cpu_has_avx2_fma() {
   static const bool has = [] {
     __builtin_cpu_init();

@@ -62,6 +62,15 @@ void rows_times_weight(
     ElemType type, const float* g, int64_t ldg, int64_t rows, const void* W, int64_t d,
     int64_t n, int64_t c0, int64_t c1, float* out, int64_t ldo);
 
+// c = bias + scale·acc (n float32 values; bias may be null), written as hi,
+// c rounded to `type` (bfloat16 or float16 bit patterns, rounded as
+// c10::BFloat16 and c10::Half round), and lo, the rounding of c − hi, which is
+// exact in float32: hi + lo keeps digits of c that hi alone drops. lo is 0
+// where c − hi is not finite (c infinite or NaN, or hi past the type's
+// range), so that adding lo to a sum with hi changes nothing there.
+void split_rounded(
+    ElemType type, const float* acc, int64_t n, float scale, const float* bias, void* hi,
+    void* lo);
 // Scratch floats expand() needs for one packed panel of B.
 inline int64_t expand_panel_floats(int64_t r) {
   return 16 * r;
