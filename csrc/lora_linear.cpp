@@ -25,6 +25,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 
 namespace lowrank_ext {
 namespace {
@@ -44,11 +47,60 @@ bool scale_is_alpha(double scale, at::ScalarType dtype) {
   return std::abs(scale) <= limit && std::abs(scale) >= 1.0 / limit;
 }
 
+// The largest |v| of a float32 or float64 CPU tensor, NaN if it holds one:
+// the largest bit pattern with the sign cleared, an integer maximum that the
+// compiler vectorizes (a float one it may not, for NaN's sake), and NaN's
+// patterns lie above infinity's.
+double max_abs_cpu(const at::Tensor& v) {
+  const at::Tensor dense = v.is_non_overlapping_and_dense() ? v : v.contiguous();
+  const int64_t n = dense.numel();
+  if (dense.scalar_type() == at::kDouble) {
+    const auto* p = static_cast<const uint64_t*>(dense.const_data_ptr());
+    uint64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t a = p[i] & ~(uint64_t{1} << 63);
+      m = a > m ? a : m;
+    }
+    double result;
+    std::memcpy(&result, &m, sizeof(result));
+    return result;
+  }
+  TORCH_CHECK(dense.scalar_type() == at::kFloat, "max_abs_cpu: expected float32 or float64");
+  const auto* p = static_cast<const uint32_t*>(dense.const_data_ptr());
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t a = p[i] & 0x7FFFFFFFu;
+    m = a > m ? a : m;
+  }
+  float result;
+  std::memcpy(&result, &m, sizeof(result));
+  return result;
+}
+
+// Whether y += scale·t·Bt may pass scale to BLAS as alpha. On the CPU, MKL
+// multiplies an operand by alpha before the product: t of 3e38 and a scale
+// of 2 gave inf where scale·(t·Bᵀ) is 0. A scale above 1 is therefore alpha
+// only where it takes neither operand past y's range (both are small:
+// (M × r) and (d × r)). cuBLAS scales the sums.
+bool alpha_keeps_range(const at::Tensor& y, const at::Tensor& t, const at::Tensor& Bt,
+                       double scale) {
+  if (!scale_is_alpha(scale, y.scalar_type())) {
+    return false;
+  }
+  if (!y.device().is_cpu() || std::abs(scale) <= 1.0) {
+    return true;
+  }
+  const double limit = (y.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                       : std::numeric_limits<float>::max()) /
+      std::abs(scale);
+  return max_abs_cpu(t) <= limit && max_abs_cpu(Bt) <= limit;
+}
+
 // y += scale·t·Bt. A scale that cannot be alpha (rare) multiplies the product
 // instead, as a wrapped number as Python passes one: in y's dtype, as the
 // fallback's scale * (t·Bt) does (inf beyond float32's range, 0·NaN = NaN).
 void add_scaled_adapter(at::Tensor& y, const at::Tensor& t, const at::Tensor& Bt, double scale) {
-  if (scale_is_alpha(scale, y.scalar_type())) {
+  if (alpha_keeps_range(y, t, Bt, scale)) {
     y.addmm_(t, Bt, /*beta=*/1, /*alpha=*/scale);
   } else {
     y.add_(at::mm(t, Bt).mul_(at::native::wrapped_scalar_tensor(scale)));
@@ -143,20 +195,35 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_half(
     }
     t.narrow(0, i, n).copy_(t32);
     at::Tensor c_hi = y.narrow(0, i, n);
-    if (cpu && split_scaled_adapter_cpu(t32, B32, bias32, scale, c_hi, c_lo.narrow(0, i, n))) {
-      continue; // the same two parts in one pass (cpu/split_adapter.h)
+    // The same two parts in one pass (cpu/split_adapter.h).
+    const AdapterSplit split = cpu
+        ? split_scaled_adapter_cpu(t32, B32, bias32, scale, c_hi, c_lo.narrow(0, i, n))
+        : AdapterSplit::kNotRun;
+    if (split == AdapterSplit::kOverflowed) {
+      return lora_linear_half_widened(x2, W, A, B, bias, scale);
+    }
+    if (split == AdapterSplit::kDone) {
+      continue;
     }
     at::Tensor c = bias_plus_scaled_adapter(t32, B32t, bias32, scale);
     c_hi.copy_(c);
+    // c past the half type's range where it was finite: its rounding is ±inf
+    // and the sum may not be. (Looked for on the CPU only: on CUDA it would
+    // cost a device synchronisation.)
+    if (cpu && at::logical_and(c_hi.isinf(), c.isfinite()).any().item<bool>()) {
+      return lora_linear_half_widened(x2, W, A, B, bias, scale);
+    }
     // 0 where c is ±inf (a scale past float32's range) or past float16's
     // range: not NaN, so that the output is the ±inf the sum gives.
     c_lo.narrow(0, i, n).copy_(c.sub_(c_hi).nan_to_num_(0.0, 0.0, 0.0));
   }
   y.addmm_(x2, W.t()).add_(c_lo);
-  // float16's range can still be exceeded by c where the result is
-  // representable: on the CPU, where looking costs one pass and no device
-  // synchronisation, such a call reruns in float32. (The float32 sum of
-  // float16 values is finite exactly when they all are: it cannot overflow.)
+  // A c past the range reran above; a sum within half a unit of float16's
+  // largest value can still round to ±inf where the float32 sum rounds
+  // once to a finite value. On the CPU, where looking costs one pass and no
+  // device synchronisation, such a call reruns in float32. (The float32 sum
+  // of float16 values is finite exactly when they all are: it cannot
+  // overflow.)
   if (x2.scalar_type() == at::kHalf && cpu && !std::isfinite(y.sum(at::kFloat).item<float>())) {
     return lora_linear_half_widened(x2, W, A, B, bias, scale);
   }

@@ -168,6 +168,55 @@ def test_a_huge_scale_multiplies_the_adapter_product_not_an_operand(dtype, rows)
         torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("big_operand", ["t", "B"])
+def test_a_scale_of_two_takes_no_operand_past_the_range(big_operand, dtype, rows):
+    # t = x·Aᵀ (or B) near the dtype's largest value and a scale of 2: MKL,
+    # given 2 as its alpha, doubled the operand to inf before the product and
+    # gave inf and NaN where scale·(t·Bᵀ) is 0, and big (or big / 2).
+    big = torch.finfo(dtype).max / 2 ** 0.5
+    big_t = big_operand == "t"
+    x = torch.ones(rows, 2, dtype=dtype)
+    W = torch.zeros(64, 2, dtype=dtype)
+    A = torch.full((2, 2), big / 2 if big_t else 0.125, dtype=dtype)   # t = big or 0.25
+    B = torch.zeros(64, 2, dtype=dtype)
+    B[0] = torch.tensor([1.0, -1.0], dtype=torch.float64) * (1 if big_t else big)
+    B[1, 0] = 0.5 if big_t else big
+    ref = 2.0 * ((x.double() @ A.double().T) @ B.double().T)
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        y = fn(x, W, A, B, None, 2.0)
+        assert y[:, 0].eq(0).all() and torch.isfinite(y).all(), y[0, :2]
+        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "avx2", "portable"])
+@pytest.mark.parametrize("rows", [4, 40, 100])
+def test_bfloat16_lora_adapter_past_the_range_gives_the_float32_answer(kernel, rows):
+    # The adapter term (bias + scale·(x·Aᵀ)·Bᵀ = 3.3e38 + 1e36) rounds to inf
+    # in bfloat16, the dense product (-1e38) brings the result back into range:
+    # from 33 rows, where the term went to bfloat16's GEMM as its C, the
+    # compiled kernel gave inf; summed in float32 it is 2.3e38.
+    if not lx.backend_info()["compiled"]:
+        pytest.skip("kernel sets are the compiled backend's")
+    previous = torch.ops.lowrank_ext._cpu_kernel("")
+    torch.ops.lowrank_ext._cpu_kernel(kernel)
+    try:
+        dt = torch.bfloat16
+        x = torch.ones(rows, 2, dtype=dt)
+        W = torch.full((3, 2), -5e37, dtype=dt)
+        A = torch.ones(1, 2, dtype=dt)
+        B = torch.full((3, 1), torch.finfo(dt).max / 2, dtype=dt)
+        bias = torch.full((3,), 1e36, dtype=dt)
+        ref = x.double() @ W.double().T + bias.double() + (x.double() @ A.double().T) @ B.double().T
+        for fn in (lx.lora_linear, _fallback.lora_linear):
+            y = fn(x, W, A, B, bias, 1.0)
+            assert torch.isfinite(y).all(), y
+            torch.testing.assert_close(y.double(), ref, rtol=2 ** -7, atol=0)
+    finally:
+        torch.ops.lowrank_ext._cpu_kernel({"avx512bf16": "auto"}.get(previous, previous))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16,
                                    torch.float16], ids=str)
 @pytest.mark.parametrize("rows", [1, 3, 200])

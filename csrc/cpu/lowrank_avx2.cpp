@@ -665,11 +665,12 @@ inline __m256 widen8(f16, __m128i h) {
 }
 
 template <typename T>
-void split_rounded_typed(
+bool split_rounded_typed(
     const float* acc, int64_t n, float scale, const float* bias, T* hi, T* lo) {
   const __m256 s = _mm256_set1_ps(scale);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 inf = _mm256_set1_ps(__builtin_inff());
+  __m256 overflowed = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 c = _mm256_mul_ps(s, _mm256_loadu_ps(acc + i));
@@ -677,23 +678,31 @@ void split_rounded_typed(
       c = _mm256_add_ps(_mm256_loadu_ps(bias + i), c);
     }
     const __m128i h = round8(T{}, c);
-    __m256 l = _mm256_sub_ps(c, widen8(T{}, h));
+    const __m256 hw = widen8(T{}, h);
+    __m256 l = _mm256_sub_ps(c, hw);
     // |l| < inf is false for ±inf and NaN.
     l = _mm256_and_ps(l, _mm256_cmp_ps(_mm256_and_ps(l, abs_mask), inf, _CMP_LT_OQ));
+    overflowed = _mm256_or_ps(
+        overflowed, _mm256_and_ps(_mm256_cmp_ps(_mm256_and_ps(hw, abs_mask), inf, _CMP_EQ_OQ),
+                                  _mm256_cmp_ps(_mm256_and_ps(c, abs_mask), inf, _CMP_LT_OQ)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + i), h);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + i), round8(T{}, l));
   }
+  bool any = _mm256_movemask_ps(overflowed) != 0;
   for (; i < n; ++i) {
     const float c = (bias != nullptr ? bias[i] : 0.0f) + scale * acc[i];
     hi[i] = from_float<T>(c);
-    const float l = c - to_float(hi[i]);
+    const float h = to_float(hi[i]);
+    const float l = c - h;
     lo[i] = from_float<T>(l - l == 0.0f ? l : 0.0f);
+    any |= (h - h != 0.0f) && (c - c == 0.0f);
   }
+  return any;
 }
 
 } // namespace
 
-void split_rounded(
+bool split_rounded(
     ElemType type, const float* acc, int64_t n, float scale, const float* bias, void* hi,
     void* lo) {
   switch (type) {
@@ -704,6 +713,7 @@ void split_rounded(
     case ElemType::kFloat32:
       break; // nothing to split: callers pass 16-bit types only
   }
+  return false;
 }
 
 bool cpu_has_avx2_fma() {

@@ -67,8 +67,10 @@ void rows_times_weight(
 // c10::BFloat16 and c10::Half round), and lo, the rounding of c − hi, which is
 // exact in float32: hi + lo keeps digits of c that hi alone drops. lo is 0
 // where c − hi is not finite (c infinite or NaN, or hi past the type's
-// range), so that adding lo to a sum with hi changes nothing there.
-void split_rounded(
+// range), so that adding lo to a sum with hi changes nothing there. Returns
+// whether hi went past the type's range anywhere c did not (where hi + lo
+// is ±inf though the sum it stands in for may not be).
+bool split_rounded(
     ElemType type, const float* acc, int64_t n, float scale, const float* bias, void* hi,
     void* lo);
 // Scratch floats expand() needs for one packed panel of B.

@@ -487,10 +487,12 @@ Word* packed_panel(Word* packed, int64_t o, int64_t pairs) {
 
 } // namespace
 
-void split_rounded(
+bool split_rounded(
     const float* acc, int64_t n, float scale, const float* bias, uint16_t* hi, uint16_t* lo) {
   const __m512 s = _mm512_set1_ps(scale);
-  constexpr int kNotFinite = 0x01 | 0x08 | 0x10 | 0x80;  // quiet NaN, ±inf, signalling NaN
+  constexpr int kInf = 0x08 | 0x10;
+  constexpr int kNotFinite = 0x01 | kInf | 0x80;  // quiet NaN, ±inf, signalling NaN
+  __mmask16 overflowed = 0;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
                                     : static_cast<__mmask16>((1u << (n - i)) - 1);
@@ -499,11 +501,14 @@ void split_rounded(
       c = _mm512_add_ps(_mm512_maskz_loadu_ps(m, bias + i), c);
     }
     const __m256i h = round_to_bf16(c);
-    __m512 l = _mm512_sub_ps(c, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    const __m512 hw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    __m512 l = _mm512_sub_ps(c, hw);
     l = _mm512_maskz_mov_ps(static_cast<__mmask16>(~_mm512_fpclass_ps_mask(l, kNotFinite)), l);
+    overflowed |= _mm512_fpclass_ps_mask(hw, kInf) & ~_mm512_fpclass_ps_mask(c, kNotFinite);
     _mm256_mask_storeu_epi16(hi + i, m, h);
     _mm256_mask_storeu_epi16(lo + i, m, round_to_bf16(l));
   }
+  return overflowed != 0;
 }
 
 void pack_expand_weights(

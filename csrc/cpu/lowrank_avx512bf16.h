@@ -88,7 +88,7 @@ inline int64_t expand_scratch_words(int64_t rows, int64_t r) {
 
 // The contract of avx2::split_rounded for bfloat16 (hi and lo bfloat16 bit
 // patterns, rounded as c10::BFloat16 rounds), on 512-bit vectors.
-void split_rounded(
+bool split_rounded(
     const float* acc, int64_t n, float scale, const float* bias, uint16_t* hi, uint16_t* lo);
 } // namespace avx512bf16
 } // namespace lowrank_ext

@@ -693,7 +693,7 @@ at::Tensor few_rows_product_cpu(const at::Tensor& x2, const at::Tensor& W) {
 constexpr int64_t kSplitTileRows = 64;
 constexpr int64_t kSplitTileCols = 256;
 
-bool split_scaled_adapter_cpu(
+AdapterSplit split_scaled_adapter_cpu(
     const at::Tensor& t32,
     const at::Tensor& B32,
     const std::optional<at::Tensor>& bias32,
@@ -705,7 +705,7 @@ bool split_scaled_adapter_cpu(
   const float s = static_cast<float>(scale);
   if (!use_avx2() || (type != at::kBFloat16 && type != at::kHalf) || r == 0 ||
       !(std::abs(scale) <= std::numeric_limits<float>::max()) || s == 0.0f) {
-    return false;
+    return AdapterSplit::kNotRun;
   }
   TORCH_CHECK(t32.scalar_type() == at::kFloat && B32.scalar_type() == at::kFloat &&
                   t32.is_contiguous() && B32.is_contiguous() && B32.size(1) == r &&
@@ -717,7 +717,7 @@ bool split_scaled_adapter_cpu(
               "split_scaled_adapter_cpu: unexpected operands ", t32.sizes(), ", ", B32.sizes(),
               ", ", hi.sizes(), ", ", lo.sizes());
   if (n == 0 || d == 0) {
-    return true;
+    return AdapterSplit::kDone;
   }
   const auto et = type == at::kBFloat16 ? avx2::ElemType::kBFloat16 : avx2::ElemType::kFloat16;
   // The split takes as long as the expand on AVX2 (0.5 ms at 512 × 4096);
@@ -729,7 +729,9 @@ bool split_scaled_adapter_cpu(
   auto* h = static_cast<uint16_t*>(hi.mutable_data_ptr());
   auto* l = static_cast<uint16_t*>(lo.mutable_data_ptr());
   const int64_t units = (d + kSplitTileCols - 1) / kSplitTileCols;
+  std::atomic<bool> overflowed{false};
   at::parallel_for(0, units, grain_for(n * r * kSplitTileCols), [&](int64_t u0, int64_t u1) {
+    bool any = false;
     auto tile = uninitialized<float>(kSplitTileRows * kSplitTileCols);
     auto panel = uninitialized<float>(avx2::expand_panel_floats(r));
     for (int64_t u = u0; u < u1; ++u) {
@@ -743,16 +745,16 @@ bool split_scaled_adapter_cpu(
           const int64_t at = (i0 + i) * d + o0;
           const float* row = tile.get() + i * w;
           const float* b = bias != nullptr ? bias + o0 : nullptr;
-          if (split512) {
-            avx512bf16::split_rounded(row, w, s, b, h + at, l + at);
-          } else {
-            avx2::split_rounded(et, row, w, s, b, h + at, l + at);
-          }
+          any |= split512 ? avx512bf16::split_rounded(row, w, s, b, h + at, l + at)
+                          : avx2::split_rounded(et, row, w, s, b, h + at, l + at);
         }
       }
     }
+    if (any) {
+      overflowed.store(true, std::memory_order_relaxed);
+    }
   });
-  return true;
+  return overflowed.load() ? AdapterSplit::kOverflowed : AdapterSplit::kDone;
 }
 
 bool use_few_rows_backward(const at::Tensor& gy, int64_t rows) {

@@ -18,14 +18,21 @@
 
 namespace lowrank_ext {
 
+enum class AdapterSplit {
+  kNotRun,     // nothing written: the caller's ATen path handles the call
+  kDone,
+  kOverflowed, // written, but some c past the half type's range rounded to ±inf
+};
+
 // Writes hi = c rounded to hi's dtype and lo = (c − hi) rounded (0 where that
 // is not finite), for c = bias + scale·t32·B32ᵀ summed in float32: t32
 // (n × r) and B32 (d × r) contiguous float32, bias32 contiguous float32 (d)
-// or none, hi and lo contiguous (n × d) bfloat16 or float16. Returns false,
-// writing nothing, where the AVX2 kernels are off, r is 0 or scale is no
-// float32 multiplier other than 0 (the caller's ATen path keeps those
-// cases' semantics).
-bool split_scaled_adapter_cpu(
+// or none, hi and lo contiguous (n × d) bfloat16 or float16. Not run where
+// the AVX2 kernels are off, r is 0 or scale is no float32 multiplier other
+// than 0 (the caller's ATen path keeps those cases' semantics). kOverflowed:
+// a finite c beyond the half type's range, where the caller must sum in
+// float32 instead (the result may be representable).
+AdapterSplit split_scaled_adapter_cpu(
     const at::Tensor& t32,
     const at::Tensor& B32,
     const std::optional<at::Tensor>& bias32,
