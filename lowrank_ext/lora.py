@@ -143,7 +143,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
         for name in names:
             base = linears[name]
             if init.startswith("pissa"):  # LoRALinear leaves the residual in base.weight
-                saved[name] = base.weight.detach().clone()
+                # In host memory, as load_compressed keeps what it overwrites:
+                # on an accelerator the copies would double the wrapped weights.
+                saved[name] = base.weight.detach().to("cpu", copy=True)
             lora = LoRALinear(base, rank, alpha, init=init, dropout=dropout, rslora=rslora,
                               use_dora=use_dora)
             lora.train(base.training)
