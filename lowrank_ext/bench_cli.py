@@ -46,24 +46,73 @@ def _split(text, allowed, what):
     return items
 
 
+# The largest tensor torch can allocate: its size in bytes is an int64.
+_MAX_BYTES = 2**63 - 1
+
+
+def _check_shape_sizes(shapes):
+    """A ValueError naming --shapes for a shape whose tensors no machine could
+    hold, before the timing: torch would fail on it only when the inputs are
+    made, in words that name no option ("Overflow when unpacking long long")."""
+    for M, k, r, d in shapes:
+        # x, A, B, the output (and gy), x·Aᵀ and the d × k weight of the dense
+        # side and the adapter ops, each also made in float64 (8 bytes).
+        for rows, cols in ((M, k), (r, k), (d, r), (M, d), (M, r), (d, k)):
+            if rows * cols * 8 > _MAX_BYTES:
+                raise ValueError(
+                    f"--shapes {M},{k},{r},{d}: a {rows} × {cols} tensor of float64 would take "
+                    f"more than 2**63 - 1 bytes, more than torch can allocate")
+
+
+def _make_directory_of(path):
+    """Make the missing directories above ``path``; those made, deepest first."""
+    made = []
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(directory):
+        made.append(directory)
+        directory = os.path.dirname(directory)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as exc:
+        _remove_directories(made)
+        raise type(exc)(f"cannot write {path}: {exc.strerror or exc}") from None
+    return made
+
+
+def _remove_directories(made):
+    """Remove the directories ``made`` (deepest first) that are still empty."""
+    for directory in made:
+        try:
+            os.rmdir(directory)
+        except OSError:  # gone, or holds a file by now
+            pass
+
+
 def _check_outputs(args):
     """Fail before the timing, which may take minutes, on outputs that cannot
     be written: a missing directory, one where no file can be created, no
-    matplotlib, an image format it lacks."""
+    matplotlib, an image format it lacks. Returns the directories it made,
+    deepest first; a failure leaves none behind."""
     from ._plotting import load_matplotlib, plot_format
     from .serialization import check_output_path
 
-    for path in (args.json, args.markdown, args.plot):
-        if path is not None:
-            # The directory is made if missing, as the writers would.
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            except OSError as exc:
-                raise type(exc)(f"cannot write {path}: {exc.strerror or exc}") from None
-            check_output_path(None, path)
+    # First the checks that make nothing.
     if args.plot is not None:
         load_matplotlib()
         plot_format(args.plot)
+    made = []
+    try:
+        for flag, path in (("--json", args.json), ("--markdown", args.markdown),
+                           ("--plot", args.plot)):
+            if path is not None:
+                # The directory is made if missing, as the writers would.
+                made += _make_directory_of(path)
+                # The writers open the path itself: /dev/stdout is written into.
+                check_output_path(None, path, what=flag, replaced=False)
+    except BaseException:
+        _remove_directories(made)
+        raise
+    return made
 
 
 def run(args):
@@ -90,13 +139,23 @@ def run(args):
                     (bench.DEFAULT_CUDA_SHAPES if cuda else bench.DEFAULT_CPU_SHAPES))
         # An empty --shapes "" is an error, not the (long) defaults.
         shapes = bench.parse_shapes(args.shapes) if args.shapes is not None else defaults
+        _check_shape_sizes(shapes)
         dtypes = (bench.parse_dtypes(args.dtype) if args.dtype is not None else
                   list(bench.DEFAULT_CUDA_DTYPES if args.device == "cuda"
                        else bench.DEFAULT_CPU_DTYPES))
         plan = [(shapes, dtypes)]
-    # Last of the checks: it makes the output directories.
-    _check_outputs(args)
+    # Last of the checks: it makes the output directories, which a failure
+    # from here on removes again where they are still empty.
+    made = _check_outputs(args)
+    try:
+        return _time_and_write(args, bench, plan, modes, sides, log)
+    except BaseException:
+        _remove_directories(made)
+        raise
 
+
+def _time_and_write(args, bench, plan, modes, sides, log):
+    """Time ``plan`` and write the outputs."""
     result = None
     for shapes, dtypes in plan:
         part = bench.run_benchmark(

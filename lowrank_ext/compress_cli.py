@@ -8,7 +8,11 @@ turns the factors of a transformers ``Conv1D``, whose weight is stored
 transposed, around).
 Other tensors, and weights where factorizing saves nothing, are copied as they are.
 So are factors the input already holds (the output of ``save_compressed`` or
-of an earlier run); their ranks stay in the metadata beside the new ones.
+of an earlier run; without lowrank_ext metadata, its ``<layer>.A`` /
+``<layer>.B`` pairs, as ``load_compressed`` reads them); their ranks stay in
+the metadata beside the new ones. A file whose factors are in ``nn.Linear``
+layout (from ``save_compressed``, or a compressed model's state_dict) takes
+no new ones: one file holds its factors in one layout.
 
 Without model code a 2-D tensor does not say whether it is a Linear layer's
 weight. ``load_compressed`` swaps only Linear layers, so a file with a
@@ -100,14 +104,18 @@ def run(args):
     from .compress import check_blocks_fit, round_rank, rounding_note, select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
-    from .serialization import (atomic_write, check_output_path, model_files, opened,
-                                ranks_in_metadata, ranks_metadata, stored_aliases)
+    from .serialization import (METADATA_KEY, atomic_write, check_output_path, factor_pairs,
+                                model_files, opened, ranks_in_metadata, ranks_metadata,
+                                stored_aliases)
     from .svd import choose_rank, svd_truncate
 
     files = model_files(args.input, owner=None)
     check_output_path(None, args.output, force=args.force, what="--output")
     if args.ratio is not None:
-        rank_for_ratio(2, 2, args.ratio)  # validates the ratio
+        try:
+            rank_for_ratio(2, 2, args.ratio)  # validates the ratio
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None  # "ratio must be ..." as the option
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank must be >= 1, got {args.rank}")
     if args.energy is not None and not 0.0 < args.energy <= 1.0:
@@ -123,8 +131,13 @@ def run(args):
         tensors.update({key: f.get_tensor(key) for key in f.keys()})
         metadatas.append(f.metadata() or {})
         metadata.update(metadatas[-1])
-    # Layers the input holds factorized already.
+    # Layers the input holds factorized already: named in its metadata, or
+    # without any, its <layer>.A / .B pairs, as load_compressed reads them (a
+    # compressed model's state_dict, in nn.Linear layout).
     existing, layout = ranks_in_metadata(args.input, files, metadatas, owner=None)
+    if layout is None:
+        existing = factor_pairs({key: tuple(t.shape) for key, t in tensors.items()})
+        layout = "linear" if existing else None
     factor_keys = {f"{name}.{part}" for name in existing for part in ("A", "B")}
 
     aliases = {}  # stored key -> the other names of that tensor
@@ -178,7 +191,13 @@ def run(args):
             raise ValueError(f"weight {key!r} in {args.input} has NaN or Inf")
         if args.ratio is not None:
             if multiple > 1:  # each weight alone: a small head simply takes rank 1 or stays dense
-                check_blocks_fit({name: (d, k)}, args.ratio, multiple, "uniform", owner=None)
+                try:
+                    check_blocks_fit({name: (d, k)}, args.ratio, multiple, "uniform",
+                                     owner=None)
+                except ValueError as exc:  # worded for compress_model's arguments
+                    message = str(exc).replace("rank_multiple", "--rank-multiple")
+                    raise ValueError(f"--{message}" if message.startswith("ratio ")
+                                     else message) from None
             r = round_rank(rank_for_ratio(d, k, args.ratio), multiple, d, k)
         elif args.rank is not None:
             r = args.rank
@@ -194,10 +213,23 @@ def run(args):
         # The error reported is that of the factors as written, in the
         # weight's dtype: in bfloat16 their rounding can outweigh the truncation.
         B, A = (factor.to(W.dtype) for factor in unrounded)
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            # B = U·diag(S) holds σ₁, which can be past the range of a half
+            # dtype where every entry of W is within it.
+            largest = max(float(f.abs().max()) for f in unrounded)
+            raise ValueError(
+                f"the rank-{r} factors of weight {key!r} in {args.input} exceed the range of "
+                f"{dtype_name(W.dtype)} (entries up to {largest:g}); compress a float32 copy "
+                "of the file, or --exclude the layer")
+        # Scaled by max|W| first, as spectrum scales σ by σ_1: the squares
+        # summed in the norms overflow for a float64 W near 1e200 (NaN) and
+        # underflow near 1e-300 (0).
+        scale = float(W.double().abs().max()) or 1.0
 
         def relative_error(B, A):
-            return float(torch.linalg.matrix_norm(W.double() - B.double() @ A.double()) /
-                         torch.linalg.matrix_norm(W.double()).clamp_min(1e-300))
+            Ws = W.double() / scale
+            return float(torch.linalg.matrix_norm(Ws - (B.double() / scale) @ A.double()) /
+                         torch.linalg.matrix_norm(Ws).clamp_min(1e-300))
 
         error = relative_error(B, A)
         note = ("" if args.energy is None else
@@ -217,11 +249,15 @@ def run(args):
     # its factors in one layout, and which of the earlier layers are Conv1D
     # (where the layouts differ) cannot be told from the file.
     if ranks and existing and layout != "stored":
+        source = ("by save_compressed" if any(METADATA_KEY in m for m in metadatas) else
+                  "without lowrank_ext metadata, as in a compressed model's state_dict")
         raise ValueError(
-            f"{args.input} holds layers factorized by save_compressed, whose factors are in "
-            "nn.Linear layout, and one file cannot mix that with the factors of stored "
-            "tensors this command writes; compress the original file, or load the model "
-            "and use lowrank_ext.compress_model")
+            f"{args.input} holds layers factorized {source} ({preview(list(existing))}), "
+            "whose factors are in nn.Linear layout, and one file cannot mix that with the "
+            "factors of stored tensors this command writes; compress the original file, or "
+            "load the model and use lowrank_ext.compress_model")
+    # A file without metadata stays so: its pairs are read as they were (the
+    # metadata would name them as layers, whatever module holds them).
     if ranks or not existing:
         metadata.update(ranks_metadata({**existing, **ranks}, factors="stored"))
     atomic_write(args.output, lambda tmp: save_file(out, tmp, metadata=metadata))

@@ -72,12 +72,15 @@ def check_input_file(owner, path):
         raise FileNotFoundError(f"{_prefix(owner)}no such file: {path}")
 
 
-def check_output_path(owner, path, *, force=True, flag="--force", what="path"):
+def check_output_path(owner, path, *, force=True, flag="--force", what="path",
+                      replaced=True):
     """Fail early, before any work, on an output path that cannot be written.
 
     An empty path, a directory or a path naming one (ending in a separator,
     ``.`` or ``..``), a missing parent directory, (unless ``force``) an
-    existing file, or a directory where no file can be created.
+    existing file, or a directory where no file can be created. With
+    ``replaced`` (the output is written by :func:`atomic_write`), also an
+    existing path that is not a regular file.
     """
     if not path:
         # os.path.abspath("") is the working directory, whose parent would
@@ -85,6 +88,13 @@ def check_output_path(owner, path, *, force=True, flag="--force", what="path"):
         raise ValueError(f"{_prefix(owner)}{what} is empty; give a file name")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{_prefix(owner)}{path} is a directory; give a file name")
+    if replaced and os.path.exists(path) and not os.path.isfile(path):
+        # atomic_write renames a new file onto the path: a device (/dev/null)
+        # or a FIFO would be replaced by a regular file, not written into.
+        # Both follow symbolic links: a link to a regular file is replaced
+        # by the new file, as a regular file is.
+        raise ValueError(f"{_prefix(owner)}{what} {path} is not a regular file (a device, "
+                         "FIFO or socket), which writing would replace; give a file name")
     if os.path.basename(path) in ("", ".", ".."):
         # abspath() drops the trailing part, so the file would be written
         # beside the directory before the rename fails.
@@ -231,19 +241,39 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
 
 
 def _shards(index, owner):
-    """The files a safetensors index (``model.safetensors.index.json``) lists, beside it."""
+    """The files a safetensors index (``model.safetensors.index.json``) lists, beside it.
+
+    Each must hold exactly the keys the index's ``weight_map`` puts in it:
+    readers take every key of every shard, so a key also in another shard (a
+    stale copy) would silently replace the one the map names, whichever shard
+    came last.
+    """
     try:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-        if not files or not all(isinstance(name, str) for name in files):
+        names = set(weight_map.values())
+        if not names or not all(isinstance(name, str) for name in names):
             raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(f"{_prefix(owner)}{index} is not a safetensors index (a JSON "
                          "object with a non-empty 'weight_map')") from None
-    paths = [os.path.join(os.path.dirname(index), name) for name in files]
+    # Normalized, so that "s.safetensors" and "./s.safetensors" are one shard.
+    shard_of = {key: os.path.normpath(os.path.join(os.path.dirname(index), name))
+                for key, name in weight_map.items()}
+    paths = sorted(set(shard_of.values()))
     for shard in paths:
         check_input_file(owner, shard)
+    for shard, f in opened(paths, owner):
+        held = set(f.keys())
+        mapped = {key for key, where in shard_of.items() if where == shard}
+        stray = sorted(held - mapped)
+        if stray:
+            raise ValueError(f"{_prefix(owner)}{shard} holds {preview(stray)}, which the "
+                             f"weight_map of {index} does not put in that shard")
+        missing = sorted(mapped - held)
+        if missing:
+            raise ValueError(f"{_prefix(owner)}{shard} lacks {preview(missing)}, which the "
+                             f"weight_map of {index} puts in that shard")
     return paths
 
 
@@ -331,19 +361,12 @@ def ranks_in_metadata(path, files, metadatas, owner="load_compressed"):
     return ranks, layouts.pop() if layouts else None
 
 
-def read_ranks(path, files, metadatas, shapes):
-    """``({layer name: rank}, factor layout, whether the ranks were inferred)``.
-
-    From the metadata that :func:`save_compressed` and the ``compress``
-    command write; for files without it (a compressed model's state_dict
-    written by transformers' ``save_pretrained`` or ``safetensors``), from the
-    ``<layer>.A`` (r, in) and ``<layer>.B`` (out, r) pairs themselves, leaving
-    out any layer that stores other tensors besides its bias (a LoRALinear's
-    ``base.weight``): those are not LowRankLinear layers.
-    """
-    ranks, layout = ranks_in_metadata(path, files, metadatas)
-    if layout is not None:
-        return ranks, layout, False
+def factor_pairs(shapes):
+    """``{layer name: rank}`` from the ``<layer>.A`` (r, in) and ``<layer>.B``
+    (out, r) pairs among ``shapes`` ({key: shape}), as a compressed model's
+    state_dict holds them, leaving out any layer that stores other tensors
+    besides its bias (a LoRALinear's ``base.weight``): those are not
+    LowRankLinear layers."""
     # Module names holding some tensor other than their own A, B and bias.
     holds_more = set()
     for key in shapes:
@@ -351,12 +374,28 @@ def read_ranks(path, files, metadatas, shapes):
         for i in range(1, len(parts)):
             if ".".join(parts[i:]) not in ("A", "B", "bias"):
                 holds_more.add(".".join(parts[:i]))
+    ranks = {}
     for key, a in shapes.items():
         name = key[:-2]
         b = shapes.get(f"{name}.B")
         if (key.endswith(".A") and b is not None and name not in holds_more
                 and len(a) == 2 and len(b) == 2 and a[0] == b[1] >= 1):
             ranks[name] = a[0]
+    return ranks
+
+
+def read_ranks(path, files, metadatas, shapes):
+    """``({layer name: rank}, factor layout, whether the ranks were inferred)``.
+
+    From the metadata that :func:`save_compressed` and the ``compress``
+    command write; for files without it (a compressed model's state_dict
+    written by transformers' ``save_pretrained`` or ``safetensors``), from the
+    ``<layer>.A`` and ``<layer>.B`` pairs themselves (:func:`factor_pairs`).
+    """
+    ranks, layout = ranks_in_metadata(path, files, metadatas)
+    if layout is not None:
+        return ranks, layout, False
+    ranks = factor_pairs(shapes)
     if not ranks:
         raise ValueError(
             f"load_compressed: {path} has no {METADATA_KEY!r} metadata and no "

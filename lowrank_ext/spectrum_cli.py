@@ -45,6 +45,7 @@ def _plot(path, name, S, energy):
 
 def run(args):
     import torch
+    from ._names import preview
     from .serialization import check_output_path, model_files, opened
     from .svd import choose_rank
 
@@ -53,7 +54,7 @@ def run(args):
         raise ValueError("--plot needs --layer NAME")
     if args.plot:
         # Fail before the SVD: a plot that cannot be written, matplotlib missing.
-        check_output_path(None, args.plot, force=args.force)
+        check_output_path(None, args.plot, force=args.force, what="--plot")
         load_matplotlib()
         plot_format(args.plot)
     if not args.layer:
@@ -70,11 +71,16 @@ def run(args):
                         ranks = f"{'has NaN or Inf':>13}"
                     print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} {ranks}")
         return 0
-    where = {key: path for path, f in opened(files, None) for key in f.keys()}
+    where, matrices = {}, []  # {key: its file}; the 2-D tensors, whose names may be meant
+    for path, f in opened(files, None):
+        for key in f.keys():
+            where[key] = path
+            if len(f.get_slice(key).get_shape()) == 2:
+                matrices.append(key)
     key = args.layer if args.layer in where else f"{args.layer}.weight"
     if key not in where:
         raise KeyError(f"no tensor {args.layer!r} (nor {args.layer + '.weight'!r}) in "
-                       f"{args.input}")
+                       f"{args.input} (2-D tensors: {preview(matrices)})")
     for _, f in opened([where[key]], None):
         W = f.get_tensor(key)
     if W.dim() != 2 or not W.is_floating_point():

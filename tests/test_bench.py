@@ -231,3 +231,84 @@ def test_the_recorded_command_pastes_back_into_a_shell(monkeypatch):
     argv = ["bench", "--shapes", "1,4,2,4;2,8,2,8", "--json", "my results.json"]
     monkeypatch.setattr(sys, "argv", ["/somewhere/lowrank_ext/__main__.py"] + argv)
     assert shlex.split(bench.command_line()) == ["python", "-m", "lowrank_ext"] + argv
+
+
+def _no_matplotlib(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+
+
+@pytest.mark.parametrize("case", ["format", "no matplotlib", "timing fails"])
+def test_a_failing_bench_leaves_no_directory_it_made(case, tmp_path, capsys, monkeypatch):
+    # The --json / --markdown / --plot directories were made first, and
+    # stayed when a later check (or the timing) failed.
+    timed = []
+
+    def failing(*args, **kwargs):
+        timed.append(1)
+        raise RuntimeError("the timing failed")
+
+    monkeypatch.setattr(bench, "run_benchmark", failing)
+    argv = ["--shapes", "1,4,2,4", "--json", str(tmp_path / "j" / "deep" / "b.json"),
+            "--markdown", str(tmp_path / "m" / "b.md")]
+    if case == "format":
+        pytest.importorskip("matplotlib")
+        argv += ["--plot", str(tmp_path / "p" / "b.xyz")]
+        message = "matplotlib cannot write 'xyz' images"
+    elif case == "no matplotlib":
+        _no_matplotlib(monkeypatch)
+        argv += ["--plot", str(tmp_path / "p" / "sub" / "b.png")]
+        message = "--plot needs matplotlib"
+    else:
+        message = "the timing failed"
+    assert run_cli(argv) == 1
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [] and len(timed) == (case == "timing fails")
+
+
+def test_a_failed_output_check_removes_the_directories_made_for_the_others(tmp_path, capsys):
+    # --json's directory is made, then --markdown names a directory.
+    (tmp_path / "taken").mkdir()
+    assert run_cli(["--shapes", "1,4,2,4", "--json", str(tmp_path / "new" / "b.json"),
+                    "--markdown", str(tmp_path / "taken")]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+@pytest.mark.parametrize("shapes, message", [
+    ("99999999999999999999,64,4,64",
+     "--shapes 99999999999999999999,64,4,64: a 99999999999999999999 × 64 tensor"),
+    # Each size fits int64, the element count of x·Bᵀ's M × d output does not.
+    ("3037000500,4,4,3037000500", "--shapes 3037000500,4,4,3037000500: a 3037000500 × "
+                                  "3037000500 tensor"),
+])
+def test_shapes_no_tensor_could_hold_fail_before_any_timing(shapes, message, capsys,
+                                                            monkeypatch, tmp_path):
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    target = tmp_path / "new" / "b.json"
+    assert run_cli(["--shapes", f"1,4,2,4;{shapes}", "--json", str(target)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lowrank_ext bench: error: {message}") and err.count("\n") == 0
+    assert "more than torch can allocate" in err
+    assert not timed and not target.parent.exists()
+
+
+@pytest.mark.parametrize("flag", ["--json", "--markdown", "--plot"])
+def test_an_empty_output_path_names_its_option(flag, capsys, monkeypatch):
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    assert run_cli(["--shapes", "1,4,2,4", flag, ""]) == 1
+    assert capsys.readouterr().err == (f"lowrank_ext bench: error: {flag} is empty; "
+                                       "give a file name\n")
+    assert not timed

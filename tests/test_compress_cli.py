@@ -86,8 +86,8 @@ def test_compress_refuses_to_overwrite_without_force(weights, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--ratio", "0"], "ratio must be in (0, 1]"),
-    (["--ratio", "1.5"], "ratio must be in (0, 1]"),
+    (["--ratio", "0"], "--ratio must be in (0, 1], got 0.0"),
+    (["--ratio", "1.5"], "--ratio must be in (0, 1], got 1.5"),
     (["--rank", "0"], "--rank must be >= 1"),
     (["--energy", "2"], "--energy must be in (0, 1]"),
     (["--rank", "2", "--include", "nothing*"], "include pattern 'nothing*' matches no 2-D weight"),
@@ -96,7 +96,11 @@ def test_compress_refuses_to_overwrite_without_force(weights, tmp_path, capsys):
     (["--rank", "6", "--rank-multiple", "4"], "--rank 6 is not a multiple of --rank-multiple 4"),
     (["--ratio", "0.5", "--rank-multiple", "0"], "--rank-multiple must be >= 1"),
     (["--ratio", "0.1", "--rank-multiple", "4"],
-     "ratio 0.1 gives layer '0' (30×20) rank 1, less than one block of rank_multiple 4"),
+     "--ratio 0.1 gives layer '0' (30×20) rank 1, less than one block of --rank-multiple 4; "
+     "raise the ratio, lower --rank-multiple or exclude the layer"),
+    (["--ratio", "1", "--rank-multiple", "8"],
+     "layer '2' (10×30) cannot be factorized in blocks of 8 ranks: d·k/(d+k) = 7.5 saves "
+     "nothing beyond that; use a smaller --rank-multiple or exclude the layer"),
 ])
 def test_compress_bad_arguments(weights, tmp_path, capsys, extra, message):
     _, path = weights
@@ -293,7 +297,7 @@ def test_spectrum_unknown_layer_message_has_no_stray_quotes(weights, capsys):
     assert main(["spectrum", str(path), "--layer", "nope"]) == 1
     line = _one_error_line(capsys, "spectrum")
     assert line == (f"lowrank_ext spectrum: error: no tensor 'nope' (nor 'nope.weight') in "
-                    f"{path}")
+                    f"{path} (2-D tensors: 0.weight, 2.weight)")
 
 
 def test_spectrum_plot_failures_leave_no_file(weights, tmp_path, capsys, monkeypatch):
@@ -671,3 +675,151 @@ def test_spectrum_plot_into_a_directory_that_takes_no_file_fails_before_the_svd(
     assert err.startswith("lowrank_ext spectrum: error: cannot write /proc/s.png: cannot "
                           "create a file in /proc") and err.count("\n") == 1
     assert out == ""  # nothing computed or printed first
+
+
+def _two_layers():
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(48, 64))
+    model.add_module("b", nn.Linear(48, 64))
+    return model
+
+
+@pytest.mark.parametrize("extra", [[], ["--all-tensors"]])
+def test_factor_pairs_of_a_state_dict_without_metadata_are_kept(tmp_path, capsys, extra):
+    # safetensors' save_file of a compressed model's state_dict: no metadata,
+    # but load_compressed reads b.A / b.B as a layer of rank 4. The command
+    # took them for plain tensors (or, with --all-tensors, factorized them)
+    # and wrote a file that no longer loaded.
+    torch.manual_seed(0)
+    model = _two_layers()
+    lx.compress_model(model, rank=4, include=["b"], progress=False)
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    # a (64×48) breaks even at rank 27.4: nothing new to factorize.
+    assert main(["compress", str(path), "-o", str(out), "--rank", "30", "--json",
+                 *extra]) == 0
+    layers = {l["name"]: l for l in json.loads(capsys.readouterr().out)["layers"]}
+    assert set(layers) == {"a", "b"}
+    assert layers["b"]["rank"] == 4 and "factorized already" in layers["b"]["note"]
+    fresh = lx.load_compressed(_two_layers(), out)
+    assert type(fresh.a) is nn.Linear and fresh.b.rank == 4
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    # New factors of the stored tensors cannot join factors in nn.Linear
+    # layout in one file (they differ for a transformers Conv1D): refused.
+    out.unlink()
+    assert main(["compress", str(path), "-o", str(out), "--rank", "4", *extra]) == 1
+    line = _one_error_line(capsys, "compress")
+    assert "holds layers factorized without lowrank_ext metadata" in line
+    assert "(b), whose factors are in nn.Linear layout" in line and not out.exists()
+
+
+def test_factors_past_the_range_of_float16_are_an_error(tmp_path, capsys):
+    # Every entry of W fits float16, but B = U·diag(S) holds σ₁ ≈ 3000·√(64·1024).
+    torch.manual_seed(0)
+    W = (3000 + torch.randn(64, 1024)).half()
+    assert bool(torch.isfinite(W).all())
+    largest = float(torch.linalg.svdvals(W.double())[0])  # |B| <= σ₁
+    assert largest > torch.finfo(torch.float16).max
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file({"fc.weight": W}, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--rank", "8"]) == 1
+    line = _one_error_line(capsys, "compress")
+    assert (f"the rank-8 factors of weight 'fc.weight' in {path} exceed the range of float16"
+            in line and "compress a float32 copy of the file" in line)
+    assert not out.exists()
+    # What the message suggests works.
+    save_file({"fc.weight": W.float()}, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--rank", "8"]) == 0
+    assert all(bool(torch.isfinite(t).all()) for t in _read(out)[0].values())
+
+
+def test_reported_error_of_weights_of_extreme_magnitude(tmp_path, capsys):
+    # The squares summed in the norms overflowed (NaN) at 1e200 and
+    # underflowed (0) at 1e-300; the relative error does not depend on the scale.
+    torch.manual_seed(0)
+    base = torch.randn(64, 48, dtype=torch.float64)
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file({"big.weight": base * 1e200, "plain.weight": base,
+               "tiny.weight": base * 1e-300}, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--rank", "4", "--json"]) == 0
+    layers = {l["name"]: l for l in json.loads(capsys.readouterr().out)["layers"]}
+    S = torch.linalg.svdvals(base)
+    expected = float((S[4:] ** 2).sum().sqrt() / (S ** 2).sum().sqrt())
+    for name in ("big", "plain", "tiny"):
+        assert layers[name]["weight_error"] == pytest.approx(expected, rel=1e-9), name
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_an_output_that_is_no_regular_file_is_refused_and_kept(weights, tmp_path, capsys):
+    # The file was written beside it and renamed onto it: a FIFO (or a
+    # device like /dev/null) became a regular file.
+    import stat
+
+    _, path = weights
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for argv, option in ((["compress", str(path), "-o", str(fifo), "--rank", "2"], "--output"),
+                         (["spectrum", str(path), "--layer", "0", "--plot", str(fifo)],
+                          "--plot")):
+        assert main(argv + ["--force"]) == 1
+        line = _one_error_line(capsys, argv[0])
+        assert line.endswith(f"error: {option} {fifo} is not a regular file (a device, FIFO or "
+                             "socket), which writing would replace; give a file name")
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "in.safetensors"]
+    # A symbolic link to a regular file is replaced by the output, its target kept.
+    target, link = tmp_path / "target", tmp_path / "link.safetensors"
+    target.write_bytes(b"keep me")
+    link.symlink_to(target)
+    assert main(["compress", str(path), "-o", str(link), "--rank", "2", "--force"]) == 0
+    assert not link.is_symlink() and "0.A" in _read(link)[0]
+    assert target.read_bytes() == b"keep me"
+
+
+def _shards(folder, files, weight_map):
+    """A sharded checkpoint: ``files`` {name: tensors}, and an index of ``weight_map``."""
+    for name, tensors in files.items():
+        save_file(tensors, str(folder / name))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    return index
+
+
+@pytest.mark.parametrize("case", ["stray copy", "unlisted", "missing"])
+def test_shards_must_hold_the_keys_their_index_maps_to_them(tmp_path, capsys, case):
+    torch.manual_seed(0)
+    right, stale = torch.randn(64, 48), torch.randn(64, 48)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    files = {"s1.safetensors": {"a.weight": right},
+             "s2.safetensors": {"a.weight": stale, "x": torch.randn(3)}}
+    weight_map = {"a.weight": "s1.safetensors", "x": "s2.safetensors"}
+    message = (f"{folder / 's2.safetensors'} holds a.weight, which the weight_map of "
+               f"{folder / 'model.safetensors.index.json'} does not put in that shard")
+    if case == "unlisted":
+        files["s2.safetensors"] = {"x": torch.randn(3), "y": torch.randn(3)}
+        message = message.replace("a.weight", "y")
+    elif case == "missing":
+        files["s2.safetensors"] = {"x": torch.randn(3)}
+        weight_map["b.weight"] = "./s2.safetensors"  # the same shard, named otherwise
+        message = (f"{folder / 's2.safetensors'} lacks b.weight, which the weight_map of "
+                   f"{folder / 'model.safetensors.index.json'} puts in that shard")
+    index = _shards(folder, files, weight_map)
+    out = tmp_path / "out.safetensors"
+    for argv in (["compress", str(index), "-o", str(out), "--rank", "20"],
+                 ["compress", str(folder), "-o", str(out), "--rank", "20"],
+                 ["spectrum", str(index), "--layer", "a"],
+                 ["spectrum", str(index)]):
+        assert main(argv) == 1
+        assert _one_error_line(capsys, argv[0]).endswith(f"error: {message}")
+    assert not out.exists()
+    # Consistent shards are read as one model, each key from its own shard.
+    _shards(folder, {"s1.safetensors": {"a.weight": right},
+                     "s2.safetensors": {"x": torch.randn(3)}},
+            {"a.weight": "s1.safetensors", "x": "s2.safetensors"})
+    assert main(["compress", str(index), "-o", str(out), "--rank", "20"]) == 0
+    capsys.readouterr()
+    tensors, _ = _read(out)
+    torch.testing.assert_close(tensors["a.B"].double() @ tensors["a.A"].double(),
+                               _truncated(right, 20), rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """save_compressed's output paths, and load_compressed of a file saved from a bare layer."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -60,3 +61,59 @@ def test_a_bias_free_bare_layer_s_file_names_bias_false(tmp_path):
     with pytest.raises(TypeError, match=r"lx.LowRankLinear\(10, 6, 2, bias=False\)"):
         lx.load_compressed(nn.Linear(10, 6, bias=False), path)
     lx.load_compressed(lx.LowRankLinear(10, 6, 2, bias=False), path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_path_that_is_no_regular_file_is_refused_and_kept(tmp_path):
+    # atomic_write renamed its file onto the path: a FIFO (or a device like
+    # /dev/null) became a regular file.
+    import stat
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    lx.compress_model(model, rank=1, progress=False)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=re.escape(f"save_compressed: path {fifo} is not a "
+                                                   "regular file (a device, FIFO or socket)")):
+        lx.save_compressed(model, fifo)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and _files_under(tmp_path) == ["fifo"]
+    # A link to a FIFO too; a link to a regular file is replaced, its target kept.
+    (tmp_path / "to_fifo").symlink_to(fifo)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        lx.save_compressed(model, tmp_path / "to_fifo")
+    assert (tmp_path / "to_fifo").is_symlink()
+    (tmp_path / "target").write_bytes(b"keep me")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    lx.save_compressed(model, tmp_path / "link")
+    assert not (tmp_path / "link").is_symlink()
+    assert (tmp_path / "target").read_bytes() == b"keep me"
+    assert lx.load_compressed(nn.Sequential(nn.Linear(8, 8)), tmp_path / "link")[0].rank == 1
+
+
+def test_a_key_in_a_shard_its_index_does_not_put_there_is_refused(tmp_path):
+    # Every key of every shard was read, the last shard's copy winning over
+    # the one the index's weight_map names.
+    import json
+
+    from safetensors.torch import save_file
+
+    model = nn.Sequential(nn.Linear(8, 6))
+    lx.compress_model(model, rank=2, progress=False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file({k: state[k] for k in ("0.A", "0.B")}, str(tmp_path / "s1.safetensors"))
+    save_file({"0.bias": state["0.bias"], "0.A": torch.zeros_like(state["0.A"])},
+              str(tmp_path / "s2.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "0.A": "s1.safetensors", "0.B": "s1.safetensors", "0.bias": "s2.safetensors"}}))
+    fresh = nn.Sequential(nn.Linear(8, 6))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(
+            f"load_compressed: {tmp_path / 's2.safetensors'} holds 0.A, which the weight_map "
+            f"of {tmp_path / 'model.safetensors.index.json'} does not put in that shard")):
+        lx.load_compressed(fresh, tmp_path)
+    assert type(fresh[0]) is nn.Linear
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    save_file({"0.bias": state["0.bias"]}, str(tmp_path / "s2.safetensors"))
+    lx.load_compressed(fresh, tmp_path)
+    for key, value in state.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
