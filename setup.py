@@ -22,12 +22,16 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _env_flag(name):
-    """True/False for an explicit 1/0 in the environment, None when unset."""
+    """True/False for an explicit 1/0 in the environment, None when unset
+    (or set to something else, which is named rather than ignored silently)."""
     value = os.environ.get(name, "").strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
+    if value:
+        _log(f"{name}={os.environ[name]!r} is not one of 1/true/yes/on or 0/false/no/off; "
+             "it is ignored")
     return None
 
 

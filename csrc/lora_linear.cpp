@@ -255,7 +255,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
     const at::Tensor xr = x2.stride(1) == 1 ? x2 : x2.contiguous();
     at::Tensor y32 = few_rows_product_cpu(xr, W);
     if (y32.defined()) {
-      const at::Tensor t32 = few_rows_product_cpu(xr, A.contiguous());
+      at::Tensor t32 = few_rows_product_cpu(xr, A.contiguous());
+      if (!t32.defined()) {  // the kernels were turned off since (_cpu_kernel, another thread)
+        t32 = at::mm(xr.to(at::kFloat), A.to(at::kFloat).t());
+      }
       // An empty adapter still multiplies by a scale that is no alpha (inf·0 is NaN).
       if (r > 0 || !scale_is_alpha(scale, at::kFloat)) {
         add_scaled_adapter(y32, t32, B.t().to(at::kFloat), scale);

@@ -7,7 +7,9 @@ import lowrank_ext
 from lowrank_ext import _backend
 
 COMPILED = _backend.compiled
-FORCED_FALLBACK = os.environ.get("LOWRANK_EXT_FORCE_FALLBACK", "") not in ("", "0")
+# Read as the package reads it (1/true/yes/on, any case): "off" is no forcing.
+FORCED_FALLBACK = (_backend.fallback_reason is not None
+                   and _backend.FORCE_FALLBACK_ENV in _backend.fallback_reason)
 HAS_CUDA = torch.cuda.is_available()
 
 # Tolerances against a float64 reference, per dtype (relative to the output's scale).

@@ -33,3 +33,18 @@ def test_sdist_holds_every_source_and_header(tmp_path):
     missing = sorted(wanted - packed)
     assert not missing, f"missing from the sdist: {missing}"
     assert not [n for n in packed if n.endswith((".so", ".pyc", ".o"))]
+
+
+@pytest.mark.skipif(not (ROOT / "setup.py").exists(), reason="needs the source tree")
+def test_a_misspelt_build_switch_is_named_not_ignored_silently(tmp_path):
+    # LOWRANK_EXT_BUILD=disable built the extension without a word, where the
+    # package names every misspelt setting it reads at run time.
+    import os
+
+    run = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "LOWRANK_EXT_BUILD": "disable", "LOWRANK_EXT_CUDA": "0"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "LOWRANK_EXT_BUILD='disable' is not one of" in run.stderr, run.stderr[-2000:]
+    assert "LOWRANK_EXT_CUDA='" not in run.stderr  # a valid value is not named

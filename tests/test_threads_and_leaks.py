@@ -69,3 +69,36 @@ def test_threads_calling_the_ops_at_once_get_correct_results():
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors[0]
+
+
+@pytest.mark.skipif(not lx.backend_info()["compiled"], reason="kernel sets are the compiled backend's")
+def test_switching_cpu_kernels_while_another_thread_calls_the_ops():
+    # lora_linear's few-rows branch asked twice whether the AVX2 kernels were
+    # on: switched off in between (by another thread), it ran an undefined
+    # x·Aᵀ into addmm and raised "mat1 and mat2 must have the same dtype".
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(4, 64, generator=g), torch.randn(24, 64, generator=g)
+    A, B = torch.randn(3, 64, generator=g), torch.randn(24, 3, generator=g)
+    want = lora_reference(x, W, A, B, None, 0.5).float()
+    previous = torch.ops.lowrank_ext._cpu_kernel("")
+    stop = threading.Event()
+
+    def switch():
+        while not stop.is_set():
+            for choice in ("portable", "auto"):
+                torch.ops.lowrank_ext._cpu_kernel(choice)
+
+    switcher = threading.Thread(target=switch)
+    switcher.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            for _ in range(200):
+                torch.testing.assert_close(lx.lora_linear(x, W, A, B, None, 0.5), want,
+                                           rtol=1e-4, atol=1e-4)
+    finally:
+        stop.set()
+        switcher.join()
+        torch.ops.lowrank_ext._cpu_kernel({"avx512bf16": "auto"}.get(previous, previous))
