@@ -392,6 +392,10 @@ def run_calibration(model, calibration, masks=None, allow_empty=False):
 def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=False):
     """{name: XᵀX in float64} over the inputs each layer sees during ``calibration``.
 
+    Layers fed the same inputs throughout (attention's q, k and v) get one
+    tensor between them: nothing may update a returned matrix in place
+    without copying it first.
+
     A layer the calibration never ran is a ValueError, or with
     ``allow_unseen`` (another rank's share of the data may reach it) None;
     with ``allow_unseen`` an empty calibration iterable is accepted too.
@@ -402,9 +406,11 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
     The hooks are removed whatever happens; see ``run_calibration``.
     """
     grams = {name: None for name in layers}
+    holders, seen = {}, set()
     # Layers fed the same tensor one after another (attention's q, k, v) share
-    # one product: remember the last input and its XᵀX.
-    last = {"key": None, "mask": None, "gram": None}
+    # one product: remember the last input, its XᵀX and the layers fed it
+    # (once per call), whose sums take it when the next input comes.
+    last = {"key": None, "mask": None, "gram": None, "fed": []}
     # Padding tokens carry no meaning but would pull the whitening towards
     # their activations: rows of inputs where the mask that applies to them
     # (PaddingMasks) is 0 are left out.
@@ -421,12 +427,14 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
             mask = masks.of(x, module)
             same = (last["key"] is not None and _unchanged(last["key"], x)
                     and last["mask"] is mask)
-            if stages is not None and grams[name] is None:
+            if stages is not None and name not in seen:
                 if same and stages:
                     stages[-1].append(name)
                 else:
                     stages.append([name])
+            seen.add(name)
             if not same:
+                _add_product(grams, holders, last["gram"], last["fed"])
                 if x.is_nested:
                     # torch's TransformerEncoder packs a padded batch into a
                     # nested tensor in inference: its sequences, no padding.
@@ -434,9 +442,8 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
                 else:
                     x64 = without_padding(x.detach(), mask).reshape(-1, k)
                 x64 = x64.to(torch.float64)
-                last["key"], last["mask"], last["gram"] = _input_key(x), mask, x64.T @ x64
-            g = last["gram"]
-            grams[name] = g.clone() if grams[name] is None else grams[name].add_(g)
+                last.update(key=_input_key(x), mask=mask, gram=x64.T @ x64, fed=[])
+            last["fed"].append(name)
         return hook
 
     handles = [module.register_forward_pre_hook(make_hook(name, dense_weight(module).shape[1]),
@@ -445,12 +452,52 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
     try:
         with masks:
             run_calibration(model, calibration, masks, allow_empty=allow_unseen)
+        _add_product(grams, holders, last["gram"], last["fed"])
     finally:
         last.clear()
         for handle in handles:
             handle.remove()
     check_all_seen([name for name, g in grams.items() if g is None] if not allow_unseen else [])
     return grams
+
+
+def _add_product(grams, holders, product, fed):
+    """Add XᵀX ``product`` to the sums in ``grams`` of the layers ``fed`` it (a name per call).
+
+    Layers whose sums were one tensor and take the product equally go on
+    sharing a tensor: it is updated in place where no other layer holds it
+    (``holders``: id of a sum -> how many layers hold it), else copied first,
+    so that a layer fed other inputs than the rest of its group keeps a sum
+    of its own. The product itself, used no more, becomes the first new sum.
+    """
+    calls = {}
+    for name in fed:
+        calls[name] = calls.get(name, 0) + 1
+    groups = {}  # (id of the sum held, calls) -> the layers holding it and fed it that often
+    for name, count in calls.items():
+        groups.setdefault((id(grams[name]), count), []).append(name)
+    spare = product
+    for (_, count), names in groups.items():
+        total = grams[names[0]]
+        if total is None and count == 1 and spare is not None:
+            total, spare, count = spare, None, 0
+        elif total is None:
+            total, count = product.clone(), count - 1
+        elif holders[id(total)] != len(names) or (total.is_inference()
+                                                   and not torch.is_inference_mode_enabled()):
+            # Held by other layers too, or made under inference_mode (the last
+            # product is added after the calibration, outside it).
+            total = total.clone()
+        for _ in range(count):
+            total.add_(product)
+        for name in names:
+            old = grams[name]
+            if old is not None:
+                holders[id(old)] -= 1
+                if not holders[id(old)]:
+                    del holders[id(old)]
+            grams[name] = total
+            holders[id(total)] = holders.get(id(total), 0) + 1
 
 
 def _input_key(x):

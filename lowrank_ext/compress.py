@@ -229,40 +229,83 @@ def _determined(lam, n):
     return int((lam > float(lam[0]) * n * _EPS * _ROUNDOFF_MARGIN).sum())
 
 
-def _left_singular(W, G, count, resolution):
+def _left_singular(weight, G, count, resolution, device, store=torch.float64):
     """(energies, U): all min(d, k) energies σ_i² of W·R (R·Rᵀ = G, R = I
     without G), descending, and U's columns, orthonormal to ``resolution``, the
     left singular vectors of the leading ones, at most ``count``, that stand
-    clear of round-off."""
-    d, k = W.shape
+    clear of round-off. W is ``weight`` in float64 on ``device``, converted
+    here (a block of rows at a time where the whole is not needed) and let go
+    once used. U comes in float64, or in ``store``, the dtype it is kept in,
+    where it is final as made: ``count`` columns needing no QR."""
+    d, k = weight.shape
     n = max(d, k)
+
+    def rows_of_w(rows=slice(None)):
+        return weight.detach()[rows].to(device=device, dtype=torch.float64)
+
     if d <= k:
         # Left singular vectors of W·R are the eigenvectors of W·G·Wᵀ (d×d).
-        M = W @ W.T if G is None else W @ G @ W.T
-        lam, U = torch.linalg.eigh((M + M.T) / 2)
-        lam, U = lam.flip(0), U.flip(1)
-        return lam, U[:, :min(count, _determined(lam, n))]
+        W = rows_of_w()
+        if G is None:
+            M = W @ W.T
+        else:
+            M = torch.empty(d, d, dtype=torch.float64, device=device)
+            for rows in _row_blocks(d, k):  # no d×k W·G
+                M[rows] = W[rows] @ G @ W.T
+        del W
+        M = M + M.T
+        lam, U = torch.linalg.eigh(M.div_(2))
+        del M
+        lam = lam.flip(0)
+        # Only the columns kept are reordered (copied), not all d of them.
+        return lam, U[:, d - min(count, _determined(lam, n)):].flip(1)
     # Through the k×k side: C = W·R, CᵀC = V·Σ²·Vᵀ, U = C·V·Σ⁻¹.
     if G is None:
-        C = W
+        C = rows_of_w()
     else:
         lam_g, Q = torch.linalg.eigh(G)
         lam_g, Q = lam_g.flip(0), Q.flip(1)
         # G's round-off eigenvalues would add noise directions to C.
         kept = _determined(lam_g, n)
-        C = W @ (Q[:, :kept] * lam_g[:kept].sqrt())  # R·Rᵀ = G
+        R = Q[:, :kept] * lam_g[:kept].sqrt()  # R·Rᵀ = G
+        # C a block of rows at a time: W itself is never whole in float64.
+        C = torch.empty(d, kept, dtype=torch.float64, device=device)
+        for rows in _row_blocks(d, k):
+            C[rows] = rows_of_w(rows) @ R
     lam, V = torch.linalg.eigh(C.T @ C)
     lam, V = lam.flip(0), V.flip(1)
     live = min(count, _determined(lam, n))
-    U = (C @ V[:, :live]) / lam[:live].sqrt()
+    V, sigma = V[:, :live], lam[:live].sqrt()
     # Dividing by σ_i leaves the columns orthonormal only to about
     # n·eps·σ₀²/σ_i²; where that exceeds ``resolution``, their QR factor, which
     # spans the same leading directions, is used.
-    if live and n * _EPS * float(lam[0] / lam[live - 1]) > resolution:
-        U = torch.linalg.qr(U).Q
+    qr = live and n * _EPS * float(lam[0] / lam[live - 1]) > resolution
+    if qr or live < count:
+        U = (C @ V).div_(sigma)
+        del C
+        if qr:
+            U = torch.linalg.qr(U).Q
+    else:
+        # Final as made: a block of rows at a time into ``store``, where a
+        # whole float64 U would be about as large as W itself.
+        U = torch.empty(d, live, dtype=store, device=C.device)
+        for rows in _row_blocks(d, k):
+            U[rows] = (C[rows] @ V).div_(sigma)
     if lam.numel() < k:  # C has fewer columns than W where G's rank is below k
         lam = torch.cat([lam, lam.new_zeros(k - lam.numel())])
     return lam, U
+
+
+# Work on the rows of a d×k weight (W − B·A for the errors) is done over
+# blocks of this many bytes of float64 rows, so that its temporaries stay
+# small whatever the layer's size.
+_BLOCK_BYTES = 1 << 24
+
+
+def _row_blocks(d, k):
+    """Slices over the d rows of a d×k float64 matrix, a block of _BLOCK_BYTES at a time."""
+    step = max(1, _BLOCK_BYTES // (8 * k))
+    return [slice(start, start + step) for start in range(0, d, step)]
 
 
 class _Spectrum:
@@ -288,27 +331,35 @@ class _Spectrum:
     def __init__(self, weight, gram, device=None):
         home = weight.device
         device = home if device is None else device
-        W = weight.detach().to(device=device, dtype=torch.float64)
-        d, k = W.shape
+        d, k = weight.shape
         G = None if gram is None else gram.to(device)
-        # What is kept for the factors is bounded by the model itself: no
-        # float64 copy of the weight (it is read again from the layer), and
-        # only the columns of U a useful rank can take (below d·k/(d+k)), in
-        # float32 unless the weight is float64. The energies stay whole.
-        keep = max(1, min(min(d, k), math.floor(break_even_rank(d, k))))
-        store = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        resolution = torch.finfo(store).eps
-        lam, U = _left_singular(W, G, keep, resolution)
-        if U.shape[1] < keep:
-            rest = W - U @ (U.T @ W)
-            _, more = _left_singular(rest, None, keep - U.shape[1], resolution)
-            # Zero columns where even W has no more directions (a W of rank
-            # below ``keep``): QR still makes them orthonormal, adding nothing.
-            missing = U.new_zeros(d, keep - U.shape[1] - more.shape[1])
-            U = torch.linalg.qr(torch.cat([U, more, missing], 1)).Q
         self.device = device
         self.gram = gram
         self._weight = weight
+        # What is kept for the factors is bounded by the model itself: no
+        # float64 copy of the weight (it is read again from the layer), and
+        # only the columns of U a useful rank can take (below d·k/(d+k)), in
+        # float32 unless the weight is float64; :meth:`trim` cuts them to the
+        # rank once it is chosen. The energies stay whole.
+        keep = max(1, min(min(d, k), math.floor(break_even_rank(d, k))))
+        store = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        resolution = torch.finfo(store).eps
+        lam, U = _left_singular(weight, G, keep, resolution, device, store)
+        if U.shape[1] < keep:
+            # W − U·Uᵀ·W, formed in a copy of W a block of rows at a time: no
+            # other d×k temporary.
+            rest = weight.detach().to(device=device, dtype=torch.float64, copy=True)
+            P = U.T @ rest
+            for rows in _row_blocks(d, k):
+                rest[rows] -= U[rows] @ P
+            _, more = _left_singular(rest, None, keep - U.shape[1], resolution, device)
+            del rest
+            # Zero columns where even W has no more directions (a W of rank
+            # below ``keep``): QR still makes them orthonormal, adding nothing.
+            missing = U.new_zeros(d, keep - U.shape[1] - more.shape[1])
+            U = torch.cat([U, more, missing], 1)
+            del more
+            U = torch.linalg.qr(U).Q
         self.U = U.to(device=home, dtype=store)
         self.energy = lam.clamp_min(0).cpu()  # σ_i², descending
         self.total = float(self.energy.sum())
@@ -323,6 +374,14 @@ class _Spectrum:
         """The layer's dtype, which its factors are stored in."""
         return self._weight.dtype
 
+    def trim(self, rank):
+        """Keep only the columns of U that factors of ``rank`` use; 0 (the
+        layer stays dense) lets go of U and the Gram (:meth:`forget`)."""
+        if not rank:
+            self.forget()
+        elif rank < self.U.shape[1]:
+            self.U = self.U[:, :rank].clone()
+
     def factors(self, rank):
         """(B, A) in float64 with B·A the best rank-``rank`` map in this metric."""
         if rank > self.U.shape[1]:
@@ -330,6 +389,26 @@ class _Spectrum:
         U_r = self.U[:, :rank].to(device=self.device, dtype=torch.float64)
         A = U_r.T @ self.weight
         return U_r.contiguous(), A.contiguous()
+
+    def stored_factors(self, rank, W):
+        """:meth:`factors` rounded to the layer's dtype: B on its device, A on
+        the compute device (``W``: :attr:`weight`, which the caller holds)."""
+        if rank > self.U.shape[1]:
+            raise ValueError(f"rank {rank} is beyond the {self.U.shape[1]} kept directions")
+        U_r = self.U[:, :rank]
+        # A = U_rᵀ·W summed over blocks of rows: no float64 copy of U_r.
+        A = W.new_zeros(rank, W.shape[1])
+        for rows in _row_blocks(*W.shape):
+            A.addmm_(U_r[rows].to(device=self.device, dtype=torch.float64).T, W[rows])
+        A = A.to(self.dtype)
+        # U is stored in float32 or float64, either holding exactly the float64
+        # B of :meth:`factors`: rounded from it, B is the same, and no copy
+        # where the layer is in U's dtype.
+        return U_r.to(self.dtype), A
+
+    def forget(self):
+        """Let go of what only the factors need (U, the Gram): the energies stay."""
+        self.U = self.gram = None
 
     def relative_tail(self, rank):
         """√(Σ_{i>r} σ_i² / Σ σ_i²): the relative error left at this rank."""
@@ -353,18 +432,24 @@ def _relative_tail(energy, total, rank):
     return math.sqrt(max(0.0, float(energy[rank:].sum())) / total)
 
 
-def _errors(spectrum, B, A):
-    """(relative error in weight space, relative error in output space or None)."""
-    W = spectrum.weight
-    diff = W - B @ A
+def _errors(spectrum, W, B, A):
+    """(relative error in weight space, relative error in output space or None)
+    of the factors B·A (of any dtype) against ``W``, the layer's weight in float64."""
+    A = A.to(device=W.device, dtype=torch.float64)
+    G = None if spectrum.gram is None else spectrum.gram.to(W.device)
+    weight_err = output_err = 0.0
+    for rows in _row_blocks(*W.shape):
+        diff = W[rows] - B[rows].to(device=W.device, dtype=torch.float64) @ A
+        weight_err += float(diff.square().sum())
+        if G is not None:
+            output_err += float(torch.einsum("ij,jk,ik->", diff, G, diff))
     norm_w = float(torch.linalg.matrix_norm(W))
-    weight_error = float(torch.linalg.matrix_norm(diff)) / norm_w if norm_w else 0.0
+    weight_error = math.sqrt(weight_err) / norm_w if norm_w else 0.0
     output_error = None
-    if spectrum.gram is not None:
-        G = spectrum.gram.to(W.device)
-        ref = float(torch.einsum("ij,jk,ik->", W, G, W))
-        err = float(torch.einsum("ij,jk,ik->", diff, G, diff))
-        output_error = math.sqrt(max(err, 0.0) / ref) if ref > 0 else 0.0
+    if G is not None:
+        # ‖W·R‖², the sum of the energies: tr(W·G·Wᵀ) without another pass over W.
+        ref = spectrum.total
+        output_error = math.sqrt(max(output_err, 0.0) / ref) if ref > 0 else 0.0
     return weight_error, output_error
 
 
@@ -375,20 +460,33 @@ def _check_finite_inputs(grams):
     make XᵀX non-finite, and no truncation can be chosen from it. Every rank
     holds the summed matrices, so all raise alike.
     """
-    bad = [name for name, gram in grams.items() if not bool(torch.isfinite(gram).all())]
+    # By blocks of rows: isfinite on a whole k×k Gram takes several of its size.
+    bad = [name for name, gram in grams.items()
+           if not all(bool(torch.isfinite(gram[rows]).all()) for rows in _row_blocks(*gram.shape))]
     if bad:
         raise ValueError(
             f"compress_model: the calibration gave layer(s) {preview(bad)} inputs with NaN or "
             "Inf (or values so large that XᵀX overflows float64); check the calibration data")
 
 
-def _spectra(names, layers, grams, owners, workers, device):
-    """{name: spectrum} on every rank; each rank decomposes only the layers it owns."""
+def _spectra(names, layers, grams, owners, workers, device, keep=None, bar=None):
+    """{name: spectrum} on every rank; each rank decomposes only the layers it owns.
+
+    ``keep(name, spectrum)``, where given, is the rank that layer's factors
+    will take (0 for a layer left dense): its spectrum keeps only the columns
+    of U those need, so that they are not held at their widest for every
+    layer at once. ``bar`` counts the layers decomposed.
+    """
     spectra, error = {}, None
     try:
         for name in names:
             if owners[name] == workers.rank:
-                spectra[name] = _Spectrum(dense_weight(layers[name]), grams.get(name), device)
+                spectrum = _Spectrum(dense_weight(layers[name]), grams.get(name), device)
+                if keep is not None:
+                    spectrum.trim(keep(name, spectrum))
+                spectra[name] = spectrum
+            if bar is not None:
+                bar.update(1)
     except Exception as exc:  # every rank must learn of it, or the others would wait
         error = exc
     workers.all_succeeded(error)
@@ -402,28 +500,33 @@ def _spectra(names, layers, grams, owners, workers, device):
     return spectra
 
 
-def _factors(names, spectra, ranks, owners, workers, shapes):
+def _factors(names, spectra, ranks, owners, workers, shapes, layers, bar=None):
     """{name: (B, A, weight error, output error)} on every rank, for the layers given.
 
-    The factors come rounded to the layer's dtype (held in float64, which
-    holds those values exactly), and the errors are those of the rounded
-    factors, the ones the model will hold: in bfloat16 the rounding can
-    outweigh the truncation itself.
+    The factors come in the layer's dtype, on its device, and the errors are
+    those of these rounded factors, the ones the model will hold: in bfloat16
+    the rounding can outweigh the truncation itself. Each spectrum lets go of
+    U and its Gram once its factors are made. ``bar`` counts the layers.
     """
     local, error = {}, None
     try:
         for name in names:
             if owners[name] == workers.rank:
                 spectrum = spectra[name]
-                B, A = (f.to(spectrum.dtype).to(torch.float64)
-                        for f in spectrum.factors(ranks[name]))
+                W = spectrum.weight  # converted once, for A and for the errors
+                B, A = spectrum.stored_factors(ranks[name], W)
                 if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
                     raise ValueError(
                         f"compress_model: the rank-{ranks[name]} factors of layer {name!r} "
                         f"exceed the range of {dtype_name(spectrum.dtype)}; compress a "
                         "float32 copy of the model")
-                weight_error, output_error = _errors(spectrum, B, A)
-                local[name] = (B, A, weight_error, output_error)
+                weight_error, output_error = _errors(spectrum, W, B, A)
+                del W
+                spectrum.forget()
+                home = layers[name].weight.device
+                local[name] = (B.to(home), A.to(home), weight_error, output_error)
+            if bar is not None:
+                bar.update(1)
     except Exception as exc:
         error = exc
     workers.all_succeeded(error)
@@ -432,9 +535,12 @@ def _factors(names, spectra, ranks, owners, workers, shapes):
     shared = {}
     for name in names:
         (d, k), r, owner = shapes[name], ranks[name], owners[name]
-        mine = local.get(name)
-        B = workers.share(owner, mine and mine[0], (d, r))
-        A = workers.share(owner, mine and mine[1], (r, k))
+        weight = layers[name].weight
+        mine = local.pop(name, None)
+        # Sent in float64, which holds the rounded values exactly.
+        B, A = (workers.share(owner, mine and mine[i], shape).to(device=weight.device,
+                                                                  dtype=weight.dtype)
+                for i, shape in ((0, (d, r)), (1, (r, k))))
         errors = workers.share(owner, mine and torch.tensor(
             [mine[2], math.nan if mine[3] is None else mine[3]], dtype=torch.float64), (2,))
         output_error = float(errors[1])
@@ -631,7 +737,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         sequential: with calibration, whiten each layer with the inputs it sees
             once the layers before it are compressed (one more calibration
             run per group of layers fed the same tensor), so that later layers
-            adapt to the error of earlier ones. Slower; off by default.
+            adapt to the error of earlier ones; ``energy`` and ``tol`` choose
+            each layer's rank from those inputs. Slower; off by default.
         rank_multiple: every chosen rank is a multiple of this (or a layer's
             full rank min(d, k)), since kernels run the rank in blocks: on the
             CPU of ``benchmarks/RESULTS.md`` rank 65 costs 10 % more than 64,
@@ -774,45 +881,67 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             stages, "sequential=True needs every rank's share of the calibration to reach "
                     "every layer in the same order")
 
-    bar = tqdm(total=len(layers), desc="compress", unit="layer", leave=False,
-               disable=None if progress is None else not progress)
-    spectra = _spectra(names, layers, grams, owners, workers, device)
-    if not sequential:
-        bar.update(len(layers))
+    calibrated = calibration is not None
+    # With ``ratio`` shared out over the layers, the ranks come from every
+    # layer's spectrum at once: with sequential=True too, from the first pass,
+    # every layer still dense (the sensitivity probes measure that model).
+    # Otherwise each layer's rank is known from the start (a uniform ratio,
+    # rank=) or comes from its own spectrum (energy, tol): with
+    # sequential=True, the spectrum of the inputs the stages before it give,
+    # so that no first pass is decomposed.
+    budgeted = ratio is not None and allocation != "uniform"
+    probing = ratio is not None and allocation == "sensitivity"
+    first_pass = budgeted or not sequential
+    ranks = {}
+    if ratio is not None and not budgeted:
+        ranks = {n: round_rank(rank_for_ratio(*shapes[n], ratio), rank_multiple, *shapes[n])
+                 for n in layers}
+    elif rank is not None:
+        ranks = {n: int(rank) for n in layers}
+
+    def stays_dense(name):
+        return ranks[name] >= break_even_rank(*shapes[name])
+
+    def choose(name, spectrum):
+        """The columns of U the layer's factors take, 0 where it stays dense; its
+        rank is chosen here where its own spectrum decides it (energy, tol)."""
+        if energy is not None or tol is not None:
+            ranks[name] = round_rank(_rank_from_target(spectrum, energy, tol), rank_multiple,
+                                     *shapes[name], up=True)
+        return 0 if stays_dense(name) else ranks[name]
 
     def swap(name, new):
         """Put ``new`` in place of the named module; return the module it replaced."""
         return replace_module(model, name, new)
 
-    sensitivity = {}
-    if ratio is not None and allocation == "sensitivity":
-        sensitivity = _sensitivities(model, calibration, names, layers, spectra, shapes, ratio,
-                                     owners, workers, swap)
-        ranks = allocate_ranks(spectra, shapes, ratio, sensitivity, rank_multiple)
-    elif ratio is not None and allocation == "global":
-        ranks = allocate_ranks(spectra, shapes, ratio, multiple=rank_multiple)
-    elif ratio is not None:
-        ranks = {n: round_rank(rank_for_ratio(*shapes[n], ratio), rank_multiple, *shapes[n])
-                 for n in layers}
-    elif rank is not None:
-        ranks = {n: int(rank) for n in layers}
-    else:
-        ranks = {n: round_rank(_rank_from_target(spectra[n], energy, tol), rank_multiple,
-                               *shapes[n], up=True) for n in layers}
-    factorized = [n for n in names if ranks[n] < break_even_rank(*shapes[n])]
+    records, replacements, sensitivity = {}, {}, {}
 
-    records, replacements = {}, {}
-    for name in names:
-        if name not in factorized:
-            d, k = shapes[name]
-            records[name] = LayerReport(name, (d, k), None, d * k, d * k, 0.0,
-                                        0.0 if name in grams else None,
-                                        note=f"dense: rank {ranks[name]} >= d·k/(d+k) = "
-                                             f"{break_even_rank(d, k):.1f} saves nothing",
-                                        sensitivity=sensitivity.get(name))
+    def dense(name):
+        d, k = shapes[name]
+        records[name] = LayerReport(name, (d, k), None, d * k, d * k, 0.0,
+                                    0.0 if calibrated else None,
+                                    note=f"dense: rank {ranks[name]} >= d·k/(d+k) = "
+                                         f"{break_even_rank(d, k):.1f} saves nothing",
+                                    sensitivity=sensitivity.get(name))
+
+    def settle(names, spectra):
+        """The layers of ``names`` to factorize, the others reported dense; each
+        spectrum this rank holds keeps only what the layer's factors need."""
+        factorized = []
+        for name in names:
+            r = choose(name, spectra[name])
+            if owners[name] == workers.rank:
+                spectra[name].trim(r)
+            if r:
+                factorized.append(name)
+            else:
+                dense(name)
+        return factorized
 
     def replace(found, spectra):
-        for name, (B, A, weight_error, output_error) in found.items():
+        for name in list(found):
+            # Popped: each layer's factors are let go once its module holds a copy.
+            B, A, weight_error, output_error = found.pop(name)
             layer = layers[name]
             (d, k), r = shapes[name], ranks[name]
             new = _low_rank_like(layer, B, A)
@@ -825,46 +954,87 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                                         output_error, note=note,
                                         sensitivity=sensitivity.get(name))
 
+    # The bar counts the first pass's decompositions, the sensitivity
+    # probes' calibration runs (a reference, then one per probe this rank
+    # runs) and the layers factorized (with sequential=True, a stage at a time).
+    probed = sum(owners[n] == workers.rank for n in names) if probing else 0
+    bar = tqdm(total=(len(layers) if first_pass else 0) + (probed + 1 if probed else 0)
+               + len(layers), desc="compress", unit="step", leave=False,
+               disable=None if progress is None else not progress)
     # Any failure (an interrupt too, also one between two swaps) puts the
     # originals back.
     swaps = Swaps(model)
     try:
+        spectra = {}
+        if first_pass:
+            # Where each layer's rank is known as its spectrum is, U is cut to
+            # it at once, not held at its widest for every layer.
+            spectra = _spectra(names, layers, grams, owners, workers, device,
+                               None if budgeted else choose, bar)
+            grams = {}  # each spectrum holds its own Gram, let go with its factors
+        if probing:
+            sensitivity = _sensitivities(model, calibration, names, layers, spectra, shapes,
+                                         ratio, owners, workers, swap, bar)
+        if budgeted:
+            ranks = allocate_ranks(spectra, shapes, ratio, sensitivity if probing else None,
+                                   rank_multiple)
         if not sequential:
-            replace(_factors(factorized, spectra, ranks, owners, workers, shapes), spectra)
+            factorized = settle(names, spectra)
+            bar.update(len(names) - len(factorized))
+            replace(_factors(factorized, spectra, ranks, owners, workers, shapes, layers, bar),
+                    spectra)
             # Every factor exists: only now touch the model.
             for name, new in replacements.items():
                 swaps.swap(name, new)
         else:
+            # Only the first stage's inputs are those of the first pass; the
+            # later stages gather their own.
+            first = {n: spectra[n] for n in stages[0] if n in spectra}
+            grams = {n: grams[n] for n in stages[0] if n in grams}
+            spectra = None
             # Earlier stages go into the model as they are done, so that the
             # next calibration run sees their error.
             for index, group in enumerate(stages):
-                stage = [n for n in group if n in factorized]
+                # A layer whose rank is known already is left out where it stays
+                # dense; one whose own spectrum chooses its rank is decomposed.
+                stage = [n for n in group if n not in ranks or not stays_dense(n)]
+                for name in group:
+                    if name not in stage:
+                        dense(name)
                 if not stage:
                     bar.update(len(group))
                     continue
-                if index == 0:
-                    stage_grams = grams
-                else:
-                    with workers.step("the calibration"):
-                        stage_grams = collect_input_grams(
-                            model, {n: layers[n] for n in stage}, calibration,
-                            allow_unseen=workers.shared)
-                    stage_grams = _summed_grams(stage_grams, shapes, workers)
-                    _check_finite_inputs(stage_grams)
-                    check_inputs_not_all_zero(stage_grams)
                 bar.set_postfix_str(stage[0], refresh=False)
-                stage_spectra = _spectra(stage, layers, stage_grams, owners, workers, device)
-                replace(_factors(stage, stage_spectra, ranks, owners, workers, shapes),
-                        stage_spectra)
-                for name in stage:
+                if index == 0 and first_pass:
+                    stage_spectra = first
+                else:
+                    if index == 0:
+                        stage_grams = grams
+                    else:
+                        with workers.step("the calibration"):
+                            stage_grams = collect_input_grams(
+                                model, {n: layers[n] for n in stage}, calibration,
+                                allow_unseen=workers.shared)
+                        stage_grams = _summed_grams(stage_grams, shapes, workers)
+                        _check_finite_inputs(stage_grams)
+                        check_inputs_not_all_zero(stage_grams)
+                    stage_spectra = _spectra(stage, layers, stage_grams, owners, workers,
+                                             device, choose)
+                    stage_grams = None  # each spectrum holds its own Gram
+                first = grams = None
+                factorized = settle(stage, stage_spectra)
+                replace(_factors(factorized, stage_spectra, ranks, owners, workers, shapes,
+                                 layers), stage_spectra)
+                for name in factorized:
                     swaps.swap(name, replacements[name])
                 bar.update(len(group))
     except BaseException:
         swaps.undo()
         raise
-    bar.close()
+    finally:
+        bar.close()
     records.update(shared_records)
-    return CompressionReport([records[n] for n in reported], calibrated=calibration is not None)
+    return CompressionReport([records[n] for n in reported], calibrated=calibrated)
 
 
 def _summed_grams(grams, shapes, workers):
@@ -876,9 +1046,30 @@ def _summed_grams(grams, shapes, workers):
     seen = torch.tensor([g is not None for g in grams.values()], dtype=torch.float64)
     workers.sum_(seen)
     check_all_seen([name for name, count in zip(grams, seen.tolist()) if count == 0])
-    return {name: workers.sum_(gram if gram is not None else
-                               torch.zeros(shapes[name][1], shapes[name][1], dtype=torch.float64))
-            for name, gram in grams.items()}
+    # Layers fed the same inputs hold one tensor (collect_input_grams), to be
+    # summed once; they go on sharing it only where they share it on every
+    # rank (on another rank's data their inputs may part): column i of
+    # ``holders`` says, per rank, the first layer holding layer i's tensor.
+    holders = torch.zeros(workers.world, len(grams), dtype=torch.float64)
+    first, held = {}, {}
+    for i, gram in enumerate(grams.values()):
+        holders[workers.rank, i] = i if gram is None else first.setdefault(id(gram), i)
+        if gram is not None:
+            held[id(gram)] = held.get(id(gram), 0) + 1
+    workers.sum_(holders)
+    groups = {}  # the same on every rank, in the same order
+    for name, column in zip(grams, holders.T.tolist()):
+        groups.setdefault(tuple(column), []).append(name)
+    summed = {}
+    for names in groups.values():
+        gram = grams[names[0]]
+        if gram is None:
+            gram = torch.zeros(shapes[names[0]][1], shapes[names[0]][1], dtype=torch.float64)
+        elif held[id(gram)] != len(names):
+            gram = gram.clone()  # other layers here hold it too: theirs stays unsummed
+        workers.sum_(gram)
+        summed.update(dict.fromkeys(names, gram))
+    return summed
 
 
 def _shared_layers(model, layers):
@@ -974,20 +1165,27 @@ def _low_rank_like(layer, B, A):
 
 
 def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, owners, workers,
-                   swap):
-    """{name: s}: each rank probes the layers it owns at the uniform rank for ``ratio``."""
+                   swap, bar):
+    """{name: s}: each rank probes the layers it owns at the uniform rank for ``ratio``.
+
+    Each probe is made when its turn comes, so that one at a time exists;
+    ``bar`` counts the calibration runs.
+    """
     probes, error, found = {}, None, {}
+
+    def probe(layer, spectrum, r):
+        return lambda: _low_rank_like(layer, *spectrum.factors(r))
+
     try:
         for name in names:
             if owners[name] != workers.rank:
                 continue
-            layer, spectrum = layers[name], spectra[name]
+            spectrum = spectra[name]
             r = rank_for_ratio(*shapes[name], ratio)
-            probes[name] = (_low_rank_like(layer, *spectrum.factors(r)),
-                             spectrum.relative_tail(r) ** 2)
+            probes[name] = (probe(layers[name], spectrum, r), spectrum.relative_tail(r) ** 2)
         if probes:
             found = measure_sensitivity(model, calibration, probes, swap,
-                                        allow_empty=workers.shared)
+                                        allow_empty=workers.shared, ran=lambda: bar.update(1))
     except Exception as exc:
         error = exc
     workers.all_succeeded(error)

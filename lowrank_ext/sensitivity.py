@@ -127,16 +127,20 @@ def relative_change(reference, outputs):
     return change
 
 
-def measure_sensitivity(model, calibration, probes, swap, allow_empty=False):
-    """{name: s} for the layers in ``probes`` ({name: (probe module, relative tail²)}).
+def measure_sensitivity(model, calibration, probes, swap, allow_empty=False, ran=None):
+    """{name: s} for the layers in ``probes`` ({name: (a function making the probe
+    module, relative tail²)}); each probe is made when its turn comes.
 
     ``swap(name, module)`` puts a module in place of the named layer and
     returns the one it replaced; the original is always put back. With
     ``allow_empty`` (this rank's share of the data may be empty) an empty
-    calibration measures nothing: every s is NaN.
+    calibration measures nothing: every s is NaN. ``ran()``, where given, is
+    called after each run of the calibration (one, then one per probe).
     """
     recorder = OutputRecorder(model)
     reference = recorder.record(calibration, allow_empty)
+    if ran is not None:
+        ran()
     if reference is None:
         return {name: math.nan for name in probes}
     # A change against Inf or NaN is NaN whatever the probe: every layer
@@ -148,7 +152,8 @@ def measure_sensitivity(model, calibration, probes, swap, allow_empty=False):
             "can be measured; give the model finite outputs (e.g. compress a float32 copy) or "
             "use allocation='global'")
     sensitivity = {}
-    for name, (probe, tail_squared) in probes.items():
+    for name, (make, tail_squared) in probes.items():
+        probe = make()
         original = swap(name, probe)
         calls = []
         handle = probe.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -157,6 +162,9 @@ def measure_sensitivity(model, calibration, probes, swap, allow_empty=False):
         finally:
             handle.remove()
             swap(name, original)
+        del probe  # one probe at a time: made before the next one is
+        if ran is not None:
+            ran()
         if not calls:
             # This calibration never runs the layer (another rank's share of
             # the data does): no change says nothing about it.

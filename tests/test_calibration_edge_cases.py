@@ -256,3 +256,48 @@ def test_an_empty_calibration_without_a_process_group_is_still_an_error():
         lx.compress_model(model, ratio=0.5, allocation="global", calibration=[],
                           progress=False)
     _assert_unchanged(model, state)
+
+
+
+class _Parting(nn.Module):
+    """q, v, k and w fed one tensor in turn, except k on even calls; w twice each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.w = (nn.Linear(8, 8, dtype=torch.float64) for _ in range(4))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.tanh(x)
+        k_in = h if self.calls % 2 else h * 2
+        return self.q(h) + self.v(h) + self.k(k_in) + self.w(h) + self.w(h)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_layers_sharing_inputs_share_one_sum_until_their_inputs_part(mode):
+    """q and v (fed the same tensors throughout) hold one XᵀX; k, fed them on some
+    calls only, and w, fed them twice, sums of their own; each is its inputs' sum."""
+    model = _Parting()
+    names = ("q", "k", "v", "w")
+    batches = [torch.randn(5, 8, dtype=torch.float64) for _ in range(3)]
+    truth = {name: torch.zeros(8, 8, dtype=torch.float64) for name in names}
+    hooks = [getattr(model, name).register_forward_pre_hook(
+        lambda module, args, n=name: truth[n].add_(args[0].T @ args[0])) for name in names]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for hook in hooks:
+        hook.remove()
+
+    def calibration(m):
+        with mode():
+            for x in batches:
+                m(x)
+
+    model.calls = 0
+    grams = collect_input_grams(model, {n: getattr(model, n) for n in names}, calibration)
+    for name in names:
+        torch.testing.assert_close(grams[name], truth[name], rtol=1e-12, atol=1e-12)
+    assert grams["q"] is grams["v"]
+    assert grams["k"] is not grams["q"] and grams["w"] is not grams["q"]

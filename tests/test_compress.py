@@ -543,6 +543,83 @@ def test_sequential_failure_restores_the_model():
         lx.compress_model(model, rank=3, sequential=True)
 
 
+@pytest.mark.parametrize("target", [dict(tol=0.2), dict(energy=0.99)], ids=["tol", "energy"])
+def test_sequential_targets_hold_for_the_inputs_the_compressed_model_gives(target):
+    """With sequential=True, tol and energy choose each layer's rank from the inputs
+    the compressed stages before it give: the smallest rank meeting the target there
+    (they took the first pass's ranks, from the dense model's inputs: 10 where 7 meets
+    tol=0.2, and on other data too few)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(24, 64, dtype=torch.float64))
+    original = copy.deepcopy(model)
+    # Inputs on a few strong directions: compressing layer 0 moves layer 2's inputs.
+    x = torch.randn(400, 24, dtype=torch.float64) * torch.logspace(1, -2, 24,
+                                                                   dtype=torch.float64)
+    report = lx.compress_model(model, calibration=[x], sequential=True, progress=False, **target)
+    with torch.no_grad():
+        h = torch.tanh(model[0](x))
+        W = original[2].weight
+        L = torch.linalg.cholesky(h.T @ h)
+        S = torch.linalg.svdvals(W @ L)
+        energy = S.square().cumsum(0) / S.square().sum()
+        # The smallest rank meeting the target for these inputs, computed here.
+        if "tol" in target:
+            best = int(((1 - energy).clamp_min(0).sqrt() > target["tol"]).sum()) + 1
+        else:
+            best = int((energy < target["energy"]).sum()) + 1
+        row = {r.name: r for r in report.layers}["2"]
+        assert row.rank == best
+        error = torch.linalg.matrix_norm(h @ (W - model[2].B @ model[2].A).T) / \
+            torch.linalg.matrix_norm(h @ W.T)
+        assert row.output_error == pytest.approx(float(error), rel=1e-6)
+        if "tol" in target:
+            assert float(error) <= target["tol"]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_progress_bar_counts_every_step_and_is_closed_on_failure(sequential, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            assert not self.closed
+            self.n += n
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    x = torch.randn(30, 16, dtype=torch.float64)
+    for allocation in ("uniform", "global", "sensitivity"):
+        lx.compress_model(Net(), ratio=0.5, allocation=allocation, calibration=[x],
+                          sequential=sequential, progress=True)
+        assert bars[-1].closed and bars[-1].n == bars[-1].total, allocation
+    lx.compress_model(Net(), tol=0.2, calibration=[x], sequential=sequential, progress=True)
+    assert bars[-1].closed and bars[-1].n == bars[-1].total
+    calls = []
+
+    def flaky(m):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Boom("second run")
+        m(x)
+
+    with pytest.raises(RuntimeError, match="second run"):
+        lx.compress_model(Net(), ratio=0.5, allocation="sensitivity", calibration=flaky,
+                          sequential=sequential, progress=True)
+    assert bars[-1].closed
+
+
 class TokenNet(nn.Module):
     """A (batch, tokens, features) model that takes an attention_mask like a transformer."""
 

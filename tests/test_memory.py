@@ -1,16 +1,24 @@
-"""Peak memory of the forward, measured, not inferred from the code.
+"""Peak memory of the forward and of compress_model, measured, not inferred from the code.
 
-The measure is the process's peak resident set (VmHWM in /proc/self/status),
-reset before each call through /proc/self/clear_refs: it sees every byte the
-call touches, whether it comes from torch's allocator, malloc or the stack,
-so a dense W formed anywhere on the way would show.
+The forward's measure is the process's peak resident set (VmHWM in
+/proc/self/status), reset before each call through /proc/self/clear_refs: it
+sees every byte the call touches, whether it comes from torch's allocator,
+malloc or the stack, so a dense W formed anywhere on the way would show.
+
+compress_model's is the peak of the bytes held by the tensors it makes
+(``LiveBytes``, which sees every op's outputs and when they are let go):
+exact, and free of the allocator's caching, on either backend.
 """
 
 import ctypes
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import lowrank_ext
 from conftest import requires_compiled
@@ -27,10 +35,15 @@ def _can_reset_peak():
         return False
 
 
-pytestmark = [
-    requires_compiled,
-    pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux /proc/self/clear_refs"),
-]
+# The resident-set measures, of the compiled kernels.
+resident = [requires_compiled,
+            pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux /proc/self/clear_refs")]
+
+
+def measured_by_resident_set(test):
+    for mark in reversed(resident):
+        test = mark(test)
+    return test
 
 
 def _status_kb(field):
@@ -79,6 +92,7 @@ def composition(x, A, B, bias):
     return F.linear(F.linear(x, A), B, bias)
 
 
+@measured_by_resident_set
 @pytest.mark.parametrize("kernel", ["auto", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_forward_peak_not_above_composition(kernel, dtype):
@@ -102,6 +116,7 @@ def test_forward_peak_not_above_composition(kernel, dtype):
     assert ours <= theirs + 1 * MB, f"ours peaks at {ours / MB:.1f} MB, composition {theirs / MB:.1f} MB"
 
 
+@measured_by_resident_set
 @pytest.mark.parametrize("kernel", ["auto", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_no_dense_weight_is_formed(kernel, dtype):
@@ -126,6 +141,7 @@ def test_no_dense_weight_is_formed(kernel, dtype):
     assert train < w_bytes / 4, f"training step peaked at {train / MB:.1f} MB: a dense W?"
 
 
+@measured_by_resident_set
 def test_loading_into_a_meta_model_never_allocates_the_dense_weights(tmp_path):
     """load_compressed into a model built on meta: the peak resident set rises by
     about the factors, far below the dense weights the factors replace."""
@@ -149,3 +165,91 @@ def test_loading_into_a_meta_model_never_allocates_the_dense_weights(tmp_path):
     peak = peak_bytes(lambda: lx.load_compressed(fresh, path))
     assert isinstance(fresh[0], lx.LowRankLinear) and not fresh[0].A.is_meta
     assert peak < dense_bytes / 8, f"peak {peak / MB:.1f} MB against {dense_bytes / MB:.0f} MB dense"
+
+
+# --- compress_model ------------------------------------------------------------------
+class LiveBytes(TorchDispatchMode):
+    """Within the block, the peak of the bytes held by the tensors its ops make.
+
+    Counted per storage (views share one) from an op's output until the last
+    tensor seen on it is let go; the storages of ``skip`` (the model's
+    weights, the calibration data) are not the call's.
+    """
+
+    def __init__(self, skip=()):
+        super().__init__()
+        self.skip = {t.untyped_storage().data_ptr() for t in skip}
+        self.holders, self.size, self.now, self.peak = {}, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if not size or key in self.skip:
+                continue
+            if key not in self.holders:
+                self.holders[key], self.size[key] = 0, size
+                self.now += size
+                self.peak = max(self.peak, self.now)
+            self.holders[key] += 1
+            weakref.finalize(t, self._let_go, key)
+        return out
+
+    def _let_go(self, key):
+        self.holders[key] -= 1
+        if not self.holders[key]:
+            del self.holders[key]
+            self.now -= self.size.pop(key)
+
+
+def compress_peak(model, **kwargs):
+    """The peak bytes of the tensors ``compress_model(model, **kwargs)`` makes."""
+    skip = [*model.parameters(), *(kwargs.get("calibration") or [])]
+    with LiveBytes(skip) as live:
+        lowrank_ext.compress_model(model, progress=False, **kwargs)
+    return live.peak
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=64), dict(ratio=0.5, allocation="uniform"),
+                                    dict(tol=0.5), dict(rank=64, calibration=True)],
+                         ids=["rank", "uniform", "tol", "calibrated"])
+def test_compressing_holds_one_layer_of_work_beyond_the_stored_factors(kwargs):
+    """Each further layer adds about its bfloat16 factors to the peak (and its Gram, with
+    calibration): its float64 factors, and U at its widest, are not held until every layer
+    is done (they were: 6x as much)."""
+    n, rank = 256, 64
+    peaks = {}
+    for count in (2, 10):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(n, n, bias=False) for _ in range(count)])
+        model = model.to(torch.bfloat16)
+        calibration = [torch.randn(512, n).to(torch.bfloat16)] if "calibration" in kwargs \
+            else None
+        peaks[count] = compress_peak(model, **dict(kwargs, calibration=calibration))
+    factors = 2 * n * rank * 2  # one layer's B and A in bfloat16
+    # One calibration run gathers every layer's XᵀX (float64) at once.
+    gram = n * n * 8 if "calibration" in kwargs else 0
+    per_layer = (peaks[10] - peaks[2]) / 8
+    assert per_layer <= gram + 1.5 * factors, \
+        f"{(per_layer - gram) / factors:.1f}x a layer's factors besides its Gram"
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_wide_layer_s_work_takes_about_its_float64_weight_and_u(calibrated, monkeypatch):
+    """Blocks of rows bound the temporaries of the errors and of U: the peak is the
+    float64 weight, converted once, U and the factors, not W − B·A, B·A, and W·G besides
+    (4x the float64 weight, from 8x the layer's float32 size)."""
+    import lowrank_ext.compress as compress
+
+    monkeypatch.setattr(compress, "_BLOCK_BYTES", 1 << 20)
+    d, k = 16384, 256
+    model = nn.Sequential(nn.Linear(k, d, bias=False))
+    # 320 rows: the layer's output in the calibration run (0.6x the float64
+    # weight) stays below the bound, and XᵀX still has full rank.
+    calibration = [torch.randn(320, k)] if calibrated else None
+    peak = compress_peak(model, ratio=0.5, allocation="uniform", calibration=calibration)
+    w64 = d * k * 8
+    assert peak <= 1.75 * w64, f"{peak / w64:.2f}x the float64 weight"
