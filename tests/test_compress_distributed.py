@@ -270,3 +270,49 @@ def test_bad_device(device, error, message):
 def test_cuda_device_without_a_gpu():
     with pytest.raises(ValueError, match=r"device 'cuda' is not available"):
         lx.compress_model(build_model(), rank=2, device="cuda")
+
+
+class _SharedInputs(nn.Module):
+    """q, v and k fed one tensor, except k on the batches marked to part."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.q, self.v, self.k = (nn.Linear(16, 16, dtype=torch.float64) for _ in range(3))
+
+    def forward(self, x, part=False):
+        h = torch.tanh(x)
+        return self.q(h) + self.v(h) + self.k(h * 2 if part else h)
+
+
+def _shared_input_batches():
+    generator = torch.Generator().manual_seed(3)
+    # (batch, part): k's inputs part from q's and v's on rank 1's share only.
+    return [(torch.randn(12, 16, dtype=torch.float64, generator=generator), part)
+            for part in (False, False, False, True)]
+
+
+def _calibrate(batches):
+    def calibration(model):
+        with torch.inference_mode():  # its sums are inference tensors, summed over ranks after
+            for x, part in batches:
+                model(x, part)
+    return calibration
+
+
+def _compress_shared_inputs_on_rank(rank, directory):
+    model = _SharedInputs()
+    lx.compress_model(model, rank=4, progress=False,
+                      calibration=_calibrate(_shared_input_batches()[rank::WORLD_SIZE]))
+    return {name: (layer.B @ layer.A).detach() for name, layer in model.named_children()}
+
+
+def test_layers_sharing_inputs_on_one_rank_but_not_the_other_are_summed_apart(tmp_path):
+    """On rank 0 q, v and k share one XᵀX; on rank 1 k's inputs part from theirs: k's
+    sum over the ranks is its own, q's and v's one, as one process over all the data."""
+    model = _SharedInputs()
+    lx.compress_model(model, rank=4, progress=False, calibration=_calibrate(_shared_input_batches()))
+    for result in run_ranks(_compress_shared_inputs_on_rank, tmp_path):
+        for name, layer in model.named_children():
+            torch.testing.assert_close(result[name], (layer.B @ layer.A).detach(),
+                                       rtol=1e-9, atol=1e-9)
