@@ -101,12 +101,17 @@ class Workers:
         self.all_succeeded(error, what)
 
     def sum_(self, tensor):
-        """Sum ``tensor`` over the ranks, in place (calibration statistics of every rank)."""
+        """Sum ``tensor`` over the ranks, in place where it can be (calibration
+        statistics of every rank); use the tensor returned."""
         if not self.shared:
             return tensor
         moved = tensor.to(self.device)
         self._dist.all_reduce(moved, group=self.group)
         if moved is not tensor:
+            if tensor.is_inference() and not torch.is_inference_mode_enabled():
+                # A sum made under inference_mode takes no in-place copy
+                # outside it: the summed copy is returned instead.
+                return moved.to(tensor.device)
             tensor.copy_(moved)
         return tensor
 

@@ -1044,7 +1044,7 @@ def _summed_grams(grams, shapes, workers):
     if not workers.shared:
         return grams
     seen = torch.tensor([g is not None for g in grams.values()], dtype=torch.float64)
-    workers.sum_(seen)
+    seen = workers.sum_(seen)
     check_all_seen([name for name, count in zip(grams, seen.tolist()) if count == 0])
     # Layers fed the same inputs hold one tensor (collect_input_grams), to be
     # summed once; they go on sharing it only where they share it on every
@@ -1056,7 +1056,7 @@ def _summed_grams(grams, shapes, workers):
         holders[workers.rank, i] = i if gram is None else first.setdefault(id(gram), i)
         if gram is not None:
             held[id(gram)] = held.get(id(gram), 0) + 1
-    workers.sum_(holders)
+    holders = workers.sum_(holders)
     groups = {}  # the same on every rank, in the same order
     for name, column in zip(grams, holders.T.tolist()):
         groups.setdefault(tuple(column), []).append(name)
@@ -1067,7 +1067,7 @@ def _summed_grams(grams, shapes, workers):
             gram = torch.zeros(shapes[names[0]][1], shapes[names[0]][1], dtype=torch.float64)
         elif held[id(gram)] != len(names):
             gram = gram.clone()  # other layers here hold it too: theirs stays unsummed
-        workers.sum_(gram)
+        gram = workers.sum_(gram)
         summed.update(dict.fromkeys(names, gram))
     return summed
 

@@ -142,6 +142,9 @@ def measure_sensitivity(model, calibration, probes, swap, allow_empty=False, ran
     if ran is not None:
         ran()
     if reference is None:
+        if ran is not None:
+            for _ in probes:  # no probe runs: their steps are done
+                ran()
         return {name: math.nan for name in probes}
     # A change against Inf or NaN is NaN whatever the probe: every layer
     # would look unmeasured for the wrong reason.

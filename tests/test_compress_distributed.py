@@ -1,5 +1,7 @@
 """compress_model across the ranks of a gloo process group (2 processes) and with device=."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -316,3 +318,39 @@ def test_layers_sharing_inputs_on_one_rank_but_not_the_other_are_summed_apart(tm
         for name, layer in model.named_children():
             torch.testing.assert_close(result[name], (layer.B @ layer.A).detach(),
                                        rtol=1e-9, atol=1e-9)
+
+
+def _bar_on_rank(rank, directory):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    tqdm.auto.tqdm = Bar
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 16))
+    calibration = [torch.randn(30, 16)] if rank == 0 else []  # rank 1's share is empty
+    with warnings.catch_warnings():  # rank 1 measures no sensitivity and says so
+        warnings.simplefilter("ignore")
+        lx.compress_model(model, ratio=0.5, calibration=calibration, progress=True)
+    return bars[-1].n, bars[-1].total, bars[-1].closed
+
+
+def test_the_progress_bar_is_full_on_a_rank_whose_share_is_empty(tmp_path):
+    """The rank with no data runs none of its sensitivity probes: their steps still count."""
+    for n, total, closed in run_ranks(_bar_on_rank, tmp_path):
+        assert closed and n == total
