@@ -580,6 +580,10 @@ def _check_targets(rank, ratio, energy, tol, allocation):
     if allocation is not None and allocation not in _ALLOCATIONS:
         raise ValueError(f"compress_model: allocation must be 'sensitivity', 'global' or "
                          f"'uniform', got {allocation!r}")
+    if allocation is not None and ratio is None:
+        # It shares out ratio's budget; rank, energy and tol set each layer's own.
+        raise ValueError(f"compress_model: allocation applies to ratio only, got "
+                         f"allocation={allocation!r} with {given[0]}")
 
 
 def _rank_from_target(spectrum, energy, tol):
@@ -733,7 +737,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             change per parameter. ``"global"`` (the default without
             calibration) gives them where they remove the most of each
             layer's own relative error; ``"uniform"`` keeps ``ratio`` in every
-            layer.
+            layer. Given with ``rank``, ``energy`` or ``tol``, a ValueError.
         sequential: with calibration, whiten each layer with the inputs it sees
             once the layers before it are compressed (one more calibration
             run per group of layers fed the same tensor), so that later layers
@@ -757,7 +761,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             rank ends with the same compressed model. Every rank must make the
             same call on the same model; calibration statistics are summed
             over the ranks, so each rank may calibrate on its own shard.
-        progress: show a tqdm bar over layers; ``None`` shows it on a terminal only.
+        progress: show a tqdm bar over the steps (decompositions, sensitivity probes,
+            factors); ``None`` shows it on a terminal only.
 
     Exactly one of ratio, rank, energy, tol. Layers where factorizing saves
     nothing (rank ≥ d·k/(d+k)) stay dense and the report says so; so do

@@ -107,7 +107,7 @@ def run(args):
     from .serialization import (METADATA_KEY, atomic_write, check_output_path, factor_pairs,
                                 model_files, opened, ranks_in_metadata, ranks_metadata,
                                 stored_aliases)
-    from .svd import choose_rank, svd_truncate
+    from .svd import choose_rank, scaled_singular_values, svd_truncate
 
     files = model_files(args.input, owner=None)
     check_output_path(None, args.output, force=args.force, what="--output")
@@ -202,14 +202,19 @@ def run(args):
         elif args.rank is not None:
             r = args.rank
         else:
-            r = round_rank(choose_rank(torch.linalg.svdvals(W.double()), energy=args.energy),
+            r = round_rank(choose_rank(scaled_singular_values(W)[0], energy=args.energy),
                            multiple, d, k, up=True)
         if r >= break_even_rank(d, k):
             records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
                                        note=f"dense: rank {r} >= d·k/(d+k) = "
                                             f"{break_even_rank(d, k):.1f} saves nothing"))
             continue
-        unrounded = svd_truncate(W.double(), r)
+        try:
+            unrounded = svd_truncate(W.double(), r)
+        except ValueError as exc:  # σ₁ itself past float64's range: B = U·diag(S) cannot hold it
+            raise ValueError(
+                f"the rank-{r} factors of weight {key!r} in {args.input} exceed the range of "
+                "float64; --exclude the layer") from exc
         # The error reported is that of the factors as written, in the
         # weight's dtype: in bfloat16 their rounding can outweigh the truncation.
         B, A = (factor.to(W.dtype) for factor in unrounded)

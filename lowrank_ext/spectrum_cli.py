@@ -47,7 +47,7 @@ def run(args):
     import torch
     from ._names import preview
     from .serialization import check_output_path, model_files, opened
-    from .svd import choose_rank
+    from .svd import choose_rank, scaled_singular_values
 
     files = model_files(args.input, owner=None)
     if args.plot and not args.layer:
@@ -65,7 +65,7 @@ def run(args):
                 if t.dim() == 2 and t.is_floating_point() and t.numel():
                     t = t.double()  # float8 has no isfinite of its own
                     if bool(torch.isfinite(t).all()):
-                        S = torch.linalg.svdvals(t.double())
+                        S, _ = scaled_singular_values(t)
                         ranks = f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}"
                     else:
                         ranks = f"{'has NaN or Inf':>13}"
@@ -91,16 +91,19 @@ def run(args):
     W = W.double()  # float8 has no isfinite of its own
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"tensor {key!r} in {args.input} has NaN or Inf")
-    S = torch.linalg.svdvals(W.double())
+    # Of W scaled by a power of two: σ_1 of a finite W can be past float64's
+    # range (the ranks are the same).
+    scaled, root = scaled_singular_values(W)
+    S = scaled * root * root  # as printed and plotted: inf only past the range
     # Scaled by σ_1 first, as choose_rank does: the squares of σ ≈ 1e200
     # overflow, and the curve would be all NaN.
-    s2 = (S / S[0]) ** 2 if float(S[0]) > 0 else S
+    s2 = (scaled / scaled[0]) ** 2 if float(scaled[0]) > 0 else scaled
     energy = torch.cumsum(s2, 0) / s2.sum().clamp_min(1e-300)
     d, k = W.shape
     print(f"{key}: shape {d}x{k}, break-even rank d·k/(d+k) = {d * k / (d + k):.1f}")
     print(f"σ_1 = {float(S[0]):.4g}, σ_min = {float(S[-1]):.4g}")
     for target in _ENERGIES:
-        print(f"  rank for {target:.1%} energy: {choose_rank(S, energy=target)}")
+        print(f"  rank for {target:.1%} energy: {choose_rank(scaled, energy=target)}")
     if args.plot:
         _plot(args.plot, key, S, energy)
         print(f"wrote {args.plot}")

@@ -182,9 +182,22 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         # ratios of σ only, and σ₁ of a finite W can be past its dtype's range.
         S = torch.linalg.svdvals(svd_operand(W)[0])
         rank = choose_rank(S, energy=energy, tol=tol)
-    if not torch.compiler.is_compiling() and _functorch.transforms_active() is not None:
+    if not torch.compiler.is_compiling() and (
+            _functorch.transforms_active() is not None
+            or (W.requires_grad and torch.is_grad_enabled())):
+        # The op has no autograd formula: torch would backpropagate through
+        # its kernels' internals with a deprecation warning, or not at all.
         return _differentiable(W, int(rank), balanced)
     return ops.svd_truncate.default(W, int(rank), balanced)
+
+
+def scaled_singular_values(W):
+    """(S, root): the singular values of W in float64 divided by root², a power
+    of two (:func:`svd_operand`), so that σ₁ of a finite W stays in range
+    (it need not: 1e308 in every entry). The rank a target chooses from S is
+    W's; S·root·root gives σ back where it is in range."""
+    Ws, root = svd_operand(W.double())
+    return torch.linalg.svdvals(Ws), root
 
 
 def _batched(t):
@@ -225,18 +238,39 @@ def _randomized(W, rank, balanced, niter, generator):
     if W.is_meta:
         raise ValueError("svd_truncate: method='randomized' samples W's values, but W is on the "
                          "meta device and holds no values; method='exact' gives the shapes")
-    _checks.check_svd_finite(W)
+    _checks.check_svd_finite(_values(W))  # under vmap, every sample at once
     Wc, root = svd_operand(W)
     q = min(rank + _OVERSAMPLE, *W.shape)
     if generator is None:
         U, S, V = torch.svd_lowrank(Wc, q=q, niter=niter)
     else:
-        # svd_lowrank draws from the global RNG: seed a forked copy of it from
-        # the caller's generator, so results are reproducible and the global
-        # state is left alone.
+        # svd_lowrank draws from the global RNG of W's device: seed a forked
+        # copy of that one generator from the caller's, so results are
+        # reproducible and no global state is left changed (torch.manual_seed
+        # would also reseed every accelerator).
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        devices = [W.device] if W.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with _forked_rng(W.device):
+            _seed_device(W.device, seed)
             U, S, V = torch.svd_lowrank(Wc, q=q, niter=niter)
-    return factors_from_svd(U[:, :rank], S[:rank], V[:, :rank].T, balanced, W.dtype, root)
+    return factors_from_svd(U[:, :rank], S[:rank], V[:, :rank].T, balanced, W.dtype, root,
+                            _values)
+
+
+def _forked_rng(device):
+    """fork_rng restoring the global generator that draws on ``device``, and only it."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
+def _seed_device(device, seed):
+    """Seed the global generator that draws on ``device`` alone."""
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+        return
+    module = torch.get_device_module(device.type)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)  # the current device's generator only
+    else:
+        module.manual_seed(seed)

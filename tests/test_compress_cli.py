@@ -206,6 +206,27 @@ def _one_error_line(capsys, command):
     return lines[0]
 
 
+def test_weights_whose_largest_singular_value_is_past_float64(tmp_path, capsys):
+    """A finite float64 weight with σ₁ above float64's largest value: ranks come from
+    its singular values scaled by a power of two (svdvals gave inf, and "S must be
+    finite"); factors that cannot hold σ₁ are the CLI's error, naming the weight."""
+    torch.manual_seed(0)
+    W = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 30, dtype=torch.float64)
+    W = W / W.abs().max() * 1.5e308
+    path = tmp_path / "huge.safetensors"
+    save_file({"h.weight": W}, str(path))
+    assert main(["spectrum", str(path), "--layer", "h"]) == 0
+    out = capsys.readouterr().out
+    assert "σ_1 = inf" in out and "rank for 99.0% energy: 3" in out
+    assert main(["spectrum", str(path)]) == 0
+    assert capsys.readouterr().out.split("\n")[1].split()[-2:] == ["3", "3"]
+    assert main(["compress", str(path), "-o", str(tmp_path / "out.safetensors"),
+                 "--energy", "0.99"]) == 1
+    line = _one_error_line(capsys, "compress")
+    assert "rank-3 factors of weight 'h.weight'" in line and "exceed the range of float64" in line
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def _cut(data, where):
     header_len = int.from_bytes(data[:8], "little")
     return {"data": data[:(len(data) + 8 + header_len) // 2],

@@ -71,6 +71,22 @@ def test_from_linear_ratio_energy_tol():
     assert float(err) <= 0.3
 
 
+def test_ratio_ranks_are_the_floor_of_the_decimal_ratio():
+    """⌊ratio·d·k/(d+k)⌋ where that is an integer exactly: 0.09·50·40/90 = 2 is
+    1.9999999999999998 in floating point, and gave 1."""
+    from fractions import Fraction
+
+    from lowrank_ext.nn import rank_for_ratio
+
+    assert lx.LowRankLinear.from_linear(nn.Linear(50, 40), ratio=0.09).rank == 2
+    for d in range(1, 41, 3):
+        for k in range(1, 41, 2):
+            for hundredths in range(1, 101):
+                ratio = Fraction(hundredths, 100)
+                expected = max(1, min(d, k, math.floor(ratio * d * k / (d + k))))
+                assert rank_for_ratio(d, k, hundredths / 100) == expected, (d, k, ratio)
+
+
 def test_from_linear_leaves_the_linear_alone():
     linear = _linear64(8, 8)
     before = copy.deepcopy(linear.state_dict())

@@ -1,6 +1,7 @@
 """svd_truncate and choose_rank: optimality, rank choice, forms, reproducibility."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -135,6 +136,59 @@ def test_randomized_is_reproducible_and_close_to_exact():
     Bb, Ab = lx.svd_truncate(W, rank=5, method="randomized", balanced=True, niter=4,
                              generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(Bb @ Ab, Be @ Ae, rtol=1e-4, atol=1e-4)
+
+
+def test_a_generator_seeds_no_accelerator_rng(monkeypatch):
+    """With a generator, only a forked copy of the CPU generator is seeded: torch.manual_seed
+    would also reseed every accelerator's (CUDA's, queued until it starts)."""
+    def reseeds(*args, **kwargs):
+        raise AssertionError("a global generator was reseeded")
+
+    for name in ("manual_seed", "seed"):
+        monkeypatch.setattr(torch, name, reseeds)
+        monkeypatch.setattr(torch.cuda, name + "_all", reseeds)
+    W = _low_rank(30, 20, 3)
+    B, A = lx.svd_truncate(W, rank=3, method="randomized",
+                           generator=torch.Generator().manual_seed(7))
+    monkeypatch.undo()
+    B2, A2 = lx.svd_truncate(W, rank=3, method="randomized",
+                             generator=torch.Generator().manual_seed(7))
+    assert torch.equal(B, B2) and torch.equal(A, A2)
+
+
+def test_randomized_under_vmap_factors_each_matrix():
+    torch.manual_seed(0)
+    Ws = torch.stack([_low_rank(12, 9, 2, noise=1e-4) for _ in range(3)])
+    B, A = torch.vmap(lambda W: lx.svd_truncate(W, rank=2, method="randomized", niter=4),
+                      randomness="different")(Ws)
+    assert B.shape == (3, 12, 2) and A.shape == (3, 2, 9)
+    for W, b, a in zip(Ws, B, A):
+        best = torch.linalg.svdvals(W.double())[2:].square().sum().sqrt()
+        assert torch.linalg.matrix_norm(W - b @ a) <= 1.05 * float(best) + 1e-6
+    with pytest.raises(ValueError, match="svd_truncate: W contains NaN or Inf"):
+        torch.vmap(lambda W: lx.svd_truncate(W, rank=2, method="randomized"),
+                   randomness="different")(torch.full((2, 4, 4), float("nan")))
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_gradients_through_the_factors_with_no_deprecated_fallback(balanced):
+    """A W that requires grad is factored by differentiable torch ops: the op has no
+    autograd formula, and torch backpropagated through its kernels' internals with a
+    deprecation warning ("may lead to silently incorrect behavior")."""
+    torch.manual_seed(0)
+    W = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        B, A = lx.svd_truncate(W, rank=2, balanced=balanced)
+        (B @ A).square().sum().backward()
+    W_ref = W.detach().clone().requires_grad_()
+    U, S, Vh = torch.linalg.svd(W_ref, full_matrices=False)
+    ((U[:, :2] * S[:2]) @ Vh[:2]).square().sum().backward()
+    torch.testing.assert_close(W.grad, W_ref.grad, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the op itself, giving the same factors
+        B0, A0 = lx.svd_truncate(W, rank=2, balanced=balanced)
+    torch.testing.assert_close(B.detach(), B0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(A.detach(), A0, rtol=1e-12, atol=1e-12)
 
 
 def test_choose_rank_on_a_zero_spectrum_is_one():
