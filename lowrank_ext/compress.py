@@ -626,22 +626,31 @@ def check_blocks_fit(shapes, ratio, multiple, allocation, owner="compress_model"
                     f"{_prefix(owner)}ratio {ratio} gives layer {name!r} ({d}×{k}) rank "
                     f"{rank_for_ratio(d, k, ratio)}, less than one block of rank_multiple "
                     f"{multiple}; raise the ratio, lower rank_multiple or exclude the layer")
-    # Over the layers the smallest rank would factorize; the others stay dense
-    # whatever the ratio (a one-output head), so they cannot make it too small.
-    factorizable = {name: (d, k) for name, (d, k) in shapes.items()
-                    if multiple < break_even_rank(d, k)}
-    total = sum(d * k for d, k in factorizable.values())
-    least = sum(multiple * (d + k) for d, k in factorizable.values())
-    if least > ratio * total:
-        small = [name for name, (d, k) in factorizable.items()
-                 if ratio * d * k < multiple * (d + k)]
+    # A layer no rank saves anything on (a one-output head) stays dense: its
+    # d·k parameters count against the budget as allocate_ranks counts them,
+    # so that the ratio holds over every selected layer or this raises.
+    # (Where no layer can be factorized, all stay dense whatever the ratio.)
+    least_of = {name: least_parameters(d, k, multiple) for name, (d, k) in shapes.items()}
+    total = sum(d * k for d, k in shapes.values())
+    least = sum(least_of.values())
+    if least > ratio * total and least < total:
+        small = [name for name, (d, k) in shapes.items() if ratio * d * k < least_of[name]]
         smallest = f"rank {multiple}" if multiple == 1 else f"one block of {multiple} ranks"
+        if least > sum(multiple * (d + k) for d, k in shapes.values()
+                       if multiple < break_even_rank(d, k)):
+            smallest += " (dense where that saves nothing)"
         raise ValueError(
             f"{_prefix(owner)}ratio {ratio} is too small: {smallest} per layer already keeps "
             f"{least / total:.3f} of the weights (layers below that share: "
             f"{preview(small)}); raise the ratio"
             + (" or lower rank_multiple" if multiple > 1 else "")
             + ", or exclude the smallest layers")
+
+
+def least_parameters(d, k, multiple):
+    """The fewest parameters a d×k layer keeps: one block of ``multiple`` ranks,
+    or d·k where even that saves nothing (it stays dense)."""
+    return multiple * (d + k) if multiple < break_even_rank(d, k) else d * k
 
 
 def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
@@ -658,7 +667,7 @@ def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
     """
     budget = ratio * sum(d * k for d, k in shapes.values())
     ranks = {name: multiple for name in spectra}
-    spent = sum(multiple * (d + k) for d, k in shapes.values())
+    spent = sum(least_parameters(d, k, multiple) for d, k in shapes.values())
     heap = []
 
     def push(name):

@@ -744,6 +744,33 @@ def test_a_ratio_below_rank_one_per_layer_is_refused_not_overrun(allocation):
     _assert_unchanged(model, snapshot)
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global", "sensitivity"])
+def test_a_layer_that_stays_dense_counts_against_the_ratio(allocation):
+    """A one-output head (no rank saves anything) stays dense: its 24 parameters count
+    in the budget, so a ratio below what rank 1 elsewhere and the dense head keep is
+    refused (it kept 72 of 600 weights for ratios of 0.09 to 0.11), and one above holds
+    (over all layers where the budget is shared out; "uniform" keeps the ratio per layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24, dtype=torch.float64), nn.ReLU(),
+                          nn.Linear(24, 1, dtype=torch.float64))
+    calibration = ([torch.randn(64, 24, dtype=torch.float64)]
+                   if allocation == "sensitivity" else None)
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=r"ratio 0.1 is too small: rank 1 \(dense where that "
+                                         r"saves nothing\) per layer already keeps 0.120"):
+        lx.compress_model(model, ratio=0.1, allocation=allocation, calibration=calibration,
+                          progress=False)
+    _assert_unchanged(model, snapshot)
+    for ratio in (0.12, 0.2, 0.5):
+        report = lx.compress_model(copy.deepcopy(model), ratio=ratio, allocation=allocation,
+                                   calibration=calibration, progress=False)
+        assert "2" not in report.ranks  # dense
+        if allocation == "uniform":  # the ratio in every layer that can take it
+            assert report.ranks["0"] == math.floor(ratio * 24 * 24 / 48 * (1 + 1e-12))
+        else:  # one budget over all
+            assert report.params_after <= ratio * report.params_before
+
+
 def test_a_small_head_rounded_up_to_rank_one_is_fine_while_the_budget_holds():
     # head 2×64: ⌊0.5·128/66⌋ = 0, so it takes rank 1 (66 parameters for a
     # share of 64); the larger layer's rounding down (rank 13 of 13.7) keeps

@@ -140,6 +140,51 @@ def test_padding_positions_are_left_out_of_dict_batches():
     assert relative_error(s, t, mask) == pytest.approx(expected, rel=1e-12)
 
 
+class _TokenFirst(nn.Module):
+    """Token-first per-token tensors inside (as nn.Transformer layers with
+    batch_first=False), a mean-pooled (batch, features) output whose width equals
+    the token count."""
+
+    def __init__(self, width):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(10, width, dtype=torch.float64)
+        self.proj = nn.Linear(width, width, dtype=torch.float64)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.proj(self.emb(input_ids).transpose(0, 1)).transpose(0, 1)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+
+
+def test_padding_is_left_out_of_token_first_tensors_and_pooled_outputs_are_whole():
+    """The mask is laid out as the calibration lays it: token-first tensors take its
+    transpose (they were compared whole, padding included), and a pooled output as wide
+    as the sequence is no per-token tensor (its columns were masked as if padding)."""
+    teacher = _TokenFirst(6)
+    model = copy.deepcopy(teacher)
+    ids = torch.randint(1, 10, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    ids[mask == 0] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        model.emb.weight[0] += 3.0  # the models differ at the padding token only
+    # Before the pooled output the models differ only at padding: the matched
+    # token-first outputs of proj add nothing.
+    result = lx.distill(model, teacher, [batch], steps=1, lr=1e-12, match="proj",
+                        parameters=[model.proj.weight], progress=False)
+    assert result.losses[0] == 0.0
+    with torch.no_grad():
+        model.proj.weight.mul_(1.1)
+        s, t = model(**batch), teacher(**batch)
+    whole = float((s - t).pow(2).sum() / t.pow(2).sum())
+    assert relative_error(s, t, mask) == pytest.approx(whole, rel=1e-12)
+    result = lx.distill(model, teacher, [batch], steps=1, lr=1e-12,
+                        parameters=[model.proj.weight], progress=False)
+    assert result.losses[0] == pytest.approx(whole, rel=1e-9)
+
+
 def test_a_custom_loss_replaces_the_output_term_and_inner_modules_keep_theirs():
     model, teacher = compressed_pair()
     x = batches(1, seed=7)[0]
