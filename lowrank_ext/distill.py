@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,15 +73,16 @@ def _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss):
     if model is teacher:
         raise ValueError("distill: teacher is the model itself; pass the original, uncompressed "
                          "model (e.g. a copy.deepcopy taken before compress_model)")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    # numbers' ABCs: NumPy's scalars (np.int64(800), np.float32(5e-4)) are taken too.
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"distill: steps must be a positive int, got {steps!r}")
     for name, value in (("lr", lr), ("max_grad_norm", max_grad_norm)):
         if value is None and name == "max_grad_norm":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
                 math.isfinite(value) and value > 0):
             raise ValueError(f"distill: {name} must be a positive finite number, got {value!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
+    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Real) or not 0 <= warmup < 1:
         raise ValueError(f"distill: warmup must be a fraction of the steps in [0, 1), got "
                          f"{warmup!r}")
 
@@ -255,6 +257,8 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     of ``distill``'s own argument errors). Returns a :class:`DistillResult`.
     """
     _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss)
+    steps, lr, warmup = int(steps), float(lr), float(warmup)
+    max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("distill: cannot train under torch.inference_mode(), whose tensors "
                            "take no gradients; call it outside that block")

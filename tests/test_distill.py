@@ -341,6 +341,18 @@ def test_bad_arguments_are_refused_before_any_change(kwargs, error, message):
     assert_same(model, before)
 
 
+def test_numpy_scalars_are_taken_as_numbers():
+    np = pytest.importorskip("numpy")
+    teacher = Tokens()
+    model = copy.deepcopy(teacher)
+    batch = {"x": torch.randn(2, 5, 12, dtype=torch.float64),
+             "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    lx.compress_model(model, ratio=0.3, calibration=[batch], progress=False)
+    result = lx.distill(model, teacher, [batch], steps=np.int64(2), lr=np.float32(1e-3),
+                        warmup=np.float64(0.5), max_grad_norm=np.float32(1.0), progress=False)
+    assert result.steps == 2 and type(result.steps) is int
+
+
 def test_bad_data_and_models_are_refused():
     model, teacher = compressed_pair()
     x = batches(1)[0]
