@@ -584,24 +584,11 @@ def test_sequential_targets_hold_for_the_inputs_the_compressed_model_gives(targe
 def test_the_progress_bar_counts_every_step_and_is_closed_on_failure(sequential, monkeypatch):
     import tqdm.auto
 
-    bars = []
+    from recording_bar import RecordingBar
 
-    class Bar:
-        def __init__(self, total, **kwargs):
-            self.total, self.n, self.closed = total, 0, False
-            bars.append(self)
-
-        def update(self, n=1):
-            assert not self.closed
-            self.n += n
-
-        def set_postfix_str(self, *args, **kwargs):
-            pass
-
-        def close(self):
-            self.closed = True
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(RecordingBar, "made", [])
+    bars = RecordingBar.made
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
     x = torch.randn(30, 16, dtype=torch.float64)
     for allocation in ("uniform", "global", "sensitivity"):
         lx.compress_model(Net(), ratio=0.5, allocation=allocation, calibration=[x],

@@ -323,23 +323,10 @@ def test_layers_sharing_inputs_on_one_rank_but_not_the_other_are_summed_apart(tm
 def _bar_on_rank(rank, directory):
     import tqdm.auto
 
-    bars = []
+    from recording_bar import RecordingBar
 
-    class Bar:
-        def __init__(self, total, **kwargs):
-            self.total, self.n, self.closed = total, 0, False
-            bars.append(self)
-
-        def update(self, n=1):
-            self.n += n
-
-        def set_postfix_str(self, *args, **kwargs):
-            pass
-
-        def close(self):
-            self.closed = True
-
-    tqdm.auto.tqdm = Bar
+    tqdm.auto.tqdm = RecordingBar  # a process of its own: nothing to put back
+    bars = RecordingBar.made
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
                           nn.Linear(16, 16))
