@@ -67,11 +67,13 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     fraction of Σσ². ``tol`` ≥ 0: the smallest r with ‖W − W_r‖_F ≤ tol·‖W‖_F,
     where ‖W − W_r‖_F = √Σ_{i>r} σ_i² (Eckart–Young). Give exactly one. A zero
     matrix gets rank 1. Both allow for rounding: ``energy`` may miss Σσ² by
-    1e-12 of itself, and ``tol`` ignores a tail of up to 4·√n·eps·‖W‖_F, the
-    rounding level of an SVD in ``S``'s dtype (float32's eps for float16,
-    bfloat16 and float8 ``S``, as no SVD runs in those), so ``tol=0`` and
-    ``energy=1`` (the same rule) give the numerical rank, not the count of
-    singular values that rounding left above zero.
+    1e-12 of itself (so ``energy=1`` drops singular values below about
+    1e-6·‖W‖_F, the rounding of values computed through squares, as
+    eigenvalues of XᵀX are), and ``tol`` ignores a tail of up to
+    4·√n·eps·‖W‖_F, the rounding level of an SVD in ``S``'s dtype (float32's
+    eps for float16, bfloat16 and float8 ``S``, as no SVD runs in those), so
+    ``tol=0`` gives the numerical rank, not the count of singular values that
+    rounding left above zero.
     """
     energy, tol = _check_criteria("choose_rank", None, energy, tol, takes_rank=False)
     if not isinstance(S, torch.Tensor):
@@ -102,13 +104,10 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     if total == 0.0:
         return 1
     tail = torch.cat([upto[1:], upto.new_zeros(1)])
-    if energy is not None and energy < 1.0:
+    if energy is not None:
         # kept = total − tail ≥ energy·total·(1 − slack), solved for the tail.
         ok = tail <= (1.0 - energy * (1.0 - _RANK_SLACK)) * total
     else:
-        # energy = 1 is tol = 0: the slack above would drop σ up to 1e-6 of
-        # ‖W‖ in float64, where a numerical rank keeps them.
-        tol = 0.0 if tol is None else tol
         # Rounding in S itself is no error to meet: its floor, about n·eps² of
         # Σσ² (with a margin), makes tol = 0 ("exact") give the numerical
         # rank, as energy = 1 does, while a small positive tol stays as strict
