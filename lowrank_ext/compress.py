@@ -47,7 +47,7 @@ from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_inp
                           replayable)
 from .sensitivity import measure_sensitivity
 from .nn import (LoRALinear, LowRankLinear, break_even_rank, inherit_requires_grad,
-                 rank_for_ratio)
+                 rank_for_ratio, ratio_budget)
 from .report import CompressionReport, LayerReport
 
 _ALLOCATIONS = ("sensitivity", "global", "uniform")
@@ -630,13 +630,18 @@ def check_blocks_fit(shapes, ratio, multiple, allocation, owner="compress_model"
     # d·k parameters count against the budget as allocate_ranks counts them,
     # so that the ratio holds over every selected layer or this raises.
     # (Where no layer can be factorized, all stay dense whatever the ratio.)
-    least_of = {name: least_parameters(d, k, multiple) for name, (d, k) in shapes.items()}
-    total = sum(d * k for d, k in shapes.values())
+    # "uniform" has no shared budget: each layer keeps the ratio it can, and
+    # one that stays dense is left out, as before.
+    counted = {name: (d, k) for name, (d, k) in shapes.items()
+               if allocation != "uniform" or multiple < break_even_rank(d, k)}
+    least_of = {name: least_parameters(d, k, multiple) for name, (d, k) in counted.items()}
+    total = sum(d * k for d, k in counted.values())
     least = sum(least_of.values())
-    if least > ratio * total and least < total:
-        small = [name for name, (d, k) in shapes.items() if ratio * d * k < least_of[name]]
+    if least > ratio_budget(ratio, total) and least < total:
+        small = [name for name, (d, k) in counted.items()
+                 if ratio_budget(ratio, d * k) < least_of[name]]
         smallest = f"rank {multiple}" if multiple == 1 else f"one block of {multiple} ranks"
-        if least > sum(multiple * (d + k) for d, k in shapes.values()
+        if least > sum(multiple * (d + k) for d, k in counted.values()
                        if multiple < break_even_rank(d, k)):
             smallest += " (dense where that saves nothing)"
         raise ValueError(
@@ -665,7 +670,7 @@ def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
     ⌊d·k/(d+k)⌋ (where factorizing stops saving anything) or into ranks that
     keep no energy, so the budget may be left partly unspent.
     """
-    budget = ratio * sum(d * k for d, k in shapes.values())
+    budget = ratio_budget(ratio, sum(d * k for d, k in shapes.values()))
     ranks = {name: multiple for name in spectra}
     spent = sum(least_parameters(d, k, multiple) for d, k in shapes.values())
     heap = []

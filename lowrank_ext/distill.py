@@ -10,7 +10,7 @@ original model's on the same batches. Everything else stays frozen.
 The loss is the sum, over every floating-point tensor compared, of its
 relative squared error ‖s − t‖² / ‖t‖², so that tensors of different scales
 count alike. For dict batches with an ``attention_mask``, padding positions of
-per-token tensors ((batch, tokens, features) or token-first) are left out,
+per-token tensors ((batch, tokens, ...) or token-first) are left out,
 with the mask that applies to each tensor as in the calibration
 (``PaddingMasks``, judged on the teacher): an encoder-decoder model's decoder
 tensors take the batch's ``decoder_attention_mask``, if any, and another
@@ -31,7 +31,7 @@ from torch import nn
 
 from ._checks import dtype_name
 from ._modules import compiled_original
-from .calibration import PaddingMasks, call_with_batch, floating_tensors, mask_for
+from .calibration import PaddingMasks, call_with_batch, floating_tensors
 from .compress import name_matches
 from ._names import preview
 
@@ -188,16 +188,33 @@ def _batches(data):
         it = iter(data)
 
 
+def _laid_out(t, mask):
+    """The (batch, tokens) ``mask`` as ``t``'s two leading dims, or None.
+
+    Per-token outputs are batch-first, (batch, tokens, ...) of any rank (per-token
+    scores such as a question-answering head's logits too), or token-first,
+    (tokens, batch, features, ...) as torch's ``nn.Transformer`` layers give them.
+    A square batch is read batch-first, as in the calibration (``mask_for``);
+    a pooled (batch, features) output exactly as wide as the sequence cannot be
+    told from per-token scores and is read as those.
+    """
+    if mask is None or t.dim() < 2:
+        return None
+    if tuple(t.shape[:2]) == tuple(mask.shape):
+        return mask
+    if t.dim() >= 3 and tuple(t.shape[:2]) == tuple(mask.T.shape):
+        return mask.T
+    return None
+
+
 def relative_error(student, teacher, mask=None):
     """‖s − t‖² / ‖t‖² in float32 or better, over the positions ``mask`` keeps."""
     dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
     s, t = student.to(dtype), teacher.to(dtype)
-    # Laid out as the calibration lays it (mask_for): on per-token tensors,
-    # batch-first or token-first, never on a pooled one that happens to be
-    # (batch, tokens) wide.
-    mask = mask_for(t, mask)
+    mask = _laid_out(t, mask)
     if mask is not None:
-        weight = mask.to(device=t.device, dtype=dtype).unsqueeze(-1)
+        weight = mask.to(device=t.device, dtype=dtype)
+        weight = weight.reshape(*weight.shape, *([1] * (t.dim() - 2)))
         num, den = ((s - t) ** 2 * weight).sum(), (t ** 2 * weight).sum()
     else:
         num, den = ((s - t) ** 2).sum(), (t ** 2).sum()

@@ -60,9 +60,19 @@ def rank_for_ratio(d, k, ratio):
         raise TypeError(f"ratio must be a real number, got {type(ratio).__name__}")
     if not 0.0 < ratio <= 1.0:  # NaN fails too
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    # A few ulps of slack: 0.09·50·40/90 is 2 exactly, 1.9999999999999998 in
-    # floating point, and must give 2 (energy and tol allow the same).
-    return max(1, min(min(d, k), math.floor(ratio * d * k / (d + k) * (1 + 1e-12))))
+    return max(1, min(min(d, k), math.floor(ratio_budget(ratio, d * k) / (d + k))))
+
+
+# A few ulps of slack on every ratio budget: 0.09·50·40/90 is 2 exactly,
+# 1.9999999999999998 in floating point, and must give 2 (energy and tol allow
+# the same); compress_model's budgets take the same slack, so that every check
+# agrees on what fits.
+_RATIO_SLACK = 1e-12
+
+
+def ratio_budget(ratio, parameters):
+    """The parameters ``ratio`` keeps of ``parameters``, with the slack above."""
+    return ratio * parameters * (1 + _RATIO_SLACK)
 
 
 def _dense_product(B, A, scale=1.0):

@@ -186,9 +186,10 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         rank = choose_rank(S, energy=energy, tol=tol)
     if not torch.compiler.is_compiling() and (
             _functorch.transforms_active() is not None
-            or (W.requires_grad and torch.is_grad_enabled())):
+            or (W.requires_grad and torch.is_grad_enabled() and _holds_values(W))):
         # The op has no autograd formula: torch would backpropagate through
         # its kernels' internals with a deprecation warning, or not at all.
+        # (A meta or fake W has no values to factor: the op gives its shapes.)
         return _differentiable(W, int(rank), balanced)
     return ops.svd_truncate.default(W, int(rank), balanced)
 
@@ -200,6 +201,13 @@ def scaled_singular_values(W):
     W's; S·root·root gives σ back where it is in range."""
     Ws, root = svd_operand(W.double())
     return torch.linalg.svdvals(Ws), root
+
+
+def _holds_values(t):
+    """False for a meta tensor or a FakeTensor (torch.compile's tracing, export)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not t.is_meta and not is_fake(t)
 
 
 def _batched(t):

@@ -140,10 +140,10 @@ def test_padding_positions_are_left_out_of_dict_batches():
     assert relative_error(s, t, mask) == pytest.approx(expected, rel=1e-12)
 
 
-class _TokenFirst(nn.Module):
-    """Token-first per-token tensors inside (as nn.Transformer layers with
-    batch_first=False), a mean-pooled (batch, features) output whose width equals
-    the token count."""
+class _Layouts(nn.Module):
+    """Per-token tensors in every layout distill masks: token-first inside (as
+    nn.Transformer layers with batch_first=False), and as outputs (batch, tokens)
+    scores, (batch, tokens, heads, dim) and a masked mean over the tokens."""
 
     def __init__(self, width):
         super().__init__()
@@ -154,14 +154,14 @@ class _TokenFirst(nn.Module):
     def forward(self, input_ids, attention_mask):
         h = self.proj(self.emb(input_ids).transpose(0, 1)).transpose(0, 1)
         m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1)
+        return {"scores": h.sum(-1), "heads": h.unflatten(-1, (2, -1)),
+                "pooled": (h * m).sum(1) / m.sum(1)}
 
 
-def test_padding_is_left_out_of_token_first_tensors_and_pooled_outputs_are_whole():
-    """The mask is laid out as the calibration lays it: token-first tensors take its
-    transpose (they were compared whole, padding included), and a pooled output as wide
-    as the sequence is no per-token tensor (its columns were masked as if padding)."""
-    teacher = _TokenFirst(6)
+def test_padding_is_left_out_of_per_token_tensors_in_every_layout():
+    """The models differ at the padding token only: every tensor compared leaves it out
+    (token-first tensors were compared whole, padding included)."""
+    teacher = _Layouts(4)
     model = copy.deepcopy(teacher)
     ids = torch.randint(1, 10, (2, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones(2, 6, dtype=torch.long)
@@ -169,20 +169,20 @@ def test_padding_is_left_out_of_token_first_tensors_and_pooled_outputs_are_whole
     ids[mask == 0] = 0
     batch = {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():
-        model.emb.weight[0] += 3.0  # the models differ at the padding token only
-    # Before the pooled output the models differ only at padding: the matched
-    # token-first outputs of proj add nothing.
+        model.emb.weight[0] += 3.0
     result = lx.distill(model, teacher, [batch], steps=1, lr=1e-12, match="proj",
                         parameters=[model.proj.weight], progress=False)
     assert result.losses[0] == 0.0
-    with torch.no_grad():
+    with torch.no_grad():  # and with a real difference, each layout is masked as it lies
         model.proj.weight.mul_(1.1)
         s, t = model(**batch), teacher(**batch)
-    whole = float((s - t).pow(2).sum() / t.pow(2).sum())
-    assert relative_error(s, t, mask) == pytest.approx(whole, rel=1e-12)
+    keep = mask.bool()
+    expected = sum(float((s[k] - t[k])[keep].pow(2).sum() / t[k][keep].pow(2).sum())
+                   for k in ("scores", "heads"))
+    expected += float((s["pooled"] - t["pooled"]).pow(2).sum() / t["pooled"].pow(2).sum())
     result = lx.distill(model, teacher, [batch], steps=1, lr=1e-12,
                         parameters=[model.proj.weight], progress=False)
-    assert result.losses[0] == pytest.approx(whole, rel=1e-9)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_custom_loss_replaces_the_output_term_and_inner_modules_keep_theirs():

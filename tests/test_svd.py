@@ -220,6 +220,14 @@ def test_meta_tensors_give_shapes_by_rank_and_clear_errors_otherwise():
     W = torch.empty(12, 8, device="meta")
     B, A = lx.svd_truncate(W, rank=3)  # shape propagation, as any op on meta
     assert B.is_meta and A.is_meta and B.shape == (12, 3) and A.shape == (3, 8)
+    # One that requires grad (an nn.Linear weight built on meta) too, and a fake one.
+    B, A = lx.svd_truncate(W.requires_grad_(), rank=3, balanced=True)
+    assert B.is_meta and B.shape == (12, 3) and A.shape == (3, 8)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        B, A = lx.svd_truncate(torch.empty(12, 8, requires_grad=True), rank=3)
+    assert B.shape == (12, 3) and A.shape == (3, 8)
     for criterion in ({"energy": 0.9}, {"tol": 0.1}):
         (name,) = criterion
         with pytest.raises(ValueError, match=f"svd_truncate: {name} chooses the rank from W's "
