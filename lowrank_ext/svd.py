@@ -258,7 +258,16 @@ def _randomized(W, rank, balanced, niter, generator):
         # copy of that one generator from the caller's, so results are
         # reproducible and no global state is left changed (torch.manual_seed
         # would also reseed every accelerator).
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        try:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        except RuntimeError as exc:
+            if not _batched(W):
+                raise
+            # vmap(randomness="different") draws a seed per matrix, which no
+            # one generator state can stand for.
+            raise ValueError(
+                "svd_truncate: a generator cannot seed torch.vmap(randomness='different'), "
+                "whose draws differ per matrix; use randomness='same', or no generator") from exc
         with _forked_rng(W.device):
             _seed_device(W.device, seed)
             U, S, V = torch.svd_lowrank(Wc, q=q, niter=niter)

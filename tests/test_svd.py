@@ -173,6 +173,15 @@ def test_randomized_under_vmap_factors_each_matrix():
     for W, b, a in zip(Ws, B, A):
         best = torch.linalg.svdvals(W.double())[2:].square().sum().sqrt()
         assert torch.linalg.matrix_norm(W - b @ a) <= 1.05 * float(best) + 1e-6
+    # A generator seeds one draw for every matrix (randomness="same"); with draws that
+    # differ per matrix it cannot, and says so (it was vmap's .item() error).
+    g = torch.Generator().manual_seed(1)
+    B, A = torch.vmap(lambda W: lx.svd_truncate(W, rank=2, method="randomized", generator=g),
+                      randomness="same")(Ws)
+    assert B.shape == (3, 12, 2)
+    with pytest.raises(ValueError, match="a generator cannot seed torch.vmap"):
+        torch.vmap(lambda W: lx.svd_truncate(W, rank=2, method="randomized", generator=g),
+                   randomness="different")(Ws)
     with pytest.raises(ValueError, match="svd_truncate: W contains NaN or Inf"):
         torch.vmap(lambda W: lx.svd_truncate(W, rank=2, method="randomized"),
                    randomness="different")(torch.full((2, 4, 4), float("nan")))
