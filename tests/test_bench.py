@@ -100,16 +100,7 @@ def test_bad_arguments_fail_before_any_timing(argv, message, capsys, tmp_path, m
 
 
 def test_a_plot_without_matplotlib_fails_before_any_timing(capsys, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.split(".")[0] == "matplotlib":
-            raise ImportError("no matplotlib here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    _no_matplotlib(monkeypatch)
     timed = []
     monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
     assert run_cli(["--shapes", "2,8,2,8", "--plot", "b.png"]) == 1
