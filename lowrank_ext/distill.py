@@ -246,7 +246,8 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             dict → ``model(**b)``. Cycled until ``steps`` batches have run.
         steps: optimizer steps, one batch each.
         lr: Adam's learning rate, reached after ``warmup·steps`` linear
-            warm-up steps and then lowered on a cosine to zero.
+            warm-up steps (rounded; at least one, and from 3 steps at most
+            ``steps - 2`` so that the last step is below the peak) and then lowered on a cosine to zero.
         warmup: the fraction of ``steps`` spent warming up, in [0, 1).
         match: module name patterns (as ``include`` of :func:`compress_model`)
             whose outputs are matched too, besides the model's outputs; inner
@@ -328,7 +329,9 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             masters = [p.detach().float() if p.dtype in _HALF else None for p in params]
             trained = [p if m is None else m for p, m in zip(params, masters)]
             optimizer = torch.optim.Adam(trained, lr=lr)
-            warm = max(1, round(warmup * steps))
+            # The cosine's first step is still at the peak, so two steps are left
+            # to it: warmup near 1, rounded up to every step, never lowered the rate.
+            warm = max(1, min(steps - 2, round(warmup * steps)))
 
             def factor(i):  # linear warm-up, then a cosine to zero
                 if i < warm:

@@ -1,6 +1,7 @@
 """lx.distill: end-to-end refinement of compressed factors against the original model."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -272,6 +273,39 @@ def test_a_dataloader_is_cycled():
     loader = torch.utils.data.DataLoader(torch.cat(batches(2)), batch_size=40)  # 4 batches
     result = lx.distill(model, teacher, loader, steps=9, progress=False)
     assert len(result.losses) == 9
+
+
+def _learning_rates(monkeypatch, **kwargs):
+    """The learning rate of every optimizer step of one distill run."""
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    model, teacher = compressed_pair()
+    lx.distill(model, teacher, batches(2), lr=1e-2, progress=False, **kwargs)
+    return seen
+
+
+@pytest.mark.parametrize("steps, warmup, warm", [(40, 0.25, 10), (10, 0.0, 1), (10, 0.99, 8),
+                                                 (3, 0.9, 1), (2, 0.5, 1)])
+def test_the_learning_rate_warms_up_linearly_then_decays_on_a_cosine(monkeypatch, steps,
+                                                                        warmup, warm):
+    # warmup = 0.99 of 10 steps rounds to all 10: the warm-up stops two short
+    # (the cosine's first step is at the peak) so that the last step is lower.
+    lrs = _learning_rates(monkeypatch, steps=steps, warmup=warmup)
+    expected = [1e-2 * (i + 1) / warm for i in range(warm)]
+    expected += [1e-2 * 0.5 * (1 + math.cos(math.pi * i / (steps - warm)))
+                 for i in range(steps - warm)]
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=0)
+    assert steps < 3 or lrs[-1] < 1e-2
+
+
+def test_one_step_runs_at_the_full_learning_rate(monkeypatch):
+    assert _learning_rates(monkeypatch, steps=1, warmup=0.5) == pytest.approx([1e-2])
 
 
 def test_a_failing_step_leaves_the_model_as_it_was():
