@@ -226,6 +226,10 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"load_lora_state_dict: state_dict must be a mapping, got "
                         f"{type(state_dict).__name__}")
+    odd = [key for key in state_dict if not isinstance(key, str)]
+    if odd:
+        raise TypeError(f"load_lora_state_dict: state_dict's keys must be parameter names "
+                        f"(str), got {odd[0]!r} ({type(odd[0]).__name__})")
     model = compiled_original(model)
     adapters = _require_adapters("load_lora_state_dict", model)
     targets = adapter_parameters(adapters)
@@ -250,13 +254,27 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         if value.shape != param.shape:
             raise ValueError(f"load_lora_state_dict: {key} has shape {tuple(value.shape)}, "
                              f"the model's is {tuple(param.shape)}")
+        if value.layout != torch.strided:
+            raise TypeError(f"load_lora_state_dict: {key} must be a dense (strided) tensor, "
+                            f"got layout {value.layout}")
+        if value.is_meta and not param.is_meta:
+            raise ValueError(f"load_lora_state_dict: {key} is on the meta device and holds no "
+                             "values")
     merged = [name for name, lora in adapters.items() if lora.merged]
     if merged:
         raise ValueError(f"load_lora_state_dict: layer(s) {preview(merged)} are merged; "
                          "call unmerge() first")
+    # Copied one after another: should a copy still fail (a device error, an
+    # interrupt), the ones made are undone, so that nothing is loaded.
+    kept = {key: param.detach().clone() for key, param in targets.items() if not param.is_meta}
     with torch.no_grad():
-        for key, param in targets.items():
-            param.copy_(state_dict[key])
+        try:
+            for key, param in targets.items():
+                param.copy_(state_dict[key])
+        except BaseException:
+            for key, value in kept.items():
+                targets[key].copy_(value)
+            raise
 
 
 def merge_lora(model: nn.Module) -> list[str]:

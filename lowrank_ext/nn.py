@@ -600,6 +600,24 @@ def dora_forward(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, bias: Tensor |
     return (out if bias is None else out + bias).to(product.dtype)
 
 
+def _checked_scale(value):
+    """A LoRALinear's ``scale`` as a float: a TypeError or ValueError naming
+    what it was where it is not a finite real number."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value  # traced by torch.compile, which takes it to be finite
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"LoRALinear: scale must be a real number, got "
+                        f"{type(value).__name__}")
+    try:
+        scale = float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError("LoRALinear: scale must be finite, got an int beyond float's "
+                         "range") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"LoRALinear: scale must be finite, got {scale}")
+    return scale
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank adapter (LoRA).
 
@@ -726,8 +744,13 @@ class LoRALinear(nn.Module):
         # torch.compile forward then keeps it out of the fused op's float
         # argument, which would compile a graph per value (see
         # ops.lora_linear_changing_scale). Other layers keep the one fused op.
-        if name == "scale" and "scale" in self.__dict__:
-            self.__dict__["_scale_changed"] = True
+        if name == "scale":
+            # Checked here, not only by the fused op: merge() folds it into the
+            # base weight (a NaN would destroy it for good), and the path over a
+            # LowRankLinear base never reaches the op's check.
+            value = _checked_scale(value)
+            if "scale" in self.__dict__:
+                self.__dict__["_scale_changed"] = True
         super().__setattr__(name, value)
 
     @property

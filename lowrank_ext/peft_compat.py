@@ -122,6 +122,17 @@ def _random_streams_kept(device):
                                  device_type=device.type if accelerator else "cuda")
 
 
+def _peft_config_init(*holders_and_adapter):
+    """The adapter's ``init_lora_weights`` in the config of the first of the
+    holders (a PeftModel, its LoraModel) that has one; None without."""
+    *holders, adapter = holders_and_adapter
+    for holder in holders:
+        configs = getattr(holder, "peft_config", None)
+        if isinstance(configs, dict) and adapter in configs:
+            return getattr(configs[adapter], "init_lora_weights", None)
+    return None
+
+
 def _convert(layer, base, adapter, cast_notes):
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     p = _dropout_p(layer.lora_dropout[adapter])
@@ -199,9 +210,12 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     bases = {name: _check_supported(name, layer, adapter) for name, layer in layers.items()}
 
     cast_notes, replacements = set(), {}
+    init = _peft_config_init(model, root, adapter)
     for name, layer in layers.items():
         if adapter in layer.lora_A:
             replacements[name] = _convert(layer, bases[name], adapter, cast_notes)
+            if _changes_base(init):  # the base holds a residual (see _peft_init)
+                replacements[name].init = init
             tied = weight_tied_elsewhere(root, bases[name])
             if tied:  # merge() would change the other holders too
                 replacements[name]._weight_tied_to = tuple(tied)
@@ -297,6 +311,7 @@ def _adapter_config(adapters, base_model_name_or_path, module_names=()):
     rank = _most_common([lora.rank for lora in adapters.values()])
     alpha = _most_common([lora.alpha for lora in adapters.values()])
     first = next(iter(adapters.values()))
+    init = _peft_init(adapters)
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -314,8 +329,55 @@ def _adapter_config(adapters, base_model_name_or_path, module_names=()):
                           for n, a in adapters.items() if a.alpha != alpha},
         "bias": "none",
         "fan_in_fan_out": any(transposed.values()),
-        "init_lora_weights": True,
+        "init_lora_weights": init,
     }
+
+
+# peft's inits that leave a residual in the base weight; of those, the ones
+# peft redoes identically from the original weights when it loads an adapter
+# (an exact SVD, a QR), so that the config may name them.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_REBUILT_INITS = ("pissa", "olora")
+
+
+def _changes_base(init):
+    return isinstance(init, str) and init.split("_")[0] in _BASE_CHANGING_INITS
+
+
+def _peft_init(adapters):
+    """peft's ``init_lora_weights`` for these adapters.
+
+    Loading overwrites A and B, so for the random inits any value serves.
+    PiSSA (and OLoRA, from :func:`from_peft`) also left a residual in each
+    base weight, which peft rebuilds from the original weights when the
+    config names the init (the same decomposition, before it loads the
+    trained A and B); written as anything else, peft would add the adapters
+    to the whole original weight.
+    """
+    changing = {name: lora.init for name, lora in adapters.items()
+                if _changes_base(lora.init)}
+    if not changing:
+        return True
+    unbuilt = {name: init for name, init in changing.items() if init not in _REBUILT_INITS}
+    if unbuilt:
+        name, init = next(iter(unbuilt.items()))
+        raise ValueError(
+            f"save_peft_adapter: layer {name!r} was initialised with init={init!r}, which "
+            "left a residual in its base weight that peft would not rebuild the same when "
+            "it loads the adapter (a randomized SVD, or data it does not have); save the "
+            "merged model (lx.merge_lora), or the adapters with lx.lora_state_dict and the "
+            "base weights with the model's state_dict")
+    inits = set(changing.values())
+    if len(changing) < len(adapters) or len(inits) > 1:
+        by_init = {}
+        for name, lora in adapters.items():
+            by_init.setdefault(lora.init if _changes_base(lora.init) else "a random init",
+                               []).append(name)
+        raise ValueError(
+            "save_peft_adapter: peft keeps one init_lora_weights per adapter and would "
+            "rebuild the same residual in every layer, but the layers differ: "
+            + "; ".join(f"{preview(names)} {init!r}" for init, names in by_init.items()))
+    return inits.pop()
 
 
 def _dropout_p(module):
@@ -349,6 +411,15 @@ def _modules_to_save(model, modules_to_save):
             raise ValueError(f"save_peft_adapter: modules_to_save names {name!r}, which holds "
                              "LoRA adapters; peft trains a module either in full or through "
                              "adapters")
+        inside = next((other for other, m in modules.items() if isinstance(m, LoRALinear)
+                       and name.startswith(f"{other}." if other else "")), None)
+        if inside is not None:
+            # peft's file would hold it under a name no peft model has (the
+            # adapted layer's base is its base_layer there), and peft would
+            # drop it without a word.
+            raise ValueError(f"save_peft_adapter: modules_to_save names {name!r}, which is "
+                             f"inside the LoRA layer {inside!r}; peft trains a module either "
+                             "in full or through an adapter, and its base stays frozen")
         found[name] = modules[name]
     for name in converted:
         found.setdefault(name, modules[name])

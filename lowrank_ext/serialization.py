@@ -24,7 +24,7 @@ import tempfile
 import torch
 from torch import nn
 
-from ._checks import check_device
+from ._checks import check_device, dtype_name
 from ._modules import (Swaps, compiled_original, dense_weight, is_conv1d, is_linear_layer,
                        keeps_encoder_flags)
 from ._names import preview
@@ -676,6 +676,7 @@ def _copy_from_files(model, path, files, device, sources, turned):
     state = {key: state[stored] for key, stored in sources.items() if stored in state}
     _turn_factors(state, turned)
     expected = model.state_dict(keep_vars=True)
+    _check_kinds_agree(path, expected, state, sources)
     _check_ties_agree(path, expected, state, sources)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
@@ -687,6 +688,27 @@ def _tied_keys(expected):
     for key, tensor in expected.items():
         groups.setdefault(id(tensor), []).append(key)
     return groups.values()
+
+
+def _dtype_kind(dtype):
+    return ("complex" if dtype.is_complex else "floating-point" if dtype.is_floating_point
+            else "integer or bool")
+
+
+def _check_kinds_agree(path, expected, state, sources):
+    """A TypeError, before anything is copied, where a file's tensor is of
+    another kind than the model's (floating point, complex, integer or bool):
+    load_state_dict would cast it silently, rounding integers' fractions or
+    dropping a complex tensor's imaginary part. Float widths may differ (a
+    bfloat16 file into a float32 model), as in load_state_dict."""
+    wrong = [f"{key} is {dtype_name(state[key].dtype)} in the file"
+             + ("" if sources[key] == key else f" (stored as {sources[key]})")
+             + f" but {dtype_name(expected[key].dtype)} in the model"
+             for key in state if key in expected
+             and _dtype_kind(state[key].dtype) != _dtype_kind(expected[key].dtype)]
+    if wrong:
+        raise TypeError(f"load_compressed: {path} holds tensors of another kind than the "
+                        f"model's: {'; '.join(wrong[:5])}")
 
 
 def _check_ties_agree(path, expected, state, sources):

@@ -237,6 +237,12 @@ def test_load_refuses_wrong_keys_shapes_and_merged_layers():
         ({**state, "attn.v.A": state["attn.v.A"] > 0}, TypeError,
          "attn.v.A must be a floating-point tensor, got bool"),
         ([1, 2], TypeError, "state_dict must be a mapping"),
+        # Past every check before, then failing halfway through the copies.
+        ({**state, "out.B": torch.empty_like(state["out.B"], device="meta")},
+         ValueError, "out.B is on the meta device"),
+        ({**state, "out.B": state["out.B"].to_sparse()}, TypeError,
+         "out.B must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
+        ({**state, 3: state["out.B"]}, TypeError, "keys must be parameter names \\(str\\), got 3"),
     ]
     for bad, error, match in cases:
         with pytest.raises(error, match=match):
@@ -245,6 +251,26 @@ def test_load_refuses_wrong_keys_shapes_and_merged_layers():
     model.out.merge()
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match="out are merged; call unmerge"):
+        lx.load_lora_state_dict(model, state)
+    _assert_unchanged(model, snapshot)
+
+
+class _FailsWhenCopied(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_:
+            raise RuntimeError("copy failed")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_copy_failing_halfway_leaves_no_adapter_loaded():
+    model = _model()
+    lx.add_lora(model, 2, include=TARGETS)
+    state = {k: v.clone().normal_() for k, v in lx.lora_state_dict(model).items()}
+    last = list(state)[-1]  # every other adapter is copied before it
+    state[last] = state[last].as_subclass(_FailsWhenCopied)
+    snapshot = _snapshot(model)
+    with pytest.raises(RuntimeError, match="copy failed"):
         lx.load_lora_state_dict(model, state)
     _assert_unchanged(model, snapshot)
 

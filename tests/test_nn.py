@@ -3,6 +3,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -438,6 +439,33 @@ def test_lora_merge_unmerge():
     assert not lora.merged
     torch.testing.assert_close(lora.base.weight.detach(), W0)
     torch.testing.assert_close(lora(x), unmerged)
+
+
+@pytest.mark.parametrize("base", ["linear", "lowrank"])
+@pytest.mark.parametrize("scale, error, match", [
+    (math.nan, ValueError, "scale must be finite, got nan"),
+    (-math.inf, ValueError, "scale must be finite, got -inf"),
+    pytest.param(10 ** 400, ValueError, "int beyond float's range", id="huge-int"),
+    ("2", TypeError, "scale must be a real number, got str"),
+    (True, TypeError, "scale must be a real number, got bool"),
+    (torch.tensor(2.0), TypeError, "scale must be a real number, got Tensor"),
+])
+def test_lora_scale_set_anew_is_checked_where_it_is_set(base, scale, error, match):
+    # merge() folds the scale into the base weight, where a NaN would stay
+    # after unmerge(), and a LowRankLinear base's forward never reaches the
+    # fused op's own check: both need a scale checked when it is set.
+    inner = (nn.Linear(6, 5, dtype=torch.float64) if base == "linear"
+             else lx.LowRankLinear(6, 5, 2, dtype=torch.float64))
+    lora = lx.LoRALinear(inner, 2)
+    before = copy.deepcopy(lora.state_dict())
+    with pytest.raises(error, match=match):
+        lora.scale = scale
+    assert lora.scale == 1.0 and not lora._scale_changed
+    lora.merge().unmerge()
+    for key, value in lora.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-15)
+    lora.scale = np.float32(0.5)  # any real number, kept as a float
+    assert type(lora.scale) is float and lora.scale == 0.5
 
 
 def test_lora_dropout_reaches_only_the_adapter():

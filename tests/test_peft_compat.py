@@ -21,10 +21,11 @@ def _base(dtype=torch.float64):
         head=nn.Linear(16, 4, dtype=dtype)))
 
 
-def _peft_model(dtype=torch.float64, **config):
+def _peft_model(dtype=torch.float64, base=None, **config):
     config = {**dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], init_lora_weights=False),
               **config}
-    return peft.get_peft_model(_base(dtype), peft.LoraConfig(**config))
+    base = _base(dtype) if base is None else copy.deepcopy(base)
+    return peft.get_peft_model(base, peft.LoraConfig(**config))
 
 
 def _snapshot(model):
@@ -252,6 +253,60 @@ def test_save_peft_adapter_refuses_what_peft_cannot_express(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def _nudged(model):
+    """The adapters moved off their start, as training does."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".A", ".B")) or "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def test_a_pissa_adapter_loads_in_peft_onto_the_original_weights(tmp_path):
+    # PiSSA left the residual in the base weights; peft rebuilds it from the
+    # original ones only when the config says "pissa" (it would add the
+    # adapter to the whole weight otherwise). peft's PiSSA takes no float64.
+    original = _base(torch.float32)
+    model = copy.deepcopy(original)
+    lx.add_lora(model, 4, 8, init="pissa", include=["fc1", "fc2"])
+    _nudged(model).eval()
+    lx.save_peft_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "pissa"
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter")
+    x = torch.randn(5, 20)
+    torch.testing.assert_close(loaded.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_peft_adapter_that_changed_its_base_goes_back_to_peft(tmp_path, init):
+    original = _base(torch.float32)
+    model = lx.from_peft(_nudged(_peft_model(init_lora_weights=init, base=original)))
+    assert model.fc1.init == init
+    with pytest.raises(RuntimeError, match=f"init='{init}' took A and B out of the base"):
+        model.fc1.reset_parameters()
+    lx.save_peft_adapter(model.eval(), tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter")
+    x = torch.randn(5, 20)
+    torch.testing.assert_close(loaded.eval()(x), model(x))
+
+
+def test_base_changing_inits_peft_cannot_rebuild_are_refused(tmp_path):
+    fast = copy.deepcopy(_base())
+    lx.add_lora(fast, 4, init="pissa_niter_2", include="fc1")
+    with pytest.raises(ValueError, match="layer 'fc1' was initialised with "
+                                         "init='pissa_niter_2'.*randomized SVD"):
+        lx.save_peft_adapter(fast, tmp_path / "a")
+    mixed = copy.deepcopy(_base())
+    lx.add_lora(mixed, 4, init="pissa", include="fc1")
+    lx.add_lora(mixed, 4, include="fc2")
+    with pytest.raises(ValueError, match="one init_lora_weights per adapter.*fc1 'pissa'; "
+                                         "fc2 'a random init'"):
+        lx.save_peft_adapter(mixed, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 # --- review: states peft can be in -------------------------------------------------------
 def test_another_adapter_merged_where_the_chosen_one_is_absent_is_refused():
     peft_model = _peft_model(target_modules=["fc1"])
@@ -339,6 +394,9 @@ def test_modules_to_save_go_back_to_peft(tmp_path):
     torch.testing.assert_close(loaded(x), ours(x))
     for bad, error, match in [("nothing", ValueError, "'nothing', which is not a submodule"),
                               (["fc1"], ValueError, "'fc1', which holds LoRA adapters"),
+                              # peft would drop these without a word (its names differ).
+                              (["fc1.base"], ValueError, "'fc1.base', which is inside the "
+                                                         "LoRA layer 'fc1'"),
                               ([3], TypeError, "must hold module names")]:
         with pytest.raises(error, match=match):
             lx.save_peft_adapter(ours, tmp_path / "bad", modules_to_save=bad)

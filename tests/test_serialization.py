@@ -116,6 +116,39 @@ def test_wrong_model_is_refused_and_left_alone(compressed):
         lx.load_compressed(missing, path)
 
 
+@pytest.mark.parametrize("key, dtype", [("0.A", torch.complex64), ("0.bias", torch.int64),
+                                        ("2.B", torch.bool)])
+def test_tensors_of_another_kind_are_refused_not_cast(compressed, tmp_path, key, dtype):
+    # load_state_dict would cast them silently: a complex factor loses its
+    # imaginary part, an integer bias its meaning.
+    _, path, _ = compressed
+    with safe_open(path, "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    state[key] = (state[key] * (1 + 1j) if dtype.is_complex else state[key]).to(dtype)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad, metadata=metadata)
+    model = build()
+    reference = copy.deepcopy(model)
+    with pytest.raises(TypeError, match=rf"{re.escape(key)} is {str(dtype)[6:]} in the file "
+                                        r"but float32 in the model"):
+        lx.load_compressed(model, bad)
+    _assert_same(model, reference)
+
+
+def test_float_files_of_another_width_load_cast_as_load_state_dict_does(compressed, tmp_path):
+    model, path, _ = compressed
+    with safe_open(path, "pt") as f:
+        state = {k: f.get_tensor(k).double() for k in f.keys()}
+        metadata = f.metadata()
+    wide = tmp_path / "wide.safetensors"
+    save_file(state, wide, metadata=metadata)
+    loaded = lx.load_compressed(build(), wide)
+    for key, value in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == torch.float32
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
 def test_extra_module_in_model_is_refused_when_strict(compressed):
     _, path, _ = compressed
     bigger = nn.Sequential(*build(), nn.Linear(6, 2))
