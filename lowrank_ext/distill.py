@@ -247,7 +247,8 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
         steps: optimizer steps, one batch each.
         lr: Adam's learning rate, reached after ``warmup·steps`` linear
             warm-up steps (rounded; at least one, and from 3 steps at most
-            ``steps - 2`` so that the last step is below the peak) and then lowered on a cosine to zero.
+            ``steps - 2`` so that the last step is below the peak) and then
+            lowered on a cosine to zero.
         warmup: the fraction of ``steps`` spent warming up, in [0, 1).
         match: module name patterns (as ``include`` of :func:`compress_model`)
             whose outputs are matched too, besides the model's outputs; inner

@@ -232,6 +232,11 @@ class LowRankLinear(nn.Module):
         _check_rank("LowRankLinear", rank, out_features, in_features)
         if not isinstance(bias, bool):
             raise TypeError(f"LowRankLinear: bias must be a bool, got {type(bias).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype)
+                                      and dtype.is_floating_point):
+            seen = dtype_name(dtype) if isinstance(dtype, torch.dtype) else repr(dtype)
+            raise TypeError(f"LowRankLinear: dtype must be a floating-point torch.dtype, got "
+                            f"{seen}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -618,6 +623,11 @@ def _checked_scale(value):
     return scale
 
 
+# stacklevel of a warning raised in a method decorated with torch.no_grad():
+# the decorator's wrapper is one frame more between the method and its caller.
+_PAST_NO_GRAD = 3
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank adapter (LoRA).
 
@@ -691,6 +701,9 @@ class LoRALinear(nn.Module):
         # (out, in) whatever the base's layout: a Conv1D keeps its weight
         # transposed (a LowRankLinear's weight is a placeholder with that shape).
         d, k = dense_weight(base).shape
+        if not dense_weight(base).dtype.is_floating_point:
+            raise TypeError(f"LoRALinear: base must have a floating-point weight, got "
+                            f"{dtype_name(dense_weight(base).dtype)}")
         _check_rank("LoRALinear", rank, d, k)
         alpha = check_lora_options("LoRALinear", rank, alpha, init, dropout, rslora, use_dora)
         check_lora_init_fits_base("LoRALinear", init, base, use_dora=use_dora)
@@ -953,7 +966,8 @@ class LoRALinear(nn.Module):
         """Fold the adapter into ``base.weight`` (a LowRankLinear base: into its
         factors, whose rank grows by ``rank``); forward is then ``base(x)`` alone."""
         if self.merged:
-            warnings.warn("LoRALinear.merge: already merged; nothing to do", stacklevel=2)
+            warnings.warn("LoRALinear.merge: already merged; nothing to do",
+                          stacklevel=_PAST_NO_GRAD)
             return self
         tied = getattr(self, "_weight_tied_to", ())
         if tied and not isinstance(self.base, LowRankLinear):
@@ -962,7 +976,7 @@ class LoRALinear(nn.Module):
             warnings.warn(
                 f"LoRALinear.merge: the base weight was tied to {', '.join(tied)} when the "
                 "adapter was added; if it still is, merging changes that too (lx.merge_lora "
-                "refuses such layers)", stacklevel=2)
+                "refuses such layers)", stacklevel=_PAST_NO_GRAD)
         if isinstance(self.base, LowRankLinear):
             # Exact: the adapter's rank joins the base's, B₀A₀ + s·BA = [B₀, s·B]·[A₀; A].
             base = self.base
@@ -980,7 +994,7 @@ class LoRALinear(nn.Module):
                 warnings.warn(f"LoRALinear.merge: the merged layer has rank {A.shape[0]}, at "
                               f"or past d·k/(d+k) = {break_even_rank(d, k):.1f}: it holds "
                               "more numbers than a dense layer (base.to_linear() would not)",
-                              stacklevel=2)
+                              stacklevel=_PAST_NO_GRAD)
             _replace_factors(base, A, B)
         elif self.use_dora:
             weight = dense_weight(self.base)
@@ -1002,7 +1016,7 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> LoRALinear:
         """Take the adapter back out of the base layer (undoes :meth:`merge`)."""
         if not self.merged:
-            warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=2)
+            warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=_PAST_NO_GRAD)
             return self
         if isinstance(self.base, LowRankLinear):
             base = self.base

@@ -61,7 +61,11 @@ def check_path(owner, path, what="path"):
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(f"{_prefix(owner)}{what} must be a str or os.PathLike, "
                         f"got {type(path).__name__}")
-    return os.fsdecode(path)
+    path = os.fsdecode(path)
+    if not path:
+        kind = "directory" if what == "directory" else "file"
+        raise ValueError(f"{_prefix(owner)}{what} is empty; give a {kind} name")
+    return path
 
 
 def check_input_file(owner, path):
@@ -339,7 +343,10 @@ def _parse_ranks(path, entry, owner="load_compressed"):
         if (info.get("format") != FORMAT_VERSION or not isinstance(ranks, dict)
                 or factors not in _FACTOR_LAYOUTS):
             raise ValueError
-        return {str(name): int(rank) for name, rank in ranks.items()}, factors
+        # JSON integers only: int() would take 7.9, true or "7" as ranks.
+        if not all(type(rank) is int for rank in ranks.values()):
+            raise ValueError
+        return {str(name): rank for name, rank in ranks.items()}, factors
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(f"{_prefix(owner)}{path} has malformed {METADATA_KEY!r} "
                          "metadata") from None

@@ -241,6 +241,13 @@ def test_ddp_single_process(tmp_path):
     ((0, 8, 1), ValueError, "in_features must be >= 1, got 0"),
     ((16, "8", 1), TypeError, "out_features must be an int, got str"),
     ((16, 8, 2, 1), TypeError, "bias must be a bool, got int"),
+    # Built, then failing in forward (complex) or in torch (integers) before.
+    ((16, 8, 2, True, None, torch.complex64), TypeError,
+     "dtype must be a floating-point torch.dtype, got complex64"),
+    ((16, 8, 2, True, None, torch.int32), TypeError,
+     "dtype must be a floating-point torch.dtype, got int32"),
+    ((16, 8, 2, True, None, "float32"), TypeError,
+     "dtype must be a floating-point torch.dtype, got 'float32'"),
 ])
 def test_constructor_bad_input(args, error, match):
     with pytest.raises(error, match=f"LowRankLinear: {match}"):
@@ -525,6 +532,20 @@ def test_lora_rejects_non_linear():
     with pytest.raises(TypeError,
                        match="base must be an nn.Linear, a LowRankLinear or a transformers Conv1D"):
         lx.LoRALinear(nn.Conv1d(3, 3, 1), 1)
+    integer = nn.Linear(4, 4)
+    integer.weight = nn.Parameter(integer.weight.detach().to(torch.int64), requires_grad=False)
+    with pytest.raises(TypeError, match="base must have a floating-point weight, got int64"):
+        lx.LoRALinear(integer, 2)
+
+
+def test_lora_merge_warnings_point_at_the_caller():
+    lora = lx.LoRALinear(nn.Linear(4, 4), 2)
+    with pytest.warns(UserWarning, match="not merged") as record:
+        lora.unmerge()
+    lora.merge()
+    with pytest.warns(UserWarning, match="already merged") as again:
+        lora.merge()
+    assert record[0].filename == again[0].filename == __file__
 
 
 class _ScaledLinear(nn.Linear):

@@ -247,6 +247,8 @@ def test_save_peft_adapter_refuses_what_peft_cannot_express(tmp_path):
         lx.save_peft_adapter(_base(), tmp_path / "c")
     with pytest.raises(TypeError, match="directory must be a str or os.PathLike, got int"):
         lx.save_peft_adapter(_adapted(_base()), 3)
+    with pytest.raises(ValueError, match="directory is empty; give a directory name"):
+        lx.save_peft_adapter(_adapted(_base()), "")
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
         lx.save_peft_adapter(_adapted(_base()), tmp_path / "file")

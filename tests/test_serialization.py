@@ -170,6 +170,14 @@ def test_files_that_are_not_ours(tmp_path):
     save_file({"x": torch.zeros(1)}, str(bad_meta), metadata={"lowrank_ext": "{not json"})
     with pytest.raises(ValueError, match="malformed"):
         lx.load_compressed(build(), bad_meta)
+    # Ranks are JSON integers: int() would have read 2.9 as 2 and true as 1.
+    for rank in ("2.9", "true", '"2"'):
+        odd = tmp_path / "odd_rank.safetensors"
+        save_file({"0.A": torch.zeros(2, 16), "0.B": torch.zeros(32, 2)}, str(odd),
+                  metadata={"lowrank_ext": f'{{"format": {serialization.FORMAT_VERSION}, '
+                                           f'"ranks": {{"0": {rank}}}}}'})
+        with pytest.raises(ValueError, match="malformed 'lowrank_ext' metadata"):
+            lx.load_compressed(build(), odd)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 3)
     with pytest.raises(ValueError, match="not a safetensors file"):
