@@ -130,6 +130,9 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     # a symbolic float, which math.isfinite cannot trace; the op's fake kernel
     # checks it there.
     if eager and not math.isfinite(scale):
+        # The tensors first, as the C++ checks go: both backends name the same
+        # problem where there are several.
+        check_lora_linear_tensors(x, W, A, B, bias, 1.0)
         raise ValueError(f"lora_linear: scale must be finite, got {scale}")
     if _exporting_to_onnx(eager):
         with _checks_under_tracer():

@@ -131,6 +131,11 @@ LORA_CASES = [
     (lora_args(scale=10**400), ValueError,
      "lora_linear: scale must be finite, got an int beyond float's range"),
     (lora_args(W=None), TypeError, "lora_linear: W must be a Tensor, got NoneType"),
+    # Several problems at once: the tensors are named first on both backends.
+    (lora_args(W=torch.randn(3, 6, dtype=torch.float64), scale=math.nan), TypeError,
+     "lora_linear: W has dtype float64 but x has dtype float32" + DT),
+    (lora_args(B=torch.randn(5, 2), scale=-math.inf), ValueError,
+     "lora_linear: B has shape [5, 2] but W has d=3 output features (W shape [3, 6])"),
 ]
 
 
