@@ -337,10 +337,11 @@ variable_list lora_backward(
   const c10::SymInt d = W.sym_size(0);
   const c10::SymInt M = rows_of(x);
   const at::Tensor gy2 = gy.reshape_symint({M, d});
-  // In float16 a scale below 1 goes on gy before the adapter's products, as
-  // in peft's composition: gy·B or gyᵀ·t rounded to float16 before the scale
-  // applies can overflow where the gradient is finite. (A scale of 1 or more
-  // cannot save a product that overflows; bfloat16's range is float32's.)
+  // In float16 a scale below 1 goes on gy before gB's product, as in peft's
+  // composition: gyᵀ·t rounded to float16 before the scale applies can
+  // overflow where the gradient is finite. (A scale of 1 or more cannot save
+  // a product that overflows; bfloat16's range is float32's. gt is formed in
+  // float32, below.)
   const bool scale_first = gy2.scalar_type() == at::kHalf && std::abs(scale) < 1.0;
   const at::Tensor gy_adapter = scale_first ? gy2 * scale : gy2;
   const double scale_after = scale_first ? 1.0 : scale;
@@ -349,8 +350,14 @@ variable_list lora_backward(
   const bool need_A = ctx->needs_input_grad(2);
   // The adapter's gradients have lowrank_linear's shapes: same kernel.
   const bool kernel = use_weight_grad_kernel(gy2);
+  // float16: gt = scale·gy·B is formed in float32 and gx, gA are rounded once
+  // from it, as lowrank_backward does: gy·B rounded to float16 is inf past
+  // 65504, where the gradients themselves can be representable.
+  const bool wide_gt = gy2.scalar_type() == at::kHalf;
   if (need_x || need_A) {
-    const at::Tensor gt = gy_adapter.mm(B).mul_(scale_after); // (M, r)
+    const at::Tensor gt = wide_gt
+        ? gy2.to(at::kFloat).mm(B.to(at::kFloat)).mul_(scale)
+        : gy_adapter.mm(B).mul_(scale_after); // (M, r)
     if (need_x && gy.device().is_cpu() && W.is_contiguous() && !at::GradMode::is_enabled() &&
         few_rows_backward(gy, M)) {
       // Few rows: gy·W streams W in its own layout (cpu/few_rows.h), summed
@@ -361,10 +368,21 @@ variable_list lora_backward(
                .addmm_(gt.to(at::kFloat), A.to(at::kFloat))
                .to(gy.scalar_type())
                .reshape_symint(x.sym_sizes());
+    } else if (need_x && wide_gt) {
+      gx = gy2.mm(W)
+               .to(at::kFloat)
+               .addmm_(gt, A.to(at::kFloat))
+               .to(at::kHalf)
+               .reshape_symint(x.sym_sizes());
     } else if (need_x) {
       gx = gy2.mm(W).addmm_(gt, A).reshape_symint(x.sym_sizes());
     }
-    if (need_A) {
+    if (need_A && wide_gt) {
+      gA = transposed_product(
+               gt, x.reshape_symint({M, k}).to(at::kFloat),
+               use_weight_grad_kernel(gt) && M >= kWeightGradMinRows)
+               .to(at::kHalf);
+    } else if (need_A) {
       gA = transposed_product(
           gt, x.reshape_symint({M, k}), kernel && M >= kWeightGradMinRows);
     }

@@ -141,21 +141,26 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
     k, r, d = W.shape[1], A.shape[0], W.shape[0]
     M = math.prod(x.shape[:-1])
     gy2 = gy.reshape(M, d)
-    # In float16 a scale below 1 goes on gy before the adapter's products, as
-    # in peft's composition: gy·B or gyᵀ·t rounded to float16 before the scale
-    # applies can overflow where the gradient is finite. (A scale of 1 or more
-    # cannot save a product that overflows; bfloat16's range is float32's.)
+    # In float16 a scale below 1 goes on gy before gB's product, as in peft's
+    # composition: gyᵀ·t rounded to float16 before the scale applies can
+    # overflow where the gradient is finite. (A scale of 1 or more cannot save
+    # a product that overflows; bfloat16's range is float32's.)
     scale_first = gy2.dtype == torch.float16 and abs(scale) < 1
     gy_adapter, after = (gy2 * scale, 1.0) if scale_first else (gy2, scale)
     gx = gW = gA = gB = gbias = None
     if need_x or need_A:
-        gt = gy_adapter.mm(B) * after
+        # float16: gt is formed in float32 and gx, gA rounded once from it, as
+        # in _lowrank_grads (gy·B rounded to float16 is inf past 65504).
+        if gy2.dtype == torch.float16:
+            gt = gy2.float().mm(B.float()) * scale
+        else:
+            gt = gy_adapter.mm(B) * after
         if gt_out is not None:
             gt = gt + gt_out.reshape(M, r)
         if need_x:
-            gx = (gy2.mm(W) + gt.mm(A)).reshape(x.shape)
+            gx = (gy2.mm(W) + gt.mm(A.to(gt.dtype))).to(x.dtype).reshape(x.shape)
         if need_A:
-            gA = gt.t().mm(x.reshape(M, k))
+            gA = gt.t().mm(x.reshape(M, k).to(gt.dtype)).to(A.dtype)
     if need_W:
         gW = gy2.t().mm(x.reshape(M, k))
     if need_B:

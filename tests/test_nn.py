@@ -461,8 +461,8 @@ def test_lora_scale_set_anew_is_checked_where_it_is_set(base, scale, error, matc
     # merge() folds the scale into the base weight, where a NaN would stay
     # after unmerge(), and a LowRankLinear base's forward never reaches the
     # fused op's own check: both need a scale checked when it is set.
-    inner = (nn.Linear(6, 5, dtype=torch.float64) if base == "linear"
-             else lx.LowRankLinear(6, 5, 2, dtype=torch.float64))
+    inner = (nn.Linear(16, 12, dtype=torch.float64) if base == "linear"
+             else lx.LowRankLinear(16, 12, 2, dtype=torch.float64))
     lora = lx.LoRALinear(inner, 2)
     before = copy.deepcopy(lora.state_dict())
     with pytest.raises(error, match=match):

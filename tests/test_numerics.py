@@ -265,3 +265,35 @@ def test_float16_lowrank_backward_forms_gy_B_in_float32(monkeypatch, form, shape
     for name, got, want in zip("xAB", grads, expected):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("widen", ["0", "1"], ids=["half-gemm", "widened"])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 128), (64, 64, 4, 128)], ids=str)
+@pytest.mark.parametrize("form", ["op", "with_intermediate", "func"])
+@pytest.mark.parametrize("scale", [1.0, 2.0])  # no scale below 1 to save gy·B
+def test_float16_lora_backward_forms_gy_B_in_float32(monkeypatch, form, shape, widen, scale):
+    # As for lowrank_linear: scale·gy·B is 128000·scale, past 65504, while
+    # gx and gA are representable (gx was inf, gA NaN on the compiled backend).
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", widen)
+    M, k, r, d = shape
+    x = torch.full((M, k), 1e-4, dtype=torch.float16)
+    W = torch.full((d, k), 1e-3, dtype=torch.float16)
+    A = torch.full((r, k), 2.0 ** -6, dtype=torch.float16)
+    B = torch.full((d, r), 1000.0, dtype=torch.float16)
+    gy = torch.ones(M, d, dtype=torch.float16)
+    if form == "func":
+        _, vjp = torch.func.vjp(lambda *a: lx.lora_linear(*a, None, scale), x, W, A, B)
+        grads = vjp(gy)
+    else:
+        ins = [t.clone().requires_grad_() for t in (x, W, A, B)]
+        if form == "op":
+            y = lx.lora_linear(*ins, None, scale)
+        else:
+            y = torch.ops.lowrank_ext.lora_linear_with_intermediate(*ins, None, scale)[0]
+        grads = torch.autograd.grad(y, ins, gy)
+    ref = [t.double().requires_grad_() for t in (x, W, A, B)]
+    y = ref[0] @ ref[1].T + scale * (ref[0] @ ref[2].T) @ ref[3].T
+    expected = torch.autograd.grad(y, ref, gy.double())
+    for name, got, want in zip("xWAB", grads, expected):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0, msg=name)
