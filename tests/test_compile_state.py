@@ -258,3 +258,32 @@ def test_save_peft_adapter_of_a_compiled_model_loads_in_peft(tmp_path):
     loaded = peft.PeftModel.from_pretrained(original, tmp_path).eval()
     x = torch.randn(3, 8)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_layers_compiled_one_by_one_with_their_scales_set_anew_share_two_graphs():
+    # As the README says: each layer compiled alone with its own constant
+    # scale would be a graph per value; set anew, the scale stays out of the
+    # op's float argument.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layers = [lx.LoRALinear(nn.Linear(6, 6, dtype=torch.float64), 2, alpha=float(a)).eval()
+              for a in range(1, 11)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.B.normal_()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = x
+        for layer in layers:
+            want = layer(want)
+        for layer in layers:
+            layer.scale = layer.scale
+            layer.compile(backend="eager", fullgraph=True)
+        got = x
+        for layer in layers:
+            got = layer(got)
+    torch.testing.assert_close(got, want)
+    assert counters["stats"]["unique_graphs"] <= 2
