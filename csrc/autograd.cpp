@@ -368,23 +368,19 @@ variable_list lora_backward(
                .addmm_(gt.to(at::kFloat), A.to(at::kFloat))
                .to(gy.scalar_type())
                .reshape_symint(x.sym_sizes());
-    } else if (need_x && wide_gt) {
-      gx = gy2.mm(W)
-               .to(at::kFloat)
-               .addmm_(gt, A.to(at::kFloat))
-               .to(at::kHalf)
-               .reshape_symint(x.sym_sizes());
     } else if (need_x) {
-      gx = gy2.mm(W).addmm_(gt, A).reshape_symint(x.sym_sizes());
+      // (In gt's dtype, then back: no copies unless gt was widened.)
+      gx = gy2.mm(W)
+               .to(gt.scalar_type())
+               .addmm_(gt, A.to(gt.scalar_type()))
+               .to(gy.scalar_type())
+               .reshape_symint(x.sym_sizes());
     }
-    if (need_A && wide_gt) {
+    if (need_A) {
       gA = transposed_product(
-               gt, x.reshape_symint({M, k}).to(at::kFloat),
+               gt, x.reshape_symint({M, k}).to(gt.scalar_type()),
                use_weight_grad_kernel(gt) && M >= kWeightGradMinRows)
-               .to(at::kHalf);
-    } else if (need_A) {
-      gA = transposed_product(
-          gt, x.reshape_symint({M, k}), kernel && M >= kWeightGradMinRows);
+               .to(A.scalar_type());
     }
   }
   if (ctx->needs_input_grad(1)) {

@@ -5,6 +5,7 @@ same exception type with the same text; tests compare them.
 """
 
 import math
+import numbers
 
 import torch
 
@@ -103,6 +104,19 @@ def check_lora_linear_inputs(x, W, A, B, bias, scale):
         raise ValueError(f"{op}: scale must be finite, got an int beyond float's range") from None
     if not finite:
         raise ValueError(f"{op}: scale must be finite, got {scale}")
+
+
+def float_scale(owner, scale):
+    """A LoRA ``scale`` as a float; a TypeError or ValueError naming ``owner``
+    for what is no real number or an int past float's range (finiteness is
+    checked where it applies)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{owner}: scale must be a real number, got {type(scale).__name__}")
+    try:
+        return float(scale)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{owner}: scale must be finite, got an int beyond float's "
+                         "range") from None
 
 
 def check_svd_matrix(W):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module  # torch's global module hooks
 
 from . import _functorch
-from ._checks import dtype_name
+from ._checks import dtype_name, float_scale
 from ._modules import _run_the_module, dense_weight, has_own_forward, is_conv1d
 from .ops import (check_lora_linear_tensors, lora_linear, lora_linear_changing_scale,
                   lowrank_linear)
@@ -610,14 +610,7 @@ def _checked_scale(value):
     what it was where it is not a finite real number."""
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return value  # traced by torch.compile, which takes it to be finite
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"LoRALinear: scale must be a real number, got "
-                        f"{type(value).__name__}")
-    try:
-        scale = float(value)
-    except OverflowError:  # an int past float's range
-        raise ValueError("LoRALinear: scale must be finite, got an int beyond float's "
-                         "range") from None
+    scale = float_scale("LoRALinear", value)
     if not math.isfinite(scale):
         raise ValueError(f"LoRALinear: scale must be finite, got {scale}")
     return scale
@@ -700,10 +693,11 @@ class LoRALinear(nn.Module):
             _check_plain_linear_forward("LoRALinear", "base", base)
         # (out, in) whatever the base's layout: a Conv1D keeps its weight
         # transposed (a LowRankLinear's weight is a placeholder with that shape).
-        d, k = dense_weight(base).shape
-        if not dense_weight(base).dtype.is_floating_point:
+        weight = dense_weight(base)
+        d, k = weight.shape
+        if not weight.dtype.is_floating_point:
             raise TypeError(f"LoRALinear: base must have a floating-point weight, got "
-                            f"{dtype_name(dense_weight(base).dtype)}")
+                            f"{dtype_name(weight.dtype)}")
         _check_rank("LoRALinear", rank, d, k)
         alpha = check_lora_options("LoRALinear", rank, alpha, init, dropout, rslora, use_dora)
         check_lora_init_fits_base("LoRALinear", init, base, use_dora=use_dora)
@@ -1016,7 +1010,8 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> LoRALinear:
         """Take the adapter back out of the base layer (undoes :meth:`merge`)."""
         if not self.merged:
-            warnings.warn("LoRALinear.unmerge: not merged; nothing to do", stacklevel=_PAST_NO_GRAD)
+            warnings.warn("LoRALinear.unmerge: not merged; nothing to do",
+                          stacklevel=_PAST_NO_GRAD)
             return self
         if isinstance(self.base, LowRankLinear):
             base = self.base

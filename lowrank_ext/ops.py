@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 
 import torch
@@ -98,13 +97,7 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
 
 def _float_scale(scale):
     """lora_linear's ``scale`` as a float; a TypeError or ValueError for what is none."""
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"lora_linear: scale must be a real number, got {type(scale).__name__}")
-    try:
-        return float(scale)
-    except OverflowError:  # an int past float's range
-        raise ValueError("lora_linear: scale must be finite, got an int beyond float's "
-                         "range") from None
+    return _checks.float_scale("lora_linear", scale)
 
 
 def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None,

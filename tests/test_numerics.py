@@ -51,6 +51,16 @@ def test_float16_lora_scale_is_not_folded_into_B(rows, scale):
         torch.testing.assert_close(y.double(), expected, rtol=2e-3, atol=0)
 
 
+def _assert_finite_lora_grads(grads, x, W, A, B, scale, gy):
+    """grads (of x, W, A, B) are finite and match lora_linear's in float64."""
+    ref = [t.double().requires_grad_() for t in (x, W, A, B)]
+    y = ref[0] @ ref[1].T + scale * (ref[0] @ ref[2].T) @ ref[3].T
+    expected = torch.autograd.grad(y, ref, gy.double())
+    for name, got, want in zip("xWAB", grads, expected):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("rows", [2, 8, 64])  # the few-rows path and the half path
 def test_float16_lora_backward_scales_before_the_adapter_products(rows):
     # gy·B is 80000 and gyᵀ·t 128000, past float16's 65504, but with scale
@@ -63,12 +73,7 @@ def test_float16_lora_backward_scales_before_the_adapter_products(rows):
     gy = torch.full((rows, d), 10.0, dtype=torch.float16)
     ins = [t.clone().requires_grad_() for t in (x, W, A, B)]
     grads = torch.autograd.grad(lx.lora_linear(*ins, None, scale), ins, gy)
-    ref = [t.double().requires_grad_() for t in (x, W, A, B)]
-    y = ref[0] @ ref[1].T + scale * (ref[0] @ ref[2].T) @ ref[3].T
-    expected = torch.autograd.grad(y, ref, gy.double())
-    for name, got, want in zip("xWAB", grads, expected):
-        assert torch.isfinite(got).all(), name
-        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0, msg=name)
+    _assert_finite_lora_grads(grads, x, W, A, B, scale, gy)
 
 
 # --- lora_linear in half types: dense product, bias and adapter rounded once --
@@ -291,9 +296,4 @@ def test_float16_lora_backward_forms_gy_B_in_float32(monkeypatch, form, shape, w
         else:
             y = torch.ops.lowrank_ext.lora_linear_with_intermediate(*ins, None, scale)[0]
         grads = torch.autograd.grad(y, ins, gy)
-    ref = [t.double().requires_grad_() for t in (x, W, A, B)]
-    y = ref[0] @ ref[1].T + scale * (ref[0] @ ref[2].T) @ ref[3].T
-    expected = torch.autograd.grad(y, ref, gy.double())
-    for name, got, want in zip("xWAB", grads, expected):
-        assert torch.isfinite(got).all(), name
-        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0, msg=name)
+    _assert_finite_lora_grads(grads, x, W, A, B, scale, gy)
