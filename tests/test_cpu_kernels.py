@@ -11,7 +11,7 @@ Shapes are chosen to reach each branch and each tail:
     tile tails of r and d, 64-output chunks, 8-lane tails of k and r, the
     1024-wide k chunks; the packed float32 shrink (many rows, r ≥ 16) with
     its 256-wide k chunks, 192-row sub-blocks, 16-rank panel tails and blocks
-    beyond its 512-row cap;
+    beyond its 512-row cap; the panel expand's groups of panels and their tails;
   * portable: the per-row loops, the single-row split across threads, the
     BLAS row blocks with a partial last block.
 """
@@ -46,6 +46,10 @@ SHAPES = [
     (193, 1000, 40, 33, 1),     # packed, one thread: 192-row sub-block + 1, 8-rank panel tail
     (1100, 64, 16, 24, 2),      # packed: one exact panel, blocks past the 512-row cap
     (420, 75, 35, 40, 2),       # bfloat16 on AVX512-BF16: A packed into pairs, odd k
+    # The panel expand packs B a group of 16-output panels at a time (64 KB):
+    (70, 90, 100, 333, 2),      # groups of 10 panels: 160 + 160 + a 13-output tail
+    (50, 64, 300, 530, 1),      # groups of 3 panels: eleven of 48 outputs, then 2
+    (40, 33, 8, 600, 1),        # groups capped at 16 panels: 256 + 256 + 88 (5 panels + 8)
 ]
 
 

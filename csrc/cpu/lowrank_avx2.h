@@ -73,9 +73,18 @@ void rows_times_weight(
 bool split_rounded(
     ElemType type, const float* acc, int64_t n, float scale, const float* bias, void* hi,
     void* lo);
-// Scratch floats expand() needs for one packed panel of B.
+// Panels of 16 outputs of B that expand() packs at once: as many as fill
+// kExpandGroupFloats (64 KB, an L2-resident block on every x86 core of
+// interest), at least one and at most kExpandGroupMaxPanels.
+constexpr int64_t kExpandGroupFloats = 16384;
+constexpr int64_t kExpandGroupMaxPanels = 16;
+inline int64_t expand_group_panels(int64_t r) {
+  const int64_t fit = kExpandGroupFloats / (16 * (r > 0 ? r : 1));
+  return fit < 1 ? 1 : fit > kExpandGroupMaxPanels ? kExpandGroupMaxPanels : fit;
+}
+// Scratch floats expand() needs for one group of packed panels of B.
 inline int64_t expand_panel_floats(int64_t r) {
-  return 16 * r;
+  return 16 * r * expand_group_panels(r);
 }
 
 } // namespace avx2
