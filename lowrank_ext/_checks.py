@@ -120,7 +120,10 @@ def float_scale(owner, scale):
 
 
 def check_svd_matrix(W):
-    """The checks on W that need no rank (shape, dtype, finiteness)."""
+    """The checks on W that need no rank (layout, shape, dtype, finiteness)."""
+    if W.layout != torch.strided:
+        raise TypeError(f"svd_truncate: W must be a dense (strided) tensor, got layout "
+                        f"{str(W.layout).removeprefix('torch.')}")
     if W.dim() != 2:
         raise ValueError(f"svd_truncate: W must be 2-D (d, k), got shape {shape_str(W)}")
     if W.numel() == 0:

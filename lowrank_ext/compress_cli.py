@@ -23,6 +23,8 @@ kept unless ``--all-tensors``. So is the ``out_proj`` weight of a torch
 calling the layer (``lx.split_attention`` and ``compress_model`` reach it).
 """
 
+import os
+
 HELP = "factorize the 2-D weights of a safetensors file by truncated SVD"
 
 
@@ -94,6 +96,23 @@ def packed_attention_out_projections(keys):
     return found
 
 
+def check_output_is_not_input(output, input_path, files):
+    """Refuse an output that is the input file, its index or one of its shards,
+    even with --force: the weights being compressed would be replaced (and a
+    shard rewritten in place leaves a checkpoint whose index no longer
+    matches it)."""
+    inputs = list(files)
+    index = (os.path.join(input_path, "model.safetensors.index.json")
+             if os.path.isdir(input_path) else input_path)
+    inputs.append(index)
+    if not os.path.exists(output):
+        return
+    for path in inputs:
+        if os.path.exists(path) and os.path.samefile(output, path):
+            raise ValueError(f"--output {output} is {path}, part of the input {input_path}; "
+                             "write the compressed file under another name")
+
+
 def run(args):
     import torch
     from safetensors.torch import save_file
@@ -111,6 +130,7 @@ def run(args):
 
     files = model_files(args.input, owner=None)
     check_output_path(None, args.output, force=args.force, what="--output")
+    check_output_is_not_input(args.output, args.input, files)
     if args.ratio is not None:
         try:
             rank_for_ratio(2, 2, args.ratio)  # validates the ratio
@@ -143,9 +163,12 @@ def run(args):
     aliases = {}  # stored key -> the other names of that tensor
     for alias, key in stored_aliases(metadata, tensors).items():
         aliases.setdefault(key, []).append(alias)
-    candidates = {module_name(k): k for k, t in tensors.items()
-                  if t.dim() == 2 and t.is_floating_point() and t.numel() > 0
-                  and k not in factor_keys}
+    # Module name -> its 2-D floating-point tensors: usually one; a bare
+    # tensor `fc` beside `fc.weight` shares the name.
+    candidates = {}
+    for key, t in tensors.items():
+        if t.dim() == 2 and t.is_floating_point() and t.numel() > 0 and key not in factor_keys:
+            candidates.setdefault(module_name(key), []).append(key)
     if not candidates:
         raise ValueError(f"{args.input} has no 2-D floating-point tensor to factorize"
                          + (f" (its layers {preview(list(existing))} are factorized already)"
@@ -153,7 +176,7 @@ def run(args):
     names = select_names(list(candidates), args.include, args.exclude,
                          owner=None, what="2-D weight")
 
-    out, records, ranks = dict(tensors), [], {}
+    records, planned = [], []  # planned: (name, key, rank) to factorize
     for name, r in existing.items():
         A, B = tensors.get(f"{name}.A"), tensors.get(f"{name}.B")
         if A is not None and B is not None and A.dim() == B.dim() == 2:
@@ -161,20 +184,38 @@ def run(args):
             records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), None,
                                        note="factorized already in the input; kept as it is"))
     attention_out = packed_attention_out_projections(tensors)
-    for name in tqdm(names, desc="compress", unit="weight", disable=None, leave=False):
-        key = candidates[name]
+
+    def kept_dense(name, shape, note):
+        records.append(LayerReport(name, shape, None, shape[0] * shape[1],
+                                   shape[0] * shape[1], 0.0, note=note))
+
+    # First every decision and check that needs no SVD, so that a refusal
+    # comes before any SVD work; then the ranks (--energy reads spectra); then
+    # the checks on what will be written; the truncations last.
+    for name in names:
+        keys = candidates[name]
+        if len(keys) > 1:
+            if args.all_tensors:
+                raise ValueError(
+                    f"{preview(keys)} in {args.input} would all be the layer {name!r}, and "
+                    f"their factors the same {name}.A and {name}.B; leave out --all-tensors "
+                    "(the tensors not called <module>.weight then stay dense)")
+            for key in keys:  # all but <name>.weight stay dense, as below
+                if not key.endswith(".weight"):
+                    kept_dense(key, tuple(tensors[key].shape),
+                               "dense: not a layer's .weight, which load_compressed cannot "
+                               "put into a Linear layer; --all-tensors factorizes it anyway")
+            keys = [key for key in keys if key.endswith(".weight")]
+        key = keys[0]
         W = tensors[key]
         d, k = W.shape
         if aliases.get(key):
-            records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
-                                       note=f"dense: stored once for {', '.join(aliases[key])} "
-                                            "too (tied); factorizing would take their "
-                                            "weight away"))
+            kept_dense(name, (d, k), f"dense: stored once for {', '.join(aliases[key])} "
+                                     "too (tied); factorizing would take their weight away")
             continue
         if dtype_name(W.dtype) not in _FACTORIZABLE_DTYPES:
-            records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
-                                       note=f"dense: {dtype_name(W.dtype)}, "
-                                            "a quantized weight whose scales live elsewhere"))
+            kept_dense(name, (d, k), f"dense: {dtype_name(W.dtype)}, "
+                                     "a quantized weight whose scales live elsewhere")
             continue
         why_kept = (None if args.all_tensors else
                     "not a layer's .weight" if not key.endswith(".weight") else
@@ -182,22 +223,29 @@ def run(args):
                     "the out_proj of an nn.MultiheadAttention (the module reads this "
                     "weight itself)" if name in attention_out else None)
         if why_kept:
-            records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
-                                       note=f"dense: {why_kept}, which load_compressed cannot "
-                                            "put into a Linear layer; --all-tensors "
-                                            "factorizes it anyway"))
+            kept_dense(name, (d, k), f"dense: {why_kept}, which load_compressed cannot put "
+                                     "into a Linear layer; --all-tensors factorizes it anyway")
             continue
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"weight {key!r} in {args.input} has NaN or Inf")
+        planned.append((name, key, None))
+
+    if args.ratio is not None and planned:
+        # The budget over the weights factorized, as compress_model checks it:
+        # rank 1 (or one block) for every weight must fit in it.
+        shapes = {name: tuple(tensors[key].shape) for name, key, _ in planned}
+        try:
+            check_blocks_fit(shapes, args.ratio, multiple, "uniform", owner=None)
+        except ValueError as exc:  # worded for compress_model's arguments
+            message = str(exc).replace("rank_multiple", "--rank-multiple")
+            raise ValueError(f"--{message}" if message.startswith("ratio ") else message) \
+                from None
+
+    ranked = []
+    for name, key, _ in planned:
+        W = tensors[key]
+        d, k = W.shape
         if args.ratio is not None:
-            if multiple > 1:  # each weight alone: a small head simply takes rank 1 or stays dense
-                try:
-                    check_blocks_fit({name: (d, k)}, args.ratio, multiple, "uniform",
-                                     owner=None)
-                except ValueError as exc:  # worded for compress_model's arguments
-                    message = str(exc).replace("rank_multiple", "--rank-multiple")
-                    raise ValueError(f"--{message}" if message.startswith("ratio ")
-                                     else message) from None
             r = round_rank(rank_for_ratio(d, k, args.ratio), multiple, d, k)
         elif args.rank is not None:
             r = args.rank
@@ -205,10 +253,33 @@ def run(args):
             r = round_rank(choose_rank(scaled_singular_values(W)[0], energy=args.energy),
                            multiple, d, k, up=True)
         if r >= break_even_rank(d, k):
-            records.append(LayerReport(name, (d, k), None, d * k, d * k, 0.0,
-                                       note=f"dense: rank {r} >= d·k/(d+k) = "
-                                            f"{break_even_rank(d, k):.1f} saves nothing"))
+            kept_dense(name, (d, k), f"dense: rank {r} >= d·k/(d+k) = "
+                                     f"{break_even_rank(d, k):.1f} saves nothing")
             continue
+        prefix = name if key.endswith(".weight") else key
+        for suffix in ("A", "B"):
+            if f"{prefix}.{suffix}" in tensors:
+                raise ValueError(f"cannot store {key!r} as {prefix}.{suffix}: the file already "
+                                 "has a tensor of that name")
+        ranked.append((name, key, r))
+
+    # B·A is each tensor as this file stores it (transposed for a Conv1D);
+    # load_compressed turns the factors of such layers around. A file holds
+    # its factors in one layout, and which of the earlier layers are Conv1D
+    # (where the layouts differ) cannot be told from the file.
+    if ranked and existing and layout != "stored":
+        source = ("by save_compressed" if any(METADATA_KEY in m for m in metadatas) else
+                  "without lowrank_ext metadata, as in a compressed model's state_dict")
+        raise ValueError(
+            f"{args.input} holds layers factorized {source} ({preview(list(existing))}), "
+            "whose factors are in nn.Linear layout, and one file cannot mix that with the "
+            "factors of stored tensors this command writes; compress the original file, or "
+            "load the model and use lowrank_ext.compress_model")
+
+    out, ranks = dict(tensors), {}
+    for name, key, r in tqdm(ranked, desc="compress", unit="weight", disable=None, leave=False):
+        W = tensors[key]
+        d, k = W.shape
         try:
             unrounded = svd_truncate(W.double(), r)
         except ValueError as exc:  # σ₁ itself past float64's range: B = U·diag(S) cannot hold it
@@ -220,11 +291,13 @@ def run(args):
         B, A = (factor.to(W.dtype) for factor in unrounded)
         if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
             # B = U·diag(S) holds σ₁, which can be past the range of a half
-            # dtype where every entry of W is within it.
+            # dtype where every entry of W is within it (float32 and
+            # bfloat16 share a range: float64 is the wider one for both).
             largest = max(float(f.abs().max()) for f in unrounded)
+            wider = "float32" if W.dtype == torch.float16 else "float64"
             raise ValueError(
                 f"the rank-{r} factors of weight {key!r} in {args.input} exceed the range of "
-                f"{dtype_name(W.dtype)} (entries up to {largest:g}); compress a float32 copy "
+                f"{dtype_name(W.dtype)} (entries up to {largest:g}); compress a {wider} copy "
                 "of the file, or --exclude the layer")
         # Scaled by max|W| first, as spectrum scales σ by σ_1: the squares
         # summed in the norms overflow for a float64 W near 1e200 (NaN) and
@@ -241,26 +314,15 @@ def run(args):
                 rounding_note(W.dtype, relative_error(*unrounded), error, args.energy, None))
         prefix = name if key.endswith(".weight") else key
         for suffix, factor in (("A", A), ("B", B)):
-            if f"{prefix}.{suffix}" in tensors:
-                raise ValueError(f"cannot store {key!r} as {prefix}.{suffix}: the file already "
-                                 "has a tensor of that name")
             out[f"{prefix}.{suffix}"] = factor.contiguous()
         del out[key]
         ranks[name] = r
         records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), error, note=note))
 
-    # B·A is each tensor as this file stores it (transposed for a Conv1D);
-    # load_compressed turns the factors of such layers around. A file holds
-    # its factors in one layout, and which of the earlier layers are Conv1D
-    # (where the layouts differ) cannot be told from the file.
-    if ranks and existing and layout != "stored":
-        source = ("by save_compressed" if any(METADATA_KEY in m for m in metadatas) else
-                  "without lowrank_ext metadata, as in a compressed model's state_dict")
-        raise ValueError(
-            f"{args.input} holds layers factorized {source} ({preview(list(existing))}), "
-            "whose factors are in nn.Linear layout, and one file cannot mix that with the "
-            "factors of stored tensors this command writes; compress the original file, or "
-            "load the model and use lowrank_ext.compress_model")
+    # The report in the order of the file's layers (those factorized already
+    # first), whichever pass decided each.
+    order = {name: i for i, name in enumerate(names)}
+    records.sort(key=lambda record: order.get(record.name, -1))
     # A file without metadata stays so: its pairs are read as they were (the
     # metadata would name them as layers, whatever module holds them).
     if ranks or not existing:

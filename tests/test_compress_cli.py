@@ -844,3 +844,102 @@ def test_shards_must_hold_the_keys_their_index_maps_to_them(tmp_path, capsys, ca
     tensors, _ = _read(out)
     torch.testing.assert_close(tensors["a.B"].double() @ tensors["a.A"].double(),
                                _truncated(right, 20), rtol=1e-4, atol=1e-5)
+
+
+def test_a_ratio_too_small_for_rank_1_everywhere_is_refused_before_any_svd(
+        tmp_path, capsys, monkeypatch):
+    # Every weight at rank 1 keeps 0.057 of the weights: --ratio 0.001 cannot
+    # hold, and is refused as compress_model refuses it (it wrote 5.7 %).
+    tables = {"enc.weight": torch.randn(32, 64), "dec.weight": torch.randn(64, 16)}
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(tables, str(path))
+    monkeypatch.setattr(lx.svd, "svd_truncate", _no_svd)
+    assert main(["compress", str(path), "-o", str(out), "--ratio", "0.001"]) == 1
+    line = _one_error_line(capsys, "compress")
+    assert "--ratio 0.001 is too small: rank 1 per layer already keeps 0.057" in line
+    assert not out.exists()
+
+
+def _no_svd(*args, **kwargs):
+    raise AssertionError("an SVD ran before the refusal")
+
+
+@pytest.mark.parametrize("dtype, wider", [(torch.float32, "float64"),
+                                          (torch.bfloat16, "float64")])
+def test_factors_past_the_range_of_float32_name_float64(tmp_path, capsys, dtype, wider):
+    # float32 and bfloat16 share a range: a float32 copy would not help.
+    W = torch.full((30, 20), 3e38).to(dtype)
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file({"a.weight": W}, str(path))
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2"]) == 1
+    line = _one_error_line(capsys, "compress")
+    assert f"compress a {wider} copy of the file" in line and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["mixed_layouts", "name_clash", "bad_include"])
+def test_refusals_that_need_no_svd_come_before_any(tmp_path, capsys, monkeypatch, case):
+    torch.manual_seed(0)
+    tables = {"big.weight": torch.randn(40, 30)}
+    if case == "mixed_layouts":  # a compressed model's state_dict: factors in Linear layout
+        tables.update({"old.A": torch.randn(2, 10), "old.B": torch.randn(12, 2)})
+    elif case == "name_clash":
+        tables.update({"big.A": torch.randn(5)})
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(tables, str(path))
+    monkeypatch.setattr(lx.svd, "svd_truncate", _no_svd)
+    monkeypatch.setattr(lx.svd, "scaled_singular_values", _no_svd)
+    extra = ["--include", "nothing*"] if case == "bad_include" else []
+    assert main(["compress", str(path), "-o", str(out), "--rank", "4", *extra]) == 1
+    line = _one_error_line(capsys, "compress")
+    assert {"mixed_layouts": "one file cannot mix that",
+            "name_clash": "cannot store 'big.weight' as big.A",
+            "bad_include": "nothing*"}[case] in line
+    assert not out.exists()
+
+
+def test_the_input_file_or_a_shard_is_never_the_output(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build()
+    single = tmp_path / "in.safetensors"
+    save_model(model, str(single))
+    before = single.read_bytes()
+    assert main(["compress", str(single), "-o", str(tmp_path / "." / "in.safetensors"),
+                 "--rank", "3", "--force"]) == 1
+    assert "part of the input" in _one_error_line(capsys, "compress")
+    assert single.read_bytes() == before
+    # A shard of a checkpoint directory, and its index.
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    shards = {"model-00001-of-00002.safetensors": ["0.weight", "0.bias"],
+              "model-00002-of-00002.safetensors": ["2.weight", "2.bias"]}
+    for name, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(directory / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, keys in shards.items()
+                                            for k in keys}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    for target in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):
+        saved = (directory / target).read_bytes()
+        assert main(["compress", str(directory), "-o", str(directory / target),
+                     "--rank", "3", "--force"]) == 1
+        assert "part of the input" in _one_error_line(capsys, "compress")
+        assert (directory / target).read_bytes() == saved
+    assert main(["compress", str(directory), "-o", str(tmp_path / "out.safetensors"),
+                 "--rank", "3"]) == 0
+
+
+def test_a_bare_tensor_beside_a_layer_of_its_name(tmp_path, capsys):
+    torch.manual_seed(0)
+    tables = {"fc": torch.randn(30, 20), "fc.weight": torch.randn(30, 20)}
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(tables, str(path))
+    # By default the bare tensor stays dense, in the report, and the layer is factorized.
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert [(l["name"], l["rank"]) for l in layers] == [("fc", None), ("fc", 2)]
+    tensors, _ = _read(out)
+    assert set(tensors) == {"fc", "fc.A", "fc.B"} and torch.equal(tensors["fc"], tables["fc"])
+    # With --all-tensors both would be stored as fc.A / fc.B: refused.
+    assert main(["compress", str(path), "-o", str(tmp_path / "all.safetensors"), "--rank", "2",
+                 "--all-tensors"]) == 1
+    assert "would all be the layer 'fc'" in _one_error_line(capsys, "compress")

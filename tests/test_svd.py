@@ -505,3 +505,14 @@ def test_func_scales_each_matrix_of_a_batch_by_its_own_power_of_two():
         assert torch.equal(B[i], B_op) and torch.equal(A[i], A_op)
     torch.testing.assert_close(B[1].double() @ A[1].double(), Ws[1].double(), rtol=0,
                                atol=1e-5 * float(Ws[1].abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("to_layout", ["to_sparse", "to_sparse_csr"])
+@pytest.mark.parametrize("kwargs", [{"rank": 2}, {"energy": 0.9},
+                                    {"rank": 2, "method": "randomized"}])
+def test_a_sparse_w_is_named(to_layout, kwargs):
+    W = getattr(torch.randn(6, 4), to_layout)()
+    with pytest.raises(TypeError, match=r"svd_truncate: W must be a dense \(strided\) tensor, "
+                                        r"got layout sparse_c"):
+        lx.svd_truncate(W, **kwargs)
