@@ -361,6 +361,15 @@ def call_with_batch(model, batch, owner, what="a batch"):
     raise TypeError(f"{owner}: {what} must be a tensor, tuple or dict, got {type(batch).__name__}")
 
 
+def set_eval_flags(modules):
+    """Put ``modules`` in eval mode by their ``training`` flags, as the modes are
+    restored after: ``model.eval()`` would run any ``train()`` a model
+    overrides (one that also freezes its parameters, say), whose other effects
+    nothing would undo."""
+    for module in modules:
+        module.training = False
+
+
 def run_calibration(model, calibration, masks=None, allow_empty=False):
     """Run ``calibration`` on ``model`` in eval mode under no_grad, restoring the modes after.
 
@@ -373,7 +382,7 @@ def run_calibration(model, calibration, masks=None, allow_empty=False):
     """
     modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
+        set_eval_flags(modes)
         with torch.no_grad():
             count = _run_batches(model, calibration, masks)
     except Exception as exc:

@@ -22,7 +22,8 @@ layer instead.
 
 Every factor is computed before any module is swapped, and a failure while
 swapping (an interrupt too) puts back the layers already swapped, so a failure
-leaves the model exactly as it was.
+leaves the model exactly as it was (but for what its own forward writes into
+its buffers while calibrating).
 """
 
 from __future__ import annotations
@@ -866,6 +867,14 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                 f"compress_model: layer(s) {preview(on_meta)} are on the meta device: their "
                 "weights hold no values to factorize; load the trained weights first "
                 "(load_compressed fills a meta model from a compressed file)")
+        not_real = {name: layer.weight.dtype for name, layer in layers.items()
+                    if not layer.weight.is_floating_point()}
+        if not_real:
+            name, dtype = next(iter(not_real.items()))
+            raise TypeError(
+                f"compress_model: layer(s) {preview(list(not_real))} have {dtype_name(dtype)} "
+                f"weights (layer {name!r}); only real floating-point layers can be factorized: "
+                "exclude them")
         for name, layer in layers.items():
             if not bool(torch.isfinite(layer.weight).all()):
                 raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")

@@ -31,7 +31,7 @@ from torch import nn
 
 from ._checks import dtype_name
 from ._modules import compiled_original
-from .calibration import PaddingMasks, call_with_batch, floating_tensors
+from .calibration import PaddingMasks, call_with_batch, floating_tensors, set_eval_flags
 from .compress import name_matches
 from ._names import preview
 
@@ -316,8 +316,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     # (inference_mode, which cannot be left here, was refused above).
     with torch.enable_grad(), padding:
         try:
-            model.eval()
-            teacher.eval()
+            set_eval_flags(modes)  # not .eval(): see set_eval_flags
             for p in model.parameters():
                 p.requires_grad_(False)
             for p in params:

@@ -1079,3 +1079,47 @@ def test_float16_factors_beyond_its_range_are_refused_not_stored_as_inf():
                                          "of float16"):
         lx.compress_model(model, rank=1)
     _assert_unchanged(model, snapshot)
+
+
+class _FreezingOnTrain(nn.Module):
+    """A model whose train() also sets requires_grad, as some fine-tuning code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for p in self.parameters():
+            p.requires_grad_(mode)
+        return self
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def test_calibration_never_runs_an_overridden_train():
+    torch.manual_seed(0)
+    model = _FreezingOnTrain().train()
+
+    def raising(m):
+        m(torch.randn(4, 16))
+        raise RuntimeError("oops")
+
+    with pytest.raises(RuntimeError, match="the calibration raised RuntimeError: oops"):
+        lx.compress_model(model, rank=2, calibration=raising)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    lx.compress_model(model, rank=2, calibration=[torch.randn(4, 16)])
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert isinstance(model.fc1, lx.LowRankLinear)
+
+
+def test_complex_layers_are_refused_before_any_work():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16, dtype=torch.complex64))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"compress_model: layer\(s\) 1 have complex64 weights"):
+        lx.compress_model(model, rank=4)
+    assert type(model[0]) is nn.Linear
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    lx.compress_model(model, rank=4, exclude="1")  # excluded, the rest goes on
+    assert isinstance(model[0], lx.LowRankLinear)

@@ -511,3 +511,28 @@ def test_float16_gradients_that_overflow_are_named_not_trained_on():
         lx.distill(model, teacher, [b.half() for b in batches(2)], steps=3, loss=huge,
                    progress=False)
     assert_same(model, before)
+
+
+class _CountingTrain(nn.Module):
+    """Wraps a model; counts the calls of its overridden train()."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.train_calls = inner, 0
+
+    def train(self, mode=True):
+        self.train_calls += 1
+        return super().train(mode)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_an_overridden_train_is_never_run_and_the_modes_come_back():
+    model, teacher = compressed_pair()
+    model, teacher = _CountingTrain(model).train(), _CountingTrain(teacher).eval()
+    model.train_calls = teacher.train_calls = 0
+    lx.distill(model, teacher, batches(2), steps=3, progress=False)
+    assert model.train_calls == teacher.train_calls == 0
+    assert all(m.training for m in model.modules())
+    assert not any(m.training for m in teacher.modules())
