@@ -85,6 +85,11 @@ MAX_COPIES = 256
 CUDA_GRAPH_BELOW_US = 200.0
 
 
+# More torch threads than this is no benchmark setting: OpenMP fails to make
+# them (16384) or the process crashes (100000).
+MAX_THREADS = max(1024, os.cpu_count() or 1)
+
+
 def parse_shapes(text):
     """"M,k,r,d;M,k,r,d" (or "MxkxRxd" items) -> list of 4-tuples of ints."""
     shapes = []
@@ -92,7 +97,7 @@ def parse_shapes(text):
         if not item:
             continue
         parts = item.replace("x", ",").split(",")
-        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts):
             raise ValueError(f"bad shape {item!r}: expected M,k,r,d (four integers)")
         shape = tuple(int(p) for p in parts)
         if min(shape) < 1:
@@ -510,6 +515,8 @@ def check_settings(rounds, warmup_s, batch_ms, threads, *, options=False):
             raise TypeError(f"{name(key)} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name(key)} must be >= 1, got {value}")
+        if key == "threads" and value > MAX_THREADS:
+            raise ValueError(f"{name(key)} must be at most {MAX_THREADS}, got {value}")
     for key, value, positive in (("warmup_s", warmup_s, False), ("batch_ms", batch_ms, True)):
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
             raise TypeError(f"{name(key)} must be a number, got {type(value).__name__}")

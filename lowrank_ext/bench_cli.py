@@ -97,6 +97,15 @@ def _check_outputs(args):
     from .serialization import check_output_path
 
     # First the checks that make nothing.
+    given = [(flag, path) for flag, path in (("--json", args.json), ("--markdown", args.markdown),
+                                             ("--plot", args.plot)) if path is not None]
+    for i, (flag, path) in enumerate(given):
+        for other, other_path in given[:i]:
+            # (A device such as /dev/stdout takes both, one after the other.)
+            if (os.path.realpath(path) == os.path.realpath(other_path)
+                    and (os.path.isfile(path) or not os.path.exists(path))):
+                raise ValueError(f"{other} and {flag} name the same file {path}: the one "
+                                 "written last would replace the other")
     if args.plot is not None:
         load_matplotlib()
         plot_format(args.plot)

@@ -16,6 +16,7 @@ import types
 import warnings
 import weakref
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module  # torch's global module hooks
@@ -230,6 +231,8 @@ class LowRankLinear(nn.Module):
         _check_positive_int("LowRankLinear", "in_features", in_features)
         _check_positive_int("LowRankLinear", "out_features", out_features)
         _check_rank("LowRankLinear", rank, out_features, in_features)
+        if isinstance(bias, np.bool_):  # as nn.Linear takes it
+            bias = bool(bias)
         if not isinstance(bias, bool):
             raise TypeError(f"LowRankLinear: bias must be a bool, got {type(bias).__name__}")
         if dtype is not None and not (isinstance(dtype, torch.dtype)
@@ -322,6 +325,9 @@ class LowRankLinear(nn.Module):
                 f"got {seen}")
         weight = linear.weight.detach()
         d, k = weight.shape
+        if weight.numel() == 0:
+            raise ValueError(f"LowRankLinear.from_linear: linear has an empty weight ({d}×{k}): "
+                             "nothing to factorize")
         if ratio is not None:
             try:
                 rank = rank_for_ratio(d, k, ratio)
@@ -329,8 +335,17 @@ class LowRankLinear(nn.Module):
                 raise type(exc)(f"LowRankLinear.from_linear: {exc}") from None
         elif rank is not None:
             _check_rank("LowRankLinear.from_linear", rank, d, k)
-        B, A = svd_truncate(weight, rank, energy=energy, tol=tol, balanced=balanced,
-                            method=method)
+        try:
+            B, A = svd_truncate(weight, rank, energy=energy, tol=tol, balanced=balanced,
+                                method=method)
+        except (TypeError, ValueError) as exc:  # worded for svd_truncate's W: name this call
+            message = str(exc)
+            if not message.startswith("svd_truncate: "):
+                raise
+            message = message.removeprefix("svd_truncate: ")
+            if message.startswith("W "):
+                message = "linear.weight " + message.removeprefix("W ")
+            raise type(exc)(f"LowRankLinear.from_linear: {message}") from None
         # (A bias kept in another dtype than the weight takes the weight's.)
         new = cls.from_factors(A, B, None if linear.bias is None
                                else linear.bias.detach().to(device=A.device, dtype=A.dtype))

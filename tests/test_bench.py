@@ -75,7 +75,8 @@ def test_cuda_without_gpu_is_a_one_line_error(capsys):
     assert err.count("\n") == 0 and "no CUDA GPU" in err
 
 
-@pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", "", "4,0,4,4", "0,4,4,4", "4,4,-1,4"])
+@pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", "", "4,0,4,4", "0,4,4,4", "4,4,-1,4",
+                                  "3,5,²,4", "3,５,2,4"])
 def test_bad_shapes_are_rejected(text):
     with pytest.raises(ValueError):
         bench.parse_shapes(text)
@@ -97,6 +98,20 @@ def test_bad_arguments_fail_before_any_timing(argv, message, capsys, tmp_path, m
     assert run_cli(argv + ["--shapes", "2,8,2,8"] if "--shapes" not in argv else argv) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0 and not timed
+
+
+@pytest.mark.parametrize("second", ["--markdown", "--plot"])
+def test_two_outputs_naming_one_file_are_refused(second, capsys, tmp_path, monkeypatch):
+    if second == "--plot":
+        pytest.importorskip("matplotlib")
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    same = tmp_path / "b.png"
+    assert run_cli(["--shapes", "2,8,2,8", "--json", str(same),
+                    second, str(tmp_path / "." / "b.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--json and {second} name the same file" in err and not timed
+    assert not same.exists()
 
 
 def test_a_plot_without_matplotlib_fails_before_any_timing(capsys, monkeypatch):
@@ -177,6 +192,7 @@ def test_noisy_sides_are_named():
     (["--warmup-s", "nan"], "--warmup-s must be finite and >= 0, got nan"),
     (["--batch-ms", "inf"], "--batch-ms must be finite and > 0, got inf"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "100000"], f"--threads must be at most {bench.MAX_THREADS}, got 100000"),
     (["--rounds", "0"], "--rounds must be >= 1, got 0"),
 ])
 def test_bad_timing_settings_are_named_before_any_output_or_timing(argv, message, tmp_path,

@@ -254,6 +254,13 @@ def test_constructor_bad_input(args, error, match):
         lx.LowRankLinear(*args)
 
 
+def test_a_numpy_bool_bias_is_a_bool_as_for_nn_linear():
+    import numpy as np
+
+    assert lx.LowRankLinear(5, 4, 2, bias=np.bool_(False)).bias is None
+    assert lx.LowRankLinear(5, 4, 2, bias=np.bool_(True)).bias.shape == (4,)
+
+
 @pytest.mark.parametrize("make", [
     lambda: lx.LowRankLinear(16, 8, 3),
     lambda: lx.LoRALinear(nn.Linear(16, 8), 3),
@@ -350,6 +357,23 @@ def test_from_linear_bad_input():
         lx.LowRankLinear.from_linear(linear, rank=2, ratio=0.5)
     with pytest.raises(ValueError, match="exactly one"):
         lx.LowRankLinear.from_linear(linear)
+    # svd_truncate's checks, named as this call's.
+    for kwargs, error, message in (
+            ({"energy": 0}, ValueError, "energy must be in \\(0, 1\\], got 0"),
+            ({"tol": -1}, ValueError, "tol must be >= 0, got -1"),
+            ({"rank": 2, "method": "x"}, ValueError, "method must be 'exact' or 'randomized'"),
+            ({"rank": 2, "balanced": 1}, TypeError, "balanced must be a bool, got int")):
+        with pytest.raises(error, match=f"^LowRankLinear.from_linear: {message}"):
+            lx.LowRankLinear.from_linear(linear, **kwargs)
+    broken = _linear64(8, 6)
+    with torch.no_grad():
+        broken.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^LowRankLinear.from_linear: linear.weight contains NaN"):
+        lx.LowRankLinear.from_linear(broken, rank=2)
+    for kwargs in ({"rank": 1}, {"ratio": 0.5}, {"energy": 0.9}):
+        with pytest.raises(ValueError, match=r"^LowRankLinear.from_linear: linear has an empty "
+                                             r"weight \(5×0\)"):
+            lx.LowRankLinear.from_linear(nn.Linear(0, 5), **kwargs)
 
 
 # --- LoRALinear ----------------------------------------------------------------------
