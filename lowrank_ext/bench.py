@@ -19,10 +19,13 @@ and for the op "lora" (a frozen d × k layer W plus an adapter of rank r):
   dense     F.linear(x, W + scale·B·A, bias): the adapter merged (fwd only)
 
 and for the op "dora" (the same layer and adapter with DoRA's magnitude m):
-  ours      LoRALinear(use_dora=True)'s forward: lora_linear rescaled by
-            m / ‖W + scale·B·A‖ (the norm a block of rows at a time)
+  ours      the DoRA forward LoRALinear(use_dora=True) runs (nn.dora_forward,
+            called directly: not the module call around it): lora_linear
+            rescaled by m / ‖W + scale·B·A‖ (the norm a block of rows at a time)
   compose   peft's DoRA forward: F.linear(x, W, bias), the norm of
             W + scale·B·A formed whole, (m/‖·‖ − 1)·x·Wᵀ + m/‖·‖·scale·lora(x)
+            (B·A as a product, where peft forms lora_B(lora_A(I)): no slower
+            than peft's own)
   compiled  that composition under torch.compile
   dense     F.linear(x, m/‖·‖ ⊙ (W + scale·B·A), bias): merged (fwd only)
 
@@ -78,6 +81,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64,
 # Inputs are rotated over copies until one round of them exceeds this many
 # bytes, so that small shapes are not timed on data left hot in cache by the
 # previous call. CPU: beyond the 32 MB last-level cache; GPU: beyond a 50 MB L2.
+# At most MAX_COPIES copies: sets of a few KB (the seed shape) stay in cache,
+# on every side alike. All sides share one position in the copies (see
+# build_calls' rotate_to).
 CPU_ROTATE_BYTES = 64 << 20
 CUDA_ROTATE_BYTES = 128 << 20
 MAX_COPIES = 256
@@ -187,7 +193,10 @@ def machine_info(device):
         props = torch.cuda.get_device_properties(0)
         info.update(gpu_name=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
                     cuda_version=torch.version.cuda,
-                    gpu_capability=f"{props.major}.{props.minor}")
+                    gpu_capability=f"{props.major}.{props.minor}",
+                    # What float32 products may use: cuBLAS follows these.
+                    allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    float32_matmul_precision=torch.get_float32_matmul_precision())
     return info
 
 
@@ -332,7 +341,8 @@ def build_calls(shape, dtype, device, mode, sides, copies, seed=0, op="lowrank")
         # The argument tuples are built once: what is timed is the call itself,
         # not the harness picking the next input set (which would add the same
         # microseconds to every side and flatten the ratios of tiny shapes).
-        next_set = itertools.cycle([(tuple(s[n] for n in names), s["gy"]) for s in sets]).__next__
+        prepared = [(tuple(s[n] for n in names), s["gy"]) for s in sets]
+        next_set = itertools.cycle(prepared).__next__
         if train:
             def call():
                 args, gy = next_set()
@@ -343,6 +353,16 @@ def build_calls(shape, dtype, device, mode, sides, copies, seed=0, op="lowrank")
             # under one no_grad block, as inference code would run.
             def call():
                 return impl(*next_set()[0])
+
+        def rotate_to(position):
+            """Continue at input set ``position`` (mod the sets): time_sides keeps one
+            position for all sides, so that each sample starts on the sets used
+            longest ago, whichever side used them."""
+            nonlocal next_set
+            start = position % len(prepared)
+            next_set = itertools.cycle(prepared[start:] + prepared[:start]).__next__
+
+        call.rotate_to = rotate_to
         return call
 
     return {side: make(side) for side in sides}
@@ -378,30 +398,45 @@ def time_sides(calls, time_batch, rounds, warmup_s, batch_us, progress=None):
     batch = {name: _calibrate(time_batch, calls[name], batch_us) for name in names}
     samples = {name: [] for name in names}
     faults = {name: 0 for name in names}
+    switches = {name: 0 for name in names}
+    position = 0  # of the input sets, shared by the sides (see rotate_to)
     for i in range(rounds):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
-            before = _minor_page_faults()
+            rotate = getattr(calls[name], "rotate_to", None)
+            if rotate is not None:
+                rotate(position)
+            before = _usage()
             samples[name].append(time_batch(calls[name], batch[name]))
-            faults[name] += _minor_page_faults() - before
+            after = _usage()
+            faults[name] += after[0] - before[0]
+            switches[name] += after[1] - before[1]
+            position += batch[name]
         if progress is not None:
             progress(i + 1, rounds)
     # Page faults per call tell whether a side's outputs came from freshly
     # mapped memory (a large output costs one fault per 4 KB page then) or
-    # from memory the allocator reused; the timing alone cannot.
+    # from memory the allocator reused; the timing alone cannot. Involuntary
+    # context switches per timed second tell whether other work took the
+    # cores from the side's threads, which a steadily busy machine does to
+    # every sample alike (so the spread of the samples does not show it).
     return {name: dict(median_us=statistics.median(v), min_us=min(v), max_us=max(v),
                        calls_per_sample=batch[name], samples_us=v,
-                       page_faults_per_call=faults[name] / (rounds * batch[name]))
+                       page_faults_per_call=faults[name] / (rounds * batch[name]),
+                       preempted_per_s=switches[name] / max(sum(v) * batch[name] * 1e-6,
+                                                            1e-9))
             for name, v in samples.items()}
 
 
-def _minor_page_faults():
-    """Minor page faults of this process so far (0 where getrusage is missing)."""
+def _usage():
+    """(minor page faults, involuntary context switches) of this process so far,
+    (0, 0) where getrusage is missing."""
     try:
         import resource
     except ImportError:  # not a Unix
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        return 0, 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_nivcsw
 
 
 def flops(shape, mode, side, op="lowrank"):
@@ -497,6 +532,8 @@ def _measure(calls, device, copies, rounds, warmup_s, batch_ms):
         for key in ("median_us", "min_us", "max_us"):
             t[key] /= per_batch
         t["samples_us"] = [v / per_batch for v in t["samples_us"]]
+        t["calls_per_sample"] *= per_batch
+        t["page_faults_per_call"] /= per_batch
     return timing, graphed
 
 
@@ -644,6 +681,25 @@ def noisy_entries(result):
     for entry in result["results"]:
         for side, timing in entry["sides"].items():
             if timing["min_us"] > 0 and timing["max_us"] / timing["min_us"] > NOISY_SPREAD:
+                shape = ",".join(str(v) for v in entry["shape"].values())
+                found.append(f"{shape} {entry['dtype']} {entry['mode']} {side}")
+    return found
+
+
+# Involuntary context switches per timed second above which a side shared its
+# cores with other work. On an idle 2-core VM the sides measured 0–75; with
+# two busy loops beside the benchmark, 150–290 on every side (whose samples
+# then spread too little for NOISY_SPREAD to see it: a baseline 4000× slower
+# than ours, ours run on one thread, was the symptom).
+BUSY_PREEMPTED_PER_S = 120.0
+
+
+def busy_entries(result):
+    """["M,k,r,d dtype mode side", ...] for the sides preempted more than BUSY_PREEMPTED_PER_S."""
+    found = []
+    for entry in result["results"]:
+        for side, timing in entry["sides"].items():
+            if timing.get("preempted_per_s", 0.0) > BUSY_PREEMPTED_PER_S:
                 shape = ",".join(str(v) for v in entry["shape"].values())
                 found.append(f"{shape} {entry['dtype']} {entry['mode']} {side}")
     return found

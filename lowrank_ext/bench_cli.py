@@ -185,6 +185,11 @@ def _time_and_write(args, bench, plan, modes, sides, log):
         print(f"Noisy: the slowest sample took over {bench.NOISY_SPREAD:g}× the fastest at "
               f"{'; '.join(noisy)}; rerun on a quieter machine before trusting those ratios",
               file=sys.stderr)
+    busy = bench.busy_entries(result)
+    if busy:
+        print(f"Busy: other work took the cores (over {bench.BUSY_PREEMPTED_PER_S:g} "
+              f"preemptions per second) at {'; '.join(busy)}; rerun on an idle machine "
+              "before trusting those ratios", file=sys.stderr)
     if args.json:
         bench.write_json(result, args.json)
     if args.markdown:

@@ -59,10 +59,10 @@ def test_page_fault_count_sees_freshly_mapped_memory():
 
     size, page = 64 << 20, mmap.PAGESIZE
     fresh = mmap.mmap(-1, size)  # anonymous, not mapped in until written
-    before = bench._minor_page_faults()
+    before = bench._usage()[0]
     for offset in range(0, size, page):
         fresh[offset] = 1
-    faults = bench._minor_page_faults() - before
+    faults = bench._usage()[0] - before
     fresh.close()
     # One fault per page, or per 2 MB where transparent huge pages are on.
     assert faults >= size // (2 << 20)
@@ -319,3 +319,51 @@ def test_an_empty_output_path_names_its_option(flag, capsys, monkeypatch):
     assert capsys.readouterr().err == (f"lowrank_ext bench: error: {flag} is empty; "
                                        "give a file name\n")
     assert not timed
+
+
+def test_every_sample_starts_where_the_previous_side_stopped(monkeypatch):
+    # One position in the input sets for all sides: a side's sample starts on
+    # the sets used longest ago, not on those another side has just warmed.
+    starts = []
+
+    def side(name):
+        def call():
+            pass
+
+        call.rotate_to = lambda position: starts.append((name, position))
+        return call
+
+    batches = {"ours": 3, "compose": 5}
+    monkeypatch.setattr(bench, "_calibrate", lambda time_batch, fn, target: batches[
+        next(n for n, c in calls.items() if c is fn)])
+    calls = {name: side(name) for name in batches}
+    bench.time_sides(calls, lambda fn, n: 1.0, rounds=3, warmup_s=0.0, batch_us=1.0)
+    position, expected = 0, []
+    for i in range(3):
+        for name in (["ours", "compose"] if i % 2 == 0 else ["compose", "ours"]):
+            expected.append((name, position))
+            position += batches[name]
+    assert starts == expected
+
+
+@pytest.mark.parametrize("mode", ["fwd", "train"])
+def test_rotate_to_picks_the_input_set(mode):
+    calls = bench.build_calls((3, 8, 2, 5), torch.float64, "cpu", mode, ["ours", "dense"], 3)
+    for call in calls.values():
+        outputs = []
+        for position in (0, 1, 2, 3, 4):
+            call.rotate_to(position)
+            with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                out = call()
+            outputs.append(out if mode == "fwd" else out[0])
+        assert torch.equal(outputs[0], outputs[3]) and torch.equal(outputs[1], outputs[4])
+        assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+
+
+def test_busy_sides_are_named():
+    idle = dict(median_us=10.0, min_us=9.0, max_us=12.0, preempted_per_s=20.0)
+    busy = dict(idle, preempted_per_s=250.0)
+    result = {"results": [{"shape": {"M": 4, "k": 64, "r": 8, "d": 64}, "dtype": "float32",
+                           "mode": "fwd", "sides": {"ours": idle, "compose": busy}}]}
+    assert bench.busy_entries(result) == ["4,64,8,64 float32 fwd compose"]
+    assert bench.noisy_entries(result) == []  # its samples agree: only the preemptions tell
