@@ -398,7 +398,7 @@ def time_sides(calls, time_batch, rounds, warmup_s, batch_us, progress=None):
     batch = {name: _calibrate(time_batch, calls[name], batch_us) for name in names}
     samples = {name: [] for name in names}
     faults = {name: 0 for name in names}
-    switches = {name: 0 for name in names}
+    start = _usage()
     position = 0  # of the input sets, shared by the sides (see rotate_to)
     for i in range(rounds):
         order = names[i % len(names):] + names[:i % len(names)]
@@ -410,33 +410,53 @@ def time_sides(calls, time_batch, rounds, warmup_s, batch_us, progress=None):
             samples[name].append(time_batch(calls[name], batch[name]))
             after = _usage()
             faults[name] += after[0] - before[0]
-            switches[name] += after[1] - before[1]
             position += batch[name]
         if progress is not None:
             progress(i + 1, rounds)
+    end = _usage()
+    # Over all the rounds at once: the counters tick every 10 ms, and summing
+    # them sample by sample would add up their rounding.
+    other_load = (((end[1] - start[1]) - (end[2] - start[2])) / (end[3] - start[3])
+                  if _system_cpu_seconds() is not None and end[3] > start[3] else None)
     # Page faults per call tell whether a side's outputs came from freshly
     # mapped memory (a large output costs one fault per 4 KB page then) or
-    # from memory the allocator reused; the timing alone cannot. Involuntary
-    # context switches per timed second tell whether other work took the
-    # cores from the side's threads, which a steadily busy machine does to
-    # every sample alike (so the spread of the samples does not show it).
+    # from memory the allocator reused; the timing alone cannot. The CPU time
+    # of other work (other processes, the VM's steal) per second of the timed
+    # rounds tells whether the sides' threads shared the cores, which a
+    # steadily busy machine does to every sample alike (so their spread
+    # cannot show it); None where /proc/stat is missing. One figure for the
+    # rounds, recorded with every side.
     return {name: dict(median_us=statistics.median(v), min_us=min(v), max_us=max(v),
                        calls_per_sample=batch[name], samples_us=v,
                        page_faults_per_call=faults[name] / (rounds * batch[name]),
-                       preempted_per_s=switches[name] / max(sum(v) * batch[name] * 1e-6,
-                                                            1e-9))
+                       other_load=other_load)
             for name, v in samples.items()}
 
 
+def _system_cpu_seconds():
+    """CPU seconds all CPUs of the machine spent busy so far (steal included),
+    from /proc/stat; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+    return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+
+
 def _usage():
-    """(minor page faults, involuntary context switches) of this process so far,
-    (0, 0) where getrusage is missing."""
+    """(minor page faults, busy CPU seconds of the machine, CPU seconds of this
+    process, wall seconds) now; a counter missing here reads 0."""
+    faults = 0
     try:
         import resource
+
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     except ImportError:  # not a Unix
-        return 0, 0
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_minflt, usage.ru_nivcsw
+        pass
+    own = os.times()
+    return (faults, _system_cpu_seconds() or 0.0, own.user + own.system, time.perf_counter())
 
 
 def flops(shape, mode, side, op="lowrank"):
@@ -686,22 +706,26 @@ def noisy_entries(result):
     return found
 
 
-# Involuntary context switches per timed second above which a side shared its
-# cores with other work. On an idle 2-core VM the sides measured 0–75; with
-# two busy loops beside the benchmark, 150–290 on every side (whose samples
-# then spread too little for NOISY_SPREAD to see it: a baseline 4000× slower
-# than ours, ours run on one thread, was the symptom).
-BUSY_PREEMPTED_PER_S = 120.0
+# CPU cores' worth of other work (other processes, the VM's steal) during a
+# problem's timed rounds above which its figures are not to be trusted: the
+# sides' threads shared the cores. On an idle 2-core VM it read 0.005–0.02
+# over the default rounds (the counters tick every 10 ms: summed sample by
+# sample they read −0.3 to 0.3); with two busy loops beside the benchmark,
+# 0.9–1.0. (The samples of a steadily loaded machine spread too little for
+# NOISY_SPREAD to see it: a baseline 4000× slower than ours, which ran on one
+# thread, was the symptom.)
+BUSY_OTHER_LOAD = 0.5
 
 
 def busy_entries(result):
-    """["M,k,r,d dtype mode side", ...] for the sides preempted more than BUSY_PREEMPTED_PER_S."""
+    """["M,k,r,d dtype mode", ...] for the problems during whose rounds other work
+    took more than BUSY_OTHER_LOAD cores."""
     found = []
     for entry in result["results"]:
-        for side, timing in entry["sides"].items():
-            if timing.get("preempted_per_s", 0.0) > BUSY_PREEMPTED_PER_S:
-                shape = ",".join(str(v) for v in entry["shape"].values())
-                found.append(f"{shape} {entry['dtype']} {entry['mode']} {side}")
+        loads = [t.get("other_load") or 0.0 for t in entry["sides"].values()]
+        if loads and max(loads) > BUSY_OTHER_LOAD:
+            shape = ",".join(str(v) for v in entry["shape"].values())
+            found.append(f"{shape} {entry['dtype']} {entry['mode']}")
     return found
 
 

@@ -187,9 +187,9 @@ def _time_and_write(args, bench, plan, modes, sides, log):
               file=sys.stderr)
     busy = bench.busy_entries(result)
     if busy:
-        print(f"Busy: other work took the cores (over {bench.BUSY_PREEMPTED_PER_S:g} "
-              f"preemptions per second) at {'; '.join(busy)}; rerun on an idle machine "
-              "before trusting those ratios", file=sys.stderr)
+        print(f"Busy: other work took over {bench.BUSY_OTHER_LOAD:g} of a core while timing "
+              f"{'; '.join(busy)}; rerun on an idle machine before trusting those ratios",
+              file=sys.stderr)
     if args.json:
         bench.write_json(result, args.json)
     if args.markdown:

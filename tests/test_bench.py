@@ -361,9 +361,10 @@ def test_rotate_to_picks_the_input_set(mode):
 
 
 def test_busy_sides_are_named():
-    idle = dict(median_us=10.0, min_us=9.0, max_us=12.0, preempted_per_s=20.0)
-    busy = dict(idle, preempted_per_s=250.0)
+    idle = dict(median_us=10.0, min_us=9.0, max_us=12.0, other_load=0.05)
+    busy = dict(idle, other_load=1.0)
     result = {"results": [{"shape": {"M": 4, "k": 64, "r": 8, "d": 64}, "dtype": "float32",
-                           "mode": "fwd", "sides": {"ours": idle, "compose": busy}}]}
-    assert bench.busy_entries(result) == ["4,64,8,64 float32 fwd compose"]
-    assert bench.noisy_entries(result) == []  # its samples agree: only the preemptions tell
+                           "mode": mode, "sides": {"ours": sides, "compose": sides}}
+                          for mode, sides in (("fwd", busy), ("train", idle))]}
+    assert bench.busy_entries(result) == ["4,64,8,64 float32 fwd"]
+    assert bench.noisy_entries(result) == []  # its samples agree: only the other load tells
