@@ -177,14 +177,21 @@ def _batches(data):
     if first is data:
         raise TypeError("distill: data must be re-iterable (a list of batches or a DataLoader), "
                         "got a one-pass iterator")
-    it = first
+    it, passes, total = first, 0, 0
     while True:
         empty = True
         for batch in it:
             empty = False
+            total += 1
             yield batch
         if empty:
-            raise ValueError("distill: data has no batches")
+            if passes == 0:
+                raise ValueError("distill: data has no batches")
+            # A DataLoader over a one-shot IterableDataset, say: it cannot be cycled.
+            raise ValueError(
+                f"distill: data gave no batches on pass {passes + 1}, after {total} in the "
+                "passes before; it must give its batches again each time it is iterated")
+        passes += 1
         it = iter(data)
 
 
@@ -246,7 +253,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             dict → ``model(**b)``. Cycled until ``steps`` batches have run.
         steps: optimizer steps, one batch each.
         lr: Adam's learning rate, reached after ``warmup·steps`` linear
-            warm-up steps (rounded; at least one, and from 3 steps at most
+            warm-up steps (rounded, halves up; at least one, and from 3 steps at most
             ``steps - 2`` so that the last step is below the peak) and then
             lowered on a cosine to zero.
         warmup: the fraction of ``steps`` spent warming up, in [0, 1).
@@ -276,6 +283,8 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     of ``distill``'s own argument errors). Returns a :class:`DistillResult`.
     """
     _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"distill: progress must be True, False or None, got {progress!r}")
     steps, lr, warmup = int(steps), float(lr), float(warmup)
     max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
     if torch.is_inference_mode_enabled():
@@ -331,7 +340,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             optimizer = torch.optim.Adam(trained, lr=lr)
             # The cosine's first step is still at the peak, so two steps are left
             # to it: warmup near 1, rounded up to every step, never lowered the rate.
-            warm = max(1, min(steps - 2, round(warmup * steps)))
+            warm = max(1, min(steps - 2, math.floor(warmup * steps + 0.5)))  # halves up
 
             def factor(i):  # linear warm-up, then a cosine to zero
                 if i < warm:
@@ -356,11 +365,22 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 else:
                     pairs = []
                     terms.append(loss(output, target))
-                    if not (isinstance(terms[0], torch.Tensor) and terms[0].numel() == 1
-                            and terms[0].requires_grad):
+                    value = terms[0]
+                    if not (isinstance(value, torch.Tensor) and value.numel() == 1
+                            and value.requires_grad):
+                        seen = (type(value).__name__ if not isinstance(value, torch.Tensor)
+                                else f"a tensor of shape {tuple(value.shape)}"
+                                if value.numel() != 1 else "a tensor that requires no grad")
                         raise ValueError(
                             "distill: loss must return a one-element tensor that depends on the "
-                            f"model's output, got {type(terms[0]).__name__}")
+                            f"model's output, got {seen}")
+                if step == 0:
+                    ran = {c[0] for c in captured["teacher"]}
+                    idle = [name for name, _, _ in inner if name not in ran]
+                    if idle:
+                        raise ValueError(
+                            f"distill: match names modules that did not run in the teacher's "
+                            f"forward: {preview(idle)}; their outputs cannot be matched")
                 if [c[0] for c in captured["student"]] != [c[0] for c in captured["teacher"]]:
                     raise ValueError("distill: the matched modules ran in a different order or "
                                      "number of times in the model and in the teacher")
@@ -373,6 +393,11 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 total = sum(terms + [relative_error(s, t.detach(), mask)
                                      for s, t, mask in pairs]).reshape(())
                 if not torch.isfinite(total):
+                    if not all(bool(torch.isfinite(t).all())
+                               for t in floating_tensors(batch) + floating_tensors(target)):
+                        raise FloatingPointError(
+                            "this batch, or the teacher's outputs on it, holds values that are "
+                            "not finite")
                     if step == 0:  # no update yet: the lr has nothing to do with it
                         raise FloatingPointError(
                             f"the loss is {total.item()} before any update: the model, the "
@@ -382,6 +407,11 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 for p in params:  # a half parameter's master, not itself, is the optimizer's
                     p.grad = None
                 total.backward()
+                if step == 0 and all(p.grad is None for p in params):
+                    raise ValueError(
+                        "distill: the loss does not depend on the parameters being trained "
+                        "(no gradient reached any of them); it must depend on the model's "
+                        "output")
                 for p, master in zip(params, masters):
                     if master is not None:
                         master.grad = None if p.grad is None else p.grad.float()

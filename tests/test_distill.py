@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -291,7 +292,8 @@ def _learning_rates(monkeypatch, **kwargs):
 
 
 @pytest.mark.parametrize("steps, warmup, warm", [(40, 0.25, 10), (10, 0.0, 1), (10, 0.99, 8),
-                                                 (3, 0.9, 1), (2, 0.5, 1)])
+                                                 (3, 0.9, 1), (2, 0.5, 1),
+                                                 (10, 0.25, 3), (10, 0.35, 4)])  # halves up
 def test_the_learning_rate_warms_up_linearly_then_decays_on_a_cosine(monkeypatch, steps,
                                                                         warmup, warm):
     # warmup = 0.99 of 10 steps rounds to all 10: the warm-up stops two short
@@ -324,7 +326,9 @@ def test_a_non_finite_loss_is_an_error_not_a_silent_update():
     before = snapshot(model)
     bad = batches(1)[0]
     bad[0, 0] = float("inf")
-    with pytest.raises(RuntimeError, match="loss is"):
+    with pytest.raises(RuntimeError, match="step 2 raised FloatingPointError: this batch, or "
+                                           "the teacher's outputs on it, holds values that are "
+                                           "not finite"):
         lx.distill(model, teacher, batches(2) + [bad], steps=5, progress=False)
     assert_same(model, before)
 
@@ -492,8 +496,9 @@ def test_a_non_finite_loss_before_any_update_does_not_blame_the_lr():
     before = snapshot(model)
     bad = batches(1)[0]
     bad[0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="step 0 raised FloatingPointError: the loss is nan "
-                                           "before any update") as info:
+    with pytest.raises(RuntimeError, match="step 0 raised FloatingPointError: this batch, or "
+                                           "the teacher's outputs on it, holds values that are "
+                                           "not finite") as info:
         lx.distill(model, teacher, [bad], steps=2, progress=False)
     assert "lr" not in str(info.value)
     assert_same(model, before)
@@ -536,3 +541,59 @@ def test_an_overridden_train_is_never_run_and_the_modes_come_back():
     assert model.train_calls == teacher.train_calls == 0
     assert all(m.training for m in model.modules())
     assert not any(m.training for m in teacher.modules())
+
+
+class _OneShot(torch.utils.data.IterableDataset):
+    def __init__(self, items):
+        self.items = iter(items)
+
+    def __iter__(self):
+        return self.items
+
+
+def test_data_that_runs_dry_on_a_later_pass_is_named_so():
+    model, teacher = compressed_pair()
+    before = snapshot(model)
+    loader = torch.utils.data.DataLoader(_OneShot(batches(3)), batch_size=None)
+    with pytest.raises(ValueError, match="data gave no batches on pass 2, after 3 in the passes "
+                                         "before; it must give its batches again"):
+        lx.distill(model, teacher, loader, steps=5, lr=1e-2, progress=False)
+    assert_same(model, before)
+
+
+@pytest.mark.parametrize("loss, seen", [
+    (lambda out, tgt: (out - tgt).pow(2), "a tensor of shape (64, 8)"),
+    (lambda out, tgt: (out - tgt).detach().pow(2).mean(), "a tensor that requires no grad"),
+    (lambda out, tgt: 1.0, "float"),
+])
+def test_a_loss_of_the_wrong_kind_says_what_it_gave(loss, seen):
+    model, teacher = compressed_pair()
+    with pytest.raises(ValueError, match=rf"loss must return a one-element tensor .* got "
+                                         rf"{re.escape(seen)}$"):
+        lx.distill(model, teacher, batches(2), steps=3, progress=False, loss=loss)
+
+
+def test_a_loss_that_does_not_depend_on_the_model_is_refused():
+    model, teacher = compressed_pair()
+    before = snapshot(model)
+    leaf = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="the loss does not depend on the parameters being "
+                                         "trained"):
+        lx.distill(model, teacher, batches(2), steps=3, lr=1e-2, progress=False,
+                   loss=lambda out, tgt: leaf + (out - tgt).detach().pow(2).mean())
+    assert_same(model, before)
+
+
+def test_matched_modules_that_never_run_are_named():
+    model, teacher = compressed_pair()
+    model.extra, teacher.extra = nn.Linear(2, 2).double(), nn.Linear(2, 2).double()
+    with pytest.raises(ValueError, match="match names modules that did not run in the "
+                                         "teacher's forward: extra"):
+        lx.distill(model, teacher, batches(2), steps=2, progress=False, match="extra")
+
+
+@pytest.mark.parametrize("progress", ["no", 0, []])
+def test_progress_must_be_a_bool_or_none(progress):
+    model, teacher = compressed_pair()
+    with pytest.raises(TypeError, match="distill: progress must be True, False or None, got"):
+        lx.distill(model, teacher, batches(2), steps=2, progress=progress)
