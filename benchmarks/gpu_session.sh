@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# One session on a GPU machine: build lowrank_ext with its CUDA kernels, run
-# the CUDA tests, compute-sanitizer on small cases, the GPU benchmark and the
-# whole test suite. Logs and results go under $OUT (default
-# ./gpu_session_out); summary.txt has one line per step with its exit status.
+# One session on a GPU machine: build lowrank_ext with its CUDA kernels, check
+# that they loaded, run the CUDA tests, compute-sanitizer on small cases, the
+# GPU benchmark and the whole test suite.
 #
 #   OUT=/somewhere bash benchmarks/gpu_session.sh [GROUP...]
 #
-# GROUPs (default: all, in this order): build test sanitize bench paths
-# all_tests. Naming groups lets a session split the work across several
-# shorter commands (the build stays in place between them). Every step runs
-# even when an earlier one fails; the script exits non-zero if any failed.
+# GROUPs, run in this order: build check test sanitize bench paths all_tests
+# (default: build check test). A lent machine takes commands of at most
+# 10 minutes and keeps the build between commands, so a session runs e.g.
+#   1. build check test      2. check sanitize bench      3. check paths
+# The whole script stays inside BUDGET_S seconds (default 540): each step's
+# timeout is cut to what is left, so that the summary is always written.
+#
+# What comes back is kept to a few files in $OUT: summary.txt (one line per
+# step with its exit status and seconds), logs.tgz (every step's log, the
+# environment, the JUnit XML) and the benchmarks' JSON. Every step runs even
+# when an earlier one fails; the script exits non-zero if any failed.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/gpu_session_out}
+LOGS=$(mktemp -d)
+BUDGET_S=${BUDGET_S:-540}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 cd "$ROOT"
 
@@ -21,70 +30,95 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA_HOME/bin:$PATH"
 # Build only for the GPU in this machine unless told otherwise.
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
   export TORCH_CUDA_ARCH_LIST
 fi
-export MAX_JOBS=${MAX_JOBS:-8}
+export MAX_JOBS=${MAX_JOBS:-16}
 export LOWRANK_EXT_CUDA=1
+export PYTHONUNBUFFERED=1
 
 failed=0
-# step NAME TIMEOUT_S COMMAND...: runs COMMAND, log in $OUT/NAME.log.
+# step NAME TIMEOUT_S COMMAND...: runs COMMAND (cut to the budget left), log
+# in $LOGS/NAME.log, a line in summary.txt.
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET_S - SECONDS - 15))
+  if [ "$left" -lt 10 ]; then
+    echo "$name skipped: no time left in BUDGET_S=$BUDGET_S" | tee -a "$OUT/summary.txt"
+    failed=1
+    return 0
+  fi
+  if [ "$limit" -gt "$left" ]; then limit=$left; fi
   local start=$SECONDS
-  echo "== $name: $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name (at most ${limit}s): $*"
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
-  tail -n 5 "$OUT/$name.log"
+  tail -n 5 "$LOGS/$name.log"
   if [ "$rc" -ne 0 ]; then failed=1; fi
   return 0
 }
 
-GROUPS_TO_RUN=${*:-build test sanitize bench paths all_tests}
+GROUPS_TO_RUN=${*:-build check test}
 wanted() { [[ " $GROUPS_TO_RUN " == *" $1 "* ]]; }
 
-touch "$OUT/summary.txt"
+echo "== groups: $GROUPS_TO_RUN ($(date -u))" >>"$OUT/summary.txt"
 {
   date
   nvidia-smi
   nvcc --version
-  python -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+  "$PY" -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
   echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
-} >"$OUT/environment.txt" 2>&1
+} >"$LOGS/environment.txt" 2>&1
 
 if wanted build; then
   # --no-deps: the machine may have no network; torch and friends are already there.
-  step build 1800 pip install --no-build-isolation --no-deps -v -e .
+  step build 480 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 fi
-step backend_info 120 python -c "import lowrank_ext, json; print(json.dumps(lowrank_ext.backend_info(), default=str, indent=1))"
+if wanted check; then
+  # The tests skip (rather than fail) where the CUDA kernels did not load, so
+  # that a build whose library failed to load would pass them all: fail here.
+  step check_cuda_kernels 60 "$PY" -c "
+import json, torch, lowrank_ext
+from lowrank_ext import _backend
+info = lowrank_ext.backend_info()
+print(json.dumps(info, default=str, indent=1))
+assert torch.cuda.is_available(), 'no CUDA GPU visible'
+assert _backend.build_info.get('cuda'), f'CUDA kernels not loaded: {_backend.fallback_reason}'
+assert info['cuda'], 'CUDA kernels not registered for every op'
+"
+fi
 if wanted test; then
-  step test_cuda 1800 python -m pytest -q -rs tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+  step test_cuda 420 "$PY" -m pytest -q -rs tests/test_cuda.py --junitxml="$LOGS/test_cuda.xml"
 fi
 
 # Without the caching allocator every tensor is its own allocation, so an
 # out-of-bounds access cannot land silently in a neighbouring cached block.
+# (compute-sanitizer has refused the H200 machines with "Device not
+# supported": that is the tool, not the kernels.)
 if wanted sanitize; then
   for tool in memcheck racecheck synccheck initcheck; do
-    step "sanitizer_$tool" 1200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    step "sanitizer_$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      python benchmarks/cuda_sanitizer_case.py
+      "$PY" benchmarks/cuda_sanitizer_case.py
   done
 fi
 if wanted bench; then
-  step bench_cuda 1800 python -m lowrank_ext bench --device cuda --json "$OUT/bench_cuda.json"
-  step bench_cuda_lora 900 python -m lowrank_ext bench --device cuda --op lora \
+  step bench_cuda 300 "$PY" -m lowrank_ext bench --device cuda --json "$OUT/bench_cuda.json"
+  step bench_cuda_lora 200 "$PY" -m lowrank_ext bench --device cuda --op lora \
     --modes fwd --sides ours,compose,dense --json "$OUT/bench_cuda_lora.json"
 fi
 if wanted paths; then
   # Every CUDA path at each shape, to tune the automatic choice.
-  step bench_cuda_paths 1800 python benchmarks/cuda_paths_bench.py --json "$OUT/cuda_paths.json"
+  step bench_cuda_paths 480 "$PY" benchmarks/cuda_paths_bench.py --json "$OUT/cuda_paths.json"
 fi
 if wanted all_tests; then
-  step test_all 1800 python -m pytest -q -rs tests --junitxml="$OUT/test_all.xml"
+  step test_all 520 "$PY" -m pytest -q -rs tests --junitxml="$LOGS/test_all.xml"
 fi
 
+# One archive of the logs (the tool brings back at most 8 files).
+tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 echo "== summary"
 cat "$OUT/summary.txt"
 exit "$failed"
