@@ -398,7 +398,7 @@ def time_sides(calls, time_batch, rounds, warmup_s, batch_us, progress=None):
     batch = {name: _calibrate(time_batch, calls[name], batch_us) for name in names}
     samples = {name: [] for name in names}
     faults = {name: 0 for name in names}
-    start = _usage()
+    start = _cpu_times()
     position = 0  # of the input sets, shared by the sides (see rotate_to)
     for i in range(rounds):
         order = names[i % len(names):] + names[:i % len(names)]
@@ -406,18 +406,17 @@ def time_sides(calls, time_batch, rounds, warmup_s, batch_us, progress=None):
             rotate = getattr(calls[name], "rotate_to", None)
             if rotate is not None:
                 rotate(position)
-            before = _usage()
+            before = _minor_page_faults()
             samples[name].append(time_batch(calls[name], batch[name]))
-            after = _usage()
-            faults[name] += after[0] - before[0]
+            faults[name] += _minor_page_faults() - before
             position += batch[name]
         if progress is not None:
             progress(i + 1, rounds)
-    end = _usage()
+    end = _cpu_times()
     # Over all the rounds at once: the counters tick every 10 ms, and summing
     # them sample by sample would add up their rounding.
-    other_load = (((end[1] - start[1]) - (end[2] - start[2])) / (end[3] - start[3])
-                  if _system_cpu_seconds() is not None and end[3] > start[3] else None)
+    other_load = (((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2])
+                  if start[0] is not None and end[2] > start[2] else None)
     # Page faults per call tell whether a side's outputs came from freshly
     # mapped memory (a large output costs one fault per 4 KB page then) or
     # from memory the allocator reused; the timing alone cannot. The CPU time
@@ -445,18 +444,20 @@ def _system_cpu_seconds():
     return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
 
 
-def _usage():
-    """(minor page faults, busy CPU seconds of the machine, CPU seconds of this
-    process, wall seconds) now; a counter missing here reads 0."""
-    faults = 0
+def _minor_page_faults():
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
     try:
         import resource
-
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     except ImportError:  # not a Unix
-        pass
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _cpu_times():
+    """(busy CPU seconds of the machine or None, CPU seconds of this process,
+    wall seconds) now."""
     own = os.times()
-    return (faults, _system_cpu_seconds() or 0.0, own.user + own.system, time.perf_counter())
+    return _system_cpu_seconds(), own.user + own.system, time.perf_counter()
 
 
 def flops(shape, mode, side, op="lowrank"):
@@ -695,14 +696,19 @@ def machine_summary(result):
 NOISY_SPREAD = 3.0
 
 
+def _label(entry):
+    """"M,k,r,d dtype mode" of one result entry."""
+    shape = ",".join(str(v) for v in entry["shape"].values())
+    return f"{shape} {entry['dtype']} {entry['mode']}"
+
+
 def noisy_entries(result):
     """["M,k,r,d dtype mode side", ...] for the sides whose samples spread past NOISY_SPREAD."""
     found = []
     for entry in result["results"]:
         for side, timing in entry["sides"].items():
             if timing["min_us"] > 0 and timing["max_us"] / timing["min_us"] > NOISY_SPREAD:
-                shape = ",".join(str(v) for v in entry["shape"].values())
-                found.append(f"{shape} {entry['dtype']} {entry['mode']} {side}")
+                found.append(f"{_label(entry)} {side}")
     return found
 
 
@@ -724,8 +730,7 @@ def busy_entries(result):
     for entry in result["results"]:
         loads = [t.get("other_load") or 0.0 for t in entry["sides"].values()]
         if loads and max(loads) > BUSY_OTHER_LOAD:
-            shape = ",".join(str(v) for v in entry["shape"].values())
-            found.append(f"{shape} {entry['dtype']} {entry['mode']}")
+            found.append(_label(entry))
     return found
 
 
