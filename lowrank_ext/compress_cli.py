@@ -176,7 +176,7 @@ def run(args):
     names = select_names(list(candidates), args.include, args.exclude,
                          owner=None, what="2-D weight")
 
-    records, planned = [], []  # planned: (name, key, rank) to factorize
+    records, planned = [], []  # planned: (name, key) of the weights to factorize
     for name, r in existing.items():
         A, B = tensors.get(f"{name}.A"), tensors.get(f"{name}.B")
         if A is not None and B is not None and A.dim() == B.dim() == 2:
@@ -228,12 +228,12 @@ def run(args):
             continue
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"weight {key!r} in {args.input} has NaN or Inf")
-        planned.append((name, key, None))
+        planned.append((name, key))
 
     if args.ratio is not None and planned:
         # The budget over the weights factorized, as compress_model checks it:
         # rank 1 (or one block) for every weight must fit in it.
-        shapes = {name: tuple(tensors[key].shape) for name, key, _ in planned}
+        shapes = {name: tuple(tensors[key].shape) for name, key in planned}
         try:
             check_blocks_fit(shapes, args.ratio, multiple, "uniform", owner=None)
         except ValueError as exc:  # worded for compress_model's arguments
@@ -241,8 +241,8 @@ def run(args):
             raise ValueError(f"--{message}" if message.startswith("ratio ") else message) \
                 from None
 
-    ranked = []
-    for name, key, _ in planned:
+    ranked = []  # (name, key, rank, prefix of the factors' names)
+    for name, key in planned:
         W = tensors[key]
         d, k = W.shape
         if args.ratio is not None:
@@ -261,7 +261,7 @@ def run(args):
             if f"{prefix}.{suffix}" in tensors:
                 raise ValueError(f"cannot store {key!r} as {prefix}.{suffix}: the file already "
                                  "has a tensor of that name")
-        ranked.append((name, key, r))
+        ranked.append((name, key, r, prefix))
 
     # B·A is each tensor as this file stores it (transposed for a Conv1D);
     # load_compressed turns the factors of such layers around. A file holds
@@ -277,7 +277,8 @@ def run(args):
             "load the model and use lowrank_ext.compress_model")
 
     out, ranks = dict(tensors), {}
-    for name, key, r in tqdm(ranked, desc="compress", unit="weight", disable=None, leave=False):
+    for name, key, r, prefix in tqdm(ranked, desc="compress", unit="weight", disable=None,
+                                     leave=False):
         W = tensors[key]
         d, k = W.shape
         try:
@@ -312,7 +313,6 @@ def run(args):
         error = relative_error(B, A)
         note = ("" if args.energy is None else
                 rounding_note(W.dtype, relative_error(*unrounded), error, args.energy, None))
-        prefix = name if key.endswith(".weight") else key
         for suffix, factor in (("A", A), ("B", B)):
             out[f"{prefix}.{suffix}"] = factor.contiguous()
         del out[key]
