@@ -63,7 +63,7 @@ class DistillResult:
                 f"last_loss={self.last_loss:.4g}, seconds={self.seconds:.1f})")
 
 
-def _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss):
+def _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss, progress):
     if loss is not None and not callable(loss):
         raise TypeError(f"distill: loss must be callable fn(output, target), got "
                         f"{type(loss).__name__}")
@@ -85,6 +85,8 @@ def _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss):
     if isinstance(warmup, bool) or not isinstance(warmup, numbers.Real) or not 0 <= warmup < 1:
         raise ValueError(f"distill: warmup must be a fraction of the steps in [0, 1), got "
                          f"{warmup!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"distill: progress must be True, False or None, got {progress!r}")
 
 
 def _trainable(model, teacher, parameters):
@@ -282,9 +284,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     the error is re-raised (as RuntimeError naming the step, unless it is one
     of ``distill``'s own argument errors). Returns a :class:`DistillResult`.
     """
-    _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss)
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"distill: progress must be True, False or None, got {progress!r}")
+    _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss, progress)
     steps, lr, warmup = int(steps), float(lr), float(warmup)
     max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
     if torch.is_inference_mode_enabled():
