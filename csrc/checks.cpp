@@ -49,6 +49,34 @@ void check_dtype_device(
       ref.device(), "; all tensors must be on one device");
 }
 
+// Layouts named as Python prints them (torch.sparse_coo → sparse_coo).
+static std::string layout_name(at::Layout layout) {
+  switch (layout) {
+    case at::kStrided: return "strided";
+    case at::kSparse: return "sparse_coo";
+    case at::kSparseCsr: return "sparse_csr";
+    case at::kSparseCsc: return "sparse_csc";
+    case at::kSparseBsr: return "sparse_bsr";
+    case at::kSparseBsc: return "sparse_bsc";
+    case at::kMkldnn: return "_mkldnn";
+    case at::kJagged: return "jagged";
+    default: return "unknown";
+  }
+}
+
+// Undefined tensors (None passed to torch.ops for a Tensor argument) and
+// layouts the kernels cannot take. x, A and B may be sparse (the products
+// take them); the bias and W are added and expanded, which sparse tensors
+// do not support, and no product takes mkldnn tensors.
+static void check_tensor(
+    const char* op, const char* name, const at::Tensor& t, bool dense) {
+  TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " must be a Tensor, got NoneType");
+  TORCH_CHECK_TYPE(
+      t.layout() != at::kMkldnn && (!dense || t.layout() == at::kStrided), op,
+      ": ", name, " must be a ", dense ? "dense (strided)" : "strided or sparse",
+      " tensor, got layout ", layout_name(t.layout()));
+}
+
 static void check_x(const char* op, const at::Tensor& x) {
   TORCH_CHECK_VALUE(
       x.dim() >= 1, op,
@@ -96,6 +124,12 @@ void check_lowrank_linear_inputs(
     const at::Tensor& A,
     const at::Tensor& B,
     const std::optional<at::Tensor>& bias) {
+  check_tensor(op, "x", x, false);
+  check_tensor(op, "A", A, false);
+  check_tensor(op, "B", B, false);
+  if (bias.has_value()) {
+    check_tensor(op, "bias", *bias, true);
+  }
   check_x(op, x);
   check_dtype_device(op, "A", A, x, "x");
   check_dtype_device(op, "B", B, x, "x");
@@ -114,6 +148,13 @@ void check_lora_linear_inputs(
     const std::optional<at::Tensor>& bias,
     double scale) {
   const char* op = "lora_linear";
+  check_tensor(op, "x", x, false);
+  check_tensor(op, "W", W, true);
+  check_tensor(op, "A", A, false);
+  check_tensor(op, "B", B, false);
+  if (bias.has_value()) {
+    check_tensor(op, "bias", *bias, true);
+  }
   check_x(op, x);
   check_dtype_device(op, "W", W, x, "x");
   check_dtype_device(op, "A", A, x, "x");
@@ -133,8 +174,10 @@ void check_lora_linear_inputs(
       " but W has d=", W.size(0), " output features (W shape ", W.sizes(),
       ")");
   check_bias(op, bias, W.size(0));
+  // NaN printed as Python prints it, whatever its sign bit ("-nan" here).
   TORCH_CHECK_VALUE(
-      std::isfinite(scale), op, ": scale must be finite, got ", scale);
+      std::isfinite(scale), op, ": scale must be finite, got ",
+      std::isnan(scale) ? std::string("nan") : c10::str(scale));
 }
 
 } // namespace lowrank_ext

@@ -114,7 +114,12 @@ at::Tensor bias_plus_scaled_adapter(
     const std::optional<at::Tensor>& bias,
     double scale) {
   if (bias.has_value()) {
-    at::Tensor c = bias->to(t.scalar_type()).expand({t.size(0), Bt.size(1)}).contiguous();
+    // A copy of its own, always: for one row, expand() and contiguous() hand
+    // back the bias itself, which the adapter would then be added into (and
+    // every later block of rows would start from that).
+    at::Tensor c = bias->to(t.scalar_type())
+                       .expand({t.size(0), Bt.size(1)})
+                       .clone(at::MemoryFormat::Contiguous);
     add_scaled_adapter(c, t, Bt, scale);
     return c;
   }

@@ -27,8 +27,17 @@ LowRankOperands prepare_lowrank_operands(
   ops.done = ops.M == 0 || ops.r == 0 || ops.k == 0;
   if (ops.done) {
     if (ops.M > 0) {
-      // The product is zero; only the bias remains.
-      if (bias.has_value()) {
+      if (ops.k == 0 && ops.r > 0) {
+        // t = x·Aᵀ is zero, but t·Bᵀ is NaN in every output whose row of B
+        // holds an Inf or a NaN (0·Inf), as the op's definition (and the
+        // fallback, and lora_linear) give it.
+        const at::Tensor t0 = at::zeros({ops.M, ops.r}, x.options());
+        const at::Tensor y2 = bias.has_value()
+            ? at::addmm(bias->expand({ops.M, ops.d}), t0, B.t())
+            : at::mm(t0, B.t());
+        ops.y.view({ops.M, ops.d}).copy_(y2);
+      } else if (bias.has_value()) {
+        // r = 0: the product is an empty sum; only the bias remains.
         ops.y.copy_(bias->expand_as(ops.y));
       } else {
         ops.y.zero_();

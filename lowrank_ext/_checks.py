@@ -29,6 +29,16 @@ def check_is_tensor(op, **tensors):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
 
 
+def check_not_nested(op, **tensors):
+    """TypeError for a nested tensor (the dispatcher's own error names no argument)."""
+    for name, value in tensors.items():
+        if value is not None and value.is_nested:
+            raise TypeError(
+                f"{op}: {name} is a nested tensor, which the op does not take; apply it to "
+                f"each tensor of {name}.unbind() (LowRankLinear and LoRALinear do that for a "
+                "nested x)")
+
+
 def _check_dtype_device(op, name, t, ref, ref_name):
     if t.dtype != ref.dtype:
         raise TypeError(
@@ -38,6 +48,17 @@ def _check_dtype_device(op, name, t, ref, ref_name):
         raise RuntimeError(
             f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
             "all tensors must be on one device")
+
+
+def _check_tensor(op, name, t, dense):
+    """As check_tensor in csrc/checks.cpp: a tensor (None only for the bias,
+    checked by the caller), not mkldnn, and strided where ``dense``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.layout == torch._mkldnn or (dense and t.layout != torch.strided):
+        kind = "dense (strided)" if dense else "strided or sparse"
+        raise TypeError(f"{op}: {name} must be a {kind} tensor, got layout "
+                        f"{str(t.layout).removeprefix('torch.')}")
 
 
 def _check_x(op, x):
@@ -69,6 +90,11 @@ def _check_bias(op, bias, d):
 
 
 def check_lowrank_linear_inputs(op, x, A, B, bias):
+    _check_tensor(op, "x", x, False)
+    _check_tensor(op, "A", A, False)
+    _check_tensor(op, "B", B, False)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, True)
     _check_x(op, x)
     _check_dtype_device(op, "A", A, x, "x")
     _check_dtype_device(op, "B", B, x, "x")
@@ -80,6 +106,12 @@ def check_lowrank_linear_inputs(op, x, A, B, bias):
 
 def check_lora_linear_inputs(x, W, A, B, bias, scale):
     op = "lora_linear"
+    _check_tensor(op, "x", x, False)
+    _check_tensor(op, "W", W, True)
+    _check_tensor(op, "A", A, False)
+    _check_tensor(op, "B", B, False)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, True)
     _check_x(op, x)
     _check_dtype_device(op, "W", W, x, "x")
     _check_dtype_device(op, "A", A, x, "x")

@@ -16,6 +16,7 @@ and a C++ autograd kernel; this module adds
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import _backend, _checks, _fallback, _vmap
 
@@ -199,9 +200,29 @@ class _LoRALinearFunction(torch.autograd.Function):
         return (*_lora_grads(ctx.needs_input_grad[:5], gy, x, W, A, B, t, ctx.scale), None)
 
 
+def _without_tangents(op, apply):
+    """``apply`` refusing forward-mode AD tangents, as the C++ autograd kernels
+    do (csrc/autograd.cpp, check_no_forward_grad): the Function has no jvp.
+    The Python functions route such calls elsewhere (_functorch.py); inside
+    a custom Function's forward, forward grad mode is off and tangents are
+    not looked at, as in C++."""
+    def run(*args):
+        if torch._C._is_fwd_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None
+                for a in args):
+            raise RuntimeError(
+                f"{op}: forward-mode AD (an argument with a tangent, such as a dual tensor) "
+                f"is not supported by torch.ops.lowrank_ext.{op}, which would drop the "
+                f"tangent; call lowrank_ext.{op} (the Python function), which supports it")
+        return apply(*args)
+    return run
+
+
 if not _backend.compiled:
-    _lib.impl("lowrank_linear", _LowRankLinearFunction.apply, "Autograd")
-    _lib.impl("lora_linear", _LoRALinearFunction.apply, "Autograd")
+    _lib.impl("lowrank_linear", _without_tangents("lowrank_linear", _LowRankLinearFunction.apply),
+              "Autograd")
+    _lib.impl("lora_linear", _without_tangents("lora_linear", _LoRALinearFunction.apply),
+              "Autograd")
 
 
 # The forms that also return t = x·Aᵀ are what the autograd kernels above

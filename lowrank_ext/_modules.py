@@ -20,6 +20,9 @@ def replace_module(model, name, new):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
+    if id(old) in compiled_alone(parent):
+        # The callers leave these alone first (compiled_alone); this is the last guard.
+        raise RuntimeError(f"cannot replace {name}: {COMPILED_ALONE_WHY}")
     check_backward_hooks_combine(name, old, new)
     setattr(parent, child, new)
     move_hooks(old, new)
@@ -270,6 +273,25 @@ def keeps_encoder_flags(function):
         with _encoder_flags_kept(model):
             return function(model, *args, **kwargs)
     return wrapper
+
+
+COMPILED_ALONE_WHY = (
+    "torch.compile wraps this module on its own, and its compiled wrapper calls the module "
+    "it was given, so a module put in its place would never run; change the model before "
+    "compiling it (or compile the model as a whole)")
+
+
+def compiled_alone(model):
+    """Ids of the modules that a ``torch.compile`` wrapper in ``model`` (or
+    ``model`` itself) wraps. The wrapper's forward is bound to the module it
+    was given: replacing its ``_orig_mod`` would change the model's names and
+    state_dict while the model kept computing with the old module. (The
+    modules *inside* a compiled module are another matter: its forward looks
+    them up when it runs, and dynamo recompiles.)"""
+    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if optimized is None:
+        return set()
+    return {id(m._orig_mod) for m in model.modules() if isinstance(m, optimized)}
 
 
 def compiled_original(model):

@@ -13,14 +13,17 @@ included). ``split_attention`` makes the swap across a model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from ._modules import move_hooks, places_of, replace_module
+from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, compiled_original,
+                       keeps_encoder_flags, places_of)
 from ._names import preview
 
 
@@ -39,6 +42,15 @@ class SplitMultiheadAttention(nn.Module):
     # torch's TransformerEncoderLayer takes its fused inference path only for
     # an attention with a packed in_proj_bias; there is none here.
     in_proj_bias = None
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        """The query projection's weight, for torch's ``nn.TransformerEncoder``
+        only: it reads its first layer's ``in_proj_weight`` (its device, its
+        ``requires_grad``) to decide whether to pack a padded batch into a
+        nested tensor, which ``forward`` takes. The projections themselves are
+        ``q_proj``, ``k_proj`` and ``v_proj``."""
+        return self.q_proj.weight
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False,
@@ -78,21 +90,29 @@ class SplitMultiheadAttention(nn.Module):
         ``mha`` must be an ``nn.MultiheadAttention`` itself: a subclass may
         compute otherwise than with the weights copied here (torch's
         quantizable one projects with layers of its own)."""
+        owner = "SplitMultiheadAttention.from_multihead_attention"
         if type(mha) is not nn.MultiheadAttention:
-            raise TypeError(f"SplitMultiheadAttention.from_multihead_attention: mha must be an "
-                            f"nn.MultiheadAttention (not a subclass, which may compute "
-                            f"otherwise), got {type(mha).__name__}")
+            raise TypeError(f"{owner}: mha must be an nn.MultiheadAttention (not a subclass, "
+                            f"which may compute otherwise), got {type(mha).__name__}")
+        _check_not_parametrized(mha, "mha", owner)
         return _build(cls, mha, {})
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Tensor | None = None, need_weights: bool = True,
                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        for label, t in (("query", query), ("key", key), ("value", value),
+                         ("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if not (isinstance(t, Tensor) or (t is None and label.endswith("mask"))):
+                raise TypeError(f"SplitMultiheadAttention: {label} must be a Tensor"
+                                f"{' or None' if label.endswith('mask') else ''}, got "
+                                f"{type(t).__name__}")
         if query.is_nested or key.is_nested or value.is_nested:
             return self._nested_forward(query, key, value, key_padding_mask, need_weights,
                                         attn_mask, average_attn_weights, is_causal)
-        batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
-                                     self.num_heads)
+        with _torch_asserts_as_errors():
+            batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
+                                         self.num_heads)
         # Work in (batch, sequence, features) whatever the layout given.
         if not batched:
             query, key, value = _each_once(lambda t: t.unsqueeze(0), query, key, value)
@@ -121,19 +141,21 @@ class SplitMultiheadAttention(nn.Module):
 
         # Masks as torch's MultiheadAttention reads them: boolean ones become
         # -inf where True; is_causal is only a hint that attn_mask is causal.
-        key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask, mask_name="key_padding_mask",
-            other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
-            target_type=query.dtype)
+        with _torch_asserts_as_errors():
+            key_padding_mask = F._canonical_mask(
+                mask=key_padding_mask, mask_name="key_padding_mask",
+                other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                target_type=query.dtype)
         if is_causal and attn_mask is None:
             raise RuntimeError("SplitMultiheadAttention: is_causal needs attn_mask (the causal "
                                "mask itself), as nn.MultiheadAttention does")
         if is_causal and key_padding_mask is None and not need_weights:
             attn_mask = None  # the fused causal kernel takes it from here
         else:
-            attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask",
-                                          other_type=None, other_name="",
-                                          target_type=query.dtype, check_other=False)
+            with _torch_asserts_as_errors():
+                attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask",
+                                              other_type=None, other_name="",
+                                              target_type=query.dtype, check_other=False)
             is_causal = False
         H, D = self.num_heads, self.head_dim
         if attn_mask is not None:
@@ -242,6 +264,32 @@ class SplitMultiheadAttention(nn.Module):
         return out, weights
 
 
+@contextlib.contextmanager
+def _torch_asserts_as_errors():
+    """torch's shape and mask checks for attention (shared with
+    nn.MultiheadAttention) assert; their messages name the argument and what
+    was seen, and here they are a RuntimeError, as this module's own checks."""
+    try:
+        yield
+    except AssertionError as exc:
+        raise RuntimeError(f"SplitMultiheadAttention: {exc}") from None
+
+
+def _check_not_parametrized(mha, name, owner):
+    """A TypeError for an attention module with a parametrization (on its own
+    tensors or its out_proj's): the split layers would hold the values it
+    computes now, without the constraint (orthogonality, a spectral norm)
+    that computes them at every use."""
+    held = [f"{where}{tensor}" for where, m in (("", mha), ("out_proj.", mha.out_proj))
+            if parametrize.is_parametrized(m) for tensor in m.parametrizations]
+    if held:
+        raise TypeError(
+            f"{owner}: {name or 'the model'} has parametrized tensors ({', '.join(held)}; "
+            "torch.nn.utils.parametrize), which split layers would hold as fixed values, "
+            "without the parametrization; torch.nn.utils.parametrize.remove_parametrizations "
+            "makes them plain tensors first")
+
+
 def _each_once(change, *tensors):
     """``change`` applied to each tensor, once for a tensor passed several times
     (as torch does): self-attention's q, k and v projections then see one
@@ -296,6 +344,7 @@ def _copy(tensor, copies, rows=slice(None)):
     return copies[key]
 
 
+@keeps_encoder_flags
 def split_attention(model: nn.Module, include: str | Sequence[str] | None = None,
                     exclude: str | Sequence[str] | None = None) -> list[str]:
     """Replace the model's ``nn.MultiheadAttention`` modules by
@@ -306,69 +355,88 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
     Subclasses of ``nn.MultiheadAttention`` are left alone, as
     ``compress_model`` leaves subclasses of ``nn.Linear``: they may compute
     otherwise (an include pattern selecting only such modules is a
-    TypeError). A module registered under several names is replaced
-    everywhere by one new module, and modules sharing a tensor (ALBERT-style
-    ties) share its new projections; a tensor shared with a module not split
-    with them is a ValueError. Outputs are unchanged (up to rounding), except
+    TypeError), and so are modules that ``torch.compile`` wraps on their own
+    (the compiled wrapper would go on calling the original); a compiled model
+    is split in the module it compiled. A module registered under several
+    names is replaced everywhere by one new module (a pattern may select it
+    by any of them), and modules sharing a tensor (ALBERT-style ties) share
+    its new projections; a tensor shared with a module not split with them
+    is a ValueError, and so is a module with a parametrization (on its own
+    tensors or its ``out_proj``'s), whose values the split layers would
+    hold fixed. If anything fails (a KeyboardInterrupt too) the model is
+    left as it was. Outputs are unchanged (up to rounding), except
     where torch's ``nn.TransformerEncoder`` would have packed a padded batch
     into a nested tensor: it is kept on its ordinary path, which leaves values
     computed at the padded positions where the nested one left zeros (real
     positions are the same). Returns the names replaced. ``load_compressed``
     splits them by itself where a compressed file holds split projections.
     """
-    from .compress import _as_patterns, name_matches, select_names
+    from .compress import _as_patterns, select_names
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"split_attention: model must be an nn.Module, got "
                         f"{type(model).__name__}")
+    model = compiled_original(model)
     if type(model) is nn.MultiheadAttention:
         raise TypeError("split_attention: the model is itself an nn.MultiheadAttention; use "
                         "SplitMultiheadAttention.from_multihead_attention(model) instead")
-    found, subclasses = {}, {}
+    compiled = compiled_alone(model)
+    found, left_alone = {}, {}
     for name, m in model.named_modules():
-        if type(m) is nn.MultiheadAttention:
+        if id(m) in compiled and isinstance(m, nn.MultiheadAttention):
+            left_alone[name] = COMPILED_ALONE_WHY
+        elif type(m) is nn.MultiheadAttention:
             found[name] = m
         elif isinstance(m, nn.MultiheadAttention):
-            subclasses[name or "the model"] = type(m).__name__
+            left_alone[name] = (
+                f"{type(m).__name__}, a subclass of nn.MultiheadAttention, left alone as "
+                "compress_model leaves subclasses of nn.Linear: its forward may compute "
+                "otherwise than with the packed weights")
     if not found:
-        left = (f" (subclasses of it are left alone: {_listed(subclasses)})"
-                if subclasses else "")
-        raise ValueError(f"split_attention: the model has no nn.MultiheadAttention module{left}")
-    include = _as_patterns("include", include, "split_attention")  # read once
-    for pattern in include or ():
-        chosen = {n: t for n, t in subclasses.items() if name_matches(n, pattern)}
-        if chosen and not any(name_matches(n, pattern) for n in found):
-            raise TypeError(
-                f"split_attention: include pattern {pattern!r} selects {_listed(chosen)}: "
-                "subclasses of nn.MultiheadAttention, which are left alone, as compress_model "
-                "leaves subclasses of nn.Linear (their forward may compute otherwise than "
-                "with the packed weights)")
-    names = select_names(list(found), include, exclude, owner="split_attention",
-                         what="nn.MultiheadAttention module")
-    _split(model, [found[name] for name in names], "split_attention")
+        split = [name or "the model" for name, m in model.named_modules()
+                 if isinstance(m, SplitMultiheadAttention)]
+        raise ValueError(
+            "split_attention: the model has no nn.MultiheadAttention module"
+            + (f" to split (left alone: {_listed(left_alone)})" if left_alone else "")
+            + (f"; its attention is split already: {preview(split)}" if split else ""))
+    places = places_of(model)
+    names = select_names(list(found) + list(left_alone),
+                         _as_patterns("include", include, "split_attention"),
+                         _as_patterns("exclude", exclude, "split_attention"),
+                         owner="split_attention", what="nn.MultiheadAttention module",
+                         aliases={name: places[id(m)] for name, m in found.items()},
+                         left_alone=left_alone)
+    names = [name for name in names if name in found]
+    modules = [found[name] for name in names]
+    for name, m in zip(names, modules):
+        _check_not_parametrized(m, name, "split_attention")
+    swaps = Swaps(model)
+    try:
+        _split(model, modules, "split_attention", swaps)
+    except BaseException:  # a KeyboardInterrupt too
+        swaps.undo()
+        raise
     return names
 
 
-def _listed(types):
-    """``name (Type)`` for each of ``{name: type name}``, shortened."""
-    return preview(f"{name} ({kind})" for name, kind in types.items())
+def _listed(why):
+    """``name (why)`` for each of ``{name: why}``, shortened."""
+    return preview(f"{name or 'the model'} ({text})" for name, text in why.items())
 
 
-def _split(model, modules, owner):
+def _split(model, modules, owner, swaps):
     """Put a SplitMultiheadAttention in every place each of ``modules`` sits,
-    all built before the model changes; returns ``[(place, original)]``."""
+    all built before the model changes, through ``swaps`` (a Swaps of
+    ``model``, whose undo takes them back)."""
     if not modules:  # load_compressed asks for every model it loads
-        return []
+        return
     places = places_of(model)
     _check_ties_kept(model, modules, places, owner)
     copies = {}  # shared by all: a tensor several modules hold gets one copy
     new = [_build(SplitMultiheadAttention, m, copies) for m in modules]
-    replaced = []
     for mha, split in zip(modules, new):
         for place in places[id(mha)]:
-            replace_module(model, place, split)
-            replaced.append((place, mha))
-    return replaced
+            swaps.swap(place, split)
 
 
 def _check_ties_kept(model, modules, places, owner):
@@ -382,7 +450,8 @@ def _check_ties_kept(model, modules, places, owner):
         for pname, p in m.named_parameters(remove_duplicate=False):
             tensors.setdefault(id(p), f"{first}.{pname}")
     for path, module in model.named_modules(remove_duplicate=False):
-        if path in inside:
+        # The modules' own tensors, also below their out_proj (a parametrization's).
+        if path in inside or any(path.startswith(f"{place}.") for place in inside):
             continue
         for pname, p in module._parameters.items():
             if p is not None and id(p) in tensors:
@@ -393,11 +462,11 @@ def _check_ties_kept(model, modules, places, owner):
                     "sharing it together, or untie them first)")
 
 
-def split_where_stored_split(model: nn.Module, keys) -> list[tuple[str, nn.Module]]:
+def split_where_stored_split(model: nn.Module, keys, swaps: Swaps) -> None:
     """Split each ``nn.MultiheadAttention`` of ``model`` whose tensors ``keys``
     (a file's) hold as separate projections (``<name>.q_proj.…``) rather than
-    packed (``<name>.in_proj_weight``). Returns ``[(place, original)]`` for
-    :func:`unsplit`. Subclasses are never split (see :func:`split_attention`)."""
+    packed (``<name>.in_proj_weight``), through ``swaps`` (whose undo puts
+    them back). Subclasses are never split (see :func:`split_attention`)."""
     keys = set(keys)
 
     def stored_split(name):
@@ -428,16 +497,7 @@ def split_where_stored_split(model: nn.Module, keys) -> list[tuple[str, nn.Modul
                 chosen.append(m)
                 shared.update(id(p) for p in m.parameters())
                 grown = True
-    return _split(model, chosen, "load_compressed")
-
-
-def unsplit(model: nn.Module, replaced) -> None:
-    """Put back what :func:`split_where_stored_split` replaced, with the hooks
-    the split moved (replace_module would also keep the original off torch's
-    fused encoder path, which it was not)."""
-    for place, original in replaced:
-        parent_name, _, child = place.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        split = getattr(parent, child)
-        setattr(parent, child, original)
-        move_hooks(split, original)
+    for m in chosen:
+        _check_not_parametrized(m, next(name for name, a in attention if a is m),
+                                "load_compressed")
+    _split(model, chosen, "load_compressed", swaps)

@@ -40,8 +40,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import check_device, dtype_name
-from ._modules import (Swaps, dense_weight, is_conv1d, keeps_encoder_flags, places_of,
-                       replace_module)
+from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight, is_conv1d,
+                       keeps_encoder_flags, places_of, replace_module)
 from ._names import preview
 from ._workers import Workers
 from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
@@ -93,7 +93,7 @@ def plain_linears(model, *, conv1d=False):
     adapter's base away from under it. With ``conv1d``, transformers'
     ``Conv1D`` layers (a Linear with its weight transposed) are included.
     """
-    owned = adapter_bases(model)
+    owned = adapter_bases(model) | compiled_alone(model)
     return {name: m for name, m in model.named_modules()
             if (type(m) is nn.Linear or (conv1d and is_conv1d(m))) and id(m) not in owned}
 
@@ -105,10 +105,15 @@ def left_alone_linears(model):
     ``orthogonal``, ...), which torch makes instances of a subclass. Their
     weight is not simply used as it is stored, so a LowRankLinear (or an
     adapter) in their place would compute something else; ``why`` says so, for
-    reports and error messages."""
+    reports and error messages. Also layers that ``torch.compile`` wraps on
+    their own (:func:`compiled_alone`): one put in their place would never run."""
     owned = adapter_bases(model)
+    compiled = compiled_alone(model)
     found = {}
     for name, m in model.named_modules():
+        if id(m) in compiled and (isinstance(m, nn.Linear) or is_conv1d(m)) and id(m) not in owned:
+            found[name] = (m, COMPILED_ALONE_WHY)
+            continue
         if type(m) is nn.Linear or not isinstance(m, nn.Linear) or id(m) in owned:
             continue
         if parametrize.is_parametrized(m):
@@ -765,7 +770,9 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             budget still holds), ``energy`` and ``tol`` round up (their
             guarantee still holds), and ``rank`` must be a multiple. A
             ``ratio`` too small to give every layer one block (rank 1 when
-            this is 1) is an error, not a silently larger model.
+            this is 1) is an error, not a silently larger model (but
+            ``allocation="uniform"`` gives a layer too small for its share,
+            a two-class head, rank 1, a few parameters over).
         device: where the factorizations run, e.g. ``"cuda"`` for a model kept
             on the CPU. One layer at a time is moved there and its results
             come back, so the model never has to fit on ``device``. Default:
@@ -985,7 +992,10 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     # The bar counts the first pass's decompositions, the sensitivity
     # probes' calibration runs (a reference, then one per probe this rank
     # runs) and the layers factorized (with sequential=True, a stage at a time).
-    probed = sum(owners[n] == workers.rank for n in names) if probing else 0
+    # A layer that no rank saves anything on (a one-output head) stays dense
+    # whatever its sensitivity: it is not probed, and reports none.
+    probed_names = [n for n in names if break_even_rank(*shapes[n]) > 1] if probing else []
+    probed = sum(owners[n] == workers.rank for n in probed_names)
     bar = tqdm(total=(len(layers) if first_pass else 0) + (probed + 1 if probed else 0)
                + len(layers), desc="compress", unit="step", leave=False,
                disable=None if progress is None else not progress)
@@ -1001,8 +1011,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                                None if budgeted else choose, bar)
             grams = {}  # each spectrum holds its own Gram, let go with its factors
         if probing:
-            sensitivity = _sensitivities(model, calibration, names, layers, spectra, shapes,
-                                         ratio, owners, workers, swap, bar)
+            sensitivity = _sensitivities(model, calibration, probed_names, layers, spectra,
+                                         shapes, ratio, owners, workers, swap, bar)
         if budgeted:
             ranks = allocate_ranks(spectra, shapes, ratio, sensitivity if probing else None,
                                    rank_multiple)
@@ -1228,11 +1238,12 @@ def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, ow
         neutral = measured[len(measured) // 2] if measured else 1.0
         warnings.warn(
             f"compress_model: the sensitivity of layer(s) {preview(unmeasured)} cannot be "
-            "measured: their calibration inputs span fewer directions than their probe rank "
-            "(too few calibration tokens), so the truncation is exact on them, or the "
+            "measured: truncated to their probe rank they compute the same on the calibration "
+            "(their calibration inputs span fewer directions than that rank, too few "
+            "calibration tokens, or their weight is of that rank or lower itself), or the "
             "measuring rank's share of the data never runs them; they take the median of the "
-            f"others ({neutral:.3g}). More calibration data measures them",
-            stacklevel=4)  # the caller's line
+            f"others ({neutral:.3g}). Where the calibration is too small, more data measures "
+            "them", stacklevel=4)  # the caller's line
         for name in unmeasured:
             found[name] = neutral
     return found

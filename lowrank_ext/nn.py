@@ -604,6 +604,11 @@ def _draw_adapter_A(A, init, rank):
         nn.init.normal_(A, std=1.0 / rank)
 
 
+# torch.fx.symbolic_trace records the norms as one call (they are constants to
+# autograd, and their blocks of rows are picked by looking at the values).
+torch.fx.wrap("dora_row_norms")
+
+
 def dora_forward(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, bias: Tensor | None,
                  magnitude: Tensor, scale: float, *, scale_changes: bool = False) -> Tensor:
     """DoRA's output without dropout: ``magnitude / ‖W + scale·B·A‖ ⊙ (x·Wᵀ +

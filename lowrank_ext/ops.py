@@ -85,6 +85,7 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
     if _fx_proxies(x, A, B, bias):  # torch.fx.symbolic_trace records the op itself
         return ops.lowrank_linear.default(x, A, B, bias)
     _checks.check_is_tensor("lowrank_linear", x=x, A=A, B=B, bias=bias)
+    _checks.check_not_nested("lowrank_linear", x=x, A=A, B=B, bias=bias)
     if _exporting_to_onnx(eager):
         with _checks_under_tracer():
             _checks.check_lowrank_linear_inputs("lowrank_linear", x, A, B, bias)
@@ -119,6 +120,7 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     if _fx_proxies(x, W, A, B, bias):  # as in lowrank_linear
         return ops.lora_linear.default(x, W, A, B, bias, scale)
     _checks.check_is_tensor("lora_linear", x=x, W=W, A=A, B=B, bias=bias)
+    _checks.check_not_nested("lora_linear", x=x, W=W, A=A, B=B, bias=bias)
     # Under torch.compile a scale that differs between compiled layers becomes
     # a symbolic float, which math.isfinite cannot trace; the op's fake kernel
     # checks it there.

@@ -24,12 +24,12 @@ import warnings
 import torch
 from torch import nn
 
-from ._modules import (compiled_original, has_own_forward, is_conv1d, places_of,
-                       replace_module, weight_tied_elsewhere)
+from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
+                       has_own_forward, is_conv1d, places_of, weight_tied_elsewhere)
 from ._names import preview
 from .lora import _check_model, _require_adapters, adapter_parameters
 from .nn import LoRALinear, LowRankLinear
-from .serialization import atomic_write, check_path
+from .serialization import atomic_write_files, check_path
 
 
 def _lora_layer_type():
@@ -40,8 +40,13 @@ def _lora_layer_type():
     return LoraLayer
 
 
+def _held_adapters(layer):
+    """The adapters a peft LoRA layer holds (an Embedding's in lora_embedding_A)."""
+    return set(layer.lora_A.keys()) | set(getattr(layer, "lora_embedding_A", {}).keys())
+
+
 def _choose_adapter(layers, adapter):
-    names = sorted({a for layer in layers.values() for a in layer.lora_A.keys()})
+    names = sorted(set().union(*(_held_adapters(layer) for layer in layers.values())))
     if adapter is None:
         if len(names) != 1:
             raise ValueError(f"from_peft: the model holds adapters {names}; choose one with "
@@ -57,17 +62,24 @@ def _choose_adapter(layers, adapter):
 def _check_supported(name, layer, adapter):
     base = layer.get_base_layer()
     conv1d = is_conv1d(base)
-    if not isinstance(base, nn.Linear) and not conv1d:
+    holds = adapter in _held_adapters(layer)
+    if hasattr(layer, "lora_E"):
+        # AdaLoRA's layers derive from LoraLayer but hold A·diag(E)·B.
+        raise TypeError(f"from_peft: layer {name!r} is peft's {type(layer).__name__} "
+                        "(AdaLoRA, whose adapters hold singular values lora_E), which "
+                        "LoRALinear does not implement; only LoRA layers convert")
+    linear = isinstance(base, nn.Linear) or conv1d
+    if not linear and holds:
         raise TypeError(f"from_peft: layer {name!r} adapts a {type(base).__name__}; only "
                         "nn.Linear and transformers Conv1D base layers convert")
-    if not conv1d and has_own_forward(base):
+    if linear and not conv1d and has_own_forward(base):
         # peft's layer calls its base layer; LoRALinear computes with the
         # base's weight and bias, which would skip that forward.
         raise TypeError(f"from_peft: layer {name!r} adapts a {type(base).__name__}, a subclass "
                         "of nn.Linear with its own forward, which LoRALinear would not call; "
                         "only nn.Linear (and subclasses that keep its forward) and "
                         "transformers Conv1D base layers convert")
-    if bool(getattr(layer, "fan_in_fan_out", False)) != conv1d:
+    if linear and bool(getattr(layer, "fan_in_fan_out", False)) != conv1d:
         # LoRALinear reads a Conv1D's weight transposed and an nn.Linear's as
         # it is; peft follows its fan_in_fan_out flag instead.
         raise ValueError(f"from_peft: layer {name!r} has fan_in_fan_out="
@@ -85,7 +97,23 @@ def _check_supported(name, layer, adapter):
             "(disable_adapter_layers(), or inside disable_adapter()); convert with them "
             "enabled, and use lx.disable_lora(model) for the base model's outputs")
     if adapter not in layer.lora_A:
-        return base
+        return base  # it holds other adapters only: its plain base comes back
+    if not all(isinstance(getattr(layer, part)[adapter], nn.Linear)
+               for part in ("lora_A", "lora_B")):
+        raise TypeError(f"from_peft: layer {name!r} holds its {adapter!r} adapter as "
+                        f"{type(layer.lora_A[adapter]).__name__} / "
+                        f"{type(layer.lora_B[adapter]).__name__}, not the nn.Linear pair of a "
+                        "LoRA layer; only LoRA layers convert")
+    p = _dropout_p(layer.lora_dropout[adapter])
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"from_peft: layer {name!r} has lora_dropout {p} for {adapter!r}; "
+                         "LoRALinear takes a dropout in [0, 1) (at 1 the adapter never acts "
+                         "in training)")
+    scale = layer.scaling[adapter]
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"from_peft: layer {name!r} has scaling {scale!r} for {adapter!r} "
+                         f"(lora_alpha {layer.lora_alpha[adapter]!r}, r {layer.r[adapter]!r}); "
+                         "LoRALinear takes a finite scale")
     # Older peft releases lack some of these per-adapter dicts.
     variant = getattr(layer, "lora_variant", {}).get(adapter)
     if variant is not None and not _is_dora(layer, adapter):
@@ -194,12 +222,12 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     ``LoRALinear`` would not call) raise and leave the model as it was.
 
     Returns:
-        The converted module (``model``, or its base model for a ``PeftModel``).
+        The converted module (``model``, or the model a ``PeftModel`` or
+        ``LoraModel`` wraps).
     """
     LoraLayer = _lora_layer_type()
     _check_model("from_peft", model)
-    get_base = getattr(model, "get_base_model", None)
-    root = get_base() if callable(get_base) else model
+    root = _peft_wrapped(model)
     layers = {name: m for name, m in root.named_modules() if isinstance(m, LoraLayer)}
     if not layers:
         raise ValueError("from_peft: the model has no peft LoRA layer")
@@ -224,19 +252,61 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     # peft's modules_to_save wrappers run the active adapter's copy of a
     # module: the chosen adapter's copy takes their place (the original where
     # that adapter has none), so the whole model follows one adapter.
+    trained_in_full = []
     for name, module in root.named_modules():
         if _is_modules_to_save_wrapper(module) and name:
             copies = module.modules_to_save
             use_copy = adapter in copies and not bool(getattr(module, "disable_adapters", False))
             replacements[name] = copies[adapter] if use_copy else module.original_module
-            if use_copy:  # save_peft_adapter writes it back as modules_to_save
-                copies[adapter]._lowrank_ext_modules_to_save = True
+            if use_copy:
+                trained_in_full.append(copies[adapter])
+    # Every swap is checked before the first is made, and all are undone if
+    # one fails (an interrupt too): the model is converted whole or not at all.
+    for name, new in replacements.items():
+        check_backward_hooks_combine(name, root.get_submodule(name), new)
+    swaps = Swaps(root)
+    try:
+        for name, new in replacements.items():
+            swaps.swap(name, new)
+    except BaseException:
+        swaps.undo()
+        raise
+    for module in trained_in_full:  # save_peft_adapter writes it back as modules_to_save
+        module._lowrank_ext_modules_to_save = True
+    # What save_peft_adapter writes back into the adapter's config by default.
+    root._lowrank_ext_peft_config = _peft_config_fields(model, root, adapter)
     for old, new in sorted(cast_notes, key=str):
         warnings.warn(f"from_peft: adapters stored in {old} were cast to their base layers' "
                       f"{new} (lora_linear takes one dtype)", stacklevel=2)
-    for name, new in replacements.items():
-        replace_module(root, name, new)
     return root
+
+
+def _peft_config_fields(*holders_and_adapter):
+    """``base_model_name_or_path`` and ``task_type`` of the adapter's config
+    in the first of the holders that has one (None each without)."""
+    *holders, adapter = holders_and_adapter
+    for holder in holders:
+        configs = getattr(holder, "peft_config", None)
+        if isinstance(configs, dict) and adapter in configs:
+            task = getattr(configs[adapter], "task_type", None)
+            return {"base_model_name_or_path":
+                        getattr(configs[adapter], "base_model_name_or_path", None),
+                    "task_type": None if task is None else str(getattr(task, "value", task))}
+    return {"base_model_name_or_path": None, "task_type": None}
+
+
+def _peft_wrapped(model):
+    """The model a peft ``PeftModel`` or tuner (``LoraModel``) wraps, whose
+    names are the ones peft's files use (``base_model.model.<name>``); any
+    other model as it is."""
+    module = type(model).__module__
+    if not (module == "peft" or module.startswith("peft.")):
+        return model
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        return get_base()
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 # --- to peft -----------------------------------------------------------------------
@@ -303,11 +373,10 @@ def _adapter_config(adapters, base_model_name_or_path, module_names=()):
     if len(set(dora.values())) > 1:
         raise ValueError("save_peft_adapter: peft keeps one use_dora setting per adapter, but "
                          f"the layers differ: {dora}")
+    # peft sets fan_in_fan_out for each layer by its kind as it builds it
+    # (False for nn.Linear, True for Conv1D, with a warning where the config
+    # says otherwise), so one setting serves a model adapting both.
     transposed = {name: is_conv1d(lora.base) for name, lora in adapters.items()}
-    if len(set(transposed.values())) > 1:
-        raise ValueError("save_peft_adapter: peft keeps one fan_in_fan_out setting per "
-                         "adapter, but the model adapts both nn.Linear and Conv1D layers: "
-                         f"{transposed}")
     rank = _most_common([lora.rank for lora in adapters.values()])
     alpha = _most_common([lora.alpha for lora in adapters.values()])
     first = next(iter(adapters.values()))
@@ -399,7 +468,6 @@ def _modules_to_save(model, modules_to_save):
         raise TypeError("save_peft_adapter: modules_to_save must be a module name or a list of "
                         f"them, got {type(modules_to_save).__name__}") from None
     modules = dict(model.named_modules())
-    found = {}
     for name in names:
         if not isinstance(name, str):
             raise TypeError("save_peft_adapter: modules_to_save must hold module names (str), "
@@ -407,8 +475,14 @@ def _modules_to_save(model, modules_to_save):
         if name not in modules or not name:
             raise ValueError(f"save_peft_adapter: modules_to_save names {name!r}, which is not "
                              "a submodule of the model")
+    peft_names = _peft_module_names(modules)
+    found = {}
+    for name in [*names, *converted]:
+        if name in found:
+            continue
+        given = "names" if name in names else "would hold (from from_peft)"
         if any(isinstance(m, LoRALinear) for m in modules[name].modules()):
-            raise ValueError(f"save_peft_adapter: modules_to_save names {name!r}, which holds "
+            raise ValueError(f"save_peft_adapter: modules_to_save {given} {name!r}, which holds "
                              "LoRA adapters; peft trains a module either in full or through "
                              "adapters")
         inside = next((other for other, m in modules.items() if isinstance(m, LoRALinear)
@@ -417,13 +491,58 @@ def _modules_to_save(model, modules_to_save):
             # peft's file would hold it under a name no peft model has (the
             # adapted layer's base is its base_layer there), and peft would
             # drop it without a word.
-            raise ValueError(f"save_peft_adapter: modules_to_save names {name!r}, which is "
+            raise ValueError(f"save_peft_adapter: modules_to_save {given} {name!r}, which is "
                              f"inside the LoRA layer {inside!r}; peft trains a module either "
                              "in full or through an adapter, and its base stays frozen")
+        # peft wraps every module whose name ends with a modules_to_save entry,
+        # dot or not ("head" takes "subhead"), and adapts no layer named by the
+        # entry or below it ("block.head", "head.fc"): an adapted layer (or a
+        # part of one, or a module holding one) taken so fails to load, or
+        # loads without its adapter. A plain module taken too is written as
+        # well (peft's load expects its state in the file), as it is.
+        clash = [other for other, holds_adapter in peft_names.items() if holds_adapter
+                 and ((other != name and other.endswith(name)) or _excluded_by(name, other))]
+        if clash:
+            raise ValueError(
+                f"save_peft_adapter: modules_to_save {given} {name!r}, but peft would take "
+                f"{preview(clash)} for it as well (it matches modules_to_save entries to the "
+                "end of a module's name, dot or not, and adapts no layer below one), and "
+                "those hold adapters; rename the modules, or save the adapters with "
+                "lx.lora_state_dict(model) and the module with its state_dict")
         found[name] = modules[name]
-    for name in converted:
-        found.setdefault(name, modules[name])
+        for other, holds_adapter in peft_names.items():
+            if not holds_adapter and other != name and other.endswith(name):
+                found.setdefault(other, modules[other])
     return found
+
+
+def _excluded_by(entry, name):
+    """Whether peft keeps module ``name`` from being adapted for the
+    modules_to_save ``entry`` (peft's own test, the entry read as a regular
+    expression; literally where it is not a valid one)."""
+    try:
+        return re.match(rf"(^|.*\.){entry}($|\..*)", name) is not None
+    except re.error:
+        return re.match(rf"(^|.*\.){re.escape(entry)}($|\..*)", name) is not None
+
+
+def _peft_module_names(modules):
+    """{name: whether it is, holds or is part of an adapted layer} for the
+    modules a model adapted by peft would have: those of ``modules`` ({name:
+    module}) outside the LoRALinear layers, and in each of those the
+    layers peft's LoRA layer holds."""
+    adapted = [name for name, m in modules.items() if isinstance(m, LoRALinear)]
+    names = {}
+    for name, module in modules.items():
+        if name and not any(name.startswith(f"{a}." if a else "") for a in adapted):
+            names[name] = any(isinstance(m, LoRALinear) for m in module.modules())
+    for a in adapted:
+        prefix = f"{a}." if a else ""
+        names.update((prefix + part, True) for part in (
+            "base_layer", "lora_A", "lora_A.default", "lora_B", "lora_B.default",
+            "lora_dropout", "lora_dropout.default", "lora_magnitude_vector",
+            "lora_magnitude_vector.default"))
+    return names
 
 
 def _check_single_places(model, adapters, full):
@@ -486,14 +605,22 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     adapters (a classifier head; peft's option of that name): their whole
     state is written too, and peft restores it. The modules that
     :func:`from_peft` took from peft's ``modules_to_save`` are always
-    written. Trainable biases are written too, as peft's ``bias`` option
+    written. peft matches each name to the end of every module's name, dot or
+    not (``head`` also takes ``subhead``) and adapts no layer below one: the
+    plain modules it would take too are written as well, and a name that
+    would take an adapted layer is refused. Trainable biases are written too, as peft's ``bias`` option
     does: ``"lora_only"`` where only adapted layers' biases train, ``"all"``
     where others do. Any other trainable parameter is named in a warning: a
     peft adapter cannot hold it. An adapter or module registered under
     several names is refused: peft would load it into the first of them only.
 
+    For a model :func:`from_peft` converted, ``base_model_name_or_path``
+    defaults to the one in peft's config, whose ``task_type`` is written too.
+
     A ``torch.compile`` model is written as the module it compiled, under
-    that module's names, which peft finds in the original model.
+    that module's names, which peft finds in the original model; a
+    ``PeftModel`` (or ``LoraModel``) converted in place by :func:`from_peft`
+    as the model it wraps.
 
     Everything is checked and the config built before anything is written;
     each file is written to a temporary file and renamed. Returns the names
@@ -502,7 +629,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     from safetensors.torch import save_file
 
     _check_model("save_peft_adapter", model)
-    model = compiled_original(model)
+    model = _peft_wrapped(compiled_original(model))
     directory = check_path("save_peft_adapter", directory, "directory")
     if base_model_name_or_path is not None:
         base_model_name_or_path = check_path("save_peft_adapter", base_model_name_or_path,
@@ -526,8 +653,12 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
             "only the adapters, biases and modules_to_save, so the one written here leaves "
             "them out; name their modules in modules_to_save=, or save them separately if "
             "they were trained", stacklevel=2)
+    converted = getattr(model, "_lowrank_ext_peft_config", {})
+    if base_model_name_or_path is None:
+        base_model_name_or_path = converted.get("base_model_name_or_path")
     config = _adapter_config(adapters, base_model_name_or_path,
                              [name for name, _ in model.named_modules()])
+    config["task_type"] = converted.get("task_type")
     config["bias"] = bias_mode
     if full:
         config["modules_to_save"] = list(full)
@@ -544,17 +675,51 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
             tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()
     for key, value in biases.items():
         tensors[f"base_model.model.{key}"] = value.detach().contiguous()
+    tensors = _own_memory(tensors)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_peft_adapter: {directory} exists and is not a directory")
-    os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, "adapter_model.safetensors"),
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-                 owner="save_peft_adapter")
 
     def write_config(tmp):
         with open(tmp, "w") as f:
             f.write(config_text)
 
-    atomic_write(os.path.join(directory, "adapter_config.json"), write_config,
-                 owner="save_peft_adapter")
+    made = _directories_to_make(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        # Both files or neither: new weights beside an old config would not load.
+        atomic_write_files(
+            [(os.path.join(directory, "adapter_model.safetensors"),
+              lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+             (os.path.join(directory, "adapter_config.json"), write_config)],
+            owner="save_peft_adapter")
+    except BaseException:
+        for path in made:  # the directories made here, deepest first, where still empty
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+        raise
     return list(adapters)
+
+
+def _directories_to_make(directory):
+    """The directories ``os.makedirs(directory)`` would create, deepest first."""
+    made, path = [], os.path.abspath(directory)
+    while not os.path.exists(path):
+        made.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return made
+
+
+def _own_memory(tensors):
+    """The tensors with a copy of its own for each that shares memory with
+    another (tied modules_to_save): safetensors refuses shared memory, and
+    peft's loader takes each key from the file, so each is written whole."""
+    memory = collections.Counter(t.untyped_storage().data_ptr() for t in tensors.values()
+                                 if t.numel() and t.device.type != "meta")
+    return {key: t.clone() if t.numel() and t.device.type != "meta"
+            and memory[t.untyped_storage().data_ptr()] > 1 else t
+            for key, t in tensors.items()}

@@ -20,7 +20,9 @@ own size. Wide outputs (logits) are kept through a fixed random projection to
 In a dict batch with an ``attention_mask`` of shape (batch, tokens), the rows
 of per-token outputs (batch, tokens, ...) or (tokens, batch, ...) at padding
 tokens are left out, as they are from the whitening statistics: what the
-model computes there is no output anyone reads. The mask that applies to an
+model computes there is no output anyone reads. So are the padding entries of
+outputs of the mask's own shape, one number per token (a question-answering
+head's ``start_logits``). The mask that applies to an
 output is chosen as for those (``PaddingMasks``): an encoder-decoder model's
 decoder outputs take the batch's ``decoder_attention_mask``, if any, and the
 outputs of another tower (CLIP's vision model) none.
@@ -75,7 +77,7 @@ class OutputRecorder:
 
         def keep(store, label):
             def hook(module, args, output):
-                store.append((label, [self.project(without_padding(t, self.masks.of(t, module)))
+                store.append((label, [self.project(_real_tokens(t, self.masks.of(t, module)))
                                       for t in floating_tensors(output)]))
             return hook
 
@@ -103,6 +105,17 @@ class OutputRecorder:
                 "compress_model: allocation='sensitivity' found no floating-point tensor in the "
                 "model's outputs (tensors, or tensors in dicts, tuples and lists) to measure")
         return outputs
+
+
+def _real_tokens(t, mask):
+    """:func:`without_padding` of an output, also where it holds one number per
+    token, of the mask's own shape (batch, tokens) or its transpose: those at
+    real tokens, as a column."""
+    if mask is not None and t.dim() == mask.dim() == 2:
+        for layout in (mask, mask.T):
+            if tuple(t.shape) == tuple(layout.shape):
+                return t[layout.to(t.device) != 0].unsqueeze(-1)
+    return without_padding(t, mask)
 
 
 def relative_change(reference, outputs):

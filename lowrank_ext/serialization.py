@@ -17,8 +17,11 @@ those factors around.
 
 from __future__ import annotations
 
+import collections
+import errno
 import json
 import os
+import stat
 import tempfile
 
 import torch
@@ -26,9 +29,9 @@ from torch import nn
 
 from ._checks import check_device, dtype_name
 from ._modules import (Swaps, compiled_original, dense_weight, is_conv1d, is_linear_layer,
-                       keeps_encoder_flags)
+                       keeps_encoder_flags, places_of)
 from ._names import preview
-from .attention import split_where_stored_split, unsplit
+from .attention import split_where_stored_split
 from .nn import LoRALinear, LowRankLinear, inherit_requires_grad
 
 METADATA_KEY = "lowrank_ext"
@@ -65,15 +68,32 @@ def check_path(owner, path, what="path"):
     if not path:
         kind = "directory" if what == "directory" else "file"
         raise ValueError(f"{_prefix(owner)}{what} is empty; give a {kind} name")
+    if "\0" in path:
+        raise ValueError(f"{_prefix(owner)}{what} contains a NUL character: {path!r}")
     return path
 
 
 def check_input_file(owner, path):
-    """FileNotFoundError / IsADirectoryError unless ``path`` is an existing file."""
-    if os.path.isdir(path):
+    """FileNotFoundError / IsADirectoryError unless ``path`` is an existing
+    file, PermissionError (an OSError naming the path) where it cannot be read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{_prefix(owner)}no such file: {path}") from None
+    except OSError as exc:  # a directory on the way that may not be searched, ...
+        raise type(exc)(exc.errno, f"{_prefix(owner)}cannot read {path}: "
+                        f"{exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{_prefix(owner)}{path} is a directory, not a file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{_prefix(owner)}no such file: {path}")
+    if not stat.S_ISREG(mode):
+        raise FileNotFoundError(f"{_prefix(owner)}no such file: {path} (it is not a "
+                                "regular file)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"{_prefix(owner)}cannot read {path}: "
+                        f"{exc.strerror or exc}") from None
 
 
 def check_output_path(owner, path, *, force=True, flag="--force", what="path",
@@ -118,8 +138,10 @@ def check_output_path(owner, path, *, force=True, flag="--force", what="path",
 def _temporary_file_beside(owner, path, directory):
     """A new empty private file in ``directory`` named after ``path``; its path."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                   dir=directory)
+        # A shortened name: the prefix and suffix would take a name near the
+        # file system's limit (255 bytes) past it.
+        name = os.path.basename(path)[:100]
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise type(exc)(f"{_prefix(owner)}cannot write {path}: cannot create a file in "
                         f"{directory} ({exc.strerror or exc})") from exc
@@ -132,27 +154,82 @@ def atomic_write(path, write, owner=None):
 
     The temporary file sits beside ``path`` (same file system, so the rename is
     atomic) and is removed if ``write`` fails: a failure never leaves a
-    half-written ``path``.
+    half-written ``path``. The file's data reaches the disk before the rename,
+    and the rename before this returns, so that a crash of the machine leaves
+    the old file or the new one. A symbolic link at ``path`` is replaced by
+    the new file, its target left as it was (the rename replaces the link).
     """
-    path = check_path(owner, path)
-    check_output_path(owner, path)
-    tmp = _temporary_file_beside(owner, path, os.path.dirname(os.path.abspath(path)))
+    atomic_write_files([(path, write)], owner)
+
+
+def atomic_write_files(files, owner=None):
+    """:func:`atomic_write` for several files (``[(path, write)]``) that go
+    together: every one is written to its temporary file before the first is
+    renamed, so that a failure in any leaves all the old files."""
+    planned = []
+    for path, write in files:
+        path = check_path(owner, path)
+        check_output_path(owner, path)
+        planned.append((path, write))
+    written = []  # (temporary file, path)
+    try:
+        for path, write in planned:
+            directory = os.path.dirname(os.path.abspath(path))
+            written.append((_temporary_file_beside(owner, path, directory), path))
+            _written(write, written[-1][0], path, owner)
+            _sync(written[-1][0], owner, path)
+        for tmp, path in written:
+            # mkstemp makes the file private (0600); give it the mode a plain
+            # open() would, or the mode of the file it replaces.
+            if os.path.exists(path):
+                mode = os.stat(path).st_mode & 0o777
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            os.chmod(tmp, mode)
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for directory in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for _, p in written):
+        _sync(directory)
+
+
+def _written(write, tmp, path, owner):
+    """``write(tmp)``; safetensors' own error for a failed write (a full disk)
+    is an OSError naming ``path``, as any other failure to write it."""
     try:
         write(tmp)
-        # mkstemp makes the file private (0600); give it the mode a plain
-        # open() would, or the mode of the file it replaces.
-        if os.path.exists(path):
-            mode = os.stat(path).st_mode & 0o777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise OSError(f"{_prefix(owner)}cannot write {path}: {exc}") from exc
+
+
+def _sync(path, owner=None, target=None):
+    """Flush a file's data (``target``: the path it will become) or, without
+    ``target``, a directory's entries to the disk. A file system that cannot
+    sync (some refuse directories, or any fsync) is left as it is; an error
+    writing the file's data is an OSError naming ``target``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if target is None:
+            return
         raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if target is not None and exc.errno not in (errno.EINVAL, errno.EROFS,
+                                                    errno.EOPNOTSUPP):
+            raise type(exc)(exc.errno, f"{_prefix(owner)}cannot write {target}: "
+                            f"{exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 # safetensors' header may not exceed 100 MB.
@@ -173,13 +250,11 @@ def _why_unreadable(path):
                         "or a truncated one")
             if first != b"{":
                 return "it is not a safetensors file (no JSON header after the 8-byte length)"
-            if length < 2:
+            if length < 2 or length > _MAX_HEADER_BYTES:
                 return f"it is not a safetensors file (header length {length} bytes)"
             if 8 + length > size:
                 return (f"the file is truncated: its header is {length} bytes long but only "
                         f"{size - 8} bytes follow the length field")
-            if length > _MAX_HEADER_BYTES:
-                return f"it is not a safetensors file (header length {length} bytes)"
             header = json.loads(first + f.read(length - 1))
         end = max((entry["data_offsets"][1] for key, entry in header.items()
                    if key != "__metadata__"), default=0)
@@ -202,8 +277,14 @@ def unreadable_error(owner, path, exc):
 def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]:
     """Write ``model``'s weights and its ``LowRankLinear`` ranks to ``path`` (safetensors).
 
-    Returns ``{layer name: rank}``. Tensors shared between modules are stored
-    once (safetensors' ``save_model``). A model holding LoRA adapters is
+    Returns ``{layer name: rank}`` (a layer registered under several names
+    under each of them). A tensor that several names share is stored once,
+    under the first name in sorted order, the others recorded as aliases of
+    it in the metadata, as safetensors' ``save_model`` does; a tensor that
+    is a view of part of another's memory (a slice, a transpose) is stored
+    as a copy of its own. The file is written beside ``path`` and renamed
+    onto it (a symbolic link there is replaced, its target kept), so that a
+    failure never leaves a half-written file. A model holding LoRA adapters is
     refused: :func:`load_compressed` rebuilds a model's compressed layers, not
     its adapters. Fold them in with :func:`merge_lora` first, or save the
     model before :func:`add_lora` and the adapters alone with
@@ -212,7 +293,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
     whose factors the file would hold under other names. A ``torch.compile``
     model is saved as the module it compiled, under that module's names.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from torch.nn.utils import parametrize
 
     if not isinstance(model, nn.Module):
@@ -238,10 +319,44 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
             f"(torch.nn.utils.parametrize): {preview(parametrized)}; load_compressed cannot "
             "rebuild them. Remove them first with parametrize.remove_parametrizations(layer, "
             "name), which keeps the parametrized values")
-    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    atomic_write(path, lambda tmp: save_model(model, tmp, metadata=ranks_metadata(ranks)),
+    ranks = {name: m.rank for name, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, LowRankLinear)}
+    tensors, aliases = _tensors_to_store(model.state_dict())
+    metadata = {**aliases, **ranks_metadata(ranks)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata),
                  owner="save_compressed")
     return ranks
+
+
+def _tensors_to_store(state):
+    """``(tensors, {alias: stored name})`` for a state_dict, as safetensors
+    takes them: one tensor per set of names that are the same view of the
+    same memory (a tie), stored under the first of them in sorted order (as
+    ``save_model`` picks it, so that files agree on the names); contiguous;
+    and none sharing memory with another (safetensors' ``save_model`` takes
+    any tensors whose memory overlaps for one tensor under several names,
+    which loses a slice of a larger tensor, or fails)."""
+    views = {}
+    for name, tensor in state.items():
+        if tensor.numel() == 0 or tensor.device.type == "meta":
+            views[name] = [name]
+            continue
+        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        views.setdefault(view, []).append(name)
+    tensors, aliases = {}, {}
+    for names in views.values():
+        kept = min(names)
+        tensors[kept] = state[kept]
+        aliases.update((name, kept) for name in names if name != kept)
+    memory = collections.Counter(tensor.untyped_storage().data_ptr()
+                                 for tensor in tensors.values() if tensor.numel())
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            tensors[name] = tensor.contiguous()
+        elif tensor.numel() and memory[tensor.untyped_storage().data_ptr()] > 1:
+            tensors[name] = tensor.clone()
+    return tensors, aliases
 
 
 def _shards(index, owner):
@@ -336,20 +451,37 @@ def read_headers(files):
 
 def _parse_ranks(path, entry, owner="load_compressed"):
     """``({layer name: rank}, factor layout)`` from a file's metadata entry."""
+    def malformed(why):
+        return ValueError(f"{_prefix(owner)}{path} has malformed {METADATA_KEY!r} metadata: "
+                          f"{why}")
+
     try:
         info = json.loads(entry)
-        ranks = info["ranks"]
-        factors = info.get("factors", "linear")
-        if (info.get("format") != FORMAT_VERSION or not isinstance(ranks, dict)
-                or factors not in _FACTOR_LAYOUTS):
-            raise ValueError
-        # JSON integers only: int() would take 7.9, true or "7" as ranks.
-        if not all(type(rank) is int for rank in ranks.values()):
-            raise ValueError
-        return {str(name): rank for name, rank in ranks.items()}, factors
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"{_prefix(owner)}{path} has malformed {METADATA_KEY!r} "
-                         "metadata") from None
+    except ValueError as exc:
+        raise malformed(f"it is not JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise malformed(f"a JSON object was expected, got {entry[:60]!r}")
+    # JSON integers only, here and in the ranks: True == 1 == 1.0 in Python,
+    # and int() would take 7.9, true or "7".
+    version = info.get("format")
+    if type(version) is not int:
+        raise malformed(f"'format' must be an integer, got {version!r}")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{_prefix(owner)}{path} is in format version {version} of "
+                         f"lowrank_ext files; this version reads format {FORMAT_VERSION}")
+    ranks = info.get("ranks")
+    if not isinstance(ranks, dict):
+        raise malformed(f"'ranks' must be an object of layer name: rank, got "
+                        f"{json.dumps(ranks)[:60]}")
+    factors = info.get("factors", "linear")
+    if factors not in _FACTOR_LAYOUTS:
+        raise malformed(f"'factors' must be one of {', '.join(map(repr, _FACTOR_LAYOUTS))}, "
+                        f"got {factors!r}")
+    wrong = [f"{name!r}: {json.dumps(rank)[:20]}" for name, rank in ranks.items()
+             if type(rank) is not int]
+    if wrong:
+        raise malformed(f"ranks must be integers, got {preview(wrong)}")
+    return dict(ranks), factors
 
 
 def ranks_in_metadata(path, files, metadatas, owner="load_compressed"):
@@ -467,14 +599,14 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     metadatas, shapes, aliases = read_headers(files)
     ranks, factors, inferred = read_ranks(path, files, metadatas, shapes)
     given, model = model, _module_named_as_in(model, path, shapes)
-    # Attention modules the file holds split (lx.split_attention) are split
-    # here too, and put back if the load fails.
-    split = split_where_stored_split(model, shapes)
     # Each change to the model puts what takes it back on ``undo`` before it
     # is made; should anything fail (an interrupt too), they all run here,
     # last first, so that no part of the load stays done without the rest.
-    undo = [lambda: unsplit(model, split)]
+    split = Swaps(model)
+    undo = [split.undo]
     try:
+        # Attention modules the file holds split (lx.split_attention) are split here too.
+        split_where_stored_split(model, shapes, split)
         _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors,
                    inferred, undo)
     except BaseException:
@@ -504,7 +636,8 @@ def _module_named_as_in(model, path, shapes):
 
 def _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors, inferred,
                undo):
-    modules = dict(model.named_modules())
+    # Every name of a module registered under several (one layer used twice).
+    modules = dict(model.named_modules(remove_duplicate=False))
     if inferred:
         # Another kind of module may own parameters called A and B; the pairs
         # name compressed layers only where the model has a layer to swap.
@@ -516,11 +649,29 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
                 f"load_compressed: {path} has no {METADATA_KEY!r} metadata and no "
                 "'<layer>.A' / '<layer>.B' factors of the model's Linear layers; it holds no "
                 "compressed model of it")
-    swaps = {}
+    else:
+        # Factors the metadata gives no rank would leave the layer dense with
+        # the values it was built with, strict or not.
+        ranked = {id(modules[name]) for name in ranks if name in modules}
+        unranked = [name for name in factor_pairs(shapes)
+                    if id(modules.get(name)) not in ranked and is_linear_layer(modules.get(name))]
+        if unranked:
+            raise ValueError(
+                f"load_compressed: {path} holds the factors of {preview(unranked)} (<layer>.A "
+                f"and <layer>.B), Linear layers of the model, but its {METADATA_KEY!r} metadata "
+                "gives them no rank: the metadata does not describe the file's tensors")
+    swaps, made = {}, {}
     for name, rank in ranks.items():
         layer = modules.get(name)
         if isinstance(layer, LowRankLinear) and layer.rank == rank:
             continue  # already in compressed form
+        if id(layer) in made:  # a layer the file names under several of its names
+            if made[id(layer)].rank != rank:
+                raise ValueError(
+                    f"load_compressed: {path} gives layer {name!r} rank {rank} and another "
+                    f"name of the same layer rank {made[id(layer)].rank}")
+            swaps[name] = made[id(layer)]
+            continue
         if not name and is_linear_layer(layer):
             # replace_module swaps a child of its parent; the root has none.
             d, k = dense_weight(layer).shape
@@ -567,7 +718,14 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
             # strict=False keeps the model's bias where the file has none.
             with torch.no_grad():
                 new.bias.copy_(layer.bias)
-        swaps[name] = inherit_requires_grad(new, layer)
+        swaps[name] = made[id(layer)] = inherit_requires_grad(new, layer)
+    # A layer registered under several names is replaced in each place by the
+    # one new layer, as the saved model held it (a file written before its
+    # metadata named every place names one).
+    places = places_of(model)
+    for name, new in list(swaps.items()):
+        for place in places[id(modules[name])]:
+            swaps.setdefault(place, new)
     # Factors of a Conv1D's stored (in, out) tensor: A (r, out), B (in, r).
     turned = {name for name in swaps if factors == "stored" and is_conv1d(modules[name])}
     _tie_declared_weights(model, undo)

@@ -32,3 +32,27 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def interrupt_swap(monkeypatch):
+    """``interrupt_swap(n)``: the n-th module swap (``_modules.replace_module``,
+    which every swap goes through) raises KeyboardInterrupt instead of
+    swapping; returns the list of the names swaps were asked for."""
+    import lowrank_ext._modules as modules
+
+    replace = modules.replace_module
+
+    def arm(n):
+        calls = []
+
+        def interrupted(*args):
+            calls.append(args[1])
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return replace(*args)
+
+        monkeypatch.setattr(modules, "replace_module", interrupted)
+        return calls
+
+    return arm

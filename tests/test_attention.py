@@ -288,11 +288,12 @@ def test_subclasses_are_left_alone():
         assert model[name] is kept[name]
         torch.testing.assert_close(model[name](x, x, x)[0], out, rtol=0, atol=0)
 
-    with pytest.raises(TypeError, match=r"'doubled' selects doubled \(_Doubled\): subclasses"):
+    with pytest.raises(TypeError, match=r"'doubled' matches only layers left alone: doubled "
+                                        r"\(_Doubled, a subclass of nn.MultiheadAttention"):
         lx.split_attention(nn.ModuleDict({"a": nn.MultiheadAttention(E, H),
                                           "doubled": _Doubled(E, H)}), include="doubled")
-    with pytest.raises(ValueError, match=r"no nn.MultiheadAttention module \(subclasses of it "
-                                         r"are left alone: attn \(_Doubled\)\)"):
+    with pytest.raises(ValueError, match=r"no nn.MultiheadAttention module to split \(left "
+                                         r"alone: attn \(_Doubled, a subclass"):
         lx.split_attention(nn.ModuleDict({"attn": _Doubled(E, H)}))
     with pytest.raises(TypeError, match="not a subclass.*got _Doubled"):
         SplitMultiheadAttention.from_multihead_attention(_Doubled(E, H))
@@ -481,3 +482,128 @@ def test_a_root_split_file_loads_into_a_split_module(tmp_path):
     lx.load_compressed(fresh, tmp_path / "m.safetensors")
     x = torch.randn(5, 2, E)
     torch.testing.assert_close(fresh(x, x, x)[0], split(x, x, x)[0], rtol=0, atol=0)
+
+
+# --- edges found in review ---------------------------------------------------
+
+def test_an_encoder_whose_first_attention_was_split_alone_still_runs():
+    # nn.TransformerEncoder reads its first layer's in_proj_weight to decide
+    # whether to pack a padded batch; splitting that layer without the encoder
+    # above it (split_attention(layer), or from_multihead_attention by hand)
+    # left no such attribute.
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True,
+                                   dtype=torch.float64), 2).eval()
+    x = torch.randn(2, 5, E, dtype=torch.float64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        expected = encoder(x, src_key_padding_mask=padding)
+    assert lx.split_attention(encoder.layers[0]) == ["self_attn"]
+    attention = encoder.layers[0].self_attn
+    assert attention.in_proj_weight is attention.q_proj.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's nested-tensor prototype notice
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                out = encoder(x, src_key_padding_mask=padding)
+            torch.testing.assert_close(out[~padding], expected[~padding])
+
+
+def test_modules_torch_compile_wraps_alone_are_left_alone():
+    # The compiled wrapper calls the module it was given: a split (or a
+    # LowRankLinear) put in its _orig_mod's place never ran, silently.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(E, H)
+            self.head = nn.Linear(E, E)
+            self.tail = nn.Linear(E, E)
+
+        def forward(self, x):
+            return self.tail(self.head(self.attn(x, x, x, need_weights=False)[0]))
+
+    block = Block()
+    block.attn = torch.compile(block.attn, backend="eager")
+    block.head = torch.compile(block.head, backend="eager")
+    with pytest.raises(ValueError, match=r"no nn.MultiheadAttention module to split \(left "
+                                         r"alone: attn._orig_mod \(torch.compile wraps"):
+        lx.split_attention(block)
+    with pytest.raises(TypeError, match=r"matches only layers left alone: head._orig_mod "
+                                        r"\(torch.compile wraps this module on its own"):
+        lx.compress_model(block, rank=2, include="head*", progress=False)
+    with pytest.raises(TypeError, match="matches only layers left alone: head._orig_mod"):
+        lx.add_lora(block, 2, include="head*")
+    assert type(block.head._orig_mod) is nn.Linear
+    # The last guard, where a caller missed them.
+    from lowrank_ext._modules import replace_module
+    with pytest.raises(RuntimeError, match="cannot replace head._orig_mod: torch.compile"):
+        replace_module(block, "head._orig_mod", lx.LowRankLinear(E, E, 2))
+    assert type(block.head._orig_mod) is nn.Linear
+    # A compiled model is split in the module it compiled, which its forward calls.
+    compiled = torch.compile(Block(), backend="eager")
+    assert lx.split_attention(compiled) == ["attn"]
+    assert isinstance(compiled._orig_mod.attn, SplitMultiheadAttention)
+    with pytest.raises(TypeError, match="is itself an nn.MultiheadAttention"):
+        lx.split_attention(torch.compile(nn.MultiheadAttention(E, H), backend="eager"))
+
+
+def test_a_shared_module_is_selected_by_any_of_its_names():
+    mha = nn.MultiheadAttention(E, H)
+    model = nn.ModuleDict({"a": mha, "b": mha})
+    assert lx.split_attention(model, include="b") == ["a"]
+    assert isinstance(model["b"], SplitMultiheadAttention) and model["a"] is model["b"]
+    mha = nn.MultiheadAttention(E, H)
+    model = nn.ModuleDict({"a": mha, "b": mha})
+    with pytest.raises(ValueError, match="leave no nn.MultiheadAttention module selected"):
+        lx.split_attention(model, exclude="b")
+    assert model["a"] is mha and model["b"] is mha
+
+
+def test_a_parametrized_attention_is_refused():
+    from torch.nn.utils.parametrizations import orthogonal
+
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(E, H)})
+    orthogonal(model["attn"].out_proj)
+    message = (r"attn has parametrized tensors \(out_proj.weight; torch.nn.utils.parametrize\), "
+               "which split layers would hold as fixed values")
+    with pytest.raises(TypeError, match="split_attention: " + message):
+        lx.split_attention(model)
+    with pytest.raises(TypeError, match="from_multihead_attention: mha has parametrized"):
+        SplitMultiheadAttention.from_multihead_attention(model["attn"])
+    assert type(model["attn"]) is nn.MultiheadAttention
+
+
+def test_an_interrupted_split_leaves_the_model_as_it_was(interrupt_swap):
+    model = nn.ModuleDict({"a": nn.MultiheadAttention(E, H), "b": nn.MultiheadAttention(E, H)})
+    before = dict(model.items())
+    handle = model["a"].register_forward_hook(lambda *args: None)
+    calls = interrupt_swap(2)
+    with pytest.raises(KeyboardInterrupt):
+        lx.split_attention(model)
+    assert calls == ["a", "b"]
+    assert dict(model.items()) == before and len(model["a"]._forward_hooks) == 1
+    handle.remove()
+    assert not model["a"]._forward_hooks
+
+
+def test_bad_inputs_are_errors_naming_them():
+    attention = SplitMultiheadAttention(E, H)
+    x = torch.randn(5, 2, E)
+    with pytest.raises(TypeError, match="SplitMultiheadAttention: query must be a Tensor, got list"):
+        attention([1.0], x, x)
+    with pytest.raises(TypeError, match="attn_mask must be a Tensor or None, got bool"):
+        attention(x, x, x, attn_mask=True)
+    with pytest.raises(RuntimeError, match="SplitMultiheadAttention: query should be unbatched "
+                                           "2D or batched 3D tensor but received 4-D"):
+        attention(x[None], x[None], x[None])
+    with pytest.raises(RuntimeError, match="only bool and floating types of key_padding_mask"):
+        attention(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.int64))
+
+
+def test_splitting_a_split_model_again_says_so():
+    model = nn.ModuleDict({"a": nn.MultiheadAttention(E, H)})
+    lx.split_attention(model)
+    with pytest.raises(ValueError, match="no nn.MultiheadAttention module; its attention is "
+                                         "split already: a"):
+        lx.split_attention(model)

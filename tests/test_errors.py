@@ -74,16 +74,19 @@ def _ids(cases):
     return [re.sub(r"lowrank_linear: |lora_linear: |svd_truncate: ", "", c[-1])[:40] for c in cases]
 
 
+def _raised_by_every_route(args, exc, message):
+    """lowrank_linear's Python function, the op and the fallback all raise it."""
+    for call in (lambda: lx.lowrank_linear(**args), lambda: ops.lowrank_linear(*args.values()),
+                 lambda: _fallback.lowrank_linear(*args.values())):
+        with pytest.raises(exc, match=re.escape(message) + "$"):
+            call()
+
+
 @pytest.mark.parametrize("args,exc,message", LOWRANK_CASES, ids=_ids(LOWRANK_CASES))
 def test_lowrank_linear_bad_input(args, exc, message):
     snapshot = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)
                 and v.device.type != "meta"}
-    with pytest.raises(exc, match=re.escape(message) + "$"):
-        lx.lowrank_linear(**args)
-    with pytest.raises(exc, match=re.escape(message) + "$"):
-        ops.lowrank_linear(*args.values())
-    with pytest.raises(exc, match=re.escape(message) + "$"):
-        _fallback.lowrank_linear(*args.values())
+    _raised_by_every_route(args, exc, message)
     for k, v in snapshot.items():
         assert torch.equal(args[k], v), f"{k} was modified"
 
@@ -235,3 +238,82 @@ def test_numpy_scalars_are_real_numbers_for_scale():
     expected = lx.lora_linear(**{**args, "scale": 0.5})
     for scale in (np.float32(0.5), np.float64(0.5), np.int64(1) / 2):
         torch.testing.assert_close(lx.lora_linear(**{**args, "scale": scale}), expected)
+
+
+# --- arguments the dispatcher passes through as they are -----------------------
+
+LAYOUT_CASES = [
+    (dict(bias=torch.randn(3).to_sparse()), TypeError,
+     "lowrank_linear: bias must be a dense (strided) tensor, got layout sparse_coo"),
+    (dict(A=torch.randn(2, 6).to_mkldnn()), TypeError,
+     "lowrank_linear: A must be a strided or sparse tensor, got layout _mkldnn"),
+]
+
+
+@pytest.mark.parametrize("changes,exc,message", LAYOUT_CASES, ids=_ids(LAYOUT_CASES))
+def test_layouts_the_op_cannot_take_are_named(changes, exc, message):
+    _raised_by_every_route(_with(**changes), exc, message)
+    lora = lora_args(W=torch.randn(3, 6).to_sparse())
+    message = "lora_linear: W must be a dense (strided) tensor, got layout sparse_coo"
+    with pytest.raises(TypeError, match=re.escape(message) + "$"):
+        lx.lora_linear(**lora)
+    with pytest.raises(TypeError, match=re.escape(message) + "$"):
+        ops.lora_linear(*lora.values())
+
+
+def test_sparse_inputs_the_products_take_still_work():
+    x, A, B, b = good()
+    expected = x.double() @ (B.double() @ A.double()).T + b.double()
+    for fn in (lx.lowrank_linear, _fallback.lowrank_linear):
+        torch.testing.assert_close(fn(x.to_sparse(), A, B, b).double(), expected, rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["x", "A", "B"])
+def test_none_for_a_tensor_through_the_op_is_named(name):
+    # torch.ops passes None through as an undefined tensor: the compiled
+    # checks said "got unknown_scalar", the fallback raised AttributeError.
+    args = _with(**{name: None})
+    message = f"lowrank_linear: {name} must be a Tensor, got NoneType"
+    for fn in (ops.lowrank_linear, _fallback.lowrank_linear, lx.lowrank_linear):
+        with pytest.raises(TypeError, match=re.escape(message) + "$"):
+            fn(*args.values())
+    lora = lora_args(W=None)
+    with pytest.raises(TypeError, match=re.escape("lora_linear: W must be a Tensor, got "
+                                                  "NoneType") + "$"):
+        ops.lora_linear(*lora.values())
+
+
+def test_a_nan_scale_is_nan_whatever_its_sign():
+    args = lora_args(scale=-math.nan)
+    assert math.copysign(1.0, args["scale"]) == -1.0
+    for fn in (lx.lora_linear, ops.lora_linear, _fallback.lora_linear):
+        with pytest.raises(ValueError, match="lora_linear: scale must be finite, got nan$"):
+            fn(*args.values())
+
+
+def test_tangents_through_the_op_itself_are_refused_on_both_backends():
+    import torch.autograd.forward_ad as fwAD
+
+    x, A, B, b = good()
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match=re.escape(
+                "lowrank_linear: forward-mode AD (an argument with a tangent, such as a dual "
+                "tensor) is not supported by torch.ops.lowrank_ext.lowrank_linear")):
+            ops.lowrank_linear(dual, A, B, b)
+        with pytest.raises(RuntimeError, match="lora_linear: forward-mode AD"):
+            ops.lora_linear(dual, torch.randn(3, 6), A, B, b, 0.5)
+        # The Python function carries the tangent.
+        tangent = fwAD.unpack_dual(lx.lowrank_linear(dual, A, B, b)).tangent
+    torch.testing.assert_close(tangent, torch.ones_like(x) @ (B @ A).T)
+
+
+def test_nested_tensors_are_named():
+    x, A, B, b = good()
+    nested = torch.nested.nested_tensor([x[:2], x[:1]], layout=torch.jagged)
+    with pytest.raises(TypeError, match="lowrank_linear: x is a nested tensor, which the op "
+                                        "does not take"):
+        lx.lowrank_linear(nested, A, B, b)
+    with pytest.raises(TypeError, match="lora_linear: x is a nested tensor"):
+        lx.lora_linear(nested, torch.randn(3, 6), A, B, b, 0.5)

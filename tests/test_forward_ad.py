@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from conftest import COMPILED, requires_compiled
+from conftest import requires_compiled
 from lowrank_ext import _backend
 
 ops = torch.ops.lowrank_ext
@@ -37,10 +37,9 @@ def _with_dual(args, op, name):
 def test_torch_ops_call_with_a_tangent_raises(op, name, requires_grad):
     # torch.ops reaches the autograd kernel directly; the Python function
     # lowrank_ext.<op> is the route that carries tangents. (The fallback's
-    # Python autograd kernel has no jvp either: torch names that.)
+    # Python autograd kernel has no jvp either: it says so as the C++ one does.)
     args = _arguments(op, requires_grad)
-    message = (rf"{op}: forward-mode AD .* call lowrank_ext\.{op} \(the Python function\)"
-               if COMPILED else "forward mode AD")
+    message = rf"{op}: forward-mode AD .* call lowrank_ext\.{op} \(the Python function\)"
     with fwAD.dual_level():
         with pytest.raises(RuntimeError, match=message):
             getattr(ops, op)(*_with_dual(args, op, name))

@@ -356,3 +356,13 @@ def test_autocast_keeps_the_products_dtype_as_peft_does(dropout):
         assert out.dtype == expected.dtype == torch.bfloat16
         if not training:
             torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_fx_symbolic_trace_records_the_norms_as_one_call():
+    # Tracing into the norms met `weight.dtype == torch.float64` on a Proxy
+    # (a TraceError); they are constants to autograd, recorded as one call.
+    lora = _dora(nn.Linear(12, 20, dtype=torch.float64)).eval()
+    graph = torch.fx.symbolic_trace(lora)
+    assert lx_nn.dora_row_norms in [n.target for n in graph.graph.nodes]
+    x = torch.randn(4, 12, dtype=torch.float64)
+    torch.testing.assert_close(graph(x), _reference(lora, x))

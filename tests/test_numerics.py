@@ -297,3 +297,65 @@ def test_float16_lora_backward_forms_gy_B_in_float32(monkeypatch, form, shape, w
             y = torch.ops.lowrank_ext.lora_linear_with_intermediate(*ins, None, scale)[0]
         grads = torch.autograd.grad(y, ins, gy)
     _assert_finite_lora_grads(grads, x, W, A, B, scale, gy)
+
+
+@pytest.mark.parametrize("widen", ["0", "1"], ids=["half-gemm", "widened"])
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
+@pytest.mark.parametrize("rows", [2, 40])
+@pytest.mark.parametrize("scale", [0.5, 0.0])
+def test_half_lora_on_a_wide_layer_adds_the_bias_to_every_row(monkeypatch, widen, kernel,
+                                                             rows, scale):
+    # Past 131072 outputs each block of rows is one row: the float32 copy of
+    # the bias was the one-row C itself, the adapter was added into it, and
+    # every later row started from that instead of the bias (4 off in 4).
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", widen)
+    compiled = lx.backend_info()["compiled"]
+    if compiled:
+        previous = torch.ops.lowrank_ext._cpu_kernel("")
+        torch.ops.lowrank_ext._cpu_kernel(kernel)
+    try:
+        g = torch.Generator().manual_seed(0)
+        k, r, d, dt = 3, 2, 131073, torch.bfloat16
+        x, W, A, B, bias = (torch.randn(*s, generator=g).to(dt)
+                            for s in ((rows, k), (d, k), (r, k), (d, r), (d,)))
+        before = bias.clone()
+        ref = (x.double() @ (W.double() + scale * B.double() @ A.double()).T
+               + bias.double())
+        for fn in (lx.lora_linear, _fallback.lora_linear):
+            y = fn(x, W, A, B, bias, scale)
+            torch.testing.assert_close(y.double(), ref, rtol=2 ** -7, atol=2 ** -7)
+        assert torch.equal(bias, before)
+    finally:
+        if compiled:
+            torch.ops.lowrank_ext._cpu_kernel({"avx512bf16": "auto"}.get(previous, previous))
+
+
+def test_no_features_still_multiply_b():
+    # k = 0: t = x·Aᵀ is zero, and t·Bᵀ is NaN where a row of B holds Inf or
+    # NaN (0·Inf), as the op's definition and lora_linear give it; the
+    # compiled kernel wrote the bias alone there.
+    x, A = torch.ones(2, 0, dtype=torch.float64), torch.ones(3, 0, dtype=torch.float64)
+    B = torch.tensor([[math.inf, 1.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    bias = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    expected = torch.zeros(2, 3, dtype=torch.float64) @ B.T + bias
+    assert expected[:, 0].isnan().all() and (expected[:, 1] == 0.25).all()
+    for fn in (lx.lowrank_linear, _fallback.lowrank_linear):
+        torch.testing.assert_close(fn(x, A, B, bias), expected, equal_nan=True)
+        torch.testing.assert_close(fn(x, A, B, None), expected - bias, equal_nan=True)
+    W = torch.ones(2, 0, dtype=torch.float64)
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        torch.testing.assert_close(fn(x, W, A, B, bias, 1.0), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("rows", [16, 1600])
+def test_no_outputs_still_multiply_a_in_the_gradient(rows):
+    # d = 0: gx = (gy·B)·A with gy·B zero is NaN where A holds Inf; from 1536
+    # rows the compiled backward (one fused pass, k' = d = 0) gave zeros.
+    x = torch.randn(rows, 4, dtype=torch.float64, requires_grad=True)
+    A = torch.ones(2, 4, dtype=torch.float64)
+    A[0, 0] = math.inf
+    B = torch.ones(0, 2, dtype=torch.float64)
+    lx.lowrank_linear(x, A, B, None).sum().backward()
+    expected = torch.zeros(rows, 2, dtype=torch.float64) @ A
+    torch.testing.assert_close(x.grad, expected, equal_nan=True)
+    assert x.grad[:, 0].isnan().all()

@@ -525,3 +525,208 @@ def test_a_saved_adapter_names_exactly_its_layers_where_names_are_suffixes(tmp_p
     assert adapted == ["base_model.model.fc"]
     x = torch.randn(3, 16, dtype=torch.float64)
     torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+
+
+# --- edges found in review ---------------------------------------------------
+
+def _small():
+    return nn.Sequential(nn.Linear(8, 8, dtype=torch.float64), nn.Tanh(),
+                         nn.Linear(8, 4, dtype=torch.float64))
+
+
+def test_a_module_to_save_that_was_then_adapted_is_refused(tmp_path):
+    # The head's copy, adapted after from_peft, sat at "2.base": it was written
+    # under a name peft drops without a word, and the trained head was lost.
+    original = _small()
+    peft_model = peft.get_peft_model(copy.deepcopy(original), peft.LoraConfig(
+        r=2, target_modules=["0"], modules_to_save=["2"], init_lora_weights=False))
+    model = lx.from_peft(peft_model)
+    lx.add_lora(model, 2, include="2", freeze=False)
+    with pytest.raises(ValueError, match=r"modules_to_save would hold \(from from_peft\) "
+                                         r"'2.base', which is inside the LoRA layer '2'"):
+        lx.save_peft_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_failed_conversion_leaves_the_peft_model_as_it_was():
+    peft_model = peft.get_peft_model(_small(), peft.LoraConfig(
+        r=2, target_modules=["0"], modules_to_save=["2"], init_lora_weights=False))
+    head = peft_model.base_model.model[2]
+    head.register_full_backward_hook(lambda *args: None)
+    head.modules_to_save["default"].register_backward_hook(lambda *args: None)
+    snapshot = _snapshot(peft_model)
+    with pytest.raises(RuntimeError, match="cannot replace '2'.*backward hooks of both kinds"):
+        lx.from_peft(peft_model)
+    _assert_unchanged(peft_model, snapshot)
+    assert not hasattr(head.modules_to_save["default"], "_lowrank_ext_modules_to_save")
+
+
+def test_an_interrupted_conversion_is_undone(interrupt_swap):
+    peft_model = _peft_model()
+    snapshot = _snapshot(peft_model)
+    calls = interrupt_swap(2)
+    with pytest.raises(KeyboardInterrupt):
+        lx.from_peft(peft_model)
+    assert calls == ["fc1", "fc2"]
+    _assert_unchanged(peft_model, snapshot)
+
+
+@pytest.mark.parametrize("wrapper", ["PeftModel", "LoraModel"])
+def test_a_peft_wrapper_converted_in_place_saves_under_the_models_names(tmp_path, wrapper):
+    # Saving the PeftModel one still holds wrote 'base_model.model.0'-style
+    # names that peft could not find in the original model.
+    original = _small()
+    config = peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    if wrapper == "PeftModel":
+        held = peft.get_peft_model(copy.deepcopy(original), config)
+        expected_root = held.get_base_model()
+    else:
+        held = peft.LoraModel(copy.deepcopy(original), config, "default")
+        expected_root = held.model
+    assert lx.from_peft(held) is expected_root
+    assert lx.save_peft_adapter(held, tmp_path / "a") == ["0"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "a").eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), expected_root.eval()(x), rtol=0, atol=1e-12)
+
+
+def test_modules_to_save_that_peft_would_match_to_an_adapted_layer_are_refused(tmp_path):
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.subhead = nn.Linear(8, 8, dtype=torch.float64)
+            self.head = nn.Linear(8, 4, dtype=torch.float64)
+            self.block = nn.Module()
+            self.block.head = nn.Linear(8, 8, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.block.head(self.subhead(x))))
+
+    # peft wraps every module whose name ends with the entry ("subhead" for
+    # "head"): an adapted one fails to load.
+    model = Heads()
+    lx.add_lora(model, 2, include="subhead")
+    with pytest.raises(ValueError, match=r"modules_to_save names 'head', but peft would take "
+                                         r"subhead.*hold adapters"):
+        lx.save_peft_adapter(model, tmp_path / "a", modules_to_save=["head"])
+    # ... and adapts no layer named by the entry below it ("block.head").
+    model = Heads()
+    lx.add_lora(model, 2, include="block.head")
+    with pytest.raises(ValueError, match=r"peft would take block.head.*hold adapters"):
+        lx.save_peft_adapter(model, tmp_path / "a", modules_to_save=["head"])
+    assert not (tmp_path / "a").exists()
+    # A plain module matched too is written as well (peft's load expects it),
+    # and peft loads the adapter with the same outputs.
+    original = nn.Sequential(*[nn.Linear(8, 8, dtype=torch.float64) for _ in range(13)])
+    model = copy.deepcopy(original)
+    lx.add_lora(model, 2, include="0", freeze=False)
+    with torch.no_grad():
+        model[0].B.normal_()
+        model[2].weight.add_(1.0)
+    lx.save_peft_adapter(model, tmp_path / "b", modules_to_save=["2"])  # "12" ends with "2"
+    config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["2", "12"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "b").eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=1e-12)
+
+
+def test_peft_layers_it_cannot_convert_are_named():
+    def embedding_and_linear():
+        return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+
+    # An adapter on an Embedding alone: its A is in lora_embedding_A.
+    model = peft.get_peft_model(embedding_and_linear(), peft.LoraConfig(
+        r=2, target_modules=["0"]))
+    with pytest.raises(TypeError, match="layer '0' adapts a Embedding; only nn.Linear"):
+        lx.from_peft(model)
+    adalora = peft.get_peft_model(embedding_and_linear(), peft.AdaLoraConfig(
+        init_r=4, target_r=2, target_modules=["1"], total_step=10))
+    with pytest.raises(TypeError, match=r"layer '1' is peft's SVDLinear \(AdaLoRA"):
+        lx.from_peft(adalora)
+    certain_dropout = peft.get_peft_model(embedding_and_linear(), peft.LoraConfig(
+        r=2, target_modules=["1"], lora_dropout=1.0))
+    with pytest.raises(ValueError, match="from_peft: layer '1' has lora_dropout 1.0"):
+        lx.from_peft(certain_dropout)
+    infinite = peft.get_peft_model(embedding_and_linear(), peft.LoraConfig(
+        r=2, target_modules=["1"], lora_alpha=float("inf")))
+    with pytest.raises(ValueError, match="from_peft: layer '1' has scaling inf"):
+        lx.from_peft(infinite)
+    # The Embedding holds another adapter than the one chosen: it gets its base back.
+    two = peft.get_peft_model(embedding_and_linear(), peft.LoraConfig(
+        r=2, target_modules=["0"]), adapter_name="a")
+    two.add_adapter("b", peft.LoraConfig(r=2, target_modules=["1"], init_lora_weights=False))
+    two.set_adapter("b")
+    x = torch.randint(0, 10, (2, 5))
+    expected = two.eval()(x)
+    model = lx.from_peft(two, adapter="b")
+    assert type(model[0]) is nn.Embedding and isinstance(model[1], lx.LoRALinear)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_an_adapter_over_conv1d_and_linear_layers_goes_back_to_peft(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    original = nn.Sequential(Conv1D(8, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # peft's fan_in_fan_out notices
+        peft_model = peft.get_peft_model(copy.deepcopy(original), peft.LoraConfig(
+            r=2, target_modules=["0", "2"], fan_in_fan_out=True, init_lora_weights=False))
+        model = lx.from_peft(peft_model)
+        lx.save_peft_adapter(model, tmp_path / "a")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "a").eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=1e-12)
+
+
+def test_the_weights_and_the_config_are_written_together(tmp_path, monkeypatch):
+    # A config that failed after the weights were renamed left new weights
+    # beside the old config, which peft could not load; a directory made for
+    # a save that failed was left behind.
+    import lowrank_ext.serialization as serialization
+
+    model = _adapted(_base())
+    lx.save_peft_adapter(model, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    with torch.no_grad():
+        model.fc1.B.add_(1.0)
+    real = serialization._written
+
+    def config_fails(write, tmp, path, owner):
+        if path.endswith(".json"):
+            raise KeyboardInterrupt
+        return real(write, tmp, path, owner)
+
+    monkeypatch.setattr(serialization, "_written", config_fails)
+    with pytest.raises(KeyboardInterrupt):
+        lx.save_peft_adapter(model, tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    with pytest.raises(KeyboardInterrupt):
+        lx.save_peft_adapter(model, tmp_path / "new" / "adapter")
+    assert not (tmp_path / "new").exists()
+
+
+def test_tied_modules_to_save_are_written_whole(tmp_path):
+    model = _small()
+    model.extra = nn.Linear(8, 4, dtype=torch.float64)
+    model.extra.weight = model[2].weight  # tied to the head
+    lx.add_lora(model, 2, include="0")
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    lx.save_peft_adapter(model, tmp_path / "a", modules_to_save=["2", "extra"])
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    torch.testing.assert_close(tensors["base_model.model.2.weight"],
+                               tensors["base_model.model.extra.weight"], rtol=0, atol=0)
+
+
+def test_from_peft_remembers_the_base_model_and_task_for_saving(tmp_path):
+    peft_model = peft.get_peft_model(_small(), peft.LoraConfig(
+        r=2, target_modules=["0"], task_type="FEATURE_EXTRACTION", init_lora_weights=False))
+    peft_model.peft_config["default"].base_model_name_or_path = "org/tiny"
+    model = lx.from_peft(peft_model)
+    lx.save_peft_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny"
+    assert config["task_type"] == "FEATURE_EXTRACTION"

@@ -2,6 +2,7 @@
 
 import collections
 import copy
+import warnings
 
 import pytest
 import torch
@@ -169,21 +170,52 @@ def test_padding_tokens_do_not_count_in_the_measured_change():
     # model's outputs at real tokens are the same, and only those count, so
     # the sensitivities agree. (Before, the padded rows of the hidden states
     # counted too.)
+    _padded_or_not_measures_alike("BertModel", add_pooling_layer=False)
+
+
+def _padded_or_not_measures_alike(kind, exclude=None, **options):
+    """A tiny transformers ``kind`` compressed with two sentences padded into
+    one batch, then one per batch, gets the same sensitivities and ranks."""
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=48)
     torch.manual_seed(0)
-    model = transformers.BertModel(config, add_pooling_layer=False).double().eval()
+    model = getattr(transformers, kind)(config, **options).double().eval()
     ids = torch.randint(1, 40, (2, 7))
     mask = torch.tensor([[1] * 3 + [0] * 4, [1] * 7])
     padded = [{"input_ids": ids, "attention_mask": mask}]
     separate = [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]}
                 for i, n in enumerate((3, 7))]
     reports = [lx.compress_model(copy.deepcopy(model), ratio=0.5, calibration=batches,
-                                 progress=False) for batches in (padded, separate)]
+                                 exclude=exclude, progress=False)
+               for batches in (padded, separate)]
     for a, b in zip(*(report.layers for report in reports)):
         assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-6), a.name
     assert reports[0].ranks == reports[1].ranks
+
+
+def test_padding_of_one_number_per_token_outputs_does_not_count():
+    # A question-answering head's start_logits are (batch, tokens), the mask's
+    # own shape, with no feature dimension: their padded entries counted.
+    _padded_or_not_measures_alike("BertForQuestionAnswering", exclude="qa_outputs")
+
+
+def test_a_layer_no_rank_saves_anything_on_is_not_probed():
+    # A one-output head stays dense whatever its sensitivity: it cost a
+    # calibration run, was warned about as "unmeasured" and reported with the
+    # others' median.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 1))
+    runs = []
+    model.register_forward_pre_hook(lambda module, args: runs.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = lx.compress_model(model, ratio=0.5, calibration=[torch.randn(64, 20)],
+                                   progress=False)
+    head = next(layer for layer in report.layers if layer.name == "2")
+    assert head.rank is None and head.sensitivity is None
+    assert report.layers[0].sensitivity > 0
+    assert len(runs) == 3  # the whitening statistics, the reference, one probe
 
 
 def test_probes_exact_on_a_tiny_calibration_are_not_measured_but_warned_about():
@@ -193,7 +225,7 @@ def test_probes_exact_on_a_tiny_calibration_are_not_measured_but_warned_about():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(),
                           nn.Linear(24, 6))
-    with pytest.warns(UserWarning, match="span fewer directions than their probe rank"):
+    with pytest.warns(UserWarning, match="span fewer directions than that rank"):
         report = lx.compress_model(model, ratio=0.5, calibration=[torch.randn(2, 16)],
                                    progress=False)
     assert [layer.sensitivity for layer in report.layers] == [1.0, 1.0, 1.0]

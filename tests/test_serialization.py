@@ -79,13 +79,13 @@ def test_overwrite_is_atomic(tmp_path, monkeypatch):
     lx.save_compressed(model, path)
     before = path.read_bytes()
 
-    def broken_save(module, filename, metadata=None):
+    def broken_save(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half a file")
         raise OSError("disk full")
 
     import safetensors.torch
-    monkeypatch.setattr(safetensors.torch, "save_model", broken_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         lx.save_compressed(model, path)
     assert path.read_bytes() == before
@@ -323,13 +323,13 @@ def test_paths_that_cannot_be_read_or_written(tmp_path):
 
 
 def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
-    def broken_save(module, filename, metadata=None):
+    def broken_save(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half a file")
         raise KeyboardInterrupt
 
     import safetensors.torch
-    monkeypatch.setattr(safetensors.torch, "save_model", broken_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
     with pytest.raises(KeyboardInterrupt):
         lx.save_compressed(build(), tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []
@@ -914,3 +914,206 @@ def test_a_compiled_model_is_saved_and_loaded_under_its_modules_names(tmp_path):
     compiled = torch.compile(build())
     lx.load_compressed(compiled, wrapped)
     torch.testing.assert_close(compiled._orig_mod(x), model(x), rtol=0, atol=0)
+
+
+# --- edges found in review ---------------------------------------------------
+
+class _UsedTwice(nn.Module):
+    """One layer registered under two names (an encoder reused as decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.dec = self.enc
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("named", ["every place", "first place"])
+def test_a_layer_registered_under_two_names_is_restored_in_both(tmp_path, strict, named):
+    # The load swapped only the first name: the other kept a dense layer with
+    # its random initial weights (strict=False), silently.
+    torch.manual_seed(0)
+    model = _UsedTwice()
+    model.enc = model.dec = lx.LowRankLinear.from_linear(model.enc, rank=2)
+    path = tmp_path / "m.safetensors"
+    assert lx.save_compressed(model, path) == {"enc": 2, "dec": 2}
+    if named == "first place":  # files written before the metadata named every place
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = dict(f.metadata())
+        metadata["lowrank_ext"] = json.dumps({"format": 1, "ranks": {"enc": 2}})
+        save_file(tensors, str(path), metadata=metadata)
+    fresh = _UsedTwice()
+    lx.load_compressed(fresh, path, strict=strict)
+    assert isinstance(fresh.enc, lx.LowRankLinear) and fresh.enc is fresh.dec
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), model(x))
+
+
+def _views_of_one_tensor():
+    model = nn.Module()
+    model.lin = nn.Linear(4, 4)
+    memory = torch.arange(12.0)
+    model.register_buffer("whole", memory)
+    model.register_buffer("part", memory[2:5])  # overlaps whole
+    other = torch.arange(6.0)
+    model.register_buffer("low", other[:3])  # two disjoint halves of one tensor
+    model.register_buffer("high", other[3:])
+    model.strided = nn.Parameter(torch.randn(4, 6)[:, ::2])  # not contiguous
+    model.enc = nn.Linear(3, 3, bias=False)
+    model.dec = nn.Linear(3, 3, bias=False)
+    model.dec.weight = nn.Parameter(model.enc.weight.t())  # tied transposed
+    return model
+
+
+def test_views_of_part_of_a_tensor_are_stored_as_themselves(tmp_path):
+    # safetensors' save_model took overlapping tensors for one tensor under
+    # several names: it failed on slices and transposes, and stored `part` as
+    # an alias of `whole`, a file that could not be loaded back.
+    torch.manual_seed(0)
+    model = _views_of_one_tensor()
+    lx.compress_model(model, rank=2, include="lin", progress=False)
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(model, path)
+    fresh = _views_of_one_tensor()
+    for t in fresh.parameters():
+        nn.init.zeros_(t)
+    lx.load_compressed(fresh, path)
+    saved, loaded = model.state_dict(), fresh.state_dict()
+    assert saved.keys() == loaded.keys()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+    assert fresh.part.tolist() == [2.0, 3.0, 4.0]
+
+
+def test_a_tied_tensor_is_stored_once_under_its_first_name(tmp_path):
+    model = nn.Module()
+    model.b = nn.Linear(4, 4)
+    model.a = nn.Linear(4, 4)
+    model.a.weight = model.b.weight
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == ["a.bias", "a.weight", "b.bias"]
+        assert f.metadata()["b.weight"] == "a.weight"
+
+
+def test_a_failed_write_of_safetensors_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"part")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(OSError, match=re.escape(f"save_compressed: cannot write {path}: Error "
+                                                "while serializing: I/O error: No space")):
+        lx.save_compressed(build(), path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_file_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda *a: (events.append("replace"), replace(*a))[1])
+    lx.save_compressed(build(), tmp_path / "m.safetensors")
+    assert events == ["fsync", "replace", "fsync"]  # the file, the rename, the directory
+
+
+def test_a_name_near_the_file_system_limit_can_be_written(tmp_path):
+    # The temporary file's name added 14 characters to it.
+    path = tmp_path / ("m" * 240 + ".safetensors")
+    lx.save_compressed(build(), path)
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_paths_with_a_nul_character_are_refused():
+    with pytest.raises(ValueError, match=r"save_compressed: path contains a NUL character"):
+        lx.save_compressed(build(), "m\0.safetensors")
+    with pytest.raises(ValueError, match=r"load_compressed: path contains a NUL character"):
+        lx.load_compressed(build(), "m\0.safetensors")
+
+
+def test_a_file_that_cannot_be_read_is_an_oserror_naming_it(tmp_path, monkeypatch):
+    # A file in a directory that may not be searched was "no such file", one
+    # without read permission a ValueError; both are permission errors. (The
+    # tests may run as root, whom permissions do not stop: os.stat stands in.)
+    path = tmp_path / "m.safetensors"
+    lx.save_compressed(build(), path)
+    stat = os.stat
+
+    def no_search(p, *args, **kwargs):
+        if os.fspath(p) == str(path):
+            raise PermissionError(13, "Permission denied")
+        return stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", no_search)
+    with pytest.raises(PermissionError, match=re.escape(f"load_compressed: cannot read {path}: "
+                                                        "Permission denied")):
+        lx.load_compressed(build(), path)
+
+
+@pytest.mark.parametrize("info, message", [
+    ({"format": True, "ranks": {"0": 2}}, "'format' must be an integer, got True"),
+    ({"format": 1.0, "ranks": {"0": 2}}, "'format' must be an integer, got 1.0"),
+    ({"format": 2, "ranks": {"0": 2}}, "is in format version 2 of lowrank_ext files; this "
+                                       "version reads format 1"),
+    ({"format": 1, "ranks": {"0": "2"}}, "ranks must be integers, got '0': \"2\""),
+    ({"format": 1, "ranks": [["0", 2]]}, "'ranks' must be an object of layer name: rank"),
+    ({"format": 1, "ranks": {"0": 2}, "factors": "other"}, "'factors' must be one of 'linear', "
+                                                           "'stored', got 'other'"),
+    ({"format": 1, "ranks": {}}, r"holds the factors of 0 \(<layer>.A and <layer>.B\), Linear "
+                                 "layers of the model, but its 'lowrank_ext' metadata gives "
+                                 "them no rank"),
+])
+@pytest.mark.parametrize("strict", [True, False])
+def test_metadata_that_is_wrong_says_what_is_wrong(tmp_path, info, message, strict):
+    model = build()
+    lx.compress_model(model, rank=2, include="0", progress=False)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"lowrank_ext": json.dumps(info)})
+    fresh = build()
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=message):
+        lx.load_compressed(fresh, path, strict=strict)
+    assert type(fresh[0]) is nn.Linear
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_a_json_file_is_not_a_safetensors_file(tmp_path):
+    # Its first 8 bytes read as a huge header length: it was "truncated".
+    # (JSON of some other kind, whose ninth byte opens an object.)
+    path = tmp_path / "m.safetensors"
+    path.write_text('{"rank":{"0": 2}}')
+    assert path.read_bytes()[8:9] == b"{"
+    with pytest.raises(ValueError, match=r"it is not a safetensors file \(header length"):
+        lx.load_compressed(build(), path)
+
+
+def test_an_interrupted_split_while_loading_leaves_the_model_as_it_was(tmp_path,
+                                                                           interrupt_swap):
+    def attention_pair():
+        model = nn.Module()
+        model.a1 = nn.MultiheadAttention(8, 2)
+        model.a2 = nn.MultiheadAttention(8, 2)
+        return model
+
+    model = attention_pair()
+    lx.split_attention(model)
+    lx.compress_model(model, rank=2, include="a1.q_proj", progress=False)
+    lx.save_compressed(model, tmp_path / "m.safetensors")
+    fresh = attention_pair()
+    before = (fresh.a1, fresh.a2)
+    calls = interrupt_swap(2)
+    with pytest.raises(KeyboardInterrupt):
+        lx.load_compressed(fresh, tmp_path / "m.safetensors")
+    assert calls == ["a1", "a2"]
+    assert (fresh.a1, fresh.a2) == before
