@@ -337,27 +337,18 @@ variable_list lora_backward(
   const c10::SymInt d = W.sym_size(0);
   const c10::SymInt M = rows_of(x);
   const at::Tensor gy2 = gy.reshape_symint({M, d});
-  // In float16 a scale below 1 goes on gy before gB's product, as in peft's
-  // composition: gyᵀ·t rounded to float16 before the scale applies can
-  // overflow where the gradient is finite. (A scale of 1 or more cannot save
-  // a product that overflows; bfloat16's range is float32's. gt is formed in
-  // float32, below.)
-  const bool scale_first = gy2.scalar_type() == at::kHalf && std::abs(scale) < 1.0;
-  const at::Tensor gy_adapter = scale_first ? gy2 * scale : gy2;
-  const double scale_after = scale_first ? 1.0 : scale;
+  // float16: the adapter's products (gt = scale·gy·B and gB = scale·gyᵀ·t)
+  // are formed from gy in float32 and rounded once: in float16, gy·B or gyᵀ·t
+  // can overflow where the gradients are representable, and scale·gy (as
+  // peft's composition forms it) loses digits to subnormals, or underflows to
+  // zero, for a small scale and small gradients. bfloat16 has float32's range.
+  const bool wide_gt = gy2.scalar_type() == at::kHalf;
+  const at::Tensor gy32 = wide_gt ? gy2.to(at::kFloat) : at::Tensor();
   at::Tensor gx, gW, gA, gB, gbias;
   const bool need_x = ctx->needs_input_grad(0);
   const bool need_A = ctx->needs_input_grad(2);
-  // The adapter's gradients have lowrank_linear's shapes: same kernel.
-  const bool kernel = use_weight_grad_kernel(gy2);
-  // float16: gt = scale·gy·B is formed in float32 and gx, gA are rounded once
-  // from it, as lowrank_backward does: gy·B rounded to float16 is inf past
-  // 65504, where the gradients themselves can be representable.
-  const bool wide_gt = gy2.scalar_type() == at::kHalf;
   if (need_x || need_A) {
-    const at::Tensor gt = wide_gt
-        ? gy2.to(at::kFloat).mm(B.to(at::kFloat)).mul_(scale)
-        : gy_adapter.mm(B).mul_(scale_after); // (M, r)
+    const at::Tensor gt = (wide_gt ? gy32.mm(B.to(at::kFloat)) : gy2.mm(B)).mul_(scale); // (M, r)
     if (need_x && gy.device().is_cpu() && W.is_contiguous() && !at::GradMode::is_enabled() &&
         few_rows_backward(gy, M)) {
       // Few rows: gy·W streams W in its own layout (cpu/few_rows.h), summed
@@ -369,10 +360,15 @@ variable_list lora_backward(
                .to(gy.scalar_type())
                .reshape_symint(x.sym_sizes());
     } else if (need_x) {
-      // (In gt's dtype, then back: no copies unless gt was widened.)
-      gx = gy2.mm(W)
-               .to(gt.scalar_type())
-               .addmm_(gt, A.to(gt.scalar_type()))
+      // (In gt's dtype, then back: no copies unless gt was widened.) On the
+      // CPU a float16 gy·W is formed in float32 too, so that one overflowing
+      // where the adapter cancels it leaves gx finite, as the float32 product
+      // of the few-rows branch and of a widened backward do; on devices the
+      // half type's GEMM (its tensor cores) takes it, as peft's composition.
+      const at::Tensor dense = wide_gt && gy.device().is_cpu()
+          ? gy32.mm(W.to(at::kFloat))
+          : gy2.mm(W).to(gt.scalar_type());
+      gx = dense.addmm_(gt, A.to(gt.scalar_type()))
                .to(gy.scalar_type())
                .reshape_symint(x.sym_sizes());
     }
@@ -388,7 +384,11 @@ variable_list lora_backward(
   }
   if (ctx->needs_input_grad(3)) {
     const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape_symint({M, r});
-    gB = transposed_product(gy_adapter, t2, kernel).mul_(scale_after);
+    gB = wide_gt
+        ? transposed_product(gy32, t2.to(at::kFloat), use_weight_grad_kernel(gy32))
+              .mul_(scale)
+              .to(at::kHalf)
+        : transposed_product(gy2, t2, use_weight_grad_kernel(gy2)).mul_(scale);
   }
   if (bias_given(ctx) && ctx->needs_input_grad(4)) {
     gbias = gy2.sum(0);

@@ -142,30 +142,31 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
     k, r, d = W.shape[1], A.shape[0], W.shape[0]
     M = math.prod(x.shape[:-1])
     gy2 = gy.reshape(M, d)
-    # In float16 a scale below 1 goes on gy before gB's product, as in peft's
-    # composition: gyᵀ·t rounded to float16 before the scale applies can
-    # overflow where the gradient is finite. (A scale of 1 or more cannot save
-    # a product that overflows; bfloat16's range is float32's.)
-    scale_first = gy2.dtype == torch.float16 and abs(scale) < 1
-    gy_adapter, after = (gy2 * scale, 1.0) if scale_first else (gy2, scale)
+    # float16: the adapter's products (gt = scale·gy·B, gB = scale·gyᵀ·t) are
+    # formed from gy in float32 and rounded once, as in the C++ backward
+    # (csrc/autograd.cpp): in float16 they can overflow where the gradients
+    # are representable, and scale·gy loses digits to subnormals for a small
+    # scale. bfloat16 has float32's range.
+    wide = torch.float32 if gy2.dtype == torch.float16 else gy2.dtype
+    gy_wide = gy2.to(wide)
     gx = gW = gA = gB = gbias = None
     if need_x or need_A:
-        # float16: gt is formed in float32 and gx, gA rounded once from it, as
-        # in _lowrank_grads (gy·B rounded to float16 is inf past 65504).
-        if gy2.dtype == torch.float16:
-            gt = gy2.float().mm(B.float()) * scale
-        else:
-            gt = gy_adapter.mm(B) * after
+        gt = gy_wide.mm(B.to(wide)) * scale
         if gt_out is not None:
             gt = gt + gt_out.reshape(M, r)
         if need_x:
-            gx = (gy2.mm(W) + gt.mm(A.to(gt.dtype))).to(x.dtype).reshape(x.shape)
+            # On the CPU a float16 gy·W is formed in float32 too (see the C++
+            # backward); on devices the half type's GEMM takes it.
+            dense = (gy_wide.mm(W.to(wide)) if gy2.device.type == "cpu"
+                     else gy2.mm(W).to(wide))
+            gx = (dense + gt.mm(A.to(wide))).to(x.dtype).reshape(x.shape)
         if need_A:
-            gA = gt.t().mm(x.reshape(M, k).to(gt.dtype)).to(A.dtype)
+            gA = gt.t().mm(x.reshape(M, k).to(wide)).to(A.dtype)
     if need_W:
         gW = gy2.t().mm(x.reshape(M, k))
     if need_B:
-        gB = gy_adapter.t().mm(_intermediate_for_backward(x, A, t).reshape(M, r)) * after
+        t2 = _intermediate_for_backward(x, A, t).reshape(M, r)
+        gB = (gy_wide.t().mm(t2.to(wide)) * scale).to(B.dtype)
     if need_bias:
         gbias = gy2.sum(0)
     return gx, gW, gA, gB, gbias

@@ -359,3 +359,73 @@ def test_no_outputs_still_multiply_a_in_the_gradient(rows):
     expected = torch.zeros(rows, 2, dtype=torch.float64) @ A
     torch.testing.assert_close(x.grad, expected, equal_nan=True)
     assert x.grad[:, 0].isnan().all()
+
+
+def _lora_grads_float64(x, W, A, B, bias, scale, gy):
+    """The gradients of x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ, in float64 by autograd."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, W, A, B)]
+    xd, Wd, Ad, Bd = leaves
+    y = xd @ Wd.T + scale * (xd @ Ad.T) @ Bd.T
+    if bias is not None:
+        y = y + bias.double()
+    y.backward(gy.double())
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("widen", ["0", "1"], ids=["half-gemm", "widened"])
+@pytest.mark.parametrize("rows", [4, 32, 100])
+def test_float16_lora_gradient_of_b_keeps_its_digits_for_a_small_scale(monkeypatch, widen,
+                                                                       rows):
+    # scale·gy was formed in float16 (as peft's composition forms it): with a
+    # scale of 1e-4 and gradients of 1e-4 it underflowed to zero, and with
+    # 1/16 and N(0, 1e-4) gradients it lost digits to subnormals.
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", widen)
+    h = torch.float16
+    g = torch.Generator().manual_seed(0)
+    k, d, r = 16, 8, 4
+    for scale, gy_size in ((1e-4, 1e-4), (1 / 16, 1e-4)):
+        x = torch.randn(rows, k, generator=g).mul(8).to(h)
+        W = torch.randn(d, k, generator=g).to(h)
+        A = torch.randn(r, k, generator=g).to(h)
+        B = torch.randn(d, r, generator=g).to(h).requires_grad_()
+        gy = (torch.randn(rows, d, generator=g) * gy_size).to(h)
+        expected = _lora_grads_float64(x, W, A, B, None, scale, gy)[3]
+        # The saved t = x·Aᵀ is rounded to float16 (2^-11 of each |t|), then
+        # the result once (2^-11 of it, or a subnormal's spacing 2^-24).
+        t = (x.double() @ A.double().T).abs()
+        bound = (2 ** -10 * scale * (gy.double().abs().T @ t) + 2 ** -11 * expected.abs()
+                 + 2 ** -24)
+        for fn in (lx.lora_linear, _fallback_lora_through_the_backend):
+            B.grad = None
+            fn(x, W, A, B, None, scale).backward(gy)
+            error = (B.grad.double() - expected).abs()
+            assert (error <= bound).all(), (error / bound).max()
+
+
+def _fallback_lora_through_the_backend(x, W, A, B, bias, scale):
+    """The pure-torch backend's autograd (_library's Python Function), on any build."""
+    from lowrank_ext._library import _LoRALinearFunction
+    return _LoRALinearFunction.apply(x, W, A, B, bias, scale)
+
+
+@pytest.mark.parametrize("widen", ["0", "1"], ids=["half-gemm", "widened"])
+@pytest.mark.parametrize("contiguous_w", [True, False])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_float16_lora_gradient_of_x_survives_a_cancelled_dense_overflow(monkeypatch, widen,
+                                                                        contiguous_w, rows):
+    # gy·W = 6e4 + 6e4 overflows float16 where the adapter's -1.2e5 brings gx
+    # back to 0: the dense product was rounded to float16 (inf) first.
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", widen)
+    h = torch.float16
+    x = torch.ones(rows, 2, dtype=h, requires_grad=True)
+    W = torch.tensor([[6e4, 0.0], [6e4, 0.0]], dtype=h)
+    if not contiguous_w:
+        W = W.t().contiguous().t()
+    A = torch.tensor([[1.0, 0.0]], dtype=h)
+    B = torch.full((2, 1), -6e4, dtype=h)
+    gy = torch.ones(rows, 2, dtype=h)
+    expected = _lora_grads_float64(x, W, A, B, None, 1.0, gy)[0]
+    for fn in (lx.lora_linear, _fallback_lora_through_the_backend):
+        x.grad = None
+        fn(x, W, A, B, None, 1.0).backward(gy)
+        torch.testing.assert_close(x.grad.double(), expected)
