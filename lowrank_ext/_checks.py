@@ -53,8 +53,7 @@ def _check_dtype_device(op, name, t, ref, ref_name):
 def _check_tensor(op, name, t, dense):
     """As check_tensor in csrc/checks.cpp: a tensor (None only for the bias,
     checked by the caller), not mkldnn, and strided where ``dense``."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    check_is_tensor(op, **{name: t})
     if t.layout == torch._mkldnn or (dense and t.layout != torch.strided):
         kind = "dense (strided)" if dense else "strided or sparse"
         raise TypeError(f"{op}: {name} must be a {kind} tensor, got layout "

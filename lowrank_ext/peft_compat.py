@@ -29,7 +29,7 @@ from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
 from ._names import preview
 from .lora import _check_model, _require_adapters, adapter_parameters
 from .nn import LoRALinear, LowRankLinear
-from .serialization import atomic_write_files, check_path
+from .serialization import atomic_write_files, check_path, separate_memory
 
 
 def _lora_layer_type():
@@ -675,7 +675,9 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
             tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()
     for key, value in biases.items():
         tensors[f"base_model.model.{key}"] = value.detach().contiguous()
-    tensors = _own_memory(tensors)
+    # Tied modules to save: peft's loader takes each key from the file, so
+    # each is written whole.
+    tensors = separate_memory(tensors)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_peft_adapter: {directory} exists and is not a directory")
 
@@ -714,12 +716,3 @@ def _directories_to_make(directory):
     return made
 
 
-def _own_memory(tensors):
-    """The tensors with a copy of its own for each that shares memory with
-    another (tied modules_to_save): safetensors refuses shared memory, and
-    peft's loader takes each key from the file, so each is written whole."""
-    memory = collections.Counter(t.untyped_storage().data_ptr() for t in tensors.values()
-                                 if t.numel() and t.device.type != "meta")
-    return {key: t.clone() if t.numel() and t.device.type != "meta"
-            and memory[t.untyped_storage().data_ptr()] > 1 else t
-            for key, t in tensors.items()}

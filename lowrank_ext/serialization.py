@@ -349,14 +349,20 @@ def _tensors_to_store(state):
         kept = min(names)
         tensors[kept] = state[kept]
         aliases.update((name, kept) for name in names if name != kept)
-    memory = collections.Counter(tensor.untyped_storage().data_ptr()
-                                 for tensor in tensors.values() if tensor.numel())
-    for name, tensor in tensors.items():
-        if not tensor.is_contiguous():
-            tensors[name] = tensor.contiguous()
-        elif tensor.numel() and memory[tensor.untyped_storage().data_ptr()] > 1:
-            tensors[name] = tensor.clone()
-    return tensors, aliases
+    return separate_memory(tensors), aliases
+
+
+def separate_memory(tensors):
+    """``tensors`` ({name: tensor}) as safetensors' ``save_file`` takes them:
+    contiguous, and none sharing memory with another (each of those gets a
+    copy of its own, written whole)."""
+    def memory(t):
+        return t.untyped_storage().data_ptr() if t.numel() and t.device.type != "meta" else None
+
+    shared = collections.Counter(memory(t) for t in tensors.values())
+    return {name: t.contiguous() if not t.is_contiguous()
+            else t.clone() if memory(t) is not None and shared[memory(t)] > 1 else t
+            for name, t in tensors.items()}
 
 
 def _shards(index, owner):
