@@ -549,5 +549,5 @@ def check_inputs_not_all_zero(grams):
     if zero:
         raise ValueError(
             f"compress_model: the calibration gave layer(s) {preview(zero)} only zero inputs "
-            "(or only padding tokens), which say nothing about how to truncate them; give "
+            "(or only padding tokens, or values so small that XᵀX underflows float64), which say nothing about how to truncate them; give "
             "batches that reach them with real inputs, or exclude those layers")

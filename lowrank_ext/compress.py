@@ -235,19 +235,39 @@ def _determined(lam, n):
     return int((lam > float(lam[0]) * n * _EPS * _ROUNDOFF_MARGIN).sum())
 
 
-def _left_singular(weight, G, count, resolution, device, store=torch.float64):
+# The eigenproblems below square W (W·G·Wᵀ, CᵀC): float64 weights beyond
+# about 1e±150 would overflow to Inf or underflow to 0 there (factors of NaN or
+# of zeros, silently), and a calibration Gram far out of range would do the
+# same with them. Such operands are scaled by a power of two first, which is
+# exact; the energies then come in those units, and only their ratios are used.
+_SAFE_EXPONENT = {"weight": 128, "gram": 256}
+
+
+def _range_scale(t, what):
+    """2**-e for max|t| = m·2**e (m in [0.5, 1)) where |e| is beyond what
+    ``what`` ("weight" or "gram") safely has in the products above, else 1.0."""
+    if not t.numel():
+        return 1.0
+    low, high = torch.aminmax(t.detach())
+    _, e = math.frexp(max(-float(low), float(high)))
+    return math.ldexp(1.0, -e) if abs(e) > _SAFE_EXPONENT[what] else 1.0
+
+
+def _left_singular(weight, G, count, resolution, device, store=torch.float64, w_scale=1.0):
     """(energies, U): all min(d, k) energies σ_i² of W·R (R·Rᵀ = G, R = I
     without G), descending, and U's columns, orthonormal to ``resolution``, the
     left singular vectors of the leading ones, at most ``count``, that stand
-    clear of round-off. W is ``weight`` in float64 on ``device``, converted
-    here (a block of rows at a time where the whole is not needed) and let go
-    once used. U comes in float64, or in ``store``, the dtype it is kept in,
-    where it is final as made: ``count`` columns needing no QR."""
+    clear of round-off. W is ``weight`` times ``w_scale`` (a power of two) in
+    float64 on ``device``, converted here (a block of rows at a time where the
+    whole is not needed) and let go once used. U comes in float64, or in
+    ``store``, the dtype it is kept in, where it is final as made: ``count``
+    columns needing no QR."""
     d, k = weight.shape
     n = max(d, k)
 
     def rows_of_w(rows=slice(None)):
-        return weight.detach()[rows].to(device=device, dtype=torch.float64)
+        W = weight.detach()[rows].to(device=device, dtype=torch.float64)
+        return W if w_scale == 1.0 else W * w_scale  # never in place: W may be the weight
 
     if d <= k:
         # Left singular vectors of W·R are the eigenvectors of W·G·Wᵀ (d×d).
@@ -339,6 +359,12 @@ class _Spectrum:
         device = home if device is None else device
         d, k = weight.shape
         G = None if gram is None else gram.to(device)
+        # Powers of two that keep the eigenproblems in range (_range_scale):
+        # the energies are those of (w_scale·W)·R with R·Rᵀ = g_scale·G.
+        self.w_scale = _range_scale(weight, "weight")
+        self.g_scale = 1.0 if G is None else _range_scale(G, "gram")
+        if self.g_scale != 1.0:
+            G = G * self.g_scale
         self.device = device
         self.gram = gram
         self._weight = weight
@@ -350,7 +376,7 @@ class _Spectrum:
         keep = max(1, min(min(d, k), math.floor(break_even_rank(d, k))))
         store = torch.float64 if weight.dtype == torch.float64 else torch.float32
         resolution = torch.finfo(store).eps
-        lam, U = _left_singular(weight, G, keep, resolution, device, store)
+        lam, U = _left_singular(weight, G, keep, resolution, device, store, self.w_scale)
         if U.shape[1] < keep:
             # W − U·Uᵀ·W, formed in a copy of W a block of rows at a time: no
             # other d×k temporary.
@@ -358,7 +384,8 @@ class _Spectrum:
             P = U.T @ rest
             for rows in _row_blocks(d, k):
                 rest[rows] -= U[rows] @ P
-            _, more = _left_singular(rest, None, keep - U.shape[1], resolution, device)
+            _, more = _left_singular(rest, None, keep - U.shape[1], resolution, device,
+                                     w_scale=self.w_scale)
             del rest
             # Zero columns where even W has no more directions (a W of rank
             # below ``keep``): QR still makes them orthonormal, adding nothing.
@@ -367,7 +394,7 @@ class _Spectrum:
             del more
             U = torch.linalg.qr(U).Q
         self.U = U.to(device=home, dtype=store)
-        self.energy = lam.clamp_min(0).cpu()  # σ_i², descending
+        self.energy = lam.clamp_min(0).cpu()  # σ_i², descending, in the units above
         self.total = float(self.energy.sum())
 
     @property
@@ -440,17 +467,25 @@ def _relative_tail(energy, total, rank):
 
 def _errors(spectrum, W, B, A):
     """(relative error in weight space, relative error in output space or None)
-    of the factors B·A (of any dtype) against ``W``, the layer's weight in float64."""
+    of the factors B·A (of any dtype) against ``W``, the layer's weight in float64.
+    Both are measured in the spectrum's units (its powers of two), where the
+    squares stay in range."""
     A = A.to(device=W.device, dtype=torch.float64)
     G = None if spectrum.gram is None else spectrum.gram.to(W.device)
-    weight_err = output_err = 0.0
+    if G is not None and spectrum.g_scale != 1.0:
+        G = G * spectrum.g_scale
+    weight_err = output_err = norm_w = 0.0
     for rows in _row_blocks(*W.shape):
         diff = W[rows] - B[rows].to(device=W.device, dtype=torch.float64) @ A
+        if spectrum.w_scale != 1.0:
+            diff.mul_(spectrum.w_scale)
+            norm_w += float((W[rows] * spectrum.w_scale).square().sum())
+        else:
+            norm_w += float(W[rows].square().sum())
         weight_err += float(diff.square().sum())
         if G is not None:
             output_err += float(torch.einsum("ij,jk,ik->", diff, G, diff))
-    norm_w = float(torch.linalg.matrix_norm(W))
-    weight_error = math.sqrt(weight_err) / norm_w if norm_w else 0.0
+    weight_error = math.sqrt(weight_err / norm_w) if norm_w else 0.0
     output_error = None
     if G is not None:
         # ‖W·R‖², the sum of the energies: tr(W·G·Wᵀ) without another pass over W.

@@ -1081,6 +1081,61 @@ def test_float16_factors_beyond_its_range_are_refused_not_stored_as_inf():
     _assert_unchanged(model, snapshot)
 
 
+def _float64_layer_of_rank_4(scale):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48, dtype=torch.float64)
+    B, A = torch.randn(48, 4, dtype=torch.float64), torch.randn(4, 64, dtype=torch.float64)
+    noise = 1e-3 * torch.randn(48, 64, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_((B @ A + noise) * scale)
+        layer.bias.mul_(scale)
+    return nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("scale", [2.0 ** -600, 2.0 ** -1000, 2.0 ** 530])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_float64_weights_far_out_of_range_factor_as_their_scaled_copy(scale, calibrated):
+    """W·G·Wᵀ squares the weight: entries of 1e-180 underflowed to zero
+    factors (and a weight error of 0 in the report), 1e160 overflowed to NaN
+    factors. The factors are the scaled copy's, scaled back, whatever the range."""
+    torch.manual_seed(1)
+    X = torch.randn(300, 64, dtype=torch.float64)
+    calibration = [X] if calibrated else None
+    normal, extreme = _float64_layer_of_rank_4(1.0), _float64_layer_of_rank_4(scale)
+    W = extreme[0].weight.detach().clone()
+    expected = lx.compress_model(normal, rank=4, calibration=calibration)
+    report = lx.compress_model(extreme, rank=4, calibration=calibration)
+    got, want = extreme[0], normal[0]
+    torch.testing.assert_close((got.B @ got.A) / scale, want.B @ want.A, rtol=1e-9, atol=0)
+    assert bool(torch.isfinite(got.A).all()) and bool(torch.isfinite(got.B).all())
+    # The report measures the factors against the extreme weight itself.
+    error = float(((got.B @ got.A - W) / scale).detach().norm() / (W / scale).norm())
+    assert 1e-4 < report.layers[0].weight_error == pytest.approx(error, rel=1e-6)
+    assert report.layers[0].weight_error == pytest.approx(expected.layers[0].weight_error, rel=1e-6)
+    if calibrated:
+        assert report.layers[0].output_error == pytest.approx(
+            expected.layers[0].output_error, rel=1e-6)
+
+
+@pytest.mark.parametrize("weight_scale, input_scale", [(1.0, 2.0 ** 500),
+                                                       (2.0 ** -300, 2.0 ** -300)])
+def test_calibration_inputs_far_out_of_range_choose_the_ranks_of_scaled_ones(weight_scale,
+                                                                             input_scale):
+    """Inputs of 1e150 have a Gram of 1e300, and W·G·Wᵀ overflowed; weights
+    and inputs of 1e-90 gave a W·G·Wᵀ of 1e-360, which underflowed."""
+    torch.manual_seed(1)
+    X = [torch.randn(100, 64, dtype=torch.float64) for _ in range(2)]
+    normal, extreme = _float64_layer_of_rank_4(1.0), _float64_layer_of_rank_4(weight_scale)
+    expected = lx.compress_model(normal, ratio=0.3, calibration=X, allocation="global")
+    report = lx.compress_model(extreme, ratio=0.3, calibration=[x * input_scale for x in X],
+                               allocation="global")
+    assert report.ranks == expected.ranks
+    torch.testing.assert_close((extreme[0].B @ extreme[0].A) / weight_scale,
+                               normal[0].B @ normal[0].A, rtol=1e-8, atol=1e-10)
+    assert report.layers[0].output_error == pytest.approx(expected.layers[0].output_error,
+                                                          rel=1e-6)
+
+
 class _FreezingOnTrain(nn.Module):
     """A model whose train() also sets requires_grad, as some fine-tuning code does."""
 
