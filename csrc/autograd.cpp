@@ -343,10 +343,13 @@ variable_list lora_backward(
   // peft's composition forms it) loses digits to subnormals, or underflows to
   // zero, for a small scale and small gradients. bfloat16 has float32's range.
   const bool wide_gt = gy2.scalar_type() == at::kHalf;
-  const at::Tensor gy32 = wide_gt ? gy2.to(at::kFloat) : at::Tensor();
-  at::Tensor gx, gW, gA, gB, gbias;
   const bool need_x = ctx->needs_input_grad(0);
   const bool need_A = ctx->needs_input_grad(2);
+  const bool need_B = ctx->needs_input_grad(3);
+  // (Not made where only W's or the bias's gradient is wanted.)
+  const at::Tensor gy32 =
+      wide_gt && (need_x || need_A || need_B) ? gy2.to(at::kFloat) : at::Tensor();
+  at::Tensor gx, gW, gA, gB, gbias;
   if (need_x || need_A) {
     const at::Tensor gt = (wide_gt ? gy32.mm(B.to(at::kFloat)) : gy2.mm(B)).mul_(scale); // (M, r)
     if (need_x && gy.device().is_cpu() && W.is_contiguous() && !at::GradMode::is_enabled() &&
@@ -382,7 +385,7 @@ variable_list lora_backward(
   if (ctx->needs_input_grad(1)) {
     gW = gy2.t().mm(x.reshape_symint({M, k}));
   }
-  if (ctx->needs_input_grad(3)) {
+  if (need_B) {
     const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape_symint({M, r});
     gB = wide_gt
         ? transposed_product(gy32, t2.to(at::kFloat), use_weight_grad_kernel(gy32))

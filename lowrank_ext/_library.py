@@ -148,7 +148,8 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
     # are representable, and scale·gy loses digits to subnormals for a small
     # scale. bfloat16 has float32's range.
     wide = torch.float32 if gy2.dtype == torch.float16 else gy2.dtype
-    gy_wide = gy2.to(wide)
+    # (Not made where only W's or the bias's gradient is wanted.)
+    gy_wide = gy2.to(wide) if need_x or need_A or need_B else None
     gx = gW = gA = gB = gbias = None
     if need_x or need_A:
         gt = gy_wide.mm(B.to(wide)) * scale

@@ -112,6 +112,26 @@ def _torch_weight_hooks():
             module("prune").BasePruningMethod)
 
 
+def weight_recomputed(layer):
+    """Why ``layer.weight`` is recomputed at every use, or None: a
+    parametrization, or torch's weight_norm / spectral_norm / pruning hook,
+    which sets it anew from the layer's other tensors before every call. A
+    change made to such a weight in place (merging an adapter into it) is lost."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(layer, "weight"):
+        chain = ", ".join(type(p).__name__ for p in layer.parametrizations["weight"])
+        return (f"its weight is parametrized ({chain}): computed at every use; "
+                "torch.nn.utils.parametrize.remove_parametrizations makes it a plain tensor")
+    kinds = _torch_weight_hooks()
+    hooks = [type(h).__name__ for h in layer._forward_pre_hooks.values() if isinstance(h, kinds)]
+    if hooks:
+        return (f"its weight is set anew before every call by torch's {', '.join(hooks)} hook; "
+                "remove it first (torch.nn.utils.remove_weight_norm, remove_spectral_norm or "
+                "prune.remove)")
+    return None
+
+
 def _staying_hook_ids(module):
     """Ids of the hooks that stay with ``module``: the no-op pre-hook of
     keep_off_fused_encoder_paths (it leaves with the module), and torch's

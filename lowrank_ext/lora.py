@@ -306,6 +306,22 @@ def merge_lora(model: nn.Module) -> list[str]:
             + ", which would change too; keep those adapters unmerged, or untie the weight "
             "first (give the layer a copy of it)")
     places = places_of(model)
+    # A base layer used somewhere else too (wrapped by hand where another
+    # place calls it bare, or two adapters over one layer) would change there.
+    shared = {}
+    for name, lora in adapters.items():
+        if not lora.merged:
+            own = {f"{place}.base" for place in places[id(lora)]}
+            others = [place for place in places.get(id(lora.base), []) if place not in own]
+            if others:
+                shared[name] = others
+    if shared:
+        raise ValueError(
+            "merge_lora: merging adds the adapter to the base layer's weight, but "
+            + "; ".join(f"the base layer of {name} is also at {', '.join(others)}"
+                        for name, others in list(shared.items())[:3])
+            + ", whose outputs would change too; give each adapter a base layer of its own "
+            "(a copy) before merging, or keep those adapters unmerged")
     for name, lora in adapters.items():  # before anything changes
         for place in places[id(lora)]:
             check_backward_hooks_combine(place, lora, lora.base)

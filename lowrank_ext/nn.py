@@ -23,7 +23,8 @@ from torch.nn.modules import module as _torch_module  # torch's global module ho
 
 from . import _functorch
 from ._checks import dtype_name, float_scale
-from ._modules import _run_the_module, dense_weight, has_own_forward, is_conv1d
+from ._modules import (_run_the_module, dense_weight, has_own_forward, is_conv1d,
+                       weight_recomputed)
 from .ops import (check_lora_linear_tensors, lora_linear, lora_linear_changing_scale,
                   lowrank_linear)
 from .svd import svd_truncate
@@ -418,6 +419,28 @@ def _replace_factors(layer, A, B):
     layer.B = nn.Parameter(B.contiguous(), requires_grad=layer.B.requires_grad)
 
 
+def _restore_factors(layer, A, B, originals):
+    """Give a LowRankLinear its factors ``A``, ``B`` back (unmerge): in
+    ``originals``, the Parameters merge() took out, where they are known, so
+    that an optimizer holding them still reaches the model; their values are
+    set only where they differ (a state loaded or a move made while merged).
+    The new values are made outside inference mode, so that the factors stay
+    trainable after an unmerge() under torch.inference_mode()."""
+    if originals is None:
+        with torch.inference_mode(False):
+            _replace_factors(layer, A.clone(), B.clone())
+        return
+    for param, value, current in zip(originals, (A, B), (layer.A, layer.B)):
+        same = (param.shape == value.shape and param.dtype == value.dtype
+                and param.device == value.device and _holds_values(param)
+                and _holds_values(value) and bool(torch.equal(param, value)))
+        if not same:
+            with torch.inference_mode(False):
+                param.data = value.detach().clone(memory_format=torch.contiguous_format)
+        param.requires_grad_(current.requires_grad)
+    layer.A, layer.B = originals
+
+
 def _full_rank_factors(B, A):
     """Factors (d × m, m × k) of the product B·A at rank m = min(d, k), for
     B (d × n) and A (n × k) with n > m: a QR of the factor on the shorter side
@@ -474,9 +497,13 @@ def check_lora_options(owner, rank, alpha, init, dropout, rslora, use_dora=False
 def check_lora_init_fits_base(owner, init, base, name=None, use_dora=False):
     """PiSSA splits a dense weight and DoRA rescales its rows: refuse them on a
     LowRankLinear base, naming the layer."""
-    if not isinstance(base, LowRankLinear):
-        return
     where = f" {name}" if name else ""
+    if not isinstance(base, LowRankLinear):
+        why = weight_recomputed(base) if init.startswith("pissa") else None
+        if why:
+            raise ValueError(f"{owner}: init={init!r} puts the residual into the base "
+                             f"layer{where}'s weight, but {why}")
+        return
     if init.startswith("pissa"):
         raise ValueError(f"{owner}: init={init!r} splits a dense weight, but the base "
                          f"layer{where} is a LowRankLinear (rank {base.rank}); use "
@@ -670,7 +697,12 @@ class LoRALinear(nn.Module):
     dict also holds what unmerge needs and the merged weights no longer give
     (a DoRA layer's ``_dora_norms``, a LowRankLinear base's own ``_base_A``
     and ``_base_B`` where merging refolded its factors), so that a merged
-    layer's state loads into a merged layer and unmerges there.
+    layer's state loads into a merged layer and unmerges there. Whether the
+    state is merged goes in its metadata: loading it into a layer that is
+    not (or is) merged, or an adapter without its base weight into a merged
+    layer, is a RuntimeError. ``scale`` cannot change while merged, and a base
+    whose weight is recomputed at every use (a parametrization, torch's
+    weight_norm hook) cannot be merged into.
 
     ``use_dora=True`` is DoRA (peft's ``use_dora``): a trainable ``magnitude``
     per output row, initialised to the row norms of ``W + scale·B·A``, and
@@ -776,6 +808,12 @@ class LoRALinear(nn.Module):
             # base weight (a NaN would destroy it for good), and the path over a
             # LowRankLinear base never reaches the op's check.
             value = _checked_scale(value)
+            if self.__dict__.get("merged") and value != self.__dict__.get("scale"):
+                # unmerge() would take out scale·B·A at the new scale.
+                raise RuntimeError(
+                    f"LoRALinear: scale cannot change from {self.scale:g} to {value:g} while "
+                    "the layer is merged (its base weight holds the adapter at the old "
+                    "scale); unmerge() first")
             if "scale" in self.__dict__:
                 self.__dict__["_scale_changed"] = True
         super().__setattr__(name, value)
@@ -887,8 +925,20 @@ class LoRALinear(nn.Module):
                     "layer first (children before parents)")
             self.magnitude.copy_(dora_row_norms(weight, self.B, self.A, self.scale))
 
+    def _weight_keys(self, prefix):
+        """The state's keys of what merge() changes: the adapter's, and the base's weights."""
+        own = ["A", "B"] + (["magnitude"] if self.use_dora else [])
+        base = ["base.A", "base.B"] if isinstance(self.base, LowRankLinear) else ["base.weight"]
+        return [prefix + name for name in own + base]
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Whether the state is merged (its base weight holding the adapter)
+        # goes with it, in the state's per-module metadata (kept by
+        # torch.save, not by safetensors), for _load_from_state_dict to check.
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and isinstance(metadata.get(prefix[:-1]), dict):
+            metadata[prefix[:-1]]["lora_merged"] = bool(self.merged)
         # What merge() kept for unmerge() is in the state only while merged
         # (unmerged states keep their keys, as peft's), as buffers outside
         # the state dict; without it a merged state loaded into a merged
@@ -907,6 +957,22 @@ class LoRALinear(nn.Module):
         # the base after this): a mismatch would leave an unmerge() that
         # silently gives other weights than the saved layer's.
         where = f"LoRALinear {prefix[:-1]!r}" if prefix else "LoRALinear"
+        weights = [key for key in self._weight_keys(prefix) if key in state_dict]
+        saved_merged = local_metadata.get("lora_merged")
+        if weights and saved_merged is not None and bool(saved_merged) != self.merged:
+            raise RuntimeError(
+                f"{where}: the state was saved from {'a ' if saved_merged else 'an un'}merged "
+                f"layer, but this layer is {'' if self.merged else 'not '}merged, so its "
+                f"adapter would be {'added twice' if saved_merged else 'left out'}; "
+                f"{'merge' if saved_merged else 'unmerge'}() it before loading")
+        if self.merged and weights and len(weights) < len(self._weight_keys(prefix)):
+            # A merged base weight holds the adapter it was merged with: loading
+            # one without the other leaves an unmerge() that takes out another.
+            missing = sorted(set(self._weight_keys(prefix)) - set(weights))
+            raise RuntimeError(
+                f"{where}: this layer is merged, so its adapter and its base weight load "
+                f"together or not at all, but the state holds {', '.join(weights)} without "
+                f"{', '.join(missing)}; unmerge() the layer before loading an adapter alone")
         if not self.merged:
             if given:
                 raise RuntimeError(
@@ -991,11 +1057,21 @@ class LoRALinear(nn.Module):
                 f"LoRALinear.merge: the base weight was tied to {', '.join(tied)} when the "
                 "adapter was added; if it still is, merging changes that too (lx.merge_lora "
                 "refuses such layers)", stacklevel=_PAST_NO_GRAD)
+        why = weight_recomputed(self.base)
+        if why is None and isinstance(self.base, LowRankLinear) and \
+                torch.nn.utils.parametrize.is_parametrized(self.base):
+            why = "its factors are parametrized: computed at every use"
+        if why:
+            raise RuntimeError(f"LoRALinear.merge: the base layer cannot take the adapter: "
+                               f"{why}. Unmerged, the layer computes the same")
         if isinstance(self.base, LowRankLinear):
             # Exact: the adapter's rank joins the base's, B₀A₀ + s·BA = [B₀, s·B]·[A₀; A].
             base = self.base
-            A = torch.cat([base.A, self.A.to(base.A.dtype)])
-            B = torch.cat([base.B, (self.scale * self.B).to(base.B.dtype)], dim=1)
+            # New factors made outside inference mode, so that they stay
+            # trainable after a merge() under torch.inference_mode().
+            with torch.inference_mode(False):
+                A = torch.cat([base.A, self.A.to(base.A.dtype)])
+                B = torch.cat([base.B, (self.scale * self.B).to(base.B.dtype)], dim=1)
             d, k = base.out_features, base.in_features
             if A.shape[0] > min(d, k):
                 # More ranks than the matrix has: the same product at rank
@@ -1003,13 +1079,18 @@ class LoRALinear(nn.Module):
                 # outside the state dict) for unmerge.
                 self.register_buffer("_base_A", base.A.detach().clone(), persistent=False)
                 self.register_buffer("_base_B", base.B.detach().clone(), persistent=False)
-                B, A = _full_rank_factors(B, A)
+                with torch.inference_mode(False):
+                    B, A = _full_rank_factors(B, A)
             if A.shape[0] >= break_even_rank(d, k):
                 warnings.warn(f"LoRALinear.merge: the merged layer has rank {A.shape[0]}, at "
                               f"or past d·k/(d+k) = {break_even_rank(d, k):.1f}: it holds "
                               "more numbers than a dense layer (base.to_linear() would not)",
                               stacklevel=_PAST_NO_GRAD)
-            _replace_factors(base, A, B)
+            # The base's own Parameters, which unmerge() puts back (a plain
+            # attribute: not in the state dict, nor among the parameters).
+            self.__dict__["_base_parameters"] = (base.A, base.B)
+            with torch.inference_mode(False):
+                _replace_factors(base, A, B)
         elif self.use_dora:
             weight = dense_weight(self.base)
             # Kept for unmerge: the norm of the unmerged weight, which the merged one no
@@ -1035,14 +1116,15 @@ class LoRALinear(nn.Module):
             return self
         if isinstance(self.base, LowRankLinear):
             base = self.base
+            originals = self.__dict__.pop("_base_parameters", None)
             if "_base_A" in self._buffers:  # merge() had to fold the ranks together
-                _replace_factors(base, self._base_A, self._base_B)
+                _restore_factors(base, self._base_A, self._base_B, originals)
                 del self._base_A, self._base_B
             else:
                 # merge() appended the adapter's rank columns: keep the base's own, bit
                 # for bit.
                 own = base.rank - self.rank
-                _replace_factors(base, base.A[:own].clone(), base.B[:, :own].clone())
+                _restore_factors(base, base.A[:own], base.B[:, :own], originals)
         elif self.use_dora:
             weight = dense_weight(self.base)
             factor = self._dora_scale(self._dora_norms)

@@ -293,9 +293,14 @@ def test_merged_states_that_would_unmerge_wrongly_are_refused(strict):
     state = src.state_dict()
     # A merged state into a layer that is not merged.
     before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"the state was saved from a merged layer, but this "
+                                           r"layer is not merged"):
+        dst.load_state_dict(state, strict=strict)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+    # Without the state's metadata (a state read from a file), by what it holds.
     with pytest.raises(RuntimeError, match=r"holds _dora_norms, which only a merged layer's "
                                            r"state holds, but this layer is not merged"):
-        dst.load_state_dict(state, strict=strict)
+        dst.load_state_dict(dict(state), strict=strict)
     assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
     # A merged state without what unmerge needs (saved by an older version).
     dst.merge()

@@ -1,0 +1,273 @@
+"""A merged LoRALinear's base weight holds the adapter at the scale it was
+merged with: whatever would make unmerge() take out another adapter, or
+leave the model computing without the adapter it reports, is refused, and
+merging keeps what the user's optimizer and other layers hold."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import lowrank_ext as lx
+
+
+def _lora(seed=0, use_dora=False, base=None):
+    torch.manual_seed(seed)
+    base = nn.Linear(24, 16, dtype=torch.float64) if base is None else base
+    layer = lx.LoRALinear(base, 4, 8, use_dora=use_dora)
+    with torch.no_grad():
+        layer.B.normal_()
+    return layer
+
+
+def _x():
+    return torch.randn(3, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+
+def _dense_reference(layer):
+    """The layer's output map in float64 from its own tensors: W + scale·B·A, bias."""
+    W = layer.base.weight.detach() + layer.scale * layer.B.detach() @ layer.A.detach()
+    return lambda x: x @ W.T + layer.base.bias.detach()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_scale_cannot_change_while_merged(use_dora):
+    layer = _lora(use_dora=use_dora)
+    weight = layer.base.weight.detach().clone()
+    layer.merge()
+    merged = layer.base.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"scale cannot change from 2 to 0.5 while the layer "
+                                           r"is merged.*unmerge\(\) first"):
+        layer.scale = 0.5
+    assert layer.scale == 2.0 and torch.equal(layer.base.weight, merged)
+    layer.scale = 2.0  # the same value changes nothing
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, weight, rtol=0, atol=1e-12)
+    layer.scale = 0.5  # unmerged, as before
+    assert layer.scale == 0.5
+
+
+@pytest.mark.parametrize("saved_merged", [False, True])
+def test_state_of_the_other_merge_state_is_refused(saved_merged):
+    source = _lora()
+    expected = _dense_reference(source)(_x())
+    if saved_merged:
+        source.merge()
+    state = source.state_dict()
+    target = _lora(seed=1)
+    if not saved_merged:
+        target.merge()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    verb = "merge" if saved_merged else "unmerge"
+    with pytest.raises(RuntimeError, match=rf"saved from an? (un)?merged layer, .*{verb}\(\) it "
+                                           "before loading"):
+        target.load_state_dict(state)
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
+    # As the message says: then it loads, and computes what the saved layer did.
+    target.merge() if saved_merged else target.unmerge()
+    target.load_state_dict(state)
+    if saved_merged:
+        target.unmerge()
+    torch.testing.assert_close(target(_x()), expected)
+
+
+def test_merged_state_round_trips_through_torch_save(tmp_path):
+    """The flag travels in the state's metadata, which torch.save keeps."""
+    source = _lora().merge()
+    torch.save(source.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt")
+    assert state._metadata[""]["lora_merged"] is True
+    target = _lora(seed=1).merge()
+    target.load_state_dict(state)
+    torch.testing.assert_close(target(_x()), source(_x()))
+    with pytest.raises(RuntimeError, match="saved from a merged layer"):
+        _lora(seed=1).load_state_dict(state)
+
+
+def test_state_without_metadata_loads_as_before():
+    """A state from a file (safetensors keeps no metadata) is taken as it is."""
+    source = _lora()
+    state = dict(source.state_dict())  # a plain dict: no _metadata
+    target = _lora(seed=1)
+    target.load_state_dict(state)
+    torch.testing.assert_close(target(_x()), source(_x()))
+
+
+@pytest.mark.parametrize("keys", [("A", "B"), ("base.weight",), ("A",)])
+def test_merged_layer_refuses_an_adapter_without_its_base_weight(keys):
+    """peft-style ``load_state_dict(adapter, strict=False)`` into a merged layer:
+    unmerge() would then take out the new adapter from a weight holding the old."""
+    target = _lora().merge()
+    snapshot = {k: v.clone() for k, v in target.state_dict().items()}
+    other = _lora(seed=3).state_dict()
+    with pytest.raises(RuntimeError, match=r"this layer is merged, so its adapter and its base "
+                                           r"weight load together.*unmerge\(\) the layer"):
+        target.load_state_dict({k: other[k] for k in keys}, strict=False)
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in snapshot.items())
+    # The bias alone does not take part in merging, and loads.
+    target.load_state_dict({"base.bias": other["base.bias"]}, strict=False)
+    assert torch.equal(target.base.bias, other["base.bias"])
+
+
+def test_unmerged_layer_takes_an_adapter_alone_as_before():
+    target = _lora()
+    other = _lora(seed=3)
+    target.load_state_dict({"A": other.A.detach(), "B": other.B.detach()}, strict=False)
+    assert torch.equal(target.A, other.A) and torch.equal(target.B, other.B)
+
+
+def _weight_normed(kind):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16, dtype=torch.float64)
+    if kind == "parametrization":
+        return parametrizations.weight_norm(base)
+    if kind == "hook":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's old weight_norm
+            return nn.utils.weight_norm(base)
+    return parametrizations.spectral_norm(base) if kind == "spectral" else base
+
+
+@pytest.mark.parametrize("kind", ["parametrization", "hook", "spectral"])
+def test_merge_refuses_a_base_whose_weight_is_recomputed(kind):
+    """merge() added the adapter to a weight made anew at every use: the
+    layer said merged and computed without the adapter."""
+    layer = _lora(base=_weight_normed(kind))
+    layer.eval()
+    x = _x()
+    expected = layer(x).detach()
+    with pytest.raises(RuntimeError, match="LoRALinear.merge: the base layer cannot take the "
+                                           "adapter: its weight is"):
+        layer.merge()
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    model = nn.Sequential(layer)
+    with pytest.raises(RuntimeError, match="cannot take the adapter"):
+        lx.merge_lora(model)
+    assert model[0] is layer and not layer.merged
+
+
+@pytest.mark.parametrize("kind", ["parametrization", "hook"])
+def test_pissa_refuses_a_base_whose_weight_is_recomputed(kind):
+    base = _weight_normed(kind)
+    with torch.no_grad():
+        x = _x()
+        expected = base(x)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"init='pissa' puts the residual into the base layer's "
+                                         "weight, but its weight is"):
+        lx.LoRALinear(base, 4, init="pissa")
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in state.items())
+    torch.testing.assert_close(base(x), expected, rtol=0, atol=0)
+
+
+def test_parametrized_base_still_trains_unmerged():
+    layer = _lora(base=_weight_normed("parametrization"))
+    x = _x()
+    W = layer.base.weight.detach()
+    expected = x @ (W + layer.scale * layer.B.detach() @ layer.A.detach()).T + layer.base.bias
+    torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("base_rank", [2, 14])  # appended, and folded to rank min(d, k)
+def test_lowrank_base_keeps_its_parameters_through_merge(base_rank):
+    """An optimizer built before a merged evaluation still trains the model's factors."""
+    torch.manual_seed(0)
+    base = lx.LowRankLinear(24, 16, base_rank, dtype=torch.float64)
+    base.requires_grad_(True)
+    layer = lx.LoRALinear(base, 4)
+    base.requires_grad_(True)  # the base's factors trained too
+    A0, B0 = base.A, base.B
+    values = A0.detach().clone(), B0.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # rank past d·k/(d+k)
+        layer.merge()
+    layer.unmerge()
+    assert base.A is A0 and base.B is B0
+    assert torch.equal(A0, values[0]) and torch.equal(B0, values[1])
+    optimizer = torch.optim.SGD([A0, B0], lr=0.1)
+    layer(_x()).sum().backward()
+    optimizer.step()
+    assert not torch.equal(base.A, values[0])
+
+
+@pytest.mark.parametrize("base_rank", [2, 14])
+def test_lowrank_base_merged_state_loaded_then_unmerged_takes_the_loaded_factors(base_rank):
+    def make(seed):
+        torch.manual_seed(seed)
+        layer = lx.LoRALinear(lx.LowRankLinear(24, 16, base_rank, dtype=torch.float64), 4)
+        with torch.no_grad():
+            layer.B.normal_()
+        return layer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        source, target = make(0), make(1)
+        own = source.base.A.detach().clone(), source.base.B.detach().clone()
+        state = source.merge().state_dict()
+        target.merge()
+    A1 = target.__dict__["_base_parameters"][0]
+    target.load_state_dict(state)
+    target.unmerge()
+    assert target.base.A is A1
+    torch.testing.assert_close(target.base.A, own[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(target.base.B, own[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "dora", "lowrank-append", "lowrank-folded"])
+@pytest.mark.parametrize("unmerge_inside", [False, True])
+def test_merge_inside_inference_mode_leaves_a_trainable_layer(kind, unmerge_inside):
+    torch.manual_seed(0)
+    base = (lx.LowRankLinear(12, 6, 2 if kind == "lowrank-append" else 5)
+            if kind.startswith("lowrank") else nn.Linear(12, 6))
+    layer = lx.LoRALinear(base, 2, use_dora=kind == "dora")
+    x = torch.randn(3, 12, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.inference_mode():
+            layer.merge()
+            layer(x.detach())
+            if unmerge_inside:
+                layer.unmerge()
+        if not unmerge_inside:
+            layer.unmerge()
+    assert not any(t.is_inference() for t in list(layer.parameters()) + list(layer.buffers()))
+    layer(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_merge_lora_refuses_a_base_used_elsewhere():
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8, dtype=torch.float64)
+    model = nn.Module()
+    model.a = lx.LoRALinear(shared, 2)
+    model.b = shared  # the same layer, bare
+    with torch.no_grad():
+        model.a.B.normal_()
+    weight = shared.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"merge_lora: .*the base layer of a is also at b, "
+                                         "whose outputs would change too"):
+        lx.merge_lora(model)
+    assert isinstance(model.a, lx.LoRALinear) and not model.a.merged
+    assert torch.equal(shared.weight, weight)
+
+
+def test_merge_lora_refuses_two_adapters_over_one_base():
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8, dtype=torch.float64)
+    model = nn.Module()
+    model.a, model.b = lx.LoRALinear(shared, 2), lx.LoRALinear(shared, 2)
+    with pytest.raises(ValueError, match="the base layer of a is also at b.base"):
+        lx.merge_lora(model)
+    assert not model.a.merged and not model.b.merged
+
+
+def test_merge_lora_of_a_shared_adapter_still_unwraps_every_place():
+    torch.manual_seed(0)
+    layer = lx.LoRALinear(nn.Linear(8, 8, dtype=torch.float64), 2)
+    model = nn.Module()
+    model.a = model.b = layer
+    lx.merge_lora(model)
+    assert model.a is model.b and type(model.a) is nn.Linear
