@@ -28,6 +28,10 @@ class Workers:
         if dist.is_available() and dist.is_initialized():
             self.world = dist.get_world_size(group)
             self.rank = dist.get_rank(group)
+            if self.rank < 0:  # torch's answer outside the group
+                raise ValueError("compress_model: this process is not a member of "
+                                 "process_group; call compress_model on the group's members "
+                                 "only")
         elif group is not None:
             raise ValueError("compress_model: process_group was given but torch.distributed "
                              "is not initialized")

@@ -80,20 +80,27 @@ class PaddingMasks:
         # between calibration runs. An encoder's modules take its key over
         # its owner's.
         self._inside = {id(m): key for region, key in self._regions for m in region.modules()}
-        for region, key in self._regions:
-            # First among the region's hooks, so that the others (which may
-            # ask about its outputs) run after it has recorded them.
-            self._handles.append(region.register_forward_hook(self._recorder(key), prepend=True))
-        if self._sources:
-            # What a module outside the encoders (towers) makes of their
-            # outputs alone holds their tokens too: EncoderDecoderModel
-            # projects its encoder's output (enc_to_dec_proj) before the
-            # decoder's cross-attention reads it.
-            within = {id(m) for source in self._sources for m in source.modules()}
-            for module in self._model.modules():
-                if id(module) not in within:
-                    self._handles.append(module.register_forward_hook(
-                        self._passer, prepend=True, with_kwargs=True))
+        try:
+            for region, key in self._regions:
+                # First among the region's hooks, so that the others (which may
+                # ask about its outputs) run after it has recorded them.
+                if _takes_hooks(region):
+                    self._handles.append(region.register_forward_hook(
+                        eager_hook(self._recorder(key)), prepend=True))
+            if self._sources:
+                # What a module outside the encoders (towers) makes of their
+                # outputs alone holds their tokens too: EncoderDecoderModel
+                # projects its encoder's output (enc_to_dec_proj) before the
+                # decoder's cross-attention reads it.
+                within = {id(m) for source in self._sources for m in source.modules()}
+                passer = eager_hook(self._passer)
+                for module in self._model.modules():
+                    if id(module) not in within and _takes_hooks(module):
+                        self._handles.append(module.register_forward_hook(
+                            passer, prepend=True, with_kwargs=True))
+        except BaseException:  # no hooks left behind, whatever stopped it
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
@@ -153,6 +160,20 @@ class PaddingMasks:
                 if place is not None and place not in self._produced:
                     self._produced[place] = (t, key)
         return hook
+
+
+def _takes_hooks(module):
+    """False for a TorchScript module, whose hooks torch refuses to register
+    (its outputs go unrecorded; what runs inside it has no nn.Linear layers)."""
+    return not isinstance(module, torch.jit.ScriptModule)
+
+
+def eager_hook(hook):
+    """``hook`` run eagerly where the model is compiled: traced by torch.compile,
+    the version counters that tell an input changed in place between two
+    layers (:func:`_unchanged`) do not see an in-place update made in the
+    compiled code, and a layer would be given another one's XᵀX."""
+    return torch.compiler.disable(hook)
 
 
 def _tensors(value):
@@ -437,7 +458,10 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
             same = (last["key"] is not None and _unchanged(last["key"], x)
                     and last["mask"] is mask)
             if stages is not None and name not in seen:
-                if same and stages:
+                # With the stage of the layers fed this tensor before, if it is
+                # the last one: not where those were called again later (a layer
+                # used twice), after layers the tensor was made from.
+                if same and stages and any(n in stages[-1] for n in last["fed"]):
                     stages[-1].append(name)
                 else:
                     stages.append([name])
@@ -455,10 +479,11 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
             last["fed"].append(name)
         return hook
 
-    handles = [module.register_forward_pre_hook(make_hook(name, dense_weight(module).shape[1]),
-                                                with_kwargs=True)
-               for name, module in layers.items()]
+    handles = []
     try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(
+                eager_hook(make_hook(name, dense_weight(module).shape[1])), with_kwargs=True))
         with masks:
             run_calibration(model, calibration, masks, allow_empty=allow_unseen)
         _add_product(grams, holders, last["gram"], last["fed"])

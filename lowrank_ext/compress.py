@@ -930,12 +930,13 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         shared_records = _shared_records(
             reported, {**linears, **{n: m for n, (m, _) in left.items()}},
             {**shared, **{n: f"dense: left alone, {why}" for n, (_, why) in left.items()}})
+    # Before returning for want of layers too: a rank with none would leave
+    # the others waiting here.
+    workers.check_same_call((list(shapes.items()), ratio, rank, energy, tol, allocation,
+                             sequential, rank_multiple, calibration is not None))
     if not layers:
         return CompressionReport([shared_records[n] for n in reported],
                                  calibrated=calibration is not None)
-
-    workers.check_same_call((list(shapes.items()), ratio, rank, energy, tol, allocation,
-                             sequential, rank_multiple, calibration is not None))
     owners = workers.assign(shapes)
     stages = []
     grams = {}

@@ -301,3 +301,153 @@ def test_layers_sharing_inputs_share_one_sum_until_their_inputs_part(mode):
         torch.testing.assert_close(grams[name], truth[name], rtol=1e-12, atol=1e-12)
     assert grams["q"] is grams["v"]
     assert grams["k"] is not grams["q"] and grams["w"] is not grams["q"]
+
+
+# --- hooks: compiled models, TorchScript parts, stages ---------------------------------------
+class _InPlaceBetweenLayers(nn.Module):
+    """q and k read h, then h changes in place before o reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.o = (nn.Linear(8, 8, dtype=torch.float64) for _ in range(3))
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        a = self.q(h) * self.k(h)
+        h += a
+        return self.o(h)
+
+
+def _grams_by_hand(model, names, batches):
+    grams = {n: torch.zeros(8, 8, dtype=torch.float64) for n in names}
+    def add(name):
+        def hook(module, args):
+            grams[name].add_(args[0].T @ args[0])  # returns None: the input stays
+        return hook
+
+    handles = [getattr(model, n).register_forward_pre_hook(add(n)) for n in names]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for handle in handles:
+        handle.remove()
+    return grams
+
+
+def test_a_compiled_model_gives_each_layer_its_own_inputs():
+    """Traced by torch.compile, the hooks missed the in-place update between
+    k and o and gave o the XᵀX of q and k."""
+    torch.manual_seed(0)
+    model = _InPlaceBetweenLayers()
+    batches = [torch.randn(5, 8, dtype=torch.float64) for _ in range(3)]
+    expected = _grams_by_hand(model, "qko", batches)
+    compiled = torch.compile(model, backend="aot_eager")
+    grams = collect_input_grams(compiled, {n: getattr(model, n) for n in "qko"}, batches)
+    for name in "qko":
+        torch.testing.assert_close(grams[name], expected[name], rtol=1e-12, atol=1e-12)
+    assert grams["q"] is grams["k"] and grams["o"] is not grams["q"]
+
+
+class _Vision(nn.Module):
+    """A second tower, with a patch convolution of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv1d(1, 16, kernel_size=4, stride=4)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, pixels):
+        return self.proj(self.patch(pixels[:, None]).transpose(1, 2))
+
+
+class _TwoTowersWithScript(nn.Module):
+    """Token and patch towers (PaddingMasks hooks every module), and a TorchScript
+    module, on which torch refuses hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 16)
+        self.vision = _Vision()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
+            self.act = torch.jit.script(nn.Tanh())
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, pixels, attention_mask=None):
+        return self.act(self.fc(self.embed(input_ids))).mean(1) + self.vision(pixels).mean(1)
+
+
+def test_a_model_with_a_torchscript_part_calibrates_and_keeps_no_hooks():
+    # Registering a hook on the scripted part raised half-way, and the hooks
+    # registered before it stayed on the model.
+    torch.manual_seed(0)
+    model = _TwoTowersWithScript()
+    batch = {"input_ids": torch.randint(0, 50, (2, 5)), "pixels": torch.randn(2, 32),
+             "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    report = lx.compress_model(model, rank=2, calibration=[batch], progress=False)
+    assert report.ranks == {"fc": 2, "vision.proj": 2}
+    for module in model.modules():
+        if not isinstance(module, torch.jit.ScriptModule):
+            assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_padding_masks_leave_no_hooks_when_registering_fails(monkeypatch):
+    from lowrank_ext import calibration
+
+    torch.manual_seed(0)
+    model = _TwoTowersWithScript()
+    calls = []
+    real = nn.Module.register_forward_hook
+
+    def failing_third(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "register_forward_hook", failing_third)
+    with pytest.raises(KeyboardInterrupt):
+        with calibration.PaddingMasks(model):
+            pass
+    monkeypatch.undo()
+    for module in model.modules():
+        if not isinstance(module, torch.jit.ScriptModule):
+            assert not module._forward_hooks
+
+
+class _SharedLayerCalledAgain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = (nn.Linear(16, 16, dtype=torch.float64) for _ in range(3))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.c(h))
+        return self.a(h) + self.b(h)  # a again, then b on the same h, made by c
+
+
+def test_stages_do_not_join_a_layer_to_the_stage_its_input_was_made_in():
+    torch.manual_seed(0)
+    model = _SharedLayerCalledAgain()
+    stages = []
+    collect_input_grams(model, {"a": model.a, "c": model.c, "b": model.b},
+                        [torch.randn(64, 16, dtype=torch.float64)], stages)
+    assert stages == [["a"], ["c"], ["b"]]
+
+
+def test_sequential_whitens_a_layer_after_the_one_its_input_comes_from():
+    """b must see the inputs of the compressed c (sequential=True's promise)."""
+    torch.manual_seed(0)
+    model = _SharedLayerCalledAgain()
+    X = torch.randn(64, 16, dtype=torch.float64)
+    W = model.b.weight.detach().clone()
+    lx.compress_model(model, rank=4, calibration=[X], sequential=True, progress=False)
+    with torch.no_grad():
+        H = torch.tanh(model.c(torch.tanh(model.a(X))))
+    # The best rank-4 map for these inputs, by an SVD of W·L (L·Lᵀ = HᵀH).
+    L = torch.linalg.cholesky(H.T @ H)
+    U = torch.linalg.svd(W @ L)[0][:, :4]
+    torch.testing.assert_close(model.b.B @ model.b.A, U @ (U.T @ W), rtol=1e-8, atol=1e-10)

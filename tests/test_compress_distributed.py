@@ -341,3 +341,42 @@ def test_the_progress_bar_is_full_on_a_rank_whose_share_is_empty(tmp_path):
     """The rank with no data runs none of its sensitivity probes: their steps still count."""
     for n, total, closed in run_ranks(_bar_on_rank, tmp_path):
         assert closed and n == total
+
+
+def _no_layer_on_one_rank(rank, directory):
+    """Rank 1's two layers tie one weight, so it has no layer to factorize."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    if rank == 1:
+        model[2].weight = model[0].weight
+    try:
+        lx.compress_model(model, rank=4, progress=False)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.skipif(not gloo_available(), reason="needs torch.distributed with gloo")
+def test_a_rank_without_layers_is_refused_on_every_rank_instead_of_hanging(tmp_path):
+    # Rank 1 returned at once, rank 0 waited for it until the group's timeout.
+    for message in run_ranks(_no_layer_on_one_rank, tmp_path):
+        assert message is not None and "were called with other layers" in message
+
+
+def _outside_the_group(rank, directory):
+    group = torch.distributed.new_group([0])  # every rank takes part in making it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    try:
+        report = lx.compress_model(model, rank=4, progress=False, process_group=group)
+    except ValueError as exc:
+        return str(exc)
+    return report.ranks
+
+
+@pytest.mark.skipif(not gloo_available(), reason="needs torch.distributed with gloo")
+def test_a_process_outside_the_group_is_told_so(tmp_path):
+    inside, outside = run_ranks(_outside_the_group, tmp_path)
+    assert inside == {"0": 4, "2": 4}
+    assert outside == ("compress_model: this process is not a member of process_group; call "
+                       "compress_model on the group's members only")
