@@ -124,7 +124,11 @@ def weight_recomputed(layer):
         return (f"its weight is parametrized ({chain}): computed at every use; "
                 "torch.nn.utils.parametrize.remove_parametrizations makes it a plain tensor")
     kinds = _torch_weight_hooks()
-    hooks = [type(h).__name__ for h in layer._forward_pre_hooks.values() if isinstance(h, kinds)]
+    # Each names the tensor it recomputes (pruning as _tensor_name): a bias's
+    # hook leaves the weight alone.
+    hooks = [type(h).__name__ for h in layer._forward_pre_hooks.values()
+             if isinstance(h, kinds)
+             and getattr(h, "name", getattr(h, "_tensor_name", "weight")) == "weight"]
     if hooks:
         return (f"its weight is set anew before every call by torch's {', '.join(hooks)} hook; "
                 "remove it first (torch.nn.utils.remove_weight_norm, remove_spectral_norm or "

@@ -84,7 +84,7 @@ class PaddingMasks:
             for region, key in self._regions:
                 # First among the region's hooks, so that the others (which may
                 # ask about its outputs) run after it has recorded them.
-                if _takes_hooks(region):
+                if takes_hooks(region):
                     self._handles.append(region.register_forward_hook(
                         eager_hook(self._recorder(key)), prepend=True))
             if self._sources:
@@ -95,7 +95,7 @@ class PaddingMasks:
                 within = {id(m) for source in self._sources for m in source.modules()}
                 passer = eager_hook(self._passer)
                 for module in self._model.modules():
-                    if id(module) not in within and _takes_hooks(module):
+                    if id(module) not in within and takes_hooks(module):
                         self._handles.append(module.register_forward_hook(
                             passer, prepend=True, with_kwargs=True))
         except BaseException:  # no hooks left behind, whatever stopped it
@@ -162,7 +162,7 @@ class PaddingMasks:
         return hook
 
 
-def _takes_hooks(module):
+def takes_hooks(module):
     """False for a TorchScript module, whose hooks torch refuses to register
     (its outputs go unrecorded; what runs inside it has no nn.Linear layers)."""
     return not isinstance(module, torch.jit.ScriptModule)
@@ -440,7 +440,7 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
     # Layers fed the same tensor one after another (attention's q, k, v) share
     # one product: remember the last input, its XᵀX and the layers fed it
     # (once per call), whose sums take it when the next input comes.
-    last = {"key": None, "mask": None, "gram": None, "fed": []}
+    last = {"key": None, "mask": None, "gram": None, "fed": [], "opened": False}
     # Padding tokens carry no meaning but would pull the whitening towards
     # their activations: rows of inputs where the mask that applies to them
     # (PaddingMasks) is 0 are left out.
@@ -457,14 +457,17 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
             mask = masks.of(x, module)
             same = (last["key"] is not None and _unchanged(last["key"], x)
                     and last["mask"] is mask)
+            opened = False
             if stages is not None and name not in seen:
-                # With the stage of the layers fed this tensor before, if it is
-                # the last one: not where those were called again later (a layer
-                # used twice), after layers the tensor was made from.
-                if same and stages and any(n in stages[-1] for n in last["fed"]):
+                # With the stage of the layers fed this tensor before, if this
+                # tensor opened the last stage: not where it was fed only to
+                # layers seen before (a layer called again), which may have
+                # made it, after the last stage began.
+                if same and stages and last["opened"]:
                     stages[-1].append(name)
                 else:
                     stages.append([name])
+                    opened = True
             seen.add(name)
             if not same:
                 _add_product(grams, holders, last["gram"], last["fed"])
@@ -475,7 +478,8 @@ def collect_input_grams(model, layers, calibration, stages=None, allow_unseen=Fa
                 else:
                     x64 = without_padding(x.detach(), mask).reshape(-1, k)
                 x64 = x64.to(torch.float64)
-                last.update(key=_input_key(x), mask=mask, gram=x64.T @ x64, fed=[])
+                last.update(key=_input_key(x), mask=mask, gram=x64.T @ x64, fed=[], opened=False)
+            last["opened"] = last["opened"] or opened
             last["fed"].append(name)
         return hook
 
@@ -570,7 +574,11 @@ def check_inputs_not_all_zero(grams):
     """The ValueError for layers whose calibration inputs were all zero (or all
     padding), over every rank's share of the data: as for a layer never run,
     nothing measures which directions of its weight matter."""
-    zero = [name for name, gram in grams.items() if gram is not None and not bool(gram.any())]
+    # XᵀX is positive semi-definite: its largest entry is on its diagonal. One
+    # below float64's smallest normal number holds no digits to whiten with.
+    tiny = torch.finfo(torch.float64).tiny
+    zero = [name for name, gram in grams.items()
+            if gram is not None and not float(gram.diagonal().max()) >= tiny]
     if zero:
         raise ValueError(
             f"compress_model: the calibration gave layer(s) {preview(zero)} only zero inputs "

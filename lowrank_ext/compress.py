@@ -250,7 +250,8 @@ def _range_scale(t, what):
         return 1.0
     low, high = torch.aminmax(t.detach())
     _, e = math.frexp(max(-float(low), float(high)))
-    return math.ldexp(1.0, -e) if abs(e) > _SAFE_EXPONENT[what] else 1.0
+    # (At most 2**1022: a subnormal maximum gives e down to -1073.)
+    return math.ldexp(1.0, min(-e, 1022)) if abs(e) > _SAFE_EXPONENT[what] else 1.0
 
 
 def _left_singular(weight, G, count, resolution, device, store=torch.float64, w_scale=1.0):

@@ -959,7 +959,9 @@ class LoRALinear(nn.Module):
         where = f"LoRALinear {prefix[:-1]!r}" if prefix else "LoRALinear"
         weights = [key for key in self._weight_keys(prefix) if key in state_dict]
         saved_merged = local_metadata.get("lora_merged")
-        if weights and saved_merged is not None and bool(saved_merged) != self.merged:
+        # A and B are the same merged or not: only a base weight tells.
+        base_given = any(key.startswith(prefix + "base.") for key in weights)
+        if base_given and saved_merged is not None and bool(saved_merged) != self.merged:
             raise RuntimeError(
                 f"{where}: the state was saved from {'a ' if saved_merged else 'an un'}merged "
                 f"layer, but this layer is {'' if self.merged else 'not '}merged, so its "
@@ -1058,8 +1060,8 @@ class LoRALinear(nn.Module):
                 "adapter was added; if it still is, merging changes that too (lx.merge_lora "
                 "refuses such layers)", stacklevel=_PAST_NO_GRAD)
         why = weight_recomputed(self.base)
-        if why is None and isinstance(self.base, LowRankLinear) and \
-                torch.nn.utils.parametrize.is_parametrized(self.base):
+        if why is None and isinstance(self.base, LowRankLinear) and any(
+                torch.nn.utils.parametrize.is_parametrized(self.base, f) for f in "AB"):
             why = "its factors are parametrized: computed at every use"
         if why:
             raise RuntimeError(f"LoRALinear.merge: the base layer cannot take the adapter: "

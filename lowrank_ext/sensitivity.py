@@ -32,7 +32,8 @@ import math
 
 import torch
 
-from .calibration import PaddingMasks, floating_tensors, run_calibration, without_padding
+from .calibration import (PaddingMasks, eager_hook, floating_tensors, run_calibration,
+                          takes_hooks, without_padding)
 
 _KEPT_COLUMNS = 64
 # The smallest relative squared output error of a probe that still measures
@@ -81,9 +82,12 @@ class OutputRecorder:
                                       for t in floating_tensors(output)]))
             return hook
 
-        handles = [self.model.register_forward_hook(keep(top, None))]
-        handles += [child.register_forward_hook(keep(children, name)) for name, child in order]
-        try:
+        handles = []
+        try:  # registered one at a time, so that every one made is removed
+            handles.append(self.model.register_forward_hook(eager_hook(keep(top, None))))
+            for name, child in order:
+                if takes_hooks(child):  # a TorchScript part takes none
+                    handles.append(child.register_forward_hook(eager_hook(keep(children, name))))
             with self.masks:
                 count = run_calibration(self.model, calibration, self.masks, allow_empty)
         finally:

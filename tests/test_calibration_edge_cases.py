@@ -451,3 +451,77 @@ def test_sequential_whitens_a_layer_after_the_one_its_input_comes_from():
     L = torch.linalg.cholesky(H.T @ H)
     U = torch.linalg.svd(W @ L)[0][:, :4]
     torch.testing.assert_close(model.b.B @ model.b.A, U @ (U.T @ W), rtol=1e-8, atol=1e-10)
+
+
+class _LayerCalledTwiceInARow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = (nn.Linear(16, 16, dtype=torch.float64) for _ in range(2))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.a(h) + self.b(h)  # a again on h, made by a; then b on h
+
+
+def test_stages_of_a_layer_called_twice_in_a_row():
+    torch.manual_seed(0)
+    model = _LayerCalledTwiceInARow()
+    stages = []
+    collect_input_grams(model, {"a": model.a, "b": model.b},
+                        [torch.randn(64, 16, dtype=torch.float64)], stages)
+    assert stages == [["a"], ["b"]]
+
+
+def test_stages_keep_layers_fed_one_tensor_together():
+    """q, k and v fed one tensor share a stage, also after a layer called twice."""
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.q, self.k, self.v = (nn.Linear(8, 8, dtype=torch.float64)
+                                                for _ in range(4))
+
+        def forward(self, x):
+            h = self.pre(self.pre(x))
+            return self.q(h) + self.k(h) + self.v(h)
+
+    model = Attention()
+    stages = []
+    collect_input_grams(model, dict(model.named_children()),
+                        [torch.randn(10, 8, dtype=torch.float64)], stages)
+    assert stages == [["pre"], ["q", "k", "v"]]
+
+
+class _ScriptedMiddle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
+            self.act = torch.jit.script(nn.Tanh())
+        self.fc2 = nn.Linear(16, 16, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_sensitivity_allocation_passes_over_a_torchscript_part():
+    torch.manual_seed(0)
+    model = _ScriptedMiddle()
+    report = lx.compress_model(model, ratio=0.5, calibration=[torch.randn(32, 16,
+                                                                          dtype=torch.float64)],
+                               progress=False)
+    assert all(row.sensitivity is not None for row in report.layers)
+    for module in model.modules():
+        if not isinstance(module, torch.jit.ScriptModule):
+            assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_inputs_whose_gram_is_subnormal_are_named_as_too_small():
+    """Inputs of 1e-161 give an XᵀX of about 1e-322, subnormal: no digits to whiten with."""
+    model = nn.Sequential(nn.Linear(16, 16, dtype=torch.float64))
+    state = _state(model)
+    X = torch.randn(8, 16, dtype=torch.float64) * 1e-161
+    with pytest.raises(ValueError, match=r"only zero inputs \(or only padding tokens, or values "
+                                         r"so small that XᵀX underflows float64\)"):
+        lx.compress_model(model, rank=2, calibration=[X], progress=False)
+    _assert_unchanged(model, state)

@@ -1092,7 +1092,7 @@ def _float64_layer_of_rank_4(scale):
     return nn.Sequential(layer)
 
 
-@pytest.mark.parametrize("scale", [2.0 ** -600, 2.0 ** -1000, 2.0 ** 530])
+@pytest.mark.parametrize("scale", [2.0 ** -600, 2.0 ** -1000, 2.0 ** -1030, 2.0 ** 530])
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_float64_weights_far_out_of_range_factor_as_their_scaled_copy(scale, calibrated):
     """W·G·Wᵀ squares the weight: entries of 1e-180 underflowed to zero

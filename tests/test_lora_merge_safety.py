@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations, parametrize, prune
 
 import lowrank_ext as lx
 
@@ -271,3 +271,45 @@ def test_merge_lora_of_a_shared_adapter_still_unwraps_every_place():
     model.a = model.b = layer
     lx.merge_lora(model)
     assert model.a is model.b and type(model.a) is nn.Linear
+
+
+def test_adapter_alone_from_a_merged_state_loads_into_an_unmerged_layer():
+    """A and B are the same merged or not: the merged flag of their state
+    concerns only the base weight, which is not loaded."""
+    source = _lora().merge()
+    state = source.state_dict()
+    del state["base.weight"], state["base.bias"]
+    assert state._metadata[""]["lora_merged"] is True
+    target = _lora(seed=1)
+    target.load_state_dict(state, strict=False)
+    assert torch.equal(target.A, source.A) and torch.equal(target.B, source.B)
+
+
+def test_a_base_with_only_its_bias_recomputed_merges():
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16, dtype=torch.float64)
+    prune.l1_unstructured(base, "bias", amount=0.5)
+    layer = _lora(base=base)
+    x = _x()
+    expected = layer(x).detach()
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected)
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_a_lowrank_base_with_a_parametrized_bias_merges():
+    class Halved(nn.Module):
+        def forward(self, t):
+            return t / 2
+
+    torch.manual_seed(0)
+    base = lx.LowRankLinear(24, 16, 3, dtype=torch.float64)
+    parametrize.register_parametrization(base, "bias", Halved())
+    layer = lx.LoRALinear(base, 2)
+    with torch.no_grad():
+        layer.B.normal_()
+    x = _x()
+    expected = layer(x).detach()
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected)
