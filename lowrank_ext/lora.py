@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ._checks import dtype_name
-from ._modules import (Swaps, check_backward_hooks_combine, compiled_original, dense_weight,
-                       places_of, weight_tied_elsewhere)
+from ._modules import (Swaps, check_backward_hooks_combine, compiled_alone, compiled_original,
+                       dense_weight, is_conv1d, places_of, weight_tied_elsewhere)
 from ._names import preview
 from .compress import adapter_bases, left_alone_suffix, plain_linears, select_layers
 from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
@@ -89,10 +89,12 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             under several names is matched by each of them: any name
             matching ``include`` selects it, any matching ``exclude`` leaves
             it out.
-        freeze: make every parameter other than the new adapters' stop
+        freeze: make every parameter other than the adapters' stop
             requiring gradients (peft's behaviour), so that
             ``[p for p in model.parameters() if p.requires_grad]`` is the
-            adapters alone. With ``False``, only the wrapped layers' own
+            adapters alone: the new ones, and those an earlier call added,
+            whose flags stay as they are (several calls give layers
+            different ranks). With ``False``, only the wrapped layers' own
             weights and biases are frozen.
 
     A layer registered under several names (one module object in several
@@ -109,18 +111,27 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     alpha = check_lora_options("add_lora", rank, alpha, init, dropout, rslora, use_dora)
     if not isinstance(freeze, bool):
         raise TypeError(f"add_lora: freeze must be a bool, got {type(freeze).__name__}")
-    if type(model) is nn.Linear or isinstance(model, LowRankLinear):
-        what = "an nn.Linear" if type(model) is nn.Linear else "a LowRankLinear"
+    if type(model) is nn.Linear or isinstance(model, LowRankLinear) or is_conv1d(model):
+        what = ("an nn.Linear" if type(model) is nn.Linear else
+                "a LowRankLinear" if isinstance(model, LowRankLinear) else "a Conv1D")
         raise TypeError(f"add_lora: the model is itself {what}; wrap it with "
                         "LoRALinear(model, rank) instead")
     linears = _adaptable_layers(model)
     if not linears:
         raise ValueError("add_lora: the model has no nn.Linear, Conv1D or LowRankLinear "
                          "layer to wrap" + left_alone_suffix(model))
-    if isinstance(include, str) and include.lower() == "all-linear":
-        include, linears = None, _without_output_layer(model, linears)
-    names, _ = select_layers(model, linears, include, exclude, owner="add_lora",
-                             what="nn.Linear, Conv1D or LowRankLinear layer")
+    all_linear = isinstance(include, str) and include.lower() == "all-linear"
+    # The patterns see every layer (an exclude naming the output layer, as
+    # peft's configurations often do, matches it); "all-linear" then leaves
+    # the output layer out.
+    names, _ = select_layers(model, linears, None if all_linear else include, exclude,
+                             owner="add_lora", what="nn.Linear, Conv1D or LowRankLinear layer")
+    if all_linear:
+        output = _output_layer(model)
+        names = [name for name in names if linears[name] is not output]
+        if not names:
+            raise ValueError("add_lora: include='all-linear' leaves out the model's output "
+                             "layer, and no other layer is left to wrap")
     for name in names:
         d, k = dense_weight(linears[name]).shape
         if not 1 <= rank <= min(d, k):
@@ -142,9 +153,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     try:
         for name in names:
             base = linears[name]
-            if init.startswith("pissa"):  # LoRALinear leaves the residual in base.weight
-                # In host memory, as load_compressed keeps what it overwrites:
-                # on an accelerator the copies would double the wrapped weights.
+            if init.startswith("pissa") and not base.weight.is_meta:
+                # LoRALinear leaves the residual in base.weight. In host
+                # memory, as load_compressed keeps what it overwrites: on an
+                # accelerator the copies would double the wrapped weights.
+                # (A meta weight holds nothing to put back.)
                 saved[name] = base.weight.detach().to("cpu", copy=True)
             lora = LoRALinear(base, rank, alpha, init=init, dropout=dropout, rslora=rslora,
                               use_dora=use_dora)
@@ -159,7 +172,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
                 for place in places[id(linears[name])]:
                     swaps.swap(place, lora)
             if freeze:
-                adapter = {id(p) for p in adapter_parameters(wrapped).values()}
+                adapter = {id(p) for p in adapter_parameters(_adapters(model)).values()}
                 for p in model.parameters():
                     if id(p) not in adapter:
                         p.requires_grad_(False)
@@ -181,19 +194,20 @@ def _adaptable_layers(model):
     ``nn.Linear`` and ``Conv1D`` layers and ``LowRankLinear`` layers, none of
     them already the base of a LoRALinear."""
     chosen = plain_linears(model, conv1d=True)
-    owned = adapter_bases(model)
+    # Nor one torch.compile wraps on its own (compiled_alone), as plain_linears.
+    owned = adapter_bases(model) | compiled_alone(model)
     return {name: m for name, m in model.named_modules()
             if name in chosen or (isinstance(m, LowRankLinear) and id(m) not in owned)}
 
 
-def _without_output_layer(model, linears):
-    """``linears`` less the model's output layer, as peft's ``"all-linear"`` leaves it out."""
+def _output_layer(model):
+    """The model's output layer (``get_output_embeddings()``), which peft's
+    ``"all-linear"`` leaves out; None where it declares none."""
     get_output = getattr(model, "get_output_embeddings", None)
     try:
-        output = get_output() if callable(get_output) else None
+        return get_output() if callable(get_output) else None
     except NotImplementedError:  # a model that declares no output layer
-        output = None
-    return {name: layer for name, layer in linears.items() if layer is not output}
+        return None
 
 
 def lora_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
@@ -260,6 +274,11 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         if value.is_meta and not param.is_meta:
             raise ValueError(f"load_lora_state_dict: {key} is on the meta device and holds no "
                              "values")
+        if param.is_meta and not value.is_meta:
+            # copy_ into a meta tensor keeps nothing.
+            raise ValueError(f"load_lora_state_dict: the model's {key} is on the meta device, "
+                             "where the values would be dropped; materialize the model first "
+                             "(model.to_empty(device=...)), then load")
     merged = [name for name, lora in adapters.items() if lora.merged]
     if merged:
         raise ValueError(f"load_lora_state_dict: layer(s) {preview(merged)} are merged; "
@@ -287,12 +306,28 @@ def merge_lora(model: nn.Module) -> list[str]:
     Layers already merged are just unwrapped. The base layers keep their
     ``requires_grad`` flags (frozen, as :func:`add_lora` left them). Returns
     the names of the layers unwrapped.
+
+    Every refusal (a tied or shared base, a base whose weight is recomputed
+    at every use, hooks that cannot combine) comes before anything changes.
+    Should merging still fail midway (an interrupt), the layers merged so
+    far are unmerged and put back: their weights then differ from the
+    originals by the rounding of W + scale·B·A − scale·B·A.
     """
     _check_model("merge_lora", model)
     adapters = _require_adapters("merge_lora", model)
     if "" in adapters:
         raise ValueError("merge_lora: the model is itself a LoRALinear; call its merge() "
                          "and use its .base")
+    # Everything that can refuse is checked before the first merge: undoing a
+    # merge (W + ΔW − ΔW) restores the weight only up to rounding.
+    refused = {name: lora._cannot_merge() for name, lora in adapters.items() if not lora.merged}
+    refused = {name: why for name, why in refused.items() if why}
+    if refused:
+        raise ValueError("merge_lora: "
+                         + "; ".join(f"the base layer of {name} cannot take the adapter: {why}"
+                                     for name, why in list(refused.items())[:3])
+                         + "; remove those parametrizations or hooks first, or keep the model "
+                           "unmerged (its LoRALinear layers compute the same)")
     tied = {name: weight_tied_elsewhere(model, lora.base) for name, lora in adapters.items()
             if not lora.merged}
     for name, others in tied.items():  # as found now: a weight untied since is merged

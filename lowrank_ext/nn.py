@@ -1043,6 +1043,15 @@ class LoRALinear(nn.Module):
         return dora_forward(x, weight, self.A, self.B, bias, self.magnitude, self.scale,
                             scale_changes=self._scale_changed)
 
+    def _cannot_merge(self):
+        """Why the base layer cannot take the adapter, or None: a weight (or
+        factors) recomputed at every use would lose it at the next call."""
+        why = weight_recomputed(self.base)
+        if why is None and isinstance(self.base, LowRankLinear) and any(
+                torch.nn.utils.parametrize.is_parametrized(self.base, f) for f in "AB"):
+            why = "its factors are parametrized: computed at every use"
+        return why
+
     @torch.no_grad()
     def merge(self) -> LoRALinear:
         """Fold the adapter into ``base.weight`` (a LowRankLinear base: into its
@@ -1059,10 +1068,7 @@ class LoRALinear(nn.Module):
                 f"LoRALinear.merge: the base weight was tied to {', '.join(tied)} when the "
                 "adapter was added; if it still is, merging changes that too (lx.merge_lora "
                 "refuses such layers)", stacklevel=_PAST_NO_GRAD)
-        why = weight_recomputed(self.base)
-        if why is None and isinstance(self.base, LowRankLinear) and any(
-                torch.nn.utils.parametrize.is_parametrized(self.base, f) for f in "AB"):
-            why = "its factors are parametrized: computed at every use"
+        why = self._cannot_merge()
         if why:
             raise RuntimeError(f"LoRALinear.merge: the base layer cannot take the adapter: "
                                f"{why}. Unmerged, the layer computes the same")

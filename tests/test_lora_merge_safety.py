@@ -144,7 +144,7 @@ def test_merge_refuses_a_base_whose_weight_is_recomputed(kind):
     assert not layer.merged
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
     model = nn.Sequential(layer)
-    with pytest.raises(RuntimeError, match="cannot take the adapter"):
+    with pytest.raises(ValueError, match="merge_lora: the base layer of 0 cannot take the adapter"):
         lx.merge_lora(model)
     assert model[0] is layer and not layer.merged
 
