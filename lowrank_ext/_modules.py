@@ -112,27 +112,31 @@ def _torch_weight_hooks():
             module("prune").BasePruningMethod)
 
 
-def weight_recomputed(layer):
-    """Why ``layer.weight`` is recomputed at every use, or None: a
+def weight_recomputed(layer, tensors=("weight",)):
+    """Why one of ``layer``'s ``tensors`` (its weight; a LowRankLinear's
+    factors ``A`` and ``B``) is recomputed at every use, or None: a
     parametrization, or torch's weight_norm / spectral_norm / pruning hook,
     which sets it anew from the layer's other tensors before every call. A
-    change made to such a weight in place (merging an adapter into it) is lost."""
+    change made to such a tensor (merging an adapter into it) is lost."""
     from torch.nn.utils import parametrize
 
-    if parametrize.is_parametrized(layer, "weight"):
-        chain = ", ".join(type(p).__name__ for p in layer.parametrizations["weight"])
-        return (f"its weight is parametrized ({chain}): computed at every use; "
-                "torch.nn.utils.parametrize.remove_parametrizations makes it a plain tensor")
+    for name in tensors:
+        if parametrize.is_parametrized(layer, name):
+            chain = ", ".join(type(p).__name__ for p in layer.parametrizations[name])
+            return (f"its {name} is parametrized ({chain}): computed at every use; "
+                    "torch.nn.utils.parametrize.remove_parametrizations makes it a plain tensor")
     kinds = _torch_weight_hooks()
     # Each names the tensor it recomputes (pruning as _tensor_name): a bias's
     # hook leaves the weight alone.
-    hooks = [type(h).__name__ for h in layer._forward_pre_hooks.values()
-             if isinstance(h, kinds)
-             and getattr(h, "name", getattr(h, "_tensor_name", "weight")) == "weight"]
-    if hooks:
-        return (f"its weight is set anew before every call by torch's {', '.join(hooks)} hook; "
-                "remove it first (torch.nn.utils.remove_weight_norm, remove_spectral_norm or "
-                "prune.remove)")
+    hooks = {}
+    for h in layer._forward_pre_hooks.values():
+        name = getattr(h, "name", getattr(h, "_tensor_name", None)) if isinstance(h, kinds) else None
+        if name in tensors:
+            hooks.setdefault(name, []).append(type(h).__name__)
+    for name, kinds_found in hooks.items():
+        return (f"its {name} is set anew before every call by torch's "
+                f"{', '.join(kinds_found)} hook; remove it first "
+                "(torch.nn.utils.remove_weight_norm, remove_spectral_norm or prune.remove)")
     return None
 
 

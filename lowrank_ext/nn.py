@@ -1046,11 +1046,9 @@ class LoRALinear(nn.Module):
     def _cannot_merge(self):
         """Why the base layer cannot take the adapter, or None: a weight (or
         factors) recomputed at every use would lose it at the next call."""
-        why = weight_recomputed(self.base)
-        if why is None and isinstance(self.base, LowRankLinear) and any(
-                torch.nn.utils.parametrize.is_parametrized(self.base, f) for f in "AB"):
-            why = "its factors are parametrized: computed at every use"
-        return why
+        # merge() rewrites the dense weight, or a LowRankLinear's factors.
+        tensors = ("A", "B") if isinstance(self.base, LowRankLinear) else ("weight",)
+        return weight_recomputed(self.base, tensors)
 
     @torch.no_grad()
     def merge(self) -> LoRALinear:

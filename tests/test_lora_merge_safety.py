@@ -298,14 +298,15 @@ def test_a_base_with_only_its_bias_recomputed_merges():
     torch.testing.assert_close(layer(x), expected)
 
 
-def test_a_lowrank_base_with_a_parametrized_bias_merges():
-    class Halved(nn.Module):
-        def forward(self, t):
-            return t / 2
+class _Halved(nn.Module):
+    def forward(self, t):
+        return t / 2
 
+
+def test_a_lowrank_base_with_a_parametrized_bias_merges():
     torch.manual_seed(0)
     base = lx.LowRankLinear(24, 16, 3, dtype=torch.float64)
-    parametrize.register_parametrization(base, "bias", Halved())
+    parametrize.register_parametrization(base, "bias", _Halved())
     layer = lx.LoRALinear(base, 2)
     with torch.no_grad():
         layer.B.normal_()
@@ -313,3 +314,29 @@ def test_a_lowrank_base_with_a_parametrized_bias_merges():
     expected = layer(x).detach()
     layer.merge()
     torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("how", ["prune", "weight_norm", "parametrization"])
+def test_a_lowrank_base_whose_factor_is_recomputed_is_not_merged_into(how):
+    """merge() gives the base new factors: a hook recomputing A then failed at
+    the next call, after merge_lora had unwrapped the layer."""
+    torch.manual_seed(0)
+    base = lx.LowRankLinear(24, 16, 3, dtype=torch.float64)
+    if how == "prune":
+        prune.l1_unstructured(base, "A", amount=0.3)
+    elif how == "weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            nn.utils.weight_norm(base, name="A")
+    else:
+        parametrize.register_parametrization(base, "A", _Halved())
+    layer = _lora(base=base)
+    x = _x()
+    expected = layer(x).detach()
+    with pytest.raises(RuntimeError, match="the base layer cannot take the adapter: its A is"):
+        layer.merge()
+    model = nn.Sequential(layer)
+    with pytest.raises(ValueError, match="the base layer of 0 cannot take the adapter: its A is"):
+        lx.merge_lora(model)
+    assert model[0] is layer and not layer.merged
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
