@@ -322,24 +322,18 @@ def merge_lora(model: nn.Module) -> list[str]:
     # merge (W + ΔW − ΔW) restores the weight only up to rounding.
     refused = {name: lora._cannot_merge() for name, lora in adapters.items() if not lora.merged}
     refused = {name: why for name, why in refused.items() if why}
-    if refused:
-        raise ValueError("merge_lora: "
-                         + "; ".join(f"the base layer of {name} cannot take the adapter: {why}"
-                                     for name, why in list(refused.items())[:3])
-                         + "; remove those parametrizations or hooks first, or keep the model "
-                           "unmerged (its LoRALinear layers compute the same)")
+    _refuse_merging(refused, "", lambda name, why: f"the base layer of {name} cannot take "
+                    f"the adapter: {why}", "; remove those parametrizations or hooks first, or "
+                    "keep the model unmerged (its LoRALinear layers compute the same)")
     tied = {name: weight_tied_elsewhere(model, lora.base) for name, lora in adapters.items()
             if not lora.merged}
     for name, others in tied.items():  # as found now: a weight untied since is merged
         adapters[name]._weight_tied_to = tuple(others)
     tied = {name: others for name, others in tied.items() if others}
-    if tied:
-        raise ValueError(
-            "merge_lora: merging adds the adapter to the base weight, but "
-            + "; ".join(f"the weight of {name} is tied to {', '.join(others)}"
-                        for name, others in list(tied.items())[:3])
-            + ", which would change too; keep those adapters unmerged, or untie the weight "
-            "first (give the layer a copy of it)")
+    _refuse_merging(tied, "merging adds the adapter to the base weight, but ",
+                    lambda name, others: f"the weight of {name} is tied to {', '.join(others)}",
+                    ", which would change too; keep those adapters unmerged, or untie the "
+                    "weight first (give the layer a copy of it)")
     places = places_of(model)
     # A base layer used somewhere else too (wrapped by hand where another
     # place calls it bare, or two adapters over one layer) would change there.
@@ -350,13 +344,11 @@ def merge_lora(model: nn.Module) -> list[str]:
             others = [place for place in places.get(id(lora.base), []) if place not in own]
             if others:
                 shared[name] = others
-    if shared:
-        raise ValueError(
-            "merge_lora: merging adds the adapter to the base layer's weight, but "
-            + "; ".join(f"the base layer of {name} is also at {', '.join(others)}"
-                        for name, others in list(shared.items())[:3])
-            + ", whose outputs would change too; give each adapter a base layer of its own "
-            "(a copy) before merging, or keep those adapters unmerged")
+    _refuse_merging(shared, "merging adds the adapter to the base layer's weight, but ",
+                    lambda name, others: f"the base layer of {name} is also at "
+                    f"{', '.join(others)}", ", whose outputs would change too; give each "
+                    "adapter a base layer of its own (a copy) before merging, or keep those "
+                    "adapters unmerged")
     for name, lora in adapters.items():  # before anything changes
         for place in places[id(lora)]:
             check_backward_hooks_combine(place, lora, lora.base)
@@ -375,6 +367,15 @@ def merge_lora(model: nn.Module) -> list[str]:
             lora.unmerge()
         raise
     return list(adapters)
+
+
+def _refuse_merging(problems, lead, describe, advice):
+    """The ValueError of merge_lora for ``problems`` ({layer name: what}, the
+    first three described), if there are any."""
+    if problems:
+        raise ValueError("merge_lora: " + lead
+                         + "; ".join(describe(name, what)
+                                     for name, what in list(problems.items())[:3]) + advice)
 
 
 @contextlib.contextmanager
