@@ -299,6 +299,22 @@ def mask_for(t, mask):
     return None
 
 
+def per_token_layout(t, mask):
+    """The batch's (batch, tokens) ``mask`` laid out as the two leading dims of
+    an output ``t`` with an entry (a number, a row, a block) per token: (batch,
+    tokens, ...) of any rank from 2 (a question-answering head's scores), or
+    token-first (tokens, batch, ...) as torch's ``nn.Transformer`` layers give
+    them; None for any other shape (a pooled output). A square batch reads
+    batch-first, as in :func:`mask_for`. The sensitivity probes and
+    ``distill`` both leave padding out by this rule."""
+    if mask is None or t.dim() < 2:
+        return None
+    for layout in (mask, mask.T):
+        if tuple(t.shape[:2]) == tuple(layout.shape):
+            return layout
+    return None
+
+
 def without_padding(t, mask):
     """The rows of a per-token ``t`` at real tokens, (n, features); ``t`` as it
     is where ``mask`` does not fit it (see :func:`mask_for`)."""

@@ -31,7 +31,8 @@ from torch import nn
 
 from ._checks import dtype_name
 from ._modules import compiled_original
-from .calibration import PaddingMasks, call_with_batch, floating_tensors, set_eval_flags
+from .calibration import (PaddingMasks, call_with_batch, floating_tensors, per_token_layout,
+                          set_eval_flags, takes_hooks)
 from .compress import name_matches
 from ._names import preview
 
@@ -163,7 +164,13 @@ def _matched_modules(model, teacher, match):
     if missing:
         raise ValueError(f"distill: the teacher has no module named {missing[0]!r}; match names "
                          "modules present in both models")
-    return [(n, model.get_submodule(n), teacher_modules[n]) for n in chosen]
+    found = [(n, model.get_submodule(n), teacher_modules[n]) for n in chosen]
+    scripted = [n for n, mine, theirs in found if not (takes_hooks(mine) and takes_hooks(theirs))]
+    if scripted:
+        raise ValueError(f"distill: match names TorchScript module(s) {preview(scripted)}, whose "
+                         "outputs cannot be captured (torch takes no hooks on them); match the "
+                         "modules around them")
+    return found
 
 
 def _batches(data):
@@ -197,37 +204,29 @@ def _batches(data):
         it = iter(data)
 
 
-def _laid_out(t, mask):
-    """The (batch, tokens) ``mask`` as ``t``'s two leading dims, or None.
-
-    Per-token outputs are batch-first, (batch, tokens, ...) of any rank (per-token
-    scores such as a question-answering head's logits too), or token-first,
-    (tokens, batch, features, ...) as torch's ``nn.Transformer`` layers give them.
-    A square batch is read batch-first, as in the calibration (``mask_for``);
-    a pooled (batch, features) output exactly as wide as the sequence cannot be
-    told from per-token scores and is read as those.
-    """
-    if mask is None or t.dim() < 2:
-        return None
-    if tuple(t.shape[:2]) == tuple(mask.shape):
-        return mask
-    if t.dim() >= 3 and tuple(t.shape[:2]) == tuple(mask.T.shape):
-        return mask.T
-    return None
-
-
 def relative_error(student, teacher, mask=None):
-    """‖s − t‖² / ‖t‖² in float32 or better, over the positions ``mask`` keeps."""
+    """‖s − t‖² / ‖t‖² in float32 or better, over the positions ``mask`` keeps
+    (:func:`per_token_layout`; the others are left out, not weighted by zero,
+    so that what padding holds, -inf scores say, never enters the sums)."""
     dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
     s, t = student.to(dtype), teacher.to(dtype)
-    mask = _laid_out(t, mask)
-    if mask is not None:
-        weight = mask.to(device=t.device, dtype=dtype)
-        weight = weight.reshape(*weight.shape, *([1] * (t.dim() - 2)))
-        num, den = ((s - t) ** 2 * weight).sum(), (t ** 2 * weight).sum()
-    else:
-        num, den = ((s - t) ** 2).sum(), (t ** 2).sum()
+    layout = per_token_layout(t, mask)
+    if layout is not None:
+        kept = layout.to(t.device) != 0
+        s, t = s[kept], t[kept]
+    num, den = ((s - t) ** 2).sum(), (t ** 2).sum()
     return num / den.clamp_min(torch.finfo(dtype).tiny)
+
+
+def _not_finite_beyond_teacher(outputs, targets):
+    """Whether the model's outputs hold values that are not finite where the
+    teacher's outputs are finite (a head may give -inf at padding on purpose);
+    where the two do not pair up, whether any is not finite."""
+    outs, tgts = floating_tensors(outputs), floating_tensors(targets)
+    if len(outs) != len(tgts) or any(o.shape != t.shape for o, t in zip(outs, tgts)):
+        return not all(bool(torch.isfinite(o).all()) for o in outs)
+    return any(bool((~torch.isfinite(o) & torch.isfinite(t.to(o.device))).any())
+               for o, t in zip(outs, tgts))
 
 
 def _pairs(label, student, teacher):
@@ -312,10 +311,6 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
         return hook
 
     handles = []
-    for name, mine, theirs in inner:
-        handles.append(mine.register_forward_hook(keep(captured["student"], name)))
-        handles.append(theirs.register_forward_hook(keep(captured["teacher"], name, padding)))
-
     losses = []
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="distill", unit="step", leave=False,
@@ -325,6 +320,10 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     # (inference_mode, which cannot be left here, was refused above).
     with torch.enable_grad(), padding:
         try:
+            for name, mine, theirs in inner:  # in the try: the finally removes every one
+                handles.append(mine.register_forward_hook(keep(captured["student"], name)))
+                handles.append(theirs.register_forward_hook(keep(captured["teacher"], name,
+                                                                 padding)))
             set_eval_flags(modes)  # not .eval(): see set_eval_flags
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -340,7 +339,9 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             optimizer = torch.optim.Adam(trained, lr=lr)
             # The cosine's first step is still at the peak, so two steps are left
             # to it: warmup near 1, rounded up to every step, never lowered the rate.
-            warm = max(1, min(steps - 2, math.floor(warmup * steps + 0.5)))  # halves up
+            # Halves up, as documented: rounded to 9 places first, so that
+            # 0.29 · 50, 14.499999999999998 in binary, counts as 14.5.
+            warm = max(1, min(steps - 2, math.floor(round(warmup * steps, 9) + 0.5)))
 
             def factor(i):  # linear warm-up, then a cosine to zero
                 if i < warm:
@@ -437,7 +438,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             # the last one: the model's outputs on the last batch check it.
             with torch.no_grad():
                 final = call_with_batch(model, batch, "distill")
-            if not all(bool(torch.isfinite(out).all()) for out in floating_tensors(final)):
+            if _not_finite_beyond_teacher(final, target):
                 raise FloatingPointError("the last update made the model's outputs not "
                                          "finite; try a lower lr")
         except BaseException as exc:

@@ -32,8 +32,8 @@ import math
 
 import torch
 
-from .calibration import (PaddingMasks, eager_hook, floating_tensors, run_calibration,
-                          takes_hooks, without_padding)
+from .calibration import (PaddingMasks, eager_hook, floating_tensors, per_token_layout,
+                          run_calibration, takes_hooks)
 
 _KEPT_COLUMNS = 64
 # The smallest relative squared output error of a probe that still measures
@@ -112,14 +112,14 @@ class OutputRecorder:
 
 
 def _real_tokens(t, mask):
-    """:func:`without_padding` of an output, also where it holds one number per
-    token, of the mask's own shape (batch, tokens) or its transpose: those at
-    real tokens, as a column."""
-    if mask is not None and t.dim() == mask.dim() == 2:
-        for layout in (mask, mask.T):
-            if tuple(t.shape) == tuple(layout.shape):
-                return t[layout.to(t.device) != 0].unsqueeze(-1)
-    return without_padding(t, mask)
+    """An output's entries at real tokens (:func:`per_token_layout`), (n, ...),
+    one number per token as a column; ``t`` as it is where the mask does not
+    fit it."""
+    layout = per_token_layout(t, mask)
+    if layout is None:
+        return t
+    kept = t[layout.to(t.device) != 0]
+    return kept if kept.dim() > 1 else kept.unsqueeze(-1)
 
 
 def relative_change(reference, outputs):

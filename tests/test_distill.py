@@ -3,6 +3,7 @@
 import copy
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -597,3 +598,125 @@ def test_progress_must_be_a_bool_or_none(progress):
     model, teacher = compressed_pair()
     with pytest.raises(TypeError, match="distill: progress must be True, False or None, got"):
         lx.distill(model, teacher, batches(2), steps=2, progress=progress)
+
+
+class _MaskedTagger(nn.Module):
+    """Per-token logits set to -inf at padding, as masked heads do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc, self.head = nn.Embedding(20, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, input_ids, attention_mask):
+        logits = self.head(torch.tanh(self.fc(self.emb(input_ids))))
+        return logits.masked_fill(attention_mask[..., None] == 0, float("-inf"))
+
+
+def _tagger_batch():
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    return {"input_ids": torch.randint(1, 20, (4, 6), generator=g), "attention_mask": mask}
+
+
+def test_non_finite_values_at_padding_stay_out_of_the_loss():
+    """-inf − -inf is NaN, and NaN·0 is NaN: weighting padding by zero let it
+    poison the loss, which masking by selection does not."""
+    teacher, batch = _MaskedTagger(), _tagger_batch()
+    model = copy.deepcopy(teacher)
+    lx.compress_model(model, ratio=0.5, calibration=[batch], progress=False)
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        s, t = model(**batch), teacher(**batch)
+    expected = float((s - t)[keep].pow(2).sum() / t[keep].pow(2).sum())
+    assert relative_error(s, t, batch["attention_mask"]) == pytest.approx(expected, rel=1e-6)
+    result = lx.distill(model, teacher, [batch], steps=3, progress=False)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-6)
+    assert all(math.isfinite(value) for value in result.losses)
+
+
+def test_the_last_check_allows_what_the_teacher_gives_too():
+    """A loss of one's own that reads real tokens only trained every step, then
+    the check of the last update refused the -inf the teacher gives as well."""
+    teacher, batch = _MaskedTagger(), _tagger_batch()
+    model = copy.deepcopy(teacher)
+    lx.compress_model(model, ratio=0.5, calibration=[batch], progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def real_tokens_mse(out, target):
+        finite = torch.isfinite(target)
+        return (out[finite] - target[finite]).pow(2).mean()
+
+    result = lx.distill(model, teacher, [batch], steps=5, lr=1e-2, loss=real_tokens_mse,
+                        progress=False)
+    assert result.steps == 5
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_torchscript_module_in_match_is_refused_and_leaves_no_hooks():
+    class WithScript(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
+                self.act = torch.jit.script(nn.Tanh())
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(self.act(self.fc(x)))
+
+    torch.manual_seed(0)
+    teacher = WithScript()
+    model = copy.deepcopy(teacher)
+    lx.compress_model(model, rank=2, progress=False)
+    with pytest.raises(ValueError, match=r"distill: match names TorchScript module\(s\) act"):
+        lx.distill(model, teacher, [torch.randn(4, 8)], steps=1, match=["fc", "act"],
+                   progress=False)
+    for m in [*model.modules(), *teacher.modules()]:
+        if not isinstance(m, torch.jit.ScriptModule):
+            assert not m._forward_hooks
+
+
+@pytest.mark.parametrize("steps, warmup, expected", [(50, 0.29, 15), (25, 0.58, 15),
+                                                     (90, 0.35, 32), (10, 0.25, 3)])
+def test_warm_up_steps_round_halves_up_for_decimal_fractions(monkeypatch, steps, warmup,
+                                                             expected):
+    """0.29 · 50 is 14.499999999999998 in binary: it gave 14 warm-up steps."""
+    rates = []
+    real_step = torch.optim.Adam.step
+
+    def recording(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    model = copy.deepcopy(teacher)
+    lx.compress_model(model, rank=2, progress=False)
+    lx.distill(model, teacher, [torch.randn(16, 8)], steps=steps, lr=1.0, warmup=warmup,
+               progress=False)
+    assert rates.index(1.0) + 1 == expected
+    assert rates[:expected] == pytest.approx([(i + 1) / expected for i in range(expected)])
+
+
+def test_per_token_layouts_are_masked_alike_in_distill_and_the_sensitivity_probes():
+    """One rule (per_token_layout): a (batch, tokens, heads, dim) output kept
+    its padding in the probes, (tokens, batch) scores theirs in distill."""
+    from lowrank_ext.sensitivity import _real_tokens
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 2:] = 0  # 7 real tokens of 10
+    keep = mask.bool()
+    four_d = torch.randn(2, 5, 2, 4, generator=g, dtype=torch.float64)
+    assert torch.equal(_real_tokens(four_d, mask), four_d[keep])
+    token_first = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    assert torch.equal(_real_tokens(token_first, mask), token_first[keep.T].unsqueeze(-1))
+    s, t = torch.randn(5, 2, generator=g, dtype=torch.float64), token_first
+    expected = float((s - t)[keep.T].pow(2).sum() / t[keep.T].pow(2).sum())
+    assert relative_error(s, t, mask) == pytest.approx(expected, rel=1e-12)
+    pooled = torch.randn(2, 3, generator=g, dtype=torch.float64)  # fits no layout
+    assert _real_tokens(pooled, mask) is pooled
