@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, compiled_original,
-                       keeps_encoder_flags, places_of)
+                       keeps_encoder_flags, places_of, weight_recomputed)
 from ._names import preview
 
 
@@ -49,8 +49,17 @@ class SplitMultiheadAttention(nn.Module):
         only: it reads its first layer's ``in_proj_weight`` (its device, its
         ``requires_grad``) to decide whether to pack a padded batch into a
         nested tensor, which ``forward`` takes. The projections themselves are
-        ``q_proj``, ``k_proj`` and ``v_proj``."""
-        return self.q_proj.weight
+        ``q_proj``, ``k_proj`` and ``v_proj``.
+
+        Where gradients are on and that weight is frozen, an empty tensor that
+        requires grad instead: the encoder then asks ``in_proj_bias``, None
+        here, whether it requires grad, and fails; the answer it is given
+        ("something requires grad") keeps it on its ordinary path, as
+        gradients are on."""
+        weight = self.q_proj.weight
+        if torch.is_grad_enabled() and not weight.requires_grad:
+            return torch.empty(0, device=weight.device, dtype=weight.dtype, requires_grad=True)
+        return weight
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False,
@@ -77,10 +86,31 @@ class SplitMultiheadAttention(nn.Module):
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
             self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
-            nn.init.xavier_normal_(self.bias_k)
-            nn.init.xavier_normal_(self.bias_v)
         else:
             self.bias_k = self.bias_v = None
+        self._reset_parameters()
+
+    @torch.no_grad()
+    def _reset_parameters(self):
+        """Draw the weights as ``nn.MultiheadAttention`` does: Xavier-uniform over
+        the packed (3·embed_dim, embed_dim) projection (over each one where
+        kdim or vdim differ), zero biases, Xavier-normal ``bias_k``/``bias_v``;
+        ``out_proj.weight`` keeps ``nn.Linear``'s draw, as torch's does."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self._qkv_same_embed_dim:
+            # The fans of the packed matrix: embed_dim in, 3·embed_dim out.
+            bound = math.sqrt(6.0 / (4 * self.embed_dim))
+            for layer in projections:
+                layer.weight.uniform_(-bound, bound)
+        else:
+            for layer in projections:
+                nn.init.xavier_uniform_(layer.weight)
+        for layer in (*projections, self.out_proj):
+            if layer.bias is not None:
+                layer.bias.zero_()
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
 
     @classmethod
     def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> SplitMultiheadAttention:
@@ -91,6 +121,8 @@ class SplitMultiheadAttention(nn.Module):
         compute otherwise than with the weights copied here (torch's
         quantizable one projects with layers of its own)."""
         owner = "SplitMultiheadAttention.from_multihead_attention"
+        if _parametrized_attention(mha):
+            _check_not_parametrized(mha, "mha", owner)
         if type(mha) is not nn.MultiheadAttention:
             raise TypeError(f"{owner}: mha must be an nn.MultiheadAttention (not a subclass, "
                             f"which may compute otherwise), got {type(mha).__name__}")
@@ -275,6 +307,17 @@ def _torch_asserts_as_errors():
         raise RuntimeError(f"SplitMultiheadAttention: {exc}") from None
 
 
+# The tensors of an nn.MultiheadAttention that a split copies (out_proj aside).
+_MHA_TENSORS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                "in_proj_bias", "bias_k", "bias_v")
+
+
+def _parametrized_attention(m):
+    """Whether ``m`` is an nn.MultiheadAttention that torch made a subclass of
+    only to parametrize its tensors (refused with that reason, not as a subclass)."""
+    return parametrize.is_parametrized(m) and type(m).__mro__[1] is nn.MultiheadAttention
+
+
 def _check_not_parametrized(mha, name, owner):
     """A TypeError for an attention module with a parametrization (on its own
     tensors or its out_proj's): the split layers would hold the values it
@@ -288,6 +331,16 @@ def _check_not_parametrized(mha, name, owner):
             "torch.nn.utils.parametrize), which split layers would hold as fixed values, "
             "without the parametrization; torch.nn.utils.parametrize.remove_parametrizations "
             "makes them plain tensors first")
+    # torch's older hooks (pruning, weight_norm, spectral_norm) recompute a
+    # tensor from others before every call: the same, and their mask or
+    # factors would leave the state dict.
+    for where, m, tensors in (("", mha, _MHA_TENSORS), ("out_proj's", mha.out_proj,
+                                                         ("weight", "bias"))):
+        why = weight_recomputed(m, tensors)
+        if why:
+            whose = f"{name or 'the model'}{' ' + where if where else ''}"
+            raise TypeError(f"{owner}: {whose} cannot be split: {why.replace('its ', '', 1)}; "
+                            "split layers would hold its current values, without the hook")
 
 
 def _each_once(change, *tensors):
@@ -361,9 +414,10 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
     names is replaced everywhere by one new module (a pattern may select it
     by any of them), and modules sharing a tensor (ALBERT-style ties) share
     its new projections; a tensor shared with a module not split with them
-    is a ValueError, and so is a module with a parametrization (on its own
-    tensors or its ``out_proj``'s), whose values the split layers would
-    hold fixed. If anything fails (a KeyboardInterrupt too) the model is
+    is a ValueError, and a module with a parametrization (on its own tensors
+    or its ``out_proj``'s) or torch's older pruning, weight_norm or
+    spectral_norm hooks a TypeError: the split layers would hold their
+    values fixed. If anything fails (a KeyboardInterrupt too) the model is
     left as it was. Outputs are unchanged (up to rounding), except
     where torch's ``nn.TransformerEncoder`` would have packed a padded batch
     into a nested tensor: it is kept on its ordinary path, which leaves values
@@ -385,8 +439,8 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
     for name, m in model.named_modules():
         if id(m) in compiled and isinstance(m, nn.MultiheadAttention):
             left_alone[name] = COMPILED_ALONE_WHY
-        elif type(m) is nn.MultiheadAttention:
-            found[name] = m
+        elif type(m) is nn.MultiheadAttention or _parametrized_attention(m):
+            found[name] = m  # a parametrized one is refused below, naming that
         elif isinstance(m, nn.MultiheadAttention):
             left_alone[name] = (
                 f"{type(m).__name__}, a subclass of nn.MultiheadAttention, left alone as "

@@ -612,7 +612,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     undo = [split.undo]
     try:
         # Attention modules the file holds split (lx.split_attention) are split here too.
-        split_where_stored_split(model, shapes, split)
+        # Aliases too: a module under several names has its tensors stored
+        # under the first in sorted order, which need not be its first name.
+        split_where_stored_split(model, {*shapes, *aliases}, split)
         _load_into(model, path, strict, device, files, shapes, aliases, ranks, factors,
                    inferred, undo)
     except BaseException:

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize, prune
 
 import lowrank_ext as lx
 from lowrank_ext.attention import SplitMultiheadAttention
@@ -607,3 +608,103 @@ def test_splitting_a_split_model_again_says_so():
     with pytest.raises(ValueError, match="no nn.MultiheadAttention module; its attention is "
                                          "split already: a"):
         lx.split_attention(model)
+
+
+def test_a_frozen_encoder_whose_first_layer_was_split_alone_runs_with_gradients_on():
+    """torch's encoder asks its first layer's in_proj_weight, then in_proj_bias
+    (None once split), whether they require grad: frozen, it reached None."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # enable_nested_tensor's note
+        encoder = nn.TransformerEncoder(layer, 2).eval()
+    encoder.requires_grad_(False)
+    x = torch.randn(2, 5, 16)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    expected = encoder(x, src_key_padding_mask=pad)
+    assert lx.split_attention(encoder.layers[0]) == ["self_attn"]
+    got = encoder(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(got[~pad], expected[~pad], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x, src_key_padding_mask=pad)[~pad], expected[~pad],
+                                   rtol=1e-5, atol=1e-5)
+    split = encoder.layers[0].self_attn
+    split.requires_grad_(True)
+    assert split.in_proj_weight is split.q_proj.weight
+
+
+class _OneModuleTwoNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.z = nn.MultiheadAttention(8, 2)
+        self.a = self.z  # stored under "a", the first name in sorted order
+
+    def forward(self, x):
+        return self.z(x, x, x)[0]
+
+
+def test_load_compressed_splits_a_module_stored_under_its_other_name(tmp_path):
+    torch.manual_seed(0)
+    model = _OneModuleTwoNames()
+    lx.split_attention(model)
+    x = torch.randn(3, 2, 8)
+    expected = model(x)
+    lx.save_compressed(model, tmp_path / "model.safetensors")
+    torch.manual_seed(1)
+    fresh = _OneModuleTwoNames()
+    lx.load_compressed(fresh, tmp_path / "model.safetensors")
+    assert isinstance(fresh.z, SplitMultiheadAttention) and fresh.z is fresh.a
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
+def test_an_attention_module_with_a_pruning_hook_is_refused():
+    """The split layers held the pruned values as plain tensors; the mask left
+    the state dict and training regrew the pruned weights."""
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    prune.l1_unstructured(model[0], "in_proj_weight", amount=0.5)
+    keys = set(model.state_dict())
+    with pytest.raises(TypeError, match=r"split_attention: 0 cannot be split: in_proj_weight is "
+                                        r"set anew before every call by torch's L1Unstructured"):
+        lx.split_attention(model)
+    assert type(model[0]).__name__ == "MultiheadAttention" and set(model.state_dict()) == keys
+    with pytest.raises(TypeError, match="cannot be split: in_proj_weight is set anew"):
+        SplitMultiheadAttention.from_multihead_attention(model[0])
+
+
+class _TimesTwo(nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+def test_a_parametrized_attention_module_is_refused_naming_the_parametrization():
+    """It was refused as a subclass of nn.MultiheadAttention (which torch makes
+    it), with advice that did not apply."""
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    parametrize.register_parametrization(model[0], "in_proj_weight", _TimesTwo())
+    with pytest.raises(TypeError, match=r"0 has parametrized tensors \(in_proj_weight; "
+                                        r"torch.nn.utils.parametrize\)"):
+        lx.split_attention(model)
+    with pytest.raises(TypeError, match=r"mha has parametrized tensors \(in_proj_weight"):
+        SplitMultiheadAttention.from_multihead_attention(model[0])
+
+
+@pytest.mark.parametrize("kdim", [None, 32])
+def test_a_new_module_starts_as_torch_s_does(kdim):
+    torch.manual_seed(0)
+    E = 256
+    split = SplitMultiheadAttention(E, 4, kdim=kdim, vdim=kdim, add_bias_kv=True)
+    reference = nn.MultiheadAttention(E, 4, kdim=kdim, vdim=kdim, add_bias_kv=True)
+    for layer in (split.q_proj, split.k_proj, split.v_proj, split.out_proj):
+        assert not layer.bias.any()
+    if kdim is None:  # Xavier-uniform over the packed (3E, E) matrix
+        bound = (6.0 / (4 * E)) ** 0.5
+        packed = torch.cat([split.q_proj.weight, split.k_proj.weight, split.v_proj.weight])
+        assert float(packed.abs().max()) <= bound
+        assert float(packed.std()) == pytest.approx(float(reference.in_proj_weight.std()),
+                                                    rel=0.05)
+    else:
+        assert float(split.k_proj.weight.std()) == pytest.approx(
+            float(reference.k_proj_weight.std()), rel=0.05)
+    assert float(split.bias_k.std()) > 0
