@@ -135,6 +135,18 @@ def _is_modules_to_save_wrapper(module):
     return type(module).__name__ == "ModulesToSaveWrapper" and hasattr(module, "modules_to_save")
 
 
+def _other_peft_wrappers(model):
+    """Names of peft's auxiliary wrappers other than ModulesToSaveWrapper in
+    ``model`` (a TrainableTokensWrapper, from ``trainable_token_indices``),
+    by class names, so that peft need not be imported to ask."""
+    def kinds(module):
+        return {cls.__name__ for cls in type(module).__mro__}
+
+    return [name for name, m in model.named_modules()
+            if ("AuxiliaryTrainingWrapper" in kinds(m) or "TrainableTokensLayer" in kinds(m))
+            and not _is_modules_to_save_wrapper(m)]
+
+
 def _is_dora(layer, adapter):
     """Whether peft's layer runs ``adapter`` as DoRA (it has a magnitude vector)."""
     magnitudes = getattr(layer, "lora_magnitude_vector", None)
@@ -227,6 +239,8 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """
     LoraLayer = _lora_layer_type()
     _check_model("from_peft", model)
+    # A compiled PeftModel: its config and the model it wraps are inside.
+    model = compiled_original(model)
     root = _peft_wrapped(model)
     layers = {name: m for name, m in root.named_modules() if isinstance(m, LoraLayer)}
     if not layers:
@@ -236,6 +250,13 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
                         "holds it")
     adapter = _choose_adapter(layers, adapter)
     bases = {name: _check_supported(name, layer, adapter) for name, layer in layers.items()}
+    tokens = _other_peft_wrappers(root)
+    if tokens:
+        # They would stay, running whichever adapter peft last made active.
+        raise ValueError(
+            f"from_peft: {preview(tokens)} are peft's trainable-token modules "
+            "(trainable_token_indices), which cannot be converted: merge them into the "
+            "embedding with peft first (merge_and_unload), or train without them")
 
     cast_notes, replacements = set(), {}
     init = _peft_config_init(model, root, adapter)
@@ -289,10 +310,12 @@ def _peft_config_fields(*holders_and_adapter):
         configs = getattr(holder, "peft_config", None)
         if isinstance(configs, dict) and adapter in configs:
             task = getattr(configs[adapter], "task_type", None)
+            bias = getattr(configs[adapter], "bias", None)
             return {"base_model_name_or_path":
                         getattr(configs[adapter], "base_model_name_or_path", None),
-                    "task_type": None if task is None else str(getattr(task, "value", task))}
-    return {"base_model_name_or_path": None, "task_type": None}
+                    "task_type": None if task is None else str(getattr(task, "value", task)),
+                    "bias": bias if bias in ("all", "lora_only") else None}
+    return {"base_model_name_or_path": None, "task_type": None, "bias": None}
 
 
 def _peft_wrapped(model):
@@ -405,12 +428,15 @@ def _adapter_config(adapters, base_model_name_or_path, module_names=()):
 # peft's inits that leave a residual in the base weight; of those, the ones
 # peft redoes identically from the original weights when it loads an adapter
 # (an exact SVD, a QR), so that the config may name them.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _REBUILT_INITS = ("pissa", "olora")
 
 
 def _changes_base(init):
-    return isinstance(init, str) and init.split("_")[0] in _BASE_CHANGING_INITS
+    """Whether peft's ``init`` left a residual in the base weight: one of the
+    names above, or one of them with options (``pissa_niter_4``)."""
+    return isinstance(init, str) and any(init == name or init.startswith(f"{name}_")
+                                         for name in _BASE_CHANGING_INITS)
 
 
 def _peft_init(adapters):
@@ -560,14 +586,16 @@ def _check_single_places(model, adapters, full):
             "its own before adapting it, or save the adapters with lx.lora_state_dict(model)")
 
 
-def _trainable_biases(model, adapters, full):
+def _trainable_biases(model, adapters, full, trained=None):
     """The trainable parameters outside the adapters and modules_to_save:
     ``({peft key: bias}, peft's bias mode, [the others' names])``.
 
     peft's ``bias`` option trains biases next to the adapters and its files
     hold them under the model's names, an adapted layer's as
     ``<layer>.base_layer.bias``: ``"lora_only"`` where only adapted layers'
-    biases train, ``"all"`` where others do.
+    biases train, ``"all"`` where others do. ``trained``: the mode of the
+    peft config :func:`from_peft` converted, whose biases are written
+    whatever their ``requires_grad`` now (a model frozen after training).
     """
     adapter_bias = {f"{name}.base.bias" if name else "base.bias": name
                     for name, lora in adapters.items()}
@@ -575,12 +603,14 @@ def _trainable_biases(model, adapters, full):
     skip.update(id(p) for module in full.values() for p in module.parameters())
     biases, others, mode = {}, [], "none"
     for key, param in model.named_parameters():
-        if not param.requires_grad or id(param) in skip:
+        is_bias = key.rpartition(".")[2] == "bias"
+        kept = (trained == "all" and is_bias) or (trained == "lora_only" and key in adapter_bias)
+        if not (param.requires_grad or kept) or id(param) in skip:
             continue
         if key in adapter_bias:
             biases[f"{adapter_bias[key]}.base_layer.bias"] = param
             mode = "all" if mode == "all" else "lora_only"
-        elif key.rpartition(".")[2] == "bias":
+        elif is_bias:
             biases[key] = param
             mode = "all"
         else:
@@ -644,16 +674,22 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
             f"save_peft_adapter: {preview(wrapped)} are peft ModulesToSaveWrapper modules; "
             "convert the model with lx.from_peft (which puts the adapter's copy in their "
             "place) and name them in modules_to_save=")
+    tokens = _other_peft_wrappers(model)
+    if tokens:
+        raise ValueError(f"save_peft_adapter: {preview(tokens)} are peft modules of "
+                         "trainable_token_indices, which this adapter format cannot hold here; "
+                         "merge them into the embedding with peft first")
     full = _modules_to_save(model, modules_to_save)
     _check_single_places(model, adapters, full)
-    biases, bias_mode, others = _trainable_biases(model, adapters, full)
+    converted = getattr(model, "_lowrank_ext_peft_config", {})
+    biases, bias_mode, others = _trainable_biases(model, adapters, full,
+                                                  converted.get("bias"))
     if others:
         warnings.warn(
             f"save_peft_adapter: {preview(others)} are trainable, but a peft adapter holds "
             "only the adapters, biases and modules_to_save, so the one written here leaves "
             "them out; name their modules in modules_to_save=, or save them separately if "
             "they were trained", stacklevel=2)
-    converted = getattr(model, "_lowrank_ext_peft_config", {})
     if base_model_name_or_path is None:
         base_model_name_or_path = converted.get("base_model_name_or_path")
     config = _adapter_config(adapters, base_model_name_or_path,

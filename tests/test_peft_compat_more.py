@@ -1,0 +1,122 @@
+"""from_peft and save_peft_adapter with peft's rarer options: LoRA-GA's
+residual, trainable tokens, biases trained with bias="all" then frozen, and a
+compiled PeftModel."""
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import lowrank_ext as lx
+from lowrank_ext import peft_compat
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def _bert(cls=None, **options):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=24,
+                                     max_position_embeddings=32, **options)
+    return (cls or transformers.BertModel)(config).double().eval()
+
+
+def _ids():
+    return torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _hidden(model):
+    with torch.no_grad():
+        return model(input_ids=_ids()).last_hidden_state
+
+
+def _perturb_trainable(model, scale=0.3):
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+@pytest.mark.parametrize("init, changes", [("pissa", True), ("pissa_niter_4", True),
+                                           ("olora", True), ("corda", True), ("loftq", True),
+                                           ("lora_ga", True), ("gaussian", False),
+                                           ("orthogonal", False), ("eva", False), (True, False)])
+def test_inits_that_leave_a_residual_in_the_base_weight(init, changes):
+    """"lora_ga" split at "_" read as "lora", and its residual went unnoticed."""
+    assert peft_compat._changes_base(init) is changes
+
+
+def test_a_lora_ga_adapter_is_not_written_as_one_peft_would_add_to_the_original(tmp_path):
+    loraga = pytest.importorskip("peft.tuners.lora.loraga")
+    base = _bert().float()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                             init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig())
+
+    def step():
+        base(input_ids=_ids()).last_hidden_state.pow(2).sum().mul(1e8).backward()
+
+    loraga.preprocess_loraga(base, config, step)
+    base.zero_grad(set_to_none=True)
+    converted = lx.from_peft(peft.get_peft_model(base, config))
+    assert converted.encoder.layer[0].attention.self.query.init == "lora_ga"
+    with pytest.raises(ValueError, match="init='lora_ga', which left a residual in its base "
+                                         "weight that peft would not rebuild"):
+        lx.save_peft_adapter(converted, tmp_path / "adapter")
+    assert not os.path.exists(tmp_path / "adapter")
+
+
+def test_trainable_tokens_are_refused_before_anything_changes():
+    """The wrapper stayed, running the tokens of whichever adapter peft had active."""
+    base = _bert()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["query"],
+                                                      trainable_token_indices=[1, 2]))
+    inner = model.base_model.model
+    before = {name: type(m) for name, m in inner.named_modules()}
+    with pytest.raises(ValueError, match=r"from_peft: embeddings.word_embeddings.* are peft's "
+                                         r"trainable-token modules \(trainable_token_indices\)"):
+        lx.from_peft(model)
+    assert {name: type(m) for name, m in inner.named_modules()} == before
+
+
+def test_biases_trained_with_bias_all_are_written_after_the_model_is_frozen(tmp_path):
+    base = _bert()
+    original = copy.deepcopy(base)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8,
+                                                      target_modules=["query", "value"],
+                                                      bias="all"))
+    _perturb_trainable(model, 0.5)
+    model.eval()
+    expected = _hidden(model)
+    model.requires_grad_(False)  # frozen for inference, as before an export
+    converted = lx.from_peft(model)
+    lx.save_peft_adapter(converted, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["bias"] == "all"
+    back = peft.PeftModel.from_pretrained(original, tmp_path)
+    torch.testing.assert_close(_hidden(back), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_compiled_peft_model_converts_to_its_base_model_and_keeps_peft_s_config(tmp_path):
+    base = _bert(transformers.BertForSequenceClassification, num_labels=3)
+    fresh = copy.deepcopy(base)
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=4,
+                                                      target_modules=["query"]))
+    model.peft_config["default"].base_model_name_or_path = "my/base"
+    _perturb_trainable(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=_ids()).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = lx.from_peft(torch.compile(model, backend="eager"))
+    assert type(converted) is transformers.BertForSequenceClassification
+    lx.save_peft_adapter(converted, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["task_type"], config["base_model_name_or_path"]) == ("SEQ_CLS", "my/base")
+    back = peft.PeftModel.from_pretrained(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=_ids()).logits, expected)
