@@ -305,9 +305,13 @@ def per_token_layout(t, mask):
     tokens, ...) of any rank from 2 (a question-answering head's scores), or
     token-first (tokens, batch, ...) as torch's ``nn.Transformer`` layers give
     them; None for any other shape (a pooled output). A square batch reads
-    batch-first, as in :func:`mask_for`. The sensitivity probes and
-    ``distill`` both leave padding out by this rule."""
+    batch-first, as in :func:`mask_for`. An attention map (batch, heads,
+    tokens, tokens) is not per-token where the heads happen to number the
+    tokens. The sensitivity probes and ``distill`` both leave padding out by
+    this rule."""
     if mask is None or t.dim() < 2:
+        return None
+    if t.dim() >= 4 and t.shape[-1] == t.shape[-2] == mask.shape[1]:
         return None
     for layout in (mask, mask.T):
         if tuple(t.shape[:2]) == tuple(layout.shape):

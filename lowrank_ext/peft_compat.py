@@ -240,7 +240,7 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     LoraLayer = _lora_layer_type()
     _check_model("from_peft", model)
     # A compiled PeftModel: its config and the model it wraps are inside.
-    model = compiled_original(model)
+    given, model = model, compiled_original(model)
     root = _peft_wrapped(model)
     layers = {name: m for name, m in root.named_modules() if isinstance(m, LoraLayer)}
     if not layers:
@@ -299,7 +299,8 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     for old, new in sorted(cast_notes, key=str):
         warnings.warn(f"from_peft: adapters stored in {old} were cast to their base layers' "
                       f"{new} (lora_linear takes one dtype)", stacklevel=2)
-    return root
+    # Any other compiled model stays the compiled model it was given.
+    return given if root is model else root
 
 
 def _peft_config_fields(*holders_and_adapter):

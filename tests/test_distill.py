@@ -720,3 +720,13 @@ def test_per_token_layouts_are_masked_alike_in_distill_and_the_sensitivity_probe
     assert relative_error(s, t, mask) == pytest.approx(expected, rel=1e-12)
     pooled = torch.randn(2, 3, generator=g, dtype=torch.float64)  # fits no layout
     assert _real_tokens(pooled, mask) is pooled
+
+
+def test_an_attention_map_with_as_many_heads_as_tokens_is_not_read_per_token():
+    from lowrank_ext.calibration import per_token_layout
+
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[1, 2:] = 0
+    assert per_token_layout(torch.zeros(2, 4, 4, 4), mask) is None  # (batch, heads, t, t)
+    assert per_token_layout(torch.zeros(2, 4, 3, 5), mask) is mask  # (batch, tokens, h, d)
+    assert per_token_layout(torch.zeros(2, 4, 4), mask) is mask  # head-averaged map: rows

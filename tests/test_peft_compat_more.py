@@ -120,3 +120,12 @@ def test_a_compiled_peft_model_converts_to_its_base_model_and_keeps_peft_s_confi
     back = peft.PeftModel.from_pretrained(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=_ids()).logits, expected)
+
+
+def test_a_compiled_model_holding_peft_layers_is_returned_compiled():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    model = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["0"]), model)
+    compiled = torch.compile(model, backend="eager")
+    assert lx.from_peft(compiled) is compiled
+    assert isinstance(compiled._orig_mod[0], lx.LoRALinear)
