@@ -404,8 +404,16 @@ class LowRankLinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.A.dtype)
         with torch.no_grad():
-            linear.weight = nn.Parameter(_dense_product(self.B.detach(), self.A.detach()),
-                                         requires_grad=self.A.requires_grad
+            weight = _dense_product(self.B.detach(), self.A.detach())
+            if (_holds_values(weight) and not bool(torch.isfinite(weight).all())
+                    and bool(torch.isfinite(self.A).all()) and bool(torch.isfinite(self.B).all())):
+                # A product rounded past the dtype's range (a float16 weight
+                # at 65504, factored and multiplied back) would be inf.
+                raise ValueError(
+                    f"LowRankLinear.to_linear: B·A exceeds the range of "
+                    f"{dtype_name(weight.dtype)}; convert the layer first "
+                    "(layer.float().to_linear())")
+            linear.weight = nn.Parameter(weight, requires_grad=self.A.requires_grad
                                          or self.B.requires_grad)
             if self.bias is not None:
                 linear.bias = nn.Parameter(self.bias.detach().clone(),

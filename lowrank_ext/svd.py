@@ -69,11 +69,11 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     matrix gets rank 1. Both allow for rounding: ``energy`` may miss Σσ² by
     1e-12 of itself (so ``energy=1`` drops singular values below about
     1e-6·‖W‖_F, the rounding of values computed through squares, as
-    eigenvalues of XᵀX are), and ``tol`` ignores a tail of up to
+    eigenvalues of XᵀX are), and both ignore a tail of up to
     4·√n·eps·‖W‖_F, the rounding level of an SVD in ``S``'s dtype (float32's
     eps for float16, bfloat16 and float8 ``S``, as no SVD runs in those), so
-    ``tol=0`` gives the numerical rank, not the count of singular values that
-    rounding left above zero.
+    ``tol=0`` and ``energy=1`` give the numerical rank, not the count of
+    singular values that rounding left above zero.
     """
     energy, tol = _check_criteria("choose_rank", None, energy, tol, takes_rank=False)
     if not isinstance(S, torch.Tensor):
@@ -104,19 +104,20 @@ def choose_rank(S: Tensor, *, energy: float | None = None, tol: float | None = N
     if total == 0.0:
         return 1
     tail = torch.cat([upto[1:], upto.new_zeros(1)])
+    # Rounding in S itself is no error to meet: its floor, about n·eps² of
+    # Σσ² (with a margin), makes tol = 0 ("exact") and energy = 1 give the
+    # numerical rank (the SVD of a float32 rank-1 64 × 1024 matrix leaves
+    # values of 1e-6·‖W‖_F, 5e-12 of Σσ² together, more than the slack), while
+    # a small positive tol stays as strict as S's precision allows (1e-7 of a
+    # float64 W is kept). A half S was rounded from an SVD run in float32 at
+    # least (none runs in half), and rounding the values does not lift the
+    # tail: its eps would allow 6 % of Σσ² for 64 bfloat16 values.
+    eps = min(torch.finfo(S.dtype).eps, torch.finfo(torch.float32).eps)
+    floor = 16 * S.numel() * eps ** 2
     if energy is not None:
         # kept = total − tail ≥ energy·total·(1 − slack), solved for the tail.
-        ok = tail <= (1.0 - energy * (1.0 - _RANK_SLACK)) * total
+        ok = tail <= (1.0 - energy * (1.0 - _RANK_SLACK) + floor) * total
     else:
-        # Rounding in S itself is no error to meet: its floor, about n·eps² of
-        # Σσ² (with a margin), makes tol = 0 ("exact") give the numerical
-        # rank, as energy = 1 does, while a small positive tol stays as strict
-        # as S's precision allows (1e-7 of a float64 W is kept). A half S was
-        # rounded from an SVD run in float32 at least (none runs in half), and
-        # rounding the values does not lift the tail: its eps would allow 6 %
-        # of Σσ² for 64 bfloat16 values.
-        eps = min(torch.finfo(S.dtype).eps, torch.finfo(torch.float32).eps)
-        floor = 16 * S.numel() * eps ** 2
         ok = tail <= (tol * tol * (1.0 + _RANK_SLACK) + floor) * total
     return int(torch.nonzero(ok)[0, 0]) + 1
 
@@ -184,14 +185,25 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         # ratios of σ only, and σ₁ of a finite W can be past its dtype's range.
         S = torch.linalg.svdvals(svd_operand(W)[0])
         rank = choose_rank(S, energy=energy, tol=tol)
-    if not torch.compiler.is_compiling() and (
-            _functorch.transforms_active() is not None
-            or (W.requires_grad and torch.is_grad_enabled() and _holds_values(W))):
+    grad_wanted = W.requires_grad and torch.is_grad_enabled()
+    if torch.compiler.is_compiling():
+        if grad_wanted:
+            # Traced, the op would give factors that claim a gradient and pass
+            # none back to W: the differentiable form runs outside the graph.
+            return _differentiable_outside_compile(W, int(rank), balanced)
+    elif _functorch.transforms_active() is not None or (grad_wanted and _holds_values(W)):
         # The op has no autograd formula: torch would backpropagate through
         # its kernels' internals with a deprecation warning, or not at all.
         # (A meta or fake W has no values to factor: the op gives its shapes.)
         return _differentiable(W, int(rank), balanced)
     return ops.svd_truncate.default(W, int(rank), balanced)
+
+
+@torch.compiler.disable
+def _differentiable_outside_compile(W, rank, balanced):
+    """:func:`_differentiable`, run eagerly where the caller is being compiled
+    (a graph break; under ``fullgraph=True`` torch.compile says so)."""
+    return _differentiable(W, rank, balanced)
 
 
 def scaled_singular_values(W):

@@ -516,3 +516,44 @@ def test_a_sparse_w_is_named(to_layout, kwargs):
     with pytest.raises(TypeError, match=r"svd_truncate: W must be a dense \(strided\) tensor, "
                                         r"got layout sparse_c"):
         lx.svd_truncate(W, **kwargs)
+
+
+def test_energy_one_gives_the_numerical_rank_of_a_wide_float32_matrix():
+    """The SVD of a float32 rank-1 64 × 1024 matrix leaves values of about
+    1e-6·‖W‖_F, 5e-12 of Σσ² together: past the energy slack, they were kept."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        W = (torch.randn(64, 1, generator=g) @ torch.randn(1, 1024, generator=g)).float()
+        assert lx.svd_truncate(W, energy=1.0)[0].shape[1] == 1
+        assert lx.svd_truncate(W, tol=0.0)[0].shape[1] == 1
+
+
+def test_a_compiled_factorization_passes_the_gradient_to_w():
+    """Traced, the op gave factors that claimed a gradient and passed none back."""
+    torch.manual_seed(0)
+    W0 = torch.randn(8, 6, dtype=torch.float64)
+
+    def loss(w):
+        B, A = lx.svd_truncate(w, 3)
+        return (B @ A).pow(2).sum()
+
+    eager = W0.clone().requires_grad_()
+    loss(eager).backward()
+    compiled = W0.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.compile(loss, backend="aot_eager")(compiled).backward()
+    assert compiled.grad is not None
+    torch.testing.assert_close(compiled.grad, eager.grad)
+
+
+def test_to_linear_refuses_a_product_past_the_half_range():
+    """Finite float16 factors whose product passes 65504 (a float16 weight at
+    its limit factored and multiplied back can round there) gave an inf weight."""
+    A = torch.full((1, 3), 256.0, dtype=torch.float16)
+    B = torch.full((2, 1), 256.0, dtype=torch.float16)  # B·A = 65536
+    layer = lx.LowRankLinear.from_factors(A, B, None)
+    with pytest.raises(ValueError, match=r"to_linear: B·A exceeds the range of float16; "
+                                         r"convert the layer first"):
+        layer.to_linear()
+    assert bool((layer.float().to_linear().weight == 65536).all())
