@@ -96,9 +96,9 @@ def packed_attention_out_projections(keys):
     return found
 
 
-def check_output_is_not_input(output, input_path, files):
+def check_output_is_not_input(output, input_path, files, option="--output"):
     """Refuse an output that is the input file, its index or one of its shards,
-    even with --force: the weights being compressed would be replaced (and a
+    even with --force: the weights being read would be replaced (and a
     shard rewritten in place leaves a checkpoint whose index no longer
     matches it)."""
     inputs = list(files)
@@ -109,8 +109,8 @@ def check_output_is_not_input(output, input_path, files):
         return
     for path in inputs:
         if os.path.exists(path) and os.path.samefile(output, path):
-            raise ValueError(f"--output {output} is {path}, part of the input {input_path}; "
-                             "write the compressed file under another name")
+            raise ValueError(f"{option} {output} is {path}, part of the input {input_path}; "
+                             "write the output under another name")
 
 
 def run(args):

@@ -17,6 +17,11 @@ def add_arguments(parser):
     parser.add_argument("--rank", type=int, default=2, help="rank of W (default 2)")
 
 
+# The largest --size: the demo's full SVD of a 4096 × 4096 matrix takes about
+# half a minute and 400 MB on 2 cores; beyond, minutes and gigabytes.
+_MAX_SIZE = 4096
+
+
 def run(args):
     import torch
 
@@ -24,8 +29,10 @@ def run(args):
 
     if not -2**63 <= args.seed < 2**64:  # torch.manual_seed's range
         raise ValueError(f"--seed must be in [-2**63, 2**64 - 1], got {args.seed}")
-    if args.size < 1:
-        raise ValueError(f"--size must be >= 1, got {args.size}")
+    if not 1 <= args.size <= _MAX_SIZE:
+        # Checked before any output: a full SVD of size × size runs below.
+        raise ValueError(f"--size must be in [1, {_MAX_SIZE}], got {args.size} (the demo "
+                         "runs a full SVD of a size × size matrix)")
     if not 1 <= args.rank <= args.size:
         raise ValueError(f"--rank must be in [1, --size] = [1, {args.size}], got {args.rank}")
     torch.manual_seed(args.seed)

@@ -127,6 +127,16 @@ def check_output_path(owner, path, *, force=True, flag="--force", what="path",
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{_prefix(owner)}cannot write {path}: no directory {directory}")
+    try:
+        name_max = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not told: the write will say
+        name_max = None
+    name = len(os.fsencode(os.path.basename(path)))
+    if name_max and name > name_max:
+        # The probe below uses a shortened name, so only the final rename
+        # would fail, after the work.
+        raise ValueError(f"{_prefix(owner)}{what} {path!r}: its name is {name} bytes, more "
+                         f"than the {name_max} the file system allows")
     if not force and os.path.exists(path):
         raise FileExistsError(f"{_prefix(owner)}{path} exists; pass {flag} to overwrite it")
     # Permission bits cannot tell (root passes them, and /proc refuses new

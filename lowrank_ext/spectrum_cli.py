@@ -46,18 +46,23 @@ def _plot(path, name, S, energy):
 def run(args):
     import torch
     from ._names import preview
+    from .compress_cli import check_output_is_not_input
     from .serialization import check_output_path, model_files, opened
     from .svd import choose_rank, scaled_singular_values
 
     files = model_files(args.input, owner=None)
-    if args.plot and not args.layer:
+    # (Given as "" they are given: an empty --plot is refused, --layer "" is
+    # the tensor of that name.)
+    if args.plot is not None and args.layer is None:
         raise ValueError("--plot needs --layer NAME")
-    if args.plot:
-        # Fail before the SVD: a plot that cannot be written, matplotlib missing.
+    if args.plot is not None:
+        # Fail before the SVD: a plot that cannot be written (over the
+        # input itself, even with --force), matplotlib missing.
         check_output_path(None, args.plot, force=args.force, what="--plot")
+        check_output_is_not_input(args.plot, args.input, files, option="--plot")
         load_matplotlib()
         plot_format(args.plot)
-    if not args.layer:
+    if args.layer is None:
         print(f"{'tensor':<50} {'shape':>12} {'r@90%':>6} {'r@99%':>6}")
         for _, f in opened(files, None):  # each shard of a checkpoint in turn
             for key in f.keys():
@@ -104,7 +109,7 @@ def run(args):
     print(f"σ_1 = {float(S[0]):.4g}, σ_min = {float(S[-1]):.4g}")
     for target in _ENERGIES:
         print(f"  rank for {target:.1%} energy: {choose_rank(scaled, energy=target)}")
-    if args.plot:
+    if args.plot is not None:
         _plot(args.plot, key, S, energy)
         print(f"wrote {args.plot}")
     return 0

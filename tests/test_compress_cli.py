@@ -943,3 +943,35 @@ def test_a_bare_tensor_beside_a_layer_of_its_name(tmp_path, capsys):
     assert main(["compress", str(path), "-o", str(tmp_path / "all.safetensors"), "--rank", "2",
                  "--all-tensors"]) == 1
     assert "would all be the layer 'fc'" in _one_error_line(capsys, "compress")
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot"])
+def test_spectrum_never_plots_over_its_input(weights, capsys, monkeypatch, spelling):
+    """--plot naming the input with --force replaced the weights by a PNG."""
+    _, path = weights
+    before = path.read_bytes()
+    monkeypatch.chdir(path.parent)
+    plot = path.name if spelling == "same" else f"./{path.name}"
+    assert main(["spectrum", path.name, "--layer", "0", "--plot", plot, "--force"]) == 1
+    assert f"--plot {plot} is {path.name}, part of the input" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_spectrum_empty_plot_and_layer_are_not_taken_as_absent(weights, capsys):
+    _, path = weights
+    assert main(["spectrum", str(path), "--layer", "0", "--plot", ""]) == 1
+    assert "--plot is empty; give a file name" in capsys.readouterr().err
+    assert main(["spectrum", str(path), "--layer", ""]) == 1
+    assert "no tensor ''" in capsys.readouterr().err
+
+
+def test_an_output_name_longer_than_the_file_system_allows_is_refused_first(weights, tmp_path,
+                                                                            capsys):
+    """The writability probe used a shortened name: the run failed only at the
+    final rename, after all the work."""
+    _, path = weights
+    out = tmp_path / ("x" * 300 + ".safetensors")
+    assert main(["compress", str(path), "-o", str(out), "--rank", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "its name is 312 bytes, more than the 255 the file system allows" in err
+    assert "singular" not in err and not list(tmp_path.glob("*.tmp"))

@@ -40,3 +40,11 @@ def test_a_wrong_op_is_still_caught(capsys, monkeypatch):
     assert "DIFFERENT" in out
     assert err.startswith("lowrank_ext demo: error: lowrank_linear differs from (x·Aᵀ)·Bᵀ + b "
                           "in float64 by ") and err.count("\n") == 1
+
+
+def test_a_size_past_the_demo_s_limit_is_named_before_any_output(capsys):
+    """--size 10**19 overflowed torch.randn after printing, 4·10**9 ran out of memory."""
+    assert cli.main(["demo", "--size", str(10**19)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "--size must be in [1, 4096], got 10000000000000000000" in captured.err
