@@ -76,7 +76,7 @@ def test_cli_reports_a_bad_argument_in_one_line():
 
 @pytest.mark.parametrize("argv, message", [
     (["--rank", "20"], "--rank must be in [1, --size] = [1, 10], got 20"),
-    (["--size", "0"], "--size must be >= 1, got 0"),
+    (["--size", "0"], "--size must be in [1, 4096], got 0"),
 ])
 def test_demo_refuses_impossible_sizes(argv, message, capsys):
     from lowrank_ext import cli
