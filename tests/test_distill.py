@@ -684,22 +684,10 @@ def test_a_torchscript_module_in_match_is_refused_and_leaves_no_hooks():
 def test_warm_up_steps_round_halves_up_for_decimal_fractions(monkeypatch, steps, warmup,
                                                              expected):
     """0.29 · 50 is 14.499999999999998 in binary: it gave 14 warm-up steps."""
-    rates = []
-    real_step = torch.optim.Adam.step
-
-    def recording(self, *args, **kwargs):
-        rates.append(self.param_groups[0]["lr"])
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", recording)
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-    model = copy.deepcopy(teacher)
-    lx.compress_model(model, rank=2, progress=False)
-    lx.distill(model, teacher, [torch.randn(16, 8)], steps=steps, lr=1.0, warmup=warmup,
-               progress=False)
-    assert rates.index(1.0) + 1 == expected
-    assert rates[:expected] == pytest.approx([(i + 1) / expected for i in range(expected)])
+    rates = _learning_rates(monkeypatch, steps=steps, warmup=warmup)  # peak lr 1e-2
+    assert rates.index(1e-2) + 1 == expected
+    assert rates[:expected] == pytest.approx([1e-2 * (i + 1) / expected
+                                              for i in range(expected)])
 
 
 def test_per_token_layouts_are_masked_alike_in_distill_and_the_sensitivity_probes():
