@@ -56,9 +56,9 @@ class LowRankLinearFunction(torch.autograd.Function):
         ctx.save_for_forward(x, A, B, output[1])
 
     @staticmethod
-    def backward(ctx, gy, _gt):
+    def backward(ctx, gy, gt):
         x, A, B, t = ctx.saved_tensors
-        return _lowrank_grads(ctx.needs_input_grad, gy, x, A, B, t)
+        return _lowrank_grads(ctx.needs_input_grad, gy, x, A, B, t, gt_out=gt)
 
     @staticmethod
     def jvp(ctx, dx, dA, dB, dbias):
@@ -68,10 +68,10 @@ class LowRankLinearFunction(torch.autograd.Function):
             None if dt is None else F.linear(dt, B),
             None if dB is None else F.linear(t, dB), dbias)
         # The intermediate's own tangent: vmap's generated rule (jvp of a
-        # vmap) asks for one for every output. (It is left differentiable,
-        # as a non-differentiable output could get no tangent at all; only
-        # the public functions' first output is ever returned, so its
-        # gradient in backward is always None.)
+        # vmap) asks for one for every output. The saved t is an output of
+        # this Function, so where a tangent that uses it (t·dBᵀ) is itself
+        # differentiated in reverse mode (jacrev(jacfwd(f)), grad of a jvp),
+        # the gradient reaches t and backward passes it on to x and A.
         return _full_tangent(dy, x, B.shape[0]), _full_tangent(dt, x, A.shape[0])
 
 
@@ -90,9 +90,10 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.scale = scale
 
     @staticmethod
-    def backward(ctx, gy, _gt):
+    def backward(ctx, gy, gt):
         x, W, A, B, t = ctx.saved_tensors
-        return (*_lora_grads(ctx.needs_input_grad[:5], gy, x, W, A, B, t, ctx.scale), None)
+        return (*_lora_grads(ctx.needs_input_grad[:5], gy, x, W, A, B, t, ctx.scale,
+                             gt_out=gt), None)
 
     @staticmethod
     def jvp(ctx, dx, dW, dA, dB, dbias, _dscale):

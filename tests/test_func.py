@@ -77,6 +77,46 @@ def test_hessian(args):
     torch.testing.assert_close(got, expected)
 
 
+def test_reverse_over_forward_second_derivatives(args, lora_args):
+    # jacrev of jacfwd differentiates the tangent t·dBᵀ in reverse mode, so
+    # the gradient reaches the intermediate t as well as the output: the
+    # mixed blocks d²/dB dx and d²/dB dA depend on it.
+    def loss(fn):
+        return lambda *a: fn(*a).pow(2).sum()
+
+    second = lambda f: jacrev(jacfwd(f, argnums=(0, 1, 2)), argnums=(0, 1, 2))  # noqa: E731
+    got = second(loss(lx.lowrank_linear))(*args)
+    expected = hessian(loss(_composition), argnums=(0, 1, 2))(*args)
+    for row_got, row_expected in zip(got, expected):
+        for g, e in zip(row_got, row_expected):
+            torch.testing.assert_close(g, e)
+    ours = lambda x, W, A, B, bias: lx.lora_linear(x, W, A, B, bias, 0.5)  # noqa: E731
+    ref = lambda x, W, A, B, bias: _lora_composition(x, W, A, B, bias, 0.5)  # noqa: E731
+    second = lambda f: jacrev(jacfwd(f, argnums=(0, 2, 3)), argnums=(0, 2, 3))  # noqa: E731
+    got = second(loss(ours))(*lora_args)
+    expected = hessian(loss(ref), argnums=(0, 2, 3))(*lora_args)
+    for row_got, row_expected in zip(got, expected):
+        for g, e in zip(row_got, row_expected):
+            torch.testing.assert_close(g, e)
+
+
+def test_reverse_mode_through_a_forward_mode_tangent(args):
+    # A tangent from dual tensors, differentiated by plain autograd: the
+    # tangent of B alone reaches x only through the intermediate.
+    x, A, B, bias = args
+    x = x.clone().requires_grad_()
+    dB = torch.randn_like(B)
+
+    def grad_of_tangent(fn):
+        with fwAD.dual_level():
+            y = fn(x, A, fwAD.make_dual(B, dB), bias)
+            tangent = fwAD.unpack_dual(y).tangent
+        return torch.autograd.grad(tangent.pow(2).sum(), x)[0]
+
+    torch.testing.assert_close(grad_of_tangent(lx.lowrank_linear),
+                               grad_of_tangent(_composition))
+
+
 def test_jvp_of_a_vmap_over_the_ops(args, lora_args):
     # vmap's generated rule asks the Function's jvp for a tangent of every
     # output, the non-differentiable intermediate included.
