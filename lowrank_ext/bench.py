@@ -37,7 +37,6 @@ respect to x, A and B, W and bias staying frozen as in LoRA fine-tuning; for
 
 import contextlib
 import itertools
-import json
 import math
 import numbers
 import os
@@ -94,6 +93,12 @@ CUDA_GRAPH_BELOW_US = 200.0
 # More torch threads than this is no benchmark setting: OpenMP fails to make
 # them (16384) or the process crashes (100000).
 MAX_THREADS = max(1024, os.cpu_count() or 1)
+
+
+# Bounds on the timing settings: an hour of warm-up per side, a minute per
+# timed sample.
+MAX_WARMUP_S = 3600.0
+MAX_BATCH_MS = 60000.0
 
 
 def parse_shapes(text):
@@ -575,12 +580,16 @@ def check_settings(rounds, warmup_s, batch_ms, threads, *, options=False):
             raise ValueError(f"{name(key)} must be >= 1, got {value}")
         if key == "threads" and value > MAX_THREADS:
             raise ValueError(f"{name(key)} must be at most {MAX_THREADS}, got {value}")
-    for key, value, positive in (("warmup_s", warmup_s, False), ("batch_ms", batch_ms, True)):
+    for key, value, positive, most in (("warmup_s", warmup_s, False, MAX_WARMUP_S),
+                                       ("batch_ms", batch_ms, True, MAX_BATCH_MS)):
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
             raise TypeError(f"{name(key)} must be a number, got {type(value).__name__}")
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise ValueError(f"{name(key)} must be finite and {'> 0' if positive else '>= 0'}, "
                              f"got {value}")
+        if value > most:
+            # Finite, yet a run that would not end in a lifetime (1e300 s).
+            raise ValueError(f"{name(key)} must be at most {most:g}, got {value:g}")
 
 
 def run_benchmark(shapes, dtypes, device="cpu", modes=MODES, sides=SIDES, rounds=15,
@@ -609,7 +618,17 @@ def run_benchmark(shapes, dtypes, device="cpu", modes=MODES, sides=SIDES, rounds
                  f"({copies} input sets)")
         log(label + " ...")
         torch._dynamo.reset()
-        calls = build_calls(shape, dtype, device, mode, sides, copies, op=op)
+        try:
+            calls = build_calls(shape, dtype, device, mode, sides, copies, op=op)
+        except (RuntimeError, MemoryError) as exc:
+            # torch's words ("DefaultCPUAllocator: can't allocate memory")
+            # name no shape; anything else is a bug and keeps its own.
+            if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and \
+                    "allocate" not in str(exc):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(f"shape {','.join(map(str, shape))} ({dtype_name}): not enough "
+                               f"memory for its inputs ({first})") from exc
         # Forward inputs do not require grad; time them under one no_grad
         # block, as inference code runs them.
         with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
@@ -734,16 +753,9 @@ def busy_entries(result):
     return found
 
 
-def write_json(result, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-
-
-def plot(result, path):
-    """Bar chart of baseline / ours per shape, dtype and mode (needs matplotlib)."""
+def plot(result, path, fmt_path=None):
+    """Bar chart of baseline / ours per shape, dtype and mode (needs matplotlib),
+    in the format of ``fmt_path``'s extension (default ``path``'s)."""
     import textwrap
 
     from ._plotting import load_matplotlib, plot_format
@@ -770,5 +782,5 @@ def plot(result, path):
                  fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format=plot_format(path))
+    fig.savefig(path, dpi=120, format=plot_format(fmt_path or path))
     plt.close(fig)

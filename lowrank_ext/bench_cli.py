@@ -1,5 +1,6 @@
 """``python -m lowrank_ext bench``: time lowrank_linear against its baselines."""
 
+import json
 import os
 import sys
 
@@ -32,18 +33,31 @@ def add_arguments(parser):
                         help="torch thread count for every side (default: torch's)")
     parser.add_argument("--no-rotate", action="store_true",
                         help="reuse one input set (hot caches) instead of rotating copies")
-    parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
-    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
+    parser.add_argument("--json", metavar="PATH",
+                        help="write every figure as JSON (- for standard output; the table "
+                             "then goes to standard error)")
+    parser.add_argument("--markdown", metavar="PATH",
+                        help="write the table as markdown (- for standard output)")
     parser.add_argument("--plot", metavar="PATH", help="draw the ratios (needs matplotlib)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def _split(text, allowed, what):
+def _split(text, allowed, option):
+    """The items of a comma-separated option, each once, in the order given."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        raise ValueError(f"bad {what} {','.join(bad) or text!r}; choose from {', '.join(allowed)}")
-    return items
+        raise ValueError(f"{option}: bad value {','.join(bad) or text!r}; choose from "
+                         f"{', '.join(allowed)}")
+    return list(dict.fromkeys(items))  # a repeated side or mode would be timed twice
+
+
+def _named(option, parse, text):
+    """``parse(text)`` with its ValueError naming ``option``."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
 
 
 # The largest tensor torch can allocate: its size in bytes is an int64.
@@ -71,6 +85,9 @@ def _make_directory_of(path):
     while not os.path.lexists(directory):
         made.append(directory)
         directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        # os.makedirs would say "File exists", which names neither.
+        raise NotADirectoryError(f"cannot write {path}: {directory} is not a directory")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as exc:
@@ -99,8 +116,12 @@ def _check_outputs(args):
     # First the checks that make nothing.
     given = [(flag, path) for flag, path in (("--json", args.json), ("--markdown", args.markdown),
                                              ("--plot", args.plot)) if path is not None]
+    if args.plot == STDOUT:
+        raise ValueError("--plot -: an image does not go to standard output; give a file name")
     for i, (flag, path) in enumerate(given):
         for other, other_path in given[:i]:
+            if path == other_path == STDOUT:
+                raise ValueError(f"{other} and {flag} both name standard output (-)")
             # (A device such as /dev/stdout takes both, one after the other.)
             if (os.path.realpath(path) == os.path.realpath(other_path)
                     and (os.path.isfile(path) or not os.path.exists(path))):
@@ -111,17 +132,73 @@ def _check_outputs(args):
         plot_format(args.plot)
     made = []
     try:
-        for flag, path in (("--json", args.json), ("--markdown", args.markdown),
-                           ("--plot", args.plot)):
-            if path is not None:
+        for flag, path in given:
+            if path == STDOUT:
+                continue
+            try:
                 # The directory is made if missing, as the writers would.
                 made += _make_directory_of(path)
-                # The writers open the path itself: /dev/stdout is written into.
+                # A device (/dev/stdout) is written into, a file replaced.
                 check_output_path(None, path, what=flag, replaced=False)
+            except (OSError, ValueError) as exc:
+                message = str(exc) if isinstance(exc, ValueError) else exc.strerror or str(exc)
+                if not message.startswith(flag):
+                    message = f"{flag}: {message}"
+                raise (type(exc)(message) if isinstance(exc, ValueError) or exc.errno is None
+                       else type(exc)(exc.errno, message)) from None
     except BaseException:
         _remove_directories(made)
         raise
     return made
+
+
+# An output path meaning standard output.
+STDOUT = "-"
+
+
+def _is_device(path):
+    """A path that exists and is not a regular file (/dev/stdout, a FIFO):
+    written into, where a file is replaced as a whole."""
+    return os.path.exists(path) and not os.path.isfile(path)
+
+
+def _write_outputs(args, bench, result, table):
+    """Write --json, --markdown and --plot. Files are replaced together, once
+    all of them are written (a failure leaves the old ones); devices and
+    standard output are written into."""
+    from .serialization import atomic_write_files
+
+    texts = []
+    if args.json:
+        texts.append((args.json, json.dumps(result, indent=1) + "\n"))
+    if args.markdown:
+        texts.append((args.markdown, f"Command: `{result['command']}`\n\n"
+                                     f"Machine: {bench.machine_summary(result)}\n\n{table}\n"))
+    files = []
+    for path, text in texts:
+        if path == STDOUT:
+            continue  # printed last (see run)
+        # UTF-8 whatever the locale (the table has µ and ×); the command
+        # keeps the bytes of a file name that is not UTF-8.
+        data = text.encode("utf-8", "surrogateescape")
+        if _is_device(path):
+            with open(path, "wb") as f:
+                f.write(data)
+        else:
+            files.append((path, lambda tmp, data=data: _write_bytes(tmp, data)))
+    if args.plot:
+        if _is_device(args.plot):
+            bench.plot(result, args.plot)
+        else:
+            files.append((args.plot, lambda tmp: bench.plot(result, tmp, fmt_path=args.plot)))
+    if files:
+        atomic_write_files(files)
+    return [text for path, text in texts if path == STDOUT]
+
+
+def _write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def run(args):
@@ -131,9 +208,17 @@ def run(args):
         bench.require_cuda()
     # Before any output directory is made, and named as the options.
     bench.check_settings(args.rounds, args.warmup_s, args.batch_ms, args.threads, options=True)
-    modes = _split(args.modes, bench.MODES, "mode")
-    sides = _split(args.sides, bench.SIDES, "side")
+    modes = _split(args.modes, bench.MODES, "--modes")
+    sides = _split(args.sides, bench.SIDES, "--sides")
     sides = ["ours"] + [s for s in sides if s != "ours"]
+    if "dense" in sides and not any(bench.sides_for(args.op, m, ["dense"]) for m in modes):
+        # Otherwise its column stays empty without a word.
+        raise ValueError(f"--sides dense: --op {args.op} has no dense side in "
+                         f"{', '.join(modes)} (a merged adapter cannot be trained); add fwd "
+                         "to --modes or leave dense out")
+    if args.plot is not None and len(sides) == 1:
+        raise ValueError("--plot draws the ratios to the other sides, and --sides names "
+                         "only ours")
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     plan = []  # (shapes, dtypes) groups
@@ -147,9 +232,10 @@ def run(args):
                     if lora else
                     (bench.DEFAULT_CUDA_SHAPES if cuda else bench.DEFAULT_CPU_SHAPES))
         # An empty --shapes "" is an error, not the (long) defaults.
-        shapes = bench.parse_shapes(args.shapes) if args.shapes is not None else defaults
+        shapes = (_named("--shapes", bench.parse_shapes, args.shapes)
+                  if args.shapes is not None else defaults)
         _check_shape_sizes(shapes)
-        dtypes = (bench.parse_dtypes(args.dtype) if args.dtype is not None else
+        dtypes = (_named("--dtype", bench.parse_dtypes, args.dtype) if args.dtype is not None else
                   list(bench.DEFAULT_CUDA_DTYPES if args.device == "cuda"
                        else bench.DEFAULT_CPU_DTYPES))
         plan = [(shapes, dtypes)]
@@ -177,9 +263,14 @@ def _time_and_write(args, bench, plan, modes, sides, log):
             result["results"].extend(part["results"])
 
     table = bench.markdown_table(result)
-    print(f"Machine: {bench.machine_summary(result)}")
-    print(f"Command: {result['command']}")
-    print(table)
+    # The files first: a reader of standard output that has gone away
+    # (`| head -1`) or cannot take µ must not cost the run's files.
+    to_stdout = _write_outputs(args, bench, result, table)
+    # With --json - or --markdown -, standard output is theirs.
+    summary = sys.stderr if to_stdout else sys.stdout
+    print(f"Machine: {bench.machine_summary(result)}", file=summary)
+    print(f"Command: {result['command']}", file=summary)
+    print(table, file=summary)
     noisy = bench.noisy_entries(result)
     if noisy:
         print(f"Noisy: the slowest sample took over {bench.NOISY_SPREAD:g}× the fastest at "
@@ -190,12 +281,6 @@ def _time_and_write(args, bench, plan, modes, sides, log):
         print(f"Busy: other work took over {bench.BUSY_OTHER_LOAD:g} of a core while timing "
               f"{'; '.join(busy)}; rerun on an idle machine before trusting those ratios",
               file=sys.stderr)
-    if args.json:
-        bench.write_json(result, args.json)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"Command: `{result['command']}`\n\n"
-                    f"Machine: {bench.machine_summary(result)}\n\n{table}\n")
-    if args.plot:
-        bench.plot(result, args.plot)
+    for text in to_stdout:
+        sys.stdout.write(text)
     return 0

@@ -52,13 +52,35 @@ def _one_line(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _prepare_streams():
+    """Output that a stream's encoding cannot hold (µ, ×, σ under LANG=C or a
+    Windows code page; a file name that is not UTF-8, echoed in a message or
+    a recorded command) is escaped rather than aborting the command; a closed
+    stderr (``2>&-``) swallows progress and errors rather than sending them
+    into stdout, where ``print(file=None)`` would."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+    for stream in (sys.stdout, sys.stderr):
+        if (stream is not None and getattr(stream, "errors", None) == "strict"
+                and hasattr(stream, "reconfigure")):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or detached stream
+                pass
+
+
 def main(argv=None):
     args = None
+    _prepare_streams()
     try:
         # Inside the try: building the parser imports the commands, which a
         # Ctrl-C may interrupt too.
         args = build_parser().parse_args(argv)
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        if sys.stdout is not None:
+            # Here, not at exit: a reader gone away (`| true`) is caught below.
+            sys.stdout.flush()
+        return status
     except KeyboardInterrupt:
         command = f" {args.command}" if args is not None else ""
         print(f"lowrank_ext{command}: interrupted", file=sys.stderr)

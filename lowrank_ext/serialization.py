@@ -94,6 +94,15 @@ def check_input_file(owner, path):
     except OSError as exc:
         raise type(exc)(exc.errno, f"{_prefix(owner)}cannot read {path}: "
                         f"{exc.strerror or exc}") from None
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:
+        # safetensors takes the name as UTF-8 text and would call the file
+        # invalid.
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # the bytes, escaped
+        raise ValueError(f"{_prefix(owner)}cannot read {shown}: safetensors opens only files "
+                         "whose path is valid UTF-8; rename the file or link it under such a "
+                         "name") from None
 
 
 def check_output_path(owner, path, *, force=True, flag="--force", what="path",

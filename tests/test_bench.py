@@ -227,8 +227,8 @@ def test_an_output_directory_that_takes_no_file_fails_before_any_timing(capsys, 
     for flag in ("--json", "--markdown"):
         assert run_cli(["--shapes", "1,4,2,4", flag, "/proc/b.out"]) == 1
         err = capsys.readouterr().err.strip()
-        assert err.startswith("lowrank_ext bench: error: cannot write /proc/b.out: cannot create "
-                              "a file in /proc") and err.count("\n") == 0
+        assert err.startswith(f"lowrank_ext bench: error: {flag}: cannot write /proc/b.out: "
+                              "cannot create a file in /proc") and err.count("\n") == 0
     assert not timed
 
 
@@ -368,3 +368,138 @@ def test_busy_sides_are_named():
                           for mode, sides in (("fwd", busy), ("train", idle))]}
     assert bench.busy_entries(result) == ["4,64,8,64 float32 fwd"]
     assert bench.noisy_entries(result) == []  # its samples agree: only the other load tells
+
+
+TINY = ["--shapes", "2,8,2,8", "--dtype", "float32", "--modes", "fwd", "--sides",
+        "ours,compose", "--rounds", "1", "--batch-ms", "0.2", "--warmup-s", "0", "--quiet"]
+
+
+def test_json_to_standard_output_keeps_the_table_off_it(capsys):
+    # "--json -" wrote a file named "-"; the JSON is now all of stdout.
+    assert run_cli(TINY + ["--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["results"][0]["shape"] == {"M": 2, "k": 8, "r": 2, "d": 8}
+    assert "compose / ours" in err
+
+
+def test_markdown_to_standard_output(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(TINY + ["--markdown", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Command: `") and "compose / ours" in out
+    assert "Machine:" in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "-", "--markdown", "-"], "--json and --markdown both name standard output (-)"),
+    (["--plot", "-"], "--plot -: an image does not go to standard output"),
+    (["--shapes", ""], "--shapes: no shapes given"),
+    (["--dtype", ","], "--dtype: no dtypes given"),
+    (["--modes", "fwd,back"], "--modes: bad value 'back'; choose from fwd, train"),
+    (["--sides", "ours,slow"], "--sides: bad value 'slow'"),
+    (["--op", "lora", "--modes", "train", "--sides", "ours,dense"],
+     "--sides dense: --op lora has no dense side in train"),
+    (["--sides", "ours", "--plot", "b.png"], "--plot draws the ratios to the other sides"),
+    (["--warmup-s", "1e300"], "--warmup-s must be at most 3600, got 1e+300"),
+    (["--batch-ms", "1e9"], "--batch-ms must be at most 60000, got 1e+09"),
+])
+def test_refused_options_are_named_before_any_timing(argv, message, capsys, tmp_path,
+                                                     monkeypatch):
+    if "--plot" in argv and "-" not in argv:
+        pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    args = argv if "--shapes" in argv else ["--shapes", "2,8,2,8"] + argv
+    assert run_cli(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowrank_ext bench: error: ") and message in err
+    assert err.count("\n") == 0 and not timed and list(tmp_path.iterdir()) == []
+
+
+def test_repeated_sides_and_modes_are_timed_once(capsys):
+    assert run_cli(TINY[:4] + ["--modes", "fwd,fwd", "--sides", "ours,compose,compose",
+                                 "--rounds", "1", "--batch-ms", "0.2", "--warmup-s", "0",
+                                 "--quiet", "--json", "-"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["results"]) == 1
+    assert result["settings"]["sides"] == ["ours", "compose"]
+
+
+def test_an_output_under_a_file_names_the_file(capsys, tmp_path):
+    (tmp_path / "f").write_text("")
+    assert run_cli(["--shapes", "2,8,2,8", "--json", str(tmp_path / "f" / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert f"--json: cannot write {tmp_path / 'f' / 'x.json'}: {tmp_path / 'f'} is not a " \
+           "directory" in err
+
+
+class _GoneReader:
+    """A standard output whose reader has gone away (`| head -1`)."""
+    encoding = "utf-8"
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self):
+        raise ValueError("no descriptor")
+
+
+def test_output_files_are_written_before_the_table_is_printed(tmp_path, monkeypatch):
+    # The table went first, so a reader gone away lost the whole run's files.
+    monkeypatch.setattr(sys, "stdout", _GoneReader())
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    assert run_cli(TINY + ["--json", str(js), "--markdown", str(md)]) == 1
+    assert json.loads(js.read_text())["results"] and "compose / ours" in md.read_text()
+
+
+def test_a_failed_output_leaves_the_old_files(tmp_path, capsys, monkeypatch):
+    # Plain open("w") emptied the old file before the failure.
+    pytest.importorskip("matplotlib")
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    js.write_text("old")
+
+    def failing_plot(*args, **kwargs):
+        raise RuntimeError("the plot failed")
+
+    monkeypatch.setattr(bench, "plot", failing_plot)
+    assert run_cli(TINY + ["--json", str(js), "--plot", str(png)]) == 1
+    assert "the plot failed" in capsys.readouterr().err
+    assert js.read_text() == "old" and not png.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+def test_a_dangling_link_as_output_is_replaced_by_the_file(tmp_path):
+    link = tmp_path / "out.json"
+    link.symlink_to(tmp_path / "missing" / "out.json")
+    assert run_cli(TINY + ["--json", str(link)]) == 0
+    assert not link.is_symlink() and json.loads(link.read_text())["results"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a non-UTF-8 file name")
+def test_outputs_under_non_utf8_names_in_any_locale(tmp_path, monkeypatch, capsys):
+    import os
+
+    directory = os.fsencode(tmp_path)
+    md = os.fsdecode(directory + b"/r\xff.md")
+    monkeypatch.setattr(sys, "argv", ["lowrank_ext", "bench", "--markdown", md])
+    assert run_cli(TINY + ["--markdown", md]) == 0
+    data = open(os.fsencode(md), "rb").read()
+    # UTF-8 text (µ), the name's byte kept as it was in the command.
+    assert "µ".encode() in data and b"r\xff.md" in data
+
+
+def test_a_stdout_that_cannot_hold_the_table_gets_escapes(monkeypatch, capsys):
+    import io
+
+    raw = io.BytesIO()
+    ascii_out = io.TextIOWrapper(raw, encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    assert run_cli(TINY) == 0
+    ascii_out.flush()
+    text = raw.getvalue().decode("ascii")
+    assert "ours \\xb5s" in text and "compose / ours" in text

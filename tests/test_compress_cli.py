@@ -198,6 +198,23 @@ def test_spectrum_unknown_layer(weights, capsys):
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a non-UTF-8 file name")
+@pytest.mark.parametrize("command", ["compress", "spectrum"])
+def test_an_input_name_that_is_not_utf8_is_named_as_such(weights, tmp_path, capsys, command):
+    # safetensors cannot open it and called the file "not a valid safetensors file".
+    model, path = weights
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/w\xff.safetensors")
+    os.link(path, os.fsencode(odd))
+    argv = ([command, odd, "-o", str(tmp_path / "out.safetensors"), "--rank", "2"]
+            if command == "compress" else [command, odd])
+    assert main(argv) == 1
+    line = _one_error_line(capsys, command)
+    assert "safetensors opens only files whose path is valid UTF-8" in line
+    assert "w\\xff.safetensors" in line and not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(ValueError, match="load_compressed: cannot read .*valid UTF-8"):
+        lx.load_compressed(build(), odd)
+
+
 def _one_error_line(capsys, command):
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
