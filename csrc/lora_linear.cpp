@@ -138,8 +138,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_half_widened(
     double scale) {
   const at::Tensor x32 = x2.to(at::kFloat);
   const at::Tensor t32 = at::mm(x32, A.to(at::kFloat).t());
-  at::Tensor y32 = bias_plus_scaled_adapter(t32, B.to(at::kFloat).t(), bias, scale);
-  y32.addmm_(x32, W.to(at::kFloat).t());
+  const at::Tensor W32t = W.to(at::kFloat).t();
+  // (x·Wᵀ + bias) + scale·t·Bᵀ, the fallback's order: near float32's range
+  // another order overflows where this one does not, or the other way.
+  at::Tensor y32 = bias.has_value() ? at::addmm(bias->to(at::kFloat), x32, W32t)
+                                    : at::mm(x32, W32t);
+  if (A.size(0) > 0 || !scale_is_alpha(scale, at::kFloat)) {
+    add_scaled_adapter(y32, t32, B.to(at::kFloat).t(), scale);
+  }
   return {y32.to(x2.scalar_type()), t32.to(x2.scalar_type())};
 }
 
@@ -159,7 +165,9 @@ constexpr int64_t kAdapterBlockElems = int64_t{1} << 18;
 // sum gives: the GEMM's rounding and c_lo's (kept in the half type) cost a
 // last bit unless the result is more than about 2^8 (bfloat16) or 2^11
 // (float16) times smaller than c; the fallback rounds once whatever the
-// cancellation. On the
+// cancellation. (So this path sums (bias + adapter) + x·Wᵀ where the others
+// sum (x·Wᵀ + bias) + adapter: within a few units of float32's largest value
+// one order can overflow where the other does not.) On the
 // CPU t = x·Aᵀ stays in float32 too, as in the fallback and the few-rows
 // branch; CUDA reads x once in the half type and rounds t, as its fused
 // kernel and peft's composition do.
@@ -264,12 +272,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
       if (!t32.defined()) {  // the kernels were turned off since (_cpu_kernel, another thread)
         t32 = at::mm(xr.to(at::kFloat), A.to(at::kFloat).t());
       }
+      // The bias before the adapter, in the fallback's order (see
+      // lora_linear_half_widened).
+      if (bias.has_value()) {
+        y32.add_(bias->to(at::kFloat));
+      }
       // An empty adapter still multiplies by a scale that is no alpha (inf·0 is NaN).
       if (r > 0 || !scale_is_alpha(scale, at::kFloat)) {
         add_scaled_adapter(y32, t32, B.t().to(at::kFloat), scale);
-      }
-      if (bias.has_value()) {
-        y32.add_(bias->to(at::kFloat));
       }
       return {y32.to(x.scalar_type()).view(y_shape), t32.to(x.scalar_type()).view(t_shape)};
     }

@@ -27,7 +27,13 @@ def _upcast(dtype, *tensors):
 def lowrank_forward(x, A, B, bias):
     xc, Ac, Bc, bc = _upcast(x.dtype, x, A, B, bias)
     t = F.linear(xc, Ac)
-    y = F.linear(t, Bc, bc)
+    if bc is not None and Bc.layout != torch.strided:
+        # A sparse B with a bias has no F.linear kernel (addmm wants the
+        # sparse operand first); the bias is added after the product, as
+        # addmm adds it.
+        y = F.linear(t, Bc) + bc
+    else:
+        y = F.linear(t, Bc, bc)
     return y.to(x.dtype), t.to(x.dtype)
 
 

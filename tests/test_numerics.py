@@ -429,3 +429,51 @@ def test_float16_lora_gradient_of_x_survives_a_cancelled_dense_overflow(monkeypa
         x.grad = None
         fn(x, W, A, B, None, 1.0).backward(gy)
         torch.testing.assert_close(x.grad.double(), expected)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_bias_is_added_after_the_product_at_every_row_count(kernel, dtype):
+    # t·Bᵀ = 1e38 − 1e38 = 0 plus a bias of 3e38: the panel expand (8 rows and
+    # more) started its sums from the bias and overflowed to inf, where fewer
+    # rows, the portable kernels and the fallback give 3e38.
+    compiled = lx.backend_info()["compiled"]
+    if compiled:
+        previous = torch.ops.lowrank_ext._cpu_kernel("")
+        torch.ops.lowrank_ext._cpu_kernel(kernel)
+    try:
+        k = 4
+        A = torch.full((2, k), 0.25, dtype=dtype)  # t = [1, 1]
+        B = torch.tensor([[1e38, -1e38]] * 20, dtype=dtype)  # 20 outputs: a partial panel too
+        bias = torch.full((20,), 3e38, dtype=dtype)
+        expected = bias.double()
+        for rows in (1, 7, 8, 64):
+            x = torch.ones(rows, k, dtype=dtype)
+            for fn in (lx.lowrank_linear, _fallback.lowrank_linear):
+                y = fn(x, A, B, bias)
+                assert torch.isfinite(y).all(), (fn, rows)
+                torch.testing.assert_close(y.double(), expected.expand(rows, -1),
+                                           rtol=torch.finfo(dtype).eps, atol=0)
+    finally:
+        if compiled:
+            torch.ops.lowrank_ext._cpu_kernel({"avx512bf16": "auto"}.get(previous, previous))
+
+
+@pytest.mark.parametrize("widen", ["0", "1"], ids=["half-gemm", "widened"])
+@pytest.mark.parametrize("dtype, rows", [(torch.float32, 1), (torch.float32, 128),
+                                         (torch.float32, 129), (torch.bfloat16, 2),
+                                         (torch.bfloat16, 64), (torch.bfloat16, 300)], ids=str)
+def test_lora_adds_dense_bias_then_adapter_on_every_branch(monkeypatch, widen, dtype, rows):
+    # x·Wᵀ = 3e38, bias = −3e38, adapter = 1e38: summed in the fallback's
+    # order (x·Wᵀ + bias) + adapter the result is 1e38; the few-rows branch
+    # added the adapter first and gave inf, depending on the row count.
+    monkeypatch.setenv("LOWRANK_EXT_WIDEN_HALF", widen)
+    big, k = 3.0e38, 4
+    x = torch.ones(rows, k, dtype=dtype)
+    W = torch.full((2, k), big / k, dtype=dtype)
+    bias = torch.full((2,), -big, dtype=dtype)
+    A = torch.full((1, k), 1.0 / k, dtype=dtype)
+    B = torch.full((2, 1), 1.0e38, dtype=dtype)
+    expected = _fallback.lora_linear(x, W, A, B, bias, 1.0)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(lx.lora_linear(x, W, A, B, bias, 1.0), expected, rtol=0, atol=0)

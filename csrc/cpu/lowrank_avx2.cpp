@@ -355,14 +355,22 @@ void panel_tile(
     const float* t, int64_t ldt, const float* P, int64_t r, const float* bias16, T* y,
     int64_t ldy, int64_t nc) {
   __m256 c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = _mm256_setzero_ps();
+    c1[i] = _mm256_setzero_ps();
+  }
+  broadcast_tile<MR>(t, ldt, P, r, c0, c1);
+  // The bias last, as every other path (and F.linear) adds it: started from
+  // the bias, a sum near float32's range overflowed on this path alone, so
+  // the same row's output depended on the batch's row count.
   const __m256 b0 = _mm256_loadu_ps(bias16);
   const __m256 b1 = _mm256_loadu_ps(bias16 + 8);
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
-    c0[i] = b0;
-    c1[i] = b1;
+    c0[i] = _mm256_add_ps(c0[i], b0);
+    c1[i] = _mm256_add_ps(c1[i], b1);
   }
-  broadcast_tile<MR>(t, ldt, P, r, c0, c1);
   // Every loop over the accumulators is unrolled so that they stay in registers.
   if (nc == kPanelCols) {
 #pragma GCC unroll 6

@@ -260,7 +260,7 @@ void pack_pairs(const uint16_t* B, int64_t r, int64_t o, int64_t nc, uint32_t* P
   }
 }
 
-// y[i, o + c] = bias + Σ_q tb[i][q] · P[q][c] for MR rows and the columns
+// y[i, o + c] = (Σ_q tb[i][q] · P[q][c]) + bias for MR rows and the columns
 // in the masks m0 (c < 16) and m1 (16 ≤ c < 32).
 template <int MR>
 void expand_tile(
@@ -269,8 +269,8 @@ void expand_tile(
   __m512 acc0[MR], acc1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
-    acc0[i] = bias0;
-    acc1[i] = bias1;
+    acc0[i] = _mm512_setzero_ps();
+    acc1[i] = _mm512_setzero_ps();
   }
   for (int64_t q = 0; q < pairs; ++q) {
     const __m512i p0 = _mm512_loadu_si512(P + q * kPanelCols);
@@ -281,6 +281,13 @@ void expand_tile(
       acc0[i] = dot_pairs(acc0[i], pair, p0);
       acc1[i] = dot_pairs(acc1[i], pair, p1);
     }
+  }
+  // The bias last, as the other paths add it (a sum started from the bias
+  // can overflow where the result does not).
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    acc0[i] = _mm512_add_ps(acc0[i], bias0);
+    acc1[i] = _mm512_add_ps(acc1[i], bias1);
   }
   // vcvtne2ps2bf16 rounds 32 sums at once to nearest even, as c10::BFloat16
   // does, except that it flushes subnormals to zero and keeps NaN payloads
