@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module  # torch's global module hooks
 
 from . import _functorch
-from ._checks import dtype_name, float_scale
+from ._checks import SUPPORTED_DTYPES, dtype_name, float_scale
 from ._modules import (_run_the_module, dense_weight, has_own_forward, is_conv1d,
                        weight_recomputed)
 from .ops import (check_lora_linear_tensors, lora_linear, lora_linear_changing_scale,
@@ -237,10 +237,11 @@ class LowRankLinear(nn.Module):
         if not isinstance(bias, bool):
             raise TypeError(f"LowRankLinear: bias must be a bool, got {type(bias).__name__}")
         if dtype is not None and not (isinstance(dtype, torch.dtype)
-                                      and dtype.is_floating_point):
+                                      and dtype in SUPPORTED_DTYPES):
+            # (float8 is floating point too, but the op takes none of them.)
             seen = dtype_name(dtype) if isinstance(dtype, torch.dtype) else repr(dtype)
-            raise TypeError(f"LowRankLinear: dtype must be a floating-point torch.dtype, got "
-                            f"{seen}")
+            raise TypeError(f"LowRankLinear: dtype must be float32, float64, float16 or "
+                            f"bfloat16, got {seen}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -301,12 +302,16 @@ class LowRankLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, rank: int | None = None, *,
                     energy: float | None = None, tol: float | None = None,
                     ratio: float | None = None, balanced: bool = False,
-                    method: str = "exact") -> LowRankLinear:
+                    method: str = "exact", niter: int = 2,
+                    generator: torch.Generator | None = None) -> LowRankLinear:
         """A ``LowRankLinear`` approximating ``linear`` by truncated SVD of its weight.
 
         Give exactly one of ``rank``, ``energy``, ``tol`` (as in
         :func:`svd_truncate`) or ``ratio``, the fraction of the weight's
-        parameters kept: r = ⌊ratio·d·k/(d+k)⌋ (at least 1). The new layer has
+        parameters kept: r = ⌊ratio·d·k/(d+k)⌋ (at least 1). ``balanced``,
+        ``method``, ``niter`` and ``generator`` work as in
+        :func:`svd_truncate` (``method="randomized"`` draws from
+        ``generator``, leaving torch's global one alone). The new layer has
         ``linear``'s device, dtype and training mode and a copy of its bias;
         ``A`` and ``B`` require gradients as ``linear.weight`` does, the bias
         as its bias (a frozen layer stays frozen). ``linear`` itself is not
@@ -338,7 +343,7 @@ class LowRankLinear(nn.Module):
             _check_rank("LowRankLinear.from_linear", rank, d, k)
         try:
             B, A = svd_truncate(weight, rank, energy=energy, tol=tol, balanced=balanced,
-                                method=method)
+                                method=method, niter=niter, generator=generator)
         except (TypeError, ValueError) as exc:  # worded for svd_truncate's W: name this call
             message = str(exc)
             if not message.startswith("svd_truncate: "):
@@ -348,6 +353,7 @@ class LowRankLinear(nn.Module):
                 message = "linear.weight " + message.removeprefix("W ")
             raise type(exc)(f"LowRankLinear.from_linear: {message}") from None
         # (A bias kept in another dtype than the weight takes the weight's.)
+        # (from_factors makes the Parameters outside inference mode.)
         new = cls.from_factors(A, B, None if linear.bias is None
                                else linear.bias.detach().to(device=A.device, dtype=A.dtype))
         new.train(linear.training)
@@ -367,8 +373,9 @@ class LowRankLinear(nn.Module):
         for name, t in (("A", A), ("B", B)):
             if t.dim() != 2:
                 raise ValueError(f"{owner}: {name} must be 2-D, got shape {list(t.shape)}")
-            if not t.is_floating_point():
-                raise TypeError(f"{owner}: {name} must be a floating-point tensor, got {t.dtype}")
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"{owner}: {name} must be float32, float64, float16 or "
+                                f"bfloat16, got {dtype_name(t.dtype)}")
         for name, t in (("B", B), ("bias", bias)):
             if t is None:
                 continue
@@ -389,10 +396,13 @@ class LowRankLinear(nn.Module):
                              f"{list(bias.shape)}")
         with torch.device("meta"):  # skip a random init that is overwritten at once
             layer = cls(k, d, rank, bias=bias is not None, dtype=A.dtype)
-        layer.A = nn.Parameter(A.detach().clone().contiguous())
-        layer.B = nn.Parameter(B.detach().clone().contiguous())
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone())
+        # Outside inference mode: Parameters made under torch.inference_mode()
+        # say they require gradients and can never be trained (nor loaded into).
+        with torch.inference_mode(False):
+            layer.A = nn.Parameter(A.detach().clone().contiguous())
+            layer.B = nn.Parameter(B.detach().clone().contiguous())
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.detach().clone())
         return layer
 
     def to_linear(self) -> nn.Linear:
@@ -403,7 +413,8 @@ class LowRankLinear(nn.Module):
         """
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.A.dtype)
-        with torch.no_grad():
+        # Outside inference mode, as in from_factors.
+        with torch.no_grad(), torch.inference_mode(False):
             weight = _dense_product(self.B.detach(), self.A.detach())
             if (_holds_values(weight) and not bool(torch.isfinite(weight).all())
                     and bool(torch.isfinite(self.A).all()) and bool(torch.isfinite(self.B).all())):
@@ -526,9 +537,12 @@ def check_lora_init_fits_base(owner, init, base, name=None, use_dora=False):
 # widened to float32 a few MB at a time.
 _NORM_BLOCK_BYTES = 1 << 22
 # The expanded square of a row (below) is rounded to about eps times its
-# terms' size, ‖W_i‖² + scale²·‖(B·A)_i‖²; where that is more than this many
-# times the result (the adapter cancels most of the row), the row's norm is
-# taken from the row of the sum itself: then at most about 32·eps off.
+# terms' size, ‖W_i‖² + scale²·(Σ_l |B_il|·‖A_l‖)² (the second, not
+# scale²·‖(B·A)_i‖²: B_i·(A·Aᵀ)·B_iᵀ can cancel within itself, where A is
+# ill-conditioned and B_i points along its weak directions); where that is
+# more than this many times the result (the adapter cancels most of the row),
+# the row's norm is taken from the row of the sum itself: then at most about
+# 32·eps off.
 _CANCELLATION_LIMIT = 64
 
 
@@ -564,11 +578,12 @@ def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor
         block = weight[i:i + rows].to(acc)
         squares_w.append(torch.linalg.vector_norm(block, dim=1).square())
         cross.append((torch.nn.functional.linear(block, A) * B[i:i + rows]).sum(dim=1))
-    terms = torch.cat(squares_w) + (scale * scale) * squares_ba
-    squares = terms + (2 * scale) * torch.cat(cross)
+    squares_w = torch.cat(squares_w)
+    squares = squares_w + (scale * scale) * squares_ba + (2 * scale) * torch.cat(cross)
     # Rounding may leave a tiny negative where the row cancels out.
     norms = squares.clamp_min(0).sqrt()
-    cancelled = (terms > _CANCELLATION_LIMIT * squares).nonzero().squeeze(1)
+    rounding = squares_w + (scale * scale) * (B.abs() @ torch.linalg.vector_norm(A, dim=1)).square()
+    cancelled = (rounding > _CANCELLATION_LIMIT * squares).nonzero().squeeze(1)
     for i in range(0, cancelled.numel(), rows):
         at = cancelled[i:i + rows]
         norms[at] = _formed_row_norms(weight[at], B[at], A, scale, acc)
@@ -755,9 +770,9 @@ class LoRALinear(nn.Module):
         # transposed (a LowRankLinear's weight is a placeholder with that shape).
         weight = dense_weight(base)
         d, k = weight.shape
-        if not weight.dtype.is_floating_point:
-            raise TypeError(f"LoRALinear: base must have a floating-point weight, got "
-                            f"{dtype_name(weight.dtype)}")
+        if weight.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"LoRALinear: base must have a float32, float64, float16 or "
+                            f"bfloat16 weight, got {dtype_name(weight.dtype)}")
         _check_rank("LoRALinear", rank, d, k)
         alpha = check_lora_options("LoRALinear", rank, alpha, init, dropout, rslora, use_dora)
         check_lora_init_fits_base("LoRALinear", init, base, use_dora=use_dora)
@@ -1091,9 +1106,9 @@ class LoRALinear(nn.Module):
                 # More ranks than the matrix has: the same product at rank
                 # min(d, k), the base's own factors kept (moving with the layer,
                 # outside the state dict) for unmerge.
-                self.register_buffer("_base_A", base.A.detach().clone(), persistent=False)
-                self.register_buffer("_base_B", base.B.detach().clone(), persistent=False)
-                with torch.inference_mode(False):
+                with torch.inference_mode(False):  # (load_state_dict copies into them)
+                    self.register_buffer("_base_A", base.A.detach().clone(), persistent=False)
+                    self.register_buffer("_base_B", base.B.detach().clone(), persistent=False)
                     B, A = _full_rank_factors(B, A)
             if A.shape[0] >= break_even_rank(d, k):
                 warnings.warn(f"LoRALinear.merge: the merged layer has rank {A.shape[0]}, at "
@@ -1110,9 +1125,12 @@ class LoRALinear(nn.Module):
             # Kept for unmerge: the norm of the unmerged weight, which the merged one no
             # longer gives (peft keeps it too).
             # (A buffer, so that it moves with the layer, outside the state dict.)
-            self.register_buffer("_dora_norms",
-                                 dora_row_norms(weight, self.B, self.A, self.scale),
-                                 persistent=False)
+            # Outside inference mode, as the factors of a LowRankLinear base
+            # are: a later load_state_dict copies into it.
+            with torch.inference_mode(False):
+                self.register_buffer("_dora_norms",
+                                     dora_row_norms(weight, self.B, self.A, self.scale),
+                                     persistent=False)
             factor = self._dora_scale(self._dora_norms).unsqueeze(1)
             weight.copy_(factor * (weight + _dense_product(self.B, self.A, self.scale)))
         else:

@@ -503,3 +503,24 @@ def test_a_stdout_that_cannot_hold_the_table_gets_escapes(monkeypatch, capsys):
     ascii_out.flush()
     text = raw.getvalue().decode("ascii")
     assert "ours \\xb5s" in text and "compose / ours" in text
+
+
+def test_a_shape_the_memory_cannot_hold_is_named(monkeypatch):
+    # torch's "DefaultCPUAllocator: can't allocate memory" named no shape.
+    def no_memory(shape, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 1099511627776 bytes.")
+
+    monkeypatch.setattr(bench, "build_calls", no_memory)
+    with pytest.raises(RuntimeError, match=r"^shape 4096,4096,64,65536 \(float32\): not enough "
+                                           "memory for its inputs \\(.*can't allocate memory"):
+        bench.run_benchmark([(4096, 4096, 64, 65536)], ["float32"], modes=["fwd"],
+                            sides=["ours"], rounds=1, warmup_s=0)
+
+    def bug(shape, *args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(bench, "build_calls", bug)
+    with pytest.raises(RuntimeError, match="^something else$"):
+        bench.run_benchmark([(4, 4, 2, 4)], ["float32"], modes=["fwd"], sides=["ours"],
+                            rounds=1, warmup_s=0)

@@ -2,6 +2,7 @@
 independent float64 formula and against peft's DoRA on the same weights."""
 
 import copy
+import math
 from collections import OrderedDict
 
 import pytest
@@ -100,6 +101,25 @@ def test_the_norm_stays_accurate_where_the_adapter_cancels_most_of_a_row(dtype):
                 tol = max(1e-4, torch.finfo(dtype).eps * k ** 0.5 / kept)
                 torch.testing.assert_close(lora(x).double(), expected, rtol=tol,
                                            atol=tol * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("condition", [1e2, 1e3, 1e4])
+def test_the_norm_stays_accurate_where_the_adapter_cancels_within_itself(condition):
+    # B_i·(A·Aᵀ)·B_iᵀ cancels within itself where A is ill-conditioned and B_i
+    # points along its weak directions: the check compared the expansion with
+    # ‖W_i‖² + s²·‖(BA)_i‖², which that cancellation hides, and kept rows
+    # 1e-2 off (condition 1e4) unrecomputed.
+    g = torch.Generator().manual_seed(0)
+    d, k, r, s = 64, 512, 8, 2.0
+    W = torch.randn(d, k, generator=g) / k ** 0.5
+    U, _ = torch.linalg.qr(torch.randn(r, r, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(k, r, generator=g))
+    singular = torch.logspace(0, -math.log10(condition), r)
+    A = (U * singular) @ V.T / 10
+    B = (torch.randn(d, r, generator=g) / singular) @ U.T * 10 / r ** 0.5 / s
+    exact = torch.linalg.vector_norm(W.double() + s * B.double() @ A.double(), dim=1)
+    norms = lx_nn.dora_row_norms(W, B, A, s)
+    torch.testing.assert_close(norms.double(), exact, rtol=2e-5, atol=0)
 
 
 @pytest.mark.parametrize("path", ["eager", "compiled", "vmap"])

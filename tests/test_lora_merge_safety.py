@@ -238,6 +238,27 @@ def test_merge_inside_inference_mode_leaves_a_trainable_layer(kind, unmerge_insi
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("kind", ["dora", "lowrank-folded"])
+def test_a_layer_merged_inside_inference_mode_loads_a_state_outside(kind):
+    # The tensors merge() keeps for unmerge() (DoRA's row norms, a LowRankLinear
+    # base's own factors) were inference tensors: a later load_state_dict
+    # failed with torch's "Inplace update to inference tensor".
+    torch.manual_seed(0)
+    base = lx.LowRankLinear(12, 6, 5) if kind.startswith("lowrank") else nn.Linear(12, 6)
+    layer = lx.LoRALinear(base, 2, use_dora=kind == "dora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.inference_mode():
+            layer.merge()
+    assert not any(t.is_inference() for t in list(layer.parameters()) + list(layer.buffers()))
+    state = {key: value.clone() for key, value in layer.state_dict().items()}
+    x = torch.randn(3, 12)
+    before = layer(x)
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    layer.unmerge()
+
+
 def test_merge_lora_refuses_a_base_used_elsewhere():
     torch.manual_seed(0)
     shared = nn.Linear(8, 8, dtype=torch.float64)

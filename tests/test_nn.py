@@ -243,11 +243,14 @@ def test_ddp_single_process(tmp_path):
     ((16, 8, 2, 1), TypeError, "bias must be a bool, got int"),
     # Built, then failing in forward (complex) or in torch (integers) before.
     ((16, 8, 2, True, None, torch.complex64), TypeError,
-     "dtype must be a floating-point torch.dtype, got complex64"),
+     "dtype must be float32, float64, float16 or bfloat16, got complex64"),
     ((16, 8, 2, True, None, torch.int32), TypeError,
-     "dtype must be a floating-point torch.dtype, got int32"),
+     "dtype must be float32, float64, float16 or bfloat16, got int32"),
     ((16, 8, 2, True, None, "float32"), TypeError,
-     "dtype must be a floating-point torch.dtype, got 'float32'"),
+     "dtype must be float32, float64, float16 or bfloat16, got 'float32'"),
+    # Floating point, but the op takes none: failed in the initialisation.
+    ((16, 8, 2, True, None, torch.float8_e4m3fn), TypeError,
+     "dtype must be float32, float64, float16 or bfloat16, got float8_e4m3fn"),
 ])
 def test_constructor_bad_input(args, error, match):
     with pytest.raises(error, match=f"LowRankLinear: {match}"):
@@ -318,9 +321,13 @@ def test_from_factors_bad_input():
         make(A, B, 1.0)
     with pytest.raises(ValueError, match="from_factors: B must be 2-D, got shape \\[5\\]"):
         make(A, torch.randn(5))
-    with pytest.raises(TypeError, match="from_factors: A must be a floating-point tensor, "
-                                        "got torch.int64"):
+    with pytest.raises(TypeError, match="from_factors: A must be float32, float64, float16 or "
+                                        "bfloat16, got int64"):
         make(torch.ones(2, 6, dtype=torch.int64), B)
+    # float8 factors built a layer whose forward and to_linear failed.
+    with pytest.raises(TypeError, match="from_factors: B must be float32, float64, float16 or "
+                                        "bfloat16, got float8_e5m2"):
+        make(A, B.to(torch.float8_e5m2))
     with pytest.raises(ValueError, match="B has shape \\[5, 3\\] but A has shape \\[2, 6\\]"):
         make(A, torch.randn(5, 3))
     with pytest.raises(ValueError, match="from_factors: bias must have shape \\[d\\] = \\[5\\], "
@@ -558,8 +565,13 @@ def test_lora_rejects_non_linear():
         lx.LoRALinear(nn.Conv1d(3, 3, 1), 1)
     integer = nn.Linear(4, 4)
     integer.weight = nn.Parameter(integer.weight.detach().to(torch.int64), requires_grad=False)
-    with pytest.raises(TypeError, match="base must have a floating-point weight, got int64"):
+    with pytest.raises(TypeError, match="base must have a float32, float64, float16 or bfloat16 "
+                                        "weight, got int64"):
         lx.LoRALinear(integer, 2)
+    integer.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.float8_e4m3fn),
+                                  requires_grad=False)
+    with pytest.raises(TypeError, match="weight, got float8_e4m3fn"):
+        lx.LoRALinear(integer, 2, use_dora=True)
 
 
 def test_lora_merge_warnings_point_at_the_caller():
@@ -724,3 +736,37 @@ def test_layers_put_into_an_encoder_by_hand_take_its_packed_batches(where, kind)
         expected = reference(x, src_key_padding_mask=padding)
     assert seen == [True]  # the packed path was taken
     torch.testing.assert_close(got[~padding], expected[~padding], rtol=1e-5, atol=1e-5)
+
+
+def test_layers_built_under_inference_mode_can_be_trained():
+    # from_linear, from_factors and to_linear made inference tensors there:
+    # Parameters that said they required gradients and could never be
+    # trained (compress_model already built its layers outside).
+    torch.manual_seed(0)
+    linear, x = nn.Linear(16, 8), torch.randn(4, 16)
+    with torch.inference_mode():
+        low = lx.LowRankLinear.from_linear(linear, rank=4)
+        built = lx.LowRankLinear.from_factors(low.A, low.B, low.bias)
+        dense = low.to_linear()
+    for layer in (low, built, dense):
+        assert not any(p.is_inference() for p in layer.parameters())
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        layer(x).sum().backward()
+        optimizer.step()
+        layer.load_state_dict(layer.state_dict())
+
+
+def test_from_linear_randomized_takes_niter_and_a_generator():
+    # method="randomized" drew from torch's global generator and took neither
+    # niter nor a generator, though documented as working as in svd_truncate.
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    state = torch.get_rng_state()
+    layers = [lx.LowRankLinear.from_linear(linear, rank=6, method="randomized", niter=1,
+                                           generator=torch.Generator().manual_seed(3))
+              for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(layers[0].A, layers[1].A) and torch.equal(layers[0].B, layers[1].B)
+    B, A = lx.svd_truncate(linear.weight.detach(), 6, method="randomized", niter=1,
+                           generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(layers[0].B @ layers[0].A, B @ A)
