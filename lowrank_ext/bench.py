@@ -589,7 +589,7 @@ def check_settings(rounds, warmup_s, batch_ms, threads, *, options=False):
                              f"got {value}")
         if value > most:
             # Finite, yet a run that would not end in a lifetime (1e300 s).
-            raise ValueError(f"{name(key)} must be at most {most:g}, got {value:g}")
+            raise ValueError(f"{name(key)} must be at most {most:g}, got {float(value):g}")
 
 
 def run_benchmark(shapes, dtypes, device="cpu", modes=MODES, sides=SIDES, rounds=15,

@@ -156,6 +156,19 @@ def _check_outputs(args):
 STDOUT = "-"
 
 
+def _through_link(option, path):
+    """The file a symbolic link names (followed all the way), else ``path``;
+    a FileNotFoundError for a link into a directory that does not exist
+    (which open() would not make either)."""
+    if path is None or path == STDOUT or not os.path.islink(path):
+        return path
+    target = os.path.realpath(path)
+    if not os.path.isdir(os.path.dirname(target)):
+        raise FileNotFoundError(f"--{option}: cannot write {path}: it is a symbolic link to "
+                                f"{target}, in a directory that does not exist")
+    return target
+
+
 def _is_device(path):
     """A path that exists and is not a regular file (/dev/stdout, a FIFO):
     written into, where a file is replaced as a whole."""
@@ -239,6 +252,10 @@ def run(args):
                   list(bench.DEFAULT_CUDA_DTYPES if args.device == "cuda"
                        else bench.DEFAULT_CPU_DTYPES))
         plan = [(shapes, dtypes)]
+    # An output given as a symbolic link is written where it points (the
+    # link stays), as open() would; the writes replace files by renaming.
+    for option in ("json", "markdown", "plot"):
+        setattr(args, option, _through_link(option, getattr(args, option)))
     # Last of the checks: it makes the output directories, which a failure
     # from here on removes again where they are still empty.
     made = _check_outputs(args)
@@ -263,14 +280,25 @@ def _time_and_write(args, bench, plan, modes, sides, log):
             result["results"].extend(part["results"])
 
     table = bench.markdown_table(result)
+
+    def print_summary(stream):
+        print(f"Machine: {bench.machine_summary(result)}", file=stream)
+        print(f"Command: {result['command']}", file=stream)
+        print(table, file=stream)
+
+    if STDOUT in (args.json, args.markdown) and sys.stdout is None:
+        print_summary(sys.stderr)
+        raise OSError("standard output is closed: nowhere to write --json - / --markdown -")
     # The files first: a reader of standard output that has gone away
     # (`| head -1`) or cannot take µ must not cost the run's files.
-    to_stdout = _write_outputs(args, bench, result, table)
+    try:
+        to_stdout = _write_outputs(args, bench, result, table)
+    except BaseException:
+        # The files failed (a full disk): the figures are not lost with them.
+        print_summary(sys.stderr)
+        raise
     # With --json - or --markdown -, standard output is theirs.
-    summary = sys.stderr if to_stdout else sys.stdout
-    print(f"Machine: {bench.machine_summary(result)}", file=summary)
-    print(f"Command: {result['command']}", file=summary)
-    print(table, file=summary)
+    print_summary(sys.stderr if to_stdout else sys.stdout)
     noisy = bench.noisy_entries(result)
     if noisy:
         print(f"Noisy: the slowest sample took over {bench.NOISY_SPREAD:g}× the fastest at "

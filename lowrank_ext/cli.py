@@ -6,6 +6,7 @@ and ``run(args) -> int``; those modules import heavy dependencies inside
 """
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -52,26 +53,46 @@ def _one_line(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _prepare_streams():
-    """Output that a stream's encoding cannot hold (µ, ×, σ under LANG=C or a
-    Windows code page; a file name that is not UTF-8, echoed in a message or
-    a recorded command) is escaped rather than aborting the command; a closed
-    stderr (``2>&-``) swallows progress and errors rather than sending them
-    into stdout, where ``print(file=None)`` would."""
-    if sys.stderr is None:
+@contextlib.contextmanager
+def _escaping_streams():
+    """While a command runs: output that a stream's encoding cannot hold (µ,
+    ×, σ under LANG=C or a Windows code page; a file name that is not UTF-8,
+    echoed in a message or a recorded command) is escaped rather than
+    aborting the command, and a closed stderr (``2>&-``) swallows progress
+    and errors rather than sending them into stdout, where
+    ``print(file=None)`` would. The caller's streams are put back after."""
+    closed_stderr = sys.stderr is None
+    if closed_stderr:
         sys.stderr = open(os.devnull, "w")
+    changed = []
     for stream in (sys.stdout, sys.stderr):
         if (stream is not None and getattr(stream, "errors", None) == "strict"
                 and hasattr(stream, "reconfigure")):
             try:
                 stream.reconfigure(errors="backslashreplace")
+                changed.append(stream)
             except (ValueError, OSError):  # a closed or detached stream
                 pass
+    try:
+        yield
+    finally:
+        for stream in changed:
+            try:
+                stream.reconfigure(errors="strict")
+            except (ValueError, OSError):
+                pass
+        if closed_stderr:
+            sys.stderr.close()
+            sys.stderr = None
 
 
 def main(argv=None):
+    with _escaping_streams():
+        return _main(argv)
+
+
+def _main(argv):
     args = None
-    _prepare_streams()
     try:
         # Inside the try: building the parser imports the commands, which a
         # Ctrl-C may interrupt too.

@@ -537,9 +537,11 @@ def check_lora_init_fits_base(owner, init, base, name=None, use_dora=False):
 # widened to float32 a few MB at a time.
 _NORM_BLOCK_BYTES = 1 << 22
 # The expanded square of a row (below) is rounded to about eps times its
-# terms' size, ‖W_i‖² + scale²·(Σ_l |B_il|·‖A_l‖)² (the second, not
+# terms' size, ‖W_i‖² + scale²·|B_i|·|A·Aᵀ|·|B_i|ᵀ (the second, not
 # scale²·‖(B·A)_i‖²: B_i·(A·Aᵀ)·B_iᵀ can cancel within itself, where A is
-# ill-conditioned and B_i points along its weak directions); where that is
+# ill-conditioned and B_i points along its weak directions; and not the
+# looser (Σ_l |B_il|·‖A_l‖)², which grows with the rank and flagged most
+# rows of an ordinary rank-256 adapter); where that is
 # more than this many times the result (the adapter cancels most of the row),
 # the row's norm is taken from the row of the sum itself: then at most about
 # 32·eps off.
@@ -572,7 +574,8 @@ def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor
         return torch.cat([_formed_row_norms(weight[i:i + rows], B[i:i + rows], A, scale, acc)
                           for i in range(0, d, rows)]).to(weight.dtype)
     # ‖(B·A)_i‖² through the r × r Gram matrix of A's rows.
-    squares_ba = ((B @ (A @ A.T)) * B).sum(dim=1)
+    gram = A @ A.T
+    squares_ba = ((B @ gram) * B).sum(dim=1)
     squares_w, cross = [], []
     for i in range(0, d, rows):
         block = weight[i:i + rows].to(acc)
@@ -582,8 +585,14 @@ def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor
     squares = squares_w + (scale * scale) * squares_ba + (2 * scale) * torch.cat(cross)
     # Rounding may leave a tiny negative where the row cancels out.
     norms = squares.clamp_min(0).sqrt()
-    rounding = squares_w + (scale * scale) * (B.abs() @ torch.linalg.vector_norm(A, dim=1)).square()
-    cancelled = (rounding > _CANCELLATION_LIMIT * squares).nonzero().squeeze(1)
+    # The rounding's size, first by the cheap bound (Σ_l |B_il|·‖A_l‖)² (d·r),
+    # then, for the rows that one cannot clear, by |B_i|·|A·Aᵀ|·|B_i|ᵀ (r² per row).
+    s2 = scale * scale
+    loose = squares_w + s2 * (B.abs() @ torch.linalg.vector_norm(A, dim=1)).square()
+    unsure = (loose > _CANCELLATION_LIMIT * squares).nonzero().squeeze(1)
+    B_abs = B[unsure].abs()
+    rounding = squares_w[unsure] + s2 * ((B_abs @ gram.abs()) * B_abs).sum(dim=1)
+    cancelled = unsure[rounding > _CANCELLATION_LIMIT * squares[unsure]]
     for i in range(0, cancelled.numel(), rows):
         at = cancelled[i:i + rows]
         norms[at] = _formed_row_norms(weight[at], B[at], A, scale, acc)

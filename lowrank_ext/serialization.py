@@ -235,7 +235,9 @@ def _sync(path, owner=None, target=None):
     sync (some refuse directories, or any fsync) is left as it is; an error
     writing the file's data is an OSError naming ``target``."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # A file for writing: Windows flushes only handles open for writing
+        # (fsync of a read-only one is EBADF). Directories open read-only.
+        fd = os.open(path, os.O_RDONLY if target is None else os.O_RDWR)
     except OSError:
         if target is None:
             return

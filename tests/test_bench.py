@@ -473,11 +473,70 @@ def test_a_failed_output_leaves_the_old_files(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
 
 
-def test_a_dangling_link_as_output_is_replaced_by_the_file(tmp_path):
-    link = tmp_path / "out.json"
-    link.symlink_to(tmp_path / "missing" / "out.json")
+def test_an_output_given_as_a_link_is_written_where_it_points(tmp_path, capsys, monkeypatch):
+    # The link stays and its target gets the file, as open() did before the
+    # writes became atomic (a rename would have replaced the link itself).
+    target = tmp_path / "runs" / "2026.json"
+    target.parent.mkdir()
+    target.write_text('{"old": 1}')
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
     assert run_cli(TINY + ["--json", str(link)]) == 0
-    assert not link.is_symlink() and json.loads(link.read_text())["results"]
+    assert link.is_symlink() and json.loads(target.read_text())["results"]
+    # A link to a file not made yet, in an existing directory: made there.
+    fresh = tmp_path / "fresh.json"
+    fresh.symlink_to(tmp_path / "runs" / "new.json")
+    assert run_cli(TINY + ["--json", str(fresh)]) == 0
+    assert fresh.is_symlink() and json.loads(fresh.read_text())["results"]
+    # Into a directory that does not exist: refused before any timing (it
+    # failed after the timing).
+    capsys.readouterr()
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "missing" / "out.json")
+    assert run_cli(TINY + ["--json", str(dangling)]) == 1
+    err = capsys.readouterr().err
+    assert "--json: cannot write" in err and "in a directory that does not exist" in err
+    assert not timed and not (tmp_path / "missing").exists()
+
+
+def test_a_failed_write_still_shows_the_figures(tmp_path, capsys, monkeypatch):
+    # Written before the table is printed, a failed file (a full disk) lost
+    # the whole run's figures.
+    from lowrank_ext import serialization
+
+    def full_disk(files, owner=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(serialization, "atomic_write_files", full_disk)
+    assert run_cli(TINY + ["--json", str(tmp_path / "b.json")]) == 1
+    err = capsys.readouterr().err
+    assert "compose / ours" in err and "No space left on device" in err
+
+
+def test_main_leaves_the_callers_streams_as_they_were(monkeypatch):
+    import io
+
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert cli.main(["info"]) == 0
+    assert sys.stdout.errors == "strict" and sys.stderr is None
+
+
+def test_json_to_a_closed_standard_output_is_an_error(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdout", None)
+    assert run_cli(TINY + ["--json", "-"]) == 1
+    err = capsys.readouterr().err
+    assert "standard output is closed" in err and "compose / ours" in err
+
+
+def test_a_fraction_past_the_bound_is_named():
+    from fractions import Fraction
+
+    with pytest.raises(ValueError, match="^warmup_s must be at most 3600, got 7200$"):
+        bench.check_settings(1, Fraction(7200), 20.0, None)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a non-UTF-8 file name")

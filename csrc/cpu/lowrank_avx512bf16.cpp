@@ -293,7 +293,8 @@ void expand_tile(
   // does, except that it flushes subnormals to zero and keeps NaN payloads
   // where c10 writes one quiet NaN: a tile holding either (one vfpclassps per
   // accumulator tells) is rounded the exact, slower way. (vdpbf16ps has
-  // already flushed subnormal sums, so in practice that is a tile with a NaN.)
+  // already flushed subnormal sums; a subnormal here comes from a bias that
+  // cancels the sum, or a NaN from the inputs.)
   // The hardware rounding takes a third of the epilogue's instructions.
   // Unrolled, so that the accumulators are rounded straight from registers (a
   // loop spills all of them to the stack first: 10 % of the expand).
