@@ -127,7 +127,8 @@ def parse_dtypes(text):
     for name in names:
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
-    return [str(DTYPES[n]).replace("torch.", "") for n in names]
+    # Each dtype once ("float32,fp32" would time every problem twice).
+    return list(dict.fromkeys(str(DTYPES[n]).replace("torch.", "") for n in names))
 
 
 def _cpuinfo(key):

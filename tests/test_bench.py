@@ -418,6 +418,10 @@ def test_refused_options_are_named_before_any_timing(argv, message, capsys, tmp_
     assert err.count("\n") == 0 and not timed and list(tmp_path.iterdir()) == []
 
 
+def test_a_dtype_named_twice_is_timed_once():
+    assert bench.parse_dtypes("float32,fp32,bf16,bfloat16") == ["float32", "bfloat16"]
+
+
 def test_repeated_sides_and_modes_are_timed_once(capsys):
     assert run_cli(TINY[:4] + ["--modes", "fwd,fwd", "--sides", "ours,compose,compose",
                                  "--rounds", "1", "--batch-ms", "0.2", "--warmup-s", "0",
