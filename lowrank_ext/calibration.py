@@ -1,5 +1,9 @@
 """Calibration: running the user's forward passes and collecting what compression needs."""
 
+import contextlib
+import contextvars
+import dataclasses
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -177,13 +181,17 @@ def eager_hook(hook):
 
 
 def _tensors(value):
-    """The tensors in a (nested) tuple, list or dict, in a fixed order."""
+    """The tensors in a (nested) tuple, list, dict or dataclass, in a fixed order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, Mapping):  # dicts, ModelOutput, tokenizers' BatchEncoding
         return [t for key in value for t in _tensors(value[key])]
     if isinstance(value, (tuple, list)):
         return [t for item in value for t in _tensors(item)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A model's own output class (ModelOutput above is a Mapping too).
+        return [t for field in dataclasses.fields(value)
+                for t in _tensors(getattr(value, field.name, None))]
     return []
 
 
@@ -331,6 +339,19 @@ def _raised(exc):
     return RuntimeError(f"compress_model: the calibration raised {type(exc).__name__}: {exc}")
 
 
+def _copy_of_batch(batch):
+    """``batch`` with copies of its tensors (of a tensor, tuple, list or dict);
+    anything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_copy_of_batch(item) for item in batch) \
+            if type(batch) in (tuple, list) else batch
+    if isinstance(batch, Mapping):
+        return {key: _copy_of_batch(value) for key, value in batch.items()}
+    return batch
+
+
 def _run_batches(model, calibration, masks=None):
     """Run the calibration, each batch between ``masks.start`` and ``masks.stop``
     (:class:`PaddingMasks`).
@@ -352,6 +373,10 @@ def _run_batches(model, calibration, masks=None):
             f"batches, got {type(calibration).__name__}") from None
     count = 0
     for count, batch in enumerate(batches, 1):
+        # A copy per run: a model that changes its inputs in place
+        # (x.sub_(mean)) would give every later run other inputs, and
+        # change the caller's tensors.
+        batch = _copy_of_batch(batch)
         if masks is not None:
             masks.start(batch)
         try:
@@ -411,8 +436,57 @@ def set_eval_flags(modules):
         module.training = False
 
 
+# The random-number state every calibration run starts from, inside
+# same_random_numbers: (CPU state, CUDA device indices, their states).
+_RUN_RNG = contextvars.ContextVar("lowrank_ext_calibration_rng", default=None)
+
+
+def _cuda_devices(model):
+    return sorted({t.device.index if t.device.index is not None else 0
+                   for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
+
+
+def _rng_state(devices):
+    return (torch.get_rng_state(), devices, [torch.cuda.get_rng_state(d) for d in devices])
+
+
+def same_random_numbers(function):
+    """Decorate a ``function(model, ...)`` whose calibration runs are compared
+    with each other (the Gram run, the sensitivity probes): each run starts
+    from the random-number state the call began with, so that a model that
+    draws random numbers in its forward (noise, sampling) gives every run the
+    same ones, and the caller's generators are left as they were."""
+    @functools.wraps(function)
+    def wrapper(model, *args, **kwargs):
+        devices = _cuda_devices(model) if isinstance(model, nn.Module) else []
+        token = _RUN_RNG.set(_rng_state(devices))
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            _RUN_RNG.reset(token)
+    return wrapper
+
+
+@contextlib.contextmanager
+def _replayed_random_numbers(model):
+    """One calibration run: from the state of ``same_random_numbers`` (else the
+    current one), the generators put back after."""
+    state = _RUN_RNG.get()
+    if state is None:
+        state = _rng_state(_cuda_devices(model))
+    cpu, devices, cuda = state
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        for device, device_state in zip(devices, cuda):
+            torch.cuda.set_rng_state(device_state, device)
+        yield
+
+
 def run_calibration(model, calibration, masks=None, allow_empty=False):
     """Run ``calibration`` on ``model`` in eval mode under no_grad, restoring the modes after.
+
+    The run starts from the random-number state of ``same_random_numbers``
+    (else the current one) and leaves torch's generators as they were.
 
     An exception from the calibration is re-raised as RuntimeError naming it;
     a calibration of the wrong kind is a TypeError. An empty iterable is a
@@ -424,7 +498,7 @@ def run_calibration(model, calibration, masks=None, allow_empty=False):
     modes = {m: m.training for m in model.modules()}
     try:
         set_eval_flags(modes)
-        with torch.no_grad():
+        with torch.no_grad(), _replayed_random_numbers(model):
             count = _run_batches(model, calibration, masks)
     except Exception as exc:
         if isinstance(exc, TypeError) and str(exc).startswith("compress_model:"):

@@ -45,7 +45,7 @@ from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight, 
 from ._names import preview
 from ._workers import Workers
 from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
-                          replayable)
+                          replayable, same_random_numbers)
 from .sensitivity import measure_sensitivity
 from .nn import (LoRALinear, LowRankLinear, break_even_rank, inherit_requires_grad,
                  rank_for_ratio, ratio_budget)
@@ -747,6 +747,7 @@ def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1):
 
 # --- the entry point ---------------------------------------------------------------
 @keeps_encoder_flags
+@same_random_numbers
 def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | None = None,
                    energy: float | None = None, tol: float | None = None,
                    calibration: Callable[[nn.Module], object] | Iterable | None = None,
@@ -883,7 +884,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                     f"compress_model: nn.MultiheadAttention module(s) {preview(packed)} keep "
                     "their projections packed, out of reach (torch never calls them as layers); "
                     "lx.split_attention(model) first makes them Linear layers to compress",
-                    stacklevel=3)  # the caller's line, past keeps_encoder_flags' wrapper
+                    stacklevel=4)  # the caller's line, past the two decorators' wrappers
         # A weight tied to another module (an output layer sharing the embedding
         # matrix) or a layer reachable under two names cannot be replaced in one
         # place: the other holder keeps the dense tensor, so factorizing would add
@@ -1280,7 +1281,7 @@ def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, ow
             "calibration tokens, or their weight is of that rank or lower itself), or the "
             "measuring rank's share of the data never runs them; they take the median of the "
             f"others ({neutral:.3g}). Where the calibration is too small, more data measures "
-            "them", stacklevel=4)  # the caller's line
+            "them", stacklevel=5)  # the caller's line (past the two decorators)
         for name in unmeasured:
             found[name] = neutral
     return found

@@ -107,7 +107,8 @@ class OutputRecorder:
         if not any(outputs):
             raise ValueError(
                 "compress_model: allocation='sensitivity' found no floating-point tensor in the "
-                "model's outputs (tensors, or tensors in dicts, tuples and lists) to measure")
+                "model's outputs (tensors, or tensors in dicts, tuples, lists and dataclasses) to "
+                "measure")
         return outputs
 
 

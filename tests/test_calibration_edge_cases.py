@@ -525,3 +525,88 @@ def test_inputs_whose_gram_is_subnormal_are_named_as_too_small():
                                          r"so small that XᵀX underflows float64\)"):
         lx.compress_model(model, rank=2, calibration=[X], progress=False)
     _assert_unchanged(model, state)
+
+
+class _Noisy(nn.Module):
+    """Draws a random number in every forward (noise injection, sampling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.draws = []
+
+    def forward(self, x):
+        noise = torch.rand(())
+        self.draws.append(float(noise))
+        h = torch.relu(self.a(x)) + noise
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_every_calibration_run_draws_the_same_random_numbers():
+    # Each run drew fresh numbers, so a sensitivity probe measured the noise
+    # as much as the truncation; and compress_model advanced the caller's
+    # generator.
+    import copy
+
+    torch.manual_seed(0)
+    model = _Noisy()
+    twin = copy.deepcopy(model)
+    x = torch.randn(64, 16)
+    state = torch.get_rng_state()
+    report = lx.compress_model(model, ratio=0.5, calibration=[x], progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(model.draws) > 3 and len(set(model.draws)) == 1  # the Gram run and every probe
+    # From the same state, the same numbers: the same ranks and sensitivities.
+    again = lx.compress_model(twin, ratio=0.5, calibration=[x], progress=False)
+    assert twin.draws == model.draws
+    assert [(r.name, r.rank, r.sensitivity) for r in report.layers] == \
+        [(r.name, r.rank, r.sensitivity) for r in again.layers]
+
+
+class _NormalizesInPlace(nn.Module):
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place = in_place
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        x = x.sub_(1.0) if self.in_place else x - 1.0
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_model_that_changes_its_inputs_in_place_sees_the_same_batches_every_run():
+    # Every run saw the inputs the run before had changed (x − 1, x − 2, ...),
+    # so the probes measured the drift; and the caller's tensors changed.
+    torch.manual_seed(0)
+    batches = [torch.randn(64, 16) + 3 for _ in range(2)]
+    originals = [x.clone() for x in batches]
+    reports = []
+    for in_place in (False, True):
+        torch.manual_seed(1)
+        model = _NormalizesInPlace(in_place)
+        reports.append(lx.compress_model(model, ratio=0.5, calibration=batches, progress=False))
+    assert all(torch.equal(x, x0) for x, x0 in zip(batches, originals))
+    assert [(r.rank, r.sensitivity) for r in reports[0].layers] == \
+        [(r.rank, r.sensitivity) for r in reports[1].layers]
+
+
+def test_a_dataclass_output_is_measured_by_the_sensitivity_probes():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Output:
+        hidden: torch.Tensor
+        label: str = "x"
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return Output(self.b(torch.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    report = lx.compress_model(Model(), ratio=0.5, calibration=[torch.randn(64, 16)],
+                               progress=False)
+    assert all(r.sensitivity is not None and r.sensitivity > 0 for r in report.layers)
