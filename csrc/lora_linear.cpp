@@ -107,6 +107,15 @@ void add_scaled_adapter(at::Tensor& y, const at::Tensor& t, const at::Tensor& Bt
   }
 }
 
+// y += scale·t·Bt where the adapter has a rank. An empty one (r = 0) adds
+// nothing, except through a scale that is no alpha: the composition's
+// scale·(x·Aᵀ)·Bᵀ still multiplies its zeros then, and inf·0 is NaN.
+void add_adapter_if_any(at::Tensor& y, const at::Tensor& t, const at::Tensor& Bt, double scale) {
+  if (t.size(1) > 0 || !scale_is_alpha(scale, y.scalar_type())) {
+    add_scaled_adapter(y, t, Bt, scale);
+  }
+}
+
 // bias + scale·t·Bt in t's dtype (float32), bias (in any dtype) optional.
 at::Tensor bias_plus_scaled_adapter(
     const at::Tensor& t,
@@ -143,9 +152,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_half_widened(
   // another order overflows where this one does not, or the other way.
   at::Tensor y32 = bias.has_value() ? at::addmm(bias->to(at::kFloat), x32, W32t)
                                     : at::mm(x32, W32t);
-  if (A.size(0) > 0 || !scale_is_alpha(scale, at::kFloat)) {
-    add_scaled_adapter(y32, t32, B.to(at::kFloat).t(), scale);
-  }
+  add_adapter_if_any(y32, t32, B.to(at::kFloat).t(), scale);
   return {y32.to(x2.scalar_type()), t32.to(x2.scalar_type())};
 }
 
@@ -277,10 +284,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
       if (bias.has_value()) {
         y32.add_(bias->to(at::kFloat));
       }
-      // An empty adapter still multiplies by a scale that is no alpha (inf·0 is NaN).
-      if (r > 0 || !scale_is_alpha(scale, at::kFloat)) {
-        add_scaled_adapter(y32, t32, B.t().to(at::kFloat), scale);
-      }
+      add_adapter_if_any(y32, t32, B.t().to(at::kFloat), scale);
       return {y32.to(x.scalar_type()).view(y_shape), t32.to(x.scalar_type()).view(t_shape)};
     }
   }
@@ -294,8 +298,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_with_intermediate_kernel(
   }
   at::Tensor y2 = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
   const at::Tensor t2 = at::mm(x2, A.t());
-  if (M > 0 && (r > 0 || !scale_is_alpha(scale, y2.scalar_type()))) {
-    add_scaled_adapter(y2, t2, B.t(), scale);
+  if (M > 0) {
+    add_adapter_if_any(y2, t2, B.t(), scale);
   }
   return {y2.view(y_shape), t2.view(t_shape)};
 }

@@ -19,6 +19,10 @@ The Functions run above the dispatcher's autocast kernels, so inside
 the saved tensors then have the dtype of the output's gradient, and the
 gradients flow back through the casts.
 
+Under two or more forward-mode transforms (``jacfwd(jacfwd(f))``), where
+torch drops the outer tangent of every Function's ``jvp``, the ops run as the
+fallback's ATen composition instead.
+
 Outside a transform or forward-mode AD nothing here runs.
 """
 
@@ -26,6 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.nn import functional as F
 
+from . import _fallback
 from ._library import _lora_grads, _lowrank_grads, ops
 from ._vmap import autocast_arguments
 
@@ -133,9 +138,26 @@ def _full_tangent(tangent, x, d):
     return tangent if tangent.shape == shape else tangent.expand(shape)
 
 
+def nested_forward_mode():
+    """Whether two or more forward-mode transforms are active (``jvp`` of a
+    ``jvp``, ``jacfwd(jacfwd(f))``). torch then drops the outer tangent of
+    any ``autograd.Function``'s ``jvp``, a plain one too: the mixed second
+    derivatives came out 0. The ops then run as the fallback's composition of
+    ATen ops, which functorch differentiates itself."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return sum(1 for level in stack
+               if level.key() == torch._C._functorch.TransformType.Jvp) >= 2
+
+
 def lowrank_linear(x, A, B, bias):
-    return LowRankLinearFunction.apply(*autocast_arguments(x, A, B, bias))[0]
+    args = autocast_arguments(x, A, B, bias)
+    if nested_forward_mode():
+        return _fallback.lowrank_linear(*args)
+    return LowRankLinearFunction.apply(*args)[0]
 
 
 def lora_linear(x, W, A, B, bias, scale):
-    return LoRALinearFunction.apply(*autocast_arguments(x, W, A, B, bias), scale)[0]
+    args = autocast_arguments(x, W, A, B, bias)
+    if nested_forward_mode():
+        return _fallback.lora_linear(*args, scale)
+    return LoRALinearFunction.apply(*args, scale)[0]

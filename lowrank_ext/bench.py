@@ -117,7 +117,8 @@ def parse_shapes(text):
         shapes.append(shape)
     if not shapes:
         raise ValueError("no shapes given")
-    return shapes
+    # Each shape once ("4,8,2,8;4x8x2x8" would time the same problem twice).
+    return list(dict.fromkeys(shapes))
 
 
 def parse_dtypes(text):

@@ -122,11 +122,14 @@ def _check_outputs(args):
         for other, other_path in given[:i]:
             if path == other_path == STDOUT:
                 raise ValueError(f"{other} and {flag} both name standard output (-)")
-            # (A device such as /dev/stdout takes both, one after the other.)
+            # (A stream such as /dev/stdout takes both, one after the other.)
             if (os.path.realpath(path) == os.path.realpath(other_path)
-                    and (os.path.isfile(path) or not os.path.exists(path))):
+                    and not _is_stream(path)):
                 raise ValueError(f"{other} and {flag} name the same file {path}: the one "
                                  "written last would replace the other")
+    if STDOUT in (args.json, args.markdown) and sys.stdout is None:
+        flag = "--json" if args.json == STDOUT else "--markdown"
+        raise ValueError(f"{flag} -: standard output is closed")
     if args.plot is not None:
         load_matplotlib()
         plot_format(args.plot)
@@ -138,7 +141,7 @@ def _check_outputs(args):
             try:
                 # The directory is made if missing, as the writers would.
                 made += _make_directory_of(path)
-                # A device (/dev/stdout) is written into, a file replaced.
+                # A stream (/dev/stdout) is written into, a file replaced.
                 check_output_path(None, path, what=flag, replaced=False)
             except (OSError, ValueError) as exc:
                 message = str(exc) if isinstance(exc, ValueError) else exc.strerror or str(exc)
@@ -157,10 +160,10 @@ STDOUT = "-"
 
 
 def _through_link(option, path):
-    """The file a symbolic link names (followed all the way), else ``path``;
-    a FileNotFoundError for a link into a directory that does not exist
-    (which open() would not make either)."""
-    if path is None or path == STDOUT or not os.path.islink(path):
+    """The file a symbolic link names (followed all the way), else ``path``
+    (a stream too: see _is_stream); a FileNotFoundError for a link into a
+    directory that does not exist (which open() would not make either)."""
+    if path is None or path == STDOUT or not os.path.islink(path) or _is_stream(path):
         return path
     target = os.path.realpath(path)
     if not os.path.isdir(os.path.dirname(target)):
@@ -169,10 +172,50 @@ def _through_link(option, path):
     return target
 
 
-def _is_device(path):
-    """A path that exists and is not a regular file (/dev/stdout, a FIFO):
-    written into, where a file is replaced as a whole."""
-    return os.path.exists(path) and not os.path.isfile(path)
+# Where the names of streams live: /dev/stdout is a link to /proc/self/fd/1,
+# which names a pipe or terminal, or the very file the shell redirected
+# standard output to.
+_STREAM_DIRECTORIES = ("/dev/", "/proc/")
+
+
+def _is_stream(path):
+    """Whether ``path`` is written into rather than replaced as a whole: what
+    is not a regular file (a FIFO, a terminal), and whatever is reached
+    through /dev or /proc. `--json /dev/stdout > out.txt` names out.txt,
+    which the shell holds open: replacing it would lose everything written
+    to standard output after the JSON."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        return True
+    link = os.path.abspath(path)
+    for _ in range(64):  # a loop of links ends here (open() then fails on it)
+        if link.startswith(_STREAM_DIRECTORIES):
+            return True
+        if not os.path.islink(link):
+            return False
+        link = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
+    return False
+
+
+# Names of this process's own standard output and error. Opened anew, a
+# redirected file would be written from its start, over what the shell's
+# descriptor wrote before and under what it writes after: they are written
+# through the descriptor itself.
+_OWN_DESCRIPTORS = {"/dev/stdout": 1, "/dev/fd/1": 1, "/proc/self/fd/1": 1,
+                    "/dev/stderr": 2, "/dev/fd/2": 2, "/proc/self/fd/2": 2}
+
+
+def _write_into(path, data):
+    descriptor = _OWN_DESCRIPTORS.get(os.path.abspath(path))
+    if descriptor is None:
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()  # what was printed before comes first
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
 
 
 def _write_outputs(args, bench, result, table):
@@ -194,13 +237,12 @@ def _write_outputs(args, bench, result, table):
         # UTF-8 whatever the locale (the table has µ and ×); the command
         # keeps the bytes of a file name that is not UTF-8.
         data = text.encode("utf-8", "surrogateescape")
-        if _is_device(path):
-            with open(path, "wb") as f:
-                f.write(data)
+        if _is_stream(path):
+            _write_into(path, data)
         else:
             files.append((path, lambda tmp, data=data: _write_bytes(tmp, data)))
     if args.plot:
-        if _is_device(args.plot):
+        if _is_stream(args.plot):
             bench.plot(result, args.plot)
         else:
             files.append((args.plot, lambda tmp: bench.plot(result, tmp, fmt_path=args.plot)))
@@ -286,9 +328,6 @@ def _time_and_write(args, bench, plan, modes, sides, log):
         print(f"Command: {result['command']}", file=stream)
         print(table, file=stream)
 
-    if STDOUT in (args.json, args.markdown) and sys.stdout is None:
-        print_summary(sys.stderr)
-        raise OSError("standard output is closed: nowhere to write --json - / --markdown -")
     # The files first: a reader of standard output that has gone away
     # (`| head -1`) or cannot take µ must not cost the run's files.
     try:
@@ -310,5 +349,12 @@ def _time_and_write(args, bench, plan, modes, sides, log):
               f"{'; '.join(busy)}; rerun on an idle machine before trusting those ratios",
               file=sys.stderr)
     for text in to_stdout:
-        sys.stdout.write(text)
+        # The bytes a file gets (UTF-8 whatever the stream's encoding).
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:
+            sys.stdout.write(text)
+        else:
+            sys.stdout.flush()
+            buffer.write(text.encode("utf-8", "surrogateescape"))
+            buffer.flush()
     return 0

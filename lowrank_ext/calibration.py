@@ -341,12 +341,13 @@ def _raised(exc):
 
 def _copy_of_batch(batch):
     """``batch`` with copies of its tensors (of a tensor, tuple, list or dict);
-    anything else as it is."""
+    anything else as it is. A tuple or list comes back as a plain one (a
+    namedtuple too), which call_with_batch unpacks the same way."""
     if isinstance(batch, torch.Tensor):
         return batch.clone()
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_copy_of_batch(item) for item in batch) \
-            if type(batch) in (tuple, list) else batch
+        items = [_copy_of_batch(item) for item in batch]
+        return tuple(items) if isinstance(batch, tuple) else items
     if isinstance(batch, Mapping):
         return {key: _copy_of_batch(value) for key, value in batch.items()}
     return batch

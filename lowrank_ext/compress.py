@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import check_device, dtype_name
+from ._checks import SUPPORTED_DTYPES, check_device, dtype_name
 from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight, is_conv1d,
                        keeps_encoder_flags, places_of, replace_module)
 from ._names import preview
@@ -911,14 +911,15 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                 f"compress_model: layer(s) {preview(on_meta)} are on the meta device: their "
                 "weights hold no values to factorize; load the trained weights first "
                 "(load_compressed fills a meta model from a compressed file)")
+        # (float8 is floating point too, but LowRankLinear takes none of them.)
         not_real = {name: layer.weight.dtype for name, layer in layers.items()
-                    if not layer.weight.is_floating_point()}
+                    if layer.weight.dtype not in SUPPORTED_DTYPES}
         if not_real:
             name, dtype = next(iter(not_real.items()))
             raise TypeError(
                 f"compress_model: layer(s) {preview(list(not_real))} have {dtype_name(dtype)} "
-                f"weights (layer {name!r}); only real floating-point layers can be factorized: "
-                "exclude them")
+                f"weights (layer {name!r}); only float32, float64, float16 and bfloat16 "
+                "layers can be factorized: exclude them")
         for name, layer in layers.items():
             if not bool(torch.isfinite(layer.weight).all()):
                 raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")

@@ -432,6 +432,12 @@ class LowRankLinear(nn.Module):
         return linear.train(self.training)
 
 
+def _normal_tensor(t):
+    """``t`` contiguous, copied where it is an inference tensor (made under
+    torch.inference_mode()), to be called outside inference mode."""
+    return t.clone(memory_format=torch.contiguous_format) if t.is_inference() else t.contiguous()
+
+
 def _replace_factors(layer, A, B):
     """Give a LowRankLinear new factors (of a new rank), keeping their requires_grad flags."""
     layer.A = nn.Parameter(A.contiguous(), requires_grad=layer.A.requires_grad)
@@ -817,10 +823,13 @@ class LoRALinear(nn.Module):
         if residual is not None:
             with torch.no_grad():
                 dense_weight(self.base).copy_(residual)
-        self.A = nn.Parameter(A.contiguous())
-        self.B = nn.Parameter(B.contiguous())
-        self.register_parameter("magnitude", None if magnitude is None
-                                else nn.Parameter(magnitude))
+        # Outside inference mode, as in LowRankLinear.from_factors: an adapter
+        # added under torch.inference_mode() could never be trained nor loaded.
+        with torch.inference_mode(False):
+            self.A = nn.Parameter(_normal_tensor(A))
+            self.B = nn.Parameter(_normal_tensor(B))
+            self.register_parameter("magnitude", None if magnitude is None
+                                    else nn.Parameter(_normal_tensor(magnitude)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         # torch's nn.TransformerEncoderLayer, in inference, runs a fused path

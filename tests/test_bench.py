@@ -529,11 +529,55 @@ def test_main_leaves_the_callers_streams_as_they_were(monkeypatch):
     assert sys.stdout.errors == "strict" and sys.stderr is None
 
 
-def test_json_to_a_closed_standard_output_is_an_error(monkeypatch, capsys):
+def test_json_to_a_closed_standard_output_fails_before_any_timing(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", None)
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
     assert run_cli(TINY + ["--json", "-"]) == 1
-    err = capsys.readouterr().err
-    assert "standard output is closed" in err and "compose / ours" in err
+    assert "--json -: standard output is closed" in capsys.readouterr().err and not timed
+
+
+def test_markdown_to_standard_output_has_the_bytes_of_the_file(monkeypatch, tmp_path, capsys):
+    # An ASCII standard output got µ and × escaped as \xb5 and \xd7 where
+    # the file has them in UTF-8.
+    import io
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    assert run_cli(TINY + ["--markdown", "-"]) == 0
+    piped = raw.getvalue().decode("utf-8")
+    assert run_cli(TINY + ["--markdown", str(tmp_path / "b.md")]) == 0
+    assert "µs" in piped and "×" in piped and "\\x" not in piped
+    assert piped.splitlines()[4:6] == (tmp_path / "b.md").read_text("utf-8").splitlines()[4:6]
+
+
+def test_a_shape_given_twice_is_timed_once():
+    assert bench.parse_shapes("4,8,2,8;4x8x2x8;1,2,3,4;4,8,2,8") == [(4, 8, 2, 8), (1, 2, 3, 4)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/dev/stdout and /proc")
+@pytest.mark.parametrize("into", ["pipe", "file"])
+def test_json_to_dev_stdout_is_written_into_the_stream(into, tmp_path):
+    # /dev/stdout links to /proc/self/fd/1: into a pipe that was refused
+    # ("cannot create a file in /proc/.../fd"); into a file redirected by the
+    # shell, the file was replaced, and what came after the JSON was lost.
+    import shlex
+    import subprocess
+
+    cmd = [sys.executable, "-m", "lowrank_ext", "bench"] + TINY + ["--json", "/dev/stdout"]
+    script = f"{shlex.join(cmd)}; echo AFTER"
+    if into == "pipe":
+        out = subprocess.run(["sh", "-c", script + " | cat"], capture_output=True, text=True,
+                             check=True).stdout
+    else:
+        log = tmp_path / "out.txt"
+        log.touch()
+        inode = log.stat().st_ino
+        subprocess.run(["sh", "-c", f"({script}) > '{log}'"], check=True)
+        assert log.stat().st_ino == inode
+        out = log.read_text("utf-8")
+    assert out.startswith("{") and "compose / ours" in out and out.endswith("AFTER\n")
+    json.loads(out[:out.index("\n}\n") + 3])
 
 
 def test_a_fraction_past_the_bound_is_named():

@@ -2,6 +2,7 @@
 updated in place under inference_mode, outputs or inputs that measure nothing, batches
 of the wrong width and empty shards on one rank; references computed here in float64."""
 
+import collections
 import math
 import warnings
 
@@ -574,18 +575,30 @@ class _NormalizesInPlace(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-def test_a_model_that_changes_its_inputs_in_place_sees_the_same_batches_every_run():
+class _Inputs(list):
+    pass
+
+
+_Single = collections.namedtuple("_Single", "x")
+
+
+@pytest.mark.parametrize("wrap", [lambda x: x, lambda x: (x,), _Single, lambda x: _Inputs([x])],
+                         ids=["tensor", "tuple", "namedtuple", "list-subclass"])
+def test_a_model_that_changes_its_inputs_in_place_sees_the_same_batches_every_run(wrap):
     # Every run saw the inputs the run before had changed (x − 1, x − 2, ...),
-    # so the probes measured the drift; and the caller's tensors changed.
+    # so the probes measured the drift; and the caller's tensors changed (in
+    # batches of a tuple or list subclass, a namedtuple say, still after the
+    # first fix).
     torch.manual_seed(0)
-    batches = [torch.randn(64, 16) + 3 for _ in range(2)]
-    originals = [x.clone() for x in batches]
+    inputs = [torch.randn(64, 16) + 3 for _ in range(2)]
+    originals = [x.clone() for x in inputs]
+    batches = [wrap(x) for x in inputs]
     reports = []
     for in_place in (False, True):
         torch.manual_seed(1)
         model = _NormalizesInPlace(in_place)
         reports.append(lx.compress_model(model, ratio=0.5, calibration=batches, progress=False))
-    assert all(torch.equal(x, x0) for x, x0 in zip(batches, originals))
+    assert all(torch.equal(x, x0) for x, x0 in zip(inputs, originals))
     assert [(r.rank, r.sensitivity) for r in reports[0].layers] == \
         [(r.rank, r.sensitivity) for r in reports[1].layers]
 

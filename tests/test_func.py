@@ -100,6 +100,34 @@ def test_reverse_over_forward_second_derivatives(args, lora_args):
             torch.testing.assert_close(g, e)
 
 
+def test_forward_over_forward_second_derivatives(args, lora_args):
+    # torch drops the outer tangent of an autograd.Function's jvp under a
+    # second forward-mode transform: every mixed block of jacfwd(jacfwd(f))
+    # and the jvp of a jvp came out 0.
+    def loss(fn):
+        return lambda *a: fn(*a).pow(2).sum()
+
+    ours = lambda x, W, A, B, bias: lx.lora_linear(x, W, A, B, bias, 0.5)  # noqa: E731
+    ref = lambda x, W, A, B, bias: _lora_composition(x, W, A, B, bias, 0.5)  # noqa: E731
+    for fn, reference, inputs in ((lx.lowrank_linear, _composition, args),
+                                  (ours, ref, lora_args)):
+        argnums = tuple(range(len(inputs)))
+        got = jacfwd(jacfwd(loss(fn), argnums=argnums), argnums=argnums)(*inputs)
+        expected = hessian(loss(reference), argnums=argnums)(*inputs)
+        for row_got, row_expected in zip(got, expected):
+            for g, e in zip(row_got, row_expected):
+                torch.testing.assert_close(g, e)
+    x, A, B, bias = args
+    dx, dA = torch.randn_like(x), torch.randn_like(A)
+
+    def jvp_of_jvp(fn):
+        inner = lambda a: torch.func.jvp(lambda x_: fn(x_, a, B, bias), (x,), (dx,))[1]  # noqa: E731
+        return torch.func.jvp(inner, (A,), (dA,))[1]
+
+    torch.testing.assert_close(jvp_of_jvp(lx.lowrank_linear), jvp_of_jvp(_composition))
+    torch.testing.assert_close(jvp_of_jvp(_composition), (dx @ dA.T) @ B.T)
+
+
 def test_reverse_mode_through_a_forward_mode_tangent(args):
     # A tangent from dual tensors, differentiated by plain autograd: the
     # tangent of B alone reaches x only through the intermediate.

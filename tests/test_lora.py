@@ -526,3 +526,26 @@ def test_pissa_is_refused_on_a_tied_layer_before_any_change():
     assert type(model.head) is nn.Linear and type(model.body) is nn.Linear
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"init": "pissa"}, {"use_dora": True}],
+                         ids=["default", "pissa", "dora"])
+def test_adapters_added_under_inference_mode_can_be_trained_and_loaded(kwargs):
+    # A, B and DoRA's magnitude were inference tensors there: Parameters that
+    # said they required gradients, failed in backward ("Inference tensors
+    # cannot be saved for backward") and in load_state_dict.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    x = torch.randn(4, 16)
+    expected = model(x).detach()
+    base = nn.Linear(16, 12)
+    with torch.inference_mode():
+        layer = lx.LoRALinear(base, 4, **kwargs)
+        lx.add_lora(model, 4, **kwargs)
+    for module in (layer, model):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        assert trainable and not any(p.is_inference() for p in trainable)
+        module(x).sum().backward()
+        assert all(p.grad is not None for p in trainable)
+        module.load_state_dict(module.state_dict())
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
