@@ -13,6 +13,7 @@
 #include <numeric>
 
 #include <c10/core/AutogradState.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/variable.h>
@@ -181,6 +182,17 @@ bool few_rows_backward(const at::Tensor& gy, const c10::SymInt& rows) {
   return n.has_value() && use_few_rows_backward(gy, *n);
 }
 
+// The backward computes in the dtypes the forward saved. Run inside an
+// autocast region (backward() called under torch.autocast, or AOTAutograd
+// tracing it under the caller's autocast), ATen's products would be cast to
+// the autocast dtype one by one next to operands that are not: the backward
+// of a float32 call made in an autocast(enabled=False) island failed with
+// "_weight_grad: a is bfloat16 but b is float32". The fallback's backward
+// does the same (lowrank_ext/_library.py, _outside_autocast).
+struct OutsideAutocast {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
 variable_list narrowed_to(variable_list grads, at::ScalarType dtype) {
   for (auto& g : grads) {
     if (g.defined()) {
@@ -291,6 +303,7 @@ class LowRankLinearFunction
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const OutsideAutocast outside_autocast;
     const auto saved = ctx->get_saved_variables();
     return lowrank_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3]);
   }
@@ -419,6 +432,7 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const OutsideAutocast outside_autocast;
     const auto saved = ctx->get_saved_variables();
     return lora_backward(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
                          ctx->saved_data["scale"].toDouble());

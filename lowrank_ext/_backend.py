@@ -27,18 +27,30 @@ else:
     # checkout must not lend its build to this one.
     _here = [os.path.dirname(os.path.abspath(__file__))]
     if importlib.machinery.PathFinder.find_spec("lowrank_ext._C", _here) is None:
+        # (A pure-Python install, LOWRANK_EXT_BUILD=0, or a checkout not built.)
         fallback_reason = (
-            "the compiled extension lowrank_ext._C is not built; install with "
-            "`pip install --no-build-isolation -e .` to build it")
+            "the compiled extension lowrank_ext._C is not built; build it with "
+            "`pip install --no-build-isolation --no-cache-dir lowrank_ext` "
+            "(`pip install --no-build-isolation -e .` in a checkout)")
     else:
         try:
             # Importing it registers the compiled kernels with the dispatcher.
             _C = importlib.import_module("lowrank_ext._C")
         except Exception as exc:  # ImportError from a mismatched build, OSError, ...
-            fallback_reason = f"lowrank_ext._C failed to load: {type(exc).__name__}: {exc}"
+            fallback_reason = (
+                f"lowrank_ext._C failed to load: {type(exc).__name__}: {exc}. An undefined "
+                f"symbol usually means torch changed since the build (torch "
+                f"{torch.__version__} is running): rebuild with `pip install "
+                "--no-build-isolation --no-cache-dir --force-reinstall lowrank_ext` "
+                "(`pip install --no-build-isolation -e .` in a checkout)")
 
 if fallback_reason is not None:
-    log.info("lowrank_ext: using the pure-torch fallback: %s", fallback_reason)
+    # A build that is there but does not load is an accident the user must
+    # hear of (every op then runs on the slower fallback); no build at all, or
+    # the fallback asked for, is a choice.
+    _failed_to_load = fallback_reason.startswith("lowrank_ext._C failed")
+    (log.warning if _failed_to_load else log.info)(
+        "lowrank_ext: using the pure-torch fallback: %s", fallback_reason)
 
 # The settings read from the environment, with the values each understands;
 # a misspelt value would otherwise be ignored without a word.

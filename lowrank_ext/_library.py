@@ -13,6 +13,7 @@ and a C++ autograd kernel; this module adds
 * batching rules for ``torch.vmap`` (``_vmap``).
 """
 
+import functools
 import math
 
 import torch
@@ -107,6 +108,25 @@ def _intermediate_for_backward(x, A, t):
     return torch.matmul(x, A.t()) if torch.is_grad_enabled() else t
 
 
+def _outside_autocast(grads):
+    """``grads`` run with autocast off on the gradient's device: the backward
+    computes in the dtypes the forward saved, as the C++ one does
+    (csrc/autograd.cpp, OutsideAutocast). Inside an autocast region (backward()
+    called under torch.autocast, or AOTAutograd tracing it under the caller's
+    autocast) the products were cast to the autocast dtype, so the gradients
+    of a float32 call differed between the backends."""
+    @functools.wraps(grads)
+    def run(needs, gy, *args, **kwargs):
+        device = gy.device.type
+        available = getattr(torch.amp, "is_autocast_available", lambda _: True)
+        if available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return grads(needs, gy, *args, **kwargs)
+        return grads(needs, gy, *args, **kwargs)
+    return run
+
+
+@_outside_autocast
 def _lowrank_grads(needs, gy, x, A, B, t, gt_out=None):
     """Gradients of y = t·Bᵀ + bias, t = x·Aᵀ: (gx, gA, gB, gbias); ``gt_out``,
     the gradient reaching t itself where t is an output too."""
@@ -135,6 +155,7 @@ def _lowrank_grads(needs, gy, x, A, B, t, gt_out=None):
     return gx, gA, gB, gbias
 
 
+@_outside_autocast
 def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
     """Gradients of y = x·Wᵀ + bias + scale·t·Bᵀ, t = x·Aᵀ: (gx, gW, gA, gB, gbias);
     ``gt_out`` as in :func:`_lowrank_grads`."""

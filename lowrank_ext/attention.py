@@ -392,8 +392,11 @@ def _copy(tensor, copies, rows=slice(None)):
     """
     key = (id(tensor), rows.start, rows.stop)
     if key not in copies:
-        copies[key] = nn.Parameter(tensor.detach()[rows].clone(),
-                                   requires_grad=tensor.requires_grad)
+        # Outside inference mode: copies made under torch.inference_mode()
+        # would be inference tensors, which the model could never train.
+        with torch.inference_mode(False):
+            copies[key] = nn.Parameter(tensor.detach()[rows].clone(),
+                                       requires_grad=tensor.requires_grad)
     return copies[key]
 
 

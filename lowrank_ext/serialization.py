@@ -741,12 +741,15 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
             raise ValueError(
                 f"load_compressed: rank {rank} stored for layer {name!r} does not fit its shape "
                 f"{[out_features, in_features]} (in {path})")
-        new = LowRankLinear(in_features, out_features, rank,
-                            bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
-        if layer.bias is not None:
-            # strict=False keeps the model's bias where the file has none.
-            with torch.no_grad():
-                new.bias.copy_(layer.bias)
+        # Outside inference mode: a layer made under torch.inference_mode()
+        # would hold inference tensors, which the model could never train.
+        with torch.inference_mode(False):
+            new = LowRankLinear(in_features, out_features, rank, bias=layer.bias is not None,
+                                device=weight.device, dtype=weight.dtype)
+            if layer.bias is not None:
+                # strict=False keeps the model's bias where the file has none.
+                with torch.no_grad():
+                    new.bias.copy_(layer.bias)
         swaps[name] = made[id(layer)] = inherit_requires_grad(new, layer)
     # A layer registered under several names is replaced in each place by the
     # one new layer, as the saved model held it (a file written before its
@@ -976,9 +979,10 @@ def _materialize_meta_tensors(model, device, sources, undo):
         if new is None:
             new = replacements.get(stored_as)
         if new is None:
-            new = torch.empty_like(tensor, device=device)
-            if isinstance(tensor, nn.Parameter):
-                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            with torch.inference_mode(False):  # as for the new layers in _load_into
+                new = torch.empty_like(tensor, device=device)
+                if isinstance(tensor, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=tensor.requires_grad)
             replacements[stored_as] = new
         replacements[id(tensor)] = new
         changed.append((module, attr, tensor))

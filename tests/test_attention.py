@@ -708,3 +708,23 @@ def test_a_new_module_starts_as_torch_s_does(kdim):
         assert float(split.k_proj.weight.std()) == pytest.approx(
             float(reference.k_proj_weight.std()), rel=0.05)
     assert float(split.bias_k.std()) > 0
+
+
+def test_splitting_under_inference_mode_leaves_a_trainable_module():
+    # The copies were made as inference tensors there (out_proj's too, a
+    # normal Parameter before): the split model could never be trained.
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0,
+                                                               batch_first=True), 1,
+                                    enable_nested_tensor=False)
+    x = torch.randn(2, 5, 16)
+    expected = encoder(x)
+    with torch.inference_mode():
+        lx.split_attention(encoder)
+        split = lx.SplitMultiheadAttention.from_multihead_attention(
+            nn.MultiheadAttention(16, 4, batch_first=True))
+    for module in (encoder, split):
+        assert not any(p.is_inference() for p in module.parameters())
+    torch.testing.assert_close(encoder(x), expected, rtol=1e-5, atol=1e-6)
+    encoder(x).sum().backward()
+    assert encoder.layers[0].self_attn.q_proj.weight.grad is not None

@@ -271,3 +271,60 @@ def test_func_grad_of_a_lora_module_under_autocast(device):
         expected = model.get_parameter(n).grad
         assert g.dtype == expected.dtype == torch.float32
         torch.testing.assert_close(g, expected)
+
+
+def _float64_grads(fn, args):
+    wide = [a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) else a
+            for a in args]
+    fn(*wide).sum().backward()
+    return [a.grad for a in wide if isinstance(a, torch.Tensor)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["lowrank_linear", "lora_linear"])
+@pytest.mark.parametrize("M", [2, 8, 64])
+def test_backward_inside_autocast_of_a_float32_call(name, M, device):
+    # A float32 call in an autocast(enabled=False) island, its backward run
+    # inside the autocast region: the compiled backward's products were cast
+    # to bfloat16 one by one ("_weight_grad: a is bfloat16 but b is float32"
+    # from 4 rows), the fallback's gave bfloat16-rounded gradients. Both now
+    # compute in the dtypes the forward saved.
+    fn, make = CALLS[name]
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a
+            for a in make(device, M=M)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, enabled=False):
+            y = fn(*args)
+        assert y.dtype == torch.float32
+        y.sum().backward()
+    reference = (lambda x, A, B, b: F.linear(F.linear(x, A), B, b)) if name == "lowrank_linear" \
+        else (lambda x, W, A, B, b, s: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B))
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    for got, expected in zip((a.grad for a in tensors), _float64_grads(reference, args)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW)
+def test_compiled_lora_with_a_new_scale_trains_under_autocast(dtype, device):
+    # A half-type LoRALinear whose scale was set anew runs lowrank_linear on
+    # float32 copies in an autocast(enabled=False) island (see
+    # ops.lora_linear_changing_scale); AOTAutograd traced its backward under
+    # the caller's autocast, which failed to compile.
+    torch.manual_seed(0)
+    layers = [lx.LoRALinear(nn.Linear(16, 8), rank=4).to(device=device, dtype=dtype)
+              for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(5, 16, device=device, dtype=dtype)
+    grads = []
+    for layer, run in zip(layers, (lambda m: m, lambda m: torch.compile(m, backend="aot_eager"))):
+        layer.scale = 2.0
+        with torch.no_grad():
+            layer.B.normal_(generator=torch.Generator(device).manual_seed(1))
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = run(layer)(x)
+        y.float().sum().backward()
+        grads.append((layer.A.grad, layer.B.grad))
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected, **TOLERANCES[dtype])

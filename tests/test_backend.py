@@ -144,3 +144,22 @@ def test_a_misspelt_setting_is_named_not_ignored_silently(name, value):
     out = _run(["-c", "import lowrank_ext"], {name: value})
     assert out.returncode == 0
     assert f"{name}={value!r} is not one of" in out.stderr
+
+
+def test_a_build_that_does_not_load_is_a_warning_with_the_way_out(tmp_path):
+    # A _C built for another torch failed to load without a word (the reason
+    # was logged at INFO), and every op ran on the slower fallback.
+    package = tmp_path / "lowrank_ext"
+    shutil.copytree(ROOT / "lowrank_ext", package,
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (package / "_C.so").write_bytes(b"not a shared library")
+    out = _run(["-c", "import lowrank_ext as lx; print(lx.backend_info()['compiled'])"],
+               {"PYTHONPATH": str(tmp_path), "LOWRANK_EXT_FORCE_FALLBACK": ""}, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    assert "lowrank_ext._C failed to load" in out.stderr
+    assert "--no-build-isolation --no-cache-dir --force-reinstall" in out.stderr
+    # No build at all (LOWRANK_EXT_BUILD=0) is a choice: nothing is printed.
+    (package / "_C.so").unlink()
+    out = _run(["-c", "import lowrank_ext"], {"PYTHONPATH": str(tmp_path),
+                                             "LOWRANK_EXT_FORCE_FALLBACK": ""}, cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr == "", out.stderr

@@ -48,3 +48,74 @@ def test_a_misspelt_build_switch_is_named_not_ignored_silently(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "LOWRANK_EXT_BUILD='disable' is not one of" in run.stderr, run.stderr[-2000:]
     assert "LOWRANK_EXT_CUDA='" not in run.stderr  # a valid value is not named
+
+
+def _setup_py(args, tmp_path, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "setup.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "LOWRANK_EXT_CUDA": "0", **(env or {})})
+
+
+def _requirements(tmp_path, env=None):
+    tmp_path.mkdir(exist_ok=True)
+    run = _setup_py(["-q", "egg_info", "--egg-base", str(tmp_path)], tmp_path, env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (requires,) = tmp_path.glob("*.egg-info/requires.txt")
+    return requires.read_text().split("\n\n")[0].split()
+
+
+@pytest.mark.skipif(not (ROOT / "setup.py").exists(), reason="needs the source tree")
+def test_a_build_without_torch_fails_and_names_the_way_out(tmp_path):
+    # pip's isolated build environment has no torch: the build gave a
+    # pure-Python wheel without a word (pip caches it and installs it again
+    # for a later --no-build-isolation install), and the package ran on the
+    # fallback. Metadata and the sdist still need no torch.
+    no_torch = tmp_path / "no_torch"
+    (no_torch / "torch").mkdir(parents=True)
+    (no_torch / "torch" / "__init__.py").write_text("raise ImportError('no torch here')\n")
+    env = {"PYTHONPATH": str(no_torch)}
+    assert "torch>=2.11" in _requirements(tmp_path, env)
+    build = ["build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp",
+             str(tmp_path / "temp")]
+    run = _setup_py(build, tmp_path, env)
+    assert run.returncode != 0
+    message = " ".join((run.stdout + run.stderr).split())
+    assert "torch is not importable" in message and "--no-build-isolation" in message
+    assert "LOWRANK_EXT_BUILD=0" in message
+    run = _setup_py(build, tmp_path, {**env, "LOWRANK_EXT_BUILD": "0"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not list((tmp_path / "lib").rglob("_C*"))
+
+
+@pytest.mark.skipif(not (ROOT / "setup.py").exists(), reason="needs the source tree")
+def test_a_compiled_build_requires_the_torch_it_was_built_against(tmp_path):
+    # It asked for torch>=2.4: pip paired the binary with any torch, whose
+    # other binary interface left the package on the fallback.
+    import torch
+
+    release = torch.__version__.split("+")[0]
+    assert f"torch=={release}" in _requirements(tmp_path / "compiled")
+    assert "torch>=2.11" in _requirements(tmp_path / "pure", {"LOWRANK_EXT_BUILD": "0"})
+
+
+@pytest.mark.skipif(not (ROOT / "setup.py").exists(), reason="needs the source tree")
+def test_the_cuda_toolkit_behind_a_linked_nvcc_is_found(tmp_path, monkeypatch):
+    # torch takes the folder above the first nvcc on PATH: for one linked
+    # from /usr/local/bin that is /usr/local, where linking found no libcudart.
+    import runpy
+
+    setup = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    toolkit = tmp_path / "cuda-13.0"
+    for name in ("bin/nvcc", "include/cuda_runtime.h", "lib64/libcudart.so"):
+        (toolkit / name).parent.mkdir(parents=True, exist_ok=True)
+        (toolkit / name).write_text("")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    linked = tmp_path / "local"
+    (linked / "bin").mkdir(parents=True)
+    (linked / "bin" / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    monkeypatch.setenv("PATH", str(linked / "bin"))
+    assert setup["is_cuda_toolkit"](str(toolkit)) and not setup["is_cuda_toolkit"](str(linked))
+    assert setup["find_cuda_toolkit"](str(linked)) == str(toolkit)
+    assert setup["find_cuda_toolkit"](str(toolkit)) == str(toolkit)

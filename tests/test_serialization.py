@@ -1117,3 +1117,29 @@ def test_an_interrupted_split_while_loading_leaves_the_model_as_it_was(tmp_path,
         lx.load_compressed(fresh, tmp_path / "m.safetensors")
     assert calls == ["a1", "a2"]
     assert (fresh.a1, fresh.a2) == before
+
+
+@pytest.mark.parametrize("on_meta", [False, True], ids=["built", "meta"])
+def test_loading_under_inference_mode_leaves_a_trainable_model(tmp_path, on_meta):
+    # The LowRankLinear layers (and a meta model's tensors) were made as
+    # inference tensors there: Parameters that said they required gradients
+    # and failed in backward ("Inference tensors cannot be saved for backward").
+    def build():
+        return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+
+    torch.manual_seed(0)
+    model = build()
+    lx.compress_model(model, rank=4, progress=False)
+    lx.save_compressed(model, tmp_path / "c.safetensors")
+    if on_meta:
+        with torch.device("meta"):
+            fresh = build()
+    else:
+        fresh = build()
+    with torch.inference_mode():
+        lx.load_compressed(fresh, tmp_path / "c.safetensors", device="cpu" if on_meta else None)
+    assert not any(p.is_inference() for p in fresh.parameters())
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    fresh(x).sum().backward()
+    assert fresh[0].A.grad is not None and fresh[2].bias.grad is not None
