@@ -49,6 +49,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ._names import first_line
+
 SIDES = ("ours", "compose", "compiled", "dense")
 MODES = ("fwd", "train")
 OPS = ("lowrank", "lora", "dora")
@@ -628,9 +630,8 @@ def run_benchmark(shapes, dtypes, device="cpu", modes=MODES, sides=SIDES, rounds
             if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and \
                     "allocate" not in str(exc):
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeError(f"shape {','.join(map(str, shape))} ({dtype_name}): not enough "
-                               f"memory for its inputs ({first})") from exc
+                               f"memory for its inputs ({first_line(exc)})") from exc
         # Forward inputs do not require grad; time them under one no_grad
         # block, as inference code runs them.
         with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():

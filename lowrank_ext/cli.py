@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from ._names import first_line
+
 # command name -> module implementing it
 COMMANDS = {
     "bench": "lowrank_ext.bench_cli",
@@ -44,13 +46,6 @@ def build_parser():
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
-
-
-def _one_line(exc):
-    """The first line of an error's message (KeyError's without the quotes str() adds)."""
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-    text = str(text).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -117,6 +112,6 @@ def _main(argv):
     except USER_ERRORS as exc:
         if args is None or args.traceback:
             raise
-        message = _one_line(exc)
+        message = first_line(exc)
         print(f"lowrank_ext {args.command}: error: {message}", file=sys.stderr)
         return 1
