@@ -335,8 +335,12 @@ variable_list lora_backward(
     const at::Tensor& B,
     const at::Tensor& t,
     double scale) {
+  // Sizes from A and B: W is saved only where x's gradient is wanted.
+  const c10::SymInt k = A.sym_size(1);
+  const c10::SymInt r = A.sym_size(0);
+  const c10::SymInt d = B.sym_size(0);
   // Here the float32 copy of the dense W must be repaid as well.
-  if (widen_half_backward(gy, rows_of(x) * W.sym_size(1) * (A.sym_size(0) + W.sym_size(0))) &&
+  if (widen_half_backward(gy, rows_of(x) * k * (r + d)) &&
       rows_of(x) >= kWidenDenseMinRows) {
     // W is read only for gx, x only for gA and gW.
     const bool need_x = ctx->needs_input_grad(0);
@@ -345,9 +349,6 @@ variable_list lora_backward(
         ctx, gy.to(at::kFloat), widened(x, read_x), widened(W, need_x), A.to(at::kFloat),
         B.to(at::kFloat), widened(t, true), scale), gy.scalar_type());
   }
-  const c10::SymInt k = W.sym_size(1);
-  const c10::SymInt r = A.sym_size(0);
-  const c10::SymInt d = W.sym_size(0);
   const c10::SymInt M = rows_of(x);
   const at::Tensor gy2 = gy.reshape_symint({M, d});
   // float16: the adapter's products (gt = scale·gy·B and gB = scale·gyᵀ·t)
@@ -425,7 +426,10 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
       double scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, t] = lora_linear_with_intermediate_op(x, W, A, B, bias, scale);
-    ctx->save_for_backward({x, W, A, B, t});
+    // W only where x's gradient may be wanted: a frozen base weight made
+    // under torch.inference_mode() cannot be saved for backward, and the
+    // adapter's gradients never read it.
+    ctx->save_for_backward({x, x.requires_grad() ? W : at::Tensor(), A, B, t});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_bias"] = bias.has_value();
     return y;

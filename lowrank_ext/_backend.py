@@ -16,6 +16,10 @@ import torch
 log = logging.getLogger("lowrank_ext")
 
 FORCE_FALLBACK_ENV = "LOWRANK_EXT_FORCE_FALLBACK"
+# Builds the installed package again against the torch at hand, and nothing
+# else (without --no-deps, --force-reinstall would fetch torch again too).
+REBUILD = ("pip install --no-build-isolation --no-cache-dir --force-reinstall --no-deps "
+           "lowrank_ext")
 
 _C = None
 fallback_reason = None
@@ -30,8 +34,7 @@ else:
         # (A pure-Python install, LOWRANK_EXT_BUILD=0, or a checkout not built.)
         fallback_reason = (
             "the compiled extension lowrank_ext._C is not built; build it with "
-            "`pip install --no-build-isolation --no-cache-dir lowrank_ext` "
-            "(`pip install --no-build-isolation -e .` in a checkout)")
+            f"`{REBUILD}` (`pip install --no-build-isolation -e .` in a checkout)")
     else:
         try:
             # Importing it registers the compiled kernels with the dispatcher.
@@ -40,8 +43,7 @@ else:
             fallback_reason = (
                 f"lowrank_ext._C failed to load: {type(exc).__name__}: {exc}. An undefined "
                 f"symbol usually means torch changed since the build (torch "
-                f"{torch.__version__} is running): rebuild with `pip install "
-                "--no-build-isolation --no-cache-dir --force-reinstall lowrank_ext` "
+                f"{torch.__version__} is running): rebuild with `{REBUILD}` "
                 "(`pip install --no-build-isolation -e .` in a checkout)")
 
 if fallback_reason is not None:

@@ -160,7 +160,8 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
     """Gradients of y = x·Wᵀ + bias + scale·t·Bᵀ, t = x·Aᵀ: (gx, gW, gA, gB, gbias);
     ``gt_out`` as in :func:`_lowrank_grads`."""
     need_x, need_W, need_A, need_B, need_bias = needs
-    k, r, d = W.shape[1], A.shape[0], W.shape[0]
+    # (From A and B: W is saved only where x's gradient is wanted.)
+    k, r, d = A.shape[1], A.shape[0], B.shape[0]
     M = math.prod(x.shape[:-1])
     gy2 = gy.reshape(M, d)
     # float16: the adapter's products (gt = scale·gy·B, gB = scale·gyᵀ·t) are
@@ -213,7 +214,9 @@ class _LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, W, A, B, bias, scale):
         with torch._C._AutoDispatchBelowAutograd():
             y, t = ops.lora_linear_with_intermediate.default(x, W, A, B, bias, scale)
-        ctx.save_for_backward(x, W, A, B, t)
+        # W only where x's gradient is wanted (see csrc/autograd.cpp): a base
+        # weight made under torch.inference_mode() cannot be saved.
+        ctx.save_for_backward(x, W if ctx.needs_input_grad[0] else None, A, B, t)
         ctx.scale = scale
         return y
 
@@ -279,7 +282,7 @@ class _LoRAWithIntermediateFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, W, A, B, _, scale = inputs
-        ctx.save_for_backward(x, W, A, B, output[1])
+        ctx.save_for_backward(x, W if ctx.needs_input_grad[0] else None, A, B, output[1])
         ctx.scale = scale
 
     @staticmethod

@@ -1,5 +1,6 @@
 """``python -m lowrank_ext bench``: time lowrank_linear against its baselines."""
 
+import errno
 import json
 import os
 import sys
@@ -130,6 +131,11 @@ def _check_outputs(args):
     if STDOUT in (args.json, args.markdown) and sys.stdout is None:
         flag = "--json" if args.json == STDOUT else "--markdown"
         raise ValueError(f"{flag} -: standard output is closed")
+    for flag, path in given:
+        descriptor = _OWN_NAMES.get(os.path.abspath(path))
+        if descriptor is not None and not _descriptor_open(descriptor):
+            what = "standard output" if descriptor == 1 else "standard error"
+            raise ValueError(f"{flag} {path}: {what} is closed")
     if args.plot is not None:
         load_matplotlib()
         plot_format(args.plot)
@@ -137,6 +143,10 @@ def _check_outputs(args):
     try:
         for flag, path in given:
             if path == STDOUT:
+                continue
+            if _is_stream(path):  # written into: nothing is created next to it
+                if not os.access(path, os.W_OK):
+                    raise PermissionError(errno.EACCES, f"{flag}: cannot write {path}")
                 continue
             try:
                 # The directory is made if missing, as the writers would.
@@ -155,6 +165,14 @@ def _check_outputs(args):
     return made
 
 
+def _descriptor_open(descriptor):
+    try:
+        os.fstat(descriptor)
+    except OSError:
+        return False
+    return True
+
+
 # An output path meaning standard output.
 STDOUT = "-"
 
@@ -163,7 +181,8 @@ def _through_link(option, path):
     """The file a symbolic link names (followed all the way), else ``path``
     (a stream too: see _is_stream); a FileNotFoundError for a link into a
     directory that does not exist (which open() would not make either)."""
-    if path is None or path == STDOUT or not os.path.islink(path) or _is_stream(path):
+    if (path is None or path == STDOUT or not os.path.islink(path)
+            or os.path.abspath(path) in _OWN_NAMES or _is_stream(path)):
         return path
     target = os.path.realpath(path)
     if not os.path.isdir(os.path.dirname(target)):
@@ -172,40 +191,41 @@ def _through_link(option, path):
     return target
 
 
-# Where the names of streams live: /dev/stdout is a link to /proc/self/fd/1,
-# which names a pipe or terminal, or the very file the shell redirected
-# standard output to.
-_STREAM_DIRECTORIES = ("/dev/", "/proc/")
+# Names of this process's own standard output and error, which a closed
+# descriptor leaves naming nothing.
+_OWN_NAMES = {"/dev/stdout": 1, "/dev/fd/1": 1, "/proc/self/fd/1": 1,
+              "/dev/stderr": 2, "/dev/fd/2": 2, "/proc/self/fd/2": 2}
+
+
+def _own_descriptor(path):
+    """1 or 2 where ``path`` (through any links: /dev/stdout, a link to it,
+    /dev/fd/1) is this process's standard output or error, else None."""
+    try:
+        target = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    for descriptor in (1, 2):
+        try:
+            if os.path.samestat(target, os.fstat(descriptor)):
+                return descriptor
+        except OSError:  # closed
+            pass
+    return None
 
 
 def _is_stream(path):
     """Whether ``path`` is written into rather than replaced as a whole: what
-    is not a regular file (a FIFO, a terminal), and whatever is reached
-    through /dev or /proc. `--json /dev/stdout > out.txt` names out.txt,
-    which the shell holds open: replacing it would lose everything written
-    to standard output after the JSON."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        return True
-    link = os.path.abspath(path)
-    for _ in range(64):  # a loop of links ends here (open() then fails on it)
-        if link.startswith(_STREAM_DIRECTORIES):
-            return True
-        if not os.path.islink(link):
-            return False
-        link = os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link)))
-    return False
-
-
-# Names of this process's own standard output and error. Opened anew, a
-# redirected file would be written from its start, over what the shell's
-# descriptor wrote before and under what it writes after: they are written
-# through the descriptor itself.
-_OWN_DESCRIPTORS = {"/dev/stdout": 1, "/dev/fd/1": 1, "/proc/self/fd/1": 1,
-                    "/dev/stderr": 2, "/dev/fd/2": 2, "/proc/self/fd/2": 2}
+    is not a regular file (a FIFO, a terminal), and this process's standard
+    output or error even where it is a regular file. `--json /dev/stdout >
+    out.txt` names out.txt, which the shell holds open: replacing it, or
+    opening it anew (from its start), would lose what is written around the
+    JSON."""
+    return (os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)) \
+        or _own_descriptor(path) is not None
 
 
 def _write_into(path, data):
-    descriptor = _OWN_DESCRIPTORS.get(os.path.abspath(path))
+    descriptor = _own_descriptor(path)
     if descriptor is None:
         with open(path, "wb") as f:
             f.write(data)

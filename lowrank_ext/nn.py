@@ -528,6 +528,16 @@ def check_lora_init_fits_base(owner, init, base, name=None, use_dora=False):
         if why:
             raise ValueError(f"{owner}: init={init!r} puts the residual into the base "
                              f"layer{where}'s weight, but {why}")
+        weight = dense_weight(base)
+        if (init.startswith("pissa") and weight.is_inference()
+                and not torch.is_inference_mode_enabled()):
+            # torch's copy_ writes before it raises: the weight would be left
+            # holding the residual with no adapter beside it.
+            raise RuntimeError(
+                f"{owner}: init={init!r} puts the residual into the base layer{where}'s "
+                "weight, an inference tensor (made under torch.inference_mode()), which can "
+                "only be written inside inference mode; build the model outside "
+                "inference mode, or add the adapters inside it")
         return
     if init.startswith("pissa"):
         raise ValueError(f"{owner}: init={init!r} splits a dense weight, but the base "

@@ -626,6 +626,17 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     metadatas, shapes, aliases = read_headers(files)
     ranks, factors, inferred = read_ranks(path, files, metadatas, shapes)
     given, model = model, _module_named_as_in(model, path, shapes)
+    if not torch.is_inference_mode_enabled():
+        # Loading writes into them, which torch refuses outside inference
+        # mode only once part of the model has been swapped.
+        made_inside = [name for name, t in model.state_dict(keep_vars=True).items()
+                       if t.is_inference()]
+        if made_inside:
+            raise RuntimeError(
+                f"load_compressed: the model's tensors {preview(made_inside)} are inference "
+                "tensors (made under torch.inference_mode()), which can only be written "
+                "inside inference mode; build the model outside inference mode, or load "
+                "inside it")
     # Each change to the model puts what takes it back on ``undo`` before it
     # is made; should anything fail (an interrupt too), they all run here,
     # last first, so that no part of the load stays done without the rest.

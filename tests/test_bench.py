@@ -556,18 +556,24 @@ def test_a_shape_given_twice_is_timed_once():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/dev/stdout and /proc")
+@pytest.mark.parametrize("name", ["/dev/stdout", "/dev/fd/1", "link"])
 @pytest.mark.parametrize("into", ["pipe", "file"])
-def test_json_to_dev_stdout_is_written_into_the_stream(into, tmp_path):
+def test_json_to_dev_stdout_is_written_into_the_stream(into, name, tmp_path):
     # /dev/stdout links to /proc/self/fd/1: into a pipe that was refused
     # ("cannot create a file in /proc/.../fd"); into a file redirected by the
-    # shell, the file was replaced, and what came after the JSON was lost.
+    # shell, the file was replaced (or, opened anew, written from its start),
+    # and what came before and after the JSON was lost. /dev/fd/1 was refused,
+    # and a link to /dev/stdout wrote over the file.
     import shlex
     import subprocess
 
-    cmd = [sys.executable, "-m", "lowrank_ext", "bench"] + TINY + ["--json", "/dev/stdout"]
-    script = f"{shlex.join(cmd)}; echo AFTER"
+    if name == "link":
+        name = tmp_path / "out.json"
+        name.symlink_to("/dev/stdout")
+    cmd = [sys.executable, "-m", "lowrank_ext", "bench"] + TINY + ["--json", str(name)]
+    script = f"echo BEFORE; {shlex.join(cmd)}; echo AFTER"
     if into == "pipe":
-        out = subprocess.run(["sh", "-c", script + " | cat"], capture_output=True, text=True,
+        out = subprocess.run(["sh", "-c", f"({script}) | cat"], capture_output=True, text=True,
                              check=True).stdout
     else:
         log = tmp_path / "out.txt"
@@ -576,8 +582,37 @@ def test_json_to_dev_stdout_is_written_into_the_stream(into, tmp_path):
         subprocess.run(["sh", "-c", f"({script}) > '{log}'"], check=True)
         assert log.stat().st_ino == inode
         out = log.read_text("utf-8")
-    assert out.startswith("{") and "compose / ours" in out and out.endswith("AFTER\n")
-    json.loads(out[:out.index("\n}\n") + 3])
+    assert out.startswith("BEFORE\n{") and out.endswith("AFTER\n")
+    assert "compose / ours" in out.split("\n}\n")[1]
+    json.loads(out[len("BEFORE\n"):out.index("\n}\n") + 3])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/dev/stdout")
+def test_json_to_a_closed_dev_stdout_fails_before_any_timing(tmp_path):
+    import shlex
+    import subprocess
+
+    cmd = [sys.executable, "-m", "lowrank_ext", "bench"] + TINY + ["--json", "/dev/stdout"]
+    run = subprocess.run(["sh", "-c", f"{shlex.join(cmd)} >&-"], capture_output=True,
+                         text=True)
+    assert run.returncode == 1
+    assert "--json /dev/stdout: standard output is closed" in run.stderr
+
+
+def test_two_outputs_naming_one_regular_file_under_dev_are_refused(monkeypatch, capsys):
+    # Paths under /dev were all taken for streams: a regular file in /dev/shm
+    # named twice was written twice, the JSON lost.
+    import os
+
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    path = os.path.join(shm, f"lowrank_ext_test_{os.getpid()}.out")
+    assert run_cli(TINY + ["--json", path, "--markdown", path]) == 1
+    assert "name the same file" in capsys.readouterr().err
+    assert not timed and not os.path.exists(path)
 
 
 def test_a_fraction_past_the_bound_is_named():

@@ -549,3 +549,42 @@ def test_adapters_added_under_inference_mode_can_be_trained_and_loaded(kwargs):
         assert all(p.grad is not None for p in trainable)
         module.load_state_dict(module.state_dict())
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["layer", "model"])
+def test_pissa_on_an_inference_tensor_base_is_refused_before_any_change(how):
+    # torch's copy_ wrote the residual into the base's weight, then raised
+    # ("Inplace update to inference tensor outside InferenceMode"): the layer
+    # was left changed and frozen, with no adapter.
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="an inference tensor"):
+        if how == "layer":
+            lx.LoRALinear(model[0], 4, init="pissa")
+        else:
+            lx.add_lora(model, 4, init="pissa")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_adapters_train_on_a_layer_built_under_inference_mode():
+    # The fused op saved the base weight for backward even where no gradient
+    # reads it ("Inference tensors cannot be saved for backward"), where
+    # x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ in plain torch trains. (A layer whose input
+    # needs a gradient needs W saved, in torch as here.)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(16, 12))
+    lx.add_lora(model, 4, init="gaussian")
+    x = torch.randn(5, 16)
+    model(x).square().sum().backward()
+    layer = model[0]
+    W, b = (t.detach().double() for t in (layer.base.weight, layer.base.bias))
+    A, B = (t.detach().double().requires_grad_() for t in (layer.A, layer.B))
+    xd = x.double()
+    (xd @ W.T + b + layer.scale * (xd @ A.T) @ B.T).square().sum().backward()
+    torch.testing.assert_close(layer.A.grad.double(), A.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.B.grad.double(), B.grad, rtol=1e-5, atol=1e-6)

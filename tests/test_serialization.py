@@ -1143,3 +1143,27 @@ def test_loading_under_inference_mode_leaves_a_trainable_model(tmp_path, on_meta
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     fresh(x).sum().backward()
     assert fresh[0].A.grad is not None and fresh[2].bias.grad is not None
+
+
+def test_loading_outside_inference_mode_into_inference_tensors_changes_nothing(tmp_path):
+    # torch refused to write into the LayerNorm's inference tensors only after
+    # the Linear layers had been swapped: the model was left half loaded.
+    def build():
+        return nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8))
+
+    model = build()
+    lx.compress_model(model, rank=4, progress=False)
+    lx.save_compressed(model, tmp_path / "c.safetensors")
+    with torch.inference_mode():
+        fresh = build()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"load_compressed: the model's tensors .*0\.weight.* "
+                                           "are inference tensors"):
+        lx.load_compressed(fresh, tmp_path / "c.safetensors")
+    assert [type(m) for m in fresh] == [nn.Linear, nn.LayerNorm, nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    with torch.inference_mode():
+        lx.load_compressed(fresh, tmp_path / "c.safetensors")
+    x = torch.randn(3, 16)
+    with torch.no_grad():  # (the LayerNorm's inference tensors cannot be saved for backward)
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
