@@ -23,6 +23,7 @@ REBUILD = ("pip install --no-build-isolation --no-cache-dir --force-reinstall --
 
 _C = None
 fallback_reason = None
+_failed_to_load = False  # a build that is there but does not load
 
 if os.environ.get(FORCE_FALLBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
     fallback_reason = f"{FORCE_FALLBACK_ENV}={os.environ[FORCE_FALLBACK_ENV]} is set"
@@ -40,6 +41,7 @@ else:
             # Importing it registers the compiled kernels with the dispatcher.
             _C = importlib.import_module("lowrank_ext._C")
         except Exception as exc:  # ImportError from a mismatched build, OSError, ...
+            _failed_to_load = True
             fallback_reason = (
                 f"lowrank_ext._C failed to load: {type(exc).__name__}: {exc}. An undefined "
                 f"symbol usually means torch changed since the build (torch "
@@ -50,7 +52,6 @@ if fallback_reason is not None:
     # A build that is there but does not load is an accident the user must
     # hear of (every op then runs on the slower fallback); no build at all, or
     # the fallback asked for, is a choice.
-    _failed_to_load = fallback_reason.startswith("lowrank_ext._C failed")
     (log.warning if _failed_to_load else log.info)(
         "lowrank_ext: using the pure-torch fallback: %s", fallback_reason)
 

@@ -118,8 +118,7 @@ def _outside_autocast(grads):
     @functools.wraps(grads)
     def run(needs, gy, *args, **kwargs):
         device = gy.device.type
-        available = getattr(torch.amp, "is_autocast_available", lambda _: True)
-        if available(device) and torch.is_autocast_enabled(device):
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
                 return grads(needs, gy, *args, **kwargs)
         return grads(needs, gy, *args, **kwargs)
