@@ -323,6 +323,11 @@ at::Tensor lowrank_linear_autograd(
   return LowRankLinearFunction::apply(x, A, B, bias);
 }
 
+// scale·v, or v itself for a scale of 1 (exact either way).
+at::Tensor times(const at::Tensor& v, double scale) {
+  return scale == 1.0 ? v : v.mul(scale);
+}
+
 // Gradients of lora_linear, given gy = dL/dy: {gx, gW, gA, gB, gbias, none}.
 // The low-rank part's gradients are those of lowrank_linear with B scaled;
 // W and bias get the dense gradients.
@@ -356,6 +361,11 @@ variable_list lora_backward(
   // can overflow where the gradients are representable, and scale·gy (as
   // peft's composition forms it) loses digits to subnormals, or underflows to
   // zero, for a small scale and small gradients. bfloat16 has float32's range.
+  // The scale goes into the small factor of each product (gy·(scale·B),
+  // gyᵀ·(scale·t)) before it, as the composition's scale·gy does: scaling the
+  // products after gave inf·0 = NaN for a scale of 0 (a disabled adapter)
+  // and inf for a small one where gy·B or gyᵀ·t overflowed and the gradient
+  // is finite.
   const bool wide_gt = gy2.scalar_type() == at::kHalf;
   const bool need_x = ctx->needs_input_grad(0);
   const bool need_A = ctx->needs_input_grad(2);
@@ -365,7 +375,8 @@ variable_list lora_backward(
       wide_gt && (need_x || need_A || need_B) ? gy2.to(at::kFloat) : at::Tensor();
   at::Tensor gx, gW, gA, gB, gbias;
   if (need_x || need_A) {
-    const at::Tensor gt = (wide_gt ? gy32.mm(B.to(at::kFloat)) : gy2.mm(B)).mul_(scale); // (M, r)
+    const at::Tensor gt = wide_gt ? gy32.mm(times(B.to(at::kFloat), scale))
+                                  : gy2.mm(times(B, scale)); // (M, r)
     if (need_x && gy.device().is_cpu() && W.is_contiguous() && !at::GradMode::is_enabled() &&
         few_rows_backward(gy, M)) {
       // Few rows: gy·W streams W in its own layout (cpu/few_rows.h), summed
@@ -402,10 +413,9 @@ variable_list lora_backward(
   if (need_B) {
     const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape_symint({M, r});
     gB = wide_gt
-        ? transposed_product(gy32, t2.to(at::kFloat), use_weight_grad_kernel(gy32))
-              .mul_(scale)
+        ? transposed_product(gy32, times(t2.to(at::kFloat), scale), use_weight_grad_kernel(gy32))
               .to(at::kHalf)
-        : transposed_product(gy2, t2, use_weight_grad_kernel(gy2)).mul_(scale);
+        : transposed_product(gy2, times(t2, scale), use_weight_grad_kernel(gy2));
   }
   if (bias_given(ctx) && ctx->needs_input_grad(4)) {
     gbias = gy2.sum(0);

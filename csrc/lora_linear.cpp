@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 namespace lowrank_ext {
 namespace {
@@ -47,53 +48,72 @@ bool scale_is_alpha(double scale, at::ScalarType dtype) {
   return std::abs(scale) <= limit && std::abs(scale) >= 1.0 / limit;
 }
 
-// The largest |v| of a float32 or float64 CPU tensor, NaN if it holds one:
-// the largest bit pattern with the sign cleared, an integer maximum that the
-// compiler vectorizes (a float one it may not, for NaN's sake), and NaN's
-// patterns lie above infinity's.
-double max_abs_cpu(const at::Tensor& v) {
-  const at::Tensor dense = v.is_non_overlapping_and_dense() ? v : v.contiguous();
+// The smallest non-zero |v| and the largest |v| of a float32 or float64 CPU
+// tensor: bit patterns with the sign cleared, integer minima and maxima that
+// the compiler vectorizes (float ones it may not, for NaN's sake). NaN's
+// patterns lie above infinity's, so a NaN makes the largest NaN; a tensor of
+// zeros has no smallest non-zero |v| and gives +inf for it.
+template <typename Bits, typename Real>
+std::pair<double, double> abs_range_of(const at::Tensor& dense) {
+  constexpr Bits kMagnitude = ~(Bits{1} << (8 * sizeof(Bits) - 1));
+  constexpr Bits kNone = ~Bits{0}; // above every masked pattern
+  const auto* p = static_cast<const Bits*>(dense.const_data_ptr());
   const int64_t n = dense.numel();
-  if (dense.scalar_type() == at::kDouble) {
-    const auto* p = static_cast<const uint64_t*>(dense.const_data_ptr());
-    uint64_t m = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint64_t a = p[i] & ~(uint64_t{1} << 63);
-      m = a > m ? a : m;
-    }
-    double result;
-    std::memcpy(&result, &m, sizeof(result));
-    return result;
-  }
-  TORCH_CHECK(dense.scalar_type() == at::kFloat, "max_abs_cpu: expected float32 or float64");
-  const auto* p = static_cast<const uint32_t*>(dense.const_data_ptr());
-  uint32_t m = 0;
+  Bits lo = kNone, hi = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t a = p[i] & 0x7FFFFFFFu;
-    m = a > m ? a : m;
+    const Bits a = p[i] & kMagnitude;
+    const Bits nonzero = a == 0 ? kNone : a;
+    lo = nonzero < lo ? nonzero : lo;
+    hi = a > hi ? a : hi;
   }
-  float result;
-  std::memcpy(&result, &m, sizeof(result));
-  return result;
+  Real smallest, largest;
+  std::memcpy(&smallest, &lo, sizeof(Real));
+  std::memcpy(&largest, &hi, sizeof(Real));
+  return {lo == kNone ? std::numeric_limits<double>::infinity() : double(smallest),
+          double(largest)};
 }
 
-// Whether y += scale·t·Bt may pass scale to BLAS as alpha. On the CPU, MKL
-// multiplies an operand by alpha before the product: t of 3e38 and a scale
-// of 2 gave inf where scale·(t·Bᵀ) is 0. A scale above 1 is therefore alpha
-// only where it takes neither operand past y's range (both are small:
-// (M × r) and (d × r)). cuBLAS scales the sums.
+std::pair<double, double> abs_range_cpu(const at::Tensor& v) {
+  const at::Tensor dense = v.is_non_overlapping_and_dense() ? v : v.contiguous();
+  if (dense.scalar_type() == at::kDouble) {
+    return abs_range_of<uint64_t, double>(dense);
+  }
+  TORCH_CHECK(dense.scalar_type() == at::kFloat, "abs_range_cpu: expected float32 or float64");
+  return abs_range_of<uint32_t, float>(dense);
+}
+
+// Whether y += scale·t·Bt may pass scale to BLAS as alpha with the result of
+// scale·(t·Bt), the composition's order. cuBLAS scales the sums. On the CPU,
+// MKL multiplies an operand by alpha before the product, which changes the
+// range: t of 3e38 and a scale of 2 gave inf where scale·(t·Bᵀ) is 0; a
+// t·Bᵀ past float32's range and a scale of 0.5 gave a finite value where
+// the composition gives inf; a subnormal t times a scale of 1e-3 lost its
+// digits (twice the exact result). So a scale other than 1 is alpha only
+// where the scaled operands stay normal and no product, scaled or not, can
+// leave the range: r·max|t|·max|Bt| below it. Both operands are small
+// ((M × r) and (d × r)); the rest is multiplied as the composition does.
 bool alpha_keeps_range(const at::Tensor& y, const at::Tensor& t, const at::Tensor& Bt,
                        double scale) {
   if (!scale_is_alpha(scale, y.scalar_type())) {
     return false;
   }
-  if (!y.device().is_cpu() || std::abs(scale) <= 1.0) {
+  if (!y.device().is_cpu() || scale == 1.0) {
     return true;
   }
-  const double limit = (y.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
-                                                       : std::numeric_limits<float>::max()) /
-      std::abs(scale);
-  return max_abs_cpu(t) <= limit && max_abs_cpu(Bt) <= limit;
+  const bool is_double = y.scalar_type() == at::kDouble;
+  const double largest =
+      is_double ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
+  const double smallest_normal =
+      is_double ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const double s = std::abs(scale);
+  const auto [t_lo, t_hi] = abs_range_cpu(t);
+  const auto [b_lo, b_hi] = abs_range_cpu(Bt);
+  // (Each bound divided through, so that it cannot overflow itself; NaN
+  // compares false and multiplies the product instead.)
+  const double rank = static_cast<double>(std::max<int64_t>(t.size(1), 1));
+  const double bound = largest / std::max(1.0, s) / rank;
+  return t_lo * s >= smallest_normal && b_lo * s >= smallest_normal &&
+      (t_hi == 0.0 || b_hi <= bound / t_hi) && t_hi <= bound && b_hi <= bound;
 }
 
 // y += scale·t·Bt. A scale that cannot be alpha (rare) multiplies the product

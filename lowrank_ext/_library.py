@@ -173,7 +173,9 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
     gy_wide = gy2.to(wide) if need_x or need_A or need_B else None
     gx = gW = gA = gB = gbias = None
     if need_x or need_A:
-        gt = gy_wide.mm(B.to(wide)) * scale
+        # The scale in the small factor, before the product, as the
+        # composition's scale·gy (see csrc/autograd.cpp).
+        gt = gy_wide.mm(B.to(wide) * scale)
         if gt_out is not None:
             gt = gt + gt_out.reshape(M, r)
         if need_x:
@@ -188,7 +190,7 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
         gW = gy2.t().mm(x.reshape(M, k))
     if need_B:
         t2 = _intermediate_for_backward(x, A, t).reshape(M, r)
-        gB = (gy_wide.t().mm(t2.to(wide)) * scale).to(B.dtype)
+        gB = gy_wide.t().mm(t2.to(wide) * scale).to(B.dtype)
     if need_bias:
         gbias = gy2.sum(0)
     return gx, gW, gA, gB, gbias

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lowrank_ext as lx
 from lowrank_ext import _fallback
@@ -193,6 +194,65 @@ def test_a_scale_of_two_takes_no_operand_past_the_range(big_operand, dtype, rows
         y = fn(x, W, A, B, None, 2.0)
         assert y[:, 0].eq(0).all() and torch.isfinite(y).all(), y[0, :2]
         torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_scale_below_one_leaves_an_adapter_product_past_the_range_inf(dtype, rows):
+    # t·Bᵀ is twice big, past the dtype's range, so the composition's
+    # scale·(t·Bᵀ) is inf for a scale of 0.5: MKL, given 0.5 as its alpha,
+    # halved an operand first and returned a finite value.
+    big = torch.finfo(dtype).max / 2 ** 0.5
+    x = torch.ones(rows, 2, dtype=dtype)
+    W = torch.zeros(64, 2, dtype=dtype)
+    A = torch.full((1, 2), big / 2, dtype=dtype)               # t = big
+    B = torch.zeros(64, 1, dtype=dtype)
+    B[0], B[1] = 2.0, 0.5
+    composition = F.linear(x, W) + 0.5 * F.linear(F.linear(x, A), B)
+    assert composition[:, 0].eq(math.inf).all()
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        y = fn(x, W, A, B, None, 0.5)
+        torch.testing.assert_close(y, composition, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_scale_below_one_keeps_the_digits_of_a_subnormal_intermediate(dtype, rows):
+    # t = x·Aᵀ is subnormal, B huge, the result normal: MKL, given the scale
+    # of 1e-3 as its alpha, multiplied t first, into fewer digits (the result
+    # came out twice the exact one).
+    t_exp, b_exp = (-140, 100) if dtype == torch.float32 else (-1060, 1000)
+    x = torch.ones(rows, 1, dtype=dtype)
+    W = torch.zeros(64, 1, dtype=dtype)
+    A = torch.full((1, 1), 2.0 ** t_exp, dtype=dtype)
+    B = torch.full((64, 1), 2.0 ** b_exp, dtype=dtype)
+    exact = torch.full((rows, 64), 1e-3 * 2.0 ** (t_exp + b_exp), dtype=torch.float64)
+    for fn in (lx.lora_linear, _fallback.lora_linear):
+        torch.testing.assert_close(fn(x, W, A, B, None, 1e-3).double(), exact,
+                                   rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rows", [4, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale", [0.0, 1e-3])
+def test_lora_backward_scales_before_the_adapter_products(scale, dtype, rows):
+    # gy·B and gyᵀ·t are past the dtype's range, but the composition's
+    # gradients ((scale·gy)·B, (scale·gy)ᵀ·t) are 0 for a scale of 0 (a
+    # disabled adapter) and finite for 1e-3: scaling the products after gave
+    # inf·0 = NaN and inf.
+    big = torch.finfo(dtype).max * 0.75
+    x = torch.ones(rows, 1, dtype=dtype, requires_grad=True)
+    W = torch.zeros(2, 1, dtype=dtype)
+    A = torch.ones(1, 1, dtype=dtype, requires_grad=True)
+    B = torch.ones(2, 1, dtype=dtype, requires_grad=True)
+    gy = torch.full((rows, 2), big, dtype=dtype)
+    grads = torch.autograd.grad(lx.lora_linear(x, W, A, B, None, scale), (x, A, B), gy)
+    ref = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    y = ref[0] @ W.double().T + scale * ((ref[0] @ ref[1].T) @ ref[2].T)
+    expected = torch.autograd.grad(y, ref, gy.double())
+    for name, got, want in zip("xAB", grads, expected):
+        assert torch.isfinite(got).all(), (name, got)
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "avx2", "portable"])
