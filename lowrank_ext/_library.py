@@ -241,6 +241,13 @@ def _without_tangents(op, apply):
                 f"{op}: forward-mode AD (an argument with a tangent, such as a dual tensor) "
                 f"is not supported by torch.ops.lowrank_ext.{op}, which would drop the "
                 f"tangent; call lowrank_ext.{op} (the Python function), which supports it")
+        if not (torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            # Nothing to record: the op itself below autograd, as the C++
+            # kernel does (any_requires_grad), so that a trace of it (export's
+            # run_decompositions) keeps this op, not the Function's forward.
+            with torch._C._AutoDispatchBelowAutograd():
+                return getattr(ops, op).default(*args)
         return apply(*args)
     return run
 

@@ -164,6 +164,22 @@ def test_exported_program_exports_after_the_decompositions(tmp_path):
         torch.testing.assert_close(got.double(), _reference(model, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_the_default_decompositions_keep_the_public_ops(train):
+    # torch's own decomposition table leaves custom ops alone; on the
+    # fallback, re-tracing went through the autograd Function's forward and
+    # put the internal *_with_intermediate ops in their place.
+    model = _model(True, False).train(train)
+    x = torch.randn(3, 24)
+    ep = torch.export.export(model, (x,))
+    assert _fused_ops_in(ep) == ["lowrank_ext.lora_linear.default",
+                                 "lowrank_ext.lowrank_linear.default"]
+    decomposed = ep.run_decompositions()
+    assert _fused_ops_in(decomposed) == _fused_ops_in(ep)
+    with torch.no_grad():
+        torch.testing.assert_close(decomposed.module()(x), model(x), rtol=0, atol=0)
+
+
 class _DirectOps(torch.nn.Module):
     """Calls every public op through torch.ops, as a hand-written graph would."""
 
