@@ -47,15 +47,21 @@ class Swaps:
     def __init__(self, model):
         self.model = model
         self.done = []  # (parent, attribute, module replaced, new module, hooks of both before)
+        self._held_outside = None  # see held_outside_the_tree, found at the first swap
 
     def swap(self, name, new):
         """Put ``new`` in place of the submodule called ``name``; return the module it replaced."""
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         old = getattr(parent, child)
+        if self._held_outside is None:
+            self._held_outside = held_outside_the_tree(self.model)
         # Remembered first: a swap an interrupt stops halfway is undone too.
         self.done.append((parent, child, old, new, _hook_state(old), _hook_state(new)))
-        return replace_module(self.model, name, new)
+        replaced = replace_module(self.model, name, new)
+        _warn_of_state_dict_hooks(name, old, new)
+        _warn_of_references_outside(name, old, self._held_outside.get(id(old), ()))
+        return replaced
 
     def undo(self):
         """Put every replaced module back where it was, last swap first, and
@@ -69,6 +75,82 @@ class Swaps:
             _restore_hooks(new, new_hooks)
             _restore_hooks(old, old_hooks)
             self.done.pop()
+
+
+# What nn.Module itself keeps in a module's __dict__ (its submodules,
+# parameters, hooks, ...): not the attributes a model's own code sets.
+_MODULE_OWN_ATTRIBUTES = frozenset(vars(nn.Module()))
+
+
+def held_outside_the_tree(model):
+    """{id(module): ["owner.attribute", ...]} for the modules that ``model``'s
+    modules keep in plain Python lists, tuples, sets or dicts (``self._order =
+    [self.fc1, self.fc2]``): references outside the module tree, which
+    replacing a submodule in place does not reach."""
+    found = {}
+    for owner_name, owner in model.named_modules():
+        for attribute, value in vars(owner).items():
+            if attribute in _MODULE_OWN_ATTRIBUTES or not isinstance(
+                    value, (list, tuple, set, frozenset, dict)):
+                continue
+            items = value.values() if isinstance(value, dict) else value
+            where = f"{owner_name}.{attribute}" if owner_name else attribute
+            for item in items:
+                if isinstance(item, nn.Module):
+                    found.setdefault(id(item), []).append(where)
+    return found
+
+
+def _warn_of_references_outside(name, old, places):
+    """Warn where ``old``, just replaced at ``name``, is also held outside the
+    module tree (see held_outside_the_tree): code calling it from there still
+    runs it, not the module in its place."""
+    if places:
+        import warnings
+
+        warnings.warn(
+            f"{name!r}: the {type(old).__name__} replaced there is also held in "
+            f"{', '.join(sorted(set(places)))} (a plain Python container, outside the module "
+            "tree), which the replacement does not reach: code that calls it from there "
+            "still runs the replaced layer; keep layers in nn.ModuleList / nn.ModuleDict",
+            stacklevel=3)
+
+
+# The state-dict hooks nn.Module keeps, by what registers them.
+_STATE_DICT_HOOK_DICTS = {
+    "_state_dict_pre_hooks": "register_state_dict_pre_hook",
+    "_state_dict_hooks": "register_state_dict_post_hook",
+    "_load_state_dict_pre_hooks": "register_load_state_dict_pre_hook",
+    "_load_state_dict_post_hooks": "register_load_state_dict_post_hook",
+}
+
+
+def _spectral_norm_state_hook(hook):
+    """Whether ``hook`` is one of the state-dict hooks torch's old
+    ``nn.utils.spectral_norm`` registers: they belong with its weight hook,
+    which stays behind by design (see _staying_hook_ids)."""
+    hook = getattr(hook, "hook", hook)  # torch wraps some in a _WrappedHook
+    return type(hook).__module__ == "torch.nn.utils.spectral_norm"
+
+
+def _warn_of_state_dict_hooks(name, old, new):
+    """Warn where ``old``, replaced by ``new``, has state-dict hooks: they do
+    not move (move_hooks moves the forward and backward hooks), since they
+    are written for ``old``'s keys (a Linear's ``weight``), which ``new``
+    does not have; they stay with ``old`` and no longer run."""
+    if not _takes_hooks(old, new):
+        return  # new holds old, whose state still includes its hooks' output
+    kinds = [how for attr, how in _STATE_DICT_HOOK_DICTS.items()
+             if any(not _spectral_norm_state_hook(hook)
+                    for hook in getattr(old, attr, {}).values())]
+    if kinds:
+        import warnings
+
+        warnings.warn(
+            f"{name!r}: the {type(old).__name__} replaced there has state-dict hooks "
+            f"({', '.join(kinds)}), which stay with it and no longer run: they are written "
+            f"for its keys, which the {type(new).__name__} in its place does not have; "
+            "register them anew on the new layer if they still apply", stacklevel=3)
 
 
 def _hook_state(module):

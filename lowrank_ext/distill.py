@@ -325,10 +325,12 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 handles.append(theirs.register_forward_hook(keep(captured["teacher"], name,
                                                                  padding)))
             set_eval_flags(modes)  # not .eval(): see set_eval_flags
+            # (Set, not requires_grad_(): an uninitialized LazyLinear's
+            # parameters refuse the method.)
             for p in model.parameters():
-                p.requires_grad_(False)
+                p.requires_grad = False
             for p in params:
-                p.requires_grad_(True)
+                p.requires_grad = True
                 p.grad = None
             # Adam runs on float32 master copies of half-precision parameters:
             # its eps (1e-8) is 0 in float16, so a zero gradient would give 0/0,
@@ -460,7 +462,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             for p, grad in zip(params, grads):
                 p.grad = grad
             for p, flag in flags.items():
-                p.requires_grad_(flag)
+                p.requires_grad = flag
             for module, mode in modes.items():
                 module.training = mode
     return DistillResult(steps=steps, losses=losses, seconds=time.perf_counter() - start)

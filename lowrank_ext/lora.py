@@ -175,7 +175,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
                 adapter = {id(p) for p in adapter_parameters(_adapters(model)).values()}
                 for p in model.parameters():
                     if id(p) not in adapter:
-                        p.requires_grad_(False)
+                        # (Set, not requires_grad_(): an uninitialized
+                        # LazyLinear's parameters refuse the method.)
+                        p.requires_grad = False
         except BaseException:
             swaps.undo()
             raise
@@ -184,7 +186,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             for name, weight in saved.items():
                 linears[name].weight.copy_(weight)
         for p, flag in flags:
-            p.requires_grad_(flag)
+            p.requires_grad = flag
         raise
     return names
 
@@ -323,8 +325,8 @@ def merge_lora(model: nn.Module) -> list[str]:
     refused = {name: lora._cannot_merge() for name, lora in adapters.items() if not lora.merged}
     refused = {name: why for name, why in refused.items() if why}
     _refuse_merging(refused, "", lambda name, why: f"the base layer of {name} cannot take "
-                    f"the adapter: {why}", "; remove those parametrizations or hooks first, or "
-                    "keep the model unmerged (its LoRALinear layers compute the same)")
+                    f"the adapter: {why}", "; keep the model unmerged (its LoRALinear layers "
+                    "compute the same), or make those weights plain first")
     tied = {name: weight_tied_elsewhere(model, lora.base) for name, lora in adapters.items()
             if not lora.merged}
     for name, others in tied.items():  # as found now: a weight untied since is merged

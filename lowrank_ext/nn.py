@@ -198,6 +198,15 @@ def _check_plain_linear_forward(owner, name, layer):
             "instead); give an nn.Linear, or a subclass that keeps nn.Linear's forward")
 
 
+def _check_initialized(owner, name, layer):
+    """Refuse an uninitialized lazy layer (``nn.LazyLinear`` before its first
+    forward), whose weight has no shape yet to factor or adapt."""
+    if torch.nn.parameter.is_lazy(layer.weight):
+        raise ValueError(
+            f"{owner}: {name} is an uninitialized {type(layer).__name__}, whose weight has no "
+            "shape until its first forward; run the model once (or give in_features) first")
+
+
 def inherit_requires_grad(new, layer):
     """Give ``new`` (a LowRankLinear replacing ``layer``) ``layer``'s ``requires_grad`` flags.
 
@@ -289,7 +298,9 @@ class LowRankLinear(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound_a, bound_a)
 
-    def forward(self, x):
+    def forward(self, input):
+        # (Named as nn.Linear's, so that a caller's layer(input=x) still works.)
+        x = input
         if isinstance(x, Tensor) and x.is_nested:
             return _per_sequence(self.forward, x)
         return lowrank_linear(x, self.A, self.B, self.bias)
@@ -322,6 +333,7 @@ class LowRankLinear(nn.Module):
                 f"LowRankLinear.from_linear: linear must be an nn.Linear, got "
                 f"{type(linear).__name__}")
         _check_plain_linear_forward("LowRankLinear.from_linear", "linear", linear)
+        _check_initialized("LowRankLinear.from_linear", "linear", linear)
         given = [n for n, v in (("rank", rank), ("energy", energy), ("tol", tol),
                                 ("ratio", ratio)) if v is not None]
         if len(given) != 1:
@@ -519,6 +531,18 @@ def check_lora_options(owner, rank, alpha, init, dropout, rslora, use_dora=False
     return alpha
 
 
+_SHARED_ELEMENTS_WHY = ("its elements share memory (an expanded view, stride 0), so it "
+                       "cannot be written in place; give the layer a weight of its own "
+                       "(weight.contiguous())")
+
+
+def _elements_share_memory(t):
+    """Whether several elements of ``t`` are one memory location (a stride of
+    0 along a dimension of more than one element, as expand() makes): an
+    in-place write of different values into it cannot succeed."""
+    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
+
+
 def check_lora_init_fits_base(owner, init, base, name=None, use_dora=False):
     """PiSSA splits a dense weight and DoRA rescales its rows: refuse them on a
     LowRankLinear base, naming the layer."""
@@ -529,6 +553,9 @@ def check_lora_init_fits_base(owner, init, base, name=None, use_dora=False):
             raise ValueError(f"{owner}: init={init!r} puts the residual into the base "
                              f"layer{where}'s weight, but {why}")
         weight = dense_weight(base)
+        if init.startswith("pissa") and _elements_share_memory(weight):
+            raise ValueError(f"{owner}: init={init!r} puts the residual into the base "
+                             f"layer{where}'s weight, but {_SHARED_ELEMENTS_WHY}")
         if (init.startswith("pissa") and weight.is_inference()
                 and not torch.is_inference_mode_enabled()):
             # torch's copy_ writes before it raises: the weight would be left
@@ -578,8 +605,14 @@ def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor
     Elsewhere (under torch.compile or a torch.func transform, which cannot
     pick rows by their number, and on devices, where counting them would
     wait for the device) the sum is formed a block of rows at a time. In
-    float32 (float64 for float64 weights). Returned in ``weight``'s dtype.
+    float32 (float64 for float64 weights), also inside an autocast region,
+    which would run the products in its half type. Returned in ``weight``'s
+    dtype.
     """
+    device = weight.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return dora_row_norms(weight, B, A, scale)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     weight = weight.detach()
     A, B = A.detach().to(acc), B.detach().to(acc)
@@ -791,6 +824,7 @@ class LoRALinear(nn.Module):
                             f"transformers Conv1D, got {type(base).__name__}")
         if isinstance(base, nn.Linear):
             _check_plain_linear_forward("LoRALinear", "base", base)
+            _check_initialized("LoRALinear", "base", base)
         # (out, in) whatever the base's layout: a Conv1D keeps its weight
         # transposed (a LowRankLinear's weight is a placeholder with that shape).
         weight = dense_weight(base)
@@ -829,10 +863,10 @@ class LoRALinear(nn.Module):
             magnitude = dora_row_norms(weight, B, A, self.scale)
         # Everything is computed: only now change what the caller gave.
         self.base = base
-        self.base.requires_grad_(False)
         if residual is not None:
             with torch.no_grad():
                 dense_weight(self.base).copy_(residual)
+        self.base.requires_grad_(False)  # (after the one write that could fail)
         # Outside inference mode, as in LowRankLinear.from_factors: an adapter
         # added under torch.inference_mode() could never be trained nor loaded.
         with torch.inference_mode(False):
@@ -909,7 +943,9 @@ class LoRALinear(nn.Module):
         """``base.bias`` (None without one)."""
         return self.base.bias
 
-    def forward(self, x):
+    def forward(self, input):
+        # (Named as nn.Linear's, so that a caller's layer(input=x) still works.)
+        x = input
         if isinstance(x, Tensor) and x.is_nested:
             return _per_sequence(self.forward, x)
         base = self.base
@@ -1099,6 +1135,8 @@ class LoRALinear(nn.Module):
         factors) recomputed at every use would lose it at the next call."""
         # merge() rewrites the dense weight, or a LowRankLinear's factors.
         tensors = ("A", "B") if isinstance(self.base, LowRankLinear) else ("weight",)
+        if any(_elements_share_memory(getattr(self.base, t)) for t in tensors):
+            return _SHARED_ELEMENTS_WHY
         return weight_recomputed(self.base, tensors)
 
     @torch.no_grad()

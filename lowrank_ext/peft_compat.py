@@ -250,6 +250,16 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
                         "holds it")
     adapter = _choose_adapter(layers, adapter)
     bases = {name: _check_supported(name, layer, adapter) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        holder = root.get_submodule(name.rpartition(".")[0])
+        if adapter in layer.lora_A and type(holder) is nn.MultiheadAttention:
+            # The attention reads out_proj.weight itself: the adapter never runs
+            # (nor does peft's), and merge_lora would switch it on.
+            raise TypeError(
+                f"from_peft: layer {name!r} is the out_proj of an nn.MultiheadAttention, "
+                "which reads its weight directly, so the adapter there never runs (in peft "
+                "either); lx.split_attention(model) before get_peft_model makes it a plain "
+                "nn.Linear that calls its adapter")
     tokens = _other_peft_wrappers(root)
     if tokens:
         # They would stay, running whichever adapter peft last made active.

@@ -26,12 +26,14 @@ import tempfile
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ._checks import check_device, dtype_name
 from ._modules import (Swaps, compiled_original, dense_weight, is_conv1d, is_linear_layer,
                        keeps_encoder_flags, places_of)
 from ._names import preview
 from .attention import split_where_stored_split
+from .compress import left_alone_linears
 from .nn import LoRALinear, LowRankLinear, inherit_requires_grad
 
 METADATA_KEY = "lowrank_ext"
@@ -630,7 +632,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
         # Loading writes into them, which torch refuses outside inference
         # mode only once part of the model has been swapped.
         made_inside = [name for name, t in model.state_dict(keep_vars=True).items()
-                       if t.is_inference()]
+                       if not is_lazy(t) and t.is_inference()]
         if made_inside:
             raise RuntimeError(
                 f"load_compressed: the model's tensors {preview(made_inside)} are inference "
@@ -723,6 +725,13 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
                 f"{'' if 'bias' in shapes else ', bias=False'}) instead")
         if not is_linear_layer(layer):
             found = "nothing" if layer is None else type(layer).__name__
+            if layer is None and "module" not in modules and all(
+                    other.startswith("module.") for other in ranks):
+                raise ValueError(
+                    f"load_compressed: every layer {path} stores is named 'module.…', as "
+                    "a DataParallel or DistributedDataParallel wrapper names them, and the "
+                    "model has no 'module'; load into the wrapped model, or save the model "
+                    "it wraps (its .module)")
             if inferred and layer is None and name.endswith(".base") \
                     and f"{name[:-len('.base')]}.A" in shapes:
                 raise ValueError(
@@ -736,13 +745,21 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
                     "has nothing there: the file names its tensors otherwise than the model "
                     "(transformers' save_pretrained renames the keys of some models); write "
                     "the file with lx.save_compressed, which keeps the model's own names")
-            if isinstance(layer, nn.Linear):
+            if isinstance(layer, nn.Linear) and is_lazy(layer.weight):
                 raise ValueError(
                     f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the "
-                    f"model has {found} there, a subclass of nn.Linear, which is never "
-                    "compressed: its owner may read the weight instead of calling the layer "
-                    "(nn.MultiheadAttention does with its out_proj); write the file from the "
-                    "model with lx.split_attention(model) and compress_model")
+                    f"model has an uninitialized {found} there, whose shape is not known "
+                    "until its first forward; run the model once (or give in_features) first")
+            if isinstance(layer, nn.Linear):
+                # Why compress_model leaves it alone (a parametrization, an
+                # owner reading its weight, ...), as its report says.
+                _, why = left_alone_linears(model).get(name, (None, None))
+                raise ValueError(
+                    f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the "
+                    f"model has there "
+                    + (why or f"{found}, a subclass of nn.Linear whose forward or owner may use "
+                       "the weight otherwise than nn.Linear does")
+                    + "; compress_model never compresses such a layer")
             raise ValueError(
                 f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the model "
                 f"has {found} there; build the original (uncompressed) model first")
@@ -1004,13 +1021,19 @@ def _check_fits(model, path, stored, aliases, strict, swapped, turned):
     """Check names and shapes; return {model key: the stored key that fills it}."""
     expected = model.state_dict(keep_vars=True)
     # A layer just swapped in has random factors: they must come from the
-    # file, strict or not.
+    # file, strict or not, under one of its names at least (a layer the model
+    # also holds under a name the file does not know is one layer; its names
+    # are listed from the one the metadata gave, see _load_into).
+    names_of = {}
     for name, layer in swapped.items():
-        for key in (f"{name}.A", f"{name}.B"):
-            if key not in stored and key not in aliases:
-                raise ValueError(
-                    f"load_compressed: {path} gives layer {name!r} rank {layer.rank} in its "
-                    f"metadata but has no tensor {key!r}")
+        names_of.setdefault(id(layer), (layer, []))[1].append(name)
+    for layer, names in names_of.values():
+        missing = [[key for key in (f"{name}.A", f"{name}.B")
+                    if key not in stored and key not in aliases] for name in names]
+        if all(missing):
+            raise ValueError(
+                f"load_compressed: {path} gives layer {names[0]!r} rank {layer.rank} in its "
+                f"metadata but has no tensor {missing[0][0]!r}")
     stored = dict(stored)
     _turn_factors(stored, turned)
     sources = {key: key for key in stored}

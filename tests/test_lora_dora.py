@@ -74,6 +74,26 @@ def test_the_norm_equals_the_formed_sum_in_blocks_of_rows(monkeypatch, dtype):
     torch.testing.assert_close(blocks, norms, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_norm_is_float32_inside_an_autocast_region(compiled):
+    # Autocast reached the products inside the norms and ran them in
+    # bfloat16: relative errors of 8e-5 in eager mode and 3e-3 compiled,
+    # where float32 gives 2e-7, a per-row error on every output.
+    torch.manual_seed(0)
+    lora = lx.LoRALinear(nn.Linear(512, 64), 8, use_dora=True)
+    nn.init.normal_(lora.B, std=0.1)
+    with torch.no_grad():
+        formed = torch.linalg.vector_norm(
+            lora.base.weight.double() + lora.scale * (lora.B.double() @ lora.A.double()), dim=1)
+    norms = lx_nn.dora_row_norms
+    if compiled:
+        norms = torch.compile(norms, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = norms(lora.base.weight, lora.B, lora.A, lora.scale)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), formed, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_the_norm_stays_accurate_where_the_adapter_cancels_most_of_a_row(dtype):
     # Expanding ‖W_i + s·(BA)_i‖² as ‖W_i‖² + 2s·(W·Aᵀ)_i·B_i + s²·‖(BA)_i‖² in

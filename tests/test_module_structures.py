@@ -1,0 +1,310 @@
+"""Model surgery on unusual module structures: lazy layers, a layer under two
+names, state-dict hooks, keyword calls, expanded weights, and peft adapters on
+an nn.MultiheadAttention's out_proj. Each either works (checked against the
+dense model) or is refused with the model left as it was."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_ext as lx
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _flags(model):
+    return [(n, p.requires_grad) for n, p in model.named_parameters()]
+
+
+# --- keyword calls -------------------------------------------------------------
+
+def test_replaced_layers_take_nn_linears_input_keyword():
+    # Code written for nn.Linear may call layer(input=x); a compressed model
+    # or one with adapters raised "unexpected keyword argument 'input'".
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    low = lx.LowRankLinear.from_linear(linear, rank=6)
+    torch.testing.assert_close(low(input=x), low(x), rtol=0, atol=0)
+    lora = lx.LoRALinear(copy.deepcopy(linear), 2)
+    nn.init.normal_(lora.B)
+    torch.testing.assert_close(lora(input=x), lora(x), rtol=0, atol=0)
+    W = (lora.base.weight.double() + lora.scale * lora.B.double() @ lora.A.double())
+    torch.testing.assert_close(lora(input=x).double(), x.double() @ W.T + linear.bias.double(),
+                               rtol=1e-5, atol=1e-6)
+
+
+# --- uninitialized lazy layers -----------------------------------------------
+
+def test_add_lora_beside_an_uninitialized_lazy_layer():
+    # Freezing the model's other parameters called requires_grad_() on the
+    # lazy layer's, which refuse it: add_lora failed, and restoring the flags
+    # failed the same way, leaving the wrapped layer frozen.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 8))
+    lx.add_lora(model, rank=2, include="2")
+    assert isinstance(model[2], lx.LoRALinear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"2.A", "2.B"}
+    model(torch.randn(4, 5))  # the lazy layer initializes, frozen
+    assert not model[0].weight.requires_grad
+
+
+def test_a_failed_add_lora_restores_the_flags_of_lazy_parameters():
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 8))
+    before = _flags(model)
+    with pytest.raises(ValueError, match="rank"):
+        lx.add_lora(model, rank=100, include="2")
+    assert _flags(model) == before and type(model[2]) is nn.Linear
+
+
+@pytest.mark.parametrize("make", [
+    lambda layer: lx.LoRALinear(layer, 2),
+    lambda layer: lx.LowRankLinear.from_linear(layer, rank=2),
+], ids=["LoRALinear", "from_linear"])
+def test_an_uninitialized_lazy_layer_is_refused_in_the_packages_words(make):
+    layer = nn.LazyLinear(8)
+    with pytest.raises(ValueError, match="uninitialized LazyLinear.*first forward"):
+        make(layer)
+    assert layer.weight.requires_grad
+
+
+def test_load_compressed_names_an_uninitialized_lazy_layer(tmp_path):
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    lx.compress_model(source, rank=4, progress=False)
+    lx.save_compressed(source, tmp_path / "m.safetensors")
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.LazyLinear(8))
+    before = _state(nn.Sequential(model[0]))
+    with pytest.raises(ValueError, match="layer '2'.*uninitialized LazyLinear"):
+        lx.load_compressed(model, tmp_path / "m.safetensors")
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.LazyLinear
+    for key, value in _state(nn.Sequential(model[0])).items():
+        assert torch.equal(value, before[key])
+
+
+# --- load_compressed: names and kinds ----------------------------------------
+
+class _Aliased(nn.Module):
+    def __init__(self, alias):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 8)
+        if alias:
+            self.b2 = self.b  # the same layer under a second name
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_compressed_into_a_layer_held_under_a_name_the_file_does_not_know(tmp_path,
+                                                                            strict):
+    # The file names the layer once; the model also holds it as b2. It was
+    # refused ("has no tensor 'b2.A'"), with strict=False too.
+    torch.manual_seed(0)
+    source = _Aliased(alias=False)
+    lx.compress_model(source, rank=4, progress=False)
+    lx.save_compressed(source, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    model = _Aliased(alias=True)
+    lx.load_compressed(model, tmp_path / "m.safetensors", strict=strict)
+    assert isinstance(model.b, lx.LowRankLinear) and model.b2 is model.b
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+
+
+def test_load_compressed_names_a_data_parallel_prefix(tmp_path):
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    lx.compress_model(inner, rank=4, progress=False)
+
+    class Wrapper(nn.Module):  # names its model "module", as DataParallel does
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    lx.save_compressed(Wrapper(inner), tmp_path / "m.safetensors")
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"named 'module\.…'.*DataParallel.*\.module"):
+        lx.load_compressed(model, tmp_path / "m.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+
+
+def test_load_compressed_says_why_a_parametrized_layer_is_not_compressed(tmp_path):
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    lx.compress_model(source, rank=4, progress=False)
+    lx.save_compressed(source, tmp_path / "m.safetensors")
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    nn.utils.parametrizations.weight_norm(model[2])
+    with pytest.raises(ValueError, match="layer '2'.*parametrized nn.Linear.*"
+                                         "remove_parametrizations"):
+        lx.load_compressed(model, tmp_path / "m.safetensors")
+    assert type(model[0]) is nn.Linear
+
+
+# --- state-dict hooks --------------------------------------------------------
+
+def _hooked_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    model[2].register_state_dict_post_hook(lambda module, state, prefix, local: None)
+    model[2].register_load_state_dict_post_hook(lambda module, keys: None)
+    return model
+
+
+def test_compress_model_warns_of_state_dict_hooks_it_cannot_move():
+    # They were dropped without a word: written for the Linear's keys
+    # (weight), they cannot run for the LowRankLinear.
+    model = _hooked_model()
+    with pytest.warns(UserWarning, match=r"'2'.*state-dict hooks \(register_state_dict_post_hook, "
+                                         r"register_load_state_dict_post_hook\)"):
+        lx.compress_model(model, rank=4, progress=False)
+    assert isinstance(model[2], lx.LowRankLinear)
+
+
+def test_load_compressed_warns_of_state_dict_hooks_it_cannot_move(tmp_path):
+    source = _hooked_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lx.compress_model(source, rank=4, progress=False)
+    lx.save_compressed(source, tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match="'2'.*state-dict hooks"):
+        lx.load_compressed(_hooked_model(), tmp_path / "m.safetensors")
+
+
+def test_add_lora_keeps_state_dict_hooks_without_a_warning():
+    # The wrapped layer stays in the model and still runs them.
+    model = _hooked_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lx.add_lora(model, rank=2, include="2")
+
+
+# --- expanded (stride-0) weights ---------------------------------------------
+
+def _expanded_linear():
+    layer = nn.Linear(8, 6)
+    with torch.no_grad():
+        layer.weight = nn.Parameter(torch.randn(1, 8).expand(6, 8))
+    return layer
+
+
+def test_pissa_on_an_expanded_weight_is_refused_before_the_base_changes():
+    # The residual cannot be written into a weight whose rows are one memory
+    # location: torch raised in its own words, after the base was frozen.
+    torch.manual_seed(0)
+    base = _expanded_linear()
+    weight = base.weight.detach().clone()
+    with pytest.raises(ValueError, match="share memory.*contiguous"):
+        lx.LoRALinear(base, 2, init="pissa")
+    assert base.weight.requires_grad and base.bias.requires_grad
+    assert torch.equal(base.weight, weight)
+
+
+def test_merge_lora_refuses_an_expanded_base_weight_before_merging_any():
+    # Layers merged before the one that failed came back re-rounded.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), _expanded_linear())
+    lx.add_lora(model, rank=2)
+    for lora in (model[0], model[2]):
+        nn.init.normal_(lora.B)
+    before = _state(model)
+    with pytest.raises(ValueError, match="'?2'?.*share memory"):
+        lx.merge_lora(model)
+    assert not model[0].merged and not model[2].merged
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+
+
+# --- peft adapters on an nn.MultiheadAttention's out_proj ----------------------
+
+def test_from_peft_refuses_an_adapter_on_a_multihead_attentions_out_proj():
+    # nn.MultiheadAttention reads out_proj.weight itself: the adapter never
+    # ran, and merge_lora after from_peft switched it on.
+    peft = pytest.importorskip("peft")
+
+    class WithAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(WithAttention(), peft.LoraConfig(
+            r=2, target_modules=["out_proj"], init_lora_weights=False))
+    layer = model.base_model.model.attn.out_proj
+    with pytest.raises(TypeError, match="'attn.out_proj'.*nn.MultiheadAttention.*split_attention"):
+        lx.from_peft(model)
+    assert model.base_model.model.attn.out_proj is layer
+
+
+# --- layers also held outside the module tree ----------------------------------
+
+class _RunsFromAList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 8)
+        self._order = [self.fc1, self.fc2]  # a plain list: not registered
+
+    def forward(self, x):
+        for layer in self._order:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: lx.compress_model(m, rank=2, progress=False),
+    lambda m: lx.compress_model(m, rank=2, calibration=[torch.randn(8, 16)], progress=False),
+    lambda m: lx.add_lora(m, rank=2),
+], ids=["compress", "compress-calibrated", "add_lora"])
+def test_a_layer_also_held_in_a_plain_list_is_named_in_a_warning(change):
+    # The forward calls the layers from the list, which the swap cannot
+    # reach: the report said compressed, the forward still ran the dense
+    # layers (adapters never ran), without a word.
+    torch.manual_seed(0)
+    model = _RunsFromAList()
+    with pytest.warns(UserWarning, match=r"'fc1'.*also held in _order.*still runs the "
+                                         r"replaced layer") as record:
+        change(model)
+    assert any("'fc2'" in str(w.message) for w in record)
+
+
+def test_layers_in_module_containers_give_no_such_warning():
+    class RunsFromAModuleList(_RunsFromAList):
+        def __init__(self):
+            nn.Module.__init__(self)
+            self._order = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 8)])  # registered
+
+    torch.manual_seed(0)
+    model = RunsFromAModuleList()
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lx.compress_model(model, rank=2, progress=False)
+    assert all(isinstance(layer, lx.LowRankLinear) for layer in model._order)
+    expected = x.double()
+    for layer in model._order:
+        expected = expected @ (layer.B.double() @ layer.A.double()).T + layer.bias.double()
+    torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_torchs_old_spectral_norm_hooks_give_no_state_dict_warning():
+    # Its state-dict hooks belong with its weight hook, which stays behind
+    # with the layer by design (the factors come from the weight it computed).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 8))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*state-dict hooks")
+        lx.compress_model(model, rank=2, include="0", progress=False)
+    assert isinstance(model[0], lx.LowRankLinear)
