@@ -51,25 +51,27 @@ bool scale_is_alpha(double scale, at::ScalarType dtype) {
 // The smallest non-zero |v| and the largest |v| of a float32 or float64 CPU
 // tensor: bit patterns with the sign cleared, integer minima and maxima that
 // the compiler vectorizes (float ones it may not, for NaN's sake). NaN's
-// patterns lie above infinity's, so a NaN makes the largest NaN; a tensor of
-// zeros has no smallest non-zero |v| and gives +inf for it.
+// patterns lie above infinity's, so a NaN makes the largest NaN. The
+// smallest non-zero pattern is the minimum of a - 1 (a zero wraps around to
+// the largest value, out of the way; a branch per element would stop the
+// vectorizer), plus 1; a tensor of zeros has none and gives +inf for it.
 template <typename Bits, typename Real>
 std::pair<double, double> abs_range_of(const at::Tensor& dense) {
   constexpr Bits kMagnitude = ~(Bits{1} << (8 * sizeof(Bits) - 1));
-  constexpr Bits kNone = ~Bits{0}; // above every masked pattern
   const auto* p = static_cast<const Bits*>(dense.const_data_ptr());
   const int64_t n = dense.numel();
-  Bits lo = kNone, hi = 0;
+  Bits lo_minus_1 = ~Bits{0}, hi = 0;
   for (int64_t i = 0; i < n; ++i) {
     const Bits a = p[i] & kMagnitude;
-    const Bits nonzero = a == 0 ? kNone : a;
-    lo = nonzero < lo ? nonzero : lo;
+    const Bits below = a - 1;
+    lo_minus_1 = below < lo_minus_1 ? below : lo_minus_1;
     hi = a > hi ? a : hi;
   }
+  const Bits lo = lo_minus_1 + 1; // 0 where every element is zero
   Real smallest, largest;
   std::memcpy(&smallest, &lo, sizeof(Real));
   std::memcpy(&largest, &hi, sizeof(Real));
-  return {lo == kNone ? std::numeric_limits<double>::infinity() : double(smallest),
+  return {lo == 0 ? std::numeric_limits<double>::infinity() : double(smallest),
           double(largest)};
 }
 
@@ -100,6 +102,12 @@ bool alpha_keeps_range(const at::Tensor& y, const at::Tensor& t, const at::Tenso
   if (!y.device().is_cpu() || scale == 1.0) {
     return true;
   }
+  // Where the (M × d) product costs no more than reading t and Bt (a few
+  // rows: decoding), it is multiplied as the composition does, unchecked.
+  const int64_t M = t.size(0), r = t.size(1), d = Bt.size(1);
+  if (M * d <= (M + d) * r) {
+    return false;
+  }
   const bool is_double = y.scalar_type() == at::kDouble;
   const double largest =
       is_double ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
@@ -110,7 +118,7 @@ bool alpha_keeps_range(const at::Tensor& y, const at::Tensor& t, const at::Tenso
   const auto [b_lo, b_hi] = abs_range_cpu(Bt);
   // (Each bound divided through, so that it cannot overflow itself; NaN
   // compares false and multiplies the product instead.)
-  const double rank = static_cast<double>(std::max<int64_t>(t.size(1), 1));
+  const double rank = static_cast<double>(std::max<int64_t>(r, 1));
   const double bound = largest / std::max(1.0, s) / rank;
   return t_lo * s >= smallest_normal && b_lo * s >= smallest_normal &&
       (t_hi == 0.0 || b_hi <= bound / t_hi) && t_hi <= bound && b_hi <= bound;

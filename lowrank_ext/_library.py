@@ -125,6 +125,18 @@ def _outside_autocast(grads):
     return run
 
 
+def _scaled_product(a, b, scale, product):
+    """scale·a·b for the adapter's gradients, where the composition forms
+    (scale·gy)·b, as the C++ backward's scaled_product (csrc/autograd.cpp): a
+    scale below 1 goes into the small factor b first (no overflow there; a
+    scale of 0 gives 0, not inf·0), a larger one multiplies the product."""
+    if scale == 1.0:
+        return product(a, b)
+    if abs(scale) < 1.0:
+        return product(a, b * scale)
+    return product(a, b) * scale
+
+
 @_outside_autocast
 def _lowrank_grads(needs, gy, x, A, B, t, gt_out=None):
     """Gradients of y = t·Bᵀ + bias, t = x·Aᵀ: (gx, gA, gB, gbias); ``gt_out``,
@@ -173,9 +185,7 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
     gy_wide = gy2.to(wide) if need_x or need_A or need_B else None
     gx = gW = gA = gB = gbias = None
     if need_x or need_A:
-        # The scale in the small factor, before the product, as the
-        # composition's scale·gy (see csrc/autograd.cpp).
-        gt = gy_wide.mm(B.to(wide) * scale)
+        gt = _scaled_product(gy_wide, B.to(wide), scale, torch.Tensor.mm)
         if gt_out is not None:
             gt = gt + gt_out.reshape(M, r)
         if need_x:
@@ -190,7 +200,7 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
         gW = gy2.t().mm(x.reshape(M, k))
     if need_B:
         t2 = _intermediate_for_backward(x, A, t).reshape(M, r)
-        gB = gy_wide.t().mm(t2.to(wide) * scale).to(B.dtype)
+        gB = _scaled_product(gy_wide.t(), t2.to(wide), scale, torch.Tensor.mm).to(B.dtype)
     if need_bias:
         gbias = gy2.sum(0)
     return gx, gW, gA, gB, gbias

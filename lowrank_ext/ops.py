@@ -148,11 +148,10 @@ def lora_linear_changing_scale(x: Tensor, W: Tensor, A: Tensor, B: Tensor,
     on, so that one graph serves every value; the op's ``float scale``
     argument would specialize it again: a graph per value, and under
     ``fullgraph=True`` a failure at the recompile limit. So, while compiling,
-    the scale stays out of the op: folded into B (scale·B is d × r; the same
-    values to rounding, the same gradients), or, for a half-precision B, in
-    which scale·B would take one rounding more than the op takes (it applies
-    the scale in float32), multiplied into the adapter's product added to the
-    base's, as peft composes them. Otherwise it is :func:`lora_linear`.
+    the scale stays out of the op: it multiplies the adapter's product, added
+    to the base's, as peft composes them (for a half-precision B both in
+    float32, rounded once, as the op sums them). Otherwise it is
+    :func:`lora_linear`.
     """
     if not _is_compiling():
         return lora_linear(x, W, A, B, bias, scale)
@@ -162,17 +161,16 @@ def lora_linear_changing_scale(x: Tensor, W: Tensor, A: Tensor, B: Tensor,
     # nothing for one (and adds no guard); a non-finite constant is refused.
     if not -math.inf < scale < math.inf:
         raise ValueError(f"lora_linear: scale must be finite, got {scale}")
-    if B.dtype in _HALF:
-        check_lora_linear_tensors(x, W, A, B, bias, 1.0)
-        # As the op sums them: the products in float32, of the values in the
-        # dtype it computes in (autocast's, if on), rounded once, so that a
-        # base product past float16's range that the adapter brings back
-        # stays finite.
-        device_type = x.device.type
-        dtype = (torch.get_autocast_dtype(device_type)
-                 if torch.amp.is_autocast_available(device_type)
-                 and torch.is_autocast_enabled(device_type) else B.dtype)
-
+    check_lora_linear_tensors(x, W, A, B, bias, 1.0)
+    # The dtype the op computes in: autocast's, if on (which leaves float64).
+    device_type = x.device.type
+    dtype = (torch.get_autocast_dtype(device_type)
+             if B.dtype != torch.float64 and torch.amp.is_autocast_available(device_type)
+             and torch.is_autocast_enabled(device_type) else B.dtype)
+    if dtype in _HALF:
+        # As the op sums them: the products in float32, of the values in that
+        # dtype, rounded once, so that a base product past float16's range
+        # that the adapter brings back stays finite.
         def widened(t):
             return None if t is None else t.to(dtype).float()
 
@@ -181,7 +179,10 @@ def lora_linear_changing_scale(x: Tensor, W: Tensor, A: Tensor, B: Tensor,
             y = (torch.nn.functional.linear(x32, widened(W), widened(bias))
                  + scale * lowrank_linear(x32, widened(A), widened(B)))
         return y.to(dtype)
-    return lora_linear(x, W, A, B * scale, bias, 1.0)
+    # The composition's order, scale·(t·Bᵀ): scale·B in the op would change
+    # the range (a t·Bᵀ past it finite, a scale of 0 giving NaN gradients
+    # where gyᵀ·t overflows), as BLAS's pre-scaling did (csrc/lora_linear.cpp).
+    return torch.nn.functional.linear(x, W, bias) + scale * lowrank_linear(x, A, B)
 
 
 def check_lora_linear_tensors(x, W, A, B, bias, scale):

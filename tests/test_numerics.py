@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import lowrank_ext as lx
 from lowrank_ext import _fallback
@@ -253,6 +254,55 @@ def test_lora_backward_scales_before_the_adapter_products(scale, dtype, rows):
     for name, got, want in zip("xAB", grads, expected):
         assert torch.isfinite(got).all(), (name, got)
         torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("rows", [4, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("big", ["B", "t"])
+def test_lora_backward_with_a_scale_above_one_leaves_a_large_factor_finite(big, dtype, rows):
+    # B (or t = x·Aᵀ) is 0.75 of the dtype's largest value, so 2·B (2·t) is
+    # inf, while the composition's (2·gy)·B for a small gy is finite: a
+    # scale above 1 multiplies the products, not the factor.
+    huge = torch.finfo(dtype).max * 0.75
+    x = torch.ones(rows, 1, dtype=dtype, requires_grad=True)
+    W = torch.zeros(2, 1, dtype=dtype)
+    A = torch.full((1, 1), 1e-30 if big == "B" else huge, dtype=dtype, requires_grad=True)
+    B = torch.full((2, 1), huge if big == "B" else 1e-30, dtype=dtype, requires_grad=True)
+    gy = torch.full((rows, 2), 1e-3, dtype=dtype)
+    grads = torch.autograd.grad(lx.lora_linear(x, W, A, B, None, 2.0), (x, A, B), gy)
+    ref = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    y = ref[0] @ W.double().T + 2.0 * ((ref[0] @ ref[1].T) @ ref[2].T)
+    expected = torch.autograd.grad(y, ref, gy.double())
+    for name, got, want in zip("xAB", grads, expected):
+        if not torch.isfinite(want.to(dtype)).all():
+            continue  # past the dtype's range in exact arithmetic too
+        assert torch.isfinite(got).all(), (name, got)
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3])
+def test_a_compiled_layer_with_a_new_scale_scales_before_the_adapter_products(scale):
+    # A LoRALinear whose scale is set anew runs, under torch.compile, a
+    # composition with the scale outside the op: it folded the scale into B,
+    # whose gradient then scaled gyᵀ·t after the product (NaN for a scale of
+    # 0, inf for 1e-3, where gyᵀ·t overflows), as eager mode no longer does.
+    huge = torch.finfo(torch.float32).max * 0.75
+    layer = lx.LoRALinear(nn.Linear(1, 2, bias=False), 1)
+    with torch.no_grad():
+        layer.base.weight.zero_()
+        layer.A.fill_(1.0)
+        layer.B.fill_(1.0)
+    layer.scale = scale
+    x, gy = torch.ones(4, 1), torch.full((4, 2), huge)
+    grads = []
+    for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+        layer.zero_grad()
+        run(x).backward(gy)
+        grads.append(layer.B.grad.clone())
+    expected = scale * gy.double().sum(0, keepdim=True).T  # (scale·gy)ᵀ·t, t = 1
+    for got in grads:
+        assert torch.isfinite(got).all(), got
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "avx2", "portable"])
