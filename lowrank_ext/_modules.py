@@ -6,6 +6,7 @@ kinds compression replaces."""
 import contextlib
 import functools
 import importlib
+import os
 import sys
 
 import torch
@@ -84,20 +85,25 @@ _MODULE_OWN_ATTRIBUTES = frozenset(vars(nn.Module()))
 
 def held_outside_the_tree(model):
     """{id(module): ["owner.attribute", ...]} for the modules that ``model``'s
-    modules keep in plain Python lists, tuples, sets or dicts (``self._order =
-    [self.fc1, self.fc2]``): references outside the module tree, which
-    replacing a submodule in place does not reach."""
+    modules keep in plain Python lists, tuples, sets or dicts, nested ones
+    too (``self._order = [self.fc1, self.fc2]``, ``{"main": [self.fc]}``):
+    references outside the module tree, which replacing a submodule in place
+    does not reach."""
     found = {}
+
+    def visit(value, where, seen, depth):
+        if isinstance(value, nn.Module):
+            found.setdefault(id(value), []).append(where)
+        elif (isinstance(value, (list, tuple, set, frozenset, dict)) and depth < 8
+              and id(value) not in seen):
+            seen.add(id(value))
+            for item in (value.values() if isinstance(value, dict) else value):
+                visit(item, where, seen, depth + 1)
+
     for owner_name, owner in model.named_modules():
         for attribute, value in vars(owner).items():
-            if attribute in _MODULE_OWN_ATTRIBUTES or not isinstance(
-                    value, (list, tuple, set, frozenset, dict)):
-                continue
-            items = value.values() if isinstance(value, dict) else value
-            where = f"{owner_name}.{attribute}" if owner_name else attribute
-            for item in items:
-                if isinstance(item, nn.Module):
-                    found.setdefault(id(item), []).append(where)
+            if attribute not in _MODULE_OWN_ATTRIBUTES and not isinstance(value, nn.Module):
+                visit(value, f"{owner_name}.{attribute}" if owner_name else attribute, set(), 0)
     return found
 
 
@@ -113,7 +119,18 @@ def _warn_of_references_outside(name, old, places):
             f"{', '.join(sorted(set(places)))} (a plain Python container, outside the module "
             "tree), which the replacement does not reach: code that calls it from there "
             "still runs the replaced layer; keep layers in nn.ModuleList / nn.ModuleDict",
-            stacklevel=3)
+            stacklevel=stacklevel_outside_package())
+
+
+def stacklevel_outside_package():
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller of this
+    function that names the first frame outside this package: the user's
+    call, however deep in the package the warning is raised."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # The state-dict hooks nn.Module keeps, by what registers them.
@@ -150,7 +167,8 @@ def _warn_of_state_dict_hooks(name, old, new):
             f"{name!r}: the {type(old).__name__} replaced there has state-dict hooks "
             f"({', '.join(kinds)}), which stay with it and no longer run: they are written "
             f"for its keys, which the {type(new).__name__} in its place does not have; "
-            "register them anew on the new layer if they still apply", stacklevel=3)
+            "register them anew on the new layer if they still apply",
+            stacklevel=stacklevel_outside_package())
 
 
 def _hook_state(module):

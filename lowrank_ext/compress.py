@@ -129,7 +129,7 @@ def left_alone_linears(model):
             why = (f"{type(m).__name__}, a subclass of nn.Linear: "
                    + ("the nn.MultiheadAttention holding it reads its weight directly; "
                       "lx.split_attention(model) first makes it a plain nn.Linear"
-                      if type(holder) is nn.MultiheadAttention else
+                      if isinstance(holder, nn.MultiheadAttention) else
                       "its forward, or the module holding it, may use the weight otherwise "
                       "than nn.Linear does"))
         found[name] = (m, why)

@@ -531,16 +531,25 @@ def check_lora_options(owner, rank, alpha, init, dropout, rslora, use_dora=False
     return alpha
 
 
-_SHARED_ELEMENTS_WHY = ("its elements share memory (an expanded view, stride 0), so it "
-                       "cannot be written in place; give the layer a weight of its own "
-                       "(weight.contiguous())")
+_SHARED_ELEMENTS_WHY = ("its elements may share memory (an expanded or overlapping view), "
+                        "so it cannot be written in place; give the layer a weight of its "
+                        "own (weight.contiguous())")
 
 
 def _elements_share_memory(t):
-    """Whether several elements of ``t`` are one memory location (a stride of
-    0 along a dimension of more than one element, as expand() makes): an
-    in-place write of different values into it cannot succeed."""
-    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
+    """Whether several elements of ``t`` may be one memory location (a stride
+    of 0, as expand() makes, or strides that overlap, as as_strided can):
+    an in-place write of different values into it would be wrong. Taken
+    from the largest stride down, each must exceed the span of the
+    dimensions below it; where it does not, the view may overlap."""
+    span = 0
+    dims = sorted(((abs(stride), size) for size, stride in zip(t.shape, t.stride())
+                   if size > 1))
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 def check_lora_init_fits_base(owner, init, base, name=None, use_dora=False):
@@ -1179,7 +1188,8 @@ class LoRALinear(nn.Module):
             if A.shape[0] >= break_even_rank(d, k):
                 warnings.warn(f"LoRALinear.merge: the merged layer has rank {A.shape[0]}, at "
                               f"or past d·k/(d+k) = {break_even_rank(d, k):.1f}: it holds "
-                              "more numbers than a dense layer (base.to_linear() would not)",
+                              "at least as many numbers as a dense layer (base.to_linear() "
+                              "would hold no more)",
                               stacklevel=_PAST_NO_GRAD)
             # The base's own Parameters, which unmerge() puts back (a plain
             # attribute: not in the state dict, nor among the parameters).

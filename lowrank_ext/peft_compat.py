@@ -252,7 +252,7 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     bases = {name: _check_supported(name, layer, adapter) for name, layer in layers.items()}
     for name, layer in layers.items():
         holder = root.get_submodule(name.rpartition(".")[0])
-        if adapter in layer.lora_A and type(holder) is nn.MultiheadAttention:
+        if adapter in layer.lora_A and isinstance(holder, nn.MultiheadAttention):
             # The attention reads out_proj.weight itself: the adapter never runs
             # (nor does peft's), and merge_lora would switch it on.
             raise TypeError(

@@ -732,6 +732,12 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
                     "a DataParallel or DistributedDataParallel wrapper names them, and the "
                     "model has no 'module'; load into the wrapped model, or save the model "
                     "it wraps (its .module)")
+            if layer is None and "module" in modules and all(
+                    f"module.{other}" in modules for other in ranks):
+                raise ValueError(
+                    f"load_compressed: {path} stores layer {name!r}, which the model has as "
+                    f"'module.{name}': it wraps the model the file was saved from (as "
+                    "DataParallel or DistributedDataParallel do); load into its .module")
             if inferred and layer is None and name.endswith(".base") \
                     and f"{name[:-len('.base')]}.A" in shapes:
                 raise ValueError(

@@ -63,6 +63,8 @@ def run(args):
         load_matplotlib()
         plot_format(args.plot)
     if args.layer is None:
+        for _ in opened(files, None):  # a bad file: one error line, before the table
+            pass
         print(f"{'tensor':<50} {'shape':>12} {'r@90%':>6} {'r@99%':>6}")
         for _, f in opened(files, None):  # each shard of a checkpoint in turn
             for key in f.keys():

@@ -194,6 +194,20 @@ def test_spectrum_unknown_layer(weights, capsys):
     assert "no tensor 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["not-safetensors", "truncated"])
+def test_spectrum_listing_of_a_bad_file_prints_only_the_error(weights, tmp_path, capsys,
+                                                              damage):
+    # The table's header went to stdout before the file was opened.
+    _, path = weights
+    bad = tmp_path / "bad.safetensors"
+    data = path.read_bytes()
+    bad.write_bytes(b"not a safetensors file" if damage == "not-safetensors"
+                    else data[:len(data) // 2])
+    assert main(["spectrum", str(bad)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, (out, err)
+
+
 # --- bad input: one line on stderr, exit status 1, nothing half-written ---------------
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -136,6 +136,25 @@ def test_load_compressed_names_a_data_parallel_prefix(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
 
 
+def test_load_compressed_into_a_wrapper_names_its_module(tmp_path):
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    lx.compress_model(source, rank=4, progress=False)
+    lx.save_compressed(source, tmp_path / "m.safetensors")
+
+    class Wrapper(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    wrapper = Wrapper(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)))
+    with pytest.raises(ValueError, match=r"'module\.0'.*load into its \.module"):
+        lx.load_compressed(wrapper, tmp_path / "m.safetensors")
+    lx.load_compressed(wrapper.module, tmp_path / "m.safetensors")
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(wrapper.module(x), source(x), rtol=0, atol=0)
+
+
 def test_load_compressed_says_why_a_parametrized_layer_is_not_compressed(tmp_path):
     torch.manual_seed(0)
     source = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
@@ -208,6 +227,19 @@ def test_pissa_on_an_expanded_weight_is_refused_before_the_base_changes():
     assert torch.equal(base.weight, weight)
 
 
+def test_pissa_on_an_overlapping_weight_is_refused():
+    # Strides that overlap without a 0 (as_strided): the residual written in
+    # place silently changed the output.
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    with torch.no_grad():
+        base.weight = nn.Parameter(torch.randn(64).as_strided((6, 8), (1, 1)))
+    weight = base.weight.detach().clone()
+    with pytest.raises(ValueError, match="may share memory"):
+        lx.LoRALinear(base, 2, init="pissa")
+    assert torch.equal(base.weight, weight)
+
+
 def test_merge_lora_refuses_an_expanded_base_weight_before_merging_any():
     # Layers merged before the one that failed came back re-rounded.
     torch.manual_seed(0)
@@ -224,7 +256,8 @@ def test_merge_lora_refuses_an_expanded_base_weight_before_merging_any():
 
 # --- peft adapters on an nn.MultiheadAttention's out_proj ----------------------
 
-def test_from_peft_refuses_an_adapter_on_a_multihead_attentions_out_proj():
+@pytest.mark.parametrize("subclass", [False, True], ids=["mha", "mha-subclass"])
+def test_from_peft_refuses_an_adapter_on_a_multihead_attentions_out_proj(subclass):
     # nn.MultiheadAttention reads out_proj.weight itself: the adapter never
     # ran, and merge_lora after from_peft switched it on.
     peft = pytest.importorskip("peft")
@@ -232,7 +265,9 @@ def test_from_peft_refuses_an_adapter_on_a_multihead_attentions_out_proj():
     class WithAttention(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            attention = (type("MyAttention", (nn.MultiheadAttention,), {}) if subclass
+                         else nn.MultiheadAttention)
+            self.attn = attention(16, 2, batch_first=True)
             self.fc = nn.Linear(16, 8)
 
         def forward(self, x):
@@ -261,6 +296,26 @@ class _RunsFromAList(nn.Module):
         for layer in self._order:
             x = layer(x)
         return x
+
+
+class _RunsFromANestedDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 8)
+        self._routes = {"main": [self.fc1, (self.fc2,)]}
+
+    def forward(self, x):
+        first, (second,) = self._routes["main"]
+        return second(first(x))
+
+
+def test_a_layer_held_in_a_nested_container_is_named_in_a_warning():
+    torch.manual_seed(0)
+    model = _RunsFromANestedDict()
+    with pytest.warns(UserWarning, match=r"'fc2'.*also held in _routes") as record:
+        lx.compress_model(model, rank=2, progress=False)
+    # The warning names the caller's line, not the package's.
+    assert all(w.filename == __file__ for w in record if "also held" in str(w.message))
 
 
 @pytest.mark.parametrize("change", [
