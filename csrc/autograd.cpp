@@ -323,22 +323,9 @@ at::Tensor lowrank_linear_autograd(
   return LowRankLinearFunction::apply(x, A, B, bias);
 }
 
-// scale·a·b for the adapter's gradients, where the composition forms
-// (scale·gy)·b: a scale below 1 goes into the small factor b first (it cannot
-// overflow there, and a product past the range that the scale brings back
-// stays finite; a scale of 0 gives 0, not inf·0), a larger one multiplies
-// the product (scaling b first could overflow b where the product is
-// representable). `product(a, b)` forms a·b.
-template <typename Product>
-at::Tensor scaled_product(const at::Tensor& a, const at::Tensor& b, double scale,
-                          Product product) {
-  if (scale == 1.0) {
-    return product(a, b);
-  }
-  if (std::abs(scale) < 1.0) {
-    return product(a, b.mul(scale));
-  }
-  return product(a, b).mul_(scale);
+// scale·v, or v itself for a scale of 1.
+at::Tensor times(const at::Tensor& v, double scale) {
+  return scale == 1.0 ? v : v.mul(scale);
 }
 
 // Gradients of lora_linear, given gy = dL/dy: {gx, gW, gA, gB, gbias, none}.
@@ -374,21 +361,22 @@ variable_list lora_backward(
   // can overflow where the gradients are representable, and scale·gy (as
   // peft's composition forms it) loses digits to subnormals, or underflows to
   // zero, for a small scale and small gradients. bfloat16 has float32's range.
-  // The scale is placed as scaled_product says: scaling the products after
-  // gave inf·0 = NaN for a scale of 0 (a disabled adapter) and inf for a
-  // small one where gy·B or gyᵀ·t overflowed and the gradient is finite.
+  // The adapter's products take scale·gy, as the composition forms them
+  // ((scale·gy)·B, (scale·gy)ᵀ·t): scaling a product after it gave inf·0 =
+  // NaN for a scale of 0 (a disabled adapter) and inf for a small one where
+  // gy·B or gyᵀ·t overflowed, and scaling the small factor B or t instead
+  // overflowed for a scale of 2 or lost digits to subnormals.
   const bool wide_gt = gy2.scalar_type() == at::kHalf;
   const bool need_x = ctx->needs_input_grad(0);
   const bool need_A = ctx->needs_input_grad(2);
   const bool need_B = ctx->needs_input_grad(3);
   // (Not made where only W's or the bias's gradient is wanted.)
-  const at::Tensor gy32 =
-      wide_gt && (need_x || need_A || need_B) ? gy2.to(at::kFloat) : at::Tensor();
+  const bool adapter = need_x || need_A || need_B;
+  const at::Tensor gy32 = wide_gt && adapter ? gy2.to(at::kFloat) : at::Tensor();
+  const at::Tensor scaled_gy = adapter ? times(wide_gt ? gy32 : gy2, scale) : at::Tensor();
   at::Tensor gx, gW, gA, gB, gbias;
   if (need_x || need_A) {
-    const auto mm = [](const at::Tensor& a, const at::Tensor& b) { return a.mm(b); };
-    const at::Tensor gt = wide_gt ? scaled_product(gy32, B.to(at::kFloat), scale, mm)
-                                  : scaled_product(gy2, B, scale, mm); // (M, r)
+    const at::Tensor gt = scaled_gy.mm(wide_gt ? B.to(at::kFloat) : B); // (M, r)
     if (need_x && gy.device().is_cpu() && W.is_contiguous() && !at::GradMode::is_enabled() &&
         few_rows_backward(gy, M)) {
       // Few rows: gy·W streams W in its own layout (cpu/few_rows.h), summed
@@ -424,15 +412,9 @@ variable_list lora_backward(
   }
   if (need_B) {
     const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape_symint({M, r});
-    const at::Tensor& gy_b = wide_gt ? gy32 : gy2;
-    const bool kernel_b = use_weight_grad_kernel(gy_b);
-    gB = scaled_product(gy_b, wide_gt ? t2.to(at::kFloat) : t2, scale,
-                        [kernel_b](const at::Tensor& a, const at::Tensor& b) {
-                          return transposed_product(a, b, kernel_b);
-                        });
-    if (wide_gt) {
-      gB = gB.to(at::kHalf);
-    }
+    gB = transposed_product(scaled_gy, wide_gt ? t2.to(at::kFloat) : t2,
+                            use_weight_grad_kernel(scaled_gy))
+             .to(B.scalar_type());
   }
   if (bias_given(ctx) && ctx->needs_input_grad(4)) {
     gbias = gy2.sum(0);

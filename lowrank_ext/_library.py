@@ -125,18 +125,6 @@ def _outside_autocast(grads):
     return run
 
 
-def _scaled_product(a, b, scale, product):
-    """scale·a·b for the adapter's gradients, where the composition forms
-    (scale·gy)·b, as the C++ backward's scaled_product (csrc/autograd.cpp): a
-    scale below 1 goes into the small factor b first (no overflow there; a
-    scale of 0 gives 0, not inf·0), a larger one multiplies the product."""
-    if scale == 1.0:
-        return product(a, b)
-    if abs(scale) < 1.0:
-        return product(a, b * scale)
-    return product(a, b) * scale
-
-
 @_outside_autocast
 def _lowrank_grads(needs, gy, x, A, B, t, gt_out=None):
     """Gradients of y = t·Bᵀ + bias, t = x·Aᵀ: (gx, gA, gB, gbias); ``gt_out``,
@@ -183,9 +171,13 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
     wide = torch.float32 if gy2.dtype == torch.float16 else gy2.dtype
     # (Not made where only W's or the bias's gradient is wanted.)
     gy_wide = gy2.to(wide) if need_x or need_A or need_B else None
+    # The adapter's products take scale·gy, as the composition forms them
+    # (see csrc/autograd.cpp): scaling a product after it, or the small
+    # factor B or t before it, changed the range.
+    scaled_gy = None if gy_wide is None else gy_wide if scale == 1.0 else gy_wide * scale
     gx = gW = gA = gB = gbias = None
     if need_x or need_A:
-        gt = _scaled_product(gy_wide, B.to(wide), scale, torch.Tensor.mm)
+        gt = scaled_gy.mm(B.to(wide))
         if gt_out is not None:
             gt = gt + gt_out.reshape(M, r)
         if need_x:
@@ -200,7 +192,7 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
         gW = gy2.t().mm(x.reshape(M, k))
     if need_B:
         t2 = _intermediate_for_backward(x, A, t).reshape(M, r)
-        gB = _scaled_product(gy_wide.t(), t2.to(wide), scale, torch.Tensor.mm).to(B.dtype)
+        gB = scaled_gy.t().mm(t2.to(wide)).to(B.dtype)
     if need_bias:
         gbias = gy2.sum(0)
     return gx, gW, gA, gB, gbias

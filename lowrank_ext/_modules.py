@@ -125,10 +125,16 @@ def _warn_of_references_outside(name, old, places):
 def stacklevel_outside_package():
     """The ``stacklevel`` for a ``warnings.warn`` in the caller of this
     function that names the first frame outside this package: the user's
-    call, however deep in the package the warning is raised."""
+    call, however deep in the package the warning is raised. The frames of
+    context-manager decorators (``@torch.no_grad()`` on a method) between
+    package frames are passed over too."""
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    decorators = tuple(os.path.abspath(m.__file__) for m in (contextlib, torch.utils._contextlib))
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not (path.startswith(package) or path in decorators):
+            break
         frame, level = frame.f_back, level + 1
     return level
 

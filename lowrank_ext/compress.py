@@ -127,13 +127,25 @@ def left_alone_linears(model):
         else:
             holder = model.get_submodule(name.rpartition(".")[0]) if name else None
             why = (f"{type(m).__name__}, a subclass of nn.Linear: "
-                   + ("the nn.MultiheadAttention holding it reads its weight directly; "
-                      "lx.split_attention(model) first makes it a plain nn.Linear"
+                   + ("the {} holding it reads its weight directly{}".format(
+                       *attention_holding(holder))
                       if isinstance(holder, nn.MultiheadAttention) else
                       "its forward, or the module holding it, may use the weight otherwise "
                       "than nn.Linear does"))
         found[name] = (m, why)
     return found
+
+
+def attention_holding(holder):
+    """(name, remedy) for messages about the out_proj of an
+    nn.MultiheadAttention, which reads that layer's weight directly: the
+    class itself is split by lx.split_attention; a subclass, which
+    split_attention leaves alone, is named as what it is, with no remedy."""
+    if type(holder) is nn.MultiheadAttention:
+        return ("nn.MultiheadAttention",
+                "; lx.split_attention(model) first makes it a plain nn.Linear")
+    return (f"{type(holder).__name__} (a subclass of nn.MultiheadAttention, which "
+            "lx.split_attention leaves alone)", "")
 
 
 def name_matches(name, pattern):

@@ -24,7 +24,7 @@ from torch.nn.modules import module as _torch_module  # torch's global module ho
 from . import _functorch
 from ._checks import SUPPORTED_DTYPES, dtype_name, float_scale
 from ._modules import (_run_the_module, dense_weight, has_own_forward, is_conv1d,
-                       weight_recomputed)
+                       stacklevel_outside_package, weight_recomputed)
 from .ops import (check_lora_linear_tensors, lora_linear, lora_linear_changing_scale,
                   lowrank_linear)
 from .svd import svd_truncate
@@ -542,6 +542,8 @@ def _elements_share_memory(t):
     an in-place write of different values into it would be wrong. Taken
     from the largest stride down, each must exceed the span of the
     dimensions below it; where it does not, the view may overlap."""
+    if t.numel() == 0:
+        return False
     span = 0
     dims = sorted(((abs(stride), size) for size, stride in zip(t.shape, t.stride())
                    if size > 1))
@@ -751,11 +753,6 @@ def _checked_scale(value):
     if not math.isfinite(scale):
         raise ValueError(f"LoRALinear: scale must be finite, got {scale}")
     return scale
-
-
-# stacklevel of a warning raised in a method decorated with torch.no_grad():
-# the decorator's wrapper is one frame more between the method and its caller.
-_PAST_NO_GRAD = 3
 
 
 class LoRALinear(nn.Module):
@@ -1154,7 +1151,7 @@ class LoRALinear(nn.Module):
         factors, whose rank grows by ``rank``); forward is then ``base(x)`` alone."""
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged; nothing to do",
-                          stacklevel=_PAST_NO_GRAD)
+                          stacklevel=stacklevel_outside_package())
             return self
         tied = getattr(self, "_weight_tied_to", ())
         if tied and not isinstance(self.base, LowRankLinear):
@@ -1163,7 +1160,7 @@ class LoRALinear(nn.Module):
             warnings.warn(
                 f"LoRALinear.merge: the base weight was tied to {', '.join(tied)} when the "
                 "adapter was added; if it still is, merging changes that too (lx.merge_lora "
-                "refuses such layers)", stacklevel=_PAST_NO_GRAD)
+                "refuses such layers)", stacklevel=stacklevel_outside_package())
         why = self._cannot_merge()
         if why:
             raise RuntimeError(f"LoRALinear.merge: the base layer cannot take the adapter: "
@@ -1190,7 +1187,7 @@ class LoRALinear(nn.Module):
                               f"or past d·k/(d+k) = {break_even_rank(d, k):.1f}: it holds "
                               "at least as many numbers as a dense layer (base.to_linear() "
                               "would hold no more)",
-                              stacklevel=_PAST_NO_GRAD)
+                              stacklevel=stacklevel_outside_package())
             # The base's own Parameters, which unmerge() puts back (a plain
             # attribute: not in the state dict, nor among the parameters).
             self.__dict__["_base_parameters"] = (base.A, base.B)
@@ -1220,7 +1217,7 @@ class LoRALinear(nn.Module):
         """Take the adapter back out of the base layer (undoes :meth:`merge`)."""
         if not self.merged:
             warnings.warn("LoRALinear.unmerge: not merged; nothing to do",
-                          stacklevel=_PAST_NO_GRAD)
+                          stacklevel=stacklevel_outside_package())
             return self
         if isinstance(self.base, LowRankLinear):
             base = self.base

@@ -149,9 +149,9 @@ def lora_linear_changing_scale(x: Tensor, W: Tensor, A: Tensor, B: Tensor,
     argument would specialize it again: a graph per value, and under
     ``fullgraph=True`` a failure at the recompile limit. So, while compiling,
     the scale stays out of the op: it multiplies the adapter's product, added
-    to the base's, as peft composes them (for a half-precision B both in
-    float32, rounded once, as the op sums them). Otherwise it is
-    :func:`lora_linear`.
+    to the base's, as peft composes them (where the op computes in a half
+    type, a half-precision B or autocast's dtype, both in float32, rounded
+    once, as the op sums them). Otherwise it is :func:`lora_linear`.
     """
     if not _is_compiling():
         return lora_linear(x, W, A, B, bias, scale)

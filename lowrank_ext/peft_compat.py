@@ -27,6 +27,7 @@ from torch import nn
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
                        has_own_forward, is_conv1d, places_of, weight_tied_elsewhere)
 from ._names import preview
+from .compress import attention_holding
 from .lora import _check_model, _require_adapters, adapter_parameters
 from .nn import LoRALinear, LowRankLinear
 from .serialization import atomic_write_files, check_path, separate_memory
@@ -255,11 +256,12 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
         if adapter in layer.lora_A and isinstance(holder, nn.MultiheadAttention):
             # The attention reads out_proj.weight itself: the adapter never runs
             # (nor does peft's), and merge_lora would switch it on.
+            kind, remedy = attention_holding(holder)
             raise TypeError(
-                f"from_peft: layer {name!r} is the out_proj of an nn.MultiheadAttention, "
-                "which reads its weight directly, so the adapter there never runs (in peft "
-                "either); lx.split_attention(model) before get_peft_model makes it a plain "
-                "nn.Linear that calls its adapter")
+                f"from_peft: layer {name!r} is the out_proj of the {kind} at "
+                f"{name.rpartition('.')[0]!r}, which reads its weight directly, so the "
+                "adapter there never runs (in peft either)"
+                + (remedy and f"{remedy}, before get_peft_model"))
     tokens = _other_peft_wrappers(root)
     if tokens:
         # They would stay, running whichever adapter peft last made active.

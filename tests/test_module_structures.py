@@ -279,7 +279,11 @@ def test_from_peft_refuses_an_adapter_on_a_multihead_attentions_out_proj(subclas
         model = peft.get_peft_model(WithAttention(), peft.LoraConfig(
             r=2, target_modules=["out_proj"], init_lora_weights=False))
     layer = model.base_model.model.attn.out_proj
-    with pytest.raises(TypeError, match="'attn.out_proj'.*nn.MultiheadAttention.*split_attention"):
+    # split_attention leaves subclasses alone: no advice to call it for one.
+    advice = ("MyAttention \\(a subclass of nn.MultiheadAttention, which lx.split_attention "
+              "leaves alone\\) at 'attn'" if subclass else
+              "nn.MultiheadAttention at 'attn'.*lx.split_attention\\(model\\) first")
+    with pytest.raises(TypeError, match="'attn.out_proj'.*" + advice):
         lx.from_peft(model)
     assert model.base_model.model.attn.out_proj is layer
 
@@ -363,3 +367,22 @@ def test_torchs_old_spectral_norm_hooks_give_no_state_dict_warning():
         warnings.filterwarnings("error", message=".*state-dict hooks")
         lx.compress_model(model, rank=2, include="0", progress=False)
     assert isinstance(model[0], lx.LowRankLinear)
+
+
+def test_the_merge_warning_names_the_callers_line():
+    # Raised inside LoRALinear.merge (under @torch.no_grad()), reached through
+    # merge_lora: a fixed stacklevel named lowrank_ext/lora.py.
+    torch.manual_seed(0)
+    model = nn.Sequential(lx.LowRankLinear(8, 8, 3))
+    lx.add_lora(model, 2)
+    with pytest.warns(UserWarning, match="at least as many numbers") as record:
+        lx.merge_lora(model)
+    assert [w.filename for w in record] == [__file__]
+
+
+def test_an_empty_weight_shares_no_memory():
+    from lowrank_ext.nn import _elements_share_memory
+
+    assert not _elements_share_memory(torch.empty(0).as_strided((0, 5), (1, 0)))
+    assert not _elements_share_memory(torch.randn(6, 8).t())
+    assert _elements_share_memory(torch.randn(1, 8).expand(6, 8))

@@ -280,6 +280,32 @@ def test_lora_backward_with_a_scale_above_one_leaves_a_large_factor_finite(big, 
         torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("rows", [1, 200])
+@pytest.mark.parametrize("dtype, scale, gy, b", [
+    (torch.float32, 1e-3, 1e30, 1.2345678e-37),
+    (torch.float32, 1e3, 1e-20, 1.2345678e-21),
+    (torch.float64, 1e-3, 1e300, 1.2345678901234567e-306),
+    (torch.float64, 1e3, 1e-160, 1.2345678901234567e-150),
+    (torch.bfloat16, 1e-3, 1e30, 1.2345678e-37),
+], ids=["f32-small", "f32-large", "f64-small", "f64-large", "bf16-small"])
+def test_lora_backward_scales_gy_as_the_composition_does(dtype, scale, gy, b, rows):
+    # The composition forms (scale·gy)·B: scaling B into the subnormals first
+    # (a small scale), or multiplying a subnormal gy·B back by a large one,
+    # lost digits the composition keeps (bfloat16 26 % off).
+    x = torch.ones(rows, 1, dtype=dtype)
+    W = torch.zeros(1, 1, dtype=dtype)
+    A = torch.ones(1, 1, dtype=dtype, requires_grad=True)
+    B = torch.full((1, 1), b, dtype=dtype, requires_grad=True)
+    g = torch.full((rows, 1), gy, dtype=dtype)
+    ours = torch.autograd.grad(lx.lora_linear(x, W, A, B, None, scale), (A,), g)[0]
+    composition = torch.autograd.grad(
+        F.linear(x, W) + scale * F.linear(F.linear(x, A), B), (A,), g)[0]
+    exact = (scale * g.double() * B.detach().double()).sum()
+    torch.testing.assert_close(ours.double().squeeze(), exact, rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(ours, composition, rtol=1e-6 if dtype != torch.bfloat16 else 2 ** -7,
+                               atol=0)
+
+
 @pytest.mark.parametrize("scale", [0.0, 1e-3])
 def test_a_compiled_layer_with_a_new_scale_scales_before_the_adapter_products(scale):
     # A LoRALinear whose scale is set anew runs, under torch.compile, a
