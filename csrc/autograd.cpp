@@ -329,8 +329,8 @@ at::Tensor times(const at::Tensor& v, double scale) {
 }
 
 // Gradients of lora_linear, given gy = dL/dy: {gx, gW, gA, gB, gbias, none}.
-// The low-rank part's gradients are those of lowrank_linear with B scaled;
-// W and bias get the dense gradients.
+// The low-rank part's gradients are those of lowrank_linear for scale·gy;
+// W and bias get the dense gradients of gy.
 variable_list lora_backward(
     AutogradContext* ctx,
     const at::Tensor& gy,

@@ -8,6 +8,7 @@ import functools
 import importlib
 import os
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -112,8 +113,6 @@ def _warn_of_references_outside(name, old, places):
     module tree (see held_outside_the_tree): code calling it from there still
     runs it, not the module in its place."""
     if places:
-        import warnings
-
         warnings.warn(
             f"{name!r}: the {type(old).__name__} replaced there is also held in "
             f"{', '.join(sorted(set(places)))} (a plain Python container, outside the module "
@@ -167,8 +166,6 @@ def _warn_of_state_dict_hooks(name, old, new):
              if any(not _spectral_norm_state_hook(hook)
                     for hook in getattr(old, attr, {}).values())]
     if kinds:
-        import warnings
-
         warnings.warn(
             f"{name!r}: the {type(old).__name__} replaced there has state-dict hooks "
             f"({', '.join(kinds)}), which stay with it and no longer run: they are written "
