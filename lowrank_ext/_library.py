@@ -175,24 +175,30 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
     # (see csrc/autograd.cpp): scaling a product after it, or the small
     # factor B or t before it, changed the range.
     scaled_gy = None if gy_wide is None else gy_wide if scale == 1.0 else gy_wide * scale
-    gx = gW = gA = gB = gbias = None
+    gx = gW = gA = gB = gbias = gt = None
+    # Both products of scale·gy first, so that its (M × d) copy is freed
+    # before gx's (M × k) buffers are made: the peak stays the composition's.
+    if need_B:
+        t2 = _intermediate_for_backward(x, A, t).reshape(M, r)
+        gB = scaled_gy.t().mm(t2.to(wide)).to(B.dtype)
     if need_x or need_A:
         gt = scaled_gy.mm(B.to(wide))
         if gt_out is not None:
             gt = gt + gt_out.reshape(M, r)
-        if need_x:
-            # On the CPU a float16 gy·W is formed in float32 too (see the C++
-            # backward); on devices the half type's GEMM takes it.
-            dense = (gy_wide.mm(W.to(wide)) if gy2.device.type == "cpu"
-                     else gy2.mm(W).to(wide))
-            gx = (dense + gt.mm(A.to(wide))).to(x.dtype).reshape(x.shape)
-        if need_A:
-            gA = gt.t().mm(x.reshape(M, k).to(wide)).to(A.dtype)
+    del scaled_gy
+    if need_x:
+        # On the CPU a float16 gy·W is formed in float32 too (see the C++
+        # backward); on devices the half type's GEMM takes it.
+        dense = (gy_wide.mm(W.to(wide)) if gy2.device.type == "cpu"
+                 else gy2.mm(W).to(wide))
+        # (Not in place: under torch.func, dense may be unbatched where gt is.)
+        gx = torch.addmm(dense, gt, A.to(wide))
+        del dense
+        gx = gx.to(x.dtype).reshape(x.shape)
+    if need_A:
+        gA = gt.t().mm(x.reshape(M, k).to(wide)).to(A.dtype)
     if need_W:
         gW = gy2.t().mm(x.reshape(M, k))
-    if need_B:
-        t2 = _intermediate_for_backward(x, A, t).reshape(M, r)
-        gB = scaled_gy.t().mm(t2.to(wide)).to(B.dtype)
     if need_bias:
         gbias = gy2.sum(0)
     return gx, gW, gA, gB, gbias

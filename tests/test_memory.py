@@ -253,3 +253,30 @@ def test_a_wide_layer_s_work_takes_about_its_float64_weight_and_u(calibrated, mo
     peak = compress_peak(model, ratio=0.5, allocation="uniform", calibration=calibration)
     w64 = d * k * 8
     assert peak <= 1.75 * w64, f"{peak / w64:.2f}x the float64 weight"
+
+
+# --- the fallback's lora_linear backward ----------------------------------------------
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_fallback_lora_backward_holds_no_more_than_the_composition(scale):
+    """The pure-torch backward kept scale·gy (M × d) alive while it formed gx
+    out of place, twice the composition's peak where x needs a gradient."""
+    from lowrank_ext import _library
+
+    torch.manual_seed(0)
+    M, k, r, d = 512, 256, 8, 1024
+    x = torch.randn(M, k, requires_grad=True)
+    W, gy = torch.randn(d, k) / 16, torch.randn(M, d)
+    A = (torch.randn(r, k) / 16).requires_grad_()
+    B = torch.randn(d, r).requires_grad_()
+    t = (x @ A.T).detach()
+    with LiveBytes([x, W, gy, A, B, t]) as ours:
+        grads = _library._lora_grads((True, False, True, True, False), gy, x.detach(), W,
+                                     A.detach(), B.detach(), t, scale)
+    y = F.linear(x, W) + scale * F.linear(F.linear(x, A), B)
+    with LiveBytes([x, W, gy, A, B, t]) as theirs:
+        expected = torch.autograd.grad(y, (x, A, B), gy)
+    for got, want in zip((grads[0], grads[2], grads[3]), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # (Up to the small (M × r) and (d × r) products, held in another order.)
+    small = (M * r + d * r) * 4
+    assert ours.peak <= theirs.peak + small, (ours.peak / MB, theirs.peak / MB)
