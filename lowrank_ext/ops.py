@@ -167,22 +167,22 @@ def lora_linear_changing_scale(x: Tensor, W: Tensor, A: Tensor, B: Tensor,
     dtype = (torch.get_autocast_dtype(device_type)
              if B.dtype != torch.float64 and torch.amp.is_autocast_available(device_type)
              and torch.is_autocast_enabled(device_type) else B.dtype)
-    if dtype in _HALF:
-        # As the op sums them: the products in float32, of the values in that
-        # dtype, rounded once, so that a base product past float16's range
-        # that the adapter brings back stays finite.
-        def widened(t):
-            return None if t is None else t.to(dtype).float()
+    half = dtype in _HALF
 
-        with torch.autocast(device_type, enabled=False):
-            x32 = widened(x)
-            y = (torch.nn.functional.linear(x32, widened(W), widened(bias))
-                 + scale * lowrank_linear(x32, widened(A), widened(B)))
-        return y.to(dtype)
+    def computed(t):
+        # A half type's values in float32, so that the products sum in
+        # float32 and round once, as the op sums them: a base product past
+        # float16's range that the adapter brings back stays finite.
+        return t.to(dtype).float() if half and t is not None else t
+
     # The composition's order, scale·(t·Bᵀ): scale·B in the op would change
     # the range (a t·Bᵀ past it finite, a scale of 0 giving NaN gradients
     # where gyᵀ·t overflows), as BLAS's pre-scaling did (csrc/lora_linear.cpp).
-    return torch.nn.functional.linear(x, W, bias) + scale * lowrank_linear(x, A, B)
+    with torch.autocast(device_type, enabled=False) if half else contextlib.nullcontext():
+        x_computed = computed(x)
+        y = (torch.nn.functional.linear(x_computed, computed(W), computed(bias))
+             + scale * lowrank_linear(x_computed, computed(A), computed(B)))
+    return y.to(dtype) if half else y
 
 
 def check_lora_linear_tensors(x, W, A, B, bias, scale):
