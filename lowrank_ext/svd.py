@@ -190,20 +190,15 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         if grad_wanted:
             # Traced, the op would give factors that claim a gradient and pass
             # none back to W: the differentiable form runs outside the graph.
-            return _differentiable_outside_compile(W, int(rank), balanced)
+            from ._svd_outside_compile import differentiable_outside_compile
+
+            return differentiable_outside_compile(W, int(rank), balanced)
     elif _functorch.transforms_active() is not None or (grad_wanted and _holds_values(W)):
         # The op has no autograd formula: torch would backpropagate through
         # its kernels' internals with a deprecation warning, or not at all.
         # (A meta or fake W has no values to factor: the op gives its shapes.)
         return _differentiable(W, int(rank), balanced)
     return ops.svd_truncate.default(W, int(rank), balanced)
-
-
-@torch.compiler.disable
-def _differentiable_outside_compile(W, rank, balanced):
-    """:func:`_differentiable`, run eagerly where the caller is being compiled
-    (a graph break; under ``fullgraph=True`` torch.compile says so)."""
-    return _differentiable(W, rank, balanced)
 
 
 def scaled_singular_values(W):

@@ -21,6 +21,18 @@ def _run(args, env_extra=None, cwd=None, timeout=300):
                           cwd=cwd, timeout=timeout)
 
 
+def test_importing_the_package_leaves_torch_compile_unloaded():
+    """Applying torch.compiler.disable at import time loaded torch._dynamo,
+    a second on every `import lowrank_ext` (and every CLI command) of a
+    process that never compiles anything."""
+    result = _run(["-c", "import sys, lowrank_ext, lowrank_ext.nn, lowrank_ext.compress, "
+                         "lowrank_ext.distill, lowrank_ext.cli; "
+                         "print(sorted(m for m in sys.modules if m.startswith("
+                         "('torch._dynamo', 'torch._inductor'))))"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_backend_info_keys_and_types():
     info = lx.backend_info()
     for key in ("compiled", "cpu", "cuda"):
