@@ -51,27 +51,31 @@ class Swaps:
         self.done = []  # (parent, attribute, module replaced, new module, hooks of both before)
         self._held_outside = None  # see held_outside_the_tree, found at the first swap
 
-    def swap(self, name, new):
-        """Put ``new`` in place of the submodule called ``name``; return the module it replaced."""
+    def swap(self, name, new, warn=True):
+        """Put ``new`` in place of the submodule called ``name``; return the
+        module it replaced. ``warn=False`` for a module put back before the
+        call returns (a probe): what it would say of the swap does not last."""
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         old = getattr(parent, child)
-        if self._held_outside is None:
+        if warn and self._held_outside is None:
             self._held_outside = held_outside_the_tree(self.model)
         # Remembered first: a swap an interrupt stops halfway is undone too.
         self.done.append((parent, child, old, new, _hook_state(old), _hook_state(new)))
         replaced = replace_module(self.model, name, new)
-        _warn_of_state_dict_hooks(name, old, new)
-        _warn_of_references_outside(name, old, self._held_outside.get(id(old), ()))
+        if warn:
+            _warn_of_state_dict_hooks(name, old, new)
+            _warn_of_references_outside(name, old, self._held_outside.get(id(old), ()))
         return replaced
 
-    def undo(self):
+    def undo(self, keep=0):
         """Put every replaced module back where it was, last swap first, and
         the hooks of both modules of each swap as they were before it (the
         same dicts, which the handles that registered the hooks hold, with the
-        same entries in the same order). The ``use_nested_tensor`` flag of
-        torch's encoders is :func:`keeps_encoder_flags`' to put back."""
-        while self.done:
+        same entries in the same order); with ``keep``, only the swaps after
+        the first ``keep``. The ``use_nested_tensor`` flag of torch's encoders
+        is :func:`keeps_encoder_flags`' to put back."""
+        while len(self.done) > keep:
             parent, child, old, new, old_hooks, new_hooks = self.done[-1]
             setattr(parent, child, old)
             _restore_hooks(new, new_hooks)

@@ -293,18 +293,16 @@ def _towers(model):
 
 
 def mask_for(t, mask):
-    """The batch's (batch, tokens) ``mask`` laid out as ``t``'s leading dims,
-    ``t`` being (batch, tokens, ...) or token-first (tokens, batch, ...) as
-    torch's ``nn.Transformer`` layers take it; None when ``t`` is neither
-    (a pooled output). A square batch (as many sequences as tokens) cannot
-    tell the two apart and is read batch-first, as transformers models are."""
-    if mask is None or t.dim() != mask.dim() + 1:
+    """The batch's (batch, tokens) ``mask`` laid out as the two leading dims
+    of a layer's input ``t``, (batch, tokens, ..., features) of any rank from
+    3 (a layer applied per head too) or token-first (tokens, batch, ...,
+    features) as torch's ``nn.Transformer`` layers take it; None when ``t`` is
+    neither (a pooled input). A square batch (as many sequences as tokens)
+    cannot tell the two apart and is read batch-first, as transformers models
+    are; otherwise :func:`per_token_layout`'s rule, which the outputs follow."""
+    if mask is None or t.dim() < 3:
         return None
-    if tuple(t.shape[:-1]) == tuple(mask.shape):
-        return mask
-    if tuple(t.shape[:-1]) == tuple(mask.T.shape):
-        return mask.T
-    return None
+    return per_token_layout(t, mask)
 
 
 def per_token_layout(t, mask):
@@ -339,17 +337,20 @@ def _raised(exc):
     return RuntimeError(f"compress_model: the calibration raised {type(exc).__name__}: {exc}")
 
 
-def _copy_of_batch(batch):
+def copy_of_batch(batch):
     """``batch`` with copies of its tensors (of a tensor, tuple, list or dict);
     anything else as it is. A tuple or list comes back as a plain one (a
-    namedtuple too), which call_with_batch unpacks the same way."""
+    namedtuple too), which call_with_batch unpacks the same way. The copies
+    are detached (no gradient reaches the caller's tensors) and, made outside
+    ``torch.inference_mode``, ordinary tensors even where the batch's are
+    inference tensors."""
     if isinstance(batch, torch.Tensor):
-        return batch.clone()
+        return batch.detach().clone()
     if isinstance(batch, (tuple, list)):
-        items = [_copy_of_batch(item) for item in batch]
+        items = [copy_of_batch(item) for item in batch]
         return tuple(items) if isinstance(batch, tuple) else items
     if isinstance(batch, Mapping):
-        return {key: _copy_of_batch(value) for key, value in batch.items()}
+        return {key: copy_of_batch(value) for key, value in batch.items()}
     return batch
 
 
@@ -377,7 +378,7 @@ def _run_batches(model, calibration, masks=None):
         # A copy per run: a model that changes its inputs in place
         # (x.sub_(mean)) would give every later run other inputs, and
         # change the caller's tensors.
-        batch = _copy_of_batch(batch)
+        batch = copy_of_batch(batch)
         if masks is not None:
             masks.start(batch)
         try:

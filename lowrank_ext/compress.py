@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from ._checks import SUPPORTED_DTYPES, check_device, dtype_name
 from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight, is_conv1d,
-                       keeps_encoder_flags, places_of, replace_module)
+                       keeps_encoder_flags, places_of)
 from ._names import preview
 from ._workers import Workers
 from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
@@ -996,10 +996,6 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                                      *shapes[name], up=True)
         return 0 if stays_dense(name) else ranks[name]
 
-    def swap(name, new):
-        """Put ``new`` in place of the named module; return the module it replaced."""
-        return replace_module(model, name, new)
-
     records, replacements, sensitivity = {}, {}, {}
 
     def dense(name):
@@ -1063,7 +1059,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             grams = {}  # each spectrum holds its own Gram, let go with its factors
         if probing:
             sensitivity = _sensitivities(model, calibration, probed_names, layers, spectra,
-                                         shapes, ratio, owners, workers, swap, bar)
+                                         shapes, ratio, owners, workers, swaps, bar)
         if budgeted:
             ranks = allocate_ranks(spectra, shapes, ratio, sensitivity if probing else None,
                                    rank_multiple)
@@ -1254,7 +1250,7 @@ def _low_rank_like(layer, B, A):
 
 
 def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, owners, workers,
-                   swap, bar):
+                   swaps, bar):
     """{name: s}: each rank probes the layers it owns at the uniform rank for ``ratio``.
 
     Each probe is made when its turn comes, so that one at a time exists;
@@ -1273,7 +1269,7 @@ def _sensitivities(model, calibration, names, layers, spectra, shapes, ratio, ow
             r = rank_for_ratio(*shapes[name], ratio)
             probes[name] = (probe(layers[name], spectrum, r), spectrum.relative_tail(r) ** 2)
         if probes:
-            found = measure_sensitivity(model, calibration, probes, swap,
+            found = measure_sensitivity(model, calibration, probes, swaps,
                                         allow_empty=workers.shared, ran=lambda: bar.update(1))
     except Exception as exc:
         error = exc

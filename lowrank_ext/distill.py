@@ -31,8 +31,8 @@ from torch import nn
 
 from ._checks import dtype_name
 from ._modules import compiled_original
-from .calibration import (PaddingMasks, call_with_batch, floating_tensors, per_token_layout,
-                          set_eval_flags, takes_hooks)
+from .calibration import (PaddingMasks, _cuda_devices, call_with_batch, copy_of_batch,
+                          floating_tensors, per_token_layout, set_eval_flags, takes_hooks)
 from .compress import name_matches
 from ._names import preview
 
@@ -184,8 +184,12 @@ def _batches(data):
         raise TypeError(f"distill: data must be an iterable of batches, got "
                         f"{type(data).__name__}") from None
     if first is data:
-        raise TypeError("distill: data must be re-iterable (a list of batches or a DataLoader), "
-                        "got a one-pass iterator")
+        # A generator, say: one pass would exhaust it. (A loader whose
+        # __iter__ rewinds itself and returns itself cannot be told apart.)
+        raise TypeError(f"distill: data must be re-iterable (a list of batches or a DataLoader), "
+                        f"got a {type(data).__name__} whose iter() returns itself, an iterator "
+                        "that one pass exhausts; give an object whose __iter__ returns a new "
+                        "iterator each time")
     it, passes, total = first, 0, 0
     while True:
         empty = True
@@ -209,7 +213,7 @@ def relative_error(student, teacher, mask=None):
     (:func:`per_token_layout`; the others are left out, not weighted by zero,
     so that what padding holds, -inf scores say, never enters the sums)."""
     dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
-    s, t = student.to(dtype), teacher.to(dtype)
+    s, t = student.to(dtype), teacher.to(device=student.device, dtype=dtype)
     layout = per_token_layout(t, mask)
     if layout is not None:
         kept = layout.to(t.device) != 0
@@ -299,6 +303,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     grads = [p.grad for p in params]
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in itertools.chain(model.modules(), teacher.modules())}
+    devices = sorted(set(_cuda_devices(model)) | set(_cuda_devices(teacher)))
     captured = {"student": [], "teacher": []}
     # Which padding mask applies to each tensor compared is judged on the
     # teacher, at the module that gave it (inside the encoder, say).
@@ -356,11 +361,16 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 for store in captured.values():
                     store.clear()
                 padding.start(batch)
-                with torch.no_grad():
-                    target = call_with_batch(teacher, batch, "distill")
+                # Each model gets its own copy of the batch (a forward that
+                # changes its input in place changes neither the other model's
+                # nor the caller's), and the teacher the random numbers the
+                # model draws next (noise in a forward would be a loss that no
+                # training removes): the generators advance as for the model alone.
+                with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                    target = call_with_batch(teacher, copy_of_batch(batch), "distill")
                 target_masks = [padding.of(t, teacher) for t in floating_tensors(target)]
                 padding.stop()
-                output = call_with_batch(model, batch, "distill")
+                output = call_with_batch(model, copy_of_batch(batch), "distill")
                 terms = []
                 if loss is None:
                     pairs = [(*pair, mask) for pair, mask in
@@ -438,8 +448,8 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             # Each step's loss checks the update before it, but none follows
             # the last one: the model's outputs on the last batch check it.
-            with torch.no_grad():
-                final = call_with_batch(model, batch, "distill")
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                final = call_with_batch(model, copy_of_batch(batch), "distill")
             if _not_finite_beyond_teacher(final, target):
                 raise FloatingPointError("the last update made the model's outputs not "
                                          "finite; try a lower lr")

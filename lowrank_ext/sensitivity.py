@@ -55,7 +55,9 @@ class _Projection:
         rows = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
         n = rows.shape[1]
         if n <= _KEPT_COLUMNS:
-            return rows.cpu()
+            # A copy even where rows is the output itself: a model may hand out
+            # a buffer that its next run overwrites.
+            return rows.to("cpu", copy=True)
         if n not in self._maps:
             generator = torch.Generator().manual_seed(n)
             self._maps[n] = (torch.randn(n, _KEPT_COLUMNS, generator=generator,
@@ -145,12 +147,13 @@ def relative_change(reference, outputs):
     return change
 
 
-def measure_sensitivity(model, calibration, probes, swap, allow_empty=False, ran=None):
+def measure_sensitivity(model, calibration, probes, swaps, allow_empty=False, ran=None):
     """{name: s} for the layers in ``probes`` ({name: (a function making the probe
     module, relative tail²)}); each probe is made when its turn comes.
 
-    ``swap(name, module)`` puts a module in place of the named layer and
-    returns the one it replaced; the original is always put back. With
+    ``swaps`` (a :class:`~lowrank_ext._modules.Swaps` of ``model``) puts each
+    probe in place of its layer and the original back; a swap that does not
+    finish is left to the caller's ``swaps.undo()``. With
     ``allow_empty`` (this rank's share of the data may be empty) an empty
     calibration measures nothing: every s is NaN. ``ran()``, where given, is
     called after each run of the calibration (one, then one per probe).
@@ -175,14 +178,18 @@ def measure_sensitivity(model, calibration, probes, swap, allow_empty=False, ran
     sensitivity = {}
     for name, (make, tail_squared) in probes.items():
         probe = make()
-        original = swap(name, probe)
-        calls = []
-        handle = probe.register_forward_pre_hook(lambda module, args: calls.append(1))
+        calls, handle, mark = [], None, len(swaps.done)
         try:
+            # Recorded before it is made, so that whatever stops it (an
+            # interrupt too) leaves the original in its place, here or at
+            # the caller's undo.
+            swaps.swap(name, probe, warn=False)
+            handle = probe.register_forward_pre_hook(lambda module, args: calls.append(1))
             change = relative_change(reference, recorder.record(calibration))
         finally:
-            handle.remove()
-            swap(name, original)
+            if handle is not None:
+                handle.remove()
+            swaps.undo(keep=mark)
         del probe  # one probe at a time: made before the next one is
         if ran is not None:
             ran()

@@ -926,6 +926,31 @@ def test_padding_is_left_out_of_token_first_inputs_too():
     torch.testing.assert_close(gram, real.T @ real)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 3, 8), (2, 5, 2, 3, 8), (5, 2, 3, 8)])
+def test_padding_is_left_out_of_inputs_with_more_leading_dims(shape):
+    # A layer applied per head sees (batch, tokens, heads, k): its padding rows
+    # went into XᵀX (only three dims were read as per-token).
+    from lowrank_ext.calibration import collect_input_grams
+
+    class PerHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8, dtype=torch.float64)
+
+        def forward(self, x, attention_mask):
+            return self.lin(x)
+
+    model = PerHead()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    layout = mask if shape[0] == 2 else mask.T
+    x = torch.randn(shape, dtype=torch.float64)
+    x[layout == 0] = 100.0  # padding carries garbage
+    real = x[layout != 0].reshape(-1, 8)
+    gram = collect_input_grams(model, {"lin": model.lin},
+                               [dict(x=x, attention_mask=mask)])["lin"]
+    torch.testing.assert_close(gram, real.T @ real)
+
+
 class SharedBias(nn.Module):
     """Two layers with their own weights and one bias between them."""
 

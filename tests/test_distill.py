@@ -718,3 +718,69 @@ def test_an_attention_map_with_as_many_heads_as_tokens_is_not_read_per_token():
     assert per_token_layout(torch.zeros(2, 4, 4, 4), mask) is None  # (batch, heads, t, t)
     assert per_token_layout(torch.zeros(2, 4, 3, 5), mask) is mask  # (batch, tokens, h, d)
     assert per_token_layout(torch.zeros(2, 4, 4), mask) is mask  # head-averaged map: rows
+
+
+class ScalesItsInput(Mlp):
+    def forward(self, x):
+        x.mul_(2.0)  # in place on its input
+        return super().forward(x)
+
+
+def test_each_model_gets_its_own_copy_of_the_batch_and_the_caller_keeps_theirs():
+    # The teacher ran on the batch first, so the model saw it scaled twice (a
+    # wrong target), and the caller's tensors were scaled on every pass.
+    torch.manual_seed(0)
+    teacher = ScalesItsInput()
+    model = copy.deepcopy(teacher)
+    model.fc2 = lx.LowRankLinear.from_linear(model.fc2, rank=32)  # exact: the loss is 0
+    data = batches(2, seed=5)
+    kept = [x.clone() for x in data]
+    result = lx.distill(model, teacher, data, steps=3, lr=1e-9, progress=False)
+    assert max(result.losses) < 1e-20
+    assert all(torch.equal(a, b) for a, b in zip(data, kept))
+
+
+def test_batches_that_require_grad_or_come_from_inference_mode():
+    # Batches that require grad had gradients written into them; inference
+    # tensors (which compress_model's calibration takes) failed the step.
+    model, teacher = compressed_pair()
+    data = [x.requires_grad_() for x in batches(2, seed=5)]
+    lx.distill(model, teacher, data, steps=2, lr=1e-4, progress=False)
+    assert all(x.grad is None for x in data)
+    with torch.inference_mode():
+        frozen = [x.clone() for x in batches(2, seed=5)]
+    result = lx.distill(model, teacher, frozen, steps=2, lr=1e-4, progress=False)
+    assert result.steps == 2
+
+
+class Noisy(Mlp):
+    def forward(self, x):
+        return super().forward(x) + 0.1 * torch.randn(x.shape[0], 8, dtype=x.dtype)
+
+
+def test_the_teacher_draws_the_random_numbers_the_model_draws():
+    # A forward drawing noise (in eval mode too) gave a loss no training removes;
+    # the generators advance as they would for the model's forwards alone.
+    torch.manual_seed(0)
+    teacher = Noisy()
+    model = copy.deepcopy(teacher)
+    model.fc2 = lx.LowRankLinear.from_linear(model.fc2, rank=32)  # exact
+    data = batches(2, seed=5)
+    torch.manual_seed(7)
+    result = lx.distill(model, teacher, data, steps=3, lr=1e-12, progress=False)
+    assert max(result.losses) < 1e-20
+    after = torch.get_rng_state()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for step in range(3):  # the model's forwards: one per step
+            model(data[step % 2].clone())
+    assert torch.equal(after, torch.get_rng_state())
+
+
+def test_an_iterator_is_refused_up_front_with_what_it_is():
+    data = iter(batches(2))
+    model, teacher = compressed_pair()
+    with pytest.raises(TypeError, match=r"distill: data must be re-iterable \(a list of batches "
+                                        r"or a DataLoader\), got a list_iterator whose iter\(\) "
+                                        r"returns itself"):
+        lx.distill(model, teacher, data, steps=2, progress=False)

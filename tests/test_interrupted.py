@@ -163,6 +163,46 @@ def test_compress_model_stopped_in_the_middle_of_a_swap(error, monkeypatch):
     assert_as_before(model, before)
 
 
+@pytest.mark.parametrize("error", ERRORS)
+def test_compress_model_stopped_while_a_sensitivity_probe_goes_in(error, monkeypatch):
+    # The sensitivity allocation puts each layer's truncation in its place for
+    # one calibration run: stopped with the probe in place, its hooks not yet
+    # moved to it, the probe stayed in the model.
+    model = build(0)
+    hooked(model)
+    before = snapshot(model)
+    move_hooks, calls = _modules.move_hooks, []
+
+    def stopped_once_in(old, new):
+        calls.append(new)
+        if len(calls) == 1:
+            raise error("stopped")
+        move_hooks(old, new)
+
+    monkeypatch.setattr(_modules, "move_hooks", stopped_once_in)
+    with pytest.raises(error, match="^stopped$"):
+        lx.compress_model(model, ratio=0.5, calibration=[torch.arange(10).repeat(3)],
+                          progress=False)
+    assert isinstance(calls[0], lx.LowRankLinear)  # a probe
+    assert_as_before(model, before)
+
+
+@pytest.mark.parametrize("error", ERRORS)
+@pytest.mark.parametrize("at", [1, 2])
+def test_compress_model_stopped_while_a_sensitivity_probe_is_taken_out(error, at):
+    # Stopped as the original goes back in place of its probe: the probe stayed.
+    model = build(0)
+    hooked(model)
+    expected = outputs(model)
+    before = snapshot(model)
+    with failing_registration(error, at=at, kind=nn.Linear), \
+            pytest.raises(error, match="^stopped$"):
+        lx.compress_model(model, ratio=0.5, calibration=[torch.arange(10).repeat(3)],
+                          progress=False)
+    assert_as_before(model, before)
+    assert torch.equal(outputs(model), expected)
+
+
 def test_compress_model_succeeds_after_a_stopped_call():
     model, reference = build(0), build(0)
     with failing_registration(KeyboardInterrupt, at=2), pytest.raises(KeyboardInterrupt):

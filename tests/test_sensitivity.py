@@ -121,6 +121,39 @@ def test_nested_outputs_and_wide_outputs_are_recorded():
     assert relative_change(first, moved) == pytest.approx(exact, rel=0.1)
 
 
+def test_outputs_in_a_buffer_the_model_overwrites_are_recorded_by_value():
+    # A model handing out a buffer it overwrites on every call (a streaming
+    # model's state): narrow outputs were recorded as references, which each
+    # probe run overwrote, so every change measured 0 and every layer rank 1.
+    class Fresh(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(16, 32, dtype=torch.float64)
+            self.fc2 = nn.Linear(32, 8, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    class Stateful(Fresh):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("state", torch.zeros(64, 8, dtype=torch.float64),
+                                 persistent=False)
+
+        def forward(self, x):
+            return self.state.copy_(super().forward(x))
+
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(64, 16, generator=g, dtype=torch.float64) for _ in range(4)]
+    reports = []
+    for cls in (Fresh, Stateful):
+        torch.manual_seed(0)
+        reports.append(lx.compress_model(cls(), ratio=0.4, calibration=data, progress=False))
+    fresh, stateful = ([(layer.rank, layer.sensitivity) for layer in r.layers] for r in reports)
+    assert all(s > 0.01 for _, s in fresh)
+    assert stateful == fresh
+
+
 def test_needs_calibration():
     with pytest.raises(ValueError, match="allocation='sensitivity' needs calibration"):
         lx.compress_model(TwoBranches(), ratio=0.5, allocation="sensitivity")
