@@ -1,5 +1,6 @@
 """The source distribution builds on its own: every file under csrc/ and the tests are in it."""
 
+import re
 import subprocess
 import sys
 import tarfile
@@ -33,6 +34,36 @@ def test_sdist_holds_every_source_and_header(tmp_path):
     missing = sorted(wanted - packed)
     assert not missing, f"missing from the sdist: {missing}"
     assert not [n for n in packed if n.endswith((".so", ".pyc", ".o"))]
+
+
+# C++20 library features and keywords the compilers of supported torch releases
+# may not be given: torch 2.11 builds extensions with -std=c++17, the torch
+# here with -std=c++20 (so a build here cannot catch them).
+_CPP20_ONLY = re.compile(
+    r"make_unique_for_overwrite|make_shared_for_overwrite|std::span\b|#include <(span|bit|"
+    r"ranges|concepts|format|numbers|compare|source_location|barrier|latch|semaphore)>|"
+    r"std::bit_cast|std::ranges|std::format\b|std::numbers|std::ssize|std::midpoint|"
+    r"std::lerp|std::erase_if|\.contains\(|\.starts_with\(|\.ends_with\(|"
+    r"\bconsteval\b|\bconstinit\b|\bco_await\b|\bco_return\b|\bco_yield\b|"
+    r"\bconcept\b|\bchar8_t\b|<=>|\[\[(un)?likely\]\]|\busing enum\b")
+
+
+def _without_comments(code):
+    code = re.sub(r"/\*.*?\*/", lambda m: "\n" * m.group().count("\n"), code, flags=re.S)
+    return re.sub(r"//[^\n]*", "", code)
+
+
+@pytest.mark.skipif(not (ROOT / "csrc").exists(), reason="needs the source tree")
+def test_the_sources_stay_within_cpp17():
+    found = []
+    # (The CUDA emulation's host shim is built by its test with -std=c++20.)
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.suffix in {".cpp", ".cu", ".h", ".cuh"}:
+            code = _without_comments(path.read_text(encoding="utf-8"))
+            for line_number, line in enumerate(code.splitlines(), 1):
+                if _CPP20_ONLY.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{line_number}: {line.strip()}")
+    assert not found, "C++20 only (torch 2.11 builds as C++17):\n" + "\n".join(found)
 
 
 @pytest.mark.skipif(not (ROOT / "setup.py").exists(), reason="needs the source tree")

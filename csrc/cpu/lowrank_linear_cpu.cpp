@@ -262,7 +262,9 @@ void shrink_block(
 // bfloat16 call.
 template <typename T>
 std::unique_ptr<T[]> uninitialized(int64_t n) {
-  return n > 0 ? std::make_unique_for_overwrite<T[]>(static_cast<size_t>(n)) : nullptr;
+  // (new T[n], not C++20's make_unique_for_overwrite: torch 2.11 builds
+  // extensions as C++17.)
+  return n > 0 ? std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]) : nullptr;
 }
 
 // Rows from which the bfloat16 expand runs on AVX512-BF16: below, packing B
