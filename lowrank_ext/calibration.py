@@ -302,7 +302,13 @@ def mask_for(t, mask):
     are; otherwise :func:`per_token_layout`'s rule, which the outputs follow."""
     if mask is None or t.dim() < 3:
         return None
-    return per_token_layout(t, mask)
+    layout = per_token_layout(t, mask)
+    if layout is mask and t.dim() >= 4 and t.shape[2] == mask.shape[1]:
+        # (batch, heads, tokens, k) with as many heads as tokens reads as
+        # (batch, tokens, heads, k) too: which dim the tokens are is unknown,
+        # and every row is kept rather than the wrong ones left out.
+        return None
+    return layout
 
 
 def per_token_layout(t, mask):

@@ -949,6 +949,14 @@ def test_padding_is_left_out_of_inputs_with_more_leading_dims(shape):
     gram = collect_input_grams(model, {"lin": model.lin},
                                [dict(x=x, attention_mask=mask)])["lin"]
     torch.testing.assert_close(gram, real.T @ real)
+    # As many heads as tokens: (batch, heads, tokens, k) or (batch, tokens,
+    # heads, k) cannot be told apart, and every row counts.
+    if len(shape) == 4 and shape[0] == 2:
+        square = torch.randn(2, 5, 5, 8, dtype=torch.float64)
+        gram = collect_input_grams(model, {"lin": model.lin},
+                                   [dict(x=square, attention_mask=mask)])["lin"]
+        rows = square.reshape(-1, 8)
+        torch.testing.assert_close(gram, rows.T @ rows)
 
 
 class SharedBias(nn.Module):
