@@ -13,6 +13,7 @@ a while (peft's ``disable_adapter``).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -288,10 +289,21 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     # Copied one after another: should a copy still fail (a device error, an
     # interrupt), the ones made are undone, so that nothing is loaded.
     kept = {key: param.detach().clone() for key, param in targets.items() if not param.is_meta}
+    # A value in the memory of another key's parameter (the model's own
+    # lora_state_dict with its keys swapped, say) is read before it is
+    # overwritten: from the copy just taken.
+    storages = {param.untyped_storage().data_ptr(): key for key, param in targets.items()
+                if not param.is_meta}
+    sources = {}
+    for key, param in targets.items():
+        value = state_dict[key]
+        owner = None if value.is_meta else storages.get(value.untyped_storage().data_ptr())
+        itself = value.data_ptr() == param.data_ptr() and value.stride() == param.stride()
+        sources[key] = value if owner is None or (owner == key and itself) else value.clone()
     with torch.no_grad():
         try:
             for key, param in targets.items():
-                param.copy_(state_dict[key])
+                param.copy_(sources[key])
         except BaseException:
             for key, value in kept.items():
                 targets[key].copy_(value)
@@ -388,19 +400,40 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     for DPO or a KL penalty, say) without a second copy of its weights. The
     adapters come back on leaving the block, also after an exception; nothing
     is copied or modified. Merged layers are refused, since their base weight
-    holds the adapter: unmerge them first. Blocks may nest.
+    holds the adapter: unmerge them first. Blocks may nest. The modules that
+    :func:`from_peft` took from peft's ``modules_to_save`` (a trained
+    classifier head) give way to the originals peft kept, as in peft.
     """
     _check_model("disable_lora", model)
-    adapters = _require_adapters("disable_lora", model)
+    root = compiled_original(model)
+    adapters = _require_adapters("disable_lora", root)
     merged = [name or "(the model)" for name, lora in adapters.items() if lora.merged]
     if merged:
         raise ValueError(f"disable_lora: layer(s) {preview(merged)} are merged; call "
                          "unmerge() first")
+    trained_copies = {name: module._lowrank_ext_original for name, module in root.named_modules()
+                      if name and "_lowrank_ext_original" in vars(module)}
     saved = {name: lora.adapter_enabled for name, lora in adapters.items()}
-    for lora in adapters.values():
-        lora.adapter_enabled = False
+    swaps = Swaps(root)
     try:
+        for lora in adapters.values():
+            lora.adapter_enabled = False
+        for name, original in trained_copies.items():
+            copy = root.get_submodule(name)
+            _follow(original, copy)
+            swaps.swap(name, original, warn=False)
         yield model
     finally:
+        swaps.undo()
         for name, lora in adapters.items():
             lora.adapter_enabled = saved[name]
+
+
+def _follow(original, copy):
+    """Give ``original`` the device, floating dtype and training mode of
+    ``copy`` (the model may have been moved or cast since from_peft)."""
+    reference = next((t for t in itertools.chain(copy.parameters(), copy.buffers())
+                      if t.is_floating_point()), None)
+    if reference is not None:
+        original.to(device=reference.device, dtype=reference.dtype)
+    original.train(copy.training)

@@ -196,16 +196,23 @@ def _convert(layer, base, adapter, cast_notes):
     dtype = base.weight.dtype
     if A.dtype != dtype or B.dtype != dtype:
         cast_notes.add((A.dtype, dtype))
-    new.A = nn.Parameter(A.detach().to(dtype), requires_grad=A.requires_grad)
-    new.B = nn.Parameter(B.detach().to(dtype), requires_grad=B.requires_grad)
+
+    def ours(t):
+        """``t`` in the base's dtype, as an ordinary tensor: a cast made under
+        the caller's torch.inference_mode() would give an inference tensor,
+        which could never be trained nor loaded into (as in LoRALinear)."""
+        with torch.inference_mode(False):
+            t = t.detach()
+            return (t.clone() if t.is_inference() else t).to(dtype)
+
+    new.A = nn.Parameter(ours(A), requires_grad=A.requires_grad)
+    new.B = nn.Parameter(ours(B), requires_grad=B.requires_grad)
     new.merged = adapter in getattr(layer, "merged_adapters", [])
     if _is_dora(layer, adapter):
         magnitude = layer.lora_magnitude_vector[adapter].weight
-        new.magnitude = nn.Parameter(magnitude.detach().to(dtype),
-                                     requires_grad=magnitude.requires_grad)
+        new.magnitude = nn.Parameter(ours(magnitude), requires_grad=magnitude.requires_grad)
         if new.merged:  # the unmerged weight's norm, which unmerge needs
-            new.register_buffer("_dora_norms",
-                                layer._caches[f"{adapter}-weight_norm"].detach().to(dtype),
+            new.register_buffer("_dora_norms", ours(layer._caches[f"{adapter}-weight_norm"]),
                                 persistent=False)
     new.train(layer.training)
     return new
@@ -292,7 +299,7 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
             use_copy = adapter in copies and not bool(getattr(module, "disable_adapters", False))
             replacements[name] = copies[adapter] if use_copy else module.original_module
             if use_copy:
-                trained_in_full.append(copies[adapter])
+                trained_in_full.append((copies[adapter], module.original_module))
     # Every swap is checked before the first is made, and all are undone if
     # one fails (an interrupt too): the model is converted whole or not at all.
     for name, new in replacements.items():
@@ -304,8 +311,12 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     except BaseException:
         swaps.undo()
         raise
-    for module in trained_in_full:  # save_peft_adapter writes it back as modules_to_save
-        module._lowrank_ext_modules_to_save = True
+    for module, original in trained_in_full:
+        module._lowrank_ext_modules_to_save = True  # save_peft_adapter writes it back so
+        # The original, kept beside the copy outside the module tree (no
+        # parameters, no state-dict keys): disable_lora puts it in the copy's
+        # place for its block, as peft's disable_adapter() does.
+        object.__setattr__(module, "_lowrank_ext_original", original)
     # What save_peft_adapter writes back into the adapter's config by default.
     root._lowrank_ext_peft_config = _peft_config_fields(model, root, adapter)
     for old, new in sorted(cast_notes, key=str):
@@ -724,6 +735,11 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
             tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()
     for key, value in biases.items():
         tensors[f"base_model.model.{key}"] = value.detach().contiguous()
+    meta = [key for key, value in tensors.items() if value.is_meta]
+    if meta:
+        raise ValueError(f"save_peft_adapter: {meta[0]} is on the meta device and holds no "
+                         "values; materialize the model (model.to_empty(device=...)) and load "
+                         "its weights first")
     # Tied modules to save: peft's loader takes each key from the file, so
     # each is written whole.
     tensors = separate_memory(tensors)

@@ -78,8 +78,14 @@ def product_dtypes():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 record_shapes=True) as prof:
         yield seen
-    seen += [dtype for event in prof.events() if event.name in PRODUCTS
-             for dtype in event.input_dtypes if dtype != "Scalar"]
+    events = prof.events()
+    if events and not hasattr(events[0], "input_dtypes"):
+        # Older torch releases (2.11) keep the dtypes on the kineto events only.
+        found = [(e.name(), e.dtypes()) for e in prof.profiler.kineto_results.events()]
+    else:
+        found = [(e.name, e.input_dtypes) for e in events]
+    seen += [dtype for name, dtypes in found if name in PRODUCTS
+             for dtype in dtypes if dtype != "Scalar"]
 
 
 def _cpu_flags():

@@ -138,3 +138,31 @@ def test_loading_values_into_a_meta_model_is_refused():
         warnings.simplefilter("error")
         lx.load_lora_state_dict(model, state)
     assert torch.equal(model.a.A, state["a.A"])
+
+
+def test_saving_a_meta_model_as_a_peft_adapter_is_refused_in_its_own_words(tmp_path):
+    pytest.importorskip("peft")
+    model = _two_layers("meta")
+    lx.add_lora(model, 2)
+    with pytest.raises(ValueError, match=r"save_peft_adapter: base_model.model.a.lora_A.weight "
+                                         r"is on the meta device and holds no values"):
+        lx.save_peft_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_loading_the_model_s_own_adapters_under_swapped_keys():
+    # lora_state_dict shares memory with the parameters: copied key by key, a
+    # later key read values an earlier copy had overwritten.
+    model = _two_layers()
+    lx.add_lora(model, 2, include="a")
+    lx.add_lora(model, 2, include="b")
+    with torch.no_grad():
+        for p in lx.lora_state_dict(model).values():
+            p.normal_()
+    own = lx.lora_state_dict(model)
+    expected = {"a.A": own["b.A"].clone(), "b.A": own["a.A"].clone(),
+                "a.B": own["a.B"].clone(), "b.B": own["b.B"].clone()}
+    lx.load_lora_state_dict(model, {"a.A": own["b.A"], "b.A": own["a.A"],
+                                    "a.B": own["a.B"], "b.B": own["b.B"]})
+    for key, value in lx.lora_state_dict(model).items():
+        assert torch.equal(value, expected[key]), key

@@ -372,6 +372,47 @@ def test_the_chosen_adapters_copy_of_a_module_to_save_takes_its_place():
     torch.testing.assert_close(model(x), expected)
 
 
+def test_disable_lora_puts_back_the_original_of_a_module_to_save_as_peft_does():
+    # The trained copy of the head kept running inside disable_lora, where
+    # peft's disable_adapter() runs the original: a reference model with the
+    # trained head. The original is kept outside the module tree.
+    peft_model = _with_head_to_save()
+    x = torch.randn(4, 20, dtype=torch.float64)
+    with peft_model.disable_adapter():
+        base_outputs = peft_model(x)
+    adapted = peft_model(x)
+    model = lx.from_peft(peft_model)
+    copy_of_head, keys = model.head, set(model.state_dict())
+    model.head.register_forward_hook(lambda module, args, output: output * 1.0)
+    with lx.disable_lora(model):
+        torch.testing.assert_close(model(x), base_outputs, rtol=0, atol=0)
+        assert model.head is not copy_of_head
+    assert model.head is copy_of_head and set(model.state_dict()) == keys
+    assert model.head._forward_hooks  # back with its copy
+    torch.testing.assert_close(model(x), adapted)
+    model.float()  # cast after the conversion: the original follows
+    with lx.disable_lora(model):
+        torch.testing.assert_close(model(x.float()), base_outputs.float())
+    with pytest.raises(ZeroDivisionError), lx.disable_lora(model):
+        1 / 0
+    assert model.head is copy_of_head
+
+
+def test_adapters_converted_under_inference_mode_can_be_trained_and_loaded():
+    # Cast to the base's dtype under the caller's inference_mode, they were
+    # inference tensors: no training step, no load_lora_state_dict.
+    peft_model = _peft_model(dtype=torch.bfloat16)  # peft keeps the adapters in float32
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the cast is named in a warning
+        model = lx.from_peft(peft_model)
+    assert not model.fc1.A.is_inference() and not model.fc1.B.is_inference()
+    model(torch.randn(3, 20, dtype=torch.bfloat16)).float().sum().backward()
+    assert model.fc1.B.grad is not None
+    lx.load_lora_state_dict(model, {k: torch.zeros_like(v)
+                                    for k, v in lx.lora_state_dict(model).items()})
+    assert not model.fc1.A.any()
+
+
 def test_modules_to_save_go_back_to_peft(tmp_path):
     original = _base()
     peft_model = peft.get_peft_model(
