@@ -20,6 +20,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _backend, _checks, _fallback, _vmap
+from ._amp import autocast_enabled
 
 NAMESPACE = "lowrank_ext"
 
@@ -118,7 +119,7 @@ def _outside_autocast(grads):
     @functools.wraps(grads)
     def run(needs, gy, *args, **kwargs):
         device = gy.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        if autocast_enabled(device):
             with torch.autocast(device, enabled=False):
                 return grads(needs, gy, *args, **kwargs)
         return grads(needs, gy, *args, **kwargs)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module  # torch's global module hooks
 
 from . import _functorch
+from ._amp import autocast_enabled
 from ._checks import SUPPORTED_DTYPES, dtype_name, float_scale
 from ._modules import (_run_the_module, dense_weight, has_own_forward, is_conv1d,
                        stacklevel_outside_package, weight_recomputed)
@@ -621,7 +622,7 @@ def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor
     dtype.
     """
     device = weight.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if autocast_enabled(device):
         with torch.autocast(device, enabled=False):
             return dora_row_norms(weight, B, A, scale)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32

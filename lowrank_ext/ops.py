@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _checks, _fallback, _functorch
+from ._amp import autocast_enabled
 from ._library import ops
 
 _fast_lowrank_linear = getattr(_backend._C, "lowrank_linear", None)
@@ -165,8 +166,7 @@ def lora_linear_changing_scale(x: Tensor, W: Tensor, A: Tensor, B: Tensor,
     # The dtype the op computes in: autocast's, if on (which leaves float64).
     device_type = x.device.type
     dtype = (torch.get_autocast_dtype(device_type)
-             if B.dtype != torch.float64 and torch.amp.is_autocast_available(device_type)
-             and torch.is_autocast_enabled(device_type) else B.dtype)
+             if B.dtype != torch.float64 and autocast_enabled(device_type) else B.dtype)
     half = dtype in _HALF
 
     def computed(t):
@@ -194,10 +194,9 @@ def check_lora_linear_tensors(x, W, A, B, bias, scale):
     _checks.check_is_tensor("lora_linear", x=x)
     tensors = (x, W, A, B, bias)
     device_type = x.device.type
-    # torch.is_autocast_enabled raises for a device type autocast does
-    # not know (meta): there is no autocast to follow there.
-    if (torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):
+    # (False for a device type autocast does not know, meta: there is no
+    # autocast to follow there.)
+    if autocast_enabled(device_type):
         # The op checks its arguments as autocast casts them (floating
         # ones on its device, float64 excepted, to its dtype): stand-ins
         # with that dtype, one element broadcast, instead of copies.
