@@ -3,6 +3,8 @@ torch.compile traces on every supported torch release."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # torch.amp.is_autocast_available per device type, looked up outside any
@@ -24,3 +26,13 @@ for _device_type in ("cpu", "cuda", "meta", "xpu", "mps", "hpu", "mtia", "xla", 
                      "maia", "ipu", "lazy"):
     _AVAILABLE[_device_type] = torch.amp.is_autocast_available(_device_type)
 del _device_type
+
+
+def outside_autocast(device_type: str):
+    """A context in which autocast is off for ``device_type`` (a null one
+    where it is off already): for products that must keep their operands'
+    dtype, such as a weight formed from factors, which autocast would
+    otherwise round to its half type."""
+    if autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

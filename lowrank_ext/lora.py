@@ -332,6 +332,11 @@ def merge_lora(model: nn.Module) -> list[str]:
     if "" in adapters:
         raise ValueError("merge_lora: the model is itself a LoRALinear; call its merge() "
                          "and use its .base")
+    disabled = [name for name, lora in adapters.items() if not lora.adapter_enabled]
+    if disabled:
+        raise ValueError(f"merge_lora: the adapters of {preview(disabled)} are disabled (inside "
+                         "lx.disable_lora), where the model gives its base's outputs alone, "
+                         "which merged weights would no longer give; merge after the block")
     # Everything that can refuse is checked before the first merge: undoing a
     # merge (W + ΔW − ΔW) restores the weight only up to rounding.
     refused = {name: lora._cannot_merge() for name, lora in adapters.items() if not lora.merged}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module  # torch's global module hooks
 
 from . import _functorch
-from ._amp import autocast_enabled
+from ._amp import autocast_enabled, outside_autocast
 from ._checks import SUPPORTED_DTYPES, dtype_name, float_scale
 from ._modules import (_run_the_module, dense_weight, has_own_forward, is_conv1d,
                        stacklevel_outside_package, weight_recomputed)
@@ -79,10 +79,12 @@ def ratio_budget(ratio, parameters):
 
 
 def _dense_product(B, A, scale=1.0):
-    """scale·B·A in B's dtype, computed in float32 for half types."""
-    if B.dtype in _HALF:
-        return (scale * (B.float() @ A.float())).to(B.dtype)
-    return scale * (B @ A)
+    """scale·B·A in B's dtype, computed in float32 for half types (also
+    inside an autocast region, which would round it to its half type)."""
+    with outside_autocast(B.device.type):
+        if B.dtype in _HALF:
+            return (scale * (B.float() @ A.float())).to(B.dtype)
+        return scale * (B @ A)
 
 
 def _outside_fake_mode():
@@ -485,12 +487,13 @@ def _full_rank_factors(B, A):
     folds the other into it (in float32 at least)."""
     work = torch.promote_types(A.dtype, torch.float32)
     d, k = B.shape[0], A.shape[1]
-    if d <= k:
-        Q, R = torch.linalg.qr(B.to(work))        # B = Q·R, Q (d × d)
-        new_B, new_A = Q, R @ A.to(work)
-    else:
-        Q, R = torch.linalg.qr(A.to(work).T)      # Aᵀ = Q·R, Q (k × k)
-        new_B, new_A = B.to(work) @ R.T, Q.T
+    with outside_autocast(B.device.type):
+        if d <= k:
+            Q, R = torch.linalg.qr(B.to(work))        # B = Q·R, Q (d × d)
+            new_B, new_A = Q, R @ A.to(work)
+        else:
+            Q, R = torch.linalg.qr(A.to(work).T)      # Aᵀ = Q·R, Q (k × k)
+            new_B, new_A = B.to(work) @ R.T, Q.T
     return new_B.to(B.dtype), new_A.to(A.dtype)
 
 
@@ -1074,7 +1077,7 @@ class LoRALinear(nn.Module):
                 raise RuntimeError(
                     f"{where}: the state holds {', '.join(given)}, which only a merged layer's "
                     "state holds, but this layer is not merged; merge() it before loading")
-        elif given or (needed and any(key.startswith(prefix) for key in state_dict)):
+        elif given or (needed and weights):  # a state of the bias alone loads either way
             if sorted(given) != sorted(needed):
                 raise RuntimeError(
                     f"{where}: this merged layer's unmerge() needs "
@@ -1162,6 +1165,11 @@ class LoRALinear(nn.Module):
                 f"LoRALinear.merge: the base weight was tied to {', '.join(tied)} when the "
                 "adapter was added; if it still is, merging changes that too (lx.merge_lora "
                 "refuses such layers)", stacklevel=stacklevel_outside_package())
+        if not self.adapter_enabled:
+            raise RuntimeError(
+                "LoRALinear.merge: the adapter is disabled (inside lx.disable_lora), where the "
+                "layer gives its base's outputs alone, which a merged weight would no longer "
+                "give; merge after the block")
         why = self._cannot_merge()
         if why:
             raise RuntimeError(f"LoRALinear.merge: the base layer cannot take the adapter: "
@@ -1202,16 +1210,32 @@ class LoRALinear(nn.Module):
             # Outside inference mode, as the factors of a LowRankLinear base
             # are: a later load_state_dict copies into it.
             with torch.inference_mode(False):
-                self.register_buffer("_dora_norms",
-                                     dora_row_norms(weight, self.B, self.A, self.scale),
-                                     persistent=False)
-            factor = self._dora_scale(self._dora_norms).unsqueeze(1)
-            weight.copy_(factor * (weight + _dense_product(self.B, self.A, self.scale)))
+                norms = dora_row_norms(weight, self.B, self.A, self.scale)
+            factor = self._dora_scale(norms).unsqueeze(1)
+            merged = factor * (weight + _dense_product(self.B, self.A, self.scale))
+            self._check_merged_in_range(merged, weight)
+            with torch.inference_mode(False):
+                self.register_buffer("_dora_norms", norms, persistent=False)
+            weight.copy_(merged)
         else:
             weight = dense_weight(self.base)  # a view: the base's own tensor changes
-            weight += _dense_product(self.B, self.A, self.scale)
+            merged = (weight + _dense_product(self.B, self.A, self.scale)).to(weight.dtype)
+            self._check_merged_in_range(merged, weight)
+            weight.copy_(merged)
         self.merged = True
         return self
+
+    def _check_merged_in_range(self, merged, weight):
+        """Refuse a merged weight past its dtype's range (float16 near 65504),
+        before it replaces the base's, which unmerge() could not bring back
+        from inf. Unmerged, the layer computes the same."""
+        if (_holds_values(merged) and not bool(torch.isfinite(merged).all())
+                and all(bool(torch.isfinite(t).all()) for t in (weight, self.A, self.B))):
+            raise ValueError(
+                f"LoRALinear.merge: the merged weight exceeds the range of "
+                f"{dtype_name(weight.dtype)}, and the base weight could not be brought back "
+                "from it; the layer is left unmerged (it computes the same): merge a float32 "
+                "copy instead")
 
     @torch.no_grad()
     def unmerge(self) -> LoRALinear:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _functorch
+from ._amp import outside_autocast
 from ._fallback import factors_from_svd, svd_operand
 from ._library import ops
 
@@ -258,6 +259,11 @@ def _randomized(W, rank, balanced, niter, generator):
     _checks.check_svd_finite(_values(W))  # under vmap, every sample at once
     Wc, root = svd_operand(W)
     q = min(rank + _OVERSAMPLE, *W.shape)
+    with outside_autocast(W.device.type):  # its products in W's dtype, as the exact method
+        return _randomized_factors(W, Wc, root, rank, q, balanced, niter, generator)
+
+
+def _randomized_factors(W, Wc, root, rank, q, balanced, niter, generator):
     if generator is None:
         U, S, V = torch.svd_lowrank(Wc, q=q, niter=niter)
     else:

@@ -328,3 +328,56 @@ def test_compiled_lora_with_a_new_scale_trains_under_autocast(dtype, device):
         grads.append((layer.A.grad, layer.B.grad))
     for got, expected in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+
+
+def test_weights_formed_inside_an_autocast_region_keep_their_dtype_s_precision():
+    # merge, unmerge, to_linear, PiSSA's residual, the refolding merge and the
+    # randomized SVD ran their products in autocast's bfloat16: a float32
+    # layer got a bfloat16-accurate weight (to_linear even a bfloat16 weight
+    # beside a float32 bias, a layer that then did not run).
+    torch.manual_seed(0)
+    k = d = 64
+    region = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+    outside = lx.LoRALinear(nn.Linear(k, d), 8)
+    with torch.no_grad():
+        outside.B.normal_(std=0.02)
+    inside = copy.deepcopy(outside)
+    outside.merge()
+    with region():
+        inside.merge()
+    assert torch.equal(inside.base.weight, outside.base.weight)
+    with region():
+        inside.unmerge()
+    outside.unmerge()
+    assert torch.equal(inside.base.weight, outside.base.weight)
+
+    layer = lx.LowRankLinear(k, d, 16)
+    with region():
+        dense = layer.to_linear()
+    assert dense.weight.dtype == torch.float32
+    assert torch.equal(dense.weight, layer.to_linear().weight)
+
+    base = nn.Linear(k, d)
+    with region():
+        pissa = lx.LoRALinear(copy.deepcopy(base), 8, init="pissa")
+    assert torch.equal(pissa.base.weight, lx.LoRALinear(copy.deepcopy(base), 8,
+                                                        init="pissa").base.weight)
+
+    folded = [lx.LoRALinear(lx.LowRankLinear(k, d, 4), 8)]
+    with torch.no_grad():
+        folded[0].B.normal_(std=0.02)
+    folded.append(copy.deepcopy(folded[0]))
+    folded[0].merge()
+    with region():
+        folded[1].merge()
+    for name in ("A", "B"):
+        assert torch.equal(getattr(folded[1].base, name), getattr(folded[0].base, name))
+
+    generator = lambda: torch.Generator().manual_seed(3)
+    with region():
+        B_in, A_in = lx.svd_truncate(base.weight.detach(), 8, method="randomized",
+                                     generator=generator())
+    B_out, A_out = lx.svd_truncate(base.weight.detach(), 8, method="randomized",
+                                   generator=generator())
+    assert torch.equal(B_in, B_out) and torch.equal(A_in, A_out)

@@ -361,3 +361,55 @@ def test_a_lowrank_base_whose_factor_is_recomputed_is_not_merged_into(how):
         lx.merge_lora(model)
     assert model[0] is layer and not layer.merged
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_float16_merge_past_the_range_is_refused_before_the_weight_changes(use_dora):
+    # The merged weight became inf, and unmerge() could not bring the base back.
+    base = nn.Linear(4, 2, bias=False).half()
+    with torch.no_grad():
+        base.weight.fill_(60000.0)
+    lora = lx.LoRALinear(base, 1, use_dora=use_dora)
+    with torch.no_grad():
+        lora.A.fill_(1.0)
+        lora.B.fill_(10000.0)
+    kept = base.weight.detach().clone()
+    x = torch.full((1, 4), 1e-3, dtype=torch.float16)
+    before = lora(x)
+    with pytest.raises(ValueError, match=r"LoRALinear.merge: the merged weight exceeds the "
+                                         r"range of float16"):
+        lora.merge()
+    assert not lora.merged and torch.equal(base.weight, kept)
+    torch.testing.assert_close(lora(x), before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_merging_inside_disable_lora_is_refused():
+    # The merged weight held the adapter, so the block's base outputs did too.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    lx.add_lora(model, 2)
+    with torch.no_grad():
+        model[0].B.normal_()
+    x = torch.randn(3, 4)
+    with lx.disable_lora(model):
+        base_outputs = model(x)
+        with pytest.raises(RuntimeError, match=r"LoRALinear.merge: the adapter is disabled "
+                                               r"\(inside lx.disable_lora\)"):
+            model[0].merge()
+        with pytest.raises(ValueError, match=r"merge_lora: the adapters of 0, 1 are "
+                                             r"disabled \(inside lx.disable_lora\)"):
+            lx.merge_lora(model)
+        torch.testing.assert_close(model(x), base_outputs)
+    lx.merge_lora(model)
+
+
+@pytest.mark.parametrize("kind", ["dense", "dora", "lowrank"])
+def test_a_merged_layer_loads_a_state_of_its_bias_alone(kind):
+    # DoRA and refolded layers asked for the tensors merge() keeps even where
+    # the state held only the bias ("the bias loads either way").
+    base = lx.LowRankLinear(8, 6, 5) if kind == "lowrank" else nn.Linear(8, 6)
+    lora = lx.LoRALinear(base, 2, use_dora=kind == "dora").merge()
+    bias = torch.full((6,), 0.5)
+    lora.load_state_dict({"base.bias": bias}, strict=False)
+    assert torch.equal(lora.base.bias, bias)
+    nn.Sequential(lora).load_state_dict({"0.base.bias": -bias}, strict=False)
+    assert torch.equal(lora.base.bias, -bias)
