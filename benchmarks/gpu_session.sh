@@ -22,10 +22,11 @@ set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT/gpu_session_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the steps run from the repository root
 LOGS=$(mktemp -d)
 BUDGET_S=${BUDGET_S:-540}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
 cd "$ROOT"
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}

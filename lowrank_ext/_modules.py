@@ -48,7 +48,9 @@ class Swaps:
 
     def __init__(self, model):
         self.model = model
-        self.done = []  # (parent, attribute, module replaced, new module, hooks of both before)
+        # [parent, attribute, module replaced, new module, hooks of both before,
+        #  name, whether the swap finished]
+        self.done = []
         self._held_outside = None  # see held_outside_the_tree, found at the first swap
 
     def swap(self, name, new, warn=True):
@@ -61,8 +63,10 @@ class Swaps:
         if warn and self._held_outside is None:
             self._held_outside = held_outside_the_tree(self.model)
         # Remembered first: a swap an interrupt stops halfway is undone too.
-        self.done.append((parent, child, old, new, _hook_state(old), _hook_state(new)))
+        record = [parent, child, old, new, _hook_state(old), _hook_state(new), name, False]
+        self.done.append(record)
         replaced = replace_module(self.model, name, new)
+        record[-1] = True  # finished
         if warn:
             _warn_of_state_dict_hooks(name, old, new)
             _warn_of_references_outside(name, old, self._held_outside.get(id(old), ()))
@@ -76,10 +80,26 @@ class Swaps:
         the first ``keep``. The ``use_nested_tensor`` flag of torch's encoders
         is :func:`keeps_encoder_flags`' to put back."""
         while len(self.done) > keep:
-            parent, child, old, new, old_hooks, new_hooks = self.done[-1]
+            parent, child, old, new, old_hooks, new_hooks, *_ = self.done[-1]
             setattr(parent, child, old)
             _restore_hooks(new, new_hooks)
             _restore_hooks(old, old_hooks)
+            self.done.pop()
+
+    def put_back(self, keep=0):
+        """Take back the swaps after the first ``keep`` that were made to be
+        taken back (a probe, a block), last first: a finished one as a swap is
+        made, so that hooks added to or removed from the module in place since
+        then move back with it; one an interrupt stopped halfway as by
+        :meth:`undo` (which also finishes what an interrupt here leaves)."""
+        while len(self.done) > keep:
+            record = self.done[-1]
+            parent, child, old, new, *_, name, finished = record
+            if not (finished and getattr(parent, child) is new):
+                self.undo(keep=len(self.done) - 1)
+                continue
+            record[-1] = False  # the way back, should it stop halfway, is undone
+            replace_module(self.model, name, old)
             self.done.pop()
 
 

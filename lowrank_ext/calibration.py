@@ -302,13 +302,7 @@ def mask_for(t, mask):
     are; otherwise :func:`per_token_layout`'s rule, which the outputs follow."""
     if mask is None or t.dim() < 3:
         return None
-    layout = per_token_layout(t, mask)
-    if layout is mask and t.dim() >= 4 and t.shape[2] == mask.shape[1]:
-        # (batch, heads, tokens, k) with as many heads as tokens reads as
-        # (batch, tokens, heads, k) too: which dim the tokens are is unknown,
-        # and every row is kept rather than the wrong ones left out.
-        return None
-    return layout
+    return per_token_layout(t, mask)
 
 
 def per_token_layout(t, mask):
@@ -319,15 +313,23 @@ def per_token_layout(t, mask):
     them; None for any other shape (a pooled output). A square batch reads
     batch-first, as in :func:`mask_for`. An attention map (batch, heads,
     tokens, tokens) is not per-token where the heads happen to number the
-    tokens. The sensitivity probes and ``distill`` both leave padding out by
-    this rule."""
+    tokens, nor is (batch, heads, tokens, ...) with as many heads as tokens,
+    which reads as (batch, tokens, heads, ...) too. The sensitivity probes,
+    ``distill`` and the calibration of layer inputs (:func:`mask_for`) all
+    leave padding out by this rule."""
     if mask is None or t.dim() < 2:
         return None
     if t.dim() >= 4 and t.shape[-1] == t.shape[-2] == mask.shape[1]:
         return None
-    for layout in (mask, mask.T):
-        if tuple(t.shape[:2]) == tuple(layout.shape):
-            return layout
+    if tuple(t.shape[:2]) == tuple(mask.shape):
+        if t.dim() >= 4 and t.shape[2] == mask.shape[1]:
+            # (batch, heads, tokens, ...) with as many heads as tokens reads as
+            # (batch, tokens, heads, ...) too: which dim the tokens are is
+            # unknown, and everything is kept rather than the wrong part left out.
+            return None
+        return mask
+    if tuple(t.shape[:2]) == tuple(mask.T.shape):
+        return mask.T
     return None
 
 

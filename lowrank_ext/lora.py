@@ -289,17 +289,12 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     # Copied one after another: should a copy still fail (a device error, an
     # interrupt), the ones made are undone, so that nothing is loaded.
     kept = {key: param.detach().clone() for key, param in targets.items() if not param.is_meta}
-    # A value in the memory of another key's parameter (the model's own
-    # lora_state_dict with its keys swapped, say) is read before it is
-    # overwritten: from the copy just taken.
-    storages = {param.untyped_storage().data_ptr(): key for key, param in targets.items()
-                if not param.is_meta}
-    sources = {}
-    for key, param in targets.items():
-        value = state_dict[key]
-        owner = None if value.is_meta else storages.get(value.untyped_storage().data_ptr())
-        itself = value.data_ptr() == param.data_ptr() and value.stride() == param.stride()
-        sources[key] = value if owner is None or (owner == key and itself) else value.clone()
+    # Every value read before any is overwritten: one may be held in another
+    # key's parameter (the model's own lora_state_dict with its keys swapped,
+    # views of one flat buffer). Adapters are small; a DTensor has no storage
+    # whose address could tell.
+    sources = {key: state_dict[key] if state_dict[key].is_meta
+               else state_dict[key].detach().clone() for key in targets}
     with torch.no_grad():
         try:
             for key, param in targets.items():
@@ -416,29 +411,66 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     if merged:
         raise ValueError(f"disable_lora: layer(s) {preview(merged)} are merged; call "
                          "unmerge() first")
-    trained_copies = {name: module._lowrank_ext_original for name, module in root.named_modules()
-                      if name and "_lowrank_ext_original" in vars(module)}
+    # The tensors the model holds follow the model already (a head tied to
+    # the embedding holds the embedding's weight): the originals' own follow
+    # their copies.
+    held = {id(t) for t in itertools.chain(root.parameters(), root.buffers())}
+    originals = []
+    for name, module in root.named_modules():
+        original = vars(module).get("_lowrank_ext_original")
+        if name and original is not None:
+            place, _, child = name.rpartition(".")
+            # A copy compiled on its own gives way together with its wrapper.
+            originals.append((place if child == "_orig_mod" and place else name, module,
+                              original))
     saved = {name: lora.adapter_enabled for name, lora in adapters.items()}
     swaps = Swaps(root)
     try:
         for lora in adapters.values():
             lora.adapter_enabled = False
-        for name, original in trained_copies.items():
-            copy = root.get_submodule(name)
-            _follow(original, copy)
+        for name, copy, original in originals:
+            _follow(original, copy, held)
+            # Marked, so that save_peft_adapter does not write it for the copy.
+            original.__dict__[STANDING_IN] = True
             swaps.swap(name, original, warn=False)
         yield model
     finally:
-        swaps.undo()
-        for name, lora in adapters.items():
-            lora.adapter_enabled = saved[name]
+        try:
+            swaps.put_back()
+        finally:
+            for _, _, original in originals:
+                original.__dict__.pop(STANDING_IN, None)
+            for name, lora in adapters.items():
+                lora.adapter_enabled = saved[name]
 
 
-def _follow(original, copy):
-    """Give ``original`` the device, floating dtype and training mode of
-    ``copy`` (the model may have been moved or cast since from_peft)."""
-    reference = next((t for t in itertools.chain(copy.parameters(), copy.buffers())
-                      if t.is_floating_point()), None)
-    if reference is not None:
-        original.to(device=reference.device, dtype=reference.dtype)
+# In the __dict__ of an original that stands in for its trained copy inside
+# a disable_lora block.
+STANDING_IN = "_lowrank_ext_standing_in"
+
+
+def _follow(original, copy, held):
+    """Give each tensor of ``original`` that the model does not hold the
+    device and (floating) dtype of the same tensor of ``copy``, a deepcopy of
+    it that may have been moved or cast since from_peft, and ``copy``'s
+    training mode."""
+    twins = dict(copy.named_modules())
+    with torch.no_grad():
+        for prefix, module in original.named_modules():
+            twin = twins.get(prefix)
+            if twin is None:
+                continue
+            for store in ("_parameters", "_buffers"):
+                mine, theirs = getattr(module, store), getattr(twin, store)
+                for key, t in mine.items():
+                    other = theirs.get(key)
+                    if t is None or other is None or id(t) in held:
+                        continue
+                    dtype = other.dtype if t.is_floating_point() else t.dtype
+                    if t.device != other.device or t.dtype != dtype:
+                        moved = t.to(device=other.device, dtype=dtype)
+                        if store == "_parameters":
+                            t.data = moved
+                        else:
+                            mine[key] = moved
     original.train(copy.training)

@@ -28,7 +28,7 @@ from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
                        has_own_forward, is_conv1d, places_of, weight_tied_elsewhere)
 from ._names import preview
 from .compress import attention_holding
-from .lora import _check_model, _require_adapters, adapter_parameters
+from .lora import STANDING_IN, _check_model, _require_adapters, adapter_parameters
 from .nn import LoRALinear, LowRankLinear
 from .serialization import atomic_write_files, check_path, separate_memory
 
@@ -692,6 +692,12 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     if "" in adapters:
         raise TypeError("save_peft_adapter: the model is itself a LoRALinear; save a model "
                         "that holds it")
+    standing_in = [name for name, m in model.named_modules() if vars(m).get(STANDING_IN)]
+    if standing_in:
+        raise RuntimeError(
+            f"save_peft_adapter: called inside lx.disable_lora, where the originals of "
+            f"{preview(standing_in)} stand in for their trained copies, which the adapter "
+            "holds; save after the block")
     wrapped = [name for name, m in model.named_modules() if _is_modules_to_save_wrapper(m)]
     if wrapped:
         raise ValueError(

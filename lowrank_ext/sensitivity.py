@@ -152,8 +152,9 @@ def measure_sensitivity(model, calibration, probes, swaps, allow_empty=False, ra
     module, relative tail²)}); each probe is made when its turn comes.
 
     ``swaps`` (a :class:`~lowrank_ext._modules.Swaps` of ``model``) puts each
-    probe in place of its layer and the original back; a swap that does not
-    finish is left to the caller's ``swaps.undo()``. With
+    probe in place of its layer and the original back (with the hooks the
+    calibration left on the probe); a swap that does not finish is left to
+    the caller's ``swaps.undo()``. With
     ``allow_empty`` (this rank's share of the data may be empty) an empty
     calibration measures nothing: every s is NaN. ``ran()``, where given, is
     called after each run of the calibration (one, then one per probe).
@@ -189,7 +190,7 @@ def measure_sensitivity(model, calibration, probes, swaps, allow_empty=False, ra
         finally:
             if handle is not None:
                 handle.remove()
-            swaps.undo(keep=mark)
+            swaps.put_back(keep=mark)
         del probe  # one probe at a time: made before the next one is
         if ran is not None:
             ran()

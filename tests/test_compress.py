@@ -959,6 +959,22 @@ def test_padding_is_left_out_of_inputs_with_more_leading_dims(shape):
         torch.testing.assert_close(gram, rows.T @ rows)
 
 
+def test_outputs_with_as_many_heads_as_tokens_are_compared_whole():
+    # per_token_layout read (batch, heads, tokens, d) with heads == tokens as
+    # (batch, tokens, ...): the sensitivity probes and distill left out heads.
+    from lowrank_ext.calibration import per_token_layout
+    from lowrank_ext.distill import relative_error
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert per_token_layout(torch.zeros(2, 5, 5, 3), mask) is None
+    assert per_token_layout(torch.zeros(2, 5, 4, 3), mask) is mask
+    assert per_token_layout(torch.zeros(5, 2, 5, 3), mask).shape == (5, 2)
+    teacher = torch.randn(2, 5, 5, 3, dtype=torch.float64)
+    student = teacher.clone()
+    student[:, 3:] += 1.0  # heads 3 and 4, which the mask's padding columns would drop
+    assert relative_error(student, teacher, mask) > 0.1
+
+
 class SharedBias(nn.Module):
     """Two layers with their own weights and one bias between them."""
 

@@ -398,6 +398,59 @@ def test_disable_lora_puts_back_the_original_of_a_module_to_save_as_peft_does():
     assert model.head is copy_of_head
 
 
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.fc1 = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 10, bias=False)
+        self.lm_head.weight = self.embed.weight  # as tie_word_embeddings
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.fc1(self.embed(ids)))).float()
+
+
+def test_disable_lora_leaves_a_tied_original_s_weight_to_the_model():
+    # The original lm_head holds the embedding's weight: making it follow a
+    # copy cast to float64 cast the model's embedding, for good.
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(_TiedLM(), peft.LoraConfig(
+        r=2, target_modules=["fc1"], modules_to_save=["lm_head"], init_lora_weights=False))
+    ids = torch.randint(0, 10, (2, 5))
+    with peft_model.disable_adapter():
+        expected = peft_model(ids)
+    model = lx.from_peft(peft_model)
+    model.lm_head.double()  # the trained copy upcast for its logits
+    with torch.no_grad(), lx.disable_lora(model):
+        got = model(ids)
+    assert model.embed.weight.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_module_to_save_compiled_on_its_own_gives_way_with_its_wrapper():
+    peft_model = _with_head_to_save()
+    x = torch.randn(4, 20, dtype=torch.float64)
+    with peft_model.disable_adapter():
+        expected = peft_model(x)
+    model = lx.from_peft(peft_model)
+    compiled_head = model.head = torch.compile(model.head, backend="eager")
+    with lx.disable_lora(model):
+        torch.testing.assert_close(model(x), expected)
+    assert model.head is compiled_head
+
+
+def test_save_peft_adapter_inside_disable_lora_is_refused(tmp_path):
+    # The originals stood in for the trained copies: the adapter was written
+    # without its trained head, silently.
+    model = lx.from_peft(_with_head_to_save())
+    with lx.disable_lora(model), pytest.raises(
+            RuntimeError, match=r"save_peft_adapter: called inside lx.disable_lora, where the "
+                                r"originals of head stand in for their trained copies"):
+        lx.save_peft_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    lx.save_peft_adapter(model, tmp_path / "adapter")
+
+
 def test_adapters_converted_under_inference_mode_can_be_trained_and_loaded():
     # Cast to the base's dtype under the caller's inference_mode, they were
     # inference tensors: no training step, no load_lora_state_dict.

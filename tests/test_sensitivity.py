@@ -154,6 +154,34 @@ def test_outputs_in_a_buffer_the_model_overwrites_are_recorded_by_value():
     assert stateful == fresh
 
 
+def test_hooks_the_calibration_changes_on_a_probed_layer_stay_changed():
+    # The probe's way back restored the hooks as they were before it went in:
+    # a monitor the calibration removed while the layer was probed came back,
+    # and a hook it added there was dropped.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(32, 8, dtype=torch.float64))
+    seen = []
+    monitor = model[2].register_forward_hook(lambda module, args, output: seen.append(1))
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(64, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    added = []
+
+    def calibration(m):
+        for x in data:
+            m(x)
+        if isinstance(m[2], lx.LowRankLinear) and not added:  # model[2]'s probe run
+            monitor.remove()
+            added.append(m[2].register_forward_pre_hook(lambda module, args: None))
+
+    lx.compress_model(model, ratio=0.5, calibration=calibration, progress=False)
+    assert added
+    del seen[:]
+    model(data[0])
+    assert not seen
+    assert added[0].id in model[2]._forward_pre_hooks
+
+
 def test_needs_calibration():
     with pytest.raises(ValueError, match="allocation='sensitivity' needs calibration"):
         lx.compress_model(TwoBranches(), ratio=0.5, allocation="sensitivity")
