@@ -49,7 +49,7 @@ class Swaps:
     def __init__(self, model):
         self.model = model
         # [parent, attribute, module replaced, new module, hooks of both before,
-        #  name, whether the swap finished]
+        #  the new module's hooks once the swap finished (None before)]
         self.done = []
         self._held_outside = None  # see held_outside_the_tree, found at the first swap
 
@@ -63,10 +63,10 @@ class Swaps:
         if warn and self._held_outside is None:
             self._held_outside = held_outside_the_tree(self.model)
         # Remembered first: a swap an interrupt stops halfway is undone too.
-        record = [parent, child, old, new, _hook_state(old), _hook_state(new), name, False]
+        record = [parent, child, old, new, _hook_state(old), _hook_state(new), None]
         self.done.append(record)
         replaced = replace_module(self.model, name, new)
-        record[-1] = True  # finished
+        record[-1] = _hook_state(new)  # finished: the hooks new holds in old's place
         if warn:
             _warn_of_state_dict_hooks(name, old, new)
             _warn_of_references_outside(name, old, self._held_outside.get(id(old), ()))
@@ -88,19 +88,16 @@ class Swaps:
 
     def put_back(self, keep=0):
         """Take back the swaps after the first ``keep`` that were made to be
-        taken back (a probe, a block), last first: a finished one as a swap is
-        made, so that hooks added to or removed from the module in place since
-        then move back with it; one an interrupt stopped halfway as by
-        :meth:`undo` (which also finishes what an interrupt here leaves)."""
+        taken back (a probe, a block), last first, as :meth:`undo` does, and
+        give each replaced module the hooks that were added to or removed from
+        the module in its place meanwhile (by a calibration run, or code in
+        the block)."""
         while len(self.done) > keep:
-            record = self.done[-1]
-            parent, child, old, new, *_, name, finished = record
-            if not (finished and getattr(parent, child) is new):
-                self.undo(keep=len(self.done) - 1)
-                continue
-            record[-1] = False  # the way back, should it stop halfway, is undone
-            replace_module(self.model, name, old)
-            self.done.pop()
+            parent, child, old, new, *_, after = self.done[-1]
+            now = _hook_state(new) if after is not None and getattr(parent, child) is new else None
+            self.undo(keep=len(self.done) - 1)
+            if now is not None:
+                _carry_hook_changes(after, now, old)
 
 
 # What nn.Module itself keeps in a module's __dict__ (its submodules,
@@ -205,6 +202,22 @@ def _hook_state(module):
     return (module._is_full_backward_hook,
             [(attr, hooks, list(hooks.items())) for attr in _HOOK_DICTS
              if (hooks := getattr(module, attr, None)) is not None])
+
+
+def _carry_hook_changes(before, now, module):
+    """Apply to ``module``'s hook dicts what changed between two states
+    (_hook_state) of another module's: the hooks removed, and the hooks added
+    (after ``module``'s own)."""
+    for (attr, _, entries_before), (_, _, entries_now) in zip(before[1], now[1]):
+        hooks = getattr(module, attr, None)
+        if hooks is None:
+            continue
+        kept = {i for i, _ in entries_now}
+        for i, _ in entries_before:
+            if i not in kept:
+                hooks.pop(i, None)
+        seen = {i for i, _ in entries_before}
+        hooks.update((i, hook) for i, hook in entries_now if i not in seen)
 
 
 def _restore_hooks(module, state):

@@ -83,8 +83,25 @@ def _dense_product(B, A, scale=1.0):
     inside an autocast region, which would round it to its half type)."""
     with outside_autocast(B.device.type):
         if B.dtype in _HALF:
-            return (scale * (B.float() @ A.float())).to(B.dtype)
-        return scale * (B @ A)
+            return (B.float() @ A.float()).mul_(scale).to(B.dtype)
+        return (B @ A).mul_(scale)  # in the product's buffer: one weight-sized tensor
+
+
+def _summed(weight, product):
+    """weight + product in the dtype torch promotes them to, in ``product``'s
+    buffer where it has that dtype (a weight-sized temporary fewer)."""
+    if product.dtype == torch.promote_types(product.dtype, weight.dtype):
+        return product.add_(weight)
+    return weight + product
+
+
+def _finite(t, block_bytes=1 << 20):
+    """Whether every element of ``t`` is finite, a block of rows at a time:
+    without a temporary the size of ``t`` (a merged weight may be gigabytes)."""
+    if t.dim() < 2:
+        return bool(torch.isfinite(t).all())
+    rows = max(1, block_bytes // max(1, t[0].numel() * t.element_size()))
+    return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
 def _outside_fake_mode():
@@ -1212,14 +1229,18 @@ class LoRALinear(nn.Module):
             with torch.inference_mode(False):
                 norms = dora_row_norms(weight, self.B, self.A, self.scale)
             factor = self._dora_scale(norms).unsqueeze(1)
-            merged = factor * (weight + _dense_product(self.B, self.A, self.scale))
-            self._check_merged_in_range(merged, weight)
+            merged = _summed(weight, _dense_product(self.B, self.A, self.scale))
+            if merged.dtype == torch.promote_types(merged.dtype, factor.dtype):
+                merged = merged.mul_(factor)
+            else:
+                merged = factor * merged
+            self._check_merged_in_range(merged.to(weight.dtype), weight)
             with torch.inference_mode(False):
                 self.register_buffer("_dora_norms", norms, persistent=False)
             weight.copy_(merged)
         else:
             weight = dense_weight(self.base)  # a view: the base's own tensor changes
-            merged = (weight + _dense_product(self.B, self.A, self.scale)).to(weight.dtype)
+            merged = _summed(weight, _dense_product(self.B, self.A, self.scale)).to(weight.dtype)
             self._check_merged_in_range(merged, weight)
             weight.copy_(merged)
         self.merged = True
@@ -1229,8 +1250,13 @@ class LoRALinear(nn.Module):
         """Refuse a merged weight past its dtype's range (float16 near 65504),
         before it replaces the base's, which unmerge() could not bring back
         from inf. Unmerged, the layer computes the same."""
-        if (_holds_values(merged) and not bool(torch.isfinite(merged).all())
-                and all(bool(torch.isfinite(t).all()) for t in (weight, self.A, self.B))):
+        if _holds_values(merged) and not _finite(merged) and all(
+                map(_finite, (weight, self.A, self.B))):
+            if self.use_dora and not _finite(self.magnitude):
+                raise ValueError(
+                    "LoRALinear.merge: the DoRA magnitude holds values that are not finite "
+                    f"(in {dtype_name(self.magnitude.dtype)}), which the merged weight would "
+                    "take for good; the layer is left unmerged")
             raise ValueError(
                 f"LoRALinear.merge: the merged weight exceeds the range of "
                 f"{dtype_name(weight.dtype)}, and the base weight could not be brought back "

@@ -366,15 +366,15 @@ def test_a_lowrank_base_whose_factor_is_recomputed_is_not_merged_into(how):
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_a_float16_merge_past_the_range_is_refused_before_the_weight_changes(use_dora):
     # The merged weight became inf, and unmerge() could not bring the base back.
-    base = nn.Linear(4, 2, bias=False).half()
+    base = nn.Linear(2, 2, bias=False).half()
     with torch.no_grad():
-        base.weight.fill_(60000.0)
+        base.weight.fill_(40000.0)  # rows of norm 56569: DoRA's magnitude in range
     lora = lx.LoRALinear(base, 1, use_dora=use_dora)
     with torch.no_grad():
         lora.A.fill_(1.0)
-        lora.B.fill_(10000.0)
+        lora.B.fill_(30000.0)
     kept = base.weight.detach().clone()
-    x = torch.full((1, 4), 1e-3, dtype=torch.float16)
+    x = torch.full((1, 2), 1e-3, dtype=torch.float16)
     before = lora(x)
     with pytest.raises(ValueError, match=r"LoRALinear.merge: the merged weight exceeds the "
                                          r"range of float16"):

@@ -280,3 +280,21 @@ def test_fallback_lora_backward_holds_no_more_than_the_composition(scale):
     # (Up to the small (M × r) and (d × r) products, held in another order.)
     small = (M * r + d * r) * 4
     assert ours.peak <= theirs.peak + small, (ours.peak / MB, theirs.peak / MB)
+
+
+# --- LoRALinear.merge ---------------------------------------------------------------
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_holds_one_weight_sized_buffer(use_dora):
+    """The range check of the merged weight made it out of place beside the
+    product and ran torch.isfinite over it whole: 2.75× the weight's bytes."""
+    torch.manual_seed(0)
+    d = k = 1024
+    layer = lowrank_ext.LoRALinear(nn.Linear(k, d, bias=False), 8, use_dora=use_dora)
+    with torch.no_grad():
+        layer.B.normal_()
+    weight = layer.base.weight
+    with LiveBytes([weight, layer.A, layer.B] + ([layer.magnitude] if use_dora else [])) as live:
+        layer.merge()
+    size = d * k * 4
+    # (The finiteness check's temporaries take a block of 1 MB at a time.)
+    assert live.peak <= 1.5 * size, f"{live.peak / size:.2f}x the weight"

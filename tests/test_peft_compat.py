@@ -427,6 +427,18 @@ def test_disable_lora_leaves_a_tied_original_s_weight_to_the_model():
     torch.testing.assert_close(got, expected)
 
 
+def test_disable_lora_casts_an_original_whose_copy_was_parametrized_since():
+    # The copy's weight moved under parametrizations.weight.original*: the
+    # original's weight, without a twin of its name, stayed float32 in a
+    # float64 model and the block failed.
+    torch.manual_seed(0)
+    model = lx.from_peft(_peft_model(dtype=torch.float32, modules_to_save=["head"]))
+    torch.nn.utils.parametrizations.weight_norm(model.head)
+    model.double()
+    with torch.no_grad(), lx.disable_lora(model):
+        assert model(torch.randn(2, 20, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_a_module_to_save_compiled_on_its_own_gives_way_with_its_wrapper():
     peft_model = _with_head_to_save()
     x = torch.randn(4, 20, dtype=torch.float64)

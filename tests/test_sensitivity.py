@@ -182,6 +182,28 @@ def test_hooks_the_calibration_changes_on_a_probed_layer_stay_changed():
     assert added[0].id in model[2]._forward_pre_hooks
 
 
+def test_a_probed_layer_with_a_weight_norm_hook_keeps_its_hooks_and_handles():
+    # Its weight-norm pre-hook stays with the layer while a probe stands in;
+    # putting the layer back by moving hooks merged the user's hook into the
+    # dict that pre-hook was left in: its handle no longer removed it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(32, 8, dtype=torch.float64), nn.Tanh(),
+                          nn.Linear(8, 8, dtype=torch.float64))
+    nn.utils.weight_norm(model[2])
+    handle = model[2].register_forward_pre_hook(lambda module, args: None)
+    before = list(model[2]._forward_pre_hooks.values())
+    data = [torch.randn(64, 16, dtype=torch.float64) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lx.compress_model(model, ratio=0.7, calibration=data, progress=False)
+    holder = model[2]
+    if isinstance(holder, nn.Linear):  # kept: its own hooks as they were
+        assert list(holder._forward_pre_hooks.values()) == before
+    handle.remove()
+    assert not any(h is before[1] for h in holder._forward_pre_hooks.values())
+
+
 def test_needs_calibration():
     with pytest.raises(ValueError, match="allocation='sensitivity' needs calibration"):
         lx.compress_model(TwoBranches(), ratio=0.5, allocation="sensitivity")
