@@ -88,16 +88,20 @@ class Swaps:
 
     def put_back(self, keep=0):
         """Take back the swaps after the first ``keep`` that were made to be
-        taken back (a probe, a block), last first, as :meth:`undo` does, and
-        give each replaced module the hooks that were added to or removed from
-        the module in its place meanwhile (by a calibration run, or code in
-        the block)."""
+        taken back (a probe, a block), last first, each replaced module with
+        the hooks the module in its place holds by then (those added to it or
+        removed from it meanwhile, by a calibration run or code in the block,
+        stay so; see _hand_hooks_back). A swap that an interrupt stopped
+        halfway is undone."""
         while len(self.done) > keep:
-            parent, child, old, new, *_, after = self.done[-1]
-            now = _hook_state(new) if after is not None and getattr(parent, child) is new else None
-            self.undo(keep=len(self.done) - 1)
-            if now is not None:
-                _carry_hook_changes(after, now, old)
+            parent, child, old, new, old_hooks, new_hooks, after = self.done[-1]
+            if after is None or getattr(parent, child) is not new:
+                self.undo(keep=len(self.done) - 1)
+                continue
+            setattr(parent, child, old)
+            if _takes_hooks(old, new):
+                _hand_hooks_back(old, new, old_hooks, new_hooks, after)
+            self.done.pop()
 
 
 # What nn.Module itself keeps in a module's __dict__ (its submodules,
@@ -204,20 +208,47 @@ def _hook_state(module):
              if (hooks := getattr(module, attr, None)) is not None])
 
 
-def _carry_hook_changes(before, now, module):
-    """Apply to ``module``'s hook dicts what changed between two states
-    (_hook_state) of another module's: the hooks removed, and the hooks added
-    (after ``module``'s own)."""
-    for (attr, _, entries_before), (_, _, entries_now) in zip(before[1], now[1]):
-        hooks = getattr(module, attr, None)
-        if hooks is None:
+def _hand_hooks_back(old, new, old_state, new_state, after):
+    """Give ``old``, back in the place ``new`` stood in (Swaps.put_back), the
+    hooks ``new`` holds now that are not ``new``'s own (``new_state``, and the
+    ones that stay with it), in their order, with ``old``'s hooks that stayed
+    behind (weight norm, pruning) at their old positions; ``new`` gets its
+    own back. Per kind, ``old`` gets back its own dict where hooks moved out
+    of it (their handles, and those of hooks registered on ``new`` since, hold
+    that dict: it moved to ``new``) or where none were registered on ``new``,
+    else the dict ``new`` holds, where those went (a dict ``new`` had hooks in
+    before stays unreached by handles to ``old``'s, as when the hooks moved
+    in)."""
+    staying_new = _staying_hook_ids(new)
+    olds = {attr: (hooks, entries) for attr, hooks, entries in old_state[1]}
+    news = {attr: (hooks, entries) for attr, hooks, entries in new_state[1]}
+    afters = {attr: entries for attr, _, entries in after[1]}
+    for attr in _HOOK_DICTS:
+        current = getattr(new, attr, None)
+        if attr not in olds or attr not in news or current is None:
             continue
-        kept = {i for i, _ in entries_now}
-        for i, _ in entries_before:
-            if i not in kept:
-                hooks.pop(i, None)
-        seen = {i for i, _ in entries_before}
-        hooks.update((i, hook) for i, hook in entries_now if i not in seen)
+        old_dict, old_entries = olds[attr]
+        new_dict, new_entries = news[attr]
+        own = {i for i, _ in new_entries} | staying_new
+        moved = {i for i, _ in afters.get(attr, ()) if i not in own}
+        order = [(i, hook) for i, hook in current.items() if i not in own]
+        added = [i for i, _ in order if i not in moved]
+        for position, (i, hook) in enumerate(old_entries):
+            if i not in moved:  # stayed with old
+                order.insert(min(position, len(order)), (i, hook))
+        kept_by_new = [(i, hook) for i, hook in current.items() if i in staying_new]
+        target = old_dict if moved or not added else current
+        rest = new_dict if new_dict is not target else type(new_dict)()
+        target.clear()
+        target.update(order)
+        setattr(old, attr, target)
+        rest.clear()
+        rest.update(new_entries + kept_by_new)
+        setattr(new, attr, rest)
+    # The kind of the backward hooks goes with them: they ran on new.
+    old._is_full_backward_hook = (new._is_full_backward_hook if getattr(old, "_backward_hooks", None)
+                                  else old_state[0])
+    new._is_full_backward_hook = new_state[0]
 
 
 def _restore_hooks(module, state):

@@ -455,19 +455,26 @@ def _follow(original, copy, held):
     it that may have been moved or cast since from_peft, and ``copy``'s
     training mode."""
     twins = dict(copy.named_modules())
-    # For a tensor the copy has no twin of (a parametrization added to the
-    # copy since): its first floating tensor's device and dtype.
-    fallback = next((t for t in itertools.chain(copy.parameters(), copy.buffers())
+
+    def first_floating(module):
+        return next((t for t in itertools.chain(module.parameters(), module.buffers())
                      if t.is_floating_point()), None)
+
+    # For a tensor the copy has no twin of (a parametrization added to the
+    # copy since): the first floating tensor of the twin module (its
+    # parametrizations included), else of the copy.
+    anywhere = first_floating(copy)
     with torch.no_grad():
         for prefix, module in original.named_modules():
             twin = twins.get(prefix)
+            nearby = first_floating(twin) if twin is not None else None
+            nearby = anywhere if nearby is None else nearby
             for store in ("_parameters", "_buffers"):
                 mine = getattr(module, store)
                 theirs = getattr(twin, store) if twin is not None else {}
                 for key, t in mine.items():
                     other = theirs.get(key)
-                    other = fallback if other is None else other
+                    other = nearby if other is None else other
                     if t is None or other is None or id(t) in held:
                         continue
                     dtype = other.dtype if t.is_floating_point() else t.dtype

@@ -98,7 +98,7 @@ def _summed(weight, product):
 def _finite(t, block_bytes=1 << 20):
     """Whether every element of ``t`` is finite, a block of rows at a time:
     without a temporary the size of ``t`` (a merged weight may be gigabytes)."""
-    if t.dim() < 2:
+    if t.dim() < 2 or t.shape[0] == 0:
         return bool(torch.isfinite(t).all())
     rows = max(1, block_bytes // max(1, t[0].numel() * t.element_size()))
     return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, t.shape[0], rows))

@@ -386,3 +386,54 @@ def test_an_empty_weight_shares_no_memory():
     assert not _elements_share_memory(torch.empty(0).as_strided((0, 5), (1, 0)))
     assert not _elements_share_memory(torch.randn(6, 8).t())
     assert _elements_share_memory(torch.randn(1, 8).expand(6, 8))
+
+
+# --- Swaps.put_back: a stand-in taken back (sensitivity probes, disable_lora) ---------
+def _stand_in_for(model, name="1"):
+    from lowrank_ext._modules import Swaps
+
+    swaps = Swaps(model)
+    swaps.swap(name, nn.Linear(4, 4), warn=False)
+    return swaps
+
+
+def test_hooks_registered_on_a_stand_in_go_back_with_working_handles_in_order():
+    # They were given to the module put back in a dict their handles did not
+    # reach, after its own hooks (prepend=True lost), and a backward hook lost
+    # the kind torch needs to run it.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    old, calls = model[1], []
+    old.register_forward_pre_hook(lambda m, a: calls.append("own"))
+    swaps = _stand_in_for(model)
+    handles = [model[1].register_forward_hook(lambda m, a, o: calls.append("forward")),
+               model[1].register_forward_pre_hook(lambda m, a: calls.append("first"),
+                                                  prepend=True),
+               model[1].register_forward_hook(lambda m, a, kw, o: calls.append("kwargs"),
+                                              with_kwargs=True, always_call=True),
+               model[1].register_full_backward_hook(lambda m, gi, go: calls.append("backward"))]
+    swaps.put_back()
+    assert model[1] is old
+    model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert calls == ["first", "own", "forward", "kwargs", "backward"]
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert calls == ["own"]
+    assert not old._forward_hooks_with_kwargs and not old._forward_hooks_always_called
+
+
+def test_hooks_removed_from_a_stand_in_stay_removed_and_staying_hooks_keep_their_place():
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    old, calls = model[1], []
+    prune.l1_unstructured(old, "weight", amount=0.5)  # a pre-hook that stays with old
+    handle = old.register_forward_pre_hook(lambda m, a: calls.append("user"))
+    kinds_before = [type(h).__name__ for h in old._forward_pre_hooks.values()]
+    swaps = _stand_in_for(model)
+    handle.remove()  # while the stand-in holds it
+    swaps.put_back()
+    assert [type(h).__name__ for h in old._forward_pre_hooks.values()] == kinds_before[:1]
+    model(torch.randn(1, 4))
+    assert not calls
