@@ -179,10 +179,19 @@ def run(args):
     records, planned = [], []  # planned: (name, key) of the weights to factorize
     for name, r in existing.items():
         A, B = tensors.get(f"{name}.A"), tensors.get(f"{name}.B")
-        if A is not None and B is not None and A.dim() == B.dim() == 2:
-            d, k = B.shape[0], A.shape[1]
-            records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), None,
-                                       note="factorized already in the input; kept as it is"))
+        # The metadata's ranks against the factors, as load_compressed checks
+        # them: a report (and a file) with other ranks would be wrong.
+        if A is None or B is None or A.dim() != 2 or B.dim() != 2 \
+                or not A.shape[0] == B.shape[1] == r:
+            seen = ("no tensors " + f"{name}.A and {name}.B" if A is None and B is None else
+                    f"no tensor {name}.{'A' if A is None else 'B'}" if A is None or B is None
+                    else f"{name}.A of shape {list(A.shape)} and {name}.B of shape "
+                         f"{list(B.shape)}")
+            raise ValueError(f"{args.input} gives layer {name!r} rank {r} in its lowrank_ext "
+                             f"metadata, but holds {seen}")
+        d, k = B.shape[0], A.shape[1]
+        records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), None,
+                                   note="factorized already in the input; kept as it is"))
     attention_out = packed_attention_out_projections(tensors)
 
     def kept_dense(name, shape, note):
@@ -241,6 +250,35 @@ def run(args):
             raise ValueError(f"--{message}" if message.startswith("ratio ") else message) \
                 from None
 
+    def factor_prefix(name, key):
+        prefix = name if key.endswith(".weight") else key
+        for suffix in ("A", "B"):
+            if f"{prefix}.{suffix}" in tensors:
+                raise ValueError(f"cannot store {key!r} as {prefix}.{suffix}: the file already "
+                                 "has a tensor of that name")
+        return prefix
+
+    # B·A is each tensor as this file stores it (transposed for a Conv1D);
+    # load_compressed turns the factors of such layers around. A file holds
+    # its factors in one layout, and which of the earlier layers are Conv1D
+    # (where the layouts differ) cannot be told from the file.
+    def check_one_layout(factorizing):
+        if factorizing and existing and layout != "stored":
+            source = ("by save_compressed" if any(METADATA_KEY in m for m in metadatas) else
+                      "without lowrank_ext metadata, as in a compressed model's state_dict")
+            raise ValueError(
+                f"{args.input} holds layers factorized {source} ({preview(list(existing))}), "
+                "whose factors are in nn.Linear layout, and one file cannot mix that with the "
+                "factors of stored tensors this command writes; compress the original file, "
+                "or load the model and use lowrank_ext.compress_model")
+
+    if args.energy is not None:
+        # The ranks come from spectra: what would be written is checked for
+        # every weight planned before any SVD (one that then stays dense too).
+        check_one_layout(bool(planned))
+        for name, key in planned:
+            factor_prefix(name, key)
+
     ranked = []  # (name, key, rank, prefix of the factors' names)
     for name, key in planned:
         W = tensors[key]
@@ -256,25 +294,8 @@ def run(args):
             kept_dense(name, (d, k), f"dense: rank {r} >= d·k/(d+k) = "
                                      f"{break_even_rank(d, k):.1f} saves nothing")
             continue
-        prefix = name if key.endswith(".weight") else key
-        for suffix in ("A", "B"):
-            if f"{prefix}.{suffix}" in tensors:
-                raise ValueError(f"cannot store {key!r} as {prefix}.{suffix}: the file already "
-                                 "has a tensor of that name")
-        ranked.append((name, key, r, prefix))
-
-    # B·A is each tensor as this file stores it (transposed for a Conv1D);
-    # load_compressed turns the factors of such layers around. A file holds
-    # its factors in one layout, and which of the earlier layers are Conv1D
-    # (where the layouts differ) cannot be told from the file.
-    if ranked and existing and layout != "stored":
-        source = ("by save_compressed" if any(METADATA_KEY in m for m in metadatas) else
-                  "without lowrank_ext metadata, as in a compressed model's state_dict")
-        raise ValueError(
-            f"{args.input} holds layers factorized {source} ({preview(list(existing))}), "
-            "whose factors are in nn.Linear layout, and one file cannot mix that with the "
-            "factors of stored tensors this command writes; compress the original file, or "
-            "load the model and use lowrank_ext.compress_model")
+        ranked.append((name, key, r, factor_prefix(name, key)))
+    check_one_layout(bool(ranked))
 
     out, ranks = dict(tensors), {}
     for name, key, r, prefix in tqdm(ranked, desc="compress", unit="weight", disable=None,
@@ -327,6 +348,10 @@ def run(args):
     # metadata would name them as layers, whatever module holds them).
     if ranks or not existing:
         metadata.update(ranks_metadata({**existing, **ranks}, factors="stored"))
+    elif any(METADATA_KEY in m for m in metadatas):
+        # Every shard's layers: each shard's entry names its own only, and
+        # the merged metadata kept the last one's.
+        metadata.update(ranks_metadata(existing, factors=layout))
     atomic_write(args.output, lambda tmp: save_file(out, tmp, metadata=metadata))
     report = CompressionReport(records)
     print(report.to_json(indent=2) if args.json else report)

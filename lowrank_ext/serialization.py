@@ -161,7 +161,8 @@ def _temporary_file_beside(owner, path, directory):
     try:
         # A shortened name: the prefix and suffix would take a name near the
         # file system's limit (255 bytes) past it.
-        name = os.path.basename(path)[:100]
+        # Cut by bytes (a character takes up to 4), whole characters kept.
+        name = os.fsencode(os.path.basename(path))[:100].decode("utf-8", errors="ignore")
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise type(exc)(f"{_prefix(owner)}cannot write {path}: cannot create a file in "
@@ -342,9 +343,37 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
             f"(torch.nn.utils.parametrize): {preview(parametrized)}; load_compressed cannot "
             "rebuild them. Remove them first with parametrize.remove_parametrizations(layer, "
             "name), which keeps the parametrized values")
+    # torch's hook-based weight_norm and pruning store a factor as A_g/A_v or
+    # B_orig/B_mask, which the plain layers load_compressed builds do not hold.
+    odd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LowRankLinear):
+            keys = set(m.state_dict(keep_vars=True)) - {"A", "B", "bias"}
+            if keys or not {"A", "B"} <= set(m.state_dict(keep_vars=True)):
+                odd[name or "(the model)"] = sorted(keys)
+    if odd:
+        raise ValueError(
+            "save_compressed: LowRankLinear layer(s) "
+            + "; ".join(f"{name} (holding {', '.join(keys) or 'no A or B'})"
+                        for name, keys in list(odd.items())[:3])
+            + " store other tensors than A, B and bias (torch's weight_norm or pruning "
+            "hooks?), which load_compressed cannot rebuild; remove them first "
+            "(torch.nn.utils.remove_weight_norm, torch.nn.utils.prune.remove)")
     ranks = {name: m.rank for name, m in model.named_modules(remove_duplicate=False)
              if isinstance(m, LowRankLinear)}
-    tensors, aliases = _tensors_to_store(model.state_dict())
+    state = model.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"save_compressed: model.state_dict() holds {key}, a "
+                            f"{type(value).__name__} (a module's extra state?); a safetensors "
+                            "file holds tensors only")
+        if value.layout != torch.strided:
+            raise TypeError(f"save_compressed: {key} is a {value.layout} tensor; a safetensors "
+                            "file holds dense tensors only (convert it with .to_dense())")
+        if value.is_meta:
+            raise ValueError(f"save_compressed: {key} is on the meta device and holds no "
+                             "values; materialize the model and load its weights first")
+    tensors, aliases = _tensors_to_store(state)
     metadata = {**aliases, **ranks_metadata(ranks)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata),
                  owner="save_compressed")

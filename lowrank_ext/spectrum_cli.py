@@ -45,6 +45,7 @@ def _plot(path, name, S, energy):
 
 def run(args):
     import torch
+    from ._checks import dtype_name
     from ._names import preview
     from .compress_cli import check_output_is_not_input
     from .serialization import check_output_path, model_files, opened
@@ -70,7 +71,12 @@ def run(args):
             for key in f.keys():
                 t = f.get_tensor(key)
                 if t.dim() == 2 and t.is_floating_point() and t.numel():
-                    t = t.double()  # float8 has no isfinite of its own
+                    try:
+                        t = t.double()  # float8 has no isfinite of its own
+                    except (RuntimeError, NotImplementedError):  # packed float4, say
+                        print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} "
+                              f"cannot read {dtype_name(t.dtype)}")
+                        continue
                     if bool(torch.isfinite(t).all()):
                         S, _ = scaled_singular_values(t)
                         ranks = f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}"
@@ -95,7 +101,11 @@ def run(args):
                          f"and dtype {W.dtype}")
     if W.numel() == 0:
         raise ValueError(f"tensor {key!r} in {args.input} is empty (shape {list(W.shape)})")
-    W = W.double()  # float8 has no isfinite of its own
+    try:
+        W = W.double()  # float8 has no isfinite of its own
+    except (RuntimeError, NotImplementedError) as exc:  # packed float4, say
+        raise ValueError(f"tensor {key!r} in {args.input} is {dtype_name(W.dtype)}, which "
+                         "cannot be read as numbers here") from exc
     if not bool(torch.isfinite(W).all()):
         raise ValueError(f"tensor {key!r} in {args.input} has NaN or Inf")
     # Of W scaled by a power of two: σ_1 of a finite W can be past float64's

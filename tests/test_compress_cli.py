@@ -1006,3 +1006,81 @@ def test_an_output_name_longer_than_the_file_system_allows_is_refused_first(weig
     err = capsys.readouterr().err
     assert "its name is 312 bytes, more than the 255 the file system allows" in err
     assert "singular" not in err and not list(tmp_path.glob("*.tmp"))
+
+
+def _ranks_entry(ranks):
+    return {"lowrank_ext": json.dumps({"format": 1, "factors": "stored", "ranks": ranks})}
+
+
+def test_compress_keeps_every_shard_s_ranks(tmp_path, capsys):
+    # Each shard names its own layers: the merged metadata kept the last
+    # shard's entry, and the output did not load.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    torch.manual_seed(0)
+    save_file({"a.A": torch.randn(4, 48), "a.B": torch.randn(64, 4)},
+              str(shards / "s1.safetensors"), metadata=_ranks_entry({"a": 4}))
+    save_file({"b.A": torch.randn(4, 64), "b.B": torch.randn(64, 4),
+               "c.weight": torch.randn(8, 8)},
+              str(shards / "s2.safetensors"), metadata=_ranks_entry({"b": 4}))
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a.A": "s1.safetensors", "a.B": "s1.safetensors", "b.A": "s2.safetensors",
+        "b.B": "s2.safetensors", "c.weight": "s2.safetensors"}}))
+    out = tmp_path / "out.safetensors"
+    assert main(["compress", str(shards), "-o", str(out), "--rank", "1000"]) == 0  # c stays dense
+    assert json.loads(_read(out)[1]["lowrank_ext"])["ranks"] == {"a": 4, "b": 4}
+    model = nn.Module()
+    model.a, model.b = nn.Linear(48, 64, bias=False), nn.Linear(64, 64, bias=False)
+    model.c = nn.Linear(8, 8, bias=False)
+    lx.load_compressed(model, out)
+    assert isinstance(model.a, lx.LowRankLinear) and isinstance(model.b, lx.LowRankLinear)
+
+
+def test_compress_refuses_input_ranks_that_contradict_the_factors(tmp_path, capsys):
+    # The report gave the metadata's rank, the output repeated it, and
+    # load_compressed refused the file later.
+    torch.manual_seed(0)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"a.A": torch.randn(4, 48), "a.B": torch.randn(64, 4),
+               "b.weight": torch.randn(64, 64)}, str(bad), metadata=_ranks_entry({"a": 3}))
+    out = tmp_path / "out.safetensors"
+    assert main(["compress", str(bad), "-o", str(out), "--rank", "4"]) == 1
+    assert (f"{bad} gives layer 'a' rank 3 in its lowrank_ext metadata, but holds a.A of "
+            "shape [4, 48] and a.B of shape [64, 4]") in capsys.readouterr().err
+    save_file({"a.A": torch.randn(4, 48), "a.B": torch.randn(64, 4),
+               "b.weight": torch.randn(64, 64)}, str(bad),
+              metadata=_ranks_entry({"a": 4, "ghost": 5}))
+    assert main(["compress", str(bad), "-o", str(out), "--rank", "4"]) == 1
+    assert "gives layer 'ghost' rank 5 in its lowrank_ext metadata, but holds no tensors " \
+           "ghost.A and ghost.B" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_energy_checks_what_it_would_write_before_any_svd(tmp_path, capsys, monkeypatch):
+    import lowrank_ext.svd as svd
+
+    torch.manual_seed(0)
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({"old.A": torch.randn(4, 30), "old.B": torch.randn(20, 4),
+               "new.weight": torch.randn(40, 30)}, str(mixed))  # pairs without metadata
+    spectra = []
+    real = svd.scaled_singular_values
+    monkeypatch.setattr(svd, "scaled_singular_values",
+                        lambda W: spectra.append(W.shape) or real(W))
+    assert main(["compress", str(mixed), "-o", str(tmp_path / "o.safetensors"),
+                 "--energy", "0.5"]) == 1
+    assert "one file cannot mix that" in capsys.readouterr().err
+    assert not spectra
+
+
+def test_spectrum_names_a_tensor_it_cannot_read(tmp_path, capsys):
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip("this torch has no float4_e2m1fn_x2")
+    path = tmp_path / "fp4.safetensors"
+    save_file({"a.weight": torch.randn(16, 16),
+               "q.weight": torch.zeros(8, 4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)},
+              str(path))
+    assert main(["spectrum", str(path)]) == 0
+    assert "cannot read float4_e2m1fn_x2" in capsys.readouterr().out
+    assert main(["spectrum", str(path), "--layer", "q"]) == 1
+    assert ("tensor 'q.weight' in " in capsys.readouterr().err)

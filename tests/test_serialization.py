@@ -1167,3 +1167,45 @@ def test_loading_outside_inference_mode_into_inference_tensors_changes_nothing(t
     x = torch.randn(3, 16)
     with torch.no_grad():  # (the LayerNorm's inference tensors cannot be saved for backward)
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_save_compressed_refuses_what_safetensors_or_load_compressed_cannot_take(tmp_path):
+    # torch's hook-based weight_norm and pruning stored A_g/A_v or B_orig/B_mask,
+    # which load_compressed refused later; extra state, meta and sparse
+    # tensors failed in torch's or safetensors' words (an AttributeError).
+    from torch.nn.utils import prune
+
+    def compressed():
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        lx.compress_model(model, rank=2, progress=False)
+        return model
+
+    path = tmp_path / "m.safetensors"
+    model = compressed()
+    torch.nn.utils.weight_norm(model[0], name="A")
+    prune.l1_unstructured(model[2], "B", amount=0.5)
+    with pytest.raises(ValueError, match=r"save_compressed: LowRankLinear layer\(s\) 0 \(holding "
+                                         r"A_g, A_v\); 2 \(holding B_mask, B_orig\) store other "
+                                         r"tensors than A, B and bias"):
+        lx.save_compressed(model, path)
+
+    class WithExtraState(nn.Module):
+        def get_extra_state(self):
+            return {"step": 3}
+
+        def set_extra_state(self, state):
+            pass
+
+    model = compressed()
+    model.add_module("state", WithExtraState())
+    with pytest.raises(TypeError, match=r"save_compressed: model.state_dict\(\) holds "
+                                        r"state._extra_state, a dict"):
+        lx.save_compressed(model, path)
+    model = compressed()
+    model.register_buffer("mask", torch.eye(3).to_sparse())
+    with pytest.raises(TypeError, match=r"save_compressed: mask is a torch.sparse_coo tensor"):
+        lx.save_compressed(model, path)
+    model = compressed().to("meta")
+    with pytest.raises(ValueError, match=r"save_compressed: 0.A is on the meta device"):
+        lx.save_compressed(model, path)
+    assert not path.exists()

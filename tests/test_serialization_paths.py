@@ -117,3 +117,21 @@ def test_a_key_in_a_shard_its_index_does_not_put_there_is_refused(tmp_path):
     lx.load_compressed(fresh, tmp_path)
     for key, value in state.items():
         assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_a_name_of_multibyte_characters_within_the_limit_is_written(tmp_path):
+    # The temporary file beside it was cut to 100 characters, up to 400
+    # bytes: a 255-byte name the file system takes was refused.
+    import lowrank_ext as lx
+
+    name = "模" * 81 + ".safetensors"  # 255 bytes
+    try:
+        (tmp_path / name).write_bytes(b"")
+        (tmp_path / name).unlink()
+    except OSError:
+        pytest.skip("this file system does not take a 255-byte name")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    lx.compress_model(model, rank=2, progress=False)
+    lx.save_compressed(model, tmp_path / name)
+    assert (tmp_path / name).exists()
+    assert [p.name for p in tmp_path.iterdir()] == [name]
