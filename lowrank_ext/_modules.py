@@ -208,47 +208,79 @@ def _hook_state(module):
              if (hooks := getattr(module, attr, None)) is not None])
 
 
+# The hook dicts torch keeps together: a hook's entry and its flags (kwargs,
+# always called) are removed together by its handle, so they go one way.
+_HOOK_GROUPS = (("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
+                ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+                ("_backward_pre_hooks",), ("_backward_hooks",))
+
+
 def _hand_hooks_back(old, new, old_state, new_state, after):
     """Give ``old``, back in the place ``new`` stood in (Swaps.put_back), the
     hooks ``new`` holds now that are not ``new``'s own (``new_state``, and the
     ones that stay with it), in their order, with ``old``'s hooks that stayed
-    behind (weight norm, pruning) at their old positions; ``new`` gets its
-    own back. Per kind, ``old`` gets back its own dict where hooks moved out
-    of it (their handles, and those of hooks registered on ``new`` since, hold
-    that dict: it moved to ``new``) or where none were registered on ``new``,
-    else the dict ``new`` holds, where those went (a dict ``new`` had hooks in
-    before stays unreached by handles to ``old``'s, as when the hooks moved
-    in)."""
+    behind (weight norm, pruning) beside the neighbours they had; ``new``
+    keeps what is left of its own. Per group of dicts, ``old`` gets back its
+    own where hooks moved out of it (their handles, and those of hooks
+    registered on ``new`` since, hold them: they moved to ``new``) or where
+    none were registered on ``new``, else the ones ``new`` holds, where those
+    went (where ``new`` had hooks of a kind before, the handles of one side
+    cannot reach the other's, as when the hooks moved in)."""
     staying_new = _staying_hook_ids(new)
     olds = {attr: (hooks, entries) for attr, hooks, entries in old_state[1]}
     news = {attr: (hooks, entries) for attr, hooks, entries in new_state[1]}
     afters = {attr: entries for attr, _, entries in after[1]}
-    for attr in _HOOK_DICTS:
-        current = getattr(new, attr, None)
-        if attr not in olds or attr not in news or current is None:
-            continue
-        old_dict, old_entries = olds[attr]
-        new_dict, new_entries = news[attr]
-        own = {i for i, _ in new_entries} | staying_new
-        moved = {i for i, _ in afters.get(attr, ()) if i not in own}
-        order = [(i, hook) for i, hook in current.items() if i not in own]
-        added = [i for i, _ in order if i not in moved]
-        for position, (i, hook) in enumerate(old_entries):
-            if i not in moved:  # stayed with old
-                order.insert(min(position, len(order)), (i, hook))
-        kept_by_new = [(i, hook) for i, hook in current.items() if i in staying_new]
-        target = old_dict if moved or not added else current
-        rest = new_dict if new_dict is not target else type(new_dict)()
-        target.clear()
-        target.update(order)
-        setattr(old, attr, target)
-        rest.clear()
-        rest.update(new_entries + kept_by_new)
-        setattr(new, attr, rest)
+    for group in _HOOK_GROUPS:
+        plans, back_to_old = [], None
+        for attr in group:
+            current = getattr(new, attr, None)
+            if attr not in olds or attr not in news or current is None:
+                continue
+            old_dict, old_entries = olds[attr]
+            new_dict, new_entries = news[attr]
+            own = {i for i, _ in new_entries} | staying_new
+            moved = {i for i, _ in afters.get(attr, ()) if i not in own}
+            # Where both had hooks, old's dict was left behind when its hooks
+            # joined new's: a handle of old's removed its hook there only.
+            gone = {i for i in moved if old_dict is not current and i not in old_dict}
+            order = [(i, hook) for i, hook in current.items() if i not in own and i not in gone]
+            added = [i for i, _ in order if i not in moved]
+            _place_staying(order, old_entries, moved)
+            if back_to_old is None:  # the group's first dict decides for all of them
+                back_to_old = bool(moved) or not added
+            rest = [(i, hook) for i, hook in new_entries if i in current]
+            rest += [(i, hook) for i, hook in current.items() if i in staying_new]
+            plans.append((attr, old_dict, new_dict, current, order, rest))
+        for attr, old_dict, new_dict, current, order, rest in plans:
+            target = old_dict if back_to_old else current
+            other = new_dict if new_dict is not target else type(new_dict)()
+            target.clear()
+            target.update(order)
+            setattr(old, attr, target)
+            other.clear()
+            other.update(rest)
+            setattr(new, attr, other)
     # The kind of the backward hooks goes with them: they ran on new.
     old._is_full_backward_hook = (new._is_full_backward_hook if getattr(old, "_backward_hooks", None)
                                   else old_state[0])
     new._is_full_backward_hook = new_state[0]
+
+
+def _place_staying(order, old_entries, moved):
+    """Insert into ``order`` (a list of (id, hook)) the entries of
+    ``old_entries`` that did not move (they stayed with the module), each
+    after the nearest of its old predecessors still there, else before the
+    nearest successor, else where it was (first or last)."""
+    ids = [i for i, _ in old_entries]
+    for position, (i, hook) in enumerate(old_entries):
+        if i in moved:
+            continue
+        where = {j: n for n, (j, _) in enumerate(order)}
+        before = next((where[j] for j in reversed(ids[:position]) if j in where), None)
+        after = next((where[j] for j in ids[position + 1:] if j in where), None)
+        index = (before + 1 if before is not None else after if after is not None
+                 else 0 if position == 0 else len(order))
+        order.insert(index, (i, hook))
 
 
 def _restore_hooks(module, state):

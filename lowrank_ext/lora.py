@@ -436,7 +436,11 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         try:
-            swaps.put_back()
+            try:
+                swaps.put_back()
+            except BaseException:  # as the swaps were made (an interrupt too)
+                swaps.undo()
+                raise
         finally:
             for _, _, original in originals:
                 original.__dict__.pop(STANDING_IN, None)

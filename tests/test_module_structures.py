@@ -437,3 +437,31 @@ def test_hooks_removed_from_a_stand_in_stay_removed_and_staying_hooks_keep_their
     assert [type(h).__name__ for h in old._forward_pre_hooks.values()] == kinds_before[:1]
     model(torch.randn(1, 4))
     assert not calls
+
+
+def test_hooks_that_stayed_behind_keep_their_neighbours_and_a_stand_in_its_removals():
+    from torch.nn.utils import prune
+
+    from lowrank_ext._modules import Swaps
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    old, calls = model[1], []
+    old.register_forward_pre_hook(lambda m, a: calls.append("u1"))
+    prune.l1_unstructured(old, "weight", amount=0.5)  # stays with old, between u1 and u2
+    old.register_forward_pre_hook(lambda m, a: calls.append("u2"))
+    stand_in = nn.Linear(4, 4)
+    own = stand_in.register_forward_hook(lambda m, a, o: calls.append("stand-in"))
+    swaps = Swaps(model)
+    swaps.swap("1", stand_in, warn=False)
+    first = model[1].register_forward_pre_hook(lambda m, a: calls.append("first"), prepend=True)
+    own.remove()
+    swaps.put_back()
+    kinds = [getattr(h, "__name__", type(h).__name__) for h in old._forward_pre_hooks.values()]
+    assert kinds == ["<lambda>", "<lambda>", "L1Unstructured", "<lambda>"]
+    model(torch.randn(1, 4))
+    assert calls == ["first", "u1", "u2"]
+    assert not stand_in._forward_hooks  # removed while it stood in: it stays removed
+    first.remove()
+    calls.clear()
+    model(torch.randn(1, 4))
+    assert calls == ["u1", "u2"]
