@@ -847,8 +847,11 @@ class LoRALinear(nn.Module):
                  use_dora: bool = False):
         super().__init__()
         if not isinstance(base, (nn.Linear, LowRankLinear)) and not is_conv1d(base):
+            kind = type(base)
+            quantized = "quantiz" in kind.__module__
             raise TypeError(f"LoRALinear: base must be an nn.Linear, a LowRankLinear or a "
-                            f"transformers Conv1D, got {type(base).__name__}")
+                            f"transformers Conv1D, got {kind.__module__}.{kind.__qualname__}"
+                            + ("; quantize after lx.merge_lora" if quantized else ""))
         if isinstance(base, nn.Linear):
             _check_plain_linear_forward("LoRALinear", "base", base)
             _check_initialized("LoRALinear", "base", base)

@@ -563,6 +563,12 @@ def test_lora_rejects_non_linear():
     with pytest.raises(TypeError,
                        match="base must be an nn.Linear, a LowRankLinear or a transformers Conv1D"):
         lx.LoRALinear(nn.Conv1d(3, 3, 1), 1)
+    # A dynamically quantized Linear is also called Linear: its full name says
+    # which (the message said "got Linear"), with the way out.
+    quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 4)))[0]
+    with pytest.raises(TypeError, match=r"got torch\.ao\.nn\.quantized\.dynamic\.modules\."
+                                        r"linear\.Linear; quantize after lx\.merge_lora"):
+        lx.LoRALinear(quantized, 1)
     integer = nn.Linear(4, 4)
     integer.weight = nn.Parameter(integer.weight.detach().to(torch.int64), requires_grad=False)
     with pytest.raises(TypeError, match="base must have a float32, float64, float16 or bfloat16 "
