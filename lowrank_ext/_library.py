@@ -20,7 +20,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _backend, _checks, _fallback, _vmap
-from ._amp import autocast_enabled
+from ._amp import outside_autocast
 
 NAMESPACE = "lowrank_ext"
 
@@ -118,11 +118,8 @@ def _outside_autocast(grads):
     of a float32 call differed between the backends."""
     @functools.wraps(grads)
     def run(needs, gy, *args, **kwargs):
-        device = gy.device.type
-        if autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return grads(needs, gy, *args, **kwargs)
-        return grads(needs, gy, *args, **kwargs)
+        with outside_autocast(gy.device.type):
+            return grads(needs, gy, *args, **kwargs)
     return run
 
 

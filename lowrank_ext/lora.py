@@ -417,7 +417,7 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     held = {id(t) for t in itertools.chain(root.parameters(), root.buffers())}
     originals = []
     for name, module in root.named_modules():
-        original = vars(module).get("_lowrank_ext_original")
+        original = vars(module).get(ORIGINAL)
         if name and original is not None:
             place, _, child = name.rpartition(".")
             # A copy compiled on its own gives way together with its wrapper.
@@ -448,6 +448,9 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
                 lora.adapter_enabled = saved[name]
 
 
+# In the __dict__ of a module from_peft took from peft's modules_to_save: the
+# original peft kept (outside the module tree), which disable_lora swaps in.
+ORIGINAL = "_lowrank_ext_original"
 # In the __dict__ of an original that stands in for its trained copy inside
 # a disable_lora block.
 STANDING_IN = "_lowrank_ext_standing_in"

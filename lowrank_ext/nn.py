@@ -87,12 +87,13 @@ def _dense_product(B, A, scale=1.0):
         return (B @ A).mul_(scale)  # in the product's buffer: one weight-sized tensor
 
 
-def _summed(weight, product):
-    """weight + product in the dtype torch promotes them to, in ``product``'s
-    buffer where it has that dtype (a weight-sized temporary fewer)."""
-    if product.dtype == torch.promote_types(product.dtype, weight.dtype):
-        return product.add_(weight)
-    return weight + product
+def _in_buffer(op, buffer, other):
+    """``op(buffer, other)`` (torch.add, torch.mul) in the dtype torch promotes
+    them to, written into ``buffer`` where it has that dtype (a weight-sized
+    temporary fewer); ``buffer`` must be a fresh tensor of the caller's."""
+    if buffer.dtype == torch.promote_types(buffer.dtype, other.dtype):
+        return op(buffer, other, out=buffer)
+    return op(buffer, other)
 
 
 def _finite(t, block_bytes=1 << 20):
@@ -1232,18 +1233,16 @@ class LoRALinear(nn.Module):
             with torch.inference_mode(False):
                 norms = dora_row_norms(weight, self.B, self.A, self.scale)
             factor = self._dora_scale(norms).unsqueeze(1)
-            merged = _summed(weight, _dense_product(self.B, self.A, self.scale))
-            if merged.dtype == torch.promote_types(merged.dtype, factor.dtype):
-                merged = merged.mul_(factor)
-            else:
-                merged = factor * merged
+            merged = _in_buffer(torch.mul, _in_buffer(
+                torch.add, _dense_product(self.B, self.A, self.scale), weight), factor)
             self._check_merged_in_range(merged.to(weight.dtype), weight)
             with torch.inference_mode(False):
                 self.register_buffer("_dora_norms", norms, persistent=False)
             weight.copy_(merged)
         else:
             weight = dense_weight(self.base)  # a view: the base's own tensor changes
-            merged = _summed(weight, _dense_product(self.B, self.A, self.scale)).to(weight.dtype)
+            merged = _in_buffer(torch.add, _dense_product(self.B, self.A, self.scale),
+                                weight).to(weight.dtype)
             self._check_merged_in_range(merged, weight)
             weight.copy_(merged)
         self.merged = True

@@ -28,7 +28,7 @@ from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
                        has_own_forward, is_conv1d, places_of, weight_tied_elsewhere)
 from ._names import preview
 from .compress import attention_holding
-from .lora import STANDING_IN, _check_model, _require_adapters, adapter_parameters
+from .lora import ORIGINAL, STANDING_IN, _check_model, _require_adapters, adapter_parameters
 from .nn import LoRALinear, LowRankLinear
 from .serialization import atomic_write_files, check_path, separate_memory
 
@@ -316,7 +316,7 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
         # The original, kept beside the copy outside the module tree (no
         # parameters, no state-dict keys): disable_lora puts it in the copy's
         # place for its block, as peft's disable_adapter() does.
-        object.__setattr__(module, "_lowrank_ext_original", original)
+        object.__setattr__(module, ORIGINAL, original)
     # What save_peft_adapter writes back into the adapter's config by default.
     root._lowrank_ext_peft_config = _peft_config_fields(model, root, adapter)
     for old, new in sorted(cast_notes, key=str):

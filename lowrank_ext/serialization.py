@@ -348,9 +348,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
     odd = {}
     for name, m in model.named_modules():
         if isinstance(m, LowRankLinear):
-            keys = set(m.state_dict(keep_vars=True)) - {"A", "B", "bias"}
-            if keys or not {"A", "B"} <= set(m.state_dict(keep_vars=True)):
-                odd[name or "(the model)"] = sorted(keys)
+            held = set(m.state_dict(keep_vars=True))
+            if held - {"A", "B", "bias"} or not {"A", "B"} <= held:
+                odd[name or "(the model)"] = sorted(held - {"A", "B", "bias"})
     if odd:
         raise ValueError(
             "save_compressed: LowRankLinear layer(s) "

@@ -168,7 +168,9 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
     if method == "randomized":
         if rank is None:
             raise ValueError("svd_truncate: method='randomized' needs rank, not energy or tol")
-        return _randomized(W, int(rank), balanced, int(niter), generator)
+        # Its products in W's dtype, as the exact method's, also under autocast.
+        with outside_autocast(W.device.type):
+            return _randomized(W, int(rank), balanced, int(niter), generator)
     if rank is None:
         _checks.check_svd_matrix(W)
         if _batched(W):
@@ -259,11 +261,6 @@ def _randomized(W, rank, balanced, niter, generator):
     _checks.check_svd_finite(_values(W))  # under vmap, every sample at once
     Wc, root = svd_operand(W)
     q = min(rank + _OVERSAMPLE, *W.shape)
-    with outside_autocast(W.device.type):  # its products in W's dtype, as the exact method
-        return _randomized_factors(W, Wc, root, rank, q, balanced, niter, generator)
-
-
-def _randomized_factors(W, Wc, root, rank, q, balanced, niter, generator):
     if generator is None:
         U, S, V = torch.svd_lowrank(Wc, q=q, niter=niter)
     else:
