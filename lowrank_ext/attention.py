@@ -79,9 +79,16 @@ class SplitMultiheadAttention(nn.Module):
         self.dropout = float(dropout)
         self.batch_first = batch_first
         self.add_zero_attn = add_zero_attn
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
+        # The projections are made without a random draw of their own and
+        # out_proj with nn.Linear's, as torch makes its packed in_proj_weight
+        # and out_proj: with _reset_parameters, the same draws in the same
+        # order, so a seed gives nn.MultiheadAttention's weights and leaves the
+        # random stream where it would (later layers, data order).
+        home = torch.empty(0, device=device).device  # a default-device context included
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(fan_in, embed_dim, bias=bias, device="meta", dtype=dtype).to_empty(
+                device=home)
+            for fan_in in (embed_dim, self.kdim, self.vdim))
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
@@ -98,10 +105,13 @@ class SplitMultiheadAttention(nn.Module):
         ``out_proj.weight`` keeps ``nn.Linear``'s draw, as torch's does."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if self._qkv_same_embed_dim:
-            # The fans of the packed matrix: embed_dim in, 3·embed_dim out.
-            bound = math.sqrt(6.0 / (4 * self.embed_dim))
-            for layer in projections:
-                layer.weight.uniform_(-bound, bound)
+            # One draw over the packed (3·embed_dim, embed_dim) matrix, as torch's.
+            weight = self.q_proj.weight
+            packed = torch.empty(3 * self.embed_dim, self.embed_dim, device=weight.device,
+                                 dtype=weight.dtype)
+            nn.init.xavier_uniform_(packed)
+            for layer, rows in zip(projections, packed.chunk(3)):
+                layer.weight.copy_(rows)
         else:
             for layer in projections:
                 nn.init.xavier_uniform_(layer.weight)
@@ -181,13 +191,15 @@ class SplitMultiheadAttention(nn.Module):
         if is_causal and attn_mask is None:
             raise RuntimeError("SplitMultiheadAttention: is_causal needs attn_mask (the causal "
                                "mask itself), as nn.MultiheadAttention does")
+        # Checked (and made additive) even where the causal kernel will not
+        # read it, as torch checks it: a mask of integers is refused either way.
+        with _torch_asserts_as_errors():
+            attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask",
+                                          other_type=None, other_name="",
+                                          target_type=query.dtype, check_other=False)
         if is_causal and key_padding_mask is None and not need_weights:
             attn_mask = None  # the fused causal kernel takes it from here
         else:
-            with _torch_asserts_as_errors():
-                attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask",
-                                              other_type=None, other_name="",
-                                              target_type=query.dtype, check_other=False)
             is_causal = False
         H, D = self.num_heads, self.head_dim
         if attn_mask is not None:
@@ -250,9 +262,14 @@ class SplitMultiheadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=is_causal)
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, E))
+        # Laid out as torch's: (L, N, E) in memory, a transposed view of it
+        # where batch_first. Code after it may view() it, and a dropout after
+        # it (a Transformer layer's) draws its mask in memory order, so that
+        # another layout drew other masks from the same seed.
+        out = out.transpose(0, 1).contiguous()
         if not batched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
+            out = out.squeeze(1)
+        elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
 

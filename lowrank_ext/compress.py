@@ -168,6 +168,9 @@ def left_alone_suffix(model):
     return f" (left alone: {_listed(alone)})" if alone else ""
 
 
+_COMPILED_CHILD = "._orig_mod"
+
+
 def select_names(names, include=None, exclude=None, *, owner="compress_model", what="layer",
                  aliases=None, left_alone=None):
     """The names kept by include/exclude glob patterns; a pattern matching nothing is an error.
@@ -184,8 +187,18 @@ def select_names(names, include=None, exclude=None, *, owner="compress_model", w
     aliases = aliases or {}
     left_alone = left_alone or {}
 
+    def names_of(name):
+        names = aliases.get(name, (name,))
+        if name in left_alone:
+            # A module torch.compile wraps on its own is named through the
+            # wrapper's _orig_mod; the user knows it by the wrapper's name,
+            # and should hear why it is left alone rather than of no match.
+            names = (*names, *(n[:-len(_COMPILED_CHILD)] for n in names
+                               if n.endswith(_COMPILED_CHILD)))
+        return names
+
     def matches(name, pattern):
-        return any(name_matches(n, pattern) for n in aliases.get(name, (name,)))
+        return any(name_matches(n, pattern) for n in names_of(name))
 
     usable = [n for n in names if n not in left_alone]
     for label, patterns in (("include", include), ("exclude", exclude)):
