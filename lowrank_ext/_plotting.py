@@ -2,6 +2,7 @@
 checked before any work so that a long run never ends in a missing library or
 an image format matplotlib cannot write."""
 
+import io
 import os
 
 
@@ -27,4 +28,16 @@ def plot_format(path):
     if ext not in supported:
         raise ValueError(f"--plot {path}: matplotlib cannot write {ext!r} images; use one of "
                          f"{', '.join(sorted(supported))}")
+    # Some formats need a program outside matplotlib (pgf: a TeX system) and
+    # fail only when drawn: a tiny figure with text, drawn now, finds out.
+    plt = load_matplotlib()
+    figure = plt.figure(figsize=(1, 1))
+    try:
+        figure.text(0.5, 0.5, "1.0×")
+        figure.savefig(io.BytesIO(), format=ext)
+    except Exception as exc:  # whatever the format's writer raises
+        raise ValueError(f"--plot {path}: matplotlib cannot write {ext!r} images here: "
+                         f"{exc}") from None
+    finally:
+        plt.close(figure)
     return ext

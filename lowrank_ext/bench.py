@@ -106,10 +106,12 @@ MAX_BATCH_MS = 60000.0
 def parse_shapes(text):
     """"M,k,r,d;M,k,r,d" (or "MxkxRxd" items) -> list of 4-tuples of ints."""
     shapes = []
-    for item in text.replace(" ", "").split(";"):
+    for item in text.split(";"):
+        item = item.strip()
         if not item:
             continue
-        parts = item.replace("x", ",").split(",")
+        # Spaces around a separator only: "1,4,2,4 5" is no (1, 4, 2, 45).
+        parts = [p.strip() for p in item.replace("x", ",").split(",")]
         if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts):
             raise ValueError(f"bad shape {item!r}: expected M,k,r,d (four integers)")
         shape = tuple(int(p) for p in parts)

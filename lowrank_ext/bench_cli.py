@@ -5,6 +5,9 @@ import json
 import os
 import sys
 
+# Every side; dense left out by itself in modes without one (see run).
+DEFAULT_SIDES = "ours,compose,compiled,dense"
+
 HELP = ("time lowrank_linear (or lora_linear) against the F.linear composition, "
         "torch.compile and dense")
 
@@ -23,8 +26,9 @@ def add_arguments(parser):
                              'device and op)')
     parser.add_argument("--modes", default="fwd,train",
                         help="comma-separated: fwd (inference), train (forward + backward)")
-    parser.add_argument("--sides", default="ours,compose,compiled,dense",
-                        help="comma-separated sides to time (ours is always kept)")
+    parser.add_argument("--sides", default=None,
+                        help="comma-separated sides to time (ours is always kept; default: "
+                             f"{DEFAULT_SIDES}, dense only in the modes that have one)")
     parser.add_argument("--rounds", type=int, default=15,
                         help="interleaved timed rounds per side (the median is reported)")
     parser.add_argument("--batch-ms", type=float, default=20.0,
@@ -224,18 +228,21 @@ def _is_stream(path):
         or _own_descriptor(path) is not None
 
 
-def _write_into(path, data):
-    descriptor = _own_descriptor(path)
-    if descriptor is None:
-        with open(path, "wb") as f:
-            f.write(data)
-        return
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()  # what was printed before comes first
-    view = memoryview(data)
-    while view:
-        view = view[os.write(descriptor, view):]
+def _write_into(option, path, data):
+    try:
+        descriptor = _own_descriptor(path)
+        if descriptor is None:
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()  # what was printed before comes first
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view):]
+    except OSError as exc:  # a full device, a closed stream: name the option
+        raise OSError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
 
 
 def _write_outputs(args, bench, result, table):
@@ -246,19 +253,20 @@ def _write_outputs(args, bench, result, table):
 
     texts = []
     if args.json:
-        texts.append((args.json, json.dumps(result, indent=1) + "\n"))
+        texts.append(("--json", args.json, json.dumps(result, indent=1) + "\n"))
     if args.markdown:
-        texts.append((args.markdown, f"Command: `{result['command']}`\n\n"
-                                     f"Machine: {bench.machine_summary(result)}\n\n{table}\n"))
+        texts.append(("--markdown", args.markdown,
+                      f"Command: `{result['command']}`\n\n"
+                      f"Machine: {bench.machine_summary(result)}\n\n{table}\n"))
     files = []
-    for path, text in texts:
+    for option, path, text in texts:
         if path == STDOUT:
             continue  # printed last (see run)
         # UTF-8 whatever the locale (the table has µ and ×); the command
         # keeps the bytes of a file name that is not UTF-8.
         data = text.encode("utf-8", "surrogateescape")
         if _is_stream(path):
-            _write_into(path, data)
+            _write_into(option, path, data)
         else:
             files.append((path, lambda tmp, data=data: _write_bytes(tmp, data)))
     if args.plot:
@@ -268,7 +276,7 @@ def _write_outputs(args, bench, result, table):
             files.append((args.plot, lambda tmp: bench.plot(result, tmp, fmt_path=args.plot)))
     if files:
         atomic_write_files(files)
-    return [text for path, text in texts if path == STDOUT]
+    return [text for _, path, text in texts if path == STDOUT]
 
 
 def _write_bytes(path, data):
@@ -284,8 +292,12 @@ def run(args):
     # Before any output directory is made, and named as the options.
     bench.check_settings(args.rounds, args.warmup_s, args.batch_ms, args.threads, options=True)
     modes = _split(args.modes, bench.MODES, "--modes")
-    sides = _split(args.sides, bench.SIDES, "--sides")
+    sides = _split(DEFAULT_SIDES if args.sides is None else args.sides, bench.SIDES, "--sides")
     sides = ["ours"] + [s for s in sides if s != "ours"]
+    if "dense" in sides and not any(bench.sides_for(args.op, m, ["dense"]) for m in modes):
+        if args.sides is None:
+            # Not asked for by name: the default sides where there is one.
+            sides.remove("dense")
     if "dense" in sides and not any(bench.sides_for(args.op, m, ["dense"]) for m in modes):
         # Otherwise its column stays empty without a word.
         raise ValueError(f"--sides dense: --op {args.op} has no dense side in "

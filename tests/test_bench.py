@@ -1,6 +1,7 @@
 """The bench command on a tiny shape: runs, prints a table, writes valid JSON."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -76,7 +77,9 @@ def test_cuda_without_gpu_is_a_one_line_error(capsys):
 
 
 @pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", "", "4,0,4,4", "0,4,4,4", "4,4,-1,4",
-                                  "3,5,²,4", "3,５,2,4"])
+                                  "3,5,²,4", "3,５,2,4",
+                                  # spaces inside a number: once read as 45, 64, 12
+                                  "1,4,2,4 5", "16, 4096, 6 4, 4096", "1 2,8,2,8"])
 def test_bad_shapes_are_rejected(text):
     with pytest.raises(ValueError):
         bench.parse_shapes(text)
@@ -124,6 +127,8 @@ def test_a_plot_without_matplotlib_fails_before_any_timing(capsys, monkeypatch):
 
 def test_shapes_and_dtypes_parse():
     assert bench.parse_shapes("1,2,3,4; 5x6x7x8") == [(1, 2, 3, 4), (5, 6, 7, 8)]
+    assert bench.parse_shapes(" 16, 4096 ,64,4096 ; 1 x 2 x 3 x 4 ") == [(16, 4096, 64, 4096),
+                                                                     (1, 2, 3, 4)]
     assert bench.parse_dtypes("bf16,float32") == ["bfloat16", "float32"]
 
 
@@ -666,3 +671,54 @@ def test_a_shape_the_memory_cannot_hold_is_named(monkeypatch):
     with pytest.raises(RuntimeError, match="^something else$"):
         bench.run_benchmark([(4, 4, 2, 4)], ["float32"], modes=["fwd"], sides=["ours"],
                             rounds=1, warmup_s=0)
+
+
+def test_an_image_format_matplotlib_cannot_draw_here_is_refused_before_timing(
+        capsys, tmp_path, monkeypatch):
+    # pgf needs a TeX system: it failed only after the whole run, and the
+    # JSON written with it was lost.
+    plt = pytest.importorskip("matplotlib.pyplot")
+    monkeypatch.chdir(tmp_path)
+    timed = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: timed.append(1))
+    real_savefig = plt.Figure.savefig
+
+    def no_tex(self, fname, *args, format=None, **kwargs):
+        if format == "pgf":
+            raise RuntimeError("'xelatex' not found")
+        return real_savefig(self, fname, *args, format=format, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", no_tex)
+    assert run_cli(["--shapes", "2,8,2,8", "--json", "b.json", "--plot", "b.pgf"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("lowrank_ext bench: error: --plot b.pgf: matplotlib cannot write 'pgf' "
+                   "images here: 'xelatex' not found")
+    assert not timed and list(tmp_path.iterdir()) == []
+
+
+def test_adapter_ops_train_alone_with_the_default_sides(capsys, tmp_path, monkeypatch):
+    # The default sides hold dense, which a trained adapter has not: the run
+    # was refused, blaming a --sides the command never gave.
+    monkeypatch.chdir(tmp_path)
+    for op in ("lora", "dora"):
+        argv = ["--op", op, "--modes", "train", "--shapes", "2,8,2,8", "--rounds", "1",
+                "--warmup-s", "0", "--batch-ms", "0.1", "--dtype", "float32", "--json", "b.json"]
+        assert run_cli(argv) == 0, capsys.readouterr().err
+        result = json.loads((tmp_path / "b.json").read_text())
+        timed = {side for row in result["results"] for side in row["sides"]}
+        assert timed == {"ours", "compose", "compiled"}
+        assert run_cli(argv + ["--sides", "ours,dense"]) == 1
+        assert "--sides dense: --op " + op in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failed_write_to_a_device_names_the_option_and_path(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.md").write_text("old")
+    argv = ["--shapes", "2,8,2,8", "--rounds", "1", "--warmup-s", "0", "--batch-ms", "0.1",
+            "--dtype", "float32", "--modes", "fwd", "--sides", "ours,compose",
+            "--json", "/dev/full", "--markdown", "keep.md"]
+    assert run_cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "lowrank_ext bench: error: --json /dev/full: cannot write: No space left on device"
+    assert (tmp_path / "keep.md").read_text() == "old"
