@@ -90,6 +90,29 @@ def _svd_truncate_fake(W, rank, balanced):
     return W.new_empty((W.shape[0], rank)), W.new_empty((rank, W.shape[1]))
 
 
+def _svd_truncate_autograd(W, rank, balanced):
+    """svd_truncate's autograd kernel (both backends): where W asks for a
+    gradient, the factors come from the differentiable torch ops that give the
+    kernels' values (svd._differentiable: torch.linalg.svd's gradient);
+    elsewhere the kernels below autograd. Without it, torch ran the op through
+    its deprecated autograd fallthrough, with a warning."""
+    if torch.is_grad_enabled() and W.requires_grad:
+        from .svd import _differentiable, _holds_values
+
+        if _holds_values(W):
+            return _differentiable(W, rank, balanced)
+        if not W.is_meta:  # a meta W has shapes only, with or without a gradient
+            raise RuntimeError(
+                "svd_truncate: the op cannot be traced with a W that requires grad (its "
+                "kernels read W's values to choose the SVD's scaling); "
+                "lowrank_ext.svd_truncate runs it outside the compiled graph, or detach W")
+    with torch._C._AutoDispatchBelowAutograd():
+        return ops.svd_truncate.default(W, rank, balanced)
+
+
+_lib.impl("svd_truncate", _svd_truncate_autograd, "Autograd")
+
+
 @torch.library.register_fake("lowrank_ext::_weight_grad")
 def _weight_grad_fake(a, b):
     _checks.check_weight_grad_inputs(a, b)

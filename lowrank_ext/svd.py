@@ -143,6 +143,8 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
     the result is reproducible without touching the global RNG.
 
     float16/bfloat16 ``W`` is factorized in float32 and returned in W's dtype.
+    ``tol`` chooses the rank from that float32 SVD; where rounding the factors
+    to W's dtype takes their error past ``tol``, a UserWarning says so.
     """
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"svd_truncate: W must be a Tensor, got {type(W).__name__}")
@@ -196,12 +198,41 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
             from ._svd_outside_compile import differentiable_outside_compile
 
             return differentiable_outside_compile(W, int(rank), balanced)
-    elif _functorch.transforms_active() is not None or (grad_wanted and _holds_values(W)):
+        return ops.svd_truncate.default(W, int(rank), balanced)
+    if _functorch.transforms_active() is not None or (grad_wanted and _holds_values(W)):
         # The op has no autograd formula: torch would backpropagate through
         # its kernels' internals with a deprecation warning, or not at all.
         # (A meta or fake W has no values to factor: the op gives its shapes.)
-        return _differentiable(W, int(rank), balanced)
-    return ops.svd_truncate.default(W, int(rank), balanced)
+        factors = _differentiable(W, int(rank), balanced)
+    else:
+        factors = ops.svd_truncate.default(W, int(rank), balanced)
+    if tol is not None and W.dtype in _ROUNDED_TYPES and _holds_values(W):
+        _warn_if_rounding_misses(W, S, int(rank), tol, factors)
+    return factors
+
+
+# Factors rounded to these dtypes from a float32 SVD can miss a tol that the
+# SVD's factors meet: by about their eps times ‖W‖_F.
+_ROUNDED_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _warn_if_rounding_misses(W, S, rank, tol, factors):
+    """Warn, as compress_model notes it in its report, where ``tol`` chose a
+    rank whose factors meet it before rounding to W's dtype and miss it after."""
+    from .compress import rounding_note
+
+    s = S.detach().to(device="cpu", dtype=torch.float64)
+    exact = float(s[rank:].square().sum().div(s.square().sum()).sqrt())
+    B, A = (_values(f).detach().float() for f in factors)
+    Wf = _values(W).detach().float()
+    error = float(torch.linalg.matrix_norm(Wf - B @ A) / torch.linalg.matrix_norm(Wf))
+    note = rounding_note(W.dtype, exact, error, None, tol)
+    if note:
+        import warnings
+
+        warnings.warn(f"svd_truncate: rank {rank}, chosen for tol={tol} from the float32 "
+                      f"SVD: {note}. A smaller tol gives a larger rank; a float32 W keeps "
+                      "the factors unrounded", stacklevel=3)
 
 
 def scaled_singular_values(W):

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import lowrank_ext as lx
 
@@ -285,6 +286,44 @@ def test_tol_holds_for_half_precision_singular_values(dtype, tol):
     assert r == lx.choose_rank(S.float(), tol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tol_missed_by_rounding_the_factors_to_a_half_type_is_a_warning(dtype):
+    # The rank is chosen from the float32 SVD; rounding its factors to the
+    # half type adds about eps·‖W‖_F, which took them past tol unannounced.
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(64, 48, generator=g, dtype=torch.float64)
+         @ torch.diag(torch.logspace(0, -2, 48, dtype=torch.float64))
+         @ torch.randn(48, 48, generator=g, dtype=torch.float64)).to(dtype)
+
+    def error(B, A):
+        Wd = W.double()
+        return float(torch.linalg.matrix_norm(Wd - B.double() @ A.double())
+                     / torch.linalg.matrix_norm(Wd))
+
+    missed = met = 0
+    for tol in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            B, A = lx.svd_truncate(W, tol=tol)
+        ours = [w for w in caught if "svd_truncate: rank" in str(w.message)]
+        # Measured in float64 here; the warning's own measure is float32.
+        if error(B, A) > tol * 1.001:
+            missed += 1
+            assert len(ours) == 1, tol
+            message = str(ours[0].message)
+            assert f"chosen for tol={tol} from the float32 SVD: rounding the factors to " \
+                   f"{str(dtype).split('.')[1]}, as stored, leaves a relative error of" in message
+        elif error(B, A) < tol * 0.999:
+            met += 1
+            assert not ours, tol
+    assert missed and met  # both cases seen
+    layer = nn.Linear(48, 64, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(W)
+    with pytest.warns(UserWarning, match="svd_truncate: rank .* above tol=0.001"):
+        lx.LowRankLinear.from_linear(layer, tol=0.001)
+
+
 @pytest.mark.parametrize("call, exc, message", [
     (lambda: lx.choose_rank(torch.ones(3), energy=0.5, tol=0.1), ValueError,
      "choose_rank: give exactly one of energy or tol, got energy and tol"),
@@ -557,3 +596,41 @@ def test_to_linear_refuses_a_product_past_the_half_range():
                                          r"convert the layer first"):
         layer.to_linear()
     assert bool((layer.float().to_linear().weight == 65536).all())
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_the_op_itself_has_an_autograd_kernel(balanced):
+    # torch ran it through its deprecated autograd fallthrough (a warning,
+    # "may lead to silently incorrect behavior"), and opcheck refused it.
+    torch.manual_seed(0)
+    W = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        B, A = torch.ops.lowrank_ext.svd_truncate(W, 3, balanced)
+        (B.sum() + A.square().sum()).backward()
+    expected_B, expected_A = lx.svd_truncate(W.detach(), 3, balanced=balanced)
+    torch.testing.assert_close(B.detach(), expected_B)
+    torch.testing.assert_close(A.detach(), expected_A)
+    grad = W.grad.clone()
+    W.grad = None
+    B2, A2 = lx.svd_truncate(W, 3, balanced=balanced)
+    (B2.sum() + A2.square().sum()).backward()
+    torch.testing.assert_close(grad, W.grad)
+    torch.autograd.gradcheck(
+        lambda w: torch.ops.lowrank_ext.svd_truncate(w, 3, balanced), (W.detach().requires_grad_(),))
+    with torch.no_grad():
+        assert not torch.ops.lowrank_ext.svd_truncate(W, 3, balanced)[0].requires_grad
+    meta = torch.empty(6, 5, device="meta", requires_grad=True)
+    assert torch.ops.lowrank_ext.svd_truncate(meta, 2, balanced)[0].shape == (6, 2)
+    from torch.library import opcheck
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    opcheck(torch.ops.lowrank_ext.svd_truncate.default, (W, 3, balanced), test_utils=checks)
+    # Traced with a gradient it cannot be (its kernels read W's values): said
+    # so, where it gave factors without one. lx.svd_truncate runs outside.
+    traced = torch.compile(lambda w: torch.ops.lowrank_ext.svd_truncate(w, 3, balanced)[0],
+                           backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="cannot be traced with a W that requires grad"):
+        traced(W)
+    compiled = torch.compile(lambda w: lx.svd_truncate(w, 3, balanced=balanced)[0],
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(W), expected_B)
