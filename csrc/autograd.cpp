@@ -89,6 +89,24 @@ void check_no_forward_grad(
       "lowrank_ext.", op, " (the Python function), which supports it");
 }
 
+// functorch cannot see through the C++ autograd kernels (torch refuses a C++
+// autograd::Function under its transforms, in words about torch's internals);
+// the Python function routes such calls to a form it can see through
+// (lowrank_ext/_functorch.py). The fallback's kernels and the
+// _with_intermediate forms refuse in the same words (lowrank_ext/_library.py).
+// functorch includes its front-mode key in the thread's dispatch keys exactly
+// while a transform is active (module.cpp tests the same); the ops' own
+// routes under a transform reach these kernels only below it.
+void check_no_functorch_transform(const char* op) {
+  TORCH_CHECK(
+      !c10::impl::tls_is_dispatch_key_included(
+          c10::DispatchKey::FuncTorchDynamicLayerFrontMode),
+      op, ": torch.ops.lowrank_ext.", op,
+      " cannot be differentiated under a torch.func transform (grad, vjp, jacrev, ...), "
+      "which cannot see through its autograd kernel; call lowrank_ext.", op,
+      " (the Python function), which supports them");
+}
+
 // The saved intermediate t = x·Aᵀ was computed below autograd, so it carries
 // no graph. A backward that is itself differentiated (create_graph=True, grad
 // mode on inside backward) recomputes it with ATen ops so that gradients flow
@@ -320,6 +338,7 @@ at::Tensor lowrank_linear_autograd(
     at::AutoDispatchBelowADInplaceOrView guard;
     return lowrank_linear_op(x, A, B, bias);
   }
+  check_no_functorch_transform("lowrank_linear");
   return LowRankLinearFunction::apply(x, A, B, bias);
 }
 
@@ -465,6 +484,7 @@ at::Tensor lora_linear_autograd(
     at::AutoDispatchBelowADInplaceOrView guard;
     return lora_linear_op(x, W, A, B, bias, scale);
   }
+  check_no_functorch_transform("lora_linear");
   return LoRALinearFunction::apply(x, W, A, B, bias, scale);
 }
 

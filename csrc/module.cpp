@@ -8,10 +8,10 @@
 //    check them, and call the same dispatcher op (so autograd, CPU and CUDA
 //    kernels and profiling all still apply). They return NotImplemented when
 //    an argument overrides __torch_function__ (or a mode is active), a
-//    torch.func transform is active, the JIT tracer is recording or an
-//    argument carries a forward-mode AD tangent, and the Python wrapper then
-//    takes the torch.ops path (or, under a transform, an ONNX export or
-//    forward-mode AD, its own).
+//    torch.func transform is active, the JIT tracer is recording, an
+//    argument carries a forward-mode AD tangent or is nested, and the Python
+//    wrapper then takes the torch.ops path (or, under a transform, an ONNX
+//    export or forward-mode AD, its own; for a nested tensor, its error).
 #include "ops.h"
 
 #include <torch/csrc/Exceptions.h>
@@ -83,15 +83,26 @@ bool functorch_active() {
       c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
+// Whether one of `tensors` (null for an absent bias) is a nested tensor.
+bool any_nested(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t != nullptr && t->is_nested()) {
+      return true;
+    }
+  }
+  return false;
+}
+
 // Whether the call must be left to the Python wrapper: a tensor subclass or
 // torch-function mode, a torch.func transform, the JIT tracer (the legacy
 // ONNX exporter traces through it, and the wrapper records the pure-torch
-// composition for that exporter), or a forward-mode AD tangent on one of
+// composition for that exporter), a forward-mode AD tangent on one of
 // `tensors` (the C++ autograd kernel has no forward-mode formula; the
-// wrapper's route does).
+// wrapper's route does), or a nested tensor among them (the wrapper names
+// it; the dispatcher would only say that no kernel takes it).
 bool python_must_handle(bool overridden, std::initializer_list<const at::Tensor*> tensors) {
   return overridden || at::impl::torch_function_mode_enabled() || functorch_active() ||
-      torch::jit::tracer::isTracing() || any_forward_grad(tensors);
+      torch::jit::tracer::isTracing() || any_forward_grad(tensors) || any_nested(tensors);
 }
 
 PyObject* wrap_result(at::Tensor y) {

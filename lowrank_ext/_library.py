@@ -256,6 +256,19 @@ class _LoRALinearFunction(torch.autograd.Function):
         return (*_lora_grads(ctx.needs_input_grad[:5], gy, x, W, A, B, t, ctx.scale), None)
 
 
+def _check_no_functorch_transform(op, function):
+    """Refuse a direct call of ``torch.ops.lowrank_ext.<op>`` under a
+    torch.func transform, in the words of the C++ autograd kernels
+    (csrc/autograd.cpp, check_no_functorch_transform): functorch cannot see
+    through the ops' autograd kernels, and torch's own errors there speak of
+    its internals. ``function`` is the Python function that supports them."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            f"{op}: torch.ops.lowrank_ext.{op} cannot be differentiated under a torch.func "
+            f"transform (grad, vjp, jacrev, ...), which cannot see through its autograd "
+            f"kernel; call lowrank_ext.{function} (the Python function), which supports them")
+
+
 def _without_tangents(op, apply):
     """``apply`` refusing forward-mode AD tangents, as the C++ autograd kernels
     do (csrc/autograd.cpp, check_no_forward_grad): the Function has no jvp.
@@ -277,6 +290,7 @@ def _without_tangents(op, apply):
             # run_decompositions) keeps this op, not the Function's forward.
             with torch._C._AutoDispatchBelowAutograd():
                 return getattr(ops, op).default(*args)
+        _check_no_functorch_transform(op, op)
         return apply(*args)
     return run
 
@@ -329,9 +343,22 @@ class _LoRAWithIntermediateFunction(torch.autograd.Function):
                              gt_out=gt), None)
 
 
-_lib.impl("lowrank_linear_with_intermediate", _LowRankWithIntermediateFunction.apply,
-          "Autograd")
-_lib.impl("lora_linear_with_intermediate", _LoRAWithIntermediateFunction.apply, "Autograd")
+def _outside_transforms(op, function, apply):
+    """``apply`` refusing a call under a torch.func transform, as the other
+    ops' autograd kernels do. Their own routes under a transform reach these
+    forms only below it (``_functorch``'s Functions, the batching rules)."""
+    def run(*args):
+        _check_no_functorch_transform(op, function)
+        return apply(*args)
+    return run
+
+
+_lib.impl("lowrank_linear_with_intermediate",
+          _outside_transforms("lowrank_linear_with_intermediate", "lowrank_linear",
+                              _LowRankWithIntermediateFunction.apply), "Autograd")
+_lib.impl("lora_linear_with_intermediate",
+          _outside_transforms("lora_linear_with_intermediate", "lora_linear",
+                              _LoRAWithIntermediateFunction.apply), "Autograd")
 
 
 # --- autocast -----------------------------------------------------------------

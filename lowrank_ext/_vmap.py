@@ -60,10 +60,14 @@ def autocast_cast(arg, dtype, device_type):
 
 
 def _to_front(t, bdim, size):
-    """``t`` with its batch dimension first; unbatched tensors are expanded (no copy)."""
+    """``t`` with its batch dimension first; unbatched tensors are expanded (no
+    copy), a sparse one made dense first: sparse tensors cannot be expanded,
+    and the batched products take strided operands."""
     if t is None:
         return None
     if bdim is None:
+        if t.layout != torch.strided:
+            t = t.to_dense()
         return t.expand(size, *t.shape)
     return t.movedim(bdim, 0)
 
@@ -73,6 +77,14 @@ def _one_sample(t):
     if t is None:
         return None
     return t[0] if t.shape[0] > 0 else t.new_empty(t.shape[1:])
+
+
+def _samples(args, in_dims):
+    """One sample of each argument as the op would see it inside the vmapped
+    function: an unbatched argument as it is (its layout too), for the checks
+    to report as outside vmap."""
+    return [t if d is None or t is None else _one_sample(t.movedim(d, 0))
+            for t, d in zip(args, in_dims)]
 
 
 def _batched_product(x, A, B, bias, W=None, scale=1.0):
@@ -102,17 +114,17 @@ def _lowrank_rule(op, returns_t):
     def rule(info, in_dims, x, A, B, bias):
         x, A, B, bias = autocast_arguments(x, A, B, bias)
         x_dim, A_dim, B_dim, bias_dim = in_dims
+        # Checked as one sample first, so that errors read as outside vmap
+        # (with the sample's shape, not the batch's, and the layouts given).
+        _checks.check_lowrank_linear_inputs(
+            "lowrank_linear", *_samples((x, A, B, bias), (x_dim, A_dim, B_dim, bias_dim)))
         if x_dim is not None and A_dim is None and B_dim is None and bias_dim is None:
-            # Shared weights: the batch is one more leading dimension of x,
-            # unless a sample is 0-D, which the op refuses (x would pass as
-            # one row of the batch's size).
-            if x.dim() == 1:
-                _checks.check_lowrank_linear_inputs("lowrank_linear", _one_sample(x), A, B,
-                                                    bias)
+            # Shared weights: the batch is one more leading dimension of x
+            # (a 0-D sample, which would pass as one row of the batch's size,
+            # was refused above).
             return op(x.movedim(x_dim, 0), A, B, bias), (0, 0) if returns_t else 0
         n = info.batch_size
         x, A, B, bias = (_to_front(t, d, n) for t, d in zip((x, A, B, bias), in_dims))
-        _checks.check_lowrank_linear_inputs("lowrank_linear", *map(_one_sample, (x, A, B, bias)))
         y, t = _batched_product(x, A, B, bias)
         return ((y, t), (0, 0)) if returns_t else (y, 0)
 
@@ -123,13 +135,12 @@ def _lora_rule(op, returns_t):
     def rule(info, in_dims, x, W, A, B, bias, scale):
         x, W, A, B, bias = autocast_arguments(x, W, A, B, bias)
         x_dim, W_dim, A_dim, B_dim, bias_dim, _ = in_dims
+        _checks.check_lora_linear_inputs(  # as above
+            *_samples((x, W, A, B, bias), in_dims[:5]), scale)
         if x_dim is not None and W_dim is A_dim is B_dim is bias_dim is None:
-            if x.dim() == 1:  # a 0-D sample, as above
-                _checks.check_lora_linear_inputs(_one_sample(x), W, A, B, bias, scale)
             return op(x.movedim(x_dim, 0), W, A, B, bias, scale), (0, 0) if returns_t else 0
         n = info.batch_size
         x, W, A, B, bias = (_to_front(t, d, n) for t, d in zip((x, W, A, B, bias), in_dims))
-        _checks.check_lora_linear_inputs(*map(_one_sample, (x, W, A, B, bias)), scale)
         y, t = _batched_product(x, A, B, bias, W=W, scale=scale)
         return ((y, t), (0, 0)) if returns_t else (y, 0)
 

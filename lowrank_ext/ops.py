@@ -7,7 +7,9 @@ costs about as much as one ``F.linear`` call instead of the microseconds of
 overrides ``__torch_function__``, the call goes through ``torch.ops`` so that
 tracing and tensor subclasses work. Under a ``torch.func`` transform, and
 for forward-mode AD's dual tensors, the call goes through ``_functorch``,
-whose autograd formulas functorch can see and which has forward formulas. While
+whose autograd formulas functorch can see and which has forward formulas
+(while compiling too, under a transform other than vmap: recorded as one
+call of the graph, ``_ops_under_compile``). While
 ``torch.onnx.export`` traces a model (either exporter) the ops are recorded as
 their pure-torch composition, which ONNX can express: ONNX has no operator for
 them.
@@ -94,6 +96,13 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
     if eager and (_functorch.transforms_active() is not None
                   or _functorch.has_tangents(x, A, B, bias)):
         return _functorch.lowrank_linear(x, A, B, bias)
+    if not eager and _functorch.transforms_active() is not None:
+        from . import _ops_under_compile as under_compile
+
+        # Under grad and the like, the eager route, recorded as one call
+        # (functorch cannot see through the op's autograd kernel).
+        if under_compile.differentiating_transform_active():
+            return under_compile.lowrank_linear(x, A, B, bias)
     return ops.lowrank_linear.default(x, A, B, bias)
 
 
@@ -137,6 +146,11 @@ def lora_linear(x: Tensor, W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None 
     if eager and (_functorch.transforms_active() is not None
                   or _functorch.has_tangents(x, W, A, B, bias)):
         return _functorch.lora_linear(x, W, A, B, bias, scale)
+    if not eager and _functorch.transforms_active() is not None:
+        from . import _ops_under_compile as under_compile
+
+        if under_compile.differentiating_transform_active():  # as in lowrank_linear
+            return under_compile.lora_linear(x, W, A, B, bias, scale)
     return ops.lora_linear.default(x, W, A, B, bias, scale)
 
 

@@ -4,6 +4,7 @@ the compiled kernels are also compared with the pure-torch ones directly)."""
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -319,6 +320,21 @@ def test_tangents_through_the_op_itself_are_refused_on_both_backends():
 def test_nested_tensors_are_named():
     x, A, B, b = good()
     nested = torch.nested.nested_tensor([x[:2], x[:1]], layout=torch.jagged)
+    with pytest.raises(TypeError, match="lowrank_linear: x is a nested tensor, which the op "
+                                        "does not take"):
+        lx.lowrank_linear(nested, A, B, b)
+    with pytest.raises(TypeError, match="lora_linear: x is a nested tensor"):
+        lx.lora_linear(nested, torch.randn(3, 6), A, B, b, 0.5)
+
+
+def test_strided_nested_tensors_are_named():
+    # A nested tensor of the default (strided) layout is no tensor subclass:
+    # the compiled entry point passed it to the dispatcher, whose error
+    # ("Could not run ... 'NestedTensorCPU' backend") named no argument.
+    x, A, B, b = good()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the layout's prototype notice
+        nested = torch.nested.nested_tensor([x[:2], x[:1]])
     with pytest.raises(TypeError, match="lowrank_linear: x is a nested tensor, which the op "
                                         "does not take"):
         lx.lowrank_linear(nested, A, B, b)

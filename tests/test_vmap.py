@@ -216,3 +216,62 @@ def test_per_sample_weights_under_autocast_keep_float64():
         with pytest.raises(TypeError, match="lowrank_linear: A has dtype float64 but x has "
                                             "dtype bfloat16"):
             torch.vmap(lambda A: ops.lowrank_linear(x, A, B, None))(As)
+
+
+def test_a_shape_error_with_shared_weights_names_the_sample_shape():
+    # The shared-weights route handed the whole batch to the op, whose error
+    # named the batch's shape ([7, 3, 6]) instead of the sample's.
+    A, B, bias, W = _make(2, 5), _make(4, 2), _make(4), _make(4, 5)
+    xs = _make(7, 3, 6)  # k=6 where A wants 5
+    with pytest.raises(ValueError, match="x has k=6 features in its last dimension "
+                                         "\\(x shape \\[3, 6\\]\\)$"):
+        torch.vmap(lambda x: lx.lowrank_linear(x, A, B, bias))(xs)
+    with pytest.raises(ValueError, match="lora_linear: W has shape \\[4, 5\\] but x has k=6 "
+                                         "features .* \\(x shape \\[3, 6\\]\\)$"):
+        torch.vmap(lambda x: lx.lora_linear(x, W, A, B, bias, 0.5))(xs)
+
+
+@pytest.mark.parametrize("sparse, batched", [("B", "A"), ("A", "bias"), ("x", "bias"),
+                                             ("x", "A B")])
+def test_unbatched_sparse_arguments_with_per_sample_ones(sparse, batched):
+    # The ops take a sparse x, A or B; with another argument batched, the
+    # rule expanded the sparse one ("expand is unsupported for Sparse tensors").
+    names = batched.split()
+    shapes = {"x": (6, 10), "A": (4, 10), "B": (9, 4), "bias": (9,)}
+    args = {n: _make(*((N,) * (n in names) + s), dtype=torch.float32) for n, s in shapes.items()}
+    order = ("x", "A", "B", "bias")
+    call = dict(args, **{sparse: args[sparse].to_sparse()})
+    in_dims = tuple(0 if n in names else None for n in order)
+    y = torch.vmap(lx.lowrank_linear, in_dims=in_dims)(*(call[n] for n in order))
+    assert y.shape == (N, 6, 9) and y.layout == torch.strided
+    for i in range(N):
+        sample = [args[n][i] if n in names else args[n] for n in order]
+        _assert_close(y[i], _reference(*sample), torch.float32)
+        # As the eager op gives for the same sample.
+        eager = lx.lowrank_linear(*(call[n][i] if n in names else call[n] for n in order))
+        torch.testing.assert_close(y[i], eager)
+    shapes_lora = {"x": (6, 10), "W": (9, 10), "A": (4, 10), "B": (9, 4), "bias": (9,)}
+    lora = {n: _make(*((N,) * (n in names) + s)) for n, s in shapes_lora.items()}
+    lora_call = dict(lora, **{sparse: lora[sparse].to_sparse()})
+    lora_order = ("x", "W", "A", "B", "bias")
+    y = torch.vmap(lx.lora_linear, in_dims=tuple(0 if n in names else None
+                                                   for n in lora_order) + (None,))(
+        *(lora_call[n] for n in lora_order), 0.5)
+    for i in range(N):
+        x, W, A, B, bias = (lora[n][i] if n in names else lora[n] for n in lora_order)
+        _assert_close(y[i], _reference(x, A, B, bias, W=W, scale=0.5), torch.float64)
+
+
+def test_bad_sparse_arguments_are_reported_as_outside_vmap():
+    x, A, B, bias, W = _make(3, 5), _make(2, 5), _make(4, 2), _make(4), _make(4, 5)
+    As = A.expand(N, 2, 5)
+    bad_B = _make(4, 3).to_sparse()
+    with pytest.raises(ValueError, match="lowrank_linear: B has shape \\[4, 3\\] but A has "
+                                         "rank r=2"):
+        torch.vmap(lambda a: lx.lowrank_linear(x, a, bad_B, bias))(As)
+    with pytest.raises(TypeError, match="lowrank_linear: bias must be a dense \\(strided\\) "
+                                        "tensor, got layout sparse_coo"):
+        torch.vmap(lambda a: lx.lowrank_linear(x, a, B, bias.to_sparse()))(As)
+    with pytest.raises(TypeError, match="lora_linear: W must be a dense \\(strided\\) tensor, "
+                                        "got layout sparse_coo"):
+        torch.vmap(lambda a: lx.lora_linear(x, W.to_sparse(), a, B, bias, 0.5))(As)
