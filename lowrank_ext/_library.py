@@ -15,6 +15,7 @@ and a C++ autograd kernel; this module adds
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -92,20 +93,26 @@ def _svd_truncate_fake(W, rank, balanced):
 
 def _svd_truncate_autograd(W, rank, balanced):
     """svd_truncate's autograd kernel (both backends): where W asks for a
-    gradient, the factors come from the differentiable torch ops that give the
-    kernels' values (svd._differentiable: torch.linalg.svd's gradient);
-    elsewhere the kernels below autograd. Without it, torch ran the op through
-    its deprecated autograd fallthrough, with a warning."""
-    if torch.is_grad_enabled() and W.requires_grad:
-        from .svd import _differentiable, _holds_values
+    gradient or carries a forward-mode tangent, the factors come from the
+    differentiable torch ops that give the kernels' values
+    (svd._differentiable: torch.linalg.svd's derivatives); elsewhere the
+    kernels below autograd. Without it, torch ran the op through its
+    deprecated autograd fallthrough, with a warning."""
+    from ._functorch import has_tangents  # it imports this module
+    from .svd import _differentiable, _holds_values
 
+    if (torch.is_grad_enabled() and W.requires_grad) or has_tangents(W):
         if _holds_values(W):
             return _differentiable(W, rank, balanced)
         if not W.is_meta:  # a meta W has shapes only, with or without a gradient
-            raise RuntimeError(
-                "svd_truncate: the op cannot be traced with a W that requires grad (its "
-                "kernels read W's values to choose the SVD's scaling); "
-                "lowrank_ext.svd_truncate runs it outside the compiled graph, or detach W")
+            # A fake W: shapes for FakeTensorMode, but a graph traced from
+            # them (torch.compile, export) cannot differentiate the kernels,
+            # which read W's values.
+            warnings.warn(
+                "svd_truncate: the op, traced with a W that requires grad, gives factors "
+                "without a gradient (its kernels read W's values to choose the SVD's "
+                "scaling); lowrank_ext.svd_truncate runs such a call outside the compiled "
+                "graph", stacklevel=2)
     with torch._C._AutoDispatchBelowAutograd():
         return ops.svd_truncate.default(W, rank, balanced)
 

@@ -31,13 +31,36 @@ def differentiating_transform_active() -> bool:
     return any(level.key() != torch._C._functorch.TransformType.Vmap for level in stack)
 
 
-@torch.compiler.nonstrict_trace
 def lowrank_linear(x, A, B, bias):
     """:func:`lowrank_ext.lowrank_linear` as in eager, one call of the graph."""
+    # nonstrict_trace takes tensors, not None: a layer without bias has its own.
+    if bias is None:
+        return _lowrank_linear_without_bias(x, A, B)
+    return _lowrank_linear(x, A, B, bias)
+
+
+def lora_linear(x, W, A, B, bias, scale):
+    """:func:`lowrank_ext.lora_linear` as in eager, one call of the graph."""
+    if bias is None:
+        return _lora_linear_without_bias(x, W, A, B, scale)
+    return _lora_linear(x, W, A, B, bias, scale)
+
+
+@torch.compiler.nonstrict_trace
+def _lowrank_linear(x, A, B, bias):
     return _functorch.lowrank_linear(x, A, B, bias)
 
 
 @torch.compiler.nonstrict_trace
-def lora_linear(x, W, A, B, bias, scale):
-    """:func:`lowrank_ext.lora_linear` as in eager, one call of the graph."""
+def _lowrank_linear_without_bias(x, A, B):
+    return _functorch.lowrank_linear(x, A, B, None)
+
+
+@torch.compiler.nonstrict_trace
+def _lora_linear(x, W, A, B, bias, scale):
     return _functorch.lora_linear(x, W, A, B, bias, scale)
+
+
+@torch.compiler.nonstrict_trace
+def _lora_linear_without_bias(x, W, A, B, scale):
+    return _functorch.lora_linear(x, W, A, B, None, scale)

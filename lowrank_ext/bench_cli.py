@@ -241,6 +241,8 @@ def _write_into(option, path, data):
         view = memoryview(data)
         while view:
             view = view[os.write(descriptor, view):]
+    except BrokenPipeError:
+        raise  # the reader went away: the command ends quietly (cli.main)
     except OSError as exc:  # a full device, a closed stream: name the option
         raise OSError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
 

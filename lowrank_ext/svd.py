@@ -199,7 +199,8 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
 
             return differentiable_outside_compile(W, int(rank), balanced)
         return ops.svd_truncate.default(W, int(rank), balanced)
-    if _functorch.transforms_active() is not None or (grad_wanted and _holds_values(W)):
+    if _functorch.transforms_active() is not None or (
+            (grad_wanted or _functorch.has_tangents(W)) and _holds_values(W)):
         # The op has no autograd formula: torch would backpropagate through
         # its kernels' internals with a deprecation warning, or not at all.
         # (A meta or fake W has no values to factor: the op gives its shapes.)

@@ -722,3 +722,20 @@ def test_a_failed_write_to_a_device_names_the_option_and_path(capsys, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "lowrank_ext bench: error: --json /dev/full: cannot write: No space left on device"
     assert (tmp_path / "keep.md").read_text() == "old"
+
+
+def test_a_reader_that_went_away_ends_the_command_quietly(tmp_path):
+    # A BrokenPipeError was rewrapped as a plain OSError naming --json: an
+    # error message where `bench ... --json /dev/stdout | head` ends quietly.
+    import subprocess
+
+    script = ("import os, sys\n"
+              "from lowrank_ext import bench_cli\n"
+              "r, w = os.pipe(); os.close(r)\n"
+              "try:\n"
+              "    bench_cli._write_into('--json', f'/dev/fd/{w}', b'x' * 100000)\n"
+              "except BrokenPipeError:\n"
+              "    print('broken pipe, unchanged')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "broken pipe, unchanged", done.stderr

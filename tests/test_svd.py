@@ -235,7 +235,7 @@ def test_meta_tensors_give_shapes_by_rank_and_clear_errors_otherwise():
     assert B.is_meta and B.shape == (12, 3) and A.shape == (3, 8)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
+    with FakeTensorMode(), pytest.warns(UserWarning, match="gives factors without a gradient"):
         B, A = lx.svd_truncate(torch.empty(12, 8, requires_grad=True), rank=3)
     assert B.shape == (12, 3) and A.shape == (3, 8)
     for criterion in ({"energy": 0.9}, {"tol": 0.1}):
@@ -625,12 +625,40 @@ def test_the_op_itself_has_an_autograd_kernel(balanced):
     from torch.library import opcheck
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     opcheck(torch.ops.lowrank_ext.svd_truncate.default, (W, 3, balanced), test_utils=checks)
-    # Traced with a gradient it cannot be (its kernels read W's values): said
-    # so, where it gave factors without one. lx.svd_truncate runs outside.
+    # Traced, its kernels cannot be differentiated (they read W's values):
+    # factors without a gradient, as before, but now said so.
+    # lx.svd_truncate runs such a call outside the graph.
     traced = torch.compile(lambda w: torch.ops.lowrank_ext.svd_truncate(w, 3, balanced)[0],
                            backend="aot_eager", fullgraph=True)
-    with pytest.raises(Exception, match="cannot be traced with a W that requires grad"):
-        traced(W)
+    with pytest.warns(UserWarning, match="traced with a W that requires grad, gives factors "
+                                         "without a gradient"):
+        torch.testing.assert_close(traced(W), expected_B)
     compiled = torch.compile(lambda w: lx.svd_truncate(w, 3, balanced=balanced)[0],
                              backend="aot_eager")
     torch.testing.assert_close(compiled(W), expected_B)
+
+
+def test_forward_mode_tangents_pass_through_svd_truncate():
+    # Below autograd the tangent was dropped without a word.
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    W = torch.randn(6, 5, dtype=torch.float64)
+    T = torch.randn(6, 5, dtype=torch.float64)
+    for balanced in (False, True):
+        expected = torch.func.jvp(
+            lambda w: lx.svd_truncate(w, rank=2, balanced=balanced), (W,), (T,))[1]
+        # An independent tangent: a central difference in float64.
+        h = 1e-6
+        plus = lx.svd_truncate(W + h * T, rank=2, balanced=balanced)
+        minus = lx.svd_truncate(W - h * T, rank=2, balanced=balanced)
+        for got, p, m in zip(expected, plus, minus):
+            torch.testing.assert_close(got, (p - m) / (2 * h), atol=1e-6, rtol=1e-5)
+        for call in (lambda d: lx.svd_truncate(d, rank=2, balanced=balanced),
+                     lambda d: torch.ops.lowrank_ext.svd_truncate(d, 2, balanced)):
+            with fwAD.dual_level():
+                factors = call(fwAD.make_dual(W, T))
+                tangents = [fwAD.unpack_dual(f).tangent for f in factors]
+            for got, want in zip(tangents, expected):
+                assert got is not None
+                torch.testing.assert_close(got, want)
