@@ -158,7 +158,14 @@ bool use_weight_grad_kernel(const at::Tensor& gy2) {
 
 // aᵀ·b: the kernel above where it applies, ATen's mm otherwise.
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b, bool kernel) {
-  return kernel ? weight_grad_op(a, b) : a.t().mm(b);
+  // The kernel reads strided operands; a sparse x goes through ATen's mm.
+  return kernel && b.layout() == at::kStrided ? weight_grad_op(a, b) : a.t().mm(b);
+}
+
+// x as (M, k) rows for a weight gradient. A sparse x, which the ops take, is
+// 2-D already and has no reshape (its weight gradients failed).
+at::Tensor rows_matrix(const at::Tensor& x, const c10::SymInt& M, const c10::SymInt& k) {
+  return x.layout() == at::kStrided ? x.reshape_symint({M, k}) : x;
 }
 
 // Rows from which a half-precision CPU backward folds the bias gradient into
@@ -262,7 +269,7 @@ variable_list lowrank_backward(
                .reshape_symint(x.sym_sizes());
     }
     if (need_A) {
-      gA = transposed_product(gt, x.reshape_symint({M, k}).to(at::kFloat), kernel32)
+      gA = transposed_product(gt, rows_matrix(x, M, k).to(at::kFloat), kernel32)
                .to(at::kHalf);
     }
   } else if (need_x && gy.device().is_cpu() && !at::GradMode::is_enabled() &&
@@ -275,7 +282,7 @@ variable_list lowrank_backward(
     auto [gx2, gt] = lowrank_linear_with_intermediate_op(gy2, B.t(), A.t(), std::nullopt);
     gx = gx2.reshape_symint(x.sym_sizes());
     if (need_A) {
-      gA = transposed_product(gt, x.reshape_symint({M, k}), kernel_gx_gA);
+      gA = transposed_product(gt, rows_matrix(x, M, k), kernel_gx_gA);
     }
   } else if (need_x || need_A) {
     const at::Tensor gt = gy2.mm(B); // (M, r)
@@ -283,7 +290,7 @@ variable_list lowrank_backward(
       gx = transposed_product(gt.t(), A, kernel_gx_gA).reshape_symint(x.sym_sizes());
     }
     if (need_A) {
-      gA = transposed_product(gt, x.reshape_symint({M, k}), kernel_gx_gA);
+      gA = transposed_product(gt, rows_matrix(x, M, k), kernel_gx_gA);
     }
   }
   if (need_B && need_bias && fold_bias_grad(gy2)) {
@@ -421,13 +428,13 @@ variable_list lora_backward(
     }
     if (need_A) {
       gA = transposed_product(
-               gt, x.reshape_symint({M, k}).to(gt.scalar_type()),
+               gt, rows_matrix(x, M, k).to(gt.scalar_type()),
                use_weight_grad_kernel(gt) && M >= kWeightGradMinRows)
                .to(A.scalar_type());
     }
   }
   if (ctx->needs_input_grad(1)) {
-    gW = gy2.t().mm(x.reshape_symint({M, k}));
+    gW = gy2.t().mm(rows_matrix(x, M, k));
   }
   if (need_B) {
     const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape_symint({M, r});

@@ -153,6 +153,12 @@ def _outside_autocast(grads):
     return run
 
 
+def _rows(x, M, k):
+    """x as (M, k) rows for a product. A sparse x, which the ops take, is 2-D
+    already and has no reshape (its weight gradients failed)."""
+    return x if x.layout != torch.strided else x.reshape(M, k)
+
+
 @_outside_autocast
 def _lowrank_grads(needs, gy, x, A, B, t, gt_out=None):
     """Gradients of y = t·Bᵀ + bias, t = x·Aᵀ: (gx, gA, gB, gbias); ``gt_out``,
@@ -174,7 +180,7 @@ def _lowrank_grads(needs, gy, x, A, B, t, gt_out=None):
         if need_x:
             gx = gt.mm(A.to(wide)).to(x.dtype).reshape(x.shape)
         if need_A:
-            gA = gt.t().mm(x.reshape(M, k).to(wide)).to(A.dtype)
+            gA = gt.t().mm(_rows(x, M, k).to(wide)).to(A.dtype)
     if need_B:
         gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(M, r))
     if need_bias:
@@ -224,9 +230,9 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
         del dense
         gx = gx.to(x.dtype).reshape(x.shape)
     if need_A:
-        gA = gt.t().mm(x.reshape(M, k).to(wide)).to(A.dtype)
+        gA = gt.t().mm(_rows(x, M, k).to(wide)).to(A.dtype)
     if need_W:
-        gW = gy2.t().mm(x.reshape(M, k))
+        gW = gy2.t().mm(_rows(x, M, k))
     if need_bias:
         gbias = gy2.sum(0)
     return gx, gW, gA, gB, gbias

@@ -277,6 +277,30 @@ def test_sparse_inputs_the_products_take_still_work(sparse):
                                        atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_x_gets_its_weight_gradients(layout):
+    # The ops take a sparse x, but the backward reshaped it for gA (and
+    # lora_linear's gW): "reshape is not implemented for sparse tensors".
+    torch.manual_seed(0)
+    dense = torch.randn(6, 8, dtype=torch.float64)
+    dense[dense.abs() < 0.8] = 0
+    x = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    A = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    for call, reference, params in (
+            (lambda x: lx.lowrank_linear(x, A, B, b), lambda x: x @ A.T @ B.T + b, (A, B, b)),
+            (lambda x: lx.lora_linear(x, W, A, B, b, 0.5),
+             lambda x: x @ W.T + b + 0.5 * (x @ A.T @ B.T), (W, A, B, b))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's CSR "beta" notice
+            got = torch.autograd.grad(call(x).pow(2).sum(), params)
+        expected = torch.autograd.grad(reference(dense).pow(2).sum(), params)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
 @pytest.mark.parametrize("name", ["x", "A", "B"])
 def test_none_for_a_tensor_through_the_op_is_named(name):
     # torch.ops passes None through as an undefined tensor: the compiled
