@@ -20,6 +20,13 @@ import torch
 
 from . import _functorch
 
+# torch.compiler's name from torch 2.12 or so; torch._dynamo's before (2.11).
+_nonstrict_trace = getattr(torch.compiler, "nonstrict_trace", None)
+if _nonstrict_trace is None:
+    import torch._dynamo
+
+    _nonstrict_trace = torch._dynamo.nonstrict_trace
+
 
 # Run while tracing, its result a constant of the graph: dynamo guards a
 # graph built under a transform on the whole interpreter stack, so the graph
@@ -46,21 +53,21 @@ def lora_linear(x, W, A, B, bias, scale):
     return _lora_linear(x, W, A, B, bias, scale)
 
 
-@torch.compiler.nonstrict_trace
+@_nonstrict_trace
 def _lowrank_linear(x, A, B, bias):
     return _functorch.lowrank_linear(x, A, B, bias)
 
 
-@torch.compiler.nonstrict_trace
+@_nonstrict_trace
 def _lowrank_linear_without_bias(x, A, B):
     return _functorch.lowrank_linear(x, A, B, None)
 
 
-@torch.compiler.nonstrict_trace
+@_nonstrict_trace
 def _lora_linear(x, W, A, B, bias, scale):
     return _functorch.lora_linear(x, W, A, B, bias, scale)
 
 
-@torch.compiler.nonstrict_trace
+@_nonstrict_trace
 def _lora_linear_without_bias(x, W, A, B, scale):
     return _functorch.lora_linear(x, W, A, B, None, scale)

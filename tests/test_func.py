@@ -9,9 +9,6 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vjp, vmap
 
 import lowrank_ext as lx
 
-TORCH_BEFORE_2_14 = torch.__version__ < "2.14"
-
-
 def _make(*shape):
     return torch.randn(*shape, dtype=torch.float64)
 
@@ -232,11 +229,6 @@ def test_compiled_transforms_give_the_eager_gradients(make):
     expected = grad(loss)(params, x)
     torch._dynamo.reset()
     try:
-        if TORCH_BEFORE_2_14:
-            # Older dynamo raises where 2.14 breaks the graph (README).
-            with pytest.raises(Exception, match="functorch transforms"):
-                torch.compile(grad(loss), backend="aot_eager")(params, x)
-            return
         got = torch.compile(grad(loss), backend="aot_eager")(params, x)
         for name in expected:
             torch.testing.assert_close(got[name], expected[name])
@@ -327,8 +319,6 @@ def test_compiled_grad_over_the_functions_on_every_backend(args, lora_args, op, 
     # one call of the graph: the eager backend raised ("cannot use C++
     # torch::autograd::Function with functorch transforms"), and fullgraph
     # compiles were refused on every backend.
-    if TORCH_BEFORE_2_14:
-        pytest.skip("older dynamo raises here (README)")
     # Without a bias too (a layer built from nn.Linear(bias=False)): None
     # cannot cross the recorded call, which refused it.
     if op == "lowrank_linear":
