@@ -566,3 +566,37 @@ def is_linear_layer(module):
 def dense_weight(layer):
     """The layer's weight as an (out, in) matrix: ``weight``, or its transpose for a Conv1D."""
     return layer.weight.T if is_conv1d(layer) else layer.weight
+
+
+def refuse_distributed_wrapper(model, owner):
+    """A TypeError where ``model`` is, or holds, a DistributedDataParallel
+    wrapper: it keeps the parameters it found when it was made and
+    all-reduces only their gradients, so layers swapped in afterwards (and
+    their new parameters) were trained on each rank's data alone, and the
+    replicas drifted apart without a word."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, module in model.named_modules():
+        if isinstance(module, DistributedDataParallel):
+            where = "the model is" if not name else f"{name!r} is"
+            raise TypeError(
+                f"{owner}: {where} a DistributedDataParallel wrapper, which would go on "
+                "synchronizing the parameters it was made with, not the new layers' (the "
+                f"replicas then drift apart); call {owner} on every rank on the model it "
+                "wraps (its .module) before wrapping it, then wrap it anew")
+
+
+def is_sharded(tensor):
+    """Whether ``tensor`` is a DTensor (FSDP2's fully_shard makes its parameters so)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+# For the savers: what a sharded model needs before it can be written whole.
+GATHER_FIRST = ("a sharded DTensor (FSDP2's fully_shard): each rank holds a shard only; "
+                "load the full state dict into an unsharded copy of the model "
+                "(torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+                "StateDictOptions(full_state_dict=True)) and save that")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, compiled_original,
+                       refuse_distributed_wrapper,
                        keeps_encoder_flags, places_of, weight_recomputed)
 from ._names import preview
 
@@ -450,6 +451,7 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
     if not isinstance(model, nn.Module):
         raise TypeError(f"split_attention: model must be an nn.Module, got "
                         f"{type(model).__name__}")
+    refuse_distributed_wrapper(model, "split_attention")
     model = compiled_original(model)
     if type(model) is nn.MultiheadAttention:
         raise TypeError("split_attention: the model is itself an nn.MultiheadAttention; use "

@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 
 from ._checks import SUPPORTED_DTYPES, check_device, dtype_name
 from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight, is_conv1d,
+                       refuse_distributed_wrapper,
                        keeps_encoder_flags, places_of)
 from ._names import preview
 from ._workers import Workers
@@ -868,6 +869,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress_model: model must be an nn.Module, got {type(model).__name__}")
+    refuse_distributed_wrapper(model, "compress_model")
     if type(model) is nn.Linear:  # it cannot replace itself in place
         raise TypeError("compress_model: the model is itself an nn.Linear; use "
                         "LowRankLinear.from_linear(model, ...) instead")
@@ -948,6 +950,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         for name, layer in layers.items():
             if not bool(torch.isfinite(layer.weight).all()):
                 raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")
+        fingerprints = _fingerprints(layers) if workers.shared else None
         if sequential or (ratio is not None and allocation == "sensitivity"):
             # Several calibration runs are compared with each other: each must
             # see the same batches. Read only after every check that needs no
@@ -962,6 +965,11 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     # the others waiting here.
     workers.check_same_call((list(shapes.items()), ratio, rank, energy, tol, allocation,
                              sequential, rank_multiple, calibration is not None))
+    # Each rank factorizes its share of the layers from its own copy: ranks
+    # holding other weights ended with other, mixed models, without a word.
+    workers.check_same_call(
+        fingerprints, "their layers' weights, biases or dtypes differ from rank 0's; every "
+                      "rank must compress the same model (load the same weights first)")
     if not layers:
         return CompressionReport([shared_records[n] for n in reported],
                                  calibrated=calibration is not None)
@@ -1232,6 +1240,20 @@ def _shared_records(selected, linears, shared):
             note += f"; its weight is counted at {first}"
         records[name] = LayerReport(name, shape, None, size, size, 0.0, None, note=note)
     return records
+
+
+def _fingerprints(layers):
+    """{name: (dtype, Σw, Σw², Σb, Σb²)} to 9 digits, in float64: equal on ranks
+    holding the same layers (other devices may round the sums in their last
+    bits), different where a rank loaded other weights."""
+    def sums(t):
+        if t is None:
+            return None
+        t = t.detach().double()
+        return tuple(float(f"{float(v):.9g}") for v in (t.sum(), t.square().sum()))
+
+    return {name: (str(layer.weight.dtype), sums(layer.weight), sums(layer.bias))
+            for name, layer in layers.items()}
 
 
 def rounding_note(dtype, exact, error, energy, tol):

@@ -64,6 +64,41 @@ class DistillResult:
                 f"last_loss={self.last_loss:.4g}, seconds={self.seconds:.1f})")
 
 
+def _check_data_parallel(model, params):
+    """Refuse a DistributedDataParallel wrapper made with other trainable
+    parameters than those distill trains. It synchronizes the gradients of
+    the parameters that required grad when it was made: one that distill
+    unfreezes would train on each rank's data alone, and one that it freezes
+    leaves the wrapper waiting for a gradient (its error at the next step,
+    after a first step whose gradients no rank shared), unless it was made
+    with find_unused_parameters or static_graph."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    trained = {id(p) for p in params}
+    for name, module in model.named_modules():
+        if not isinstance(module, DistributedDataParallel):
+            continue
+        names = {id(p): n for n, p in module.module.named_parameters()}
+        wrapped_trainable = {id(p) for p in module.module.parameters() if p.requires_grad}
+        inside = trained & set(names)
+        unfrozen = sorted(names[i] for i in inside - wrapped_trainable)
+        frozen = sorted(names[i] for i in wrapped_trainable - inside)
+        if frozen and (getattr(module, "find_unused_parameters", False)
+                       or getattr(module, "static_graph", False)):
+            frozen = []  # made to let parameters go without gradients
+        if unfrozen or frozen:
+            where = "the model" if not name else repr(name)
+            raise ValueError(
+                f"distill: {where} is a DistributedDataParallel wrapper made with other "
+                "trainable parameters than distill trains"
+                + (f" (it would train {preview(unfrozen)}, frozen when it was made"
+                   if unfrozen else " (")
+                + (f"{'; ' if unfrozen else ''}it would freeze {preview(frozen)}" if frozen
+                   else "")
+                + "): set requires_grad=False on every parameter but those distill trains "
+                  "before wrapping, so that the wrapper synchronizes exactly them")
+
+
 def _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss, progress):
     if loss is not None and not callable(loss):
         raise TypeError(f"distill: loss must be callable fn(output, target), got "
@@ -294,6 +329,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
         raise RuntimeError("distill: cannot train under torch.inference_mode(), whose tensors "
                            "take no gradients; call it outside that block")
     params = _trainable(model, teacher, parameters)
+    _check_data_parallel(model, params)
     inner = _matched_modules(model, teacher, match)
     batches = _batches(data)
 

@@ -22,16 +22,19 @@ from torch import nn
 
 from ._checks import dtype_name
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_alone, compiled_original,
-                       dense_weight, is_conv1d, places_of, weight_tied_elsewhere)
+                       dense_weight, is_conv1d, places_of, refuse_distributed_wrapper,
+                       weight_tied_elsewhere)
 from ._names import preview
 from .compress import adapter_bases, left_alone_suffix, plain_linears, select_layers
 from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
                  check_lora_options)
 
 
-def _check_model(owner, model):
+def _check_model(owner, model, *, swaps_layers=False):
     if not isinstance(model, nn.Module):
         raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+    if swaps_layers:
+        refuse_distributed_wrapper(model, owner)
 
 
 def _adapters(model):
@@ -107,7 +110,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     modules, weights and ``requires_grad`` flags are put back as they were.
     Returns the names of the wrapped layers.
     """
-    _check_model("add_lora", model)
+    _check_model("add_lora", model, swaps_layers=True)
     _check_positive_int("add_lora", "rank", rank)
     alpha = check_lora_options("add_lora", rank, alpha, init, dropout, rslora, use_dora)
     if not isinstance(freeze, bool):
@@ -322,7 +325,7 @@ def merge_lora(model: nn.Module) -> list[str]:
     far are unmerged and put back: their weights then differ from the
     originals by the rounding of W + scale·B·A − scale·B·A.
     """
-    _check_model("merge_lora", model)
+    _check_model("merge_lora", model, swaps_layers=True)
     adapters = _require_adapters("merge_lora", model)
     if "" in adapters:
         raise ValueError("merge_lora: the model is itself a LoRALinear; call its merge() "

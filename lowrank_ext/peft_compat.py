@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
-                       has_own_forward, is_conv1d, places_of, weight_tied_elsewhere)
+                       GATHER_FIRST, has_own_forward, is_conv1d, is_sharded, places_of,
+                       weight_tied_elsewhere)
 from ._names import preview
 from .compress import attention_holding
 from .lora import ORIGINAL, STANDING_IN, _check_model, _require_adapters, adapter_parameters
@@ -246,7 +247,7 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
         ``LoraModel`` wraps).
     """
     LoraLayer = _lora_layer_type()
-    _check_model("from_peft", model)
+    _check_model("from_peft", model, swaps_layers=True)
     # A compiled PeftModel: its config and the model it wraps are inside.
     given, model = model, compiled_original(model)
     root = _peft_wrapped(model)
@@ -741,6 +742,9 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
             tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous()
     for key, value in biases.items():
         tensors[f"base_model.model.{key}"] = value.detach().contiguous()
+    sharded = [key for key, value in tensors.items() if is_sharded(value)]
+    if sharded:
+        raise ValueError(f"save_peft_adapter: {sharded[0]} is {GATHER_FIRST}")
     meta = [key for key, value in tensors.items() if value.is_meta]
     if meta:
         raise ValueError(f"save_peft_adapter: {meta[0]} is on the meta device and holds no "

@@ -30,6 +30,7 @@ from torch.nn.parameter import is_lazy
 
 from ._checks import check_device, dtype_name
 from ._modules import (Swaps, compiled_original, dense_weight, is_conv1d, is_linear_layer,
+                       refuse_distributed_wrapper, is_sharded, GATHER_FIRST,
                        keeps_encoder_flags, places_of)
 from ._names import preview
 from .attention import split_where_stored_split
@@ -367,6 +368,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> dict[str, int]
             raise TypeError(f"save_compressed: model.state_dict() holds {key}, a "
                             f"{type(value).__name__} (a module's extra state?); a safetensors "
                             "file holds tensors only")
+        if is_sharded(value):
+            raise ValueError(f"save_compressed: {key} is {GATHER_FIRST}")
         if value.layout != torch.strided:
             raise TypeError(f"save_compressed: {key} is a {value.layout} tensor; a safetensors "
                             "file holds dense tensors only (convert it with .to_dense())")
@@ -650,6 +653,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_compressed: model must be an nn.Module, got {type(model).__name__}")
+    refuse_distributed_wrapper(model, "load_compressed")
     path = check_path("load_compressed", path)
     device = check_device("load_compressed", device,
                           "holds no data; give the device the file's tensors should go to")
@@ -759,8 +763,8 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
                 raise ValueError(
                     f"load_compressed: every layer {path} stores is named 'module.…', as "
                     "a DataParallel or DistributedDataParallel wrapper names them, and the "
-                    "model has no 'module'; load into the wrapped model, or save the model "
-                    "it wraps (its .module)")
+                    "model has no 'module'; save the model it wraps (its .module) instead, "
+                    "load that, and wrap the model after loading")
             if layer is None and "module" in modules and all(
                     f"module.{other}" in modules for other in ranks):
                 raise ValueError(

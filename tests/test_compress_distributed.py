@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import lowrank_ext as lx
@@ -59,6 +60,11 @@ def _compress_on_rank(rank, directory, case):
     elif rank == 1 and case["local"] == "a NaN weight":
         with torch.no_grad():
             model[0].weight[0, 0] = float("nan")
+    elif rank == 1 and case["local"] == "other weights":
+        with torch.no_grad():
+            model[0].bias.add_(0.5)
+    elif rank == 1 and case["local"] == "another dtype":
+        model.float()
     elif rank == 1 and case["local"] == "its shard reaches one layer":
         def mine(model, shard=mine):
             for x in shard:
@@ -206,6 +212,20 @@ def test_ranks_given_different_layers_are_refused_instead_of_hanging(tmp_path):
     for result in results:
         kind, message = result["error"]
         assert kind == "RuntimeError" and "ranks [1] were called with other layers" in message
+        assert result["unchanged"]
+
+
+@pytest.mark.parametrize("local", ["other weights", "another dtype"])
+def test_ranks_holding_other_weights_are_refused(tmp_path, local):
+    # Each rank factorizes its share from its own copy: ranks that loaded
+    # other weights (or cast the model) ended with other, mixed models.
+    results = compress_on_ranks(tmp_path, kwargs=dict(rank=3), local=local, calibrate=False)
+    for result in results:
+        kind, message = result["error"]
+        assert kind == "RuntimeError" and message == (
+            "compress_model: ranks [1] differ from rank 0: their layers' weights, biases or "
+            "dtypes differ from rank 0's; every rank must compress the same model (load the "
+            "same weights first)")
         assert result["unchanged"]
 
 
@@ -380,3 +400,23 @@ def test_a_process_outside_the_group_is_told_so(tmp_path):
     assert inside == {"0": 4, "2": 4}
     assert outside == ("compress_model: this process is not a member of process_group; call "
                        "compress_model on the group's members only")
+
+
+def _compress_on_rank_zero_alone(rank, directory):
+    group = dist.new_group([0])  # every rank takes part in making it
+    if rank != 0:
+        return None
+    model = build_model()
+    lx.compress_model(model, rank=3, progress=False, process_group=group)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_one_rank_compresses_alone_with_a_group_of_its_own(tmp_path):
+    # README: a call on one rank alone, with the default group, would wait
+    # for the others until the group's timeout.
+    state, nothing = run_ranks(_compress_on_rank_zero_alone, tmp_path)
+    assert nothing is None
+    model = build_model()
+    lx.compress_model(model, rank=3, progress=False)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)

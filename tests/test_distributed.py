@@ -168,3 +168,123 @@ def test_lora_base_stays_frozen_and_identical(trained, name):
         assert result[name]["base_requires_grad"] == [False] * len(base_keys)
         for key in base_keys:
             assert torch.equal(result[name]["state"][key], inputs[name]["init"][key]), key
+
+
+def _refusals_on_rank(rank, directory):
+    """Every layer-swapping function given a DDP-wrapped model, and distill given
+    one made with other trainable parameters: {name: (error type, message)}."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4)).double()
+
+    refused = {}
+
+    def attempt(name, call):
+        try:
+            call()
+        except Exception as exc:  # the parent checks the type and message
+            refused[name] = (type(exc).__name__, str(exc))
+
+    path = os.path.join(directory, "compressed.safetensors")
+    compressed = model()
+    lx.compress_model(compressed, rank=2, progress=False)
+    lx.save_compressed(compressed, path)
+    wrapped = DDP(model())
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    attempt("compress_model", lambda: lx.compress_model(wrapped, rank=2, progress=False))
+    attempt("add_lora", lambda: lx.add_lora(wrapped, 2))
+    attempt("load_compressed", lambda: lx.load_compressed(wrapped, path))
+    attempt("split_attention",
+            lambda: lx.split_attention(DDP(nn.Sequential(nn.MultiheadAttention(8, 2)))))
+    inside = nn.ModuleDict({"inner": DDP(model())})
+    attempt("inside", lambda: lx.add_lora(inside, 2))
+    unchanged = all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items()) and \
+        all(type(m) is nn.Linear for m in wrapped.module if isinstance(m, nn.Linear))
+    # distill: the wrapper must synchronize exactly what distill trains.
+    data = [torch.randn(5, 6, dtype=torch.float64) for _ in range(2)]
+    attempt("distill", lambda: lx.distill(DDP(compressed), model(), data, steps=1,
+                                          progress=False))
+    for p in compressed.parameters():
+        p.requires_grad = p.dim() == 2  # the factors, as distill trains them
+    result = lx.distill(DDP(compressed), model(), data, steps=2, progress=False)
+    return {"refused": refused, "unchanged": unchanged, "trained": result.steps}
+
+
+def test_layer_swapping_functions_refuse_a_ddp_wrapper(tmp_path):
+    # DDP synchronizes the parameters it was made with: layers swapped in
+    # afterwards trained on each rank's data alone, and the replicas drifted
+    # apart without a word (distill's froze and unfroze parameters it had).
+    (result,) = run_ranks(_refusals_on_rank, tmp_path, world_size=1)
+    refused = result["refused"]
+    for name in ("compress_model", "add_lora", "load_compressed", "split_attention"):
+        kind, message = refused[name]
+        assert kind == "TypeError" and message.startswith(
+            f"{name}: the model is a DistributedDataParallel wrapper, which would go on "
+            "synchronizing the parameters it was made with"), (name, message)
+        assert f"call {name} on every rank on the model it wraps (its .module) before " \
+               "wrapping it, then wrap it anew" in message
+    assert refused["inside"][1].startswith("add_lora: 'inner' is a DistributedDataParallel")
+    assert result["unchanged"]
+    kind, message = refused["distill"]
+    assert kind == "ValueError" and message.startswith(
+        "distill: the model is a DistributedDataParallel wrapper made with other trainable "
+        "parameters than distill trains (it would freeze 0.bias, 2.bias)")
+    assert result["trained"] == 2
+
+
+def _sharded_refusals_on_rank(rank, directory):
+    torch.manual_seed(0)
+    model = nn.Sequential(lx.LowRankLinear(6, 8, 3), nn.GELU(),
+                          nn.Linear(8, 4)).double()
+    lx.add_lora(model, 2)
+    with torch.no_grad():
+        model[0].B.normal_()
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    compressed = nn.Sequential(lx.LowRankLinear(6, 8, 3)).double()  # no adapters
+    fully_shard(compressed)
+    adapted = nn.Sequential(nn.Linear(6, 8)).double()  # peft takes dense bases only
+    lx.add_lora(adapted, 2)
+    fully_shard(adapted)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    before = model(x).detach().clone()
+    refused = {}
+    for name, call in (
+            ("merge", lambda: model[0].merge()),
+            ("merge_lora", lambda: lx.merge_lora(model)),
+            ("save_compressed", lambda: lx.save_compressed(
+                compressed, os.path.join(directory, f"c{rank}.safetensors"))),
+            ("save_peft_adapter", lambda: lx.save_peft_adapter(
+                adapted, os.path.join(directory, f"adapter{rank}")))):
+        try:
+            call()
+        except Exception as exc:  # the parent checks the type and message
+            refused[name] = (type(exc).__name__, str(exc))
+    # The dense base merges in place, shard by shard.
+    model[2].merge()
+    after = model(x).detach().clone()
+    return {"refused": refused, "same": torch.allclose(before, after, rtol=1e-12, atol=1e-12),
+            "files": sorted(os.listdir(directory))}
+
+
+def test_sharded_factors_are_not_merged_nor_saved_in_shards(tmp_path):
+    # Merged, a sharded LowRankLinear base got new factors that FSDP replaced
+    # with its own at the next forward: the adapter was lost without a word.
+    # The savers failed on the shards with torch's "invalid python storage".
+    if fully_shard is None:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    for result in run_ranks(_sharded_refusals_on_rank, tmp_path):
+        refused = result["refused"]
+        for name, error in (("merge", "RuntimeError"), ("merge_lora", "ValueError")):
+            kind, message = refused[name]
+            assert kind == error and "its factors are sharded DTensors (FSDP2's " \
+                "fully_shard), and merging gives them a new rank" in message, (name, message)
+        for name in ("save_compressed", "save_peft_adapter"):
+            kind, message = refused[name]
+            assert kind == "ValueError" and "is a sharded DTensor (FSDP2's fully_shard): each " \
+                "rank holds a shard only" in message, (name, message)
+        assert result["same"]
+        assert not [f for f in result["files"] if f.startswith(("c0", "c1", "adapter"))]
