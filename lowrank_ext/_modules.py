@@ -600,3 +600,22 @@ GATHER_FIRST = ("a sharded DTensor (FSDP2's fully_shard): each rank holds a shar
                 "load the full state dict into an unsharded copy of the model "
                 "(torch.distributed.checkpoint.state_dict.get_model_state_dict with "
                 "StateDictOptions(full_state_dict=True)) and save that")
+
+
+def fsdp_managed(module):
+    """Whether ``module`` or a module inside it is an FSDP2 unit
+    (``fully_shard`` makes it an ``FSDPModule``), or holds sharded tensors."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()
+    return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
+        is_sharded(p) for p in module.parameters())
+
+
+# Why an FSDP-managed layer is not merged: FSDP keeps the sharded parameters
+# and gathers from them, so a merge written into the gathered copies (or new
+# factors) was undone at the next gathering, the adapter lost.
+FSDP_MERGE_WHY = ("it is managed by FSDP2 (fully_shard), which gathers its parameters from "
+                  "their shards at every use, so a merged weight would be replaced by the "
+                  "unmerged one (the adapter lost); merge in an unsharded copy of the model")

@@ -58,17 +58,19 @@ class Workers:
             load[owner] += cost[name]
         return owners
 
-    def check_same_call(self, signature, need=None):
+    def check_same_call(self, signature, need=None, same=None):
         """Raise on every rank if the ranks were not given the same layers and targets.
 
         Without this, ranks disagreeing on the layers would wait forever in
-        mismatched broadcasts.
+        mismatched broadcasts. ``same(a, b)``, where given, compares two
+        ranks' signatures (default: equality).
         """
         if not self.shared:
             return
         gathered = [None] * self.world
         self._dist.all_gather_object(gathered, signature, group=self.group)
-        differing = [r for r, s in enumerate(gathered) if s != gathered[0]]
+        same = same or (lambda a, b: a == b)
+        differing = [r for r, s in enumerate(gathered) if not same(s, gathered[0])]
         if differing and need is not None:
             raise RuntimeError(f"compress_model: ranks {differing} differ from rank 0: {need}")
         if differing:

@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from ._checks import SUPPORTED_DTYPES, check_device, dtype_name
 from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight, is_conv1d,
-                       refuse_distributed_wrapper,
+                       is_sharded, refuse_distributed_wrapper,
                        keeps_encoder_flags, places_of)
 from ._names import preview
 from ._workers import Workers
@@ -947,6 +947,12 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
                 f"compress_model: layer(s) {preview(list(not_real))} have {dtype_name(dtype)} "
                 f"weights (layer {name!r}); only float32, float64, float16 and bfloat16 "
                 "layers can be factorized: exclude them")
+        sharded = [name for name, layer in layers.items() if is_sharded(layer.weight)]
+        if sharded:
+            raise ValueError(
+                f"compress_model: layer(s) {preview(sharded)} hold sharded DTensors (FSDP2's "
+                "fully_shard): each rank holds a shard only; compress the model before "
+                "sharding it")
         for name, layer in layers.items():
             if not bool(torch.isfinite(layer.weight).all()):
                 raise ValueError(f"compress_model: layer {name!r} has NaN or Inf in its weight")
@@ -969,7 +975,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     # holding other weights ended with other, mixed models, without a word.
     workers.check_same_call(
         fingerprints, "their layers' weights, biases or dtypes differ from rank 0's; every "
-                      "rank must compress the same model (load the same weights first)")
+                      "rank must compress the same model (load the same weights first)",
+        same=_same_fingerprints)
     if not layers:
         return CompressionReport([shared_records[n] for n in reported],
                                  calibrated=calibration is not None)
@@ -1243,17 +1250,43 @@ def _shared_records(selected, linears, shared):
 
 
 def _fingerprints(layers):
-    """{name: (dtype, Σw, Σw², Σb, Σb²)} to 9 digits, in float64: equal on ranks
-    holding the same layers (other devices may round the sums in their last
-    bits), different where a rank loaded other weights."""
+    """{name: (dtype, sums of weight, sums of bias)}, each (Σt, Σ|t|, Σt²) in
+    float64: equal but for rounding on ranks holding the same layers,
+    different where a rank loaded other weights (see _same_fingerprints)."""
     def sums(t):
         if t is None:
             return None
         t = t.detach().double()
-        return tuple(float(f"{float(v):.9g}") for v in (t.sum(), t.square().sum()))
+        return tuple(float(v) for v in (t.sum(), t.abs().sum(), t.square().sum()))
 
     return {name: (str(layer.weight.dtype), sums(layer.weight), sums(layer.bias))
             for name, layer in layers.items()}
+
+
+# The sums' rounding differs with the device and the thread count (a sum
+# near 0 of a centred weight keeps no digit of its own): they are compared
+# to this fraction of Σ|t| (Σt² to this fraction of itself).
+_FINGERPRINT_TOLERANCE = 1e-6
+
+
+def _same_fingerprints(mine, theirs):
+    """Whether two ranks' _fingerprints agree (NaN, as in a bias, equals NaN)."""
+    def close(a, b, scale):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b or abs(a - b) <= _FINGERPRINT_TOLERANCE * scale
+
+    def same_sums(a, b):
+        if a is None or b is None:
+            return a is b
+        (total, size, squares), (total2, size2, squares2) = a, b
+        return (close(size, size2, abs(size)) and close(squares, squares2, abs(squares))
+                and close(total, total2, abs(size)))
+
+    if mine.keys() != theirs.keys():
+        return False
+    return all(mine[n][0] == theirs[n][0] and same_sums(mine[n][1], theirs[n][1])
+               and same_sums(mine[n][2], theirs[n][2]) for n in mine)
 
 
 def rounding_note(dtype, exact, error, energy, tol):

@@ -22,7 +22,8 @@ from torch import nn
 
 from ._checks import dtype_name
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_alone, compiled_original,
-                       dense_weight, is_conv1d, places_of, refuse_distributed_wrapper,
+                       FSDP_MERGE_WHY, dense_weight, fsdp_managed, is_conv1d, places_of,
+                       refuse_distributed_wrapper,
                        weight_tied_elsewhere)
 from ._names import preview
 from .compress import adapter_bases, left_alone_suffix, plain_linears, select_layers
@@ -337,7 +338,10 @@ def merge_lora(model: nn.Module) -> list[str]:
                          "which merged weights would no longer give; merge after the block")
     # Everything that can refuse is checked before the first merge: undoing a
     # merge (W + ΔW − ΔW) restores the weight only up to rounding.
-    refused = {name: lora._cannot_merge() for name, lora in adapters.items() if not lora.merged}
+    # An FSDP2 unit anywhere in the model may hold any layer's parameters.
+    managed = fsdp_managed(model)
+    refused = {name: FSDP_MERGE_WHY if managed else lora._cannot_merge()
+               for name, lora in adapters.items() if not lora.merged}
     refused = {name: why for name, why in refused.items() if why}
     _refuse_merging(refused, "", lambda name, why: f"the base layer of {name} cannot take "
                     f"the adapter: {why}", "; keep the model unmerged (its LoRALinear layers "

@@ -25,7 +25,8 @@ from . import _functorch
 from ._amp import autocast_enabled, outside_autocast
 from ._checks import SUPPORTED_DTYPES, dtype_name, float_scale
 from ._modules import (_run_the_module, dense_weight, has_own_forward, is_conv1d,
-                       is_sharded, stacklevel_outside_package, weight_recomputed)
+                       FSDP_MERGE_WHY, fsdp_managed, stacklevel_outside_package,
+                       weight_recomputed)
 from .ops import (check_lora_linear_tensors, lora_linear, lora_linear_changing_scale,
                   lowrank_linear)
 from .svd import svd_truncate
@@ -1168,12 +1169,10 @@ class LoRALinear(nn.Module):
         tensors = ("A", "B") if isinstance(self.base, LowRankLinear) else ("weight",)
         if any(_elements_share_memory(getattr(self.base, t)) for t in tensors):
             return _SHARED_ELEMENTS_WHY
-        if tensors == ("A", "B") and any(is_sharded(getattr(self.base, t)) for t in tensors):
-            # A dense base merges in place, shard by shard; new factors would
-            # be replaced by FSDP's own at the next forward, the adapter lost.
-            return ("its factors are sharded DTensors (FSDP2's fully_shard), and merging "
-                    "gives them a new rank, which the sharding cannot follow; merge in an "
-                    "unsharded copy of the model")
+        if fsdp_managed(self):
+            # (A unit holding this layer from outside is not visible here:
+            # lx.merge_lora looks at the whole model.)
+            return FSDP_MERGE_WHY
         return weight_recomputed(self.base, tensors)
 
     @torch.no_grad()
@@ -1278,6 +1277,9 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRALinear.unmerge: not merged; nothing to do",
                           stacklevel=stacklevel_outside_package())
             return self
+        if fsdp_managed(self):
+            raise RuntimeError(f"LoRALinear.unmerge: the layer cannot be unmerged here: "
+                               f"{FSDP_MERGE_WHY.replace('merge in', 'unmerge in')}")
         if isinstance(self.base, LowRankLinear):
             base = self.base
             originals = self.__dict__.pop("_base_parameters", None)

@@ -65,6 +65,12 @@ def _compress_on_rank(rank, directory, case):
             model[0].bias.add_(0.5)
     elif rank == 1 and case["local"] == "another dtype":
         model.float()
+    elif case["local"] == "the same NaN bias, other thread counts":
+        # The sums' last bits differ with the thread count; NaN is NaN.
+        torch.set_num_threads(rank + 1)
+        with torch.no_grad():
+            model[0].weight.sub_(model[0].weight.mean())  # Σw near 0: no digit of its own
+            model[0].bias[0] = float("nan")
     elif rank == 1 and case["local"] == "its shard reaches one layer":
         def mine(model, shard=mine):
             for x in shard:
@@ -227,6 +233,16 @@ def test_ranks_holding_other_weights_are_refused(tmp_path, local):
             "dtypes differ from rank 0's; every rank must compress the same model (load the "
             "same weights first)")
         assert result["unchanged"]
+
+
+def test_ranks_holding_the_same_weights_are_not_refused_for_rounding(tmp_path):
+    # Compared exactly, a centred weight's sum (rounded otherwise with
+    # another thread count) and a NaN in a bias refused identical ranks.
+    results = compress_on_ranks(tmp_path, kwargs=dict(rank=3), calibrate=False,
+                                local="the same NaN bias, other thread counts")
+    assert "error" not in results[0] and "error" not in results[1]
+    for key, value in results[0]["state"].items():
+        torch.testing.assert_close(value, results[1]["state"][key], equal_nan=True)
 
 
 def test_process_group_without_distributed_is_refused():

@@ -263,11 +263,24 @@ def _sharded_refusals_on_rank(rank, directory):
             call()
         except Exception as exc:  # the parent checks the type and message
             refused[name] = (type(exc).__name__, str(exc))
-    # The dense base merges in place, shard by shard.
-    model[2].merge()
+    # A dense base too: a merge into the gathered weight was undone at the
+    # next gathering. So with one unit for the whole model (the layers' own
+    # parameters gathered after a forward: merge_lora sees the unit).
+    whole = nn.Sequential(nn.Linear(6, 8)).double()
+    lx.add_lora(whole, 2)
+    fully_shard(whole)
+    with torch.no_grad():
+        whole(x)
+    for name, call in (("dense merge", lambda: model[2].merge()),
+                       ("root only", lambda: lx.merge_lora(whole))):
+        try:
+            call()
+        except Exception as exc:  # the parent checks the type and message
+            refused[name] = (type(exc).__name__, str(exc))
     after = model(x).detach().clone()
     return {"refused": refused, "same": torch.allclose(before, after, rtol=1e-12, atol=1e-12),
-            "files": sorted(os.listdir(directory))}
+            "files": sorted(os.listdir(directory)),
+            "unmerged": not model[0].merged and not model[2].merged}
 
 
 def test_sharded_factors_are_not_merged_nor_saved_in_shards(tmp_path):
@@ -278,13 +291,14 @@ def test_sharded_factors_are_not_merged_nor_saved_in_shards(tmp_path):
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     for result in run_ranks(_sharded_refusals_on_rank, tmp_path):
         refused = result["refused"]
-        for name, error in (("merge", "RuntimeError"), ("merge_lora", "ValueError")):
+        for name, error in (("merge", "RuntimeError"), ("merge_lora", "ValueError"),
+                            ("dense merge", "RuntimeError"), ("root only", "ValueError")):
             kind, message = refused[name]
-            assert kind == error and "its factors are sharded DTensors (FSDP2's " \
-                "fully_shard), and merging gives them a new rank" in message, (name, message)
+            assert kind == error and "it is managed by FSDP2 (fully_shard), which gathers its " \
+                "parameters from their shards at every use" in message, (name, message)
         for name in ("save_compressed", "save_peft_adapter"):
             kind, message = refused[name]
             assert kind == "ValueError" and "is a sharded DTensor (FSDP2's fully_shard): each " \
                 "rank holds a shard only" in message, (name, message)
-        assert result["same"]
+        assert result["same"] and result["unmerged"]
         assert not [f for f in result["files"] if f.startswith(("c0", "c1", "adapter"))]
