@@ -297,14 +297,12 @@ def run(args):
     sides = _split(DEFAULT_SIDES if args.sides is None else args.sides, bench.SIDES, "--sides")
     sides = ["ours"] + [s for s in sides if s != "ours"]
     if "dense" in sides and not any(bench.sides_for(args.op, m, ["dense"]) for m in modes):
-        if args.sides is None:
-            # Not asked for by name: the default sides where there is one.
-            sides.remove("dense")
-    if "dense" in sides and not any(bench.sides_for(args.op, m, ["dense"]) for m in modes):
-        # Otherwise its column stays empty without a word.
-        raise ValueError(f"--sides dense: --op {args.op} has no dense side in "
-                         f"{', '.join(modes)} (a merged adapter cannot be trained); add fwd "
-                         "to --modes or leave dense out")
+        if args.sides is not None:
+            # Asked for by name: otherwise its column stays empty without a word.
+            raise ValueError(f"--sides dense: --op {args.op} has no dense side in "
+                             f"{', '.join(modes)} (a merged adapter cannot be trained); add "
+                             "fwd to --modes or leave dense out")
+        sides.remove("dense")  # the default sides: dense where there is one
     if args.plot is not None and len(sides) == 1:
         raise ValueError("--plot draws the ratios to the other sides, and --sides names "
                          "only ours")

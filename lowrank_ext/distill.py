@@ -86,17 +86,18 @@ def _check_data_parallel(model, params):
         if frozen and (getattr(module, "find_unused_parameters", False)
                        or getattr(module, "static_graph", False)):
             frozen = []  # made to let parameters go without gradients
-        if unfrozen or frozen:
+        differences = []
+        if unfrozen:
+            differences.append(f"it would train {preview(unfrozen)}, frozen when it was made")
+        if frozen:
+            differences.append(f"it would freeze {preview(frozen)}")
+        if differences:
             where = "the model" if not name else repr(name)
             raise ValueError(
                 f"distill: {where} is a DistributedDataParallel wrapper made with other "
-                "trainable parameters than distill trains"
-                + (f" (it would train {preview(unfrozen)}, frozen when it was made"
-                   if unfrozen else " (")
-                + (f"{'; ' if unfrozen else ''}it would freeze {preview(frozen)}" if frozen
-                   else "")
-                + "): set requires_grad=False on every parameter but those distill trains "
-                  "before wrapping, so that the wrapper synchronizes exactly them")
+                f"trainable parameters than distill trains ({'; '.join(differences)}): set "
+                "requires_grad=False on every parameter but those distill trains before "
+                "wrapping, so that the wrapper synchronizes exactly them")
 
 
 def _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss, progress):

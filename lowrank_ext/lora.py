@@ -23,8 +23,7 @@ from torch import nn
 from ._checks import dtype_name
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_alone, compiled_original,
                        FSDP_MERGE_WHY, dense_weight, fsdp_managed, is_conv1d, places_of,
-                       refuse_distributed_wrapper,
-                       weight_tied_elsewhere)
+                       refuse_distributed_wrapper, weight_tied_elsewhere)
 from ._names import preview
 from .compress import adapter_bases, left_alone_suffix, plain_linears, select_layers
 from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,

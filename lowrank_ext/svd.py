@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -199,11 +200,10 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
 
             return differentiable_outside_compile(W, int(rank), balanced)
         return ops.svd_truncate.default(W, int(rank), balanced)
-    if _functorch.transforms_active() is not None or (
-            (grad_wanted or _functorch.has_tangents(W)) and _holds_values(W)):
-        # The op has no autograd formula: torch would backpropagate through
-        # its kernels' internals with a deprecation warning, or not at all.
-        # (A meta or fake W has no values to factor: the op gives its shapes.)
+    if _functorch.transforms_active() is not None:
+        # torch.func cannot see through the op: the same factors from torch
+        # ops it differentiates. (Elsewhere a gradient or a forward-mode
+        # tangent takes the same route in the op's autograd kernel.)
         factors = _differentiable(W, int(rank), balanced)
     else:
         factors = ops.svd_truncate.default(W, int(rank), balanced)
@@ -229,8 +229,6 @@ def _warn_if_rounding_misses(W, S, rank, tol, factors):
     error = float(torch.linalg.matrix_norm(Wf - B @ A) / torch.linalg.matrix_norm(Wf))
     note = rounding_note(W.dtype, exact, error, None, tol)
     if note:
-        import warnings
-
         warnings.warn(f"svd_truncate: rank {rank}, chosen for tol={tol} from the float32 "
                       f"SVD: {note}. A smaller tol gives a larger rank; a float32 W keeps "
                       "the factors unrounded", stacklevel=3)
