@@ -156,10 +156,27 @@ bool use_weight_grad_kernel(const at::Tensor& gy2) {
       !at::GradMode::is_enabled();
 }
 
+// a·b where b may be a sparse x or factor (the ops take COO, CSR and CSC).
+// ATen's CPU products with a sparse CSR/CSC second operand have no float16 or
+// bfloat16 kernel (MKL's addmm): a half-type sparse b is multiplied in
+// float32, as the forward computes, and the product rounded once.
+at::Tensor matrix_product(const at::Tensor& a, const at::Tensor& b) {
+  if (b.layout() == at::kStrided || !c10::isReducedFloatingType(b.scalar_type())) {
+    return a.mm(b);
+  }
+  return a.to(at::kFloat).mm(b.to(at::kFloat)).to(a.scalar_type());
+}
+
+// c + a·b, in c: addmm takes no sparse second operand.
+at::Tensor add_product(at::Tensor c, const at::Tensor& a, const at::Tensor& b) {
+  return b.layout() == at::kStrided ? c.addmm_(a, b) : c.add_(matrix_product(a, b));
+}
+
 // aᵀ·b: the kernel above where it applies, ATen's mm otherwise.
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b, bool kernel) {
-  // The kernel reads strided operands; a sparse x goes through ATen's mm.
-  return kernel && b.layout() == at::kStrided ? weight_grad_op(a, b) : a.t().mm(b);
+  // The kernel reads strided operands; a sparse x or factor goes through ATen.
+  return kernel && b.layout() == at::kStrided ? weight_grad_op(a, b)
+                                              : matrix_product(a.t(), b);
 }
 
 // x as (M, k) rows for a weight gradient. A sparse x, which the ops take, is
@@ -285,7 +302,7 @@ variable_list lowrank_backward(
       gA = transposed_product(gt, rows_matrix(x, M, k), kernel_gx_gA);
     }
   } else if (need_x || need_A) {
-    const at::Tensor gt = gy2.mm(B); // (M, r)
+    const at::Tensor gt = matrix_product(gy2, B); // (M, r)
     if (need_x) {
       gx = transposed_product(gt.t(), A, kernel_gx_gA).reshape_symint(x.sym_sizes());
     }
@@ -402,15 +419,15 @@ variable_list lora_backward(
   const at::Tensor scaled_gy = adapter ? times(wide_gt ? gy32 : gy2, scale) : at::Tensor();
   at::Tensor gx, gW, gA, gB, gbias;
   if (need_x || need_A) {
-    const at::Tensor gt = scaled_gy.mm(wide_gt ? B.to(at::kFloat) : B); // (M, r)
+    const at::Tensor gt = matrix_product(scaled_gy, wide_gt ? B.to(at::kFloat) : B); // (M, r)
     if (need_x && gy.device().is_cpu() && W.is_contiguous() && !at::GradMode::is_enabled() &&
         few_rows_backward(gy, M)) {
       // Few rows: gy·W streams W in its own layout (cpu/few_rows.h), summed
       // with the adapter's gt·A in float32 and rounded once. Through the
       // dispatcher, so that fake tensors (torch.compile) reach a fake kernel.
       at::AutoDispatchBelowADInplaceOrView guard;
-      gx = rows_times_weight_op(gy2.to(at::kFloat), W)
-               .addmm_(gt.to(at::kFloat), A.to(at::kFloat))
+      gx = add_product(rows_times_weight_op(gy2.to(at::kFloat), W), gt.to(at::kFloat),
+                       A.to(at::kFloat))
                .to(gy.scalar_type())
                .reshape_symint(x.sym_sizes());
     } else if (need_x) {
@@ -422,7 +439,7 @@ variable_list lora_backward(
       const at::Tensor dense = wide_gt && gy.device().is_cpu()
           ? gy32.mm(W.to(at::kFloat))
           : gy2.mm(W).to(gt.scalar_type());
-      gx = dense.addmm_(gt, A.to(gt.scalar_type()))
+      gx = add_product(dense, gt, A.to(gt.scalar_type()))
                .to(gy.scalar_type())
                .reshape_symint(x.sym_sizes());
     }
@@ -434,7 +451,7 @@ variable_list lora_backward(
     }
   }
   if (ctx->needs_input_grad(1)) {
-    gW = gy2.t().mm(rows_matrix(x, M, k));
+    gW = matrix_product(gy2.t(), rows_matrix(x, M, k));
   }
   if (need_B) {
     const at::Tensor t2 = intermediate_for_backward(x, A, t).reshape_symint({M, r});

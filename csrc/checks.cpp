@@ -65,16 +65,22 @@ static std::string layout_name(at::Layout layout) {
 }
 
 // Undefined tensors (None passed to torch.ops for a Tensor argument) and
-// layouts the kernels cannot take. x, A and B may be sparse (the products
-// take them); the bias and W are added and expanded, which sparse tensors
-// do not support, and no product takes mkldnn tensors.
+// layouts the kernels cannot take. x, A and B may be sparse COO, CSR or CSC
+// (the products take them, forward and backward); the block layouts are
+// refused, since ATen's CPU products take them on one side only (a BSR x ran
+// forward and failed in its backward, a BSC x failed with addmm's message).
+// The bias and W are added and expanded, which sparse tensors do not
+// support, and no product takes mkldnn tensors.
 static void check_tensor(
     const char* op, const char* name, const at::Tensor& t, bool dense) {
   TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " must be a Tensor, got NoneType");
+  const at::Layout layout = t.layout();
+  const bool sparse_ok =
+      layout == at::kSparse || layout == at::kSparseCsr || layout == at::kSparseCsc;
   TORCH_CHECK_TYPE(
-      t.layout() != at::kMkldnn && (!dense || t.layout() == at::kStrided), op,
-      ": ", name, " must be a ", dense ? "dense (strided)" : "strided or sparse",
-      " tensor, got layout ", layout_name(t.layout()));
+      layout == at::kStrided || (!dense && sparse_ok), op, ": ", name, " must be a ",
+      dense ? "dense (strided)" : "strided or sparse COO, CSR or CSC",
+      " tensor, got layout ", layout_name(layout));
 }
 
 static void check_x(const char* op, const at::Tensor& x) {

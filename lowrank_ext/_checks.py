@@ -50,12 +50,16 @@ def _check_dtype_device(op, name, t, ref, ref_name):
             "all tensors must be on one device")
 
 
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc)
+
+
 def _check_tensor(op, name, t, dense):
     """As check_tensor in csrc/checks.cpp: a tensor (None only for the bias,
-    checked by the caller), not mkldnn, and strided where ``dense``."""
+    checked by the caller), strided where ``dense``, else strided or sparse
+    COO, CSR or CSC (the block layouts have products on one side only)."""
     check_is_tensor(op, **{name: t})
-    if t.layout == torch._mkldnn or (dense and t.layout != torch.strided):
-        kind = "dense (strided)" if dense else "strided or sparse"
+    if t.layout != torch.strided and (dense or t.layout not in _SPARSE_LAYOUTS):
+        kind = "dense (strided)" if dense else "strided or sparse COO, CSR or CSC"
         raise TypeError(f"{op}: {name} must be a {kind} tensor, got layout "
                         f"{str(t.layout).removeprefix('torch.')}")
 

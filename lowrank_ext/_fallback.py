@@ -24,16 +24,30 @@ def _upcast(dtype, *tensors):
     return tuple(None if t is None else t.float() for t in tensors)
 
 
+def _linear(a, w, bias=None):
+    """F.linear(a, w, bias) for a w that may be sparse."""
+    if w.layout == torch.strided:
+        return F.linear(a, w, bias)
+    if a.layout != torch.strided:
+        # torch's product of two sparse COO matrices returns zeros when it
+        # runs below autograd with the ADInplaceOrView key still on, as
+        # torch.library's autograd kernels call these kernels (a COO x and A
+        # gave y = bias). The C++ autograd kernels exclude both keys
+        # (csrc/autograd.cpp); so does this product. (Functional: no view or
+        # in-place op needs that key.)
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            y = F.linear(a, w)
+    else:
+        y = F.linear(a, w)
+    # A sparse w with a bias has no F.linear kernel (addmm wants the sparse
+    # operand first); the bias is added after the product, as addmm adds it.
+    return y if bias is None else y + bias
+
+
 def lowrank_forward(x, A, B, bias):
     xc, Ac, Bc, bc = _upcast(x.dtype, x, A, B, bias)
-    t = F.linear(xc, Ac)
-    if bc is not None and Bc.layout != torch.strided:
-        # A sparse B with a bias has no F.linear kernel (addmm wants the
-        # sparse operand first); the bias is added after the product, as
-        # addmm adds it.
-        y = F.linear(t, Bc) + bc
-    else:
-        y = F.linear(t, Bc, bc)
+    t = _linear(xc, Ac)
+    y = _linear(t, Bc, bc)
     return y.to(x.dtype), t.to(x.dtype)
 
 
@@ -49,8 +63,8 @@ def lowrank_linear_with_intermediate(x, A, B, bias):
 
 def lora_forward(x, W, A, B, bias, scale):
     xc, Wc, Ac, Bc, bc = _upcast(x.dtype, x, W, A, B, bias)
-    t = F.linear(xc, Ac)
-    y = F.linear(xc, Wc, bc) + scale * F.linear(t, Bc)
+    t = _linear(xc, Ac)
+    y = F.linear(xc, Wc, bc) + scale * _linear(t, Bc)
     return y.to(x.dtype), t.to(x.dtype)
 
 

@@ -153,6 +153,22 @@ def _outside_autocast(grads):
     return run
 
 
+def _times(a, b):
+    """a·b where b may be a sparse x or factor (the ops take COO, CSR and CSC).
+    torch's CPU products with a sparse CSR/CSC second operand have no float16
+    or bfloat16 kernel: a half-type sparse b is multiplied in float32, as the
+    forward computes, and the product rounded once (csrc/autograd.cpp,
+    matrix_product)."""
+    if b.layout == torch.strided or b.dtype not in (torch.float16, torch.bfloat16):
+        return a.mm(b)
+    return a.float().mm(b.float()).to(a.dtype)
+
+
+def _add_product(c, a, b):
+    """c + a·b: addmm takes no sparse second operand."""
+    return torch.addmm(c, a, b) if b.layout == torch.strided else c + _times(a, b)
+
+
 def _rows(x, M, k):
     """x as (M, k) rows for a product. A sparse x, which the ops take, is 2-D
     already and has no reshape (its weight gradients failed)."""
@@ -174,13 +190,13 @@ def _lowrank_grads(needs, gy, x, A, B, t, gt_out=None):
         # the gradients themselves can be representable. (bfloat16 has
         # float32's range: rounding its gt costs digits, not the range.)
         wide = torch.float32 if gy2.dtype == torch.float16 else gy2.dtype
-        gt = gy2.to(wide).mm(B.to(wide))
+        gt = _times(gy2.to(wide), B.to(wide))
         if gt_out is not None:
             gt = gt + gt_out.reshape(M, r)
         if need_x:
-            gx = gt.mm(A.to(wide)).to(x.dtype).reshape(x.shape)
+            gx = _times(gt, A.to(wide)).to(x.dtype).reshape(x.shape)
         if need_A:
-            gA = gt.t().mm(_rows(x, M, k).to(wide)).to(A.dtype)
+            gA = _times(gt.t(), _rows(x, M, k).to(wide)).to(A.dtype)
     if need_B:
         gB = gy2.t().mm(_intermediate_for_backward(x, A, t).reshape(M, r))
     if need_bias:
@@ -216,7 +232,7 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
         t2 = _intermediate_for_backward(x, A, t).reshape(M, r)
         gB = scaled_gy.t().mm(t2.to(wide)).to(B.dtype)
     if need_x or need_A:
-        gt = scaled_gy.mm(B.to(wide))
+        gt = _times(scaled_gy, B.to(wide))
         if gt_out is not None:
             gt = gt + gt_out.reshape(M, r)
     del scaled_gy
@@ -226,13 +242,13 @@ def _lora_grads(needs, gy, x, W, A, B, t, scale, gt_out=None):
         dense = (gy_wide.mm(W.to(wide)) if gy2.device.type == "cpu"
                  else gy2.mm(W).to(wide))
         # (Not in place: under torch.func, dense may be unbatched where gt is.)
-        gx = torch.addmm(dense, gt, A.to(wide))
+        gx = _add_product(dense, gt, A.to(wide))
         del dense
         gx = gx.to(x.dtype).reshape(x.shape)
     if need_A:
-        gA = gt.t().mm(_rows(x, M, k).to(wide)).to(A.dtype)
+        gA = _times(gt.t(), _rows(x, M, k).to(wide)).to(A.dtype)
     if need_W:
-        gW = gy2.t().mm(_rows(x, M, k))
+        gW = _times(gy2.t(), _rows(x, M, k))
     if need_bias:
         gbias = gy2.sum(0)
     return gx, gW, gA, gB, gbias

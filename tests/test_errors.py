@@ -247,7 +247,7 @@ LAYOUT_CASES = [
     (dict(bias=torch.randn(3).to_sparse()), TypeError,
      "lowrank_linear: bias must be a dense (strided) tensor, got layout sparse_coo"),
     (dict(A=torch.randn(2, 6).to_mkldnn()), TypeError,
-     "lowrank_linear: A must be a strided or sparse tensor, got layout _mkldnn"),
+     "lowrank_linear: A must be a strided or sparse COO, CSR or CSC tensor, got layout _mkldnn"),
 ]
 
 
@@ -277,28 +277,92 @@ def test_sparse_inputs_the_products_take_still_work(sparse):
                                        atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["coo", "csr"])
-def test_a_sparse_x_gets_its_weight_gradients(layout):
-    # The ops take a sparse x, but the backward reshaped it for gA (and
-    # lora_linear's gW): "reshape is not implemented for sparse tensors".
+SPARSE_LAYOUTS = {"coo": torch.Tensor.to_sparse, "csr": torch.Tensor.to_sparse_csr,
+                  "csc": torch.Tensor.to_sparse_csc}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("sparse", ["x", "A", "B"])
+@pytest.mark.parametrize("layout", sorted(SPARSE_LAYOUTS))
+def test_a_sparse_operand_gets_the_other_gradients(layout, sparse, dtype):
+    # The ops take a sparse x, A or B, but the backward reshaped x for gA (and
+    # lora_linear's gW): "reshape is not implemented for sparse tensors"; a
+    # half-type CSR/CSC operand then failed in torch's CPU product ("not
+    # implemented for 'BFloat16'"), and a sparse A in lora's addmm.
     torch.manual_seed(0)
-    dense = torch.randn(6, 8, dtype=torch.float64)
-    dense[dense.abs() < 0.8] = 0
-    x = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
-    A = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    for call, reference, params in (
-            (lambda x: lx.lowrank_linear(x, A, B, b), lambda x: x @ A.T @ B.T + b, (A, B, b)),
-            (lambda x: lx.lora_linear(x, W, A, B, b, 0.5),
-             lambda x: x @ W.T + b + 0.5 * (x @ A.T @ B.T), (W, A, B, b))):
+    dense = {"x": torch.randn(6, 8, dtype=torch.float64),
+             "W": torch.randn(5, 8, dtype=torch.float64) / 3,
+             "A": torch.randn(3, 8, dtype=torch.float64) / 3,
+             "B": torch.randn(5, 3, dtype=torch.float64) / 2,
+             "b": torch.randn(5, dtype=torch.float64)}
+    dense[sparse][dense[sparse].abs() < 0.3] = 0
+    dense = {name: t.to(dtype).double() for name, t in dense.items()}  # representable
+    tol = {torch.float64: {}, torch.float32: dict(rtol=1e-5, atol=1e-5)}.get(
+        dtype, dict(rtol=2e-2, atol=2e-2))
+
+    def run(call, use, trained):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch's CSR "beta" notice
-            got = torch.autograd.grad(call(x).pow(2).sum(), params)
-        expected = torch.autograd.grad(reference(dense).pow(2).sum(), params)
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e)
+            warnings.simplefilter("ignore", UserWarning)  # torch's CSR/CSC "beta" notice
+            args = {name: (SPARSE_LAYOUTS[layout](t.to(dtype)) if name == sparse and use == "ours"
+                           else t.to(dtype if use == "ours" else torch.float64))
+                    for name, t in dense.items()}
+            leaves = [args[name].requires_grad_() for name in trained]
+            y = call(args)
+            return torch.autograd.grad(y.double().pow(2).sum(), leaves)
+
+    calls = (
+        lambda a: lx.lowrank_linear(a["x"], a["A"], a["B"], a["b"]),
+        lambda a: lx.lora_linear(a["x"], a["W"], a["A"], a["B"], a["b"], 0.5))
+    references = (
+        lambda a: a["x"] @ a["A"].T @ a["B"].T + a["b"],
+        lambda a: a["x"] @ a["W"].T + a["b"] + 0.5 * (a["x"] @ a["A"].T @ a["B"].T))
+    operands = (("A", "B", "b"), ("W", "A", "B", "b"))
+    for call, reference, used in zip(calls, references, operands):
+        trained = [name for name in used if name != sparse]
+        got = run(call, "ours", trained)
+        expected = run(reference, "reference", trained)
+        for name, g, e in zip(trained, got, expected):
+            assert g.layout == torch.strided and g.dtype == dtype, name
+            torch.testing.assert_close(g.double(), e, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_x_and_sparse_factors_together(layout):
+    # Two sparse COO operands gave y = bias on the fallback: torch's sparse
+    # product returns zeros below autograd with the ADInplaceOrView key on.
+    torch.manual_seed(0)
+    x, A, B, W, b = (torch.randn(6, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64),
+                     torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64),
+                     torch.randn(5, dtype=torch.float64))
+    to_sparse = SPARSE_LAYOUTS[layout]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's CSR "beta" notice
+        for sparse in (("x", "A"), ("x", "A", "B")):
+            args = {"x": x, "A": A, "B": B}
+            args = {name: to_sparse(t) if name in sparse else t for name, t in args.items()}
+            Bg = args["B"].requires_grad_() if "B" not in sparse else args["B"]
+            for grad in (False, True):
+                with torch.set_grad_enabled(grad):
+                    y = lx.lowrank_linear(args["x"], args["A"], Bg)
+                    y_lora = lx.lora_linear(args["x"], W, args["A"], Bg, b, 0.5)
+                torch.testing.assert_close(y.to_dense(), x @ A.T @ B.T)
+                torch.testing.assert_close(y_lora.to_dense(), x @ W.T + b + 0.5 * (x @ A.T @ B.T))
+
+
+@pytest.mark.parametrize("layout", ["sparse_bsr", "sparse_bsc"])
+@pytest.mark.parametrize("name", ["x", "A", "B"])
+def test_block_sparse_operands_are_refused_by_name(name, layout):
+    # torch's CPU products take the block layouts on one side only: a BSR x
+    # ran forward and failed in its backward, a BSC x failed with addmm's
+    # message. Both backends refuse them up front.
+    args = dict(zip(("x", "A", "B", "bias"), good()))
+    to_block = {"sparse_bsr": torch.Tensor.to_sparse_bsr,
+                "sparse_bsc": torch.Tensor.to_sparse_bsc}[layout]
+    args[name] = to_block(args[name], (1, 1))
+    message = (f"lowrank_linear: {name} must be a strided or sparse COO, CSR or CSC tensor, "
+               f"got layout {layout}")
+    _raised_by_every_route(args, TypeError, message)
 
 
 @pytest.mark.parametrize("name", ["x", "A", "B"])
