@@ -328,19 +328,27 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
 
 
 def _peft_config_fields(*holders_and_adapter):
-    """``base_model_name_or_path`` and ``task_type`` of the adapter's config
-    in the first of the holders that has one (None each without)."""
+    """``base_model_name_or_path``, ``task_type``, ``bias`` and
+    ``layer_replication`` of the adapter's config in the first of the holders
+    that has one (None each without)."""
     *holders, adapter = holders_and_adapter
     for holder in holders:
         configs = getattr(holder, "peft_config", None)
         if isinstance(configs, dict) and adapter in configs:
-            task = getattr(configs[adapter], "task_type", None)
-            bias = getattr(configs[adapter], "bias", None)
-            return {"base_model_name_or_path":
-                        getattr(configs[adapter], "base_model_name_or_path", None),
+            config = configs[adapter]
+            task = getattr(config, "task_type", None)
+            bias = getattr(config, "bias", None)
+            # peft built the model's extra layers from these ranges of the
+            # original's; a config without them loads into the original's
+            # layers only and drops the adapters of the others without a word.
+            replication = getattr(config, "layer_replication", None)
+            return {"base_model_name_or_path": getattr(config, "base_model_name_or_path", None),
                     "task_type": None if task is None else str(getattr(task, "value", task)),
-                    "bias": bias if bias in ("all", "lora_only") else None}
-    return {"base_model_name_or_path": None, "task_type": None, "bias": None}
+                    "bias": bias if bias in ("all", "lora_only") else None,
+                    "layer_replication": (None if not replication else
+                                          [[int(start), int(end)] for start, end in replication])}
+    return {"base_model_name_or_path": None, "task_type": None, "bias": None,
+            "layer_replication": None}
 
 
 def _peft_wrapped(model):
@@ -670,7 +678,9 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     several names is refused: peft would load it into the first of them only.
 
     For a model :func:`from_peft` converted, ``base_model_name_or_path``
-    defaults to the one in peft's config, whose ``task_type`` is written too.
+    defaults to the one in peft's config, whose ``task_type`` and
+    ``layer_replication`` are written too (peft rebuilds the replicated
+    layers from the original model when it loads the adapter).
 
     A ``torch.compile`` model is written as the module it compiled, under
     that module's names, which peft finds in the original model; a
@@ -727,6 +737,8 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
                              [name for name, _ in model.named_modules()])
     config["task_type"] = converted.get("task_type")
     config["bias"] = bias_mode
+    if converted.get("layer_replication"):
+        config["layer_replication"] = converted["layer_replication"]
     if full:
         config["modules_to_save"] = list(full)
     config_text = json.dumps(config, indent=2)

@@ -129,3 +129,37 @@ def test_a_compiled_model_holding_peft_layers_is_returned_compiled():
     compiled = torch.compile(model, backend="eager")
     assert lx.from_peft(compiled) is compiled
     assert isinstance(compiled._orig_mod[0], lx.LoRALinear)
+
+
+def test_an_adapter_over_replicated_layers_is_written_with_the_replication(tmp_path):
+    # peft's layer_replication builds extra decoder layers from ranges of the
+    # original's; the adapter was written without it, and peft then loaded it
+    # into the original's two layers, dropping the third's adapter silently.
+    def llama():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, intermediate_size=32, max_position_embeddings=32)
+        return transformers.LlamaForCausalLM(config).double().eval()
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=_ids()).logits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on replicated layers
+        model = peft.get_peft_model(llama(), peft.LoraConfig(
+            r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]))
+    _perturb_trainable(model)
+    model.eval()
+    expected = logits(model)
+    converted = lx.from_peft(model)
+    assert len(converted.model.layers) == 3
+    lx.save_peft_adapter(converted, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["layer_replication"] == [[0, 2], [1, 2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(llama(), tmp_path).eval()
+    assert len(back.base_model.model.model.layers) == 3
+    torch.testing.assert_close(logits(back), expected, rtol=1e-10, atol=1e-10)
