@@ -43,6 +43,13 @@ def _plot(path, name, S, energy):
         plt.close(fig)
 
 
+def _is_matrix(tensor_slice):
+    """A non-empty 2-D floating-point tensor, from its safetensors header
+    (dtypes F64, F32, F16, BF16, F8_*, ...)."""
+    shape, dtype = tensor_slice.get_shape(), tensor_slice.get_dtype()
+    return len(shape) == 2 and 0 not in shape and (dtype.startswith("F") or dtype == "BF16")
+
+
 def run(args):
     import torch
     from ._checks import dtype_name
@@ -64,8 +71,11 @@ def run(args):
         load_matplotlib()
         plot_format(args.plot)
     if args.layer is None:
-        for _ in opened(files, None):  # a bad file: one error line, before the table
-            pass
+        # A bad file, or one without a matrix (as compress refuses it): one
+        # error line, before the table. Read from the headers alone.
+        if not any(_is_matrix(f.get_slice(key)) for _, f in opened(files, None)
+                   for key in f.keys()):
+            raise ValueError(f"{args.input} has no 2-D floating-point tensor")
         print(f"{'tensor':<50} {'shape':>12} {'r@90%':>6} {'r@99%':>6}")
         for _, f in opened(files, None):  # each shard of a checkpoint in turn
             for key in f.keys():

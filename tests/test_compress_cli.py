@@ -146,6 +146,14 @@ def test_compress_bad_files(tmp_path, capsys):
     assert main(["compress", str(only_1d), "-o", str(out), "--rank", "2"]) == 1
     assert "no 2-D floating-point tensor" in capsys.readouterr().err
     assert not out.exists()
+    # spectrum's listing printed an empty table and succeeded.
+    ints = tmp_path / "ints.safetensors"
+    save_file({"v": torch.zeros(4), "i": torch.zeros(3, 3, dtype=torch.int32),
+               "e": torch.zeros(0, 3)}, str(ints))
+    for path in (only_1d, ints):
+        assert main(["spectrum", str(path)]) == 1
+        captured = capsys.readouterr()
+        assert "no 2-D floating-point tensor" in captured.err and not captured.out
 
 
 def test_spectrum_text_and_listing(weights, capsys):
