@@ -113,7 +113,14 @@ void check_no_functorch_transform(const char* op) {
 // through t to x and A; a plain backward uses the saved one.
 at::Tensor intermediate_for_backward(
     const at::Tensor& x, const at::Tensor& A, const at::Tensor& t) {
-  return at::GradMode::is_enabled() ? at::matmul(x, A.t()) : t;
+  if (!at::GradMode::is_enabled()) {
+    return t;
+  }
+  // Beside a sparse x a sparse A is made dense, as the forward forms t
+  // (lowrank_ext/_fallback.py, _factor_beside): a product of two sparse
+  // matrices is sparse, and t is reshaped.
+  const bool both_sparse = x.layout() != at::kStrided && A.layout() != at::kStrided;
+  return at::matmul(x, (both_sparse ? A.to_dense() : A).t());
 }
 
 // The backward reads sizes as SymInts: under torch.compile they may be

@@ -87,6 +87,10 @@ static void check_x(const char* op, const at::Tensor& x) {
   TORCH_CHECK_VALUE(
       x.dim() >= 1, op,
       ": x must have at least 1 dimension (..., k), got a 0-D tensor");
+  // Sparse tensors have no reshape to (M, k) rows: the products take a matrix.
+  TORCH_CHECK_VALUE(
+      x.layout() == at::kStrided || x.dim() == 2, op,
+      ": a sparse x must be 2-D (M, k), got shape ", x.sizes());
   TORCH_CHECK_TYPE(
       is_supported_float(x.scalar_type()), op,
       ": x must be float32, float64, float16 or bfloat16, got ",

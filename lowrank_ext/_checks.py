@@ -67,6 +67,9 @@ def _check_tensor(op, name, t, dense):
 def _check_x(op, x):
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least 1 dimension (..., k), got a 0-D tensor")
+    if x.layout != torch.strided and x.dim() != 2:
+        # Sparse tensors have no reshape to (M, k) rows: the products take a matrix.
+        raise ValueError(f"{op}: a sparse x must be 2-D (M, k), got shape {shape_str(x)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{op}: x must be float32, float64, float16 or bfloat16, got {dtype_name(x.dtype)}")

@@ -7,6 +7,7 @@ is absent. Semantics match the compiled kernels: the same checks (see
 the input dtype.
 """
 
+import contextlib
 import math
 
 import torch
@@ -24,31 +25,43 @@ def _upcast(dtype, *tensors):
     return tuple(None if t is None else t.float() for t in tensors)
 
 
+def _factor_beside(x, A):
+    """A as the product with x takes it: dense beside a sparse x, so that the
+    intermediate t = x·Aᵀ is dense. torch's products of two sparse matrices
+    have gaps (no kernel for mixed layouts; a sparse t that the bias and the
+    backward's reshape cannot take), and A is the small operand."""
+    return A.to_dense() if x.layout != torch.strided and A.layout != torch.strided else A
+
+
 def _linear(a, w, bias=None):
-    """F.linear(a, w, bias) for a w that may be sparse."""
-    if w.layout == torch.strided:
+    """F.linear(a, w, bias) for a w that may be sparse: F.linear has no kernel
+    for a sparse weight with a bias (addmm wants the sparse operand first), so
+    the bias is added after the product, as addmm adds it."""
+    if w.layout == torch.strided or bias is None:
         return F.linear(a, w, bias)
-    if a.layout != torch.strided:
-        # torch's product of two sparse COO matrices returns zeros when it
-        # runs below autograd with the ADInplaceOrView key still on, as
-        # torch.library's autograd kernels call these kernels (a COO x and A
-        # gave y = bias). The C++ autograd kernels exclude both keys
-        # (csrc/autograd.cpp); so does this product. (Functional: no view or
-        # in-place op needs that key.)
-        with torch._C._AutoDispatchBelowADInplaceOrView():
-            y = F.linear(a, w)
-    else:
-        y = F.linear(a, w)
-    # A sparse w with a bias has no F.linear kernel (addmm wants the sparse
-    # operand first); the bias is added after the product, as addmm adds it.
-    return y if bias is None else y + bias
+    return F.linear(a, w) + bias
+
+
+def _below_view_tracking(*tensors):
+    """Where an operand is sparse, the products run below the ADInplaceOrView
+    key too, as the C++ autograd kernels run theirs (csrc/autograd.cpp).
+    Below autograd alone, where torch.library's autograd kernels call these,
+    torch's sparse kernels bump a CSR/CSC operand's version counter (to_dense,
+    a product with a CSC x), so the backward of an earlier call that saved it
+    failed ("modified by an inplace operation"), and a product of two COO
+    matrices returned zeros. (The products are functional: no view or
+    in-place op of theirs needs that key.)"""
+    if all(t is None or t.layout == torch.strided for t in tensors):
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowADInplaceOrView()
 
 
 def lowrank_forward(x, A, B, bias):
-    xc, Ac, Bc, bc = _upcast(x.dtype, x, A, B, bias)
-    t = _linear(xc, Ac)
-    y = _linear(t, Bc, bc)
-    return y.to(x.dtype), t.to(x.dtype)
+    with _below_view_tracking(x, A, B):
+        xc, Ac, Bc, bc = _upcast(x.dtype, x, A, B, bias)
+        t = F.linear(xc, _factor_beside(xc, Ac))
+        y = _linear(t, Bc, bc)
+        return y.to(x.dtype), t.to(x.dtype)
 
 
 def lowrank_linear(x, A, B, bias):
@@ -62,10 +75,11 @@ def lowrank_linear_with_intermediate(x, A, B, bias):
 
 
 def lora_forward(x, W, A, B, bias, scale):
-    xc, Wc, Ac, Bc, bc = _upcast(x.dtype, x, W, A, B, bias)
-    t = _linear(xc, Ac)
-    y = F.linear(xc, Wc, bc) + scale * _linear(t, Bc)
-    return y.to(x.dtype), t.to(x.dtype)
+    with _below_view_tracking(x, A, B):
+        xc, Wc, Ac, Bc, bc = _upcast(x.dtype, x, W, A, B, bias)
+        t = F.linear(xc, _factor_beside(xc, Ac))
+        y = F.linear(xc, Wc, bc) + scale * F.linear(t, Bc)
+        return y.to(x.dtype), t.to(x.dtype)
 
 
 def lora_linear(x, W, A, B, bias, scale):

@@ -136,7 +136,9 @@ def _rows_times_weight_fake(g, W):
 def _intermediate_for_backward(x, A, t):
     """The saved t = x·Aᵀ carries no graph (it was computed below autograd); a
     backward that is itself differentiated recomputes it so gradients reach x and A."""
-    return torch.matmul(x, A.t()) if torch.is_grad_enabled() else t
+    if not torch.is_grad_enabled():
+        return t
+    return torch.matmul(x, _fallback._factor_beside(x, A).t())  # dense, as t
 
 
 def _outside_autocast(grads):

@@ -2,6 +2,7 @@
 with the same text on both backends (this file runs under each of them, and
 the compiled kernels are also compared with the pure-torch ones directly)."""
 
+import itertools
 import math
 import re
 import warnings
@@ -327,27 +328,50 @@ def test_a_sparse_operand_gets_the_other_gradients(layout, sparse, dtype):
             torch.testing.assert_close(g.double(), e, **tol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("layout", ["coo", "csr"])
-def test_sparse_x_and_sparse_factors_together(layout):
-    # Two sparse COO operands gave y = bias on the fallback: torch's sparse
-    # product returns zeros below autograd with the ADInplaceOrView key on.
+@pytest.mark.parametrize("layouts", [
+    combo for combo in itertools.product(["strided", *SPARSE_LAYOUTS], repeat=3)
+    if sum(layout != "strided" for layout in combo) >= 2], ids=",".join)
+def test_several_sparse_operands_together(layouts):
+    # With x and A sparse, t = x·Aᵀ came out sparse: with a bias, "add(sparse,
+    # dense) is not supported", in the backward "reshape is not implemented
+    # for sparse tensors"; mixed layouts (COO x, CSR A) had no kernel, and a
+    # COO x with a COO A gave y = bias on the fallback (torch's sparse product
+    # returns zeros below autograd with the ADInplaceOrView key on).
     torch.manual_seed(0)
     x, A, B, W, b = (torch.randn(6, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64),
                      torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64),
                      torch.randn(5, dtype=torch.float64))
-    to_sparse = SPARSE_LAYOUTS[layout]
+    convert = {"strided": lambda t: t, **SPARSE_LAYOUTS}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's CSR "beta" notice
-        for sparse in (("x", "A"), ("x", "A", "B")):
-            args = {"x": x, "A": A, "B": B}
-            args = {name: to_sparse(t) if name in sparse else t for name, t in args.items()}
-            Bg = args["B"].requires_grad_() if "B" not in sparse else args["B"]
-            for grad in (False, True):
-                with torch.set_grad_enabled(grad):
-                    y = lx.lowrank_linear(args["x"], args["A"], Bg)
-                    y_lora = lx.lora_linear(args["x"], W, args["A"], Bg, b, 0.5)
-                torch.testing.assert_close(y.to_dense(), x @ A.T @ B.T)
-                torch.testing.assert_close(y_lora.to_dense(), x @ W.T + b + 0.5 * (x @ A.T @ B.T))
+        warnings.simplefilter("ignore", UserWarning)  # torch's CSR/CSC "beta" notice
+        xs, As, Bs = (convert[layout](t) for layout, t in zip(layouts, (x, A, B)))
+        dense_B = layouts[2] == "strided"
+        Bg = Bs.detach().requires_grad_() if dense_B else Bs
+        bg, Wg = b.detach().requires_grad_(), W.detach().requires_grad_()
+        y = lx.lowrank_linear(xs, As, Bg, bg)
+        y_lora = lx.lora_linear(xs, Wg, As, Bg, bg, 0.5)
+        gy = torch.randn(6, 5, dtype=torch.float64)
+        got = torch.autograd.grad([y, y_lora], [bg, Wg] + ([Bg] if dense_B else []), [gy, gy])
+    assert y.layout == y_lora.layout == torch.strided
+    torch.testing.assert_close(y, x @ A.T @ B.T + b)
+    torch.testing.assert_close(y_lora, x @ W.T + b + 0.5 * (x @ A.T @ B.T))
+    # y + y_lora = x·Wᵀ + 2·bias + 1.5·(x·Aᵀ)·Bᵀ
+    expected = [2 * gy.sum(0), gy.T @ x] + ([1.5 * gy.T @ (x @ A.T)] if dense_B else [])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("layout", sorted(SPARSE_LAYOUTS))
+def test_a_sparse_x_must_be_a_matrix(layout):
+    # A 3-D COO x passed the checks, then failed in torch's reshape.
+    shapes = [[2, 4, 6]] + ([[6]] if layout == "coo" else [])  # CSR/CSC are at least 2-D
+    for shape in shapes:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            sparse_x = SPARSE_LAYOUTS[layout](torch.randn(shape))
+        args = dict(zip(("x", "A", "B", "bias"), good()), x=sparse_x)
+        message = f"lowrank_linear: a sparse x must be 2-D (M, k), got shape {shape}"
+        _raised_by_every_route(args, ValueError, message)
 
 
 @pytest.mark.parametrize("layout", ["sparse_bsr", "sparse_bsc"])
