@@ -549,12 +549,68 @@ def is_conv1d(module):
     return conv1d is not None and type(module) is conv1d
 
 
+def instance_forward(module):
+    """Whether a forward was set on this one module (``module.forward = f``;
+    accelerate's add_hook_to_module does so for device_map and offloading).
+    Calling the module runs it, but a layer replacing or wrapping the module
+    reads its weight and never calls it. The class's own forward bound again
+    (what accelerate's remove_hook_from_module leaves behind) is not one."""
+    if "forward" not in vars(module):
+        return False
+    forward = vars(module)["forward"]
+    return not (getattr(forward, "__self__", None) is module
+                and getattr(forward, "__func__", None) is type(module).forward)
+
+
 def has_own_forward(linear):
-    """Whether an ``nn.Linear`` (subclass) computes with a forward of its own:
-    the ops read its weight and bias and never call it, so converting it would
+    """Whether an ``nn.Linear`` (subclass) computes with a forward of its own,
+    its class's or one set on the instance (see instance_forward): the ops
+    read its weight and bias and never call it, so converting it would
     compute nn.Linear's function instead (torch's NonDynamicallyQuantizableLinear
     keeps nn.Linear's forward and converts)."""
-    return type(linear).forward is not nn.Linear.forward
+    return type(linear).forward is not nn.Linear.forward or instance_forward(linear)
+
+
+def _recomputing_hook_tensors(layer):
+    """The names of the tensors from which torch's weight_norm, spectral_norm
+    and pruning hooks on ``layer`` compute its weight or bias (``weight_g``,
+    ``weight_orig``, ``weight_mask``, ...)."""
+    names, kinds = set(), _torch_weight_hooks()
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, kinds):
+            tensor = getattr(hook, "name", getattr(hook, "_tensor_name", None))
+            names |= {f"{tensor}_{part}" for part in ("g", "v", "u", "orig", "mask")}
+    return names
+
+
+def held_besides_weight(layer):
+    """What ``layer`` (an nn.Linear or Conv1D) holds besides its weight and
+    bias, as ``name (kind)`` strings: further parameters and buffers, and
+    submodules (a quantization observer, say). A LowRankLinear put in its
+    place has none of them, so they would be lost (from the model and its
+    state_dict). The tensors torch's weight_norm, spectral_norm and pruning
+    hooks compute the weight from are not counted: the new layer takes the
+    weight they computed, which is all they stand for."""
+    recomputing = _recomputing_hook_tensors(layer)
+    held = [f"{name} (parameter)" for name in layer._parameters
+            if name not in ("weight", "bias") and name not in recomputing]
+    held += [f"{name} (buffer)" for name in layer._buffers if name not in recomputing]
+    held += [f"{name} (submodule)" for name in layer._modules]
+    return held
+
+
+# A Linear's (or Conv1D's) own attributes, which a LowRankLinear in its place
+# has in its own way: not the ones a model's code set on the layer.
+_LINEAR_OWN_ATTRIBUTES = _MODULE_OWN_ATTRIBUTES | {"in_features", "out_features", "nf", "nx",
+                                                   "weight", "bias", "forward"}
+
+
+def plain_attributes(layer):
+    """The public plain Python attributes a model's code set on ``layer``
+    (``layer.tag = ...``), which a layer put in its place does not have.
+    Private ones (``_is_hf_initialized``, ...) are libraries' bookkeeping."""
+    return [name for name in vars(layer)
+            if name not in _LINEAR_OWN_ATTRIBUTES and not name.startswith("_")]
 
 
 def is_linear_layer(module):

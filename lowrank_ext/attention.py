@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, compiled_original,
-                       refuse_distributed_wrapper,
-                       keeps_encoder_flags, places_of, weight_recomputed)
+                       instance_forward, keeps_encoder_flags, places_of,
+                       refuse_distributed_wrapper, weight_recomputed)
 from ._names import preview
 
 
@@ -137,6 +137,8 @@ class SplitMultiheadAttention(nn.Module):
         if type(mha) is not nn.MultiheadAttention:
             raise TypeError(f"{owner}: mha must be an nn.MultiheadAttention (not a subclass, "
                             f"which may compute otherwise), got {type(mha).__name__}")
+        if instance_forward(mha):
+            raise TypeError(f"{owner}: mha is {INSTANCE_FORWARD_WHY}")
         _check_not_parametrized(mha, "mha", owner)
         return _build(cls, mha, {})
 
@@ -461,6 +463,8 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
     for name, m in model.named_modules():
         if id(m) in compiled and isinstance(m, nn.MultiheadAttention):
             left_alone[name] = COMPILED_ALONE_WHY
+        elif isinstance(m, nn.MultiheadAttention) and instance_forward(m):
+            left_alone[name] = INSTANCE_FORWARD_WHY
         elif type(m) is nn.MultiheadAttention or _parametrized_attention(m):
             found[name] = m  # a parametrized one is refused below, naming that
         elif isinstance(m, nn.MultiheadAttention):
@@ -538,6 +542,13 @@ def _check_ties_kept(model, modules, places, owner):
                     "sharing it together, or untie them first)")
 
 
+# Why an attention module with a forward set on the instance (accelerate's
+# hooks for device_map and offloading) is not split.
+INSTANCE_FORWARD_WHY = ("an nn.MultiheadAttention with a forward set on the instance, which a "
+                        "SplitMultiheadAttention in its place would never run (remove it first; "
+                        "accelerate: remove_hook_from_module)")
+
+
 def split_where_stored_split(model: nn.Module, keys, swaps: Swaps) -> None:
     """Split each ``nn.MultiheadAttention`` of ``model`` whose tensors ``keys``
     (a file's) hold as separate projections (``<name>.q_proj.…``) rather than
@@ -560,6 +571,10 @@ def split_where_stored_split(model: nn.Module, keys, swaps: Swaps) -> None:
     attention = [(name, m) for name, m in model.named_modules()
                  if type(m) is nn.MultiheadAttention and name]
     chosen = [m for name, m in attention if stored_split(name)]
+    hooked = [name for name, m in attention if m in chosen and instance_forward(m)]
+    if hooked:
+        raise ValueError(f"load_compressed: the file holds {preview(hooked)} split, but the "
+                         f"model's is {INSTANCE_FORWARD_WHY}")
     # A file stores a tensor shared by several modules once, under one name:
     # a module whose tensors are all tied to a split one has no keys of its
     # own. It was split with them (split_attention keeps ties), so it is here.

@@ -40,9 +40,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._checks import SUPPORTED_DTYPES, check_device, dtype_name
-from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight, is_conv1d,
-                       is_sharded, refuse_distributed_wrapper,
-                       keeps_encoder_flags, places_of)
+from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight,
+                       held_besides_weight, instance_forward, is_conv1d, is_sharded,
+                       plain_attributes, refuse_distributed_wrapper, keeps_encoder_flags,
+                       places_of)
 from ._names import preview
 from ._workers import Workers
 from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
@@ -83,23 +84,48 @@ def adapter_bases(model):
     return {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
 
 
-def plain_linears(model, *, conv1d=False):
+def plain_linears(model, *, conv1d=False, replacing=False):
     """{name: module} for every ``nn.Linear`` (not a subclass) of the model.
 
     Subclasses are left out because their owners may read their weight
     directly (``nn.MultiheadAttention`` passes ``out_proj.weight`` to its
     functional form, never calling the layer); so are parametrized layers
-    (see :func:`left_alone_linears`). The frozen base layer inside a
-    ``LoRALinear`` is not one of them either: swapping it would take the
-    adapter's base away from under it. With ``conv1d``, transformers'
-    ``Conv1D`` layers (a Linear with its weight transposed) are included.
+    and plain ones a layer in their place would not stand for (see
+    :func:`left_alone_linears`; ``replacing`` as there). The frozen base
+    layer inside a ``LoRALinear`` is not one of them either: swapping it
+    would take the adapter's base away from under it. With ``conv1d``,
+    transformers' ``Conv1D`` layers (a Linear with its weight transposed)
+    are included.
     """
     owned = adapter_bases(model) | compiled_alone(model)
     return {name: m for name, m in model.named_modules()
-            if (type(m) is nn.Linear or (conv1d and is_conv1d(m))) and id(m) not in owned}
+            if (type(m) is nn.Linear or (conv1d and is_conv1d(m))) and id(m) not in owned
+            and not_standing_for(m, replacing) is None}
 
 
-def left_alone_linears(model):
+def not_standing_for(layer, replacing=True):
+    """Why a layer put in the place of ``layer`` (a plain nn.Linear or Conv1D)
+    would not stand for it, or None: a forward set on the instance
+    (accelerate's hooks for device_map and offloading), which neither a
+    LowRankLinear nor a LoRALinear (which reads its base's weight) would run;
+    or, where ``replacing`` it (compress_model, load_compressed: add_lora's
+    LoRALinear keeps the layer whole as its base), parameters, buffers or
+    submodules besides its weight and bias, which a LowRankLinear in its
+    place would lose."""
+    kind = "an nn.Linear" if type(layer) is nn.Linear else f"a {type(layer).__name__}"
+    if instance_forward(layer):
+        hooked = " (accelerate's _hf_hook)" if hasattr(layer, "_hf_hook") else ""
+        return (f"{kind} with a forward set on the instance{hooked}, which a layer in "
+                "its place would never run (it reads the weight and bias instead)")
+    if replacing:
+        held = held_besides_weight(layer)
+        if held:
+            return (f"{kind} holding {', '.join(held)} besides its weight and bias, which "
+                    "a LowRankLinear in its place would lose")
+    return None
+
+
+def left_alone_linears(model, *, replacing=False):
     """{name: (module, why)} for the ``nn.Linear`` layers :func:`plain_linears`
     leaves out, other than adapters' bases: subclasses of ``nn.Linear``, and
     layers with a parametrization (``weight_norm``, ``spectral_norm``,
@@ -107,13 +133,21 @@ def left_alone_linears(model):
     weight is not simply used as it is stored, so a LowRankLinear (or an
     adapter) in their place would compute something else; ``why`` says so, for
     reports and error messages. Also layers that ``torch.compile`` wraps on
-    their own (:func:`compiled_alone`): one put in their place would never run."""
+    their own (:func:`compiled_alone`): one put in their place would never run;
+    and plain layers (Conv1D too) that a layer in their place would not stand
+    for (:func:`not_standing_for`; ``replacing`` as there, False for
+    add_lora, which wraps layers)."""
     owned = adapter_bases(model)
     compiled = compiled_alone(model)
     found = {}
     for name, m in model.named_modules():
         if id(m) in compiled and (isinstance(m, nn.Linear) or is_conv1d(m)) and id(m) not in owned:
             found[name] = (m, COMPILED_ALONE_WHY)
+            continue
+        if (type(m) is nn.Linear or is_conv1d(m)) and id(m) not in owned:
+            why = not_standing_for(m, replacing)
+            if why is not None:
+                found[name] = (m, why)
             continue
         if type(m) is nn.Linear or not isinstance(m, nn.Linear) or id(m) in owned:
             continue
@@ -154,8 +188,12 @@ def name_matches(name, pattern):
 
     ``"query"`` matches ``"encoder.layer.0.attention.self.query"`` (peft's
     target_modules habit); ``"encoder.*.dense"`` matches with fnmatch rules.
+    A pattern equal to the name (or its dotted suffix) matches too, as in
+    peft: a name holding glob characters (a ModuleDict key ``"x[1]"``) is
+    matched by itself, where fnmatch reads ``[1]`` as a character class.
     """
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+    return (name == pattern or name.endswith("." + pattern)
+            or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern))
 
 
 def _listed(why):
@@ -163,9 +201,10 @@ def _listed(why):
     return preview(f"{name or 'the model'} ({text})" for name, text in why.items())
 
 
-def left_alone_suffix(model):
+def left_alone_suffix(model, *, replacing=False):
     """`` (left alone: name (why), ...)`` naming the model's layers left alone, or ""."""
-    alone = {name: why for name, (_, why) in left_alone_linears(model).items()}
+    alone = {name: why
+             for name, (_, why) in left_alone_linears(model, replacing=replacing).items()}
     return f" (left alone: {_listed(alone)})" if alone else ""
 
 
@@ -225,18 +264,18 @@ def select_names(names, include=None, exclude=None, *, owner="compress_model", w
 
 
 def select_layers(model, layers, include=None, exclude=None, *, owner="compress_model",
-                  what="layer"):
+                  what="layer", replacing=False):
     """(chosen, left): the names of ``layers`` ({name: module}, as named_modules()
     names them) that include/exclude select, and those of the layers left
-    alone (:func:`left_alone_linears`) that they select, {name: (module, why)};
-    both in the model's order.
+    alone (:func:`left_alone_linears`, ``replacing`` as there) that they
+    select, {name: (module, why)}; both in the model's order.
 
     A module registered under several names (``m.dec = m.enc``) is matched by
     every one of them: it is selected when any of its names matches an
     include pattern, and left out when any matches an exclude pattern (one
     object, it is replaced everywhere or nowhere).
     """
-    alone = left_alone_linears(model)
+    alone = left_alone_linears(model, replacing=replacing)
     places = places_of(model)
     order = [name for name, m in model.named_modules() if name in layers or name in alone]
     modules = {**{n: m for n, (m, _) in alone.items()}, **layers}
@@ -808,7 +847,8 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             run the same batches); a callable must run the same batches
             each time it is called.
         include, exclude: glob patterns (or lists) on module names, matched in
-            full or as a dotted suffix; each must match some Linear layer. A
+            full or as a dotted suffix (a pattern equal to a name matches it,
+            glob characters and all); each must match some Linear layer. A
             layer the model holds under several names is matched by each of
             them: any name matching ``include`` selects it, any matching
             ``exclude`` leaves it out.
@@ -852,12 +892,18 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     Exactly one of ratio, rank, energy, tol. Layers where factorizing saves
     nothing (rank ≥ d·k/(d+k)) stay dense and the report says so; so do
     layers whose weight is tied to another module (an output layer sharing the
-    embedding matrix), whose bias another module shares, or that the model
-    holds under two names: they take no part in the ratio's budget, as do
-    layers with an empty weight (a dimension of 0). Subclasses of
-    ``nn.Linear`` and parametrized layers (``weight_norm``, ``spectral_norm``,
-    ...) are left alone, each with a note in the report; an ``include``
-    pattern matching only such layers is a TypeError.
+    embedding matrix) or shares its storage with another of the model's
+    tensors (halves of one fused parameter), whose bias another module
+    shares, or that the model holds under two names: they take no part in
+    the ratio's budget, as do layers with an empty weight (a dimension of 0).
+    Subclasses of ``nn.Linear`` and parametrized layers (``weight_norm``,
+    ``spectral_norm``, ...) are left alone, each with a note in the report;
+    so are layers with a forward set on the instance (accelerate's hooks for
+    ``device_map`` and offloading), and layers holding parameters, buffers or
+    submodules besides their weight and bias, which a LowRankLinear would
+    lose; an ``include`` pattern matching only such layers is a TypeError.
+    Plain Python attributes set on a replaced layer are not carried over; the
+    report's note for the layer names them.
 
     Returns:
         CompressionReport: per layer the rank, parameters and relative errors,
@@ -895,11 +941,13 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     workers = Workers(process_group)
     with workers.step("checking the model and the arguments"):
         device = check_device("compress_model", device, "holds no data to factorize on")
-        linears = plain_linears(model, conv1d=True)
+        # replacing: a LowRankLinear takes each layer's place, losing what it
+        # holds besides its weight and bias (add_lora wraps them instead).
+        linears = plain_linears(model, conv1d=True, replacing=True)
         if not linears:
             raise ValueError("compress_model: the model has no nn.Linear (or Conv1D) layer"
-                             + left_alone_suffix(model))
-        selected, left = select_layers(model, linears, include, exclude)
+                             + left_alone_suffix(model, replacing=True))
+        selected, left = select_layers(model, linears, include, exclude, replacing=True)
         if include is None:
             # Only the modules split_attention takes: it leaves subclasses alone.
             packed = [name for name, m in model.named_modules()
@@ -1060,6 +1108,13 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
             note = rounding_note(layer.weight.dtype, spectra[name].relative_tail(r),
                                   weight_error if output_error is None else output_error,
                                   energy, tol)
+            # Set by the model's code, they may mean anything (a cached copy of
+            # the dense weight too): said, not carried over.
+            attributes = plain_attributes(layer)
+            if attributes:
+                note = "; ".join(filter(None, (note, (
+                    f"its attribute(s) {', '.join(attributes)} are not carried over to the "
+                    "LowRankLinear"))))
             records[name] = LayerReport(name, (d, k), r, d * k, r * (d + k), weight_error,
                                         output_error, note=note,
                                         sensitivity=sensitivity.get(name))
@@ -1185,13 +1240,30 @@ def _summed_grams(grams, shapes, workers):
     return summed
 
 
+def _storage_of(tensor):
+    """Where ``tensor``'s elements live, or None for a tensor that holds none
+    to share (meta, empty, lazy, or sharded: a DTensor's local shard is
+    another matter, refused later)."""
+    if (not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.numel() == 0
+            or nn.parameter.is_lazy(tensor) or is_sharded(tensor)):
+        return None
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
 def _shared_layers(model, layers):
-    """{name: note} for the layers whose module, weight or bias has another holder in the model."""
-    module_paths, holders = {}, {}
+    """{name: note} for the layers whose module, weight or bias has another
+    holder in the model, or whose weight shares its storage with another of
+    the model's tensors (a view of a larger parameter)."""
+    module_paths, holders, storages = {}, {}, {}
     for path, module in model.named_modules(remove_duplicate=False):
         module_paths.setdefault(id(module), []).append(path)
         for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
             holders.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
+        for tname, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            storage = _storage_of(tensor)
+            if storage is not None:
+                storages.setdefault(storage, []).append(
+                    (module, f"{path}.{tname}" if path else tname))
     notes = {}
     for name, layer in layers.items():
         paths = module_paths.get(id(layer), [])
@@ -1207,12 +1279,31 @@ def _shared_layers(model, layers):
         elif others(layer.weight):
             notes[name] = (f"dense: weight tied to {', '.join(others(layer.weight))}; "
                            "factorizing would add parameters and untie it")
+        elif sharing := _sharing_storage(layer, storages):
+            # Views of one memory (halves of a fused parameter): the others
+            # keep all of it alive, so the factors would only add to it, and
+            # the weight would no longer follow the memory it is a view of.
+            notes[name] = (f"dense: weight shares its storage with {', '.join(sharing)}; "
+                           "factorizing would add parameters and untie it")
         elif others(layer.bias):
             # The new layer would get a bias of its own: training one layer's
             # bias would no longer move the other's.
             notes[name] = (f"dense: bias shared with {', '.join(others(layer.bias))}; "
                            "factorizing would untie it")
     return notes
+
+
+def _sharing_storage(layer, storages):
+    """The names of the other modules' tensors whose storage ``layer.weight``
+    shares (``storages``: {storage: [(module, name)]}, as _shared_layers
+    gathers them): overlapping or not, the storage stays whole while any of
+    them holds it. The layer's own tensors leave with it (torch's
+    spectral_norm sets the weight to a view of its weight_orig)."""
+    storage = _storage_of(layer.weight)
+    if storage is None:
+        return []
+    return list(dict.fromkeys(where for module, where in storages.get(storage, ())
+                              if module is not layer))
 
 
 def _in_order(model, names):

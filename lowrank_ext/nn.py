@@ -24,8 +24,8 @@ from torch.nn.modules import module as _torch_module  # torch's global module ho
 from . import _functorch
 from ._amp import autocast_enabled, outside_autocast
 from ._checks import SUPPORTED_DTYPES, dtype_name, float_scale
-from ._modules import (_run_the_module, dense_weight, has_own_forward, is_conv1d,
-                       FSDP_MERGE_WHY, fsdp_managed, stacklevel_outside_package,
+from ._modules import (_run_the_module, dense_weight, has_own_forward, instance_forward,
+                       is_conv1d, FSDP_MERGE_WHY, fsdp_managed, stacklevel_outside_package,
                        weight_recomputed)
 from .ops import (check_lora_linear_tensors, lora_linear, lora_linear_changing_scale,
                   lowrank_linear)
@@ -209,10 +209,22 @@ def _per_sequence(forward, x):
 _PLACEHOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _check_no_instance_forward(owner, name, layer):
+    """Refuse a layer with a forward set on the instance (see
+    instance_forward), which a layer computing with its weight would skip."""
+    if instance_forward(layer):
+        hooked = " (accelerate's _hf_hook)" if hasattr(layer, "_hf_hook") else ""
+        raise TypeError(
+            f"{owner}: {name} has a forward set on the instance{hooked}, which would never be "
+            "called (the ops read its weight and bias instead); remove it first (accelerate: "
+            "remove_hook_from_module), or give a layer without one")
+
+
 def _check_plain_linear_forward(owner, name, layer):
-    """Refuse an ``nn.Linear`` subclass with a forward of its own (see
-    has_own_forward; compress_model and add_lora leave such subclasses alone
-    for the same reason)."""
+    """Refuse an ``nn.Linear`` subclass with a forward of its own, or a layer
+    with a forward set on the instance (see has_own_forward; compress_model
+    and add_lora leave such layers alone for the same reason)."""
+    _check_no_instance_forward(owner, name, layer)
     if has_own_forward(layer):
         raise TypeError(
             f"{owner}: {name} is a {type(layer).__name__}, an nn.Linear subclass with a forward "
@@ -857,6 +869,9 @@ class LoRALinear(nn.Module):
         if isinstance(base, nn.Linear):
             _check_plain_linear_forward("LoRALinear", "base", base)
             _check_initialized("LoRALinear", "base", base)
+        elif is_conv1d(base):
+            # Read as a weight too (a LowRankLinear base is called: it runs one).
+            _check_no_instance_forward("LoRALinear", "base", base)
         # (out, in) whatever the base's layout: a Conv1D keeps its weight
         # transposed (a LowRankLinear's weight is a placeholder with that shape).
         weight = dense_weight(base)

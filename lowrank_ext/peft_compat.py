@@ -30,7 +30,7 @@ from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
 from ._names import preview
 from .compress import attention_holding
 from .lora import ORIGINAL, STANDING_IN, _check_model, _require_adapters, adapter_parameters
-from .nn import LoRALinear, LowRankLinear
+from .nn import LoRALinear, LowRankLinear, _check_no_instance_forward
 from .serialization import atomic_write_files, check_path, separate_memory
 
 
@@ -74,6 +74,9 @@ def _check_supported(name, layer, adapter):
     if not linear and holds:
         raise TypeError(f"from_peft: layer {name!r} adapts a {type(base).__name__}; only "
                         "nn.Linear and transformers Conv1D base layers convert")
+    if linear:
+        # (Before the subclass check below, which counts an instance forward.)
+        _check_no_instance_forward("from_peft", f"the base of layer {name!r}", base)
     if linear and not conv1d and has_own_forward(base):
         # peft's layer calls its base layer; LoRALinear computes with the
         # base's weight and bias, which would skip that forward.

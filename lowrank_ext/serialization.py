@@ -34,7 +34,7 @@ from ._modules import (Swaps, compiled_original, dense_weight, is_conv1d, is_lin
                        keeps_encoder_flags, places_of)
 from ._names import preview
 from .attention import split_where_stored_split
-from .compress import left_alone_linears
+from .compress import left_alone_linears, not_standing_for
 from .nn import LoRALinear, LowRankLinear, inherit_requires_grad
 
 METADATA_KEY = "lowrank_ext"
@@ -617,7 +617,10 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, *,
     also given directly). Each ``nn.Linear`` named in the metadata (without
     it, each layer the file holds ``<layer>.A`` and ``<layer>.B`` for) is
     replaced (in place) by a ``LowRankLinear`` of that rank on the layer's
-    device and dtype, then all weights are loaded. A model tensor tied to
+    device and dtype, then all weights are loaded. A layer there that
+    compress_model leaves alone (a subclass, a forward set on the instance,
+    parameters, buffers or submodules besides its weight and bias, which the
+    swap would lose) is a ``ValueError`` naming it. A model tensor tied to
     another that the file stores (an output head sharing its embedding
     table) takes that tensor's value. ``nn.MultiheadAttention`` modules that
     the file holds with split projections (:func:`split_attention` before
@@ -802,6 +805,13 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
             raise ValueError(
                 f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the model "
                 f"has {found} there; build the original (uncompressed) model first")
+        why = not_standing_for(layer)
+        if why is not None:
+            # Swapped, it would lose that forward or those tensors, and a
+            # strict load would not notice: it checks the swapped model.
+            raise ValueError(
+                f"load_compressed: {path} stores layer {name!r} at rank {rank}, but the model "
+                f"has there {why}; compress_model never compresses such a layer")
         weight = layer.weight
         out_features, in_features = dense_weight(layer).shape
         if not 1 <= rank <= min(in_features, out_features):

@@ -795,3 +795,38 @@ def test_splitting_under_inference_mode_leaves_a_trainable_module():
     torch.testing.assert_close(encoder(x), expected, rtol=1e-5, atol=1e-6)
     encoder(x).sum().backward()
     assert encoder.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_attention_with_a_forward_set_on_the_instance_is_left_alone(tmp_path):
+    # accelerate's hooks (device_map, offloading) set one; the split module
+    # in its place never ran it.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"plain": nn.MultiheadAttention(E, H),
+                           "hooked": nn.MultiheadAttention(E, H)})
+    original = model["hooked"].forward
+    model["hooked"].forward = lambda *args, **kwargs: (original(*args, **kwargs)[0] * 10, None)
+    x = torch.randn(5, 2, E)
+    expected = model["hooked"](x, x, x)[0]
+    hooked = model["hooked"]
+    assert lx.split_attention(model) == ["plain"]
+    assert model["hooked"] is hooked
+    torch.testing.assert_close(model["hooked"](x, x, x)[0], expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"'hooked' matches only layers left alone: hooked "
+                                        r"\(an nn.MultiheadAttention with a forward set on the "
+                                        r"instance"):
+        lx.split_attention(nn.ModuleDict({"a": nn.MultiheadAttention(E, H), "hooked": hooked}),
+                           include="hooked")
+    with pytest.raises(TypeError, match="mha is an nn.MultiheadAttention with a forward set"):
+        SplitMultiheadAttention.from_multihead_attention(hooked)
+    # A file holding it split does not load into it.
+    split = nn.ModuleDict({"hooked": nn.MultiheadAttention(E, H)})
+    lx.split_attention(split)
+    lx.save_compressed(split, tmp_path / "split.safetensors")
+    target = nn.ModuleDict({"hooked": hooked})
+    before = {name: value.clone() for name, value in target.state_dict().items()}
+    with pytest.raises(ValueError, match="the file holds hooked split, but the model's is an "
+                                         "nn.MultiheadAttention with a forward set"):
+        lx.load_compressed(target, tmp_path / "split.safetensors")
+    assert target["hooked"] is hooked
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -163,3 +163,18 @@ def test_an_adapter_over_replicated_layers_is_written_with_the_replication(tmp_p
         back = peft.PeftModel.from_pretrained(llama(), tmp_path).eval()
     assert len(back.base_model.model.model.layers) == 3
     torch.testing.assert_close(logits(back), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_base_layer_with_a_forward_set_on_the_instance_is_refused_by_name():
+    # A LoRALinear reads its base's weight and would skip that forward
+    # (accelerate's hooks set one); the message spoke of a subclass.
+    model = peft.get_peft_model(_bert(), peft.LoraConfig(r=4, target_modules=["query"]))
+    query = model.base_model.model.encoder.layer[0].attention.self.query
+    original = query.base_layer.forward
+    query.base_layer.forward = lambda x: original(x) * 10
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(TypeError, match="the base of layer 'encoder.layer.0.attention.self.query' has a forward set on the instance"):
+        lx.from_peft(model)
+    assert type(query).__module__.startswith("peft")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
