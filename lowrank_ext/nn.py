@@ -699,11 +699,24 @@ def _formed_row_norms(weight_rows, B_rows, A, scale, acc):
     if torch.compiler.is_compiling():
         # addmm's alpha is a float argument, which torch.compile specializes:
         # a scale that changes would compile a graph per value (see
-        # ops.lora_linear_changing_scale). Folded into these rows of B, in
-        # float32 at least, it costs no accuracy and next to no time.
-        B_rows, scale = B_rows * scale, 1.0
+        # ops.lora_linear_changing_scale). A product scaled after it, in
+        # float32 at least, costs no accuracy and next to no time. (Scaling
+        # the rows of B first instead, at a scale of 1, made inductor's
+        # partitioner fail under activation checkpointing: "Node ... was
+        # invalid, but is output".)
+        return torch.linalg.vector_norm(weight_rows.to(acc) + scale * (B_rows @ A), dim=1)
     return torch.linalg.vector_norm(
         torch.addmm(weight_rows.to(acc), B_rows, A, alpha=scale), dim=1)
+
+
+def _state_keys(module, name):
+    """The state's keys of ``module``'s tensor ``name``: under a parametrization
+    torch stores the original it computes it from (``parametrizations.A.original``,
+    or ``original0``, ``original1``, ... where right_inverse gives several)."""
+    if not torch.nn.utils.parametrize.is_parametrized(module, name):
+        return [name]
+    return [f"parametrizations.{name}.{original}"
+            for original in module.parametrizations[name]._parameters]
 
 
 def _dora_factor(magnitude, norms):
@@ -1062,8 +1075,9 @@ class LoRALinear(nn.Module):
     def _weight_keys(self, prefix):
         """The state's keys of what merge() changes: the adapter's, and the base's weights."""
         own = ["A", "B"] + (["magnitude"] if self.use_dora else [])
-        base = ["base.A", "base.B"] if isinstance(self.base, LowRankLinear) else ["base.weight"]
-        return [prefix + name for name in own + base]
+        base = ["A", "B"] if isinstance(self.base, LowRankLinear) else ["weight"]
+        return ([prefix + key for name in own for key in _state_keys(self, name)]
+                + [f"{prefix}base.{key}" for name in base for key in _state_keys(self.base, name)])
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

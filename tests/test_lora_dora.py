@@ -332,6 +332,37 @@ def test_compiled_matches_eager():
     torch.testing.assert_close(compiled(x), ours(x))
 
 
+def test_compiled_training_through_activation_checkpointing_matches_eager():
+    # At the default alpha (scale 1) inductor's partitioner failed on the
+    # row norms under checkpointing ("Node ... was invalid, but is output").
+    from torch.utils.checkpoint import checkpoint
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+        def forward(self, x):
+            for fc in self.fc:
+                x = checkpoint(lambda h, fc=fc: h + fc(h), x, use_reentrant=False)
+            return x
+
+    torch.manual_seed(0)
+    model = Blocks()
+    lx.add_lora(model, rank=2, include="fc.*", use_dora=True)
+    with torch.no_grad():
+        for fc in model.fc:
+            fc.B.normal_()
+    x = torch.randn(3, 8)
+    grads = []
+    for run in (model, torch.compile(model)):
+        run(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_a_conv1d_base_equals_peft_with_fan_in_fan_out():
     peft = pytest.importorskip("peft")
     Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D

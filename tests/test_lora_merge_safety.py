@@ -3,6 +3,7 @@ merged with: whatever would make unmerge() take out another adapter, or
 leave the model computing without the adapter it reports, is refused, and
 merging keeps what the user's optimizer and other layers hold."""
 
+import copy
 import warnings
 
 import pytest
@@ -413,3 +414,35 @@ def test_a_merged_layer_loads_a_state_of_its_bias_alone(kind):
     assert torch.equal(lora.base.bias, bias)
     nn.Sequential(lora).load_state_dict({"0.base.bias": -bias}, strict=False)
     assert torch.equal(lora.base.bias, -bias)
+
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_a_merged_layer_with_a_parametrized_factor_loads_its_own_state(name):
+    # The state holds parametrizations.A.original, not A: the merged layer's
+    # all-or-nothing check said the state held B and base.weight without A.
+    class Half(nn.Module):
+        def forward(self, X):
+            return X * 0.5
+
+    torch.manual_seed(0)
+    layer = lx.LoRALinear(nn.Linear(6, 4, dtype=torch.float64), rank=2)
+    with torch.no_grad():
+        layer.B.normal_()
+    parametrize.register_parametrization(layer, name, Half())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = layer(x)
+    other = copy.deepcopy(layer)
+    layer.merge()
+    other.merge()
+    with torch.no_grad():
+        other.base.weight.zero_()
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(other(x), expected)
+    other.unmerge()
+    torch.testing.assert_close(other(x), expected)
+    # Still all or nothing: the state without its factor is refused.
+    other.merge()
+    state = {key: value for key, value in layer.state_dict().items()
+             if key != f"parametrizations.{name}.original"}
+    with pytest.raises(RuntimeError, match=f"without parametrizations.{name}.original"):
+        other.load_state_dict(state, strict=False)
