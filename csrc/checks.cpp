@@ -77,10 +77,18 @@ static void check_tensor(
   const at::Layout layout = t.layout();
   const bool sparse_ok =
       layout == at::kSparse || layout == at::kSparseCsr || layout == at::kSparseCsc;
+  const bool block = layout == at::kSparseBsr || layout == at::kSparseBsc;
   TORCH_CHECK_TYPE(
       layout == at::kStrided || (!dense && sparse_ok), op, ": ", name, " must be a ",
       dense ? "dense (strided)" : "strided or sparse COO, CSR or CSC",
-      " tensor, got layout ", layout_name(layout));
+      " tensor, got layout ", layout_name(layout),
+      !dense && block ? "; convert it with .to_sparse() (COO)" : "");
+  // A hybrid sparse tensor (dense dimensions below its sparse ones, as
+  // to_sparse(1) makes) is no matrix of numbers to the products.
+  TORCH_CHECK_VALUE(
+      layout == at::kStrided || t.dense_dim() == 0, op, ": ", name,
+      " must be a sparse matrix of numbers, got a hybrid sparse tensor with ", t.sparse_dim(),
+      " sparse and ", t.dense_dim(), " dense dimension(s)");
 }
 
 static void check_x(const char* op, const at::Tensor& x) {

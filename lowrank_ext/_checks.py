@@ -60,8 +60,16 @@ def _check_tensor(op, name, t, dense):
     check_is_tensor(op, **{name: t})
     if t.layout != torch.strided and (dense or t.layout not in _SPARSE_LAYOUTS):
         kind = "dense (strided)" if dense else "strided or sparse COO, CSR or CSC"
+        block = t.layout in (torch.sparse_bsr, torch.sparse_bsc)
         raise TypeError(f"{op}: {name} must be a {kind} tensor, got layout "
-                        f"{str(t.layout).removeprefix('torch.')}")
+                        f"{str(t.layout).removeprefix('torch.')}"
+                        + ("; convert it with .to_sparse() (COO)" if not dense and block else ""))
+    if t.layout != torch.strided and t.dense_dim() != 0:
+        # A hybrid sparse tensor (dense dimensions below its sparse ones, as
+        # to_sparse(1) makes) is no matrix of numbers to the products.
+        raise ValueError(f"{op}: {name} must be a sparse matrix of numbers, got a hybrid "
+                         f"sparse tensor with {t.sparse_dim()} sparse and {t.dense_dim()} "
+                         "dense dimension(s)")
 
 
 def _check_x(op, x):

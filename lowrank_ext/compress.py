@@ -1242,12 +1242,18 @@ def _summed_grams(grams, shapes, workers):
 
 def _storage_of(tensor):
     """Where ``tensor``'s elements live, or None for a tensor that holds none
-    to share (meta, empty, lazy, or sharded: a DTensor's local shard is
-    another matter, refused later)."""
+    to share with a layer's weight (meta, empty, lazy, or sharded: a
+    DTensor's local shard is another matter, refused later), or none torch
+    shows: a sparse, mkldnn or nested tensor, or a tensor subclass whose
+    elements live in inner tensors (their storage raises)."""
     if (not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.numel() == 0
-            or nn.parameter.is_lazy(tensor) or is_sharded(tensor)):
+            or nn.parameter.is_lazy(tensor) or is_sharded(tensor)
+            or tensor.layout != torch.strided or tensor.is_nested):
         return None
-    return tensor.device, tensor.untyped_storage().data_ptr()
+    try:
+        return tensor.device, tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass, say
+        return None
 
 
 def _shared_layers(model, layers):
@@ -1284,7 +1290,8 @@ def _shared_layers(model, layers):
             # keep all of it alive, so the factors would only add to it, and
             # the weight would no longer follow the memory it is a view of.
             notes[name] = (f"dense: weight shares its storage with {', '.join(sharing)}; "
-                           "factorizing would add parameters and untie it")
+                           "factorizing would add parameters, and the weight would no "
+                           "longer be a view of that memory")
         elif others(layer.bias):
             # The new layer would get a bias of its own: training one layer's
             # bias would no longer move the other's.

@@ -4,6 +4,8 @@ hooks), state besides the weight and bias, a weight sharing its storage with
 another tensor; and include/exclude patterns equal to names holding glob
 characters."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -253,6 +255,30 @@ def test_weights_sharing_storage_stay_dense():
     assert _storage_elements(model) == before - 16 * 16 + 2 * (16 + 16)
     dense = 16 * 16
     assert report.ratio == pytest.approx((4 * dense + 2 * 32) / (5 * dense))
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "mkldnn", "nested", "quantized"])
+def test_tensors_without_an_ordinary_storage_elsewhere_in_the_model(kind):
+    # The storage check read every tensor's storage: a graph model's sparse
+    # adjacency buffer beside its layers raised "Cannot access storage of
+    # SparseTensorImpl" (mkldnn, nested and wrapper tensors alike).
+    make = {"sparse_coo": lambda: torch.eye(4).to_sparse(),
+            "sparse_csr": lambda: torch.eye(4).to_sparse_csr(),
+            "mkldnn": lambda: torch.randn(4, 4).to_mkldnn(),
+            "nested": lambda: torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(1, 3)]),
+            "quantized": lambda: torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    model.holder = nn.Module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the layouts' prototype notices
+        model.holder.register_buffer("graph", make[kind]())
+    weights = [layer.weight.detach().clone() for layer in model[:2]]
+    lx.compress_model(model, rank=2)
+    for layer, weight in zip(model[:2], weights):
+        assert isinstance(layer, lx.LowRankLinear)
+        torch.testing.assert_close((layer.B @ layer.A).double(), _truncated(weight, 2),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_a_ratio_budget_leaves_out_weights_sharing_storage():

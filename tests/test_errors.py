@@ -374,6 +374,17 @@ def test_a_sparse_x_must_be_a_matrix(layout):
         _raised_by_every_route(args, ValueError, message)
 
 
+@pytest.mark.parametrize("name", ["x", "A", "B"])
+def test_hybrid_sparse_operands_are_refused_by_name(name):
+    # A 2-D COO tensor with one dense dimension (to_sparse(1)) passed the
+    # checks and failed in torch's products ("matrices expected, got 1D").
+    args = dict(zip(("x", "A", "B", "bias"), good()))
+    args[name] = args[name].to_sparse(1)
+    message = (f"lowrank_linear: {name} must be a sparse matrix of numbers, got a hybrid "
+               "sparse tensor with 1 sparse and 1 dense dimension(s)")
+    _raised_by_every_route(args, ValueError, message)
+
+
 @pytest.mark.parametrize("layout", ["sparse_bsr", "sparse_bsc"])
 @pytest.mark.parametrize("name", ["x", "A", "B"])
 def test_block_sparse_operands_are_refused_by_name(name, layout):
@@ -385,7 +396,7 @@ def test_block_sparse_operands_are_refused_by_name(name, layout):
                 "sparse_bsc": torch.Tensor.to_sparse_bsc}[layout]
     args[name] = to_block(args[name], (1, 1))
     message = (f"lowrank_linear: {name} must be a strided or sparse COO, CSR or CSC tensor, "
-               f"got layout {layout}")
+               f"got layout {layout}; convert it with .to_sparse() (COO)")
     _raised_by_every_route(args, TypeError, message)
 
 
