@@ -929,6 +929,9 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         raise ValueError(f"compress_model: rank_multiple must be a positive int, got "
                          f"{rank_multiple!r}")
     rank_multiple = int(rank_multiple)
+    if progress is not None and not isinstance(progress, bool):  # "no" would show the bar
+        raise TypeError(f"compress_model: progress must be True, False or None, got "
+                        f"{progress!r}")
     if rank is not None and rank % rank_multiple:
         raise ValueError(f"compress_model: rank {rank} is not a multiple of rank_multiple "
                          f"{rank_multiple}")

@@ -258,6 +258,15 @@ def relative_error(student, teacher, mask=None):
     return num / den.clamp_min(torch.finfo(dtype).tiny)
 
 
+def _not_finite_where_kept(tensor, mask):
+    """Whether ``tensor`` holds values that are not finite at the positions
+    :func:`relative_error` keeps for ``mask``."""
+    layout = per_token_layout(tensor, mask)
+    if layout is not None:
+        tensor = tensor[layout.to(tensor.device) != 0]
+    return not bool(torch.isfinite(tensor).all())
+
+
 def _not_finite_beyond_teacher(outputs, targets):
     """Whether the model's outputs hold values that are not finite where the
     teacher's outputs are finite (a head may give -inf at padding on purpose);
@@ -443,11 +452,17 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 total = sum(terms + [relative_error(s, t.detach(), mask)
                                      for s, t, mask in pairs]).reshape(())
                 if not torch.isfinite(total):
-                    if not all(bool(torch.isfinite(t).all())
-                               for t in floating_tensors(batch) + floating_tensors(target)):
+                    if not all(bool(torch.isfinite(t).all()) for t in floating_tensors(batch)):
+                        raise FloatingPointError("this batch holds values that are not finite")
+                    # The teacher's outputs where the loss reads them: -inf at
+                    # padding (scores, say) is left out of it. A loss of the
+                    # user's may read any of them.
+                    read = [(t, mask) for _, t, mask in pairs] + (
+                        [(t, None) for t in floating_tensors(target)] if loss is not None else [])
+                    if any(_not_finite_where_kept(t, mask) for t, mask in read):
                         raise FloatingPointError(
-                            "this batch, or the teacher's outputs on it, holds values that are "
-                            "not finite")
+                            "the teacher's outputs on this batch hold values that are not "
+                            "finite where the loss reads them")
                     if step == 0:  # no update yet: the lr has nothing to do with it
                         raise FloatingPointError(
                             f"the loss is {total.item()} before any update: the model, the "
@@ -465,13 +480,22 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 for p, master in zip(params, masters):
                     if master is not None:
                         master.grad = None if p.grad is None else p.grad.float()
+                # Adam would turn gradients that are not finite into NaN
+                # parameters, which the next step would then blame.
                 bad = [p.dtype for p, m in zip(params, masters) if m is not None
                        and m.grad is not None and not bool(torch.isfinite(m.grad).all())]
-                if bad:  # Adam would turn them into NaN parameters
+                if bad:
                     raise FloatingPointError(
                         f"the gradients of {dtype_name(bad[0])} parameters are not finite "
                         "(float16 holds no more than 65504); distill a float32 copy of the "
                         "model and convert it back")
+                if not all(bool(torch.isfinite(p.grad).all()) for p in trained
+                           if p.grad is not None):
+                    raise FloatingPointError(
+                        "the gradients of the trained parameters are not finite although the "
+                        "loss is: a value that is not finite in the forward (-inf at padding "
+                        "that a trained layer reads, say) reaches them even where the loss "
+                        "leaves it out")
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(trained, max_grad_norm)
                 optimizer.step()

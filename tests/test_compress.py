@@ -1238,3 +1238,16 @@ def test_complex_layers_are_refused_before_any_work():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     lx.compress_model(model, rank=4, exclude="1")  # excluded, the rest goes on
     assert isinstance(model[0], lx.LowRankLinear)
+
+
+@pytest.mark.parametrize("progress", ["no", 0, 1.0])
+def test_progress_must_be_a_bool_or_none(progress):
+    # progress="no" showed the bar (any truthy value did), where distill refuses it.
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=f"compress_model: progress must be True, False or None, "
+                                        f"got {progress!r}"):
+        lx.compress_model(model, rank=2, progress=progress)
+    assert all(type(m) is nn.Linear for m in model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])

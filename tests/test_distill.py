@@ -784,3 +784,60 @@ def test_an_iterator_is_refused_up_front_with_what_it_is():
                                         r"or a DataLoader\), got a list_iterator whose iter\(\) "
                                         r"returns itself"):
         lx.distill(model, teacher, data, steps=2, progress=False)
+
+
+class _PaddedScores(nn.Module):
+    """Tokens through three layers; -inf at the padded positions, after the
+    last layer ("head", on purpose: scores) or before it ("mid")."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.emb, self.where = nn.Embedding(30, 16), where
+        self.l1, self.l2, self.l3 = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 16)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, attention_mask):
+        pad = attention_mask.unsqueeze(-1) == 0
+        h = self.l2(torch.tanh(self.l1(self.emb(input_ids))))
+        if self.where == "mid":
+            h = h.masked_fill(pad, float("-inf"))
+        out = self.l3(h)
+        return out.masked_fill(pad, float("-inf")) if self.where == "head" else out
+
+
+def _padded_scores_pair(where):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 5:] = 0
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    teacher = _PaddedScores(where)
+    model = copy.deepcopy(teacher)
+    lx.compress_model(model, ratio=0.5, calibration=batches, progress=False)
+    return model, teacher, batches
+
+
+@pytest.mark.parametrize("where", ["head", None])
+def test_a_diverging_lr_is_named_also_with_minus_inf_at_padding(where):
+    # -inf that the teacher puts at padding on purpose made a diverging
+    # step say the batch or the teacher's outputs were not finite.
+    model, teacher, batches = _padded_scores_pair(where)
+    with pytest.raises(RuntimeError, match=r"step 1 raised FloatingPointError: the loss is "
+                                           r"(inf|nan); try a lower lr"):
+        lx.distill(model, teacher, batches, steps=5, lr=1e8, progress=False)
+
+
+def test_gradients_that_are_not_finite_are_named_at_their_step():
+    # -inf at padding before a trained layer: the loss (padding left out) is
+    # finite, its gradient NaN; Adam wrote NaN into the factors and the next
+    # step blamed the batch.
+    model, teacher, batches = _padded_scores_pair("mid")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="step 0 raised FloatingPointError: the gradients of "
+                                           "the trained parameters are not finite"):
+        lx.distill(model, teacher, batches, steps=5, lr=1e-2, progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
