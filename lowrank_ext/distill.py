@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._checks import dtype_name
 from ._modules import compiled_original
 from .calibration import (PaddingMasks, _cuda_devices, call_with_batch, copy_of_batch,
                           floating_tensors, per_token_layout, set_eval_flags, takes_hooks)
@@ -258,6 +257,29 @@ def relative_error(student, teacher, mask=None):
     return num / den.clamp_min(torch.finfo(dtype).tiny)
 
 
+def _non_finite_loss(step, value, batch, target, pairs, custom_loss):
+    """Why the loss came out ``value`` (not finite) at ``step``, as far as can
+    be told: values in the batch, or in the teacher's outputs where the loss
+    reads them (``pairs``' masks; a custom loss may read any), or, after an
+    update, the update itself. Values that are not finite on purpose (-inf in
+    an additive mask) gave a finite loss before; from the second step on they
+    are named beside the lr, not instead of it."""
+    batch_bad = not all(bool(torch.isfinite(t).all()) for t in floating_tensors(batch))
+    read = [(t, mask) for _, t, mask in pairs] + (
+        [(t, None) for t in floating_tensors(target)] if custom_loss else [])
+    teacher_bad = any(_not_finite_where_kept(t, mask) for t, mask in read)
+    cause = ("this batch holds values that are not finite" if batch_bad else
+             "the teacher's outputs on this batch hold values that are not finite where the "
+             "loss reads them" if teacher_bad else None)
+    if step == 0:  # no update yet: the lr has nothing to do with it
+        return cause or (f"the loss is {value} before any update: the model, the teacher or "
+                         "the batch gives values that are not finite")
+    if cause:
+        return (f"the loss is {value}: {cause}, or, if they are meant (an additive -inf "
+                "mask, say), the last update diverged: try a lower lr")
+    return f"the loss is {value}; try a lower lr"
+
+
 def _not_finite_where_kept(tensor, mask):
     """Whether ``tensor`` holds values that are not finite at the positions
     :func:`relative_error` keeps for ``mask``."""
@@ -452,22 +474,8 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 total = sum(terms + [relative_error(s, t.detach(), mask)
                                      for s, t, mask in pairs]).reshape(())
                 if not torch.isfinite(total):
-                    if not all(bool(torch.isfinite(t).all()) for t in floating_tensors(batch)):
-                        raise FloatingPointError("this batch holds values that are not finite")
-                    # The teacher's outputs where the loss reads them: -inf at
-                    # padding (scores, say) is left out of it. A loss of the
-                    # user's may read any of them.
-                    read = [(t, mask) for _, t, mask in pairs] + (
-                        [(t, None) for t in floating_tensors(target)] if loss is not None else [])
-                    if any(_not_finite_where_kept(t, mask) for t, mask in read):
-                        raise FloatingPointError(
-                            "the teacher's outputs on this batch hold values that are not "
-                            "finite where the loss reads them")
-                    if step == 0:  # no update yet: the lr has nothing to do with it
-                        raise FloatingPointError(
-                            f"the loss is {total.item()} before any update: the model, the "
-                            "teacher or the batch gives values that are not finite")
-                    raise FloatingPointError(f"the loss is {total.item()}; try a lower lr")
+                    raise FloatingPointError(_non_finite_loss(
+                        step, total.item(), batch, target, pairs, loss is not None))
                 optimizer.zero_grad(set_to_none=True)
                 for p in params:  # a half parameter's master, not itself, is the optimizer's
                     p.grad = None
@@ -481,16 +489,19 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                     if master is not None:
                         master.grad = None if p.grad is None else p.grad.float()
                 # Adam would turn gradients that are not finite into NaN
-                # parameters, which the next step would then blame.
-                bad = [p.dtype for p, m in zip(params, masters) if m is not None
-                       and m.grad is not None and not bool(torch.isfinite(m.grad).all())]
-                if bad:
-                    raise FloatingPointError(
-                        f"the gradients of {dtype_name(bad[0])} parameters are not finite "
-                        "(float16 holds no more than 65504); distill a float32 copy of the "
-                        "model and convert it back")
-                if not all(bool(torch.isfinite(p.grad).all()) for p in trained
-                           if p.grad is not None):
+                # parameters, which the next step would then blame. (One
+                # reduction: the largest |g| is NaN or inf where any is.)
+                new_grads = [p.grad for p in trained if p.grad is not None]
+                if new_grads and not torch.isfinite(
+                        torch.nn.utils.get_total_norm(new_grads, norm_type=math.inf)):
+                    overflowed = [p.dtype for p, m in zip(params, masters)
+                                  if p.dtype == torch.float16 and m is not None
+                                  and m.grad is not None and bool(m.grad.isinf().any())]
+                    if overflowed:
+                        raise FloatingPointError(
+                            "the gradients of float16 parameters are not finite (float16 holds "
+                            "no more than 65504); distill a float32 copy of the model and "
+                            "convert it back")
                     raise FloatingPointError(
                         "the gradients of the trained parameters are not finite although the "
                         "loss is: a value that is not finite in the forward (-inf at padding "

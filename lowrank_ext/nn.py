@@ -1167,8 +1167,10 @@ class LoRALinear(nn.Module):
 
     @property
     def use_dora(self) -> bool:
-        """Whether the layer is DoRA (it has a ``magnitude``)."""
-        return self._parameters.get("magnitude") is not None
+        """Whether the layer is DoRA (it has a ``magnitude``, a parametrized
+        one too, which torch moves out of ``_parameters``)."""
+        return (self._parameters.get("magnitude") is not None
+                or torch.nn.utils.parametrize.is_parametrized(self, "magnitude"))
 
     def _dora_scale(self, norms=None):
         """magnitude / ‖W + scale·B·A‖ per output row; gradients reach the magnitude only."""

@@ -327,8 +327,8 @@ def test_a_non_finite_loss_is_an_error_not_a_silent_update():
     before = snapshot(model)
     bad = batches(1)[0]
     bad[0, 0] = float("inf")
-    with pytest.raises(RuntimeError, match="step 2 raised FloatingPointError: this batch holds "
-                                           "values that are not finite"):
+    with pytest.raises(RuntimeError, match="step 2 raised FloatingPointError: the loss is (inf|nan): "
+                                           "this batch holds values that are not finite, or"):
         lx.distill(model, teacher, batches(2) + [bad], steps=5, progress=False)
     assert_same(model, before)
 
@@ -851,3 +851,50 @@ def test_a_teacher_output_that_is_not_finite_where_the_loss_reads_it_is_named():
                                            "finite where the loss reads them"):
         lx.distill(model, teacher, batches(2), steps=2, progress=False)
     assert_same(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_not_finite_gradients_from_padding_are_explained_in_every_dtype(dtype):
+    # In bfloat16 and float16 the float16-range advice came first, though
+    # bfloat16 has float32's range and a float32 copy fails alike.
+    model, teacher, batches = _padded_scores_pair("mid")
+    model.to(dtype), teacher.to(dtype)
+    with pytest.raises(RuntimeError, match="step 0 raised FloatingPointError: the gradients of "
+                                           "the trained parameters are not finite although"):
+        lx.distill(model, teacher, batches, steps=3, lr=1e-2, progress=False)
+
+
+def test_a_custom_loss_over_intentional_minus_inf_still_names_the_lr():
+    # With loss=, every teacher output counts as read: a diverging step after
+    # a finite one blamed the teacher's -inf at padding alone.
+    model, teacher, batches = _padded_scores_pair("head")
+
+    def kept(output, target):
+        mask = batches[0]["attention_mask"].bool()
+        return (output[mask] - target[mask]).pow(2).sum() / target[mask].pow(2).sum()
+
+    with pytest.raises(RuntimeError, match=r"step 1 raised FloatingPointError: the loss is "
+                                           r"(inf|nan): the teacher's outputs .* try a lower lr"):
+        lx.distill(model, teacher, batches, steps=5, lr=1e8, loss=kept, progress=False)
+
+
+def test_a_dora_magnitude_under_a_parametrization_stays_dora():
+    # use_dora read _parameters, which a parametrization empties: the layer
+    # computed plain LoRA, and its merged state loaded without the magnitude.
+    from torch.nn.utils import parametrize
+
+    class Same(nn.Module):
+        def forward(self, X):
+            return X
+
+    torch.manual_seed(0)
+    layer = lx.LoRALinear(nn.Linear(6, 4, dtype=torch.float64), rank=2, use_dora=True)
+    with torch.no_grad():
+        layer.B.normal_()
+        layer.magnitude.mul_(1.5)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = layer(x)
+    parametrize.register_parametrization(layer, "magnitude", Same())
+    assert layer.use_dora
+    torch.testing.assert_close(layer(x), expected)
+    assert "parametrizations.magnitude.original" in layer._weight_keys("")
