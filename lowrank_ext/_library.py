@@ -161,7 +161,7 @@ def _times(a, b):
     or bfloat16 kernel: a half-type sparse b is multiplied in float32, as the
     forward computes, and the product rounded once (csrc/autograd.cpp,
     matrix_product)."""
-    if b.layout == torch.strided or b.dtype not in (torch.float16, torch.bfloat16):
+    if b.layout == torch.strided or b.dtype not in _fallback._HALF:
         return a.mm(b)
     return a.float().mm(b.float()).to(a.dtype)
 

@@ -562,6 +562,13 @@ def instance_forward(module):
                 and getattr(forward, "__func__", None) is type(module).forward)
 
 
+def instance_forward_text(module):
+    """"a forward set on the instance", naming accelerate's hook where it set
+    it: for the messages that leave such a module alone or refuse it."""
+    hooked = " (accelerate's _hf_hook)" if hasattr(module, "_hf_hook") else ""
+    return f"a forward set on the instance{hooked}"
+
+
 def has_own_forward(linear):
     """Whether an ``nn.Linear`` (subclass) computes with a forward of its own,
     its class's or one set on the instance (see instance_forward): the ops

@@ -41,7 +41,8 @@ from torch.nn.utils import parametrize
 
 from ._checks import SUPPORTED_DTYPES, check_device, dtype_name
 from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight,
-                       held_besides_weight, instance_forward, is_conv1d, is_sharded,
+                       held_besides_weight, instance_forward, instance_forward_text,
+                       is_conv1d, is_sharded,
                        plain_attributes, refuse_distributed_wrapper, keeps_encoder_flags,
                        places_of)
 from ._names import preview
@@ -114,9 +115,8 @@ def not_standing_for(layer, replacing=True):
     place would lose."""
     kind = "an nn.Linear" if type(layer) is nn.Linear else f"a {type(layer).__name__}"
     if instance_forward(layer):
-        hooked = " (accelerate's _hf_hook)" if hasattr(layer, "_hf_hook") else ""
-        return (f"{kind} with a forward set on the instance{hooked}, which a layer in "
-                "its place would never run (it reads the weight and bias instead)")
+        return (f"{kind} with {instance_forward_text(layer)}, which a layer in its place "
+                "would never run (it reads the weight and bias instead)")
     if replacing:
         held = held_besides_weight(layer)
         if held:

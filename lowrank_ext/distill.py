@@ -249,9 +249,8 @@ def relative_error(student, teacher, mask=None):
     so that what padding holds, -inf scores say, never enters the sums)."""
     dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
     s, t = student.to(dtype), teacher.to(device=student.device, dtype=dtype)
-    layout = per_token_layout(t, mask)
-    if layout is not None:
-        kept = layout.to(t.device) != 0
+    kept = _kept(t, mask)
+    if kept is not None:
         s, t = s[kept], t[kept]
     num, den = ((s - t) ** 2).sum(), (t ** 2).sum()
     return num / den.clamp_min(torch.finfo(dtype).tiny)
@@ -280,13 +279,18 @@ def _non_finite_loss(step, value, batch, target, pairs, custom_loss):
     return f"the loss is {value}; try a lower lr"
 
 
+def _kept(tensor, mask):
+    """The positions of ``tensor`` a loss over ``mask`` keeps (a boolean
+    index, :func:`per_token_layout`'s), or None for all of them."""
+    layout = per_token_layout(tensor, mask)
+    return None if layout is None else layout.to(tensor.device) != 0
+
+
 def _not_finite_where_kept(tensor, mask):
     """Whether ``tensor`` holds values that are not finite at the positions
     :func:`relative_error` keeps for ``mask``."""
-    layout = per_token_layout(tensor, mask)
-    if layout is not None:
-        tensor = tensor[layout.to(tensor.device) != 0]
-    return not bool(torch.isfinite(tensor).all())
+    kept = _kept(tensor, mask)
+    return not bool(torch.isfinite(tensor if kept is None else tensor[kept]).all())
 
 
 def _not_finite_beyond_teacher(outputs, targets):
@@ -494,10 +498,8 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 new_grads = [p.grad for p in trained if p.grad is not None]
                 if new_grads and not torch.isfinite(
                         torch.nn.utils.get_total_norm(new_grads, norm_type=math.inf)):
-                    overflowed = [p.dtype for p, m in zip(params, masters)
-                                  if p.dtype == torch.float16 and m is not None
-                                  and m.grad is not None and bool(m.grad.isinf().any())]
-                    if overflowed:
+                    if any(p.dtype == torch.float16 and m is not None and m.grad is not None
+                           and bool(m.grad.isinf().any()) for p, m in zip(params, masters)):
                         raise FloatingPointError(
                             "the gradients of float16 parameters are not finite (float16 holds "
                             "no more than 65504); distill a float32 copy of the model and "

@@ -25,7 +25,7 @@ from . import _functorch
 from ._amp import autocast_enabled, outside_autocast
 from ._checks import SUPPORTED_DTYPES, dtype_name, float_scale
 from ._modules import (_run_the_module, dense_weight, has_own_forward, instance_forward,
-                       is_conv1d, FSDP_MERGE_WHY, fsdp_managed, stacklevel_outside_package,
+                       instance_forward_text, is_conv1d, FSDP_MERGE_WHY, fsdp_managed, stacklevel_outside_package,
                        weight_recomputed)
 from .ops import (check_lora_linear_tensors, lora_linear, lora_linear_changing_scale,
                   lowrank_linear)
@@ -213,9 +213,8 @@ def _check_no_instance_forward(owner, name, layer):
     """Refuse a layer with a forward set on the instance (see
     instance_forward), which a layer computing with its weight would skip."""
     if instance_forward(layer):
-        hooked = " (accelerate's _hf_hook)" if hasattr(layer, "_hf_hook") else ""
         raise TypeError(
-            f"{owner}: {name} has a forward set on the instance{hooked}, which would never be "
+            f"{owner}: {name} has {instance_forward_text(layer)}, which would never be "
             "called (the ops read its weight and bias instead); remove it first (accelerate: "
             "remove_hook_from_module), or give a layer without one")
 
