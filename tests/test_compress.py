@@ -153,6 +153,112 @@ def test_global_allocation_favours_the_layer_that_needs_rank():
     assert total(report) < total(uniform)
 
 
+class TwoBranches(nn.Module):
+    """Outputs a(x) beside b(x), both 12 → 16: a has orthonormal columns (a
+    flat spectrum: rank r keeps r/12 of it for 28·r parameters, its 192 dense
+    weights all of it; break-even 6.9), b has rank 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 16, dtype=torch.float64)
+        self.b = nn.Linear(12, 16, dtype=torch.float64)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.linalg.qr(torch.randn(16, 12, dtype=torch.float64)).Q)
+            self.b.weight.copy_(torch.randn(16, 1, dtype=torch.float64)
+                                @ torch.randn(1, 12, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], -1)
+
+
+def test_sensitivity_allocation_keeps_a_layer_whole_where_that_keeps_more_per_parameter():
+    # A budget of 0.6·384 holds a dense a (192) beside b at rank 1 (28); a
+    # prefix of a's ranks alone stops below break-even, at rank 6 (168),
+    # keeping half of it.
+    torch.manual_seed(0)
+    model = TwoBranches()
+    weight = model.a.weight.detach().clone()
+    x = torch.randn(64, 12, dtype=torch.float64)
+    expected = model(x)
+    # (b's rank-1 weight truncated at its probe rank computes the same.)
+    with pytest.warns(UserWarning, match=r"sensitivity of layer\(s\) b cannot be measured"):
+        report = lx.compress_model(model, ratio=0.6, calibration=[x], progress=False)
+    assert report.params_after <= 0.6 * report.params_before
+    row = {r.name: r for r in report.layers}["a"]
+    assert row.rank is None and row.params_after == 192 and row.output_error == 0.0
+    assert "kept whole by the sensitivity allocation" in row.note
+    assert type(model.a) is nn.Linear and torch.equal(model.a.weight, weight)
+    assert isinstance(model.b, lx.LowRankLinear) and model.b.rank == 1
+    torch.testing.assert_close(model(x), expected)
+    # By each layer's own error, a prefix only (see allocate_ranks).
+    model = TwoBranches()
+    report = lx.compress_model(model, ratio=0.6, calibration=[x], allocation="global")
+    assert isinstance(model.a, lx.LowRankLinear) and model.a.rank == 6
+
+
+def test_a_layer_grown_to_break_even_is_not_said_to_be_kept_whole():
+    # 8×8 grows rank by rank to d·k/(d+k) = 4, where it stays dense: the
+    # global allocation makes no whole-layer offer.
+    x = torch.randn(32, 8, dtype=torch.float64)
+    for calibration in (None, [x]):
+        report = lx.compress_model(nn.Sequential(nn.Linear(8, 8, dtype=torch.float64)),
+                                   ratio=1.0, calibration=calibration, allocation="global")
+        assert report.layers[0].note == "dense: rank 4 >= d·k/(d+k) = 4.0 saves nothing"
+
+
+# (b truncated at its probe rank computes the same: its sensitivity cannot be measured.)
+@pytest.mark.filterwarnings("ignore:compress_model. the sensitivity of layer")
+@pytest.mark.parametrize("allocation", ["sensitivity", "global"])
+def test_ranks_past_a_low_rank_weight_are_not_given(allocation):
+    # b is exactly rank 2: its energies past that are eigh's round-off, and
+    # further ranks (or keeping it whole) would keep nothing but spend the
+    # budget's leftovers.
+    torch.manual_seed(0)
+    model = TwoBranches()
+    with torch.no_grad():
+        model.a.weight.normal_()
+        model.b.weight.copy_(torch.randn(16, 2, dtype=torch.float64)
+                             @ torch.randn(2, 12, dtype=torch.float64))
+    x = torch.randn(64, 12, dtype=torch.float64)
+    expected = model(x)
+    for ratio in (0.8, 1.0):
+        trial = copy.deepcopy(model)
+        report = lx.compress_model(trial, ratio=ratio, calibration=[x], allocation=allocation,
+                                   progress=False)
+        assert report.ranks["b"] == 2 and isinstance(trial.b, lx.LowRankLinear)
+        torch.testing.assert_close(trial(x)[:, 16:], expected[:, 16:])
+
+
+class _Energies:
+    """What allocate_ranks reads of a spectrum."""
+
+    def __init__(self, energy):
+        self.energy = torch.tensor(energy, dtype=torch.float64)
+        self.total = float(self.energy.sum())
+
+
+def test_allocation_takes_a_whole_layer_only_where_it_fits_and_pays():
+    from lowrank_ext.compress import allocate_ranks
+    flat, steep = _Energies([1.0] * 8), _Energies([100.0] + [1e-3] * 7)
+    shapes = {"flat": (8, 8), "steep": (8, 8)}
+    spectra = {"flat": flat, "steep": steep}
+    # 0.7·128 holds the flat layer dense (64) beside the steep one at rank 1
+    # (16); without whole layers, the flat one's prefix stops at break-even.
+    assert allocate_ranks(spectra, shapes, 0.7, whole_layers=True) == {"flat": 8, "steep": 1}
+    assert allocate_ranks(spectra, shapes, 0.7) == {"flat": 4, "steep": 1}
+    # 0.6·128 does not: its prefix stops where the budget does.
+    assert allocate_ranks(spectra, shapes, 0.6, whole_layers=True) == {"flat": 3, "steep": 1}
+    # With room for everything, a layer whose energy runs past its break-even
+    # rank is kept whole, one whose energy ends before it is not.
+    ranks = allocate_ranks({"a": steep, "b": _Energies([4.0, 2.0, 1.0, 1.0, 0, 0, 0, 0])},
+                           {"a": (8, 8), "b": (8, 8)}, 1.0, whole_layers=True)
+    assert ranks == {"a": 8, "b": 4}
+    # A spectrum with no energy past its prefix is never made whole.
+    ranks = allocate_ranks({"a": _Energies([1.0, 0, 0, 0, 0, 0, 0, 0])}, {"a": (8, 8)}, 1.0,
+                           whole_layers=True)
+    assert ranks == {"a": 1}
+
+
 class Wide(nn.Module):
     """Layers wide enough for ranks in blocks of 8: 64×96, 96×64, 48×96."""
 
