@@ -42,9 +42,8 @@ from torch.nn.utils import parametrize
 from ._checks import SUPPORTED_DTYPES, check_device, dtype_name
 from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight,
                        held_besides_weight, instance_forward, instance_forward_text,
-                       is_conv1d, is_sharded,
-                       plain_attributes, refuse_distributed_wrapper, keeps_encoder_flags,
-                       places_of)
+                       is_conv1d, is_sharded, plain_attributes, refuse_distributed_wrapper,
+                       keeps_encoder_flags, places_of)
 from ._names import preview
 from ._workers import Workers
 from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
@@ -826,8 +825,10 @@ def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1, whole_layer
             gain = relative(name, float(energy[r:r + multiple].sum()))
             if gain > 0:
                 heapq.heappush(heap, (-gain / (multiple * (d + k)), name, r, False))
+        if not whole_layers:
+            return
         rest = relative(name, float(energy[r:].sum()))  # (all min(d, k) of them)
-        if whole_layers and rest > 0:
+        if rest > 0:
             cost = d * k - r * (d + k)  # > 0, as r < d·k/(d+k)
             heapq.heappush(heap, (-rest / cost, name, r, True))
 

@@ -25,8 +25,8 @@ from . import _functorch
 from ._amp import autocast_enabled, outside_autocast
 from ._checks import SUPPORTED_DTYPES, dtype_name, float_scale
 from ._modules import (_run_the_module, dense_weight, has_own_forward, instance_forward,
-                       instance_forward_text, is_conv1d, FSDP_MERGE_WHY, fsdp_managed, stacklevel_outside_package,
-                       weight_recomputed)
+                       instance_forward_text, is_conv1d, FSDP_MERGE_WHY, fsdp_managed,
+                       stacklevel_outside_package, weight_recomputed)
 from .ops import (check_lora_linear_tensors, lora_linear, lora_linear_changing_scale,
                   lowrank_linear)
 from .svd import svd_truncate
