@@ -61,6 +61,18 @@ def _choose_adapter(layers, adapter):
     return adapter
 
 
+def _active_beside(layers, adapter):
+    """Per layer where peft runs ``adapter`` together with others, those others."""
+    together = {}
+    for name, layer in layers.items():
+        active = getattr(layer, "active_adapters", None) or []
+        if adapter in active and not bool(getattr(layer, "disable_adapters", False)):
+            others = {a for a in active if a != adapter and a in _held_adapters(layer)}
+            if others:
+                together[name] = others
+    return together
+
+
 def _check_supported(name, layer, adapter):
     base = layer.get_base_layer()
     conv1d = is_conv1d(base)
@@ -229,7 +241,9 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
         model: a ``PeftModel`` (its base model is converted and returned) or any
             module holding peft LoRA layers.
         adapter: the adapter to carry over; may be omitted when the model holds
-            only one. Layers without it get their plain base layer back.
+            only one. Layers without it get their plain base layer back. Other
+            adapters peft runs together with it (``set_adapter`` with a list)
+            are left out, with a warning.
 
     The base layers are shared, not copied. Each ``LoRALinear`` takes the
     adapter's ``A`` and ``B`` (with their ``requires_grad``), peft's scaling
@@ -281,6 +295,7 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
             "(trainable_token_indices), which cannot be converted: merge them into the "
             "embedding with peft first (merge_and_unload), or train without them")
 
+    together = _active_beside(layers, adapter)
     cast_notes, replacements = set(), {}
     init = _peft_config_init(model, root, adapter)
     for name, layer in layers.items():
@@ -323,6 +338,16 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
         object.__setattr__(module, ORIGINAL, original)
     # What save_peft_adapter writes back into the adapter's config by default.
     root._lowrank_ext_peft_config = _peft_config_fields(model, root, adapter)
+    if together:
+        # The user named the adapter, so converting is what was asked; but
+        # the converted model no longer gives the outputs peft gave.
+        others = sorted(set().union(*together.values()))
+        warnings.warn(
+            f"from_peft: peft runs {others} together with {adapter!r} in "
+            f"layer(s) {preview(list(together))} (set_adapter with a list); only {adapter!r} was "
+            "carried over, so the outputs leave the others' contributions out (combine "
+            "them into one adapter with peft's add_weighted_adapter first to keep them)",
+            stacklevel=2)
     for old, new in sorted(cast_notes, key=str):
         warnings.warn(f"from_peft: adapters stored in {old} were cast to their base layers' "
                       f"{new} (lora_linear takes one dtype)", stacklevel=2)

@@ -123,6 +123,29 @@ def test_choosing_among_adapters():
     torch.testing.assert_close(model(x), expected)
 
 
+def test_adapters_peft_runs_together_are_named_when_one_is_carried_over():
+    # set_adapter with a list sums the adapters' outputs in peft; the
+    # converted model runs the chosen one only, so its outputs differ.
+    peft_model = _peft_model()
+    peft_model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc2"],
+                                                    init_lora_weights=False))
+    peft_model.eval()
+    reference = copy.deepcopy(peft_model)  # runs "default" alone
+    peft_model.base_model.set_adapter(["default", "other"])
+    x = torch.randn(4, 20, dtype=torch.float64)
+    assert not torch.allclose(peft_model(x), reference(x))  # both adapters count there
+    with pytest.warns(UserWarning, match="peft runs \\['other'\\] together with 'default' "
+                                         "in layer\\(s\\) fc2 .*only 'default' was carried over"):
+        model = lx.from_peft(peft_model, adapter="default")
+    torch.testing.assert_close(model(x), reference(x))
+    # Where the chosen adapter runs alone, nothing is said.
+    peft_model = _peft_model()
+    peft_model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["fc2"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lx.from_peft(peft_model, adapter="default")
+
+
 @pytest.mark.parametrize("config, error, match", [
     (dict(alora_invocation_tokens=[1, 2]), ValueError, "LoRA variant \\(ALoraLinearVariant\\)"),
     (dict(lora_bias=True), ValueError, "lora_bias=True"),
