@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
 
 from ._names import first_line
@@ -81,8 +82,30 @@ def _escaping_streams():
             sys.stderr = None
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``) while a command runs, raised so that
+    the cleanup of partly written outputs runs as it does for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception():
+    def terminated(signum, frame):
+        raise _Terminated()
+
+    try:  # only where SIGTERM still kills (its default) and from the main thread
+        replace = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        previous = signal.signal(signal.SIGTERM, terminated) if replace else None
+    except ValueError:  # not the main thread of the main interpreter
+        replace = False
+    try:
+        yield
+    finally:
+        if replace:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
-    with _escaping_streams():
+    with _escaping_streams(), _terminate_as_exception():
         return _main(argv)
 
 
@@ -101,6 +124,10 @@ def _main(argv):
         command = f" {args.command}" if args is not None else ""
         print(f"lowrank_ext{command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        command = f" {args.command}" if args is not None else ""
+        print(f"lowrank_ext{command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # The reader went away (`... | head`): nothing more to say, and
         # nothing left to flush at exit either.

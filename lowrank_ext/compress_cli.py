@@ -125,7 +125,7 @@ def run(args):
     from .report import CompressionReport, LayerReport
     from .serialization import (METADATA_KEY, atomic_write, check_output_path, factor_pairs,
                                 model_files, opened, ranks_in_metadata, ranks_metadata,
-                                stored_aliases)
+                                read_tensor, stored_aliases)
     from .svd import choose_rank, scaled_singular_values, svd_truncate
 
     files = model_files(args.input, owner=None)
@@ -147,8 +147,8 @@ def run(args):
         raise ValueError(f"--rank {args.rank} is not a multiple of --rank-multiple {multiple}")
 
     tensors, metadata, metadatas = {}, {}, []
-    for _, f in opened(files, None):  # one file, or the shards of a checkpoint, as one
-        tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    for path, f in opened(files, None):  # one file, or the shards of a checkpoint, as one
+        tensors.update({key: read_tensor(f, path, key, None) for key in f.keys()})
         metadatas.append(f.metadata() or {})
         metadata.update(metadatas[-1])
     # Layers the input holds factorized already: named in its metadata, or
@@ -160,8 +160,9 @@ def run(args):
         layout = "linear" if existing else None
     factor_keys = {f"{name}.{part}" for name in existing for part in ("A", "B")}
 
+    stored_as = stored_aliases(metadata, tensors)  # alias -> the key it is stored under
     aliases = {}  # stored key -> the other names of that tensor
-    for alias, key in stored_aliases(metadata, tensors).items():
+    for alias, key in stored_as.items():
         aliases.setdefault(key, []).append(alias)
     # Module name -> its 2-D floating-point tensors: usually one; a bare
     # tensor `fc` beside `fc.weight` shares the name.
@@ -178,7 +179,10 @@ def run(args):
 
     records, planned = [], []  # planned: (name, key) of the weights to factorize
     for name, r in existing.items():
-        A, B = tensors.get(f"{name}.A"), tensors.get(f"{name}.B")
+        # A layer registered under two names (one module shared) has its
+        # factors stored once, the second name an alias in the metadata.
+        keys = {part: stored_as.get(f"{name}.{part}", f"{name}.{part}") for part in "AB"}
+        A, B = tensors.get(keys["A"]), tensors.get(keys["B"])
         # The metadata's ranks against the factors, as load_compressed checks
         # them: a report (and a file) with other ranks would be wrong.
         if A is None or B is None or A.dim() != 2 or B.dim() != 2 \
@@ -190,6 +194,12 @@ def run(args):
             raise ValueError(f"{args.input} gives layer {name!r} rank {r} in its lowrank_ext "
                              f"metadata, but holds {seen}")
         d, k = B.shape[0], A.shape[1]
+        owner = keys["A"].rpartition(".")[0]
+        if owner != name and owner in existing:  # counted once, under the name it is stored as
+            records.append(LayerReport(name, (d, k), r, 0, 0, None,
+                                       note=f"factorized already in the input, the same "
+                                            f"factors as {owner}; kept as it is"))
+            continue
         records.append(LayerReport(name, (d, k), r, d * k, r * (d + k), None,
                                    note="factorized already in the input; kept as it is"))
     attention_out = packed_attention_out_projections(tensors)

@@ -223,10 +223,16 @@ def atomic_write_files(files, owner=None):
 
 
 def _written(write, tmp, path, owner):
-    """``write(tmp)``; safetensors' own error for a failed write (a full disk)
-    is an OSError naming ``path``, as any other failure to write it."""
+    """``write(tmp)``; a failed write (a full disk) is an OSError naming
+    ``path``: safetensors' own error, and an OSError that names no file or
+    only the hidden temporary one (matplotlib's savefig names neither)."""
     try:
         write(tmp)
+    except OSError as exc:
+        if exc.filename not in (None, tmp):
+            raise
+        message = f"{_prefix(owner)}cannot write {path}: {exc.strerror or exc}"
+        raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError":
             raise
@@ -490,6 +496,25 @@ def opened(files, owner):
             raise unreadable_error(owner, path, exc) from exc
         with handle:
             yield path, handle
+
+
+def read_tensor(handle, path, key, owner):
+    """``handle.get_tensor(key)``; a tensor safetensors cannot give to torch (a
+    dtype torch has no type for, such as F6_E2M3) is a ValueError naming it."""
+    try:
+        return handle.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error type
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{_prefix(owner)}cannot read tensor {key!r} of {path}: {exc}") \
+            from exc
+
+
+def safetensors_device(device):
+    """``device`` as safetensors takes it: "cpu" for every CPU device (it
+    refuses "cpu:0")."""
+    device = torch.device(device)
+    return "cpu" if device.type == "cpu" else str(device)
 
 
 def stored_aliases(metadata, keys):
@@ -942,11 +967,13 @@ def _copy_from_files(model, path, files, device, sources, turned):
     stored under: itself, or for a name the saved model tied to another (an
     alias in the metadata, or a tie the model itself has) that other key.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    state = {}
+    state, needed = {}, set(sources.values())
     for file in files:
-        state.update(load_file(file, device=str(device)))
+        with safe_open(file, framework="pt", device=safetensors_device(device)) as f:
+            state.update({key: read_tensor(f, file, key, "load_compressed")
+                          for key in f.keys() if key in needed})
     state = {key: state[stored] for key, stored in sources.items() if stored in state}
     _turn_factors(state, turned)
     expected = model.state_dict(keep_vars=True)

@@ -55,7 +55,7 @@ def run(args):
     from ._checks import dtype_name
     from ._names import preview
     from .compress_cli import check_output_is_not_input
-    from .serialization import check_output_path, model_files, opened
+    from .serialization import check_output_path, model_files, opened, read_tensor
     from .svd import choose_rank, scaled_singular_values
 
     files = model_files(args.input, owner=None)
@@ -77,22 +77,27 @@ def run(args):
                    for key in f.keys()):
             raise ValueError(f"{args.input} has no 2-D floating-point tensor")
         print(f"{'tensor':<50} {'shape':>12} {'r@90%':>6} {'r@99%':>6}")
-        for _, f in opened(files, None):  # each shard of a checkpoint in turn
+        for path, f in opened(files, None):  # each shard of a checkpoint in turn
             for key in f.keys():
-                if _is_matrix(f.get_slice(key)):  # from the header: others are not read
-                    t = f.get_tensor(key)
+                header = f.get_slice(key)
+                if _is_matrix(header):  # from the header: others are not read
+                    shape = 'x'.join(map(str, header.get_shape()))
+                    try:
+                        t = read_tensor(f, path, key, None)
+                    except ValueError:  # a dtype torch has no type for (F6_E2M3, say)
+                        print(f"{key:<50} {shape:>12} cannot read {header.get_dtype()}")
+                        continue
                     try:
                         t = t.double()  # float8 has no isfinite of its own
                     except (RuntimeError, NotImplementedError):  # packed float4, say
-                        print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} "
-                              f"cannot read {dtype_name(t.dtype)}")
+                        print(f"{key:<50} {shape:>12} cannot read {dtype_name(t.dtype)}")
                         continue
                     if bool(torch.isfinite(t).all()):
                         S, _ = scaled_singular_values(t)
                         ranks = f"{choose_rank(S, energy=0.9):>6} {choose_rank(S, energy=0.99):>6}"
                     else:
                         ranks = f"{'has NaN or Inf':>13}"
-                    print(f"{key:<50} {'x'.join(map(str, t.shape)):>12} {ranks}")
+                    print(f"{key:<50} {shape:>12} {ranks}")
         return 0
     where, matrices = {}, []  # {key: its file}; the 2-D tensors, whose names may be meant
     for path, f in opened(files, None):
@@ -104,8 +109,8 @@ def run(args):
     if key not in where:
         raise KeyError(f"no tensor {args.layer!r} (nor {args.layer + '.weight'!r}) in "
                        f"{args.input} (2-D tensors: {preview(matrices)})")
-    for _, f in opened([where[key]], None):
-        W = f.get_tensor(key)
+    for path, f in opened([where[key]], None):
+        W = read_tensor(f, path, key, None)
     if W.dim() != 2 or not W.is_floating_point():
         raise ValueError(f"{key} must be a 2-D floating-point tensor, got shape {list(W.shape)} "
                          f"and dtype {W.dtype}")

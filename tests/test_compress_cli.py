@@ -1,10 +1,13 @@
 """``python -m lowrank_ext compress`` and ``spectrum`` on small safetensors files."""
 
+import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -245,6 +248,31 @@ def _one_error_line(capsys, command):
     return lines[0]
 
 
+def test_a_tensor_torch_cannot_hold_is_one_error_line(tmp_path, capsys):
+    # An F6_E2M3 tensor (in the safetensors format, with no torch dtype) gave
+    # safetensors' own traceback.
+    torch.manual_seed(0)
+    weight = torch.randn(8, 6)
+    header = {"w.weight": {"dtype": "F32", "shape": [8, 6], "data_offsets": [0, 192]},
+              "q.weight": {"dtype": "F6_E2M3", "shape": [8, 8], "data_offsets": [192, 240]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "f6.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + weight.numpy().tobytes()
+                     + bytes(48))
+    out = tmp_path / "out.safetensors"
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2"]) == 1
+    assert f"cannot read tensor 'q.weight' of {path}: " in _one_error_line(capsys, "compress")
+    assert not out.exists()
+    assert main(["spectrum", str(path), "--layer", "q"]) == 1
+    assert "cannot read tensor 'q.weight'" in _one_error_line(capsys, "spectrum")
+    # The listing shows the others and says which it cannot read.
+    assert main(["spectrum", str(path)]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["q.weight"] == ["8x8", "cannot", "read", "F6_E2M3"]
+    assert rows["w.weight"][0] == "8x6" and rows["w.weight"][-1] == "6"
+
+
 def test_weights_whose_largest_singular_value_is_past_float64(tmp_path, capsys):
     """A finite float64 weight with σ₁ above float64's largest value: ranks come from
     its singular values scaled by a power of two (svdvals gave inf, and "S must be
@@ -318,6 +346,30 @@ def test_failed_write_leaves_no_output_and_no_temporary_file(weights, tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"] + (["out.safetensors"] * existing)
 
 
+def test_terminated_write_leaves_no_temporary_file(weights, tmp_path, capsys, monkeypatch):
+    # SIGTERM (kill, timeout) killed the command mid-write and left the
+    # temporary files beside the output; it now cleans up as Ctrl-C does.
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled by the test runner here")
+    _, path = weights
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the previous output")
+
+    def terminated_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once; this is never finished
+
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", terminated_save)
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2", "--force"]) == 143
+    assert capsys.readouterr().err.strip() == "lowrank_ext compress: terminated"
+    assert out.read_bytes() == b"the previous output"
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "out.safetensors"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+
+
 def test_output_paths_that_cannot_be_written(weights, tmp_path, capsys):
     _, path = weights
     outdir = tmp_path / "outdir"
@@ -381,11 +433,13 @@ def test_spectrum_plot_failures_leave_no_file(weights, tmp_path, capsys, monkeyp
             return real_savefig(self, fname, **kwargs)  # the format check before the work
         with open(fname, "wb") as f:
             f.write(b"\x89PNG half")
-        raise OSError("disk full")
+        raise OSError(errno.EFBIG, "File too large")  # as a file-size limit gives it
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
     assert main(["spectrum", str(path), "--layer", "0", "--plot", str(tmp_path / "s.png")]) == 1
-    assert "disk full" in _one_error_line(capsys, "spectrum")
+    # The plot's path is named (the error named no file).
+    assert f"cannot write {tmp_path / 's.png'}: File too large" in \
+        _one_error_line(capsys, "spectrum")
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
 
 
@@ -594,6 +648,31 @@ def test_factors_already_in_the_input_are_reported_and_kept(tmp_path, capsys):
                  "--force"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("0 "))
     assert row.split()[1:3] == ["30x20", "4"] and row.split()[-1] == "-"
+
+
+def test_a_layer_registered_under_two_names_is_read_through_its_alias(tmp_path, capsys):
+    # save_compressed stores a shared module's factors once; the second name
+    # is an alias in the metadata (the file was refused as missing b.A, b.B).
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = lx.LowRankLinear(16, 32, 3)
+            self.b = self.a
+            self.wte = nn.Embedding(10, 16)  # something for the command to read
+
+    torch.manual_seed(0)
+    model = Shared()
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    lx.save_compressed(model, path)
+    assert main(["compress", str(path), "-o", str(out), "--rank", "2", "--json"]) == 0
+    layers = {l["name"]: l for l in json.loads(capsys.readouterr().out)["layers"]}
+    assert (layers["a"]["rank"], layers["b"]["rank"], layers["wte"]["rank"]) == (3, 3, None)
+    assert layers["a"]["params_after"] == 3 * 48 and layers["b"]["params_after"] == 0
+    assert "the same factors as a" in layers["b"]["note"]
+    fresh = Shared()
+    lx.load_compressed(fresh, out)
+    assert fresh.a is fresh.b and torch.equal(fresh.wte.weight, model.wte.weight)
+    assert torch.equal(fresh.a.A, model.a.A) and torch.equal(fresh.a.B, model.a.B)
 
 
 def test_a_save_compressed_file_cannot_take_factors_of_another_layout(weights, tmp_path, capsys):

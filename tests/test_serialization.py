@@ -149,6 +149,50 @@ def test_float_files_of_another_width_load_cast_as_load_state_dict_does(compress
         assert torch.equal(loaded.state_dict()[key], value)
 
 
+def _write_raw(path, entries, metadata=None):
+    """A safetensors file written by hand: {key: (dtype name, shape, bytes)},
+    for dtypes torch has no type for."""
+    header, offset = {}, 0
+    for key, (dtype, shape, data) in entries.items():
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.write(b"".join(data for _, _, data in entries.values()))
+
+
+def test_a_tensor_torch_cannot_hold_is_named_and_the_model_left_alone(compressed, tmp_path):
+    # safetensors' own error type, naming neither the file nor the tensor, came through.
+    model, path, _ = compressed
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        entries = {key: ("F32", list(f.get_tensor(key).shape),
+                         f.get_tensor(key).float().numpy().tobytes()) for key in f.keys()}
+    entries["4.weight"] = ("F6_E2M3", [6, 24], bytes(6 * 24 * 6 // 8))
+    odd = tmp_path / "odd.safetensors"
+    _write_raw(odd, entries, metadata)
+    fresh = build()
+    before = copy.deepcopy(fresh)
+    with pytest.raises(ValueError, match=f"load_compressed: cannot read tensor '4.weight' of "
+                                         f"{re.escape(str(odd))}: .*F6_E2M3"):
+        lx.load_compressed(fresh, odd)
+    _assert_same(fresh, before)
+
+
+@pytest.mark.parametrize("device", ["cpu:0", torch.device("cpu", 0)])
+def test_cpu_device_with_an_index(compressed, device):
+    # safetensors refuses "cpu:0", which torch and check_device accept.
+    model, path, _ = compressed
+    for fresh in (build(), build().to("meta")):
+        lx.load_compressed(fresh, path, device=device)
+        for (name, theirs), ours in zip(model.state_dict().items(), fresh.state_dict().values()):
+            assert ours.device.type == "cpu" and torch.equal(ours, theirs), name
+
+
 def test_extra_module_in_model_is_refused_when_strict(compressed):
     _, path, _ = compressed
     bigger = nn.Sequential(*build(), nn.Linear(6, 2))
@@ -458,11 +502,10 @@ def test_failed_load_puts_the_meta_tensors_back(tied, monkeypatch):
     fresh = _parameters_on_meta(TiedWithBuffers())
     types = [type(m) for m in fresh.modules()]
 
-    def broken_load(*args, **kwargs):
+    def broken_read(*args, **kwargs):
         raise OSError("read error")
 
-    import safetensors.torch
-    monkeypatch.setattr(safetensors.torch, "load_file", broken_load)
+    monkeypatch.setattr(serialization, "read_tensor", broken_read)
     with pytest.raises(OSError, match="read error"):
         lx.load_compressed(fresh, path)
     _still_on_meta(fresh, types)
