@@ -9,6 +9,8 @@ import numbers
 
 import torch
 
+from ._names import first_line
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -230,4 +232,10 @@ def check_device(owner, device, why_not_meta):
                          "(torch.cuda.is_available() is False)")
     if device.type == "meta":
         raise ValueError(f"{owner}: device 'meta' {why_not_meta}")
+    try:  # a backend torch was built without, or a GPU index past the last
+        torch.empty(0, device=device)
+    except Exception as exc:  # AssertionError, ModuleNotFoundError, RuntimeError, ...
+        reason = first_line(exc).split(". ")[0]  # some run to a page
+        raise ValueError(f"{owner}: device {str(device)!r} is not available: {reason}") \
+            from None
     return device

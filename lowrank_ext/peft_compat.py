@@ -323,6 +323,20 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     # one fails (an interrupt too): the model is converted whole or not at all.
     for name, new in replacements.items():
         check_backward_hooks_combine(name, root.get_submodule(name), new)
+    # Warned before any swap: a warning turned into an error leaves the model as it was.
+    if together:
+        # The user named the adapter, so converting is what was asked; but
+        # the converted model no longer gives the outputs peft gave.
+        others = sorted(set().union(*together.values()))
+        warnings.warn(
+            f"from_peft: peft also runs {others} where {adapter!r} is active (set_adapter "
+            f"with a list), in layer(s) {preview(list(together))}; only {adapter!r} is carried "
+            "over, so the outputs leave the others' contributions out (combine them into one "
+            "adapter with peft's add_weighted_adapter first to keep them)",
+            stacklevel=2)
+    for old, new in sorted(cast_notes, key=str):
+        warnings.warn(f"from_peft: adapters stored in {old} were cast to their base layers' "
+                      f"{new} (lora_linear takes one dtype)", stacklevel=2)
     swaps = Swaps(root)
     try:
         for name, new in replacements.items():
@@ -338,19 +352,6 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
         object.__setattr__(module, ORIGINAL, original)
     # What save_peft_adapter writes back into the adapter's config by default.
     root._lowrank_ext_peft_config = _peft_config_fields(model, root, adapter)
-    if together:
-        # The user named the adapter, so converting is what was asked; but
-        # the converted model no longer gives the outputs peft gave.
-        others = sorted(set().union(*together.values()))
-        warnings.warn(
-            f"from_peft: peft runs {others} together with {adapter!r} in "
-            f"layer(s) {preview(list(together))} (set_adapter with a list); only {adapter!r} was "
-            "carried over, so the outputs leave the others' contributions out (combine "
-            "them into one adapter with peft's add_weighted_adapter first to keep them)",
-            stacklevel=2)
-    for old, new in sorted(cast_notes, key=str):
-        warnings.warn(f"from_peft: adapters stored in {old} were cast to their base layers' "
-                      f"{new} (lora_linear takes one dtype)", stacklevel=2)
     # Any other compiled model stays the compiled model it was given.
     return given if root is model else root
 

@@ -969,14 +969,23 @@ def _copy_from_files(model, path, files, device, sources, turned):
     """
     from safetensors import safe_open
 
-    state, needed = {}, set(sources.values())
+    expected = model.state_dict(keep_vars=True)
+    # Not the file's other tensors (strict=False leaves them): neither their
+    # memory nor a dtype torch cannot hold stops the load.
+    state, needed = {}, {stored for key, stored in sources.items() if key in expected}
     for file in files:
-        with safe_open(file, framework="pt", device=safetensors_device(device)) as f:
+        try:
+            handle = safe_open(file, framework="pt", device=safetensors_device(device))
+        except Exception as exc:  # safetensors' own error: a device it does not know
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise ValueError(f"load_compressed: cannot read {file} onto device "
+                             f"{str(device)!r}: {exc}") from exc
+        with handle as f:
             state.update({key: read_tensor(f, file, key, "load_compressed")
                           for key in f.keys() if key in needed})
     state = {key: state[stored] for key, stored in sources.items() if stored in state}
     _turn_factors(state, turned)
-    expected = model.state_dict(keep_vars=True)
     _check_kinds_agree(path, expected, state, sources)
     _check_ties_agree(path, expected, state, sources)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)

@@ -134,8 +134,16 @@ def test_adapters_peft_runs_together_are_named_when_one_is_carried_over():
     peft_model.base_model.set_adapter(["default", "other"])
     x = torch.randn(4, 20, dtype=torch.float64)
     assert not torch.allclose(peft_model(x), reference(x))  # both adapters count there
-    with pytest.warns(UserWarning, match="peft runs \\['other'\\] together with 'default' "
-                                         "in layer\\(s\\) fc2 .*only 'default' was carried over"):
+    # Warned before anything changes: as an error it leaves the model as it was.
+    snapshot = _snapshot(peft_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="peft also runs"):
+            lx.from_peft(peft_model, adapter="default")
+    _assert_unchanged(peft_model, snapshot)
+    with pytest.warns(UserWarning, match="peft also runs \\['other'\\] where 'default' is "
+                                         "active .*, in layer\\(s\\) fc2; only 'default' is "
+                                         "carried over"):
         model = lx.from_peft(peft_model, adapter="default")
     torch.testing.assert_close(model(x), reference(x))
     # Where the chosen adapter runs alone, nothing is said.
