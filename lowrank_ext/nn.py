@@ -1239,6 +1239,15 @@ class LoRALinear(nn.Module):
                 A = torch.cat([base.A, self.A.to(base.A.dtype)])
                 B = torch.cat([base.B, (self.scale * self.B).to(base.B.dtype)], dim=1)
             d, k = base.out_features, base.in_features
+            merged_rank = min(A.shape[0], d, k)
+            if merged_rank >= break_even_rank(d, k):
+                # Before anything changes: a warning turned into an error
+                # leaves the layer as it was.
+                warnings.warn(f"LoRALinear.merge: the merged layer has rank {merged_rank}, at "
+                              f"or past d·k/(d+k) = {break_even_rank(d, k):.1f}: it holds "
+                              "at least as many numbers as a dense layer (base.to_linear() "
+                              "would hold no more)",
+                              stacklevel=stacklevel_outside_package())
             if A.shape[0] > min(d, k):
                 # More ranks than the matrix has: the same product at rank
                 # min(d, k), the base's own factors kept (moving with the layer,
@@ -1247,12 +1256,6 @@ class LoRALinear(nn.Module):
                     self.register_buffer("_base_A", base.A.detach().clone(), persistent=False)
                     self.register_buffer("_base_B", base.B.detach().clone(), persistent=False)
                     B, A = _full_rank_factors(B, A)
-            if A.shape[0] >= break_even_rank(d, k):
-                warnings.warn(f"LoRALinear.merge: the merged layer has rank {A.shape[0]}, at "
-                              f"or past d·k/(d+k) = {break_even_rank(d, k):.1f}: it holds "
-                              "at least as many numbers as a dense layer (base.to_linear() "
-                              "would hold no more)",
-                              stacklevel=stacklevel_outside_package())
             # The base's own Parameters, which unmerge() puts back (a plain
             # attribute: not in the state dict, nor among the parameters).
             self.__dict__["_base_parameters"] = (base.A, base.B)

@@ -2,6 +2,7 @@
 a compress_model result, merging into the factors, saving, distilling the adapters."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -226,6 +227,13 @@ def test_a_merge_past_full_rank_is_folded_to_rank_min_d_k(shape, dtype, tmp_path
     lora = _adapter(base, rank=8)  # 6 + 8 ranks > min(d, k) = 12
     x = torch.randn(5, k, dtype=dtype)
     expected = _reference(lora, x)
+    # Warned before anything changes: as an error it leaves the layer as it was
+    # (it had taken the buffers that keep the base's factors).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="merged layer has rank 12"):
+            lora.merge()
+    assert not lora.merged and not dict(lora.named_buffers())
     with pytest.warns(UserWarning, match="merged layer has rank 12, at or past d·k/\\(d\\+k\\)"):
         lora.merge()
     assert base.rank == 12 and base.A.shape == (12, k) and base.B.shape == (d, 12)
