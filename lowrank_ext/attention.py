@@ -158,6 +158,7 @@ class SplitMultiheadAttention(nn.Module):
         with _torch_asserts_as_errors():
             batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
                                          self.num_heads)
+        fused_layout = batched and self._torch_fast_path(query, key, value)
         # Work in (batch, sequence, features) whatever the layout given.
         if not batched:
             query, key, value = _each_once(lambda t: t.unsqueeze(0), query, key, value)
@@ -265,6 +266,8 @@ class SplitMultiheadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=is_causal)
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, E))
+        if fused_layout:  # (N, L, E) in memory, as torch's fused kernel returns it
+            return out, weights
         # Laid out as torch's: (L, N, E) in memory, a transposed view of it
         # where batch_first. Code after it may view() it, and a dropout after
         # it (a Transformer layer's) draws its mask in memory order, so that
@@ -275,6 +278,25 @@ class SplitMultiheadAttention(nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _torch_fast_path(self, query, key, value):
+        """Whether nn.MultiheadAttention would run these batched inputs through
+        its fused inference kernel, whose output is a contiguous (N, L, E)
+        tensor: its conditions, read for the module this one stands for (the
+        projections' parameters for its packed ones)."""
+        parameters = list(self.parameters())
+        if not (torch.backends.mha.get_fastpath_enabled() and query is key is value
+                and self.batch_first and not self.training and self.num_heads % 2 == 0
+                and self.bias_k is None and not self.add_zero_attn
+                and self._qkv_same_embed_dim and self.q_proj.bias is not None
+                and not torch.is_autocast_enabled()
+                and all(query.dtype == p.dtype for p in parameters)):
+            return False
+        tensors = [query, *parameters]
+        if torch.overrides.has_torch_function(tensors) or any(
+                t.device.type not in ("cpu", "cuda", "privateuseone") for t in tensors):
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
     def _nested_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                         average_attn_weights, is_causal):

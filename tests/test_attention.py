@@ -1,6 +1,7 @@
 """SplitMultiheadAttention and split_attention: the same function as nn.MultiheadAttention
 (the reference, run on the same weights), with projections compress_model can reach."""
 
+import contextlib
 import copy
 import warnings
 
@@ -741,6 +742,36 @@ def test_outputs_are_laid_out_as_torch_s(batch_first, need_weights):
     expected = reference(x)
     torch.manual_seed(1)
     torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("heads", [2, 3])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_outputs_in_inference_are_laid_out_as_torch_s_fused_path(heads, need_weights):
+    # Self-attention, batch first, in eval mode with nothing requiring grad:
+    # torch's fused kernel returns a contiguous (N, L, E) output, which code
+    # may view() (the split module returned the transposed view of its slow path).
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E - E % heads, heads, batch_first=True,
+                                dtype=torch.float64).eval()
+    split = SplitMultiheadAttention.from_multihead_attention(mha)
+    x = torch.randn(3, 5, mha.embed_dim, dtype=torch.float64)
+    cases = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+             "grad on": contextlib.nullcontext}
+    for name, context in cases.items():
+        for training in (False, True):
+            mha.train(training)
+            split.train(training)
+            with context():
+                expected, _ = mha(x, x, x, need_weights=need_weights)
+                out, _ = split(x, x, x, need_weights=need_weights)
+                other_key, _ = split(x, x.clone(), x, need_weights=need_weights)
+            assert out.stride() == expected.stride(), (name, training)
+            if not training:
+                torch.testing.assert_close(out, expected)
+            assert not other_key.is_contiguous()  # not self-attention: torch's slow path
+    fused = heads % 2 == 0  # torch's fused kernel takes an even number of heads
+    with torch.no_grad():
+        assert split.eval()(x, x, x)[0].is_contiguous() == fused
 
 
 def test_an_integer_mask_is_refused_with_the_causal_hint_too():
