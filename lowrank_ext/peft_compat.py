@@ -28,6 +28,7 @@ from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
                        GATHER_FIRST, has_own_forward, is_conv1d, is_sharded, places_of,
                        weight_tied_elsewhere)
 from ._names import preview
+from .attention import SplitMultiheadAttention
 from .compress import attention_holding
 from .lora import ORIGINAL, STANDING_IN, _check_model, _require_adapters, adapter_parameters
 from .nn import LoRALinear, LowRankLinear, _check_no_instance_forward
@@ -732,6 +733,16 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike, *,
     if "" in adapters:
         raise TypeError("save_peft_adapter: the model is itself a LoRALinear; save a model "
                         "that holds it")
+    in_split = [name for name in adapters if "." in name and isinstance(
+        model.get_submodule(name.rpartition(".")[0]), SplitMultiheadAttention)]
+    if in_split:
+        # Before anything is written: a warning turned into an error writes nothing.
+        warnings.warn(
+            f"save_peft_adapter: {preview(in_split)} adapt projections of a "
+            "SplitMultiheadAttention (lx.split_attention), which nn.MultiheadAttention does "
+            "not have: PeftModel.from_pretrained finds them only in a base model split the "
+            "same way (run lx.split_attention on it before loading); into the original "
+            "model peft drops them without a word, or fails to find them", stacklevel=2)
     standing_in = [name for name, m in model.named_modules() if vars(m).get(STANDING_IN)]
     if standing_in:
         raise RuntimeError(

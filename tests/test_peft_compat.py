@@ -154,6 +154,39 @@ def test_adapters_peft_runs_together_are_named_when_one_is_carried_over():
         lx.from_peft(peft_model, adapter="default")
 
 
+def test_adapters_on_split_attention_are_named_when_saved(tmp_path):
+    # nn.MultiheadAttention has no q_proj / k_proj / v_proj, and peft's adapter
+    # on its out_proj never runs: loaded into the original model, peft dropped
+    # them without a word. Into a base split the same way they load.
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0,
+                                                        batch_first=True), nn.Linear(16, 2))
+    original.eval()
+    model = copy.deepcopy(original)
+    lx.split_attention(model)
+    lx.add_lora(model, 2, include=["*q_proj", "*out_proj", "1"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):
+                p.normal_()
+    with pytest.warns(UserWarning, match="save_peft_adapter: 0.self_attn.q_proj, "
+                                         "0.self_attn.out_proj adapt projections of a "
+                                         "SplitMultiheadAttention .*lx.split_attention on it"):
+        lx.save_peft_adapter(model, tmp_path / "adapter")
+    base = copy.deepcopy(original)
+    lx.split_attention(base)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    # Without adapters in split attention, nothing is said.
+    plain = copy.deepcopy(original)
+    lx.add_lora(plain, 2, include="1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lx.save_peft_adapter(plain, tmp_path / "plain")
+
+
 @pytest.mark.parametrize("config, error, match", [
     (dict(alora_invocation_tokens=[1, 2]), ValueError, "LoRA variant \\(ALoraLinearVariant\\)"),
     (dict(lora_bias=True), ValueError, "lora_bias=True"),
