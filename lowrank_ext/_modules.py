@@ -72,6 +72,18 @@ class Swaps:
             _warn_of_references_outside(name, old, self._held_outside.get(id(old), ()))
         return replaced
 
+    def warn_ahead(self, name, new):
+        """What :meth:`swap` would warn of putting ``new`` at ``name``, said
+        now: for a caller that then swaps with ``warn=False`` after changes
+        it cannot take back exactly (a warning turned into an error would
+        stop it halfway)."""
+        parent_name, _, child = name.rpartition(".")
+        old = getattr(self.model.get_submodule(parent_name) if parent_name else self.model, child)
+        if self._held_outside is None:
+            self._held_outside = held_outside_the_tree(self.model)
+        _warn_of_state_dict_hooks(name, old, new)
+        _warn_of_references_outside(name, old, self._held_outside.get(id(old), ()))
+
     def undo(self, keep=0):
         """Put every replaced module back where it was, last swap first, and
         the hooks of both modules of each swap as they were before it (the

@@ -22,8 +22,9 @@ from torch import nn
 
 from ._checks import dtype_name
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_alone, compiled_original,
-                       FSDP_MERGE_WHY, dense_weight, fsdp_managed, is_conv1d, places_of,
-                       refuse_distributed_wrapper, weight_tied_elsewhere)
+                       FSDP_MERGE_WHY, dense_weight, fsdp_managed, is_conv1d,
+                       keeps_encoder_flags, places_of, refuse_distributed_wrapper,
+                       weight_tied_elsewhere)
 from ._names import preview
 from .compress import adapter_bases, left_alone_suffix, plain_linears, select_layers
 from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
@@ -62,6 +63,7 @@ def adapter_parameters(adapters):
     return params
 
 
+@keeps_encoder_flags
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
              include: str | Sequence[str] | None = None,
              exclude: str | Sequence[str] | None = None, init: str = "default",
@@ -308,6 +310,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             raise
 
 
+@keeps_encoder_flags
 def merge_lora(model: nn.Module) -> list[str]:
     """Fold every adapter into its base layer and put the base layer back, in place.
 
@@ -345,11 +348,9 @@ def merge_lora(model: nn.Module) -> list[str]:
     _refuse_merging(refused, "", lambda name, why: f"the base layer of {name} cannot take "
                     f"the adapter: {why}", "; keep the model unmerged (its LoRALinear layers "
                     "compute the same), or make those weights plain first")
-    tied = {name: weight_tied_elsewhere(model, lora.base) for name, lora in adapters.items()
+    ties = {name: weight_tied_elsewhere(model, lora.base) for name, lora in adapters.items()
             if not lora.merged}
-    for name, others in tied.items():  # as found now: a weight untied since is merged
-        adapters[name]._weight_tied_to = tuple(others)
-    tied = {name: others for name, others in tied.items() if others}
+    tied = {name: others for name, others in ties.items() if others}
     _refuse_merging(tied, "merging adds the adapter to the base weight, but ",
                     lambda name, others: f"the weight of {name} is tied to {', '.join(others)}",
                     ", which would change too; keep those adapters unmerged, or untie the "
@@ -372,15 +373,24 @@ def merge_lora(model: nn.Module) -> list[str]:
     for name, lora in adapters.items():  # before anything changes
         for place in places[id(lora)]:
             check_backward_hooks_combine(place, lora, lora.base)
-    merged_here = []
+    # Every warning before the first merge too: one turned into an error
+    # midway would leave the merged weights off by that rounding.
     swaps = Swaps(model)
+    for name, lora in adapters.items():
+        if not lora.merged:
+            lora._warn_of_merged_rank()
+        for place in places[id(lora)]:
+            swaps.warn_ahead(place, lora.base)
+    for name, others in ties.items():  # as found now: a weight untied since is merged
+        adapters[name]._weight_tied_to = tuple(others)
+    merged_here = []
     try:
         for name, lora in adapters.items():
             if not lora.merged:
-                lora.merge()
+                lora._merge(warn=False)
                 merged_here.append(lora)
             for place in places[id(lora)]:  # a shared adapter leaves every place it sits
-                swaps.swap(place, lora.base)
+                swaps.swap(place, lora.base, warn=False)
     except BaseException:  # a KeyboardInterrupt too: no model half unwrapped
         swaps.undo()
         for lora in merged_here:

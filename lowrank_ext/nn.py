@@ -1205,16 +1205,34 @@ class LoRALinear(nn.Module):
             return FSDP_MERGE_WHY
         return weight_recomputed(self.base, tensors)
 
-    @torch.no_grad()
     def merge(self) -> LoRALinear:
         """Fold the adapter into ``base.weight`` (a LowRankLinear base: into its
         factors, whose rank grows by ``rank``); forward is then ``base(x)`` alone."""
+        return self._merge(warn=True)
+
+    def _warn_of_merged_rank(self):
+        """Warn where merging into a LowRankLinear base leaves it no smaller than
+        a dense layer."""
+        if isinstance(self.base, LowRankLinear):
+            d, k = self.base.out_features, self.base.in_features
+            merged_rank = min(self.base.rank + self.rank, d, k)
+            if merged_rank >= break_even_rank(d, k):
+                warnings.warn(f"LoRALinear.merge: the merged layer has rank {merged_rank}, at "
+                              f"or past d·k/(d+k) = {break_even_rank(d, k):.1f}: it holds "
+                              "at least as many numbers as a dense layer (base.to_linear() "
+                              "would hold no more)",
+                              stacklevel=stacklevel_outside_package())
+
+    @torch.no_grad()
+    def _merge(self, warn):
+        """merge(); ``warn=False`` for lx.merge_lora, which gives the warnings
+        before it merges the first layer."""
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged; nothing to do",
                           stacklevel=stacklevel_outside_package())
             return self
         tied = getattr(self, "_weight_tied_to", ())
-        if tied and not isinstance(self.base, LowRankLinear):
+        if warn and tied and not isinstance(self.base, LowRankLinear):
             # The layer cannot see the model to tell whether the tie still
             # holds (lx.merge_lora checks it afresh and refuses).
             warnings.warn(
@@ -1230,6 +1248,8 @@ class LoRALinear(nn.Module):
         if why:
             raise RuntimeError(f"LoRALinear.merge: the base layer cannot take the adapter: "
                                f"{why}. Unmerged, the layer computes the same")
+        if warn:  # before anything changes: as an error it leaves the layer as it was
+            self._warn_of_merged_rank()
         if isinstance(self.base, LowRankLinear):
             # Exact: the adapter's rank joins the base's, B₀A₀ + s·BA = [B₀, s·B]·[A₀; A].
             base = self.base
@@ -1239,15 +1259,6 @@ class LoRALinear(nn.Module):
                 A = torch.cat([base.A, self.A.to(base.A.dtype)])
                 B = torch.cat([base.B, (self.scale * self.B).to(base.B.dtype)], dim=1)
             d, k = base.out_features, base.in_features
-            merged_rank = min(A.shape[0], d, k)
-            if merged_rank >= break_even_rank(d, k):
-                # Before anything changes: a warning turned into an error
-                # leaves the layer as it was.
-                warnings.warn(f"LoRALinear.merge: the merged layer has rank {merged_rank}, at "
-                              f"or past d·k/(d+k) = {break_even_rank(d, k):.1f}: it holds "
-                              "at least as many numbers as a dense layer (base.to_linear() "
-                              "would hold no more)",
-                              stacklevel=stacklevel_outside_package())
             if A.shape[0] > min(d, k):
                 # More ranks than the matrix has: the same product at rank
                 # min(d, k), the base's own factors kept (moving with the layer,

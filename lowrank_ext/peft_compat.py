@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
-                       GATHER_FIRST, has_own_forward, is_conv1d, is_sharded, places_of,
-                       weight_tied_elsewhere)
+                       GATHER_FIRST, has_own_forward, is_conv1d, is_sharded,
+                       keeps_encoder_flags, places_of, weight_tied_elsewhere)
 from ._names import preview
 from .attention import SplitMultiheadAttention
 from .compress import attention_holding
@@ -235,6 +235,7 @@ def _convert(layer, base, adapter, cast_notes):
     return new
 
 
+@keeps_encoder_flags
 def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     """Replace every peft LoRA ``Linear`` layer of ``model`` by a :class:`LoRALinear`, in place.
 

@@ -5,6 +5,7 @@ merging keeps what the user's optimizer and other layers hold."""
 
 import copy
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -446,3 +447,69 @@ def test_a_merged_layer_with_a_parametrized_factor_loads_its_own_state(name):
              if key != f"parametrizations.{name}.original"}
     with pytest.raises(RuntimeError, match=f"without parametrizations.{name}.original"):
         other.load_state_dict(state, strict=False)
+
+
+def _everything(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def _assert_as_before(model, before):
+    types, state, flags = _everything(model)
+    assert types == before[0] and flags == before[2]
+    for key, value in state.items():
+        assert torch.equal(value, before[1][key]), key
+
+
+@pytest.mark.parametrize("why", ["held outside the tree", "merged rank past break-even"])
+def test_merge_lora_warns_before_the_first_merge(why):
+    # Under warnings-as-errors a warning given after the first layer merged
+    # left its weight off by the rounding of W + ΔW − ΔW.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64),
+                          lx.LowRankLinear(64, 64, 30 if why.startswith("merged") else 4))
+    lx.add_lora(model, 8)
+    with torch.no_grad():
+        for layer in model:
+            layer.B.normal_()
+    if why.startswith("held"):
+        model.order = [model[1]]  # a plain list: the swap warns
+    before = _everything(model)
+    x = torch.randn(3, 64)
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning):
+            lx.merge_lora(model)
+    _assert_as_before(model, before)
+    with pytest.warns(UserWarning):
+        assert lx.merge_lora(model) == ["0", "1"]
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("action", ["add_lora", "from_peft"])
+def test_a_failed_call_gives_an_encoder_its_nested_tensor_flag_back(action):
+    # The swaps were undone, but the encoder's use_nested_tensor stayed False
+    # (outputs at padded positions then differ from the nested path's zeros).
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(
+        encoder=nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+                                      2),
+        head=nn.Linear(16, 4)))
+    model.eval()
+    if action == "from_peft":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=2, target_modules=["linear1", "linear2", "head"])).base_model.model
+        convert = lx.from_peft
+    else:
+        convert = lambda model: lx.add_lora(model, 2)  # noqa: E731
+    encoder = model.encoder
+    assert encoder.use_nested_tensor is True
+    model.keep = [model.head]  # a plain list: the swap of the head warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="also held in keep"):
+            convert(model)
+    assert encoder.use_nested_tensor is True
