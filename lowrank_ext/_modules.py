@@ -479,8 +479,10 @@ def keep_off_fused_encoder_paths(model, parent_name, module):
             ancestor.use_nested_tensor = False
 
 
-def _holds_swapped_layer(encoder):
-    return any(_run_the_module in m._forward_pre_hooks.values() for m in encoder.modules())
+def _swapped_layers(encoder):
+    """The layers below ``encoder`` that keep_off_fused_encoder_paths marked
+    (the modules themselves: held, no id of theirs is reused meanwhile)."""
+    return {m for m in encoder.modules() if _run_the_module in m._forward_pre_hooks.values()}
 
 
 @contextlib.contextmanager
@@ -489,6 +491,9 @@ def _encoder_flags_kept(model):
     modules = model.modules() if isinstance(model, nn.Module) else ()
     before = {m: m.__dict__["use_nested_tensor"] for m in modules
               if isinstance(m, nn.TransformerEncoder) and "use_nested_tensor" in m.__dict__}
+    # Layers swapped in by an earlier call: a flag the user set again since
+    # (such layers take nested tensors) is not this call's to change.
+    earlier = {encoder: _swapped_layers(encoder) for encoder in before}
     # Every calibration run takes the same path: the nested one is closed to
     # the probes' LowRankLinear layers, and a reference recorded on it would
     # differ from them at the padded positions (zeros there).
@@ -500,7 +505,7 @@ def _encoder_flags_kept(model):
         succeeded = True
     finally:
         for encoder, flag in before.items():
-            if not (succeeded and _holds_swapped_layer(encoder)):
+            if not (succeeded and _swapped_layers(encoder) - earlier[encoder]):
                 encoder.use_nested_tensor = flag
 
 
@@ -509,8 +514,8 @@ def keeps_encoder_flags(function):
     leaves the model as it was. While it runs, torch's ``nn.TransformerEncoder``
     modules in the model do not pack padded batches into nested tensors (the
     flag keep_off_fused_encoder_paths sets); afterwards each gets its
-    ``use_nested_tensor`` back unless a swapped-in layer stays below it, and
-    every one gets it back when the function fails."""
+    ``use_nested_tensor`` back unless a layer this call swapped in stays below
+    it, and every one gets it back when the function fails."""
     @functools.wraps(function)
     def wrapper(model, *args, **kwargs):
         with _encoder_flags_kept(model):

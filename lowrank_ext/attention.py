@@ -158,7 +158,8 @@ class SplitMultiheadAttention(nn.Module):
         with _torch_asserts_as_errors():
             batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
                                          self.num_heads)
-        fused_layout = batched and self._torch_fast_path(query, key, value)
+        fused_layout = batched and self._torch_fast_path(query, key, value, attn_mask,
+                                                         key_padding_mask)
         # Work in (batch, sequence, features) whatever the layout given.
         if not batched:
             query, key, value = _each_once(lambda t: t.unsqueeze(0), query, key, value)
@@ -279,11 +280,15 @@ class SplitMultiheadAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
-    def _torch_fast_path(self, query, key, value):
+    def _torch_fast_path(self, query, key, value, attn_mask, key_padding_mask):
         """Whether nn.MultiheadAttention would run these batched inputs through
         its fused inference kernel, whose output is a contiguous (N, L, E)
         tensor: its conditions, read for the module this one stands for (the
-        projections' parameters for its packed ones)."""
+        projections' parameters for its packed ones). The masks as given: the
+        kernel takes boolean ones only."""
+        if any(mask is not None and torch.is_floating_point(mask)
+               for mask in (attn_mask, key_padding_mask)):
+            return False
         parameters = list(self.parameters())
         if not (torch.backends.mha.get_fastpath_enabled() and query is key is value
                 and self.batch_first and not self.training and self.num_heads % 2 == 0

@@ -373,6 +373,12 @@ def merge_lora(model: nn.Module) -> list[str]:
     for name, lora in adapters.items():  # before anything changes
         for place in places[id(lora)]:
             check_backward_hooks_combine(place, lora, lora.base)
+        try:  # a float16 weight past its range (each merged weight computed twice)
+            lora._check_merge_fits()
+        except ValueError as exc:
+            raise ValueError(f"merge_lora: layer {name!r}: "
+                             f"{str(exc).removeprefix('LoRALinear.merge: ')}; nothing was "
+                             "merged") from None
     # Every warning before the first merge too: one turned into an error
     # midway would leave the merged weights off by that rounding.
     swaps = Swaps(model)

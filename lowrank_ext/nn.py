@@ -1272,30 +1272,41 @@ class LoRALinear(nn.Module):
             self.__dict__["_base_parameters"] = (base.A, base.B)
             with torch.inference_mode(False):
                 _replace_factors(base, A, B)
-        elif self.use_dora:
-            weight = dense_weight(self.base)
-            # Kept for unmerge: the norm of the unmerged weight, which the merged one no
-            # longer gives (peft keeps it too).
-            # (A buffer, so that it moves with the layer, outside the state dict.)
-            # Outside inference mode, as the factors of a LowRankLinear base
-            # are: a later load_state_dict copies into it.
-            with torch.inference_mode(False):
-                norms = dora_row_norms(weight, self.B, self.A, self.scale)
-            factor = self._dora_scale(norms).unsqueeze(1)
-            merged = _in_buffer(torch.mul, _in_buffer(
-                torch.add, _dense_product(self.B, self.A, self.scale), weight), factor)
-            self._check_merged_in_range(merged.to(weight.dtype), weight)
-            with torch.inference_mode(False):
-                self.register_buffer("_dora_norms", norms, persistent=False)
-            weight.copy_(merged)
         else:
             weight = dense_weight(self.base)  # a view: the base's own tensor changes
-            merged = _in_buffer(torch.add, _dense_product(self.B, self.A, self.scale),
-                                weight).to(weight.dtype)
+            merged, norms = self._merged_weight(weight)
             self._check_merged_in_range(merged, weight)
+            if norms is not None:
+                # Kept for unmerge: the norm of the unmerged weight, which the
+                # merged one no longer gives (peft keeps it too). A buffer, so
+                # that it moves with the layer, outside the state dict; made
+                # outside inference mode, as the factors of a LowRankLinear
+                # base are: a later load_state_dict copies into it.
+                with torch.inference_mode(False):
+                    self.register_buffer("_dora_norms", norms, persistent=False)
             weight.copy_(merged)
         self.merged = True
         return self
+
+    def _merged_weight(self, weight):
+        """(the dense base ``weight`` with the adapter folded in, in its dtype;
+        DoRA's row norms of the unmerged weight, else None)."""
+        update = _dense_product(self.B, self.A, self.scale)
+        if not self.use_dora:
+            return _in_buffer(torch.add, update, weight).to(weight.dtype), None
+        with torch.inference_mode(False):
+            norms = dora_row_norms(weight, self.B, self.A, self.scale)
+        factor = self._dora_scale(norms).unsqueeze(1)
+        merged = _in_buffer(torch.mul, _in_buffer(torch.add, update, weight), factor)
+        return merged.to(weight.dtype), norms
+
+    @torch.no_grad()
+    def _check_merge_fits(self):
+        """The range check of merge(), without merging: lx.merge_lora runs it
+        on every layer before merging the first."""
+        if not self.merged and not isinstance(self.base, LowRankLinear):
+            weight = dense_weight(self.base)
+            self._check_merged_in_range(self._merged_weight(weight)[0], weight)
 
     def _check_merged_in_range(self, merged, weight):
         """Refuse a merged weight past its dtype's range (float16 near 65504),

@@ -26,7 +26,8 @@ from torch import nn
 
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
                        GATHER_FIRST, has_own_forward, is_conv1d, is_sharded,
-                       keeps_encoder_flags, places_of, weight_tied_elsewhere)
+                       keeps_encoder_flags, places_of, stacklevel_outside_package,
+                       weight_tied_elsewhere)
 from ._names import preview
 from .attention import SplitMultiheadAttention
 from .compress import attention_holding
@@ -335,10 +336,11 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
             f"with a list), in layer(s) {preview(list(together))}; only {adapter!r} is carried "
             "over, so the outputs leave the others' contributions out (combine them into one "
             "adapter with peft's add_weighted_adapter first to keep them)",
-            stacklevel=2)
+            stacklevel=stacklevel_outside_package())
     for old, new in sorted(cast_notes, key=str):
         warnings.warn(f"from_peft: adapters stored in {old} were cast to their base layers' "
-                      f"{new} (lora_linear takes one dtype)", stacklevel=2)
+                      f"{new} (lora_linear takes one dtype)",
+                      stacklevel=stacklevel_outside_package())
     swaps = Swaps(root)
     try:
         for name, new in replacements.items():

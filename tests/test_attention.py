@@ -3,6 +3,7 @@
 
 import contextlib
 import copy
+import math
 import warnings
 
 import pytest
@@ -772,6 +773,21 @@ def test_outputs_in_inference_are_laid_out_as_torch_s_fused_path(heads, need_wei
     fused = heads % 2 == 0  # torch's fused kernel takes an even number of heads
     with torch.no_grad():
         assert split.eval()(x, x, x)[0].is_contiguous() == fused
+    # Boolean masks go through the fused kernel, floating-point ones do not
+    # (a causal mask as generate_square_subsequent_mask makes it, a padding
+    # mask a TransformerEncoderLayer has turned into floats).
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 5])
+    causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    masks = [dict(key_padding_mask=padding), dict(attn_mask=causal.isinf()),
+             dict(key_padding_mask=torch.zeros(3, 5, dtype=torch.float64).masked_fill(
+                 padding, -math.inf)),
+             dict(attn_mask=causal), dict(attn_mask=causal, is_causal=True)]
+    mha.eval()
+    for mask in masks:
+        with torch.no_grad():
+            expected, _ = mha(x, x, x, need_weights=need_weights, **mask)
+            out, _ = split(x, x, x, need_weights=need_weights, **mask)
+        assert out.stride() == expected.stride(), mask
 
 
 def test_an_integer_mask_is_refused_with_the_causal_hint_too():

@@ -513,3 +513,41 @@ def test_a_failed_call_gives_an_encoder_its_nested_tensor_flag_back(action):
         with pytest.raises(UserWarning, match="also held in keep"):
             convert(model)
     assert encoder.use_nested_tensor is True
+
+
+def test_a_flag_set_again_stays_when_a_later_call_swaps_nothing_below_it():
+    # The encoder already held adapters, and the user switched nested tensors
+    # back on (such layers run on each sequence); add_lora on the head alone
+    # switched them off again.
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(
+        encoder=nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+                                      2),
+        head=nn.Linear(16, 4)))
+    lx.add_lora(model, 2, include="linear1")
+    assert model.encoder.use_nested_tensor is False  # a layer swapped in below it
+    model.encoder.use_nested_tensor = True
+    lx.add_lora(model, 2, include="head")
+    assert model.encoder.use_nested_tensor is True
+    lx.add_lora(model, 2, include="linear2")
+    assert model.encoder.use_nested_tensor is False
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_lora_refuses_a_merged_weight_past_float16_before_merging_any(use_dora):
+    # The second layer's refusal came after the first had merged, whose
+    # unmerge then left its weight off by float16 rounding.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).half()
+    lx.add_lora(model, 4, use_dora=use_dora)
+    with torch.no_grad():
+        model[0].B.normal_()
+        model[0].A.normal_()
+        model[1].B.fill_(200.0)  # 4 · 200 · 200 = 160000: past float16's 65504
+        model[1].A.fill_(200.0)
+    before = _everything(model)
+    with pytest.raises(ValueError, match="merge_lora: layer '1': the merged weight exceeds the "
+                                         "range of float16.*nothing was merged"):
+        lx.merge_lora(model)
+    _assert_as_before(model, before)
+    assert not model[0].merged and not model[1].merged

@@ -143,8 +143,9 @@ def test_adapters_peft_runs_together_are_named_when_one_is_carried_over():
     _assert_unchanged(peft_model, snapshot)
     with pytest.warns(UserWarning, match="peft also runs \\['other'\\] where 'default' is "
                                          "active .*, in layer\\(s\\) fc2; only 'default' is "
-                                         "carried over"):
+                                         "carried over") as record:
         model = lx.from_peft(peft_model, adapter="default")
+    assert record[0].filename == __file__  # the caller's line, past the package's wrappers
     torch.testing.assert_close(model(x), reference(x))
     # Where the chosen adapter runs alone, nothing is said.
     peft_model = _peft_model()
