@@ -486,7 +486,7 @@ def _swapped_layers(encoder):
 
 
 @contextlib.contextmanager
-def _encoder_flags_kept(model):
+def encoder_flags_kept(model):
     # Anything but a module is the function's own error to report.
     modules = model.modules() if isinstance(model, nn.Module) else ()
     before = {m: m.__dict__["use_nested_tensor"] for m in modules
@@ -518,7 +518,7 @@ def keeps_encoder_flags(function):
     it, and every one gets it back when the function fails."""
     @functools.wraps(function)
     def wrapper(model, *args, **kwargs):
-        with _encoder_flags_kept(model):
+        with encoder_flags_kept(model):
             return function(model, *args, **kwargs)
     return wrapper
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._modules import compiled_original
+from ._modules import compiled_original, encoder_flags_kept
 from .calibration import (PaddingMasks, _cuda_devices, call_with_batch, copy_of_batch,
                           floating_tensors, per_token_layout, set_eval_flags, takes_hooks)
 from .compress import name_matches
@@ -38,6 +38,10 @@ from ._names import preview
 
 # Trained through float32 master copies (see distill).
 _HALF = (torch.float16, torch.bfloat16)
+# Loss scaling for float16 parameters, as torch.amp.GradScaler starts it; the
+# scale doubles after this many steps without an overflow.
+_FIRST_LOSS_SCALE = 2.0 ** 16
+_LOSS_SCALE_GROWTH_STEPS = 100
 
 
 @dataclass
@@ -167,6 +171,17 @@ def _trainable(model, teacher, parameters):
     return params
 
 
+def _inside_wrappers(model):
+    """The module that torch.compile and (Distributed)DataParallel wrappers wrap."""
+    while True:
+        inner = compiled_original(model)
+        if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = inner.module
+        if inner is model:
+            return model
+        model = inner
+
+
 def _matched_modules(model, teacher, match):
     """[(name, module of model, module of teacher)] for the ``match`` patterns."""
     if match is None:
@@ -183,9 +198,10 @@ def _matched_modules(model, teacher, match):
                          "None to match the outputs only")
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise TypeError("distill: match must be a module name pattern or a list of them")
-    # A torch.compile'd model's own names carry an _orig_mod. prefix: names
-    # are those of the module it compiled, so that either side may be compiled.
-    model, teacher = compiled_original(model), compiled_original(teacher)
+    # A torch.compile'd model's own names carry an _orig_mod. prefix, and a
+    # (Distributed)DataParallel one's a module. prefix: names are those of the
+    # module inside, so that either side may be wrapped.
+    model, teacher = _inside_wrappers(model), _inside_wrappers(teacher)
     names = [n for n, _ in model.named_modules() if n]
     teacher_modules = dict(teacher.named_modules())
     chosen = []
@@ -350,7 +366,13 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     float16 and bfloat16 parameters train through float32 master copies (the
     optimizer and the clipping act on those, and the parameters take their
     rounded values after each step), so that Adam's eps, 0 in float16, and
-    updates below bfloat16's precision are not lost.
+    updates below bfloat16's precision are not lost. With float16 parameters
+    the loss is scaled as torch.amp.GradScaler does it (from 2¹⁶, halved and
+    the backward run again where the scaled gradients overflow, doubled after
+    100 steps without), so that gradients below float16's smallest values
+    (about 6e-8, reached once the loss is small) are not lost to 0; not
+    inside a DistributedDataParallel wrapper, which runs one backward per
+    forward.
 
     Both models run in eval mode (no dropout) and get their modes back after;
     the parameters' ``requires_grad`` flags and gradients are restored too.
@@ -381,10 +403,15 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     # teacher, at the module that gave it (inside the encoder, say).
     padding = PaddingMasks(teacher)
 
+    # Which model is running: a module both models share (a frozen head, say)
+    # carries both hooks, and each must record its own model's forward only.
+    running = [None]
+
     def keep(store, name, padding=None):
         def hook(module, args, output):
-            store.append((name, output, None if padding is None else
-                          [padding.of(t, module) for t in floating_tensors(output)]))
+            if running[0] is store:
+                store.append((name, output, None if padding is None else
+                              [padding.of(t, module) for t in floating_tensors(output)]))
         return hook
 
     handles = []
@@ -395,7 +422,11 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     step = 0
     # A training loop: gradients are needed whatever the caller's grad mode
     # (inference_mode, which cannot be left here, was refused above).
-    with torch.enable_grad(), padding:
+    # Both models on torch's ordinary encoder path: in the teacher's no_grad
+    # forward an encoder would pack a padded batch into a nested tensor and
+    # give zeros at padded positions, which the student, computing gradients,
+    # never does (a loss that no training removes where those count).
+    with torch.enable_grad(), padding, encoder_flags_kept(teacher), encoder_flags_kept(model):
         try:
             for name, mine, theirs in inner:  # in the try: the finally removes every one
                 handles.append(mine.register_forward_hook(keep(captured["student"], name)))
@@ -428,6 +459,15 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 return 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
 
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            # float16 gradients below 6e-8 are 0: the loss is scaled up before
+            # the backward and the gradients down after it, in float32 (the
+            # scale halved and the backward run again where the scaled ones
+            # overflow, doubled after a run of steps without).
+            # (Not inside a DistributedDataParallel wrapper, which takes one
+            # backward per forward.)
+            scaling = any(p.dtype == torch.float16 for p in params) and not any(
+                isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules())
+            loss_scale, steps_since_overflow = (_FIRST_LOSS_SCALE if scaling else 1.0), 0
             for step in range(steps):
                 batch = next(batches)
                 for store in captured.values():
@@ -438,11 +478,14 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 # nor the caller's), and the teacher the random numbers the
                 # model draws next (noise in a forward would be a loss that no
                 # training removes): the generators advance as for the model alone.
+                running[0] = captured["teacher"]
                 with torch.no_grad(), torch.random.fork_rng(devices=devices):
                     target = call_with_batch(teacher, copy_of_batch(batch), "distill")
                 target_masks = [padding.of(t, teacher) for t in floating_tensors(target)]
                 padding.stop()
+                running[0] = captured["student"]
                 output = call_with_batch(model, copy_of_batch(batch), "distill")
+                running[0] = None
                 terms = []
                 if loss is None:
                     pairs = [(*pair, mask) for pair, mask in
@@ -480,24 +523,38 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 if not torch.isfinite(total):
                     raise FloatingPointError(_non_finite_loss(
                         step, total.item(), batch, target, pairs, loss is not None))
-                optimizer.zero_grad(set_to_none=True)
-                for p in params:  # a half parameter's master, not itself, is the optimizer's
-                    p.grad = None
-                total.backward()
-                if step == 0 and all(p.grad is None for p in params):
-                    raise ValueError(
-                        "distill: the loss does not depend on the parameters being trained "
-                        "(no gradient reached any of them); it must depend on the model's "
-                        "output")
-                for p, master in zip(params, masters):
-                    if master is not None:
-                        master.grad = None if p.grad is None else p.grad.float()
-                # Adam would turn gradients that are not finite into NaN
-                # parameters, which the next step would then blame. (One
-                # reduction: the largest |g| is NaN or inf where any is.)
-                new_grads = [p.grad for p in trained if p.grad is not None]
-                if new_grads and not torch.isfinite(
-                        torch.nn.utils.get_total_norm(new_grads, norm_type=math.inf)):
+                while True:
+                    optimizer.zero_grad(set_to_none=True)
+                    for p in params:  # a half parameter's master, not itself, is the optimizer's
+                        p.grad = None
+                    # The graph is kept where a smaller scale may need it again.
+                    (total * loss_scale).backward(retain_graph=loss_scale > 1.0)
+                    if step == 0 and all(p.grad is None for p in params):
+                        raise ValueError(
+                            "distill: the loss does not depend on the parameters being "
+                            "trained (no gradient reached any of them); it must depend on the "
+                            "model's output")
+                    for p, master in zip(params, masters):
+                        if master is not None:
+                            master.grad = None if p.grad is None else p.grad.float()
+                    if loss_scale != 1.0:
+                        for p in trained:
+                            if p.grad is not None:
+                                p.grad.div_(loss_scale)
+                    # Adam would turn gradients that are not finite into NaN
+                    # parameters, which the next step would then blame. (One
+                    # reduction: the largest |g| is NaN or inf where any is.)
+                    new_grads = [p.grad for p in trained if p.grad is not None]
+                    finite = not new_grads or bool(torch.isfinite(
+                        torch.nn.utils.get_total_norm(new_grads, norm_type=math.inf)))
+                    if finite or loss_scale <= 1.0:
+                        break
+                    loss_scale, steps_since_overflow = max(1.0, loss_scale / 2), 0
+                if scaling and finite:
+                    steps_since_overflow += 1
+                    if steps_since_overflow == _LOSS_SCALE_GROWTH_STEPS:
+                        loss_scale, steps_since_overflow = loss_scale * 2, 0
+                if not finite:
                     if any(p.dtype == torch.float16 and m is not None and m.grad is not None
                            and bool(m.grad.isinf().any()) for p, m in zip(params, masters)):
                         raise FloatingPointError(
@@ -518,6 +575,11 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                         if master is not None:
                             p.copy_(master)
                 losses.append(total.item())
+                # Nothing of this step's graph is held into the next forward:
+                # a graph kept for a second backward frees its saved tensors
+                # only when the last tensor of it goes.
+                total = output = terms = pairs = value = s = None
+                captured["student"].clear()
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             # Each step's loss checks the update before it, but none follows

@@ -141,8 +141,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     for name in names:
         d, k = dense_weight(linears[name]).shape
         if not 1 <= rank <= min(d, k):
+            # A classification head with fewer outputs than the rank is the
+            # usual case (peft's SEQ_CLS task type leaves it out).
+            advice = (f"; leave it out (exclude={name.rpartition('.')[2]!r}, as peft's "
+                      "task_type='SEQ_CLS' leaves a classifier head) or choose a rank up to "
+                      f"{min(d, k)}") if rank >= 1 else ""
             raise ValueError(f"add_lora: rank must be in [1, min(out, in)] for every chosen "
-                             f"layer; {name} is {d}×{k}, got rank {rank}")
+                             f"layer; {name} is {d}×{k}, got rank {rank}{advice}")
         check_lora_init_fits_base("add_lora", init, linears[name], name, use_dora)
     tied = {name: weight_tied_elsewhere(model, linears[name]) for name in names}
     tied = {name: others for name, others in tied.items() if others}

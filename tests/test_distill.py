@@ -898,3 +898,108 @@ def test_a_dora_magnitude_under_a_parametrization_stays_dora():
     assert layer.use_dora
     torch.testing.assert_close(layer(x), expected)
     assert "parametrizations.magnitude.original" in layer._weight_keys("")
+
+
+def test_float16_gradients_below_its_range_are_kept_by_loss_scaling():
+    # Nearly rank-8 layers compressed to rank 8: the loss starts near 1e-4 and
+    # each output's gradient, about 2(s − t)/‖t‖², underflowed to 0 in float16
+    # (every step trained nothing, without a word).
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        for layer in (base[0], base[2]):
+            layer.weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8
+                               + 0.003 * torch.randn(64, 64))
+    x = torch.randn(64, 256, 64)
+    losses = {}
+    for dtype in (torch.float32, torch.float16):
+        original = copy.deepcopy(base).to(dtype)
+        model = copy.deepcopy(base)
+        lx.compress_model(model, rank=8)
+        model.to(dtype)
+        factors = [model[0].A, model[0].B, model[2].A, model[2].B]
+        before = [p.detach().clone() for p in factors]
+        losses[dtype] = lx.distill(model, original, [x.to(dtype)], steps=4, lr=1e-4).losses
+        assert all((p != b).any() for p, b in zip(factors, before))  # none stayed
+    assert losses[torch.float16][0] < 1e-3
+    # float16 follows float32 down (it stayed at its first loss).
+    assert losses[torch.float16][-1] < 0.95 * losses[torch.float16][0]
+    torch.testing.assert_close(torch.tensor(losses[torch.float16]),
+                               torch.tensor(losses[torch.float32]), rtol=0.05, atol=0)
+
+
+def test_float16_loss_scale_is_halved_where_the_scaled_gradients_overflow(monkeypatch):
+    # Gradients of a summed squared error near 10 overflow float16 at the first
+    # scale (2¹⁶): the backward runs again at a smaller one, and training
+    # follows float32's.
+    backward, calls = torch.Tensor.backward, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.dtype)
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counted)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    x = torch.randn(8, 16)
+    results = {}
+    for dtype in (torch.float32, torch.float16):
+        calls.clear()
+        original = copy.deepcopy(base).to(dtype)
+        model = copy.deepcopy(base)
+        lx.compress_model(model, rank=2)
+        model.to(dtype)
+        lx.distill(model, original, [x.to(dtype)], steps=3, lr=1e-3,
+                   loss=lambda output, target: ((output.float() - target.float()) ** 2).sum())
+        results[dtype] = [p.detach().float() for p in model.parameters()]
+        assert len(calls) == (3 if dtype == torch.float32 else 4)  # one step ran twice
+    for ours, reference in zip(results[torch.float16], results[torch.float32]):
+        torch.testing.assert_close(ours, reference, rtol=0.02, atol=2e-3)
+
+
+def test_a_module_both_models_share_is_matched_on_each_model_s_inputs():
+    # Both hooks sat on the one module: each list took both forwards, and the
+    # matched term compared every output with itself (0).
+    torch.manual_seed(0)
+    head = nn.Linear(16, 4).requires_grad_(False)
+    original = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), head)
+    model = nn.Sequential(copy.deepcopy(original[0]), nn.Tanh(), head)
+    lx.compress_model(model, rank=2, exclude="2")
+    assert model[2] is head
+    x = torch.randn(5, 8, dtype=torch.float32)
+    with torch.no_grad():
+        s, t = head(model[:2](x)).double(), head(original[:2](x)).double()
+        expected = float(((s - t) ** 2).sum() / (t ** 2).sum())
+    only_matched = lx.distill(model, original, [x], steps=1, lr=1e-12, match="2",
+                              loss=lambda output, target: (output * 0).sum())
+    assert only_matched.losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_teacher_encoder_runs_its_ordinary_path_as_the_student_does():
+    # In its no_grad forward the teacher's encoder packed the padded batch
+    # into a nested tensor, zeros at padded positions, which the student
+    # computing gradients never gives: a student equal to its teacher had a
+    # loss of 0.5.
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                               batch_first=True), 2)
+    teacher, student = copy.deepcopy(encoder), copy.deepcopy(encoder)
+    x = torch.randn(3, 6, 16)
+    padding = torch.tensor([[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]]).bool()
+    result = lx.distill(student, teacher, [{"src": x, "src_key_padding_mask": padding}],
+                        steps=1, lr=1e-12, parameters=[student.layers[0].linear1.bias])
+    assert result.losses[0] < 1e-10
+    assert teacher.use_nested_tensor is True and student.use_nested_tensor is True
+
+
+def test_match_names_are_read_through_a_data_parallel_wrapper():
+    # The wrapper's names carry module.: 'the teacher has no module named module.0'.
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    model = copy.deepcopy(original)
+    lx.compress_model(model, rank=2)
+    data = [torch.randn(5, 8)]
+    reference = copy.deepcopy(model)
+    wrapped = lx.distill(nn.DataParallel(model), original, data, steps=2, lr=1e-2,
+                         match="0").losses
+    assert wrapped == lx.distill(reference, original, data, steps=2, lr=1e-2, match="0").losses

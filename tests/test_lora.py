@@ -150,7 +150,8 @@ def test_state_dict_round_trip_through_safetensors(tmp_path):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(rank=0), ValueError, "add_lora: rank must be >= 1, got 0"),
-    (dict(rank=9, include=["q", "out"]), ValueError, "out is 8×32, got rank 9"),
+    (dict(rank=9, include=["q", "out"]), ValueError,
+     "out is 8×32, got rank 9; leave it out \\(exclude='out', .*\\) or choose a rank up to 8"),
     (dict(rank=2.0), TypeError, "rank must be an int"),
     (dict(rank=2, alpha=-1), ValueError, "alpha must be finite and > 0"),
     (dict(rank=2, alpha=10**400), ValueError,
