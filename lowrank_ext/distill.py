@@ -171,6 +171,18 @@ def _trainable(model, teacher, parameters):
     return params
 
 
+def _generator_states(devices):
+    """The CPU generator's state and those of the CUDA ``devices``."""
+    return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+
+
+def _set_generator_states(devices, states):
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    for device, state in zip(devices, cuda):
+        torch.cuda.set_rng_state(state, device)
+
+
 def _inside_wrappers(model):
     """The module that torch.compile and (Distributed)DataParallel wrappers wrap."""
     while True:
@@ -367,12 +379,13 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     optimizer and the clipping act on those, and the parameters take their
     rounded values after each step), so that Adam's eps, 0 in float16, and
     updates below bfloat16's precision are not lost. With float16 parameters
-    the loss is scaled as torch.amp.GradScaler does it (from 2¹⁶, halved and
-    the backward run again where the scaled gradients overflow, doubled after
-    100 steps without), so that gradients below float16's smallest values
-    (about 6e-8, reached once the loss is small) are not lost to 0; not
-    inside a DistributedDataParallel wrapper, which runs one backward per
-    forward.
+    the loss is scaled as torch.amp.GradScaler does it (from 2¹⁶; where the
+    scaled gradients overflow, the step runs again unscaled and the scale is
+    halved; it doubles after 100 steps without), so that gradients below
+    float16's smallest values (about 6e-8, reached once the loss is small)
+    are not lost to 0. Gradient hooks, and other tensors the loss reaches,
+    see the scaled gradients, as with GradScaler. Not inside a
+    DistributedDataParallel wrapper, which synchronizes every backward.
 
     Both models run in eval mode (no dropout) and get their modes back after;
     the parameters' ``requires_grad`` flags and gradients are restored too.
@@ -458,34 +471,14 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                     return (i + 1) / warm
                 return 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
 
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-            # float16 gradients below 6e-8 are 0: the loss is scaled up before
-            # the backward and the gradients down after it, in float32 (the
-            # scale halved and the backward run again where the scaled ones
-            # overflow, doubled after a run of steps without).
-            # (Not inside a DistributedDataParallel wrapper, which takes one
-            # backward per forward.)
-            scaling = any(p.dtype == torch.float16 for p in params) and not any(
-                isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules())
-            loss_scale, steps_since_overflow = (_FIRST_LOSS_SCALE if scaling else 1.0), 0
-            for step in range(steps):
-                batch = next(batches)
-                for store in captured.values():
-                    store.clear()
-                padding.start(batch)
-                # Each model gets its own copy of the batch (a forward that
-                # changes its input in place changes neither the other model's
-                # nor the caller's), and the teacher the random numbers the
-                # model draws next (noise in a forward would be a loss that no
-                # training removes): the generators advance as for the model alone.
-                running[0] = captured["teacher"]
-                with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                    target = call_with_batch(teacher, copy_of_batch(batch), "distill")
-                target_masks = [padding.of(t, teacher) for t in floating_tensors(target)]
-                padding.stop()
+            def student_loss(step, batch, target, target_masks):
+                """The model's forward on this step's batch, and the loss against the teacher's."""
+                captured["student"].clear()
                 running[0] = captured["student"]
-                output = call_with_batch(model, copy_of_batch(batch), "distill")
-                running[0] = None
+                try:
+                    output = call_with_batch(model, copy_of_batch(batch), "distill")
+                finally:
+                    running[0] = None
                 terms = []
                 if loss is None:
                     pairs = [(*pair, mask) for pair, mask in
@@ -523,12 +516,43 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 if not torch.isfinite(total):
                     raise FloatingPointError(_non_finite_loss(
                         step, total.item(), batch, target, pairs, loss is not None))
+                return total
+
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            # float16 gradients below 6e-8 are 0: the loss is scaled up before
+            # the backward and the gradients down after it, in float32 (where
+            # the scaled ones overflow, the step runs again unscaled and the
+            # scale is halved; it doubles after a run of steps without).
+            # (Not inside a DistributedDataParallel wrapper, which takes one
+            # backward per forward.)
+            scaling = any(p.dtype == torch.float16 for p in params) and not any(
+                isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules())
+            loss_scale, steps_since_overflow = (_FIRST_LOSS_SCALE if scaling else 1.0), 0
+            for step in range(steps):
+                batch = next(batches)
+                for store in captured.values():
+                    store.clear()
+                padding.start(batch)
+                # Each model gets its own copy of the batch (a forward that
+                # changes its input in place changes neither the other model's
+                # nor the caller's), and the teacher the random numbers the
+                # model draws next (noise in a forward would be a loss that no
+                # training removes): the generators advance as for the model alone.
+                running[0] = captured["teacher"]
+                with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                    target = call_with_batch(teacher, copy_of_batch(batch), "distill")
+                target_masks = [padding.of(t, teacher) for t in floating_tensors(target)]
+                padding.stop()
+                # The model's generators as the teacher's forward found them:
+                # a step run again unscaled draws the same numbers.
+                before_forward = _generator_states(devices)
+                total = student_loss(step, batch, target, target_masks)
+                scale, overflowed = loss_scale, False
                 while True:
                     optimizer.zero_grad(set_to_none=True)
                     for p in params:  # a half parameter's master, not itself, is the optimizer's
                         p.grad = None
-                    # The graph is kept where a smaller scale may need it again.
-                    (total * loss_scale).backward(retain_graph=loss_scale > 1.0)
+                    (total * scale if scale != 1.0 else total).backward()
                     if step == 0 and all(p.grad is None for p in params):
                         raise ValueError(
                             "distill: the loss does not depend on the parameters being "
@@ -537,20 +561,28 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                     for p, master in zip(params, masters):
                         if master is not None:
                             master.grad = None if p.grad is None else p.grad.float()
-                    if loss_scale != 1.0:
+                    if scale != 1.0:
                         for p in trained:
                             if p.grad is not None:
-                                p.grad.div_(loss_scale)
+                                p.grad.div_(scale)
                     # Adam would turn gradients that are not finite into NaN
                     # parameters, which the next step would then blame. (One
                     # reduction: the largest |g| is NaN or inf where any is.)
                     new_grads = [p.grad for p in trained if p.grad is not None]
                     finite = not new_grads or bool(torch.isfinite(
                         torch.nn.utils.get_total_norm(new_grads, norm_type=math.inf)))
-                    if finite or loss_scale <= 1.0:
+                    if finite or scale == 1.0:
                         break
-                    loss_scale, steps_since_overflow = max(1.0, loss_scale / 2), 0
-                if scaling and finite:
+                    # The scaled gradients overflowed: this step again, unscaled
+                    # (a forward and a backward more; no graph is kept for it,
+                    # which compiled backwards refuse), and half the scale from
+                    # the next step on. Gradients that are not finite unscaled
+                    # are refused below.
+                    loss_scale, steps_since_overflow, scale = max(1.0, loss_scale / 2), 0, 1.0
+                    overflowed, total = True, None
+                    _set_generator_states(devices, before_forward)
+                    total = student_loss(step, batch, target, target_masks)
+                if scaling and finite and not overflowed:
                     steps_since_overflow += 1
                     if steps_since_overflow == _LOSS_SCALE_GROWTH_STEPS:
                         loss_scale, steps_since_overflow = loss_scale * 2, 0
@@ -575,11 +607,6 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                         if master is not None:
                             p.copy_(master)
                 losses.append(total.item())
-                # Nothing of this step's graph is held into the next forward:
-                # a graph kept for a second backward frees its saved tensors
-                # only when the last tensor of it goes.
-                total = output = terms = pairs = value = s = None
-                captured["student"].clear()
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             # Each step's loss checks the update before it, but none follows

@@ -143,7 +143,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
         if not 1 <= rank <= min(d, k):
             # A classification head with fewer outputs than the rank is the
             # usual case (peft's SEQ_CLS task type leaves it out).
-            advice = (f"; leave it out (exclude={name.rpartition('.')[2]!r}, as peft's "
+            advice = (f"; leave it out (exclude={name!r}, as peft's "
                       "task_type='SEQ_CLS' leaves a classifier head) or choose a rank up to "
                       f"{min(d, k)}") if rank >= 1 else ""
             raise ValueError(f"add_lora: rank must be in [1, min(out, in)] for every chosen "

@@ -1003,3 +1003,22 @@ def test_match_names_are_read_through_a_data_parallel_wrapper():
     wrapped = lx.distill(nn.DataParallel(model), original, data, steps=2, lr=1e-2,
                          match="0").losses
     assert wrapped == lx.distill(reference, original, data, steps=2, lr=1e-2, match="0").losses
+
+
+def test_float16_compiled_model_trains_with_loss_scaling():
+    # A graph kept for a second backward (the first form of the loss scaling)
+    # is refused by inductor's backward once compiled with donated buffers.
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)).half()
+    teacher, model = copy.deepcopy(base), copy.deepcopy(base)
+    with torch.no_grad():
+        model[0].weight.mul_(0.9)
+    model.requires_grad_(False)
+    model[0].weight.requires_grad_(True)
+    compiled = torch.compile(model)
+    x = torch.randn(8, 16).half()
+    compiled(x).float().pow(2).mean().backward()  # the user's own step first
+    model[0].weight.grad = None
+    losses = lx.distill(compiled, teacher, [x], steps=2, lr=1e-3,
+                        parameters=[model[0].weight]).losses
+    assert losses[1] < losses[0]
