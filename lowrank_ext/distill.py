@@ -171,16 +171,22 @@ def _trainable(model, teacher, parameters):
     return params
 
 
-def _generator_states(devices):
-    """The CPU generator's state and those of the CUDA ``devices``."""
-    return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+def _generator_states(devices, model):
+    """The states of the CPU generator, of the CUDA ``devices``' and of any
+    ``torch.Generator`` a module of ``model`` holds as an attribute."""
+    own = {id(g): g for m in model.modules() for g in vars(m).values()
+           if isinstance(g, torch.Generator)}
+    return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices],
+            [(g, g.get_state()) for g in own.values()])
 
 
 def _set_generator_states(devices, states):
-    cpu, cuda = states
+    cpu, cuda, own = states
     torch.set_rng_state(cpu)
     for device, state in zip(devices, cuda):
         torch.cuda.set_rng_state(state, device)
+    for generator, state in own:
+        generator.set_state(state)
 
 
 def _inside_wrappers(model):
@@ -545,7 +551,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
                 padding.stop()
                 # The model's generators as the teacher's forward found them:
                 # a step run again unscaled draws the same numbers.
-                before_forward = _generator_states(devices)
+                before_forward = _generator_states(devices, model)
                 total = student_loss(step, batch, target, target_masks)
                 scale, overflowed = loss_scale, False
                 while True:

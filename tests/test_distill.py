@@ -1022,3 +1022,40 @@ def test_float16_compiled_model_trains_with_loss_scaling():
     losses = lx.distill(compiled, teacher, [x], steps=2, lr=1e-3,
                         parameters=[model[0].weight]).losses
     assert losses[1] < losses[0]
+
+
+def test_a_step_run_again_unscaled_replays_a_generator_the_model_holds():
+    # After an overflow of the float16 scaled gradients the forward runs again:
+    # a torch.Generator of the model's own drew new numbers there, and from
+    # then on the student's noise ran one draw ahead of the teacher's.
+    drawn = []
+
+    class Noisy(nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.a, self.b, self.tag = nn.Linear(16, 16), nn.Linear(16, 16), tag
+            self.generator = torch.Generator().manual_seed(7)
+
+        def forward(self, x):
+            h = self.a(x)
+            noise = torch.randn(h.shape, generator=self.generator).to(h.dtype)
+            drawn.append((self.tag, noise))
+            return self.b(torch.tanh(h + 0.1 * noise))
+
+    torch.manual_seed(0)
+    teacher = Noisy("teacher").half()
+    model = copy.deepcopy(teacher)
+    model.tag = "student"
+    lx.compress_model(model, rank=3)
+    x = torch.randn(8, 16).half()
+    lx.distill(model, teacher, [x], steps=3, lr=1e-3,
+               loss=lambda output, target: 50 * ((output.float() - target.float()) ** 2).sum())
+    students = [noise for tag, noise in drawn[:-1] if tag == "student"]  # (the last: the check)
+    assert len(students) > 3  # a step ran again
+    expected, matched = None, []
+    for tag, noise in drawn[:-1]:  # each student forward against the teacher's before it
+        if tag == "teacher":
+            expected = noise
+        else:
+            matched.append(torch.equal(noise, expected))
+    assert all(matched)
