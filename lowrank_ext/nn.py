@@ -53,6 +53,18 @@ def _check_rank(owner, rank, d, k):
             f"in_features={k}, got {rank}")
 
 
+def _inference_weight_why(weight):
+    """Why ``weight`` cannot be changed in place here, or None: torch's
+    in-place write to an inference tensor outside inference mode changes it
+    and then raises, which would leave a merge half done."""
+    if weight.is_inference() and not torch.is_inference_mode_enabled():
+        return ("its weight is an inference tensor (made under torch.inference_mode()), "
+                "which only code inside torch.inference_mode() can change; merge or unmerge "
+                "inside that mode, or give the base layer a copy of its weight made outside "
+                "it (weight.clone())")
+    return None
+
+
 def break_even_rank(d, k):
     """The rank at which ``B·A`` costs as many parameters as ``W``: d·k/(d+k)."""
     return d * k / (d + k)
@@ -75,8 +87,10 @@ _RATIO_SLACK = 1e-12
 
 
 def ratio_budget(ratio, parameters):
-    """The parameters ``ratio`` keeps of ``parameters``, with the slack above."""
-    return ratio * parameters * (1 + _RATIO_SLACK)
+    """The parameters ``ratio`` keeps of ``parameters``, with the slack above.
+    In Python floats: a numpy float32 ratio would keep the product in float32,
+    which holds d·k exactly only below 2²⁴."""
+    return float(ratio) * parameters * (1 + _RATIO_SLACK)
 
 
 def _dense_product(B, A, scale=1.0):
@@ -1114,6 +1128,12 @@ class LoRALinear(nn.Module):
                 f"layer, but this layer is {'' if self.merged else 'not '}merged, so its "
                 f"adapter would be {'added twice' if saved_merged else 'left out'}; "
                 f"{'merge' if saved_merged else 'unmerge'}() it before loading")
+        if self.merged and given and not weights:
+            # What merge() keeps goes with the merged weight it was kept for.
+            raise RuntimeError(
+                f"{where}: this layer is merged, and the state holds {', '.join(given)} "
+                "without the base weight and adapter they go with, which together make what "
+                "unmerge() restores; load them together, or unmerge() the layer first")
         if self.merged and weights and len(weights) < len(self._weight_keys(prefix)):
             # A merged base weight holds the adapter it was merged with: loading
             # one without the other leaves an unmerge() that takes out another.
@@ -1199,6 +1219,10 @@ class LoRALinear(nn.Module):
         tensors = ("A", "B") if isinstance(self.base, LowRankLinear) else ("weight",)
         if any(_elements_share_memory(getattr(self.base, t)) for t in tensors):
             return _SHARED_ELEMENTS_WHY
+        if tensors == ("weight",):
+            why = _inference_weight_why(dense_weight(self.base))
+            if why:
+                return why
         if fsdp_managed(self):
             # (A unit holding this layer from outside is not visible here:
             # lx.merge_lora looks at the whole model.)
@@ -1335,6 +1359,11 @@ class LoRALinear(nn.Module):
         if fsdp_managed(self):
             raise RuntimeError(f"LoRALinear.unmerge: the layer cannot be unmerged here: "
                                f"{FSDP_MERGE_WHY.replace('merge in', 'unmerge in')}")
+        why = (None if isinstance(self.base, LowRankLinear) else
+               _inference_weight_why(dense_weight(self.base)))
+        if why:
+            raise RuntimeError(f"LoRALinear.unmerge: the base layer cannot give the adapter "
+                               f"back: {why}. The layer is left merged")
         if isinstance(self.base, LowRankLinear):
             base = self.base
             originals = self.__dict__.pop("_base_parameters", None)

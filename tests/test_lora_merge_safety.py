@@ -551,3 +551,54 @@ def test_merge_lora_refuses_a_merged_weight_past_float16_before_merging_any(use_
         lx.merge_lora(model)
     _assert_as_before(model, before)
     assert not model[0].merged and not model[1].merged
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_an_inference_tensor_base_weight_is_refused_before_anything_changes(use_dora):
+    # torch's in-place write to an inference tensor outside inference mode
+    # changes it, then raises: the merge left the weight merged and the flag
+    # unset (the adapter then counted twice), and unmerge the reverse.
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        base = nn.Linear(16, 8)
+    lora = lx.LoRALinear(base, 4, use_dora=use_dora)
+    with torch.no_grad():
+        lora.B.normal_()
+    x = torch.randn(3, 16)
+    before, weight = lora(x).detach(), base.weight.clone()
+    with pytest.raises(RuntimeError, match="its weight is an inference tensor"):
+        lora.merge()
+    assert not lora.merged and torch.equal(base.weight, weight)
+    torch.testing.assert_close(lora(x), before, rtol=0, atol=0)
+    model = nn.Sequential(lora)
+    with pytest.raises(ValueError, match="merge_lora: the base layer of 0 cannot take the "
+                                         "adapter: its weight is an inference tensor"):
+        lx.merge_lora(model)
+    assert model[0] is lora and torch.equal(base.weight, weight)
+    # Merged inside inference mode, it is unmerged there too.
+    with torch.inference_mode():
+        lora.merge()
+    merged = base.weight.clone()
+    with pytest.raises(RuntimeError, match="LoRALinear.unmerge: .*inference tensor.*left merged"):
+        lora.unmerge()
+    assert lora.merged and torch.equal(base.weight, merged)
+    with torch.inference_mode():
+        lora.unmerge()
+    torch.testing.assert_close(base.weight, weight, rtol=1e-6, atol=1e-6)
+
+
+def test_what_merge_keeps_for_unmerge_does_not_load_alone():
+    # A state of a merged DoRA layer's _dora_norms alone loaded, and unmerge()
+    # then restored another weight.
+    torch.manual_seed(0)
+    lora = lx.LoRALinear(nn.Linear(16, 8), 4, use_dora=True)
+    with torch.no_grad():
+        lora.B.normal_()
+    weight = lora.base.weight.clone()
+    lora.merge()
+    norms = lora._dora_norms.clone()
+    with pytest.raises(RuntimeError, match="holds _dora_norms without the base weight"):
+        lora.load_state_dict({"_dora_norms": 2 * norms}, strict=False)
+    assert torch.equal(lora._dora_norms, norms)
+    lora.unmerge()
+    torch.testing.assert_close(lora.base.weight, weight, rtol=1e-6, atol=1e-6)

@@ -88,6 +88,19 @@ def test_ratio_ranks_are_the_floor_of_the_decimal_ratio():
                 assert rank_for_ratio(d, k, hundredths / 100) == expected, (d, k, ratio)
 
 
+def test_a_numpy_float32_ratio_is_taken_as_its_value():
+    # numpy keeps float32 · int in float32 (NEP 50), which holds d·k exactly
+    # only below 2²⁴: the budget came out a rank too large.
+    np = pytest.importorskip("numpy")
+    from lowrank_ext.nn import rank_for_ratio
+
+    d, k = 4906, 14726
+    ratio = np.float32(0.4)
+    expected = math.floor(float(ratio) * d * k / (d + k))
+    assert rank_for_ratio(d, k, ratio) == expected == rank_for_ratio(d, k, float(ratio))
+    assert expected * (d + k) <= float(ratio) * d * k
+
+
 def test_from_linear_leaves_the_linear_alone():
     linear = _linear64(8, 8)
     before = copy.deepcopy(linear.state_dict())
