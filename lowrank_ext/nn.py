@@ -1219,15 +1219,14 @@ class LoRALinear(nn.Module):
         tensors = ("A", "B") if isinstance(self.base, LowRankLinear) else ("weight",)
         if any(_elements_share_memory(getattr(self.base, t)) for t in tensors):
             return _SHARED_ELEMENTS_WHY
-        if tensors == ("weight",):
-            why = _inference_weight_why(dense_weight(self.base))
-            if why:
-                return why
         if fsdp_managed(self):
             # (A unit holding this layer from outside is not visible here:
             # lx.merge_lora looks at the whole model.)
             return FSDP_MERGE_WHY
-        return weight_recomputed(self.base, tensors)
+        # Last: a weight a hook recomputes is an inference tensor after a
+        # call under inference_mode, and the hook is what must go.
+        return weight_recomputed(self.base, tensors) or (
+            _inference_weight_why(dense_weight(self.base)) if tensors == ("weight",) else None)
 
     def merge(self) -> LoRALinear:
         """Fold the adapter into ``base.weight`` (a LowRankLinear base: into its

@@ -602,3 +602,16 @@ def test_what_merge_keeps_for_unmerge_does_not_load_alone():
     assert torch.equal(lora._dora_norms, norms)
     lora.unmerge()
     torch.testing.assert_close(lora.base.weight, weight, rtol=1e-6, atol=1e-6)
+
+
+def test_a_recomputed_weight_left_an_inference_tensor_is_refused_for_its_hook():
+    # weight_norm's hook leaves an inference tensor after a call under
+    # inference_mode: the refusal named that, and its advice (merge inside the
+    # mode, or clone the weight) cannot help while the hook recomputes it.
+    base = _weight_normed("hook")
+    lora = lx.LoRALinear(base, 4)
+    with torch.inference_mode():
+        lora(torch.randn(2, 24, dtype=torch.float64))
+    assert base.weight.is_inference()
+    with pytest.raises(RuntimeError, match="set anew before every call by torch's WeightNorm"):
+        lora.merge()
