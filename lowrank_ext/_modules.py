@@ -68,8 +68,7 @@ class Swaps:
         replaced = replace_module(self.model, name, new)
         record[-1] = _hook_state(new)  # finished: the hooks new holds in old's place
         if warn:
-            _warn_of_state_dict_hooks(name, old, new)
-            _warn_of_references_outside(name, old, self._held_outside.get(id(old), ()))
+            self._warn(name, old, new)
         return replaced
 
     def warn_ahead(self, name, new):
@@ -77,10 +76,11 @@ class Swaps:
         now: for a caller that then swaps with ``warn=False`` after changes
         it cannot take back exactly (a warning turned into an error would
         stop it halfway)."""
-        parent_name, _, child = name.rpartition(".")
-        old = getattr(self.model.get_submodule(parent_name) if parent_name else self.model, child)
         if self._held_outside is None:
             self._held_outside = held_outside_the_tree(self.model)
+        self._warn(name, self.model.get_submodule(name), new)
+
+    def _warn(self, name, old, new):
         _warn_of_state_dict_hooks(name, old, new)
         _warn_of_references_outside(name, old, self._held_outside.get(id(old), ()))
 

@@ -170,8 +170,8 @@ def test_a_tensor_torch_cannot_hold_is_named_and_the_model_left_alone(compressed
     model, path, _ = compressed
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-        entries = {key: ("F32", list(f.get_tensor(key).shape),
-                         f.get_tensor(key).float().numpy().tobytes()) for key in f.keys()}
+        tensors = {key: f.get_tensor(key).float() for key in f.keys()}
+    entries = {key: ("F32", list(t.shape), t.numpy().tobytes()) for key, t in tensors.items()}
     entries["4.weight"] = ("F6_E2M3", [6, 24], bytes(6 * 24 * 6 // 8))
     odd = tmp_path / "odd.safetensors"
     _write_raw(odd, entries, metadata)
