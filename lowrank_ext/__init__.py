@@ -21,7 +21,8 @@ from . import _library  # noqa: F401  (defines the ops)
 from .info import backend_info
 from .ops import lora_linear, lowrank_linear
 from .svd import choose_rank, svd_truncate
-from .nn import LoRALinear, LowRankLinear
+from .lora_layer import LoRALinear
+from .nn import LowRankLinear
 from .attention import SplitMultiheadAttention, split_attention
 from .compress import compress_model
 from .distill import DistillResult, distill

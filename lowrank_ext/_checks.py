@@ -14,6 +14,22 @@ from ._names import first_line
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def is_int(value):
+    """An integer of any kind (numpy's too), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def holds_values(t):
+    """False for a meta or fake tensor: shapes only, no values a check could read."""
+    if t.is_meta:
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # a torch without fake tensors
+        return True
+    return not is_fake(t)
+
+
 def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 

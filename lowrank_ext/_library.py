@@ -99,10 +99,11 @@ def _svd_truncate_autograd(W, rank, balanced):
     kernels below autograd. Without it, torch ran the op through its
     deprecated autograd fallthrough, with a warning."""
     from ._functorch import has_tangents  # it imports this module
-    from .svd import _differentiable, _holds_values
+    from ._checks import holds_values
+    from .svd import _differentiable
 
     if (torch.is_grad_enabled() and W.requires_grad) or has_tangents(W):
-        if _holds_values(W):
+        if holds_values(W):
             return _differentiable(W, rank, balanced)
         if not W.is_meta:  # a meta W has shapes only, with or without a gradient
             # A fake W: shapes for FakeTensorMode, but a graph traced from

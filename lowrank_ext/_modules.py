@@ -13,6 +13,8 @@ import warnings
 import torch
 from torch import nn
 
+from ._checks import holds_values
+
 
 def replace_module(model, name, new):
     """Put ``new`` in place of the submodule called ``name``; return the module it replaced.
@@ -434,16 +436,67 @@ def places_of(model):
     return places
 
 
-def weight_tied_elsewhere(model, layer):
-    """Names of the parameters of other modules in ``model`` that are
-    ``layer.weight`` itself: a tie (an output head sharing its embedding table)."""
-    weight = getattr(layer, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return []
-    return [f"{path}.{name}" if path else name
-            for path, module in model.named_modules(remove_duplicate=False)
-            if module is not layer
-            for name, param in module._parameters.items() if param is weight]
+def storage_of(tensor):
+    """Where ``tensor``'s elements live, or None for a tensor that holds none
+    to share with a layer's weight (meta, fake, empty, lazy, or sharded: a
+    DTensor's local shard is another matter, refused later), or none torch
+    shows: a sparse, mkldnn or nested tensor, or a tensor subclass whose
+    elements live in inner tensors (their storage raises)."""
+    # (is_lazy first: an uninitialized parameter raises at numel().)
+    if (not isinstance(tensor, torch.Tensor) or nn.parameter.is_lazy(tensor) or tensor.is_meta
+            or tensor.numel() == 0 or is_sharded(tensor)
+            or tensor.layout != torch.strided or tensor.is_nested or not holds_values(tensor)):
+        return None
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass, say
+        return None
+    # 0 for a storage resized to nothing: no elements to share.
+    return (tensor.device, pointer) if pointer else None
+
+
+def _byte_span(tensor, storage):
+    """(first byte, end byte) in ``storage`` of the memory ``tensor``'s elements may reach."""
+    start = tensor.storage_offset() * tensor.element_size()
+    reach = 1 + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + reach * tensor.element_size()
+
+
+def weights_tied_elsewhere(model, layers):
+    """{name: names of the tensors of other modules in ``model``} for each of
+    ``layers`` ({name: layer}) whose weight is such a tensor itself (a tie: an
+    output head sharing its embedding table) or may share elements with it
+    (another Parameter made over the same memory, or a view of it): an
+    in-place write to the weight (a merge, PiSSA's residual) would change them
+    too. Views that interleave without touching count too: only the memory
+    each may reach is compared. Layers with no such tensor are left out.
+    One pass over the model's tensors for all the layers."""
+    holders, by_storage = {}, {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            where = f"{path}.{name}" if path else name
+            holders.setdefault(id(tensor), []).append((module, where))
+            storage = storage_of(tensor)
+            if storage is not None:
+                by_storage.setdefault(storage, []).append(
+                    (module, where, tensor, _byte_span(tensor, storage)))
+    tied = {}
+    for name, layer in layers.items():
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        found = [where for module, where in holders.get(id(weight), ()) if module is not layer]
+        storage = storage_of(weight)
+        if storage is not None:
+            start, end = _byte_span(weight, storage)
+            found += [where for module, where, tensor, (first, last) in by_storage.get(storage, ())
+                      if module is not layer and tensor is not weight
+                      and first < end and start < last]
+        if found:
+            tied[name] = list(dict.fromkeys(found))
+    return tied
 
 
 def _run_the_module(module, args):

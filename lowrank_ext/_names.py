@@ -14,3 +14,9 @@ def first_line(exc):
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
     text = str(text).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def owner_prefix(owner):
+    """``"owner: "`` to start a message with the function that failed; the
+    command line passes None (its error line names the command)."""
+    return f"{owner}: " if owner else ""

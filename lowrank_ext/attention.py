@@ -475,7 +475,7 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
     positions are the same). Returns the names replaced. ``load_compressed``
     splits them by itself where a compressed file holds split projections.
     """
-    from .compress import _as_patterns, select_names
+    from .selection import as_patterns, select_names
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"split_attention: model must be an nn.Module, got "
@@ -508,8 +508,8 @@ def split_attention(model: nn.Module, include: str | Sequence[str] | None = None
             + (f"; its attention is split already: {preview(split)}" if split else ""))
     places = places_of(model)
     names = select_names(list(found) + list(left_alone),
-                         _as_patterns("include", include, "split_attention"),
-                         _as_patterns("exclude", exclude, "split_attention"),
+                         as_patterns("include", include, "split_attention"),
+                         as_patterns("exclude", exclude, "split_attention"),
                          owner="split_attention", what="nn.MultiheadAttention module",
                          aliases={name: places[id(m)] for name, m in found.items()},
                          left_alone=left_alone)

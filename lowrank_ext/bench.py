@@ -19,7 +19,7 @@ and for the op "lora" (a frozen d × k layer W plus an adapter of rank r):
   dense     F.linear(x, W + scale·B·A, bias): the adapter merged (fwd only)
 
 and for the op "dora" (the same layer and adapter with DoRA's magnitude m):
-  ours      the DoRA forward LoRALinear(use_dora=True) runs (nn.dora_forward,
+  ours      the DoRA forward LoRALinear(use_dora=True) runs (lora_layer.dora_forward,
             called directly: not the module call around it): lora_linear
             rescaled by m / ‖W + scale·B·A‖ (the norm a block of rows at a time)
   compose   peft's DoRA forward: F.linear(x, W, bias), the norm of
@@ -235,7 +235,7 @@ def _dora_composition(x, W, A, B, bias, magnitude):
 
 
 def _dora_ours(x, W, A, B, bias, magnitude):
-    from .nn import dora_forward
+    from .lora_layer import dora_forward
 
     return dora_forward(x, W, A, B, bias, magnitude, LORA_SCALE)
 

@@ -116,7 +116,7 @@ def _check_outputs(args):
     matplotlib, an image format it lacks. Returns the directories it made,
     deepest first; a failure leaves none behind."""
     from ._plotting import load_matplotlib, plot_format
-    from .serialization import check_output_path
+    from .files import check_output_path
 
     # First the checks that make nothing.
     given = [(flag, path) for flag, path in (("--json", args.json), ("--markdown", args.markdown),
@@ -251,7 +251,7 @@ def _write_outputs(args, bench, result, table):
     """Write --json, --markdown and --plot. Files are replaced together, once
     all of them are written (a failure leaves the old ones); devices and
     standard output are written into."""
-    from .serialization import atomic_write_files
+    from .files import atomic_write_files
 
     texts = []
     if args.json:

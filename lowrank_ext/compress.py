@@ -24,12 +24,14 @@ Every factor is computed before any module is swapped, and a failure while
 swapping (an interrupt too) puts back the layers already swapped, so a failure
 leaves the model exactly as it was (but for what its own forward writes into
 its buffers while calibrating).
+
+The pieces live beside this file: ``selection.py`` (which layers),
+``spectra.py`` (each layer's spectrum and factors), ``rank_choice.py`` (the
+targets and the allocation), ``calibration.py`` and ``sensitivity.py``.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import heapq
 import math
 import numbers
 import warnings
@@ -37,528 +39,24 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ._checks import SUPPORTED_DTYPES, check_device, dtype_name
-from ._modules import (COMPILED_ALONE_WHY, Swaps, compiled_alone, dense_weight,
-                       held_besides_weight, instance_forward, instance_forward_text,
-                       is_conv1d, is_sharded, plain_attributes, refuse_distributed_wrapper,
-                       keeps_encoder_flags, places_of)
+from ._modules import (Swaps, dense_weight, is_conv1d, is_sharded, keeps_encoder_flags,
+                       plain_attributes, refuse_distributed_wrapper, storage_of)
 from ._names import preview
 from ._workers import Workers
 from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
                           replayable, same_random_numbers)
 from .sensitivity import measure_sensitivity
-from .nn import (LoRALinear, LowRankLinear, break_even_rank, inherit_requires_grad,
-                 rank_for_ratio, ratio_budget)
+from .nn import LowRankLinear, break_even_rank, inherit_requires_grad, rank_for_ratio
+from .rank_choice import (allocate_ranks, check_blocks_fit, check_targets, rank_from_target,
+                          round_rank)
 from .report import CompressionReport, LayerReport
+from .selection import as_patterns, left_alone_suffix, name_matches, plain_linears, select_layers
+from .spectra import SharedSpectrum, Spectrum, factor_errors, row_blocks
 
-_ALLOCATIONS = ("sensitivity", "global", "uniform")
 
-
-# --- selecting layers ------------------------------------------------------------
-def _prefix(owner):
-    """Messages start with the function that failed; the command line gives none
-    (its error line names the command)."""
-    return f"{owner}: " if owner else ""
-
-
-def _as_patterns(name, patterns, owner="compress_model"):
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return [patterns]
-    try:
-        patterns = list(patterns)
-    except TypeError:
-        raise TypeError(f"{_prefix(owner)}{name} must be a string or a list of strings, got "
-                        f"{type(patterns).__name__}") from None
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{_prefix(owner)}{name} must be a non-empty string or list of strings")
-    return patterns
-
-
-def adapter_bases(model):
-    """Ids of the layers that are the base of a ``LoRALinear`` in ``model``:
-    swapping one would take the adapter's base away from under it."""
-    return {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
-
-
-def plain_linears(model, *, conv1d=False, replacing=False):
-    """{name: module} for every ``nn.Linear`` (not a subclass) of the model.
-
-    Subclasses are left out because their owners may read their weight
-    directly (``nn.MultiheadAttention`` passes ``out_proj.weight`` to its
-    functional form, never calling the layer); so are parametrized layers
-    and plain ones a layer in their place would not stand for (see
-    :func:`left_alone_linears`; ``replacing`` as there). The frozen base
-    layer inside a ``LoRALinear`` is not one of them either: swapping it
-    would take the adapter's base away from under it. With ``conv1d``,
-    transformers' ``Conv1D`` layers (a Linear with its weight transposed)
-    are included.
-    """
-    owned = adapter_bases(model) | compiled_alone(model)
-    return {name: m for name, m in model.named_modules()
-            if (type(m) is nn.Linear or (conv1d and is_conv1d(m))) and id(m) not in owned
-            and not_standing_for(m, replacing) is None}
-
-
-def not_standing_for(layer, replacing=True):
-    """Why a layer put in the place of ``layer`` (a plain nn.Linear or Conv1D)
-    would not stand for it, or None: a forward set on the instance
-    (accelerate's hooks for device_map and offloading), which neither a
-    LowRankLinear nor a LoRALinear (which reads its base's weight) would run;
-    or, where ``replacing`` it (compress_model, load_compressed: add_lora's
-    LoRALinear keeps the layer whole as its base), parameters, buffers or
-    submodules besides its weight and bias, which a LowRankLinear in its
-    place would lose."""
-    kind = "an nn.Linear" if type(layer) is nn.Linear else f"a {type(layer).__name__}"
-    if instance_forward(layer):
-        return (f"{kind} with {instance_forward_text(layer)}, which a layer in its place "
-                "would never run (it reads the weight and bias instead)")
-    if replacing:
-        held = held_besides_weight(layer)
-        if held:
-            return (f"{kind} holding {', '.join(held)} besides its weight and bias, which "
-                    "a LowRankLinear in its place would lose")
-    return None
-
-
-def left_alone_linears(model, *, replacing=False):
-    """{name: (module, why)} for the ``nn.Linear`` layers :func:`plain_linears`
-    leaves out, other than adapters' bases: subclasses of ``nn.Linear``, and
-    layers with a parametrization (``weight_norm``, ``spectral_norm``,
-    ``orthogonal``, ...), which torch makes instances of a subclass. Their
-    weight is not simply used as it is stored, so a LowRankLinear (or an
-    adapter) in their place would compute something else; ``why`` says so, for
-    reports and error messages. Also layers that ``torch.compile`` wraps on
-    their own (:func:`compiled_alone`): one put in their place would never run;
-    and plain layers (Conv1D too) that a layer in their place would not stand
-    for (:func:`not_standing_for`; ``replacing`` as there, False for
-    add_lora, which wraps layers)."""
-    owned = adapter_bases(model)
-    compiled = compiled_alone(model)
-    found = {}
-    for name, m in model.named_modules():
-        if id(m) in compiled and (isinstance(m, nn.Linear) or is_conv1d(m)) and id(m) not in owned:
-            found[name] = (m, COMPILED_ALONE_WHY)
-            continue
-        if (type(m) is nn.Linear or is_conv1d(m)) and id(m) not in owned:
-            why = not_standing_for(m, replacing)
-            if why is not None:
-                found[name] = (m, why)
-            continue
-        if type(m) is nn.Linear or not isinstance(m, nn.Linear) or id(m) in owned:
-            continue
-        if parametrize.is_parametrized(m):
-            original = type(m).__mro__[1]  # torch's Parametrized<cls> derives from cls
-            kind = ("nn.Linear" if original is nn.Linear
-                    else f"{original.__name__}, a subclass of nn.Linear,")
-            how = "; ".join(f"{tensor}: {', '.join(type(p).__name__ for p in chain)}"
-                            for tensor, chain in m.parametrizations.items())
-            why = (f"a parametrized {kind} ({how}), computing those tensors at every use; "
-                   "torch.nn.utils.parametrize.remove_parametrizations makes it a plain layer")
-        else:
-            holder = model.get_submodule(name.rpartition(".")[0]) if name else None
-            why = (f"{type(m).__name__}, a subclass of nn.Linear: "
-                   + ("the {} holding it reads its weight directly{}".format(
-                       *attention_holding(holder))
-                      if isinstance(holder, nn.MultiheadAttention) else
-                      "its forward, or the module holding it, may use the weight otherwise "
-                      "than nn.Linear does"))
-        found[name] = (m, why)
-    return found
-
-
-def attention_holding(holder):
-    """(name, remedy) for messages about the out_proj of an
-    nn.MultiheadAttention, which reads that layer's weight directly: the
-    class itself is split by lx.split_attention; a subclass, which
-    split_attention leaves alone, is named as what it is, with no remedy."""
-    if type(holder) is nn.MultiheadAttention:
-        return ("nn.MultiheadAttention",
-                "; lx.split_attention(model) first makes it a plain nn.Linear")
-    return (f"{type(holder).__name__} (a subclass of nn.MultiheadAttention, which "
-            "lx.split_attention leaves alone)", "")
-
-
-def name_matches(name, pattern):
-    """True when a module name matches a glob pattern, in full or as a dotted suffix.
-
-    ``"query"`` matches ``"encoder.layer.0.attention.self.query"`` (peft's
-    target_modules habit); ``"encoder.*.dense"`` matches with fnmatch rules.
-    A pattern equal to the name (or its dotted suffix) matches too, as in
-    peft: a name holding glob characters (a ModuleDict key ``"x[1]"``) is
-    matched by itself, where fnmatch reads ``[1]`` as a character class.
-    """
-    return (name == pattern or name.endswith("." + pattern)
-            or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern))
-
-
-def _listed(why):
-    """``name (why)`` for each of ``{name: why}``, shortened; the model itself has no name."""
-    return preview(f"{name or 'the model'} ({text})" for name, text in why.items())
-
-
-def left_alone_suffix(model, *, replacing=False):
-    """`` (left alone: name (why), ...)`` naming the model's layers left alone, or ""."""
-    alone = {name: why
-             for name, (_, why) in left_alone_linears(model, replacing=replacing).items()}
-    return f" (left alone: {_listed(alone)})" if alone else ""
-
-
-_COMPILED_CHILD = "._orig_mod"
-
-
-def select_names(names, include=None, exclude=None, *, owner="compress_model", what="layer",
-                 aliases=None, left_alone=None):
-    """The names kept by include/exclude glob patterns; a pattern matching nothing is an error.
-
-    ``aliases`` ({name: every name of that module}) lets a pattern match a
-    module by any of its names. ``left_alone`` ({name: why}) marks names the
-    caller will not touch: they are kept like the others (a report lists
-    them), and an exclude pattern may match them alone, but an include
-    pattern that does is a TypeError saying why, and a selection of them
-    alone is an error.
-    """
-    include = _as_patterns("include", include, owner)
-    exclude = _as_patterns("exclude", exclude, owner)
-    aliases = aliases or {}
-    left_alone = left_alone or {}
-
-    def names_of(name):
-        names = aliases.get(name, (name,))
-        if name in left_alone:
-            # A module torch.compile wraps on its own is named through the
-            # wrapper's _orig_mod; the user knows it by the wrapper's name,
-            # and should hear why it is left alone rather than of no match.
-            names = (*names, *(n[:-len(_COMPILED_CHILD)] for n in names
-                               if n.endswith(_COMPILED_CHILD)))
-        return names
-
-    def matches(name, pattern):
-        return any(name_matches(n, pattern) for n in names_of(name))
-
-    usable = [n for n in names if n not in left_alone]
-    for label, patterns in (("include", include), ("exclude", exclude)):
-        for pattern in patterns or ():
-            if any(matches(n, pattern) for n in usable):
-                continue
-            alone = [n for n in left_alone if matches(n, pattern)]
-            if alone and label == "include":
-                raise TypeError(f"{_prefix(owner)}include pattern {pattern!r} matches only "
-                                f"layers left alone: {_listed({n: left_alone[n] for n in alone})}")
-            if not alone:
-                raise ValueError(
-                    f"{_prefix(owner)}{label} pattern {pattern!r} matches no {what} "
-                    f"(candidates: {preview(a for n in usable for a in aliases.get(n, (n,)))})")
-    chosen = [n for n in names
-              if (include is None or any(matches(n, p) for p in include))
-              and not any(matches(n, p) for p in exclude or ())]
-    if all(n in left_alone for n in chosen):
-        alone = (f" (only layers left alone: {_listed({n: left_alone[n] for n in chosen})})"
-                 if chosen else "")
-        raise ValueError(f"{_prefix(owner)}include/exclude leave no {what} selected{alone}")
-    return chosen
-
-
-def select_layers(model, layers, include=None, exclude=None, *, owner="compress_model",
-                  what="layer", replacing=False):
-    """(chosen, left): the names of ``layers`` ({name: module}, as named_modules()
-    names them) that include/exclude select, and those of the layers left
-    alone (:func:`left_alone_linears`, ``replacing`` as there) that they
-    select, {name: (module, why)}; both in the model's order.
-
-    A module registered under several names (``m.dec = m.enc``) is matched by
-    every one of them: it is selected when any of its names matches an
-    include pattern, and left out when any matches an exclude pattern (one
-    object, it is replaced everywhere or nowhere).
-    """
-    alone = left_alone_linears(model, replacing=replacing)
-    places = places_of(model)
-    order = [name for name, m in model.named_modules() if name in layers or name in alone]
-    modules = {**{n: m for n, (m, _) in alone.items()}, **layers}
-    chosen = select_names(order, include, exclude, owner=owner, what=what,
-                          aliases={n: places[id(modules[n])] for n in order},
-                          left_alone={n: why for n, (_, why) in alone.items()})
-    return [n for n in chosen if n in layers], {n: alone[n] for n in chosen if n in alone}
-
-
-# --- per-layer spectra -------------------------------------------------------------
-_EPS = torch.finfo(torch.float64).eps
-# Eigenvalues of an n×n problem (or one whose entries are sums over n terms)
-# below about n·eps·λ₀ are eigh's round-off: their directions are arbitrary.
-# Those up to this many times that bound count as such too.
-_ROUNDOFF_MARGIN = 10
-
-
-def _determined(lam, n):
-    """How many of the descending eigenvalues ``lam`` stand clear of round-off (see above)."""
-    if not lam.numel() or not lam[0] > 0:
-        return 0
-    return int((lam > float(lam[0]) * n * _EPS * _ROUNDOFF_MARGIN).sum())
-
-
-# The eigenproblems below square W (W·G·Wᵀ, CᵀC): float64 weights beyond
-# about 1e±150 would overflow to Inf or underflow to 0 there (factors of NaN or
-# of zeros, silently), and a calibration Gram far out of range would do the
-# same with them. Such operands are scaled by a power of two first, which is
-# exact; the energies then come in those units, and only their ratios are used.
-_SAFE_EXPONENT = {"weight": 128, "gram": 256}
-
-
-def _range_scale(t, what):
-    """2**-e for max|t| = m·2**e (m in [0.5, 1)) where |e| is beyond what
-    ``what`` ("weight" or "gram") safely has in the products above, else 1.0."""
-    if not t.numel():
-        return 1.0
-    low, high = torch.aminmax(t.detach())
-    _, e = math.frexp(max(-float(low), float(high)))
-    # (At most 2**1022: a subnormal maximum gives e down to -1073.)
-    return math.ldexp(1.0, min(-e, 1022)) if abs(e) > _SAFE_EXPONENT[what] else 1.0
-
-
-def _left_singular(weight, G, count, resolution, device, store=torch.float64, w_scale=1.0):
-    """(energies, U): all min(d, k) energies σ_i² of W·R (R·Rᵀ = G, R = I
-    without G), descending, and U's columns, orthonormal to ``resolution``, the
-    left singular vectors of the leading ones, at most ``count``, that stand
-    clear of round-off. W is ``weight`` times ``w_scale`` (a power of two) in
-    float64 on ``device``, converted here (a block of rows at a time where the
-    whole is not needed) and let go once used. U comes in float64, or in
-    ``store``, the dtype it is kept in, where it is final as made: ``count``
-    columns needing no QR."""
-    d, k = weight.shape
-    n = max(d, k)
-
-    def rows_of_w(rows=slice(None)):
-        W = weight.detach()[rows].to(device=device, dtype=torch.float64)
-        return W if w_scale == 1.0 else W * w_scale  # never in place: W may be the weight
-
-    if d <= k:
-        # Left singular vectors of W·R are the eigenvectors of W·G·Wᵀ (d×d).
-        W = rows_of_w()
-        if G is None:
-            M = W @ W.T
-        else:
-            M = torch.empty(d, d, dtype=torch.float64, device=device)
-            for rows in _row_blocks(d, k):  # no d×k W·G
-                M[rows] = W[rows] @ G @ W.T
-        del W
-        M = M + M.T
-        lam, U = torch.linalg.eigh(M.div_(2))
-        del M
-        lam = lam.flip(0)
-        # Only the columns kept are reordered (copied), not all d of them.
-        return lam, U[:, d - min(count, _determined(lam, n)):].flip(1)
-    # Through the k×k side: C = W·R, CᵀC = V·Σ²·Vᵀ, U = C·V·Σ⁻¹.
-    if G is None:
-        C = rows_of_w()
-    else:
-        lam_g, Q = torch.linalg.eigh(G)
-        lam_g, Q = lam_g.flip(0), Q.flip(1)
-        # G's round-off eigenvalues would add noise directions to C.
-        kept = _determined(lam_g, n)
-        R = Q[:, :kept] * lam_g[:kept].sqrt()  # R·Rᵀ = G
-        # C a block of rows at a time: W itself is never whole in float64.
-        C = torch.empty(d, kept, dtype=torch.float64, device=device)
-        for rows in _row_blocks(d, k):
-            C[rows] = rows_of_w(rows) @ R
-    lam, V = torch.linalg.eigh(C.T @ C)
-    lam, V = lam.flip(0), V.flip(1)
-    live = min(count, _determined(lam, n))
-    V, sigma = V[:, :live], lam[:live].sqrt()
-    # Dividing by σ_i leaves the columns orthonormal only to about
-    # n·eps·σ₀²/σ_i²; where that exceeds ``resolution``, their QR factor, which
-    # spans the same leading directions, is used.
-    qr = live and n * _EPS * float(lam[0] / lam[live - 1]) > resolution
-    if qr or live < count:
-        U = (C @ V).div_(sigma)
-        del C
-        if qr:
-            U = torch.linalg.qr(U).Q
-    else:
-        # Final as made: a block of rows at a time into ``store``, where a
-        # whole float64 U would be about as large as W itself.
-        U = torch.empty(d, live, dtype=store, device=C.device)
-        for rows in _row_blocks(d, k):
-            U[rows] = (C[rows] @ V).div_(sigma)
-    if lam.numel() < k:  # C has fewer columns than W where G's rank is below k
-        lam = torch.cat([lam, lam.new_zeros(k - lam.numel())])
-    return lam, U
-
-
-# Work on the rows of a d×k weight (W − B·A for the errors) is done over
-# blocks of this many bytes of float64 rows, so that its temporaries stay
-# small whatever the layer's size.
-_BLOCK_BYTES = 1 << 24
-
-
-def _row_blocks(d, k):
-    """Slices over the d rows of a d×k float64 matrix, a block of _BLOCK_BYTES at a time."""
-    step = max(1, _BLOCK_BYTES // (8 * k))
-    return [slice(start, start + step) for start in range(0, d, step)]
-
-
-class _Spectrum:
-    """Leading left singular vectors of W (or of W·R) and the energy each one carries.
-
-    Computed from a min(d, k)-sized symmetric eigenproblem in float64 rather
-    than an SVD of the d×k matrix: several times faster on the CPU, and the
-    leading vectors, the only ones kept, are accurate.
-
-    Where the calibration determines fewer directions than a useful rank can
-    take (fewer independent inputs than that rank, or W·R of lower rank), the
-    remaining columns of U are the leading left singular vectors of the part
-    of W outside the determined ones: every rank is still the projection of W
-    onto orthonormal columns (‖B·A‖ ≤ ‖W‖), and the extra ranks keep what
-    matters most in weight space, where the calibration says nothing. Their
-    energies stay the ones measured (about 0).
-
-    The work runs on ``device`` (default: the weight's); the results are kept
-    on the weight's device, so that only one layer at a time occupies
-    ``device``.
-    """
-
-    def __init__(self, weight, gram, device=None):
-        home = weight.device
-        device = home if device is None else device
-        d, k = weight.shape
-        G = None if gram is None else gram.to(device)
-        # Powers of two that keep the eigenproblems in range (_range_scale):
-        # the energies are those of (w_scale·W)·R with R·Rᵀ = g_scale·G.
-        self.w_scale = _range_scale(weight, "weight")
-        self.g_scale = 1.0 if G is None else _range_scale(G, "gram")
-        if self.g_scale != 1.0:
-            G = G * self.g_scale
-        self.device = device
-        self.gram = gram
-        self._weight = weight
-        # What is kept for the factors is bounded by the model itself: no
-        # float64 copy of the weight (it is read again from the layer), and
-        # only the columns of U a useful rank can take (below d·k/(d+k)), in
-        # float32 unless the weight is float64; :meth:`trim` cuts them to the
-        # rank once it is chosen. The energies stay whole.
-        keep = max(1, min(min(d, k), math.floor(break_even_rank(d, k))))
-        store = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        resolution = torch.finfo(store).eps
-        lam, U = _left_singular(weight, G, keep, resolution, device, store, self.w_scale)
-        if U.shape[1] < keep:
-            # W − U·Uᵀ·W, formed in a copy of W a block of rows at a time: no
-            # other d×k temporary.
-            rest = weight.detach().to(device=device, dtype=torch.float64, copy=True)
-            P = U.T @ rest
-            for rows in _row_blocks(d, k):
-                rest[rows] -= U[rows] @ P
-            _, more = _left_singular(rest, None, keep - U.shape[1], resolution, device,
-                                     w_scale=self.w_scale)
-            del rest
-            # Zero columns where even W has no more directions (a W of rank
-            # below ``keep``): QR still makes them orthonormal, adding nothing.
-            missing = U.new_zeros(d, keep - U.shape[1] - more.shape[1])
-            U = torch.cat([U, more, missing], 1)
-            del more
-            U = torch.linalg.qr(U).Q
-        self.U = U.to(device=home, dtype=store)
-        self.energy = lam.clamp_min(0).cpu()  # σ_i², descending, in the units above
-        self.total = float(self.energy.sum())
-
-    @property
-    def weight(self):
-        """The layer's weight in float64 on the compute device."""
-        return self._weight.detach().to(device=self.device, dtype=torch.float64)
-
-    @property
-    def dtype(self):
-        """The layer's dtype, which its factors are stored in."""
-        return self._weight.dtype
-
-    def trim(self, rank):
-        """Keep only the columns of U that factors of ``rank`` use; 0 (the
-        layer stays dense) lets go of U and the Gram (:meth:`forget`)."""
-        if not rank:
-            self.forget()
-        elif rank < self.U.shape[1]:
-            self.U = self.U[:, :rank].clone()
-
-    def factors(self, rank):
-        """(B, A) in float64 with B·A the best rank-``rank`` map in this metric."""
-        if rank > self.U.shape[1]:
-            raise ValueError(f"rank {rank} is beyond the {self.U.shape[1]} kept directions")
-        U_r = self.U[:, :rank].to(device=self.device, dtype=torch.float64)
-        A = U_r.T @ self.weight
-        return U_r.contiguous(), A.contiguous()
-
-    def stored_factors(self, rank, W):
-        """:meth:`factors` rounded to the layer's dtype: B on its device, A on
-        the compute device (``W``: :attr:`weight`, which the caller holds)."""
-        if rank > self.U.shape[1]:
-            raise ValueError(f"rank {rank} is beyond the {self.U.shape[1]} kept directions")
-        U_r = self.U[:, :rank]
-        # A = U_rᵀ·W summed over blocks of rows: no float64 copy of U_r.
-        A = W.new_zeros(rank, W.shape[1])
-        for rows in _row_blocks(*W.shape):
-            A.addmm_(U_r[rows].to(device=self.device, dtype=torch.float64).T, W[rows])
-        A = A.to(self.dtype)
-        # U is stored in float32 or float64, either holding exactly the float64
-        # B of :meth:`factors`: rounded from it, B is the same, and no copy
-        # where the layer is in U's dtype.
-        return U_r.to(self.dtype), A
-
-    def forget(self):
-        """Let go of what only the factors need (U, the Gram): the energies stay."""
-        self.U = self.gram = None
-
-    def relative_tail(self, rank):
-        """√(Σ_{i>r} σ_i² / Σ σ_i²): the relative error left at this rank."""
-        return _relative_tail(self.energy, self.total, rank)
-
-
-class _SharedSpectrum:
-    """The energies of a layer factorized by another rank: enough to choose its rank."""
-
-    def __init__(self, energy):
-        self.energy = energy
-        self.total = float(energy.sum())
-
-    def relative_tail(self, rank):
-        return _relative_tail(self.energy, self.total, rank)
-
-
-def _relative_tail(energy, total, rank):
-    if total == 0.0:
-        return 0.0
-    return math.sqrt(max(0.0, float(energy[rank:].sum())) / total)
-
-
-def _errors(spectrum, W, B, A):
-    """(relative error in weight space, relative error in output space or None)
-    of the factors B·A (of any dtype) against ``W``, the layer's weight in float64.
-    Both are measured in the spectrum's units (its powers of two), where the
-    squares stay in range."""
-    A = A.to(device=W.device, dtype=torch.float64)
-    G = None if spectrum.gram is None else spectrum.gram.to(W.device)
-    if G is not None and spectrum.g_scale != 1.0:
-        G = G * spectrum.g_scale
-    weight_err = output_err = norm_w = 0.0
-    for rows in _row_blocks(*W.shape):
-        diff = W[rows] - B[rows].to(device=W.device, dtype=torch.float64) @ A
-        if spectrum.w_scale != 1.0:
-            diff.mul_(spectrum.w_scale)
-            norm_w += float((W[rows] * spectrum.w_scale).square().sum())
-        else:
-            norm_w += float(W[rows].square().sum())
-        weight_err += float(diff.square().sum())
-        if G is not None:
-            output_err += float(torch.einsum("ij,jk,ik->", diff, G, diff))
-    weight_error = math.sqrt(weight_err / norm_w) if norm_w else 0.0
-    output_error = None
-    if G is not None:
-        # ‖W·R‖², the sum of the energies: tr(W·G·Wᵀ) without another pass over W.
-        ref = spectrum.total
-        output_error = math.sqrt(max(output_err, 0.0) / ref) if ref > 0 else 0.0
-    return weight_error, output_error
-
-
+# --- per-layer work, shared over ranks ---------------------------------------------
 def _check_finite_inputs(grams):
     """A ValueError naming the layers whose calibration inputs were not all finite.
 
@@ -568,7 +66,7 @@ def _check_finite_inputs(grams):
     """
     # By blocks of rows: isfinite on a whole k×k Gram takes several of its size.
     bad = [name for name, gram in grams.items()
-           if not all(bool(torch.isfinite(gram[rows]).all()) for rows in _row_blocks(*gram.shape))]
+           if not all(bool(torch.isfinite(gram[rows]).all()) for rows in row_blocks(*gram.shape))]
     if bad:
         raise ValueError(
             f"compress_model: the calibration gave layer(s) {preview(bad)} inputs with NaN or "
@@ -587,7 +85,7 @@ def _spectra(names, layers, grams, owners, workers, device, keep=None, bar=None)
     try:
         for name in names:
             if owners[name] == workers.rank:
-                spectrum = _Spectrum(dense_weight(layers[name]), grams.get(name), device)
+                spectrum = Spectrum(dense_weight(layers[name]), grams.get(name), device)
                 if keep is not None:
                     spectrum.trim(keep(name, spectrum))
                 spectra[name] = spectrum
@@ -602,7 +100,7 @@ def _spectra(names, layers, grams, owners, workers, device, keep=None, bar=None)
             energy = workers.share(owners[name], getattr(spectra.get(name), "energy", None),
                                    (size,))
             if name not in spectra:
-                spectra[name] = _SharedSpectrum(energy)
+                spectra[name] = SharedSpectrum(energy)
     return spectra
 
 
@@ -626,7 +124,7 @@ def _factors(names, spectra, ranks, owners, workers, shapes, layers, bar=None):
                         f"compress_model: the rank-{ranks[name]} factors of layer {name!r} "
                         f"exceed the range of {dtype_name(spectrum.dtype)}; compress a "
                         "float32 copy of the model")
-                weight_error, output_error = _errors(spectrum, W, B, A)
+                weight_error, output_error = factor_errors(spectrum, W, B, A)
                 del W
                 spectrum.forget()
                 home = layers[name].weight.device
@@ -653,199 +151,6 @@ def _factors(names, spectra, ranks, owners, workers, shapes, layers, bar=None):
         shared[name] = (B, A, float(errors[0]), None if math.isnan(output_error)
                         else output_error)
     return shared
-
-
-# --- rank choice -------------------------------------------------------------------
-def _check_targets(rank, ratio, energy, tol, allocation):
-    given = [n for n, v in (("ratio", ratio), ("rank", rank), ("energy", energy), ("tol", tol))
-             if v is not None]
-    if len(given) != 1:
-        seen = " and ".join(given) if given else "none"
-        raise ValueError(f"compress_model: give exactly one of ratio, rank, energy or tol, "
-                         f"got {seen}")
-    if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-            raise TypeError(f"compress_model: rank must be an int, got {type(rank).__name__}")
-        if rank < 1:
-            raise ValueError(f"compress_model: rank must be >= 1, got {rank}")
-    if ratio is not None:
-        try:
-            rank_for_ratio(2, 2, ratio)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"compress_model: {exc}") from None
-    for name, value, low_ok in (("energy", energy, False), ("tol", tol, True)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"compress_model: {name} must be a real number, got "
-                            f"{type(value).__name__}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise ValueError(f"compress_model: energy must be in (0, 1], got {energy}")
-    if tol is not None and not tol >= 0.0:
-        raise ValueError(f"compress_model: tol must be >= 0, got {tol}")
-    if allocation is not None and allocation not in _ALLOCATIONS:
-        raise ValueError(f"compress_model: allocation must be 'sensitivity', 'global' or "
-                         f"'uniform', got {allocation!r}")
-    if allocation is not None and ratio is None:
-        # It shares out ratio's budget; rank, energy and tol set each layer's own.
-        raise ValueError(f"compress_model: allocation applies to ratio only, got "
-                         f"allocation={allocation!r} with {given[0]}")
-
-
-def _rank_from_target(spectrum, energy, tol):
-    from .svd import choose_rank
-
-    return choose_rank(spectrum.energy.sqrt(), energy=energy, tol=tol)
-
-
-def round_rank(rank, multiple, d, k, *, up=False):
-    """``rank`` rounded to a multiple of ``multiple`` (down, or ``up``), within [1, min(d, k)].
-
-    Rounding down never goes below one multiple; either way the result is
-    capped at min(d, k), the full rank, which need not be a multiple.
-    """
-    if multiple == 1:
-        return rank
-    steps = -(-rank // multiple) if up else max(1, rank // multiple)
-    return min(steps * multiple, min(d, k))
-
-
-def check_blocks_fit(shapes, ratio, multiple, allocation, owner="compress_model"):
-    """Refuse a ``ratio`` whose budget cannot hold the smallest ranks allowed.
-
-    Every factorized layer gets at least one block of ``multiple`` ranks
-    (rank 1 when ``multiple`` is 1). Rounding a smaller share up would break
-    the budget: the model would silently keep more than ``ratio`` of its
-    weights. (With ``multiple`` 1, ``allocation="uniform"`` still gives a
-    layer too small for its share, a two-class head, rank 1: a few parameters
-    over, where the others' rounding down usually makes up for them.)
-    """
-    if multiple > 1:
-        for name, (d, k) in shapes.items():
-            if multiple >= break_even_rank(d, k):
-                raise ValueError(
-                    f"{_prefix(owner)}layer {name!r} ({d}×{k}) cannot be factorized in blocks of "
-                    f"{multiple} ranks: d·k/(d+k) = {break_even_rank(d, k):.1f} saves nothing "
-                    "beyond that; use a smaller rank_multiple or exclude the layer")
-            if allocation == "uniform" and rank_for_ratio(d, k, ratio) < multiple:
-                raise ValueError(
-                    f"{_prefix(owner)}ratio {ratio} gives layer {name!r} ({d}×{k}) rank "
-                    f"{rank_for_ratio(d, k, ratio)}, less than one block of rank_multiple "
-                    f"{multiple}; raise the ratio, lower rank_multiple or exclude the layer")
-    # A layer no rank saves anything on (a one-output head) stays dense: its
-    # d·k parameters count against the budget as allocate_ranks counts them,
-    # so that the ratio holds over every selected layer or this raises.
-    # (Where no layer can be factorized, all stay dense whatever the ratio.)
-    # "uniform" has no shared budget: each layer keeps the ratio it can, and
-    # one that stays dense is left out, as before.
-    counted = {name: (d, k) for name, (d, k) in shapes.items()
-               if allocation != "uniform" or multiple < break_even_rank(d, k)}
-    least_of = {name: least_parameters(d, k, multiple) for name, (d, k) in counted.items()}
-    total = sum(d * k for d, k in counted.values())
-    least = sum(least_of.values())
-    if least > ratio_budget(ratio, total) and least < total:
-        small = [name for name, (d, k) in counted.items()
-                 if ratio_budget(ratio, d * k) < least_of[name]]
-        smallest = f"rank {multiple}" if multiple == 1 else f"one block of {multiple} ranks"
-        if least > sum(multiple * (d + k) for d, k in counted.values()
-                       if multiple < break_even_rank(d, k)):
-            smallest += " (dense where that saves nothing)"
-        raise ValueError(
-            f"{_prefix(owner)}ratio {ratio} is too small: {smallest} per layer already keeps "
-            f"{least / total:.3f} of the weights (layers below that share: "
-            f"{preview(small)}); raise the ratio"
-            + (" or lower rank_multiple" if multiple > 1 else "")
-            + ", or exclude the smallest layers")
-
-
-def least_parameters(d, k, multiple):
-    """The fewest parameters a d×k layer keeps: one block of ``multiple`` ranks,
-    or d·k where even that saves nothing (it stays dense)."""
-    return multiple * (d + k) if multiple < break_even_rank(d, k) else d * k
-
-
-def _without_roundoff(energy, n):
-    """``energy`` (descending) with the values :func:`_determined` counts as
-    round-off set to 0."""
-    kept = _determined(energy, n)
-    return energy if kept == energy.numel() else torch.cat(
-        [energy[:kept], energy.new_zeros(energy.numel() - kept)])
-
-
-def allocate_ranks(spectra, shapes, ratio, weights=None, multiple=1, whole_layers=False):
-    """Ranks maximising the relative output energy kept under ratio·Σd·k parameters.
-
-    With ``weights`` ({name: s}), layer energies count s times (sensitivity).
-
-    Greedy over the candidate ranks of all layers, best energy per parameter
-    first, ``multiple`` ranks at a time. A layer's σ_i² decrease with i, so
-    each layer gets a prefix; every layer gets at least rank ``multiple``
-    (:func:`check_blocks_fit` makes sure that fits), none grows past
-    ⌊d·k/(d+k)⌋ (where factorizing stops saving anything) or into ranks that
-    keep no energy (eigh's round-off counts as none), so the budget may be left
-    partly unspent.
-
-    With ``whole_layers``, each layer at rank r is also offered whole: kept
-    dense, for the d·k − r·(d+k) parameters its factors lack, it keeps all
-    of its energy. Near ⌊d·k/(d+k)⌋ that costs next to nothing, where the
-    last ranks up to it would still leave the rest of the spectrum out. A
-    layer kept whole gets rank min(d, k) (at or past d·k/(d+k): it stays
-    dense). compress_model offers it where the energies are weighted by
-    measured sensitivity: on all-MiniLM-L6-v2 at ratio 0.8 that took the
-    mean embedding cosine from 0.948 to 0.959. By each layer's own error
-    alone, the layers with the flattest spectra look best kept whole, and
-    there it took parameters from the layers that move the outputs most
-    (0.720 to 0.715 at 0.5, 0.920 to 0.913 at 0.8).
-    """
-    budget = ratio_budget(ratio, sum(d * k for d, k in shapes.values()))
-    ranks = {name: multiple for name in spectra}
-    spent = sum(least_parameters(d, k, multiple) for d, k in shapes.values())
-    heap = []
-    # Energies of eigh's round-off (a weight or calibration of lower rank
-    # than the layer's) count as none.
-    energies = {name: _without_roundoff(spectra[name].energy, max(shapes[name]))
-                for name in spectra}
-
-    def relative(name, energy):
-        spectrum = spectra[name]
-        gain = energy / spectrum.total if spectrum.total else 0.0
-        return gain * (1.0 if weights is None else weights[name])
-
-    def push(name):
-        r = ranks[name]
-        d, k = shapes[name]
-        if r >= break_even_rank(d, k):
-            return  # dense already: nothing more to give it
-        energy = energies[name]
-        # Ranks (or a whole layer) that remove none of the error (a layer
-        # whose output is 0 on the calibration, one the model's outputs
-        # ignore, ranks past a low-rank weight's) would only spend the
-        # budget's leftovers on a larger model.
-        if r + multiple <= min(math.floor(break_even_rank(d, k)), energy.numel()):
-            gain = relative(name, float(energy[r:r + multiple].sum()))
-            if gain > 0:
-                heapq.heappush(heap, (-gain / (multiple * (d + k)), name, r, False))
-        if not whole_layers:
-            return
-        rest = relative(name, float(energy[r:].sum()))  # (all min(d, k) of them)
-        if rest > 0:
-            cost = d * k - r * (d + k)  # > 0, as r < d·k/(d+k)
-            heapq.heappush(heap, (-rest / cost, name, r, True))
-
-    for name in spectra:
-        push(name)
-    while heap:
-        _, name, r, whole = heapq.heappop(heap)
-        if ranks[name] != r:
-            continue  # offered at a rank the layer has left
-        d, k = shapes[name]
-        cost = d * k - r * (d + k) if whole else multiple * (d + k)
-        if spent + cost > budget:
-            continue  # this does not fit; smaller steps, here or elsewhere, may
-        ranks[name] = min(d, k) if whole else r + multiple
-        spent += cost
-        push(name)
-    return ranks
 
 
 # --- the entry point ---------------------------------------------------------------
@@ -960,11 +265,11 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
     if type(model) is nn.Linear:  # it cannot replace itself in place
         raise TypeError("compress_model: the model is itself an nn.Linear; use "
                         "LowRankLinear.from_linear(model, ...) instead")
-    _check_targets(rank, ratio, energy, tol, allocation)
+    check_targets(rank, ratio, energy, tol, allocation)
     # Read once: a one-pass iterator (a map, a generator) would be empty the
     # second time the patterns are consulted.
-    include = _as_patterns("include", include)
-    exclude = _as_patterns("exclude", exclude)
+    include = as_patterns("include", include)
+    exclude = as_patterns("exclude", exclude)
     if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, numbers.Integral) \
             or rank_multiple < 1:
         raise ValueError(f"compress_model: rank_multiple must be a positive int, got "
@@ -1112,7 +417,7 @@ def compress_model(model: nn.Module, *, ratio: float | None = None, rank: int | 
         """The columns of U the layer's factors take, 0 where it stays dense; its
         rank is chosen here where its own spectrum decides it (energy, tol)."""
         if energy is not None or tol is not None:
-            ranks[name] = round_rank(_rank_from_target(spectrum, energy, tol), rank_multiple,
+            ranks[name] = round_rank(rank_from_target(spectrum, energy, tol), rank_multiple,
                                      *shapes[name], up=True)
         return 0 if stays_dense(name) else ranks[name]
 
@@ -1288,22 +593,6 @@ def _summed_grams(grams, shapes, workers):
     return summed
 
 
-def _storage_of(tensor):
-    """Where ``tensor``'s elements live, or None for a tensor that holds none
-    to share with a layer's weight (meta, empty, lazy, or sharded: a
-    DTensor's local shard is another matter, refused later), or none torch
-    shows: a sparse, mkldnn or nested tensor, or a tensor subclass whose
-    elements live in inner tensors (their storage raises)."""
-    if (not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.numel() == 0
-            or nn.parameter.is_lazy(tensor) or is_sharded(tensor)
-            or tensor.layout != torch.strided or tensor.is_nested):
-        return None
-    try:
-        return tensor.device, tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a wrapper subclass, say
-        return None
-
-
 def _shared_layers(model, layers):
     """{name: note} for the layers whose module, weight or bias has another
     holder in the model, or whose weight shares its storage with another of
@@ -1314,7 +603,7 @@ def _shared_layers(model, layers):
         for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
             holders.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
         for tname, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            storage = _storage_of(tensor)
+            storage = storage_of(tensor)
             if storage is not None:
                 storages.setdefault(storage, []).append(
                     (module, f"{path}.{tname}" if path else tname))
@@ -1354,7 +643,7 @@ def _sharing_storage(layer, storages):
     gathers them): overlapping or not, the storage stays whole while any of
     them holds it. The layer's own tensors leave with it (torch's
     spectral_norm sets the weight to a view of its weight_orig)."""
-    storage = _storage_of(layer.weight)
+    storage = storage_of(layer.weight)
     if storage is None:
         return []
     return list(dict.fromkeys(where for module, where in storages.get(storage, ())

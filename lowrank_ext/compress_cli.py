@@ -120,12 +120,14 @@ def run(args):
 
     from ._checks import dtype_name
     from ._names import preview
-    from .compress import check_blocks_fit, round_rank, rounding_note, select_names
+    from .compress import rounding_note
+    from .rank_choice import check_blocks_fit, round_rank
+    from .selection import select_names
     from .nn import break_even_rank, rank_for_ratio
     from .report import CompressionReport, LayerReport
-    from .serialization import (METADATA_KEY, atomic_write, check_output_path, factor_pairs,
-                                model_files, opened, ranks_in_metadata, ranks_metadata,
-                                read_tensor, stored_aliases)
+    from .files import atomic_write, check_output_path
+    from .serialization import (METADATA_KEY, factor_pairs, model_files, opened,
+                                ranks_in_metadata, ranks_metadata, read_tensor, stored_aliases)
     from .svd import choose_rank, scaled_singular_values, svd_truncate
 
     files = model_files(args.input, owner=None)

@@ -32,7 +32,7 @@ from torch import nn
 from ._modules import compiled_original, encoder_flags_kept
 from .calibration import (PaddingMasks, _cuda_devices, call_with_batch, copy_of_batch,
                           floating_tensors, per_token_layout, set_eval_flags, takes_hooks)
-from .compress import name_matches
+from .selection import name_matches
 from ._names import preview
 
 
@@ -132,7 +132,8 @@ def _check_arguments(model, teacher, steps, lr, warmup, max_grad_norm, loss, pro
 def _trainable(model, teacher, parameters):
     if parameters is None:
         from .lora import adapter_parameters
-        from .nn import LoRALinear, LowRankLinear
+        from .lora_layer import LoRALinear
+        from .nn import LowRankLinear
 
         # A model given LoRA adapters (say over its compressed layers) trains
         # them, not the factors add_lora froze.

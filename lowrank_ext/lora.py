@@ -24,11 +24,11 @@ from ._checks import dtype_name
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_alone, compiled_original,
                        FSDP_MERGE_WHY, dense_weight, fsdp_managed, is_conv1d,
                        keeps_encoder_flags, places_of, refuse_distributed_wrapper,
-                       weight_tied_elsewhere)
+                       weights_tied_elsewhere)
 from ._names import preview
-from .compress import adapter_bases, left_alone_suffix, plain_linears, select_layers
-from .nn import (LoRALinear, LowRankLinear, _check_positive_int, check_lora_init_fits_base,
-                 check_lora_options)
+from .selection import adapter_bases, left_alone_suffix, plain_linears, select_layers
+from .lora_layer import LoRALinear, check_lora_init_fits_base, check_lora_options
+from .nn import LowRankLinear, check_positive_int
 
 
 def _check_model(owner, model, *, swaps_layers=False):
@@ -113,7 +113,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
     Returns the names of the wrapped layers.
     """
     _check_model("add_lora", model, swaps_layers=True)
-    _check_positive_int("add_lora", "rank", rank)
+    check_positive_int("add_lora", "rank", rank)
     alpha = check_lora_options("add_lora", rank, alpha, init, dropout, rslora, use_dora)
     if not isinstance(freeze, bool):
         raise TypeError(f"add_lora: freeze must be a bool, got {type(freeze).__name__}")
@@ -149,8 +149,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, *,
             raise ValueError(f"add_lora: rank must be in [1, min(out, in)] for every chosen "
                              f"layer; {name} is {d}×{k}, got rank {rank}{advice}")
         check_lora_init_fits_base("add_lora", init, linears[name], name, use_dora)
-    tied = {name: weight_tied_elsewhere(model, linears[name]) for name in names}
-    tied = {name: others for name, others in tied.items() if others}
+    tied = weights_tied_elsewhere(model, {name: linears[name] for name in names})
     if tied and init.startswith("pissa"):
         name, others = next(iter(tied.items()))
         raise ValueError(
@@ -353,9 +352,8 @@ def merge_lora(model: nn.Module) -> list[str]:
     _refuse_merging(refused, "", lambda name, why: f"the base layer of {name} cannot take "
                     f"the adapter: {why}", "; keep the model unmerged (its LoRALinear layers "
                     "compute the same), or make those weights plain first")
-    ties = {name: weight_tied_elsewhere(model, lora.base) for name, lora in adapters.items()
-            if not lora.merged}
-    tied = {name: others for name, others in ties.items() if others}
+    tied = weights_tied_elsewhere(model, {name: lora.base for name, lora in adapters.items()
+                                          if not lora.merged})
     _refuse_merging(tied, "merging adds the adapter to the base weight, but ",
                     lambda name, others: f"the weight of {name} is tied to {', '.join(others)}",
                     ", which would change too; keep those adapters unmerged, or untie the "
@@ -392,8 +390,9 @@ def merge_lora(model: nn.Module) -> list[str]:
             lora._warn_of_merged_rank()
         for place in places[id(lora)]:
             swaps.warn_ahead(place, lora.base)
-    for name, others in ties.items():  # as found now: a weight untied since is merged
-        adapters[name]._weight_tied_to = tuple(others)
+    for lora in adapters.values():  # none is tied now (see above): one untied since merges
+        if not lora.merged:
+            lora._weight_tied_to = ()
     merged_here = []
     try:
         for name, lora in adapters.items():
@@ -430,6 +429,9 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     holds the adapter: unmerge them first. Blocks may nest. The modules that
     :func:`from_peft` took from peft's ``modules_to_save`` (a trained
     classifier head) give way to the originals peft kept, as in peft.
+    Copying or pickling the model inside the block is refused (the copy would
+    keep its adapters off for good, without the trained heads); a
+    ``state_dict()`` taken inside holds the original heads' weights.
     """
     _check_model("disable_lora", model)
     root = compiled_original(model)

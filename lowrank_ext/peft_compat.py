@@ -27,13 +27,15 @@ from torch import nn
 from ._modules import (Swaps, check_backward_hooks_combine, compiled_original,
                        GATHER_FIRST, has_own_forward, is_conv1d, is_sharded,
                        keeps_encoder_flags, places_of, stacklevel_outside_package,
-                       weight_tied_elsewhere)
+                       weights_tied_elsewhere)
 from ._names import preview
 from .attention import SplitMultiheadAttention
-from .compress import attention_holding
+from .selection import attention_holding
 from .lora import ORIGINAL, STANDING_IN, _check_model, _require_adapters, adapter_parameters
-from .nn import LoRALinear, LowRankLinear, _check_no_instance_forward
-from .serialization import atomic_write_files, check_path, separate_memory
+from .lora_layer import LoRALinear
+from .nn import LowRankLinear, check_no_instance_forward
+from .files import atomic_write_files, check_path
+from .serialization import separate_memory
 
 
 def _lora_layer_type():
@@ -90,7 +92,7 @@ def _check_supported(name, layer, adapter):
                         "nn.Linear and transformers Conv1D base layers convert")
     if linear:
         # (Before the subclass check below, which counts an instance forward.)
-        _check_no_instance_forward("from_peft", f"the base of layer {name!r}", base)
+        check_no_instance_forward("from_peft", f"the base of layer {name!r}", base)
     if linear and not conv1d and has_own_forward(base):
         # peft's layer calls its base layer; LoRALinear computes with the
         # base's weight and bias, which would skip that forward.
@@ -301,14 +303,15 @@ def from_peft(model: nn.Module, adapter: str | None = None) -> nn.Module:
     together = _active_beside(layers, adapter)
     cast_notes, replacements = set(), {}
     init = _peft_config_init(model, root, adapter)
+    tied = weights_tied_elsewhere(root, {name: bases[name] for name, layer in layers.items()
+                                         if adapter in layer.lora_A})
     for name, layer in layers.items():
         if adapter in layer.lora_A:
             replacements[name] = _convert(layer, bases[name], adapter, cast_notes)
             if _changes_base(init):  # the base holds a residual (see _peft_init)
                 replacements[name].init = init
-            tied = weight_tied_elsewhere(root, bases[name])
-            if tied:  # merge() would change the other holders too
-                replacements[name]._weight_tied_to = tuple(tied)
+            if name in tied:  # merge() would change the other holders too
+                replacements[name]._weight_tied_to = tuple(tied[name])
         else:
             replacements[name] = bases[name]
     # peft's modules_to_save wrappers run the active adapter's copy of a

@@ -24,7 +24,7 @@ def add_arguments(parser):
 
 
 def _plot(path, name, S, energy):
-    from .serialization import atomic_write
+    from .files import atomic_write
 
     plt = load_matplotlib()
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
@@ -55,7 +55,8 @@ def run(args):
     from ._checks import dtype_name
     from ._names import preview
     from .compress_cli import check_output_is_not_input
-    from .serialization import check_output_path, model_files, opened, read_tensor
+    from .files import check_output_path
+    from .serialization import model_files, opened, read_tensor
     from .svd import choose_rank, scaled_singular_values
 
     files = model_files(args.input, owner=None)

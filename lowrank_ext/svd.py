@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import _checks, _functorch
 from ._amp import outside_autocast
+from ._checks import holds_values, is_int
 from ._fallback import factors_from_svd, svd_operand
 from ._library import ops
 
@@ -29,10 +30,6 @@ _RANK_SLACK = 1e-12
 _OVERSAMPLE = 10
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_criteria(fn, rank, energy, tol, *, takes_rank=True):
     named = (("rank", rank),) if takes_rank else ()
     named += (("energy", energy), ("tol", tol))
@@ -41,7 +38,7 @@ def _check_criteria(fn, rank, energy, tol, *, takes_rank=True):
         seen = " and ".join(given) if given else "none"
         choices = "rank, energy or tol" if takes_rank else "energy or tol"
         raise ValueError(f"{fn}: give exactly one of {choices}, got {seen}")
-    if rank is not None and not _is_int(rank):
+    if rank is not None and not is_int(rank):
         raise TypeError(f"{fn}: rank must be an int, got {type(rank).__name__}")
     for name, value in (("energy", energy), ("tol", tol)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
@@ -156,7 +153,7 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         raise TypeError(f"svd_truncate: balanced must be a bool, got {type(balanced).__name__}")
     # Checked whatever the method, so that a bad value is not accepted only
     # until the method changes.
-    if not _is_int(niter):
+    if not is_int(niter):
         raise TypeError(f"svd_truncate: niter must be an int, got {type(niter).__name__}")
     if niter < 0:
         raise ValueError(f"svd_truncate: niter must be >= 0, got {niter}")
@@ -207,7 +204,7 @@ def svd_truncate(W: Tensor, rank: int | None = None, *, energy: float | None = N
         factors = _differentiable(W, int(rank), balanced)
     else:
         factors = ops.svd_truncate.default(W, int(rank), balanced)
-    if tol is not None and W.dtype in _ROUNDED_TYPES and _holds_values(W):
+    if tol is not None and W.dtype in _ROUNDED_TYPES and holds_values(W):
         _warn_if_rounding_misses(W, S, int(rank), tol, factors)
     return factors
 
@@ -241,13 +238,6 @@ def scaled_singular_values(W):
     W's; S·root·root gives σ back where it is in range."""
     Ws, root = svd_operand(W.double())
     return torch.linalg.svdvals(Ws), root
-
-
-def _holds_values(t):
-    """False for a meta tensor or a FakeTensor (torch.compile's tracing, export)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not t.is_meta and not is_fake(t)
 
 
 def _batched(t):

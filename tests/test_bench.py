@@ -513,12 +513,12 @@ def test_an_output_given_as_a_link_is_written_where_it_points(tmp_path, capsys, 
 def test_a_failed_write_still_shows_the_figures(tmp_path, capsys, monkeypatch):
     # Written before the table is printed, a failed file (a full disk) lost
     # the whole run's figures.
-    from lowrank_ext import serialization
+    from lowrank_ext import files
 
-    def full_disk(files, owner=None):
+    def full_disk(written, owner=None):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(serialization, "atomic_write_files", full_disk)
+    monkeypatch.setattr(files, "atomic_write_files", full_disk)
     assert run_cli(TINY + ["--json", str(tmp_path / "b.json")]) == 1
     err = capsys.readouterr().err
     assert "compose / ours" in err and "No space left on device" in err

@@ -238,7 +238,7 @@ class _Energies:
 
 
 def test_allocation_takes_a_whole_layer_only_where_it_fits_and_pays():
-    from lowrank_ext.compress import allocate_ranks
+    from lowrank_ext.rank_choice import allocate_ranks
     flat, steep = _Energies([1.0] * 8), _Energies([100.0] + [1e-3] * 7)
     shapes = {"flat": (8, 8), "steep": (8, 8)}
     spectra = {"flat": flat, "steep": steep}
@@ -757,10 +757,10 @@ def test_padding_tokens_are_left_out_of_dict_batch_calibration():
                                            (torch.float64, torch.float64)])
 def test_spectra_hold_no_more_than_the_useful_directions(dtype, stored):
     """A layer's spectrum keeps U up to the break-even rank and no copy of the weight."""
-    from lowrank_ext.compress import _Spectrum
+    from lowrank_ext.spectra import Spectrum
 
     weight = torch.randn(40, 24, dtype=torch.float64).to(dtype)
-    spectrum = _Spectrum(weight, None)
+    spectrum = Spectrum(weight, None)
     useful = math.floor(40 * 24 / (40 + 24))  # 15
     assert spectrum.U.shape == (40, useful) and spectrum.U.dtype == stored
     assert spectrum.energy.numel() == 24  # every singular value, for the rank choice

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lowrank_ext as lx
-import lowrank_ext.nn as lx_nn
+import lowrank_ext.lora_layer as lora_layer
 
 TARGETS = ["q", "v", "out"]
 
@@ -181,7 +181,7 @@ def test_a_failure_midway_puts_weights_and_flags_back(monkeypatch):
     model.norm.weight.requires_grad_(False)  # a flag the user set stays set
     snapshot = _snapshot(model)
     calls = []
-    real = lx_nn.svd_truncate
+    real = lora_layer.svd_truncate
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -189,7 +189,7 @@ def test_a_failure_midway_puts_weights_and_flags_back(monkeypatch):
             raise RuntimeError("svd did not converge")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lx_nn, "svd_truncate", flaky)
+    monkeypatch.setattr(lora_layer, "svd_truncate", flaky)
     with pytest.raises(RuntimeError, match="did not converge"):
         lx.add_lora(model, 4, include=TARGETS, init="pissa")
     assert len(calls) == 3  # two layers were wrapped (and their weights changed) first
@@ -525,6 +525,90 @@ def test_pissa_is_refused_on_a_tied_layer_before_any_change():
                                          "but the weight of head is tied to embed.weight"):
         lx.add_lora(model, 2, include=["head", "body"], init="pissa")
     assert type(model.head) is nn.Linear and type(model.body) is nn.Linear
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def _sharing_memory(how):
+    """Two layers whose weights are distinct Parameters over one memory: the
+    same elements, or halves of a fused weight the model also holds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    if how == "same elements":
+        model[1].weight = nn.Parameter(model[0].weight.data)
+    else:
+        model.fused = nn.Parameter(torch.randn(16, 8))
+        model[0].weight = nn.Parameter(model.fused.data[:8])
+        model[1].weight = nn.Parameter(model.fused.data[8:])
+    return model
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("same elements", r"the weight of 0 is tied to 1\.base\.weight; the weight of 1 is tied to "
+                      r"0\.base\.weight"),
+    ("halves of a fused weight", r"the weight of 0 is tied to fused; the weight of 1 is tied "
+                                 r"to fused")])
+def test_weights_sharing_memory_are_never_merged_into(how, expected):
+    # Only the very same Parameter counted as a tie: merging one layer wrote
+    # into the other's weight (or the fused one), and the merged model's
+    # outputs were off by 1.3, silently.
+    model = _sharing_memory(how)
+    lx.add_lora(model, 2)
+    with torch.no_grad():
+        for layer in model:
+            layer.B.normal_()
+    x = torch.randn(4, 8)
+    expected_outputs = model(x).detach()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=expected):
+        lx.merge_lora(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+    torch.testing.assert_close(model(x), expected_outputs, rtol=0, atol=0)
+
+
+def test_halves_of_one_memory_that_do_not_overlap_are_not_tied():
+    # Each half's elements are its own: merging one leaves the other alone.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    fused = torch.randn(16, 8)
+    model[0].weight, model[1].weight = nn.Parameter(fused[:8]), nn.Parameter(fused[8:])
+    lx.add_lora(model, 2)
+    with torch.no_grad():
+        for layer in model:
+            layer.B.normal_()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    expected = model(x.float()).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lx.merge_lora(model)
+    torch.testing.assert_close(model(x.float()).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_models_of_fake_tensors_are_not_taken_for_tied():
+    # Every fake tensor's storage says data_ptr 0: all of a model's tensors
+    # looked as if they shared one memory, and merge_lora refused them all.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        lx.add_lora(model, 2, include="0")
+        lx.add_lora(model, 2, include="1", init="pissa")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model[1].merge()
+            lx.merge_lora(model)
+    assert all(type(layer) is nn.Linear for layer in model)
+
+
+@pytest.mark.parametrize("how", ["same elements", "halves of a fused weight"])
+def test_pissa_is_refused_on_a_weight_sharing_memory_before_any_change(how):
+    model = _sharing_memory(how)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"init='pissa' leaves the residual in the base weight, "
+                                         r"but the weight of 0 is tied to"):
+        lx.add_lora(model, 2, init="pissa")
+    assert all(type(layer) is nn.Linear for layer in model)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
 

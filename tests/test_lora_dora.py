@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lowrank_ext as lx
-import lowrank_ext.nn as lx_nn
+import lowrank_ext.lora_layer as lora_layer
 from conftest import DTYPES
 from reference import assert_close_to_reference
 
@@ -61,7 +61,7 @@ def test_the_norm_equals_the_formed_sum_in_blocks_of_rows(monkeypatch, dtype):
     with torch.no_grad():
         formed = torch.linalg.vector_norm(
             lora.base.weight.double() + lora.scale * (lora.B.double() @ lora.A.double()), dim=1)
-    norms = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
+    norms = lora_layer.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
     assert norms.dtype == dtype and torch.isfinite(norms).all()
     tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
     rest = torch.arange(30) != 3
@@ -69,8 +69,8 @@ def test_the_norm_equals_the_formed_sum_in_blocks_of_rows(monkeypatch, dtype):
                                atol=tol * formed.max())
     # The cancelling row keeps what rounding leaves of it (~ε·‖W₃‖).
     assert float(norms[3]) <= 1e-3 * float(lora.base.weight[3].double().norm()) + formed[3]
-    monkeypatch.setattr(lx_nn, "_NORM_BLOCK_BYTES", 4 * 40 * 7)  # 7 rows a block
-    blocks = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
+    monkeypatch.setattr(lora_layer, "_NORM_BLOCK_BYTES", 4 * 40 * 7)  # 7 rows a block
+    blocks = lora_layer.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
     torch.testing.assert_close(blocks, norms, rtol=1e-6, atol=0)
 
 
@@ -85,7 +85,7 @@ def test_the_norm_is_float32_inside_an_autocast_region(compiled):
     with torch.no_grad():
         formed = torch.linalg.vector_norm(
             lora.base.weight.double() + lora.scale * (lora.B.double() @ lora.A.double()), dim=1)
-    norms = lx_nn.dora_row_norms
+    norms = lora_layer.dora_row_norms
     if compiled:
         norms = torch.compile(norms, backend="aot_eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -108,7 +108,7 @@ def test_the_norm_stays_accurate_where_the_adapter_cancels_most_of_a_row(dtype):
             lora.B.copy_(-(1 - kept) / lora.scale * P)
         weight = lora.base.weight.double() + lora.scale * (lora.B.double() @ lora.A.double())
         exact = torch.linalg.vector_norm(weight, dim=1)
-        norms = lx_nn.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
+        norms = lora_layer.dora_row_norms(lora.base.weight, lora.B, lora.A, lora.scale)
         # Half types: the float32 norm rounded once.
         rtol = 1e-4 if dtype == torch.float32 else torch.finfo(dtype).eps
         torch.testing.assert_close(norms.double(), exact, rtol=rtol, atol=0)
@@ -138,7 +138,7 @@ def test_the_norm_stays_accurate_where_the_adapter_cancels_within_itself(conditi
     A = (U * singular) @ V.T / 10
     B = (torch.randn(d, r, generator=g) / singular) @ U.T * 10 / r ** 0.5 / s
     exact = torch.linalg.vector_norm(W.double() + s * B.double() @ A.double(), dim=1)
-    norms = lx_nn.dora_row_norms(W, B, A, s)
+    norms = lora_layer.dora_row_norms(W, B, A, s)
     torch.testing.assert_close(norms.double(), exact, rtol=2e-5, atol=0)
 
 
@@ -147,7 +147,7 @@ def test_the_norm_of_cancelled_rows_on_every_path(path, monkeypatch):
     # Eager CPU calls expand the square and recompute the cancelled rows from
     # the sum; compiled and transformed calls form the sum block by block.
     # Small blocks, so that both run over several.
-    monkeypatch.setattr(lx_nn, "_NORM_BLOCK_BYTES", 4 * 64 * 3)
+    monkeypatch.setattr(lora_layer, "_NORM_BLOCK_BYTES", 4 * 64 * 3)
     d, k, r, scale = 40, 64, 4, 2.0
     A, B = torch.randn(r, k), torch.randn(d, r)
     W = torch.randn(d, k)
@@ -155,13 +155,13 @@ def test_the_norm_of_cancelled_rows_on_every_path(path, monkeypatch):
     W[cancel] = -scale * (B[cancel] @ A) / 0.999
     exact = torch.linalg.vector_norm(W.double() + scale * (B.double() @ A.double()), dim=1)
     if path == "eager":
-        norms = lx_nn.dora_row_norms(W, B, A, scale)
+        norms = lora_layer.dora_row_norms(W, B, A, scale)
     elif path == "compiled":
         torch._dynamo.reset()
-        norms = torch.compile(lx_nn.dora_row_norms, backend="aot_eager", fullgraph=True)(
+        norms = torch.compile(lora_layer.dora_row_norms, backend="aot_eager", fullgraph=True)(
             W, B, A, scale)
     else:
-        norms = torch.vmap(lambda b: lx_nn.dora_row_norms(W, b, A, scale))(B[None])[0]
+        norms = torch.vmap(lambda b: lora_layer.dora_row_norms(W, b, A, scale))(B[None])[0]
     torch.testing.assert_close(norms.double(), exact, rtol=1e-4, atol=0)
 
 
@@ -434,6 +434,6 @@ def test_fx_symbolic_trace_records_the_norms_as_one_call():
     # (a TraceError); they are constants to autograd, recorded as one call.
     lora = _dora(nn.Linear(12, 20, dtype=torch.float64)).eval()
     graph = torch.fx.symbolic_trace(lora)
-    assert lx_nn.dora_row_norms in [n.target for n in graph.graph.nodes]
+    assert lora_layer.dora_row_norms in [n.target for n in graph.graph.nodes]
     x = torch.randn(4, 12, dtype=torch.float64)
     torch.testing.assert_close(graph(x), _reference(lora, x))

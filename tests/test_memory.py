@@ -242,9 +242,9 @@ def test_a_wide_layer_s_work_takes_about_its_float64_weight_and_u(calibrated, mo
     """Blocks of rows bound the temporaries of the errors and of U: the peak is the
     float64 weight, converted once, U and the factors, not W − B·A, B·A, and W·G besides
     (4x the float64 weight, from 8x the layer's float32 size)."""
-    import lowrank_ext.compress as compress
+    import lowrank_ext.spectra as spectra
 
-    monkeypatch.setattr(compress, "_BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(spectra, "_BLOCK_BYTES", 1 << 20)
     d, k = 16384, 256
     model = nn.Sequential(nn.Linear(k, d, bias=False))
     # 320 rows: the layer's output in the calibration run (0.6x the float64

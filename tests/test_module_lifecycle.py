@@ -109,6 +109,31 @@ def test_layers_pickled_before_the_init_was_kept_reset_as_peft_defaults():
     assert torch.count_nonzero(lora.B) == 0 and lora.A.abs().max() <= 1 / math.sqrt(10)
 
 
+def test_models_pickled_when_lora_linear_lived_in_lowrank_ext_nn_still_load():
+    # torch.save(model) records each class by module and name; LoRALinear's
+    # moved from lowrank_ext.nn to lowrank_ext.lora_layer.
+    import io
+    import pickle
+
+    model = nn.Sequential(lx.LoRALinear(nn.Linear(5, 3), 2))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+
+    class OldPlaces(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("lowrank_ext.lora_layer", "LoRALinear"):
+                module = "lowrank_ext.nn"
+            return super().find_class(module, name)
+
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False,
+                     pickle_module=type("old_pickle", (), {"Unpickler": OldPlaces,
+                                                           "load": pickle.load}))
+    x = torch.randn(2, 5)
+    assert type(old[0]) is lx.LoRALinear
+    torch.testing.assert_close(old(x), model(x), rtol=0, atol=0)
+
+
 def test_dora_magnitude_resets_to_the_norms_of_the_base_as_it_is():
     def make():
         return nn.Sequential(lx.LoRALinear(nn.Linear(12, 7, dtype=torch.float64), 3,
@@ -283,6 +308,37 @@ def test_a_merged_state_loads_into_a_merged_layer_and_unmerges_there(make, kept)
     assert set(dst.state_dict()) == unmerged_keys
     for key, value in _base_tensors(dst).items():
         torch.testing.assert_close(value, src_base[key])
+    torch.testing.assert_close(dst(x), expected)
+
+
+@pytest.mark.parametrize("base_rank", [3, 5])  # the adapter's ranks appended; refolded
+@pytest.mark.parametrize("materialize", ["assign", "to_empty"])
+def test_a_layer_built_on_meta_and_loaded_while_merged_unmerges(base_rank, materialize):
+    # merge() keeps the base's factor Parameters for unmerge(); built on meta,
+    # those stayed meta when the layer was materialized, and unmerge() failed
+    # in torch's words with the layer half changed.
+    def make():
+        torch.manual_seed(0)
+        return _trained(lx.LowRankLinear(8, 6, rank=base_rank, dtype=torch.float64))
+
+    src = make()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    expected, base = src(x).detach(), _base_tensors(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a merged rank past d·k/(d+k) warns
+        src.merge()
+        with torch.device("meta"):
+            dst = make()
+        dst.merge()
+    if materialize == "assign":
+        dst.load_state_dict(src.state_dict(), assign=True)
+    else:
+        dst.to_empty(device="cpu")
+        dst.load_state_dict(src.state_dict())
+    dst.unmerge()
+    assert not dst.merged and dst.base.A.device.type == "cpu"
+    for key, value in _base_tensors(dst).items():
+        torch.testing.assert_close(value, base[key], rtol=0, atol=0)
     torch.testing.assert_close(dst(x), expected)
 
 

@@ -381,7 +381,7 @@ def test_the_merge_warning_names_the_callers_line():
 
 
 def test_an_empty_weight_shares_no_memory():
-    from lowrank_ext.nn import _elements_share_memory
+    from lowrank_ext.lora_layer import _elements_share_memory
 
     assert not _elements_share_memory(torch.empty(0).as_strided((0, 5), (1, 0)))
     assert not _elements_share_memory(torch.randn(6, 8).t())

@@ -528,6 +528,27 @@ def test_save_peft_adapter_inside_disable_lora_is_refused(tmp_path):
     lx.save_peft_adapter(model, tmp_path / "adapter")
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copies_and_pickles_inside_disable_lora_are_refused(how):
+    # A copy made inside the block kept its adapters off for good (no public
+    # way back) and held the original head, the trained one nowhere.
+    import copy
+    import io
+
+    model = lx.from_peft(_with_head_to_save())
+    x = torch.randn(4, 20, dtype=torch.float64)
+    adapted = model(x).detach()
+    make = {"deepcopy": lambda: copy.deepcopy(model),
+            "torch.save": lambda: torch.save(model, io.BytesIO())}[how]
+    with lx.disable_lora(model), pytest.raises(
+            RuntimeError, match=r"LoRALinear: cannot copy or pickle a layer inside "
+                                r"lx.disable_lora .*copy or save the model outside the block"):
+        make()
+    copied = copy.deepcopy(model)  # outside: as the model is
+    torch.testing.assert_close(copied(x), adapted, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+
+
 def test_adapters_converted_under_inference_mode_can_be_trained_and_loaded():
     # Cast to the base's dtype under the caller's inference_mode, they were
     # inference tensors: no training step, no load_lora_state_dict.
@@ -855,21 +876,21 @@ def test_the_weights_and_the_config_are_written_together(tmp_path, monkeypatch):
     # A config that failed after the weights were renamed left new weights
     # beside the old config, which peft could not load; a directory made for
     # a save that failed was left behind.
-    import lowrank_ext.serialization as serialization
+    import lowrank_ext.files as files
 
     model = _adapted(_base())
     lx.save_peft_adapter(model, tmp_path / "a")
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
     with torch.no_grad():
         model.fc1.B.add_(1.0)
-    real = serialization._written
+    real = files._written
 
     def config_fails(write, tmp, path, owner):
         if path.endswith(".json"):
             raise KeyboardInterrupt
         return real(write, tmp, path, owner)
 
-    monkeypatch.setattr(serialization, "_written", config_fails)
+    monkeypatch.setattr(files, "_written", config_fails)
     with pytest.raises(KeyboardInterrupt):
         lx.save_peft_adapter(model, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
