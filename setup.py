@@ -9,6 +9,9 @@ Environment variables:
   TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0+PTX").
   MAX_JOBS                parallel compile jobs (ninja).
   LOWRANK_EXT_DEBUG=1     build with -O0 -g.
+  LOWRANK_EXT_PORTABLE=1  leave the x86 micro-kernels out (as on aarch64, where
+                          they are never built): every CPU call takes the
+                          portable kernels. For testing that build.
 
 A compiled build requires the very torch it was compiled against (the
 extension's binary interface is that of one torch release); a pure-Python
@@ -139,9 +142,19 @@ def get_extensions():
     # build, 1 MB instead of 30.
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     define_macros = [("LOWRANK_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
+    if _env_flag("LOWRANK_EXT_PORTABLE") is True:
+        _log("LOWRANK_EXT_PORTABLE=1: leaving the x86 CPU kernels out")
+        define_macros.append(("LOWRANK_EXT_NO_X86_KERNELS", None))
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need.
-    cxx_flags = opt + ["-fopenmp", "-fvisibility=hidden"]
-    extra_link_args = ["-fopenmp"]
+    cxx_flags = opt + ["-fvisibility=hidden"]
+    extra_link_args = []
+    if sys.platform == "darwin":
+        # Apple's clang has no -fopenmp; at::parallel_for then runs each
+        # call's loop on the calling thread (results are the same).
+        _log("macOS: building without OpenMP (each CPU call runs on one thread)")
+    else:
+        cxx_flags.append("-fopenmp")
+        extra_link_args.append("-fopenmp")
 
     cuda_home = find_cuda_toolkit(cpp_extension.CUDA_HOME) if torch.version.cuda else None
     if _want_cuda(torch, cuda_home, cuda_sources):

@@ -1,12 +1,16 @@
 """The source distribution builds on its own: every file under csrc/ and the tests are in it."""
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+
+from conftest import FORCED_FALLBACK, requires_compiled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,3 +154,31 @@ def test_the_cuda_toolkit_behind_a_linked_nvcc_is_found(tmp_path, monkeypatch):
     assert setup["is_cuda_toolkit"](str(toolkit)) and not setup["is_cuda_toolkit"](str(linked))
     assert setup["find_cuda_toolkit"](str(linked)) == str(toolkit)
     assert setup["find_cuda_toolkit"](str(toolkit)) == str(toolkit)
+
+
+@requires_compiled
+@pytest.mark.skipif(FORCED_FALLBACK, reason="built and checked once, in the compiled run")
+@pytest.mark.skipif(not (ROOT / "setup.py").exists(), reason="needs the source tree")
+@pytest.mark.skipif(sys.platform != "linux", reason="built here with the compiler of Linux")
+def test_a_build_without_the_x86_kernels_runs_every_cpu_path(tmp_path):
+    # As on aarch64 (or with another compiler), where the x86 micro-kernels and
+    # their feature checks are left out: the package must still build, load
+    # and compute on the portable kernels. LOWRANK_EXT_PORTABLE=1 makes that
+    # build on this machine (CPU code only, about a minute on 2 cores).
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    shutil.copytree(ROOT / "lowrank_ext", tmp_path / "lowrank_ext",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = {**os.environ, "LOWRANK_EXT_PORTABLE": "1", "LOWRANK_EXT_CUDA": "0"}
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "LOWRANK_EXT_FORCE_FALLBACK"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT / "tests")])
+    check = subprocess.run([sys.executable, str(ROOT / "tests" / "portable_build_check.py"),
+                            str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-3000:]
+    assert "portable build: ok" in check.stdout
+

@@ -1,4 +1,5 @@
 #include "half_gemm.h"
+#include "x86_kernels.h"
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -23,6 +24,7 @@ bool half_gemm_is_slow(const at::Tensor& like) {
   if (env != nullptr && std::strcmp(env, "0") == 0) {
     return false;
   }
+#if LOWRANK_EXT_X86_FEATURE_CHECKS
   static const bool fast_float16 = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512fp16") != 0;
@@ -31,6 +33,12 @@ bool half_gemm_is_slow(const at::Tensor& like) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16") != 0;
   }();
+#else
+  // No feature check here: widened, as on an x86 CPU without those
+  // features (the results are the same either way; only the speed differs).
+  constexpr bool fast_float16 = false;
+  constexpr bool fast_bfloat16 = false;
+#endif
   return half ? !fast_float16 : !fast_bfloat16;
 }
 

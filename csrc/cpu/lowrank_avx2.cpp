@@ -14,7 +14,9 @@
 //
 // Only <immintrin.h> and standard headers are included: the whole file is
 // compiled for AVX2, and no function here may be reached without the runtime
-// check in cpu_has_avx2_fma().
+// check in cpu_has_avx2_fma(). Built on x86 only (x86_kernels.h).
+#include "x86_kernels.h"
+#if LOWRANK_EXT_X86_KERNELS
 #pragma GCC target("avx2,fma,f16c")
 
 #include "lowrank_avx2.h"
@@ -815,3 +817,5 @@ void rows_times_weight(
 
 } // namespace avx2
 } // namespace lowrank_ext
+
+#endif // LOWRANK_EXT_X86_KERNELS

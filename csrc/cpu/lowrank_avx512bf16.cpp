@@ -25,7 +25,9 @@
 //
 // Only <immintrin.h> and standard headers are included: the whole file is
 // compiled for AVX-512, and nothing here may run without the runtime check in
-// cpu_has_avx512bf16().
+// cpu_has_avx512bf16(). Built on x86 only (x86_kernels.h).
+#include "x86_kernels.h"
+#if LOWRANK_EXT_X86_KERNELS
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
 
 #include "lowrank_avx512bf16.h"
@@ -557,3 +559,5 @@ void expand(
 
 } // namespace avx512bf16
 } // namespace lowrank_ext
+
+#endif // LOWRANK_EXT_X86_KERNELS

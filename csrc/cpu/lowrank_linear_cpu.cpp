@@ -20,6 +20,7 @@
 #include "lowrank_avx512bf16.h"
 #include "prefault.h"
 #include "split_adapter.h"
+#include "x86_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -40,6 +41,7 @@ namespace lowrank_ext {
 // Defined here, in portable code, rather than in lowrank_avx512bf16.cpp: that
 // whole file is compiled for AVX-512, and this check must run on every CPU.
 bool avx512bf16::cpu_has_avx512bf16() {
+#if LOWRANK_EXT_X86_KERNELS
   static const bool has = [] {
     __builtin_cpu_init();
     // libgcc reports AVX-512 features only when the OS saves the zmm state.
@@ -48,6 +50,9 @@ bool avx512bf16::cpu_has_avx512bf16() {
         __builtin_cpu_supports("avx512bf16");
   }();
   return has;
+#else
+  return false;  // no x86 kernels in this build (x86_kernels.h)
+#endif
 }
 
 namespace {
