@@ -22,6 +22,7 @@
 #include <torch/extension.h>
 
 #include <cstring>
+#include <string>
 
 namespace lowrank_ext {
 namespace {
@@ -192,7 +193,13 @@ pybind11::dict build_info() {
   info["cuda"] = false;
 #endif
   info["torch_version"] = LOWRANK_EXT_TORCH_VERSION;
+#if defined(__VERSION__)
   info["compiler"] = __VERSION__;
+#elif defined(_MSC_FULL_VER)
+  info["compiler"] = "MSVC " + std::to_string(_MSC_FULL_VER);
+#else
+  info["compiler"] = "unknown";
+#endif
   return info;
 }
 

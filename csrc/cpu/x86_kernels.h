@@ -15,10 +15,13 @@
 #define LOWRANK_EXT_X86_KERNELS 0
 #endif
 
-// Whether the compiler can ask an x86 CPU for its features
-// (__builtin_cpu_supports), kernels or not: how fast ATen's half-type
-// products run (half_gemm.cpp) depends on the CPU alone.
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+// Whether the compiler can ask an x86 CPU for the features half_gemm.cpp
+// checks (__builtin_cpu_supports knows "avx512fp16" from GCC 12 and Clang
+// 18), kernels or not: how fast ATen's half-type products run depends on the
+// CPU alone.
+#if (defined(__x86_64__) || defined(__i386__)) &&                   \
+    ((defined(__clang__) && __clang_major__ >= 18) ||                \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12))
 #define LOWRANK_EXT_X86_FEATURE_CHECKS 1
 #else
 #define LOWRANK_EXT_X86_FEATURE_CHECKS 0
