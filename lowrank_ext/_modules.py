@@ -462,6 +462,16 @@ def _byte_span(tensor, storage):
     return start, start + reach * tensor.element_size()
 
 
+def model_tensors(model):
+    """(module, attribute name, qualified name, tensor) for every parameter and
+    buffer, tied ones once per owner (``remove_duplicate=False``)."""
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None:
+                yield module, attr, prefix + attr, tensor
+
+
 def weights_tied_elsewhere(model, layers):
     """{name: names of the tensors of other modules in ``model``} for each of
     ``layers`` ({name: layer}) whose weight is such a tensor itself (a tie: an
@@ -472,16 +482,12 @@ def weights_tied_elsewhere(model, layers):
     each may reach is compared. Layers with no such tensor are left out.
     One pass over the model's tensors for all the layers."""
     holders, by_storage = {}, {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            where = f"{path}.{name}" if path else name
-            holders.setdefault(id(tensor), []).append((module, where))
-            storage = storage_of(tensor)
-            if storage is not None:
-                by_storage.setdefault(storage, []).append(
-                    (module, where, tensor, _byte_span(tensor, storage)))
+    for module, _, where, tensor in model_tensors(model):
+        holders.setdefault(id(tensor), []).append((module, where))
+        storage = storage_of(tensor)
+        if storage is not None:
+            by_storage.setdefault(storage, []).append(
+                (module, where, tensor, _byte_span(tensor, storage)))
     tied = {}
     for name, layer in layers.items():
         weight = getattr(layer, "weight", None)

@@ -42,7 +42,8 @@ from torch import nn
 
 from ._checks import SUPPORTED_DTYPES, check_device, dtype_name
 from ._modules import (Swaps, dense_weight, is_conv1d, is_sharded, keeps_encoder_flags,
-                       plain_attributes, refuse_distributed_wrapper, storage_of)
+                       model_tensors, places_of, plain_attributes, refuse_distributed_wrapper,
+                       storage_of)
 from ._names import preview
 from ._workers import Workers
 from .calibration import (check_all_seen, check_inputs_not_all_zero, collect_input_grams,
@@ -597,16 +598,13 @@ def _shared_layers(model, layers):
     """{name: note} for the layers whose module, weight or bias has another
     holder in the model, or whose weight shares its storage with another of
     the model's tensors (a view of a larger parameter)."""
-    module_paths, holders, storages = {}, {}, {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        module_paths.setdefault(id(module), []).append(path)
-        for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
-            holders.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
-        for tname, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            storage = storage_of(tensor)
-            if storage is not None:
-                storages.setdefault(storage, []).append(
-                    (module, f"{path}.{tname}" if path else tname))
+    module_paths, holders, storages = places_of(model), {}, {}
+    for module, attr, where, tensor in model_tensors(model):
+        if attr in module._parameters:
+            holders.setdefault(id(tensor), []).append(where)
+        storage = storage_of(tensor)
+        if storage is not None:
+            storages.setdefault(storage, []).append((module, where))
     notes = {}
     for name, layer in layers.items():
         paths = module_paths.get(id(layer), [])

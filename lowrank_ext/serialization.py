@@ -28,7 +28,7 @@ from torch.nn.parameter import is_lazy
 from ._checks import check_device, dtype_name
 from ._modules import (Swaps, compiled_original, dense_weight, is_conv1d, is_linear_layer,
                        refuse_distributed_wrapper, is_sharded, GATHER_FIRST,
-                       keeps_encoder_flags, places_of)
+                       keeps_encoder_flags, model_tensors, places_of)
 from ._names import owner_prefix, preview
 from .files import atomic_write, check_input_file, check_path
 from .attention import split_where_stored_split
@@ -659,7 +659,7 @@ def _load_into(model, path, strict, device, files, shapes, aliases, ranks, facto
     # Should the load fail, the tensors the model holds now on a real device
     # get their values back; those made here (in the layers swapped in, or
     # for meta tensors) leave the model.
-    own = {id(t): t for *_, t in _model_tensors(model) if not t.is_meta}
+    own = {id(t): t for *_, t in model_tensors(model) if not t.is_meta}
     swapped = Swaps(model)
     undo.append(swapped.undo)
     for name, new in swaps.items():
@@ -709,7 +709,7 @@ def _tie_declared_weights(model, undo):
     the head would have no value.
     """
     tie = getattr(model, "tie_weights", None)
-    if not callable(tie) or not any(t.is_meta for *_, t in _model_tensors(model)):
+    if not callable(tie) or not any(t.is_meta for *_, t in model_tensors(model)):
         return
     before = [(module, dict(module._parameters)) for module in model.modules()]
 
@@ -720,21 +720,11 @@ def _tie_declared_weights(model, undo):
     tie()
 
 
-def _model_tensors(model):
-    """(module, attribute name, qualified name, tensor) for every parameter and
-    buffer, tied ones once per owner (``remove_duplicate=False``)."""
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is not None:
-                yield module, attr, prefix + attr, tensor
-
-
 def _load_device(model, device):
     """Where meta tensors are created: ``device``, else the model's first real device, else CPU."""
     if device is not None:
         return device
-    for *_, tensor in _model_tensors(model):
+    for *_, tensor in model_tensors(model):
         if not tensor.is_meta:
             return tensor.device
     return torch.device("cpu")
@@ -842,7 +832,7 @@ def _check_meta_tensors_come_from_file(model, path, sources):
     replace that, or the model would compute with whatever memory held.
     """
     persistent = set(model.state_dict(keep_vars=True))
-    unfilled = [name for *_, name, tensor in _model_tensors(model)
+    unfilled = [name for *_, name, tensor in model_tensors(model)
                 if tensor.is_meta and (name not in persistent or name not in sources)]
     if unfilled:
         raise ValueError(
@@ -876,7 +866,7 @@ def _materialize_meta_tensors(model, device, sources, undo):
         for module, attr, meta in changed:
             _set_tensor(module, attr, meta)
     undo.append(put_back)
-    for module, attr, name, tensor in _model_tensors(model):
+    for module, attr, name, tensor in model_tensors(model):
         if not tensor.is_meta:
             continue
         stored_as = (sources[name], tensor.shape, tensor.dtype, type(tensor),

@@ -116,15 +116,19 @@ def test_wrong_model_is_refused_and_left_alone(compressed):
         lx.load_compressed(missing, path)
 
 
+def _stored(path):
+    """({key: tensor}, metadata) of a safetensors file, read whole."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
 @pytest.mark.parametrize("key, dtype", [("0.A", torch.complex64), ("0.bias", torch.int64),
                                         ("2.B", torch.bool)])
 def test_tensors_of_another_kind_are_refused_not_cast(compressed, tmp_path, key, dtype):
     # load_state_dict would cast them silently: a complex factor loses its
     # imaginary part, an integer bias its meaning.
     _, path, _ = compressed
-    with safe_open(path, "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        metadata = f.metadata()
+    state, metadata = _stored(path)
     state[key] = (state[key] * (1 + 1j) if dtype.is_complex else state[key]).to(dtype)
     bad = tmp_path / "bad.safetensors"
     save_file(state, bad, metadata=metadata)
@@ -138,9 +142,8 @@ def test_tensors_of_another_kind_are_refused_not_cast(compressed, tmp_path, key,
 
 def test_float_files_of_another_width_load_cast_as_load_state_dict_does(compressed, tmp_path):
     model, path, _ = compressed
-    with safe_open(path, "pt") as f:
-        state = {k: f.get_tensor(k).double() for k in f.keys()}
-        metadata = f.metadata()
+    state, metadata = _stored(path)
+    state = {k: t.double() for k, t in state.items()}
     wide = tmp_path / "wide.safetensors"
     save_file(state, wide, metadata=metadata)
     loaded = lx.load_compressed(build(), wide)
@@ -168,10 +171,9 @@ def _write_raw(path, entries, metadata=None):
 def test_a_tensor_torch_cannot_hold_is_named_and_the_model_left_alone(compressed, tmp_path):
     # safetensors' own error type, naming neither the file nor the tensor, came through.
     model, path, _ = compressed
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {key: f.get_tensor(key).float() for key in f.keys()}
-    entries = {key: ("F32", list(t.shape), t.numpy().tobytes()) for key, t in tensors.items()}
+    tensors, metadata = _stored(path)
+    entries = {key: ("F32", list(t.shape), t.float().numpy().tobytes())
+               for key, t in tensors.items()}
     entries["4.weight"] = ("F6_E2M3", [6, 24], bytes(6 * 24 * 6 // 8))
     odd = tmp_path / "odd.safetensors"
     _write_raw(odd, entries, metadata)
@@ -304,8 +306,7 @@ def test_not_safetensors_names_the_file(tmp_path):
 
 def test_layer_named_in_metadata_without_its_factors(compressed, tmp_path):
     model, path, ranks = compressed
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, _ = _stored(path)
     del tensors["2.B"]
     broken = tmp_path / "broken.safetensors"
     save_file(tensors, str(broken), metadata=serialization.ranks_metadata(ranks))
@@ -321,8 +322,8 @@ def test_layer_named_in_metadata_without_its_factors(compressed, tmp_path):
 
 def test_non_strict_load_keeps_the_original_bias_the_file_lacks(compressed, tmp_path):
     model, path, ranks = compressed
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "0.bias"}
+    tensors, _ = _stored(path)
+    del tensors["0.bias"]
     no_bias = tmp_path / "no_bias.safetensors"
     save_file(tensors, str(no_bias), metadata=serialization.ranks_metadata(ranks))
     fresh = build()
@@ -992,9 +993,7 @@ def test_a_layer_registered_under_two_names_is_restored_in_both(tmp_path, strict
     path = tmp_path / "m.safetensors"
     assert lx.save_compressed(model, path) == {"enc": 2, "dec": 2}
     if named == "first place":  # files written before the metadata named every place
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = dict(f.metadata())
+        tensors, metadata = _stored(path)
         metadata["lowrank_ext"] = json.dumps({"format": 1, "ranks": {"enc": 2}})
         save_file(tensors, str(path), metadata=metadata)
     fresh = _UsedTwice()
