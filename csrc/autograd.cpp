@@ -3,10 +3,13 @@
 // intermediate, never a dense W.
 //
 // The backward is written with ATen ops, so it runs on every device, is
-// traced by torch.compile, and is itself differentiable.
+// traced by torch.compile, and is itself differentiable; only small CPU
+// problems outside any trace, where the ATen calls cost more than the
+// arithmetic, take one-pass loops instead (cpu/small_backward.h).
 #include "ops.h"
 #include "cpu/few_rows.h"
 #include "cpu/half_gemm.h"
+#include "cpu/small_backward.h"
 
 #include <cmath>
 #include <functional>
@@ -17,6 +20,7 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/library.h>
 
 namespace lowrank_ext {
@@ -77,6 +81,15 @@ bool any_requires_grad(std::initializer_list<const at::Tensor*> tensors) {
   return false;
 }
 
+// Whether the backward must run differentiable ATen ops on a t recomputed
+// from x and A: where it is itself differentiated (grad mode on inside it,
+// create_graph=True) or recorded by the JIT tracer, which sees ATen ops only
+// (to it the saved t, computed below the tracer, is a constant, and the
+// small backward's loops would leave empty outputs in the trace).
+bool plain_ops_only() {
+  return at::GradMode::is_enabled() || torch::jit::tracer::isTracing();
+}
+
 // The C++ autograd kernels run no forward-mode formula: a tangent reaching
 // them would be dropped without a word. The Python wrapper routes such a call
 // to an autograd.Function with one (lowrank_ext/_functorch.py).
@@ -110,10 +123,11 @@ void check_no_functorch_transform(const char* op) {
 // The saved intermediate t = x·Aᵀ was computed below autograd, so it carries
 // no graph. A backward that is itself differentiated (create_graph=True, grad
 // mode on inside backward) recomputes it with ATen ops so that gradients flow
-// through t to x and A; a plain backward uses the saved one.
+// through t to x and A, and so does one the JIT tracer records (plain_ops_only);
+// a plain backward uses the saved one.
 at::Tensor intermediate_for_backward(
     const at::Tensor& x, const at::Tensor& A, const at::Tensor& t) {
-  if (!at::GradMode::is_enabled()) {
+  if (!plain_ops_only()) {
     return t;
   }
   // Beside a sparse x a sparse A is made dense, as the forward forms t
@@ -157,10 +171,10 @@ constexpr int64_t kWeightGradMinRows = 4;
 // gB = gyᵀ·t) or over the small rank (gx = gt·A): on the CPU, in float32, they
 // run the _weight_grad kernel, which reads transposed operands in place
 // (never while building a graph for double backward, which needs
-// differentiable ops).
+// differentiable ops, nor under the JIT tracer).
 bool use_weight_grad_kernel(const at::Tensor& gy2) {
   return gy2.device().is_cpu() && gy2.scalar_type() == at::kFloat &&
-      !at::GradMode::is_enabled();
+      !plain_ops_only();
 }
 
 // a·b where b may be a sparse x or factor (the ops take COO, CSR and CSC).
@@ -202,7 +216,7 @@ constexpr int64_t kFoldBiasGradMinRows = 1536;
 // oneDNN), and never while building a graph for double backward.
 bool fold_bias_grad(const at::Tensor& gy2) {
   return gy2.device().is_cpu() && at::isReducedFloatingType(gy2.scalar_type()) &&
-      !at::GradMode::is_enabled() && gy2.sym_size(0) >= kFoldBiasGradMinRows;
+      !plain_ops_only() && gy2.sym_size(0) >= kFoldBiasGradMinRows;
 }
 
 // Half types where ATen's products in them are slow (cpu/half_gemm.h): the
@@ -210,12 +224,13 @@ bool fold_bias_grad(const at::Tensor& gy2) {
 // gradient to the input dtype once. Not for a backward of fewer multiply-adds than
 // kWidenMinMacs, where the up to nine conversions cost more than they save
 // (the seed's 1 × 10 × 2 × 10 step took 70 µs widened against 69 for the
-// composition), nor while building a graph for double backward, which needs
-// the operands themselves.
+// composition; lowrank_linear's backward runs the small loops there), nor
+// while building a graph for double backward, which needs the operands
+// themselves.
 constexpr int64_t kWidenMinMacs = 1 << 15;
 
 bool widen_half_backward(const at::Tensor& gy, const c10::SymInt& macs) {
-  return half_gemm_is_slow(gy) && !at::GradMode::is_enabled() && macs >= kWidenMinMacs;
+  return half_gemm_is_slow(gy) && !plain_ops_only() && macs >= kWidenMinMacs;
 }
 
 // `t` in float32 when `needed`, else `t` itself (whose values are not read).
@@ -260,6 +275,20 @@ variable_list lowrank_backward(
     const at::Tensor& A,
     const at::Tensor& B,
     const at::Tensor& t) {
+  // needs_input_grad only counts tensor inputs: a missing bias has no slot.
+  const bool need_bias = bias_given(ctx) && ctx->needs_input_grad(3);
+  if (use_small_lowrank_backward(gy, x, A, B, t)) {
+    const int64_t M = rows_of(x).expect_int();
+    const int64_t r = A.size(0);
+    auto grads = small_lowrank_backward_cpu(
+        gy.reshape({M, B.size(0)}), rows_matrix(x, M, A.size(1)), A, B, t.reshape({M, r}),
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+        need_bias);
+    if (grads[0].defined()) {
+      grads[0] = grads[0].view(x.sizes());
+    }
+    return {grads[0], grads[1], grads[2], grads[3]};
+  }
   if (widen_half_backward(gy, rows_of(x) * A.sym_size(0) * (A.sym_size(1) + B.sym_size(0)))) {
     // x is read only for gA; t is saved, so it is never recomputed here.
     return narrowed_to(lowrank_backward(
@@ -275,8 +304,6 @@ variable_list lowrank_backward(
   const bool need_x = ctx->needs_input_grad(0);
   const bool need_A = ctx->needs_input_grad(1);
   const bool need_B = ctx->needs_input_grad(2);
-  // needs_input_grad only counts tensor inputs: a missing bias has no slot.
-  const bool need_bias = bias_given(ctx) && ctx->needs_input_grad(3);
   const bool kernel = use_weight_grad_kernel(gy2);
   const bool kernel_gx_gA = kernel && M >= kWeightGradMinRows;
   if (gy2.scalar_type() == at::kHalf && (need_x || need_A)) {
@@ -296,7 +323,7 @@ variable_list lowrank_backward(
       gA = transposed_product(gt, rows_matrix(x, M, k).to(at::kFloat), kernel32)
                .to(at::kHalf);
     }
-  } else if (need_x && gy.device().is_cpu() && !at::GradMode::is_enabled() &&
+  } else if (need_x && gy.device().is_cpu() && !plain_ops_only() &&
       M >= kFusedBackwardMinRows) {
     // gx = (gy·B)·A is this op again with the factors' roles swapped
     // (A' = Bᵀ, B' = Aᵀ): one fused pass whose intermediate is gt = gy·B.
@@ -427,7 +454,7 @@ variable_list lora_backward(
   at::Tensor gx, gW, gA, gB, gbias;
   if (need_x || need_A) {
     const at::Tensor gt = matrix_product(scaled_gy, wide_gt ? B.to(at::kFloat) : B); // (M, r)
-    if (need_x && gy.device().is_cpu() && W.is_contiguous() && !at::GradMode::is_enabled() &&
+    if (need_x && gy.device().is_cpu() && W.is_contiguous() && !plain_ops_only() &&
         few_rows_backward(gy, M)) {
       // Few rows: gy·W streams W in its own layout (cpu/few_rows.h), summed
       // with the adapter's gt·A in float32 and rounded once. Through the

@@ -136,8 +136,10 @@ def _rows_times_weight_fake(g, W):
 # --- autograd (Python; the compiled build registers the same in C++) ----------
 def _intermediate_for_backward(x, A, t):
     """The saved t = x·Aᵀ carries no graph (it was computed below autograd); a
-    backward that is itself differentiated recomputes it so gradients reach x and A."""
-    if not torch.is_grad_enabled():
+    backward that is itself differentiated recomputes it so gradients reach x and A,
+    and so does one ``torch.jit.trace`` records, to which the saved t is a
+    constant of the trace (csrc/autograd.cpp, plain_ops_only)."""
+    if not torch.is_grad_enabled() and not torch.jit.is_tracing():
         return t
     return torch.matmul(x, _fallback._factor_beside(x, A).t())  # dense, as t
 

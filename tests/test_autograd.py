@@ -1,6 +1,8 @@
 """Gradients: gradcheck in float64, agreement with autograd through the dense
 reference, and what backward keeps alive."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -221,3 +223,142 @@ def test_the_forms_returning_the_intermediate_have_a_backward_through_both(op):
             return y.sum() + (t * t).sum()
         args = (x, W, A, B, b)
     assert torch.autograd.gradcheck(f, args)
+
+
+def _strided(t, layout):
+    """t with the same values in another memory layout (last two dims)."""
+    if layout == "transposed" and t.dim() >= 2:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "every_other":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.clone()
+
+
+# The last two have float16 operands and gradients of over 1024 elements,
+# which ATen converts.
+SMALL_SHAPES = [(1, 10, 2, 10), (5, 7, 3, 4), (2, 3, 1, 64), (0, 6, 2, 5), (4, 6, 0, 5),
+                (3, 0, 2, 5), (16, 32, 4, 24), (1, 1500, 2, 10), (1, 10, 2, 1500)]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "every_other"])
+@pytest.mark.parametrize("needs", ["all", "x", "A", "B", "bias", "no_bias"])
+def test_small_backward_matches_float64(dtype, shape, layout, needs):
+    # Problems of at most a few thousand multiply-adds take the CPU backward's
+    # one-pass loops (csrc/cpu/small_backward.cpp), which read every operand
+    # through its strides and sum in float32 (float64 for float64); the
+    # fallback differentiates the composition. The gradients of both match
+    # float64, in every layout and for every subset of inputs.
+    M, k, r, d = shape
+    x, A, B, b = (torch.randn(M, 2, k).to(dtype), (torch.randn(r, k) / 3).to(dtype),
+                  (torch.randn(d, r) / 2).to(dtype), torch.randn(d).to(dtype))
+    gy = _strided(torch.randn(M, 2, d).to(dtype), layout)
+    grad_of = {"all": (True,) * 4, "x": (True, False, False, False),
+               "A": (False, True, False, False), "B": (False, False, True, False),
+               "bias": (False, False, False, True), "no_bias": (True, True, True, False)}[needs]
+    leaves = [x, A, B, None if needs == "no_bias" else b]
+    mine = [None if t is None else _strided(t, layout).requires_grad_(wanted)
+            for t, wanted in zip(leaves, grad_of)]
+    ref = [None if t is None else t.double().requires_grad_(wanted)
+           for t, wanted in zip(leaves, grad_of)]
+    y = lx.lowrank_linear(*mine)
+    with product_dtypes() as seen:
+        y.backward(gy)
+    yr = ref[0] @ (ref[2] @ ref[1]).T
+    (yr if ref[3] is None else yr + ref[3]).backward(gy.double())
+    if lx.backend_info()["compiled"]:  # .to() conversions are no products
+        assert not seen, f"the small backward ran ATen products: {seen}"
+    tol = TOLERANCES[dtype]
+    for m, rf in zip(mine, ref):
+        if rf is None or rf.grad is None:
+            assert m is None or m.grad is None
+            continue
+        assert m.grad.dtype == dtype and m.grad.shape == m.shape
+        scale = max([1.0] + rf.grad.abs().flatten().tolist())
+        torch.testing.assert_close(m.grad.double(), rf.grad, rtol=tol["rtol"],
+                                   atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_small_backward_keeps_float16_range_and_non_finite_values(dtype):
+    # gt = gy·B is summed in float32: past 65504 in float16 it would be inf
+    # where gx = gt·A is representable. Non-finite inputs give non-finite
+    # gradients, as the products do.
+    x = torch.ones(1, 4, dtype=dtype, requires_grad=True)
+    A = torch.full((1, 4), 1e-3, dtype=dtype, requires_grad=True)
+    B = torch.full((2, 1), 300.0, dtype=dtype, requires_grad=True)
+    lx.lowrank_linear(x, A, B).backward(torch.full((1, 2), 200.0, dtype=dtype))
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad.double(), torch.full((1, 4), 120.0, dtype=torch.float64),
+                               rtol=1e-2, atol=0)
+    x.grad = None
+    gy = torch.tensor([[float("inf"), 1.0]], dtype=dtype)
+    lx.lowrank_linear(x, A, B).backward(gy)
+    assert torch.isinf(x.grad).all() and torch.isinf(B.grad[0]).all()
+    assert torch.isfinite(B.grad[1]).all()
+
+
+def test_larger_backwards_keep_the_products():
+    # Above the small bound (a few thousand multiply-adds) the products run
+    # as before: the small loops are single-threaded and unblocked.
+    if not lx.backend_info()["compiled"]:
+        pytest.skip("the fallback differentiates the composition")
+    x, A, B = _leaf(64, 128, dtype=torch.float32), _leaf(16, 128, dtype=torch.float32), \
+        _leaf(96, 16, dtype=torch.float32)
+    y = lx.lowrank_linear(x, A, B)
+    with product_dtypes() as seen:
+        y.sum().backward()
+    assert seen
+
+
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+@pytest.mark.parametrize("shape", [(3, 5, 2, 4), (4, 300, 16, 300)], ids=str)
+def test_a_traced_gradient_computation_replays_on_new_inputs(op, shape):
+    # torch.jit.trace records ATen ops only: a backward it records runs them
+    # on a t recomputed from x and A (the saved t, computed below the tracer,
+    # would be a constant of the trace, and the small backward's loops would
+    # be traced as empty outputs), on both backends.
+    M, k, r, d = shape
+
+    def forward(x, W, A, B, b):
+        return lx.lowrank_linear(x, A, B, b) if op == "lowrank_linear" \
+            else lx.lora_linear(x, W, A, B, b, scale=0.7)
+
+    def grads(*args):
+        return torch.autograd.grad(forward(*args).pow(2).sum(), args, materialize_grads=True)
+
+    def inputs():
+        return (torch.randn(M, k).requires_grad_(), (torch.randn(d, k) / 8).requires_grad_(),
+                (torch.randn(r, k) / 4).requires_grad_(), (torch.randn(d, r) / 4).requires_grad_(),
+                torch.randn(d).requires_grad_())
+
+    with warnings.catch_warnings():  # the tracer's deprecation and its TracerWarnings
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(grads, inputs(), check_trace=False)
+    fresh = inputs()
+    x, W, A, B, b = ref = [t.detach().double().requires_grad_() for t in fresh]
+    y = x @ (B @ A).T + b if op == "lowrank_linear" else x @ (W + 0.7 * B @ A).T + b
+    want = torch.autograd.grad(y.pow(2).sum(), ref, allow_unused=True)
+    for got, wanted in zip(traced(*fresh), want):
+        wanted = torch.zeros_like(got, dtype=torch.float64) if wanted is None else wanted
+        scale = max([1.0] + wanted.abs().flatten().tolist())
+        torch.testing.assert_close(got.double(), wanted, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_no_rank_or_no_rows_keep_the_products():
+    # With r = 0 (or M = 0) there are no multiply-adds, but the small loops
+    # would still widen gy and x and round the gradients on one thread: the
+    # operands' size bounds them too.
+    if not lx.backend_info()["compiled"]:
+        pytest.skip("the fallback differentiates the composition")
+    x, A, B, b = (_leaf(256, 256, dtype=torch.float32), _leaf(0, 256, dtype=torch.float32),
+                  _leaf(256, 0, dtype=torch.float32), _leaf(256, dtype=torch.float32))
+    y, gy = lx.lowrank_linear(x, A, B, b), torch.randn(256, 256)
+    with product_dtypes() as seen:
+        y.backward(gy)
+    assert seen
+    torch.testing.assert_close(x.grad, torch.zeros(256, 256))
+    torch.testing.assert_close(b.grad, gy.sum(0))
