@@ -206,9 +206,11 @@ def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor
     most of a row (a relative error of eps·‖W_i‖²/‖W_i + scale·(B·A)_i‖², 0.1
     in float32 for a row 99.9 % cancelled), so those rows are recomputed from
     their rows of the sum (see _CANCELLATION_LIMIT), as peft forms them.
-    Elsewhere (under torch.compile or a torch.func transform, which cannot
-    pick rows by their number, and on devices, where counting them would
-    wait for the device) the sum is formed a block of rows at a time. In
+    Elsewhere (under torch.compile, a torch.func transform or
+    torch.jit.trace, which cannot pick rows by their number: a trace would
+    replay the count of the rows it was traced with, and on devices, where
+    counting them would wait for the device) the sum is formed a block of
+    rows at a time. In
     float32 (float64 for float64 weights), also inside an autocast region,
     which would run the products in its half type. Returned in ``weight``'s
     dtype.
@@ -223,7 +225,7 @@ def dora_row_norms(weight: Tensor, B: Tensor, A: Tensor, scale: float) -> Tensor
     d, k = weight.shape
     rows = max(1, _NORM_BLOCK_BYTES // (4 * max(k, 1)))
     if not (weight.device.type == "cpu" and not torch.compiler.is_compiling()
-            and _functorch.transforms_active() is None):
+            and not torch.jit.is_tracing() and _functorch.transforms_active() is None):
         return torch.cat([_formed_row_norms(weight[i:i + rows], B[i:i + rows], A, scale, acc)
                           for i in range(0, d, rows)]).to(weight.dtype)
     # ‖(B·A)_i‖² through the r × r Gram matrix of A's rows.

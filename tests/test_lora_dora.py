@@ -3,6 +3,7 @@ independent float64 formula and against peft's DoRA on the same weights."""
 
 import copy
 import math
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -142,10 +143,11 @@ def test_the_norm_stays_accurate_where_the_adapter_cancels_within_itself(conditi
     torch.testing.assert_close(norms.double(), exact, rtol=2e-5, atol=0)
 
 
-@pytest.mark.parametrize("path", ["eager", "compiled", "vmap"])
+@pytest.mark.parametrize("path", ["eager", "compiled", "vmap", "traced"])
 def test_the_norm_of_cancelled_rows_on_every_path(path, monkeypatch):
     # Eager CPU calls expand the square and recompute the cancelled rows from
-    # the sum; compiled and transformed calls form the sum block by block.
+    # the sum; compiled, transformed and traced calls form the sum block by
+    # block (a trace made where no row cancels would replay none recomputed).
     # Small blocks, so that both run over several.
     monkeypatch.setattr(lora_layer, "_NORM_BLOCK_BYTES", 4 * 64 * 3)
     d, k, r, scale = 40, 64, 4, 2.0
@@ -160,8 +162,14 @@ def test_the_norm_of_cancelled_rows_on_every_path(path, monkeypatch):
         torch._dynamo.reset()
         norms = torch.compile(lora_layer.dora_row_norms, backend="aot_eager", fullgraph=True)(
             W, B, A, scale)
-    else:
+    elif path == "vmap":
         norms = torch.vmap(lambda b: lora_layer.dora_row_norms(W, b, A, scale))(B[None])[0]
+    else:
+        with warnings.catch_warnings():  # the tracer's deprecation and its TracerWarnings
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(lambda W, B, A: lora_layer.dora_row_norms(W, B, A, scale),
+                                     (torch.randn(d, k), B, A))  # no row cancels here
+        norms = traced(W, B, A)
     torch.testing.assert_close(norms.double(), exact, rtol=1e-4, atol=0)
 
 
