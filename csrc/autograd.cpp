@@ -1,6 +1,6 @@
 // Autograd kernels, registered in C++ so that a call which needs no gradient
-// pays no Python cost, and one that does saves x and the (..., r)
-// intermediate, never a dense W.
+// pays no Python cost, and one that does saves what its wanted gradients read
+// (x, the factors, the (..., r) intermediate), never a dense W.
 //
 // The backward is written with ATen ops, so it runs on every device, is
 // traced by torch.compile, and is itself differentiable; only small CPU
@@ -21,6 +21,7 @@
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/library.h>
 
 namespace lowrank_ext {
@@ -90,6 +91,21 @@ bool plain_ops_only() {
   return at::GradMode::is_enabled() || torch::jit::tracer::isTracing();
 }
 
+// An operand to save for backward: itself where a wanted gradient reads its
+// values, else a stand-in on the meta device with its sizes, strides and
+// dtype (the backward reads every operand's shape). As torch's composition
+// keeps only what its gradients read, an operand changed in place after the
+// forward (a residual x += layer(x)) then fails only a backward that reads
+// it, and no unread operand is kept alive. Under any trace (fake tensors,
+// dispatch modes, the JIT tracer) and for sparse operands, everything is kept.
+at::Tensor kept_for_backward(const at::Tensor& t, bool read) {
+  if (read || !t.defined() || t.layout() != at::kStrided || at::isTensorSubclassLike(t) ||
+      torch::jit::tracer::isTracing()) {
+    return t;
+  }
+  return at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));
+}
+
 // The C++ autograd kernels run no forward-mode formula: a tangent reaching
 // them would be dropped without a word. The Python wrapper routes such a call
 // to an autograd.Function with one (lowrank_ext/_functorch.py).
@@ -127,7 +143,10 @@ void check_no_functorch_transform(const char* op) {
 // a plain backward uses the saved one.
 at::Tensor intermediate_for_backward(
     const at::Tensor& x, const at::Tensor& A, const at::Tensor& t) {
-  if (!plain_ops_only()) {
+  // (x and A are stand-ins, kept_for_backward, where no gradient of theirs
+  // is wanted: t is then a constant of any graph.)
+  const bool stand_ins = (x.is_meta() || A.is_meta()) && !t.is_meta();
+  if (!plain_ops_only() || stand_ins) {
     return t;
   }
   // Beside a sparse x a sparse A is made dense, as the forward forms t
@@ -373,7 +392,16 @@ class LowRankLinearFunction
       const std::optional<at::Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, t] = lowrank_linear_with_intermediate_op(x, A, B, bias);
-    ctx->save_for_backward({x, A, B, t});
+    // gx reads A and B (through gt = gy·B), gA reads x and B, gB reads t; a
+    // differentiated backward recomputes t from x and A where a gradient can
+    // flow through it to them.
+    const bool grad_x = x.requires_grad();
+    const bool grad_A = A.requires_grad();
+    const bool grad_B = B.requires_grad();
+    const bool through_t = grad_B && (grad_x || grad_A);
+    ctx->save_for_backward(
+        {kept_for_backward(x, grad_A || through_t), kept_for_backward(A, grad_x || through_t),
+         kept_for_backward(B, grad_x || grad_A), kept_for_backward(t, grad_B)});
     ctx->saved_data["has_bias"] = bias.has_value();
     return y;
   }
@@ -514,8 +542,16 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
     auto [y, t] = lora_linear_with_intermediate_op(x, W, A, B, bias, scale);
     // W only where x's gradient may be wanted: a frozen base weight made
     // under torch.inference_mode() cannot be saved for backward, and the
-    // adapter's gradients never read it.
-    ctx->save_for_backward({x, x.requires_grad() ? W : at::Tensor(), A, B, t});
+    // adapter's gradients never read it. The others as lowrank_linear keeps
+    // them, and x also for gW.
+    const bool grad_x = x.requires_grad();
+    const bool grad_A = A.requires_grad();
+    const bool grad_B = B.requires_grad();
+    const bool through_t = grad_B && (grad_x || grad_A);
+    ctx->save_for_backward(
+        {kept_for_backward(x, W.requires_grad() || grad_A || through_t),
+         grad_x ? W : at::Tensor(), kept_for_backward(A, grad_x || through_t),
+         kept_for_backward(B, grad_x || grad_A), kept_for_backward(t, grad_B)});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_bias"] = bias.has_value();
     return y;

@@ -139,9 +139,38 @@ def _intermediate_for_backward(x, A, t):
     backward that is itself differentiated recomputes it so gradients reach x and A,
     and so does one ``torch.jit.trace`` records, to which the saved t is a
     constant of the trace (csrc/autograd.cpp, plain_ops_only)."""
-    if not torch.is_grad_enabled() and not torch.jit.is_tracing():
+    stand_ins = (x.is_meta or A.is_meta) and not t.is_meta  # see _kept_for_backward
+    if (not torch.is_grad_enabled() and not torch.jit.is_tracing()) or stand_ins:
         return t
     return torch.matmul(x, _fallback._factor_beside(x, A).t())  # dense, as t
+
+
+def _kept_for_backward(t, read):
+    """An operand to save for backward: itself where a wanted gradient reads its
+    values, else a stand-in on the meta device with its shape, strides and dtype
+    (the backward reads every operand's shape), as the C++ backward keeps them
+    (csrc/autograd.cpp, kept_for_backward): like torch's composition, an operand
+    changed in place after the forward fails only a backward that reads it, and
+    no unread operand is kept alive. Under any trace, a dispatch mode or a
+    tensor subclass, and for sparse operands, everything is kept."""
+    if (read or t is None or t.layout != torch.strided or t.is_meta
+            or type(t) not in (torch.Tensor, torch.nn.Parameter)
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return t
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _kept_operands(needs, x, A, B, t):
+    """(x, A, B, t) as saved: gx reads A and B (through gt = gy·B), gA reads x
+    and B, gB reads t, and a differentiated backward recomputes t from x and A
+    where a gradient can flow through it to them. ``needs``: x, A, B, and
+    whether x is read for another gradient (lora_linear's gW)."""
+    grad_x, grad_A, grad_B, x_read_elsewhere = needs
+    through_t = grad_B and (grad_x or grad_A)
+    return (_kept_for_backward(x, grad_A or through_t or x_read_elsewhere),
+            _kept_for_backward(A, grad_x or through_t),
+            _kept_for_backward(B, grad_x or grad_A), _kept_for_backward(t, grad_B))
 
 
 def _outside_autocast(grads):
@@ -264,7 +293,8 @@ class _LowRankLinearFunction(torch.autograd.Function):
     def forward(ctx, x, A, B, bias):
         with torch._C._AutoDispatchBelowAutograd():
             y, t = ops.lowrank_linear_with_intermediate.default(x, A, B, bias)
-        ctx.save_for_backward(x, A, B, t)
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(*_kept_operands((*needs[:3], False), x, A, B, t))
         return y
 
     @staticmethod
@@ -280,7 +310,9 @@ class _LoRALinearFunction(torch.autograd.Function):
             y, t = ops.lora_linear_with_intermediate.default(x, W, A, B, bias, scale)
         # W only where x's gradient is wanted (see csrc/autograd.cpp): a base
         # weight made under torch.inference_mode() cannot be saved.
-        ctx.save_for_backward(x, W if ctx.needs_input_grad[0] else None, A, B, t)
+        needs = ctx.needs_input_grad
+        x, A, B, t = _kept_operands((needs[0], needs[2], needs[3], needs[1]), x, A, B, t)
+        ctx.save_for_backward(x, W if needs[0] else None, A, B, t)
         ctx.scale = scale
         return y
 

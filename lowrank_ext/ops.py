@@ -73,8 +73,9 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None = None) 
 
     All tensors share one dtype (float32, float64, float16 or bfloat16; half
     types accumulate in float32) and one device. Returns ``(..., d)``.
-    Differentiable in every argument; backward keeps ``x`` and the ``(..., r)``
-    intermediate, never a dense ``W``.
+    Differentiable in every argument; backward keeps what the wanted
+    gradients read (``x``, the factors, the ``(..., r)`` intermediate), never a
+    dense ``W``.
 
     Example:
         >>> B, A = svd_truncate(W, rank=2)

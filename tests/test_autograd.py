@@ -362,3 +362,57 @@ def test_no_rank_or_no_rows_keep_the_products():
     assert seen
     torch.testing.assert_close(x.grad, torch.zeros(256, 256))
     torch.testing.assert_close(b.grad, gy.sum(0))
+
+
+def _composition(op, x, W, A, B, b):
+    return x @ (B @ A).T + b if op == "lowrank_linear" else x @ (W + 0.7 * B @ A).T + b
+
+
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+@pytest.mark.parametrize("wanted,changed", [("B", "x"), ("x", "x"), ("B", "B"), ("A", "A"),
+                                            ("x", "bias")])
+def test_operands_no_wanted_gradient_reads_may_change_after_the_forward(op, wanted, changed):
+    # As torch's composition keeps only what its gradients read, an operand
+    # changed in place between forward and backward (a residual x += layer(x),
+    # a frozen factor updated) fails only a backward that reads it. The
+    # gradients are those of the values at the forward.
+    M, k, r, d = 6, 12, 3, 8
+    leaves = dict(x=torch.randn(M, k), W=torch.randn(d, k) / 4, A=torch.randn(r, k) / 4,
+                  B=torch.randn(d, r) / 2, bias=torch.randn(d))
+    mine = {n: t.clone().requires_grad_(n == wanted) for n, t in leaves.items()}
+    ref = {n: t.double().requires_grad_(n == wanted) for n, t in leaves.items()}
+    args = [mine[n] for n in ("x", "W", "A", "B", "bias")]
+    y = lx.lowrank_linear(*args[:1], *args[2:]) if op == "lowrank_linear" \
+        else lx.lora_linear(*args, scale=0.7)
+    gy = torch.randn(M, d)
+    with torch.no_grad():
+        mine[changed].add_(1.0)
+    y.backward(gy)
+    _composition(op, *ref.values()).backward(gy.double())
+    torch.testing.assert_close(mine[wanted].grad.double(), ref[wanted].grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+def test_an_operand_a_wanted_gradient_reads_still_may_not_change(op):
+    # gA reads x: changing x after the forward is torch's version error, as
+    # in the composition.
+    x, W, A, B = torch.randn(4, 6), torch.randn(5, 6), torch.randn(2, 6).requires_grad_(), \
+        torch.randn(5, 2)
+    y = lx.lowrank_linear(x, A, B) if op == "lowrank_linear" else lx.lora_linear(x, W, A, B)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_only_operands_a_wanted_gradient_reads_stay_in_memory():
+    # Input gradients through a frozen layer keep A and B (gx = (gy·B)·A), not x.
+    x = torch.randn(16, 40, requires_grad=True)
+    A, B = torch.randn(3, 40), torch.randn(50, 3)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = lx.lowrank_linear(x, A, B)
+    on_cpu = sorted(tuple(t.shape) for t in kept if not t.is_meta)
+    assert on_cpu == [(3, 40), (50, 3)], on_cpu
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(16, 50) @ B @ A)
