@@ -21,6 +21,7 @@
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
+#include <ATen/SavedTensorHooks.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/library.h>
 
@@ -97,10 +98,12 @@ bool plain_ops_only() {
 // keeps only what its gradients read, an operand changed in place after the
 // forward (a residual x += layer(x)) then fails only a backward that reads
 // it, and no unread operand is kept alive. Under any trace (fake tensors,
-// dispatch modes, the JIT tracer) and for sparse operands, everything is kept.
+// dispatch modes, the JIT tracer), with saved-tensor hooks (save_on_cpu
+// would copy a stand-in's data, which it has none of) and for sparse
+// operands, everything is kept.
 at::Tensor kept_for_backward(const at::Tensor& t, bool read) {
   if (read || !t.defined() || t.layout() != at::kStrided || at::isTensorSubclassLike(t) ||
-      torch::jit::tracer::isTracing()) {
+      torch::jit::tracer::isTracing() || at::SavedTensorDefaultHooks::get_hooks().has_value()) {
     return t;
   }
   return at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));

@@ -152,11 +152,14 @@ def _kept_for_backward(t, read):
     (csrc/autograd.cpp, kept_for_backward): like torch's composition, an operand
     changed in place after the forward fails only a backward that reads it, and
     no unread operand is kept alive. Under any trace, a dispatch mode or a
-    tensor subclass, and for sparse operands, everything is kept."""
+    tensor subclass, with saved-tensor hooks (``save_on_cpu`` would copy a
+    stand-in's data, which it has none of), and for sparse operands, everything
+    is kept."""
     if (read or t is None or t.layout != torch.strided or t.is_meta
             or type(t) not in (torch.Tensor, torch.nn.Parameter)
             or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch._C._len_torch_dispatch_stack() > 0):
+            or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
         return t
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 

@@ -406,13 +406,29 @@ def test_an_operand_a_wanted_gradient_reads_still_may_not_change(op):
 
 
 def test_only_operands_a_wanted_gradient_reads_stay_in_memory():
-    # Input gradients through a frozen layer keep A and B (gx = (gy·B)·A), not x.
-    x = torch.randn(16, 40, requires_grad=True)
+    # Input gradients through a frozen layer keep A and B (gx = (gy·B)·A):
+    # the activation x is freed once nothing else holds it.
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    base = torch.randn(16, 40, requires_grad=True)
     A, B = torch.randn(3, 40), torch.randn(50, 3)
-    kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        y = lx.lowrank_linear(x, A, B)
-    on_cpu = sorted(tuple(t.shape) for t in kept if not t.is_meta)
-    assert on_cpu == [(3, 40), (50, 3)], on_cpu
+    x = base * 2  # an activation; its own backward keeps no copy of it
+    x_storage = StorageWeakRef(x.untyped_storage())
+    y = lx.lowrank_linear(x, A, B)
+    del x
+    assert x_storage.expired()
     y.sum().backward()
-    torch.testing.assert_close(x.grad, torch.ones(16, 50) @ B @ A)
+    torch.testing.assert_close(base.grad, 2 * torch.ones(16, 50) @ B @ A)
+
+
+@pytest.mark.parametrize("op", ["lowrank_linear", "lora_linear"])
+def test_saved_tensor_hooks_see_the_operands_themselves(op):
+    # Under saved-tensor hooks every operand is saved as before: save_on_cpu
+    # copies what it packs, and a stand-in without data cannot be copied.
+    x, W, A, B = torch.randn(4, 6, requires_grad=True), torch.randn(5, 6), torch.randn(2, 6), \
+        torch.randn(5, 2)
+    with torch.autograd.graph.save_on_cpu():
+        y = lx.lowrank_linear(x, A, B) if op == "lowrank_linear" else lx.lora_linear(x, W, A, B)
+    y.sum().backward()
+    dense = B @ A if op == "lowrank_linear" else W + B @ A
+    torch.testing.assert_close(x.grad, torch.ones(4, 5) @ dense)
