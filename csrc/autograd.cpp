@@ -14,15 +14,16 @@
 #include <cmath>
 #include <functional>
 #include <numeric>
+#include <vector>
 
+#include <ATen/SavedTensorHooks.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <c10/core/AutogradState.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
-#include <ATen/SavedTensorHooks.h>
-#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/library.h>
 
 namespace lowrank_ext {
@@ -107,6 +108,26 @@ at::Tensor kept_for_backward(const at::Tensor& t, bool read) {
     return t;
   }
   return at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));
+}
+
+// {x, A, B, t} as saved (as lowrank_ext/_library.py, _kept_operands): gx
+// reads A and B (through gt = gy·B), gA reads x and B, gB reads t, and a
+// differentiated backward recomputes t from x and A where a gradient can
+// flow through it to them. `x_read_elsewhere`: x is read for another
+// gradient (lora_linear's gW).
+std::vector<at::Tensor> kept_operands(
+    const at::Tensor& x,
+    const at::Tensor& A,
+    const at::Tensor& B,
+    const at::Tensor& t,
+    bool x_read_elsewhere) {
+  const bool grad_x = x.requires_grad();
+  const bool grad_A = A.requires_grad();
+  const bool grad_B = B.requires_grad();
+  const bool through_t = grad_B && (grad_x || grad_A);
+  return {kept_for_backward(x, grad_A || through_t || x_read_elsewhere),
+          kept_for_backward(A, grad_x || through_t), kept_for_backward(B, grad_x || grad_A),
+          kept_for_backward(t, grad_B)};
 }
 
 // The C++ autograd kernels run no forward-mode formula: a tangent reaching
@@ -395,16 +416,7 @@ class LowRankLinearFunction
       const std::optional<at::Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, t] = lowrank_linear_with_intermediate_op(x, A, B, bias);
-    // gx reads A and B (through gt = gy·B), gA reads x and B, gB reads t; a
-    // differentiated backward recomputes t from x and A where a gradient can
-    // flow through it to them.
-    const bool grad_x = x.requires_grad();
-    const bool grad_A = A.requires_grad();
-    const bool grad_B = B.requires_grad();
-    const bool through_t = grad_B && (grad_x || grad_A);
-    ctx->save_for_backward(
-        {kept_for_backward(x, grad_A || through_t), kept_for_backward(A, grad_x || through_t),
-         kept_for_backward(B, grad_x || grad_A), kept_for_backward(t, grad_B)});
+    ctx->save_for_backward(kept_operands(x, A, B, t, false));
     ctx->saved_data["has_bias"] = bias.has_value();
     return y;
   }
@@ -547,14 +559,9 @@ class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> 
     // under torch.inference_mode() cannot be saved for backward, and the
     // adapter's gradients never read it. The others as lowrank_linear keeps
     // them, and x also for gW.
-    const bool grad_x = x.requires_grad();
-    const bool grad_A = A.requires_grad();
-    const bool grad_B = B.requires_grad();
-    const bool through_t = grad_B && (grad_x || grad_A);
-    ctx->save_for_backward(
-        {kept_for_backward(x, W.requires_grad() || grad_A || through_t),
-         grad_x ? W : at::Tensor(), kept_for_backward(A, grad_x || through_t),
-         kept_for_backward(B, grad_x || grad_A), kept_for_backward(t, grad_B)});
+    std::vector<at::Tensor> saved = kept_operands(x, A, B, t, W.requires_grad());
+    saved.insert(saved.begin() + 1, x.requires_grad() ? W : at::Tensor());
+    ctx->save_for_backward(saved);
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_bias"] = bias.has_value();
     return y;
